@@ -1,0 +1,668 @@
+//! The conformance suite every [`TokenStore`] backend runs against the real thing.
+//!
+//! Plain public async functions (as object_store does), each taking a fresh, empty store and
+//! panicking with a message that names the broken rule. [`conformance_tests!`] expands to one
+//! `#[tokio::test]` per function, so a failure names its case:
+//!
+//! ```text
+//! tokenkeeper_core::conformance_tests!(|| async { MemoryStore::new() });
+//! ```
+//!
+//! [`conformance_tests!`]: crate::conformance_tests
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::*;
+
+/// Every case, by name; the macro expands one test per entry.
+pub const CASES: &[&str] = &[
+    "round_trip_every_field",
+    "every_state_round_trips",
+    "get_missing_is_none",
+    "create_twice_is_already_exists",
+    "concurrent_creates_have_one_winner",
+    "cas_swaps_and_bumps_version",
+    "cas_stale_version_conflicts_with_current",
+    "cas_missing_id",
+    "cas_rejects_non_increasing_version",
+    "racing_cas_has_one_winner_per_version",
+    "delete_semantics",
+    "due_orders_and_limits",
+    "due_pages_10k_without_skip_or_repeat",
+    "due_follows_updates_and_skips_terminal",
+    "list_by_state_pages",
+    "odd_ids_round_trip",
+];
+
+/// A fixed start time for records built by the suite: 2026-01-01T00:00:00Z.
+pub const T0: Timestamp = Timestamp::from_unix_secs(1_767_225_600);
+
+fn at(secs: u64) -> Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+fn id(s: &str) -> InstallationId {
+    InstallationId::new(s).expect("suite ids are valid")
+}
+
+/// Tokens whose values embed `tag`, obtained at `obtained`, living 7200 s.
+pub fn sample_tokens(tag: &str, obtained: Timestamp) -> TokenSet {
+    let mut t = TokenSet::bearer(
+        AccessToken::new(format!("access-{tag}")),
+        Some(RefreshToken::new(format!("refresh-{tag}"))),
+        obtained,
+        obtained.saturating_add(Duration::from_secs(7200)),
+    );
+    t.scopes = Scopes::parse("repository account");
+    t
+}
+
+/// A fresh `Active` record for `id`, due at `due_at`.
+pub fn sample_record(id: &InstallationId, due_at: Timestamp) -> Record {
+    Record::new(
+        id.clone(),
+        "conformance",
+        sample_tokens(id.as_str(), T0),
+        due_at,
+        T0,
+    )
+}
+
+fn lease(r: &Record, holder: &str, until: Timestamp, now: Timestamp) -> Record {
+    r.apply(
+        Event::LeaseAcquired {
+            holder: LeaseHolder::new(holder),
+            until,
+        },
+        now,
+    )
+    .expect("lease from a live state")
+}
+
+fn fence(r: &Record) -> u64 {
+    r.state().lease().expect("leased").fence
+}
+
+async fn must_create(store: &dyn TokenStore, r: &Record) {
+    store
+        .create(r)
+        .await
+        .unwrap_or_else(|e| panic!("create {} failed: {e}", r.id()));
+}
+
+async fn must_get(store: &dyn TokenStore, id: &InstallationId) -> Record {
+    store
+        .get(id)
+        .await
+        .unwrap_or_else(|e| panic!("get {id} failed: {e}"))
+        .unwrap_or_else(|| panic!("get {id}: record missing"))
+}
+
+async fn must_swap(store: &dyn TokenStore, r: &Record, expected: u64) {
+    let outcome = store
+        .compare_and_swap(r, expected)
+        .await
+        .unwrap_or_else(|e| panic!("cas {} failed: {e}", r.id()));
+    assert_eq!(
+        outcome,
+        CasOutcome::Swapped,
+        "cas {} from {expected}",
+        r.id()
+    );
+}
+
+/// Drains `due(before)` page by page with `limit`, returning every entry.
+async fn drain_due(store: &dyn TokenStore, before: Timestamp, limit: usize) -> Vec<DueEntry> {
+    let mut all = Vec::new();
+    let mut cursor: Option<DueEntry> = None;
+    loop {
+        let page = store
+            .due(before, limit, cursor.as_ref())
+            .await
+            .expect("due");
+        assert!(page.entries.len() <= limit, "due returned more than limit");
+        all.extend(page.entries);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return all,
+        }
+    }
+}
+
+/// Every field survives create/get, including history, failures, scopes and backoff state.
+pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
+    let i = id("every-field");
+    let r0 = sample_record(&i, at(100));
+    let r1 = lease(&r0, "proc-a:1", at(130), at(100));
+    let r2 = r1
+        .apply(
+            Event::RefreshDeferred {
+                fence: fence(&r1),
+                retry_at: at(160),
+                cause: BackoffCause::Transient,
+                error: ErrorDetail {
+                    class: FailureClass::Transient,
+                    status: Some(503),
+                    error: Some("temporarily_unavailable".into()),
+                    description: Some("ünïcødé \"quoted\" text".into()),
+                },
+            },
+            at(101),
+        )
+        .unwrap();
+    let r3 = lease(&r2, "proc-b:7", at(190), at(161));
+    let mut tokens = sample_tokens("round-trip-2", at(161));
+    tokens.token_type = "Bearer".into();
+    let r4 = r3
+        .apply(
+            Event::Refreshed {
+                fence: fence(&r3),
+                tokens,
+                refresh_at: at(6000),
+            },
+            at(162),
+        )
+        .unwrap();
+    let r5 = lease(&r4, "proc-c:2", at(6030), at(6001));
+    let r6 = r5
+        .apply(
+            Event::RefreshDeferred {
+                fence: fence(&r5),
+                retry_at: at(6100),
+                cause: BackoffCause::ConsumerCredentialsInvalid,
+                error: ErrorDetail::new(FailureClass::ConsumerCredentialsInvalid),
+            },
+            at(6002),
+        )
+        .unwrap();
+    must_create(&*store, &r6).await;
+    let got = must_get(&*store, &i).await;
+    assert_eq!(got, r6, "round trip changed the record");
+    assert_eq!(got.history().len(), 7);
+    assert_eq!(got.tokens().access_token.secret(), "access-round-trip-2");
+    assert_eq!(got.failures().map(|f| f.consecutive), Some(1));
+}
+
+/// Records in each state kind (with lease, backoff, terminal reasons) round-trip.
+pub async fn every_state_round_trips(store: Arc<dyn TokenStore>) {
+    let base = sample_record(&id("state-active"), at(10));
+    must_create(&*store, &base).await;
+
+    let r = sample_record(&id("state-refreshing"), at(10));
+    let leased = lease(&r, "holder", at(40), at(5));
+    must_create(&*store, &leased).await;
+
+    let r = sample_record(&id("state-reauth"), at(10));
+    let leased_then_rejected = lease(&r, "holder", at(40), at(5));
+    let reauth = leased_then_rejected
+        .apply(
+            Event::RefreshRejected {
+                fence: fence(&leased_then_rejected),
+                reason: ReauthReason::ScopesChanged,
+                error: Some(ErrorDetail {
+                    class: FailureClass::RefreshTokenRejected,
+                    status: Some(400),
+                    error: Some("invalid_request".into()),
+                    description: Some("Invalid refresh_token".into()),
+                }),
+            },
+            at(6),
+        )
+        .unwrap();
+    must_create(&*store, &reauth).await;
+
+    let revoked = sample_record(&id("state-revoked"), at(10))
+        .apply(Event::Revoked, at(7))
+        .unwrap();
+    must_create(&*store, &revoked).await;
+
+    for want in [base, leased, reauth, revoked] {
+        let got = must_get(&*store, want.id()).await;
+        assert_eq!(
+            got,
+            want,
+            "state {:?} did not round-trip",
+            want.state().kind()
+        );
+    }
+}
+
+/// `get` of an unknown id is `None`, not an error.
+pub async fn get_missing_is_none(store: Arc<dyn TokenStore>) {
+    assert!(store.get(&id("never-created")).await.unwrap().is_none());
+}
+
+/// `create` of an existing id fails with `AlreadyExists` and leaves the stored record alone.
+pub async fn create_twice_is_already_exists(store: Arc<dyn TokenStore>) {
+    let i = id("twice");
+    let first = sample_record(&i, at(1));
+    must_create(&*store, &first).await;
+    let mut second = sample_record(&i, at(2));
+    second.consumer = "other".into();
+    match store.create(&second).await {
+        Err(StoreError::AlreadyExists { id: got, .. }) => assert_eq!(got, i),
+        other => panic!("second create must be AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(must_get(&*store, &i).await, first);
+}
+
+/// 64 tasks create the same id at once: exactly one succeeds.
+pub async fn concurrent_creates_have_one_winner(store: Arc<dyn TokenStore>) {
+    let i = id("create-race");
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..64u64 {
+        let store = store.clone();
+        let r = sample_record(&i, at(n));
+        tasks.spawn(async move { store.create(&r).await });
+    }
+    let mut wins = 0;
+    while let Some(res) = tasks.join_next().await {
+        match res.expect("task") {
+            Ok(()) => wins += 1,
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => panic!("unexpected create error: {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one concurrent create must win");
+}
+
+/// A swap from the stored version writes the new record.
+pub async fn cas_swaps_and_bumps_version(store: Arc<dyn TokenStore>) {
+    let i = id("cas-ok");
+    let r1 = sample_record(&i, at(10));
+    must_create(&*store, &r1).await;
+    let r2 = lease(&r1, "h", at(50), at(9));
+    must_swap(&*store, &r2, 1).await;
+    let got = must_get(&*store, &i).await;
+    assert_eq!(got.version(), 2);
+    assert_eq!(got, r2);
+}
+
+/// A swap from a stale version is `Conflict` carrying the current record, and writes nothing.
+pub async fn cas_stale_version_conflicts_with_current(store: Arc<dyn TokenStore>) {
+    let i = id("cas-stale");
+    let r1 = sample_record(&i, at(10));
+    must_create(&*store, &r1).await;
+    let r2 = lease(&r1, "winner", at(50), at(9));
+    must_swap(&*store, &r2, 1).await;
+    let loser = lease(&r1, "loser", at(50), at(9));
+    match store.compare_and_swap(&loser, 1).await.unwrap() {
+        CasOutcome::Conflict(current) => assert_eq!(*current, r2),
+        other => panic!("stale cas must conflict, got {other:?}"),
+    }
+    assert_eq!(must_get(&*store, &i).await, r2);
+}
+
+/// A swap of an id that was never created is `Missing` and creates nothing.
+pub async fn cas_missing_id(store: Arc<dyn TokenStore>) {
+    let i = id("cas-missing");
+    let r2 = lease(&sample_record(&i, at(1)), "h", at(5), at(0));
+    assert_eq!(
+        store.compare_and_swap(&r2, 1).await.unwrap(),
+        CasOutcome::Missing
+    );
+    assert!(store.get(&i).await.unwrap().is_none());
+}
+
+/// A swap whose record is not newer than the expected version is refused as invalid.
+pub async fn cas_rejects_non_increasing_version(store: Arc<dyn TokenStore>) {
+    let i = id("cas-same-version");
+    let r1 = sample_record(&i, at(1));
+    must_create(&*store, &r1).await;
+    match store.compare_and_swap(&r1, 1).await {
+        Err(StoreError::InvalidArgument { id: got, .. }) => assert_eq!(got, i),
+        other => panic!("cas with version == expected must be InvalidArgument, got {other:?}"),
+    }
+}
+
+/// 128 tasks race a swap from the same version, for 12 rounds: exactly one wins each round,
+/// versions strictly increase, and the winner's write is what is stored (no lost update).
+pub async fn racing_cas_has_one_winner_per_version(store: Arc<dyn TokenStore>) {
+    const TASKS: usize = 128;
+    const ROUNDS: u64 = 12;
+    let i = id("cas-race");
+    must_create(&*store, &sample_record(&i, at(0))).await;
+    let mut last_version = 1;
+    for round in 0..ROUNDS {
+        let current = must_get(&*store, &i).await;
+        assert_eq!(
+            current.version(),
+            last_version,
+            "round {round}: version moved"
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..TASKS {
+            let store = store.clone();
+            let proposal = lease(&current, &format!("task-{n}"), at(1_000 + round), at(round));
+            tasks.spawn(async move {
+                let won = matches!(
+                    store
+                        .compare_and_swap(&proposal, proposal.version() - 1)
+                        .await,
+                    Ok(CasOutcome::Swapped)
+                );
+                (n, won)
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(res) = tasks.join_next().await {
+            let (n, won) = res.expect("task");
+            if won {
+                winners.push(n);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let stored = must_get(&*store, &i).await;
+        assert_eq!(stored.version(), last_version + 1);
+        let holder = stored.state().lease().expect("leased").holder.clone();
+        assert_eq!(
+            holder.as_str(),
+            format!("task-{}", winners[0]),
+            "lost update"
+        );
+        // Release so the next round starts from Active again.
+        let released = stored
+            .apply(
+                Event::LeaseReleased {
+                    fence: fence(&stored),
+                    refresh_at: at(round),
+                },
+                at(round),
+            )
+            .unwrap();
+        must_swap(&*store, &released, stored.version()).await;
+        last_version = released.version();
+    }
+}
+
+/// Delete refuses a stale version (carrying the current record), reports a missing id, and
+/// really removes the record (from `get` and `due`) so the id can be created again.
+pub async fn delete_semantics(store: Arc<dyn TokenStore>) {
+    let i = id("to-delete");
+    let r1 = sample_record(&i, at(10));
+    must_create(&*store, &r1).await;
+    let r2 = lease(&r1, "h", at(20), at(1));
+    must_swap(&*store, &r2, 1).await;
+    match store.delete(&i, 1).await.unwrap() {
+        DeleteOutcome::Conflict(current) => assert_eq!(*current, r2),
+        other => panic!("stale delete must conflict, got {other:?}"),
+    }
+    assert!(
+        store.get(&i).await.unwrap().is_some(),
+        "stale delete removed the record"
+    );
+    assert_eq!(store.delete(&i, 2).await.unwrap(), DeleteOutcome::Deleted);
+    assert!(store.get(&i).await.unwrap().is_none());
+    assert_eq!(store.delete(&i, 2).await.unwrap(), DeleteOutcome::Missing);
+    assert!(drain_due(&*store, Timestamp::MAX, 10).await.is_empty());
+    assert!(
+        store
+            .list(ListFilter::all(), None, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    must_create(&*store, &r1).await;
+}
+
+/// `due` returns only entries strictly before `before`, ordered by `(due_at, id)`, at most
+/// `limit` of them.
+pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
+    // Insert out of order, with ties broken by id.
+    let plan = [
+        ("d", 30),
+        ("a", 10),
+        ("c", 20),
+        ("b", 20),
+        ("e", 40),
+        ("f", 50),
+    ];
+    for (name, secs) in plan {
+        must_create(&*store, &sample_record(&id(name), at(secs))).await;
+    }
+    let page = store.due(at(40), 10, None).await.unwrap();
+    let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        got,
+        ["a", "b", "c", "d"],
+        "strictly before, by time then id"
+    );
+    assert_eq!(page.entries[1].due_at, at(20));
+    assert_eq!(page.next, None, "a short page is the last");
+
+    let page = store.due(at(1_000), 3, None).await.unwrap();
+    let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(got, ["a", "b", "c"]);
+    let next = page.next.expect("full page has a cursor");
+    let page = store.due(at(1_000), 3, Some(&next)).await.unwrap();
+    let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(got, ["d", "e", "f"]);
+    assert!(
+        store
+            .due(at(10), 10, None)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    assert!(
+        store
+            .due(at(1_000), 0, None)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+}
+
+/// Paging through 10,000 records (with many equal due times) visits each exactly once, in order.
+pub async fn due_pages_10k_without_skip_or_repeat(store: Arc<dyn TokenStore>) {
+    const N: u64 = 10_000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..8u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for n in (chunk..N).step_by(8) {
+                // 100 distinct due times, 100 records each: ties must page by id.
+                let r = sample_record(&id(&format!("due-{n:05}")), at((n * 7919) % 100));
+                must_create(&*store, &r).await;
+            }
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        res.expect("insert task");
+    }
+    let all = drain_due(&*store, Timestamp::MAX, 333).await;
+    assert_eq!(all.len(), N as usize, "paging skipped or repeated entries");
+    let unique: HashSet<_> = all.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(unique.len(), N as usize, "an entry was repeated");
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "not in (due_at, id) order"
+    );
+    let half = drain_due(&*store, at(50), 1_000).await;
+    assert_eq!(half.len(), 5_000);
+    assert!(half.iter().all(|e| e.due_at < at(50)));
+}
+
+/// `due` moves with each swap, follows a lease to its expiry, and forgets terminal records.
+pub async fn due_follows_updates_and_skips_terminal(store: Arc<dyn TokenStore>) {
+    let i = id("moving");
+    let r1 = sample_record(&i, at(100));
+    must_create(&*store, &r1).await;
+    must_create(&*store, &sample_record(&id("static"), at(200))).await;
+    let ids = |v: Vec<DueEntry>| {
+        v.into_iter()
+            .map(|e| e.id.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    let r2 = lease(&r1, "h", at(300), at(50));
+    must_swap(&*store, &r2, 1).await;
+    assert_eq!(
+        ids(drain_due(&*store, Timestamp::MAX, 10).await),
+        ["static", "moving"]
+    );
+    let entries = drain_due(&*store, Timestamp::MAX, 10).await;
+    assert_eq!(
+        entries[1].due_at,
+        at(300),
+        "a leased record falls due when its lease lapses"
+    );
+
+    let r3 = r2
+        .apply(
+            Event::RefreshRejected {
+                fence: fence(&r2),
+                reason: ReauthReason::RefreshTokenRejected,
+                error: None,
+            },
+            at(60),
+        )
+        .unwrap();
+    must_swap(&*store, &r3, 2).await;
+    assert_eq!(
+        ids(drain_due(&*store, Timestamp::MAX, 10).await),
+        ["static"]
+    );
+
+    let r4 = r3
+        .apply(
+            Event::Authorized {
+                tokens: sample_tokens("again", at(70)),
+                refresh_at: at(150),
+            },
+            at(70),
+        )
+        .unwrap();
+    must_swap(&*store, &r4, 3).await;
+    assert_eq!(
+        ids(drain_due(&*store, Timestamp::MAX, 10).await),
+        ["moving", "static"]
+    );
+}
+
+/// `list` filters by state and pages in id order.
+pub async fn list_by_state_pages(store: Arc<dyn TokenStore>) {
+    for n in 0..25 {
+        let r = sample_record(&id(&format!("list-{n:02}")), at(n));
+        let r = match n % 3 {
+            0 => r,
+            1 => lease(&r, "h", at(100), at(0)),
+            _ => r.apply(Event::Revoked, at(1)).unwrap(),
+        };
+        must_create(&*store, &r).await;
+    }
+    async fn drain(store: &dyn TokenStore, filter: ListFilter) -> Vec<ListEntry> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list(filter, after.as_ref(), 4).await.expect("list");
+            assert!(page.entries.len() <= 4);
+            out.extend(page.entries);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return out,
+            }
+        }
+    }
+    let all = drain(&*store, ListFilter::all()).await;
+    assert_eq!(all.len(), 25);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "not in id order");
+    for (kind, want) in [
+        (StateKind::Active, 9),
+        (StateKind::Refreshing, 8),
+        (StateKind::Revoked, 8),
+        (StateKind::Backoff, 0),
+    ] {
+        let got = drain(&*store, ListFilter::in_state(kind)).await;
+        assert_eq!(got.len(), want, "list in state {kind}");
+        assert!(got.iter().all(|e| e.state == kind));
+    }
+}
+
+/// Unicode ids, 200-byte ids and ids with key-syntax characters round-trip unchanged.
+pub async fn odd_ids_round_trip(store: Arc<dyn TokenStore>) {
+    let long_multibyte = "é".repeat(100); // 200 bytes
+    let names = [
+        "ünïcødé-设置-🚀",
+        "a:b:c",
+        "{hash}tag}",
+        "path/with/slashes",
+        "percent%20%zz",
+        "quote\"and'and\\",
+        " leading and trailing ",
+        long_multibyte.as_str(),
+        &"x".repeat(MAX_ID_BYTES),
+    ];
+    for (n, name) in names.iter().enumerate() {
+        let i = id(name);
+        let r = sample_record(&i, at(n as u64));
+        must_create(&*store, &r).await;
+        let got = must_get(&*store, &i).await;
+        assert_eq!(got.id().as_str(), *name);
+        assert_eq!(got, r);
+        let r2 = lease(&got, "h", at(100), at(1));
+        must_swap(&*store, &r2, 1).await;
+    }
+    let listed: HashSet<String> = store
+        .list(ListFilter::all(), None, 100)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.id.as_str().to_owned())
+        .collect();
+    let due: HashSet<String> = drain_due(&*store, Timestamp::MAX, 3)
+        .await
+        .into_iter()
+        .map(|e| e.id.as_str().to_owned())
+        .collect();
+    for name in names {
+        assert!(listed.contains(name), "list lost {name:?}");
+        assert!(due.contains(name), "due lost {name:?}");
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case. `$make` is a closure returning a
+/// future of a fresh, empty store.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            round_trip_every_field,
+            every_state_round_trips,
+            get_missing_is_none,
+            create_twice_is_already_exists,
+            concurrent_creates_have_one_winner,
+            cas_swaps_and_bumps_version,
+            cas_stale_version_conflicts_with_current,
+            cas_missing_id,
+            cas_rejects_non_increasing_version,
+            racing_cas_has_one_winner_per_version,
+            delete_semantics,
+            due_orders_and_limits,
+            due_pages_10k_without_skip_or_repeat,
+            due_follows_updates_and_skips_terminal,
+            list_by_state_pages,
+            odd_ids_round_trip
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let store = ($make)().await;
+                $crate::conformance::$case(::std::sync::Arc::new(store)).await;
+            }
+        )*
+        #[test]
+        fn conformance_macro_covers_every_case() {
+            let expanded: &[&str] = &[$(stringify!($case)),*];
+            assert_eq!(expanded, $crate::conformance::CASES);
+        }
+    };
+}

@@ -1,0 +1,372 @@
+//! `Record`: everything the store keeps about one installation, and its storage encoding.
+//!
+//! Fields are private and change only through [`crate::transition`], so the version, the due
+//! time and the history cannot drift apart from the state. Backends persist the bytes of
+//! [`Record::encode`] and index [`Record::due_at`] and [`Record::state`]'s kind next to them;
+//! [`Record::decode`] checks the invariants again, so a corrupt or tampered row surfaces as a
+//! typed error for that installation instead of a panic or a wrong decision.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::InstallationId;
+use crate::state::{State, StateKind};
+use crate::time::Timestamp;
+use crate::token::TokenSet;
+
+/// How many transitions a record remembers for `explain`.
+pub const HISTORY_LEN: usize = 16;
+
+/// The storage format version written by [`Record::encode`].
+pub const RECORD_FORMAT: u32 = 1;
+
+/// The class of a failed exchange with the provider (DESIGN.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FailureClass {
+    /// The refresh token was refused (`invalid_grant` and the providers' spellings of it).
+    RefreshTokenRejected,
+    /// The consumer's client credentials were refused: consumer-wide.
+    ConsumerCredentialsInvalid,
+    /// `invalid_scope`: scopes or consent changed.
+    ScopeRejected,
+    /// A request our side built wrongly (`unsupported_grant_type`, other `invalid_request`).
+    Configuration,
+    /// 5xx, 429, timeout, connection error, unparseable or incomplete reply.
+    Transient,
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RefreshTokenRejected => "refresh token rejected",
+            Self::ConsumerCredentialsInvalid => "consumer credentials invalid",
+            Self::ScopeRejected => "scope rejected",
+            Self::Configuration => "configuration error",
+            Self::Transient => "transient failure",
+        })
+    }
+}
+
+/// What the provider said when an exchange failed. Never contains a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// The class it was sorted into.
+    pub class: FailureClass,
+    /// HTTP status, when there was a reply.
+    pub status: Option<u16>,
+    /// The provider's `error` code.
+    pub error: Option<String>,
+    /// The provider's `error_description`, or our own description of a transport failure.
+    pub description: Option<String>,
+}
+
+impl ErrorDetail {
+    /// A detail of `class` with no provider text.
+    pub fn new(class: FailureClass) -> Self {
+        Self {
+            class,
+            status: None,
+            error: None,
+            description: None,
+        }
+    }
+}
+
+impl fmt::Display for ErrorDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.class)?;
+        if let Some(status) = self.status {
+            write!(f, " (HTTP {status})")?;
+        }
+        match (&self.error, &self.description) {
+            (Some(e), Some(d)) => write!(f, ": {e}: {d}"),
+            (Some(e), None) => write!(f, ": {e}"),
+            (None, Some(d)) => write!(f, ": {d}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// Consecutive failures since the last success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureStreak {
+    /// How many attempts in a row failed.
+    pub consecutive: u32,
+    /// When the first of them failed.
+    pub first_at: Timestamp,
+    /// When the latest failed.
+    pub last_at: Timestamp,
+}
+
+/// What kind of event a history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The record was created by an authorization or an import.
+    Created,
+    /// A new authorization replaced the tokens.
+    Authorized,
+    /// A refresh lease was taken.
+    LeaseAcquired,
+    /// A refresh lease was extended.
+    LeaseRenewed,
+    /// A refresh lease was given back without a result.
+    LeaseReleased,
+    /// A refresh succeeded.
+    Refreshed,
+    /// A refresh failed and will be retried later.
+    RefreshDeferred,
+    /// A refresh failed for good.
+    RefreshRejected,
+    /// The application revoked the installation.
+    Revoked,
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Created => "created",
+            Self::Authorized => "authorized",
+            Self::LeaseAcquired => "refresh lease acquired",
+            Self::LeaseRenewed => "refresh lease renewed",
+            Self::LeaseReleased => "refresh lease released",
+            Self::Refreshed => "refreshed",
+            Self::RefreshDeferred => "refresh deferred",
+            Self::RefreshRejected => "refresh rejected",
+            Self::Revoked => "revoked",
+        })
+    }
+}
+
+/// One remembered transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When it happened.
+    pub at: Timestamp,
+    /// What happened.
+    pub event: EventKind,
+    /// The state before.
+    pub from: StateKind,
+    /// The state after.
+    pub to: StateKind,
+    /// The provider's error, for failures.
+    pub error: Option<ErrorDetail>,
+    /// The record version written by this transition.
+    pub version: u64,
+}
+
+/// Everything stored about one installation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub(crate) id: InstallationId,
+    pub(crate) consumer: String,
+    pub(crate) state: State,
+    pub(crate) tokens: TokenSet,
+    pub(crate) version: u64,
+    pub(crate) due_at: Option<Timestamp>,
+    pub(crate) failures: Option<FailureStreak>,
+    pub(crate) last_error: Option<ErrorDetail>,
+    pub(crate) refresh_token_last_used: Timestamp,
+    pub(crate) created_at: Timestamp,
+    pub(crate) updated_at: Timestamp,
+    pub(crate) history: VecDeque<HistoryEntry>,
+}
+
+/// Why stored bytes are not a usable record.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes are not a record of any known format.
+    #[error("undecodable record payload: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// Written by a newer tokenkeeper (or a format this build never wrote).
+    #[error(
+        "record format {found} is not the one this build understands ({RECORD_FORMAT}); upgrade tokenkeeper if a newer version wrote it"
+    )]
+    FutureFormat {
+        /// The format found.
+        found: u32,
+    },
+    /// Decoded, but stored under another installation's key (copied or swapped rows).
+    #[error("record belongs to installation {found:?}, not the one it is stored under")]
+    WrongInstallation {
+        /// The id inside the payload.
+        found: String,
+    },
+    /// Decoded, but its fields contradict each other.
+    #[error("record is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+#[derive(Serialize)]
+struct EncodeEnvelope<'a> {
+    format: u32,
+    record: &'a Record,
+}
+
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: u32,
+}
+
+#[derive(Deserialize)]
+struct DecodeEnvelope {
+    format: u32,
+    record: Record,
+}
+
+impl Record {
+    /// A new installation in [`State::Active`] at version 1, first due for refresh at
+    /// `refresh_at`.
+    pub fn new(
+        id: InstallationId,
+        consumer: impl Into<String>,
+        tokens: TokenSet,
+        refresh_at: Timestamp,
+        now: Timestamp,
+    ) -> Self {
+        let mut history = VecDeque::with_capacity(HISTORY_LEN);
+        history.push_back(HistoryEntry {
+            at: now,
+            event: EventKind::Created,
+            from: StateKind::Active,
+            to: StateKind::Active,
+            error: None,
+            version: 1,
+        });
+        Self {
+            id,
+            consumer: consumer.into(),
+            state: State::Active,
+            tokens,
+            version: 1,
+            due_at: Some(refresh_at),
+            failures: None,
+            last_error: None,
+            refresh_token_last_used: now,
+            created_at: now,
+            updated_at: now,
+            history,
+        }
+    }
+
+    /// The installation.
+    pub fn id(&self) -> &InstallationId {
+        &self.id
+    }
+    /// The consumer (provider profile and client) it belongs to.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+    /// Where it is in its lifecycle.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+    /// The current tokens.
+    pub fn tokens(&self) -> &TokenSet {
+        &self.tokens
+    }
+    /// Bumped by every write; the compare-and-swap key.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+    /// When the next action (refresh, retry, lease takeover) is due; `None` when terminal.
+    pub fn due_at(&self) -> Option<Timestamp> {
+        self.due_at
+    }
+    /// The current failure streak, if the last attempt failed.
+    pub fn failures(&self) -> Option<&FailureStreak> {
+        self.failures.as_ref()
+    }
+    /// The last error the provider returned (kept after recovery, for `explain`).
+    pub fn last_error(&self) -> Option<&ErrorDetail> {
+        self.last_error.as_ref()
+    }
+    /// When the refresh token was last used (or issued): keep-alive counts from here.
+    pub fn refresh_token_last_used(&self) -> Timestamp {
+        self.refresh_token_last_used
+    }
+    /// When the record was created.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+    /// When it was last written.
+    pub fn updated_at(&self) -> Timestamp {
+        self.updated_at
+    }
+    /// The last transitions, oldest first, at most [`HISTORY_LEN`].
+    pub fn history(&self) -> impl ExactSizeIterator<Item = &HistoryEntry> {
+        self.history.iter()
+    }
+
+    /// The storage encoding (versioned JSON). It contains the tokens: never log it.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data to a Vec cannot fail: no map has non-string keys.
+        serde_json::to_vec(&EncodeEnvelope {
+            format: RECORD_FORMAT,
+            record: self,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes bytes stored under `id`, checking the format, the id and the invariants.
+    pub fn decode(id: &InstallationId, bytes: &[u8]) -> Result<Self, DecodeError> {
+        // One parse on the hot path; the format probe only runs to explain a failure.
+        let envelope: DecodeEnvelope = match serde_json::from_slice(bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                return Err(match serde_json::from_slice::<FormatProbe>(bytes) {
+                    Ok(FormatProbe { format }) if format > RECORD_FORMAT => {
+                        DecodeError::FutureFormat { found: format }
+                    }
+                    _ => DecodeError::Malformed(e),
+                });
+            }
+        };
+        if envelope.format != RECORD_FORMAT {
+            return Err(DecodeError::FutureFormat {
+                found: envelope.format,
+            });
+        }
+        let record = envelope.record;
+        if &record.id != id {
+            return Err(DecodeError::WrongInstallation {
+                found: record.id.as_str().to_owned(),
+            });
+        }
+        record
+            .check_invariants()
+            .map_err(DecodeError::Inconsistent)?;
+        Ok(record)
+    }
+
+    /// Checks the invariants every transition keeps (decode runs it on every stored record).
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        if self.version == 0 {
+            return Err("version 0 is never written");
+        }
+        if self.history.len() > HISTORY_LEN {
+            return Err("history longer than the bound");
+        }
+        if self.state.is_terminal() != self.due_at.is_none() {
+            return Err("due time present on a terminal state or missing on a live one");
+        }
+        if let Some(lease) = self.state.lease() {
+            if lease.fence > self.version {
+                return Err("lease fence is newer than the record");
+            }
+            if self.due_at != Some(lease.until) {
+                return Err("a refreshing record must fall due when its lease lapses");
+            }
+        }
+        if let State::Backoff { until, .. } = self.state
+            && self.due_at != Some(until)
+        {
+            return Err("a record in backoff must fall due when the backoff ends");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! The `TokenStore` contract: a versioned compare-and-swap store of [`Record`]s.
+//!
+//! One primitive carries all concurrency (DESIGN.md §5): every write names the version it read,
+//! and the store applies it only if that is still the stored version. Leases are fields of the
+//! record taken by the same compare-and-swap, so every backend gets fenced locking without
+//! implementing locks. Backends stay thin: no HTTP, no policy, just atomic versioned writes and
+//! two indexes (due time, state). The conformance suite (`conformance` feature) proves each one.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::id::InstallationId;
+use crate::record::Record;
+use crate::state::StateKind;
+use crate::time::Timestamp;
+
+/// A boxed error from a backend's driver.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What can go wrong talking to a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `create` found a record with this id already.
+    #[error(
+        "installation {id} already exists in the {backend} store; read it, or choose another id"
+    )]
+    AlreadyExists {
+        /// The id.
+        id: InstallationId,
+        /// The backend.
+        backend: &'static str,
+    },
+    /// The stored data of one installation cannot be decoded. Other installations are unaffected.
+    #[error(
+        "the {backend} store holds corrupt data for installation {id}: {source}; restore it from a backup or delete it and authorize the installation again"
+    )]
+    Corrupt {
+        /// The installation whose data is corrupt.
+        id: InstallationId,
+        /// The backend.
+        backend: &'static str,
+        /// What is wrong with it.
+        #[source]
+        source: BoxError,
+    },
+    /// The store could not be reached in time. For a write, the outcome is unknown: read the
+    /// record again before retrying.
+    #[error(
+        "the {backend} store is unavailable ({operation}): {source}; the operation may not have been applied, retry once the store is back"
+    )]
+    Unavailable {
+        /// The backend.
+        backend: &'static str,
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The caller passed something the contract forbids.
+    #[error("invalid {operation} on the {backend} store for installation {id}: {message}")]
+    InvalidArgument {
+        /// The backend.
+        backend: &'static str,
+        /// The operation.
+        operation: &'static str,
+        /// The installation.
+        id: InstallationId,
+        /// What is wrong.
+        message: String,
+    },
+    /// The backend failed in another way.
+    #[error("the {backend} store failed ({operation}): {source}")]
+    Backend {
+        /// The backend.
+        backend: &'static str,
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The outcome of [`TokenStore::compare_and_swap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The record was written.
+    Swapped,
+    /// Someone else wrote first; here is what is stored now.
+    Conflict(Box<Record>),
+    /// No record with this id exists.
+    Missing,
+}
+
+/// The outcome of [`TokenStore::delete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The record was deleted.
+    Deleted,
+    /// The stored version differs; here is what is stored now.
+    Conflict(Box<Record>),
+    /// No record with this id exists.
+    Missing,
+}
+
+/// One installation whose next action is due.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DueEntry {
+    /// When it falls due.
+    pub due_at: Timestamp,
+    /// The installation.
+    pub id: InstallationId,
+}
+
+/// A page of [`TokenStore::due`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DuePage {
+    /// Entries in `(due_at, id)` order.
+    pub entries: Vec<DueEntry>,
+    /// Pass this as `after` to read the next page; `None` when this page was the last.
+    pub next: Option<DueEntry>,
+}
+
+/// Which records [`TokenStore::list`] returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only records in this state, or all.
+    pub state: Option<StateKind>,
+}
+
+impl ListFilter {
+    /// Every record.
+    pub fn all() -> Self {
+        Self { state: None }
+    }
+
+    /// Records in `state`.
+    pub fn in_state(state: StateKind) -> Self {
+        Self { state: Some(state) }
+    }
+
+    /// Whether `kind` passes.
+    pub fn matches(&self, kind: StateKind) -> bool {
+        self.state.is_none_or(|s| s == kind)
+    }
+}
+
+/// One row of [`TokenStore::list`]: served from the indexes, so a corrupt payload does not hide
+/// the rest of the listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// The installation.
+    pub id: InstallationId,
+    /// Its state's kind.
+    pub state: StateKind,
+}
+
+/// A page of [`TokenStore::list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// Entries in id order (byte-wise).
+    pub entries: Vec<ListEntry>,
+    /// Pass this as `after` to read the next page; `None` when this page was the last.
+    pub next: Option<InstallationId>,
+}
+
+/// A versioned compare-and-swap store of installation records.
+///
+/// Contract (checked by the conformance suite):
+/// - `create` writes only if the id is absent, else [`StoreError::AlreadyExists`].
+/// - `compare_and_swap(record, expected)` writes `record` only if the stored version equals
+///   `expected`, atomically with its index entries; `record.version()` must be greater than
+///   `expected` ([`StoreError::InvalidArgument`] otherwise). Of any number of concurrent swaps
+///   from the same version, exactly one succeeds.
+/// - `due(before, limit, after)` returns up to `limit` entries with `due_at < before`, in
+///   `(due_at, id)` order, strictly after the cursor `after`; terminal records never appear.
+/// - `list(filter, after, limit)` returns up to `limit` entries in id order after `after`.
+/// - A record that cannot be decoded is [`StoreError::Corrupt`] naming the id; never a panic.
+#[async_trait]
+pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
+    /// The record of `id`, if any.
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError>;
+
+    /// Stores a new record; fails with [`StoreError::AlreadyExists`] if the id is taken.
+    async fn create(&self, record: &Record) -> Result<(), StoreError>;
+
+    /// Replaces the stored record if its version is still `expected_version`.
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError>;
+
+    /// Deletes the record if its version is still `expected_version`.
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError>;
+
+    /// Installations whose next action is due before `before`, oldest first, paged.
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+        after: Option<&DueEntry>,
+    ) -> Result<DuePage, StoreError>;
+
+    /// Installations by state, in id order, paged.
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError>;
+}
+
+/// Checks the argument rule of `compare_and_swap`; backends call it first.
+pub fn check_cas_arguments(
+    backend: &'static str,
+    record: &Record,
+    expected_version: u64,
+) -> Result<(), StoreError> {
+    if record.version() <= expected_version {
+        return Err(StoreError::InvalidArgument {
+            backend,
+            operation: "compare_and_swap",
+            id: record.id().clone(),
+            message: format!(
+                "the new record's version ({}) must be greater than the expected version ({expected_version}); build it with `transition`",
+                record.version()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the `next` cursor of a due page: the last entry when the page is full.
+pub fn due_page(entries: Vec<DueEntry>, limit: usize) -> DuePage {
+    let next = if limit > 0 && entries.len() == limit {
+        entries.last().cloned()
+    } else {
+        None
+    };
+    DuePage { entries, next }
+}
+
+/// Builds the `next` cursor of a list page: the last id when the page is full.
+pub fn list_page(entries: Vec<ListEntry>, limit: usize) -> ListPage {
+    let next = if limit > 0 && entries.len() == limit {
+        entries.last().map(|e| e.id.clone())
+    } else {
+        None
+    };
+    ListPage { entries, next }
+}
+
+macro_rules! forward_store {
+    ($($wrapper:tt)*) => {
+        #[async_trait]
+        impl<S: TokenStore + ?Sized> TokenStore for $($wrapper)*<S> {
+            async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+                (**self).get(id).await
+            }
+            async fn create(&self, record: &Record) -> Result<(), StoreError> {
+                (**self).create(record).await
+            }
+            async fn compare_and_swap(
+                &self,
+                record: &Record,
+                expected_version: u64,
+            ) -> Result<CasOutcome, StoreError> {
+                (**self).compare_and_swap(record, expected_version).await
+            }
+            async fn delete(
+                &self,
+                id: &InstallationId,
+                expected_version: u64,
+            ) -> Result<DeleteOutcome, StoreError> {
+                (**self).delete(id, expected_version).await
+            }
+            async fn due(
+                &self,
+                before: Timestamp,
+                limit: usize,
+                after: Option<&DueEntry>,
+            ) -> Result<DuePage, StoreError> {
+                (**self).due(before, limit, after).await
+            }
+            async fn list(
+                &self,
+                filter: ListFilter,
+                after: Option<&InstallationId>,
+                limit: usize,
+            ) -> Result<ListPage, StoreError> {
+                (**self).list(filter, after, limit).await
+            }
+        }
+    };
+}
+
+forward_store!(Arc);
+forward_store!(Box);

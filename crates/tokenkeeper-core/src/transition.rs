@@ -1,0 +1,351 @@
+//! The pure transition function: `(Record, Event, now) -> Result<Record, IllegalTransition>`.
+//!
+//! All I/O (HTTP, stores, clocks) lives outside. Callers read a record, compute the next one
+//! here, and write it with the store's compare-and-swap; the function bumps the version by
+//! exactly one, keeps the due time in step with the state, merges refresh responses by the
+//! RFC 6749 rules and appends to the bounded history. Property tests drive it with random event
+//! sequences (`tests/transition_props.rs`).
+
+use std::fmt;
+
+use crate::record::{ErrorDetail, EventKind, FailureStreak, HISTORY_LEN, HistoryEntry, Record};
+use crate::state::{BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind};
+use crate::time::Timestamp;
+use crate::token::TokenSet;
+
+/// Something that happened to an installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A new authorization (or an import) replaces the tokens; the only way out of a terminal
+    /// state. Clears any lease and failure streak.
+    Authorized {
+        /// The new tokens.
+        tokens: TokenSet,
+        /// When the next refresh is due.
+        refresh_at: Timestamp,
+    },
+    /// A flight takes the refresh lease. Allowed from `Active`, `Backoff`, or `Refreshing`
+    /// whose lease has lapsed (takeover). The fence is the version this transition writes.
+    LeaseAcquired {
+        /// Who takes it.
+        holder: LeaseHolder,
+        /// When it lapses.
+        until: Timestamp,
+    },
+    /// The holder extends its lease during a slow refresh.
+    LeaseRenewed {
+        /// The fence of the lease being renewed.
+        fence: u64,
+        /// The new lapse time.
+        until: Timestamp,
+    },
+    /// The holder gives the lease back without a result (cancelled flight, nothing to do).
+    LeaseReleased {
+        /// The fence of the lease.
+        fence: u64,
+        /// When the next refresh is due.
+        refresh_at: Timestamp,
+    },
+    /// The provider issued new tokens. A reply without a refresh token or scopes keeps the
+    /// previous ones.
+    Refreshed {
+        /// The fence of the lease under which the refresh ran.
+        fence: u64,
+        /// The tokens from the reply.
+        tokens: TokenSet,
+        /// When the next refresh is due.
+        refresh_at: Timestamp,
+    },
+    /// The refresh failed but the tokens are not condemned; try again at `retry_at`.
+    RefreshDeferred {
+        /// The fence of the lease.
+        fence: u64,
+        /// When to try again.
+        retry_at: Timestamp,
+        /// What kind of failure.
+        cause: BackoffCause,
+        /// What the provider (or the transport) said.
+        error: ErrorDetail,
+    },
+    /// The refresh failed for good; the user must authorize again.
+    RefreshRejected {
+        /// The fence of the lease.
+        fence: u64,
+        /// Why.
+        reason: ReauthReason,
+        /// What the provider said, if it said anything.
+        error: Option<ErrorDetail>,
+    },
+    /// The application revoked the installation. Overrides any lease.
+    Revoked,
+}
+
+impl Event {
+    /// The kind recorded in the history.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::Authorized { .. } => EventKind::Authorized,
+            Self::LeaseAcquired { .. } => EventKind::LeaseAcquired,
+            Self::LeaseRenewed { .. } => EventKind::LeaseRenewed,
+            Self::LeaseReleased { .. } => EventKind::LeaseReleased,
+            Self::Refreshed { .. } => EventKind::Refreshed,
+            Self::RefreshDeferred { .. } => EventKind::RefreshDeferred,
+            Self::RefreshRejected { .. } => EventKind::RefreshRejected,
+            Self::Revoked => EventKind::Revoked,
+        }
+    }
+
+    fn fence(&self) -> Option<u64> {
+        match self {
+            Self::LeaseRenewed { fence, .. }
+            | Self::LeaseReleased { fence, .. }
+            | Self::Refreshed { fence, .. }
+            | Self::RefreshDeferred { fence, .. }
+            | Self::RefreshRejected { fence, .. } => Some(*fence),
+            _ => None,
+        }
+    }
+}
+
+/// Why an event cannot apply to a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("installation {id}: {event} is not allowed in state {from}: {why}")]
+pub struct IllegalTransition {
+    /// The installation.
+    pub id: crate::InstallationId,
+    /// Its state.
+    pub from: StateKind,
+    /// The refused event.
+    pub event: EventKind,
+    /// Why it was refused.
+    pub why: Refusal,
+}
+
+/// The reason an [`IllegalTransition`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The state is terminal; only a new authorization leaves it.
+    Terminal,
+    /// Another flight holds a lease that has not lapsed.
+    LeaseHeld {
+        /// The holder.
+        holder: LeaseHolder,
+        /// Until when.
+        until: Timestamp,
+    },
+    /// The event needs a lease and there is none.
+    NotLeased,
+    /// The event names a lease that is not the current one.
+    FenceMismatch {
+        /// The current lease's fence.
+        current: u64,
+        /// The event's fence.
+        given: u64,
+    },
+    /// The tokens are older than the ones stored.
+    StaleTokens,
+    /// Already revoked.
+    AlreadyRevoked,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Terminal => {
+                f.write_str("the state is terminal; only a new authorization leaves it")
+            }
+            Self::LeaseHeld { holder, until } => {
+                write!(f, "the refresh lease is held by {holder} until {until}")
+            }
+            Self::NotLeased => f.write_str("no refresh lease is held"),
+            Self::FenceMismatch { current, given } => write!(
+                f,
+                "the lease was lost (current fence {current}, this flight's {given})"
+            ),
+            Self::StaleTokens => f.write_str("the tokens are older than the stored ones"),
+            Self::AlreadyRevoked => f.write_str("it is already revoked"),
+        }
+    }
+}
+
+/// Applies `event` to `record` at `now`, returning the record to write (version + 1).
+///
+/// ```
+/// use std::time::Duration;
+/// use tokenkeeper_core::*;
+///
+/// let now = Timestamp::from_unix_secs(1_000);
+/// let tokens = TokenSet::bearer(
+///     AccessToken::new("a"), Some(RefreshToken::new("r")), now,
+///     now.saturating_add(Duration::from_secs(7200)));
+/// let id = InstallationId::new("install-1").unwrap();
+/// let rec = Record::new(id, "bitbucket", tokens, now, now);
+/// let leased = transition(&rec, Event::LeaseAcquired {
+///     holder: LeaseHolder::new("proc-1:flight-1"),
+///     until: now.saturating_add(Duration::from_secs(30)),
+/// }, now).unwrap();
+/// assert_eq!(leased.version(), 2);
+/// assert_eq!(leased.state().lease().unwrap().fence, 2);
+/// // A second flight cannot take a lease that has not lapsed.
+/// assert!(transition(&leased, Event::LeaseAcquired {
+///     holder: LeaseHolder::new("proc-2:flight-1"),
+///     until: now.saturating_add(Duration::from_secs(30)),
+/// }, now).is_err());
+/// ```
+pub fn transition(
+    record: &Record,
+    event: Event,
+    now: Timestamp,
+) -> Result<Record, IllegalTransition> {
+    let kind = event.kind();
+    let from = record.state.kind();
+    let refuse = |why: Refusal| IllegalTransition {
+        id: record.id.clone(),
+        from,
+        event: kind,
+        why,
+    };
+    let version = record.version.saturating_add(1);
+
+    // Leased events must name the current lease.
+    if let Some(given) = event.fence() {
+        match &record.state {
+            State::Refreshing { lease } if lease.fence == given => {}
+            State::Refreshing { lease } => {
+                return Err(refuse(Refusal::FenceMismatch {
+                    current: lease.fence,
+                    given,
+                }));
+            }
+            s if s.is_terminal() => return Err(refuse(Refusal::Terminal)),
+            _ => return Err(refuse(Refusal::NotLeased)),
+        }
+    }
+
+    let mut next = record.clone();
+    let mut error = None;
+    match event {
+        Event::Authorized { tokens, refresh_at } => {
+            if tokens.obtained_at < record.tokens.obtained_at {
+                return Err(refuse(Refusal::StaleTokens));
+            }
+            next.tokens = tokens;
+            next.state = State::Active;
+            next.due_at = Some(refresh_at);
+            next.failures = None;
+            next.refresh_token_last_used = now;
+        }
+        Event::LeaseAcquired { holder, until } => {
+            match &record.state {
+                State::Active | State::Backoff { .. } => {}
+                State::Refreshing { lease } if lease.until <= now => {}
+                State::Refreshing { lease } => {
+                    return Err(refuse(Refusal::LeaseHeld {
+                        holder: lease.holder.clone(),
+                        until: lease.until,
+                    }));
+                }
+                _ => return Err(refuse(Refusal::Terminal)),
+            }
+            next.state = State::Refreshing {
+                lease: Lease {
+                    holder,
+                    until,
+                    fence: version,
+                },
+            };
+            next.due_at = Some(until);
+        }
+        Event::LeaseRenewed { until, .. } => {
+            if let State::Refreshing { lease } = &mut next.state {
+                lease.until = until;
+            }
+            next.due_at = Some(until);
+        }
+        Event::LeaseReleased { refresh_at, .. } => {
+            next.state = State::Active;
+            next.due_at = Some(refresh_at);
+        }
+        Event::Refreshed {
+            tokens, refresh_at, ..
+        } => {
+            if tokens.obtained_at < record.tokens.obtained_at {
+                return Err(refuse(Refusal::StaleTokens));
+            }
+            next.tokens = tokens.merged_onto(&record.tokens);
+            next.state = State::Active;
+            next.due_at = Some(refresh_at);
+            next.failures = None;
+            next.refresh_token_last_used = now;
+        }
+        Event::RefreshDeferred {
+            retry_at,
+            cause,
+            error: detail,
+            ..
+        } => {
+            next.state = State::Backoff {
+                until: retry_at,
+                cause,
+            };
+            next.due_at = Some(retry_at);
+            next.failures = Some(match &record.failures {
+                Some(streak) => FailureStreak {
+                    consecutive: streak.consecutive.saturating_add(1),
+                    first_at: streak.first_at,
+                    last_at: now,
+                },
+                None => FailureStreak {
+                    consecutive: 1,
+                    first_at: now,
+                    last_at: now,
+                },
+            });
+            next.last_error = Some(detail.clone());
+            error = Some(detail);
+        }
+        Event::RefreshRejected {
+            reason,
+            error: detail,
+            ..
+        } => {
+            next.state = State::ReauthorizationRequired { reason, since: now };
+            next.due_at = None;
+            if detail.is_some() {
+                next.last_error.clone_from(&detail);
+            }
+            error = detail;
+        }
+        Event::Revoked => {
+            if matches!(record.state, State::Revoked { .. }) {
+                return Err(refuse(Refusal::AlreadyRevoked));
+            }
+            next.state = State::Revoked { at: now };
+            next.due_at = None;
+        }
+    }
+
+    next.version = version;
+    next.updated_at = now;
+    if next.history.len() >= HISTORY_LEN {
+        next.history.pop_front();
+    }
+    next.history.push_back(HistoryEntry {
+        at: now,
+        event: kind,
+        from,
+        to: next.state.kind(),
+        error,
+        version,
+    });
+    Ok(next)
+}
+
+impl Record {
+    /// `transition(self, event, now)` as a method.
+    pub fn apply(&self, event: Event, now: Timestamp) -> Result<Record, IllegalTransition> {
+        transition(self, event, now)
+    }
+}

@@ -1,0 +1,194 @@
+//! # tokenkeeper-memory
+//!
+//! [`MemoryStore`]: a [`TokenStore`] held in this process's memory. It is the reference
+//! backend (the simplest code that passes the conformance suite), the default of the facade for
+//! single-process applications and tests, and the baseline the other backends are benchmarked
+//! against. Nothing survives the process: use the SQLite or Redis backend for anything that
+//! must outlive a restart.
+//!
+//! All state sits behind one mutex held only for in-memory map operations (never across an
+//! `.await`), which makes every operation atomic: compare-and-swap, the record and its index
+//! entries change together. The due index is a `BTreeSet<(due_at, id)>`, so `due` is a range
+//! scan, not a full scan.
+//!
+//! ```
+//! use tokenkeeper_core::{TokenStore, InstallationId};
+//! use tokenkeeper_memory::MemoryStore;
+//!
+//! # tokio_test_block_on(async {
+//! let store = MemoryStore::new();
+//! assert!(store.get(&InstallationId::new("nobody").unwrap()).await.unwrap().is_none());
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
+    Record, StoreError, Timestamp, TokenStore, check_cas_arguments, due_page, list_page,
+};
+
+const BACKEND: &str = "memory";
+
+#[derive(Debug, Default)]
+struct Inner {
+    records: BTreeMap<InstallationId, Record>,
+    due: BTreeSet<(Timestamp, InstallationId)>,
+}
+
+impl Inner {
+    fn index(&mut self, record: &Record) {
+        if let Some(due_at) = record.due_at() {
+            self.due.insert((due_at, record.id().clone()));
+        }
+    }
+
+    fn unindex(&mut self, record: &Record) {
+        if let Some(due_at) = record.due_at() {
+            self.due.remove(&(due_at, record.id().clone()));
+        }
+    }
+}
+
+/// An in-memory [`TokenStore`]. Cheap to create; not shared between processes.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// True when it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while the lock is held, so a poisoned lock still guards
+        // consistent data.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        Ok(self.lock().records.get(id).cloned())
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.records.contains_key(record.id()) {
+            return Err(StoreError::AlreadyExists {
+                id: record.id().clone(),
+                backend: BACKEND,
+            });
+        }
+        inner.index(record);
+        inner.records.insert(record.id().clone(), record.clone());
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        check_cas_arguments(BACKEND, record, expected_version)?;
+        let mut inner = self.lock();
+        let current = match inner.records.get(record.id()) {
+            None => return Ok(CasOutcome::Missing),
+            Some(current) if current.version() != expected_version => {
+                return Ok(CasOutcome::Conflict(Box::new(current.clone())));
+            }
+            Some(current) => current.clone(),
+        };
+        inner.unindex(&current);
+        inner.index(record);
+        inner.records.insert(record.id().clone(), record.clone());
+        Ok(CasOutcome::Swapped)
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let mut inner = self.lock();
+        match inner.records.get(id) {
+            None => Ok(DeleteOutcome::Missing),
+            Some(current) if current.version() != expected_version => {
+                Ok(DeleteOutcome::Conflict(Box::new(current.clone())))
+            }
+            Some(_) => {
+                if let Some(removed) = inner.records.remove(id) {
+                    inner.unindex(&removed);
+                }
+                Ok(DeleteOutcome::Deleted)
+            }
+        }
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+        after: Option<&DueEntry>,
+    ) -> Result<DuePage, StoreError> {
+        let inner = self.lock();
+        let start = match after {
+            Some(c) => Bound::Excluded((c.due_at, c.id.clone())),
+            None => Bound::Unbounded,
+        };
+        let entries = inner
+            .due
+            .range((start, Bound::Unbounded))
+            .take_while(|(due_at, _)| *due_at < before)
+            .take(limit)
+            .map(|(due_at, id)| DueEntry {
+                due_at: *due_at,
+                id: id.clone(),
+            })
+            .collect();
+        Ok(due_page(entries, limit))
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        let inner = self.lock();
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        let entries = inner
+            .records
+            .range::<InstallationId, _>((start, Bound::Unbounded))
+            .filter(|(_, r)| filter.matches(r.state().kind()))
+            .take(limit)
+            .map(|(id, r)| ListEntry {
+                id: id.clone(),
+                state: r.state().kind(),
+            })
+            .collect();
+        Ok(list_page(entries, limit))
+    }
+}
