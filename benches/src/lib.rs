@@ -1,0 +1,102 @@
+//! Shared helpers for the benchmarks: bounded-concurrency fan-out and grant setup against the
+//! mock provider. Benchmarks live in `benches/`; this library keeps them short.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider};
+
+/// Runs `job(i)` for every `i` in `0..n` with at most `in_flight` running at once, and returns
+/// the results in index order.
+pub async fn fan_out<T, F, Fut>(n: usize, in_flight: usize, job: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let job = Arc::new(job);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..in_flight.max(1) {
+        let next = next.clone();
+        let job = job.clone();
+        workers.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return out;
+                }
+                out.push((i, job(i).await));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(part) = workers.join_next().await {
+        all.extend(part.expect("benchmark worker panicked"));
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, t)| t).collect()
+}
+
+/// One refresh POST to the mock with HTTP Basic client authentication; returns the new refresh
+/// token (or the old one on non-rotating profiles). Panics on anything but success: a bench
+/// that silently measures errors measures nothing.
+pub async fn raw_refresh(client: &reqwest::Client, token_url: &str, refresh_token: &str) -> String {
+    let reply = client
+        .post(token_url)
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ])
+        .send()
+        .await
+        .expect("refresh POST");
+    assert!(
+        reply.status().is_success(),
+        "refresh failed: {}",
+        reply.status()
+    );
+    let body: serde_json::Value = reply.json().await.expect("refresh body");
+    body["refresh_token"]
+        .as_str()
+        .unwrap_or(refresh_token)
+        .to_owned()
+}
+
+/// Creates `n` independent grants (authorize without HTTP, exchange over HTTP) and returns
+/// their refresh tokens.
+pub async fn grants(mock: &MockProvider, client: &reqwest::Client, n: usize) -> Vec<String> {
+    let codes: Vec<String> = (0..n)
+        .map(|_| {
+            mock.authorize_code(DEFAULT_CLIENT_ID, None, None)
+                .expect("authorize")
+        })
+        .collect();
+    let codes = Arc::new(codes);
+    let url = mock.token_url();
+    let client = client.clone();
+    fan_out(n, 64, move |i| {
+        let (codes, url, client) = (codes.clone(), url.clone(), client.clone());
+        async move {
+            let reply = client
+                .post(&url)
+                .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+                .form(&[
+                    ("grant_type", "authorization_code"),
+                    ("code", codes[i].as_str()),
+                ])
+                .send()
+                .await
+                .expect("code exchange");
+            let body: serde_json::Value = reply.json().await.expect("exchange body");
+            body["refresh_token"]
+                .as_str()
+                .expect("refresh token")
+                .to_owned()
+        }
+    })
+    .await
+}

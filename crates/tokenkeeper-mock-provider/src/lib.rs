@@ -1,0 +1,326 @@
+//! # tokenkeeper-mock-provider
+//!
+//! A faithful local OAuth 2.0 provider for tests, examples and benchmarks. It plays Bitbucket
+//! Cloud (legacy and rotating), Atlassian 3LO, GitHub App and Google behaviours
+//! ([`Profile`]), including their exact error bodies, and injects the faults real providers
+//! and networks produce ([`Fault`]): 5xx with HTML or JSON bodies, 429 with `Retry-After`,
+//! latency, resets, malformed or oversized bodies, a 200 carrying an error, missing fields and
+//! **commit-then-drop** (the refresh token is rotated, then the reply is lost).
+//!
+//! It listens on `127.0.0.1:0` by default so tests never collide, and counts everything per
+//! grant ([`Counters`]) so a test can assert "exactly one refresh per installation" and "zero
+//! reuse detections".
+//!
+//! ```
+//! use tokenkeeper_mock_provider::{MockProvider, Profile};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let mock = MockProvider::builder().profile(Profile::Bitbucket).start().await?;
+//! // Each completed authorization is a new, independent grant.
+//! let code = mock.authorize_code("tokenkeeper-test-key", None, None).unwrap();
+//! assert!(code.starts_with("code_"));
+//! println!("token endpoint: {}", mock.token_url());
+//! assert_eq!(mock.counters().totals.authorize_calls, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Endpoints (same paths for every profile): `GET /site/oauth2/authorize`,
+//! `POST /site/oauth2/access_token`, `POST /site/oauth2/revoke`, `GET /2.0/user`, and the
+//! loopback-only admin API under `/admin` (`POST /admin/consumers/{id}/scopes`,
+//! `POST /admin/consumers/{id}/secret`, `POST /admin/grants/revoke`, `GET /admin/clock`,
+//! `POST /admin/clock/advance`, `GET|PUT /admin/faults`, `GET /admin/counters`,
+//! `POST /admin/counters/reset`).
+
+mod admin;
+mod faults;
+mod http;
+mod profile;
+mod provider;
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use faults::{Endpoint, Fault, FaultPlan, FaultRule, Trigger};
+pub use http::paths;
+pub use profile::{ErrorBody, Errors, Profile, Rotation, Rules, ScopeField, UnknownProfile};
+pub use provider::{
+    AuthorizeError, AuthorizeRequest, CODE_TTL, ConsumerSpec, Counters, GrantCounters, RevokedBy,
+    Totals, s256_challenge,
+};
+
+use http::Shared;
+use provider::Provider;
+
+/// The client id of the consumer a builder registers when given none.
+pub const DEFAULT_CLIENT_ID: &str = "tokenkeeper-test-key";
+/// Its client secret.
+pub const DEFAULT_CLIENT_SECRET: &str = "tokenkeeper-test-secret";
+
+/// Configures and starts a [`MockProvider`].
+#[derive(Debug, Clone)]
+pub struct MockProviderBuilder {
+    profile: Profile,
+    consumers: Vec<ConsumerSpec>,
+    seed: u64,
+    addr: SocketAddr,
+    access_ttl: Option<Duration>,
+    refresh_inactivity: Option<Option<Duration>>,
+    leeway: Option<Option<Duration>>,
+}
+
+impl Default for MockProviderBuilder {
+    fn default() -> Self {
+        Self {
+            profile: Profile::default(),
+            consumers: Vec::new(),
+            seed: 0x70ce_11ee_9e1e,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            access_ttl: None,
+            refresh_inactivity: None,
+            leeway: None,
+        }
+    }
+}
+
+impl MockProviderBuilder {
+    /// The behaviour to play (default: [`Profile::Bitbucket`]).
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// Registers a consumer. Without any, one with [`DEFAULT_CLIENT_ID`] /
+    /// [`DEFAULT_CLIENT_SECRET`] is registered.
+    pub fn consumer(mut self, consumer: ConsumerSpec) -> Self {
+        self.consumers.push(consumer);
+        self
+    }
+
+    /// Seeds the random generator (tokens and probabilistic faults), for replayable runs.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Where to listen (default `127.0.0.1:0`, a free port).
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Overrides the profile's access token lifetime (e.g. 60 s test servers).
+    pub fn access_ttl(mut self, ttl: Duration) -> Self {
+        self.access_ttl = Some(ttl);
+        self
+    }
+
+    /// Overrides how long an unused refresh token lives (`None`: forever).
+    pub fn refresh_inactivity(mut self, limit: Option<Duration>) -> Self {
+        self.refresh_inactivity = Some(limit);
+        self
+    }
+
+    /// Overrides the reuse leeway of a rotating profile.
+    pub fn reuse_leeway(mut self, leeway: Option<Duration>) -> Self {
+        self.leeway = Some(leeway);
+        self
+    }
+
+    /// The rules the provider will play, with overrides applied.
+    pub fn rules(&self) -> Rules {
+        let mut rules = self.profile.rules();
+        if let Some(ttl) = self.access_ttl {
+            rules.access_ttl = ttl;
+        }
+        if let Some(limit) = self.refresh_inactivity {
+            rules.refresh_inactivity = limit;
+        }
+        if let (Some(new), Rotation::Rotate { leeway, .. }) = (self.leeway, &mut rules.rotation) {
+            *leeway = new;
+        }
+        rules
+    }
+
+    /// Binds the listener and starts serving on the current tokio runtime.
+    pub async fn start(self) -> std::io::Result<MockProvider> {
+        let rules = self.rules();
+        let mut consumers = self.consumers;
+        if consumers.is_empty() {
+            consumers.push(ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET));
+        }
+        let shared = Shared::new(Provider::new(self.profile, rules, consumers, self.seed));
+        let listener = TcpListener::bind(self.addr).await?;
+        let addr = listener.local_addr()?;
+        let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let server = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "mock provider stopped with an error");
+            }
+        });
+        Ok(MockProvider {
+            addr,
+            shared,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+}
+
+/// A running mock provider. Dropping it stops the server.
+#[derive(Debug)]
+pub struct MockProvider {
+    addr: SocketAddr,
+    shared: Shared,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl MockProvider {
+    /// A builder with the defaults.
+    pub fn builder() -> MockProviderBuilder {
+        MockProviderBuilder::default()
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The authorization endpoint.
+    pub fn authorize_url(&self) -> String {
+        format!("{}{}", self.base_url(), paths::AUTHORIZE)
+    }
+
+    /// The token endpoint.
+    pub fn token_url(&self) -> String {
+        format!("{}{}", self.base_url(), paths::TOKEN)
+    }
+
+    /// The RFC 7009 revocation endpoint.
+    pub fn revoke_url(&self) -> String {
+        format!("{}{}", self.base_url(), paths::REVOKE)
+    }
+
+    /// The resource endpoint (`GET /2.0/user`).
+    pub fn resource_url(&self) -> String {
+        format!("{}{}", self.base_url(), paths::RESOURCE)
+    }
+
+    /// The admin API root.
+    pub fn admin_url(&self) -> String {
+        format!("{}{}", self.base_url(), paths::ADMIN)
+    }
+
+    /// The profile it plays.
+    pub fn profile(&self) -> Profile {
+        self.shared.lock().profile
+    }
+
+    /// The rules it plays.
+    pub fn rules(&self) -> Rules {
+        self.shared.lock().rules.clone()
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().counters()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_counters(&self) {
+        self.shared.lock().reset_counters();
+    }
+
+    /// The provider's clock.
+    pub fn now(&self) -> SystemTime {
+        self.shared.lock().now_system()
+    }
+
+    /// Moves the provider's clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.shared.lock().advance(by);
+    }
+
+    /// Replaces the fault plan.
+    pub fn set_faults(&self, rules: Vec<FaultRule>) {
+        self.shared.lock().faults = FaultPlan(rules);
+    }
+
+    /// Changes a consumer's scopes, revoking every grant it issued; returns how many.
+    pub fn set_consumer_scopes(&self, client_id: &str, scopes: &[&str]) -> Option<usize> {
+        self.shared
+            .lock()
+            .set_scopes(client_id, scopes.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    /// Changes a consumer's client secret.
+    pub fn rotate_client_secret(&self, client_id: &str, secret: &str) -> bool {
+        self.shared
+            .lock()
+            .rotate_secret(client_id, secret.to_owned())
+    }
+
+    /// Revokes the grant a token belongs to; returns the grant id.
+    pub fn revoke_grant_of(&self, token: &str) -> Option<u64> {
+        let mut p = self.shared.lock();
+        let grant = p.grant_of(token)?;
+        p.revoke_grant(grant, RevokedBy::Admin).then_some(grant)
+    }
+
+    /// The grant id a token belongs to.
+    pub fn grant_of(&self, token: &str) -> Option<u64> {
+        self.shared.lock().grant_of(token)
+    }
+
+    /// Runs an auto-approved authorization without HTTP and returns the code, for benches and
+    /// examples that need many grants quickly. `challenge` is `(code_challenge, method)`.
+    pub fn authorize_code(
+        &self,
+        client_id: &str,
+        redirect_uri: Option<&str>,
+        challenge: Option<(&str, &str)>,
+    ) -> Result<String, AuthorizeError> {
+        let req = AuthorizeRequest {
+            client_id: Some(client_id.to_owned()),
+            response_type: Some("code".into()),
+            redirect_uri: redirect_uri.map(str::to_owned),
+            state: None,
+            code_challenge: challenge.map(|c| c.0.to_owned()),
+            code_challenge_method: challenge.map(|c| c.1.to_owned()),
+        };
+        self.shared.lock().authorize(&req).map(|(_, code)| code)
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,765 @@
+//! The provider's state and rules, with no HTTP in sight: consumers, grants, tokens, codes,
+//! the provider clock, counters, and the grant/refresh/revoke logic of each profile.
+//!
+//! Every completed authorization is a new grant with its own token family; refreshing one never
+//! touches another. The HTTP layer (`http.rs`) parses requests into calls on [`Provider`] and
+//! serializes what it returns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::Digest as _;
+
+use crate::faults::FaultPlan;
+use crate::profile::{ErrorBody, Profile, Rotation, Rules, ScopeField};
+
+/// How long an authorization code may wait for its exchange.
+pub const CODE_TTL: Duration = Duration::from_secs(600);
+
+/// A registered OAuth consumer (client).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerSpec {
+    /// The client id (Bitbucket: the consumer "key").
+    pub client_id: String,
+    /// The client secret.
+    pub client_secret: String,
+    /// Redirect URIs must start with this.
+    pub redirect_prefix: String,
+    /// The scopes the consumer is configured with; every grant gets these.
+    pub scopes: Vec<String>,
+}
+
+impl ConsumerSpec {
+    /// A consumer with redirect prefix `http://127.0.0.1` and scopes `repository account`.
+    pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            redirect_prefix: "http://127.0.0.1".into(),
+            scopes: vec!["repository".into(), "account".into()],
+        }
+    }
+
+    /// Sets the redirect URI prefix.
+    pub fn redirect_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.redirect_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the configured scopes.
+    pub fn scopes<I: IntoIterator<Item = S>, S: Into<String>>(mut self, scopes: I) -> Self {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+/// Why a grant stopped working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokedBy {
+    /// The consumer's scopes changed.
+    ScopeChange,
+    /// An administrator (the test) revoked it.
+    Admin,
+    /// RFC 7009 revocation by the client.
+    Client,
+    /// A retired refresh token was used after the leeway (reuse detection).
+    ReuseDetected,
+}
+
+/// Counters of one grant (one installation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantCounters {
+    /// The consumer it belongs to.
+    pub consumer: String,
+    /// Refresh requests naming one of its refresh tokens.
+    pub refresh_calls: u64,
+    /// Successful refreshes.
+    pub refreshes: u64,
+    /// Successful refreshes that issued a new refresh token.
+    pub rotations: u64,
+    /// Refused refreshes.
+    pub rejected: u64,
+    /// Uses of a retired refresh token past the leeway.
+    pub reuse_detections: u64,
+    /// Uses of a retired refresh token inside the leeway (allowed).
+    pub leeway_reuses: u64,
+    /// Why it was revoked, if it was.
+    pub revoked: Option<RevokedBy>,
+}
+
+/// Counters over the whole provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Authorize requests.
+    pub authorize_calls: u64,
+    /// Token endpoint requests.
+    pub token_calls: u64,
+    /// Successful code exchanges (= grants created).
+    pub code_exchanges: u64,
+    /// Attempts to exchange an already-used code.
+    pub code_reuses: u64,
+    /// Refresh requests.
+    pub refresh_calls: u64,
+    /// Successful refreshes.
+    pub refreshes: u64,
+    /// Successful refreshes that rotated the refresh token.
+    pub rotations: u64,
+    /// Refused refreshes.
+    pub rejected_refreshes: u64,
+    /// Reuse detections.
+    pub reuse_detections: u64,
+    /// Allowed reuses inside the leeway.
+    pub leeway_reuses: u64,
+    /// Requests with wrong or missing client credentials.
+    pub client_auth_failures: u64,
+    /// Client-credentials grants issued.
+    pub client_credentials: u64,
+    /// RFC 7009 revocation requests.
+    pub revocations: u64,
+    /// Resource requests.
+    pub resource_calls: u64,
+    /// Resource requests refused with 401.
+    pub resource_unauthorized: u64,
+    /// Faults injected.
+    pub faults_injected: u64,
+}
+
+/// A snapshot of all counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Provider-wide totals.
+    pub totals: Totals,
+    /// Per grant, by grant id.
+    pub grants: BTreeMap<u64, GrantCounters>,
+}
+
+#[derive(Debug)]
+struct Grant {
+    scopes: Vec<String>,
+    created: Duration,
+    counters: GrantCounters,
+    access_tokens: Vec<String>,
+}
+
+#[derive(Debug)]
+struct AccessInfo {
+    grant: Option<u64>,
+    consumer: String,
+    expires: Duration,
+    dead: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RefreshStatus {
+    Live,
+    Retired { at: Duration },
+}
+
+#[derive(Debug)]
+struct RefreshInfo {
+    grant: u64,
+    last_used: Duration,
+    status: RefreshStatus,
+    /// The access token issued together with it (GitHub kills it when this one is used).
+    access: String,
+}
+
+#[derive(Debug)]
+struct CodeInfo {
+    consumer: String,
+    redirect_uri: Option<String>,
+    challenge: Option<(String, String)>,
+    expires: Duration,
+    used: bool,
+}
+
+/// The outcome of a resource request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceOutcome {
+    /// The token is good: the grant id.
+    Ok(Option<u64>),
+    /// The token expired.
+    Expired,
+    /// The token is unknown or revoked.
+    Invalid,
+}
+
+/// The authorize request, as parsed.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizeRequest {
+    /// `client_id`
+    pub client_id: Option<String>,
+    /// `response_type`
+    pub response_type: Option<String>,
+    /// `redirect_uri`
+    pub redirect_uri: Option<String>,
+    /// `state`
+    pub state: Option<String>,
+    /// `code_challenge`
+    pub code_challenge: Option<String>,
+    /// `code_challenge_method`
+    pub code_challenge_method: Option<String>,
+}
+
+/// Why an authorize request was refused (shown to the user, not redirected).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}: {description}")]
+pub struct AuthorizeError {
+    /// RFC 6749 §4.1.2.1 error code.
+    pub error: &'static str,
+    /// What is wrong.
+    pub description: String,
+}
+
+fn authorize_error(error: &'static str, description: impl Into<String>) -> AuthorizeError {
+    AuthorizeError {
+        error,
+        description: description.into(),
+    }
+}
+
+/// The provider.
+#[derive(Debug)]
+pub struct Provider {
+    pub(crate) profile: Profile,
+    pub(crate) rules: Rules,
+    consumers: BTreeMap<String, ConsumerSpec>,
+    grants: Vec<Grant>,
+    access: HashMap<String, AccessInfo>,
+    refresh: HashMap<String, RefreshInfo>,
+    codes: HashMap<String, CodeInfo>,
+    offset: Duration,
+    pub(crate) rng: fastrand::Rng,
+    pub(crate) faults: FaultPlan,
+    pub(crate) totals: Totals,
+    serial: u64,
+}
+
+fn is_pkce_text(s: &str) -> bool {
+    (43..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// `BASE64URL(SHA256(verifier))` without padding (RFC 7636 §4.2).
+pub fn s256_challenge(verifier: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+}
+
+impl Provider {
+    pub(crate) fn new(
+        profile: Profile,
+        rules: Rules,
+        consumers: Vec<ConsumerSpec>,
+        seed: u64,
+    ) -> Self {
+        Self {
+            profile,
+            rules,
+            consumers: consumers
+                .into_iter()
+                .map(|c| (c.client_id.clone(), c))
+                .collect(),
+            grants: Vec::new(),
+            access: HashMap::new(),
+            refresh: HashMap::new(),
+            codes: HashMap::new(),
+            offset: Duration::ZERO,
+            rng: fastrand::Rng::with_seed(seed),
+            faults: FaultPlan::default(),
+            totals: Totals::default(),
+            serial: 0,
+        }
+    }
+
+    /// The provider's clock: the system clock plus everything `advance` added.
+    pub(crate) fn now(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(self.offset)
+    }
+
+    pub(crate) fn advance(&mut self, by: Duration) {
+        self.offset = self.offset.saturating_add(by);
+    }
+
+    pub(crate) fn now_system(&self) -> SystemTime {
+        UNIX_EPOCH + self.now()
+    }
+
+    fn token(&mut self, prefix: &str) -> String {
+        self.serial += 1;
+        format!(
+            "{prefix}{:016x}{:016x}{:x}",
+            self.rng.u64(..),
+            self.rng.u64(..),
+            self.serial
+        )
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        Counters {
+            totals: self.totals.clone(),
+            grants: self
+                .grants
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (i as u64, g.counters.clone()))
+                .collect(),
+        }
+    }
+
+    /// Zeroes every counter (grants keep their revocation status).
+    pub(crate) fn reset_counters(&mut self) {
+        self.totals = Totals::default();
+        for g in &mut self.grants {
+            g.counters = GrantCounters {
+                consumer: std::mem::take(&mut g.counters.consumer),
+                revoked: g.counters.revoked,
+                ..GrantCounters::default()
+            };
+        }
+    }
+
+    /// The grant a token (access or refresh) belongs to.
+    pub(crate) fn grant_of(&self, token: &str) -> Option<u64> {
+        self.refresh
+            .get(token)
+            .map(|r| r.grant)
+            .or_else(|| self.access.get(token).and_then(|a| a.grant))
+    }
+
+    pub(crate) fn revoke_grant(&mut self, grant: u64, by: RevokedBy) -> bool {
+        let Some(g) = self.grants.get_mut(grant as usize) else {
+            return false;
+        };
+        if g.counters.revoked.is_none() {
+            g.counters.revoked = Some(by);
+        }
+        for a in &g.access_tokens {
+            if let Some(info) = self.access.get_mut(a) {
+                info.dead = true;
+            }
+        }
+        true
+    }
+
+    /// Changes a consumer's scopes: every grant it issued is revoked, as Bitbucket does.
+    pub(crate) fn set_scopes(&mut self, client_id: &str, scopes: Vec<String>) -> Option<usize> {
+        let consumer = self.consumers.get_mut(client_id)?;
+        consumer.scopes = scopes;
+        let ids: Vec<u64> = self
+            .grants
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.counters.consumer == client_id && g.counters.revoked.is_none())
+            .map(|(i, _)| i as u64)
+            .collect();
+        for id in &ids {
+            self.revoke_grant(*id, RevokedBy::ScopeChange);
+        }
+        Some(ids.len())
+    }
+
+    pub(crate) fn rotate_secret(&mut self, client_id: &str, secret: String) -> bool {
+        match self.consumers.get_mut(client_id) {
+            Some(c) => {
+                c.client_secret = secret;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Auto-approves an authorization request and returns the single-use code.
+    pub(crate) fn authorize(
+        &mut self,
+        req: &AuthorizeRequest,
+    ) -> Result<(String, String), AuthorizeError> {
+        self.totals.authorize_calls += 1;
+        let client_id = req
+            .client_id
+            .as_deref()
+            .ok_or_else(|| authorize_error("invalid_request", "client_id is missing"))?;
+        let consumer = self.consumers.get(client_id).ok_or_else(|| {
+            authorize_error("invalid_client", format!("unknown client_id {client_id:?}"))
+        })?;
+        let redirect = match &req.redirect_uri {
+            Some(uri) if uri.starts_with(&consumer.redirect_prefix) => uri.clone(),
+            Some(uri) => {
+                return Err(authorize_error(
+                    "invalid_request",
+                    format!("redirect_uri {uri:?} does not match the consumer's callback URL"),
+                ));
+            }
+            None => consumer.redirect_prefix.clone(),
+        };
+        if req.response_type.as_deref() != Some("code") {
+            return Err(authorize_error(
+                "unsupported_response_type",
+                "response_type must be \"code\"",
+            ));
+        }
+        if let Some(state) = &req.state
+            && (state.len() > 2048 || state.chars().any(char::is_control))
+        {
+            return Err(authorize_error("invalid_request", "state is malformed"));
+        }
+        let challenge = match (&req.code_challenge, req.code_challenge_method.as_deref()) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(authorize_error(
+                    "invalid_request",
+                    "code_challenge is missing",
+                ));
+            }
+            (Some(c), method) => {
+                let method = method.unwrap_or("plain");
+                if !matches!(method, "S256" | "plain") {
+                    return Err(authorize_error(
+                        "invalid_request",
+                        format!("code_challenge_method {method:?} is not supported"),
+                    ));
+                }
+                if !is_pkce_text(c) {
+                    return Err(authorize_error(
+                        "invalid_request",
+                        "code_challenge is malformed",
+                    ));
+                }
+                Some((c.clone(), method.to_owned()))
+            }
+        };
+        let code = self.token("code_");
+        let expires = self.now() + CODE_TTL;
+        self.codes.insert(
+            code.clone(),
+            CodeInfo {
+                consumer: client_id.to_owned(),
+                redirect_uri: req.redirect_uri.clone(),
+                challenge,
+                expires,
+                used: false,
+            },
+        );
+        Ok((redirect, code))
+    }
+
+    /// Authenticates the client: HTTP Basic or body fields.
+    fn authenticate(
+        &mut self,
+        params: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+    ) -> Result<String, ErrorBody> {
+        let (id, secret) = match basic {
+            Some(pair) => pair,
+            None => match (params.get("client_id"), params.get("client_secret")) {
+                (Some(id), Some(secret)) => (id.clone(), secret.clone()),
+                _ => {
+                    self.totals.client_auth_failures += 1;
+                    return Err(self.rules.errors.bad_client.clone());
+                }
+            },
+        };
+        match self.consumers.get(&id) {
+            Some(c) if c.client_secret == secret => Ok(id),
+            _ => {
+                self.totals.client_auth_failures += 1;
+                Err(self.rules.errors.bad_client.clone())
+            }
+        }
+    }
+
+    /// The token endpoint.
+    pub(crate) fn token_request(
+        &mut self,
+        params: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+    ) -> Result<Map<String, Value>, ErrorBody> {
+        self.totals.token_calls += 1;
+        let Some(grant_type) = params.get("grant_type").cloned() else {
+            return Err(self.rules.errors.unsupported_grant.clone());
+        };
+        let consumer = self.authenticate(params, basic)?;
+        match grant_type.as_str() {
+            "authorization_code" => self.exchange_code(&consumer, params),
+            "refresh_token" => self.refresh(&consumer, params),
+            "client_credentials" => {
+                self.totals.client_credentials += 1;
+                let access = self.issue_access(None, &consumer);
+                let scopes = self
+                    .consumers
+                    .get(&consumer)
+                    .map(|c| c.scopes.clone())
+                    .unwrap_or_default();
+                Ok(self.success(&access, None, &scopes, "client_credentials"))
+            }
+            _ => Err(self.rules.errors.unsupported_grant.clone()),
+        }
+    }
+
+    fn issue_access(&mut self, grant: Option<u64>, consumer: &str) -> String {
+        let access = self.token("at_");
+        let expires = self.now() + self.rules.access_ttl;
+        self.access.insert(
+            access.clone(),
+            AccessInfo {
+                grant,
+                consumer: consumer.to_owned(),
+                expires,
+                dead: false,
+            },
+        );
+        if let Some(g) = grant.and_then(|g| self.grants.get_mut(g as usize)) {
+            g.access_tokens.push(access.clone());
+        }
+        access
+    }
+
+    fn issue_refresh(&mut self, grant: u64, access: &str) -> String {
+        let refresh = self.token("rt_");
+        let now = self.now();
+        self.refresh.insert(
+            refresh.clone(),
+            RefreshInfo {
+                grant,
+                last_used: now,
+                status: RefreshStatus::Live,
+                access: access.to_owned(),
+            },
+        );
+        refresh
+    }
+
+    fn success(
+        &self,
+        access: &str,
+        refresh: Option<&str>,
+        scopes: &[String],
+        grant_type: &str,
+    ) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert("access_token".into(), json!(access));
+        let scope_text = scopes.join(" ");
+        match self.rules.scope_field {
+            ScopeField::Scopes => body.insert("scopes".into(), json!(scope_text)),
+            ScopeField::Scope => body.insert("scope".into(), json!(scope_text)),
+        };
+        body.insert("expires_in".into(), json!(self.rules.access_ttl.as_secs()));
+        body.insert("token_type".into(), json!(self.rules.token_type));
+        if self.rules.grant_type_in_state {
+            body.insert("state".into(), json!(grant_type));
+        }
+        if let Some(refresh) = refresh {
+            body.insert("refresh_token".into(), json!(refresh));
+            if self.rules.refresh_expires_in_field
+                && let Some(abs) = self.rules.refresh_absolute
+            {
+                body.insert("refresh_token_expires_in".into(), json!(abs.as_secs()));
+            }
+        }
+        body
+    }
+
+    fn exchange_code(
+        &mut self,
+        consumer: &str,
+        params: &HashMap<String, String>,
+    ) -> Result<Map<String, Value>, ErrorBody> {
+        let now = self.now();
+        let bad_code = self.rules.errors.bad_code.clone();
+        let code = params.get("code").ok_or_else(|| bad_code.clone())?;
+        let info = self.codes.get_mut(code).ok_or_else(|| bad_code.clone())?;
+        if info.used {
+            self.totals.code_reuses += 1;
+            return Err(bad_code);
+        }
+        if info.consumer != consumer || info.expires <= now {
+            return Err(bad_code);
+        }
+        if let Some(uri) = &info.redirect_uri
+            && params.get("redirect_uri") != Some(uri)
+        {
+            return Err(bad_code);
+        }
+        if let Some((challenge, method)) = &info.challenge {
+            let ok = match params.get("code_verifier") {
+                Some(v) if is_pkce_text(v) => match method.as_str() {
+                    "S256" => &s256_challenge(v) == challenge,
+                    _ => v == challenge,
+                },
+                _ => false,
+            };
+            if !ok {
+                // A failed verification burns the code, as RFC 7636 servers do.
+                info.used = true;
+                return Err(self.rules.errors.bad_verifier.clone());
+            }
+        }
+        info.used = true;
+        self.totals.code_exchanges += 1;
+        let scopes = self
+            .consumers
+            .get(consumer)
+            .map(|c| c.scopes.clone())
+            .unwrap_or_default();
+        let grant = self.grants.len() as u64;
+        self.grants.push(Grant {
+            scopes: scopes.clone(),
+            created: now,
+            counters: GrantCounters {
+                consumer: consumer.to_owned(),
+                ..GrantCounters::default()
+            },
+            access_tokens: Vec::new(),
+        });
+        let access = self.issue_access(Some(grant), consumer);
+        let refresh = self.issue_refresh(grant, &access);
+        Ok(self.success(&access, Some(&refresh), &scopes, "authorization_code"))
+    }
+
+    fn refresh(
+        &mut self,
+        consumer: &str,
+        params: &HashMap<String, String>,
+    ) -> Result<Map<String, Value>, ErrorBody> {
+        self.totals.refresh_calls += 1;
+        let now = self.now();
+        let invalid = self.rules.errors.invalid_refresh.clone();
+        let expired = self.rules.errors.expired_refresh.clone();
+        let Some(token) = params.get("refresh_token").cloned() else {
+            self.totals.rejected_refreshes += 1;
+            return Err(invalid);
+        };
+        let Some(info) = self.refresh.get(&token) else {
+            self.totals.rejected_refreshes += 1;
+            return Err(invalid);
+        };
+        let (grant_id, status, last_used, old_access) =
+            (info.grant, info.status, info.last_used, info.access.clone());
+        let rules = self.rules.clone();
+        let grant = &mut self.grants[grant_id as usize];
+        grant.counters.refresh_calls += 1;
+        let reject = |grant: &mut Grant, totals: &mut Totals, body: ErrorBody| {
+            grant.counters.rejected += 1;
+            totals.rejected_refreshes += 1;
+            Err(body)
+        };
+        if grant.counters.consumer != consumer || grant.counters.revoked.is_some() {
+            return reject(grant, &mut self.totals, invalid);
+        }
+        if let RefreshStatus::Retired { at } = status {
+            let leeway = match rules.rotation {
+                Rotation::Rotate { leeway, .. } => leeway,
+                Rotation::None => None,
+            };
+            if leeway.is_some_and(|l| now.saturating_sub(at) <= l) {
+                grant.counters.leeway_reuses += 1;
+                self.totals.leeway_reuses += 1;
+            } else {
+                grant.counters.reuse_detections += 1;
+                self.totals.reuse_detections += 1;
+                let revoke = matches!(
+                    rules.rotation,
+                    Rotation::Rotate {
+                        reuse_revokes_family: true,
+                        ..
+                    }
+                );
+                let out = reject(grant, &mut self.totals, invalid);
+                if revoke {
+                    self.revoke_grant(grant_id, RevokedBy::ReuseDetected);
+                }
+                return out;
+            }
+        }
+        if rules
+            .refresh_inactivity
+            .is_some_and(|limit| now.saturating_sub(last_used) > limit)
+            || rules
+                .refresh_absolute
+                .is_some_and(|limit| now.saturating_sub(grant.created) > limit)
+        {
+            return reject(grant, &mut self.totals, expired);
+        }
+        grant.counters.refreshes += 1;
+        self.totals.refreshes += 1;
+        let scopes = grant.scopes.clone();
+        let access = self.issue_access(Some(grant_id), consumer);
+        let reply_refresh = match rules.rotation {
+            Rotation::None => {
+                if let Some(info) = self.refresh.get_mut(&token) {
+                    info.last_used = now;
+                    info.access = access.clone();
+                }
+                rules.refresh_reply_has_refresh_token.then(|| token.clone())
+            }
+            Rotation::Rotate {
+                old_access_dies, ..
+            } => {
+                if let Some(info) = self.refresh.get_mut(&token)
+                    && matches!(info.status, RefreshStatus::Live)
+                {
+                    info.status = RefreshStatus::Retired { at: now };
+                }
+                if old_access_dies && let Some(a) = self.access.get_mut(&old_access) {
+                    a.dead = true;
+                }
+                let g = &mut self.grants[grant_id as usize];
+                g.counters.rotations += 1;
+                self.totals.rotations += 1;
+                Some(self.issue_refresh(grant_id, &access))
+            }
+        };
+        Ok(self.success(&access, reply_refresh.as_deref(), &scopes, "refresh_token"))
+    }
+
+    /// RFC 7009: revoking a refresh token revokes its grant; an access token only itself.
+    /// Unknown tokens are not an error.
+    pub(crate) fn revoke_token(
+        &mut self,
+        params: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+    ) -> Result<(), ErrorBody> {
+        self.totals.revocations += 1;
+        self.authenticate(params, basic)?;
+        let Some(token) = params.get("token") else {
+            return Ok(());
+        };
+        if let Some(grant) = self.refresh.get(token).map(|r| r.grant) {
+            self.revoke_grant(grant, RevokedBy::Client);
+        } else if let Some(a) = self.access.get_mut(token) {
+            a.dead = true;
+        }
+        Ok(())
+    }
+
+    /// Checks a bearer token for the resource endpoint.
+    pub(crate) fn check_access(&mut self, token: Option<&str>) -> ResourceOutcome {
+        self.totals.resource_calls += 1;
+        let now = self.now();
+        let outcome = match token.and_then(|t| self.access.get(t)) {
+            None => ResourceOutcome::Invalid,
+            Some(a) if a.dead => ResourceOutcome::Invalid,
+            Some(a)
+                if a.grant
+                    .and_then(|g| self.grants.get(g as usize))
+                    .is_some_and(|g| g.counters.revoked.is_some()) =>
+            {
+                ResourceOutcome::Invalid
+            }
+            Some(a) if a.expires <= now => ResourceOutcome::Expired,
+            Some(a) if !self.consumers.contains_key(&a.consumer) => ResourceOutcome::Invalid,
+            Some(a) => ResourceOutcome::Ok(a.grant),
+        };
+        if !matches!(outcome, ResourceOutcome::Ok(_)) {
+            self.totals.resource_unauthorized += 1;
+        }
+        outcome
+    }
+}
