@@ -100,3 +100,16 @@ pub async fn grants(mock: &MockProvider, client: &reqwest::Client, n: usize) -> 
     })
     .await
 }
+
+/// True when criterion runs each benchmark once (`cargo bench -- --test`), so setup can
+/// shrink to keep the test suite fast.
+pub fn quick_mode() -> bool {
+    std::env::args().any(|a| a == "--test")
+}
+
+/// A persistent directory for benchmark data under the target dir.
+pub fn data_dir() -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
+    std::fs::create_dir_all(&dir).expect("bench data dir");
+    dir
+}

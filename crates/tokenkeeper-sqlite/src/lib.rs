@@ -1,0 +1,336 @@
+//! # tokenkeeper-sqlite
+//!
+//! [`SqliteStore`]: a [`TokenStore`] on SQLite (rusqlite with bundled SQLite), for applications
+//! that run on one machine, in one or several processes sharing a database file.
+//!
+//! - **Durable**: WAL journal, `synchronous = FULL` by default ([`Synchronous`]), files created
+//!   with mode 0600 (tokens are credentials).
+//! - **Safe across processes**: every write is one conditional statement
+//!   (`UPDATE ... WHERE id = ? AND version = ?`), and lock contention waits out a busy timeout
+//!   instead of failing.
+//! - **Off the async workers**: each call runs on tokio's blocking pool through a deadpool pool
+//!   of connections.
+//! - **Versioned schema**: migrations keyed by `PRAGMA user_version`; a database from a newer
+//!   tokenkeeper is refused untouched ([`OpenError::FutureSchema`]).
+//! - **Indexed**: `due` and `list` are range scans of indexes (tested with
+//!   `EXPLAIN QUERY PLAN`).
+//!
+//! ```
+//! use tokenkeeper_core::{InstallationId, TokenStore};
+//! use tokenkeeper_sqlite::SqliteStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::env::temp_dir().join(format!("tk-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let store = SqliteStore::open(dir.join("tokens.db")).await?;
+//! assert!(store.get(&InstallationId::new("nobody")?).await?.is_none());
+//! # drop(store); std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod ops;
+mod pool;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool::managed::PoolError;
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
+    StoreError, Timestamp, TokenStore, check_cas_arguments,
+};
+
+pub use pool::Synchronous;
+pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+
+use ops::BACKEND;
+use pool::{ConnectError, Location, Manager, Pool};
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The file could not be created or opened.
+    #[error(
+        "cannot create the SQLite database file {path}: {source}; check the directory exists and is writable"
+    )]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused.
+    #[error("SQLite could not open the token database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Written by a newer tokenkeeper.
+    #[error(
+        "the token database has schema version {found}, newer than this build's {supported}; it was not touched: upgrade tokenkeeper"
+    )]
+    FutureSchema {
+        /// The schema version found.
+        found: i32,
+        /// The newest this build understands.
+        supported: i32,
+    },
+    /// Not a tokenkeeper database.
+    #[error(
+        "the file is not a tokenkeeper database ({detail}); it was not touched: use a new path"
+    )]
+    NotTokenkeeper {
+        /// What gave it away.
+        detail: String,
+    },
+    /// The connection pool could not be built.
+    #[error("cannot build the SQLite connection pool: {0}")]
+    Pool(String),
+}
+
+/// Configures and opens a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteStoreBuilder {
+    location: Location,
+    busy_timeout: Duration,
+    synchronous: Synchronous,
+    max_connections: usize,
+    acquire_timeout: Duration,
+}
+
+impl SqliteStoreBuilder {
+    /// How long a statement waits for another process's lock before failing with
+    /// [`StoreError::Unavailable`] (default 10 s).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Commit durability (default [`Synchronous::Full`]).
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// Most connections open at once (default 8; always 1 in memory, where every connection
+    /// would be a separate database).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long an operation waits for a free connection before [`StoreError::Unavailable`]
+    /// (default 30 s).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Opens (creating with mode 0600 if needed) and migrates the database.
+    pub async fn open(self) -> Result<SqliteStore, OpenError> {
+        let (location, busy) = (self.location.clone(), self.busy_timeout);
+        let setup = tokio_blocking(move || -> Result<(), OpenError> {
+            if let Location::File(path) = &location {
+                create_private(path)?;
+                // Check before anything writes (WAL mode does): refuse foreign/newer files.
+                let conn = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+                )?;
+                conn.busy_timeout(busy)?;
+                schema::check(&conn)?;
+            }
+            Ok(())
+        });
+        setup.await?;
+        let max = match self.location {
+            Location::Memory => 1,
+            Location::File(_) => self.max_connections,
+        };
+        let manager = Manager {
+            location: self.location.clone(),
+            busy_timeout: self.busy_timeout,
+            synchronous: self.synchronous,
+        };
+        let pool = Pool::builder(manager)
+            .max_size(max)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(self.acquire_timeout))
+            .create_timeout(Some(self.busy_timeout + Duration::from_secs(5)))
+            .build()
+            .map_err(|e| OpenError::Pool(e.to_string()))?;
+        let conn = pool.get().await.map_err(|e| match e {
+            PoolError::Backend(ConnectError::Sqlite(e)) => OpenError::Sqlite(e),
+            other => OpenError::Pool(other.to_string()),
+        })?;
+        conn.interact(schema::migrate)
+            .await
+            .map_err(|e| OpenError::Pool(format!("migration task failed: {e}")))??;
+        drop(conn);
+        Ok(SqliteStore {
+            pool,
+            location: self.location,
+        })
+    }
+}
+
+async fn tokio_blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, OpenError> + Send + 'static,
+) -> Result<R, OpenError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpenError::Pool(format!("open task failed: {e}")))?
+}
+
+/// Creates the database file readable and writable by its owner only. SQLite creates the
+/// `-wal` and `-shm` files with the same permissions.
+fn create_private(path: &Path) -> Result<(), OpenError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(OpenError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A [`TokenStore`] on SQLite. Cheap to share behind an `Arc`; several processes may open the
+/// same file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    pool: Pool,
+    location: Location,
+}
+
+impl SqliteStore {
+    /// A builder for the database at `path`.
+    pub fn builder(path: impl Into<PathBuf>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            location: Location::File(path.into()),
+            busy_timeout: Duration::from_secs(10),
+            synchronous: Synchronous::default(),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Opens the database at `path` with the defaults.
+    pub async fn open(path: impl Into<PathBuf>) -> Result<Self, OpenError> {
+        Self::builder(path).open().await
+    }
+
+    /// A private in-memory database (nothing survives the store).
+    pub async fn in_memory() -> Result<Self, OpenError> {
+        SqliteStoreBuilder {
+            location: Location::Memory,
+            ..Self::builder("")
+        }
+        .open()
+        .await
+    }
+
+    /// The database file, if on disk.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.location {
+            Location::File(p) => Some(p),
+            Location::Memory => None,
+        }
+    }
+
+    /// Runs `f` on a pooled connection on the blocking pool.
+    async fn run<R: Send + 'static>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let conn = self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(ConnectError::Sqlite(e)) => ops::sqlite_error(operation, e),
+            other => StoreError::Unavailable {
+                backend: BACKEND,
+                operation,
+                source: other.to_string().into(),
+            },
+        })?;
+        conn.interact(move |c| f(c))
+            .await
+            .map_err(|e| StoreError::Backend {
+                backend: BACKEND,
+                operation,
+                source: format!("the SQLite task failed: {e}").into(),
+            })?
+    }
+}
+
+#[async_trait]
+impl TokenStore for SqliteStore {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        let id = id.clone();
+        self.run("get", move |c| ops::get(c, &id)).await
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        let bytes = record.encode();
+        let record = record.clone();
+        self.run("create", move |c| ops::create(c, &record, &bytes))
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        check_cas_arguments(BACKEND, record, expected_version)?;
+        let bytes = record.encode();
+        let record = record.clone();
+        self.run("compare_and_swap", move |c| {
+            ops::compare_and_swap(c, &record, &bytes, expected_version)
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let id = id.clone();
+        self.run("delete", move |c| ops::delete(c, &id, expected_version))
+            .await
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+        after: Option<&DueEntry>,
+    ) -> Result<DuePage, StoreError> {
+        let after = after.cloned();
+        self.run("due", move |c| ops::due(c, before, limit, after.as_ref()))
+            .await
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        let after = after.cloned();
+        self.run("list", move |c| ops::list(c, filter, after.as_ref(), limit))
+            .await
+    }
+}
+
+/// The SQL of `due` and `list`, for tests and benchmarks that check query plans.
+pub mod sql {
+    pub use crate::ops::{DUE_SQL, LIST_ALL_SQL, LIST_STATE_SQL};
+}

@@ -1,0 +1,290 @@
+//! The SQL of each store operation, as plain functions on a connection.
+//!
+//! Every write is one statement: `compare_and_swap` is a single conditional
+//! `UPDATE ... WHERE id = ? AND version = ?`, so there is no read-then-write race for SQLite's
+//! locking to get wrong. The index columns (`version`, `state`, `due_at`) are written by the
+//! same statement as the record they index.
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
+    Record, StateKind, StoreError, Timestamp, due_page, list_page,
+};
+
+pub(crate) const BACKEND: &str = "sqlite";
+
+/// Maps a driver error: lock contention that outlasted the busy timeout is "unavailable"
+/// (retry later); anything else is a backend failure.
+pub(crate) fn sqlite_error(operation: &'static str, e: rusqlite::Error) -> StoreError {
+    let busy = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    );
+    if busy {
+        StoreError::Unavailable {
+            backend: BACKEND,
+            operation,
+            source: Box::new(e),
+        }
+    } else {
+        StoreError::Backend {
+            backend: BACKEND,
+            operation,
+            source: Box::new(e),
+        }
+    }
+}
+
+fn corrupt(id: &InstallationId, why: impl Into<tokenkeeper_core::BoxError>) -> StoreError {
+    StoreError::Corrupt {
+        id: id.clone(),
+        backend: BACKEND,
+        source: why.into(),
+    }
+}
+
+fn due_column(record: &Record) -> Option<i64> {
+    record.due_at().map(Timestamp::unix_nanos)
+}
+
+fn version_column(id: &InstallationId, version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::InvalidArgument {
+        backend: BACKEND,
+        operation: "write",
+        id: id.clone(),
+        message: format!("version {version} does not fit SQLite's 64-bit signed integer"),
+    })
+}
+
+/// Decodes a stored row, checking the index columns agree with the record.
+fn decode(
+    id: &InstallationId,
+    version: i64,
+    state: &str,
+    due_at: Option<i64>,
+    bytes: &[u8],
+) -> Result<Record, StoreError> {
+    let record = Record::decode(id, bytes).map_err(|e| corrupt(id, e))?;
+    if i64::try_from(record.version()).ok() != Some(version)
+        || record.state().kind().as_str() != state
+        || due_column(&record) != due_at
+    {
+        return Err(corrupt(
+            id,
+            "the row's version, state or due columns disagree with its record",
+        ));
+    }
+    Ok(record)
+}
+
+fn state_kind(id: &InstallationId, text: &str) -> Result<StateKind, StoreError> {
+    StateKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == text)
+        .ok_or_else(|| corrupt(id, format!("unknown state {text:?} in the state column")))
+}
+
+/// Reads an id column. Only tampering can store an id the core refuses; it is reported
+/// (rather than skipped, which would break paging) with what to do about it.
+fn row_id(operation: &'static str, text: String) -> Result<InstallationId, StoreError> {
+    InstallationId::new(text.clone()).map_err(|e| StoreError::Backend {
+        backend: BACKEND,
+        operation,
+        source: format!(
+            "the table holds a row whose id {text:?} is not a valid installation id ({e}); delete that row"
+        )
+        .into(),
+    })
+}
+
+pub(crate) fn get(conn: &Connection, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT version, state, due_at, record FROM installations WHERE id = ?1")
+        .map_err(|e| sqlite_error("get", e))?;
+    let row = stmt
+        .query_row([id.as_str()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })
+        .optional()
+        .map_err(|e| match e {
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..) => corrupt(id, e),
+            e => sqlite_error("get", e),
+        })?;
+    row.map(|(version, state, due_at, bytes)| decode(id, version, &state, due_at, &bytes))
+        .transpose()
+}
+
+pub(crate) fn create(conn: &Connection, record: &Record, bytes: &[u8]) -> Result<(), StoreError> {
+    let version = version_column(record.id(), record.version())?;
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO installations (id, version, state, due_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(|e| sqlite_error("create", e))?;
+    match stmt.execute(params![
+        record.id().as_str(),
+        version,
+        record.state().kind().as_str(),
+        due_column(record),
+        bytes
+    ]) {
+        Ok(_) => Ok(()),
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            Err(StoreError::AlreadyExists {
+                id: record.id().clone(),
+                backend: BACKEND,
+            })
+        }
+        Err(e) => Err(sqlite_error("create", e)),
+    }
+}
+
+pub(crate) fn compare_and_swap(
+    conn: &Connection,
+    record: &Record,
+    bytes: &[u8],
+    expected: u64,
+) -> Result<CasOutcome, StoreError> {
+    let version = version_column(record.id(), record.version())?;
+    let expected_col = version_column(record.id(), expected)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE installations SET version = ?1, state = ?2, due_at = ?3, record = ?4 \
+             WHERE id = ?5 AND version = ?6",
+        )
+        .map_err(|e| sqlite_error("compare_and_swap", e))?;
+    let changed = stmt
+        .execute(params![
+            version,
+            record.state().kind().as_str(),
+            due_column(record),
+            bytes,
+            record.id().as_str(),
+            expected_col
+        ])
+        .map_err(|e| sqlite_error("compare_and_swap", e))?;
+    if changed == 1 {
+        return Ok(CasOutcome::Swapped);
+    }
+    // Versions only grow, so whatever is stored now is the conflicting state.
+    Ok(match get(conn, record.id())? {
+        Some(current) => CasOutcome::Conflict(Box::new(current)),
+        None => CasOutcome::Missing,
+    })
+}
+
+pub(crate) fn delete(
+    conn: &Connection,
+    id: &InstallationId,
+    expected: u64,
+) -> Result<DeleteOutcome, StoreError> {
+    let expected_col = version_column(id, expected)?;
+    let mut stmt = conn
+        .prepare_cached("DELETE FROM installations WHERE id = ?1 AND version = ?2")
+        .map_err(|e| sqlite_error("delete", e))?;
+    let changed = stmt
+        .execute(params![id.as_str(), expected_col])
+        .map_err(|e| sqlite_error("delete", e))?;
+    if changed == 1 {
+        return Ok(DeleteOutcome::Deleted);
+    }
+    Ok(match get(conn, id)? {
+        Some(current) => DeleteOutcome::Conflict(Box::new(current)),
+        None => DeleteOutcome::Missing,
+    })
+}
+
+/// The `due` query: a range scan of `installations_by_due` (checked by a test with
+/// `EXPLAIN QUERY PLAN`).
+pub const DUE_SQL: &str = "SELECT id, due_at FROM installations \
+     WHERE due_at IS NOT NULL AND due_at < ?1 AND (due_at, id) > (?2, ?3) \
+     ORDER BY due_at, id LIMIT ?4";
+
+/// The `list` query for one state: a range scan of `installations_by_state`.
+pub const LIST_STATE_SQL: &str = "SELECT id, state FROM installations \
+     WHERE state = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
+
+/// The `list` query for every state: a range scan of the primary key.
+pub const LIST_ALL_SQL: &str =
+    "SELECT id, state FROM installations WHERE id > ?1 ORDER BY id LIMIT ?2";
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn due(
+    conn: &Connection,
+    before: Timestamp,
+    limit: usize,
+    after: Option<&DueEntry>,
+) -> Result<DuePage, StoreError> {
+    if limit == 0 {
+        return Ok(DuePage::default());
+    }
+    let (after_due, after_id) = match after {
+        Some(c) => (c.due_at.unix_nanos(), c.id.as_str()),
+        None => (i64::MIN, ""),
+    };
+    let mut stmt = conn
+        .prepare_cached(DUE_SQL)
+        .map_err(|e| sqlite_error("due", e))?;
+    let rows = stmt
+        .query_map(
+            params![before.unix_nanos(), after_due, after_id, limit_param(limit)],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .map_err(|e| sqlite_error("due", e))?;
+    let mut entries = Vec::with_capacity(limit.min(1024));
+    for row in rows {
+        let (id, due_at) = row.map_err(|e| sqlite_error("due", e))?;
+        entries.push(DueEntry {
+            due_at: Timestamp::from_unix_nanos(due_at),
+            id: row_id("due", id)?,
+        });
+    }
+    Ok(due_page(entries, limit))
+}
+
+pub(crate) fn list(
+    conn: &Connection,
+    filter: ListFilter,
+    after: Option<&InstallationId>,
+    limit: usize,
+) -> Result<ListPage, StoreError> {
+    if limit == 0 {
+        return Ok(ListPage::default());
+    }
+    let after = after.map_or("", InstallationId::as_str);
+    let map_row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?));
+    let rows: Vec<(String, String)> = match filter.state {
+        Some(state) => {
+            let mut stmt = conn
+                .prepare_cached(LIST_STATE_SQL)
+                .map_err(|e| sqlite_error("list", e))?;
+            stmt.query_map(params![state.as_str(), after, limit_param(limit)], map_row)
+                .and_then(Iterator::collect)
+                .map_err(|e| sqlite_error("list", e))?
+        }
+        None => {
+            let mut stmt = conn
+                .prepare_cached(LIST_ALL_SQL)
+                .map_err(|e| sqlite_error("list", e))?;
+            stmt.query_map(params![after, limit_param(limit)], map_row)
+                .and_then(Iterator::collect)
+                .map_err(|e| sqlite_error("list", e))?
+        }
+    };
+    let mut entries = Vec::with_capacity(rows.len());
+    for (id, state) in rows {
+        let id = row_id("list", id)?;
+        let state = state_kind(&id, &state)?;
+        entries.push(ListEntry { id, state });
+    }
+    Ok(list_page(entries, limit))
+}

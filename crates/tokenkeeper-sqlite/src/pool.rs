@@ -1,0 +1,134 @@
+//! Connections: a deadpool pool of rusqlite connections, each call run on tokio's blocking
+//! pool (`spawn_blocking`) so SQLite never blocks an async worker thread.
+//!
+//! Two things are ours rather than deadpool-sqlite's, each for a measured reason:
+//! - recycling is free: deadpool-sqlite's manager runs a `SELECT` round trip on the blocking
+//!   pool each time a connection is checked out, doubling the cost of every store operation;
+//! - the connection wrapper drops its connection inline: deadpool-sync's wrapper hands the
+//!   drop to `spawn_blocking`, which panics when a store is dropped outside a tokio runtime
+//!   (found by the benchmarks, which drop stores after their runtime's `block_on`).
+//!
+//! A connection is reusable unless a panic poisoned its mutex.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use rusqlite::{Connection, OpenFlags};
+
+/// One pooled connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn(Arc<Mutex<Connection>>);
+
+impl Conn {
+    /// Runs `f` with the connection on the blocking pool. Fails only if `f` panicked.
+    pub(crate) async fn interact<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        let conn = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+    }
+}
+
+/// How durable each commit is (`PRAGMA synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// Every commit is on disk before it returns, also across power loss (`FULL`). The
+    /// default: a rotated refresh token lost to a power cut is a lost installation.
+    #[default]
+    Full,
+    /// Commits survive a crash of the process but may roll back on power loss (`NORMAL`).
+    Normal,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// SQLite refused.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The opening task panicked.
+    #[error("opening a SQLite connection panicked: {0}")]
+    Panicked(String),
+}
+
+/// Creates configured connections.
+#[derive(Debug)]
+pub(crate) struct Manager {
+    pub(crate) location: Location,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) synchronous: Synchronous,
+}
+
+/// Opens one connection with the settings every connection of the store shares.
+pub(crate) fn connect(
+    location: &Location,
+    busy_timeout: Duration,
+    synchronous: Synchronous,
+) -> rusqlite::Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match location {
+        Location::File(path) => Connection::open_with_flags(path, flags)?,
+        Location::Memory => Connection::open_in_memory()?,
+    };
+    conn.busy_timeout(busy_timeout)?;
+    if matches!(location, Location::File(_)) {
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(journal_mode = %mode, "SQLite refused WAL mode; concurrency will be lower");
+        }
+    }
+    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        let (location, timeout, sync) =
+            (self.location.clone(), self.busy_timeout, self.synchronous);
+        match tokio::task::spawn_blocking(move || connect(&location, timeout, sync)).await {
+            Ok(conn) => Ok(Conn(Arc::new(Mutex::new(conn?)))),
+            Err(e) => Err(ConnectError::Panicked(e.to_string())),
+        }
+    }
+
+    async fn recycle(&self, conn: &mut Self::Type, _: &Metrics) -> RecycleResult<Self::Error> {
+        if conn.0.is_poisoned() {
+            return Err(RecycleError::message("a panic poisoned this connection"));
+        }
+        Ok(())
+    }
+}
+
+/// The pool type.
+pub(crate) type Pool = managed::Pool<Manager>;

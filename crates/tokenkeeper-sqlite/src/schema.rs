@@ -1,0 +1,76 @@
+//! The database schema and its versioned migrations (`PRAGMA user_version`).
+//!
+//! Opening checks, before writing anything, that the file is either new or a tokenkeeper
+//! database (`PRAGMA application_id`) of a schema this build understands; a database written
+//! by a newer tokenkeeper is refused untouched, so an old binary can never corrupt it.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::OpenError;
+
+/// `PRAGMA application_id` of tokenkeeper databases ("TkKp").
+pub const APPLICATION_ID: i32 = 0x546b_4b70;
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Migration `n` takes the schema from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE installations (
+        id      TEXT    NOT NULL PRIMARY KEY,
+        version INTEGER NOT NULL,
+        state   TEXT    NOT NULL,
+        due_at  INTEGER,
+        record  BLOB    NOT NULL
+    );
+    CREATE INDEX installations_by_due ON installations (due_at, id) WHERE due_at IS NOT NULL;
+    CREATE INDEX installations_by_state ON installations (state, id);
+"];
+
+fn identity(conn: &Connection) -> rusqlite::Result<(i32, i32, i64)> {
+    let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let objects: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((app, version, objects))
+}
+
+/// Refuses foreign or newer databases; reads only.
+pub(crate) fn check(conn: &Connection) -> Result<(), OpenError> {
+    let (app, version, objects) = identity(conn)?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(OpenError::NotTokenkeeper {
+            detail: format!("its application_id is {app:#x}"),
+        });
+    }
+    if app == 0 && objects > 0 {
+        return Err(OpenError::NotTokenkeeper {
+            detail: format!("it already holds {objects} tables or indexes of another application"),
+        });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(OpenError::FutureSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`] in one immediate transaction (so two processes
+/// opening a new file at once do not both migrate it).
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    check(&tx)?;
+    let (_, version, _) = identity(&tx)?;
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", n as i32 + 1)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! SQLite-specific guarantees: private file modes, schema versioning that refuses newer or
+//! foreign files untouched, index-backed queries (EXPLAIN QUERY PLAN), corrupt rows surfacing
+//! as typed errors for that installation only, and durability across reopen.
+
+mod common;
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::{
+    CasOutcome, Event, InstallationId, LeaseHolder, ListFilter, StoreError, TokenStore,
+};
+use tokenkeeper_sqlite::{APPLICATION_ID, OpenError, SCHEMA_VERSION, SqliteStore, sql};
+
+fn id(s: &str) -> InstallationId {
+    InstallationId::new(s).unwrap()
+}
+
+fn at(secs: u64) -> tokenkeeper_core::Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = common::fresh_db("mode");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.create(&sample_record(&id("a"), at(1))).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600, "database file");
+    let wal = path.with_extension("db-wal");
+    assert!(wal.exists(), "WAL journal in use");
+    assert_eq!(mode(&wal), 0o600, "WAL file");
+}
+
+#[tokio::test]
+async fn schema_is_versioned_and_marked() {
+    let path = common::fresh_db("schema");
+    drop(SqliteStore::open(&path).await.unwrap());
+    let raw = Connection::open(&path).unwrap();
+    let version: i32 = raw
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let app: i32 = raw
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .unwrap();
+    let journal: String = raw
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        (version, app, journal.as_str()),
+        (SCHEMA_VERSION, APPLICATION_ID, "wal")
+    );
+    drop(raw);
+    // Reopening an up-to-date database migrates nothing and keeps working.
+    let store = SqliteStore::open(&path).await.unwrap();
+    store
+        .create(&sample_record(&id("again"), at(1)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_untouched() {
+    let path = common::fresh_db("future");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store
+        .create(&sample_record(&id("kept"), at(1)))
+        .await
+        .unwrap();
+    drop(store);
+    {
+        let raw = Connection::open(&path).unwrap();
+        raw.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        raw.pragma_update(None, "journal_mode", "DELETE").unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    match SqliteStore::open(&path).await {
+        Err(OpenError::FutureSchema { found, supported }) => {
+            assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        other => panic!("expected FutureSchema, got {other:?}"),
+    }
+    let err = SqliteStore::open(&path).await.unwrap_err().to_string();
+    assert!(err.contains("upgrade tokenkeeper"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was modified"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_database_is_refused() {
+    let path = common::fresh_db("foreign");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE users (name TEXT)")
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&path).await,
+        Err(OpenError::NotTokenkeeper { .. })
+    ));
+    let other_app = common::fresh_db("foreign-app");
+    Connection::open(&other_app)
+        .unwrap()
+        .pragma_update(None, "application_id", 42)
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&other_app).await,
+        Err(OpenError::NotTokenkeeper { .. })
+    ));
+    let missing_dir = common::fresh_dir("nodir").join("no/such/dir/tokens.db");
+    assert!(matches!(
+        SqliteStore::open(&missing_dir).await,
+        Err(OpenError::Io { .. })
+    ));
+}
+
+fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let rows = stmt
+        .query_map(params, |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows.join(" | ")
+}
+
+#[tokio::test]
+async fn due_and_list_are_served_by_indexes() {
+    let path = common::fresh_db("plan");
+    let store = SqliteStore::open(&path).await.unwrap();
+    for n in 0..500u64 {
+        store
+            .create(&sample_record(&id(&format!("i-{n:04}")), at(n % 37)))
+            .await
+            .unwrap();
+    }
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("ANALYZE").unwrap();
+    let due = plan(
+        &raw,
+        sql::DUE_SQL,
+        rusqlite::params![i64::MAX, i64::MIN, "", 100],
+    );
+    assert!(
+        due.contains("USING") && due.contains("installations_by_due"),
+        "{due}"
+    );
+    assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");
+    let by_state = plan(
+        &raw,
+        sql::LIST_STATE_SQL,
+        rusqlite::params!["active", "", 100],
+    );
+    assert!(by_state.contains("installations_by_state"), "{by_state}");
+    assert!(!by_state.contains("TEMP B-TREE"), "{by_state}");
+    let all = plan(&raw, sql::LIST_ALL_SQL, rusqlite::params!["", 100]);
+    assert!(
+        all.contains("USING") && !all.contains("TEMP B-TREE"),
+        "{all}"
+    );
+}
+
+async fn store_with(names: &[&str]) -> (SqliteStore, std::path::PathBuf) {
+    let path = common::fresh_db("corrupt");
+    let store = SqliteStore::open(&path).await.unwrap();
+    for (n, name) in names.iter().enumerate() {
+        store
+            .create(&sample_record(&id(name), at(n as u64)))
+            .await
+            .unwrap();
+    }
+    (store, path)
+}
+
+fn expect_corrupt(result: Result<impl std::fmt::Debug, StoreError>, who: &str) -> String {
+    match result {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            let StoreError::Corrupt { id, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(id.as_str(), who);
+            e.to_string()
+        }
+        other => panic!("expected Corrupt for {who}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_typed_errors_for_that_installation_only() {
+    let (store, path) = store_with(&["garbage", "swapped", "version", "state", "healthy"]).await;
+    let raw = Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE installations SET record = x'00ff13' WHERE id = 'garbage'",
+        [],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE installations SET record = (SELECT record FROM installations WHERE id = 'healthy') WHERE id = 'swapped'",
+        [],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE installations SET version = 7 WHERE id = 'version'",
+        [],
+    )
+    .unwrap();
+    raw.execute(
+        "UPDATE installations SET state = 'zombie' WHERE id = 'state'",
+        [],
+    )
+    .unwrap();
+
+    let msg = expect_corrupt(store.get(&id("garbage")).await, "garbage");
+    assert!(msg.contains("garbage") && msg.contains("restore"), "{msg}");
+    let msg = expect_corrupt(store.get(&id("swapped")).await, "swapped");
+    assert!(msg.contains("belongs to installation"), "{msg}");
+    expect_corrupt(store.get(&id("version")).await, "version");
+    expect_corrupt(store.get(&id("state")).await, "state");
+    // A conflicting swap reports the corruption it finds instead of a made-up record.
+    let r = sample_record(&id("version"), at(1));
+    let leased = r
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("h"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    expect_corrupt(store.compare_and_swap(&leased, 1).await, "version");
+
+    // Everyone else is unaffected.
+    let healthy = store.get(&id("healthy")).await.unwrap().unwrap();
+    assert_eq!(healthy.id().as_str(), "healthy");
+    let leased = healthy
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("h"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    assert_eq!(
+        store.due(at(1000), 10, None).await.unwrap().entries.len(),
+        5
+    );
+    // Listing by another state still works; the unknown state is named.
+    assert_eq!(
+        store
+            .list(
+                ListFilter::in_state(tokenkeeper_core::StateKind::Refreshing),
+                None,
+                10
+            )
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+    expect_corrupt(store.list(ListFilter::all(), None, 10).await, "state");
+}
+
+#[tokio::test]
+async fn records_survive_reopen_and_a_second_store_on_the_same_file() {
+    let path = common::fresh_db("reopen");
+    let r = sample_record(&id("durable"), at(5));
+    {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.create(&r).await.unwrap();
+    }
+    let a = SqliteStore::open(&path).await.unwrap();
+    let b = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(a.get(&id("durable")).await.unwrap().unwrap(), r);
+    let leased = r
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("a"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    assert_eq!(
+        a.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    assert!(matches!(
+        b.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Conflict(_)
+    ));
+    assert_eq!(b.get(&id("durable")).await.unwrap().unwrap(), leased);
+}
