@@ -10,9 +10,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::conformance::{
+    RaceReport, T0, race_ids, race_worker, sample_record, seed_race, verify_race,
+};
 use tokenkeeper_core::{
     CasOutcome, Clock, Event, InstallationId, LeaseHolder, SystemClock, TokenStore,
 };
@@ -21,10 +23,6 @@ use tokenkeeper_sqlite::SqliteStore;
 const CHILD_ENV: &str = "TK_SQLITE_CHILD";
 const RECORDS: usize = 100;
 const CHILDREN: usize = 4;
-
-fn rec_id(n: usize) -> InstallationId {
-    InstallationId::new(format!("shared-{n:03}")).unwrap()
-}
 
 fn spawn_child(mode: &str, db: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
@@ -70,35 +68,9 @@ fn child_process_entry() {
         let mut out = std::io::stdout();
         match mode.as_str() {
             "race" => {
-                let deadline = Instant::now() + Duration::from_secs(3);
-                let (mut swaps, mut conflicts, mut errors) = (0u64, 0u64, 0u64);
-                let mut seed = std::process::id() as usize | 1;
-                while Instant::now() < deadline {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    let id = rec_id(seed % RECORDS);
-                    let current = match store.get(&id).await {
-                        Ok(Some(r)) => r,
-                        other => {
-                            eprintln!("child get failed: {other:?}");
-                            errors += 1;
-                            continue;
-                        }
-                    };
-                    match store
-                        .compare_and_swap(&bump(&current, &me), current.version())
-                        .await
-                    {
-                        Ok(CasOutcome::Swapped) => swaps += 1,
-                        Ok(CasOutcome::Conflict(_)) => conflicts += 1,
-                        other => {
-                            eprintln!("child cas failed: {other:?}");
-                            errors += 1;
-                        }
-                    }
-                }
-                writeln!(out, "RESULT {swaps} {conflicts} {errors}").unwrap();
+                let report =
+                    race_worker(&store, &race_ids(RECORDS), Duration::from_secs(3), &me).await;
+                writeln!(out, "{}", report.to_line()).unwrap();
             }
             "crash-writer" => {
                 for n in 0.. {
@@ -123,43 +95,18 @@ fn child_process_entry() {
 async fn four_processes_race_cas_without_lost_updates_or_lock_errors() {
     let db = common::fresh_db("race");
     let store = SqliteStore::open(&db).await.unwrap();
-    for n in 0..RECORDS {
-        store.create(&sample_record(&rec_id(n), T0)).await.unwrap();
-    }
+    let ids = race_ids(RECORDS);
+    seed_race(&store, &ids).await;
     let children: Vec<_> = (0..CHILDREN).map(|_| spawn_child("race", &db)).collect();
-    let (mut swaps, mut conflicts) = (0u64, 0u64);
+    let mut reports = Vec::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "a child failed");
         let text = String::from_utf8(out.stdout).unwrap();
-        // The harness prints "test child_process_entry ... " before the child's own output.
-        let line = text
-            .lines()
-            .find_map(|l| l.find("RESULT ").map(|at| &l[at..]))
-            .unwrap_or_else(|| panic!("no RESULT line in {text}"));
-        let nums: Vec<u64> = line
-            .split(' ')
-            .skip(1)
-            .map(|n| n.parse().unwrap())
-            .collect();
-        assert_eq!(nums[2], 0, "a child saw store errors (database is locked?)");
-        swaps += nums[0];
-        conflicts += nums[1];
+        reports
+            .push(RaceReport::from_output(&text).unwrap_or_else(|| panic!("no report in {text}")));
     }
-    let mut stored_bumps = 0;
-    for n in 0..RECORDS {
-        let r = store.get(&rec_id(n)).await.unwrap().unwrap();
-        stored_bumps += r.version() - 1;
-    }
-    assert!(
-        swaps > 0 && conflicts > 0,
-        "the children did not contend: {swaps} swaps, {conflicts} conflicts"
-    );
-    assert_eq!(
-        stored_bumps, swaps,
-        "versions must equal the successful swaps (no lost update)"
-    );
-    eprintln!("4 processes: {swaps} swaps, {conflicts} conflicts, 0 errors");
+    verify_race(&store, &ids, &reports).await;
 }
 
 #[cfg(unix)]

@@ -1,0 +1,557 @@
+//! # tokenkeeper-redis
+//!
+//! [`RedisStore`]: a [`TokenStore`] on Redis, for fleets of processes on many machines sharing
+//! one token store: the backend to move to when one machine is no longer enough.
+//!
+//! - Every write is one Lua script (`EVALSHA`, reloaded on `NOSCRIPT`) that checks the version
+//!   and updates the record and its index entries atomically.
+//! - The key layout is Redis Cluster compatible (see the `keys` module docs): each
+//!   installation's keys share one hash tag derived from its id; a configurable key prefix
+//!   lets several applications share one Redis. Keys hold no installation data but the id;
+//!   tokens live only inside values.
+//! - A connection manager reconnects after a server restart; during an outage every
+//!   operation fails within a bounded time with [`StoreError::Unavailable`].
+//! - `redis://` and, with the `tls` feature, `rediss://` URLs, with `user:password@` for AUTH
+//!   (ACL users too). The password never appears in `Debug` or errors.
+//!
+//! ```no_run
+//! use tokenkeeper_redis::RedisStore;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::builder("redis://:secret@127.0.0.1:6379/0")
+//!     .prefix("my-app")
+//!     .connect()
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod keys;
+mod scripts;
+mod value;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
+    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments, due_page, list_page,
+};
+
+use keys::{Layout, due_hex, due_member, parse_due_hex};
+
+pub(crate) const BACKEND: &str = "redis";
+
+/// Why a store could not be connected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not a Redis URL this build can use.
+    #[error("invalid Redis URL {url}: {source}")]
+    InvalidUrl {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// Why.
+        #[source]
+        source: RedisError,
+    },
+    /// The server could not be reached or refused the credentials.
+    #[error(
+        "cannot connect to Redis at {url}: {source}; check the server is running and the credentials"
+    )]
+    Unreachable {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// Why.
+        #[source]
+        source: RedisError,
+    },
+    /// The configuration is contradictory.
+    #[error("invalid Redis store configuration: {0}")]
+    Config(String),
+}
+
+/// Replaces the password of a URL (between `:` and `@` of the authority) with `***`.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Configures and connects a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    shards: u16,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+    operation_timeout: Duration,
+    reconnect_retries: usize,
+}
+
+impl RedisStoreBuilder {
+    /// The key prefix (default `tokenkeeper`); several applications can share one Redis with
+    /// different prefixes. Must be non-empty and contain no `{`, `}` or whitespace.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How many index shards (distinct cluster hash tags) installations spread over
+    /// (default 16, 1 to 256). Fixed for the lifetime of the data: changing it re-homes keys.
+    pub fn index_shards(mut self, shards: u16) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// How long one Redis command may take (default 2 s).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long one connection attempt may take (default 2 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The bound on a whole store operation, reconnection attempts included (default 5 s):
+    /// during an outage callers get [`StoreError::Unavailable`] after at most this long.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Connects (and checks the server answers).
+    pub async fn connect(self) -> Result<RedisStore, ConnectError> {
+        let url = redact(&self.url);
+        if self.prefix.is_empty()
+            || self
+                .prefix
+                .chars()
+                .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            return Err(ConnectError::Config(format!(
+                "the key prefix {:?} must be non-empty without braces or whitespace",
+                self.prefix
+            )));
+        }
+        if self.shards == 0 || self.shards > 256 {
+            return Err(ConnectError::Config(format!(
+                "index_shards must be 1 to 256, not {}",
+                self.shards
+            )));
+        }
+        let client =
+            redis::Client::open(self.url.as_str()).map_err(|source| ConnectError::InvalidUrl {
+                url: url.clone(),
+                source,
+            })?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connection_timeout))
+            .set_number_of_retries(self.reconnect_retries)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            self.operation_timeout,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| ConnectError::Unreachable {
+            url: url.clone(),
+            source: RedisError::from((redis::ErrorKind::Io, "connection timed out")),
+        })?
+        .map_err(|source| ConnectError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        // A connection is not a usable server: a PING fails on missing or wrong credentials.
+        let mut ping = conn.clone();
+        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut ping).await;
+        pong.map_err(|source| ConnectError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        Ok(RedisStore {
+            conn,
+            layout: Layout::new(&self.prefix, self.shards),
+            prefix: self.prefix,
+            url,
+            operation_timeout: self.operation_timeout,
+        })
+    }
+}
+
+/// A [`TokenStore`] on Redis. Clone-cheap: clones share one multiplexed connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    layout: Layout,
+    prefix: String,
+    url: String,
+    operation_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .field("index_shards", &self.layout.shards().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for the server at `url` (`redis://[user][:password@]host[:port][/db]`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "tokenkeeper".to_owned(),
+            shards: 16,
+            response_timeout: Duration::from_secs(2),
+            connection_timeout: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(5),
+            reconnect_retries: 1,
+        }
+    }
+
+    /// Connects to `url` with the defaults.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, ConnectError> {
+        Self::builder(url).connect().await
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key holding `id`'s record (for operators and tests).
+    pub fn record_key(&self, id: &InstallationId) -> String {
+        self.layout.record_key(id)
+    }
+
+    /// Every index key (due and state sets of every shard).
+    pub fn index_keys(&self) -> Vec<String> {
+        self.layout
+            .shards()
+            .iter()
+            .flat_map(|s| std::iter::once(s.due.clone()).chain(s.states.iter().cloned()))
+            .collect()
+    }
+
+    /// Runs one Redis interaction under the operation timeout, mapping errors.
+    async fn run<T>(
+        &self,
+        operation: &'static str,
+        f: impl AsyncFnOnce(&mut ConnectionManager) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.operation_timeout, f(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(redis_error(operation, e)),
+            Err(_) => Err(StoreError::Unavailable {
+                backend: BACKEND,
+                operation,
+                source: format!("no answer within {:?}", self.operation_timeout).into(),
+            }),
+        }
+    }
+}
+
+fn redis_error(operation: &'static str, e: RedisError) -> StoreError {
+    let unavailable = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error();
+    if unavailable {
+        StoreError::Unavailable {
+            backend: BACKEND,
+            operation,
+            source: Box::new(e),
+        }
+    } else {
+        StoreError::Backend {
+            backend: BACKEND,
+            operation,
+            source: Box::new(e),
+        }
+    }
+}
+
+fn protocol_error(operation: &'static str, what: String) -> StoreError {
+    StoreError::Backend {
+        backend: BACKEND,
+        operation,
+        source: what.into(),
+    }
+}
+
+fn parse_id(operation: &'static str, text: &[u8]) -> Result<InstallationId, StoreError> {
+    InstallationId::from_bytes(text).map_err(|e| {
+        protocol_error(
+            operation,
+            format!("an index holds an invalid installation id ({e}); remove that member"),
+        )
+    })
+}
+
+#[async_trait]
+impl TokenStore for RedisStore {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        let key = self.layout.record_key(id);
+        let bytes: Option<Vec<u8>> = self
+            .run("get", async |c| {
+                redis::cmd("GET").arg(&key).query_async(c).await
+            })
+            .await?;
+        bytes.map(|b| value::decode(id, &b)).transpose()
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        let keys = self.layout.script_keys(record.id());
+        let value = value::encode(record);
+        let created: i64 = self
+            .run("create", async |c| {
+                scripts::CREATE
+                    .key(&keys)
+                    .arg(&value)
+                    .arg(record.state().kind().as_str())
+                    .arg(due_member(record.id(), record.due_at()))
+                    .arg(record.id().as_str())
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::AlreadyExists {
+                id: record.id().clone(),
+                backend: BACKEND,
+            })
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        check_cas_arguments(BACKEND, record, expected_version)?;
+        let keys = self.layout.script_keys(record.id());
+        let value = value::encode(record);
+        let reply: Value = self
+            .run("compare_and_swap", async |c| {
+                scripts::CAS
+                    .key(&keys)
+                    .arg(expected_version.to_string())
+                    .arg(&value)
+                    .arg(record.state().kind().as_str())
+                    .arg(due_member(record.id(), record.due_at()))
+                    .arg(record.id().as_str())
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        match reply {
+            Value::Int(1) => Ok(CasOutcome::Swapped),
+            Value::Int(0) => Ok(CasOutcome::Missing),
+            Value::BulkString(current) => Ok(CasOutcome::Conflict(Box::new(value::decode(
+                record.id(),
+                &current,
+            )?))),
+            other => Err(protocol_error(
+                "compare_and_swap",
+                format!("unexpected script reply {other:?}"),
+            )),
+        }
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let keys = self.layout.script_keys(id);
+        let reply: Value = self
+            .run("delete", async |c| {
+                scripts::DELETE
+                    .key(&keys)
+                    .arg(expected_version.to_string())
+                    .arg(id.as_str())
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        match reply {
+            Value::Int(1) => Ok(DeleteOutcome::Deleted),
+            Value::Int(0) => Ok(DeleteOutcome::Missing),
+            Value::BulkString(current) => Ok(DeleteOutcome::Conflict(Box::new(value::decode(
+                id, &current,
+            )?))),
+            other => Err(protocol_error(
+                "delete",
+                format!("unexpected script reply {other:?}"),
+            )),
+        }
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+        after: Option<&DueEntry>,
+    ) -> Result<DuePage, StoreError> {
+        if limit == 0 {
+            return Ok(DuePage::default());
+        }
+        let min = match after {
+            Some(c) => format!("({}", due_member(&c.id, Some(c.due_at))),
+            None => "-".to_owned(),
+        };
+        let max = format!("({}", due_hex(before));
+        let mut pipe = redis::pipe();
+        for shard in self.layout.shards() {
+            pipe.cmd("ZRANGEBYLEX")
+                .arg(&shard.due)
+                .arg(&min)
+                .arg(&max)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let pages: Vec<Vec<Vec<u8>>> = self.run("due", async |c| pipe.query_async(c).await).await?;
+        let mut members: Vec<Vec<u8>> = pages.into_iter().flatten().collect();
+        members.sort_unstable();
+        members.truncate(limit);
+        let mut entries = Vec::with_capacity(members.len());
+        for m in members {
+            let due_at = m
+                .get(..16)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(parse_due_hex)
+                .ok_or_else(|| protocol_error("due", "a due-index member is malformed".into()))?;
+            entries.push(DueEntry {
+                due_at,
+                id: parse_id("due", &m[16..])?,
+            });
+        }
+        Ok(due_page(entries, limit))
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        if limit == 0 {
+            return Ok(ListPage::default());
+        }
+        let min = match after {
+            Some(id) => format!("({}", id.as_str()),
+            None => "-".to_owned(),
+        };
+        let kinds: Vec<(usize, StateKind)> = StateKind::ALL
+            .into_iter()
+            .enumerate()
+            .filter(|(_, k)| filter.matches(*k))
+            .collect();
+        let mut pipe = redis::pipe();
+        let mut tags = Vec::new();
+        for shard in self.layout.shards() {
+            for (n, kind) in &kinds {
+                pipe.cmd("ZRANGEBYLEX")
+                    .arg(&shard.states[*n])
+                    .arg(&min)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+                tags.push(*kind);
+            }
+        }
+        let pages: Vec<Vec<Vec<u8>>> = self
+            .run("list", async |c| pipe.query_async(c).await)
+            .await?;
+        let mut rows: Vec<(Vec<u8>, StateKind)> = pages
+            .into_iter()
+            .zip(tags)
+            .flat_map(|(ids, kind)| ids.into_iter().map(move |id| (id, kind)))
+            .collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.truncate(limit);
+        let entries = rows
+            .into_iter()
+            .map(|(id, state)| {
+                Ok(ListEntry {
+                    id: parse_id("list", &id)?,
+                    state,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(list_page(entries, limit))
+    }
+}
+
+/// What the benchmarks need to run the raw commands the store wraps side by side with it.
+/// Not a stable API.
+#[doc(hidden)]
+pub mod bench_support {
+    use tokenkeeper_core::{InstallationId, Record};
+
+    use crate::RedisStore;
+    use crate::keys::due_member;
+
+    /// The compare-and-swap script.
+    pub fn cas_script() -> &'static redis::Script {
+        &crate::scripts::CAS
+    }
+
+    /// The KEYS of a script touching `id`.
+    pub fn script_keys(store: &RedisStore, id: &InstallationId) -> Vec<String> {
+        store.layout.script_keys(id)
+    }
+
+    /// The ARGV of a compare-and-swap of `record` from `expected`.
+    pub fn cas_args(record: &Record, expected: u64) -> Vec<Vec<u8>> {
+        vec![
+            expected.to_string().into_bytes(),
+            crate::value::encode(record),
+            record.state().kind().as_str().as_bytes().to_vec(),
+            due_member(record.id(), record.due_at()).into_bytes(),
+            record.id().as_str().as_bytes().to_vec(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://:hunter2@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact("rediss://app:pw@host/1"), "rediss://app:***@host/1");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,374 @@
+//! Redis-specific guarantees against a real redis-server: the cluster-compatible key layout
+//! (every key of an installation in one slot, no token in any key), corrupt values as typed
+//! errors for one installation only, scripts reloaded after `SCRIPT FLUSH`, prefixes that
+//! isolate applications, AUTH with a password and with an ACL user, and an outage that yields
+//! typed errors within a bounded time and heals when the server returns.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::{
+    CasOutcome, Event, InstallationId, LeaseHolder, ListFilter, StoreError, TokenStore,
+};
+use tokenkeeper_redis::{ConnectError, RedisStore};
+
+fn id(s: &str) -> InstallationId {
+    InstallationId::new(s).unwrap()
+}
+
+fn at(secs: u64) -> tokenkeeper_core::Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// CRC16/XMODEM of the hash tag (or whole key), modulo 16384: Redis Cluster's key slot.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let close = key[open + 1..].iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for b in tagged {
+        crc ^= u16::from(*b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+async fn keys_with(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn crc16_matches_redis_reference_values() {
+    // Values from the Redis Cluster specification.
+    assert_eq!(key_slot(b"123456789"), 12739); // CRC16/XMODEM check value 0x31C3
+    assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+    assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+    assert_ne!(
+        key_slot(b"foo{}{bar}"),
+        key_slot(b"bar"),
+        "an empty tag hashes the whole key"
+    );
+}
+
+#[tokio::test]
+async fn every_key_of_an_installation_is_in_one_slot_and_holds_no_token() {
+    let store = common::fresh_store("layout").await;
+    let mut conn = raw(&common::url()).await;
+    let nasty = [
+        "plain",
+        "with{brace}s",
+        "{leading}",
+        "unicode-ключ",
+        "a:b/c%d",
+    ];
+    for (n, name) in nasty.iter().enumerate() {
+        let r = sample_record(&id(name), at(n as u64));
+        store.create(&r).await.unwrap();
+        let leased = r
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new("h"),
+                    until: at(99),
+                },
+                at(0),
+            )
+            .unwrap();
+        store.compare_and_swap(&leased, 1).await.unwrap();
+    }
+    let all_keys = keys_with(&mut conn, store.prefix()).await;
+    for name in nasty {
+        let i = id(name);
+        // The keys this installation touches: its record and every index key holding it.
+        let mut touched = vec![store.record_key(&i)];
+        for key in &all_keys {
+            let members: Vec<Vec<u8>> = match redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(m) => m,
+                Err(_) => continue, // the record strings
+            };
+            if members.iter().any(|m| m.ends_with(name.as_bytes())) {
+                touched.push(key.clone());
+            }
+        }
+        assert!(
+            touched.len() >= 3,
+            "{name}: record, due and state entries expected: {touched:?}"
+        );
+        let slots: HashSet<u16> = touched.iter().map(|k| key_slot(k.as_bytes())).collect();
+        assert_eq!(slots.len(), 1, "{name}: keys in several slots: {touched:?}");
+    }
+    for key in &all_keys {
+        assert!(
+            !key.contains("access-") && !key.contains("refresh-"),
+            "a token in key {key}"
+        );
+    }
+    // The value holds the tokens; nothing else in Redis does.
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(store.record_key(&id("plain")))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&value).contains("refresh-plain"));
+}
+
+#[tokio::test]
+async fn corrupt_values_are_typed_errors_for_that_installation_only() {
+    let store = common::fresh_store("corrupt").await;
+    let mut conn = raw(&common::url()).await;
+    for (n, name) in ["garbage", "header", "healthy"].iter().enumerate() {
+        store
+            .create(&sample_record(&id(name), at(n as u64)))
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg(store.record_key(&id("garbage")))
+        .arg(b"\x00\xffnot a record".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let good: Vec<u8> = redis::cmd("GET")
+        .arg(store.record_key(&id("header")))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tampered = String::from_utf8(good)
+        .unwrap()
+        .replacen("1\tactive", "9\tactive", 1);
+    let _: () = redis::cmd("SET")
+        .arg(store.record_key(&id("header")))
+        .arg(tampered)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    for name in ["garbage", "header"] {
+        match store.get(&id(name)).await {
+            Err(StoreError::Corrupt { id: got, .. }) => assert_eq!(got.as_str(), name),
+            other => panic!("{name}: expected Corrupt, got {other:?}"),
+        }
+    }
+    // A swap against the garbage value (no header) reports the corruption.
+    let r = sample_record(&id("garbage"), at(0));
+    let leased = r
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("h"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    assert!(matches!(
+        store.compare_and_swap(&leased, 1).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Everyone else is unaffected.
+    let healthy = store.get(&id("healthy")).await.unwrap().unwrap();
+    let leased = healthy
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("h"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    assert_eq!(
+        store
+            .list(ListFilter::all(), None, 10)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_script_flush() {
+    let store = common::fresh_store("noscript").await;
+    let mut conn = raw(&common::url()).await;
+    let r = sample_record(&id("x"), at(1));
+    store.create(&r).await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let leased = r
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("h"),
+                until: at(9),
+            },
+            at(0),
+        )
+        .unwrap();
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+}
+
+#[tokio::test]
+async fn prefixes_isolate_applications() {
+    let a = common::fresh_store("app-a").await;
+    let b = common::fresh_store("app-b").await;
+    a.create(&sample_record(&id("shared-name"), at(1)))
+        .await
+        .unwrap();
+    assert!(b.get(&id("shared-name")).await.unwrap().is_none());
+    assert!(
+        b.due(tokenkeeper_core::Timestamp::MAX, 10, None)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    b.create(&sample_record(&id("shared-name"), at(2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.get(&id("shared-name")).await.unwrap().unwrap().due_at(),
+        Some(at(1))
+    );
+    assert!(matches!(
+        RedisStore::builder(common::url())
+            .prefix("bad{prefix}")
+            .connect()
+            .await,
+        Err(ConnectError::Config(_))
+    ));
+}
+
+#[tokio::test]
+async fn auth_with_password_and_acl_user() {
+    let server = common::Server::start_on(
+        common::free_port(),
+        &[
+            "--requirepass",
+            "s3cret-pass",
+            "--user",
+            "app",
+            "on",
+            ">app-pass",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    );
+    let port = server.port;
+    let err = RedisStore::connect(format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Unreachable { .. }), "{err}");
+    let err = RedisStore::connect(format!("redis://:wrong@127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    assert!(
+        !err.to_string().contains("wrong"),
+        "the password leaked: {err}"
+    );
+
+    let store = RedisStore::connect(format!("redis://:s3cret-pass@127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    store
+        .create(&sample_record(&id("authed"), at(1)))
+        .await
+        .unwrap();
+    assert!(!format!("{store:?}").contains("s3cret-pass"));
+
+    let acl = RedisStore::connect(format!("redis://app:app-pass@127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    assert!(acl.get(&id("authed")).await.unwrap().is_some());
+    assert!(!format!("{acl:?}").contains("app-pass"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
+    let port = common::free_port();
+    let server = common::Server::start_on(port, &[]);
+    let store = RedisStore::builder(server.url())
+        .prefix("restart")
+        .operation_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    store
+        .create(&sample_record(&id("before"), at(1)))
+        .await
+        .unwrap();
+
+    drop(server); // kill -9 equivalent: the process is gone
+    for op in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), store.get(&id("before")))
+            .await
+            .unwrap_or_else(|_| panic!("operation {op} hung during the outage"));
+        match outcome {
+            Err(e @ StoreError::Unavailable { .. }) => {
+                assert!(e.to_string().contains("unavailable"), "{e}");
+            }
+            other => panic!("expected Unavailable during the outage, got {other:?}"),
+        }
+    }
+
+    let _server = common::Server::start_on(port, &[]);
+    let mut healed = false;
+    for _ in 0..50 {
+        if store
+            .create(&sample_record(&id("after"), at(2)))
+            .await
+            .is_ok()
+        {
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        healed,
+        "the same store object never worked again after the restart"
+    );
+    assert!(store.get(&id("after")).await.unwrap().is_some());
+}
