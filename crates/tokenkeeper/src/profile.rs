@@ -1,0 +1,476 @@
+//! Provider profiles: everything that makes one OAuth provider behave unlike another, as data.
+//!
+//! A [`ProviderProfile`] names the endpoints, how the client authenticates and encodes its
+//! requests, whether refresh tokens rotate (and with what reuse leeway), default lifetimes and
+//! expiries, PKCE support, extra authorization parameters, and how the provider's error bodies
+//! map to the failure classes of DESIGN.md §7. Presets cover Bitbucket (rotating and legacy),
+//! Atlassian 3LO, GitHub Apps and Google; [`ProviderProfile::generic`] starts any RFC 6749
+//! provider.
+
+use std::time::Duration;
+
+use reqwest::Url;
+use tokenkeeper_core::{FailureClass, Timestamp, TokenSet};
+
+const DAY: u64 = 24 * 3600;
+
+/// How the client proves its identity to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// `Authorization: Basic base64(client_id:client_secret)`.
+    Basic,
+    /// `client_id` and `client_secret` in the request body.
+    RequestBody,
+}
+
+/// How token requests are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyEncoding {
+    /// `application/x-www-form-urlencoded` (RFC 6749; Bitbucket accepts nothing else).
+    Form,
+    /// `application/json` (Atlassian's documented form).
+    Json,
+}
+
+/// What a refresh does to the refresh token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rotation {
+    /// The same refresh token keeps working.
+    Never,
+    /// Every refresh issues a new refresh token and retires the old one.
+    Rotates {
+        /// How long the retired token still works (Atlassian: 10 minutes); `None` if not at all.
+        reuse_leeway: Option<Duration>,
+    },
+}
+
+/// One rule mapping a provider error to a failure class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorRule {
+    /// The `error` code it matches.
+    pub error: String,
+    /// If set, `error_description` must contain this (case-insensitive).
+    pub description_contains: Option<String>,
+    /// The class.
+    pub class: FailureClass,
+}
+
+/// How a provider's errors map to failure classes: the profile's own rules first, then the
+/// RFC 6749 defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorMap {
+    rules: Vec<ErrorRule>,
+}
+
+impl ErrorMap {
+    /// Adds a rule (checked before the ones already added and before the defaults).
+    pub fn rule(
+        mut self,
+        error: &str,
+        description_contains: Option<&str>,
+        class: FailureClass,
+    ) -> Self {
+        self.rules.insert(
+            0,
+            ErrorRule {
+                error: error.to_owned(),
+                description_contains: description_contains.map(str::to_lowercase),
+                class,
+            },
+        );
+        self
+    }
+
+    /// The class of an error reply from the token endpoint.
+    pub fn classify(&self, status: u16, error: &str, description: Option<&str>) -> FailureClass {
+        let description = description.unwrap_or("").to_lowercase();
+        for rule in &self.rules {
+            if rule.error == error
+                && rule
+                    .description_contains
+                    .as_ref()
+                    .is_none_or(|d| description.contains(d))
+            {
+                return rule.class;
+            }
+        }
+        match error {
+            "invalid_grant" => FailureClass::RefreshTokenRejected,
+            "invalid_client" | "unauthorized_client" => FailureClass::ConsumerCredentialsInvalid,
+            "invalid_scope" => FailureClass::ScopeRejected,
+            "unsupported_grant_type" | "invalid_request" | "unsupported_response_type" => {
+                FailureClass::Configuration
+            }
+            "temporarily_unavailable" | "server_error" | "slow_down" => FailureClass::Transient,
+            // A 401 from the token endpoint is the client's credentials, whatever the code says.
+            _ if status == 401 => FailureClass::ConsumerCredentialsInvalid,
+            // Unknown codes never condemn an installation: they go through the failure budget.
+            _ => FailureClass::Transient,
+        }
+    }
+}
+
+/// When to refresh, relative to an access token's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// A token is treated as expired this long before `expires_at` (clamped to a quarter of
+    /// its lifetime, so 60-second test tokens are still used).
+    pub skew: Duration,
+    /// Refresh proactively this long before expiry...
+    pub refresh_ahead: Duration,
+    /// ...but not before this fraction (in percent) of the lifetime has passed.
+    pub refresh_after_percent: u8,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            skew: Duration::from_secs(60),
+            refresh_ahead: Duration::from_secs(15 * 60),
+            refresh_after_percent: 80,
+        }
+    }
+}
+
+impl Timing {
+    /// The skew for a token of this lifetime: `skew`, but at most a quarter of the lifetime.
+    pub fn skew_for(&self, lifetime: Duration) -> Duration {
+        self.skew.min(lifetime / 4)
+    }
+
+    /// The instant after which `tokens` are no longer served: `expires_at - skew`.
+    pub fn stale_at(&self, tokens: &TokenSet) -> Timestamp {
+        tokens
+            .expires_at
+            .saturating_sub(self.skew_for(tokens.lifetime()))
+    }
+
+    /// When to refresh `tokens` proactively: the later of `expires_at - refresh_ahead` and
+    /// `refresh_after_percent` of the lifetime, but never after they go stale.
+    pub fn refresh_at(&self, tokens: &TokenSet) -> Timestamp {
+        let lifetime = tokens.lifetime();
+        let ahead = tokens.expires_at.saturating_sub(self.refresh_ahead);
+        let share = tokens.obtained_at.saturating_add(
+            lifetime.mul_f64(f64::from(self.refresh_after_percent.min(100)) / 100.0),
+        );
+        ahead.max(share).min(self.stale_at(tokens))
+    }
+}
+
+/// Everything tokenkeeper needs to know about a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderProfile {
+    /// A short name (`bitbucket`), recorded in every installation's record.
+    pub name: String,
+    /// The authorization endpoint.
+    pub authorize_url: Url,
+    /// The token endpoint.
+    pub token_url: Url,
+    /// The RFC 7009 revocation endpoint, if the provider has one.
+    pub revoke_url: Option<Url>,
+    /// Client authentication.
+    pub client_auth: ClientAuth,
+    /// Request body encoding.
+    pub body_encoding: BodyEncoding,
+    /// Refresh token rotation.
+    pub rotation: Rotation,
+    /// Lifetime assumed when a reply omits `expires_in`.
+    pub default_access_lifetime: Duration,
+    /// An unused refresh token dies after this long (keep-alive refreshes before it).
+    pub refresh_inactivity_expiry: Option<Duration>,
+    /// A grant's refresh tokens die this long after the authorization.
+    pub refresh_absolute_expiry: Option<Duration>,
+    /// Whether to send PKCE (S256) challenges.
+    pub pkce: bool,
+    /// Extra query parameters for the authorization URL.
+    pub extra_authorize_params: Vec<(String, String)>,
+    /// Scopes always requested (e.g. `offline_access` for OpenID servers).
+    pub required_scopes: Vec<String>,
+    /// Scope separator in requests (space per RFC 6749).
+    pub scope_separator: char,
+    /// Error classification.
+    pub errors: ErrorMap,
+    /// Refresh timing defaults.
+    pub timing: Timing,
+}
+
+fn url(s: &str) -> Url {
+    Url::parse(s).expect("preset endpoints are valid URL literals")
+}
+
+impl ProviderProfile {
+    /// A plain RFC 6749 provider: form bodies, HTTP Basic, no rotation, 1-hour default
+    /// lifetime, PKCE on, default error mapping. Adjust the public fields as needed.
+    pub fn generic(name: impl Into<String>, authorize_url: Url, token_url: Url) -> Self {
+        Self {
+            name: name.into(),
+            authorize_url,
+            token_url,
+            revoke_url: None,
+            client_auth: ClientAuth::Basic,
+            body_encoding: BodyEncoding::Form,
+            rotation: Rotation::Never,
+            default_access_lifetime: Duration::from_secs(3600),
+            refresh_inactivity_expiry: None,
+            refresh_absolute_expiry: None,
+            pkce: true,
+            extra_authorize_params: Vec::new(),
+            required_scopes: Vec::new(),
+            scope_separator: ' ',
+            errors: ErrorMap::default(),
+            timing: Timing::default(),
+        }
+    }
+
+    /// Points every endpoint at another server with the same paths (a mock, a proxy).
+    pub fn with_base_url(mut self, base: &Url) -> Self {
+        for u in [&mut self.authorize_url, &mut self.token_url] {
+            *u = rebase(u, base);
+        }
+        if let Some(r) = &mut self.revoke_url {
+            *r = rebase(r, base);
+        }
+        self
+    }
+
+    /// Sets the three endpoints explicitly.
+    pub fn with_endpoints(mut self, authorize: Url, token: Url, revoke: Option<Url>) -> Self {
+        self.authorize_url = authorize;
+        self.token_url = token;
+        self.revoke_url = revoke;
+        self
+    }
+
+    /// The lifetime a reply's token gets when `expires_in` is absent.
+    pub fn access_lifetime_default(&self) -> Duration {
+        self.default_access_lifetime
+    }
+}
+
+fn rebase(u: &Url, base: &Url) -> Url {
+    let mut out = base.clone();
+    out.set_path(u.path());
+    out.set_query(u.query());
+    out
+}
+
+fn bitbucket_errors() -> ErrorMap {
+    ErrorMap::default()
+        // "Invalid refresh_token" comes as invalid_request (legacy) or invalid_grant.
+        .rule(
+            "invalid_request",
+            Some("refresh_token"),
+            FailureClass::RefreshTokenRejected,
+        )
+        // A JSON body makes Bitbucket see no grant type at all: our bug, not the user's.
+        .rule(
+            "invalid_grant",
+            Some("unsupported grant type"),
+            FailureClass::Configuration,
+        )
+}
+
+/// Bitbucket Cloud since 2026-05-04: rotating refresh tokens that expire after about three
+/// months unused; 2-hour access tokens; form bodies only.
+pub fn bitbucket() -> ProviderProfile {
+    ProviderProfile {
+        rotation: Rotation::Rotates { reuse_leeway: None },
+        default_access_lifetime: Duration::from_secs(7200),
+        refresh_inactivity_expiry: Some(Duration::from_secs(90 * DAY)),
+        revoke_url: None,
+        errors: bitbucket_errors(),
+        ..ProviderProfile::generic(
+            "bitbucket",
+            url("https://bitbucket.org/site/oauth2/authorize"),
+            url("https://bitbucket.org/site/oauth2/access_token"),
+        )
+    }
+}
+
+/// Bitbucket Cloud before 2026-05-04: the same refresh token forever.
+pub fn bitbucket_legacy() -> ProviderProfile {
+    ProviderProfile {
+        name: "bitbucket-legacy".into(),
+        rotation: Rotation::Never,
+        refresh_inactivity_expiry: None,
+        ..bitbucket()
+    }
+}
+
+/// Atlassian 3LO (Jira, Confluence): rotating with a 10-minute reuse leeway, 1-hour access
+/// tokens, refresh tokens die after 90 days unused or 365 days in all.
+pub fn atlassian_3lo() -> ProviderProfile {
+    ProviderProfile {
+        client_auth: ClientAuth::RequestBody,
+        body_encoding: BodyEncoding::Json,
+        rotation: Rotation::Rotates {
+            reuse_leeway: Some(Duration::from_secs(600)),
+        },
+        default_access_lifetime: Duration::from_secs(3600),
+        refresh_inactivity_expiry: Some(Duration::from_secs(90 * DAY)),
+        refresh_absolute_expiry: Some(Duration::from_secs(365 * DAY)),
+        extra_authorize_params: vec![
+            ("audience".into(), "api.atlassian.com".into()),
+            ("prompt".into(), "consent".into()),
+        ],
+        required_scopes: vec!["offline_access".into()],
+        ..ProviderProfile::generic(
+            "atlassian-3lo",
+            url("https://auth.atlassian.com/authorize"),
+            url("https://auth.atlassian.com/oauth/token"),
+        )
+    }
+}
+
+/// GitHub App user tokens: 8-hour access tokens, rotating refresh tokens valid 6 months;
+/// errors come in 200 replies with GitHub's own codes.
+pub fn github_app() -> ProviderProfile {
+    ProviderProfile {
+        client_auth: ClientAuth::RequestBody,
+        rotation: Rotation::Rotates { reuse_leeway: None },
+        default_access_lifetime: Duration::from_secs(28_800),
+        refresh_absolute_expiry: Some(Duration::from_secs(15_897_600)),
+        scope_separator: ',',
+        errors: ErrorMap::default()
+            .rule(
+                "bad_refresh_token",
+                None,
+                FailureClass::RefreshTokenRejected,
+            )
+            .rule(
+                "incorrect_client_credentials",
+                None,
+                FailureClass::ConsumerCredentialsInvalid,
+            )
+            .rule(
+                "bad_verification_code",
+                None,
+                FailureClass::RefreshTokenRejected,
+            ),
+        ..ProviderProfile::generic(
+            "github-app",
+            url("https://github.com/login/oauth/authorize"),
+            url("https://github.com/login/oauth/access_token"),
+        )
+    }
+}
+
+/// Google: long-lived refresh tokens that refresh replies do not repeat; 1-hour access tokens.
+pub fn google() -> ProviderProfile {
+    ProviderProfile {
+        client_auth: ClientAuth::RequestBody,
+        revoke_url: Some(url("https://oauth2.googleapis.com/revoke")),
+        extra_authorize_params: vec![
+            ("access_type".into(), "offline".into()),
+            ("prompt".into(), "consent".into()),
+        ],
+        ..ProviderProfile::generic(
+            "google",
+            url("https://accounts.google.com/o/oauth2/v2/auth"),
+            url("https://oauth2.googleapis.com/token"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_real_urls() {
+        for p in [
+            bitbucket(),
+            bitbucket_legacy(),
+            atlassian_3lo(),
+            github_app(),
+            google(),
+        ] {
+            assert_eq!(p.token_url.scheme(), "https");
+        }
+    }
+
+    #[test]
+    fn error_map_classifies_design_table() {
+        let bb = bitbucket().errors;
+        let c = |e: &str, d: &str| bb.classify(400, e, Some(d));
+        assert_eq!(
+            c("invalid_request", "Invalid refresh_token"),
+            FailureClass::RefreshTokenRejected
+        );
+        assert_eq!(
+            c("invalid_grant", "Invalid refresh_token"),
+            FailureClass::RefreshTokenRejected
+        );
+        assert_eq!(
+            c("invalid_grant", "Unsupported grant type: None"),
+            FailureClass::Configuration
+        );
+        assert_eq!(
+            c("unauthorized_client", "x"),
+            FailureClass::ConsumerCredentialsInvalid
+        );
+        assert_eq!(c("invalid_scope", ""), FailureClass::ScopeRejected);
+        assert_eq!(
+            c("invalid_request", "missing code"),
+            FailureClass::Configuration
+        );
+        assert_eq!(c("something_new", ""), FailureClass::Transient);
+        assert_eq!(
+            bb.classify(401, "access_denied", None),
+            FailureClass::ConsumerCredentialsInvalid
+        );
+        let gh = github_app().errors;
+        assert_eq!(
+            gh.classify(200, "bad_refresh_token", None),
+            FailureClass::RefreshTokenRejected
+        );
+        assert_eq!(
+            gh.classify(200, "incorrect_client_credentials", None),
+            FailureClass::ConsumerCredentialsInvalid
+        );
+    }
+
+    #[test]
+    fn timing_for_long_and_short_tokens() {
+        use tokenkeeper_core::AccessToken;
+        let t0 = Timestamp::from_unix_secs(0);
+        let tokens = |secs| {
+            TokenSet::bearer(
+                AccessToken::new("a"),
+                None,
+                t0,
+                t0.saturating_add(Duration::from_secs(secs)),
+            )
+        };
+        let timing = Timing::default();
+        // 2 hours: refresh at 1h45 (later than 80% = 1h36), stale at 1h59.
+        assert_eq!(
+            timing.refresh_at(&tokens(7200)),
+            Timestamp::from_unix_secs(6300)
+        );
+        assert_eq!(
+            timing.stale_at(&tokens(7200)),
+            Timestamp::from_unix_secs(7140)
+        );
+        // 60 s test tokens: skew clamps to 15 s; refresh at 80% = 48 s, before stale at 45 s? no:
+        // never after stale, so 45 s.
+        assert_eq!(timing.stale_at(&tokens(60)), Timestamp::from_unix_secs(45));
+        assert_eq!(
+            timing.refresh_at(&tokens(60)),
+            Timestamp::from_unix_secs(45)
+        );
+    }
+
+    #[test]
+    fn rebasing_keeps_paths() {
+        let base = Url::parse("http://127.0.0.1:9999").unwrap();
+        let p = bitbucket().with_base_url(&base);
+        assert_eq!(
+            p.token_url.as_str(),
+            "http://127.0.0.1:9999/site/oauth2/access_token"
+        );
+    }
+}

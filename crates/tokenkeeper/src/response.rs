@@ -1,0 +1,290 @@
+//! Parsing token endpoint replies, leniently where a live token is at stake and strictly where
+//! nothing usable came back.
+//!
+//! Accepted variations: `scope` or `scopes` (space or comma separated, or a JSON array),
+//! `bearer` in any case, `expires_in` as a number or a numeric string. A reply without
+//! `refresh_token` or scopes keeps the previous ones (RFC 6749 §6). A 200 whose body carries
+//! `error` is an error. `expires_in` counts from when the request was *sent*. An absent or
+//! unparseable `expires_in` takes the profile's default lifetime; a negative one means
+//! "already expired" and a huge one is capped at ten years, so a reply that rotated the refresh
+//! token is never thrown away over its expiry field.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokenkeeper_core::{AccessToken, FailureClass, RefreshToken, Scopes, Timestamp, TokenSet};
+
+use crate::error::{ErrorKind, OAuthError, Operation};
+use crate::profile::ProviderProfile;
+
+/// The longest access token lifetime believed.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A reply from the token endpoint, before interpretation.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After`, already converted to a duration.
+    pub retry_after: Option<Duration>,
+    /// The body (already size-capped).
+    pub body: Vec<u8>,
+}
+
+fn str_field<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    map.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn provider_error(
+    profile: &ProviderProfile,
+    operation: Operation,
+    raw: &RawResponse,
+    map: &Map<String, Value>,
+) -> Option<OAuthError> {
+    let code = str_field(map, "error")?;
+    let description = str_field(map, "error_description");
+    let class = if raw.status >= 500 || raw.status == 429 || raw.status == 408 {
+        FailureClass::Transient
+    } else {
+        profile.errors.classify(raw.status, code, description)
+    };
+    let mut e = OAuthError::new(operation, ErrorKind::Provider, class);
+    e.0.status = Some(raw.status);
+    e.0.error = Some(truncate(code, 200));
+    e.0.description = description.map(|d| truncate(d, 500));
+    e.0.error_uri = str_field(map, "error_uri").map(|u| truncate(u, 500));
+    e.0.retry_after = raw.retry_after;
+    Some(e)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn invalid(operation: Operation, raw: &RawResponse, why: &str) -> OAuthError {
+    let mut e = OAuthError::new(
+        operation,
+        ErrorKind::InvalidResponse,
+        FailureClass::Transient,
+    )
+    .with_detail(why.to_owned());
+    e.0.status = Some(raw.status);
+    e.0.retry_after = raw.retry_after;
+    e
+}
+
+fn expires_in(map: &Map<String, Value>) -> Option<Duration> {
+    let secs: f64 = match map.get("expires_in")? {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    if !secs.is_finite() {
+        return None;
+    }
+    Some(if secs <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64()))
+    })
+}
+
+fn scopes(map: &Map<String, Value>) -> Option<Scopes> {
+    match map.get("scope").or_else(|| map.get("scopes"))? {
+        Value::String(s) => Some(Scopes::parse(s)),
+        Value::Array(items) => Some(Scopes::new(items.iter().filter_map(Value::as_str))),
+        _ => None,
+    }
+}
+
+/// Interprets a token endpoint reply. `previous` (for refreshes) supplies the refresh token and
+/// scopes a reply leaves out.
+pub fn parse_token_response(
+    profile: &ProviderProfile,
+    operation: Operation,
+    raw: &RawResponse,
+    sent_at: Timestamp,
+    previous: Option<&TokenSet>,
+) -> Result<TokenSet, OAuthError> {
+    let parsed: Result<Map<String, Value>, _> = serde_json::from_slice(&raw.body);
+    let success = (200..300).contains(&raw.status);
+    let map = match parsed {
+        Ok(map) => map,
+        Err(_) if success => return Err(invalid(operation, raw, "the reply is not a JSON object")),
+        Err(_) => {
+            // An error page (HTML from a proxy, plain text): class by status alone.
+            let class = match raw.status {
+                401 => FailureClass::ConsumerCredentialsInvalid,
+                _ => FailureClass::Transient,
+            };
+            let mut e = OAuthError::new(operation, ErrorKind::Provider, class)
+                .with_detail("the error reply is not JSON");
+            e.0.status = Some(raw.status);
+            e.0.retry_after = raw.retry_after;
+            return Err(e);
+        }
+    };
+    if let Some(e) = provider_error(profile, operation, raw, &map) {
+        return Err(e);
+    }
+    if !success {
+        return Err(invalid(
+            operation,
+            raw,
+            "an error reply without an `error` field",
+        ));
+    }
+    let access = str_field(&map, "access_token")
+        .ok_or_else(|| invalid(operation, raw, "the reply has no access_token"))?;
+    let token_type = str_field(&map, "token_type").unwrap_or("bearer");
+    if !token_type.eq_ignore_ascii_case("bearer") {
+        let mut e = invalid(operation, raw, "the token type is not bearer");
+        e.0.class = FailureClass::Configuration;
+        return Err(e);
+    }
+    let lifetime = expires_in(&map).unwrap_or(profile.default_access_lifetime);
+    let refresh = str_field(&map, "refresh_token").map(RefreshToken::new);
+    let scopes = scopes(&map)
+        .filter(|s| !s.is_empty())
+        .or_else(|| previous.map(|p| p.scopes.clone()))
+        .unwrap_or_default();
+    let tokens = TokenSet {
+        access_token: AccessToken::new(access),
+        refresh_token: refresh,
+        token_type: token_type.to_owned(),
+        expires_at: sent_at.saturating_add(lifetime),
+        scopes,
+        obtained_at: sent_at,
+    };
+    Ok(match previous {
+        Some(p) => tokens.merged_onto(p),
+        None => tokens,
+    })
+}
+
+/// Parses `Retry-After`: delay seconds or an HTTP date (relative to `now`).
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(24 * 3600)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(24 * 3600)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiles;
+
+    fn raw(status: u16, body: &str) -> RawResponse {
+        RawResponse {
+            status,
+            retry_after: None,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn t0() -> Timestamp {
+        Timestamp::from_unix_secs(1_000_000)
+    }
+
+    fn parse(status: u16, body: &str, previous: Option<&TokenSet>) -> Result<TokenSet, OAuthError> {
+        parse_token_response(
+            &profiles::bitbucket(),
+            Operation::Refresh,
+            &raw(status, body),
+            t0(),
+            previous,
+        )
+    }
+
+    #[test]
+    fn bitbucket_legacy_and_new_shapes() {
+        let t = parse(200, r#"{"access_token":"a","scopes":"repository account","expires_in":7200,"token_type":"bearer","state":"authorization_code","refresh_token":"r"}"#, None).unwrap();
+        assert_eq!(t.expires_at, t0().saturating_add(Duration::from_secs(7200)));
+        assert_eq!(t.scopes.to_string(), "account repository");
+        assert_eq!(t.refresh_token.unwrap().secret(), "r");
+        let t = parse(
+            200,
+            r#"{"access_token":"a","scope":"account","expires_in":"3600","token_type":"Bearer"}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(3600));
+        assert_eq!(t.scopes.to_string(), "account");
+    }
+
+    #[test]
+    fn omitted_fields_keep_previous_or_take_defaults() {
+        let prev = parse(
+            200,
+            r#"{"access_token":"a0","scope":"x y","refresh_token":"r0","expires_in":10}"#,
+            None,
+        )
+        .unwrap();
+        let t = parse(200, r#"{"access_token":"a1"}"#, Some(&prev)).unwrap();
+        assert_eq!(t.refresh_token.as_ref().unwrap().secret(), "r0");
+        assert_eq!(t.scopes.to_string(), "x y");
+        assert_eq!(t.lifetime(), Duration::from_secs(7200), "profile default");
+        assert_eq!(t.token_type, "bearer");
+        let t = parse(200, r#"{"access_token":"a","expires_in":-5}"#, None).unwrap();
+        assert_eq!(t.lifetime(), Duration::ZERO);
+        let t = parse(200, r#"{"access_token":"a","expires_in":1e300}"#, None).unwrap();
+        assert_eq!(t.lifetime(), MAX_LIFETIME);
+        let t = parse(200, r#"{"access_token":"a","scope":["a","b"]}"#, None).unwrap();
+        assert_eq!(t.scopes.to_string(), "a b");
+    }
+
+    #[test]
+    fn errors_are_classified_and_keep_provider_text() {
+        let e = parse(
+            400,
+            r#"{"error":"invalid_request","error_description":"Invalid refresh_token"}"#,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.class(), FailureClass::RefreshTokenRejected);
+        assert_eq!(e.error_description(), Some("Invalid refresh_token"));
+        let e = parse(200, r#"{"error":"temporarily_unavailable"}"#, None).unwrap_err();
+        assert_eq!(e.class(), FailureClass::Transient);
+        let e = parse(503, "<html>down</html>", None).unwrap_err();
+        assert!(e.is_transient());
+        let e = parse(200, r#"{"access_token": "trunc"#, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidResponse);
+        let e = parse(200, r#"{"token_type":"bearer"}"#, None).unwrap_err();
+        assert!(e.to_string().contains("no access_token"), "{e}");
+        let e = parse(200, r#"{"access_token":"a","token_type":"mac"}"#, None).unwrap_err();
+        assert_eq!(e.class(), FailureClass::Configuration);
+        let e = parse(500, r#"{"error":"invalid_grant"}"#, None).unwrap_err();
+        assert!(e.is_transient(), "5xx is transient whatever the body says");
+        let e = parse(401, "Unauthorized", None).unwrap_err();
+        assert_eq!(e.class(), FailureClass::ConsumerCredentialsInvalid);
+        assert!(!e.to_string().contains("a0"));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("42", now), Some(Duration::from_secs(42)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! Shared set-up for the facade's HTTP tests: a mock provider per profile, a consumer pointed
+//! at it, and the browser leg of the authorization flow done with reqwest.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use tokenkeeper::{
+    Clock, Completed, ConsumerConfig, ManualClock, OAuthClient, ProviderProfile, SystemClock,
+    Timestamp, TokenStore, profiles,
+};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile as MockProfile,
+};
+
+pub const REDIRECT: &str = "http://127.0.0.1/callback";
+
+/// Every (our preset, mock behaviour) pair.
+pub fn all_profiles() -> Vec<(ProviderProfile, MockProfile)> {
+    vec![
+        (profiles::bitbucket(), MockProfile::Bitbucket),
+        (profiles::bitbucket_legacy(), MockProfile::BitbucketLegacy),
+        (profiles::atlassian_3lo(), MockProfile::Atlassian3lo),
+        (profiles::github_app(), MockProfile::GithubApp),
+        (profiles::google(), MockProfile::Google),
+    ]
+}
+
+/// The profile with its endpoints on the mock (which serves every profile on one set of paths).
+pub fn pointed_at(profile: ProviderProfile, mock: &MockProvider) -> ProviderProfile {
+    let url = |s: String| reqwest::Url::parse(&s).unwrap();
+    profile.with_endpoints(
+        url(mock.authorize_url()),
+        url(mock.token_url()),
+        Some(url(mock.revoke_url())),
+    )
+}
+
+pub fn consumer_for(profile: ProviderProfile, mock: &MockProvider, secret: &str) -> ConsumerConfig {
+    ConsumerConfig::builder(pointed_at(profile, mock))
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(secret)
+        .redirect_uri(REDIRECT)
+        .http_timeout(std::time::Duration::from_secs(2))
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
+pub fn client_for(profile: ProviderProfile, mock: &MockProvider) -> OAuthClient {
+    OAuthClient::new(
+        consumer_for(profile, mock, DEFAULT_CLIENT_SECRET),
+        Arc::new(SystemClock),
+    )
+    .unwrap()
+}
+
+pub fn manual_client(
+    profile: ProviderProfile,
+    mock: &MockProvider,
+    clock: &ManualClock,
+) -> OAuthClient {
+    OAuthClient::new(
+        consumer_for(profile, mock, DEFAULT_CLIENT_SECRET),
+        Arc::new(clock.clone()) as Arc<dyn Clock>,
+    )
+    .unwrap()
+}
+
+pub fn now_clock() -> ManualClock {
+    ManualClock::new(SystemClock.now())
+}
+
+/// Follows the authorization URL like a browser would and returns `(code, state)` from the
+/// redirect to the callback.
+pub async fn browser(url: &reqwest::Url) -> (String, String) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http.get(url.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 302, "authorize: {:?}", r.text().await);
+    let location = reqwest::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(location.as_str().starts_with(REDIRECT), "{location}");
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    (q["code"].clone(), q["state"].clone())
+}
+
+/// Runs the whole authorization flow and returns the new installation.
+pub async fn install(client: &OAuthClient, store: &dyn TokenStore) -> Completed {
+    let begun = client.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    assert_eq!(state, begun.state);
+    let done = client
+        .complete_authorization(store, &code, &state)
+        .await
+        .unwrap();
+    assert_eq!(done.installation, begun.installation);
+    done
+}
+
+pub fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_unix_secs(secs)
+}
