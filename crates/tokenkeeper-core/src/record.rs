@@ -171,6 +171,8 @@ pub struct Record {
     pub(crate) last_error: Option<ErrorDetail>,
     pub(crate) refresh_token_last_used: Timestamp,
     pub(crate) created_at: Timestamp,
+    /// When the current grant was authorized (creation or the latest `Authorized`).
+    pub(crate) authorized_at: Timestamp,
     pub(crate) updated_at: Timestamp,
     pub(crate) history: VecDeque<HistoryEntry>,
 }
@@ -248,6 +250,7 @@ impl Record {
             last_error: None,
             refresh_token_last_used: now,
             created_at: now,
+            authorized_at: now,
             updated_at: now,
             history,
         }
@@ -292,6 +295,10 @@ impl Record {
     /// When the record was created.
     pub fn created_at(&self) -> Timestamp {
         self.created_at
+    }
+    /// When the current grant was authorized: creation, or the latest new authorization.
+    pub fn authorized_at(&self) -> Timestamp {
+        self.authorized_at
     }
     /// When it was last written.
     pub fn updated_at(&self) -> Timestamp {

@@ -236,6 +236,7 @@ pub fn transition(
             next.due_at = Some(refresh_at);
             next.failures = None;
             next.refresh_token_last_used = now;
+            next.authorized_at = now;
         }
         Event::LeaseAcquired { holder, until } => {
             match &record.state {

@@ -99,6 +99,7 @@ pub struct Completed {
 struct VerifiedState {
     installation: InstallationId,
     nonce: [u8; NONCE_LEN],
+    issued_at: Timestamp,
 }
 
 fn state_key(client: &OAuthClient) -> Vec<u8> {
@@ -149,7 +150,7 @@ impl OAuthClient {
         let id = installation.as_str().as_bytes();
         let mut bytes = Vec::with_capacity(1 + 8 + NONCE_LEN + 1 + id.len() + MAC_LEN);
         bytes.push(STATE_VERSION);
-        bytes.extend_from_slice(&(expires_at.unix_nanos() / 1_000_000_000).to_be_bytes());
+        bytes.extend_from_slice(&expires_at.unix_nanos().to_be_bytes());
         bytes.extend_from_slice(&nonce);
         bytes.push(id.len() as u8); // ids are at most 200 bytes
         bytes.extend_from_slice(id);
@@ -185,7 +186,7 @@ impl OAuthClient {
             url,
             state,
             installation,
-            expires_at: Timestamp::from_unix_secs(expires_at.unix_nanos() / 1_000_000_000),
+            expires_at,
         })
     }
 
@@ -216,21 +217,26 @@ impl OAuthClient {
             .ok_or(AuthorizationError::InvalidState)?;
         let installation =
             InstallationId::from_bytes(id_bytes).map_err(|_| AuthorizationError::InvalidState)?;
-        let expired_at = Timestamp::from_unix_secs(expires);
+        let expired_at = Timestamp::from_unix_nanos(expires);
         if self.clock().now() >= expired_at {
             return Err(AuthorizationError::ExpiredState {
                 installation,
                 expired_at,
             });
         }
+        let issued_at = expired_at.saturating_sub(self.consumer().authorization_ttl());
         Ok(VerifiedState {
             installation,
             nonce,
+            issued_at,
         })
     }
 
     /// Completes an authorization: verifies `state`, exchanges `code` once and stores the new
-    /// installation. A repeated callback returns the installation the first one created.
+    /// installation (or, for an authorization begun for an existing installation, replaces its
+    /// tokens: the way out of `ReauthorizationRequired`). A repeated callback, recognised by
+    /// the installation having been authorized after this flow began, returns the installation
+    /// without a second exchange.
     pub async fn complete_authorization(
         &self,
         store: &dyn TokenStore,
@@ -240,6 +246,7 @@ impl OAuthClient {
         let VerifiedState {
             installation,
             nonce,
+            issued_at,
         } = self.verify_state(state)?;
         let store_err = |source| AuthorizationError::Store {
             installation: installation.clone(),
@@ -249,7 +256,10 @@ impl OAuthClient {
             installation: installation.clone(),
             created,
         };
-        if store.get(&installation).await.map_err(store_err)?.is_some() {
+        let repeated =
+            |r: &Option<Record>| r.as_ref().is_some_and(|r| r.authorized_at() >= issued_at);
+        let before = store.get(&installation).await.map_err(store_err)?;
+        if repeated(&before) {
             return Ok(existing(false));
         }
         let verifier = self
@@ -261,7 +271,7 @@ impl OAuthClient {
             Ok(tokens) => tokens,
             Err(source) => {
                 // A concurrent duplicate callback may have won the single-use code.
-                if store.get(&installation).await.map_err(store_err)?.is_some() {
+                if repeated(&store.get(&installation).await.map_err(store_err)?) {
                     return Ok(existing(false));
                 }
                 return Err(AuthorizationError::Exchange {
@@ -272,6 +282,13 @@ impl OAuthClient {
         };
         let now = self.clock().now();
         let refresh_at = self.consumer().profile().timing.refresh_at(&tokens);
+        if let Some(current) = before {
+            return self
+                .reauthorize(store, current, tokens, refresh_at)
+                .await
+                .map(|()| existing(false))
+                .map_err(store_err);
+        }
         let record = Record::new(
             installation.clone(),
             consumer_name(self),
@@ -289,6 +306,41 @@ impl OAuthClient {
             Ok(()) => Ok(existing(true)),
             Err(StoreError::AlreadyExists { .. }) => Ok(existing(false)),
             Err(source) => Err(store_err(source)),
+        }
+    }
+}
+
+impl OAuthClient {
+    /// Replaces an existing installation's tokens after a new authorization (compare-and-swap,
+    /// retried on conflicts: a new grant wins over anything in flight).
+    async fn reauthorize(
+        &self,
+        store: &dyn TokenStore,
+        mut current: Record,
+        tokens: tokenkeeper_core::TokenSet,
+        refresh_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        loop {
+            let now = self.clock().now();
+            let next = current
+                .apply(
+                    tokenkeeper_core::Event::Authorized {
+                        tokens: tokens.clone(),
+                        refresh_at,
+                    },
+                    now,
+                )
+                .map_err(|e| StoreError::InvalidArgument {
+                    backend: "tokenkeeper",
+                    operation: "reauthorize",
+                    id: current.id().clone(),
+                    message: e.to_string(),
+                })?;
+            match store.compare_and_swap(&next, current.version()).await? {
+                tokenkeeper_core::CasOutcome::Swapped => return Ok(()),
+                tokenkeeper_core::CasOutcome::Conflict(now_stored) => current = *now_stored,
+                tokenkeeper_core::CasOutcome::Missing => return store.create(&next).await,
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ mod authorization;
 mod client;
 mod config;
 mod error;
+mod manager;
 mod profile;
 mod response;
 
@@ -35,15 +36,24 @@ pub use authorization::{AuthorizationError, AuthorizationRequest, Completed};
 pub use client::{OAuthClient, Revocation};
 pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};
 pub use error::{ErrorKind, OAuthError, Operation};
+pub use manager::{
+    Error, Explanation, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
+    RefresherHandle, RefresherStats, TokenManager, TokenManagerBuilder,
+};
 pub use profile::{
     BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
 };
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
 
 pub use tokenkeeper_core::{
-    AccessToken, Clock, FailureClass, InstallationId, ManualClock, Record, RefreshToken, Scopes,
-    State, StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
+    AccessToken, BackoffCause, Clock, ErrorDetail, FailureClass, HistoryEntry, InstallationId,
+    ListEntry, ListFilter, ManualClock, ReauthReason, Record, RefreshToken, Scopes, State,
+    StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
 };
+
+/// The core crate: the model, the pure state machine and the `TokenStore` contract, for
+/// writing your own store.
+pub use tokenkeeper_core as core;
 
 /// Provider presets.
 pub mod profiles {

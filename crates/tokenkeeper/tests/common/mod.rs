@@ -101,3 +101,83 @@ pub async fn install(client: &OAuthClient, store: &dyn TokenStore) -> Completed 
 pub fn ts(secs: i64) -> Timestamp {
     Timestamp::from_unix_secs(secs)
 }
+
+/// A manager on a mock provider with a manual clock; `advance` moves both clocks.
+pub struct Fixture {
+    pub mock: MockProvider,
+    pub clock: ManualClock,
+    pub manager: tokenkeeper::TokenManager,
+    pub store: Arc<dyn TokenStore>,
+}
+
+impl Fixture {
+    pub async fn new(profile: ProviderProfile, kind: MockProfile) -> Fixture {
+        Self::with_store(
+            profile,
+            kind,
+            Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        )
+        .await
+    }
+
+    pub async fn with_store(
+        profile: ProviderProfile,
+        kind: MockProfile,
+        store: Arc<dyn TokenStore>,
+    ) -> Fixture {
+        let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+        let clock = now_clock();
+        let manager = tokenkeeper::TokenManager::builder_shared(
+            consumer_for(profile, &mock, DEFAULT_CLIENT_SECRET),
+            store.clone(),
+        )
+        .clock(clock.clone())
+        .tune(|p| {
+            p.jitter_percent = 0;
+            p.backoff_base = std::time::Duration::from_secs(1);
+        })
+        .build()
+        .unwrap();
+        Fixture {
+            mock,
+            clock,
+            manager,
+            store,
+        }
+    }
+
+    /// Another manager (as if in another process) on the same store, mock and clock.
+    pub fn peer(&self, profile: ProviderProfile) -> tokenkeeper::TokenManager {
+        tokenkeeper::TokenManager::builder_shared(
+            consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
+            self.store.clone(),
+        )
+        .clock(self.clock.clone())
+        .build()
+        .unwrap()
+    }
+
+    pub fn advance(&self, d: std::time::Duration) {
+        self.clock.advance(d);
+        self.mock.advance(d);
+    }
+
+    /// A new installation: browser leg in-process at the mock, code exchange over HTTP.
+    pub async fn install(&self) -> tokenkeeper::InstallationId {
+        let begun = self.manager.begin_authorization(None).unwrap();
+        let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+        let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+        let code = self
+            .mock
+            .authorize_code(DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
+            .unwrap();
+        self.manager
+            .complete_authorization(&code, &begun.state)
+            .await
+            .unwrap()
+    }
+
+    pub async fn record(&self, id: &tokenkeeper::InstallationId) -> tokenkeeper::Record {
+        self.store.get(id).await.unwrap().unwrap()
+    }
+}

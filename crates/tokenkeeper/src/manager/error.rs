@@ -1,0 +1,182 @@
+//! The errors `TokenManager` callers see: what happened, to which installation, what to do.
+//!
+//! Cheap to clone (sources are shared), because one refresh answers every caller waiting on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenkeeper_core::{ErrorDetail, InstallationId, ReauthReason, StoreError, Timestamp};
+
+use crate::authorization::AuthorizationError;
+use crate::error::OAuthError;
+
+fn provider_said(detail: &Option<ErrorDetail>) -> String {
+    match detail {
+        Some(d) => format!(" (provider said: {d})"),
+        None => String::new(),
+    }
+}
+
+/// What went wrong for a caller of `TokenManager`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No record for this installation.
+    #[error(
+        "installation {id} is unknown to the token store; complete an authorization or import it first"
+    )]
+    NotFound {
+        /// The installation.
+        id: InstallationId,
+    },
+    /// The installation needs its user to authorize the app again.
+    #[error("installation {id} needs the user to authorize the app again: {} since {since}{}; start a new authorization for it", reason.describe(), provider_said(detail))]
+    ReauthorizationRequired {
+        /// The installation.
+        id: InstallationId,
+        /// Why.
+        reason: ReauthReason,
+        /// Since when.
+        since: Timestamp,
+        /// The provider's words.
+        detail: Option<ErrorDetail>,
+    },
+    /// The application revoked the installation.
+    #[error(
+        "installation {id} was revoked by the application at {at}; authorize it again to use it"
+    )]
+    Revoked {
+        /// The installation.
+        id: InstallationId,
+        /// When.
+        at: Timestamp,
+    },
+    /// No valid access token right now; the tokens are kept and a retry is scheduled.
+    #[error(
+        "installation {id} has no valid access token right now: the last refresh failed temporarily ({detail}); it will be retried at {retry_at}"
+    )]
+    TemporarilyUnavailable {
+        /// The installation.
+        id: InstallationId,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// The provider refused the consumer's own credentials. Consumer-wide; tokens untouched.
+    #[error(
+        "refreshing installation {id} failed because the provider refused the consumer's client credentials ({detail}); fix the client id/secret: every installation's tokens are kept and refreshes resume after {retry_at}"
+    )]
+    ConsumerCredentials {
+        /// The installation whose refresh hit it.
+        id: InstallationId,
+        /// When refreshes resume.
+        retry_at: Timestamp,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// The provider refused the request as malformed: the profile is wrong for this provider.
+    #[error(
+        "refreshing installation {id} failed because the request was malformed for this provider ({detail}); check the provider profile; tokens are kept"
+    )]
+    Configuration {
+        /// The installation.
+        id: InstallationId,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// Another process holds the refresh lease and did not finish in time.
+    #[error(
+        "installation {id} is being refreshed by another process ({holder}) that did not finish within {waited:?}; try again shortly"
+    )]
+    Busy {
+        /// The installation.
+        id: InstallationId,
+        /// Who holds the lease.
+        holder: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The store failed.
+    #[error("the token store failed for installation {id}: {source}")]
+    Store {
+        /// The installation.
+        id: InstallationId,
+        /// The store's error.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// Talking to the provider failed outside a refresh (revocation).
+    #[error("{source}")]
+    Provider {
+        /// The installation.
+        id: InstallationId,
+        /// The provider's error.
+        #[source]
+        source: Arc<OAuthError>,
+    },
+    /// The authorization flow failed.
+    #[error(transparent)]
+    Authorization(Arc<AuthorizationError>),
+    /// Tokens given to `import_installation` are unusable.
+    #[error("cannot import installation {id}: {reason}")]
+    InvalidImport {
+        /// The installation.
+        id: InstallationId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request built by `send_authorized` failed.
+    #[error("the API request for installation {id} failed: {source}")]
+    Http {
+        /// The installation.
+        id: InstallationId,
+        /// The transport error (its URL removed).
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    /// A refresh task ended without an answer (it panicked).
+    #[error("the refresh of installation {id} ended unexpectedly ({reason}); try again")]
+    Internal {
+        /// The installation.
+        id: InstallationId,
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn store(id: &InstallationId, source: StoreError) -> Self {
+        Self::Store {
+            id: id.clone(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The installation concerned, when there is one.
+    pub fn installation(&self) -> Option<&InstallationId> {
+        match self {
+            Self::NotFound { id }
+            | Self::ReauthorizationRequired { id, .. }
+            | Self::Revoked { id, .. }
+            | Self::TemporarilyUnavailable { id, .. }
+            | Self::ConsumerCredentials { id, .. }
+            | Self::Configuration { id, .. }
+            | Self::Busy { id, .. }
+            | Self::Store { id, .. }
+            | Self::Provider { id, .. }
+            | Self::InvalidImport { id, .. }
+            | Self::Http { id, .. }
+            | Self::Internal { id, .. } => Some(id),
+            Self::Authorization(_) => None,
+        }
+    }
+
+    /// True when only a new authorization helps.
+    pub fn needs_reauthorization(&self) -> bool {
+        matches!(
+            self,
+            Self::ReauthorizationRequired { .. } | Self::Revoked { .. }
+        )
+    }
+}

@@ -1,0 +1,161 @@
+//! `explain(id)`: the answer to "why does this installation not work?" in plain language,
+//! from the record's state, failure bookkeeping and bounded history. Never shows a token.
+
+use std::fmt;
+
+use tokenkeeper_core::{
+    BackoffCause, ErrorDetail, FailureStreak, HistoryEntry, InstallationId, Record, State,
+    Timestamp,
+};
+
+/// What tokenkeeper knows about one installation, and what to do about it.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The installation.
+    pub installation: InstallationId,
+    /// Its consumer.
+    pub consumer: String,
+    /// Its state.
+    pub state: State,
+    /// The record version.
+    pub version: u64,
+    /// When the current access token expires.
+    pub access_expires_at: Timestamp,
+    /// The granted scopes.
+    pub scopes: String,
+    /// Whether a refresh token is held.
+    pub has_refresh_token: bool,
+    /// When the next action is due.
+    pub due_at: Option<Timestamp>,
+    /// When the refresh token was last used.
+    pub refresh_token_last_used: Timestamp,
+    /// When the current grant was authorized.
+    pub authorized_at: Timestamp,
+    /// The current failure streak.
+    pub failures: Option<FailureStreak>,
+    /// The last error the provider returned.
+    pub last_error: Option<ErrorDetail>,
+    /// The last transitions, oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// The plain-language summary: what happened and what to do.
+    pub summary: String,
+}
+
+impl Explanation {
+    pub(crate) fn of(record: &Record, now: Timestamp) -> Self {
+        let tokens = record.tokens();
+        let provider = |e: Option<&ErrorDetail>| match e {
+            Some(e) => format!(" The provider said: {e}."),
+            None => String::new(),
+        };
+        let summary = match record.state() {
+            State::Active if now < tokens.expires_at => format!(
+                "Healthy: the access token is valid until {}; the next refresh is due at {}.",
+                tokens.expires_at,
+                record
+                    .due_at()
+                    .map_or_else(|| "-".into(), |d| d.to_string())
+            ),
+            State::Active => format!(
+                "Healthy but idle: the access token expired at {}; it is refreshed on the next use or by the background refresher.",
+                tokens.expires_at
+            ),
+            State::Refreshing { lease } => format!(
+                "A refresh is in progress by {} (lease until {}). If that process died, another takes over when the lease lapses.",
+                lease.holder, lease.until
+            ),
+            State::Backoff { until, cause } => {
+                let streak = record
+                    .failures()
+                    .map(|f| {
+                        format!(
+                            " {} attempt(s) in a row have failed since {}.",
+                            f.consecutive, f.first_at
+                        )
+                    })
+                    .unwrap_or_default();
+                match cause {
+                    BackoffCause::ConsumerCredentialsInvalid => format!(
+                        "The provider refused the consumer's client credentials.{}{streak} Fix the client id/secret; this installation's tokens are kept and refreshing resumes at {until}.",
+                        provider(record.last_error())
+                    ),
+                    BackoffCause::Configuration => format!(
+                        "The provider refused the refresh request as malformed.{} Check the provider profile; tokens are kept; next attempt at {until}.",
+                        provider(record.last_error())
+                    ),
+                    _ => format!(
+                        "The last refresh failed temporarily.{}{streak} Tokens are kept; the next attempt is at {until}; the current access token is served until {}.",
+                        provider(record.last_error()),
+                        tokens.expires_at
+                    ),
+                }
+            }
+            State::ReauthorizationRequired { reason, since } => format!(
+                "Needs the user to authorize the app again: {} (since {since}).{} Start a new authorization for installation {} and complete it; nothing else can repair it.",
+                reason.describe(),
+                provider(record.last_error()),
+                record.id()
+            ),
+            State::Revoked { at } => {
+                format!("Revoked by the application at {at}. Authorize it again to use it.")
+            }
+            _ => "Unknown state.".to_owned(),
+        };
+        Self {
+            installation: record.id().clone(),
+            consumer: record.consumer().to_owned(),
+            state: record.state().clone(),
+            version: record.version(),
+            access_expires_at: tokens.expires_at,
+            scopes: tokens.scopes.to_string(),
+            has_refresh_token: tokens.refresh_token.is_some(),
+            due_at: record.due_at(),
+            refresh_token_last_used: record.refresh_token_last_used(),
+            authorized_at: record.authorized_at(),
+            failures: record.failures().cloned(),
+            last_error: record.last_error().cloned(),
+            history: record.history().cloned().collect(),
+            summary,
+        }
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "installation {} ({})", self.installation, self.consumer)?;
+        writeln!(f, "  state:    {}", self.state.kind())?;
+        writeln!(f, "  summary:  {}", self.summary)?;
+        writeln!(
+            f,
+            "  tokens:   access expires {}; refresh token {}; scopes [{}]; authorized {}",
+            self.access_expires_at,
+            if self.has_refresh_token {
+                "held"
+            } else {
+                "none"
+            },
+            self.scopes,
+            self.authorized_at
+        )?;
+        if let Some(last) = &self.last_error {
+            writeln!(f, "  last error: {last}")?;
+        }
+        writeln!(
+            f,
+            "  history (oldest first, record version {}):",
+            self.version
+        )?;
+        for h in &self.history {
+            write!(
+                f,
+                "    {} v{} {}: {} -> {}",
+                h.at, h.version, h.event, h.from, h.to
+            )?;
+            if let Some(e) = &h.error {
+                write!(f, " [{e}]")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}

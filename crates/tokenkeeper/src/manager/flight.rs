@@ -1,0 +1,107 @@
+//! Single-flight: at most one refresh per installation in this process, whatever the number
+//! of callers. The first caller spawns the refresh as its own task (so a caller that gives up
+//! cannot cancel a refresh between the provider's reply and the store write); every caller,
+//! the first included, awaits the same published outcome.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokenkeeper_core::{AccessToken, InstallationId};
+use tokio::sync::watch;
+
+use super::error::Error;
+
+pub(crate) type Outcome = Result<AccessToken, Error>;
+
+type Map = Arc<Mutex<HashMap<InstallationId, watch::Receiver<Option<Outcome>>>>>;
+
+/// The flights in progress.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Map,
+}
+
+impl Flights {
+    /// Joins the flight for `id`, or starts one running `work` (which must call
+    /// [`Landing::land`] when done).
+    pub(crate) async fn join<F>(
+        &self,
+        id: &InstallationId,
+        work: impl FnOnce(Landing) -> F,
+    ) -> Outcome
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut rx = {
+            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            match map.get(id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(id.clone(), rx.clone());
+                    tokio::spawn(work(Landing {
+                        id: id.clone(),
+                        tx: Some(tx),
+                        map: self.map.clone(),
+                    }));
+                    rx
+                }
+            }
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or_else(|| unreachable_outcome(id)),
+            Err(_) => Err(Error::Internal {
+                id: id.clone(),
+                reason: "the refresh task stopped without an answer".into(),
+            }),
+        }
+    }
+
+    /// How many flights are in progress.
+    pub(crate) fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+fn unreachable_outcome(id: &InstallationId) -> Outcome {
+    Err(Error::Internal {
+        id: id.clone(),
+        reason: "a flight published no outcome".into(),
+    })
+}
+
+/// The right (and duty) to publish one flight's outcome. Dropped unlanded (the task
+/// panicked), it still ends the flight, so the next caller starts a fresh one.
+pub(crate) struct Landing {
+    id: InstallationId,
+    tx: Option<watch::Sender<Option<Outcome>>>,
+    map: Map,
+}
+
+impl Landing {
+    /// Ends the flight: later callers start a new one, current ones get `outcome`.
+    pub(crate) fn land(mut self, outcome: Outcome) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            self.map
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `RefreshPolicy`: when to refresh, how long leases last, how to back off and when to give up,
+//! with defaults from the provider profile and validation of the rules that keep leases safe.
+
+use std::time::Duration;
+
+use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
+
+use crate::config::{ConfigError, ConsumerConfig};
+use crate::profile::Timing;
+
+/// Refresh timing, leases, backoff and the failure budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshPolicy {
+    /// Skew, refresh-ahead window and lifetime share (from the profile by default).
+    pub timing: Timing,
+    /// Spread proactive refreshes over up to this share of the token lifetime (percent), so a
+    /// fleet authorized together does not refresh in one burst. Default 5.
+    pub jitter_percent: u8,
+    /// Refresh proactively (the background refresher acts at `refresh_at`). When false,
+    /// installations are refreshed on demand and only kept alive before their refresh token's
+    /// inactivity expiry.
+    pub proactive: bool,
+    /// Refresh an idle installation this long after its refresh token was last used (default:
+    /// the profile's inactivity expiry minus 7 days; `None` without an inactivity expiry).
+    pub keep_alive: Option<Duration>,
+    /// How long a refresh lease lasts. Must exceed the HTTP timeout plus `lease_margin`.
+    pub lease_ttl: Duration,
+    /// Slack on top of the HTTP timeout for clock skew between machines (default 30 s).
+    pub lease_margin: Duration,
+    /// How long a caller waits for another process's refresh before giving up (default: the
+    /// lease TTL plus one second).
+    pub peer_wait: Duration,
+    /// First backoff delay after a transient failure (default 2 s).
+    pub backoff_base: Duration,
+    /// Longest backoff delay (default 10 minutes).
+    pub backoff_max: Duration,
+    /// Give up (re-authorization required) once refreshes have failed transiently for this
+    /// long... (default 3 days)
+    pub failure_budget: Duration,
+    /// ...and at least this many times in a row (default 5), so one outage cannot condemn an
+    /// installation by a single unlucky attempt.
+    pub failure_budget_attempts: u32,
+    /// How long every refresh fails fast after the provider refused the consumer's
+    /// credentials (default 60 s).
+    pub consumer_breaker: Duration,
+}
+
+impl RefreshPolicy {
+    /// Defaults for a consumer (from its profile and HTTP timeout).
+    pub fn for_consumer(consumer: &ConsumerConfig) -> Self {
+        let profile = consumer.profile();
+        let lease_margin = Duration::from_secs(30);
+        let lease_ttl = consumer.http_timeout() * 2 + lease_margin;
+        Self {
+            timing: profile.timing,
+            jitter_percent: 5,
+            proactive: true,
+            keep_alive: profile.refresh_inactivity_expiry.map(|e| {
+                e.saturating_sub(Duration::from_secs(7 * 24 * 3600))
+                    .max(e / 2)
+            }),
+            lease_ttl,
+            lease_margin,
+            peer_wait: lease_ttl + Duration::from_secs(1),
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(600),
+            failure_budget: Duration::from_secs(3 * 24 * 3600),
+            failure_budget_attempts: 5,
+            consumer_breaker: Duration::from_secs(60),
+        }
+    }
+
+    /// Checks the rules that keep leases safe.
+    pub fn validate(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
+        let needed = consumer.http_timeout() + self.lease_margin;
+        if self.lease_ttl <= needed {
+            return Err(ConfigError::InvalidDuration {
+                field: "lease_ttl",
+                reason: format!(
+                    "{:?} must exceed the HTTP timeout ({:?}) plus the lease margin ({:?}); otherwise a slow refresh could outlive its lease and race another process",
+                    self.lease_ttl,
+                    consumer.http_timeout(),
+                    self.lease_margin
+                ),
+            });
+        }
+        if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
+            return Err(ConfigError::InvalidDuration {
+                field: "backoff",
+                reason: "backoff_base must be positive and at most backoff_max".into(),
+            });
+        }
+        if self.jitter_percent > 50 {
+            return Err(ConfigError::InvalidDuration {
+                field: "jitter_percent",
+                reason: "at most 50 (percent of the token lifetime)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The instant after which `tokens` are no longer served.
+    pub fn stale_at(&self, tokens: &TokenSet) -> Timestamp {
+        self.timing.stale_at(tokens)
+    }
+
+    /// When the next refresh of freshly obtained `tokens` is due (jittered earlier by up to
+    /// `jitter_percent` of the lifetime).
+    pub fn refresh_at(&self, tokens: &TokenSet, last_used: Timestamp) -> Timestamp {
+        let keep_alive = self.keep_alive.map(|k| last_used.saturating_add(k));
+        let ahead = if self.proactive {
+            let jitter = tokens
+                .lifetime()
+                .mul_f64(f64::from(self.jitter_percent) / 100.0 * fastrand::f64());
+            Some(self.timing.refresh_at(tokens).saturating_sub(jitter))
+        } else {
+            None
+        };
+        match (ahead, keep_alive) {
+            (Some(a), Some(k)) => a.min(k),
+            (Some(a), None) => a,
+            (None, Some(k)) => k,
+            (None, None) => self.stale_at(tokens),
+        }
+    }
+
+    /// When to retry after the `streak`-th consecutive transient failure: exponential with
+    /// full jitter, never sooner than the provider's `Retry-After`.
+    pub fn retry_at(
+        &self,
+        now: Timestamp,
+        streak: Option<&FailureStreak>,
+        retry_after: Option<Duration>,
+    ) -> Timestamp {
+        let n = streak.map_or(0, |s| s.consecutive).min(20);
+        let cap = self
+            .backoff_base
+            .saturating_mul(1u32 << n.min(16))
+            .min(self.backoff_max);
+        let delay = cap.mul_f64(fastrand::f64()).max(self.backoff_base / 2);
+        now.saturating_add(delay.max(retry_after.unwrap_or(Duration::ZERO)))
+    }
+
+    /// Whether one more transient failure exhausts the budget.
+    pub fn budget_exhausted(&self, record: &Record, now: Timestamp) -> bool {
+        record.failures().is_some_and(|s| {
+            s.consecutive + 1 >= self.failure_budget_attempts
+                && now.duration_since(s.first_at) >= self.failure_budget
+        })
+    }
+}

@@ -1,0 +1,166 @@
+//! The background refresher: pages through the store's due index and refreshes what is due
+//! (proactive refresh-ahead, keep-alive of idle installations, retries after backoff), with
+//! bounded concurrency and a provider rate limit, through the same single flight as callers,
+//! so it never runs two refreshes of one installation. Shutdown stops scheduling and awaits
+//! the refreshes in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokenkeeper_core::DueEntry;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::TokenManager;
+use super::refresh::Mode;
+
+/// How the refresher paces itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefresherConfig {
+    /// Refreshes in flight at once (default 16).
+    pub concurrency: usize,
+    /// Refreshes started per second at most (default 50; `None`: unlimited).
+    pub rate_per_second: Option<u32>,
+    /// Due entries read per store call (default 500).
+    pub page_size: usize,
+    /// Longest sleep between sweeps (default 5 s); shorter when something falls due sooner.
+    pub max_idle: Duration,
+}
+
+impl Default for RefresherConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            rate_per_second: Some(50),
+            page_size: 500,
+            max_idle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the refresher has done so far.
+#[derive(Debug, Default)]
+pub struct RefresherStats {
+    /// Sweeps over the due index.
+    pub sweeps: AtomicU64,
+    /// Installations handed to a refresh.
+    pub attempted: AtomicU64,
+    /// Refreshes that ended with a usable token.
+    pub succeeded: AtomicU64,
+    /// Refreshes that ended with an error.
+    pub failed: AtomicU64,
+}
+
+/// A running refresher. Dropping it leaves it running; call [`RefresherHandle::shutdown`].
+#[derive(Debug)]
+pub struct RefresherHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    stats: Arc<RefresherStats>,
+}
+
+impl RefresherHandle {
+    /// Counters.
+    pub fn stats(&self) -> &RefresherStats {
+        &self.stats
+    }
+
+    /// Stops scheduling new refreshes and waits for those in flight.
+    pub async fn shutdown(self) -> Arc<RefresherStats> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.stats
+    }
+}
+
+pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> RefresherHandle {
+    let (stop, mut stopped) = watch::channel(false);
+    let stats = Arc::new(RefresherStats::default());
+    let task_stats = stats.clone();
+    let task = tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        let pace = config
+            .rate_per_second
+            .filter(|r| *r > 0)
+            .map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
+        let mut next_slot = tokio::time::Instant::now();
+        let mut running = JoinSet::new();
+        'sweeps: loop {
+            task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
+            let now = manager.inner.clock.now();
+            let mut cursor: Option<DueEntry> = None;
+            loop {
+                let page = match manager
+                    .inner
+                    .store
+                    .due(now, config.page_size.max(1), cursor.as_ref())
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the refresher could not read the due index");
+                        break;
+                    }
+                };
+                for entry in page.entries {
+                    if *stopped.borrow() {
+                        break 'sweeps;
+                    }
+                    if let Some(pace) = pace {
+                        tokio::time::sleep_until(next_slot).await;
+                        next_slot = next_slot.max(tokio::time::Instant::now()) + pace;
+                    }
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break 'sweeps;
+                    };
+                    let (m, s) = (manager.clone(), task_stats.clone());
+                    s.attempted.fetch_add(1, Ordering::Relaxed);
+                    running.spawn(async move {
+                        let outcome = m.refresh(&entry.id, Mode::Proactive).await;
+                        match outcome {
+                            Ok(_) => s.succeeded.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => s.failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                        drop(permit);
+                    });
+                    while running.try_join_next().is_some() {}
+                }
+                match page.next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            // Finish this sweep's refreshes before reading the index again.
+            while running.join_next().await.is_some() {}
+            let idle = next_due_in(&manager, config.max_idle).await;
+            tokio::select! {
+                _ = tokio::time::sleep(idle) => {}
+                _ = stopped.changed() => {}
+            }
+            if *stopped.borrow() {
+                break;
+            }
+        }
+        while running.join_next().await.is_some() {}
+    });
+    RefresherHandle { stop, task, stats }
+}
+
+/// How long until the earliest due entry (at most `max`).
+async fn next_due_in(manager: &TokenManager, max: Duration) -> Duration {
+    let now = manager.inner.clock.now();
+    match manager
+        .inner
+        .store
+        .due(tokenkeeper_core::Timestamp::MAX, 1, None)
+        .await
+    {
+        Ok(page) => page
+            .entries
+            .first()
+            .map_or(max, |e| e.due_at.duration_since(now).min(max))
+            .max(Duration::from_millis(5)),
+        Err(_) => max,
+    }
+}
