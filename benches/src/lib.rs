@@ -115,33 +115,7 @@ pub fn data_dir() -> std::path::PathBuf {
 }
 
 /// A redis-server for the benchmarks: `TOKENKEEPER_REDIS_URL` when set, otherwise one started
-/// on a free loopback port that is killed when this process exits (a shell wrapper waits on
-/// our stdin pipe).
+/// on a free loopback port that dies with this process.
 pub fn redis_url() -> String {
-    if let Ok(url) = std::env::var("TOKENKEEPER_REDIS_URL") {
-        return url;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let bin = std::env::var("TOKENKEEPER_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let script = format!(
-        "'{bin}' --port {port} --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 & pid=$!; read _; kill $pid"
-    );
-    let child = std::process::Command::new("sh")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("start redis-server (install it: apt-get install redis-server)");
-    std::mem::forget(child);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start; install it (apt-get install redis-server) or set TOKENKEEPER_REDIS_URL"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    format!("redis://127.0.0.1:{port}")
+    tokenkeeper_redis::testing::server_url()
 }

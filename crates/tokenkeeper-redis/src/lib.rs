@@ -28,6 +28,7 @@
 
 mod keys;
 mod scripts;
+pub mod testing;
 mod value;
 
 use std::time::Duration;
