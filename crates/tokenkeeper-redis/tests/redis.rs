@@ -282,8 +282,8 @@ async fn prefixes_isolate_applications() {
 
 #[tokio::test]
 async fn auth_with_password_and_acl_user() {
-    let server = common::Server::start_on(
-        common::free_port(),
+    let server = tokenkeeper_redis::testing::Server::start_on(
+        tokenkeeper_redis::testing::free_port(),
         &[
             "--requirepass",
             "s3cret-pass",
@@ -327,8 +327,8 @@ async fn auth_with_password_and_acl_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
-    let port = common::free_port();
-    let server = common::Server::start_on(port, &[]);
+    let port = tokenkeeper_redis::testing::free_port();
+    let server = tokenkeeper_redis::testing::Server::start_on(port, &[]);
     let store = RedisStore::builder(server.url())
         .prefix("restart")
         .operation_timeout(Duration::from_secs(2))
@@ -353,7 +353,7 @@ async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
         }
     }
 
-    let _server = common::Server::start_on(port, &[]);
+    let _server = tokenkeeper_redis::testing::Server::start_on(port, &[]);
     let mut healed = false;
     for _ in 0..50 {
         if store
