@@ -64,6 +64,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quie
 log "cargo test"
 cargo test --workspace --all-features
 
+log "the README's commands: the quickstart, the examples, the mock provider binary"
+cargo run -q --example quickstart
+cargo run -q --example web_install -- --self-test
+cargo run -q --example redis_fleet -- "$TOKENKEEPER_REDIS_URL"
+cargo run -q -p tokenkeeper-mock-provider -- --help >/dev/null
+
 if [ -d benches ]; then
     log "benchmarks, each once (cargo bench -- --test)"
     cargo bench --workspace --all-features -- --test

@@ -69,3 +69,8 @@ pub mod stores {
     #[cfg(feature = "sqlite")]
     pub use tokenkeeper_sqlite::{SqliteStore, SqliteStoreBuilder};
 }
+
+/// The README's code compiles (and stays true): it is a doctest of this crate.
+#[cfg(all(doctest, feature = "sqlite"))]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
