@@ -82,6 +82,8 @@ mod transition;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "encryption")]
+pub mod sealed;
 
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
 pub use record::{

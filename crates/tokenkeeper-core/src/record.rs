@@ -123,6 +123,8 @@ pub enum EventKind {
     RefreshRejected,
     /// The application revoked the installation.
     Revoked,
+    /// The record was re-encrypted under a new key.
+    Resealed,
 }
 
 impl fmt::Display for EventKind {
@@ -137,6 +139,7 @@ impl fmt::Display for EventKind {
             Self::RefreshDeferred => "refresh deferred",
             Self::RefreshRejected => "refresh rejected",
             Self::Revoked => "revoked",
+            Self::Resealed => "resealed",
         })
     }
 }

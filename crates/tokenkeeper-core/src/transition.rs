@@ -79,6 +79,10 @@ pub enum Event {
     },
     /// The application revoked the installation. Overrides any lease.
     Revoked,
+    /// The record was rewritten unchanged (re-encrypted under a new key). Allowed in every
+    /// state; callers must not use it on a record under a live lease, whose holder it would
+    /// fence out.
+    Resealed,
 }
 
 impl Event {
@@ -93,6 +97,7 @@ impl Event {
             Self::RefreshDeferred { .. } => EventKind::RefreshDeferred,
             Self::RefreshRejected { .. } => EventKind::RefreshRejected,
             Self::Revoked => EventKind::Revoked,
+            Self::Resealed => EventKind::Resealed,
         }
     }
 
@@ -326,6 +331,7 @@ pub fn transition(
             next.state = State::Revoked { at: now };
             next.due_at = None;
         }
+        Event::Resealed => {}
     }
 
     next.version = version;

@@ -55,6 +55,10 @@ pub use tokenkeeper_core::{
 /// writing your own store.
 pub use tokenkeeper_core as core;
 
+/// At-rest encryption (feature `encryption`): seal tokens in any store.
+#[cfg(feature = "encryption")]
+pub use tokenkeeper_core::sealed::{KeyId, Keyring, ResealReport, SealError, Sealed};
+
 /// Provider presets.
 pub mod profiles {
     pub use crate::profile::{atlassian_3lo, bitbucket, bitbucket_legacy, github_app, google};

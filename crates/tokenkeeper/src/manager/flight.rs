@@ -1,10 +1,9 @@
 //! Single-flight: at most one refresh per installation in this process, whatever the number
-//! of callers. The first caller spawns the refresh as its own task (so a caller that gives up
-//! cannot cancel a refresh between the provider's reply and the store write); every caller,
-//! the first included, awaits the same published outcome.
+//! of callers. The first caller (the leader) spawns the refresh as its own task, so a caller
+//! that gives up cannot cancel a refresh between the provider's reply and the store write;
+//! every caller, the leader included, awaits the same published outcome.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokenkeeper_core::{AccessToken, InstallationId};
@@ -23,39 +22,23 @@ pub(crate) struct Flights {
 }
 
 impl Flights {
-    /// Joins the flight for `id`, or starts one running `work` (which must call
-    /// [`Landing::land`] when done).
-    pub(crate) async fn join<F>(
-        &self,
-        id: &InstallationId,
-        work: impl FnOnce(Landing) -> F,
-    ) -> Outcome
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let mut rx = {
-            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            match map.get(id) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    map.insert(id.clone(), rx.clone());
-                    tokio::spawn(work(Landing {
-                        id: id.clone(),
-                        tx: Some(tx),
-                        map: self.map.clone(),
-                    }));
-                    rx
-                }
-            }
-        };
-        match rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or_else(|| unreachable_outcome(id)),
-            Err(_) => Err(Error::Internal {
-                id: id.clone(),
-                reason: "the refresh task stopped without an answer".into(),
-            }),
+    /// Joins the flight for `id`, or becomes its leader (who must start the work and land
+    /// the outcome). Synchronous and allocation-light, so a thousand followers cost little.
+    pub(crate) fn join(&self, id: &InstallationId) -> Joined {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = map.get(id) {
+            return Joined::Follower(rx.clone());
         }
+        let (tx, rx) = watch::channel(None);
+        map.insert(id.clone(), rx.clone());
+        Joined::Leader(
+            Landing {
+                id: id.clone(),
+                tx: Some(tx),
+                map: self.map.clone(),
+            },
+            rx,
+        )
     }
 
     /// How many flights are in progress.
@@ -65,6 +48,25 @@ impl Flights {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// Waits for the outcome published on `rx`.
+pub(crate) async fn wait(id: &InstallationId, mut rx: watch::Receiver<Option<Outcome>>) -> Outcome {
+    match rx.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone().unwrap_or_else(|| unreachable_outcome(id)),
+        Err(_) => Err(Error::Internal {
+            id: id.clone(),
+            reason: "the refresh task stopped without an answer".into(),
+        }),
+    }
+}
+
+/// The caller's part in a flight.
+pub(crate) enum Joined {
+    /// Start the work, land the outcome, and wait like everyone else.
+    Leader(Landing, watch::Receiver<Option<Outcome>>),
+    /// Wait for the leader's outcome.
+    Follower(watch::Receiver<Option<Outcome>>),
 }
 
 fn unreachable_outcome(id: &InstallationId) -> Outcome {

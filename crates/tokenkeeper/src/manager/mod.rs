@@ -118,6 +118,15 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// Seals every token before it reaches the store (feature `encryption`): a leaked
+    /// database or Redis dump holds no usable token. Every process sharing the store needs the
+    /// same keyring.
+    #[cfg(feature = "encryption")]
+    pub fn encryption(mut self, keyring: tokenkeeper_core::sealed::Keyring) -> Self {
+        self.store = Arc::new(tokenkeeper_core::sealed::Sealed::new(self.store, keyring));
+        self
+    }
+
     /// Uses an existing `reqwest::Client` for the provider and API calls.
     pub fn http_client(mut self, http: reqwest::Client) -> Self {
         self.http = Some(http);
@@ -223,10 +232,16 @@ impl TokenManager {
     /// A valid access token for `id`. From the in-process cache when fresh (no store I/O);
     /// otherwise through one refresh flight per installation.
     pub async fn access_token(&self, id: &InstallationId) -> Result<AccessToken, Error> {
-        if let Some(token) = self.inner.cache.fresh(id, self.inner.clock.now()) {
+        if let Some(token) = self.cached_token(id) {
             return Ok(token);
         }
         self.refresh(id, Mode::OnDemand).await
+    }
+
+    /// The cached access token, if it is still fresh: the synchronous hot path of
+    /// [`TokenManager::access_token`], without ever refreshing.
+    pub fn cached_token(&self, id: &InstallationId) -> Option<AccessToken> {
+        self.inner.cache.fresh(id, self.inner.clock.now())
     }
 
     /// Refreshes now, unless another caller already replaced the current access token.
@@ -269,20 +284,25 @@ impl TokenManager {
         self.inner.cache.remove(id);
     }
 
+    /// Joins (or leads) the installation's flight. The refresh itself runs in its own task,
+    /// so this future stays small and a dropped caller cancels nothing.
     pub(crate) async fn refresh(
         &self,
         id: &InstallationId,
         mode: Mode,
     ) -> Result<AccessToken, Error> {
-        let inner = self.inner.clone();
-        let flight_id = id.clone();
-        self.inner
-            .flights
-            .join(id, move |landing| async move {
-                let outcome = refresh::run(&inner, &flight_id, &mode).await;
-                landing.land(outcome);
-            })
-            .await
+        let rx = match self.inner.flights.join(id) {
+            flight::Joined::Follower(rx) => rx,
+            flight::Joined::Leader(landing, rx) => {
+                let (inner, flight_id) = (self.inner.clone(), id.clone());
+                tokio::spawn(async move {
+                    let outcome = refresh::run(&inner, &flight_id, &mode).await;
+                    landing.land(outcome);
+                });
+                rx
+            }
+        };
+        flight::wait(id, rx).await
     }
 
     /// Sends `request` with the installation's bearer token; on a 401 refreshes once (unless

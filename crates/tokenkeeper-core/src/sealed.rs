@@ -1,0 +1,456 @@
+//! `Sealed<S>`: at-rest encryption as a store decorator. Tokens are bearer credentials to
+//! customers' repositories; a leaked database file or Redis dump must not leak them.
+//!
+//! Each token is sealed on its own with XChaCha20-Poly1305 (a fresh random 192-bit nonce per
+//! write) into `tksealed1.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
+//! installation id and the token's role as associated data: a sealed token copied into another
+//! record, or from the refresh field into the access field, fails to open. The rest of the
+//! record (state, times, history) stays readable so the backends can index it; it holds no
+//! secret.
+//!
+//! A [`Keyring`] holds the current key (every write) and older ones (reads only), so keys
+//! rotate without downtime; [`Sealed::reseal`] re-encrypts every record under the current key.
+//! A wrong or missing key is [`StoreError::Corrupt`] naming the key id, for that installation
+//! only, never garbage tokens. Records written before encryption was enabled (plaintext
+//! tokens) are read as they are and sealed on their next write or by `reseal`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use secrecy::{ExposeSecret, SecretBox};
+
+use crate::{
+    AccessToken, CasOutcome, DeleteOutcome, DueEntry, DuePage, Event, InstallationId, ListFilter,
+    ListPage, Record, RefreshToken, State, StoreError, Timestamp, TokenStore,
+};
+
+const PREFIX: &str = "tksealed1.";
+const NONCE_LEN: usize = 24;
+
+/// Why a key or a sealed token is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// A key id is empty, too long, or uses characters other than `A-Z a-z 0-9 _ -`.
+    #[error("key id {0:?} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' or '-'")]
+    InvalidKeyId(String),
+    /// A key is not 32 bytes.
+    #[error("key {id:?} must be exactly 32 bytes (256 bits), got {len}")]
+    InvalidKeyLength {
+        /// The key id.
+        id: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The same key id twice.
+    #[error("key id {0:?} is in the keyring twice")]
+    DuplicateKeyId(String),
+    /// The record was sealed with a key this keyring does not hold.
+    #[error(
+        "the {field} token was sealed with key {key_id:?}, which is not in the keyring; add it as a previous key"
+    )]
+    UnknownKey {
+        /// The key id in the sealed value.
+        key_id: String,
+        /// Which token.
+        field: &'static str,
+    },
+    /// Authentication failed: the wrong key under that id, tampering, or a token copied from
+    /// another installation or field.
+    #[error(
+        "the {field} token does not open with key {key_id:?}: wrong key, tampered data, or a token copied from another installation"
+    )]
+    Tampered {
+        /// The key id in the sealed value.
+        key_id: String,
+        /// Which token.
+        field: &'static str,
+    },
+    /// Not in the sealed format.
+    #[error("the {field} token is not a well-formed sealed value")]
+    Malformed {
+        /// Which token.
+        field: &'static str,
+    },
+    /// The system random generator failed.
+    #[error("the system random number generator failed: {0}")]
+    Random(String),
+}
+
+/// A key id: 1 to 32 characters of `A-Z a-z 0-9 _ -` (it is stored in every sealed value).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// Validates a key id.
+    pub fn new(id: &str) -> Result<Self, SealError> {
+        let ok = (1..=32).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(id.to_owned()))
+        } else {
+            Err(SealError::InvalidKeyId(id.to_owned()))
+        }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The keys that seal and open tokens: one current key and any number of previous ones.
+/// `Debug` shows key ids only.
+pub struct Keyring {
+    current: KeyId,
+    keys: BTreeMap<KeyId, SecretBox<[u8; 32]>>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("current", &self.current.0)
+            .field(
+                "keys",
+                &self.keys.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn key_bytes(id: &str, key: &[u8]) -> Result<SecretBox<[u8; 32]>, SealError> {
+    let bytes: [u8; 32] = key.try_into().map_err(|_| SealError::InvalidKeyLength {
+        id: id.to_owned(),
+        len: key.len(),
+    })?;
+    Ok(SecretBox::new(Box::new(bytes)))
+}
+
+impl Keyring {
+    /// A keyring whose current key is `key` (32 bytes) under `id`.
+    pub fn new(id: &str, key: &[u8]) -> Result<Self, SealError> {
+        let current = KeyId::new(id)?;
+        let mut keys = BTreeMap::new();
+        keys.insert(current.clone(), key_bytes(id, key)?);
+        Ok(Self { current, keys })
+    }
+
+    /// Adds an older key: it still opens what it sealed; new writes use the current key.
+    pub fn with_previous(mut self, id: &str, key: &[u8]) -> Result<Self, SealError> {
+        let kid = KeyId::new(id)?;
+        if self.keys.contains_key(&kid) {
+            return Err(SealError::DuplicateKeyId(id.to_owned()));
+        }
+        self.keys.insert(kid, key_bytes(id, key)?);
+        Ok(self)
+    }
+
+    /// The id of the key new writes use.
+    pub fn current(&self) -> &KeyId {
+        &self.current
+    }
+
+    fn cipher(&self, id: &KeyId) -> Option<XChaCha20Poly1305> {
+        self.keys
+            .get(id)
+            .map(|k| XChaCha20Poly1305::new(k.expose_secret().into()))
+    }
+
+    fn aad(installation: &InstallationId, field: &str) -> Vec<u8> {
+        format!("tokenkeeper/sealed/v1/{field}/{}", installation.as_str()).into_bytes()
+    }
+
+    /// Seals one token value.
+    pub fn seal(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        plaintext: &str,
+    ) -> Result<String, SealError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
+        let cipher = self.cipher(&self.current).ok_or(SealError::UnknownKey {
+            key_id: self.current.0.clone(),
+            field,
+        })?;
+        let aad = Self::aad(installation, field);
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| SealError::Malformed { field })?;
+        let mut blob = Vec::with_capacity(NONCE_LEN + sealed.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&sealed);
+        Ok(format!(
+            "{PREFIX}{}.{}",
+            self.current.0,
+            URL_SAFE_NO_PAD.encode(blob)
+        ))
+    }
+
+    /// The key id a stored value was sealed with (`None` for a plaintext value).
+    pub fn sealed_with(value: &str) -> Option<&str> {
+        value.strip_prefix(PREFIX)?.split('.').next()
+    }
+
+    /// Opens one stored token value; plaintext values (written before encryption) pass through.
+    pub fn open(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        stored: &str,
+    ) -> Result<String, SealError> {
+        let Some(rest) = stored.strip_prefix(PREFIX) else {
+            return Ok(stored.to_owned());
+        };
+        let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
+        let kid = KeyId::new(key_id).map_err(|_| SealError::Malformed { field })?;
+        let cipher = self.cipher(&kid).ok_or_else(|| SealError::UnknownKey {
+            key_id: key_id.to_owned(),
+            field,
+        })?;
+        let blob = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| SealError::Malformed { field })?;
+        if blob.len() < NONCE_LEN + 16 {
+            return Err(SealError::Malformed { field });
+        }
+        let (nonce, sealed) = blob.split_at(NONCE_LEN);
+        let aad = Self::aad(installation, field);
+        let plain = cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| SealError::Tampered {
+                key_id: key_id.to_owned(),
+                field,
+            })?;
+        String::from_utf8(plain).map_err(|_| SealError::Malformed { field })
+    }
+
+    /// A copy of `record` whose tokens are sealed under the current key.
+    pub fn seal_record(&self, record: &Record) -> Result<Record, SealError> {
+        let mut sealed = record.clone();
+        let id = record.id();
+        let tokens = &mut sealed.tokens;
+        tokens.access_token =
+            AccessToken::new(self.seal(id, "access", tokens.access_token.secret())?);
+        if let Some(r) = &tokens.refresh_token {
+            tokens.refresh_token = Some(RefreshToken::new(self.seal(id, "refresh", r.secret())?));
+        }
+        Ok(sealed)
+    }
+
+    /// A copy of a stored `record` with its tokens opened.
+    pub fn open_record(&self, record: &Record) -> Result<Record, SealError> {
+        let mut open = record.clone();
+        let id = record.id();
+        let tokens = &mut open.tokens;
+        tokens.access_token =
+            AccessToken::new(self.open(id, "access", tokens.access_token.secret())?);
+        if let Some(r) = &tokens.refresh_token {
+            tokens.refresh_token = Some(RefreshToken::new(self.open(id, "refresh", r.secret())?));
+        }
+        Ok(open)
+    }
+
+    /// Whether every token of a stored record is sealed under the current key.
+    pub fn is_current(&self, record: &Record) -> bool {
+        let tokens = record.tokens();
+        let current = |v: &str| Self::sealed_with(v) == Some(self.current.as_str());
+        current(tokens.access_token.secret())
+            && tokens
+                .refresh_token
+                .as_ref()
+                .is_none_or(|r| current(r.secret()))
+    }
+}
+
+/// What a [`Sealed::reseal`] pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    /// Records now sealed under the current key that were not before.
+    pub resealed: u64,
+    /// Records already sealed under the current key.
+    pub current: u64,
+    /// Records skipped because a refresh lease was live (run the pass again later).
+    pub skipped_leased: u64,
+    /// Records that could not be opened (listed with the reason).
+    pub failed: Vec<(InstallationId, String)>,
+}
+
+/// A [`TokenStore`] that seals tokens before they reach `S` and opens them on the way back.
+#[derive(Debug)]
+pub struct Sealed<S> {
+    inner: S,
+    keyring: Keyring,
+}
+
+impl<S: TokenStore> Sealed<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, keyring: Keyring) -> Self {
+        Self { inner, keyring }
+    }
+
+    /// The wrapped store (it sees only sealed tokens).
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The keyring.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    fn corrupt(id: &InstallationId, e: SealError) -> StoreError {
+        StoreError::Corrupt {
+            id: id.clone(),
+            backend: "sealed",
+            source: Box::new(e),
+        }
+    }
+
+    fn open(&self, record: Record) -> Result<Record, StoreError> {
+        self.keyring
+            .open_record(&record)
+            .map_err(|e| Self::corrupt(record.id(), e))
+    }
+
+    fn seal(&self, record: &Record) -> Result<Record, StoreError> {
+        self.keyring
+            .seal_record(record)
+            .map_err(|e| Self::corrupt(record.id(), e))
+    }
+
+    /// Re-encrypts every record not sealed under the current key (after adding a new key),
+    /// as a `Resealed` transition. Records under a live refresh lease are skipped, not
+    /// disturbed: run the pass again until `skipped_leased` is 0.
+    pub async fn reseal(&self, now: Timestamp) -> Result<ResealReport, StoreError> {
+        let mut report = ResealReport::default();
+        let mut after: Option<InstallationId> = None;
+        loop {
+            let page = self
+                .inner
+                .list(ListFilter::all(), after.as_ref(), 500)
+                .await?;
+            for entry in &page.entries {
+                let Some(stored) = self.inner.get(&entry.id).await? else {
+                    continue;
+                };
+                if self.keyring.is_current(&stored) {
+                    report.current += 1;
+                    continue;
+                }
+                if let State::Refreshing { lease } = stored.state()
+                    && lease.until > now
+                {
+                    report.skipped_leased += 1;
+                    continue;
+                }
+                let open = match self.keyring.open_record(&stored) {
+                    Ok(open) => open,
+                    Err(e) => {
+                        report.failed.push((entry.id.clone(), e.to_string()));
+                        continue;
+                    }
+                };
+                let next =
+                    open.apply(Event::Resealed, now)
+                        .map_err(|e| StoreError::InvalidArgument {
+                            backend: "sealed",
+                            operation: "reseal",
+                            id: entry.id.clone(),
+                            message: e.to_string(),
+                        })?;
+                match self
+                    .inner
+                    .compare_and_swap(&self.seal(&next)?, stored.version())
+                    .await?
+                {
+                    CasOutcome::Swapped => report.resealed += 1,
+                    // Someone wrote meanwhile: their write used the current key already.
+                    CasOutcome::Conflict(_) | CasOutcome::Missing => report.current += 1,
+                }
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(report),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<S: TokenStore> TokenStore for Sealed<S> {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        self.inner.get(id).await?.map(|r| self.open(r)).transpose()
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        self.inner.create(&self.seal(record)?).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        match self
+            .inner
+            .compare_and_swap(&self.seal(record)?, expected_version)
+            .await?
+        {
+            CasOutcome::Conflict(current) => {
+                Ok(CasOutcome::Conflict(Box::new(self.open(*current)?)))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        match self.inner.delete(id, expected_version).await? {
+            DeleteOutcome::Conflict(current) => {
+                Ok(DeleteOutcome::Conflict(Box::new(self.open(*current)?)))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+        after: Option<&DueEntry>,
+    ) -> Result<DuePage, StoreError> {
+        self.inner.due(before, limit, after).await
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list(filter, after, limit).await
+    }
+}

@@ -1,0 +1,316 @@
+//! At-rest encryption end to end: with a keyring configured, neither the SQLite file nor any
+//! Redis value holds a token the provider issued; tampering with one sealed record, or copying
+//! a sealed token into another record, is a typed error for that installation only; a wrong or
+//! missing key names the key id; keys rotate and `reseal` moves every record to the new key.
+#![cfg(feature = "encryption")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use tokenkeeper::{
+    Clock, Error, InstallationId, Keyring, ListFilter, SealError, Sealed, StoreError, TokenStore,
+    profiles,
+};
+use tokenkeeper_mock_provider::Profile as MockProfile;
+
+const K1: [u8; 32] = [7u8; 32];
+const K2: [u8; 32] = [9u8; 32];
+
+fn keyring() -> Keyring {
+    Keyring::new("k1", &K1).unwrap()
+}
+
+async fn tokens_of(store: &Arc<dyn TokenStore>) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for e in store
+        .list(ListFilter::all(), None, 1000)
+        .await
+        .unwrap()
+        .entries
+    {
+        let r = store.get(&e.id).await.unwrap().unwrap();
+        out.insert(r.tokens().access_token.secret().to_owned());
+        if let Some(t) = &r.tokens().refresh_token {
+            out.insert(t.secret().to_owned());
+        }
+    }
+    out
+}
+
+fn sqlite_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sealed-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Installs and refreshes a few installations through a sealed store; returns every token
+/// issued (as the manager sees them, opened).
+async fn exercise(f: &Fixture) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(f.install().await);
+    }
+    seen.extend(tokens_of(&f.store).await);
+    for _ in 0..2 {
+        f.advance(Duration::from_secs(7200));
+        for id in &ids {
+            seen.insert(
+                f.manager
+                    .access_token(id)
+                    .await
+                    .unwrap()
+                    .secret()
+                    .to_owned(),
+            );
+        }
+        seen.extend(tokens_of(&f.store).await);
+    }
+    assert!(seen.len() >= 16);
+    seen
+}
+
+fn assert_absent(haystack: &[u8], tokens: &HashSet<String>, what: &str) {
+    let text = String::from_utf8_lossy(haystack);
+    for t in tokens {
+        assert!(!text.contains(t.as_str()), "a token is readable in {what}");
+    }
+}
+
+#[tokio::test]
+async fn the_sqlite_file_holds_no_token() {
+    let dir = sqlite_dir("file");
+    let db = dir.join("tokens.db");
+    let sqlite = tokenkeeper_sqlite::SqliteStore::open(&db).await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(sqlite, keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let tokens = exercise(&f).await;
+    let mut raw = std::fs::read(&db).unwrap();
+    if let Ok(wal) = std::fs::read(dir.join("tokens.db-wal")) {
+        raw.extend(wal);
+    }
+    assert!(
+        String::from_utf8_lossy(&raw).contains("tksealed1.k1."),
+        "tokens are stored sealed"
+    );
+    assert_absent(&raw, &tokens, "the SQLite file");
+}
+
+#[tokio::test]
+async fn no_redis_value_holds_a_token() {
+    let url = tokenkeeper_redis::testing::server_url();
+    let redis = tokenkeeper_redis::RedisStore::builder(&url)
+        .prefix(tokenkeeper_redis::testing::unique_prefix("sealed"))
+        .connect()
+        .await
+        .unwrap();
+    let prefix = redis.prefix().to_owned();
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(redis, keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let tokens = exercise(&f).await;
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut everything = Vec::new();
+    for key in &keys {
+        everything.extend_from_slice(key.as_bytes());
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if kind == "string" {
+            let v: Vec<u8> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            everything.extend(v);
+        } else {
+            let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            members.into_iter().for_each(|m| everything.extend(m));
+        }
+    }
+    assert!(keys.len() > 4);
+    assert_absent(&everything, &tokens, "Redis");
+}
+
+#[tokio::test]
+async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let (a, b, c) = (f.install().await, f.install().await, f.install().await);
+    let sealed = |id: &InstallationId| {
+        let inner = inner.clone();
+        let id = id.clone();
+        async move { inner.get(&id).await.unwrap().unwrap() }
+    };
+    // Flip one character of a's sealed refresh token.
+    let ra = sealed(&a).await;
+    let mut tokens = ra.tokens().clone();
+    let mut chars: Vec<char> = tokens
+        .refresh_token
+        .as_ref()
+        .unwrap()
+        .secret()
+        .chars()
+        .collect();
+    let at = chars.len() - 5;
+    chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+    tokens.refresh_token = Some(tokenkeeper::RefreshToken::new(
+        chars.into_iter().collect::<String>(),
+    ));
+    let tampered = ra
+        .apply(
+            tokenkeeper::core::Event::Authorized {
+                tokens,
+                refresh_at: f.clock.now(),
+            },
+            f.clock.now(),
+        )
+        .unwrap();
+    inner
+        .compare_and_swap(&tampered, ra.version())
+        .await
+        .unwrap();
+    // Copy c's sealed access token into b.
+    let (rb, rc) = (sealed(&b).await, sealed(&c).await);
+    let mut tokens = rb.tokens().clone();
+    tokens.access_token = rc.tokens().access_token.clone();
+    let copied = rb
+        .apply(
+            tokenkeeper::core::Event::Authorized {
+                tokens,
+                refresh_at: f.clock.now(),
+            },
+            f.clock.now(),
+        )
+        .unwrap();
+    inner.compare_and_swap(&copied, rb.version()).await.unwrap();
+
+    for (id, field) in [(&a, "refresh"), (&b, "access")] {
+        match f.store.get(id).await {
+            Err(StoreError::Corrupt {
+                id: got, source, ..
+            }) => {
+                assert_eq!(&got, id);
+                let text = source.to_string();
+                assert!(text.contains(field) && text.contains("\"k1\""), "{text}");
+            }
+            other => panic!("{id}: expected Corrupt, got {other:?}"),
+        }
+        assert!(matches!(
+            f.manager.access_token(id).await,
+            Err(Error::Store { .. })
+        ));
+    }
+    f.manager
+        .access_token(&c)
+        .await
+        .expect("other installations are unaffected");
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_key_names_the_key_and_rotation_reseals_everything() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let ids = [f.install().await, f.install().await, f.install().await];
+    let expected = f.store.get(&ids[0]).await.unwrap().unwrap();
+
+    let wrong = Sealed::new(inner.clone(), Keyring::new("k1", &K2).unwrap());
+    match wrong.get(&ids[0]).await {
+        Err(StoreError::Corrupt { source, .. }) => {
+            assert!(
+                source.to_string().contains("does not open with key \"k1\""),
+                "{source}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let missing = Sealed::new(inner.clone(), Keyring::new("k2", &K2).unwrap());
+    match missing.get(&ids[0]).await {
+        Err(StoreError::Corrupt { source, .. }) => {
+            let e = source.downcast_ref::<SealError>().unwrap();
+            assert!(
+                matches!(e, SealError::UnknownKey { key_id, .. } if key_id == "k1"),
+                "{e}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+
+    // Rotate: k2 current, k1 still opens old records.
+    let rotated = Sealed::new(
+        inner.clone(),
+        Keyring::new("k2", &K2)
+            .unwrap()
+            .with_previous("k1", &K1)
+            .unwrap(),
+    );
+    assert_eq!(
+        rotated.get(&ids[0]).await.unwrap().unwrap().tokens(),
+        expected.tokens()
+    );
+    let report = rotated.reseal(f.clock.now()).await.unwrap();
+    assert_eq!(
+        (report.resealed, report.current, report.skipped_leased),
+        (3, 0, 0)
+    );
+    assert!(report.failed.is_empty());
+    let again = rotated.reseal(f.clock.now()).await.unwrap();
+    assert_eq!((again.resealed, again.current), (0, 3));
+    // Only k2 is needed now; the tokens are unchanged and the history says why the version moved.
+    let only_new = Sealed::new(inner.clone(), Keyring::new("k2", &K2).unwrap());
+    let r = only_new.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(r.tokens(), expected.tokens());
+    assert_eq!(r.version(), expected.version() + 1);
+    assert_eq!(
+        r.history().last().unwrap().event,
+        tokenkeeper::core::EventKind::Resealed
+    );
+    assert!(
+        !format!("{:?}", rotated.keyring()).contains("9, 9"),
+        "no key material in Debug"
+    );
+}
+
+#[test]
+fn keyring_validation_is_typed() {
+    assert!(matches!(
+        Keyring::new("", &K1),
+        Err(SealError::InvalidKeyId(_))
+    ));
+    assert!(matches!(
+        Keyring::new("bad id", &K1),
+        Err(SealError::InvalidKeyId(_))
+    ));
+    assert!(matches!(
+        Keyring::new("k", &[1u8; 16]),
+        Err(SealError::InvalidKeyLength { len: 16, .. })
+    ));
+    assert!(matches!(
+        keyring().with_previous("k1", &K2),
+        Err(SealError::DuplicateKeyId(_))
+    ));
+}
