@@ -415,6 +415,23 @@ fn single_flight(c: &mut Criterion) {
             total
         })
     });
+    // The same refresh with a single caller: separates the refresh path from the cost of
+    // the 999 callers waiting on it.
+    g.bench_function("1_caller_one_expired_installation", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                fleet.expire_all();
+                let before = fleet.refreshes();
+                let started = Instant::now();
+                rt.block_on(fleet.manager.access_token(&fleet.ids[0]))
+                    .unwrap();
+                total += started.elapsed();
+                assert_eq!(fleet.refreshes() - before, 1, "exactly one refresh");
+            }
+            total
+        })
+    });
     g.bench_function("raw_reqwest_post_one_refresh", |b| {
         b.iter(|| {
             let token = raw_current.lock().unwrap().clone();

@@ -505,3 +505,42 @@ impl ClockNow for Fixture {
 
 #[allow(dead_code)]
 fn assert_store_is_shared(_: &Arc<dyn TokenStore>) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_mid_refresh_cancels_nothing() {
+    let f = bitbucket().await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let before = f.record(&id).await.tokens().refresh_token.clone();
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+    )]);
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), f.manager.access_token(&id)).await;
+    assert!(
+        gave_up.is_err(),
+        "the caller gave up while the provider was answering"
+    );
+    // The refresh finishes without its caller and writes the rotated token.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while f.record(&id).await.tokens().refresh_token == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned refresh never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.record(&id).await.state().kind(), StateKind::Active);
+    f.manager.access_token(&id).await.unwrap();
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        (c.refreshes, c.rejected_refreshes),
+        (1, 0),
+        "one refresh, nothing lost"
+    );
+}

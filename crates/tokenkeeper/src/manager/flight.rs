@@ -1,7 +1,9 @@
 //! Single-flight: at most one refresh per installation in this process, whatever the number
-//! of callers. The first caller (the leader) spawns the refresh as its own task, so a caller
-//! that gives up cannot cancel a refresh between the provider's reply and the store write;
-//! every caller, the leader included, awaits the same published outcome.
+//! of callers. The first caller (the leader) drives the refresh inline, which saves a task hop
+//! on every refresh; if the leader is dropped mid-flight, the rest of the refresh is handed to
+//! a spawned task ([`Detachable`]), so a caller that gives up can never cancel a refresh
+//! between the provider's reply and the store write. Every other caller awaits the published
+//! outcome.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,6 +60,50 @@ pub(crate) async fn wait(id: &InstallationId, mut rx: watch::Receiver<Option<Out
             id: id.clone(),
             reason: "the refresh task stopped without an answer".into(),
         }),
+    }
+}
+
+/// A flight the leader drives inline; dropped before it finishes, it finishes in a spawned
+/// task instead (or, with no runtime left, is abandoned and its lease lapses).
+pub(crate) struct Detachable {
+    work: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl Detachable {
+    pub(crate) fn new(work: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            work: Some(Box::pin(work)),
+        }
+    }
+}
+
+impl std::future::Future for Detachable {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let Some(work) = self.work.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        match work.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.work = None;
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work);
+        }
     }
 }
 

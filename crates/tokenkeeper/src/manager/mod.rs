@@ -284,8 +284,9 @@ impl TokenManager {
         self.inner.cache.remove(id);
     }
 
-    /// Joins (or leads) the installation's flight. The refresh itself runs in its own task,
-    /// so this future stays small and a dropped caller cancels nothing.
+    /// Joins (or leads) the installation's flight. The leader drives the refresh inline; if
+    /// it is dropped, the refresh finishes in a spawned task, so a dropped caller cancels
+    /// nothing.
     pub(crate) async fn refresh(
         &self,
         id: &InstallationId,
@@ -295,10 +296,11 @@ impl TokenManager {
             flight::Joined::Follower(rx) => rx,
             flight::Joined::Leader(landing, rx) => {
                 let (inner, flight_id) = (self.inner.clone(), id.clone());
-                tokio::spawn(async move {
+                flight::Detachable::new(async move {
                     let outcome = refresh::run(&inner, &flight_id, &mode).await;
                     landing.land(outcome);
-                });
+                })
+                .await;
                 rx
             }
         };
