@@ -26,7 +26,12 @@ fn mock_provider(c: &mut Criterion) {
             .await
             .expect("mock")
     });
-    let tokens = Arc::new(Mutex::new(rt.block_on(grants(&mock, &client, GRANTS))));
+    let tokens = Arc::new(Mutex::new(
+        rt.block_on(grants(&mock, GRANTS, tokenkeeper::Timestamp::EPOCH))
+            .into_iter()
+            .map(|t| t.refresh_token.expect("refresh token").secret().to_owned())
+            .collect::<Vec<_>>(),
+    ));
     let token_url = mock.token_url();
     let clock_url = format!("{}/clock", mock.admin_url());
     mock.reset_counters();

@@ -21,7 +21,7 @@ use tokenkeeper::{
     AccessToken, Clock, ConsumerConfig, InstallationId, ManualClock, RefreshToken, RefresherConfig,
     SystemClock, Timestamp, TokenManager, TokenSet, TokenStore, profiles,
 };
-use tokenkeeper_benches::{fan_out, quick_mode, raw_refresh, redis_url};
+use tokenkeeper_benches::{fan_out, grants, quick_mode, raw_refresh, redis_url};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
 
 const IN_FLIGHT: usize = 64;
@@ -55,42 +55,6 @@ fn consumer(mock: &MockProvider) -> ConsumerConfig {
     .unwrap()
 }
 
-/// `n` real grants at the mock, as token sets obtained now.
-async fn grant_tokens(mock: &MockProvider, n: usize, now: Timestamp) -> Vec<TokenSet> {
-    let http = reqwest::Client::new();
-    let codes: Arc<Vec<String>> = Arc::new(
-        (0..n)
-            .map(|_| mock.authorize_code(DEFAULT_CLIENT_ID, None, None).unwrap())
-            .collect(),
-    );
-    let url = mock.token_url();
-    fan_out(n, IN_FLIGHT, move |i| {
-        let (http, url, codes) = (http.clone(), url.clone(), codes.clone());
-        async move {
-            let body: serde_json::Value = http
-                .post(&url)
-                .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
-                .form(&[
-                    ("grant_type", "authorization_code"),
-                    ("code", codes[i].as_str()),
-                ])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            TokenSet::bearer(
-                AccessToken::new(body["access_token"].as_str().unwrap()),
-                Some(RefreshToken::new(body["refresh_token"].as_str().unwrap())),
-                now,
-                now.saturating_add(TWO_HOURS),
-            )
-        }
-    })
-    .await
-}
-
 /// A manager over `store` with `n` imported installations on a fresh mock.
 struct Fleet {
     mock: MockProvider,
@@ -113,7 +77,7 @@ impl Fleet {
             .build()
             .unwrap();
         let ids = ids(n);
-        let tokens = grant_tokens(&mock, n, clock.now()).await;
+        let tokens = grants(&mock, n, clock.now()).await;
         for (id, t) in ids.iter().zip(tokens) {
             manager.import_installation(id.clone(), t).await.unwrap();
         }
@@ -290,7 +254,7 @@ fn concurrent_refresh(c: &mut Criterion) {
         // The raw baseline: n refresh POSTs, 64 in flight.
         let (mock, tokens) = rt.block_on(async {
             let mock = MockProvider::builder().start().await.unwrap();
-            let tokens = grant_tokens(&mock, n, SystemClock.now()).await;
+            let tokens = grants(&mock, n, SystemClock.now()).await;
             (mock, tokens)
         });
         let http = reqwest::Client::new();
@@ -320,7 +284,7 @@ fn concurrent_refresh(c: &mut Criterion) {
         // The OAuth client alone (no store, no manager), to separate HTTP costs from the rest.
         let (own_mock, own_tokens) = rt.block_on(async {
             let mock = MockProvider::builder().start().await.unwrap();
-            let tokens = grant_tokens(&mock, n, SystemClock.now()).await;
+            let tokens = grants(&mock, n, SystemClock.now()).await;
             (mock, tokens)
         });
         let client =
@@ -383,7 +347,7 @@ fn single_flight(c: &mut Criterion) {
     let rt = runtime();
     let fleet = rt.block_on(async { Fleet::new(store_for("memory").await, 1).await });
     let raw_mock = rt.block_on(async { MockProvider::builder().start().await.unwrap() });
-    let raw_token = rt.block_on(grant_tokens(&raw_mock, 1, SystemClock.now()));
+    let raw_token = rt.block_on(grants(&raw_mock, 1, SystemClock.now()));
     let raw_current = Mutex::new(
         raw_token[0]
             .refresh_token

@@ -66,22 +66,28 @@ pub async fn raw_refresh(client: &reqwest::Client, token_url: &str, refresh_toke
         .to_owned()
 }
 
-/// Creates `n` independent grants (authorize without HTTP, exchange over HTTP) and returns
-/// their refresh tokens.
-pub async fn grants(mock: &MockProvider, client: &reqwest::Client, n: usize) -> Vec<String> {
-    let codes: Vec<String> = (0..n)
-        .map(|_| {
-            mock.authorize_code(DEFAULT_CLIENT_ID, None, None)
-                .expect("authorize")
-        })
-        .collect();
-    let codes = Arc::new(codes);
+/// Creates `n` independent grants at the mock (authorize without HTTP, exchange over HTTP,
+/// 64 in flight) and returns their tokens as obtained at `now`.
+pub async fn grants(
+    mock: &MockProvider,
+    n: usize,
+    now: tokenkeeper::Timestamp,
+) -> Vec<tokenkeeper::TokenSet> {
+    let http = reqwest::Client::new();
+    let codes: Arc<Vec<String>> = Arc::new(
+        (0..n)
+            .map(|_| {
+                mock.authorize_code(DEFAULT_CLIENT_ID, None, None)
+                    .expect("authorize")
+            })
+            .collect(),
+    );
     let url = mock.token_url();
-    let client = client.clone();
+    let lifetime = mock.rules().access_ttl;
     fan_out(n, 64, move |i| {
-        let (codes, url, client) = (codes.clone(), url.clone(), client.clone());
+        let (http, url, codes) = (http.clone(), url.clone(), codes.clone());
         async move {
-            let reply = client
+            let body: serde_json::Value = http
                 .post(&url)
                 .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
                 .form(&[
@@ -90,12 +96,18 @@ pub async fn grants(mock: &MockProvider, client: &reqwest::Client, n: usize) -> 
                 ])
                 .send()
                 .await
-                .expect("code exchange");
-            let body: serde_json::Value = reply.json().await.expect("exchange body");
-            body["refresh_token"]
-                .as_str()
-                .expect("refresh token")
-                .to_owned()
+                .expect("code exchange")
+                .json()
+                .await
+                .expect("exchange body");
+            tokenkeeper::TokenSet::bearer(
+                tokenkeeper::AccessToken::new(body["access_token"].as_str().expect("access token")),
+                Some(tokenkeeper::RefreshToken::new(
+                    body["refresh_token"].as_str().expect("refresh token"),
+                )),
+                now,
+                now.saturating_add(lifetime),
+            )
         }
     })
     .await

@@ -86,6 +86,33 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Wraps a driver's error: `unavailable` ones (connection lost, timeout, lock contention
+    /// that outlasted its wait) become [`StoreError::Unavailable`] (retry later), the rest
+    /// [`StoreError::Backend`].
+    pub fn driver(
+        backend: &'static str,
+        operation: &'static str,
+        source: impl Into<BoxError>,
+        unavailable: bool,
+    ) -> Self {
+        let source = source.into();
+        if unavailable {
+            Self::Unavailable {
+                backend,
+                operation,
+                source,
+            }
+        } else {
+            Self::Backend {
+                backend,
+                operation,
+                source,
+            }
+        }
+    }
+}
+
 /// The outcome of [`TokenStore::compare_and_swap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasOutcome {

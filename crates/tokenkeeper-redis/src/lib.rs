@@ -280,19 +280,7 @@ fn redis_error(operation: &'static str, e: RedisError) -> StoreError {
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error();
-    if unavailable {
-        StoreError::Unavailable {
-            backend: BACKEND,
-            operation,
-            source: Box::new(e),
-        }
-    } else {
-        StoreError::Backend {
-            backend: BACKEND,
-            operation,
-            source: Box::new(e),
-        }
-    }
+    StoreError::driver(BACKEND, operation, e, unavailable)
 }
 
 fn protocol_error(operation: &'static str, what: String) -> StoreError {

@@ -20,19 +20,7 @@ pub(crate) fn sqlite_error(operation: &'static str, e: rusqlite::Error) -> Store
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
     );
-    if busy {
-        StoreError::Unavailable {
-            backend: BACKEND,
-            operation,
-            source: Box::new(e),
-        }
-    } else {
-        StoreError::Backend {
-            backend: BACKEND,
-            operation,
-            source: Box::new(e),
-        }
-    }
+    StoreError::driver(BACKEND, operation, e, busy)
 }
 
 fn corrupt(id: &InstallationId, why: impl Into<tokenkeeper_core::BoxError>) -> StoreError {

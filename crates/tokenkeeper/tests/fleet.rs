@@ -60,6 +60,10 @@ fn profile(name: &str) -> (ProviderProfile, MockProfile, Duration) {
 }
 
 fn consumer(profile: ProviderProfile, base: &str) -> ConsumerConfig {
+    consumer_builder(profile, base).build().unwrap()
+}
+
+fn consumer_builder(profile: ProviderProfile, base: &str) -> tokenkeeper::ConsumerConfigBuilder {
     let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
     ConsumerConfig::builder(profile.with_endpoints(
         url(tokenkeeper_mock_provider::paths::AUTHORIZE),
@@ -69,8 +73,6 @@ fn consumer(profile: ProviderProfile, base: &str) -> ConsumerConfig {
     .client_id(DEFAULT_CLIENT_ID)
     .client_secret(DEFAULT_CLIENT_SECRET)
     .redirect_uri(common::REDIRECT)
-    .build()
-    .unwrap()
 }
 
 fn manager(
@@ -95,19 +97,11 @@ fn short_lease_manager(
     base: &str,
     clock: &OffsetClock,
 ) -> TokenManager {
-    let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
-    let consumer = ConsumerConfig::builder(profile.with_endpoints(
-        url(tokenkeeper_mock_provider::paths::AUTHORIZE),
-        url(tokenkeeper_mock_provider::paths::TOKEN),
-        None,
-    ))
-    .client_id(DEFAULT_CLIENT_ID)
-    .client_secret(DEFAULT_CLIENT_SECRET)
-    .redirect_uri(common::REDIRECT)
-    .http_timeout(Duration::from_secs(1))
-    .connect_timeout(Duration::from_millis(500))
-    .build()
-    .unwrap();
+    let consumer = consumer_builder(profile, base)
+        .http_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
     TokenManager::builder_shared(consumer, store)
         .clock(clock.clone())
         .tune(|p| {

@@ -298,51 +298,13 @@ async fn exchange(
                     } else {
                         ReauthReason::RefreshTokenRejected
                     };
-                    let event = Event::RefreshRejected {
-                        fence,
-                        reason,
-                        error: Some(detail.clone()),
-                    };
-                    settle(inner, id, &leased, event, fence).await;
-                    inner.cache.remove(id);
-                    inner.emit(
-                        id,
-                        LifecycleEventKind::ReauthorizationRequired {
-                            reason,
-                            error: Some(detail.clone()),
-                        },
-                    );
-                    Step::Done(Err(Error::ReauthorizationRequired {
-                        id: id.clone(),
-                        reason,
-                        since: now,
-                        detail: Some(detail),
-                    }))
+                    condemn(inner, id, &leased, reason, detail, now).await
                 }
                 class => {
                     let transient = class == FailureClass::Transient;
                     if transient && inner.policy.budget_exhausted(&leased, now) {
                         let reason = ReauthReason::FailureBudgetExhausted;
-                        let event = Event::RefreshRejected {
-                            fence,
-                            reason,
-                            error: Some(detail.clone()),
-                        };
-                        settle(inner, id, &leased, event, fence).await;
-                        inner.cache.remove(id);
-                        inner.emit(
-                            id,
-                            LifecycleEventKind::ReauthorizationRequired {
-                                reason,
-                                error: Some(detail.clone()),
-                            },
-                        );
-                        return Step::Done(Err(Error::ReauthorizationRequired {
-                            id: id.clone(),
-                            reason,
-                            since: now,
-                            detail: Some(detail),
-                        }));
+                        return condemn(inner, id, &leased, reason, detail, now).await;
                     }
                     let (cause, retry_at) = match class {
                         FailureClass::ConsumerCredentialsInvalid => {
@@ -408,6 +370,39 @@ fn deferred_error_from(
             detail,
         },
     }
+}
+
+/// Ends the installation's life until a new authorization: records the rejection with the
+/// provider's words, forgets the cached token and tells subscribers.
+async fn condemn(
+    inner: &Inner,
+    id: &InstallationId,
+    leased: &Record,
+    reason: ReauthReason,
+    detail: ErrorDetail,
+    now: tokenkeeper_core::Timestamp,
+) -> Step {
+    let fence = leased.version();
+    let event = Event::RefreshRejected {
+        fence,
+        reason,
+        error: Some(detail.clone()),
+    };
+    settle(inner, id, leased, event, fence).await;
+    inner.cache.remove(id);
+    inner.emit(
+        id,
+        LifecycleEventKind::ReauthorizationRequired {
+            reason,
+            error: Some(detail.clone()),
+        },
+    );
+    Step::Done(Err(Error::ReauthorizationRequired {
+        id: id.clone(),
+        reason,
+        since: now,
+        detail: Some(detail),
+    }))
 }
 
 /// Records a failed attempt under the lease (best effort: if it cannot be written, the lease
