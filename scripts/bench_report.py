@@ -67,7 +67,7 @@ def chart(rows):
     def py(t):
         return h - bottom - t / ymax * (h - bottom - top)
 
-    colours = ["#000000", "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728"]
+    colours = ["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
              f'<text x="{left}" y="18" font-size="14">Refresh throughput (refreshes/s) vs installations, 64 in flight</text>',
@@ -82,7 +82,7 @@ def chart(rows):
     names = sorted(series, key=lambda s: (not s.startswith("raw"), s))
     for i, name in enumerate(names):
         pts = sorted(series[name])
-        colour = colours[i % len(colours)]
+        colour = "#000000" if name.startswith("raw") else colours[i % len(colours)]
         dash = ' stroke-dasharray="6,4"' if name.startswith("raw") else ""
         path = " ".join(f"{px(n):.1f},{py(t):.1f}" for n, t in pts)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
