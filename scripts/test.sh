@@ -49,6 +49,8 @@ if [ -z "${TOKENKEEPER_REDIS_URL:-}" ]; then
     redis-cli -p "$redis_port" ping >/dev/null || { cat "$redis_dir/redis.log"; exit 1; }
     export TOKENKEEPER_REDIS_URL="redis://127.0.0.1:$redis_port"
 fi
+# The rediss:// test makes its certificates with the openssl command.
+need_pkg openssl openssl
 # The Redis tests that start and stop their own server find it here.
 export TOKENKEEPER_REDIS_SERVER="$(command -v redis-server)"
 

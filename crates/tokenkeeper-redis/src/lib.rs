@@ -101,9 +101,19 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     operation_timeout: Duration,
     reconnect_retries: usize,
+    #[cfg(feature = "tls")]
+    tls_root: Option<Vec<u8>>,
 }
 
 impl RedisStoreBuilder {
+    /// Trusts this CA certificate (PEM) for `rediss://` instead of the platform's roots
+    /// (feature `tls`): for servers with a private CA.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root = Some(pem.into());
+        self
+    }
+
     /// The key prefix (default `tokenkeeper`); several applications can share one Redis with
     /// different prefixes. Must be non-empty and contain no `{`, `}` or whitespace.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -157,11 +167,23 @@ impl RedisStoreBuilder {
                 self.shards
             )));
         }
-        let client =
-            redis::Client::open(self.url.as_str()).map_err(|source| ConnectError::InvalidUrl {
-                url: url.clone(),
-                source,
-            })?;
+        #[cfg(feature = "tls")]
+        let client = match self.tls_root.clone() {
+            Some(root) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                },
+            ),
+            None => redis::Client::open(self.url.as_str()),
+        };
+        #[cfg(not(feature = "tls"))]
+        let client = redis::Client::open(self.url.as_str());
+        let client = client.map_err(|source| ConnectError::InvalidUrl {
+            url: url.clone(),
+            source,
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(self.connection_timeout))
@@ -228,6 +250,8 @@ impl RedisStore {
             connection_timeout: Duration::from_secs(2),
             operation_timeout: Duration::from_secs(5),
             reconnect_retries: 1,
+            #[cfg(feature = "tls")]
+            tls_root: None,
         }
     }
 
