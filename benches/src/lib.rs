@@ -131,3 +131,37 @@ pub fn data_dir() -> std::path::PathBuf {
 pub fn redis_url() -> String {
     tokenkeeper_redis::testing::server_url()
 }
+
+pub mod fleet;
+
+/// Mean times of the runs of one bench, printed at its end as a table of throughput ratios
+/// against a baseline measured in the same run.
+#[derive(Debug, Default)]
+pub struct RatioTable {
+    rows: std::sync::Mutex<std::collections::BTreeMap<(String, usize), (std::time::Duration, u64)>>,
+}
+
+impl RatioTable {
+    /// Adds `iters` runs of `label` at size `n` that took `total`.
+    pub fn record(&self, label: &str, n: usize, total: std::time::Duration, iters: u64) {
+        let mut rows = self.rows.lock().expect("table lock");
+        let row = rows.entry((label.to_owned(), n)).or_default();
+        row.0 += total;
+        row.1 += iters;
+    }
+
+    /// Prints `| figure | N | mean | throughput vs baseline |` for every row.
+    pub fn print(&self, baseline: &str) {
+        let rows = self.rows.lock().expect("table lock");
+        let mean = |d: std::time::Duration, n: u64| d.as_secs_f64() / n.max(1) as f64;
+        println!("\n| figure | N | mean time | throughput vs {baseline} |\n|---|---|---|---|");
+        for ((label, n), (total, iters)) in rows.iter() {
+            let ours = mean(*total, *iters);
+            let ratio = rows
+                .get(&(baseline.to_owned(), *n))
+                .map(|(t, i)| format!("{:.2}", mean(*t, *i) / ours))
+                .unwrap_or_else(|| "-".into());
+            println!("| {label} | {n} | {:.2} ms | {ratio} |", ours * 1000.0);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The fleet the refresh benchmarks drive: a mock provider, a manager on a manual clock, and
+//! installations imported from real grants, plus the helpers the four refresh benches share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenkeeper::{
+    Clock, ConsumerConfig, InstallationId, ManualClock, SystemClock, TokenManager, TokenStore,
+    profiles,
+};
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+
+use crate::{data_dir, fan_out, grants, redis_url};
+
+/// Installations refreshed at once on both sides of every comparison.
+pub const IN_FLIGHT: usize = 64;
+/// The Bitbucket access token lifetime.
+pub const TWO_HOURS: Duration = Duration::from_secs(7200);
+
+/// A multi-threaded runtime for one bench.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `n` installation ids.
+pub fn ids(n: usize) -> Vec<InstallationId> {
+    (0..n)
+        .map(|i| InstallationId::new(format!("bench-{i:06}")).unwrap())
+        .collect()
+}
+
+/// A consumer on the mock.
+/// A Bitbucket consumer pointed at the mock.
+pub fn consumer(mock: &MockProvider) -> ConsumerConfig {
+    let url = |s: String| reqwest::Url::parse(&s).unwrap();
+    ConsumerConfig::builder(profiles::bitbucket().with_endpoints(
+        url(mock.authorize_url()),
+        url(mock.token_url()),
+        None,
+    ))
+    .client_id(DEFAULT_CLIENT_ID)
+    .client_secret(DEFAULT_CLIENT_SECRET)
+    .redirect_uri("http://127.0.0.1/callback")
+    .build()
+    .unwrap()
+}
+
+/// A manager over `store` with `n` imported installations on a fresh mock.
+pub struct Fleet {
+    /// The provider.
+    pub mock: MockProvider,
+    /// The manager's clock.
+    pub clock: ManualClock,
+    /// The manager.
+    pub manager: TokenManager,
+    /// The installations.
+    pub ids: Vec<InstallationId>,
+}
+
+impl Fleet {
+    /// `n` installations on a fresh mock, imported into `store`.
+    pub async fn new(store: Arc<dyn TokenStore>, n: usize) -> Fleet {
+        let mock = MockProvider::builder()
+            .profile(Profile::Bitbucket)
+            .start()
+            .await
+            .unwrap();
+        let clock = ManualClock::new(SystemClock.now());
+        let manager = TokenManager::builder_shared(consumer(&mock), store)
+            .clock(clock.clone())
+            .tune(|p| p.jitter_percent = 0)
+            .build()
+            .unwrap();
+        let ids = ids(n);
+        let tokens = grants(&mock, n, clock.now()).await;
+        for (id, t) in ids.iter().zip(tokens) {
+            manager.import_installation(id.clone(), t).await.unwrap();
+        }
+        mock.reset_counters();
+        Fleet {
+            mock,
+            clock,
+            manager,
+            ids,
+        }
+    }
+
+    /// Moves both clocks past every access token's expiry.
+    pub fn expire_all(&self) {
+        self.clock.advance(TWO_HOURS);
+        self.mock.advance(TWO_HOURS);
+    }
+
+    /// Successful refreshes the mock has seen.
+    pub fn refreshes(&self) -> u64 {
+        self.mock.counters().totals.refreshes
+    }
+}
+
+/// A fresh store: memory, sqlite_full, sqlite_normal or redis.
+pub async fn store_for(backend: &str) -> Arc<dyn TokenStore> {
+    match backend {
+        "memory" => Arc::new(tokenkeeper::stores::MemoryStore::new()),
+        "sqlite" => {
+            let dir = data_dir().join(format!("refresh-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Arc::new(
+                tokenkeeper::stores::SqliteStore::open(dir.join("tokens.db"))
+                    .await
+                    .unwrap(),
+            )
+        }
+        _ => Arc::new(
+            tokenkeeper::stores::RedisStore::builder(redis_url())
+                .prefix(format!(
+                    "bench-refresh-{}-{}",
+                    std::process::id(),
+                    fastrand_suffix()
+                ))
+                .connect()
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+fn fastrand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Refreshes every expired installation with `callers` concurrent calls each, 64 at a time.
+/// Refreshes every expired installation with `callers` concurrent calls each, 64 at a time.
+pub async fn refresh_all(fleet: &Fleet, callers: usize) {
+    let manager = fleet.manager.clone();
+    let ids = Arc::new(fleet.ids.clone());
+    fan_out(ids.len(), IN_FLIGHT, move |i| {
+        let (manager, ids) = (manager.clone(), ids.clone());
+        async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..callers {
+                let (m, id) = (manager.clone(), ids[i].clone());
+                calls.spawn(async move { m.access_token(&id).await });
+            }
+            while let Some(r) = calls.join_next().await {
+                r.unwrap().unwrap();
+            }
+        }
+    })
+    .await;
+}
