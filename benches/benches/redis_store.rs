@@ -5,25 +5,12 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tokenkeeper_benches::bump;
 use tokenkeeper_benches::redis_url;
 use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{
-    CasOutcome, Clock, Event, InstallationId, LeaseHolder, Record, SystemClock, TokenStore,
-};
+use tokenkeeper_core::{CasOutcome, InstallationId, TokenStore};
 use tokenkeeper_redis::RedisStore;
 use tokenkeeper_redis::bench_support::{cas_args, cas_script, script_keys};
-
-fn bump(r: &Record) -> Record {
-    let now = SystemClock.now();
-    r.apply(
-        Event::LeaseAcquired {
-            holder: LeaseHolder::new("bench"),
-            until: now,
-        },
-        now,
-    )
-    .unwrap()
-}
 
 fn redis_ops(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()

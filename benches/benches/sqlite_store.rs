@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rusqlite::{Connection, params};
+use tokenkeeper_benches::bump;
 use tokenkeeper_benches::{data_dir, quick_mode};
 use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{
-    Clock, Event, InstallationId, LeaseHolder, Record, SystemClock, Timestamp, TokenStore,
-};
+use tokenkeeper_core::{InstallationId, Record, Timestamp, TokenStore};
 use tokenkeeper_sqlite::SqliteStore;
 
 const GET_SQL: &str = "SELECT version, state, due_at, record FROM installations WHERE id = ?1";
@@ -28,18 +27,6 @@ fn id(n: usize) -> InstallationId {
 
 fn due_at(n: usize) -> Timestamp {
     T0.saturating_add(Duration::from_secs((n as u64 * 7919) % 100_000))
-}
-
-fn bump(r: &Record) -> Record {
-    let now = SystemClock.now();
-    r.apply(
-        Event::LeaseAcquired {
-            holder: LeaseHolder::new("bench"),
-            until: now,
-        },
-        now,
-    )
-    .unwrap()
 }
 
 /// A database with `n` records: created through the store's schema, filled with raw inserts

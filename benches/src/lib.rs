@@ -165,3 +165,18 @@ impl RatioTable {
         }
     }
 }
+
+/// The next version of a record for write benchmarks: a lapsed-lease takeover, the cheapest
+/// valid transition.
+pub fn bump(r: &tokenkeeper_core::Record) -> tokenkeeper_core::Record {
+    use tokenkeeper_core::Clock as _;
+    let now = tokenkeeper_core::SystemClock.now();
+    r.apply(
+        tokenkeeper_core::Event::LeaseAcquired {
+            holder: tokenkeeper_core::LeaseHolder::new("bench"),
+            until: now,
+        },
+        now,
+    )
+    .expect("a lapsed lease can always be retaken")
+}
