@@ -135,21 +135,20 @@ fn fastrand_suffix() -> u128 {
         .as_nanos()
 }
 
-/// Refreshes every expired installation with `callers` concurrent calls each, 64 at a time.
-/// Refreshes every expired installation with `callers` concurrent calls each, 64 at a time.
+/// Refreshes every expired installation with `callers` concurrent calls each (futures of one
+/// task, like the raw side's requests), 64 installations at a time.
+/// Refreshes every expired installation with `callers` concurrent calls each (futures of one
+/// task, like the raw side's requests), 64 installations at a time.
 pub async fn refresh_all(fleet: &Fleet, callers: usize) {
     let manager = fleet.manager.clone();
     let ids = Arc::new(fleet.ids.clone());
     fan_out(ids.len(), IN_FLIGHT, move |i| {
         let (manager, ids) = (manager.clone(), ids.clone());
         async move {
-            let mut calls = tokio::task::JoinSet::new();
-            for _ in 0..callers {
-                let (m, id) = (manager.clone(), ids[i].clone());
-                calls.spawn(async move { m.access_token(&id).await });
-            }
-            while let Some(r) = calls.join_next().await {
-                r.unwrap().unwrap();
+            // Concurrent callers as futures of the worker's task, as the raw POSTs are.
+            let calls = (0..callers).map(|_| manager.access_token(&ids[i]));
+            for r in futures_util::future::join_all(calls).await {
+                r.unwrap();
             }
         }
     })
