@@ -70,7 +70,8 @@ pub fn sample_record(id: &InstallationId, due_at: Timestamp) -> Record {
     )
 }
 
-fn lease(r: &Record, holder: &str, until: Timestamp, now: Timestamp) -> Record {
+/// `r` with a refresh lease taken by `holder` until `until` (the usual first write of a test).
+pub fn lease(r: &Record, holder: &str, until: Timestamp, now: Timestamp) -> Record {
     r.apply(
         Event::LeaseAcquired {
             holder: LeaseHolder::new(holder),

@@ -9,10 +9,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{
-    CasOutcome, Event, InstallationId, LeaseHolder, ListFilter, StoreError, TokenStore,
-};
+use tokenkeeper_core::conformance::{T0, lease, sample_record};
+use tokenkeeper_core::{CasOutcome, InstallationId, ListFilter, StoreError, TokenStore};
 use tokenkeeper_redis::{ConnectError, RedisStore};
 
 fn id(s: &str) -> InstallationId {
@@ -92,15 +90,7 @@ async fn every_key_of_an_installation_is_in_one_slot_and_holds_no_token() {
     for (n, name) in nasty.iter().enumerate() {
         let r = sample_record(&id(name), at(n as u64));
         store.create(&r).await.unwrap();
-        let leased = r
-            .apply(
-                Event::LeaseAcquired {
-                    holder: LeaseHolder::new("h"),
-                    until: at(99),
-                },
-                at(0),
-            )
-            .unwrap();
+        let leased = lease(&r, "h", at(99), at(0));
         store.compare_and_swap(&leased, 1).await.unwrap();
     }
     let all_keys = keys_with(&mut conn, store.prefix()).await;
@@ -184,30 +174,14 @@ async fn corrupt_values_are_typed_errors_for_that_installation_only() {
     }
     // A swap against the garbage value (no header) reports the corruption.
     let r = sample_record(&id("garbage"), at(0));
-    let leased = r
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("h"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&r, "h", at(9), at(0));
     assert!(matches!(
         store.compare_and_swap(&leased, 1).await,
         Err(StoreError::Corrupt { .. })
     ));
     // Everyone else is unaffected.
     let healthy = store.get(&id("healthy")).await.unwrap().unwrap();
-    let leased = healthy
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("h"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&healthy, "h", at(9), at(0));
     assert_eq!(
         store.compare_and_swap(&leased, 1).await.unwrap(),
         CasOutcome::Swapped
@@ -234,15 +208,7 @@ async fn scripts_are_reloaded_after_script_flush() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let leased = r
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("h"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&r, "h", at(9), at(0));
     assert_eq!(
         store.compare_and_swap(&leased, 1).await.unwrap(),
         CasOutcome::Swapped

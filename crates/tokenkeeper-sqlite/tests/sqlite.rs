@@ -7,10 +7,8 @@ mod common;
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{
-    CasOutcome, Event, InstallationId, LeaseHolder, ListFilter, StoreError, TokenStore,
-};
+use tokenkeeper_core::conformance::{T0, lease, sample_record};
+use tokenkeeper_core::{CasOutcome, InstallationId, ListFilter, StoreError, TokenStore};
 use tokenkeeper_sqlite::{APPLICATION_ID, OpenError, SCHEMA_VERSION, SqliteStore, sql};
 
 fn id(s: &str) -> InstallationId {
@@ -224,29 +222,13 @@ async fn corrupt_rows_are_typed_errors_for_that_installation_only() {
     expect_corrupt(store.get(&id("state")).await, "state");
     // A conflicting swap reports the corruption it finds instead of a made-up record.
     let r = sample_record(&id("version"), at(1));
-    let leased = r
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("h"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&r, "h", at(9), at(0));
     expect_corrupt(store.compare_and_swap(&leased, 1).await, "version");
 
     // Everyone else is unaffected.
     let healthy = store.get(&id("healthy")).await.unwrap().unwrap();
     assert_eq!(healthy.id().as_str(), "healthy");
-    let leased = healthy
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("h"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&healthy, "h", at(9), at(0));
     assert_eq!(
         store.compare_and_swap(&leased, 1).await.unwrap(),
         CasOutcome::Swapped
@@ -283,15 +265,7 @@ async fn records_survive_reopen_and_a_second_store_on_the_same_file() {
     let a = SqliteStore::open(&path).await.unwrap();
     let b = SqliteStore::open(&path).await.unwrap();
     assert_eq!(a.get(&id("durable")).await.unwrap().unwrap(), r);
-    let leased = r
-        .apply(
-            Event::LeaseAcquired {
-                holder: LeaseHolder::new("a"),
-                until: at(9),
-            },
-            at(0),
-        )
-        .unwrap();
+    let leased = lease(&r, "a", at(9), at(0));
     assert_eq!(
         a.compare_and_swap(&leased, 1).await.unwrap(),
         CasOutcome::Swapped

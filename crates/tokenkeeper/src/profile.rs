@@ -243,11 +243,6 @@ impl ProviderProfile {
         self.revoke_url = revoke;
         self
     }
-
-    /// The lifetime a reply's token gets when `expires_in` is absent.
-    pub fn access_lifetime_default(&self) -> Duration {
-        self.default_access_lifetime
-    }
 }
 
 fn rebase(u: &Url, base: &Url) -> Url {

@@ -42,14 +42,6 @@ impl Flights {
             rx,
         )
     }
-
-    /// How many flights are in progress.
-    pub(crate) fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
 }
 
 /// Waits for the outcome published on `rx`.

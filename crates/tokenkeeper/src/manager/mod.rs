@@ -490,9 +490,4 @@ impl TokenManager {
     pub fn cached_installations(&self) -> usize {
         self.inner.cache.len()
     }
-
-    /// How many refreshes are in flight in this process.
-    pub fn flights_in_progress(&self) -> usize {
-        self.inner.flights.len()
-    }
 }
