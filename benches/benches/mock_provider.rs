@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokenkeeper_benches::{fan_out, grants, raw_refresh};
-use tokenkeeper_mock_provider::{MockProvider, Profile};
+use tokenkeeper_mock_provider::{MockProfile, MockProvider};
 
 const GRANTS: usize = 10_000;
 const IN_FLIGHT: usize = 64;
@@ -21,7 +21,7 @@ fn mock_provider(c: &mut Criterion) {
         .expect("client");
     let mock = rt.block_on(async {
         MockProvider::builder()
-            .profile(Profile::Bitbucket)
+            .profile(MockProfile::Bitbucket)
             .start()
             .await
             .expect("mock")

@@ -224,7 +224,7 @@ fn sqlite_scale(c: &mut Criterion) {
                     id: id(0),
                 };
                 let page = rt
-                    .block_on(store.due(Timestamp::MAX, 100, Some(&after)))
+                    .block_on(store.due(Timestamp::MAX, Some(&after), 100))
                     .unwrap();
                 assert_eq!(page.entries.len(), 100);
                 page

@@ -8,7 +8,9 @@ use tokenkeeper::{
     Clock, ConsumerConfig, InstallationId, ManualClock, SystemClock, TokenManager, TokenStore,
     profiles,
 };
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 use crate::{data_dir, fan_out, grants, redis_url};
 
@@ -64,7 +66,7 @@ impl Fleet {
     /// `n` installations on a fresh mock, imported into `store`.
     pub async fn new(store: Arc<dyn TokenStore>, n: usize) -> Fleet {
         let mock = MockProvider::builder()
-            .profile(Profile::Bitbucket)
+            .profile(MockProfile::Bitbucket)
             .start()
             .await
             .unwrap();

@@ -129,7 +129,7 @@ pub fn data_dir() -> std::path::PathBuf {
 /// A redis-server for the benchmarks: `TOKENKEEPER_REDIS_URL` when set, otherwise one started
 /// on a free loopback port that dies with this process.
 pub fn redis_url() -> String {
-    tokenkeeper_redis::testing::server_url()
+    tokenkeeper_testkit::redis::server_url()
 }
 
 pub mod fleet;

@@ -1,5 +1,8 @@
 //! The conformance suite every [`TokenStore`] backend runs against the real thing.
 //!
+//! **Not a stable API**: these functions and the macro are for testing store backends, and
+//! may change in any release, patch releases included.
+//!
 //! Plain public async functions (as object_store does), each taking a fresh, empty store and
 //! panicking with a message that names the broken rule. [`conformance_tests!`] expands to one
 //! `#[tokio::test]` per function, so a failure names its case:
@@ -15,26 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::*;
-
-/// Every case, by name; the macro expands one test per entry.
-pub const CASES: &[&str] = &[
-    "round_trip_every_field",
-    "every_state_round_trips",
-    "get_missing_is_none",
-    "create_twice_is_already_exists",
-    "concurrent_creates_have_one_winner",
-    "cas_swaps_and_bumps_version",
-    "cas_stale_version_conflicts_with_current",
-    "cas_missing_id",
-    "cas_rejects_non_increasing_version",
-    "racing_cas_has_one_winner_per_version",
-    "delete_semantics",
-    "due_orders_and_limits",
-    "due_pages_10k_without_skip_or_repeat",
-    "due_follows_updates_and_skips_terminal",
-    "list_by_state_pages",
-    "odd_ids_round_trip",
-];
 
 /// A fixed start time for records built by the suite: 2026-01-01T00:00:00Z.
 pub const T0: Timestamp = Timestamp::from_unix_secs(1_767_225_600);
@@ -120,7 +103,7 @@ async fn drain_due(store: &dyn TokenStore, before: Timestamp, limit: usize) -> V
     let mut cursor: Option<DueEntry> = None;
     loop {
         let page = store
-            .due(before, limit, cursor.as_ref())
+            .due(before, cursor.as_ref(), limit)
             .await
             .expect("due");
         assert!(page.entries.len() <= limit, "due returned more than limit");
@@ -424,7 +407,7 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     for (name, secs) in plan {
         must_create(&*store, &sample_record(&id(name), at(secs))).await;
     }
-    let page = store.due(at(40), 10, None).await.unwrap();
+    let page = store.due(at(40), None, 10).await.unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
         got,
@@ -434,16 +417,16 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     assert_eq!(page.entries[1].due_at, at(20));
     assert_eq!(page.next, None, "a short page is the last");
 
-    let page = store.due(at(1_000), 3, None).await.unwrap();
+    let page = store.due(at(1_000), None, 3).await.unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(got, ["a", "b", "c"]);
     let next = page.next.expect("full page has a cursor");
-    let page = store.due(at(1_000), 3, Some(&next)).await.unwrap();
+    let page = store.due(at(1_000), Some(&next), 3).await.unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(got, ["d", "e", "f"]);
     assert!(
         store
-            .due(at(10), 10, None)
+            .due(at(10), None, 10)
             .await
             .unwrap()
             .entries
@@ -451,7 +434,7 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     );
     assert!(
         store
-            .due(at(1_000), 0, None)
+            .due(at(1_000), None, 0)
             .await
             .unwrap()
             .entries
@@ -628,12 +611,18 @@ pub async fn odd_ids_round_trip(store: Arc<dyn TokenStore>) {
     }
 }
 
+/// Every case, by name (the list is written once, in [`conformance_tests!`]).
+///
+/// [`conformance_tests!`]: crate::conformance_tests
+pub const CASES: &[&str] = crate::conformance_tests!(@list names);
+
 /// Expands to one `#[tokio::test]` per conformance case. `$make` is a closure returning a
 /// future of a fresh, empty store.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($make:expr) => {
-        $crate::conformance_tests!(@cases $make;
+    // The one list of cases; `$mode` picks what to expand it into.
+    (@list $mode:ident $($args:tt)*) => {
+        $crate::conformance_tests! {@$mode $($args)*;
             round_trip_every_field,
             every_state_round_trips,
             get_missing_is_none,
@@ -650,7 +639,10 @@ macro_rules! conformance_tests {
             due_follows_updates_and_skips_terminal,
             list_by_state_pages,
             odd_ids_round_trip
-        );
+        }
+    };
+    (@names; $($case:ident),* $(,)?) => {
+        &[$(stringify!($case)),*]
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -660,123 +652,8 @@ macro_rules! conformance_tests {
                 $crate::conformance::$case(::std::sync::Arc::new(store)).await;
             }
         )*
-        #[test]
-        fn conformance_macro_covers_every_case() {
-            let expanded: &[&str] = &[$(stringify!($case)),*];
-            assert_eq!(expanded, $crate::conformance::CASES);
-        }
     };
-}
-
-/// The ids of the shared records a multi-process race works on.
-pub fn race_ids(n: usize) -> Vec<InstallationId> {
-    (0..n).map(|i| id(&format!("shared-{i:03}"))).collect()
-}
-
-/// Creates the shared records of a multi-process race, each at version 1.
-pub async fn seed_race(store: &dyn TokenStore, ids: &[InstallationId]) {
-    for i in ids {
-        must_create(store, &sample_record(i, T0)).await;
-    }
-}
-
-/// What one process of a race did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RaceReport {
-    /// Swaps that succeeded.
-    pub swaps: u64,
-    /// Swaps that lost to another writer.
-    pub conflicts: u64,
-    /// Store errors (each one a failure: e.g. `database is locked` escaping).
-    pub errors: u64,
-}
-
-impl RaceReport {
-    /// One line for a child process to print: `RACE swaps conflicts errors`.
-    pub fn to_line(&self) -> String {
-        format!("RACE {} {} {}", self.swaps, self.conflicts, self.errors)
-    }
-
-    /// Finds and parses the `RACE` line in a child's output.
-    pub fn from_output(text: &str) -> Option<Self> {
-        let line = text
-            .lines()
-            .find_map(|l| l.find("RACE ").map(|at| &l[at + 5..]))?;
-        let mut n = line.split_whitespace().map(|x| x.parse::<u64>().ok());
-        Some(Self {
-            swaps: n.next()??,
-            conflicts: n.next()??,
-            errors: n.next()??,
-        })
-    }
-}
-
-/// One process's share of a race: for `run_for`, read a random shared record and swap in the
-/// next version (a lapsed-lease takeover), counting outcomes.
-pub async fn race_worker(
-    store: &dyn TokenStore,
-    ids: &[InstallationId],
-    run_for: Duration,
-    holder: &str,
-) -> RaceReport {
-    let deadline = std::time::Instant::now() + run_for;
-    let mut report = RaceReport::default();
-    let mut seed = (std::process::id() as u64) << 16 | 1;
-    while std::time::Instant::now() < deadline {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let i = &ids[(seed % ids.len() as u64) as usize];
-        let current = match store.get(i).await {
-            Ok(Some(r)) => r,
-            other => {
-                eprintln!("race get {i}: {other:?}");
-                report.errors += 1;
-                continue;
-            }
-        };
-        let now = SystemClock.now();
-        let next = current
-            .apply(
-                Event::LeaseAcquired {
-                    holder: LeaseHolder::new(holder),
-                    until: now,
-                },
-                now,
-            )
-            .expect("a lapsed lease can always be retaken");
-        match store.compare_and_swap(&next, current.version()).await {
-            Ok(CasOutcome::Swapped) => report.swaps += 1,
-            Ok(CasOutcome::Conflict(_)) => report.conflicts += 1,
-            other => {
-                eprintln!("race cas {i}: {other:?}");
-                report.errors += 1;
-            }
-        }
-    }
-    report
-}
-
-/// Checks a finished race: no process saw an error, there was contention, and the stored
-/// versions account for exactly the successful swaps (no lost update).
-pub async fn verify_race(store: &dyn TokenStore, ids: &[InstallationId], reports: &[RaceReport]) {
-    let swaps: u64 = reports.iter().map(|r| r.swaps).sum();
-    let conflicts: u64 = reports.iter().map(|r| r.conflicts).sum();
-    assert!(
-        reports.iter().all(|r| r.errors == 0),
-        "a process saw store errors: {reports:?}"
-    );
-    assert!(swaps > 0 && conflicts > 0, "no contention: {reports:?}");
-    let mut stored = 0;
-    for i in ids {
-        stored += must_get(store, i).await.version() - 1;
-    }
-    assert_eq!(
-        stored, swaps,
-        "stored versions must equal the successful swaps: {reports:?}"
-    );
-    eprintln!(
-        "{} processes: {swaps} swaps, {conflicts} conflicts, 0 errors",
-        reports.len()
-    );
+    ($make:expr) => {
+        $crate::conformance_tests!(@list cases $make);
+    };
 }

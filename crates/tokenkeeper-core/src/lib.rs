@@ -90,11 +90,13 @@ pub use record::{
     DecodeError, ErrorDetail, EventKind, FailureClass, FailureStreak, HISTORY_LEN, HistoryEntry,
     RECORD_FORMAT, Record,
 };
-pub use secret::{AccessToken, RefreshToken};
-pub use state::{BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind};
+pub use secret::{AccessToken, IdToken, RefreshToken};
+pub use state::{
+    BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind, UnknownStateKind,
+};
 pub use store::{
-    BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage,
-    StoreError, TokenStore, check_cas_arguments, due_page, list_page,
+    BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage, Page,
+    PageEntry, StoreError, TokenStore, check_cas_arguments,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use token::{Scopes, TokenSet};

@@ -22,7 +22,7 @@ pub const HISTORY_LEN: usize = 16;
 /// The storage format version written by [`Record::encode`].
 pub const RECORD_FORMAT: u32 = 1;
 
-/// The class of a failed exchange with the provider (DESIGN.md §7).
+/// The class of a failed exchange with the provider (docs/design.md, "Error classification").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum FailureClass {

@@ -319,11 +319,7 @@ impl<S: TokenStore> Sealed<S> {
     }
 
     fn corrupt(id: &InstallationId, e: SealError) -> StoreError {
-        StoreError::Corrupt {
-            id: id.clone(),
-            backend: "sealed",
-            source: Box::new(e),
-        }
+        StoreError::corrupt("sealed", id.clone(), e)
     }
 
     fn open(&self, record: Record) -> Result<Record, StoreError> {
@@ -370,14 +366,14 @@ impl<S: TokenStore> Sealed<S> {
                         continue;
                     }
                 };
-                let next =
-                    open.apply(Event::Resealed, now)
-                        .map_err(|e| StoreError::InvalidArgument {
-                            backend: "sealed",
-                            operation: "reseal",
-                            id: entry.id.clone(),
-                            message: e.to_string(),
-                        })?;
+                // A record the state machine will not reseal is reported, not a store failure.
+                let next = match open.apply(Event::Resealed, now) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        report.failed.push((entry.id.clone(), e.to_string()));
+                        continue;
+                    }
+                };
                 match self
                     .inner
                     .compare_and_swap(&self.seal(&next)?, stored.version())
@@ -439,10 +435,10 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
     async fn due(
         &self,
         before: Timestamp,
-        limit: usize,
         after: Option<&DueEntry>,
+        limit: usize,
     ) -> Result<DuePage, StoreError> {
-        self.inner.due(before, limit, after).await
+        self.inner.due(before, after, limit).await
     }
 
     async fn list(

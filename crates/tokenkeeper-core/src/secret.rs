@@ -1,4 +1,4 @@
-//! Secret newtypes for the two bearer credentials of an installation.
+//! Secret newtypes for the bearer credentials of an installation (and the OpenID ID token).
 //!
 //! Tokens are credentials to customers' repositories. They are wrapped in [`secrecy`] boxes so
 //! that `Debug` prints `[redacted]`, there is no `Display`, and the memory is zeroed on drop.
@@ -66,6 +66,12 @@ secret_newtype!(
     /// An OAuth refresh token: exchanged at the token endpoint for a new access token (and, on
     /// rotating providers, a new refresh token).
     RefreshToken
+);
+secret_newtype!(
+    /// An OpenID Connect ID token: the signed JWT an OpenID provider returns with a code
+    /// exchange, saying who the user is. tokenkeeper hands it over untouched and does not
+    /// verify it; verify its signature, issuer, audience and expiry before trusting it.
+    IdToken
 );
 
 #[cfg(test)]

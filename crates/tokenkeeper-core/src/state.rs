@@ -217,3 +217,36 @@ impl fmt::Display for StateKind {
         f.write_str(self.as_str())
     }
 }
+
+/// A name that is not one of [`StateKind::as_str`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a state name (expected one of active, refreshing, backoff, reauthorization_required, revoked)"
+)]
+pub struct UnknownStateKind(pub String);
+
+impl std::str::FromStr for StateKind {
+    type Err = UnknownStateKind;
+
+    /// Parses the name [`StateKind::as_str`] writes (how backends read their state index).
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == name)
+            .ok_or_else(|| UnknownStateKind(name.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_kinds_parse_back_from_their_names() {
+        for kind in StateKind::ALL {
+            assert_eq!(kind.as_str().parse::<StateKind>(), Ok(kind));
+        }
+        let err = "Active".parse::<StateKind>().unwrap_err();
+        assert!(err.to_string().contains("not a state name"), "{err}");
+    }
+}

@@ -1,6 +1,6 @@
 //! The `TokenStore` contract: a versioned compare-and-swap store of [`Record`]s.
 //!
-//! One primitive carries all concurrency (DESIGN.md §5): every write names the version it read,
+//! One primitive carries all concurrency (see the design document, "The store contract"): every write names the version it read,
 //! and the store applies it only if that is still the stored version. Leases are fields of the
 //! record taken by the same compare-and-swap, so every backend gets fenced locking without
 //! implementing locks. Backends stay thin: no HTTP, no policy, just atomic versioned writes and
@@ -87,28 +87,39 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Wraps a driver's error: `unavailable` ones (connection lost, timeout, lock contention
-    /// that outlasted its wait) become [`StoreError::Unavailable`] (retry later), the rest
-    /// [`StoreError::Backend`].
-    pub fn driver(
+    /// The store could not be reached in time (connection lost or refused, timeout, failover
+    /// reply, lock contention that outlasted its wait): the caller may retry.
+    pub fn unavailable(
         backend: &'static str,
         operation: &'static str,
         source: impl Into<BoxError>,
-        unavailable: bool,
     ) -> Self {
-        let source = source.into();
-        if unavailable {
-            Self::Unavailable {
-                backend,
-                operation,
-                source,
-            }
-        } else {
-            Self::Backend {
-                backend,
-                operation,
-                source,
-            }
+        Self::Unavailable {
+            backend,
+            operation,
+            source: source.into(),
+        }
+    }
+
+    /// The backend failed in a way a retry will not fix by itself.
+    pub fn backend(
+        backend: &'static str,
+        operation: &'static str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Backend {
+            backend,
+            operation,
+            source: source.into(),
+        }
+    }
+
+    /// The stored data of installation `id` cannot be decoded.
+    pub fn corrupt(backend: &'static str, id: InstallationId, source: impl Into<BoxError>) -> Self {
+        Self::Corrupt {
+            id,
+            backend,
+            source: source.into(),
         }
     }
 }
@@ -144,14 +155,67 @@ pub struct DueEntry {
     pub id: InstallationId,
 }
 
-/// A page of [`TokenStore::due`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DuePage {
-    /// Entries in `(due_at, id)` order.
-    pub entries: Vec<DueEntry>,
-    /// Pass this as `after` to read the next page; `None` when this page was the last.
-    pub next: Option<DueEntry>,
+/// An entry of a paged read, and the cursor that resumes after it.
+pub trait PageEntry {
+    /// What `after` takes to resume after this entry.
+    type Cursor: Clone + fmt::Debug + PartialEq + Eq;
+
+    /// The cursor that resumes after this entry.
+    fn cursor(&self) -> Self::Cursor;
 }
+
+impl PageEntry for DueEntry {
+    type Cursor = DueEntry;
+
+    fn cursor(&self) -> DueEntry {
+        self.clone()
+    }
+}
+
+impl PageEntry for ListEntry {
+    type Cursor = InstallationId;
+
+    fn cursor(&self) -> InstallationId {
+        self.id.clone()
+    }
+}
+
+/// A page of a paged read ([`TokenStore::due`], [`TokenStore::list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T: PageEntry> {
+    /// The entries, in the read's order.
+    pub entries: Vec<T>,
+    /// Pass this as `after` to read the next page; `None` when this page was the last.
+    pub next: Option<T::Cursor>,
+}
+
+impl<T: PageEntry> Default for Page<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            next: None,
+        }
+    }
+}
+
+impl<T: PageEntry> Page<T> {
+    /// A page of up to `limit` entries read in order: when it is full, its last entry is the
+    /// cursor of the next page (which may turn out empty).
+    pub fn from_entries(entries: Vec<T>, limit: usize) -> Self {
+        let next = if limit > 0 && entries.len() == limit {
+            entries.last().map(PageEntry::cursor)
+        } else {
+            None
+        };
+        Self { entries, next }
+    }
+}
+
+/// A page of [`TokenStore::due`]: entries in `(due_at, id)` order.
+pub type DuePage = Page<DueEntry>;
+
+/// A page of [`TokenStore::list`]: entries in id order (byte-wise).
+pub type ListPage = Page<ListEntry>;
 
 /// Which records [`TokenStore::list`] returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -187,15 +251,6 @@ pub struct ListEntry {
     pub state: StateKind,
 }
 
-/// A page of [`TokenStore::list`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListPage {
-    /// Entries in id order (byte-wise).
-    pub entries: Vec<ListEntry>,
-    /// Pass this as `after` to read the next page; `None` when this page was the last.
-    pub next: Option<InstallationId>,
-}
-
 /// A versioned compare-and-swap store of installation records.
 ///
 /// Contract (checked by the conformance suite):
@@ -204,7 +259,7 @@ pub struct ListPage {
 ///   `expected`, atomically with its index entries; `record.version()` must be greater than
 ///   `expected` ([`StoreError::InvalidArgument`] otherwise). Of any number of concurrent swaps
 ///   from the same version, exactly one succeeds.
-/// - `due(before, limit, after)` returns up to `limit` entries with `due_at < before`, in
+/// - `due(before, after, limit)` returns up to `limit` entries with `due_at < before`, in
 ///   `(due_at, id)` order, strictly after the cursor `after`; terminal records never appear.
 /// - `list(filter, after, limit)` returns up to `limit` entries in id order after `after`.
 /// - A record that cannot be decoded is [`StoreError::Corrupt`] naming the id; never a panic.
@@ -230,15 +285,26 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
         expected_version: u64,
     ) -> Result<DeleteOutcome, StoreError>;
 
-    /// Installations whose next action is due before `before`, oldest first, paged.
+    /// Installations whose next action is due before `before`, oldest first, paged: up to
+    /// `limit` entries strictly after the cursor `after`. Terminal records never appear.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`]; a corrupt index entry is
+    /// [`StoreError::Corrupt`] naming the installation when it can be named.
     async fn due(
         &self,
         before: Timestamp,
-        limit: usize,
         after: Option<&DueEntry>,
+        limit: usize,
     ) -> Result<DuePage, StoreError>;
 
-    /// Installations by state, in id order, paged.
+    /// Installations by state, in id order, paged: up to `limit` entries strictly after
+    /// the id `after`. Served from the indexes, so a corrupt record does not hide the rest.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
     async fn list(
         &self,
         filter: ListFilter,
@@ -265,26 +331,6 @@ pub fn check_cas_arguments(
         });
     }
     Ok(())
-}
-
-/// Builds the `next` cursor of a due page: the last entry when the page is full.
-pub fn due_page(entries: Vec<DueEntry>, limit: usize) -> DuePage {
-    let next = if limit > 0 && entries.len() == limit {
-        entries.last().cloned()
-    } else {
-        None
-    };
-    DuePage { entries, next }
-}
-
-/// Builds the `next` cursor of a list page: the last id when the page is full.
-pub fn list_page(entries: Vec<ListEntry>, limit: usize) -> ListPage {
-    let next = if limit > 0 && entries.len() == limit {
-        entries.last().map(|e| e.id.clone())
-    } else {
-        None
-    };
-    ListPage { entries, next }
 }
 
 macro_rules! forward_store {
@@ -314,10 +360,10 @@ macro_rules! forward_store {
             async fn due(
                 &self,
                 before: Timestamp,
-                limit: usize,
                 after: Option<&DueEntry>,
+                limit: usize,
             ) -> Result<DuePage, StoreError> {
-                (**self).due(before, limit, after).await
+                (**self).due(before, after, limit).await
             }
             async fn list(
                 &self,

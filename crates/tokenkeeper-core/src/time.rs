@@ -85,7 +85,18 @@ impl Timestamp {
 }
 
 /// RFC 3339 in UTC, e.g. `2026-11-26T01:11:14.000000001Z`.
+/// Whole seconds in RFC 3339 (`2026-01-01T00:00:00Z`): what people read in messages and
+/// explanations. `Debug` keeps the exact nanoseconds.
 impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_system_time() {
+            Some(t) if self.0 >= 0 => write!(f, "{}", humantime::format_rfc3339_seconds(t)),
+            _ => write!(f, "{}s since the epoch", self.0.div_euclid(1_000_000_000)),
+        }
+    }
+}
+
+impl fmt::Debug for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.to_system_time() {
             Some(t) if self.0 >= 0 && self.0 % 1_000_000_000 == 0 => {
@@ -94,12 +105,6 @@ impl fmt::Display for Timestamp {
             Some(t) if self.0 >= 0 => write!(f, "{}", humantime::format_rfc3339_nanos(t)),
             _ => write!(f, "{}ns since the epoch", self.0),
         }
-    }
-}
-
-impl fmt::Debug for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
     }
 }
 
@@ -186,14 +191,17 @@ mod tests {
     }
 
     #[test]
-    fn displays_rfc3339() {
+    fn displays_whole_seconds_and_debugs_exactly() {
         assert_eq!(
             Timestamp::from_unix_secs(1_764_119_474).to_string(),
             "2025-11-26T01:11:14Z"
         );
+        let odd = Timestamp::from_unix_nanos(1_764_119_474_999_999_999);
+        assert_eq!(odd.to_string(), "2025-11-26T01:11:14Z");
+        assert_eq!(format!("{odd:?}"), "2025-11-26T01:11:14.999999999Z");
         assert_eq!(
-            Timestamp::from_unix_nanos(1_764_119_474_000_000_001).to_string(),
-            "2025-11-26T01:11:14.000000001Z"
+            Timestamp::from_unix_nanos(-1_500_000_000).to_string(),
+            "-2s since the epoch"
         );
     }
 

@@ -1,7 +1,7 @@
 //! `TokenSet`: what one successful grant or refresh hands back, in absolute terms.
 //!
 //! Providers answer with a relative `expires_in`; the protocol layer turns it into an absolute
-//! `expires_at` counted from when the request was *sent* (DESIGN.md §2), filling in the
+//! `expires_at` counted from when the request was *sent* (docs/design.md, "Provider facts"), filling in the
 //! profile's default lifetime when a provider omits it. From then on every decision compares
 //! absolute times, which makes records comparable across processes and restarts.
 

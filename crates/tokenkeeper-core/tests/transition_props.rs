@@ -1,4 +1,4 @@
-//! Property tests of the pure transition function (DESIGN.md §4): random event sequences,
+//! Property tests of the pure transition function (docs/design.md, "Transitions"): random event sequences,
 //! including stale fences, lease takeovers and clock jumps, never break the lifecycle invariants.
 
 use std::time::Duration;
@@ -175,7 +175,7 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    /// The invariants of DESIGN.md §4 hold after every accepted event, and a refused event
+    /// The invariants of docs/design.md ("The record and its states") hold after every accepted event, and a refused event
     /// is refused for a reason that matches the record.
     #[test]
     fn random_event_sequences_keep_invariants(

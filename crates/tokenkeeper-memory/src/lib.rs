@@ -31,7 +31,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StoreError, Timestamp, TokenStore, check_cas_arguments, due_page, list_page,
+    Record, StoreError, Timestamp, TokenStore, check_cas_arguments,
 };
 
 const BACKEND: &str = "memory";
@@ -147,8 +147,8 @@ impl TokenStore for MemoryStore {
     async fn due(
         &self,
         before: Timestamp,
-        limit: usize,
         after: Option<&DueEntry>,
+        limit: usize,
     ) -> Result<DuePage, StoreError> {
         let inner = self.lock();
         let start = match after {
@@ -165,7 +165,7 @@ impl TokenStore for MemoryStore {
                 id: id.clone(),
             })
             .collect();
-        Ok(due_page(entries, limit))
+        Ok(DuePage::from_entries(entries, limit))
     }
 
     async fn list(
@@ -189,6 +189,6 @@ impl TokenStore for MemoryStore {
                 state: r.state().kind(),
             })
             .collect();
-        Ok(list_page(entries, limit))
+        Ok(ListPage::from_entries(entries, limit))
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A faithful local OAuth 2.0 provider for tests, examples and benchmarks. It plays Bitbucket
 //! Cloud (legacy and rotating), Atlassian 3LO, GitHub App and Google behaviours
-//! ([`Profile`]), including their exact error bodies, and injects the faults real providers
+//! ([`MockProfile`]), including their exact error bodies, and injects the faults real providers
 //! and networks produce ([`Fault`]): 5xx with HTML or JSON bodies, 429 with `Retry-After`,
 //! latency, resets, malformed or oversized bodies, a 200 carrying an error, missing fields and
 //! **commit-then-drop** (the refresh token is rotated, then the reply is lost).
@@ -12,11 +12,11 @@
 //! reuse detections".
 //!
 //! ```
-//! use tokenkeeper_mock_provider::{MockProvider, Profile};
+//! use tokenkeeper_mock_provider::{MockProvider, MockProfile};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> std::io::Result<()> {
-//! let mock = MockProvider::builder().profile(Profile::Bitbucket).start().await?;
+//! let mock = MockProvider::builder().profile(MockProfile::Bitbucket).start().await?;
 //! // Each completed authorization is a new, independent grant.
 //! let code = mock.authorize_code("tokenkeeper-test-key", None, None).unwrap();
 //! assert!(code.starts_with("code_"));
@@ -48,7 +48,9 @@ use tokio::task::JoinHandle;
 
 pub use faults::{Endpoint, Fault, FaultPlan, FaultRule, Trigger};
 pub use http::paths;
-pub use profile::{ErrorBody, Errors, Profile, Rotation, Rules, ScopeField, UnknownProfile};
+pub use profile::{
+    ErrorBody, Errors, MockProfile, RotationRule, Rules, ScopeField, UnknownProfile,
+};
 pub use provider::{
     AuthorizeError, AuthorizeRequest, CODE_TTL, ConsumerSpec, Counters, GrantCounters, RevokedBy,
     Totals, s256_challenge,
@@ -65,7 +67,7 @@ pub const DEFAULT_CLIENT_SECRET: &str = "tokenkeeper-test-secret";
 /// Configures and starts a [`MockProvider`].
 #[derive(Debug, Clone)]
 pub struct MockProviderBuilder {
-    profile: Profile,
+    profile: MockProfile,
     consumers: Vec<ConsumerSpec>,
     seed: u64,
     addr: SocketAddr,
@@ -77,7 +79,7 @@ pub struct MockProviderBuilder {
 impl Default for MockProviderBuilder {
     fn default() -> Self {
         Self {
-            profile: Profile::default(),
+            profile: MockProfile::default(),
             consumers: Vec::new(),
             seed: 0x70ce_11ee_9e1e,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -89,8 +91,8 @@ impl Default for MockProviderBuilder {
 }
 
 impl MockProviderBuilder {
-    /// The behaviour to play (default: [`Profile::Bitbucket`]).
-    pub fn profile(mut self, profile: Profile) -> Self {
+    /// The behaviour to play (default: [`MockProfile::Bitbucket`]).
+    pub fn profile(mut self, profile: MockProfile) -> Self {
         self.profile = profile;
         self
     }
@@ -141,7 +143,8 @@ impl MockProviderBuilder {
         if let Some(limit) = self.refresh_inactivity {
             rules.refresh_inactivity = limit;
         }
-        if let (Some(new), Rotation::Rotate { leeway, .. }) = (self.leeway, &mut rules.rotation) {
+        if let (Some(new), RotationRule::Rotate { leeway, .. }) = (self.leeway, &mut rules.rotation)
+        {
             *leeway = new;
         }
         rules
@@ -227,7 +230,7 @@ impl MockProvider {
     }
 
     /// The profile it plays.
-    pub fn profile(&self) -> Profile {
+    pub fn profile(&self) -> MockProfile {
         self.shared.lock().profile
     }
 

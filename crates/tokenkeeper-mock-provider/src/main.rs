@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokenkeeper_mock_provider::{
-    ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile,
+    ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
 /// A faithful local OAuth 2.0 provider (Bitbucket, Atlassian 3LO, GitHub App, Google).
@@ -21,7 +21,7 @@ struct Args {
     host: IpAddr,
     /// Behaviour: bitbucket-legacy, bitbucket, atlassian-3lo, github-app or google.
     #[arg(long, default_value = "bitbucket")]
-    profile: Profile,
+    profile: MockProfile,
     /// Client id of the registered consumer.
     #[arg(long, default_value = DEFAULT_CLIENT_ID)]
     client_id: String,

@@ -1,6 +1,6 @@
-//! Provider behaviours the mock can play, with their wire details (DESIGN.md §2).
+//! Provider behaviours the mock can play, with their wire details (docs/design.md, "Provider facts").
 //!
-//! Each [`Profile`] expands to [`Rules`]: token lifetimes, rotation and reuse leeway, refresh
+//! Each [`MockProfile`] expands to [`Rules`]: token lifetimes, rotation and reuse leeway, refresh
 //! token expiry, which request encodings are accepted, how success bodies are spelled and the
 //! exact error bodies (status, `error`, `error_description`) the real provider returns. Tests of
 //! the client assert against these, so they are written down once, here.
@@ -16,7 +16,7 @@ const DAY: u64 = 24 * 3600;
 /// A provider behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Profile {
+pub enum MockProfile {
     /// Bitbucket Cloud before 2026-05-04: non-rotating refresh tokens, `scopes` field.
     BitbucketLegacy,
     /// Bitbucket Cloud since 2026-05-04: rotating refresh tokens that expire unused, `scope` field.
@@ -30,9 +30,9 @@ pub enum Profile {
     Google,
 }
 
-impl Profile {
+impl MockProfile {
     /// Every profile.
-    pub const ALL: [Profile; 5] = [
+    pub const ALL: [MockProfile; 5] = [
         Self::BitbucketLegacy,
         Self::Bitbucket,
         Self::Atlassian3lo,
@@ -68,7 +68,7 @@ impl Profile {
         match self {
             Self::BitbucketLegacy => Rules {
                 access_ttl: Duration::from_secs(7200),
-                rotation: Rotation::None,
+                rotation: RotationRule::None,
                 refresh_inactivity: None,
                 refresh_absolute: None,
                 accepts_json: false,
@@ -81,7 +81,7 @@ impl Profile {
             },
             Self::Bitbucket => Rules {
                 access_ttl: Duration::from_secs(7200),
-                rotation: Rotation::Rotate {
+                rotation: RotationRule::Rotate {
                     leeway: None,
                     reuse_revokes_family: false,
                     old_access_dies: false,
@@ -103,7 +103,7 @@ impl Profile {
             },
             Self::Atlassian3lo => Rules {
                 access_ttl: Duration::from_secs(3600),
-                rotation: Rotation::Rotate {
+                rotation: RotationRule::Rotate {
                     leeway: Some(Duration::from_secs(600)),
                     reuse_revokes_family: true,
                     old_access_dies: false,
@@ -139,7 +139,7 @@ impl Profile {
             },
             Self::GithubApp => Rules {
                 access_ttl: Duration::from_secs(28_800),
-                rotation: Rotation::Rotate {
+                rotation: RotationRule::Rotate {
                     leeway: None,
                     reuse_revokes_family: false,
                     old_access_dies: true,
@@ -188,7 +188,7 @@ impl Profile {
             },
             Self::Google => Rules {
                 access_ttl: Duration::from_secs(3599),
-                rotation: Rotation::None,
+                rotation: RotationRule::None,
                 refresh_inactivity: Some(Duration::from_secs(180 * DAY)),
                 refresh_absolute: None,
                 accepts_json: true,
@@ -222,7 +222,7 @@ impl Profile {
     }
 }
 
-impl fmt::Display for Profile {
+impl fmt::Display for MockProfile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
@@ -235,7 +235,7 @@ impl fmt::Display for Profile {
 )]
 pub struct UnknownProfile(pub String);
 
-impl FromStr for Profile {
+impl FromStr for MockProfile {
     type Err = UnknownProfile;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::ALL
@@ -247,7 +247,7 @@ impl FromStr for Profile {
 
 /// How refresh tokens behave on use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rotation {
+pub enum RotationRule {
     /// The same refresh token keeps working (and is returned again, or omitted).
     None,
     /// Every use issues a new refresh token and retires the old one.
@@ -314,7 +314,7 @@ pub struct Rules {
     /// Access token lifetime.
     pub access_ttl: Duration,
     /// Refresh token rotation.
-    pub rotation: Rotation,
+    pub rotation: RotationRule,
     /// A refresh token unused for this long dies.
     pub refresh_inactivity: Option<Duration>,
     /// A grant's refresh tokens die this long after the authorization.

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
 use crate::faults::FaultPlan;
-use crate::profile::{ErrorBody, Profile, Rotation, Rules, ScopeField};
+use crate::profile::{ErrorBody, MockProfile, RotationRule, Rules, ScopeField};
 
 /// How long an authorization code may wait for its exchange.
 pub const CODE_TTL: Duration = Duration::from_secs(600);
@@ -225,7 +225,7 @@ fn authorize_error(error: &'static str, description: impl Into<String>) -> Autho
 /// The provider.
 #[derive(Debug)]
 pub struct Provider {
-    pub(crate) profile: Profile,
+    pub(crate) profile: MockProfile,
     pub(crate) rules: Rules,
     consumers: BTreeMap<String, ConsumerSpec>,
     grants: Vec<Grant>,
@@ -252,7 +252,7 @@ pub fn s256_challenge(verifier: &str) -> String {
 
 impl Provider {
     pub(crate) fn new(
-        profile: Profile,
+        profile: MockProfile,
         rules: Rules,
         consumers: Vec<ConsumerSpec>,
         seed: u64,
@@ -620,7 +620,11 @@ impl Provider {
         });
         let access = self.issue_access(Some(grant), consumer);
         let refresh = self.issue_refresh(grant, &access);
-        Ok(self.success(&access, Some(&refresh), &scopes, "authorization_code"))
+        let mut body = self.success(&access, Some(&refresh), &scopes, "authorization_code");
+        if scopes.iter().any(|s| s == "openid") {
+            body.insert("id_token".into(), json!(id_token(consumer, grant, now)));
+        }
+        Ok(body)
     }
 
     fn refresh(
@@ -655,8 +659,8 @@ impl Provider {
         }
         if let RefreshStatus::Retired { at } = status {
             let leeway = match rules.rotation {
-                Rotation::Rotate { leeway, .. } => leeway,
-                Rotation::None => None,
+                RotationRule::Rotate { leeway, .. } => leeway,
+                RotationRule::None => None,
             };
             if leeway.is_some_and(|l| now.saturating_sub(at) <= l) {
                 grant.counters.leeway_reuses += 1;
@@ -666,7 +670,7 @@ impl Provider {
                 self.totals.reuse_detections += 1;
                 let revoke = matches!(
                     rules.rotation,
-                    Rotation::Rotate {
+                    RotationRule::Rotate {
                         reuse_revokes_family: true,
                         ..
                     }
@@ -692,14 +696,14 @@ impl Provider {
         let scopes = grant.scopes.clone();
         let access = self.issue_access(Some(grant_id), consumer);
         let reply_refresh = match rules.rotation {
-            Rotation::None => {
+            RotationRule::None => {
                 if let Some(info) = self.refresh.get_mut(&token) {
                     info.last_used = now;
                     info.access = access.clone();
                 }
                 rules.refresh_reply_has_refresh_token.then(|| token.clone())
             }
-            Rotation::Rotate {
+            RotationRule::Rotate {
                 old_access_dies, ..
             } => {
                 if let Some(info) = self.refresh.get_mut(&token)
@@ -762,4 +766,23 @@ impl Provider {
         }
         outcome
     }
+}
+
+/// An OpenID Connect ID token for grant `grant` of `consumer`: a JWT-shaped value whose
+/// payload names the issuer, subject (one per grant) and audience. Unsigned (`alg: none`):
+/// this is a test double; a real provider signs it.
+fn id_token(consumer: &str, grant: u64, now: Duration) -> String {
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let iat = now.as_secs();
+    let header = json!({"alg": "none", "typ": "JWT"});
+    let claims = json!({
+        "iss": "tokenkeeper-mock-provider",
+        "sub": format!("mock-user-{grant}"),
+        "aud": consumer,
+        "iat": iat,
+        "exp": iat + 3600,
+    });
+    format!("{}.{}.", b64(&header), b64(&claims))
 }

@@ -8,7 +8,7 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokenkeeper_mock_provider::{
-    ConsumerSpec, Counters, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile,
+    ConsumerSpec, Counters, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
 async fn admin(
@@ -34,7 +34,7 @@ async fn counters(mock: &MockProvider) -> Counters {
 #[tokio::test]
 async fn scope_change_revokes_every_grant_of_that_consumer_only() {
     let mock = MockProvider::builder()
-        .profile(Profile::Bitbucket)
+        .profile(MockProfile::Bitbucket)
         .consumer(ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET))
         .consumer(ConsumerSpec::new("second-app", "second-secret"))
         .start()
@@ -111,7 +111,7 @@ async fn scope_change_revokes_every_grant_of_that_consumer_only() {
 
 #[tokio::test]
 async fn revoke_one_grant_by_id_or_token() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let a = new_grant(&mock).await;
     let b = new_grant(&mock).await;
     let c = new_grant(&mock).await;
@@ -157,7 +157,7 @@ async fn revoke_one_grant_by_id_or_token() {
 
 #[tokio::test]
 async fn rotating_the_client_secret_refuses_the_old_one() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let (status, _) = admin(
         &mock,
@@ -189,7 +189,7 @@ async fn rotating_the_client_secret_refuses_the_old_one() {
 
 #[tokio::test]
 async fn advancing_the_clock_expires_access_tokens() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let (_, before) = admin(&mock, reqwest::Method::GET, "/clock", None).await;
     let before: f64 = serde_json::from_str::<Value>(&before).unwrap()["now_unix_secs"]
@@ -225,7 +225,7 @@ async fn advancing_the_clock_expires_access_tokens() {
 
 #[tokio::test]
 async fn fault_plan_round_trips_and_counters_reset() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let plan = json!([
         {"endpoint": "token", "fault": {"kind": "server_error", "status": 503, "html": true}, "trigger": {"kind": "next", "count": 1}},

@@ -9,7 +9,7 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProvider, Profile,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile, MockProvider,
 };
 
 async fn raw_refresh(mock: &MockProvider, token: &str) -> reqwest::Result<reqwest::Response> {
@@ -23,12 +23,12 @@ async fn raw_refresh(mock: &MockProvider, token: &str) -> reqwest::Result<reqwes
 
 /// Sends a refresh under `fault` and returns the reply (or transport error text).
 async fn under(fault: Fault) -> (MockProvider, Value, Reply) {
-    under_profile(Profile::Bitbucket, fault).await
+    under_profile(MockProfile::Bitbucket, fault).await
 }
 
 type Reply = Result<(StatusCode, reqwest::header::HeaderMap, Vec<u8>), String>;
 
-async fn under_profile(profile: Profile, fault: Fault) -> (MockProvider, Value, Reply) {
+async fn under_profile(profile: MockProfile, fault: Fault) -> (MockProvider, Value, Reply) {
     let mock = start(profile).await;
     let g = new_grant(&mock).await;
     mock.set_faults(vec![FaultRule::next(Endpoint::Token, 1, fault)]);
@@ -81,7 +81,7 @@ async fn too_many_requests_carries_retry_after() {
 
 #[tokio::test]
 async fn latency_delays_then_answers_normally() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     mock.set_faults(vec![FaultRule::next(
         Endpoint::Token,
@@ -206,7 +206,7 @@ async fn commit_then_drop_leaves_the_provider_holding_a_token_the_client_never_s
     assert_eq!(mock.counters().grants[&0].reuse_detections, 1);
 
     // With Atlassian's leeway, the previous token recovers the installation.
-    let (mock, g, out) = under_profile(Profile::Atlassian3lo, Fault::CommitThenDrop).await;
+    let (mock, g, out) = under_profile(MockProfile::Atlassian3lo, Fault::CommitThenDrop).await;
     assert!(out.is_err(), "{out:?}");
     assert_eq!(mock.counters().grants[&0].rotations, 1);
     let (status, _) = refresh(&mock, &s(&g, "refresh_token")).await;
@@ -241,7 +241,7 @@ async fn probabilistic_faults_replay_with_the_same_seed() {
 
 #[tokio::test]
 async fn faults_target_only_their_endpoint() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     mock.set_faults(vec![FaultRule::next(
         Endpoint::Resource,
         5,

@@ -10,12 +10,12 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Profile, s256_challenge,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, s256_challenge,
 };
 
 #[tokio::test]
 async fn every_profile_issues_independent_grants_and_refreshes_one_without_touching_others() {
-    for profile in Profile::ALL {
+    for profile in MockProfile::ALL {
         let mock = start(profile).await;
         let grants = [
             new_grant(&mock).await,
@@ -57,7 +57,7 @@ async fn every_profile_issues_independent_grants_and_refreshes_one_without_touch
 
 #[tokio::test]
 async fn success_bodies_follow_each_profile() {
-    let mock = start(Profile::BitbucketLegacy).await;
+    let mock = start(MockProfile::BitbucketLegacy).await;
     let g = new_grant(&mock).await;
     assert_eq!(g["scopes"], json!("repository account"));
     assert_eq!(g["expires_in"], json!(7200));
@@ -70,7 +70,7 @@ async fn success_bodies_follow_each_profile() {
         "legacy: same refresh token back"
     );
 
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     assert_eq!(g["scope"], json!("repository account"));
     assert!(g.get("scopes").is_none());
@@ -80,17 +80,17 @@ async fn success_bodies_follow_each_profile() {
         "rotating: new refresh token"
     );
 
-    let mock = start(Profile::Atlassian3lo).await;
+    let mock = start(MockProfile::Atlassian3lo).await;
     let g = new_grant(&mock).await;
     assert_eq!(g["expires_in"], json!(3600));
     assert_eq!(g["token_type"], json!("Bearer"));
 
-    let mock = start(Profile::GithubApp).await;
+    let mock = start(MockProfile::GithubApp).await;
     let g = new_grant(&mock).await;
     assert_eq!(g["expires_in"], json!(28800));
     assert_eq!(g["refresh_token_expires_in"], json!(15_897_600));
 
-    let mock = start(Profile::Google).await;
+    let mock = start(MockProfile::Google).await;
     let g = new_grant(&mock).await;
     let (_, r) = refresh(&mock, &s(&g, "refresh_token")).await;
     assert!(
@@ -107,7 +107,7 @@ async fn success_bodies_follow_each_profile() {
 
 #[tokio::test]
 async fn codes_are_single_use_and_bound_to_their_consumer_and_redirect() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let code = authorize(&mock, &[]).await;
     let (status, _) = exchange(&mock, &code).await;
     assert_eq!(status, StatusCode::OK);
@@ -150,7 +150,7 @@ async fn codes_are_single_use_and_bound_to_their_consumer_and_redirect() {
 
 #[tokio::test]
 async fn authorize_validates_client_redirect_and_pkce() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let get = |q: Vec<(&'static str, String)>| {
         let url = mock.authorize_url();
         async move { client().get(url).query(&q).send().await.unwrap() }
@@ -200,7 +200,7 @@ async fn authorize_validates_client_redirect_and_pkce() {
 
 #[tokio::test]
 async fn pkce_s256_and_plain_are_verified() {
-    let mock = start(Profile::Atlassian3lo).await;
+    let mock = start(MockProfile::Atlassian3lo).await;
     let verifier = "a-verifier-with-enough-entropy-0123456789abcdefghij";
     let challenge = s256_challenge(verifier);
     let exchange_with = |code: String, verifier: Option<&'static str>| {
@@ -277,25 +277,30 @@ async fn pkce_s256_and_plain_are_verified() {
 async fn client_authentication_by_basic_or_form_and_exact_error_bodies() {
     let expected = [
         (
-            Profile::BitbucketLegacy,
+            MockProfile::BitbucketLegacy,
             400,
             "unauthorized_client",
             "Invalid OAuth client credentials",
         ),
         (
-            Profile::Bitbucket,
+            MockProfile::Bitbucket,
             400,
             "unauthorized_client",
             "Invalid OAuth client credentials",
         ),
-        (Profile::Atlassian3lo, 401, "access_denied", "Unauthorized"),
         (
-            Profile::GithubApp,
+            MockProfile::Atlassian3lo,
+            401,
+            "access_denied",
+            "Unauthorized",
+        ),
+        (
+            MockProfile::GithubApp,
             200,
             "incorrect_client_credentials",
             "The client_id and/or client_secret passed are incorrect.",
         ),
-        (Profile::Google, 401, "invalid_client", "Unauthorized"),
+        (MockProfile::Google, 401, "invalid_client", "Unauthorized"),
     ];
     for (profile, status, error, description) in expected {
         let mock = start(profile).await;
@@ -350,7 +355,7 @@ async fn client_authentication_by_basic_or_form_and_exact_error_bodies() {
 
 #[tokio::test]
 async fn json_bodies_are_refused_by_bitbucket_and_accepted_by_atlassian() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let r = client()
         .post(mock.token_url())
@@ -369,7 +374,7 @@ async fn json_bodies_are_refused_by_bitbucket_and_accepted_by_atlassian() {
         )
     );
 
-    let mock = start(Profile::Atlassian3lo).await;
+    let mock = start(MockProfile::Atlassian3lo).await;
     let g = new_grant(&mock).await;
     let r = client()
         .post(mock.token_url())
@@ -387,7 +392,7 @@ async fn json_bodies_are_refused_by_bitbucket_and_accepted_by_atlassian() {
 
 #[tokio::test]
 async fn grant_types_missing_unknown_and_client_credentials() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let (status, body) = token_form(&mock, &[("code", "x")]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(
@@ -407,7 +412,7 @@ async fn grant_types_missing_unknown_and_client_credentials() {
 
 #[tokio::test]
 async fn bitbucket_rotation_rejects_retired_tokens_and_counts_reuse() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let old = s(&g, "refresh_token");
     let (_, r1) = refresh(&mock, &old).await;
@@ -437,7 +442,7 @@ async fn bitbucket_rotation_rejects_retired_tokens_and_counts_reuse() {
 
 #[tokio::test]
 async fn bitbucket_refresh_tokens_expire_unused_after_the_inactivity_period() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let a = new_grant(&mock).await;
     let b = new_grant(&mock).await;
     mock.advance(Duration::from_secs(89 * 24 * 3600));
@@ -460,7 +465,7 @@ async fn bitbucket_refresh_tokens_expire_unused_after_the_inactivity_period() {
 
 #[tokio::test]
 async fn atlassian_leeway_then_reuse_detection_revokes_the_family() {
-    let mock = start(Profile::Atlassian3lo).await;
+    let mock = start(MockProfile::Atlassian3lo).await;
     let g = new_grant(&mock).await;
     let other = new_grant(&mock).await;
     let r0 = s(&g, "refresh_token");
@@ -502,7 +507,7 @@ async fn atlassian_leeway_then_reuse_detection_revokes_the_family() {
 
 #[tokio::test]
 async fn github_old_tokens_die_on_use_and_errors_come_with_200() {
-    let mock = start(Profile::GithubApp).await;
+    let mock = start(MockProfile::GithubApp).await;
     let g = new_grant(&mock).await;
     let (status, _) = resource(&mock, &s(&g, "access_token")).await;
     assert_eq!(status, StatusCode::OK);
@@ -532,7 +537,7 @@ async fn github_old_tokens_die_on_use_and_errors_come_with_200() {
 
 #[tokio::test]
 async fn resource_endpoint_reports_expiry_like_bitbucket() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let g = new_grant(&mock).await;
     let access = s(&g, "access_token");
     let (status, body) = resource(&mock, &access).await;
@@ -555,7 +560,7 @@ async fn resource_endpoint_reports_expiry_like_bitbucket() {
 
 #[tokio::test]
 async fn rfc7009_revocation_of_a_refresh_token_revokes_its_grant_only() {
-    let mock = start(Profile::Bitbucket).await;
+    let mock = start(MockProfile::Bitbucket).await;
     let a = new_grant(&mock).await;
     let b = new_grant(&mock).await;
     let revoke = |token: String| {

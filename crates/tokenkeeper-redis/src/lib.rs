@@ -28,7 +28,6 @@
 
 mod keys;
 mod scripts;
-pub mod testing;
 mod value;
 
 use std::time::Duration;
@@ -38,7 +37,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments, due_page, list_page,
+    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
 };
 
 use keys::{Layout, due_hex, due_member, parse_due_hex};
@@ -69,9 +68,14 @@ pub enum ConnectError {
         #[source]
         source: RedisError,
     },
-    /// The configuration is contradictory.
-    #[error("invalid Redis store configuration: {0}")]
-    Config(String),
+    /// A setting is out of range.
+    #[error("invalid Redis store configuration: {field}: {reason}")]
+    Config {
+        /// The builder method that sets it.
+        field: &'static str,
+        /// What the value must be.
+        reason: &'static str,
+    },
 }
 
 /// Replaces the password of a URL (between `:` and `@` of the authority) with `***`.
@@ -156,16 +160,16 @@ impl RedisStoreBuilder {
                 .chars()
                 .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
         {
-            return Err(ConnectError::Config(format!(
-                "the key prefix {:?} must be non-empty without braces or whitespace",
-                self.prefix
-            )));
+            return Err(ConnectError::Config {
+                field: "prefix",
+                reason: "the key prefix must be non-empty, without braces, whitespace or control characters",
+            });
         }
         if self.shards == 0 || self.shards > 256 {
-            return Err(ConnectError::Config(format!(
-                "index_shards must be 1 to 256, not {}",
-                self.shards
-            )));
+            return Err(ConnectError::Config {
+                field: "index_shards",
+                reason: "must be 1 to 256",
+            });
         }
         #[cfg(feature = "tls")]
         let client = match self.tls_root.clone() {
@@ -289,39 +293,77 @@ impl RedisStore {
         match tokio::time::timeout(self.operation_timeout, f(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(redis_error(operation, e)),
-            Err(_) => Err(StoreError::Unavailable {
-                backend: BACKEND,
+            Err(_) => Err(StoreError::unavailable(
+                BACKEND,
                 operation,
-                source: format!("no answer within {:?}", self.operation_timeout).into(),
-            }),
+                RedisFault::NoAnswer(self.operation_timeout),
+            )),
         }
     }
 }
 
-fn redis_error(operation: &'static str, e: RedisError) -> StoreError {
-    let unavailable = e.is_io_error()
+/// What the Redis store can find wrong beyond the driver's own errors.
+#[derive(Debug, thiserror::Error)]
+enum RedisFault {
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error(
+        "the script answered with an unexpected {0} reply; the scripts and this build disagree: check that every process runs the same tokenkeeper version"
+    )]
+    UnexpectedScriptReply(&'static str),
+    #[error("a due-index member is malformed; remove it from the due index (ZREM)")]
+    MalformedDueMember,
+    #[error("an index holds an invalid installation id ({0}); remove that member")]
+    InvalidIndexId(#[source] tokenkeeper_core::InvalidInstallationId),
+}
+
+/// Server replies that mean "not now" during a failover, a restart or a replica shortfall:
+/// a demoted primary answers READONLY, a restarting one LOADING, a primary without its
+/// replicas NOREPLICAS (`min-replicas-to-write`), a cluster mid-failover TRYAGAIN or
+/// CLUSTERDOWN, a full one OOM. A retry can succeed, so they are `Unavailable`.
+const RETRYABLE_CODES: [&str; 7] = [
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "OOM",
+];
+
+fn is_retryable(e: &RedisError) -> bool {
+    e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || e.is_unrecoverable_error();
-    StoreError::driver(BACKEND, operation, e, unavailable)
+        || e.is_unrecoverable_error()
+        || e.code().is_some_and(|code| RETRYABLE_CODES.contains(&code))
 }
 
-fn protocol_error(operation: &'static str, what: String) -> StoreError {
-    StoreError::Backend {
-        backend: BACKEND,
-        operation,
-        source: what.into(),
+fn redis_error(operation: &'static str, e: RedisError) -> StoreError {
+    if is_retryable(&e) {
+        StoreError::unavailable(BACKEND, operation, e)
+    } else {
+        StoreError::backend(BACKEND, operation, e)
     }
 }
 
+fn unexpected_reply(operation: &'static str, reply: &Value) -> StoreError {
+    // Name the reply's type only: a value could hold a record, and records hold tokens.
+    let kind = match reply {
+        Value::Nil => "nil",
+        Value::Int(_) => "integer",
+        Value::Array(_) => "array",
+        Value::SimpleString(_) => "simple string",
+        Value::BulkString(_) => "bulk string",
+        _ => "other",
+    };
+    StoreError::backend(BACKEND, operation, RedisFault::UnexpectedScriptReply(kind))
+}
+
 fn parse_id(operation: &'static str, text: &[u8]) -> Result<InstallationId, StoreError> {
-    InstallationId::from_bytes(text).map_err(|e| {
-        protocol_error(
-            operation,
-            format!("an index holds an invalid installation id ({e}); remove that member"),
-        )
-    })
+    InstallationId::from_bytes(text)
+        .map_err(|e| StoreError::backend(BACKEND, operation, RedisFault::InvalidIndexId(e)))
 }
 
 #[async_trait]
@@ -389,10 +431,7 @@ impl TokenStore for RedisStore {
                 record.id(),
                 &current,
             )?))),
-            other => Err(protocol_error(
-                "compare_and_swap",
-                format!("unexpected script reply {other:?}"),
-            )),
+            other => Err(unexpected_reply("compare_and_swap", &other)),
         }
     }
 
@@ -418,18 +457,15 @@ impl TokenStore for RedisStore {
             Value::BulkString(current) => Ok(DeleteOutcome::Conflict(Box::new(value::decode(
                 id, &current,
             )?))),
-            other => Err(protocol_error(
-                "delete",
-                format!("unexpected script reply {other:?}"),
-            )),
+            other => Err(unexpected_reply("delete", &other)),
         }
     }
 
     async fn due(
         &self,
         before: Timestamp,
-        limit: usize,
         after: Option<&DueEntry>,
+        limit: usize,
     ) -> Result<DuePage, StoreError> {
         if limit == 0 {
             return Ok(DuePage::default());
@@ -459,13 +495,15 @@ impl TokenStore for RedisStore {
                 .get(..16)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(parse_due_hex)
-                .ok_or_else(|| protocol_error("due", "a due-index member is malformed".into()))?;
+                .ok_or_else(|| {
+                    StoreError::backend(BACKEND, "due", RedisFault::MalformedDueMember)
+                })?;
             entries.push(DueEntry {
                 due_at,
                 id: parse_id("due", &m[16..])?,
             });
         }
-        Ok(due_page(entries, limit))
+        Ok(DuePage::from_entries(entries, limit))
     }
 
     async fn list(
@@ -519,12 +557,13 @@ impl TokenStore for RedisStore {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(list_page(entries, limit))
+        Ok(ListPage::from_entries(entries, limit))
     }
 }
 
 /// What the benchmarks need to run the raw commands the store wraps side by side with it.
-/// Not a stable API.
+/// Not a public API: compiled only with the `__bench` feature the benchmarks turn on.
+#[cfg(feature = "__bench")]
 #[doc(hidden)]
 pub mod bench_support {
     use tokenkeeper_core::{InstallationId, Record};
@@ -557,6 +596,37 @@ pub mod bench_support {
 #[cfg(test)]
 mod tests {
     use super::redact;
+
+    #[test]
+    fn failover_and_restart_replies_are_unavailable() {
+        for reply in [
+            "-READONLY You can't write against a read only replica.\r\n",
+            "-LOADING Redis is loading the dataset in memory\r\n",
+            "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n",
+            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            "-CLUSTERDOWN The cluster is down\r\n",
+            "-NOREPLICAS Not enough good replicas to write.\r\n",
+            "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        ] {
+            let e = redis::parse_redis_value(reply.as_bytes())
+                .and_then(redis::Value::extract_error)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    super::redis_error("compare_and_swap", e),
+                    tokenkeeper_core::StoreError::Unavailable { .. }
+                ),
+                "{reply}"
+            );
+        }
+        let e = redis::parse_redis_value(b"-ERR wrong number of arguments\r\n")
+            .and_then(redis::Value::extract_error)
+            .unwrap_err();
+        assert!(matches!(
+            super::redis_error("get", e),
+            tokenkeeper_core::StoreError::Backend { .. }
+        ));
+    }
 
     #[test]
     fn passwords_are_redacted() {

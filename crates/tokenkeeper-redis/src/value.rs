@@ -20,12 +20,19 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
     out
 }
 
+/// What can be wrong with a stored value.
+#[derive(Debug, thiserror::Error)]
+enum ValueFault {
+    #[error("the value has no header line")]
+    NoHeader,
+    #[error("the header line is not UTF-8")]
+    HeaderNotUtf8,
+    #[error("the header (version, state, due) disagrees with the record")]
+    HeaderMismatch,
+}
+
 fn corrupt(id: &InstallationId, why: impl Into<BoxError>) -> StoreError {
-    StoreError::Corrupt {
-        id: id.clone(),
-        backend: BACKEND,
-        source: why.into(),
-    }
+    StoreError::corrupt(BACKEND, id.clone(), why)
 }
 
 /// Decodes a value stored under `id`, checking the header agrees with the record.
@@ -33,9 +40,9 @@ pub(crate) fn decode(id: &InstallationId, bytes: &[u8]) -> Result<Record, StoreE
     let newline = bytes
         .iter()
         .position(|b| *b == b'\n')
-        .ok_or_else(|| corrupt(id, "the value has no header line"))?;
+        .ok_or_else(|| corrupt(id, ValueFault::NoHeader))?;
     let header = std::str::from_utf8(&bytes[..newline])
-        .map_err(|_| corrupt(id, "the header line is not UTF-8"))?;
+        .map_err(|_| corrupt(id, ValueFault::HeaderNotUtf8))?;
     let record = Record::decode(id, &bytes[newline + 1..]).map_err(|e| corrupt(id, e))?;
     let expected = format!(
         "{}\t{}\t{}",
@@ -44,10 +51,7 @@ pub(crate) fn decode(id: &InstallationId, bytes: &[u8]) -> Result<Record, StoreE
         due_member(record.id(), record.due_at())
     );
     if header != expected {
-        return Err(corrupt(
-            id,
-            "the header (version, state, due) disagrees with the record",
-        ));
+        return Err(corrupt(id, ValueFault::HeaderMismatch));
     }
     Ok(record)
 }

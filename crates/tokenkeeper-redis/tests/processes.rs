@@ -7,8 +7,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokenkeeper_core::conformance::{RaceReport, race_ids, race_worker, seed_race, verify_race};
 use tokenkeeper_redis::RedisStore;
+use tokenkeeper_testkit::race::{RaceReport, race_ids, race_worker, seed_race, verify_race};
 
 const CHILD_ENV: &str = "TK_REDIS_CHILD";
 

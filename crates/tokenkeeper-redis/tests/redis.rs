@@ -224,7 +224,7 @@ async fn prefixes_isolate_applications() {
         .unwrap();
     assert!(b.get(&id("shared-name")).await.unwrap().is_none());
     assert!(
-        b.due(tokenkeeper_core::Timestamp::MAX, 10, None)
+        b.due(tokenkeeper_core::Timestamp::MAX, None, 10)
             .await
             .unwrap()
             .entries
@@ -242,14 +242,14 @@ async fn prefixes_isolate_applications() {
             .prefix("bad{prefix}")
             .connect()
             .await,
-        Err(ConnectError::Config(_))
+        Err(ConnectError::Config { .. })
     ));
 }
 
 #[tokio::test]
 async fn auth_with_password_and_acl_user() {
-    let server = tokenkeeper_redis::testing::Server::start_on(
-        tokenkeeper_redis::testing::free_port(),
+    let server = tokenkeeper_testkit::redis::Server::start_on(
+        tokenkeeper_testkit::redis::free_port(),
         &[
             "--requirepass",
             "s3cret-pass",
@@ -293,8 +293,8 @@ async fn auth_with_password_and_acl_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
-    let port = tokenkeeper_redis::testing::free_port();
-    let server = tokenkeeper_redis::testing::Server::start_on(port, &[]);
+    let port = tokenkeeper_testkit::redis::free_port();
+    let server = tokenkeeper_testkit::redis::Server::start_on(port, &[]);
     let store = RedisStore::builder(server.url())
         .prefix("restart")
         .operation_timeout(Duration::from_secs(2))
@@ -319,7 +319,7 @@ async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
         }
     }
 
-    let _server = tokenkeeper_redis::testing::Server::start_on(port, &[]);
+    let _server = tokenkeeper_testkit::redis::Server::start_on(port, &[]);
     let mut healed = false;
     for _ in 0..50 {
         if store

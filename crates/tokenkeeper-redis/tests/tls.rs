@@ -7,8 +7,8 @@ use std::process::Command;
 
 use tokenkeeper_core::conformance::{T0, sample_record};
 use tokenkeeper_core::{InstallationId, TokenStore};
-use tokenkeeper_redis::testing::{Server, free_port};
 use tokenkeeper_redis::{ConnectError, RedisStore};
+use tokenkeeper_testkit::redis::{Server, free_port};
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
     let out = Command::new("openssl")

@@ -86,9 +86,9 @@ pub enum OpenError {
         /// What gave it away.
         detail: String,
     },
-    /// The connection pool could not be built.
-    #[error("cannot build the SQLite connection pool: {0}")]
-    Pool(String),
+    /// The connection pool could not be built, or its first connection's task failed.
+    #[error("cannot set up the SQLite connection pool: {0}")]
+    Pool(#[source] tokenkeeper_core::BoxError),
 }
 
 /// Configures and opens a [`SqliteStore`].
@@ -161,14 +161,14 @@ impl SqliteStoreBuilder {
             .wait_timeout(Some(self.acquire_timeout))
             .create_timeout(Some(self.busy_timeout + Duration::from_secs(5)))
             .build()
-            .map_err(|e| OpenError::Pool(e.to_string()))?;
+            .map_err(|e| OpenError::Pool(e.into()))?;
         let conn = pool.get().await.map_err(|e| match e {
             PoolError::Backend(ConnectError::Sqlite(e)) => OpenError::Sqlite(e),
-            other => OpenError::Pool(other.to_string()),
+            other => OpenError::Pool(other.into()),
         })?;
         conn.interact(schema::migrate)
             .await
-            .map_err(|e| OpenError::Pool(format!("migration task failed: {e}")))??;
+            .map_err(|e| OpenError::Pool(e.into()))??;
         drop(conn);
         Ok(SqliteStore {
             pool,
@@ -182,7 +182,7 @@ async fn tokio_blocking<R: Send + 'static>(
 ) -> Result<R, OpenError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| OpenError::Pool(format!("open task failed: {e}")))?
+        .map_err(|e| OpenError::Pool(e.into()))?
 }
 
 /// Creates the database file readable and writable by its owner only. SQLite creates the
@@ -253,19 +253,11 @@ impl SqliteStore {
     ) -> Result<R, StoreError> {
         let conn = self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(ConnectError::Sqlite(e)) => ops::sqlite_error(operation, e),
-            other => StoreError::Unavailable {
-                backend: BACKEND,
-                operation,
-                source: other.to_string().into(),
-            },
+            other => StoreError::unavailable(BACKEND, operation, other),
         })?;
         conn.interact(move |c| f(c))
             .await
-            .map_err(|e| StoreError::Backend {
-                backend: BACKEND,
-                operation,
-                source: format!("the SQLite task failed: {e}").into(),
-            })?
+            .map_err(|e| StoreError::backend(BACKEND, operation, e))?
     }
 }
 
@@ -310,11 +302,11 @@ impl TokenStore for SqliteStore {
     async fn due(
         &self,
         before: Timestamp,
-        limit: usize,
         after: Option<&DueEntry>,
+        limit: usize,
     ) -> Result<DuePage, StoreError> {
         let after = after.cloned();
-        self.run("due", move |c| ops::due(c, before, limit, after.as_ref()))
+        self.run("due", move |c| ops::due(c, before, after.as_ref(), limit))
             .await
     }
 
@@ -328,9 +320,4 @@ impl TokenStore for SqliteStore {
         self.run("list", move |c| ops::list(c, filter, after.as_ref(), limit))
             .await
     }
-}
-
-/// The SQL of `due` and `list`, for tests and benchmarks that check query plans.
-pub mod sql {
-    pub use crate::ops::{DUE_SQL, LIST_ALL_SQL, LIST_STATE_SQL};
 }

@@ -8,7 +8,7 @@
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp, due_page, list_page,
+    Record, StateKind, StoreError, Timestamp,
 };
 
 pub(crate) const BACKEND: &str = "sqlite";
@@ -20,15 +20,32 @@ pub(crate) fn sqlite_error(operation: &'static str, e: rusqlite::Error) -> Store
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
     );
-    StoreError::driver(BACKEND, operation, e, busy)
+    if busy {
+        StoreError::unavailable(BACKEND, operation, e)
+    } else {
+        StoreError::backend(BACKEND, operation, e)
+    }
+}
+
+/// What can be wrong with a row, beyond what the driver reports.
+#[derive(Debug, thiserror::Error)]
+enum SqliteFault {
+    #[error("the row's version, state or due columns disagree with its record")]
+    IndexMismatch,
+    #[error("unknown state in the state column: {0}")]
+    UnknownState(#[source] tokenkeeper_core::UnknownStateKind),
+    #[error(
+        "the table holds a row whose id {id:?} is not a valid installation id ({source}); delete that row"
+    )]
+    InvalidRowId {
+        id: String,
+        #[source]
+        source: tokenkeeper_core::InvalidInstallationId,
+    },
 }
 
 fn corrupt(id: &InstallationId, why: impl Into<tokenkeeper_core::BoxError>) -> StoreError {
-    StoreError::Corrupt {
-        id: id.clone(),
-        backend: BACKEND,
-        source: why.into(),
-    }
+    StoreError::corrupt(BACKEND, id.clone(), why)
 }
 
 fn due_column(record: &Record) -> Option<i64> {
@@ -57,31 +74,25 @@ fn decode(
         || record.state().kind().as_str() != state
         || due_column(&record) != due_at
     {
-        return Err(corrupt(
-            id,
-            "the row's version, state or due columns disagree with its record",
-        ));
+        return Err(corrupt(id, SqliteFault::IndexMismatch));
     }
     Ok(record)
 }
 
 fn state_kind(id: &InstallationId, text: &str) -> Result<StateKind, StoreError> {
-    StateKind::ALL
-        .into_iter()
-        .find(|k| k.as_str() == text)
-        .ok_or_else(|| corrupt(id, format!("unknown state {text:?} in the state column")))
+    text.parse()
+        .map_err(|e| corrupt(id, SqliteFault::UnknownState(e)))
 }
 
 /// Reads an id column. Only tampering can store an id the core refuses; it is reported
 /// (rather than skipped, which would break paging) with what to do about it.
 fn row_id(operation: &'static str, text: String) -> Result<InstallationId, StoreError> {
-    InstallationId::new(text.clone()).map_err(|e| StoreError::Backend {
-        backend: BACKEND,
-        operation,
-        source: format!(
-            "the table holds a row whose id {text:?} is not a valid installation id ({e}); delete that row"
+    InstallationId::new(text.clone()).map_err(|source| {
+        StoreError::backend(
+            BACKEND,
+            operation,
+            SqliteFault::InvalidRowId { id: text, source },
         )
-        .into(),
     })
 }
 
@@ -190,17 +201,16 @@ pub(crate) fn delete(
 
 /// The `due` query: a range scan of `installations_by_due` (checked by a test with
 /// `EXPLAIN QUERY PLAN`).
-pub const DUE_SQL: &str = "SELECT id, due_at FROM installations \
+const DUE_SQL: &str = "SELECT id, due_at FROM installations \
      WHERE due_at IS NOT NULL AND due_at < ?1 AND (due_at, id) > (?2, ?3) \
      ORDER BY due_at, id LIMIT ?4";
 
 /// The `list` query for one state: a range scan of `installations_by_state`.
-pub const LIST_STATE_SQL: &str = "SELECT id, state FROM installations \
+const LIST_STATE_SQL: &str = "SELECT id, state FROM installations \
      WHERE state = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
 
 /// The `list` query for every state: a range scan of the primary key.
-pub const LIST_ALL_SQL: &str =
-    "SELECT id, state FROM installations WHERE id > ?1 ORDER BY id LIMIT ?2";
+const LIST_ALL_SQL: &str = "SELECT id, state FROM installations WHERE id > ?1 ORDER BY id LIMIT ?2";
 
 fn limit_param(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -209,8 +219,8 @@ fn limit_param(limit: usize) -> i64 {
 pub(crate) fn due(
     conn: &Connection,
     before: Timestamp,
-    limit: usize,
     after: Option<&DueEntry>,
+    limit: usize,
 ) -> Result<DuePage, StoreError> {
     if limit == 0 {
         return Ok(DuePage::default());
@@ -236,7 +246,7 @@ pub(crate) fn due(
             id: row_id("due", id)?,
         });
     }
-    Ok(due_page(entries, limit))
+    Ok(DuePage::from_entries(entries, limit))
 }
 
 pub(crate) fn list(
@@ -274,5 +284,58 @@ pub(crate) fn list(
         let state = state_kind(&id, &state)?;
         entries.push(ListEntry { id, state });
     }
-    Ok(list_page(entries, limit))
+    Ok(ListPage::from_entries(entries, limit))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rusqlite::Connection;
+    use tokenkeeper_core::conformance::{T0, sample_record};
+    use tokenkeeper_core::{InstallationId, TokenStore};
+
+    use super::{DUE_SQL, LIST_ALL_SQL, LIST_STATE_SQL};
+    use crate::SqliteStore;
+
+    fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows.join(" | ")
+    }
+
+    #[tokio::test]
+    async fn due_and_list_are_served_by_indexes() {
+        let path = tokenkeeper_testkit::dirs::fresh_db("plan");
+        let store = SqliteStore::open(&path).await.unwrap();
+        for n in 0..500u64 {
+            let id = InstallationId::new(format!("i-{n:04}")).unwrap();
+            let due = T0.saturating_add(Duration::from_secs(n % 37));
+            store.create(&sample_record(&id, due)).await.unwrap();
+        }
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("ANALYZE").unwrap();
+        let due = plan(
+            &raw,
+            DUE_SQL,
+            rusqlite::params![i64::MAX, i64::MIN, "", 100],
+        );
+        assert!(
+            due.contains("USING") && due.contains("installations_by_due"),
+            "{due}"
+        );
+        assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");
+        let by_state = plan(&raw, LIST_STATE_SQL, rusqlite::params!["active", "", 100]);
+        assert!(by_state.contains("installations_by_state"), "{by_state}");
+        assert!(!by_state.contains("TEMP B-TREE"), "{by_state}");
+        let all = plan(&raw, LIST_ALL_SQL, rusqlite::params!["", 100]);
+        assert!(
+            all.contains("USING") && !all.contains("TEMP B-TREE"),
+            "{all}"
+        );
+    }
 }

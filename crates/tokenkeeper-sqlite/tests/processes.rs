@@ -12,13 +12,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokenkeeper_core::conformance::{
-    RaceReport, T0, race_ids, race_worker, sample_record, seed_race, verify_race,
-};
+use tokenkeeper_core::conformance::{T0, sample_record};
 use tokenkeeper_core::{
     CasOutcome, Clock, Event, InstallationId, LeaseHolder, SystemClock, TokenStore,
 };
 use tokenkeeper_sqlite::SqliteStore;
+use tokenkeeper_testkit::race::{RaceReport, race_ids, race_worker, seed_race, verify_race};
 
 const CHILD_ENV: &str = "TK_SQLITE_CHILD";
 const RECORDS: usize = 100;

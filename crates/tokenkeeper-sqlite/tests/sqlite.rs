@@ -9,7 +9,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokenkeeper_core::conformance::{T0, lease, sample_record};
 use tokenkeeper_core::{CasOutcome, InstallationId, ListFilter, StoreError, TokenStore};
-use tokenkeeper_sqlite::{APPLICATION_ID, OpenError, SCHEMA_VERSION, SqliteStore, sql};
+use tokenkeeper_sqlite::{APPLICATION_ID, OpenError, SCHEMA_VERSION, SqliteStore};
 
 fn id(s: &str) -> InstallationId {
     InstallationId::new(s).unwrap()
@@ -118,52 +118,6 @@ async fn a_foreign_database_is_refused() {
     ));
 }
 
-fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
-    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-    let rows = stmt
-        .query_map(params, |r| r.get::<_, String>(3))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    rows.join(" | ")
-}
-
-#[tokio::test]
-async fn due_and_list_are_served_by_indexes() {
-    let path = common::fresh_db("plan");
-    let store = SqliteStore::open(&path).await.unwrap();
-    for n in 0..500u64 {
-        store
-            .create(&sample_record(&id(&format!("i-{n:04}")), at(n % 37)))
-            .await
-            .unwrap();
-    }
-    let raw = Connection::open(&path).unwrap();
-    raw.execute_batch("ANALYZE").unwrap();
-    let due = plan(
-        &raw,
-        sql::DUE_SQL,
-        rusqlite::params![i64::MAX, i64::MIN, "", 100],
-    );
-    assert!(
-        due.contains("USING") && due.contains("installations_by_due"),
-        "{due}"
-    );
-    assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");
-    let by_state = plan(
-        &raw,
-        sql::LIST_STATE_SQL,
-        rusqlite::params!["active", "", 100],
-    );
-    assert!(by_state.contains("installations_by_state"), "{by_state}");
-    assert!(!by_state.contains("TEMP B-TREE"), "{by_state}");
-    let all = plan(&raw, sql::LIST_ALL_SQL, rusqlite::params!["", 100]);
-    assert!(
-        all.contains("USING") && !all.contains("TEMP B-TREE"),
-        "{all}"
-    );
-}
-
 async fn store_with(names: &[&str]) -> (SqliteStore, std::path::PathBuf) {
     let path = common::fresh_db("corrupt");
     let store = SqliteStore::open(&path).await.unwrap();
@@ -234,7 +188,7 @@ async fn corrupt_rows_are_typed_errors_for_that_installation_only() {
         CasOutcome::Swapped
     );
     assert_eq!(
-        store.due(at(1000), 10, None).await.unwrap().entries.len(),
+        store.due(at(1000), None, 10).await.unwrap().entries.len(),
         5
     );
     // Listing by another state still works; the unknown state is named.

@@ -1,197 +1,182 @@
-//! `OAuthError`: a failed exchange with the provider, classified (DESIGN.md §7), carrying the
-//! provider's own words and never a token.
+//! The errors `TokenManager` callers see: what happened, to which installation, what to do.
+//!
+//! Cheap to clone (sources are shared), because one refresh answers every caller waiting on it.
 
-use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokenkeeper_core::{BoxError, ErrorDetail, FailureClass, InstallationId};
+use tokenkeeper_core::{ErrorDetail, InstallationId, ReauthReason, StoreError, Timestamp};
 
-/// Which exchange with the provider failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+use crate::authorization::AuthorizationError;
+use crate::error::OAuthError;
+
+fn provider_said(detail: &Option<ErrorDetail>) -> String {
+    match detail {
+        Some(d) => format!(" (provider said: {d})"),
+        None => String::new(),
+    }
+}
+
+/// What went wrong for a caller of `TokenManager`.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum Operation {
-    /// Exchanging an authorization code.
-    CodeExchange,
-    /// Refreshing an installation's tokens.
-    Refresh,
-    /// The client-credentials grant.
-    ClientCredentials,
-    /// RFC 7009 revocation.
-    Revoke,
+pub enum Error {
+    /// No record for this installation.
+    #[error(
+        "installation {id} is unknown to the token store; complete an authorization or import it first"
+    )]
+    NotFound {
+        /// The installation.
+        id: InstallationId,
+    },
+    /// The installation needs its user to authorize the app again.
+    #[error("installation {id} needs the user to authorize the app again: {} since {since}{}; start a new authorization for it", reason.describe(), provider_said(detail))]
+    ReauthorizationRequired {
+        /// The installation.
+        id: InstallationId,
+        /// Why.
+        reason: ReauthReason,
+        /// Since when.
+        since: Timestamp,
+        /// The provider's words.
+        detail: Option<ErrorDetail>,
+    },
+    /// The application revoked the installation.
+    #[error(
+        "installation {id} was revoked by the application at {at}; authorize it again to use it"
+    )]
+    Revoked {
+        /// The installation.
+        id: InstallationId,
+        /// When.
+        at: Timestamp,
+    },
+    /// No valid access token right now; the tokens are kept and a retry is scheduled.
+    #[error(
+        "installation {id} has no valid access token right now: the last refresh failed temporarily ({detail}); it will be retried at {retry_at}"
+    )]
+    TemporarilyUnavailable {
+        /// The installation.
+        id: InstallationId,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// The provider refused the consumer's own credentials. Consumer-wide; tokens untouched.
+    #[error(
+        "refreshing installation {id} failed because the provider refused the consumer's client credentials ({detail}); fix the client id/secret: every installation's tokens are kept and refreshes resume after {retry_at}"
+    )]
+    ConsumerCredentials {
+        /// The installation whose refresh hit it.
+        id: InstallationId,
+        /// When refreshes resume.
+        retry_at: Timestamp,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// The provider refused the request as malformed: the profile is wrong for this provider.
+    #[error(
+        "refreshing installation {id} failed because the request was malformed for this provider ({detail}); check the provider profile; tokens are kept"
+    )]
+    Configuration {
+        /// The installation.
+        id: InstallationId,
+        /// The failure.
+        detail: ErrorDetail,
+    },
+    /// Another process holds the refresh lease and did not finish in time.
+    #[error(
+        "installation {id} is being refreshed by another process ({holder}) that did not finish within {waited:?}; try again shortly"
+    )]
+    Busy {
+        /// The installation.
+        id: InstallationId,
+        /// Who holds the lease.
+        holder: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The store failed.
+    #[error("the token store failed for installation {id}: {source}")]
+    Store {
+        /// The installation.
+        id: InstallationId,
+        /// The store's error.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// Talking to the provider failed outside a refresh (revocation).
+    #[error("{source}")]
+    Provider {
+        /// The installation.
+        id: InstallationId,
+        /// The provider's error.
+        #[source]
+        source: Arc<OAuthError>,
+    },
+    /// The authorization flow failed.
+    #[error(transparent)]
+    Authorization(Arc<AuthorizationError>),
+    /// Tokens given to `import_installation` are unusable.
+    #[error("cannot import installation {id}: {reason}")]
+    InvalidImport {
+        /// The installation.
+        id: InstallationId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request built by `send_authorized` failed.
+    #[error("the API request for installation {id} failed: {source}")]
+    Http {
+        /// The installation.
+        id: InstallationId,
+        /// The transport error (its URL removed).
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    /// A refresh task ended without an answer (it panicked).
+    #[error("the refresh of installation {id} ended unexpectedly ({reason}); try again")]
+    Internal {
+        /// The installation.
+        id: InstallationId,
+        /// What happened.
+        reason: String,
+    },
 }
 
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::CodeExchange => "authorization code exchange",
-            Self::Refresh => "token refresh",
-            Self::ClientCredentials => "client credentials grant",
-            Self::Revoke => "token revocation",
-        })
-    }
-}
-
-/// How the exchange failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The provider answered with an OAuth error (`error`, `error_description`).
-    Provider,
-    /// No usable answer: connection refused or reset, timeout, TLS.
-    Transport,
-    /// An answer that is not a token reply: not JSON, no `access_token`, an HTML page.
-    InvalidResponse,
-    /// The reply was larger than `max_response_bytes`.
-    TooLarge,
-}
-
-/// A failed exchange with the provider. (Boxed: errors travel in `Result`s on hot paths.)
-#[derive(Debug)]
-pub struct OAuthError(pub(crate) Box<ErrorInner>);
-
-#[derive(Debug)]
-pub(crate) struct ErrorInner {
-    pub(crate) operation: Operation,
-    pub(crate) installation: Option<InstallationId>,
-    pub(crate) kind: ErrorKind,
-    pub(crate) class: FailureClass,
-    pub(crate) status: Option<u16>,
-    pub(crate) error: Option<String>,
-    pub(crate) description: Option<String>,
-    pub(crate) error_uri: Option<String>,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) detail: Option<String>,
-    pub(crate) source: Option<BoxError>,
-}
-
-impl OAuthError {
-    pub(crate) fn new(operation: Operation, kind: ErrorKind, class: FailureClass) -> Self {
-        Self(Box::new(ErrorInner {
-            operation,
-            installation: None,
-            kind,
-            class,
-            status: None,
-            error: None,
-            description: None,
-            error_uri: None,
-            retry_after: None,
-            detail: None,
-            source: None,
-        }))
+impl Error {
+    pub(crate) fn store(id: &InstallationId, source: StoreError) -> Self {
+        Self::Store {
+            id: id.clone(),
+            source: Arc::new(source),
+        }
     }
 
-    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.0.detail = Some(detail.into());
-        self
-    }
-
-    pub(crate) fn for_installation(mut self, id: Option<&InstallationId>) -> Self {
-        self.0.installation = id.cloned();
-        self
-    }
-
-    /// The exchange that failed.
-    pub fn operation(&self) -> Operation {
-        self.0.operation
-    }
-    /// The installation, for refreshes.
+    /// The installation concerned, when there is one.
     pub fn installation(&self) -> Option<&InstallationId> {
-        self.0.installation.as_ref()
-    }
-    /// How it failed.
-    pub fn kind(&self) -> ErrorKind {
-        self.0.kind
-    }
-    /// What it means for the installation (DESIGN.md §7).
-    pub fn class(&self) -> FailureClass {
-        self.0.class
-    }
-    /// The HTTP status, if there was a reply.
-    pub fn status(&self) -> Option<u16> {
-        self.0.status
-    }
-    /// The provider's `error` code.
-    pub fn error_code(&self) -> Option<&str> {
-        self.0.error.as_deref()
-    }
-    /// The provider's `error_description`.
-    pub fn error_description(&self) -> Option<&str> {
-        self.0.description.as_deref()
-    }
-    /// The provider's `error_uri`.
-    pub fn error_uri(&self) -> Option<&str> {
-        self.0.error_uri.as_deref()
-    }
-    /// How long the provider asked us to wait (`Retry-After`).
-    pub fn retry_after(&self) -> Option<Duration> {
-        self.0.retry_after
-    }
-    /// True for failures worth retrying later (network, 5xx, 429, garbled replies).
-    pub fn is_transient(&self) -> bool {
-        self.0.class == FailureClass::Transient
-    }
-
-    /// The record of this failure kept in the installation's history.
-    pub fn to_detail(&self) -> ErrorDetail {
-        ErrorDetail {
-            class: self.0.class,
-            status: self.0.status,
-            error: self.0.error.clone(),
-            description: self.0.description.clone().or_else(|| self.0.detail.clone()),
+        match self {
+            Self::NotFound { id }
+            | Self::ReauthorizationRequired { id, .. }
+            | Self::Revoked { id, .. }
+            | Self::TemporarilyUnavailable { id, .. }
+            | Self::ConsumerCredentials { id, .. }
+            | Self::Configuration { id, .. }
+            | Self::Busy { id, .. }
+            | Self::Store { id, .. }
+            | Self::Provider { id, .. }
+            | Self::InvalidImport { id, .. }
+            | Self::Http { id, .. }
+            | Self::Internal { id, .. } => Some(id),
+            Self::Authorization(_) => None,
         }
     }
 
-    fn advice(&self) -> &'static str {
-        match self.0.class {
-            FailureClass::RefreshTokenRejected => {
-                "the provider no longer accepts this grant: the user must authorize the app again"
-            }
-            FailureClass::ConsumerCredentialsInvalid => {
-                "the consumer's client id or secret was refused: fix the consumer configuration; installations are untouched"
-            }
-            FailureClass::ScopeRejected => {
-                "the granted scopes no longer match the consumer's: the user must authorize the app again"
-            }
-            FailureClass::Configuration => {
-                "the request was malformed for this provider: check the provider profile (endpoints, body encoding, client authentication)"
-            }
-            _ => "temporary: it will be retried later",
-        }
-    }
-}
-
-impl fmt::Display for OAuthError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.operation)?;
-        if let Some(id) = &self.0.installation {
-            write!(f, " for installation {id}")?;
-        }
-        write!(f, " failed ({}", self.0.class)?;
-        if let Some(status) = self.0.status {
-            write!(f, ", HTTP {status}")?;
-        }
-        f.write_str(")")?;
-        match (&self.0.error, &self.0.description) {
-            (Some(e), Some(d)) => write!(f, ": {e}: {d}")?,
-            (Some(e), None) => write!(f, ": {e}")?,
-            _ => {}
-        }
-        if let Some(detail) = &self.0.detail {
-            write!(f, ": {detail}")?;
-        }
-        if let Some(after) = self.0.retry_after {
-            write!(f, " (retry after {}s)", after.as_secs())?;
-        }
-        write!(f, "; {}", self.advice())
-    }
-}
-
-impl std::error::Error for OAuthError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0
-            .source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+    /// True when only a new authorization helps.
+    pub fn needs_reauthorization(&self) -> bool {
+        matches!(
+            self,
+            Self::ReauthorizationRequired { .. } | Self::Revoked { .. }
+        )
     }
 }

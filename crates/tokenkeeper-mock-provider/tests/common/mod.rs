@@ -4,7 +4,9 @@
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 pub const REDIRECT: &str = "http://127.0.0.1/callback";
 
@@ -15,7 +17,7 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-pub async fn start(profile: Profile) -> MockProvider {
+pub async fn start(profile: MockProfile) -> MockProvider {
     MockProvider::builder()
         .profile(profile)
         .start()

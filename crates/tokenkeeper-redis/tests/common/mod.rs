@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use tokenkeeper_redis::RedisStore;
-pub use tokenkeeper_redis::testing::{INSTALL_HINT, server_url as url, unique_prefix};
+pub use tokenkeeper_testkit::redis::{INSTALL_HINT, server_url as url, unique_prefix};
 
 /// A fresh store (unique prefix) on the shared server.
 pub async fn fresh_store(tag: &str) -> RedisStore {

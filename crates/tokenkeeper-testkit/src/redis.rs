@@ -1,4 +1,4 @@
-//! Test support: a real redis-server for integration tests, benchmarks and your own tests.
+//! A real redis-server for integration tests and benchmarks.
 //!
 //! [`server_url`] returns `TOKENKEEPER_REDIS_URL` when set, otherwise starts one server per
 //! process on a free loopback port (no persistence) that dies with the process. A missing
@@ -7,7 +7,6 @@
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How to get a redis-server, for failure messages.
@@ -119,17 +118,7 @@ pub fn server_url() -> String {
     .clone()
 }
 
-static N: AtomicU32 = AtomicU32::new(0);
-
 /// A key prefix no other test (or process) uses.
 pub fn unique_prefix(tag: &str) -> String {
-    format!(
-        "tk-test-{tag}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
+    format!("tk-test-{tag}-{}", crate::dirs::unique_suffix())
 }

@@ -1,0 +1,127 @@
+//! A multi-process compare-and-swap race: each process takes a random shared record's lapsed
+//! lease in a loop and reports its counts on one stdout line; the parent checks that the
+//! stored versions account for exactly the successful swaps (no lost update).
+
+use std::time::Duration;
+
+use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::{
+    CasOutcome, Clock, Event, InstallationId, LeaseHolder, SystemClock, TokenStore,
+};
+
+/// The ids of the shared records a multi-process race works on.
+pub fn race_ids(n: usize) -> Vec<InstallationId> {
+    (0..n)
+        .map(|i| InstallationId::new(format!("shared-{i:03}")).expect("a valid id"))
+        .collect()
+}
+
+/// Creates the shared records of a multi-process race, each at version 1.
+pub async fn seed_race(store: &dyn TokenStore, ids: &[InstallationId]) {
+    for i in ids {
+        let record = sample_record(i, T0);
+        store.create(&record).await.expect("seeding the race");
+    }
+}
+
+/// What one process of a race did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaceReport {
+    /// Swaps that succeeded.
+    pub swaps: u64,
+    /// Swaps that lost to another writer.
+    pub conflicts: u64,
+    /// Store errors (each one a failure: e.g. `database is locked` escaping).
+    pub errors: u64,
+}
+
+impl RaceReport {
+    /// One line for a child process to print: `RACE swaps conflicts errors`.
+    pub fn to_line(&self) -> String {
+        format!("RACE {} {} {}", self.swaps, self.conflicts, self.errors)
+    }
+
+    /// Finds and parses the `RACE` line in a child's output.
+    pub fn from_output(text: &str) -> Option<Self> {
+        let line = text
+            .lines()
+            .find_map(|l| l.find("RACE ").map(|at| &l[at + 5..]))?;
+        let mut n = line.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some(Self {
+            swaps: n.next()??,
+            conflicts: n.next()??,
+            errors: n.next()??,
+        })
+    }
+}
+
+/// One process's share of a race: for `run_for`, read a random shared record and swap in the
+/// next version (a lapsed-lease takeover), counting outcomes.
+pub async fn race_worker(
+    store: &dyn TokenStore,
+    ids: &[InstallationId],
+    run_for: Duration,
+    holder: &str,
+) -> RaceReport {
+    let deadline = std::time::Instant::now() + run_for;
+    let mut report = RaceReport::default();
+    let mut seed = (std::process::id() as u64) << 16 | 1;
+    while std::time::Instant::now() < deadline {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let i = &ids[(seed % ids.len() as u64) as usize];
+        let current = match store.get(i).await {
+            Ok(Some(r)) => r,
+            other => {
+                eprintln!("race get {i}: {other:?}");
+                report.errors += 1;
+                continue;
+            }
+        };
+        let now = SystemClock.now();
+        let next = current
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new(holder),
+                    until: now,
+                },
+                now,
+            )
+            .expect("a lapsed lease can always be retaken");
+        match store.compare_and_swap(&next, current.version()).await {
+            Ok(CasOutcome::Swapped) => report.swaps += 1,
+            Ok(CasOutcome::Conflict(_)) => report.conflicts += 1,
+            other => {
+                eprintln!("race cas {i}: {other:?}");
+                report.errors += 1;
+            }
+        }
+    }
+    report
+}
+
+/// Checks a finished race: no process saw an error, there was contention, and the stored
+/// versions account for exactly the successful swaps (no lost update).
+pub async fn verify_race(store: &dyn TokenStore, ids: &[InstallationId], reports: &[RaceReport]) {
+    let swaps: u64 = reports.iter().map(|r| r.swaps).sum();
+    let conflicts: u64 = reports.iter().map(|r| r.conflicts).sum();
+    assert!(
+        reports.iter().all(|r| r.errors == 0),
+        "a process saw store errors: {reports:?}"
+    );
+    assert!(swaps > 0 && conflicts > 0, "no contention: {reports:?}");
+    let mut stored = 0;
+    for i in ids {
+        let record = store.get(i).await.expect("reading back").expect("present");
+        stored += record.version() - 1;
+    }
+    assert_eq!(
+        stored, swaps,
+        "stored versions must equal the successful swaps: {reports:?}"
+    );
+    eprintln!(
+        "{} processes: {swaps} swaps, {conflicts} conflicts, 0 errors",
+        reports.len()
+    );
+}
