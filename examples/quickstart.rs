@@ -11,7 +11,9 @@ use tokenkeeper::{
     Clock, ConsumerConfig, Error, InstallationId, ManualClock, SystemClock, TokenManager,
     TokenStore, profiles,
 };
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -43,8 +45,9 @@ impl World {
         )?;
         Ok(self
             .manager
-            .complete_authorization(&code, &begun.state)
-            .await?)
+            .complete_authorization(code, &begun.state)
+            .await?
+            .installation)
     }
 
     async fn api_status(&self, id: &InstallationId) -> Fallible<u16> {
@@ -73,7 +76,7 @@ async fn main() -> Fallible<()> {
 async fn run(dir: &std::path::Path) -> Fallible<()> {
     println!("tokenkeeper quickstart: one Bitbucket consumer, installed three times\n");
     let mock = MockProvider::builder()
-        .profile(Profile::Bitbucket)
+        .profile(MockProfile::Bitbucket)
         .start()
         .await?;
     let url = |s: String| reqwest::Url::parse(&s);

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokenkeeper::stores::RedisStore;
 use tokenkeeper::{ConsumerConfig, InstallationId, TokenManager, TokenStore, profiles};
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -57,7 +59,7 @@ async fn main() -> Fallible<()> {
         .ok_or("give the Redis URL: cargo run --example redis_fleet -- redis://127.0.0.1:6379 (start one with `redis-server --port 6379`)")?;
     let prefix = format!("tokenkeeper-fleet-example-{}", std::process::id());
     let mock = MockProvider::builder()
-        .profile(Profile::Bitbucket)
+        .profile(MockProfile::Bitbucket)
         .access_ttl(Duration::from_secs(5))
         .start()
         .await?;
@@ -71,7 +73,7 @@ async fn main() -> Fallible<()> {
             Some("http://127.0.0.1/callback"),
             challenge,
         )?;
-        admin.complete_authorization(&code, &begun.state).await?;
+        admin.complete_authorization(code, &begun.state).await?;
     }
     println!(
         "{INSTALLATIONS} installations in Redis (prefix {prefix}); starting {WORKERS} worker processes for {RUN_FOR:?}"

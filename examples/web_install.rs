@@ -17,7 +17,9 @@ use tokenkeeper::stores::MemoryStore;
 use tokenkeeper::{
     Clock, ConsumerConfig, ListFilter, ManualClock, SystemClock, TokenManager, profiles,
 };
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -76,7 +78,11 @@ async fn callback(State(app): State<App>, Query(q): Query<HashMap<String, String
     let (Some(code), Some(state)) = (q.get("code"), q.get("state")) else {
         return (StatusCode::BAD_REQUEST, "the callback needs code and state").into_response();
     };
-    match app.manager.complete_authorization(code, state).await {
+    match app
+        .manager
+        .complete_authorization(code.as_str(), state)
+        .await
+    {
         Ok(_) => Redirect::to("/").into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
@@ -106,7 +112,7 @@ async fn main() -> Fallible<()> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let base = format!("http://{}", listener.local_addr()?);
     let mock = MockProvider::builder()
-        .profile(Profile::Bitbucket)
+        .profile(MockProfile::Bitbucket)
         .start()
         .await?;
     let url = |s: String| reqwest::Url::parse(&s);

@@ -1,14 +1,17 @@
-//! The errors `TokenManager` callers see: what happened, to which installation, what to do.
+//! The crate's error: what a `TokenManager` caller sees. Each variant says what happened, to
+//! which installation, and what to do.
 //!
 //! Cheap to clone (sources are shared), because one refresh answers every caller waiting on it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenkeeper_core::{ErrorDetail, InstallationId, ReauthReason, StoreError, Timestamp};
+use tokenkeeper_core::{
+    ErrorDetail, IllegalTransition, InstallationId, ReauthReason, StoreError, Timestamp,
+};
 
-use crate::authorization::AuthorizationError;
-use crate::error::OAuthError;
+use crate::oauth::authorize::AuthorizationError;
+use crate::oauth::error::OAuthError;
 
 fn provider_said(detail: &Option<ErrorDetail>) -> String {
     match detail {
@@ -135,7 +138,17 @@ pub enum Error {
         #[source]
         source: Arc<reqwest::Error>,
     },
-    /// A refresh task ended without an answer (it panicked).
+    /// The stored record does not allow the change (a state machine rule refused it): the
+    /// record changed underneath in a way this operation cannot build on.
+    #[error("installation {id}: {source}; read it again (explain) and retry")]
+    Transition {
+        /// The installation.
+        id: InstallationId,
+        /// The rule that refused the change.
+        #[source]
+        source: Arc<IllegalTransition>,
+    },
+    /// A refresh task ended without an answer (it panicked, or its runtime shut down).
     #[error("the refresh of installation {id} ended unexpectedly ({reason}); try again")]
     Internal {
         /// The installation.
@@ -146,6 +159,13 @@ pub enum Error {
 }
 
 impl Error {
+    pub(crate) fn transition(id: &InstallationId, source: IllegalTransition) -> Self {
+        Self::Transition {
+            id: id.clone(),
+            source: Arc::new(source),
+        }
+    }
+
     pub(crate) fn store(id: &InstallationId, source: StoreError) -> Self {
         Self::Store {
             id: id.clone(),
@@ -167,6 +187,7 @@ impl Error {
             | Self::Provider { id, .. }
             | Self::InvalidImport { id, .. }
             | Self::Http { id, .. }
+            | Self::Transition { id, .. }
             | Self::Internal { id, .. } => Some(id),
             Self::Authorization(_) => None,
         }

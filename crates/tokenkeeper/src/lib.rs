@@ -4,51 +4,75 @@
 //! many installations, each with its own access/refresh token pair and its own explicit,
 //! concurrency-safe lifecycle.
 //!
-//! This facade crate speaks OAuth to the provider over reqwest ([`OAuthClient`]) and re-exports
-//! the storage backends chosen by cargo feature: `memory` (default), `sqlite`, `redis`.
+//! Start with [`TokenManager`]: build it over a store, send users through the authorization
+//! flow, and ask it for an access token whenever you call the provider's API. It refreshes
+//! each installation once across your whole fleet, writes rotated refresh tokens before
+//! anyone uses them, and records a reason for every state change ([`TokenManager::explain`]).
 //!
-//! ```no_run
-//! use std::sync::Arc;
-//! use tokenkeeper::{ConsumerConfig, OAuthClient, SystemClock, profiles};
+//! ```
+//! use tokenkeeper::{ConsumerConfig, TokenManager, profiles, stores::MemoryStore};
 //!
-//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let consumer = ConsumerConfig::builder(profiles::bitbucket())
 //!     .client_id("key")
-//!     .client_secret(std::env::var("BITBUCKET_SECRET")?)
+//!     .client_secret("secret")
 //!     .redirect_uri("https://app.example.com/oauth/callback")
 //!     .build()?;
-//! let client = OAuthClient::new(consumer, Arc::new(SystemClock))?;
-//! let begun = client.begin_authorization(None)?;
-//! println!("send the user to {}", begun.url);
+//! let manager = TokenManager::builder(consumer, MemoryStore::new()).build()?;
+//!
+//! // 1. Send the user to the provider.
+//! let begun = manager.begin_authorization(None)?;
+//! println!("redirect the browser to {}", begun.url);
+//! // 2. In the callback handler: manager.complete_authorization(code, &state).await?
+//! // 3. Whenever you call the API: manager.access_token(&installation).await?
+//! // 4. In the background: let refresher = manager.spawn_refresher();
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Where things are
+//!
+//! - [`TokenManager`] and its companions ([`RefreshPolicy`], [`Explanation`], [`Error`],
+//!   lifecycle events, the background refresher): the lifecycle engine.
+//! - [`oauth`]: the provider side: [`ProviderProfile`]s and `profiles::*`, [`ConsumerConfig`],
+//!   [`OAuthClient`] (token endpoint), the authorization flow. It never stores anything.
+//! - [`stores`]: the storage backends compiled in by cargo feature: `memory` (default),
+//!   `sqlite`, `redis` (and `redis-tls` for `rediss://`).
+//! - [`core`]: the model, the pure state machine and the `TokenStore` trait, for writing
+//!   your own store.
+//! - [`_documentation::design`]: how it all works and why.
+//!
+//! ## Features
+//!
+//! `memory` (default), `sqlite`, `redis`, `redis-tls`, and `encryption` (at-rest sealing of
+//! tokens in any store, `Sealed`).
 
-mod authorization;
-mod client;
-mod config;
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod error;
 mod manager;
-mod profile;
-mod response;
+pub mod oauth;
 
-pub use authorization::{AuthorizationError, AuthorizationRequest, Completed};
-pub use client::{OAuthClient, Revocation};
-pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};
-pub use error::{ErrorKind, OAuthError, Operation};
+pub use error::Error;
 pub use manager::{
-    Error, Explanation, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
-    RefresherHandle, RefresherStats, TokenManager, TokenManagerBuilder,
+    Explanation, Health, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
+    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder,
 };
-pub use profile::{
-    BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
+pub use oauth::{
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,
+    ClientSecret, CodeGrant, Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder,
+    ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, OAuthClient, OAuthError, Operation,
+    ProviderProfile, RawResponse, Revocation, Rotation, Timing, parse_retry_after,
+    parse_token_response,
 };
-pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
+
+/// The URL type the API takes (`reqwest`'s, re-exported so you need not depend on it).
+pub use reqwest::Url;
 
 pub use tokenkeeper_core::{
-    AccessToken, BackoffCause, Clock, ErrorDetail, FailureClass, HistoryEntry, InstallationId,
-    ListEntry, ListFilter, ManualClock, ReauthReason, Record, RefreshToken, Scopes, State,
-    StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
+    AccessToken, BackoffCause, Clock, ErrorDetail, FailureClass, HistoryEntry, IdToken,
+    InstallationId, ListEntry, ListFilter, ManualClock, ReauthReason, Record, RefreshToken, Scopes,
+    State, StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
 };
 
 /// The core crate: the model, the pure state machine and the `TokenStore` contract, for
@@ -57,24 +81,40 @@ pub use tokenkeeper_core as core;
 
 /// At-rest encryption (feature `encryption`): seal tokens in any store.
 #[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use tokenkeeper_core::sealed::{KeyId, Keyring, ResealReport, SealError, Sealed};
 
 /// Provider presets.
 pub mod profiles {
-    pub use crate::profile::{atlassian_3lo, bitbucket, bitbucket_legacy, github_app, google};
+    pub use crate::oauth::profile::{
+        atlassian_3lo, bitbucket, bitbucket_legacy, github_app, google,
+    };
 }
 
 /// The storage backends compiled in by feature.
 pub mod stores {
     #[cfg(feature = "memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
     pub use tokenkeeper_memory::MemoryStore;
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use tokenkeeper_redis::{RedisStore, RedisStoreBuilder};
     #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
     pub use tokenkeeper_sqlite::{SqliteStore, SqliteStoreBuilder};
 }
 
+/// Documents that ship with the code.
+pub mod _documentation {
+    /// The design document: crates and layers, the record and its states, the transitions,
+    /// the store contract, the refresh protocol, error classification, the authorization flow
+    /// and the provider facts. (`docs/design.md` in the repository.)
+    #[doc = include_str!("../../../docs/design.md")]
+    pub mod design {}
+}
+
 /// The README's code compiles (and stays true): it is a doctest of this crate.
+#[doc(hidden)]
 #[cfg(all(doctest, feature = "sqlite"))]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;

@@ -13,7 +13,7 @@ use tokenkeeper::{
     TokenStore, parse_token_response, profiles,
 };
 use tokenkeeper_core::InvalidInstallationId;
-use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, Profile as MockProfile};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 #[test]
 fn bad_installation_ids_are_typed_errors() {

@@ -15,7 +15,7 @@ use tokenkeeper::{
     Clock, Error, InstallationId, Keyring, ListFilter, SealError, Sealed, StoreError, TokenStore,
     profiles,
 };
-use tokenkeeper_mock_provider::Profile as MockProfile;
+use tokenkeeper_mock_provider::MockProfile;
 
 const K1: [u8; 32] = [7u8; 32];
 const K2: [u8; 32] = [9u8; 32];
@@ -104,9 +104,9 @@ async fn the_sqlite_file_holds_no_token() {
 
 #[tokio::test]
 async fn no_redis_value_holds_a_token() {
-    let url = tokenkeeper_redis::testing::server_url();
+    let url = tokenkeeper_testkit::redis::server_url();
     let redis = tokenkeeper_redis::RedisStore::builder(&url)
-        .prefix(tokenkeeper_redis::testing::unique_prefix("sealed"))
+        .prefix(tokenkeeper_testkit::redis::unique_prefix("sealed"))
         .connect()
         .await
         .unwrap();

@@ -19,7 +19,7 @@ use tokenkeeper::{
     Timestamp, TokenManager, TokenStore, profiles,
 };
 use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile as MockProfile,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
 const INSTALLATIONS: usize = 200;
@@ -272,7 +272,7 @@ async fn authorize_all(admin: &TokenManager, mock: &MockProvider, count: usize) 
             )
             .unwrap();
         admin
-            .complete_authorization(&code, &begun.state)
+            .complete_authorization(code, &begun.state)
             .await
             .unwrap();
     }
@@ -386,9 +386,9 @@ async fn sqlite_fleet_of_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fleet_of_processes() {
-    let url = tokenkeeper_redis::testing::server_url();
+    let url = tokenkeeper_testkit::redis::server_url();
     for profile in ["bitbucket", "atlassian-3lo"] {
-        let prefix = tokenkeeper_redis::testing::unique_prefix("fleet");
+        let prefix = tokenkeeper_testkit::redis::unique_prefix("fleet");
         run_fleet("redis", &format!("{url}|{prefix}"), profile).await;
     }
 }

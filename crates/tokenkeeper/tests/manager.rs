@@ -14,7 +14,7 @@ use tokenkeeper::{
     profiles,
 };
 use tokenkeeper_core::{BackoffCause, ReauthReason};
-use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, Profile as MockProfile};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 const TWO_HOURS: Duration = Duration::from_secs(7200);
 
@@ -261,9 +261,10 @@ async fn a_scope_change_makes_every_installation_reauthorize_with_the_provider_t
     f.clock.advance(Duration::from_nanos(1));
     assert_eq!(
         f.manager
-            .complete_authorization(&code, &begun.state)
+            .complete_authorization(code, &begun.state)
             .await
-            .unwrap(),
+            .unwrap()
+            .installation,
         ids[0]
     );
     assert_eq!(f.record(&ids[0]).await.state().kind(), StateKind::Active);
@@ -485,7 +486,7 @@ async fn the_background_refresher_brings_due_installations_current() {
         100,
         "exactly one refresh each"
     );
-    assert!(stats.succeeded.load(std::sync::atomic::Ordering::Relaxed) >= 100);
+    assert!(stats.succeeded >= 100);
     for id in &ids {
         let r = f.record(id).await;
         assert_eq!(r.state().kind(), StateKind::Active);

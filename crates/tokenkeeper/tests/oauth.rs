@@ -1,17 +1,20 @@
 //! The OAuth protocol layer over real HTTP against the mock provider, for every profile:
 //! independent installations, repeated callbacks, state and PKCE tampering, the error
-//! classification of DESIGN.md §7 with the provider's text preserved, and every fault kind.
+//! classification of the design document with the provider's text preserved, and every fault kind.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use std::sync::Arc;
+
 use tokenkeeper::{
-    AuthorizationError, ErrorKind, FailureClass, OAuthClient, Revocation, TokenStore, profiles,
+    AuthorizationCode, AuthorizationError, ErrorKind, FailureClass, OAuthClient, Revocation,
+    TokenManager, TokenStore, profiles,
 };
 use tokenkeeper_memory::MemoryStore;
-use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProvider, Profile as MockProfile};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
 
 async fn mock(profile: MockProfile) -> MockProvider {
     MockProvider::builder()
@@ -37,10 +40,10 @@ async fn three_authorizations_are_three_independent_installations_for_every_prof
     for (profile, kind) in all_profiles() {
         let mock = mock(kind).await;
         let client = client_for(profile.clone(), &mock);
-        let store = MemoryStore::new();
+        let store = Arc::new(MemoryStore::new());
         let mut ids = Vec::new();
         for _ in 0..3 {
-            let done = install(&client, &store).await;
+            let done = install(&client, store.clone()).await;
             assert!(done.created);
             ids.push(done.installation);
         }
@@ -83,16 +86,19 @@ async fn three_authorizations_are_three_independent_installations_for_every_prof
 async fn a_repeated_callback_returns_the_installation_already_created() {
     let mock = mock(MockProfile::Bitbucket).await;
     let client = client_for(profiles::bitbucket(), &mock);
-    let store = MemoryStore::new();
+    let store = Arc::new(MemoryStore::new());
     let chosen = tokenkeeper::InstallationId::new("workspace-7/install-a").unwrap();
     let begun = client.begin_authorization(Some(chosen.clone())).unwrap();
     let (code, state) = browser(&begun.url).await;
-    let first = client
-        .complete_authorization(&store, &code, &state)
+    let manager = TokenManager::builder_shared(client.consumer().clone(), store.clone())
+        .build()
+        .unwrap();
+    let first = manager
+        .complete_authorization(code.as_str(), &state)
         .await
         .unwrap();
-    let second = client
-        .complete_authorization(&store, &code, &state)
+    let second = manager
+        .complete_authorization(code.as_str(), &state)
         .await
         .unwrap();
     assert_eq!(first.installation, chosen);
@@ -111,7 +117,7 @@ async fn tampered_foreign_unknown_and_expired_states_are_rejected() {
     let mock = mock(MockProfile::Bitbucket).await;
     let clock = now_clock();
     let client = manual_client(profiles::bitbucket(), &mock, &clock);
-    let store = MemoryStore::new();
+    let store = Arc::new(MemoryStore::new());
     let begun = client.begin_authorization(None).unwrap();
     let (code, state) = browser(&begun.url).await;
 
@@ -128,28 +134,32 @@ async fn tampered_foreign_unknown_and_expired_states_are_rejected() {
         (
             "tampered",
             client
-                .complete_authorization(&store, &code, &tampered)
+                .complete_authorization(&AuthorizationCode::new(&code), &tampered)
                 .await,
         ),
         (
             "unknown",
             client
-                .complete_authorization(&store, &code, "not-a-state")
+                .complete_authorization(&AuthorizationCode::new(&code), "not-a-state")
                 .await,
         ),
         (
             "empty",
-            client.complete_authorization(&store, &code, "").await,
+            client
+                .complete_authorization(&AuthorizationCode::new(&code), "")
+                .await,
         ),
         (
             "truncated",
             client
-                .complete_authorization(&store, &code, &state[..state.len() - 4])
+                .complete_authorization(&AuthorizationCode::new(&code), &state[..state.len() - 4])
                 .await,
         ),
         (
             "foreign",
-            other.complete_authorization(&store, &code, &state).await,
+            other
+                .complete_authorization(&AuthorizationCode::new(&code), &state)
+                .await,
         ),
     ] {
         assert!(
@@ -158,7 +168,10 @@ async fn tampered_foreign_unknown_and_expired_states_are_rejected() {
         );
     }
     clock.advance(Duration::from_secs(601));
-    match client.complete_authorization(&store, &code, &state).await {
+    match client
+        .complete_authorization(&AuthorizationCode::new(&code), &state)
+        .await
+    {
         Err(e @ AuthorizationError::ExpiredState { .. }) => {
             assert!(
                 e.to_string().contains("start the authorization again"),
@@ -184,7 +197,7 @@ async fn pkce_is_sent_and_a_wrong_or_missing_verifier_is_rejected() {
     let (code, _) = browser(&begun.url).await;
     let e = client
         .exchange_code(
-            &code,
+            &AuthorizationCode::new(&code),
             Some("a-wrong-verifier-that-is-long-enough-0123456789"),
         )
         .await
@@ -196,7 +209,10 @@ async fn pkce_is_sent_and_a_wrong_or_missing_verifier_is_rejected() {
     let begun = client.begin_authorization(None).unwrap();
     let (code, _) = browser(&begun.url).await;
     assert!(
-        client.exchange_code(&code, None).await.is_err(),
+        client
+            .exchange_code(&AuthorizationCode::new(&code), None)
+            .await
+            .is_err(),
         "a missing verifier is refused"
     );
 }
@@ -230,8 +246,8 @@ async fn rejected_refreshes_keep_the_providers_words_for_every_profile() {
         assert_eq!(profile.name, name);
         let mock = mock(kind).await;
         let client = client_for(profile, &mock);
-        let store = MemoryStore::new();
-        let id = install(&client, &store).await.installation;
+        let store = Arc::new(MemoryStore::new());
+        let id = install(&client, store.clone()).await.installation;
         let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
         mock.revoke_grant_of(tokens.access_token.secret()).unwrap();
         let e = client.refresh(&id, &tokens).await.unwrap_err();
@@ -257,10 +273,10 @@ async fn rejected_refreshes_keep_the_providers_words_for_every_profile() {
 async fn a_scope_change_makes_every_installation_rejected_with_the_provider_text() {
     let mock = mock(MockProfile::Bitbucket).await;
     let client = client_for(profiles::bitbucket(), &mock);
-    let store = MemoryStore::new();
+    let store = Arc::new(MemoryStore::new());
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(install(&client, &store).await.installation);
+        ids.push(install(&client, store.clone()).await.installation);
     }
     mock.set_consumer_scopes(
         tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
@@ -281,8 +297,8 @@ async fn a_wrong_client_secret_is_consumer_wide_and_leaves_installations_untouch
     for (profile, kind) in all_profiles() {
         let mock = mock(kind).await;
         let good = client_for(profile.clone(), &mock);
-        let store = MemoryStore::new();
-        let id = install(&good, &store).await.installation;
+        let store = Arc::new(MemoryStore::new());
+        let id = install(&good, store.clone()).await.installation;
         let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
         let bad = OAuthClient::new(
             consumer_for(profile.clone(), &mock, "the-wrong-secret"),
@@ -307,9 +323,9 @@ async fn a_wrong_client_secret_is_consumer_wide_and_leaves_installations_untouch
 #[tokio::test]
 async fn a_json_body_sent_to_bitbucket_is_a_configuration_error() {
     let mock = mock(MockProfile::Bitbucket).await;
-    let store = MemoryStore::new();
+    let store = Arc::new(MemoryStore::new());
     let client = client_for(profiles::bitbucket(), &mock);
-    let id = install(&client, &store).await.installation;
+    let id = install(&client, store.clone()).await.installation;
     let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
     let mut wrong = profiles::bitbucket();
     wrong.body_encoding = tokenkeeper::BodyEncoding::Json;
@@ -325,8 +341,8 @@ async fn a_json_body_sent_to_bitbucket_is_a_configuration_error() {
 async fn every_fault_kind_is_classified_without_panic() {
     let mock = mock(MockProfile::Bitbucket).await;
     let client = client_for(profiles::bitbucket(), &mock);
-    let store = MemoryStore::new();
-    let id = install(&client, &store).await.installation;
+    let store = Arc::new(MemoryStore::new());
+    let id = install(&client, store.clone()).await.installation;
     let mut tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
     let cases: Vec<(Fault, Option<(ErrorKind, FailureClass)>)> = vec![
         (
@@ -429,8 +445,8 @@ async fn client_credentials_and_rfc7009_revocation() {
     assert!(cc.refresh_token.is_none());
     assert_eq!(resource_status(&mock, cc.access_token.secret()).await, 200);
 
-    let store = MemoryStore::new();
-    let id = install(&client, &store).await.installation;
+    let store = Arc::new(MemoryStore::new());
+    let id = install(&client, store.clone()).await.installation;
     let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
     let revoked = client
         .revoke(
@@ -468,8 +484,8 @@ async fn expires_at_counts_from_when_the_request_was_sent() {
     let mock = mock(MockProfile::Bitbucket).await;
     let clock = now_clock();
     let client = manual_client(profiles::bitbucket(), &mock, &clock);
-    let store = MemoryStore::new();
-    let id = install(&client, &store).await.installation;
+    let store = Arc::new(MemoryStore::new());
+    let id = install(&client, store.clone()).await.installation;
     let before = store.get(&id).await.unwrap().unwrap().tokens().clone();
     let sent = clock.now_for_test();
     // The reply arrives after a delay; the clock moves meanwhile.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{ListFilter, RefresherConfig, TokenStore, profiles};
-use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, Profile as MockProfile};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);

@@ -4,9 +4,32 @@
 use std::fmt;
 
 use tokenkeeper_core::{
-    BackoffCause, ErrorDetail, FailureStreak, HistoryEntry, InstallationId, Record, State,
-    Timestamp,
+    BackoffCause, ErrorDetail, FailureStreak, HistoryEntry, InstallationId, ReauthReason, Record,
+    State, StateKind, Timestamp,
 };
+
+/// An installation's health, for code that acts on it (dashboards, alerts, emails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// Working: active, or a refresh in progress.
+    Healthy,
+    /// Refreshing is failing for now (`cause`); the tokens are kept and retried at `retry_at`.
+    /// The current access token is served while it is valid.
+    Degraded {
+        /// Why refreshes are on hold.
+        cause: BackoffCause,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+    },
+    /// Only a new authorization by the user helps.
+    NeedsReauthorization {
+        /// Why the grant ended.
+        reason: ReauthReason,
+    },
+    /// The application revoked it.
+    Revoked,
+}
 
 /// What tokenkeeper knows about one installation, and what to do about it.
 #[derive(Debug, Clone)]
@@ -42,6 +65,39 @@ pub struct Explanation {
 }
 
 impl Explanation {
+    /// The state's kind (`active`, `refreshing`, `backoff`, ...).
+    pub fn kind(&self) -> StateKind {
+        self.state.kind()
+    }
+
+    /// The installation's health, machine-readable.
+    pub fn health(&self) -> Health {
+        match &self.state {
+            State::Backoff { until, cause } => Health::Degraded {
+                cause: *cause,
+                retry_at: *until,
+            },
+            State::ReauthorizationRequired { reason, .. } => {
+                Health::NeedsReauthorization { reason: *reason }
+            }
+            State::Revoked { .. } => Health::Revoked,
+            _ => Health::Healthy,
+        }
+    }
+
+    /// True when the installation works (active, or refreshing).
+    pub fn is_healthy(&self) -> bool {
+        self.health() == Health::Healthy
+    }
+
+    /// Why a new authorization is needed, when it is.
+    pub fn reauthorization_reason(&self) -> Option<ReauthReason> {
+        match self.health() {
+            Health::NeedsReauthorization { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
     pub(crate) fn of(record: &Record, now: Timestamp) -> Self {
         let tokens = record.tokens();
         let provider = |e: Option<&ErrorDetail>| match e {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokenkeeper_core::{AccessToken, InstallationId};
 use tokio::sync::watch;
 
-use super::error::Error;
+use crate::error::Error;
 
 pub(crate) type Outcome = Result<AccessToken, Error>;
 

@@ -18,10 +18,11 @@
 //! ```
 
 mod cache;
-mod error;
+mod decide;
 mod events;
 mod explain;
 mod flight;
+mod install;
 mod policy;
 mod refresh;
 mod refresher;
@@ -31,25 +32,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokenkeeper_core::{
     AccessToken, CasOutcome, Clock, ErrorDetail, Event, InstallationId, Record, State, SystemClock,
-    Timestamp, TokenSet, TokenStore,
+    Timestamp, TokenStore,
 };
 use tokio::sync::broadcast;
 
-pub use error::Error;
 pub use events::{LifecycleEvent, LifecycleEventKind};
-pub use explain::Explanation;
+pub use explain::{Explanation, Health};
 pub use policy::RefreshPolicy;
-pub use refresher::{RefresherConfig, RefresherHandle, RefresherStats};
+pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
 
 use cache::Cache;
+use decide::Mode;
 use flight::Flights;
-use refresh::Mode;
 
-use crate::authorization::{AuthorizationRequest, consumer_name};
-use crate::client::{OAuthClient, Revocation};
-use crate::config::{ConfigError, ConsumerConfig};
+use crate::error::Error;
+use crate::oauth::client::{OAuthClient, Revocation};
+use crate::oauth::config::{ConfigError, ConsumerConfig};
 
-pub(crate) struct Inner {
+/// The engine every clone of a [`TokenManager`] shares: the OAuth client, the store, the
+/// clock, the policy, the cache, the flights in progress and the consumer breaker.
+pub(crate) struct Engine {
     pub(crate) client: OAuthClient,
     pub(crate) store: Arc<dyn TokenStore>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -62,7 +64,7 @@ pub(crate) struct Inner {
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
 }
 
-impl Inner {
+impl Engine {
     pub(crate) fn emit(&self, id: &InstallationId, kind: LifecycleEventKind) {
         let _ = self.events.send(LifecycleEvent {
             installation: id.clone(),
@@ -82,14 +84,44 @@ impl Inner {
     pub(crate) fn trip_breaker(&self, until: Timestamp, detail: ErrorDetail) {
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some((until, detail));
     }
+
+    /// The stored record of `id`: `NotFound` when there is none.
+    pub(crate) async fn load(&self, id: &InstallationId) -> Result<Record, Error> {
+        match self.store.get(id).await {
+            Ok(Some(record)) => Ok(record),
+            Ok(None) => Err(Error::NotFound { id: id.clone() }),
+            Err(e) => Err(Error::store(id, e)),
+        }
+    }
+
+    /// Applies `change` to the stored record by compare-and-swap, re-reading and re-applying
+    /// on conflicts, and returns the written record. `change` may end the loop with an error
+    /// (e.g. the record is already in the target state).
+    pub(crate) async fn update(
+        &self,
+        id: &InstallationId,
+        mut change: impl FnMut(&Record, Timestamp) -> Result<Record, Error>,
+    ) -> Result<Record, Error> {
+        let mut current = self.load(id).await?;
+        loop {
+            let next = change(&current, self.clock.now())?;
+            match self.store.compare_and_swap(&next, current.version()).await {
+                Ok(CasOutcome::Swapped) => return Ok(next),
+                Ok(CasOutcome::Conflict(stored)) => current = *stored,
+                Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
+                Err(e) => return Err(Error::store(id, e)),
+            }
+        }
+    }
 }
 
 /// Configures a [`TokenManager`].
+#[derive(Debug)]
 pub struct TokenManagerBuilder {
     consumer: ConsumerConfig,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
-    policy: Option<RefreshPolicy>,
+    policy: RefreshPolicy,
     http: Option<reqwest::Client>,
     event_capacity: usize,
 }
@@ -101,20 +133,11 @@ impl TokenManagerBuilder {
         self
     }
 
-    /// Replaces the refresh policy (start from [`RefreshPolicy::for_consumer`]).
-    pub fn policy(mut self, policy: RefreshPolicy) -> Self {
-        self.policy = Some(policy);
-        self
-    }
-
-    /// Adjusts the default policy.
+    /// Adjusts the refresh policy, starting from the consumer's defaults
+    /// ([`RefreshPolicy::for_consumer`]); `build` validates the result. The one way to set
+    /// policy values.
     pub fn tune(mut self, f: impl FnOnce(&mut RefreshPolicy)) -> Self {
-        let mut policy = self
-            .policy
-            .take()
-            .unwrap_or_else(|| RefreshPolicy::for_consumer(&self.consumer));
-        f(&mut policy);
-        self.policy = Some(policy);
+        f(&mut self.policy);
         self
     }
 
@@ -141,9 +164,7 @@ impl TokenManagerBuilder {
 
     /// Validates the policy against the consumer and builds the manager.
     pub fn build(self) -> Result<TokenManager, ConfigError> {
-        let policy = self
-            .policy
-            .unwrap_or_else(|| RefreshPolicy::for_consumer(&self.consumer));
+        let policy = self.policy;
         policy.validate(&self.consumer)?;
         let client = match self.http {
             Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http),
@@ -161,7 +182,7 @@ impl TokenManagerBuilder {
         );
         let (events, _) = broadcast::channel(self.event_capacity);
         Ok(TokenManager {
-            inner: Arc::new(Inner {
+            engine: Arc::new(Engine {
                 client,
                 store: self.store,
                 clock: self.clock,
@@ -178,17 +199,25 @@ impl TokenManagerBuilder {
 }
 
 /// Keeps every installation of one consumer supplied with valid tokens. Cheap to clone.
+///
+/// The one type most applications use: build it over a store, send users through
+/// [`begin_authorization`](Self::begin_authorization) and
+/// [`complete_authorization`](Self::complete_authorization), then call
+/// [`access_token`](Self::access_token) (or [`send_authorized`](Self::send_authorized))
+/// whenever you call the provider's API, and run [`spawn_refresher`](Self::spawn_refresher)
+/// in the background. [`explain`](Self::explain) says what state an installation is in and
+/// what to do about it.
 #[derive(Clone)]
 pub struct TokenManager {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) engine: Arc<Engine>,
 }
 
 impl std::fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenManager")
-            .field("consumer", self.inner.client.consumer())
-            .field("store", &self.inner.store)
-            .field("policy", &self.inner.policy)
+            .field("consumer", self.engine.client.consumer())
+            .field("store", &self.engine.store)
+            .field("policy", &self.engine.policy)
             .finish_non_exhaustive()
     }
 }
@@ -199,38 +228,64 @@ impl TokenManager {
         Self::builder_shared(consumer, Arc::new(store))
     }
 
-    /// A builder over a store shared with other code.
+    /// A builder over a store shared with other code (an `Arc` you keep a clone of).
     pub fn builder_shared(
         consumer: ConsumerConfig,
         store: Arc<dyn TokenStore>,
     ) -> TokenManagerBuilder {
         TokenManagerBuilder {
+            policy: RefreshPolicy::for_consumer(&consumer),
             consumer,
             store,
             clock: Arc::new(SystemClock),
-            policy: None,
             http: None,
             event_capacity: 1024,
         }
     }
 
-    /// The OAuth client.
+    /// The OAuth client (the consumer's configuration, the shared HTTP client).
     pub fn client(&self) -> &OAuthClient {
-        &self.inner.client
+        &self.engine.client
     }
 
-    /// The store.
+    /// The store the installations live in.
     pub fn store(&self) -> &Arc<dyn TokenStore> {
-        &self.inner.store
+        &self.engine.store
     }
 
-    /// The policy in force.
+    /// The refresh policy in force.
     pub fn policy(&self) -> &RefreshPolicy {
-        &self.inner.policy
+        &self.engine.policy
     }
 
     /// A valid access token for `id`. From the in-process cache when fresh (no store I/O);
-    /// otherwise through one refresh flight per installation.
+    /// otherwise through one refresh flight per installation (one per fleet, through the
+    /// store's lease).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::NotFound`]: no such installation in the store.
+    /// - [`Error::ReauthorizationRequired`] / [`Error::Revoked`]: only a new authorization
+    ///   helps; the reason says why.
+    /// - [`Error::TemporarilyUnavailable`]: the refresh failed temporarily and the token has
+    ///   expired; a retry is scheduled.
+    /// - [`Error::ConsumerCredentials`] / [`Error::Configuration`]: the consumer's credentials
+    ///   or the provider profile are wrong; the installation's tokens are kept.
+    /// - [`Error::Busy`]: another process holds the refresh lease longer than `peer_wait`.
+    /// - [`Error::Store`]: the store failed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager, id: tokenkeeper::InstallationId)
+    /// # -> Result<(), Box<dyn std::error::Error>> {
+    /// match manager.access_token(&id).await {
+    ///     Ok(token) => println!("call the API with a token of {} bytes", token.secret().len()),
+    ///     Err(e) if e.needs_reauthorization() => println!("ask the user to install again: {e}"),
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn access_token(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         if let Some(token) = self.cached_token(id) {
             return Ok(token);
@@ -241,16 +296,16 @@ impl TokenManager {
     /// The cached access token, if it is still fresh: the synchronous hot path of
     /// [`TokenManager::access_token`], without ever refreshing.
     pub fn cached_token(&self, id: &InstallationId) -> Option<AccessToken> {
-        self.inner.cache.fresh(id, self.inner.clock.now())
+        self.engine.cache.fresh(id, self.engine.clock.now())
     }
 
     /// Refreshes now, unless another caller already replaced the current access token.
+    ///
+    /// # Errors
+    ///
+    /// As [`access_token`](Self::access_token).
     pub async fn force_refresh(&self, id: &InstallationId) -> Result<AccessToken, Error> {
-        let current = match self.inner.store.get(id).await {
-            Ok(Some(r)) => r.tokens().access_token.clone(),
-            Ok(None) => return Err(Error::NotFound { id: id.clone() }),
-            Err(e) => return Err(Error::store(id, e)),
-        };
+        let current = self.engine.load(id).await?.tokens().access_token.clone();
         self.refresh_rejected(id, current).await
     }
 
@@ -261,7 +316,7 @@ impl TokenManager {
         id: &InstallationId,
         rejected: AccessToken,
     ) -> Result<AccessToken, Error> {
-        self.inner.cache.remove(id);
+        self.engine.cache.remove(id);
         for _ in 0..2 {
             let token = self
                 .refresh(
@@ -281,7 +336,7 @@ impl TokenManager {
     /// Forgets the cached token (call after the API answered 401); the next `access_token`
     /// re-reads the store.
     pub fn invalidate(&self, id: &InstallationId) {
-        self.inner.cache.remove(id);
+        self.engine.cache.remove(id);
     }
 
     /// Joins (or leads) the installation's flight. The leader drives the refresh inline; if
@@ -292,12 +347,12 @@ impl TokenManager {
         id: &InstallationId,
         mode: Mode,
     ) -> Result<AccessToken, Error> {
-        let rx = match self.inner.flights.join(id) {
+        let rx = match self.engine.flights.join(id) {
             flight::Joined::Follower(rx) => rx,
             flight::Joined::Leader(landing, rx) => {
-                let (inner, flight_id) = (self.inner.clone(), id.clone());
+                let (engine, flight_id) = (self.engine.clone(), id.clone());
                 flight::Detachable::new(async move {
-                    let outcome = refresh::run(&inner, &flight_id, &mode).await;
+                    let outcome = refresh::run(&engine, &flight_id, &mode).await;
                     landing.land(outcome);
                 })
                 .await;
@@ -310,6 +365,23 @@ impl TokenManager {
     /// Sends `request` with the installation's bearer token; on a 401 refreshes once (unless
     /// another caller already did) and retries once. Requests with a streaming body cannot be
     /// retried and return the 401.
+    ///
+    /// # Errors
+    ///
+    /// As [`access_token`](Self::access_token), and [`Error::Http`] when the request itself
+    /// fails (its URL removed from the error). An HTTP error status is not an error: the
+    /// response is returned.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager, id: tokenkeeper::InstallationId)
+    /// # -> Result<(), tokenkeeper::Error> {
+    /// let request = manager.client().http().get("https://api.bitbucket.org/2.0/user");
+    /// let response = manager.send_authorized(&id, request).await?;
+    /// println!("HTTP {}", response.status());
+    /// # Ok(()) }
+    /// ```
     pub async fn send_authorized(
         &self,
         id: &InstallationId,
@@ -337,122 +409,38 @@ impl TokenManager {
         retry.bearer_auth(fresh.secret()).send().await.map_err(http)
     }
 
-    /// Begins an authorization (a new installation, or `Some(id)` to re-authorize one).
-    pub fn begin_authorization(
-        &self,
-        installation: Option<InstallationId>,
-    ) -> Result<AuthorizationRequest, Error> {
-        self.inner
-            .client
-            .begin_authorization(installation)
-            .map_err(|e| Error::Authorization(Arc::new(e)))
-    }
-
-    /// Completes an authorization from the provider's callback (`code`, `state`).
-    pub async fn complete_authorization(
-        &self,
-        code: &str,
-        state: &str,
-    ) -> Result<InstallationId, Error> {
-        let done = self
-            .inner
-            .client
-            .complete_authorization(&*self.inner.store, code, state)
-            .await
-            .map_err(|e| Error::Authorization(Arc::new(e)))?;
-        self.inner.cache.remove(&done.installation);
-        self.inner
-            .emit(&done.installation, LifecycleEventKind::Authorized);
-        Ok(done.installation)
-    }
-
-    /// Adopts a token pair obtained elsewhere (migrating existing installations), without a
-    /// provider call.
-    pub async fn import_installation(
-        &self,
-        id: InstallationId,
-        tokens: TokenSet,
-    ) -> Result<(), Error> {
-        let invalid = |reason: &str| Error::InvalidImport {
-            id: id.clone(),
-            reason: reason.to_owned(),
-        };
-        if tokens.access_token.secret().is_empty() {
-            return Err(invalid("the access token is empty"));
-        }
-        if tokens
-            .refresh_token
-            .as_ref()
-            .is_some_and(|r| r.secret().is_empty())
-        {
-            return Err(invalid(
-                "the refresh token is empty (pass None if there is none)",
-            ));
-        }
-        if tokens.expires_at < tokens.obtained_at {
-            return Err(invalid("expires_at is before obtained_at"));
-        }
-        let now = self.inner.clock.now();
-        let refresh_at = self.inner.policy.refresh_at(&tokens, now);
-        let record = Record::new(
-            id.clone(),
-            consumer_name(&self.inner.client),
-            tokens,
-            refresh_at,
-            now,
-        );
-        match self.inner.store.create(&record).await {
-            Ok(()) => {
-                self.inner.emit(&id, LifecycleEventKind::Imported);
-                Ok(())
-            }
-            Err(e) => Err(Error::store(&id, e)),
-        }
-    }
-
     /// Revokes an installation: marked `Revoked` in the store first (so nothing uses it), then
     /// its refresh token is revoked at the provider when the profile has an endpoint. A
     /// provider failure is returned; the installation stays revoked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`], [`Error::Revoked`] (already revoked), [`Error::Store`], and
+    /// [`Error::Provider`] when the provider's revocation endpoint failed (the installation is
+    /// revoked here all the same).
     pub async fn revoke(&self, id: &InstallationId) -> Result<Revocation, Error> {
-        let revoked = loop {
-            let current = match self.inner.store.get(id).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err(Error::NotFound { id: id.clone() }),
-                Err(e) => return Err(Error::store(id, e)),
-            };
-            if let State::Revoked { at } = current.state() {
-                return Err(Error::Revoked {
-                    id: id.clone(),
-                    at: *at,
-                });
-            }
-            let now = self.inner.clock.now();
-            let next = current
-                .apply(Event::Revoked, now)
-                .map_err(|e| Error::Internal {
-                    id: id.clone(),
-                    reason: e.to_string(),
-                })?;
-            match self
-                .inner
-                .store
-                .compare_and_swap(&next, current.version())
-                .await
-            {
-                Ok(CasOutcome::Swapped) => break next,
-                Ok(CasOutcome::Conflict(_)) => continue,
-                Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
-                Err(e) => return Err(Error::store(id, e)),
-            }
-        };
-        self.inner.cache.remove(id);
-        self.inner.emit(id, LifecycleEventKind::Revoked);
+        let revoked = self
+            .engine
+            .update(id, |current, now| {
+                if let State::Revoked { at } = current.state() {
+                    return Err(Error::Revoked {
+                        id: id.clone(),
+                        at: *at,
+                    });
+                }
+                current
+                    .apply(Event::Revoked, now)
+                    .map_err(|e| Error::transition(id, e))
+            })
+            .await?;
+        self.engine.cache.remove(id);
+        self.engine.emit(id, LifecycleEventKind::Revoked);
         let tokens = revoked.tokens();
         let (token, hint) = match &tokens.refresh_token {
             Some(r) => (r.secret(), "refresh_token"),
             None => (tokens.access_token.secret(), "access_token"),
         };
-        self.inner
+        self.engine
             .client
             .revoke(Some(id), token, hint)
             .await
@@ -462,18 +450,20 @@ impl TokenManager {
             })
     }
 
-    /// What tokenkeeper knows about `id` and what to do about it.
+    /// What tokenkeeper knows about `id` and what to do about it: the state with its reason,
+    /// a plain-language summary, a machine-readable [`Health`], and the recent history.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and [`Error::Store`].
     pub async fn explain(&self, id: &InstallationId) -> Result<Explanation, Error> {
-        match self.inner.store.get(id).await {
-            Ok(Some(record)) => Ok(Explanation::of(&record, self.inner.clock.now())),
-            Ok(None) => Err(Error::NotFound { id: id.clone() }),
-            Err(e) => Err(Error::store(id, e)),
-        }
+        let record = self.engine.load(id).await?;
+        Ok(Explanation::of(&record, self.engine.clock.now()))
     }
 
-    /// Lifecycle events from now on.
+    /// Lifecycle events of this process from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
-        self.inner.events.subscribe()
+        self.engine.events.subscribe()
     }
 
     /// Starts the background refresher with the default pacing.
@@ -488,6 +478,6 @@ impl TokenManager {
 
     /// How many installations have a usable token cached in this process.
     pub fn cached_installations(&self) -> usize {
-        self.inner.cache.len()
+        self.engine.cache.len()
     }
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 
-use crate::config::{ConfigError, ConsumerConfig};
-use crate::profile::Timing;
+use crate::oauth::config::{ConfigError, ConsumerConfig};
+use crate::oauth::profile::Timing;
 
 /// Refresh timing, leases, backoff and the failure budget.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +74,7 @@ impl RefreshPolicy {
     pub fn validate(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
         let needed = consumer.http_timeout() + self.lease_margin;
         if self.lease_ttl <= needed {
-            return Err(ConfigError::InvalidDuration {
+            return Err(ConfigError::OutOfRange {
                 field: "lease_ttl",
                 reason: format!(
                     "{:?} must exceed the HTTP timeout ({:?}) plus the lease margin ({:?}); otherwise a slow refresh could outlive its lease and race another process",
@@ -85,13 +85,13 @@ impl RefreshPolicy {
             });
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
-            return Err(ConfigError::InvalidDuration {
-                field: "backoff",
-                reason: "backoff_base must be positive and at most backoff_max".into(),
+            return Err(ConfigError::OutOfRange {
+                field: "backoff_base",
+                reason: "must be positive and at most backoff_max".into(),
             });
         }
         if self.jitter_percent > 50 {
-            return Err(ConfigError::InvalidDuration {
+            return Err(ConfigError::OutOfRange {
                 field: "jitter_percent",
                 reason: "at most 50 (percent of the token lifetime)".into(),
             });

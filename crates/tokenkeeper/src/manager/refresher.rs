@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::TokenManager;
-use super::refresh::Mode;
+use super::decide::Mode;
 
 /// How the refresher paces itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,17 +39,37 @@ impl Default for RefresherConfig {
     }
 }
 
-/// What the refresher has done so far.
+/// The refresher's live counters (shared with its task).
 #[derive(Debug, Default)]
-pub struct RefresherStats {
+struct RefresherStats {
+    sweeps: AtomicU64,
+    attempted: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl RefresherStats {
+    fn snapshot(&self) -> RefresherCounts {
+        RefresherCounts {
+            sweeps: self.sweeps.load(Ordering::Relaxed),
+            attempted: self.attempted.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the refresher has done so far: a snapshot of its counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefresherCounts {
     /// Sweeps over the due index.
-    pub sweeps: AtomicU64,
+    pub sweeps: u64,
     /// Installations handed to a refresh.
-    pub attempted: AtomicU64,
+    pub attempted: u64,
     /// Refreshes that ended with a usable token.
-    pub succeeded: AtomicU64,
+    pub succeeded: u64,
     /// Refreshes that ended with an error.
-    pub failed: AtomicU64,
+    pub failed: u64,
 }
 
 /// A running refresher. Dropping it leaves it running; call [`RefresherHandle::shutdown`].
@@ -61,16 +81,17 @@ pub struct RefresherHandle {
 }
 
 impl RefresherHandle {
-    /// Counters.
-    pub fn stats(&self) -> &RefresherStats {
-        &self.stats
+    /// The counters so far.
+    pub fn stats(&self) -> RefresherCounts {
+        self.stats.snapshot()
     }
 
-    /// Stops scheduling new refreshes and waits for those in flight.
-    pub async fn shutdown(self) -> Arc<RefresherStats> {
+    /// Stops scheduling new refreshes, waits for those in flight and returns the final
+    /// counters.
+    pub async fn shutdown(self) -> RefresherCounts {
         let _ = self.stop.send(true);
         let _ = self.task.await;
-        self.stats
+        self.stats.snapshot()
     }
 }
 
@@ -88,13 +109,13 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         let mut running = JoinSet::new();
         'sweeps: loop {
             task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
-            let now = manager.inner.clock.now();
+            let now = manager.engine.clock.now();
             let mut cursor: Option<DueEntry> = None;
             loop {
                 let page = match manager
-                    .inner
+                    .engine
                     .store
-                    .due(now, config.page_size.max(1), cursor.as_ref())
+                    .due(now, cursor.as_ref(), config.page_size.max(1))
                     .await
                 {
                     Ok(page) => page,
@@ -149,11 +170,11 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
 
 /// How long until the earliest due entry (at most `max`).
 async fn next_due_in(manager: &TokenManager, max: Duration) -> Duration {
-    let now = manager.inner.clock.now();
+    let now = manager.engine.clock.now();
     match manager
-        .inner
+        .engine
         .store
-        .due(tokenkeeper_core::Timestamp::MAX, 1, None)
+        .due(tokenkeeper_core::Timestamp::MAX, None, 1)
         .await
     {
         Ok(page) => page

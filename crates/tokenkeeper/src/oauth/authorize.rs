@@ -1,34 +1,62 @@
-//! The authorization flow: `begin` builds the provider URL with a signed, expiring `state`
-//! and a PKCE (S256) challenge; `complete` checks the state in constant time, exchanges the
-//! code once, and creates a new, independent installation.
+//! The authorization flow, provider side: `begin` builds the provider URL with a signed,
+//! expiring `state` (see [`state`](super::state)) and a PKCE (S256) challenge; `complete`
+//! checks the state and exchanges the code once.
 //!
-//! The state is not stored anywhere: it is an HMAC-SHA256-signed token holding its expiry, a
-//! random nonce and the installation id, and the PKCE verifier is derived from the nonce with
-//! the same key. So any process with the consumer's configuration can complete an
-//! authorization another process began, there is no pending-authorization table to share or
-//! clean up, and a tampered or foreign state fails the MAC check. (DESIGN.md §8 suggests a
-//! stored state; the signed one gives the same guarantees without a second storage contract.)
-//! The installation id is fixed when the flow begins, so a repeated callback finds the
-//! installation the first one created and returns it without a second code exchange. As with
-//! any OAuth state, bind it to the user's session (a cookie) to stop login CSRF.
+//! Nothing here writes a record: [`OAuthClient::complete_authorization`] hands back a
+//! [`Grant`], and `TokenManager::complete_authorization` is what turns a grant into an
+//! installation (recognising a repeated callback, re-authorizing an existing installation,
+//! choosing the first due time through the refresh policy). The design document's
+//! "Authorization flow" section says why the state is signed rather than stored.
 
-use std::time::Duration;
+use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
 use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tokenkeeper_core::{InstallationId, Record, StoreError, Timestamp, TokenStore};
+use tokenkeeper_core::{
+    IdToken, IllegalTransition, InstallationId, StoreError, Timestamp, TokenSet,
+};
 
-use crate::client::OAuthClient;
-use crate::error::OAuthError;
+use crate::oauth::client::OAuthClient;
+use crate::oauth::error::OAuthError;
+use crate::oauth::state::{self, NONCE_LEN, StateClaims};
 
-type HmacSha256 = Hmac<Sha256>;
+/// The authorization code from the provider's callback (`?code=`). Single use; `Debug`
+/// prints `[redacted]`.
+#[derive(Clone)]
+pub struct AuthorizationCode(SecretString);
 
-const STATE_VERSION: u8 = 1;
-const NONCE_LEN: usize = 16;
-const MAC_LEN: usize = 32;
+impl AuthorizationCode {
+    /// Wraps the callback's `code` parameter.
+    pub fn new(code: impl Into<String>) -> Self {
+        Self(SecretString::from(code.into()))
+    }
+
+    /// The code, for the token request.
+    pub fn secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for AuthorizationCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthorizationCode([redacted])")
+    }
+}
+
+impl From<&str> for AuthorizationCode {
+    fn from(code: &str) -> Self {
+        Self::new(code)
+    }
+}
+
+impl From<String> for AuthorizationCode {
+    fn from(code: String) -> Self {
+        Self::new(code)
+    }
+}
 
 /// Why an authorization could not begin or complete.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +74,7 @@ pub enum AuthorizationError {
     ExpiredState {
         /// The installation the flow was for.
         installation: InstallationId,
-        /// When it expired.
+        /// When the flow stopped being accepted.
         expired_at: Timestamp,
     },
     /// The provider refused the code exchange.
@@ -54,11 +82,11 @@ pub enum AuthorizationError {
     Exchange {
         /// The installation the flow was for.
         installation: InstallationId,
-        /// The provider's answer.
+        /// The provider's answer, classified.
         #[source]
         source: OAuthError,
     },
-    /// The store failed.
+    /// The store failed while recording the new installation.
     #[error(
         "completing the authorization for installation {installation} failed in the store: {source}"
     )]
@@ -69,6 +97,9 @@ pub enum AuthorizationError {
         #[source]
         source: StoreError,
     },
+    /// The stored record refused the new grant (a state machine rule).
+    #[error("recording the authorization failed: {0}")]
+    Refused(#[source] IllegalTransition),
     /// The system random generator failed.
     #[error("the system random number generator failed: {0}")]
     Random(String),
@@ -81,83 +112,83 @@ pub struct AuthorizationRequest {
     pub url: Url,
     /// The `state` value (also in `url`): bind it to the user's session.
     pub state: String,
-    /// The installation the authorization will create.
+    /// The installation the authorization will create (or re-authorize).
     pub installation: InstallationId,
     /// The callback must arrive before this.
     pub expires_at: Timestamp,
 }
 
-/// A completed authorization.
+/// A verified, exchanged authorization: the tokens of a grant, not yet stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The installation the flow was begun for.
+    pub installation: InstallationId,
+    /// The grant's first token set.
+    pub tokens: TokenSet,
+    /// The OpenID Connect ID token, when the provider sent one.
+    pub id_token: Option<IdToken>,
+    /// When the flow began (a record authorized at or after this instant came from this
+    /// flow's code: that is how a repeated callback is recognised).
+    pub begun_at: Timestamp,
+}
+
+/// A completed authorization, as recorded by `TokenManager::complete_authorization`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completed {
     /// The installation.
     pub installation: InstallationId,
-    /// False when a repeated callback found the installation the first one created.
+    /// False when a repeated callback found the installation the first one created, or when
+    /// the flow re-authorized an existing installation.
     pub created: bool,
+    /// The OpenID Connect ID token of this exchange (`None` for a repeated callback, which
+    /// made no exchange, and for providers that send none).
+    pub id_token: Option<IdToken>,
 }
 
-struct VerifiedState {
-    installation: InstallationId,
-    nonce: [u8; NONCE_LEN],
-    issued_at: Timestamp,
+/// A state whose signature and expiry checked out.
+pub(crate) struct VerifiedState {
+    pub(crate) installation: InstallationId,
+    pub(crate) begun_at: Timestamp,
+    pub(crate) pkce_verifier: Option<String>,
 }
 
-fn state_key(client: &OAuthClient) -> Vec<u8> {
-    let consumer = client.consumer();
-    if let Some(key) = consumer.state_key() {
-        return key.as_bytes().to_vec();
-    }
-    let mut mac = HmacSha256::new_from_slice(consumer.client_secret().expose().as_bytes())
-        .expect("HMAC accepts keys of any length");
-    mac.update(b"tokenkeeper/state-key/v1/");
-    mac.update(consumer.client_id().as_bytes());
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn mac(key: &[u8]) -> HmacSha256 {
-    HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length")
-}
-
-fn pkce_verifier(key: &[u8], nonce: &[u8]) -> String {
-    let mut m = mac(key);
-    m.update(b"pkce/v1/");
-    m.update(nonce);
-    URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
-}
-
-fn random_id(nonce: &[u8]) -> InstallationId {
+fn random_id(nonce: &[u8]) -> Result<InstallationId, AuthorizationError> {
     let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    InstallationId::new(format!("inst-{hex}")).expect("hex ids are valid")
+    InstallationId::new(format!("inst-{hex}"))
+        .map_err(|e| AuthorizationError::Random(e.to_string()))
 }
 
 impl OAuthClient {
     /// Begins an authorization for a new installation (`installation` chooses its id; by
-    /// default a random one).
+    /// default a random one) or, with the id of an existing one, a re-authorization.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthorizationError::Random`] only if the operating system's random generator fails.
     pub fn begin_authorization(
         &self,
         installation: Option<InstallationId>,
     ) -> Result<AuthorizationRequest, AuthorizationError> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| AuthorizationError::Random(e.to_string()))?;
-        let installation = installation.unwrap_or_else(|| random_id(&nonce));
+        let installation = match installation {
+            Some(id) => id,
+            None => random_id(&nonce)?,
+        };
         let consumer = self.consumer();
         let expires_at = self
             .clock()
             .now()
             .saturating_add(consumer.authorization_ttl());
-        let key = state_key(self);
-
-        let id = installation.as_str().as_bytes();
-        let mut bytes = Vec::with_capacity(1 + 8 + NONCE_LEN + 1 + id.len() + MAC_LEN);
-        bytes.push(STATE_VERSION);
-        bytes.extend_from_slice(&expires_at.unix_nanos().to_be_bytes());
-        bytes.extend_from_slice(&nonce);
-        bytes.push(id.len() as u8); // ids are at most 200 bytes
-        bytes.extend_from_slice(id);
-        let mut m = mac(&key);
-        m.update(&bytes);
-        bytes.extend_from_slice(&m.finalize().into_bytes());
-        let state = URL_SAFE_NO_PAD.encode(&bytes);
+        let key = state::signing_key(consumer);
+        let state = state::encode(
+            &key,
+            &StateClaims {
+                installation: installation.clone(),
+                nonce,
+                expires_at,
+            },
+        );
 
         let profile = consumer.profile();
         let mut url = profile.authorize_url.clone();
@@ -174,7 +205,8 @@ impl OAuthClient {
                 );
             }
             if profile.pkce {
-                let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pkce_verifier(&key, &nonce)));
+                let verifier = state::pkce_verifier(&key, &nonce);
+                let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier));
                 q.append_pair("code_challenge", &challenge)
                     .append_pair("code_challenge_method", "S256");
             }
@@ -190,158 +222,60 @@ impl OAuthClient {
         })
     }
 
-    fn verify_state(&self, state: &str) -> Result<VerifiedState, AuthorizationError> {
-        let bytes = URL_SAFE_NO_PAD
-            .decode(state.trim())
-            .map_err(|_| AuthorizationError::InvalidState)?;
-        if bytes.len() < 1 + 8 + NONCE_LEN + 1 + 1 + MAC_LEN || bytes[0] != STATE_VERSION {
-            return Err(AuthorizationError::InvalidState);
-        }
-        let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-        let mut m = mac(&state_key(self));
-        m.update(body);
-        // Constant-time comparison.
-        m.verify_slice(tag)
-            .map_err(|_| AuthorizationError::InvalidState)?;
-        let expires = i64::from_be_bytes(
-            body[1..9]
-                .try_into()
-                .map_err(|_| AuthorizationError::InvalidState)?,
-        );
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&body[9..9 + NONCE_LEN]);
-        let id_len = usize::from(body[9 + NONCE_LEN]);
-        let id_bytes = body
-            .get(10 + NONCE_LEN..)
-            .filter(|b| b.len() == id_len)
-            .ok_or(AuthorizationError::InvalidState)?;
-        let installation =
-            InstallationId::from_bytes(id_bytes).map_err(|_| AuthorizationError::InvalidState)?;
-        let expired_at = Timestamp::from_unix_nanos(expires);
-        if self.clock().now() >= expired_at {
+    /// Checks a callback's `state`: signed by this consumer's key and not expired.
+    pub(crate) fn verify_state(&self, state: &str) -> Result<VerifiedState, AuthorizationError> {
+        let key = state::signing_key(self.consumer());
+        let claims = state::decode(&key, state).map_err(|_| AuthorizationError::InvalidState)?;
+        if self.clock().now() >= claims.expires_at {
             return Err(AuthorizationError::ExpiredState {
-                installation,
-                expired_at,
+                installation: claims.installation,
+                expired_at: claims.expires_at,
             });
         }
-        let issued_at = expired_at.saturating_sub(self.consumer().authorization_ttl());
-        Ok(VerifiedState {
-            installation,
-            nonce,
-            issued_at,
-        })
-    }
-
-    /// Completes an authorization: verifies `state`, exchanges `code` once and stores the new
-    /// installation (or, for an authorization begun for an existing installation, replaces its
-    /// tokens: the way out of `ReauthorizationRequired`). A repeated callback, recognised by
-    /// the installation having been authorized after this flow began, returns the installation
-    /// without a second exchange.
-    pub async fn complete_authorization(
-        &self,
-        store: &dyn TokenStore,
-        code: &str,
-        state: &str,
-    ) -> Result<Completed, AuthorizationError> {
-        let VerifiedState {
-            installation,
-            nonce,
-            issued_at,
-        } = self.verify_state(state)?;
-        let store_err = |source| AuthorizationError::Store {
-            installation: installation.clone(),
-            source,
-        };
-        let existing = |created| Completed {
-            installation: installation.clone(),
-            created,
-        };
-        let repeated =
-            |r: &Option<Record>| r.as_ref().is_some_and(|r| r.authorized_at() >= issued_at);
-        let before = store.get(&installation).await.map_err(store_err)?;
-        if repeated(&before) {
-            return Ok(existing(false));
-        }
-        let verifier = self
+        let begun_at = claims
+            .expires_at
+            .saturating_sub(self.consumer().authorization_ttl());
+        let pkce_verifier = self
             .consumer()
             .profile()
             .pkce
-            .then(|| pkce_verifier(&state_key(self), &nonce));
-        let tokens = match self.exchange_code(code, verifier.as_deref()).await {
-            Ok(tokens) => tokens,
-            Err(source) => {
-                // A concurrent duplicate callback may have won the single-use code.
-                if repeated(&store.get(&installation).await.map_err(store_err)?) {
-                    return Ok(existing(false));
-                }
-                return Err(AuthorizationError::Exchange {
-                    installation: installation.clone(),
-                    source,
-                });
-            }
-        };
-        let now = self.clock().now();
-        let refresh_at = self.consumer().profile().timing.refresh_at(&tokens);
-        if let Some(current) = before {
-            return self
-                .reauthorize(store, current, tokens, refresh_at)
-                .await
-                .map(|()| existing(false))
-                .map_err(store_err);
-        }
-        let record = Record::new(
-            installation.clone(),
-            consumer_name(self),
-            tokens,
-            refresh_at,
-            now,
-        );
-        // The code is spent: retry a store hiccup once before giving up on these tokens.
-        let mut outcome = store.create(&record).await;
-        if matches!(outcome, Err(StoreError::Unavailable { .. })) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            outcome = store.create(&record).await;
-        }
-        match outcome {
-            Ok(()) => Ok(existing(true)),
-            Err(StoreError::AlreadyExists { .. }) => Ok(existing(false)),
-            Err(source) => Err(store_err(source)),
-        }
+            .then(|| state::pkce_verifier(&key, &claims.nonce));
+        Ok(VerifiedState {
+            installation: claims.installation,
+            begun_at,
+            pkce_verifier,
+        })
     }
-}
 
-impl OAuthClient {
-    /// Replaces an existing installation's tokens after a new authorization (compare-and-swap,
-    /// retried on conflicts: a new grant wins over anything in flight).
-    async fn reauthorize(
+    /// Completes an authorization on the provider's side: verifies `state` and exchanges
+    /// `code` (once). The tokens are returned, not stored: use
+    /// `TokenManager::complete_authorization` to record the installation (it also recognises
+    /// a repeated callback without a second exchange).
+    ///
+    /// # Errors
+    ///
+    /// [`AuthorizationError::InvalidState`] for a state this consumer did not sign,
+    /// [`AuthorizationError::ExpiredState`] past `authorization_ttl`, and
+    /// [`AuthorizationError::Exchange`] when the provider refuses the code.
+    pub async fn complete_authorization(
         &self,
-        store: &dyn TokenStore,
-        mut current: Record,
-        tokens: tokenkeeper_core::TokenSet,
-        refresh_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        loop {
-            let now = self.clock().now();
-            let next = current
-                .apply(
-                    tokenkeeper_core::Event::Authorized {
-                        tokens: tokens.clone(),
-                        refresh_at,
-                    },
-                    now,
-                )
-                .map_err(|e| StoreError::InvalidArgument {
-                    backend: "tokenkeeper",
-                    operation: "reauthorize",
-                    id: current.id().clone(),
-                    message: e.to_string(),
-                })?;
-            match store.compare_and_swap(&next, current.version()).await? {
-                tokenkeeper_core::CasOutcome::Swapped => return Ok(()),
-                tokenkeeper_core::CasOutcome::Conflict(now_stored) => current = *now_stored,
-                tokenkeeper_core::CasOutcome::Missing => return store.create(&next).await,
-            }
-        }
+        code: &AuthorizationCode,
+        state: &str,
+    ) -> Result<Grant, AuthorizationError> {
+        let verified = self.verify_state(state)?;
+        let grant = self
+            .exchange_code(code, verified.pkce_verifier.as_deref())
+            .await
+            .map_err(|source| AuthorizationError::Exchange {
+                installation: verified.installation.clone(),
+                source,
+            })?;
+        Ok(Grant {
+            installation: verified.installation,
+            tokens: grant.tokens,
+            id_token: grant.id_token,
+            begun_at: verified.begun_at,
+        })
     }
 }
 

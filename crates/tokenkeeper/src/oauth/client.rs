@@ -10,20 +10,22 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use reqwest::header::{ACCEPT, RETRY_AFTER};
-use tokenkeeper_core::{Clock, FailureClass, InstallationId, RefreshToken, TokenSet};
+use tokenkeeper_core::{Clock, FailureClass, IdToken, InstallationId, RefreshToken, TokenSet};
 
-use crate::config::{ConfigError, ConsumerConfig};
-use crate::error::{ErrorKind, OAuthError, Operation};
-use crate::profile::{BodyEncoding, ClientAuth};
-use crate::response::{RawResponse, parse_retry_after, parse_token_response};
+use crate::oauth::authorize::AuthorizationCode;
+
+use crate::oauth::config::{ConfigError, ConsumerConfig};
+use crate::oauth::error::{OAuthError, Operation};
+use crate::oauth::profile::{BodyEncoding, ClientAuth};
+use crate::oauth::response::{RawResponse, id_token, parse_retry_after, parse_token_response};
 
 /// Speaks OAuth 2.0 to one consumer's provider. Cheap to clone.
 #[derive(Clone)]
 pub struct OAuthClient {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<ClientParts>,
 }
 
-pub(crate) struct Inner {
+struct ClientParts {
     pub(crate) http: reqwest::Client,
     pub(crate) consumer: ConsumerConfig,
     pub(crate) clock: Arc<dyn Clock>,
@@ -35,6 +37,16 @@ impl std::fmt::Debug for OAuthClient {
             .field("consumer", &self.inner.consumer)
             .finish_non_exhaustive()
     }
+}
+
+/// What a code exchange returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeGrant {
+    /// The installation's first token set.
+    pub tokens: TokenSet,
+    /// The OpenID Connect ID token, when the provider sent one (OpenID servers do when the
+    /// `openid` scope was requested).
+    pub id_token: Option<IdToken>,
 }
 
 /// Whether the provider revoked a token.
@@ -55,11 +67,7 @@ impl OAuthClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ConfigError::InvalidUrl {
-                field: "http client",
-                value: String::new(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::HttpClient(Arc::new(e)))?;
         Ok(Self::with_http_client(consumer, clock, http))
     }
 
@@ -70,7 +78,7 @@ impl OAuthClient {
         http: reqwest::Client,
     ) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(ClientParts {
                 http,
                 consumer,
                 clock,
@@ -93,15 +101,22 @@ impl OAuthClient {
         &self.inner.clock
     }
 
-    /// Exchanges an authorization code (with its PKCE verifier) for a new token set.
+    /// Exchanges an authorization code (with its PKCE verifier) for a new token set, and the
+    /// OpenID `id_token` when the provider sends one.
+    ///
+    /// # Errors
+    ///
+    /// An [`OAuthError`] classified by what it means: a spent or foreign code is
+    /// `RefreshTokenRejected`-class (`invalid_grant`), refused client credentials
+    /// `ConsumerCredentialsInvalid`, network and 5xx failures `Transient`.
     pub async fn exchange_code(
         &self,
-        code: &str,
+        code: &AuthorizationCode,
         pkce_verifier: Option<&str>,
-    ) -> Result<TokenSet, OAuthError> {
+    ) -> Result<CodeGrant, OAuthError> {
         let mut params = vec![
             ("grant_type", "authorization_code".to_owned()),
-            ("code", code.to_owned()),
+            ("code", code.secret().to_owned()),
             (
                 "redirect_uri",
                 self.inner.consumer.redirect_uri().as_str().to_owned(),
@@ -110,8 +125,15 @@ impl OAuthClient {
         if let Some(v) = pkce_verifier {
             params.push(("code_verifier", v.to_owned()));
         }
-        self.token_request(Operation::CodeExchange, None, params, None)
-            .await
+        let url = self.inner.consumer.profile().token_url.clone();
+        let operation = Operation::CodeExchange;
+        let (raw, sent_at) = self.send(operation, None, url, params).await?;
+        let profile = self.inner.consumer.profile();
+        let tokens = parse_token_response(profile, operation, &raw, sent_at, None)?;
+        Ok(CodeGrant {
+            tokens,
+            id_token: id_token(&raw),
+        })
     }
 
     /// Refreshes `current` with its own refresh token. The result is merged: a reply without a
@@ -122,12 +144,13 @@ impl OAuthClient {
         current: &TokenSet,
     ) -> Result<TokenSet, OAuthError> {
         let Some(refresh) = &current.refresh_token else {
-            return Err(OAuthError::new(
+            return Err(OAuthError::invalid_response(
                 Operation::Refresh,
-                ErrorKind::InvalidResponse,
                 FailureClass::RefreshTokenRejected,
+                None,
+                None,
+                "the installation has no refresh token",
             )
-            .with_detail("the installation has no refresh token")
             .for_installation(Some(installation)));
         };
         self.refresh_with(installation, refresh, current).await
@@ -249,52 +272,43 @@ impl OAuthClient {
                 request.json(&map)
             }
         };
-        let transport = |e: reqwest::Error| {
-            let what = if e.is_timeout() {
-                "the provider did not answer in time"
-            } else if e.is_connect() {
-                "cannot connect to the provider"
-            } else {
-                "the connection to the provider failed"
-            };
-            let mut err = OAuthError::new(operation, ErrorKind::Transport, FailureClass::Transient)
-                .with_detail(what)
-                .for_installation(installation);
-            // reqwest errors name the URL, never the body or headers that hold secrets.
-            err.0.source = Some(Box::new(e.without_url()));
-            err
-        };
+        // reqwest errors name the URL (dropped), never the body or headers that hold secrets.
+        let transport =
+            |e: reqwest::Error| OAuthError::transport(operation, e).for_installation(installation);
         let sent_at = self.inner.clock.now();
-        let mut response = request.send().await.map_err(transport)?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let limit = consumer.max_response_bytes();
-        let too_large = || {
-            let mut e = OAuthError::new(operation, ErrorKind::TooLarge, FailureClass::Transient)
-                .with_detail(format!(
-                    "the reply exceeds the {limit}-byte limit (max_response_bytes); it was not read"
-                ))
-                .for_installation(installation);
-            e.0.status = Some(status);
-            e
-        };
-        if response
-            .content_length()
-            .is_some_and(|len| len > limit as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > limit {
+        // A hard deadline whatever `reqwest::Client` the user supplied: a token request never
+        // outlives the lease it runs under because a client had no timeout.
+        let deadline = consumer.http_timeout();
+        let read = async {
+            let mut response = request.send().await.map_err(transport)?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let limit = consumer.max_response_bytes();
+            let too_large =
+                || OAuthError::too_large(operation, status, limit).for_installation(installation);
+            if response
+                .content_length()
+                .is_some_and(|len| len > limit as u64)
+            {
                 return Err(too_large());
             }
-            body.extend_from_slice(&chunk);
-        }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok((status, retry_after, body))
+        };
+        let (status, retry_after, body) =
+            tokio::time::timeout(deadline, read).await.map_err(|_| {
+                OAuthError::deadline(operation, deadline).for_installation(installation)
+            })??;
         Ok((
             RawResponse {
                 status,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::profile::ProviderProfile;
+use crate::oauth::profile::ProviderProfile;
 
 /// The consumer's client secret. `Debug` prints `[redacted]`; there is no `Display`.
 #[derive(Clone)]
@@ -31,39 +31,101 @@ impl fmt::Debug for ClientSecret {
 }
 
 /// What is wrong with a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// A required setting was not given.
     #[error("{field} is required: set it with .{field}(...) on the builder")]
     Missing {
-        /// The setting.
+        /// The builder method that sets it.
         field: &'static str,
     },
-    /// A setting was given but empty.
+    /// A setting was given but empty (or only whitespace).
     #[error("{field} must not be empty")]
     Empty {
-        /// The setting.
+        /// The builder method that sets it.
         field: &'static str,
     },
     /// A URL did not parse or is unusable.
     #[error("{field} {value:?} is not a usable URL: {reason}")]
     InvalidUrl {
-        /// The setting.
+        /// The builder method or profile field that holds it.
         field: &'static str,
-        /// The value (never a secret).
+        /// The value as given (URLs here never carry secrets).
         value: String,
-        /// Why.
+        /// What is wrong with it.
         reason: String,
     },
-    /// A duration is out of range or contradicts another.
+    /// A value (a duration, a size, a percentage, a key length) is out of its range or
+    /// contradicts another setting.
     #[error("{field}: {reason}")]
-    InvalidDuration {
-        /// The setting.
+    OutOfRange {
+        /// The builder method or policy field that sets it.
         field: &'static str,
-        /// Why.
+        /// The allowed range, or the setting it contradicts.
         reason: String,
     },
+    /// The HTTP client could not be built (TLS backend initialisation failed).
+    #[error("the HTTP client could not be built: {0}")]
+    HttpClient(#[source] std::sync::Arc<reqwest::Error>),
+}
+
+impl PartialEq for ConfigError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Missing { field: a }, Self::Missing { field: b })
+            | (Self::Empty { field: a }, Self::Empty { field: b }) => a == b,
+            (
+                Self::InvalidUrl {
+                    field: a,
+                    value: va,
+                    reason: ra,
+                },
+                Self::InvalidUrl {
+                    field: b,
+                    value: vb,
+                    reason: rb,
+                },
+            ) => (a, va, ra) == (b, vb, rb),
+            (
+                Self::OutOfRange {
+                    field: a,
+                    reason: ra,
+                },
+                Self::OutOfRange {
+                    field: b,
+                    reason: rb,
+                },
+            ) => (a, ra) == (b, rb),
+            (Self::HttpClient(a), Self::HttpClient(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// The settings that have defaults: declared once, held by the builder and by the validated
+/// configuration alike.
+#[derive(Debug, Clone)]
+struct Settings {
+    scopes: Vec<String>,
+    http_timeout: Duration,
+    connect_timeout: Duration,
+    max_response_bytes: usize,
+    authorization_ttl: Duration,
+    state_key: Option<SecretString>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            scopes: Vec::new(),
+            http_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_response_bytes: 64 * 1024,
+            authorization_ttl: Duration::from_secs(600),
+            state_key: None,
+        }
+    }
 }
 
 /// An OAuth consumer: provider profile, client credentials, redirect URI, scopes and HTTP
@@ -91,12 +153,7 @@ pub struct ConsumerConfig {
     client_id: String,
     client_secret: ClientSecret,
     redirect_uri: Url,
-    scopes: Vec<String>,
-    http_timeout: Duration,
-    connect_timeout: Duration,
-    max_response_bytes: usize,
-    authorization_ttl: Duration,
-    state_key: Option<SecretString>,
+    settings: Settings,
 }
 
 impl ConsumerConfig {
@@ -107,12 +164,7 @@ impl ConsumerConfig {
             client_id: None,
             client_secret: None,
             redirect_uri: None,
-            scopes: Vec::new(),
-            http_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            max_response_bytes: 64 * 1024,
-            authorization_ttl: Duration::from_secs(600),
-            state_key: None,
+            settings: Settings::default(),
         }
     }
 
@@ -120,7 +172,7 @@ impl ConsumerConfig {
     pub fn profile(&self) -> &ProviderProfile {
         &self.profile
     }
-    /// The client id.
+    /// The client id (Bitbucket calls it the consumer's key).
     pub fn client_id(&self) -> &str {
         &self.client_id
     }
@@ -133,42 +185,38 @@ impl ConsumerConfig {
     }
     /// The scopes requested at authorization (profile-required ones included).
     pub fn scopes(&self) -> &[String] {
-        &self.scopes
+        &self.settings.scopes
     }
-    /// The timeout of one HTTP exchange with the provider.
+    /// The longest one HTTP exchange with the provider may take, connect to last byte.
     pub fn http_timeout(&self) -> Duration {
-        self.http_timeout
+        self.settings.http_timeout
     }
-    /// The connect timeout.
+    /// The longest connecting to the provider may take.
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+        self.settings.connect_timeout
     }
-    /// The largest token endpoint reply accepted.
+    /// The largest token endpoint reply read, in bytes.
     pub fn max_response_bytes(&self) -> usize {
-        self.max_response_bytes
+        self.settings.max_response_bytes
     }
     /// How long an authorization may take from `begin` to the callback.
     pub fn authorization_ttl(&self) -> Duration {
-        self.authorization_ttl
+        self.settings.authorization_ttl
     }
     pub(crate) fn state_key(&self) -> Option<&str> {
-        self.state_key.as_ref().map(|k| k.expose_secret())
+        self.settings.state_key.as_ref().map(|k| k.expose_secret())
     }
 }
 
-/// Builds a [`ConsumerConfig`]; `build` validates everything at once.
+/// Builds a [`ConsumerConfig`]; `build` validates everything at once and names the first
+/// setting that is wrong.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfigBuilder {
     profile: ProviderProfile,
     client_id: Option<String>,
     client_secret: Option<ClientSecret>,
     redirect_uri: Option<String>,
-    scopes: Vec<String>,
-    http_timeout: Duration,
-    connect_timeout: Duration,
-    max_response_bytes: usize,
-    authorization_ttl: Duration,
-    state_key: Option<SecretString>,
+    settings: Settings,
 }
 
 impl ConsumerConfigBuilder {
@@ -189,103 +237,54 @@ impl ConsumerConfigBuilder {
     }
     /// Scopes to request (Bitbucket ignores these: the consumer's configured scopes apply).
     pub fn scopes<I: IntoIterator<Item = S>, S: Into<String>>(mut self, scopes: I) -> Self {
-        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self.settings.scopes = scopes.into_iter().map(Into::into).collect();
         self
     }
     /// Timeout of one HTTP exchange with the provider (default 10 s).
     pub fn http_timeout(mut self, timeout: Duration) -> Self {
-        self.http_timeout = timeout;
+        self.settings.http_timeout = timeout;
         self
     }
     /// Connect timeout (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.settings.connect_timeout = timeout;
         self
     }
     /// Largest token endpoint reply accepted (default 64 KiB).
     pub fn max_response_bytes(mut self, bytes: usize) -> Self {
-        self.max_response_bytes = bytes;
+        self.settings.max_response_bytes = bytes;
         self
     }
     /// How long a begun authorization stays valid (default 10 minutes).
     pub fn authorization_ttl(mut self, ttl: Duration) -> Self {
-        self.authorization_ttl = ttl;
+        self.settings.authorization_ttl = ttl;
         self
     }
-    /// The key that signs authorization `state` values. Every process completing
-    /// authorizations must use the same key; by default it is derived from the client secret.
+    /// The key that signs authorization `state` values (at least 16 bytes). Every process
+    /// completing authorizations must use the same key; by default it is derived from the
+    /// client secret.
     pub fn state_key(mut self, key: impl Into<String>) -> Self {
-        self.state_key = Some(SecretString::from(key.into()));
+        self.settings.state_key = Some(SecretString::from(key.into()));
         self
     }
 
     /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Missing`] or [`ConfigError::Empty`] for an absent client id, secret or
+    /// redirect URI; [`ConfigError::InvalidUrl`] for a redirect URI or profile endpoint that is
+    /// not an http(s) URL with a host; [`ConfigError::OutOfRange`] for zero timeouts, a connect
+    /// timeout longer than the exchange timeout, a reply limit under 256 bytes or a state key
+    /// under 16 bytes.
     pub fn build(self) -> Result<ConsumerConfig, ConfigError> {
-        let client_id = self
-            .client_id
-            .ok_or(ConfigError::Missing { field: "client_id" })?;
-        if client_id.trim().is_empty() {
-            return Err(ConfigError::Empty { field: "client_id" });
-        }
-        let client_secret = self.client_secret.ok_or(ConfigError::Missing {
-            field: "client_secret",
-        })?;
-        if client_secret.expose().is_empty() {
-            return Err(ConfigError::Empty {
-                field: "client_secret",
-            });
-        }
-        let raw_redirect = self.redirect_uri.ok_or(ConfigError::Missing {
-            field: "redirect_uri",
-        })?;
-        let redirect_uri = parse_http_url("redirect_uri", &raw_redirect)?;
-        for (field, u) in [
-            ("profile.authorize_url", &self.profile.authorize_url),
-            ("profile.token_url", &self.profile.token_url),
-        ] {
-            parse_http_url(field, u.as_str())?;
-        }
-        if let Some(u) = &self.profile.revoke_url {
-            parse_http_url("profile.revoke_url", u.as_str())?;
-        }
-        for (field, d) in [
-            ("http_timeout", self.http_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("authorization_ttl", self.authorization_ttl),
-        ] {
-            if d.is_zero() {
-                return Err(ConfigError::InvalidDuration {
-                    field,
-                    reason: "must be greater than zero".into(),
-                });
-            }
-        }
-        if self.connect_timeout > self.http_timeout {
-            return Err(ConfigError::InvalidDuration {
-                field: "connect_timeout",
-                reason: format!(
-                    "{:?} exceeds http_timeout {:?}; the whole exchange cannot be shorter than connecting",
-                    self.connect_timeout, self.http_timeout
-                ),
-            });
-        }
-        if self.max_response_bytes < 256 {
-            return Err(ConfigError::InvalidDuration {
-                field: "max_response_bytes",
-                reason: "must be at least 256 bytes to hold a token reply".into(),
-            });
-        }
-        if let Some(key) = &self.state_key
-            && key.expose_secret().len() < 16
-        {
-            return Err(ConfigError::Empty {
-                field: "state_key (at least 16 bytes)",
-            });
-        }
-        let mut scopes = self.scopes;
+        let (client_id, client_secret) = self.validate_credentials()?;
+        let redirect_uri = self.validate_urls()?;
+        let mut settings = self.settings;
+        validate_limits(&settings)?;
         for s in &self.profile.required_scopes {
-            if !scopes.contains(s) {
-                scopes.push(s.clone());
+            if !settings.scopes.contains(s) {
+                settings.scopes.push(s.clone());
             }
         }
         Ok(ConsumerConfig {
@@ -293,14 +292,80 @@ impl ConsumerConfigBuilder {
             client_id,
             client_secret,
             redirect_uri,
-            scopes,
-            http_timeout: self.http_timeout,
-            connect_timeout: self.connect_timeout,
-            max_response_bytes: self.max_response_bytes,
-            authorization_ttl: self.authorization_ttl,
-            state_key: self.state_key,
+            settings,
         })
     }
+
+    fn validate_credentials(&self) -> Result<(String, ClientSecret), ConfigError> {
+        let client_id = self
+            .client_id
+            .clone()
+            .ok_or(ConfigError::Missing { field: "client_id" })?;
+        if client_id.trim().is_empty() {
+            return Err(ConfigError::Empty { field: "client_id" });
+        }
+        let client_secret = self.client_secret.clone().ok_or(ConfigError::Missing {
+            field: "client_secret",
+        })?;
+        if client_secret.expose().is_empty() {
+            return Err(ConfigError::Empty {
+                field: "client_secret",
+            });
+        }
+        Ok((client_id, client_secret))
+    }
+
+    fn validate_urls(&self) -> Result<Url, ConfigError> {
+        let raw_redirect = self.redirect_uri.as_deref().ok_or(ConfigError::Missing {
+            field: "redirect_uri",
+        })?;
+        let redirect_uri = parse_http_url("redirect_uri", raw_redirect)?;
+        let profile = &self.profile;
+        for (field, u) in [
+            ("profile.authorize_url", Some(&profile.authorize_url)),
+            ("profile.token_url", Some(&profile.token_url)),
+            ("profile.revoke_url", profile.revoke_url.as_ref()),
+        ] {
+            if let Some(u) = u {
+                parse_http_url(field, u.as_str())?;
+            }
+        }
+        Ok(redirect_uri)
+    }
+}
+
+fn validate_limits(settings: &Settings) -> Result<(), ConfigError> {
+    let out_of_range = |field, reason: String| Err(ConfigError::OutOfRange { field, reason });
+    for (field, d) in [
+        ("http_timeout", settings.http_timeout),
+        ("connect_timeout", settings.connect_timeout),
+        ("authorization_ttl", settings.authorization_ttl),
+    ] {
+        if d.is_zero() {
+            return out_of_range(field, "must be greater than zero".into());
+        }
+    }
+    if settings.connect_timeout > settings.http_timeout {
+        return out_of_range(
+            "connect_timeout",
+            format!(
+                "{:?} exceeds http_timeout {:?}; the whole exchange cannot be shorter than connecting",
+                settings.connect_timeout, settings.http_timeout
+            ),
+        );
+    }
+    if settings.max_response_bytes < 256 {
+        return out_of_range(
+            "max_response_bytes",
+            "must be at least 256 bytes to hold a token reply".into(),
+        );
+    }
+    if let Some(key) = &settings.state_key
+        && key.expose_secret().len() < 16
+    {
+        return out_of_range("state_key", "must be at least 16 bytes long".into());
+    }
+    Ok(())
 }
 
 fn parse_http_url(field: &'static str, value: &str) -> Result<Url, ConfigError> {
@@ -360,7 +425,7 @@ mod tests {
         let err = base().http_timeout(Duration::ZERO).build().unwrap_err();
         assert!(matches!(
             err,
-            ConfigError::InvalidDuration {
+            ConfigError::OutOfRange {
                 field: "http_timeout",
                 ..
             }
@@ -371,7 +436,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(
             err,
-            ConfigError::InvalidDuration {
+            ConfigError::OutOfRange {
                 field: "connect_timeout",
                 ..
             }

@@ -1,4 +1,5 @@
-//! `OAuthError`: a failed exchange with the provider, classified (DESIGN.md §7), carrying the
+//! `OAuthError`: a failed exchange with the provider, classified (see the design document,
+//! "Error classification"), carrying the
 //! provider's own words and never a token.
 
 use std::fmt;
@@ -45,28 +46,45 @@ pub enum ErrorKind {
     TooLarge,
 }
 
-/// A failed exchange with the provider. (Boxed: errors travel in `Result`s on hot paths.)
+/// A failed exchange with the provider.
+///
+/// Two independent axes describe it: [`ErrorKind`] says *how* it failed (the provider answered
+/// with an OAuth error, no answer arrived, the answer was unreadable or too large) and
+/// [`FailureClass`] says *what it means* for the installation (retry, re-authorize, fix the
+/// consumer). The fields are private: the only way to build one is the constructors of this
+/// module, so every error carries a consistent kind, class and note.
+///
+/// Boxed: errors travel in `Result`s on hot paths.
 #[derive(Debug)]
-pub struct OAuthError(pub(crate) Box<ErrorInner>);
+pub struct OAuthError(Box<OAuthErrorRepr>);
 
 #[derive(Debug)]
-pub(crate) struct ErrorInner {
-    pub(crate) operation: Operation,
-    pub(crate) installation: Option<InstallationId>,
-    pub(crate) kind: ErrorKind,
-    pub(crate) class: FailureClass,
-    pub(crate) status: Option<u16>,
+struct OAuthErrorRepr {
+    operation: Operation,
+    installation: Option<InstallationId>,
+    kind: ErrorKind,
+    class: FailureClass,
+    status: Option<u16>,
+    error: Option<String>,
+    description: Option<String>,
+    error_uri: Option<String>,
+    retry_after: Option<Duration>,
+    /// Our own words on what was wrong with the exchange (not the provider's).
+    note: Option<String>,
+    source: Option<BoxError>,
+}
+
+/// The provider's OAuth error reply (`error`, `error_description`, `error_uri`), as read.
+#[derive(Debug, Default)]
+pub(crate) struct ProviderWords {
     pub(crate) error: Option<String>,
     pub(crate) description: Option<String>,
     pub(crate) error_uri: Option<String>,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) detail: Option<String>,
-    pub(crate) source: Option<BoxError>,
 }
 
 impl OAuthError {
-    pub(crate) fn new(operation: Operation, kind: ErrorKind, class: FailureClass) -> Self {
-        Self(Box::new(ErrorInner {
+    fn new(operation: Operation, kind: ErrorKind, class: FailureClass) -> Self {
+        Self(Box::new(OAuthErrorRepr {
             operation,
             installation: None,
             kind,
@@ -76,16 +94,83 @@ impl OAuthError {
             description: None,
             error_uri: None,
             retry_after: None,
-            detail: None,
+            note: None,
             source: None,
         }))
     }
 
-    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.0.detail = Some(detail.into());
-        self
+    /// The provider answered with an OAuth error (or an error page, `words` empty and `note`
+    /// saying so).
+    pub(crate) fn provider(
+        operation: Operation,
+        class: FailureClass,
+        status: u16,
+        words: ProviderWords,
+        retry_after: Option<Duration>,
+        note: Option<&str>,
+    ) -> Self {
+        let mut e = Self::new(operation, ErrorKind::Provider, class);
+        e.0.status = Some(status);
+        e.0.error = words.error;
+        e.0.description = words.description;
+        e.0.error_uri = words.error_uri;
+        e.0.retry_after = retry_after;
+        e.0.note = note.map(str::to_owned);
+        e
     }
 
+    /// An answer (or no answer yet) that is not a usable token reply: `why` says what is
+    /// wrong with it.
+    pub(crate) fn invalid_response(
+        operation: Operation,
+        class: FailureClass,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        why: impl Into<String>,
+    ) -> Self {
+        let mut e = Self::new(operation, ErrorKind::InvalidResponse, class);
+        e.0.status = status;
+        e.0.retry_after = retry_after;
+        e.0.note = Some(why.into());
+        e
+    }
+
+    /// No usable answer: the transport failed. The source names no URL, body or header.
+    pub(crate) fn transport(operation: Operation, source: reqwest::Error) -> Self {
+        let what = if source.is_timeout() {
+            "the provider did not answer in time"
+        } else if source.is_connect() {
+            "cannot connect to the provider"
+        } else {
+            "the connection to the provider failed"
+        };
+        let mut e = Self::new(operation, ErrorKind::Transport, FailureClass::Transient);
+        e.0.note = Some(what.to_owned());
+        e.0.source = Some(Box::new(source.without_url()));
+        e
+    }
+
+    /// The request outlived its hard deadline (the client's own timeout did not fire).
+    pub(crate) fn deadline(operation: Operation, limit: Duration) -> Self {
+        let mut e = Self::new(operation, ErrorKind::Transport, FailureClass::Transient);
+        e.0.note = Some(format!(
+            "the provider did not answer within the {}s deadline",
+            limit.as_secs_f64()
+        ));
+        e
+    }
+
+    /// The reply was larger than `limit` bytes and was not read.
+    pub(crate) fn too_large(operation: Operation, status: u16, limit: usize) -> Self {
+        let mut e = Self::new(operation, ErrorKind::TooLarge, FailureClass::Transient);
+        e.0.status = Some(status);
+        e.0.note = Some(format!(
+            "the reply exceeds the {limit}-byte limit (max_response_bytes); it was not read"
+        ));
+        e
+    }
+
+    /// Names the installation the exchange was for.
     pub(crate) fn for_installation(mut self, id: Option<&InstallationId>) -> Self {
         self.0.installation = id.cloned();
         self
@@ -103,7 +188,7 @@ impl OAuthError {
     pub fn kind(&self) -> ErrorKind {
         self.0.kind
     }
-    /// What it means for the installation (DESIGN.md §7).
+    /// What it means for the installation.
     pub fn class(&self) -> FailureClass {
         self.0.class
     }
@@ -131,6 +216,22 @@ impl OAuthError {
     pub fn is_transient(&self) -> bool {
         self.0.class == FailureClass::Transient
     }
+    /// True when the provider answered with an OAuth error (or an error page).
+    pub fn is_provider_error(&self) -> bool {
+        self.0.kind == ErrorKind::Provider
+    }
+    /// True when no usable answer arrived (connect, TLS, reset, timeout).
+    pub fn is_transport(&self) -> bool {
+        self.0.kind == ErrorKind::Transport
+    }
+    /// True when an answer arrived but was not a usable token reply.
+    pub fn is_invalid_response(&self) -> bool {
+        self.0.kind == ErrorKind::InvalidResponse
+    }
+    /// Our own note on what was wrong (not the provider's words), if any.
+    pub fn note(&self) -> Option<&str> {
+        self.0.note.as_deref()
+    }
 
     /// The record of this failure kept in the installation's history.
     pub fn to_detail(&self) -> ErrorDetail {
@@ -138,7 +239,7 @@ impl OAuthError {
             class: self.0.class,
             status: self.0.status,
             error: self.0.error.clone(),
-            description: self.0.description.clone().or_else(|| self.0.detail.clone()),
+            description: self.0.description.clone().or_else(|| self.0.note.clone()),
         }
     }
 
@@ -177,8 +278,8 @@ impl fmt::Display for OAuthError {
             (Some(e), None) => write!(f, ": {e}")?,
             _ => {}
         }
-        if let Some(detail) = &self.0.detail {
-            write!(f, ": {detail}")?;
+        if let Some(note) = &self.0.note {
+            write!(f, ": {note}")?;
         }
         if let Some(after) = self.0.retry_after {
             write!(f, " (retry after {}s)", after.as_secs())?;

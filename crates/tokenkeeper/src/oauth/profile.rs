@@ -3,7 +3,7 @@
 //! A [`ProviderProfile`] names the endpoints, how the client authenticates and encodes its
 //! requests, whether refresh tokens rotate (and with what reuse leeway), default lifetimes and
 //! expiries, PKCE support, extra authorization parameters, and how the provider's error bodies
-//! map to the failure classes of DESIGN.md §7. Presets cover Bitbucket (rotating and legacy),
+//! map to the failure classes of docs/design.md ("Error classification"). Presets cover Bitbucket (rotating and legacy),
 //! Atlassian 3LO, GitHub Apps and Google; [`ProviderProfile::generic`] starts any RFC 6749
 //! provider.
 

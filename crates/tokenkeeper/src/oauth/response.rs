@@ -12,10 +12,12 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use tokenkeeper_core::{AccessToken, FailureClass, RefreshToken, Scopes, Timestamp, TokenSet};
+use tokenkeeper_core::{
+    AccessToken, FailureClass, IdToken, RefreshToken, Scopes, Timestamp, TokenSet,
+};
 
-use crate::error::{ErrorKind, OAuthError, Operation};
-use crate::profile::ProviderProfile;
+use crate::oauth::error::{OAuthError, Operation, ProviderWords};
+use crate::oauth::profile::ProviderProfile;
 
 /// The longest access token lifetime believed.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -50,13 +52,19 @@ fn provider_error(
     } else {
         profile.errors.classify(raw.status, code, description)
     };
-    let mut e = OAuthError::new(operation, ErrorKind::Provider, class);
-    e.0.status = Some(raw.status);
-    e.0.error = Some(truncate(code, 200));
-    e.0.description = description.map(|d| truncate(d, 500));
-    e.0.error_uri = str_field(map, "error_uri").map(|u| truncate(u, 500));
-    e.0.retry_after = raw.retry_after;
-    Some(e)
+    let words = ProviderWords {
+        error: Some(truncate(code, 200)),
+        description: description.map(|d| truncate(d, 500)),
+        error_uri: str_field(map, "error_uri").map(|u| truncate(u, 500)),
+    };
+    Some(OAuthError::provider(
+        operation,
+        class,
+        raw.status,
+        words,
+        raw.retry_after,
+        None,
+    ))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -71,15 +79,13 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 fn invalid(operation: Operation, raw: &RawResponse, why: &str) -> OAuthError {
-    let mut e = OAuthError::new(
+    OAuthError::invalid_response(
         operation,
-        ErrorKind::InvalidResponse,
         FailureClass::Transient,
+        Some(raw.status),
+        raw.retry_after,
+        why,
     )
-    .with_detail(why.to_owned());
-    e.0.status = Some(raw.status);
-    e.0.retry_after = raw.retry_after;
-    e
 }
 
 fn expires_in(map: &Map<String, Value>) -> Option<Duration> {
@@ -126,11 +132,14 @@ pub fn parse_token_response(
                 401 => FailureClass::ConsumerCredentialsInvalid,
                 _ => FailureClass::Transient,
             };
-            let mut e = OAuthError::new(operation, ErrorKind::Provider, class)
-                .with_detail("the error reply is not JSON");
-            e.0.status = Some(raw.status);
-            e.0.retry_after = raw.retry_after;
-            return Err(e);
+            return Err(OAuthError::provider(
+                operation,
+                class,
+                raw.status,
+                ProviderWords::default(),
+                raw.retry_after,
+                Some("the error reply is not JSON"),
+            ));
         }
     };
     if let Some(e) = provider_error(profile, operation, raw, &map) {
@@ -147,9 +156,13 @@ pub fn parse_token_response(
         .ok_or_else(|| invalid(operation, raw, "the reply has no access_token"))?;
     let token_type = str_field(&map, "token_type").unwrap_or("bearer");
     if !token_type.eq_ignore_ascii_case("bearer") {
-        let mut e = invalid(operation, raw, "the token type is not bearer");
-        e.0.class = FailureClass::Configuration;
-        return Err(e);
+        return Err(OAuthError::invalid_response(
+            operation,
+            FailureClass::Configuration,
+            Some(raw.status),
+            raw.retry_after,
+            "the token type is not bearer",
+        ));
     }
     let lifetime = expires_in(&map).unwrap_or(profile.default_access_lifetime);
     let refresh = str_field(&map, "refresh_token").map(RefreshToken::new);
@@ -169,6 +182,12 @@ pub fn parse_token_response(
         Some(p) => tokens.merged_onto(p),
         None => tokens,
     })
+}
+
+/// The OpenID Connect `id_token` of a successful code exchange reply, if it carries one.
+pub(crate) fn id_token(raw: &RawResponse) -> Option<IdToken> {
+    let map: Map<String, Value> = serde_json::from_slice(&raw.body).ok()?;
+    str_field(&map, "id_token").map(IdToken::new)
 }
 
 /// Parses `Retry-After`: delay seconds or an HTTP date (relative to `now`).
@@ -264,7 +283,7 @@ mod tests {
         let e = parse(503, "<html>down</html>", None).unwrap_err();
         assert!(e.is_transient());
         let e = parse(200, r#"{"access_token": "trunc"#, None).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidResponse);
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidResponse);
         let e = parse(200, r#"{"token_type":"bearer"}"#, None).unwrap_err();
         assert!(e.to_string().contains("no access_token"), "{e}");
         let e = parse(200, r#"{"access_token":"a","token_type":"mac"}"#, None).unwrap_err();

@@ -9,7 +9,7 @@ use tokenkeeper::{
     Timestamp, TokenStore, profiles,
 };
 use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProvider, Profile as MockProfile,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
 pub const REDIRECT: &str = "http://127.0.0.1/callback";
@@ -85,15 +85,16 @@ pub async fn browser(url: &reqwest::Url) -> (String, String) {
     (q["code"].clone(), q["state"].clone())
 }
 
-/// Runs the whole authorization flow and returns the new installation.
-pub async fn install(client: &OAuthClient, store: &dyn TokenStore) -> Completed {
-    let begun = client.begin_authorization(None).unwrap();
+/// Runs the whole authorization flow through a manager of `client`'s consumer on `store`
+/// and returns the new installation.
+pub async fn install(client: &OAuthClient, store: Arc<dyn TokenStore>) -> Completed {
+    let manager = tokenkeeper::TokenManager::builder_shared(client.consumer().clone(), store)
+        .build()
+        .unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
     let (code, state) = browser(&begun.url).await;
     assert_eq!(state, begun.state);
-    let done = client
-        .complete_authorization(store, &code, &state)
-        .await
-        .unwrap();
+    let done = manager.complete_authorization(code, &state).await.unwrap();
     assert_eq!(done.installation, begun.installation);
     done
 }
@@ -172,9 +173,10 @@ impl Fixture {
             .authorize_code(DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
             .unwrap();
         self.manager
-            .complete_authorization(&code, &begun.state)
+            .complete_authorization(code, &begun.state)
             .await
             .unwrap()
+            .installation
     }
 
     pub async fn record(&self, id: &tokenkeeper::InstallationId) -> tokenkeeper::Record {

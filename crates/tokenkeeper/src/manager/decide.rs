@@ -1,0 +1,381 @@
+//! The refresh protocol's decision step, pure: given the stored record, why the flight runs,
+//! the time and the consumer breaker, what to do next. No I/O, no clock, no randomness, so
+//! every branch is unit-tested here and a model checker can drive the same function.
+//!
+//! The driver ([`super::refresh`]) reads the record, asks [`decide`], and carries the
+//! decision out: serve, fail, wait for a peer's lease, or take the lease and call the provider.
+
+use tokenkeeper_core::{
+    AccessToken, BackoffCause, ErrorDetail, FailureClass, InstallationId, LeaseHolder, Record,
+    State, Timestamp,
+};
+
+use crate::error::Error;
+
+/// Why a flight runs.
+#[derive(Debug, Clone)]
+pub(crate) enum Mode {
+    /// A caller needs a token and the cached one is stale.
+    OnDemand,
+    /// The background refresher: refresh if the record is due.
+    Proactive,
+    /// The API rejected this access token (401): refresh unless it was already replaced.
+    Forced { rejected: AccessToken },
+}
+
+impl Mode {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::OnDemand => "on_demand",
+            Self::Proactive => "proactive",
+            Self::Forced { .. } => "forced",
+        }
+    }
+}
+
+/// What the flight does next.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// No refresh needed: serve the stored token, which is fresh (and may be cached).
+    Fresh(AccessToken),
+    /// Refreshing is on hold or in a peer's hands, but this token is still valid: serve it
+    /// without caching it.
+    ServeValid(AccessToken),
+    /// Nothing to serve: tell the caller why.
+    Fail(Error),
+    /// A peer holds a live lease and there is no valid token to serve: wait for its result.
+    WaitForPeer {
+        /// The lease holder, for the `Busy` error if the wait runs out.
+        holder: LeaseHolder,
+    },
+    /// Take the lease (a takeover when a lapsed one is recorded) and refresh.
+    TakeLease {
+        /// A lapsed lease is still recorded: its holder died or stalled mid-refresh.
+        takeover: bool,
+        /// The current access token may be served if the refresh fails transiently.
+        serve_valid: bool,
+    },
+}
+
+/// What the flight knows besides the record.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Context<'a> {
+    pub(crate) mode: &'a Mode,
+    pub(crate) now: Timestamp,
+    /// When the stored tokens stop being served (expiry minus the skew margin).
+    pub(crate) stale_at: Timestamp,
+    /// The consumer breaker, when open: until when, and the failure that tripped it.
+    pub(crate) breaker: Option<(Timestamp, &'a ErrorDetail)>,
+}
+
+/// Decides the next step for `record`.
+pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
+    if let Some(err) = terminal_error(record) {
+        return Decision::Fail(err);
+    }
+    let now = cx.now;
+    let tokens = record.tokens();
+    let usable = now < cx.stale_at;
+    let needed = match cx.mode {
+        Mode::OnDemand => !usable,
+        Mode::Proactive => !usable || record.due_at().is_some_and(|d| d <= now),
+        Mode::Forced { rejected } => &tokens.access_token == rejected,
+    };
+    if !needed {
+        return Decision::Fresh(tokens.access_token.clone());
+    }
+    let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
+    let valid = || Decision::ServeValid(tokens.access_token.clone());
+
+    // Backing off: serve the still-valid token, otherwise say when the next try is.
+    if let State::Backoff { until, cause } = record.state()
+        && now < *until
+    {
+        if still_valid {
+            return valid();
+        }
+        return Decision::Fail(deferred_error(record.id(), *cause, *until, record));
+    }
+    // The consumer's credentials were refused moments ago: fail fast, touch nothing.
+    if let Some((until, detail)) = cx.breaker {
+        if still_valid {
+            return valid();
+        }
+        return Decision::Fail(Error::ConsumerCredentials {
+            id: record.id().clone(),
+            retry_at: until,
+            detail: detail.clone(),
+        });
+    }
+    // Another process is refreshing: use the valid token or wait for its result.
+    if let State::Refreshing { lease } = record.state()
+        && lease.until > now
+    {
+        if still_valid || matches!(cx.mode, Mode::Proactive) {
+            return valid();
+        }
+        return Decision::WaitForPeer {
+            holder: lease.holder.clone(),
+        };
+    }
+    Decision::TakeLease {
+        takeover: matches!(record.state(), State::Refreshing { .. }),
+        serve_valid: still_valid,
+    }
+}
+
+/// The error of a terminal record (re-authorization required, revoked), if it is one.
+pub(crate) fn terminal_error(record: &Record) -> Option<Error> {
+    match record.state() {
+        State::ReauthorizationRequired { reason, since } => Some(Error::ReauthorizationRequired {
+            id: record.id().clone(),
+            reason: *reason,
+            since: *since,
+            detail: record.last_error().cloned(),
+        }),
+        State::Revoked { at } => Some(Error::Revoked {
+            id: record.id().clone(),
+            at: *at,
+        }),
+        _ => None,
+    }
+}
+
+fn deferred_error(
+    id: &InstallationId,
+    cause: BackoffCause,
+    until: Timestamp,
+    record: &Record,
+) -> Error {
+    let detail = record
+        .last_error()
+        .cloned()
+        .unwrap_or_else(|| ErrorDetail::new(FailureClass::Transient));
+    backoff_error(id, cause, until, detail)
+}
+
+/// The caller's error for a refresh deferred by `cause` until `retry_at`.
+pub(crate) fn backoff_error(
+    id: &InstallationId,
+    cause: BackoffCause,
+    retry_at: Timestamp,
+    detail: ErrorDetail,
+) -> Error {
+    match cause {
+        BackoffCause::ConsumerCredentialsInvalid => Error::ConsumerCredentials {
+            id: id.clone(),
+            retry_at,
+            detail,
+        },
+        BackoffCause::Configuration => Error::Configuration {
+            id: id.clone(),
+            detail,
+        },
+        _ => Error::TemporarilyUnavailable {
+            id: id.clone(),
+            retry_at,
+            detail,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokenkeeper_core::{Event, ReauthReason, Scopes, TokenSet};
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_unix_secs(1_800_000_000);
+
+    fn at(secs: u64) -> Timestamp {
+        T0.saturating_add(Duration::from_secs(secs))
+    }
+
+    /// An active record whose access token expires at T0 + 3600 s, due at T0 + 3000 s.
+    fn active() -> Record {
+        let tokens = TokenSet {
+            access_token: AccessToken::new("a1"),
+            refresh_token: Some(tokenkeeper_core::RefreshToken::new("r1")),
+            token_type: "bearer".into(),
+            expires_at: at(3600),
+            scopes: Scopes::default(),
+            obtained_at: T0,
+        };
+        Record::new(
+            InstallationId::new("i-1").unwrap(),
+            "bitbucket/key",
+            tokens,
+            at(3000),
+            T0,
+        )
+    }
+
+    fn leased(record: &Record, until: Timestamp, now: Timestamp) -> Record {
+        record
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new("peer"),
+                    until,
+                },
+                now,
+            )
+            .unwrap()
+    }
+
+    fn cx(mode: &Mode, now: Timestamp) -> Context<'_> {
+        Context {
+            mode,
+            now,
+            // a 30 s skew margin
+            stale_at: at(3570),
+            breaker: None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_token_is_served_unless_forced_with_that_very_token() {
+        let r = active();
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(10))),
+            Decision::Fresh(t) if t.secret() == "a1"
+        ));
+        // Proactive before the due time: nothing to do.
+        assert!(matches!(
+            decide(&r, cx(&Mode::Proactive, at(10))),
+            Decision::Fresh(_)
+        ));
+        // Forced with another token: somebody already replaced the rejected one.
+        let other = Mode::Forced {
+            rejected: AccessToken::new("a0"),
+        };
+        assert!(matches!(decide(&r, cx(&other, at(10))), Decision::Fresh(_)));
+        let same = Mode::Forced {
+            rejected: AccessToken::new("a1"),
+        };
+        assert!(matches!(
+            decide(&r, cx(&same, at(10))),
+            Decision::TakeLease {
+                takeover: false,
+                serve_valid: false
+            }
+        ));
+    }
+
+    #[test]
+    fn due_or_stale_records_take_the_lease() {
+        let r = active();
+        assert!(matches!(
+            decide(&r, cx(&Mode::Proactive, at(3000))),
+            Decision::TakeLease {
+                takeover: false,
+                serve_valid: true
+            }
+        ));
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(3570))),
+            Decision::TakeLease {
+                takeover: false,
+                serve_valid: true
+            }
+        ));
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(3600))),
+            Decision::TakeLease {
+                serve_valid: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_live_peer_lease_is_waited_for_or_its_valid_token_served() {
+        let r = leased(&active(), at(3650), at(3560));
+        // Still valid: serve it, do not wait.
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(3580))),
+            Decision::ServeValid(_)
+        ));
+        // Expired: wait for the peer.
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(3610))),
+            Decision::WaitForPeer { holder } if holder.to_string() == "peer"
+        ));
+        // The refresher never waits.
+        assert!(matches!(
+            decide(&r, cx(&Mode::Proactive, at(3610))),
+            Decision::ServeValid(_)
+        ));
+        // Lapsed: take it over.
+        assert!(matches!(
+            decide(&r, cx(&Mode::OnDemand, at(3650))),
+            Decision::TakeLease { takeover: true, .. }
+        ));
+    }
+
+    #[test]
+    fn backoff_and_breaker_serve_a_valid_token_or_explain() {
+        let r = leased(&active(), at(3650), at(3560));
+        let backoff = r
+            .apply(
+                Event::RefreshDeferred {
+                    fence: r.version(),
+                    retry_at: at(4000),
+                    cause: BackoffCause::Transient,
+                    error: ErrorDetail::new(FailureClass::Transient),
+                },
+                at(3561),
+            )
+            .unwrap();
+        assert!(matches!(
+            decide(&backoff, cx(&Mode::OnDemand, at(3580))),
+            Decision::ServeValid(_)
+        ));
+        assert!(matches!(
+            decide(&backoff, cx(&Mode::OnDemand, at(3700))),
+            Decision::Fail(Error::TemporarilyUnavailable { retry_at, .. }) if retry_at == at(4000)
+        ));
+        // Past the backoff: try again.
+        assert!(matches!(
+            decide(&backoff, cx(&Mode::OnDemand, at(4000))),
+            Decision::TakeLease { .. }
+        ));
+        let detail = ErrorDetail::new(FailureClass::ConsumerCredentialsInvalid);
+        let open = Context {
+            breaker: Some((at(5000), &detail)),
+            ..cx(&Mode::OnDemand, at(3700))
+        };
+        assert!(matches!(
+            decide(&active(), open),
+            Decision::Fail(Error::ConsumerCredentials { .. })
+        ));
+    }
+
+    #[test]
+    fn terminal_records_fail_with_their_reason() {
+        let r = leased(&active(), at(3650), at(3560));
+        let dead = r
+            .apply(
+                Event::RefreshRejected {
+                    fence: r.version(),
+                    reason: ReauthReason::ScopesChanged,
+                    error: None,
+                },
+                at(3561),
+            )
+            .unwrap();
+        assert!(matches!(
+            decide(&dead, cx(&Mode::OnDemand, at(10))),
+            Decision::Fail(Error::ReauthorizationRequired {
+                reason: ReauthReason::ScopesChanged,
+                ..
+            })
+        ));
+        let revoked = active().apply(Event::Revoked, at(5)).unwrap();
+        assert!(matches!(
+            decide(&revoked, cx(&Mode::Proactive, at(10))),
+            Decision::Fail(Error::Revoked { .. })
+        ));
+    }
+}

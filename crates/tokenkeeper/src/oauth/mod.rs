@@ -1,0 +1,27 @@
+//! The OAuth half of the facade: everything that speaks to the provider and nothing that
+//! stores. Provider profiles ([`ProviderProfile`], `profiles::*`), the validated consumer
+//! configuration ([`ConsumerConfig`]), the token endpoint client ([`OAuthClient`]), parsing of
+//! the provider's replies, the signed `state` codec and the authorization flow.
+//!
+//! The client hands tokens back; it never writes a record. Persisting them is the lifecycle
+//! engine's job ([`crate::TokenManager`]), so there is one place that knows the state machine
+//! and the store.
+
+pub(crate) mod authorize;
+pub(crate) mod client;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod profile;
+pub(crate) mod response;
+pub(crate) mod state;
+
+pub use authorize::{
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, Completed, Grant,
+};
+pub use client::{CodeGrant, OAuthClient, Revocation};
+pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};
+pub use error::{ErrorKind, OAuthError, Operation};
+pub use profile::{
+    BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
+};
+pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};

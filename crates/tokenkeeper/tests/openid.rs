@@ -1,0 +1,85 @@
+//! The generic profile against an OpenID Connect server, end to end over HTTP (the mock in its
+//! Google behaviour, which issues an `id_token` when the consumer has the `openid` scope):
+//! authorization with `offline_access` and `prompt=consent`, the ID token handed back by
+//! `complete_authorization`, then refreshes through the manager.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokenkeeper::stores::MemoryStore;
+use tokenkeeper::{ConsumerConfig, ProviderProfile, TokenManager, Url};
+use tokenkeeper_mock_provider::{
+    ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
+
+#[tokio::test]
+async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Google)
+        .consumer(
+            ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET).scopes([
+                "openid",
+                "email",
+                "offline_access",
+            ]),
+        )
+        .start()
+        .await
+        .unwrap();
+    // What an application writes for any OpenID server: the two endpoints, the scopes that
+    // make it issue a refresh token, and consent every time.
+    let mut profile = ProviderProfile::generic(
+        "openid-server",
+        Url::parse(&mock.authorize_url()).unwrap(),
+        Url::parse(&mock.token_url()).unwrap(),
+    );
+    profile.required_scopes = vec!["openid".into(), "offline_access".into()];
+    profile
+        .extra_authorize_params
+        .push(("prompt".into(), "consent".into()));
+    let consumer = ConsumerConfig::builder(profile)
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(DEFAULT_CLIENT_SECRET)
+        .redirect_uri(common::REDIRECT)
+        .scopes(["email"])
+        .build()
+        .unwrap();
+    let clock = common::now_clock();
+    let manager = TokenManager::builder(consumer, MemoryStore::new())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+
+    let begun = manager.begin_authorization(None).unwrap();
+    let query: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    assert_eq!(query["scope"], "email openid offline_access");
+    assert_eq!(query["prompt"], "consent");
+    let (code, state) = common::browser(&begun.url).await;
+    let done = manager.complete_authorization(code, &state).await.unwrap();
+    assert!(done.created);
+
+    // The ID token is handed back, not dropped, and says who the user is.
+    let id_token = done.id_token.expect("an OpenID server sends an id_token");
+    assert_eq!(format!("{id_token:?}"), "IdToken([redacted])");
+    let payload = id_token.secret().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], DEFAULT_CLIENT_ID);
+    assert!(claims["sub"].as_str().unwrap().starts_with("mock-user-"));
+
+    // The installation works and refreshes through the generic profile.
+    let first = manager.access_token(&done.installation).await.unwrap();
+    clock.advance(Duration::from_secs(3600));
+    mock.advance(Duration::from_secs(3600));
+    let second = manager.access_token(&done.installation).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(mock.counters().totals.refreshes, 1);
+    let explained = manager.explain(&done.installation).await.unwrap();
+    assert!(explained.is_healthy(), "{explained}");
+}
