@@ -37,12 +37,12 @@ use tokenkeeper_core::{
 const BACKEND: &str = "memory";
 
 #[derive(Debug, Default)]
-struct Inner {
+struct Tables {
     records: BTreeMap<InstallationId, Record>,
     due: BTreeSet<(Timestamp, InstallationId)>,
 }
 
-impl Inner {
+impl Tables {
     fn index(&mut self, record: &Record) {
         if let Some(due_at) = record.due_at() {
             self.due.insert((due_at, record.id().clone()));
@@ -59,7 +59,7 @@ impl Inner {
 /// An in-memory [`TokenStore`]. Cheap to create; not shared between processes.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    inner: Mutex<Inner>,
+    inner: Mutex<Tables>,
 }
 
 impl MemoryStore {
@@ -78,7 +78,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Tables> {
         // Nothing panics while the lock is held, so a poisoned lock still guards
         // consistent data.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
