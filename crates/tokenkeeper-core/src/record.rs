@@ -117,6 +117,9 @@ pub enum EventKind {
     LeaseReleased,
     /// A refresh succeeded.
     Refreshed,
+    /// A refresh result landed after its flight had lost the lease (see
+    /// `Event::LateRefreshed`).
+    LateRefreshed,
     /// A refresh failed and will be retried later.
     RefreshDeferred,
     /// A refresh failed for good.
@@ -136,6 +139,7 @@ impl fmt::Display for EventKind {
             Self::LeaseRenewed => "refresh lease renewed",
             Self::LeaseReleased => "refresh lease released",
             Self::Refreshed => "refreshed",
+            Self::LateRefreshed => "refreshed (late result)",
             Self::RefreshDeferred => "refresh deferred",
             Self::RefreshRejected => "refresh rejected",
             Self::Revoked => "revoked",

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use crate::record::{ErrorDetail, EventKind, FailureStreak, HISTORY_LEN, HistoryEntry, Record};
+use crate::secret::RefreshToken;
 use crate::state::{BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind};
 use crate::time::Timestamp;
 use crate::token::TokenSet;
@@ -57,6 +58,20 @@ pub enum Event {
         /// When the next refresh is due.
         refresh_at: Timestamp,
     },
+    /// A refresh result that arrives after its flight lost the lease (paused past it, or its
+    /// write was delayed by a store outage and a peer took over). It needs no lease: it
+    /// applies while the stored record still holds the refresh token the flight `presented`,
+    /// which proves no peer has rotated since, and revives a record a peer condemned on that
+    /// very token (`RefreshTokenRejected`, `RotatedTokenLost`). A record holding any other
+    /// refresh token refuses it ([`Refusal::Superseded`]): a peer holds newer tokens.
+    LateRefreshed {
+        /// The refresh token the flight sent to the provider.
+        presented: RefreshToken,
+        /// The tokens from the reply.
+        tokens: TokenSet,
+        /// When the next refresh is due.
+        refresh_at: Timestamp,
+    },
     /// The refresh failed but the tokens are not condemned; try again at `retry_at`.
     RefreshDeferred {
         /// The fence of the lease.
@@ -94,6 +109,7 @@ impl Event {
             Self::LeaseRenewed { .. } => EventKind::LeaseRenewed,
             Self::LeaseReleased { .. } => EventKind::LeaseReleased,
             Self::Refreshed { .. } => EventKind::Refreshed,
+            Self::LateRefreshed { .. } => EventKind::LateRefreshed,
             Self::RefreshDeferred { .. } => EventKind::RefreshDeferred,
             Self::RefreshRejected { .. } => EventKind::RefreshRejected,
             Self::Revoked => EventKind::Revoked,
@@ -149,8 +165,9 @@ pub enum Refusal {
         /// The event's fence.
         given: u64,
     },
-    /// The tokens are older than the ones stored.
-    StaleTokens,
+    /// A late result whose presented refresh token is no longer the stored one: a peer
+    /// holds newer tokens (or the installation was re-authorized or revoked since).
+    Superseded,
     /// Already revoked.
     AlreadyRevoked,
 }
@@ -169,7 +186,9 @@ impl fmt::Display for Refusal {
                 f,
                 "the lease was lost (current fence {current}, this flight's {given})"
             ),
-            Self::StaleTokens => f.write_str("the tokens are older than the stored ones"),
+            Self::Superseded => f.write_str(
+                "the stored refresh token is no longer the one this result's refresh presented",
+            ),
             Self::AlreadyRevoked => f.write_str("it is already revoked"),
         }
     }
@@ -232,10 +251,9 @@ pub fn transition(
     let mut next = record.clone();
     let mut error = None;
     match event {
+        // Writes are ordered by versions and fences, never by comparing wall clocks: two
+        // machines' clocks disagree, and a refusal here would discard rotated tokens.
         Event::Authorized { tokens, refresh_at } => {
-            if tokens.obtained_at < record.tokens.obtained_at {
-                return Err(refuse(Refusal::StaleTokens));
-            }
             next.tokens = tokens;
             next.state = State::Active;
             next.due_at = Some(refresh_at);
@@ -274,12 +292,31 @@ pub fn transition(
             next.state = State::Active;
             next.due_at = Some(refresh_at);
         }
+        Event::LateRefreshed {
+            presented,
+            tokens,
+            refresh_at,
+        } => {
+            let revivable = match &record.state {
+                State::Active | State::Refreshing { .. } | State::Backoff { .. } => true,
+                State::ReauthorizationRequired { reason, .. } => matches!(
+                    reason,
+                    ReauthReason::RefreshTokenRejected | ReauthReason::RotatedTokenLost
+                ),
+                _ => false,
+            };
+            if !revivable || record.tokens.refresh_token.as_ref() != Some(&presented) {
+                return Err(refuse(Refusal::Superseded));
+            }
+            next.tokens = tokens.merged_onto(&record.tokens);
+            next.state = State::Active;
+            next.due_at = Some(refresh_at);
+            next.failures = None;
+            next.refresh_token_last_used = now;
+        }
         Event::Refreshed {
             tokens, refresh_at, ..
         } => {
-            if tokens.obtained_at < record.tokens.obtained_at {
-                return Err(refuse(Refusal::StaleTokens));
-            }
             next.tokens = tokens.merged_onto(&record.tokens);
             next.state = State::Active;
             next.due_at = Some(refresh_at);

@@ -41,6 +41,9 @@ enum Op {
     Authorize {
         stale: bool,
     },
+    Late {
+        presented_current: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,6 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         Just(Op::Revoke),
         prop::bool::weighted(0.1).prop_map(|stale| Op::Authorize { stale }),
+        any::<bool>().prop_map(|presented_current| Op::Late { presented_current }),
     ]
 }
 
@@ -169,6 +173,14 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
             tokens: tokens(n, obtained(stale), true),
             refresh_at: secs(5000),
         },
+        Op::Late { presented_current } => Event::LateRefreshed {
+            presented: match (&r.tokens().refresh_token, presented_current) {
+                (Some(current), true) => current.clone(),
+                _ => RefreshToken::new("a-retired-token"),
+            },
+            tokens: tokens(n, now, true),
+            refresh_at: secs(5000),
+        },
     }
 }
 
@@ -197,18 +209,32 @@ proptest! {
                     accepted += 1;
                     // Version strictly increases, by exactly one.
                     prop_assert_eq!(next.version(), rec.version() + 1);
-                    // A terminal state is left only by a new authorization.
+                    // A terminal state is left only by a new authorization, or by a late result
+                    // on the very token a peer was refused for.
                     if was_terminal && !next.state().is_terminal() {
-                        prop_assert_eq!(kind, EventKind::Authorized);
+                        prop_assert!(matches!(kind, EventKind::Authorized | EventKind::LateRefreshed));
+                        if kind == EventKind::LateRefreshed {
+                            let revivable = matches!(
+                                rec.state(),
+                                State::ReauthorizationRequired {
+                                    reason: ReauthReason::RefreshTokenRejected
+                                        | ReauthReason::RotatedTokenLost,
+                                    ..
+                                }
+                            );
+                            prop_assert!(revivable, "a late result revived {:?}", rec.state());
+                        }
                     }
-                    // Tokens are never replaced by older ones.
-                    prop_assert!(next.tokens().obtained_at >= rec.tokens().obtained_at);
+                    // A late result lands only on the refresh token its flight presented.
+                    if let Event::LateRefreshed { presented, .. } = &event {
+                        prop_assert_eq!(rec.tokens().refresh_token.as_ref(), Some(presented));
+                    }
                     // The refresh token is never dropped unless to a terminal state.
                     if rec.tokens().refresh_token.is_some() && !next.state().is_terminal() {
                         prop_assert!(next.tokens().refresh_token.is_some());
                     }
                     // Only a refresh or an authorization changes the tokens at all.
-                    if !matches!(kind, EventKind::Refreshed | EventKind::Authorized) {
+                    if !matches!(kind, EventKind::Refreshed | EventKind::LateRefreshed | EventKind::Authorized) {
                         prop_assert_eq!(next.tokens(), rec.tokens());
                     }
                     // A valid lease is never taken over.
@@ -251,8 +277,7 @@ proptest! {
                         Refusal::LeaseHeld { .. } => prop_assert!(held_lease.is_some()),
                         Refusal::NotLeased => prop_assert!(rec.state().lease().is_none()),
                         Refusal::FenceMismatch { current, given } => prop_assert_ne!(current, given),
-                        Refusal::StaleTokens => prop_assert!(matches!(
-                            kind, EventKind::Refreshed | EventKind::Authorized)),
+                        Refusal::Superseded => prop_assert_eq!(kind, EventKind::LateRefreshed),
                         Refusal::AlreadyRevoked => prop_assert_eq!(rec.state().kind(), StateKind::Revoked),
                         _ => prop_assert!(false, "unknown refusal {:?}", e.why),
                     }

@@ -100,6 +100,23 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// This process's refresh lease was taken over before its outcome was recorded (the
+    /// process stalled past the lease, or its clock lags): a peer is handling it.
+    #[error(
+        "installation {id}: another process took over the refresh lease before this one recorded its outcome (this process stalled past the lease); try again"
+    )]
+    LeaseLost {
+        /// The installation.
+        id: InstallationId,
+    },
+    /// The manager is shutting down and starts no new refresh.
+    #[error(
+        "installation {id} was not refreshed: the token manager is shutting down and starts no new refresh"
+    )]
+    ShuttingDown {
+        /// The installation.
+        id: InstallationId,
+    },
     /// The store failed.
     #[error("the token store failed for installation {id}: {source}")]
     Store {
@@ -188,6 +205,8 @@ impl Error {
             | Self::InvalidImport { id, .. }
             | Self::Http { id, .. }
             | Self::Transition { id, .. }
+            | Self::LeaseLost { id }
+            | Self::ShuttingDown { id }
             | Self::Internal { id, .. } => Some(id),
             Self::Authorization(_) => None,
         }

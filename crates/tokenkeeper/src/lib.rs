@@ -56,7 +56,7 @@ pub mod oauth;
 pub use error::Error;
 pub use manager::{
     Explanation, Health, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
-    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder,
+    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder, UnsavedTokens,
 };
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,
@@ -70,7 +70,7 @@ pub use oauth::{
 pub use reqwest::Url;
 
 pub use tokenkeeper_core::{
-    AccessToken, BackoffCause, Clock, ErrorDetail, FailureClass, HistoryEntry, IdToken,
+    AccessToken, BackoffCause, Clock, ErrorDetail, EventKind, FailureClass, HistoryEntry, IdToken,
     InstallationId, ListEntry, ListFilter, ManualClock, ReauthReason, Record, RefreshToken, Scopes,
     State, StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
 };

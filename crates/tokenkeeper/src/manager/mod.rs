@@ -26,6 +26,7 @@ mod install;
 mod policy;
 mod refresh;
 mod refresher;
+mod unsaved;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -40,6 +41,7 @@ pub use events::{LifecycleEvent, LifecycleEventKind};
 pub use explain::{Explanation, Health};
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
+pub use unsaved::UnsavedTokens;
 
 use cache::Cache;
 use decide::Mode;
@@ -61,6 +63,8 @@ pub(crate) struct Engine {
     pub(crate) events: broadcast::Sender<LifecycleEvent>,
     pub(crate) process_tag: String,
     pub(crate) flight_seq: AtomicU64,
+    pub(crate) in_flight: unsaved::InFlight,
+    pub(crate) unsaved: unsaved::UnsavedSink,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
 }
 
@@ -116,7 +120,6 @@ impl Engine {
 }
 
 /// Configures a [`TokenManager`].
-#[derive(Debug)]
 pub struct TokenManagerBuilder {
     consumer: ConsumerConfig,
     store: Arc<dyn TokenStore>,
@@ -124,6 +127,19 @@ pub struct TokenManagerBuilder {
     policy: RefreshPolicy,
     http: Option<reqwest::Client>,
     event_capacity: usize,
+    unsaved: Option<unsaved::UnsavedSink>,
+}
+
+impl std::fmt::Debug for TokenManagerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenManagerBuilder")
+            .field("consumer", &self.consumer)
+            .field("store", &self.store)
+            .field("policy", &self.policy)
+            .field("event_capacity", &self.event_capacity)
+            .field("on_unsaved_tokens", &self.unsaved.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenManagerBuilder {
@@ -150,9 +166,23 @@ impl TokenManagerBuilder {
         self
     }
 
-    /// Uses an existing `reqwest::Client` for the provider and API calls.
+    /// Uses an existing `reqwest::Client` for API calls (`send_authorized`). Token requests
+    /// keep tokenkeeper's own client (no redirects, no retries, hard deadline), whatever this
+    /// client does: see [`OAuthClient::with_http_client`].
     pub fn http_client(mut self, http: reqwest::Client) -> Self {
         self.http = Some(http);
+        self
+    }
+
+    /// Where rotated tokens go when the store will not take them within
+    /// `RefreshPolicy::result_write_patience` (by default they are logged as lost, without
+    /// the secret). Keep them somewhere safe (they are the installation's only live refresh
+    /// token) and give them back with [`TokenManager::restore_unsaved`] once the store works.
+    pub fn on_unsaved_tokens(
+        mut self,
+        sink: impl Fn(UnsavedTokens) + Send + Sync + 'static,
+    ) -> Self {
+        self.unsaved = Some(Arc::new(sink));
         self
     }
 
@@ -167,7 +197,7 @@ impl TokenManagerBuilder {
         let policy = self.policy;
         policy.validate(&self.consumer)?;
         let client = match self.http {
-            Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http),
+            Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http)?,
             None => OAuthClient::new(self.consumer, self.clock.clone())?,
         };
         let mut tag = [0u8; 4];
@@ -192,6 +222,8 @@ impl TokenManagerBuilder {
                 events,
                 process_tag,
                 flight_seq: AtomicU64::new(0),
+                in_flight: unsaved::InFlight::default(),
+                unsaved: self.unsaved.unwrap_or_else(unsaved::log_sink),
                 breaker: Mutex::new(None),
             }),
         })
@@ -240,6 +272,7 @@ impl TokenManager {
             clock: Arc::new(SystemClock),
             http: None,
             event_capacity: 1024,
+            unsaved: None,
         }
     }
 
@@ -474,6 +507,50 @@ impl TokenManager {
     /// Starts the background refresher.
     pub fn spawn_refresher_with(&self, config: RefresherConfig) -> RefresherHandle {
         refresher::spawn(self.clone(), config)
+    }
+
+    /// Puts back tokens an earlier flight handed to the unsaved-tokens sink: they land while
+    /// the stored record still holds the refresh token that flight presented (no peer has
+    /// rotated since), reviving it if a peer condemned it on that token.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Transition`] when the stored record no longer holds that refresh token (a peer
+    /// refreshed or the installation was re-authorized since: these tokens are obsolete),
+    /// [`Error::NotFound`] and [`Error::Store`].
+    pub async fn restore_unsaved(&self, unsaved: UnsavedTokens) -> Result<(), Error> {
+        let id = unsaved.installation.clone();
+        let written = self
+            .engine
+            .update(&id, |current, now| {
+                let refresh_at = self.engine.policy.refresh_at(&unsaved.tokens, now);
+                let event = Event::LateRefreshed {
+                    presented: unsaved.presented.clone(),
+                    tokens: unsaved.tokens.clone(),
+                    refresh_at,
+                };
+                current
+                    .apply(event, now)
+                    .map_err(|e| Error::transition(&id, e))
+            })
+            .await?;
+        self.engine.cache.remove(&id);
+        self.engine.emit(
+            &id,
+            LifecycleEventKind::Refreshed {
+                expires_at: written.tokens().expires_at,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops starting refreshes and waits for every refresh in progress to record its result,
+    /// so a deploy never abandons rotated tokens between the provider's reply and the store.
+    /// Call it before the runtime stops (after `RefresherHandle::shutdown`). Afterwards,
+    /// calls that would need a refresh fail with [`Error::ShuttingDown`]; cached tokens are
+    /// still served.
+    pub async fn shutdown(&self) {
+        self.engine.in_flight.drain().await;
     }
 
     /// How many installations have a usable token cached in this process.

@@ -43,6 +43,11 @@ pub struct RefreshPolicy {
     /// How long every refresh fails fast after the provider refused the consumer's
     /// credentials (default 60 s).
     pub consumer_breaker: Duration,
+    /// How long a flight keeps trying to write tokens the provider has already rotated while
+    /// the store fails (default 5 minutes). The new refresh token exists nowhere else, so the
+    /// flight retries every store error for this long before handing the tokens to the
+    /// unsaved-tokens sink (`TokenManagerBuilder::on_unsaved_tokens`).
+    pub result_write_patience: Duration,
 }
 
 impl RefreshPolicy {
@@ -67,6 +72,7 @@ impl RefreshPolicy {
             failure_budget: Duration::from_secs(3 * 24 * 3600),
             failure_budget_attempts: 5,
             consumer_breaker: Duration::from_secs(60),
+            result_write_patience: Duration::from_secs(300),
         }
     }
 
@@ -88,6 +94,13 @@ impl RefreshPolicy {
             return Err(ConfigError::OutOfRange {
                 field: "backoff_base",
                 reason: "must be positive and at most backoff_max".into(),
+            });
+        }
+        if self.result_write_patience.is_zero() {
+            return Err(ConfigError::OutOfRange {
+                field: "result_write_patience",
+                reason: "must be positive: rotated tokens must get at least one write attempt"
+                    .into(),
             });
         }
         if self.jitter_percent > 50 {

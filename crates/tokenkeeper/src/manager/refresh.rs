@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokenkeeper_core::{
     BackoffCause, CasOutcome, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder,
-    ReauthReason, Record, StoreError, Timestamp, TokenSet,
+    ReauthReason, Record, RefreshToken, StoreError, Timestamp, TokenSet,
 };
 use tracing::{Instrument, field};
 
@@ -22,6 +22,7 @@ use super::Engine;
 use super::decide::{Context, Decision, Mode, backoff_error, decide};
 use super::events::LifecycleEventKind;
 use super::flight::Outcome;
+use super::unsaved::UnsavedTokens;
 use crate::error::Error;
 use crate::oauth::error::OAuthError;
 use crate::oauth::profile::Rotation;
@@ -102,6 +103,10 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 takeover,
                 serve_valid,
             } => {
+                // Counted until its last write, so shutdown() can wait for it.
+                let Some(_in_flight) = engine.in_flight.enter() else {
+                    return Err(Error::ShuttingDown { id: id.clone() });
+                };
                 let Some(leased) = take_lease(engine, &record, now).await? else {
                     continue;
                 };
@@ -183,19 +188,39 @@ async fn on_refreshed(
     tokens: TokenSet,
     now: Timestamp,
 ) -> Step {
-    let fence = leased.version();
+    if tokens.refresh_token.is_none()
+        && matches!(
+            engine.client.consumer().profile().rotation,
+            Rotation::Rotates { .. }
+        )
+    {
+        tracing::error!(
+            "the provider's refresh reply carried no refresh token although this profile rotates them; the previous (retired) one is kept and the next refresh will likely be refused"
+        );
+    }
+    let Some(presented) = leased.tokens().refresh_token.clone() else {
+        // Unreachable: the client refuses to refresh without a refresh token.
+        return Step::Done(Err(Error::Internal {
+            id: id.clone(),
+            reason: "refreshed without a refresh token".into(),
+        }));
+    };
     let refresh_at = engine.policy.refresh_at(&tokens, now);
-    let event = Event::Refreshed {
-        fence,
-        tokens,
-        refresh_at,
-    };
-    let next = match leased.apply(event, now) {
-        Ok(next) => next,
-        Err(e) => return Step::Done(Err(Error::transition(id, e))),
-    };
-    match write(engine, &next, fence).await {
-        Ok(true) => {
+    match land(engine, leased, presented, tokens, refresh_at).await {
+        Landed::Written(next) if next.tokens().access_token.secret().is_empty() => {
+            // The rotated refresh token is stored; there is just no access token to serve.
+            Step::Done(Err(Error::TemporarilyUnavailable {
+                id: id.clone(),
+                retry_at: now,
+                detail: ErrorDetail {
+                    description: Some(
+                        "the provider rotated the refresh token but sent no access token; the new refresh token is stored and the next call refreshes again".into(),
+                    ),
+                    ..ErrorDetail::new(FailureClass::Transient)
+                },
+            }))
+        }
+        Landed::Written(next) => {
             let stale_at = engine.policy.stale_at(next.tokens());
             engine.cache.put(&next, stale_at);
             engine.emit(
@@ -207,15 +232,93 @@ async fn on_refreshed(
             tracing::info!(expires_at = %next.tokens().expires_at, "refreshed");
             Step::Done(Ok(next.tokens().access_token.clone()))
         }
-        Ok(false) => {
-            tracing::error!(
-                "the refresh lease was lost before the new tokens were written; they are discarded (the lease TTL is too short for this provider's latency?)"
+        Landed::Superseded => {
+            tracing::warn!(
+                "a peer stored newer tokens while this refresh was in flight; its result is discarded"
             );
             Step::Reread
         }
-        Err(e) => {
-            tracing::error!(error = %e, "the new tokens could not be written; they are discarded");
-            Step::Done(Err(Error::store(id, e)))
+        Landed::Failed(e) => Step::Done(Err(e)),
+    }
+}
+
+/// How writing a refresh result ended.
+enum Landed {
+    /// Stored (under the lease, or on top of a peer's record as a late result).
+    Written(Box<Record>),
+    /// A peer holds newer tokens (or the installation was re-authorized, revoked or deleted):
+    /// this result is obsolete.
+    Superseded,
+    /// Not written: the store refused for longer than `result_write_patience` (the tokens
+    /// went to the unsaved-tokens sink), or the state machine refused the write.
+    Failed(Error),
+}
+
+/// Writes a refresh result; never drops it while the stored record still holds the refresh
+/// token this flight presented. Under the lease it is a `Refreshed` write; once the lease is
+/// lost (a conflict), it is a `LateRefreshed` write on top of whatever is stored, which the
+/// state machine accepts only while that record still holds `presented`. Store errors are
+/// retried for `result_write_patience`; after that the tokens go to the unsaved-tokens sink.
+async fn land(
+    engine: &Engine,
+    leased: &Record,
+    presented: RefreshToken,
+    tokens: TokenSet,
+    refresh_at: Timestamp,
+) -> Landed {
+    let id = leased.id();
+    let fence = leased.version();
+    let now = engine.clock.now();
+    let event = Event::Refreshed {
+        fence,
+        tokens: tokens.clone(),
+        refresh_at,
+    };
+    let mut next = match leased.apply(event, now) {
+        Ok(next) => next,
+        Err(e) => return Landed::Failed(Error::transition(id, e)),
+    };
+    let mut expected = fence;
+    let patience = tokio::time::Instant::now() + engine.policy.result_write_patience;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match engine.store.compare_and_swap(&next, expected).await {
+            Ok(CasOutcome::Swapped) => return Landed::Written(Box::new(next)),
+            Ok(CasOutcome::Missing) => return Landed::Superseded,
+            Ok(CasOutcome::Conflict(stored)) => {
+                let late = Event::LateRefreshed {
+                    presented: presented.clone(),
+                    tokens: tokens.clone(),
+                    refresh_at,
+                };
+                match stored.apply(late, engine.clock.now()) {
+                    Ok(revived) => {
+                        tracing::warn!(
+                            stored = %stored.state().kind(),
+                            "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
+                        );
+                        expected = stored.version();
+                        next = revived;
+                    }
+                    Err(_) => return Landed::Superseded,
+                }
+            }
+            Err(e) if tokio::time::Instant::now() + delay < patience => {
+                tracing::warn!(error = %e, retry_in = ?delay, "the store did not take the rotated tokens; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store did not take the rotated tokens within result_write_patience; handing them to the unsaved-tokens sink");
+                (engine.unsaved)(UnsavedTokens {
+                    installation: id.clone(),
+                    presented,
+                    tokens,
+                    at: engine.clock.now(),
+                    error: e.to_string(),
+                });
+                return Landed::Failed(Error::store(id, e));
+            }
         }
     }
 }
@@ -292,7 +395,14 @@ async fn on_deferred(
         cause,
         error: detail.clone(),
     };
-    settle(engine, id, leased, event, fence).await;
+    if let Err(e) = settle(engine, leased, event, fence).await {
+        // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
+        tracing::warn!(error = %e, "could not record the failed refresh");
+        if serve_valid && now < leased.tokens().expires_at {
+            return Step::Done(Ok(leased.tokens().access_token.clone()));
+        }
+        return Step::Done(Err(backoff_error(id, cause, retry_at, detail)));
+    }
     engine.emit(
         id,
         LifecycleEventKind::Backoff {
@@ -333,8 +443,12 @@ async fn condemn(
         reason,
         error: Some(detail.clone()),
     };
-    settle(engine, id, leased, event, fence).await;
     engine.cache.remove(id);
+    if let Err(e) = settle(engine, leased, event, fence).await {
+        // Not recorded: say so. The lease lapses and the next flight tries again.
+        tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");
+        return Step::Done(Err(e));
+    }
     engine.emit(
         id,
         LifecycleEventKind::ReauthorizationRequired {
@@ -350,38 +464,27 @@ async fn condemn(
     }))
 }
 
-/// Records a failed attempt under the lease (best effort: if it cannot be written, the lease
-/// lapses and the next flight retries).
-async fn settle(engine: &Engine, id: &InstallationId, leased: &Record, event: Event, fence: u64) {
-    let now = engine.clock.now();
-    match leased.apply(event, now) {
-        Ok(next) => {
-            if let Err(e) = write(engine, &next, fence).await {
-                tracing::warn!(installation = %id, error = %e, "could not record the failed refresh");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(installation = %id, error = %e, "could not record the failed refresh")
-        }
-    }
-}
-
-/// Writes `next` over the leased version, retrying while the store is briefly unavailable.
-/// Returns false if the lease was lost.
-async fn write(engine: &Engine, next: &Record, fence: u64) -> Result<bool, StoreError> {
+/// Records a failed attempt under the lease. A failure means it was not recorded (the lease
+/// lapses and the next flight retries); the caller must not announce it.
+async fn settle(engine: &Engine, leased: &Record, event: Event, fence: u64) -> Result<(), Error> {
+    let id = leased.id();
+    let next = leased
+        .apply(event, engine.clock.now())
+        .map_err(|e| Error::transition(id, e))?;
     let mut delay = Duration::from_millis(50);
-    let deadline = tokio::time::Instant::now() + engine.policy.lease_ttl / 2;
+    let patience = tokio::time::Instant::now() + engine.policy.lease_ttl / 2;
     loop {
-        match engine.store.compare_and_swap(next, fence).await {
-            Ok(CasOutcome::Swapped) => return Ok(true),
-            Ok(CasOutcome::Conflict(_) | CasOutcome::Missing) => return Ok(false),
+        match engine.store.compare_and_swap(&next, fence).await {
+            Ok(CasOutcome::Swapped) => return Ok(()),
+            Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
+            Ok(CasOutcome::Conflict(_)) => return Err(Error::LeaseLost { id: id.clone() }),
             Err(StoreError::Unavailable { .. })
-                if tokio::time::Instant::now() + delay < deadline =>
+                if tokio::time::Instant::now() + delay < patience =>
             {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(Error::store(id, e)),
         }
     }
 }

@@ -26,7 +26,10 @@ pub struct OAuthClient {
 }
 
 struct ClientParts {
-    pub(crate) http: reqwest::Client,
+    /// Token endpoint requests only: no redirects, no retries, the consumer's timeouts.
+    token_http: reqwest::Client,
+    /// API calls with the tokens (the user's client, or the same as `token_http`).
+    http: reqwest::Client,
     pub(crate) consumer: ConsumerConfig,
     pub(crate) clock: Arc<dyn Clock>,
 }
@@ -49,6 +52,19 @@ pub struct CodeGrant {
     pub id_token: Option<IdToken>,
 }
 
+/// The client for token endpoint requests: the consumer's timeouts, no redirects (a 307/308
+/// would re-send the body, refresh token included), no retries (reqwest retries nothing by
+/// default beyond protocol NACKs, which never reached the server).
+fn token_client(consumer: &ConsumerConfig) -> Result<reqwest::Client, ConfigError> {
+    reqwest::Client::builder()
+        .timeout(consumer.http_timeout())
+        .connect_timeout(consumer.connect_timeout())
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ConfigError::HttpClient(Arc::new(e)))
+}
+
 /// Whether the provider revoked a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revocation {
@@ -59,26 +75,51 @@ pub enum Revocation {
 }
 
 impl OAuthClient {
-    /// A client with its own `reqwest::Client` built from the consumer's timeouts.
+    /// A client with its own `reqwest::Client` built from the consumer's timeouts, used for
+    /// the token endpoint and for API calls.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::HttpClient`] if the TLS backend cannot be initialised.
     pub fn new(consumer: ConsumerConfig, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
-        let http = reqwest::Client::builder()
-            .timeout(consumer.http_timeout())
-            .connect_timeout(consumer.connect_timeout())
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::HttpClient(Arc::new(e)))?;
-        Ok(Self::with_http_client(consumer, clock, http))
+        let token_http = token_client(&consumer)?;
+        Ok(Self::assemble(
+            consumer,
+            clock,
+            token_http.clone(),
+            token_http,
+        ))
     }
 
-    /// A client on a `reqwest::Client` you already have (its timeouts apply).
+    /// A client whose API calls ([`OAuthClient::http`], `TokenManager::send_authorized`) go
+    /// through a `reqwest::Client` you already have.
+    ///
+    /// Token requests never do: they always use a client of tokenkeeper's own, with the
+    /// consumer's timeouts, no redirects and no retries, because a client that follows a
+    /// redirect (307/308 re-send the body) or retries a POST would present a refresh token
+    /// twice, and a rotating provider revokes the grant on reuse.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::HttpClient`] if the TLS backend cannot be initialised.
     pub fn with_http_client(
         consumer: ConsumerConfig,
         clock: Arc<dyn Clock>,
         http: reqwest::Client,
+    ) -> Result<Self, ConfigError> {
+        let token_http = token_client(&consumer)?;
+        Ok(Self::assemble(consumer, clock, token_http, http))
+    }
+
+    fn assemble(
+        consumer: ConsumerConfig,
+        clock: Arc<dyn Clock>,
+        token_http: reqwest::Client,
+        http: reqwest::Client,
     ) -> Self {
         Self {
             inner: Arc::new(ClientParts {
+                token_http,
                 http,
                 consumer,
                 clock,
@@ -246,7 +287,11 @@ impl OAuthClient {
     ) -> Result<(RawResponse, tokenkeeper_core::Timestamp), OAuthError> {
         let consumer = &self.inner.consumer;
         let profile = consumer.profile();
-        let mut request = self.inner.http.post(url).header(ACCEPT, "application/json");
+        let mut request = self
+            .inner
+            .token_http
+            .post(url)
+            .header(ACCEPT, "application/json");
         match profile.client_auth {
             ClientAuth::Basic => {
                 request = request.basic_auth(

@@ -142,8 +142,15 @@ pub fn parse_token_response(
             ));
         }
     };
+    // A 2xx reply carrying a refresh token is a rotation that happened at the provider: the
+    // new refresh token exists nowhere else, so no anomaly in the rest of the reply (an extra
+    // `error`, an odd `token_type`, no usable access token) may throw it away.
+    let rotated = success && str_field(&map, "refresh_token").is_some();
     if let Some(e) = provider_error(profile, operation, raw, &map) {
-        return Err(e);
+        if !rotated {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "the provider's success reply carries an `error` next to a new refresh token; the tokens are kept");
     }
     if !success {
         return Err(invalid(
@@ -152,19 +159,37 @@ pub fn parse_token_response(
             "an error reply without an `error` field",
         ));
     }
-    let access = str_field(&map, "access_token")
-        .ok_or_else(|| invalid(operation, raw, "the reply has no access_token"))?;
+    let access = match str_field(&map, "access_token") {
+        Some(access) => access,
+        None if rotated => {
+            tracing::warn!(
+                "the provider's reply rotated the refresh token but carries no access token; the refresh token is kept and the access token counts as expired"
+            );
+            ""
+        }
+        None => return Err(invalid(operation, raw, "the reply has no access_token")),
+    };
     let token_type = str_field(&map, "token_type").unwrap_or("bearer");
     if !token_type.eq_ignore_ascii_case("bearer") {
-        return Err(OAuthError::invalid_response(
-            operation,
-            FailureClass::Configuration,
-            Some(raw.status),
-            raw.retry_after,
-            "the token type is not bearer",
-        ));
+        if !rotated {
+            return Err(OAuthError::invalid_response(
+                operation,
+                FailureClass::Configuration,
+                Some(raw.status),
+                raw.retry_after,
+                "the token type is not bearer",
+            ));
+        }
+        tracing::warn!(
+            token_type,
+            "the provider's reply rotated the refresh token with a non-bearer token type; the tokens are kept"
+        );
     }
-    let lifetime = expires_in(&map).unwrap_or(profile.default_access_lifetime);
+    let lifetime = if access.is_empty() {
+        Duration::ZERO
+    } else {
+        expires_in(&map).unwrap_or(profile.default_access_lifetime)
+    };
     let refresh = str_field(&map, "refresh_token").map(RefreshToken::new);
     let scopes = scopes(&map)
         .filter(|s| !s.is_empty())
@@ -293,6 +318,39 @@ mod tests {
         let e = parse(401, "Unauthorized", None).unwrap_err();
         assert_eq!(e.class(), FailureClass::ConsumerCredentialsInvalid);
         assert!(!e.to_string().contains("a0"));
+    }
+
+    /// A success reply that rotated the refresh token is never thrown away over an anomaly
+    /// in the rest of it (finding 13): the refresh token is what keeps the installation.
+    #[test]
+    fn a_rotation_survives_anomalies_in_its_reply() {
+        let prev = parse(200, r#"{"access_token":"a0","refresh_token":"r0"}"#, None).unwrap();
+        for body in [
+            r#"{"access_token":"a1","refresh_token":"r1","token_type":"mac"}"#,
+            r#"{"access_token":"a1","refresh_token":"r1","error":"something_odd"}"#,
+            r#"{"refresh_token":"r1","expires_in":3600}"#,
+            r#"{"access_token":"","refresh_token":"r1"}"#,
+        ] {
+            let t = parse(200, body, Some(&prev)).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(t.refresh_token.unwrap().secret(), "r1", "{body}");
+        }
+        // Without a usable access token the new one counts as expired: the next call
+        // refreshes with the rotated refresh token.
+        let t = parse(
+            200,
+            r#"{"refresh_token":"r1","expires_in":3600}"#,
+            Some(&prev),
+        )
+        .unwrap();
+        assert_eq!(t.expires_at, t0());
+        // Without a new refresh token, the anomalies are still errors.
+        let e = parse(
+            200,
+            r#"{"access_token":"a1","token_type":"mac"}"#,
+            Some(&prev),
+        )
+        .unwrap_err();
+        assert_eq!(e.class(), FailureClass::Configuration);
     }
 
     #[test]

@@ -126,6 +126,17 @@ impl Fixture {
         kind: MockProfile,
         store: Arc<dyn TokenStore>,
     ) -> Fixture {
+        Self::tuned(profile, kind, store, |_| {}).await
+    }
+
+    /// A fixture whose policy `tune` adjusts after the tests' defaults (no jitter, 1 s
+    /// backoff).
+    pub async fn tuned(
+        profile: ProviderProfile,
+        kind: MockProfile,
+        store: Arc<dyn TokenStore>,
+        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+    ) -> Fixture {
         let mock = MockProvider::builder().profile(kind).start().await.unwrap();
         let clock = now_clock();
         let manager = tokenkeeper::TokenManager::builder_shared(
@@ -136,6 +147,7 @@ impl Fixture {
         .tune(|p| {
             p.jitter_percent = 0;
             p.backoff_base = std::time::Duration::from_secs(1);
+            tune(p);
         })
         .build()
         .unwrap();
@@ -154,6 +166,21 @@ impl Fixture {
             self.store.clone(),
         )
         .clock(self.clock.clone())
+        .build()
+        .unwrap()
+    }
+
+    /// Another manager on the same store and mock whose clock is `clock` (e.g. skewed).
+    pub fn peer_with_clock(
+        &self,
+        profile: ProviderProfile,
+        clock: ManualClock,
+    ) -> tokenkeeper::TokenManager {
+        tokenkeeper::TokenManager::builder_shared(
+            consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
+            self.store.clone(),
+        )
+        .clock(clock)
         .build()
         .unwrap()
     }

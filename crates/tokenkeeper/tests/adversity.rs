@@ -1,0 +1,392 @@
+//! The refresh engine under adversity (issue "zero lost, zero reused"): a store that fails
+//! between the provider's rotation and the write, a holder paused past its lease while a peer
+//! takes over, peers whose clocks disagree, and a condemnation the store would not record.
+//! Every test runs the real manager against the mock provider over HTTP; the oracle is the
+//! provider's counters and the stored record.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::core::EventKind;
+use tokenkeeper::{Error, LifecycleEventKind, ReauthReason, StateKind, profiles};
+use tokenkeeper_memory::MemoryStore;
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
+use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
+
+const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+/// Waits (real time, bounded) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Finding 1a: the store is unreachable for longer than half the lease right after the
+/// provider rotated the refresh token. The rotated token must still be written once the
+/// store is back, not discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_after_the_rotation_loses_nothing() {
+    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        |p| {
+            p.lease_margin = Duration::from_secs(1);
+            p.lease_ttl = Duration::from_secs(4);
+            p.peer_wait = Duration::from_secs(5);
+        },
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Unavailable,
+    );
+    let caller = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    until("the provider's rotation", || {
+        f.mock.counters().totals.rotations == 1
+    })
+    .await;
+    // Longer than half the lease (2 s), shorter than the lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    switch.heal();
+    let token = caller
+        .await
+        .unwrap()
+        .expect("the rotated tokens are written and served");
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active);
+    assert_eq!(record.tokens().access_token, token);
+    assert!(switch.injected() > 0);
+    // The stored refresh token is the rotated one: the next refresh works.
+    f.advance(TWO_HOURS);
+    f.manager.access_token(&id).await.unwrap();
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+/// Finding 1c: the holder is paused between the provider's reply and its write, past its
+/// lease; a peer takes the lease over, presents the retired token (the inherent window on a
+/// provider without leeway) and condemns the installation as `RotatedTokenLost`. When the
+/// paused holder resumes, its result still holds the only live refresh token: it must revive
+/// the installation, not be discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holders_late_result_revives_the_installation() {
+    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    // The holder's lease lapses while it is paused.
+    f.clock
+        .advance(f.manager.policy().lease_ttl + Duration::from_secs(1));
+    let peer = f.peer(profiles::bitbucket());
+    match peer.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("the peer presents the retired token and is refused: {other:?}"),
+    }
+    gate.release();
+    let token = holder.await.unwrap().expect("the late result is applied");
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active, "revived");
+    assert_eq!(record.tokens().access_token, token);
+    assert_eq!(peer.access_token(&id).await.unwrap(), token);
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (1, 1), "{c:?}");
+    let explained = f.manager.explain(&id).await.unwrap();
+    assert!(explained.is_healthy(), "{explained}");
+}
+
+/// Finding 6: a peer whose clock runs two minutes ahead refreshed last; this process's
+/// fresher result must not be refused for looking older by its wall clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_clock_ahead_does_not_make_newer_tokens_look_stale() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    let id = f.install().await;
+    let ahead = tokenkeeper::ManualClock::new(
+        tokenkeeper::Clock::now(&f.clock).saturating_add(Duration::from_secs(120)),
+    );
+    let peer = f.peer_with_clock(profiles::github_app(), ahead);
+    let first = peer.force_refresh(&id).await.unwrap();
+    let second = f
+        .manager
+        .force_refresh(&id)
+        .await
+        .expect("versions order writes, not wall clocks");
+    assert_ne!(first, second);
+    assert_eq!(f.record(&id).await.tokens().access_token, second);
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+/// Finding 14: the provider refused the grant, but the store would not record the
+/// condemnation. The caller must hear that it was not recorded, and subscribers must not be
+/// told the installation needs re-authorization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condemnation_the_store_refused_is_not_announced() {
+    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    let current = f.record(&id).await.tokens().access_token.clone();
+    f.mock.revoke_grant_of(current.secret()).unwrap();
+    f.advance(TWO_HOURS);
+    let mut events = f.manager.subscribe();
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::RefreshRejected),
+        FaultKind::Backend,
+    );
+    match f.manager.access_token(&id).await {
+        Err(Error::Store { .. }) => {}
+        other => panic!("the unrecorded condemnation is reported as a store failure: {other:?}"),
+    }
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(
+                event.kind,
+                LifecycleEventKind::ReauthorizationRequired { .. }
+            ),
+            "announced a condemnation that was not recorded: {event:?}"
+        );
+    }
+    assert_ne!(
+        f.record(&id).await.state().kind(),
+        StateKind::ReauthorizationRequired
+    );
+    // Once the store takes writes again, the next attempt (a takeover of the lapsed lease,
+    // whose holder's outcome the record cannot tell) records and announces a condemnation.
+    switch.heal();
+    f.advance(f.manager.policy().lease_ttl + Duration::from_secs(1));
+    match f.manager.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RefreshTokenRejected | ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.record(&id).await.state().kind(),
+        StateKind::ReauthorizationRequired
+    );
+    let announced = std::iter::from_fn(|| events.try_recv().ok())
+        .any(|e| matches!(e.kind, LifecycleEventKind::ReauthorizationRequired { .. }));
+    assert!(announced, "the recorded condemnation is announced");
+}
+
+/// The store refuses the rotated tokens for longer than `result_write_patience`: they go to
+/// the unsaved-tokens sink (not dropped), and `restore_unsaved` puts them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
+    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let store = Arc::new(store);
+    let mock = tokenkeeper_mock_provider::MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clock = now_clock();
+    let manager = tokenkeeper::TokenManager::builder_shared(
+        consumer_for(
+            profiles::bitbucket(),
+            &mock,
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+        ),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .tune(|p| p.result_write_patience = Duration::from_millis(500))
+    .on_unsaved_tokens({
+        let kept = kept.clone();
+        move |unsaved| kept.lock().unwrap().push(unsaved)
+    })
+    .build()
+    .unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    let id = manager
+        .complete_authorization(code, &state)
+        .await
+        .unwrap()
+        .installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(matches!(
+        manager.access_token(&id).await,
+        Err(Error::Store { .. })
+    ));
+    let unsaved = kept.lock().unwrap().pop().expect("handed to the sink");
+    assert_eq!(unsaved.installation, id);
+    assert!(!format!("{unsaved:?}").contains(unsaved.tokens.access_token.secret()));
+    switch.heal();
+    manager.restore_unsaved(unsaved.clone()).await.unwrap();
+    let token = manager.access_token(&id).await.unwrap();
+    assert_eq!(token, unsaved.tokens.access_token);
+    // Restoring twice is refused: the stored refresh token is no longer the presented one.
+    assert!(matches!(
+        manager.restore_unsaved(unsaved).await,
+        Err(Error::Transition { .. })
+    ));
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    manager.access_token(&id).await.unwrap();
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+/// `shutdown` waits for a refresh between the provider's reply and its write (finding S1):
+/// the provider answers after 300 ms, shutdown is called while it is answering, and when
+/// shutdown returns the rotated tokens are stored. No new refresh starts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_refreshes_in_flight() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let (id, other) = (f.install().await, f.install().await);
+    let before = f.record(&id).await.tokens().refresh_token.clone();
+    f.advance(TWO_HOURS);
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+    )]);
+    let caller = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    until("the refresh to reach the provider", || {
+        f.mock.counters().totals.refresh_calls == 1
+    })
+    .await;
+    f.manager.shutdown().await;
+    let stored = f.record(&id).await;
+    assert_eq!(stored.state().kind(), StateKind::Active);
+    assert_ne!(
+        stored.tokens().refresh_token,
+        before,
+        "written before shutdown returned"
+    );
+    caller.await.unwrap().unwrap();
+    assert!(matches!(
+        f.manager.access_token(&other).await,
+        Err(Error::ShuttingDown { .. })
+    ));
+}
+
+/// Finding 7 / S3: a user-supplied client that follows redirects must not re-send a refresh.
+/// The token endpoint answers 307 to the real one; tokenkeeper's own token client does not
+/// follow it, so the refresh token reaches the provider zero times, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_user_client_never_resends_a_refresh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = tokenkeeper_mock_provider::MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    // A token endpoint that redirects every request to the mock's, with 307 (body re-sent).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector = format!("http://{}/token", listener.local_addr().unwrap());
+    let target = mock.token_url();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let profile = pointed_at(profiles::bitbucket(), &mock).with_endpoints(
+        tokenkeeper::Url::parse(&mock.authorize_url()).unwrap(),
+        tokenkeeper::Url::parse(&redirector).unwrap(),
+        None,
+    );
+    let follows = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(5))
+        .build()
+        .unwrap();
+    let clock = now_clock();
+    let store: Arc<dyn tokenkeeper::TokenStore> = Arc::new(MemoryStore::new());
+    // Install through a plain manager (the code exchange goes to the mock directly).
+    let installer = tokenkeeper::TokenManager::builder_shared(
+        consumer_for(
+            profiles::bitbucket(),
+            &mock,
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+        ),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let begun = installer.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    let id = installer
+        .complete_authorization(code, &state)
+        .await
+        .unwrap()
+        .installation;
+    let consumer = tokenkeeper::ConsumerConfig::builder(profile)
+        .client_id(tokenkeeper_mock_provider::DEFAULT_CLIENT_ID)
+        .client_secret(tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET)
+        .redirect_uri(REDIRECT)
+        .build()
+        .unwrap();
+    let manager = tokenkeeper::TokenManager::builder_shared(consumer, store.clone())
+        .clock(clock.clone())
+        .http_client(follows)
+        .build()
+        .unwrap();
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    mock.reset_counters();
+    let outcome = manager.access_token(&id).await;
+    assert!(
+        outcome.is_err(),
+        "a redirect is not a token reply: {outcome:?}"
+    );
+    let c = mock.counters().totals;
+    assert_eq!(c.token_calls, 0, "the redirect was not followed: {c:?}");
+    // The installation is intact: the real endpoint still refreshes it.
+    assert!(!store.get(&id).await.unwrap().unwrap().state().is_terminal());
+}
