@@ -60,7 +60,8 @@ pub enum Event {
     },
     /// A refresh result that arrives after its flight lost the lease (paused past it, or its
     /// write was delayed by a store outage and a peer took over). It needs no lease: it
-    /// applies while the stored record still holds the refresh token the flight `presented`,
+    /// applies when the result rotated the refresh token (a reply that kept it loses nothing
+    /// by being dropped) and the stored record still holds the refresh token the flight `presented`,
     /// which proves no peer has rotated since, and revives a record a peer condemned on that
     /// very token (`RefreshTokenRejected`, `RotatedTokenLost`). A record holding any other
     /// refresh token refuses it ([`Refusal::Superseded`]): a peer holds newer tokens.
@@ -305,7 +306,14 @@ pub fn transition(
                 ),
                 _ => false,
             };
-            if !revivable || record.tokens.refresh_token.as_ref() != Some(&presented) {
+            // Only a rotation needs saving: a reply that kept the presented refresh token
+            // (or sent none) left it valid at the provider, and whatever is stored now is at
+            // least as new as this result.
+            let rotated = tokens
+                .refresh_token
+                .as_ref()
+                .is_some_and(|r| r != &presented);
+            if !revivable || !rotated || record.tokens.refresh_token.as_ref() != Some(&presented) {
                 return Err(refuse(Refusal::Superseded));
             }
             next.tokens = tokens.merged_onto(&record.tokens);
@@ -391,5 +399,88 @@ impl Record {
     /// `transition(self, event, now)` as a method.
     pub fn apply(&self, event: Event, now: Timestamp) -> Result<Record, IllegalTransition> {
         transition(self, event, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{AccessToken, InstallationId};
+
+    const T0: Timestamp = Timestamp::from_unix_secs(1_800_000_000);
+
+    fn tokens(access: &str, refresh: Option<&str>) -> TokenSet {
+        TokenSet::bearer(
+            AccessToken::new(access),
+            refresh.map(RefreshToken::new),
+            T0,
+            T0.saturating_add(Duration::from_secs(3600)),
+        )
+    }
+
+    fn record(refresh: &str) -> Record {
+        Record::new(
+            InstallationId::new("i").unwrap(),
+            "p/c",
+            tokens("a0", Some(refresh)),
+            T0,
+            T0,
+        )
+    }
+
+    fn late(presented: &str, reply: TokenSet) -> Event {
+        Event::LateRefreshed {
+            presented: RefreshToken::new(presented),
+            tokens: reply,
+            refresh_at: T0,
+        }
+    }
+
+    #[test]
+    fn a_late_rotation_lands_on_the_presented_token_only() {
+        let r = record("r0");
+        let landed = r.apply(late("r0", tokens("a1", Some("r1"))), T0).unwrap();
+        assert_eq!(landed.tokens().refresh_token, Some(RefreshToken::new("r1")));
+        assert_eq!(landed.state().kind(), StateKind::Active);
+        // A peer already holds newer tokens.
+        let err = r
+            .apply(late("r-old", tokens("a1", Some("r1"))), T0)
+            .unwrap_err();
+        assert_eq!(err.why, Refusal::Superseded);
+    }
+
+    /// A provider that does not rotate (Google) keeps the same refresh token: a late result
+    /// must not put an older access token over a newer one.
+    #[test]
+    fn a_late_result_that_did_not_rotate_is_dropped() {
+        let r = record("r0");
+        for reply in [tokens("a-old", Some("r0")), tokens("a-old", None)] {
+            let err = r.apply(late("r0", reply), T0).unwrap_err();
+            assert_eq!(err.why, Refusal::Superseded);
+        }
+    }
+
+    #[test]
+    fn a_late_result_never_revives_a_revoked_or_reauthorized_record() {
+        let revoked = record("r0").apply(Event::Revoked, T0).unwrap();
+        let err = revoked
+            .apply(late("r0", tokens("a1", Some("r1"))), T0)
+            .unwrap_err();
+        assert_eq!(err.why, Refusal::Superseded);
+        let reauthorized = record("r0")
+            .apply(
+                Event::Authorized {
+                    tokens: tokens("a9", Some("r9")),
+                    refresh_at: T0,
+                },
+                T0,
+            )
+            .unwrap();
+        let err = reauthorized
+            .apply(late("r0", tokens("a1", Some("r1"))), T0)
+            .unwrap_err();
+        assert_eq!(err.why, Refusal::Superseded);
     }
 }

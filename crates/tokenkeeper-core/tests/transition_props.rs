@@ -225,9 +225,11 @@ proptest! {
                             prop_assert!(revivable, "a late result revived {:?}", rec.state());
                         }
                     }
-                    // A late result lands only on the refresh token its flight presented.
-                    if let Event::LateRefreshed { presented, .. } = &event {
+                    // A late result lands only on the refresh token its flight presented, and
+                    // only if it rotated it.
+                    if let Event::LateRefreshed { presented, tokens, .. } = &event {
                         prop_assert_eq!(rec.tokens().refresh_token.as_ref(), Some(presented));
+                        prop_assert!(tokens.refresh_token.as_ref().is_some_and(|r| r != presented));
                     }
                     // The refresh token is never dropped unless to a terminal state.
                     if rec.tokens().refresh_token.is_some() && !next.state().is_terminal() {
