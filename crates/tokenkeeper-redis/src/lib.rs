@@ -26,9 +26,13 @@
 //! # }
 //! ```
 
+mod durability;
 mod keys;
 mod scripts;
 mod value;
+
+use durability::ReplicaWait;
+pub use durability::{DurabilityCheck, DurabilityGap};
 
 use std::time::Duration;
 
@@ -36,8 +40,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventKind, InstallationId, ListEntry, ListFilter,
+    ListPage, Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
 };
 
 use keys::{Layout, due_hex, due_member, parse_due_hex};
@@ -67,6 +71,18 @@ pub enum ConnectError {
         /// Why.
         #[source]
         source: RedisError,
+    },
+    /// The server could lose or evict acknowledged tokens and the builder requires
+    /// durability (`DurabilityCheck::Require`).
+    #[error(
+        "the Redis server at {url} could lose rotated tokens: {}; fix its configuration or connect with DurabilityCheck::Warn",
+        gaps.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    NotDurable {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// What is missing.
+        gaps: Vec<DurabilityGap>,
     },
     /// A setting is out of range.
     #[error("invalid Redis store configuration: {field}: {reason}")]
@@ -105,11 +121,30 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     operation_timeout: Duration,
     reconnect_retries: usize,
+    durability_check: DurabilityCheck,
+    replica_wait: Option<ReplicaWait>,
     #[cfg(feature = "tls")]
     tls_root: Option<Vec<u8>>,
 }
 
 impl RedisStoreBuilder {
+    /// What to do when the server could lose or evict an acknowledged token (default
+    /// [`DurabilityCheck::Warn`]): `appendonly` off, `appendfsync` other than `always`, or an
+    /// `allkeys-*` eviction policy. See [`RedisStore::durability_gaps`].
+    pub fn durability_check(mut self, check: DurabilityCheck) -> Self {
+        self.durability_check = check;
+        self
+    }
+
+    /// After every write that stores new tokens (a refresh, an authorization, an import),
+    /// wait until `replicas` replicas acknowledged it (`WAIT`), at most `timeout`; fewer
+    /// acknowledgements make the write `StoreError::Unavailable`, so a failover cannot lose a
+    /// token the application has already used. Off by default.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replica_wait = (replicas > 0).then_some(ReplicaWait { replicas, timeout });
+        self
+    }
+
     /// Trusts this CA certificate (PEM) for `rediss://` instead of the platform's roots
     /// (feature `tls`): for servers with a private CA.
     #[cfg(feature = "tls")]
@@ -213,14 +248,53 @@ impl RedisStoreBuilder {
             url: url.clone(),
             source,
         })?;
+        let durability_gaps = match self.durability_check {
+            DurabilityCheck::Skip => Vec::new(),
+            _ => read_durability(&conn).await,
+        };
+        if !durability_gaps.is_empty() {
+            if self.durability_check == DurabilityCheck::Require {
+                return Err(ConnectError::NotDurable {
+                    url,
+                    gaps: durability_gaps,
+                });
+            }
+            for gap in &durability_gaps {
+                tracing::warn!(url = %url, "Redis could lose rotated tokens: {gap}");
+            }
+        }
         Ok(RedisStore {
             conn,
             layout: Layout::new(&self.prefix, self.shards),
             prefix: self.prefix,
             url,
             operation_timeout: self.operation_timeout,
+            replica_wait: self.replica_wait,
+            durability_gaps,
         })
     }
+}
+
+/// Reads the persistence and eviction settings; an unreadable answer is itself a gap.
+async fn read_durability(conn: &ConnectionManager) -> Vec<durability::DurabilityGap> {
+    let mut conn = conn.clone();
+    let mut settings = Vec::new();
+    for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
+        let reply: Result<Vec<String>, RedisError> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(pairs) => settings.extend(
+                pairs
+                    .chunks_exact(2)
+                    .map(|kv| (kv[0].clone(), kv[1].clone())),
+            ),
+            Err(e) => return vec![DurabilityGap::Unknown(e.to_string())],
+        }
+    }
+    durability::gaps(&settings)
 }
 
 /// A [`TokenStore`] on Redis. Clone-cheap: clones share one multiplexed connection.
@@ -231,6 +305,8 @@ pub struct RedisStore {
     prefix: String,
     url: String,
     operation_timeout: Duration,
+    replica_wait: Option<ReplicaWait>,
+    durability_gaps: Vec<DurabilityGap>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -254,6 +330,8 @@ impl RedisStore {
             connection_timeout: Duration::from_secs(2),
             operation_timeout: Duration::from_secs(5),
             reconnect_retries: 1,
+            durability_check: DurabilityCheck::default(),
+            replica_wait: None,
             #[cfg(feature = "tls")]
             tls_root: None,
         }
@@ -262,6 +340,59 @@ impl RedisStore {
     /// Connects to `url` with the defaults.
     pub async fn connect(url: impl Into<String>) -> Result<Self, ConnectError> {
         Self::builder(url).connect().await
+    }
+
+    /// How the server could lose or evict acknowledged tokens, as read at connect time
+    /// (empty: `appendonly yes`, `appendfsync always`, no `allkeys-*` eviction; also empty
+    /// with `DurabilityCheck::Skip`).
+    pub fn durability_gaps(&self) -> &[DurabilityGap] {
+        &self.durability_gaps
+    }
+
+    /// Waits for the configured replicas after a write that stored new tokens.
+    async fn wait_for_replicas(
+        &self,
+        operation: &'static str,
+        record: &Record,
+    ) -> Result<(), StoreError> {
+        let Some(wait) = self.replica_wait else {
+            return Ok(());
+        };
+        let stores_tokens = matches!(
+            record.history().last().map(|h| h.event),
+            Some(
+                EventKind::Created
+                    | EventKind::Authorized
+                    | EventKind::Refreshed
+                    | EventKind::LateRefreshed
+            )
+        );
+        if !stores_tokens {
+            return Ok(());
+        }
+        let millis = u64::try_from(wait.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let acked: u32 = self
+            .run(operation, async |c| {
+                redis::cmd("WAIT")
+                    .arg(wait.replicas)
+                    .arg(millis)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        if acked < wait.replicas {
+            return Err(StoreError::unavailable(
+                BACKEND,
+                operation,
+                RedisFault::TooFewReplicas {
+                    acked,
+                    wanted: wait.replicas,
+                },
+            ));
+        }
+        Ok(())
     }
 
     /// The key prefix.
@@ -305,8 +436,12 @@ impl RedisStore {
 /// What the Redis store can find wrong beyond the driver's own errors.
 #[derive(Debug, thiserror::Error)]
 enum RedisFault {
-    #[error("no answer within {0:?}")]
+    #[error("Redis did not answer within {0:?}")]
     NoAnswer(Duration),
+    #[error(
+        "the write is on the primary but only {acked} of {wanted} replicas acknowledged it in time; it may not survive a failover"
+    )]
+    TooFewReplicas { acked: u32, wanted: u32 },
     #[error(
         "the script answered with an unexpected {0} reply; the scripts and this build disagree: check that every process runs the same tokenkeeper version"
     )]
@@ -332,12 +467,23 @@ const RETRYABLE_CODES: [&str; 7] = [
 ];
 
 fn is_retryable(e: &RedisError) -> bool {
-    e.is_io_error()
+    if e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()
-        || e.code().is_some_and(|code| RETRYABLE_CODES.contains(&code))
+    {
+        return true;
+    }
+    // A failed pipeline (`due`, `list`) carries one server error per failed command, and its
+    // `code()` is only that of the first when the driver knows it: look at all of them.
+    // Cloning shares the error's `Arc`s.
+    match e.clone().into_server_errors() {
+        Some(errors) if !errors.is_empty() => errors
+            .iter()
+            .all(|(_, server)| RETRYABLE_CODES.contains(&server.code())),
+        _ => e.code().is_some_and(|code| RETRYABLE_CODES.contains(&code)),
+    }
 }
 
 fn redis_error(operation: &'static str, e: RedisError) -> StoreError {
@@ -394,7 +540,7 @@ impl TokenStore for RedisStore {
             })
             .await?;
         if created == 1 {
-            Ok(())
+            self.wait_for_replicas("create", record).await
         } else {
             Err(StoreError::AlreadyExists {
                 id: record.id().clone(),
@@ -425,7 +571,10 @@ impl TokenStore for RedisStore {
             })
             .await?;
         match reply {
-            Value::Int(1) => Ok(CasOutcome::Swapped),
+            Value::Int(1) => {
+                self.wait_for_replicas("compare_and_swap", record).await?;
+                Ok(CasOutcome::Swapped)
+            }
             Value::Int(0) => Ok(CasOutcome::Missing),
             Value::BulkString(current) => Ok(CasOutcome::Conflict(Box::new(value::decode(
                 record.id(),
@@ -595,37 +744,123 @@ pub mod bench_support {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+    use tokenkeeper_core::StoreError;
+
+    use super::{redact, redis_error};
+
+    /// The failover and restart replies, as a server sends them.
+    const RETRYABLE_REPLIES: [&str; 7] = [
+        "-READONLY You can't write against a read only replica.\r\n",
+        "-LOADING Redis is loading the dataset in memory\r\n",
+        "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n",
+        "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        "-CLUSTERDOWN The cluster is down\r\n",
+        "-NOREPLICAS Not enough good replicas to write.\r\n",
+        "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+    ];
+
+    const FATAL_REPLY: &str = "-ERR wrong number of arguments\r\n";
+
+    /// A reply as the driver parses it off the wire (`Value::ServerError`).
+    fn server_reply(reply: &str) -> Value {
+        redis::parse_redis_value(reply.as_bytes()).unwrap()
+    }
+
+    /// The error a single command gets for `reply`.
+    fn command_error(reply: &str) -> RedisError {
+        server_reply(reply).extract_error().unwrap_err()
+    }
+
+    fn is_unavailable(e: RedisError) -> bool {
+        match redis_error("compare_and_swap", e) {
+            StoreError::Unavailable { .. } => true,
+            StoreError::Backend { .. } => false,
+            other => panic!("a driver error became {other:?}"),
+        }
+    }
 
     #[test]
     fn failover_and_restart_replies_are_unavailable() {
-        for reply in [
-            "-READONLY You can't write against a read only replica.\r\n",
-            "-LOADING Redis is loading the dataset in memory\r\n",
-            "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n",
-            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
-            "-CLUSTERDOWN The cluster is down\r\n",
-            "-NOREPLICAS Not enough good replicas to write.\r\n",
-            "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        for reply in RETRYABLE_REPLIES {
+            assert!(is_unavailable(command_error(reply)), "{reply}");
+        }
+        assert!(!is_unavailable(command_error(FATAL_REPLY)));
+        assert!(!is_unavailable(command_error("-NOPERM no permissions\r\n")));
+    }
+
+    #[test]
+    fn failover_kinds_built_by_the_driver_are_unavailable() {
+        for kind in [
+            ServerErrorKind::ReadOnly,
+            ServerErrorKind::BusyLoading,
+            ServerErrorKind::MasterDown,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
         ] {
-            let e = redis::parse_redis_value(reply.as_bytes())
-                .and_then(redis::Value::extract_error)
-                .unwrap_err();
+            let e = RedisError::from((ErrorKind::Server(kind), "failover"));
+            assert!(is_unavailable(e), "{kind:?}");
+        }
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(is_unavailable(io));
+        let script = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "ERR"));
+        assert!(!is_unavailable(script));
+        let types = RedisError::from((ErrorKind::UnexpectedReturnType, "not an integer"));
+        assert!(!is_unavailable(types));
+    }
+
+    /// A connection that answers every pipeline with fixed replies.
+    struct Replies(Vec<Value>);
+
+    impl redis::aio::ConnectionLike for Replies {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            _: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, Value> {
+            Box::pin(async { Err((ErrorKind::Client, "pipelines only").into()) })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            let replies = self.0.clone();
+            Box::pin(async move { Ok(replies) })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    /// The error of a two-command pipeline (as `due` and `list` send) answered with `replies`.
+    async fn pipeline_error(replies: [&str; 2]) -> RedisError {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYLEX").arg("a").arg("-").arg("+");
+        pipe.cmd("ZRANGEBYLEX").arg("b").arg("-").arg("+");
+        let mut conn = Replies(replies.map(server_reply).to_vec());
+        pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut conn)
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn failed_pipelines_are_classified_by_every_reply() {
+        for reply in RETRYABLE_REPLIES {
             assert!(
-                matches!(
-                    super::redis_error("compare_and_swap", e),
-                    tokenkeeper_core::StoreError::Unavailable { .. }
-                ),
+                is_unavailable(pipeline_error([reply, reply]).await),
                 "{reply}"
             );
         }
-        let e = redis::parse_redis_value(b"-ERR wrong number of arguments\r\n")
-            .and_then(redis::Value::extract_error)
-            .unwrap_err();
-        assert!(matches!(
-            super::redis_error("get", e),
-            tokenkeeper_core::StoreError::Backend { .. }
+        // Retryable only if every command failed for a reason a retry can fix.
+        let [loading, oom] = [RETRYABLE_REPLIES[1], RETRYABLE_REPLIES[6]];
+        assert!(is_unavailable(pipeline_error([oom, loading]).await));
+        assert!(!is_unavailable(
+            pipeline_error([loading, FATAL_REPLY]).await
         ));
+        assert!(!is_unavailable(pipeline_error([FATAL_REPLY, oom]).await));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The stored value: a header line the Lua scripts read, then the record's own encoding.
 
-use tokenkeeper_core::{BoxError, InstallationId, Record, StoreError};
+use tokenkeeper_core::{InstallationId, Record, StoreError};
 
 use crate::BACKEND;
 use crate::keys::due_member;
@@ -23,16 +23,18 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
 /// What can be wrong with a stored value.
 #[derive(Debug, thiserror::Error)]
 enum ValueFault {
-    #[error("the value has no header line")]
+    #[error("the value has no header line; it was not written by tokenkeeper")]
     NoHeader,
-    #[error("the header line is not UTF-8")]
+    #[error("the value's header line is not UTF-8; it was not written by tokenkeeper")]
     HeaderNotUtf8,
-    #[error("the header (version, state, due) disagrees with the record")]
-    HeaderMismatch,
-}
-
-fn corrupt(id: &InstallationId, why: impl Into<BoxError>) -> StoreError {
-    StoreError::corrupt(BACKEND, id.clone(), why)
+    #[error(
+        "the {field} in the value's header disagrees with the record it carries; the indexes cannot be trusted for this installation"
+    )]
+    HeaderMismatch {
+        /// The first header field that disagrees (`version`, `state` or `due`), or `layout`
+        /// when the header does not have three fields.
+        field: &'static str,
+    },
 }
 
 /// Decodes a value stored under `id`, checking the header agrees with the record.
@@ -40,18 +42,37 @@ pub(crate) fn decode(id: &InstallationId, bytes: &[u8]) -> Result<Record, StoreE
     let newline = bytes
         .iter()
         .position(|b| *b == b'\n')
-        .ok_or_else(|| corrupt(id, ValueFault::NoHeader))?;
+        .ok_or_else(|| StoreError::corrupt(BACKEND, id.clone(), ValueFault::NoHeader))?;
     let header = std::str::from_utf8(&bytes[..newline])
-        .map_err(|_| corrupt(id, ValueFault::HeaderNotUtf8))?;
-    let record = Record::decode(id, &bytes[newline + 1..]).map_err(|e| corrupt(id, e))?;
-    let expected = format!(
-        "{}\t{}\t{}",
-        record.version(),
-        record.state().kind().as_str(),
-        due_member(record.id(), record.due_at())
-    );
-    if header != expected {
-        return Err(corrupt(id, ValueFault::HeaderMismatch));
+        .map_err(|_| StoreError::corrupt(BACKEND, id.clone(), ValueFault::HeaderNotUtf8))?;
+    let record = Record::decode(id, &bytes[newline + 1..])
+        .map_err(|e| StoreError::corrupt(BACKEND, id.clone(), e))?;
+    if let Some(field) = header_mismatch(header, &record) {
+        return Err(StoreError::corrupt(
+            BACKEND,
+            id.clone(),
+            ValueFault::HeaderMismatch { field },
+        ));
     }
     Ok(record)
+}
+
+/// The first header field that disagrees with `record`, if any. Names the field only: the
+/// stored header of a corrupt value is not echoed into errors.
+fn header_mismatch(header: &str, record: &Record) -> Option<&'static str> {
+    let mut fields = header.split('\t');
+    let (Some(version), Some(state), Some(due), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Some("layout");
+    };
+    if version != record.version().to_string() {
+        Some("version")
+    } else if state != record.state().kind().as_str() {
+        Some("state")
+    } else if due != due_member(record.id(), record.due_at()) {
+        Some("due")
+    } else {
+        None
+    }
 }

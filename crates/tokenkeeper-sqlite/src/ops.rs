@@ -30,8 +30,12 @@ pub(crate) fn sqlite_error(operation: &'static str, e: rusqlite::Error) -> Store
 /// What can be wrong with a row, beyond what the driver reports.
 #[derive(Debug, thiserror::Error)]
 enum SqliteFault {
-    #[error("the row's version, state or due columns disagree with its record")]
+    #[error(
+        "the row's version, state or due_at column disagrees with the record it indexes (was the table edited outside tokenkeeper?)"
+    )]
     IndexMismatch,
+    #[error("a column of the row holds a value of the wrong type: {0}")]
+    ColumnType(#[source] rusqlite::Error),
     #[error("unknown state in the state column: {0}")]
     UnknownState(#[source] tokenkeeper_core::UnknownStateKind),
     #[error(
@@ -42,10 +46,6 @@ enum SqliteFault {
         #[source]
         source: tokenkeeper_core::InvalidInstallationId,
     },
-}
-
-fn corrupt(id: &InstallationId, why: impl Into<tokenkeeper_core::BoxError>) -> StoreError {
-    StoreError::corrupt(BACKEND, id.clone(), why)
 }
 
 fn due_column(record: &Record) -> Option<i64> {
@@ -69,19 +69,24 @@ fn decode(
     due_at: Option<i64>,
     bytes: &[u8],
 ) -> Result<Record, StoreError> {
-    let record = Record::decode(id, bytes).map_err(|e| corrupt(id, e))?;
+    let record =
+        Record::decode(id, bytes).map_err(|e| StoreError::corrupt(BACKEND, id.clone(), e))?;
     if i64::try_from(record.version()).ok() != Some(version)
         || record.state().kind().as_str() != state
         || due_column(&record) != due_at
     {
-        return Err(corrupt(id, SqliteFault::IndexMismatch));
+        return Err(StoreError::corrupt(
+            BACKEND,
+            id.clone(),
+            SqliteFault::IndexMismatch,
+        ));
     }
     Ok(record)
 }
 
 fn state_kind(id: &InstallationId, text: &str) -> Result<StateKind, StoreError> {
     text.parse()
-        .map_err(|e| corrupt(id, SqliteFault::UnknownState(e)))
+        .map_err(|e| StoreError::corrupt(BACKEND, id.clone(), SqliteFault::UnknownState(e)))
 }
 
 /// Reads an id column. Only tampering can store an id the core refuses; it is reported
@@ -112,7 +117,9 @@ pub(crate) fn get(conn: &Connection, id: &InstallationId) -> Result<Option<Recor
         .optional()
         .map_err(|e| match e {
             rusqlite::Error::InvalidColumnType(..)
-            | rusqlite::Error::FromSqlConversionFailure(..) => corrupt(id, e),
+            | rusqlite::Error::FromSqlConversionFailure(..) => {
+                StoreError::corrupt(BACKEND, id.clone(), SqliteFault::ColumnType(e))
+            }
             e => sqlite_error("get", e),
         })?;
     row.map(|(version, state, due_at, bytes)| decode(id, version, &state, due_at, &bytes))

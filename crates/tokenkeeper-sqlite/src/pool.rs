@@ -72,8 +72,8 @@ pub(crate) enum ConnectError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     /// The opening task panicked.
-    #[error("opening a SQLite connection panicked: {0}")]
-    Panicked(String),
+    #[error("the task opening a SQLite connection failed: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
 }
 
 /// Creates configured connections.
@@ -118,7 +118,7 @@ impl managed::Manager for Manager {
             (self.location.clone(), self.busy_timeout, self.synchronous);
         match tokio::task::spawn_blocking(move || connect(&location, timeout, sync)).await {
             Ok(conn) => Ok(Conn(Arc::new(Mutex::new(conn?)))),
-            Err(e) => Err(ConnectError::Panicked(e.to_string())),
+            Err(e) => Err(ConnectError::Panicked(e)),
         }
     }
 

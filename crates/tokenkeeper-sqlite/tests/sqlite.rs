@@ -1,6 +1,7 @@
 //! SQLite-specific guarantees: private file modes, schema versioning that refuses newer or
-//! foreign files untouched, index-backed queries (EXPLAIN QUERY PLAN), corrupt rows surfacing
-//! as typed errors for that installation only, and durability across reopen.
+//! foreign files untouched, corrupt rows surfacing as typed errors for that installation only,
+//! and durability across reopen. (That `due` and `list` are index range scans is checked by
+//! the `EXPLAIN QUERY PLAN` unit test in `src/ops.rs`, next to the SQL.)
 
 mod common;
 

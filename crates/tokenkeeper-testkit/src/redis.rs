@@ -31,12 +31,14 @@ pub fn server_binary() -> String {
     }
 }
 
-/// A redis-server child (no persistence, its own temp dir) that is killed when dropped.
+/// A redis-server child (no persistence unless `extra` turns it on, its own temp dir) that is
+/// killed when dropped.
 pub struct Server {
     /// Its port.
     pub port: u16,
     child: Child,
     dir: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 impl Server {
@@ -45,6 +47,33 @@ impl Server {
         let dir =
             std::env::temp_dir().join(format!("tokenkeeper-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let child = spawn(port, &dir, &extra);
+        Server {
+            port,
+            child,
+            dir,
+            extra,
+        }
+    }
+
+    /// Kills the server with SIGKILL (a crash: nothing is saved on the way down) and starts
+    /// it again on the same port, directory and arguments, so it recovers from whatever it
+    /// had persisted.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(self.port, &self.dir, &self.extra);
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
+    {
         let child = Command::new(server_binary())
             .args([
                 "--port",
@@ -57,7 +86,7 @@ impl Server {
                 "no",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -71,12 +100,7 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Server { port, child, dir }
-    }
-
-    /// `redis://127.0.0.1:PORT`
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        child
     }
 }
 

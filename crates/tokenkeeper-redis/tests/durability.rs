@@ -1,0 +1,175 @@
+//! Redis durability made explicit, against real redis-servers: the connect-time check of
+//! persistence and eviction settings (warn or refuse), what a crash does to acknowledged
+//! writes with and without `appendfsync always`, and `WAIT` for replicas after writes that
+//! store new tokens.
+
+use std::time::Duration;
+
+use tokenkeeper_core::conformance::{T0, lease, sample_record};
+use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, TokenStore};
+use tokenkeeper_redis::{ConnectError, DurabilityCheck, DurabilityGap, RedisStore};
+use tokenkeeper_testkit::redis::{Server, free_port};
+
+fn at(secs: u64) -> tokenkeeper_core::Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+/// A record whose last write stored new tokens (a refresh), one version after `leased`.
+fn refreshed(leased: &Record, tag: &str) -> Record {
+    leased
+        .apply(
+            Event::Refreshed {
+                fence: leased.version(),
+                tokens: tokenkeeper_core::conformance::sample_tokens(tag, at(2)),
+                refresh_at: at(3600),
+            },
+            at(2),
+        )
+        .unwrap()
+}
+
+async fn connect(url: &str, check: DurabilityCheck) -> Result<RedisStore, ConnectError> {
+    RedisStore::builder(url)
+        .durability_check(check)
+        .connect()
+        .await
+}
+
+/// Reads `id`, riding out the server's start-up (LOADING, refused connections).
+async fn read_back(store: &RedisStore, id: &InstallationId) -> Option<Record> {
+    for _ in 0..100 {
+        match store.get(id).await {
+            Ok(found) => return found,
+            Err(StoreError::Unavailable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the restarted server never answered");
+}
+
+/// Writes a refresh, crashes the server, restarts it, and says whether the refresh survived.
+async fn refresh_survives_a_crash(server: &mut Server, store: &RedisStore) -> bool {
+    let id = InstallationId::new("crash-1").unwrap();
+    let created = sample_record(&id, at(0));
+    store.create(&created).await.unwrap();
+    let leased = lease(&created, "h", at(60), at(1));
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    let next = refreshed(&leased, "rotated");
+    assert_eq!(
+        store.compare_and_swap(&next, 2).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    server.crash_and_restart();
+    read_back(store, &id).await.is_some_and(|r| r == next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_append_only_file_the_check_warns_and_a_crash_loses_the_refresh() {
+    let mut server = Server::start_on(free_port(), &[]);
+    let store = connect(&server.url(), DurabilityCheck::Warn).await.unwrap();
+    assert!(
+        store
+            .durability_gaps()
+            .contains(&DurabilityGap::AppendOnlyOff),
+        "{:?}",
+        store.durability_gaps()
+    );
+    match connect(&server.url(), DurabilityCheck::Require).await {
+        Err(e @ ConnectError::NotDurable { .. }) => {
+            assert!(e.to_string().contains("appendonly yes"), "{e}");
+        }
+        other => panic!("expected NotDurable, got {other:?}"),
+    }
+    assert!(
+        !refresh_survives_a_crash(&mut server, &store).await,
+        "what the check warns about is real: the acknowledged refresh is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fsync_always_a_crash_loses_nothing_acknowledged() {
+    let mut server = Server::start_on(
+        free_port(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    let store = connect(&server.url(), DurabilityCheck::Require)
+        .await
+        .expect("a durable server passes the check");
+    assert!(store.durability_gaps().is_empty());
+    assert!(refresh_survives_a_crash(&mut server, &store).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_store_tokens_wait_for_replicas() {
+    let primary = Server::start_on(free_port(), &[]);
+    let primary_port = primary.port.to_string();
+    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
+    let store = RedisStore::builder(primary.url())
+        .durability_check(DurabilityCheck::Skip)
+        .wait_for_replicas(1, Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    // Wait until the replica has synced and acknowledges writes.
+    let mut raw = redis::Client::open(primary.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut acked = 0;
+    for _ in 0..100 {
+        let _: () = redis::cmd("SET")
+            .arg("sync-probe")
+            .arg(1)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        acked = redis::cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if acked == 1 {
+            break;
+        }
+    }
+    assert_eq!(acked, 1, "the replica never synced");
+    let id = InstallationId::new("replicated").unwrap();
+    let created = sample_record(&id, at(0));
+    store
+        .create(&created)
+        .await
+        .expect("acknowledged by the replica");
+    let leased = lease(&created, "h", at(60), at(1));
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    let next = refreshed(&leased, "rotated");
+    assert_eq!(
+        store.compare_and_swap(&next, 2).await.unwrap(),
+        CasOutcome::Swapped,
+        "acknowledged by the replica"
+    );
+    // Without its replica, a write that stores new tokens is not reported as done.
+    drop(replica);
+    let leased = lease(&next, "h2", at(120), at(61));
+    assert_eq!(
+        store.compare_and_swap(&leased, 3).await.unwrap(),
+        CasOutcome::Swapped,
+        "a lease stores no token: no wait"
+    );
+    let again = refreshed(&leased, "rotated-again");
+    match store.compare_and_swap(&again, 4).await {
+        Err(e @ StoreError::Unavailable { .. }) => {
+            assert!(e.to_string().contains("replicas"), "{e}");
+        }
+        other => panic!("expected Unavailable without the replica, got {other:?}"),
+    }
+}
