@@ -132,6 +132,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
                     error: Some("temporarily_unavailable".into()),
                     description: Some("ünïcødé \"quoted\" text".into()),
                 },
+                may_have_committed: false,
             },
             at(101),
         )
@@ -157,6 +158,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
                 retry_at: at(6100),
                 cause: BackoffCause::ConsumerCredentialsInvalid,
                 error: ErrorDetail::new(FailureClass::ConsumerCredentialsInvalid),
+                may_have_committed: false,
             },
             at(6002),
         )

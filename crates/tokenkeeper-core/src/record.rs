@@ -99,6 +99,11 @@ pub struct FailureStreak {
     pub first_at: Timestamp,
     /// When the latest failed.
     pub last_at: Timestamp,
+    /// When the first attempt of the streak that may have reached the provider and lost its
+    /// reply failed (a timeout, a reset after sending, a 5xx, an unreadable 2xx): from then
+    /// on, a rotating provider may have retired the refresh token this record holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possibly_committed_since: Option<Timestamp>,
 }
 
 /// What kind of event a history entry records.

@@ -83,6 +83,9 @@ pub enum Event {
         cause: BackoffCause,
         /// What the provider (or the transport) said.
         error: ErrorDetail,
+        /// The attempt may have reached the provider and lost its reply, so a rotating
+        /// provider may have retired the refresh token (remembered in the failure streak).
+        may_have_committed: bool,
     },
     /// The refresh failed for good; the user must authorize again.
     RefreshRejected {
@@ -335,6 +338,7 @@ pub fn transition(
             retry_at,
             cause,
             error: detail,
+            may_have_committed,
             ..
         } => {
             next.state = State::Backoff {
@@ -342,16 +346,19 @@ pub fn transition(
                 cause,
             };
             next.due_at = Some(retry_at);
+            let committed_now = may_have_committed.then_some(now);
             next.failures = Some(match &record.failures {
                 Some(streak) => FailureStreak {
                     consecutive: streak.consecutive.saturating_add(1),
                     first_at: streak.first_at,
                     last_at: now,
+                    possibly_committed_since: streak.possibly_committed_since.or(committed_now),
                 },
                 None => FailureStreak {
                     consecutive: 1,
                     first_at: now,
                     last_at: now,
+                    possibly_committed_since: committed_now,
                 },
             });
             next.last_error = Some(detail.clone());

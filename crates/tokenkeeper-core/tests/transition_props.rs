@@ -153,6 +153,7 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
                 BackoffCause::Transient
             },
             error: ErrorDetail::new(FailureClass::Transient),
+            may_have_committed: wait % 2 == 0,
         },
         Op::Reject {
             wrong_fence,
@@ -224,6 +225,12 @@ proptest! {
                             );
                             prop_assert!(revivable, "a late result revived {:?}", rec.state());
                         }
+                    }
+                    // A possibly committed attempt is remembered until a success or a new grant.
+                    if let (Some(before), Some(after)) = (rec.failures(), next.failures())
+                        && before.possibly_committed_since.is_some()
+                    {
+                        prop_assert_eq!(before.possibly_committed_since, after.possibly_committed_since);
                     }
                     // A late result lands only on the refresh token its flight presented, and
                     // only if it rotated it.

@@ -390,3 +390,110 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
     // The installation is intact: the real endpoint still refreshes it.
     assert!(!store.get(&id).await.unwrap().unwrap().state().is_terminal());
 }
+
+/// Finding 11: after an attempt that may have rotated the token (commit-then-drop), a
+/// provider with a reuse leeway is retried inside the leeway whatever `Retry-After` says. Here
+/// the second attempt meets a 429 asking for an hour; the third must still come within the
+/// 10-minute leeway, present the previous token once more, and recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leeway_provider_is_retried_inside_its_leeway_whatever_retry_after_says() {
+    let f = Fixture::new(profiles::atlassian_3lo(), MockProfile::Atlassian3lo).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::CommitThenDrop,
+    )]);
+    assert!(f.manager.access_token(&id).await.is_err());
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::TooManyRequests {
+            retry_after_secs: 3600,
+        },
+    )]);
+    f.advance(Duration::from_secs(5));
+    assert!(f.manager.access_token(&id).await.is_err());
+    let due = f.record(&id).await.due_at().unwrap();
+    let first = tokenkeeper::Clock::now(&f.clock).saturating_sub(Duration::from_secs(5));
+    assert!(
+        due <= first.saturating_add(Duration::from_secs(5 * 60)),
+        "the retry is scheduled within half the leeway, not after Retry-After: due {due}"
+    );
+    // The refresher (or a caller) retries when due: inside the leeway, it recovers.
+    f.advance(due.duration_since(tokenkeeper::Clock::now(&f.clock)));
+    f.manager
+        .access_token(&id)
+        .await
+        .expect("recovered inside the leeway");
+    let c = f.mock.counters().totals;
+    assert_eq!((c.leeway_reuses, c.reuse_detections), (1, 0), "{c:?}");
+}
+
+/// Finding 11, the other side: once the leeway has passed since an attempt that may have
+/// rotated the token, presenting the previous token would only trigger the provider's reuse
+/// detection (revoking the whole family). The installation ends `RotatedTokenLost` without
+/// that presentation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_leeway_the_retired_token_is_not_presented() {
+    let f = Fixture::new(profiles::atlassian_3lo(), MockProfile::Atlassian3lo).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::CommitThenDrop,
+    )]);
+    assert!(f.manager.access_token(&id).await.is_err());
+    let calls = f.mock.counters().totals.refresh_calls;
+    // The process was down (or the store unreachable) for 11 minutes.
+    f.advance(Duration::from_secs(11 * 60));
+    match f.manager.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("expected RotatedTokenLost, got {other:?}"),
+    }
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        c.refresh_calls, calls,
+        "the retired token was not presented"
+    );
+    assert_eq!(c.reuse_detections, 0, "{c:?}");
+}
+
+/// Finding 13: a 5xx that arrives after the provider committed the rotation counts as a
+/// possibly lost reply, even when a later attempt failed differently; a rotating provider's
+/// rejection afterwards is then `RotatedTokenLost`, not "the user revoked the app".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_possibly_committed_attempt_is_remembered() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(28_800));
+    // The rotation commits and its reply is lost, then the provider rate-limits us.
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::CommitThenDrop,
+    )]);
+    assert!(f.manager.access_token(&id).await.is_err());
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::TooManyRequests {
+            retry_after_secs: 10,
+        },
+    )]);
+    f.advance(Duration::from_secs(5));
+    assert!(f.manager.access_token(&id).await.is_err());
+    f.advance(Duration::from_secs(20));
+    match f.manager.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("expected RotatedTokenLost, got {other:?}"),
+    }
+}

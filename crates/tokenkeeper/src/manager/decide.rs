@@ -324,6 +324,7 @@ mod tests {
                     retry_at: at(4000),
                     cause: BackoffCause::Transient,
                     error: ErrorDetail::new(FailureClass::Transient),
+                    may_have_committed: false,
                 },
                 at(3561),
             )

@@ -163,6 +163,26 @@ async fn exchange(
     takeover: bool,
     serve_valid: bool,
 ) -> Step {
+    if let Some(since) = retired_past_leeway(engine, &leased, engine.clock.now()) {
+        // Presenting the previous token now would only trip the provider's reuse detection,
+        // which revokes the whole grant: record the loss instead.
+        let detail = ErrorDetail {
+            description: Some(format!(
+                "an attempt at {since} may have rotated the refresh token and lost the reply; the provider's reuse leeway has passed since, so the previous token was not presented"
+            )),
+            ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
+        };
+        let now = engine.clock.now();
+        return condemn(
+            engine,
+            id,
+            &leased,
+            ReauthReason::RotatedTokenLost,
+            detail,
+            now,
+        )
+        .await;
+    }
     let result = engine.client.refresh(id, leased.tokens()).await;
     let now = engine.clock.now();
     match result {
@@ -388,12 +408,25 @@ async fn on_deferred(
                 .retry_at(now, leased.failures(), error.retry_after()),
         ),
     };
+    // After an attempt that may have rotated the token, a provider with a reuse leeway must
+    // be retried inside it (at half the leeway at the latest), whatever the backoff or
+    // `Retry-After` say: past it, the previous token is worthless.
+    let may_have_committed = error.may_have_committed();
+    let committed_since = leased
+        .failures()
+        .and_then(|f| f.possibly_committed_since)
+        .or(may_have_committed.then_some(now));
+    let retry_at = match (committed_since, reuse_leeway(engine)) {
+        (Some(since), Some(leeway)) => retry_at.min(since.saturating_add(leeway / 2)).max(now),
+        _ => retry_at,
+    };
     let fence = leased.version();
     let event = Event::RefreshDeferred {
         fence,
         retry_at,
         cause,
         error: detail.clone(),
+        may_have_committed,
     };
     if let Err(e) = settle(engine, leased, event, fence).await {
         // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
@@ -417,14 +450,29 @@ async fn on_deferred(
     Step::Done(Err(backoff_error(id, cause, retry_at, detail)))
 }
 
-/// Whether the previous attempt may have reached the provider and lost its reply (a transport
-/// failure or an unreadable 200): with a rotating provider, that attempt may have rotated the
-/// refresh token we still hold.
+/// Whether an earlier attempt of the current failure streak may have reached the provider
+/// and lost its reply (a timeout, a reset after sending, a 5xx, an unreadable 2xx): with a
+/// rotating provider, that attempt may have rotated the refresh token we still hold.
 fn reply_may_have_been_lost(record: &Record) -> bool {
     record
-        .last_error()
-        .is_some_and(|e| e.class == FailureClass::Transient && matches!(e.status, None | Some(200)))
-        && record.failures().is_some()
+        .failures()
+        .is_some_and(|f| f.possibly_committed_since.is_some())
+}
+
+/// The provider's reuse leeway, for a rotating profile that has one.
+fn reuse_leeway(engine: &Engine) -> Option<Duration> {
+    match engine.client.consumer().profile().rotation {
+        Rotation::Rotates { reuse_leeway } => reuse_leeway,
+        _ => None,
+    }
+}
+
+/// When an attempt that may have rotated `record`'s refresh token failed, if the provider's
+/// reuse leeway has passed since then (so presenting the token again is pointless).
+fn retired_past_leeway(engine: &Engine, record: &Record, now: Timestamp) -> Option<Timestamp> {
+    let since = record.failures()?.possibly_committed_since?;
+    let leeway = reuse_leeway(engine)?;
+    (now >= since.saturating_add(leeway)).then_some(since)
 }
 
 /// Ends the installation's life until a new authorization: records the rejection with the

@@ -71,6 +71,8 @@ struct OAuthErrorRepr {
     retry_after: Option<Duration>,
     /// Our own words on what was wrong with the exchange (not the provider's).
     note: Option<String>,
+    /// For transport failures: the request may have been sent (not a refused connection).
+    reached_provider: bool,
     source: Option<BoxError>,
 }
 
@@ -95,6 +97,7 @@ impl OAuthError {
             error_uri: None,
             retry_after: None,
             note: None,
+            reached_provider: false,
             source: None,
         }))
     }
@@ -146,6 +149,7 @@ impl OAuthError {
         };
         let mut e = Self::new(operation, ErrorKind::Transport, FailureClass::Transient);
         e.0.note = Some(what.to_owned());
+        e.0.reached_provider = !source.is_connect();
         e.0.source = Some(Box::new(source.without_url()));
         e
     }
@@ -157,6 +161,7 @@ impl OAuthError {
             "the provider did not answer within the {}s deadline",
             limit.as_secs_f64()
         ));
+        e.0.reached_provider = true;
         e
     }
 
@@ -228,6 +233,22 @@ impl OAuthError {
     pub fn is_invalid_response(&self) -> bool {
         self.0.kind == ErrorKind::InvalidResponse
     }
+    /// Whether the request may have reached the provider and been committed there although
+    /// no usable reply came back: a timeout or a connection lost after sending, a 5xx (the
+    /// provider may fail after committing), an unreadable or oversized 2xx. A rotating
+    /// provider may then have retired the refresh token that was sent. Not for a refused
+    /// connection, a 429 or a 4xx: those were not processed.
+    pub fn may_have_committed(&self) -> bool {
+        let status = self.0.status;
+        match self.0.kind {
+            ErrorKind::Transport => self.0.reached_provider,
+            ErrorKind::Provider => status.is_some_and(|s| s >= 500),
+            ErrorKind::InvalidResponse | ErrorKind::TooLarge => {
+                status.is_some_and(|s| (200..300).contains(&s) || s >= 500)
+            }
+        }
+    }
+
     /// Our own note on what was wrong (not the provider's words), if any.
     pub fn note(&self) -> Option<&str> {
         self.0.note.as_deref()
