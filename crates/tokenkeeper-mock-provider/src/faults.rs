@@ -63,6 +63,13 @@ pub enum Fault {
     /// Commit the grant (rotate the refresh token), then drop the connection: the provider holds
     /// a token the client never saw.
     CommitThenDrop,
+    /// Commit the grant, then answer only after `ms` milliseconds: a slow provider whose
+    /// rotation is already final while the reply is on its way (a client that dies meanwhile
+    /// never sees its new token).
+    SlowReply {
+        /// The delay between the commit and the reply.
+        ms: u64,
+    },
 }
 
 /// When a rule fires.

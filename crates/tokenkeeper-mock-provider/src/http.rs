@@ -264,6 +264,10 @@ async fn client_post<T>(
     };
     match (result, after) {
         (Ok(_), Some(Fault::CommitThenDrop)) => dropped_connection(),
+        (Ok(value), Some(Fault::SlowReply { ms })) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            reply(value, None)
+        }
         (Ok(value), after) => reply(value, after),
         (Err(e), _) => error_response(&e),
     }
