@@ -336,3 +336,71 @@ mod tests {
         );
     }
 }
+
+/// A store that counts compare-and-swap calls (every lease, result and failure write), so a
+/// test can bound how many writes a fleet member made.
+#[derive(Debug)]
+pub struct CountingStore<S> {
+    inner: S,
+    swaps: Arc<AtomicU64>,
+}
+
+impl<S: TokenStore> CountingStore<S> {
+    /// Wraps `inner`; the counter starts at zero.
+    pub fn new(inner: S) -> (Self, Arc<AtomicU64>) {
+        let swaps = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                inner,
+                swaps: swaps.clone(),
+            },
+            swaps,
+        )
+    }
+}
+
+#[async_trait]
+impl<S: TokenStore> TokenStore for CountingStore<S> {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        self.inner.get(id).await
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        self.inner.create(record).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        self.swaps.fetch_add(1, Ordering::SeqCst);
+        self.inner.compare_and_swap(record, expected).await
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.inner.delete(id, expected).await
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        after: Option<&DueEntry>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        self.inner.due(before, after, limit).await
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list(filter, after, limit).await
+    }
+}

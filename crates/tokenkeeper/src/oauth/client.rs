@@ -52,12 +52,16 @@ pub struct CodeGrant {
     pub id_token: Option<IdToken>,
 }
 
+/// How long a token request whose deadline passed may still finish reading a reply that has
+/// already arrived (after the process was frozen, say).
+const DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The client for token endpoint requests: the consumer's timeouts, no redirects (a 307/308
 /// would re-send the body, refresh token included), no retries (reqwest retries nothing by
 /// default beyond protocol NACKs, which never reached the server).
 fn token_client(consumer: &ConsumerConfig) -> Result<reqwest::Client, ConfigError> {
+    // No total timeout here: `send` enforces the exchange deadline itself (see there).
     reqwest::Client::builder()
-        .timeout(consumer.http_timeout())
         .connect_timeout(consumer.connect_timeout())
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
@@ -321,8 +325,11 @@ impl OAuthClient {
         let transport =
             |e: reqwest::Error| OAuthError::transport(operation, e).for_installation(installation);
         let sent_at = self.inner.clock.now();
-        // A hard deadline whatever `reqwest::Client` the user supplied: a token request never
-        // outlives the lease it runs under because a client had no timeout.
+        // The deadline that keeps a token request inside the lease it runs under. It is ours,
+        // not reqwest's, so that a reply already received is never thrown away: a process
+        // frozen past the deadline (SIGSTOP, a VM pause, CPU starvation) wakes with the
+        // reply in its socket and the timer expired at once, so the read gets a short grace
+        // before the timer's verdict counts. Throwing that reply away would lose a rotation.
         let deadline = consumer.http_timeout();
         let read = async {
             let mut response = request.send().await.map_err(transport)?;
@@ -350,10 +357,16 @@ impl OAuthClient {
             }
             Ok((status, retry_after, body))
         };
-        let (status, retry_after, body) =
-            tokio::time::timeout(deadline, read).await.map_err(|_| {
-                OAuthError::deadline(operation, deadline).for_installation(installation)
-            })??;
+        tokio::pin!(read);
+        let outcome = match tokio::time::timeout(deadline, &mut read).await {
+            Ok(outcome) => outcome,
+            Err(_) => tokio::time::timeout(DEADLINE_GRACE, &mut read)
+                .await
+                .map_err(|_| {
+                    OAuthError::deadline(operation, deadline).for_installation(installation)
+                })?,
+        };
+        let (status, retry_after, body) = outcome?;
         Ok((
             RawResponse {
                 status,
