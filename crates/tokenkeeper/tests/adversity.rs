@@ -497,3 +497,68 @@ async fn every_possibly_committed_attempt_is_remembered() {
         other => panic!("expected RotatedTokenLost, got {other:?}"),
     }
 }
+
+/// Fencing: a holder paused between the provider's reply and its write must not write over
+/// what happened meanwhile. Here the application revokes the installation while the holder is
+/// paused; when it resumes, its (stale) result is dropped and the installation stays revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holders_result_never_overwrites_a_revocation() {
+    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    f.peer(profiles::bitbucket()).revoke(&id).await.unwrap();
+    gate.release();
+    assert!(
+        holder.await.unwrap().is_err(),
+        "a revoked installation serves nothing"
+    );
+    assert_eq!(f.record(&id).await.state().kind(), StateKind::Revoked);
+}
+
+/// Fencing, the other case: the user re-authorized (a new grant) while a holder of the old
+/// grant's refresh was paused; the new grant's tokens must survive the holder's late write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holders_result_never_overwrites_a_new_grant() {
+    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    // A new authorization of the same installation, completed by another process.
+    let peer = f.peer(profiles::bitbucket());
+    let begun = peer.begin_authorization(Some(id.clone())).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    peer.complete_authorization(code, &state).await.unwrap();
+    let granted = f.record(&id).await.tokens().clone();
+    gate.release();
+    let served = holder.await.unwrap().unwrap();
+    assert_eq!(
+        served, granted.access_token,
+        "the new grant's token is served"
+    );
+    assert_eq!(
+        f.record(&id).await.tokens(),
+        &granted,
+        "the new grant survived"
+    );
+}
