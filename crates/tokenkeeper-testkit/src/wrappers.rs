@@ -1,9 +1,11 @@
-//! Store wrappers for adversarial tests: a store that fails on command ([`FlakyStore`]) and
-//! one that holds a chosen write until the test lets it through ([`GatedStore`]).
+//! Store wrappers for adversarial tests: a store that fails on command ([`FlakyStore`]), one
+//! that holds a chosen write until the test lets it through ([`GatedStore`]), and one that
+//! counts writes ([`CountingStore`]).
 //!
-//! Both delegate everything else to the wrapped store, so the contract under test is the real
-//! backend's. A write is recognised by the last history event of the record being written
-//! (`Refreshed`, `LeaseAcquired`, ...), which is how the engine's steps differ on the wire.
+//! All three are one [`Hooked`] store: it delegates everything to the wrapped store after
+//! asking its [`Hook`], so the contract under test is the real backend's. A write is
+//! recognised by the last history event of the record being written (`Refreshed`,
+//! `LeaseAcquired`, ...), which is how the engine's steps differ on the wire.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,11 +17,129 @@ use tokenkeeper_core::{
 };
 use tokio::sync::{Notify, watch};
 
-const BACKEND: &str = "flaky";
+/// A store operation, as a [`Hook`] sees it before it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Operation<'a> {
+    /// `get`.
+    Get,
+    /// `create` of this record.
+    Create(&'a Record),
+    /// `compare_and_swap` writing this record.
+    CompareAndSwap(&'a Record),
+    /// `delete`.
+    Delete,
+    /// `due`.
+    Due,
+    /// `list`.
+    List,
+}
 
-/// The event that produced `record` (its newest history entry).
-fn last_event(record: &Record) -> Option<EventKind> {
-    record.history().last().map(|h| h.event)
+impl Operation<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Get => "get",
+            Self::Create(_) => "create",
+            Self::CompareAndSwap(_) => "compare_and_swap",
+            Self::Delete => "delete",
+            Self::Due => "due",
+            Self::List => "list",
+        }
+    }
+
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Self::Create(_) | Self::CompareAndSwap(_) | Self::Delete
+        )
+    }
+
+    /// The event that produced the record being written (its newest history entry).
+    fn event(&self) -> Option<EventKind> {
+        match self {
+            Self::Create(r) | Self::CompareAndSwap(r) => r.history().last().map(|h| h.event),
+            _ => None,
+        }
+    }
+}
+
+/// What a [`Hooked`] store asks before each operation: an error fails it, a pending future
+/// holds it.
+#[async_trait]
+pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs before `operation`; an error is returned instead of running it.
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError>;
+}
+
+/// A store that asks its hook before every operation.
+#[derive(Debug)]
+pub struct Hooked<S, H> {
+    inner: S,
+    hook: Arc<H>,
+}
+
+impl<S: TokenStore, H: Hook> Hooked<S, H> {
+    /// Wraps `inner` with `hook`; the hook is returned for the test to drive.
+    pub fn new(inner: S, hook: H) -> (Self, Arc<H>) {
+        let hook = Arc::new(hook);
+        (
+            Self {
+                inner,
+                hook: hook.clone(),
+            },
+            hook,
+        )
+    }
+}
+
+#[async_trait]
+impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        self.hook.before(Operation::Get).await?;
+        self.inner.get(id).await
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        self.hook.before(Operation::Create(record)).await?;
+        self.inner.create(record).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        self.hook.before(Operation::CompareAndSwap(record)).await?;
+        self.inner.compare_and_swap(record, expected).await
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.hook.before(Operation::Delete).await?;
+        self.inner.delete(id, expected).await
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        after: Option<&DueEntry>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        self.hook.before(Operation::Due).await?;
+        self.inner.due(before, after, limit).await
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.hook.before(Operation::List).await?;
+        self.inner.list(filter, after, limit).await
+    }
 }
 
 /// What a [`FlakyStore`] fails while its switch is on.
@@ -29,7 +149,7 @@ pub enum FaultTarget {
     Everything,
     /// Writes (`create`, `compare_and_swap`, `delete`).
     Writes,
-    /// Compare-and-swaps writing a record produced by this event.
+    /// Writes of a record produced by this event.
     WritesOf(EventKind),
 }
 
@@ -64,104 +184,42 @@ impl FaultSwitch {
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::SeqCst)
     }
+}
 
-    fn check(
-        &self,
-        operation: &'static str,
-        write: bool,
-        event: Option<EventKind>,
-    ) -> Result<(), StoreError> {
+#[async_trait]
+impl Hook for FaultSwitch {
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
         let rule = *self.rule.lock().unwrap_or_else(PoisonError::into_inner);
         let Some((target, kind)) = rule else {
             return Ok(());
         };
         let hit = match target {
             FaultTarget::Everything => true,
-            FaultTarget::Writes => write,
-            FaultTarget::WritesOf(kind) => write && event == Some(kind),
+            FaultTarget::Writes => operation.is_write(),
+            FaultTarget::WritesOf(event) => operation.event() == Some(event),
         };
         if !hit {
             return Ok(());
         }
         self.injected.fetch_add(1, Ordering::SeqCst);
-        let source = format!("injected fault on {operation}");
+        let (name, source) = (
+            operation.name(),
+            format!("injected fault on {}", operation.name()),
+        );
         Err(match kind {
-            FaultKind::Unavailable => StoreError::unavailable(BACKEND, operation, source),
-            FaultKind::Backend => StoreError::backend(BACKEND, operation, source),
+            FaultKind::Unavailable => StoreError::unavailable("flaky", name, source),
+            FaultKind::Backend => StoreError::backend("flaky", name, source),
         })
     }
 }
 
 /// A store that fails on command (see [`FaultSwitch`]).
-#[derive(Debug)]
-pub struct FlakyStore<S> {
-    inner: S,
-    switch: Arc<FaultSwitch>,
-}
+pub type FlakyStore<S> = Hooked<S, FaultSwitch>;
 
 impl<S: TokenStore> FlakyStore<S> {
     /// Wraps `inner`; the switch starts off.
-    pub fn new(inner: S) -> (Self, Arc<FaultSwitch>) {
-        let switch = Arc::new(FaultSwitch::default());
-        (
-            Self {
-                inner,
-                switch: switch.clone(),
-            },
-            switch,
-        )
-    }
-}
-
-#[async_trait]
-impl<S: TokenStore> TokenStore for FlakyStore<S> {
-    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
-        self.switch.check("get", false, None)?;
-        self.inner.get(id).await
-    }
-
-    async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        self.switch.check("create", true, last_event(record))?;
-        self.inner.create(record).await
-    }
-
-    async fn compare_and_swap(
-        &self,
-        record: &Record,
-        expected: u64,
-    ) -> Result<CasOutcome, StoreError> {
-        self.switch
-            .check("compare_and_swap", true, last_event(record))?;
-        self.inner.compare_and_swap(record, expected).await
-    }
-
-    async fn delete(
-        &self,
-        id: &InstallationId,
-        expected: u64,
-    ) -> Result<DeleteOutcome, StoreError> {
-        self.switch.check("delete", true, None)?;
-        self.inner.delete(id, expected).await
-    }
-
-    async fn due(
-        &self,
-        before: Timestamp,
-        after: Option<&DueEntry>,
-        limit: usize,
-    ) -> Result<DuePage, StoreError> {
-        self.switch.check("due", false, None)?;
-        self.inner.due(before, after, limit).await
-    }
-
-    async fn list(
-        &self,
-        filter: ListFilter,
-        after: Option<&InstallationId>,
-        limit: usize,
-    ) -> Result<ListPage, StoreError> {
-        self.switch.check("list", false, None)?;
-        self.inner.list(filter, after, limit).await
+    pub fn flaky(inner: S) -> (Self, Arc<FaultSwitch>) {
+        Self::new(inner, FaultSwitch::default())
     }
 }
 
@@ -176,6 +234,17 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// A gate that holds the first write of a record produced by `event`.
+    pub fn on(event: EventKind) -> Self {
+        Self {
+            event,
+            armed: AtomicBool::new(true),
+            held: watch::Sender::new(false),
+            release: Notify::new(),
+            released: AtomicBool::new(false),
+        }
+    }
+
     /// Waits until a write is being held at the gate.
     pub async fn held(&self) {
         let mut rx = self.held.subscribe();
@@ -189,86 +258,66 @@ impl Gate {
     }
 }
 
+#[async_trait]
+impl Hook for Gate {
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
+        let is_cas = matches!(operation, Operation::CompareAndSwap(_));
+        if is_cas
+            && operation.event() == Some(self.event)
+            && self.armed.swap(false, Ordering::SeqCst)
+        {
+            let released = self.release.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            self.held.send_replace(true);
+            if !self.released.load(Ordering::SeqCst) {
+                released.await;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A store that holds the first compare-and-swap of a record produced by a chosen event
 /// until [`Gate::release`]: a process paused between two steps of the protocol.
-#[derive(Debug)]
-pub struct GatedStore<S> {
-    inner: S,
-    gate: Arc<Gate>,
-}
+pub type GatedStore<S> = Hooked<S, Gate>;
 
 impl<S: TokenStore> GatedStore<S> {
     /// Wraps `inner`, holding the first write of an `event` record.
-    pub fn new(inner: S, event: EventKind) -> (Self, Arc<Gate>) {
-        let gate = Arc::new(Gate {
-            event,
-            armed: AtomicBool::new(true),
-            held: watch::Sender::new(false),
-            release: Notify::new(),
-            released: AtomicBool::new(false),
-        });
-        (
-            Self {
-                inner,
-                gate: gate.clone(),
-            },
-            gate,
-        )
+    pub fn gated(inner: S, event: EventKind) -> (Self, Arc<Gate>) {
+        Self::new(inner, Gate::on(event))
+    }
+}
+
+/// Counts compare-and-swaps (every lease, result and failure write).
+#[derive(Debug, Default)]
+pub struct SwapCounter(AtomicU64);
+
+impl SwapCounter {
+    /// How many compare-and-swaps ran so far.
+    pub fn swaps(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
     }
 }
 
 #[async_trait]
-impl<S: TokenStore> TokenStore for GatedStore<S> {
-    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
-        self.inner.get(id).await
-    }
-
-    async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        self.inner.create(record).await
-    }
-
-    async fn compare_and_swap(
-        &self,
-        record: &Record,
-        expected: u64,
-    ) -> Result<CasOutcome, StoreError> {
-        let gate = &self.gate;
-        if last_event(record) == Some(gate.event) && gate.armed.swap(false, Ordering::SeqCst) {
-            let released = gate.release.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            gate.held.send_replace(true);
-            if !gate.released.load(Ordering::SeqCst) {
-                released.await;
-            }
+impl Hook for SwapCounter {
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
+        if matches!(operation, Operation::CompareAndSwap(_)) {
+            self.0.fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.compare_and_swap(record, expected).await
+        Ok(())
     }
+}
 
-    async fn delete(
-        &self,
-        id: &InstallationId,
-        expected: u64,
-    ) -> Result<DeleteOutcome, StoreError> {
-        self.inner.delete(id, expected).await
-    }
+/// A store that counts compare-and-swaps, so a test can bound how many writes a fleet
+/// member made.
+pub type CountingStore<S> = Hooked<S, SwapCounter>;
 
-    async fn due(
-        &self,
-        before: Timestamp,
-        after: Option<&DueEntry>,
-        limit: usize,
-    ) -> Result<DuePage, StoreError> {
-        self.inner.due(before, after, limit).await
-    }
-
-    async fn list(
-        &self,
-        filter: ListFilter,
-        after: Option<&InstallationId>,
-        limit: usize,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list(filter, after, limit).await
+impl<S: TokenStore> CountingStore<S> {
+    /// Wraps `inner`; the counter starts at zero.
+    pub fn counting(inner: S) -> (Self, Arc<SwapCounter>) {
+        Self::new(inner, SwapCounter::default())
     }
 }
 
@@ -287,7 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_flaky_store_fails_only_what_it_is_told() {
-        let (store, switch) = FlakyStore::new(MemoryStore::new());
+        let (store, switch) = FlakyStore::flaky(MemoryStore::new());
         let id = InstallationId::new("i").unwrap();
         let r = sample_record(&id, T0);
         store.create(&r).await.unwrap();
@@ -313,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_gated_store_holds_one_write_until_released() {
-        let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::LeaseAcquired);
+        let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::LeaseAcquired);
         let store = Arc::new(store);
         let id = InstallationId::new("i").unwrap();
         let r = sample_record(&id, T0);
@@ -334,73 +383,5 @@ mod tests {
             store.compare_and_swap(&again, 2).await.unwrap(),
             CasOutcome::Swapped
         );
-    }
-}
-
-/// A store that counts compare-and-swap calls (every lease, result and failure write), so a
-/// test can bound how many writes a fleet member made.
-#[derive(Debug)]
-pub struct CountingStore<S> {
-    inner: S,
-    swaps: Arc<AtomicU64>,
-}
-
-impl<S: TokenStore> CountingStore<S> {
-    /// Wraps `inner`; the counter starts at zero.
-    pub fn new(inner: S) -> (Self, Arc<AtomicU64>) {
-        let swaps = Arc::new(AtomicU64::new(0));
-        (
-            Self {
-                inner,
-                swaps: swaps.clone(),
-            },
-            swaps,
-        )
-    }
-}
-
-#[async_trait]
-impl<S: TokenStore> TokenStore for CountingStore<S> {
-    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
-        self.inner.get(id).await
-    }
-
-    async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        self.inner.create(record).await
-    }
-
-    async fn compare_and_swap(
-        &self,
-        record: &Record,
-        expected: u64,
-    ) -> Result<CasOutcome, StoreError> {
-        self.swaps.fetch_add(1, Ordering::SeqCst);
-        self.inner.compare_and_swap(record, expected).await
-    }
-
-    async fn delete(
-        &self,
-        id: &InstallationId,
-        expected: u64,
-    ) -> Result<DeleteOutcome, StoreError> {
-        self.inner.delete(id, expected).await
-    }
-
-    async fn due(
-        &self,
-        before: Timestamp,
-        after: Option<&DueEntry>,
-        limit: usize,
-    ) -> Result<DuePage, StoreError> {
-        self.inner.due(before, after, limit).await
-    }
-
-    async fn list(
-        &self,
-        filter: ListFilter,
-        after: Option<&InstallationId>,
-        limit: usize,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list(filter, after, limit).await
     }
 }

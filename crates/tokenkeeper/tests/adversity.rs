@@ -11,12 +11,21 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::EventKind;
-use tokenkeeper::{Error, LifecycleEventKind, ReauthReason, StateKind, profiles};
+use tokenkeeper::{Error, InstallationId, LifecycleEventKind, ReauthReason, StateKind, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
 
 const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+/// A caller asking for `id`'s token in its own task (so the test can act while it waits).
+fn spawn_access_token(
+    manager: &tokenkeeper::TokenManager,
+    id: &InstallationId,
+) -> tokio::task::JoinHandle<Result<tokenkeeper::AccessToken, Error>> {
+    let (m, id) = (manager.clone(), id.clone());
+    tokio::spawn(async move { m.access_token(&id).await })
+}
 
 /// Waits (real time, bounded) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -34,7 +43,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 /// store is back, not discarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_after_the_rotation_loses_nothing() {
-    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let f = Fixture::tuned(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -52,10 +61,7 @@ async fn a_store_outage_after_the_rotation_loses_nothing() {
         FaultTarget::WritesOf(EventKind::Refreshed),
         FaultKind::Unavailable,
     );
-    let caller = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
+    let caller = spawn_access_token(&f.manager, &id);
     until("the provider's rotation", || {
         f.mock.counters().totals.rotations == 1
     })
@@ -85,7 +91,7 @@ async fn a_store_outage_after_the_rotation_loses_nothing() {
 /// the installation, not be discarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_late_result_revives_the_installation() {
-    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -94,10 +100,7 @@ async fn a_paused_holders_late_result_revives_the_installation() {
     .await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
-    let holder = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
+    let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     // The holder's lease lapses while it is paused.
     f.clock
@@ -149,7 +152,7 @@ async fn a_peer_with_a_clock_ahead_does_not_make_newer_tokens_look_stale() {
 /// told the installation needs re-authorization.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_condemnation_the_store_refused_is_not_announced() {
-    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -206,7 +209,7 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
 /// the unsaved-tokens sink (not dropped), and `restore_unsaved` puts them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
-    let (store, switch) = FlakyStore::new(MemoryStore::new());
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let store = Arc::new(store);
     let mock = tokenkeeper_mock_provider::MockProvider::builder()
         .profile(MockProfile::Bitbucket)
@@ -284,10 +287,7 @@ async fn shutdown_waits_for_refreshes_in_flight() {
             max_ms: 300,
         },
     )]);
-    let caller = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
+    let caller = spawn_access_token(&f.manager, &id);
     until("the refresh to reach the provider", || {
         f.mock.counters().totals.refresh_calls == 1
     })
@@ -391,6 +391,28 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
     assert!(!store.get(&id).await.unwrap().unwrap().state().is_terminal());
 }
 
+/// The provider rotates and the reply is lost (commit-then-drop); 5 s later the next attempt
+/// is rate-limited with `Retry-After: retry_after_secs`. Both calls fail.
+async fn lose_a_rotation_then_get_rate_limited(
+    f: &Fixture,
+    id: &InstallationId,
+    retry_after_secs: u64,
+) {
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::CommitThenDrop,
+    )]);
+    assert!(f.manager.access_token(id).await.is_err());
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::TooManyRequests { retry_after_secs },
+    )]);
+    f.advance(Duration::from_secs(5));
+    assert!(f.manager.access_token(id).await.is_err());
+}
+
 /// Finding 11: after an attempt that may have rotated the token (commit-then-drop), a
 /// provider with a reuse leeway is retried inside the leeway whatever `Retry-After` says. Here
 /// the second attempt meets a 429 asking for an hour; the third must still come within the
@@ -400,21 +422,7 @@ async fn a_leeway_provider_is_retried_inside_its_leeway_whatever_retry_after_say
     let f = Fixture::new(profiles::atlassian_3lo(), MockProfile::Atlassian3lo).await;
     let id = f.install().await;
     f.advance(Duration::from_secs(3600));
-    f.mock.set_faults(vec![FaultRule::next(
-        Endpoint::Token,
-        1,
-        Fault::CommitThenDrop,
-    )]);
-    assert!(f.manager.access_token(&id).await.is_err());
-    f.mock.set_faults(vec![FaultRule::next(
-        Endpoint::Token,
-        1,
-        Fault::TooManyRequests {
-            retry_after_secs: 3600,
-        },
-    )]);
-    f.advance(Duration::from_secs(5));
-    assert!(f.manager.access_token(&id).await.is_err());
+    lose_a_rotation_then_get_rate_limited(&f, &id, 3600).await;
     let due = f.record(&id).await.due_at().unwrap();
     let first = tokenkeeper::Clock::now(&f.clock).saturating_sub(Duration::from_secs(5));
     assert!(
@@ -472,22 +480,7 @@ async fn every_possibly_committed_attempt_is_remembered() {
     let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
     let id = f.install().await;
     f.advance(Duration::from_secs(28_800));
-    // The rotation commits and its reply is lost, then the provider rate-limits us.
-    f.mock.set_faults(vec![FaultRule::next(
-        Endpoint::Token,
-        1,
-        Fault::CommitThenDrop,
-    )]);
-    assert!(f.manager.access_token(&id).await.is_err());
-    f.mock.set_faults(vec![FaultRule::next(
-        Endpoint::Token,
-        1,
-        Fault::TooManyRequests {
-            retry_after_secs: 10,
-        },
-    )]);
-    f.advance(Duration::from_secs(5));
-    assert!(f.manager.access_token(&id).await.is_err());
+    lose_a_rotation_then_get_rate_limited(&f, &id, 10).await;
     f.advance(Duration::from_secs(20));
     match f.manager.access_token(&id).await {
         Err(Error::ReauthorizationRequired {
@@ -503,7 +496,7 @@ async fn every_possibly_committed_attempt_is_remembered() {
 /// paused; when it resumes, its (stale) result is dropped and the installation stays revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_result_never_overwrites_a_revocation() {
-    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -512,10 +505,7 @@ async fn a_paused_holders_result_never_overwrites_a_revocation() {
     .await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
-    let holder = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
+    let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     f.peer(profiles::bitbucket()).revoke(&id).await.unwrap();
     gate.release();
@@ -530,7 +520,7 @@ async fn a_paused_holders_result_never_overwrites_a_revocation() {
 /// grant's refresh was paused; the new grant's tokens must survive the holder's late write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_result_never_overwrites_a_new_grant() {
-    let (store, gate) = GatedStore::new(MemoryStore::new(), EventKind::Refreshed);
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -539,10 +529,7 @@ async fn a_paused_holders_result_never_overwrites_a_new_grant() {
     .await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
-    let holder = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
+    let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     // A new authorization of the same installation, completed by another process.
     let peer = f.peer(profiles::bitbucket());

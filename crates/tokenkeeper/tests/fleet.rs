@@ -220,7 +220,7 @@ fn child_process_entry() {
         .unwrap()
         .block_on(async move {
             let clock = OffsetClock::skewed(skew_ms);
-            let (store, swaps) = tokenkeeper_testkit::wrappers::CountingStore::new(
+            let (store, swaps) = tokenkeeper_testkit::wrappers::CountingStore::counting(
                 open_store(&backend, &location).await,
             );
             let store: Arc<dyn TokenStore> = Arc::new(store);
@@ -251,7 +251,7 @@ fn child_process_entry() {
                 };
                 let mut args = args.split_whitespace();
                 clock.set_offset(args.next().unwrap().parse().unwrap());
-                let before = swaps.load(Ordering::SeqCst);
+                let before = swaps.swaps();
                 let errors = if contention {
                     // Everyone starts together (the barrier is a wall-clock instant).
                     let start_ms: u64 = args.next().unwrap().parse().unwrap();
@@ -265,7 +265,7 @@ fn child_process_entry() {
                 } else {
                     sweep_n(&manager, member, count).await
                 };
-                let written = swaps.load(Ordering::SeqCst) - before;
+                let written = swaps.swaps() - before;
                 writeln!(out, "done {errors} {written}").unwrap();
                 out.flush().unwrap();
             }
@@ -471,6 +471,51 @@ async fn redis_fleet_of_processes() {
     }
 }
 
+/// The set-up of the process-stopping tests: a mock of `profile_name`, a fresh SQLite store,
+/// a short-lease survivor manager that authorized `count` installations.
+struct StopFixture {
+    mock: MockProvider,
+    base: String,
+    location: String,
+    store: Arc<dyn TokenStore>,
+    clock: OffsetClock,
+    survivor: TokenManager,
+    cycle: Duration,
+}
+
+async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFixture {
+    let (profile, kind, cycle) = profile(profile_name);
+    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+    let base = mock.base_url();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{tag}-{}-{profile_name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let location = dir.join("tokens.db").to_str().unwrap().to_owned();
+    let store = open_store("sqlite", &location).await;
+    let clock = OffsetClock::default();
+    let survivor = short_lease_manager(store.clone(), profile, &base, &clock);
+    authorize_all(&survivor, &mock, count).await;
+    StopFixture {
+        mock,
+        base,
+        location,
+        store,
+        clock,
+        survivor,
+        cycle,
+    }
+}
+
+/// Every token request commits its rotation and answers `ms` later.
+fn slow_replies(mock: &MockProvider, ms: u64) {
+    mock.set_faults(vec![tokenkeeper_mock_provider::FaultRule::probability(
+        tokenkeeper_mock_provider::Endpoint::Token,
+        1.0,
+        tokenkeeper_mock_provider::Fault::SlowReply { ms },
+    )]);
+}
+
 /// The adversarial fleet (review T1-T3): 4 processes whose clocks disagree by up to 0.8 s
 /// call every installation in the same order, 4 callers each, starting together each cycle;
 /// leases are short (3 s); in one cycle a member is frozen with SIGSTOP past its leases and
@@ -491,11 +536,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
     let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock);
     authorize_all(&admin, &mock, COUNT).await;
     // Every rotation is committed 100 ms before its reply: a frozen member holds results.
-    mock.set_faults(vec![tokenkeeper_mock_provider::FaultRule::probability(
-        tokenkeeper_mock_provider::Endpoint::Token,
-        1.0,
-        tokenkeeper_mock_provider::Fault::SlowReply { ms: 100 },
-    )]);
+    slow_replies(&mock, 100);
     let mut members: Vec<Member> = (0..PROCESSES)
         .map(|n| {
             let env = [
@@ -639,23 +680,21 @@ async fn contention_fleet_on_redis() {
 async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
     const COUNT: usize = 60;
     const WORKERS: usize = 3;
-    let (profile, kind, cycle) = profile("bitbucket");
-    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
-    let base = mock.base_url();
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("sigterm-{}-{graceful}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let location = dir.join("tokens.db").to_str().unwrap().to_owned();
-    let store = open_store("sqlite", &location).await;
-    let clock = OffsetClock::default();
-    let survivor = short_lease_manager(store.clone(), profile.clone(), &base, &clock);
-    authorize_all(&survivor, &mock, COUNT).await;
-    mock.set_faults(vec![tokenkeeper_mock_provider::FaultRule::probability(
-        tokenkeeper_mock_provider::Endpoint::Token,
-        1.0,
-        tokenkeeper_mock_provider::Fault::SlowReply { ms: 200 },
-    )]);
+    let tag = if graceful {
+        "sigterm"
+    } else {
+        "sigterm-abrupt"
+    };
+    let StopFixture {
+        mock,
+        base,
+        location,
+        store,
+        clock,
+        survivor,
+        cycle,
+    } = stop_fixture(tag, "bitbucket", COUNT).await;
+    slow_replies(&mock, 200);
     let mut env = vec![
         ("TK_FLEET_COUNT", COUNT.to_string()),
         ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
@@ -750,29 +789,20 @@ struct Chaos {
 /// tokens. Any other loss is ours.
 async fn run_chaos(profile_name: &str) -> Chaos {
     const COUNT: usize = 40;
-    let (profile, kind, cycle) = profile(profile_name);
-    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
-    let base = mock.base_url();
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("chaos-{}-{profile_name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let location = dir.join("tokens.db").to_str().unwrap().to_owned();
-    let store = open_store("sqlite", &location).await;
-    let clock = OffsetClock::default();
-    let survivor = short_lease_manager(store.clone(), profile.clone(), &base, &clock);
-    authorize_all(&survivor, &mock, COUNT).await;
+    let StopFixture {
+        mock,
+        base,
+        location,
+        store,
+        clock,
+        survivor,
+        cycle,
+    } = stop_fixture("chaos", profile_name, COUNT).await;
     let env = [
         ("TK_FLEET_COUNT", COUNT.to_string()),
         ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
     ];
-    let slow = || {
-        mock.set_faults(vec![tokenkeeper_mock_provider::FaultRule::probability(
-            tokenkeeper_mock_provider::Endpoint::Token,
-            1.0,
-            tokenkeeper_mock_provider::Fault::SlowReply { ms: 200 },
-        )])
-    };
+    let slow = || slow_replies(&mock, 200);
     let mut offset = 0i64;
     let mut chaos = Chaos {
         kills: 0,
