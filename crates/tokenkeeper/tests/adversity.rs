@@ -549,3 +549,38 @@ async fn a_paused_holders_result_never_overwrites_a_new_grant() {
         "the new grant survived"
     );
 }
+
+/// Finding 7: a caller never waits without bound. The store will not take the rotated
+/// tokens for a while; the caller gets `Busy` after `caller_wait`, the refresh goes on in
+/// the background and its result is there for the next caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_wait_a_bounded_time_and_the_refresh_lands_anyway() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        |p| p.caller_wait = Duration::from_millis(500),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Unavailable,
+    );
+    let started = std::time::Instant::now();
+    match f.manager.access_token(&id).await {
+        Err(Error::Busy { waited, .. }) => assert_eq!(waited, Duration::from_millis(500)),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    switch.heal();
+    until("the background refresh to land", || {
+        f.manager.cached_token(&id).is_some()
+    })
+    .await;
+    f.manager.access_token(&id).await.unwrap();
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (1, 0), "{c:?}");
+}

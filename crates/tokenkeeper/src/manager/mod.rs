@@ -372,27 +372,41 @@ impl TokenManager {
         self.engine.cache.remove(id);
     }
 
-    /// Joins (or leads) the installation's flight. The leader drives the refresh inline; if
-    /// it is dropped, the refresh finishes in a spawned task, so a dropped caller cancels
-    /// nothing.
+    /// Joins (or leads) the installation's flight, for at most `RefreshPolicy::caller_wait`.
+    /// The leader drives the refresh inline; if it is dropped (or gives up), the refresh
+    /// finishes in a spawned task, so a caller that stops waiting cancels nothing.
     pub(crate) async fn refresh(
         &self,
         id: &InstallationId,
         mode: Mode,
     ) -> Result<AccessToken, Error> {
-        let rx = match self.engine.flights.join(id) {
-            flight::Joined::Follower(rx) => rx,
-            flight::Joined::Leader(landing, rx) => {
-                let (engine, flight_id) = (self.engine.clone(), id.clone());
-                flight::Detachable::new(async move {
-                    let outcome = refresh::run(&engine, &flight_id, &mode).await;
-                    landing.land(outcome);
-                })
-                .await;
-                rx
-            }
+        let flight = async {
+            let rx = match self.engine.flights.join(id) {
+                flight::Joined::Follower(rx) => rx,
+                flight::Joined::Leader(landing, rx) => {
+                    let (engine, flight_id) = (self.engine.clone(), id.clone());
+                    flight::Detachable::new(async move {
+                        let outcome = refresh::run(&engine, &flight_id, &mode).await;
+                        landing.land(outcome);
+                    })
+                    .await;
+                    rx
+                }
+            };
+            flight::wait(id, rx).await
         };
-        flight::wait(id, rx).await
+        // A caller waits at most `caller_wait`; a leader that gives up hands the flight to a
+        // task (Detachable), so the refresh still lands for the next caller.
+        let waited = self.engine.policy.caller_wait;
+        tokio::time::timeout(waited, flight)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Busy {
+                    id: id.clone(),
+                    holder: format!("a refresh in this process ({})", self.engine.process_tag),
+                    waited,
+                })
+            })
     }
 
     /// Sends `request` with the installation's bearer token; on a 401 refreshes once (unless

@@ -48,6 +48,10 @@ pub struct RefreshPolicy {
     /// flight retries every store error for this long before handing the tokens to the
     /// unsaved-tokens sink (`TokenManagerBuilder::on_unsaved_tokens`).
     pub result_write_patience: Duration,
+    /// The longest a caller of `access_token` (or `send_authorized`) waits for a refresh
+    /// (default 30 s); past it the caller gets `Error::Busy` while the refresh goes on in the
+    /// background and lands for the next caller.
+    pub caller_wait: Duration,
 }
 
 impl RefreshPolicy {
@@ -73,6 +77,7 @@ impl RefreshPolicy {
             failure_budget_attempts: 5,
             consumer_breaker: Duration::from_secs(60),
             result_write_patience: Duration::from_secs(300),
+            caller_wait: Duration::from_secs(30),
         }
     }
 
@@ -94,6 +99,12 @@ impl RefreshPolicy {
             return Err(ConfigError::OutOfRange {
                 field: "backoff_base",
                 reason: "must be positive and at most backoff_max".into(),
+            });
+        }
+        if self.caller_wait.is_zero() {
+            return Err(ConfigError::OutOfRange {
+                field: "caller_wait",
+                reason: "must be positive".into(),
             });
         }
         if self.result_write_patience.is_zero() {
