@@ -584,3 +584,44 @@ async fn callers_wait_a_bounded_time_and_the_refresh_lands_anyway() {
     let c = f.mock.counters().totals;
     assert_eq!((c.rotations, c.rejected_refreshes), (1, 0), "{c:?}");
 }
+
+/// Finding 7: one stuck refresh never stalls the refresher's other work. X's result write is
+/// held (a store stuck on that one row); Y falls due meanwhile and is refreshed all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_refresh_does_not_stall_the_refresher() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let x = f.install().await;
+    f.advance(TWO_HOURS);
+    let y = f.install().await;
+    let refresher = f
+        .manager
+        .spawn_refresher_with(tokenkeeper::RefresherConfig {
+            rate_per_second: None,
+            max_idle: Duration::from_millis(100),
+            ..tokenkeeper::RefresherConfig::default()
+        });
+    gate.held().await;
+    let y_before = f.record(&y).await.tokens().refresh_token.clone();
+    f.advance(TWO_HOURS);
+    until("Y's refresh while X is stuck", || {
+        f.mock.counters().totals.rotations >= 2
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f.record(&y).await.tokens().refresh_token == y_before {
+        assert!(std::time::Instant::now() < deadline, "Y was never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.release();
+    until("X's refresh to land", || {
+        f.manager.cached_token(&x).is_some()
+    })
+    .await;
+    refresher.shutdown().await;
+}

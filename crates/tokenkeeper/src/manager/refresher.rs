@@ -4,11 +4,12 @@
 //! so it never runs two refreshes of one installation. Shutdown stops scheduling and awaits
 //! the refreshes in flight.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenkeeper_core::DueEntry;
+use tokenkeeper_core::{DueEntry, InstallationId};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -107,8 +108,12 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
             .map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
         let mut next_slot = tokio::time::Instant::now();
         let mut running = JoinSet::new();
+        // Installations whose refresh is still running: a slow one is left to finish while
+        // the next sweeps go on with everything else (no sweep waits for its slowest refresh).
+        let in_flight: Arc<Mutex<HashSet<InstallationId>>> = Arc::default();
         'sweeps: loop {
             task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
+            let mut dispatched = 0usize;
             let now = manager.engine.clock.now();
             let mut cursor: Option<DueEntry> = None;
             loop {
@@ -128,6 +133,14 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                     if *stopped.borrow() {
                         break 'sweeps;
                     }
+                    if !in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(entry.id.clone())
+                    {
+                        continue;
+                    }
+                    dispatched += 1;
                     if let Some(pace) = pace {
                         tokio::time::sleep_until(next_slot).await;
                         next_slot = next_slot.max(tokio::time::Instant::now()) + pace;
@@ -135,7 +148,7 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         break 'sweeps;
                     };
-                    let (m, s) = (manager.clone(), task_stats.clone());
+                    let (m, s, flying) = (manager.clone(), task_stats.clone(), in_flight.clone());
                     s.attempted.fetch_add(1, Ordering::Relaxed);
                     running.spawn(async move {
                         let outcome = m.refresh(&entry.id, Mode::Proactive).await;
@@ -143,6 +156,10 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                             Ok(_) => s.succeeded.fetch_add(1, Ordering::Relaxed),
                             Err(_) => s.failed.fetch_add(1, Ordering::Relaxed),
                         };
+                        flying
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&entry.id);
                         drop(permit);
                     });
                     while running.try_join_next().is_some() {}
@@ -152,11 +169,16 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                     None => break,
                 }
             }
-            // Finish this sweep's refreshes before reading the index again.
-            while running.join_next().await.is_some() {}
-            let idle = next_due_in(&manager, config.max_idle).await;
+            // Only refreshes still running were due: wait for one of them to end (or for
+            // `max_idle`) rather than spinning over entries nothing can be done about yet.
+            let idle = if dispatched == 0 && !running.is_empty() {
+                config.max_idle
+            } else {
+                next_due_in(&manager, config.max_idle).await
+            };
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
+                _ = running.join_next(), if !running.is_empty() => {}
                 _ = stopped.changed() => {}
             }
             if *stopped.borrow() {
