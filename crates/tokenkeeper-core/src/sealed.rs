@@ -125,6 +125,21 @@ impl fmt::Debug for Keyring {
     }
 }
 
+impl Clone for Keyring {
+    /// A copy with the same keys (each in its own zeroed-on-drop box): the manager seals
+    /// the store and its unsaved-tokens files with one keyring.
+    fn clone(&self) -> Self {
+        Self {
+            current: self.current.clone(),
+            keys: self
+                .keys
+                .iter()
+                .map(|(id, key)| (id.clone(), SecretBox::new(Box::new(*key.expose_secret()))))
+                .collect(),
+        }
+    }
+}
+
 fn key_bytes(id: &str, key: &[u8]) -> Result<SecretBox<[u8; 32]>, SealError> {
     let bytes: [u8; 32] = key.try_into().map_err(|_| SealError::InvalidKeyLength {
         id: id.to_owned(),

@@ -138,6 +138,9 @@ pub enum Error {
     /// The authorization flow failed.
     #[error(transparent)]
     Authorization(Arc<AuthorizationError>),
+    /// An unsaved-tokens file could not be read back.
+    #[error(transparent)]
+    UnsavedFile(Arc<crate::manager::UnsavedFileError>),
     /// Tokens given to `import_installation` are unusable.
     #[error("cannot import installation {id}: {reason}")]
     InvalidImport {
@@ -208,7 +211,7 @@ impl Error {
             | Self::LeaseLost { id }
             | Self::ShuttingDown { id }
             | Self::Internal { id, .. } => Some(id),
-            Self::Authorization(_) => None,
+            Self::Authorization(_) | Self::UnsavedFile(_) => None,
         }
     }
 

@@ -56,7 +56,8 @@ pub mod oauth;
 pub use error::Error;
 pub use manager::{
     Explanation, Health, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
-    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder, UnsavedTokens,
+    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder, UnsavedFileError,
+    UnsavedTokens,
 };
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,

@@ -625,3 +625,81 @@ async fn a_stuck_refresh_does_not_stall_the_refresher() {
     .await;
     refresher.shutdown().await;
 }
+
+/// The default unsaved-tokens sink: a file of its own per result, in an owner-only
+/// directory, sealed with the manager's keyring when it has one; restore_unsaved_file puts
+/// the tokens back.
+async fn unsaved_tokens_reach_a_file(sealed: bool) {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let mock = tokenkeeper_mock_provider::MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved").join("kept");
+    let clock = now_clock();
+    let consumer = consumer_for(
+        profiles::bitbucket(),
+        &mock,
+        tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+    );
+    #[allow(unused_mut)] // reassigned only with the encryption feature
+    let mut builder = tokenkeeper::TokenManager::builder(consumer, store)
+        .clock(clock.clone())
+        .tune(|p| p.result_write_patience = Duration::from_millis(300))
+        .unsaved_tokens_dir(&dir);
+    #[cfg(feature = "encryption")]
+    if sealed {
+        builder = builder.encryption(tokenkeeper::Keyring::new("k1", &[7u8; 32]).unwrap());
+    }
+    #[cfg(not(feature = "encryption"))]
+    assert!(!sealed);
+    let manager = builder.build().unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    let id = manager
+        .complete_authorization(code, &state)
+        .await
+        .unwrap()
+        .installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one file per unsaved result");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(text.contains("refresh_token"), !sealed, "sealed: {sealed}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&files[0]), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+    }
+    switch.heal();
+    manager.restore_unsaved_file(&files[0]).await.unwrap();
+    manager.access_token(&id).await.unwrap();
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    manager.access_token(&id).await.unwrap();
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsaved_tokens_reach_an_owner_only_file_by_default() {
+    unsaved_tokens_reach_a_file(false).await;
+}
+
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsaved_tokens_are_sealed_with_the_managers_keyring() {
+    unsaved_tokens_reach_a_file(true).await;
+}

@@ -41,7 +41,7 @@ pub use events::{LifecycleEvent, LifecycleEventKind};
 pub use explain::{Explanation, Health};
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
-pub use unsaved::UnsavedTokens;
+pub use unsaved::{UnsavedFileError, UnsavedTokens};
 
 use cache::Cache;
 use decide::Mode;
@@ -65,6 +65,7 @@ pub(crate) struct Engine {
     pub(crate) flight_seq: AtomicU64,
     pub(crate) in_flight: unsaved::InFlight,
     pub(crate) unsaved: unsaved::UnsavedSink,
+    pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
 }
 
@@ -128,6 +129,8 @@ pub struct TokenManagerBuilder {
     http: Option<reqwest::Client>,
     event_capacity: usize,
     unsaved: Option<unsaved::UnsavedSink>,
+    unsaved_dir: std::path::PathBuf,
+    seal: unsaved::Seal,
 }
 
 impl std::fmt::Debug for TokenManagerBuilder {
@@ -138,6 +141,7 @@ impl std::fmt::Debug for TokenManagerBuilder {
             .field("policy", &self.policy)
             .field("event_capacity", &self.event_capacity)
             .field("on_unsaved_tokens", &self.unsaved.is_some())
+            .field("unsaved_tokens_dir", &self.unsaved_dir)
             .finish_non_exhaustive()
     }
 }
@@ -160,8 +164,10 @@ impl TokenManagerBuilder {
     /// Seals every token before it reaches the store (feature `encryption`): a leaked
     /// database or Redis dump holds no usable token. Every process sharing the store needs the
     /// same keyring.
+    /// The same keyring seals the files of the default unsaved-tokens sink.
     #[cfg(feature = "encryption")]
     pub fn encryption(mut self, keyring: tokenkeeper_core::sealed::Keyring) -> Self {
+        self.seal = unsaved::Seal::Keyring(Arc::new(keyring.clone()));
         self.store = Arc::new(tokenkeeper_core::sealed::Sealed::new(self.store, keyring));
         self
     }
@@ -174,10 +180,22 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// The directory where the default unsaved-tokens sink writes (default
+    /// `<temp dir>/tokenkeeper-unsaved`; created owner-only, files 0600). Choose one that
+    /// survives a reboot and holds nothing else.
+    pub fn unsaved_tokens_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.unsaved_dir = dir.into();
+        self
+    }
+
     /// Where rotated tokens go when the store will not take them within
-    /// `RefreshPolicy::result_write_patience` (by default they are logged as lost, without
-    /// the secret). Keep them somewhere safe (they are the installation's only live refresh
-    /// token) and give them back with [`TokenManager::restore_unsaved`] once the store works.
+    /// `RefreshPolicy::result_write_patience`, instead of the default sink. The default writes
+    /// each one to a file of its own in [`unsaved_tokens_dir`](Self::unsaved_tokens_dir),
+    /// sealed with the [`encryption`](Self::encryption) keyring when there is one (plain JSON
+    /// readable by the owner only otherwise), and logs at error level which installation and
+    /// which file; [`TokenManager::restore_unsaved_file`] puts it back. A custom sink keeps
+    /// them its own way (they are the installation's only live refresh token) and gives them
+    /// back with [`TokenManager::restore_unsaved`].
     pub fn on_unsaved_tokens(
         mut self,
         sink: impl Fn(UnsavedTokens) + Send + Sync + 'static,
@@ -223,7 +241,10 @@ impl TokenManagerBuilder {
                 process_tag,
                 flight_seq: AtomicU64::new(0),
                 in_flight: unsaved::InFlight::default(),
-                unsaved: self.unsaved.unwrap_or_else(unsaved::log_sink),
+                unsaved: self.unsaved.unwrap_or_else(|| {
+                    unsaved::file_sink(self.unsaved_dir.clone(), self.seal.clone())
+                }),
+                seal: self.seal,
                 breaker: Mutex::new(None),
             }),
         })
@@ -273,6 +294,8 @@ impl TokenManager {
             http: None,
             event_capacity: 1024,
             unsaved: None,
+            unsaved_dir: std::env::temp_dir().join("tokenkeeper-unsaved"),
+            seal: unsaved::Seal::None,
         }
     }
 
@@ -556,6 +579,23 @@ impl TokenManager {
             },
         );
         Ok(())
+    }
+
+    /// Puts back tokens the default unsaved-tokens sink wrote to `path` (opening it with the
+    /// encryption keyring when it is sealed); see [`restore_unsaved`](Self::restore_unsaved).
+    /// Delete the file once this succeeds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnsavedFile`] when the file cannot be read or opened, and the errors of
+    /// [`restore_unsaved`](Self::restore_unsaved).
+    pub async fn restore_unsaved_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<(), Error> {
+        let unsaved = unsaved::read_file(path.as_ref(), &self.engine.seal)
+            .map_err(|e| Error::UnsavedFile(Arc::new(e)))?;
+        self.restore_unsaved(unsaved).await
     }
 
     /// Stops starting refreshes and waits for every refresh in progress to record its result,

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 /// Rotated tokens the store would not take: the only copy of an installation's new refresh
 /// token. `Debug` shows no secret; keep the value itself as carefully as the store.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct UnsavedTokens {
     /// The installation.
     pub installation: InstallationId,
@@ -45,18 +45,134 @@ impl fmt::Debug for UnsavedTokens {
 /// Where unsaved tokens go (see `TokenManagerBuilder::on_unsaved_tokens`).
 pub(crate) type UnsavedSink = Arc<dyn Fn(UnsavedTokens) + Send + Sync>;
 
-/// The default sink: says loudly which installation lost its rotated tokens, and how to keep
-/// them next time. (It cannot keep them itself without a place the operator chose.)
-pub(crate) fn log_sink() -> UnsavedSink {
-    Arc::new(|unsaved: UnsavedTokens| {
-        tracing::error!(
-            installation = %unsaved.installation,
-            error = %unsaved.error,
-            "the provider rotated this installation's tokens but the store would not take them; \
-             they are lost unless TokenManagerBuilder::on_unsaved_tokens keeps them for \
-             TokenManager::restore_unsaved"
-        );
-    })
+/// How the default sink protects the files it writes.
+#[derive(Clone)]
+pub(crate) enum Seal {
+    /// Plain JSON in a file only the owner can read (no keyring configured).
+    None,
+    /// Sealed with the manager's encryption keyring (feature `encryption`).
+    #[cfg(feature = "encryption")]
+    Keyring(Arc<tokenkeeper_core::sealed::Keyring>),
+}
+
+/// The field name the keyring binds a sealed unsaved-tokens file to.
+#[cfg(feature = "encryption")]
+const SEAL_FIELD: &str = "unsaved-tokens";
+/// The first line of a sealed file; the second is the sealed JSON.
+const SEALED_HEADER: &str = "tokenkeeper-unsaved-tokens sealed v1";
+
+/// The default sink: one file per unsaved result in `dir` (created owner-only), sealed with
+/// the manager's keyring when it has one, and an error log line naming the installation and
+/// the file. `TokenManager::restore_unsaved_file` reads such a file back.
+pub(crate) fn file_sink(dir: std::path::PathBuf, seal: Seal) -> UnsavedSink {
+    Arc::new(
+        move |unsaved: UnsavedTokens| match write_file(&dir, &seal, &unsaved) {
+            Ok(path) => tracing::error!(
+                installation = %unsaved.installation,
+                error = %unsaved.error,
+                file = %path.display(),
+                "the provider rotated this installation's tokens but the store would not take them; they were written to this file: restore them with TokenManager::restore_unsaved_file once the store works"
+            ),
+            Err(e) => tracing::error!(
+                installation = %unsaved.installation,
+                error = %unsaved.error,
+                dir = %dir.display(),
+                write_error = %e,
+                "the provider rotated this installation's tokens, the store would not take them and they could not be written to the unsaved-tokens directory either: they are lost"
+            ),
+        },
+    )
+}
+
+fn write_file(
+    dir: &std::path::Path,
+    seal: &Seal,
+    unsaved: &UnsavedTokens,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    let json = serde_json::to_string(unsaved).map_err(std::io::Error::other)?;
+    let contents = match seal {
+        Seal::None => json,
+        #[cfg(feature = "encryption")]
+        Seal::Keyring(keyring) => {
+            let sealed = keyring
+                .seal(&unsaved.installation, SEAL_FIELD, &json)
+                .map_err(std::io::Error::other)?;
+            format!(
+                "{SEALED_HEADER}\n{}\n{sealed}",
+                unsaved.installation.as_str()
+            )
+        }
+    };
+    let name = format!(
+        "{}-{}.json",
+        unsaved
+            .installation
+            .as_str()
+            .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+        unsaved.at.unix_nanos()
+    );
+    let path = dir.join(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(path)
+}
+
+/// Why an unsaved-tokens file could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnsavedFileError {
+    /// The file could not be read.
+    #[error("cannot read the unsaved-tokens file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not one tokenkeeper wrote (or it was altered).
+    #[error("the unsaved-tokens file is not one tokenkeeper wrote, or it was altered: {0}")]
+    Malformed(String),
+    /// The file is sealed and this manager has no keyring that opens it.
+    #[error(
+        "the unsaved-tokens file is sealed and this manager cannot open it ({0}); build it with the same encryption keyring"
+    )]
+    Sealed(String),
+}
+
+/// Reads a file the default sink wrote.
+pub(crate) fn read_file(
+    path: &std::path::Path,
+    seal: &Seal,
+) -> Result<UnsavedTokens, UnsavedFileError> {
+    let text = std::fs::read_to_string(path)?;
+    let json = match text.strip_prefix(SEALED_HEADER) {
+        None => text,
+        Some(rest) => {
+            let mut lines = rest.trim_start_matches('\n').splitn(2, '\n');
+            let (Some(id), Some(sealed)) = (lines.next(), lines.next()) else {
+                return Err(UnsavedFileError::Malformed("no sealed payload".into()));
+            };
+            let id =
+                InstallationId::new(id).map_err(|e| UnsavedFileError::Malformed(e.to_string()))?;
+            match seal {
+                #[cfg(feature = "encryption")]
+                Seal::Keyring(keyring) => keyring
+                    .open(&id, SEAL_FIELD, sealed.trim())
+                    .map_err(|e| UnsavedFileError::Sealed(e.to_string()))?,
+                Seal::None => {
+                    let _ = (id, sealed);
+                    return Err(UnsavedFileError::Sealed("no keyring configured".into()));
+                }
+            }
+        }
+    };
+    serde_json::from_str(&json).map_err(|e| UnsavedFileError::Malformed(e.to_string()))
 }
 
 /// Counts the flights that hold a lease (from taking it to their last write) and refuses new
