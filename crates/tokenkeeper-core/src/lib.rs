@@ -71,6 +71,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod id;
 mod record;
 mod secret;
@@ -81,8 +83,10 @@ mod token;
 mod transition;
 
 #[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 #[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub mod sealed;
 
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
