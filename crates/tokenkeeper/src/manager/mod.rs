@@ -90,12 +90,22 @@ impl Engine {
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some((until, detail));
     }
 
-    /// The stored record of `id`: `NotFound` when there is none.
+    /// The stored record of `id`: `NotFound` when there is none. A read the store could not
+    /// answer is tried twice more (50 ms, then 200 ms later): the first command on a
+    /// connection the server dropped (a restart, a failover) fails while it reconnects.
     pub(crate) async fn load(&self, id: &InstallationId) -> Result<Record, Error> {
-        match self.store.get(id).await {
-            Ok(Some(record)) => Ok(record),
-            Ok(None) => Err(Error::NotFound { id: id.clone() }),
-            Err(e) => Err(Error::store(id, e)),
+        let mut retries = [50u64, 200].into_iter();
+        loop {
+            match self.store.get(id).await {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => return Err(Error::NotFound { id: id.clone() }),
+                Err(tokenkeeper_core::StoreError::Unavailable { .. })
+                    if let Some(ms) = retries.next() =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(Error::store(id, e)),
+            }
         }
     }
 
