@@ -82,18 +82,59 @@ impl RefreshPolicy {
     }
 
     /// Checks the rules that keep leases safe.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::OutOfRange`] naming the first field that breaks a rule: the lease must
+    /// outlast everything a flight spends under it before its request can no longer reach the
+    /// provider (the exchange deadline, the grace to read a reply that arrived, the clock-skew
+    /// margin); callers must be willing to wait out a dead holder's lease; backoff, budget,
+    /// waits and jitter must be in range; keep-alive must come before the refresh token's
+    /// inactivity expiry.
     pub fn validate(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
-        let needed = consumer.http_timeout() + self.lease_margin;
+        let out_of_range = |field, reason: String| Err(ConfigError::OutOfRange { field, reason });
+        if self.lease_margin.is_zero() {
+            return out_of_range(
+                "lease_margin",
+                "must be positive: it covers clock skew between machines".into(),
+            );
+        }
+        let needed =
+            consumer.http_timeout() + crate::oauth::client::DEADLINE_GRACE + self.lease_margin;
         if self.lease_ttl <= needed {
-            return Err(ConfigError::OutOfRange {
-                field: "lease_ttl",
-                reason: format!(
-                    "{:?} must exceed the HTTP timeout ({:?}) plus the lease margin ({:?}); otherwise a slow refresh could outlive its lease and race another process",
+            return out_of_range(
+                "lease_ttl",
+                format!(
+                    "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace plus the lease margin ({:?}); otherwise a slow refresh could outlive its lease and race another process",
                     self.lease_ttl,
                     consumer.http_timeout(),
                     self.lease_margin
                 ),
-            });
+            );
+        }
+        if self.peer_wait < self.lease_ttl {
+            return out_of_range(
+                "peer_wait",
+                format!(
+                    "{:?} is shorter than the lease TTL ({:?}): callers would give up (Busy) before a dead holder's lease lapses and could be taken over",
+                    self.peer_wait, self.lease_ttl
+                ),
+            );
+        }
+        if self.failure_budget_attempts == 0 {
+            return out_of_range("failure_budget_attempts", "must be at least 1".into());
+        }
+        if let (Some(keep_alive), Some(expiry)) = (
+            self.keep_alive,
+            consumer.profile().refresh_inactivity_expiry,
+        ) && keep_alive >= expiry
+        {
+            return out_of_range(
+                "keep_alive",
+                format!(
+                    "{keep_alive:?} is not before the refresh token's inactivity expiry ({expiry:?}): idle installations would expire before being kept alive"
+                ),
+            );
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
             return Err(ConfigError::OutOfRange {
@@ -171,5 +212,56 @@ impl RefreshPolicy {
             s.consecutive + 1 >= self.failure_budget_attempts
                 && now.duration_since(s.first_at) >= self.failure_budget
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiles;
+
+    fn consumer() -> ConsumerConfig {
+        ConsumerConfig::builder(profiles::bitbucket())
+            .client_id("k")
+            .client_secret("s")
+            .redirect_uri("https://app.example/cb")
+            .build()
+            .unwrap()
+    }
+
+    fn refused(tune: impl FnOnce(&mut RefreshPolicy)) -> &'static str {
+        let c = consumer();
+        let mut p = RefreshPolicy::for_consumer(&c);
+        tune(&mut p);
+        match p.validate(&c) {
+            Err(ConfigError::OutOfRange { field, .. }) => field,
+            other => panic!("expected OutOfRange, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_every_rule_names_its_field() {
+        let c = consumer();
+        RefreshPolicy::for_consumer(&c).validate(&c).unwrap();
+        assert_eq!(refused(|p| p.lease_margin = Duration::ZERO), "lease_margin");
+        assert_eq!(
+            refused(|p| p.lease_ttl = Duration::from_secs(40)),
+            "lease_ttl"
+        );
+        assert_eq!(
+            refused(|p| p.peer_wait = p.lease_ttl - Duration::from_secs(1)),
+            "peer_wait"
+        );
+        assert_eq!(
+            refused(|p| p.failure_budget_attempts = 0),
+            "failure_budget_attempts"
+        );
+        assert_eq!(
+            refused(|p| p.keep_alive = Some(Duration::from_secs(200 * 24 * 3600))),
+            "keep_alive"
+        );
+        assert_eq!(refused(|p| p.backoff_base = Duration::ZERO), "backoff_base");
+        assert_eq!(refused(|p| p.caller_wait = Duration::ZERO), "caller_wait");
+        assert_eq!(refused(|p| p.jitter_percent = 51), "jitter_percent");
     }
 }

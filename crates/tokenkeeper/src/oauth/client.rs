@@ -54,7 +54,7 @@ pub struct CodeGrant {
 
 /// How long a token request whose deadline passed may still finish reading a reply that has
 /// already arrived (after the process was frozen, say).
-const DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The client for token endpoint requests: the consumer's timeouts, no redirects (a 307/308
 /// would re-send the body, refresh token included), no retries (reqwest retries nothing by
