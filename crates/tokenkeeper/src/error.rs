@@ -88,9 +88,10 @@ pub enum Error {
         /// The failure.
         detail: ErrorDetail,
     },
-    /// Another process holds the refresh lease and did not finish in time.
+    /// A refresh (another process's lease, or this process's own flight past
+    /// `RefreshPolicy::caller_wait`) did not finish in time; it goes on.
     #[error(
-        "installation {id} is being refreshed by another process ({holder}) that did not finish within {waited:?}; try again shortly"
+        "installation {id} is being refreshed by {holder}, which did not finish within {waited:?}; the refresh goes on: try again shortly"
     )]
     Busy {
         /// The installation.
@@ -100,10 +101,10 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
-    /// This process's refresh lease was taken over before its outcome was recorded (the
-    /// process stalled past the lease, or its clock lags): a peer is handling it.
+    /// The record changed under this process's lease before it recorded its refresh's
+    /// failure (a takeover after a stall, a revocation, a re-authorization).
     #[error(
-        "installation {id}: another process took over the refresh lease before this one recorded its outcome (this process stalled past the lease); try again"
+        "installation {id} changed before this process recorded the outcome of its refresh (a peer took the lapsed lease over, or the installation was revoked or re-authorized); try again"
     )]
     LeaseLost {
         /// The installation.

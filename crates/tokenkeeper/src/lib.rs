@@ -67,6 +67,9 @@ pub use oauth::{
     parse_token_response,
 };
 
+/// The HTTP client the facade is built on: `TokenManagerBuilder::http_client` and
+/// `TokenManager::send_authorized` take its types.
+pub use reqwest;
 /// The URL type the API takes (`reqwest`'s, re-exported so you need not depend on it).
 pub use reqwest::Url;
 

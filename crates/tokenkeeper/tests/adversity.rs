@@ -703,3 +703,119 @@ async fn unsaved_tokens_reach_an_owner_only_file_by_default() {
 async fn unsaved_tokens_are_sealed_with_the_managers_keyring() {
     unsaved_tokens_reach_a_file(true).await;
 }
+
+/// Review A1: a provider outage (503s) longer than Atlassian's leeway is not a lost
+/// rotation: 5xx answers are not counted as possibly committed, retries keep their backoff
+/// (no hot loop), and the installation refreshes once the provider is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_outage_longer_than_the_leeway_condemns_nothing() {
+    let f = Fixture::new(profiles::atlassian_3lo(), MockProfile::Atlassian3lo).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    f.mock.set_faults(vec![FaultRule::probability(
+        Endpoint::Token,
+        1.0,
+        Fault::ServerError {
+            status: 503,
+            html: false,
+        },
+    )]);
+    for _ in 0..12 {
+        let _ = f.manager.access_token(&id).await;
+        let record = f.record(&id).await;
+        assert_ne!(record.state().kind(), StateKind::ReauthorizationRequired);
+        f.advance(Duration::from_secs(60));
+    }
+    f.mock.set_faults(Vec::new());
+    f.advance(Duration::from_secs(600));
+    f.manager
+        .access_token(&id)
+        .await
+        .expect("refreshes once the provider is back");
+    assert_eq!(f.mock.counters().totals.reuse_detections, 0);
+}
+
+/// Review A3: shutting down while the store refuses the rotated tokens does not wait out
+/// `result_write_patience` (the orchestrator would kill the process first): the tokens go
+/// to the sink at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_the_store_down_hands_tokens_to_the_sink_at_once() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let mock = tokenkeeper_mock_provider::MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clock = now_clock();
+    let manager = tokenkeeper::TokenManager::builder(
+        consumer_for(
+            profiles::bitbucket(),
+            &mock,
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+        ),
+        store,
+    )
+    .clock(clock.clone())
+    .on_unsaved_tokens({
+        let kept = kept.clone();
+        move |unsaved| kept.lock().unwrap().push(unsaved)
+    })
+    .build()
+    .unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    let id = manager
+        .complete_authorization(code, &state)
+        .await
+        .unwrap()
+        .installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Unavailable,
+    );
+    let caller = spawn_access_token(&manager, &id);
+    until("the rotation", || mock.counters().totals.rotations == 1).await;
+    let started = std::time::Instant::now();
+    manager.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        kept.lock().unwrap().len(),
+        1,
+        "the rotated tokens were kept"
+    );
+    assert!(caller.await.unwrap().is_err());
+}
+
+/// Review A6: a revocation that races a refresh in flight. The late result cannot land on a
+/// revoked record, and its new tokens (live at the provider, stored nowhere) are revoked
+/// too, so the grant does not survive the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_racing_a_revocation_is_revoked_too() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let holder = spawn_access_token(&f.manager, &id);
+    gate.held().await;
+    f.peer(profiles::bitbucket()).revoke(&id).await.unwrap();
+    let revocations = f.mock.counters().totals.revocations;
+    gate.release();
+    assert!(holder.await.unwrap().is_err());
+    assert_eq!(
+        f.mock.counters().totals.revocations,
+        revocations + 1,
+        "the orphaned new tokens were revoked at the provider"
+    );
+}

@@ -111,7 +111,9 @@ pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
     if let State::Refreshing { lease } = record.state()
         && lease.until > now
     {
-        if still_valid || matches!(cx.mode, Mode::Proactive) {
+        // Even the refresher waits rather than hand back an expired token: callers may have
+        // joined its flight.
+        if still_valid {
             return valid();
         }
         return Decision::WaitForPeer {
@@ -302,10 +304,11 @@ mod tests {
             decide(&r, cx(&Mode::OnDemand, at(3610))),
             Decision::WaitForPeer { holder } if holder.to_string() == "peer"
         ));
-        // The refresher never waits.
+        // The refresher waits too: an on-demand caller may have joined its flight, and must
+        // not get an expired token (finding 10).
         assert!(matches!(
             decide(&r, cx(&Mode::Proactive, at(3610))),
-            Decision::ServeValid(_)
+            Decision::WaitForPeer { .. }
         ));
         // Lapsed: take it over.
         assert!(matches!(

@@ -436,7 +436,7 @@ impl TokenManager {
             .unwrap_or_else(|_| {
                 Err(Error::Busy {
                     id: id.clone(),
-                    holder: format!("a refresh in this process ({})", self.engine.process_tag),
+                    holder: format!("this process ({})", self.engine.process_tag),
                     waited,
                 })
             })

@@ -311,6 +311,11 @@ async fn land(
                     tokens: tokens.clone(),
                     refresh_at,
                 };
+                if *stored == next {
+                    // Our own write is there: the store applied it but reported a failure
+                    // (e.g. replicas did not confirm it in time).
+                    return Landed::Written(Box::new(next));
+                }
                 match stored.apply(late, engine.clock.now()) {
                     Ok(revived) => {
                         tracing::warn!(
@@ -320,26 +325,58 @@ async fn land(
                         expected = stored.version();
                         next = revived;
                     }
-                    Err(_) => return Landed::Superseded,
+                    Err(_) => {
+                        if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
+                            revoke_orphan(engine, id, &tokens).await;
+                        }
+                        return Landed::Superseded;
+                    }
                 }
             }
-            Err(e) if tokio::time::Instant::now() + delay < patience => {
+            // While shutting down, do not wait out the patience: hand the tokens to the sink
+            // now, before the process is killed.
+            Err(e)
+                if tokio::time::Instant::now() + delay < patience
+                    && !engine.in_flight.is_closing() =>
+            {
                 tracing::warn!(error = %e, retry_in = ?delay, "the store did not take the rotated tokens; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
-                tracing::error!(error = %e, "the store did not take the rotated tokens within result_write_patience; handing them to the unsaved-tokens sink");
-                (engine.unsaved)(UnsavedTokens {
-                    installation: id.clone(),
-                    presented,
-                    tokens,
-                    at: engine.clock.now(),
-                    error: e.to_string(),
-                });
+                let rotated = tokens
+                    .refresh_token
+                    .as_ref()
+                    .is_some_and(|r| r != &presented);
+                if rotated {
+                    tracing::error!(error = %e, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
+                    (engine.unsaved)(UnsavedTokens {
+                        installation: id.clone(),
+                        presented,
+                        tokens,
+                        at: engine.clock.now(),
+                        error: e.to_string(),
+                    });
+                } else {
+                    // Nothing rotated: the stored refresh token still works; nothing to keep.
+                    tracing::warn!(error = %e, "the store did not take the refreshed access token; the stored refresh token still works");
+                }
                 return Landed::Failed(Error::store(id, e));
             }
         }
+    }
+}
+
+/// The application revoked the installation while this flight's refresh was on its way: the
+/// provider's new tokens are live but nowhere stored. Revoke them at the provider too (best
+/// effort), or the grant would survive the revocation.
+async fn revoke_orphan(engine: &Engine, id: &InstallationId, tokens: &TokenSet) {
+    let (token, hint) = match &tokens.refresh_token {
+        Some(r) => (r.secret(), "refresh_token"),
+        None => (tokens.access_token.secret(), "access_token"),
+    };
+    if let Err(e) = engine.client.revoke(Some(id), token, hint).await {
+        tracing::warn!(error = %e, "could not revoke the tokens of a refresh that raced the revocation");
     }
 }
 
@@ -417,7 +454,9 @@ async fn on_deferred(
         .and_then(|f| f.possibly_committed_since)
         .or(may_have_committed.then_some(now));
     let retry_at = match (committed_since, reuse_leeway(engine)) {
-        (Some(since), Some(leeway)) => retry_at.min(since.saturating_add(leeway / 2)).max(now),
+        (Some(since), Some(leeway)) => retry_at
+            .min(since.saturating_add(leeway / 2))
+            .max(now.saturating_add(engine.policy.backoff_base / 2)),
         _ => retry_at,
     };
     let fence = leased.version();

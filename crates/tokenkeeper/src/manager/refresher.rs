@@ -112,6 +112,10 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         // the next sweeps go on with everything else (no sweep waits for its slowest refresh).
         let in_flight: Arc<Mutex<HashSet<InstallationId>>> = Arc::default();
         'sweeps: loop {
+            if manager.engine.in_flight.is_closing() {
+                // TokenManager::shutdown was called: no refresh can start any more.
+                break;
+            }
             task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
             let mut dispatched = 0usize;
             let now = manager.engine.clock.now();

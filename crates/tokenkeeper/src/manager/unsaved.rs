@@ -95,6 +95,16 @@ fn write_file(
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)?;
+    #[cfg(unix)]
+    {
+        // An existing directory must be ours alone: another user able to enter it could
+        // read or delete the only copy of a token.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
     let json = serde_json::to_string(unsaved).map_err(std::io::Error::other)?;
     let contents = match seal {
         Seal::None => json,
@@ -193,6 +203,11 @@ impl InFlight {
         self.count.fetch_add(1, Ordering::SeqCst);
         let guard = InFlightGuard(self);
         (!self.closing.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// Whether `drain` has begun.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     /// Refuses new flights and waits until every flight in progress has written its result.

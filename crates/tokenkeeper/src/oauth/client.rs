@@ -87,12 +87,15 @@ impl OAuthClient {
     /// [`ConfigError::HttpClient`] if the TLS backend cannot be initialised.
     pub fn new(consumer: ConsumerConfig, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
         let token_http = token_client(&consumer)?;
-        Ok(Self::assemble(
-            consumer,
-            clock,
-            token_http.clone(),
-            token_http,
-        ))
+        // API calls: the consumer's timeouts as a total bound, and redirects followed (an API
+        // may move a resource; reqwest drops the Authorization header across origins).
+        let api_http = reqwest::Client::builder()
+            .timeout(consumer.http_timeout())
+            .connect_timeout(consumer.connect_timeout())
+            .user_agent(concat!("tokenkeeper/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ConfigError::HttpClient(Arc::new(e)))?;
+        Ok(Self::assemble(consumer, clock, token_http, api_http))
     }
 
     /// A client whose API calls ([`OAuthClient::http`], `TokenManager::send_authorized`) go
@@ -136,7 +139,8 @@ impl OAuthClient {
         &self.inner.consumer
     }
 
-    /// The shared HTTP client (for API calls with the tokens).
+    /// The HTTP client for API calls with the tokens (the one passed to `with_http_client`, or
+    /// one with the consumer's timeouts that follows redirects). Token requests never use it.
     pub fn http(&self) -> &reqwest::Client {
         &self.inner.http
     }

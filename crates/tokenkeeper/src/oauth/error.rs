@@ -233,18 +233,22 @@ impl OAuthError {
     pub fn is_invalid_response(&self) -> bool {
         self.0.kind == ErrorKind::InvalidResponse
     }
-    /// Whether the request may have reached the provider and been committed there although
-    /// no usable reply came back: a timeout or a connection lost after sending, a 5xx (the
-    /// provider may fail after committing), an unreadable or oversized 2xx. A rotating
-    /// provider may then have retired the refresh token that was sent. Not for a refused
-    /// connection, a 429 or a 4xx: those were not processed.
+    /// Whether the request may have been committed by the provider although its reply was
+    /// lost: a timeout or a connection lost after sending, an unreadable or oversized 2xx. A
+    /// rotating provider may then have retired the refresh token that was sent.
+    ///
+    /// A 5xx, a 429 or a 4xx is an answer: the provider says it did not do it. (A provider
+    /// that commits and then answers 5xx exists in theory; counting every 5xx as a possible
+    /// rotation would, on a provider with a reuse leeway, condemn every installation that
+    /// failed through a provider outage longer than the leeway. The rejection that follows
+    /// such a rare commit is still recorded, as `RefreshTokenRejected`.)
     pub fn may_have_committed(&self) -> bool {
         let status = self.0.status;
         match self.0.kind {
             ErrorKind::Transport => self.0.reached_provider,
-            ErrorKind::Provider => status.is_some_and(|s| s >= 500),
+            ErrorKind::Provider => false,
             ErrorKind::InvalidResponse | ErrorKind::TooLarge => {
-                status.is_some_and(|s| (200..300).contains(&s) || s >= 500)
+                status.is_some_and(|s| (200..300).contains(&s))
             }
         }
     }

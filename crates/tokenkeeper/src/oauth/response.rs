@@ -22,8 +22,9 @@ use crate::oauth::profile::ProviderProfile;
 /// The longest access token lifetime believed.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// A reply from the token endpoint, before interpretation.
-#[derive(Debug, Clone)]
+/// A reply from the token endpoint, before interpretation. `Debug` shows the body's length,
+/// never the body (it holds tokens).
+#[derive(Clone)]
 pub struct RawResponse {
     /// HTTP status.
     pub status: u16,
@@ -31,6 +32,16 @@ pub struct RawResponse {
     pub retry_after: Option<Duration>,
     /// The body (already size-capped).
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field("retry_after", &self.retry_after)
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 fn str_field<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
