@@ -176,6 +176,8 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
     for line in world.manager.explain(&ids[1]).await?.to_string().lines() {
         println!("   {line}");
     }
+    // A graceful stop: every refresh in flight records its result before the process exits.
+    world.manager.shutdown().await;
     println!(
         "\nDone: every installation's lifecycle was explicit, concurrency-safe and explained."
     );

@@ -11,6 +11,9 @@
 //! grant ([`Counters`]) so a test can assert "exactly one refresh per installation" and "zero
 //! reuse detections".
 //!
+//! **A test double, not a stable API**: its types and behaviours change whenever tokenkeeper's
+//! tests need them to, in any release. Never expose it beyond loopback.
+//!
 //! ```
 //! use tokenkeeper_mock_provider::{MockProvider, MockProfile};
 //!

@@ -221,6 +221,12 @@ impl TokenManagerBuilder {
     }
 
     /// Validates the policy against the consumer and builds the manager.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::OutOfRange`] naming the policy field that breaks a rule
+    /// ([`RefreshPolicy::validate`]), and [`ConfigError::HttpClient`] if the TLS backend
+    /// cannot be initialised.
     pub fn build(self) -> Result<TokenManager, ConfigError> {
         let policy = self.policy;
         policy.validate(&self.consumer)?;
@@ -337,8 +343,13 @@ impl TokenManager {
     ///   expired; a retry is scheduled.
     /// - [`Error::ConsumerCredentials`] / [`Error::Configuration`]: the consumer's credentials
     ///   or the provider profile are wrong; the installation's tokens are kept.
-    /// - [`Error::Busy`]: another process holds the refresh lease longer than `peer_wait`.
+    /// - [`Error::Busy`]: another process holds the refresh lease longer than `peer_wait`, or
+    ///   this process's own refresh takes longer than `caller_wait` (it goes on).
     /// - [`Error::Store`]: the store failed.
+    /// - [`Error::LeaseLost`]: the record changed under this process's lease before it
+    ///   recorded a failure (a takeover, a revocation, a re-authorization).
+    /// - [`Error::ShuttingDown`]: [`shutdown`](Self::shutdown) was called and a refresh was
+    ///   needed.
     ///
     /// # Examples
     ///
@@ -370,6 +381,17 @@ impl TokenManager {
     /// # Errors
     ///
     /// As [`access_token`](Self::access_token).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager, id: tokenkeeper::InstallationId)
+    /// # -> Result<(), tokenkeeper::Error> {
+    /// // The consumer's scopes changed on the provider's side: get tokens with the new scopes.
+    /// let token = manager.force_refresh(&id).await?;
+    /// # let _ = token;
+    /// # Ok(()) }
+    /// ```
     pub async fn force_refresh(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         let current = self.engine.load(id).await?.tokens().access_token.clone();
         self.refresh_rejected(id, current).await
@@ -498,6 +520,19 @@ impl TokenManager {
     /// [`Error::NotFound`], [`Error::Revoked`] (already revoked), [`Error::Store`], and
     /// [`Error::Provider`] when the provider's revocation endpoint failed (the installation is
     /// revoked here all the same).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager, id: tokenkeeper::InstallationId)
+    /// # -> Result<(), tokenkeeper::Error> {
+    /// // The customer uninstalled the app.
+    /// match manager.revoke(&id).await? {
+    ///     tokenkeeper::Revocation::Revoked => println!("revoked here and at the provider"),
+    ///     _ => println!("revoked here; the provider has no revocation endpoint"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke(&self, id: &InstallationId) -> Result<Revocation, Error> {
         let revoked = self
             .engine
@@ -536,6 +571,19 @@ impl TokenManager {
     /// # Errors
     ///
     /// [`Error::NotFound`] and [`Error::Store`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager, id: tokenkeeper::InstallationId)
+    /// # -> Result<(), tokenkeeper::Error> {
+    /// let explained = manager.explain(&id).await?;
+    /// if let Some(reason) = explained.reauthorization_reason() {
+    ///     println!("email the customer: {}", reason.describe());
+    /// }
+    /// println!("{explained}"); // state, summary, tokens' metadata, recent history
+    /// # Ok(()) }
+    /// ```
     pub async fn explain(&self, id: &InstallationId) -> Result<Explanation, Error> {
         let record = self.engine.load(id).await?;
         Ok(Explanation::of(&record, self.engine.clock.now()))
@@ -565,6 +613,31 @@ impl TokenManager {
     /// [`Error::Transition`] when the stored record no longer holds that refresh token (a peer
     /// refreshed or the installation was re-authorized since: these tokens are obsolete),
     /// [`Error::NotFound`] and [`Error::Store`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// # fn build(consumer: tokenkeeper::ConsumerConfig, store: tokenkeeper::stores::MemoryStore)
+    /// # -> Result<(), tokenkeeper::ConfigError> {
+    /// let kept = Arc::new(Mutex::new(Vec::new()));
+    /// let manager = tokenkeeper::TokenManager::builder(consumer, store)
+    ///     .on_unsaved_tokens({
+    ///         let kept = kept.clone();
+    ///         move |unsaved| kept.lock().unwrap().push(unsaved)
+    ///     })
+    ///     .build()?;
+    /// // Later, once the store works again:
+    /// # async fn later(manager: tokenkeeper::TokenManager, kept: Arc<Mutex<Vec<tokenkeeper::UnsavedTokens>>>) {
+    /// for unsaved in kept.lock().unwrap().drain(..).collect::<Vec<_>>() {
+    ///     if let Err(e) = manager.restore_unsaved(unsaved).await {
+    ///         eprintln!("{e}");
+    ///     }
+    /// }
+    /// # }
+    /// # let _ = manager;
+    /// # Ok(()) }
+    /// ```
     pub async fn restore_unsaved(&self, unsaved: UnsavedTokens) -> Result<(), Error> {
         let id = unsaved.installation.clone();
         let written = self
@@ -613,6 +686,17 @@ impl TokenManager {
     /// Call it before the runtime stops (after `RefresherHandle::shutdown`). Afterwards,
     /// calls that would need a refresh fail with [`Error::ShuttingDown`]; cached tokens are
     /// still served.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(manager: tokenkeeper::TokenManager) {
+    /// let refresher = manager.spawn_refresher();
+    /// // ... serve until the deploy's SIGTERM ...
+    /// refresher.shutdown().await;
+    /// manager.shutdown().await; // every refresh in flight has recorded its result
+    /// # }
+    /// ```
     pub async fn shutdown(&self) {
         self.engine.in_flight.drain().await;
     }

@@ -1,4 +1,4 @@
-//! The refresh protocol (see the design document, "The refresh protocol"), run by one flight
+//! The refresh protocol (see [the design document](crate::_documentation::design), "The refresh protocol"), run by one flight
 //! per installation: a driver loop around the pure [`decide`] step, and one named handler per
 //! way the provider can answer.
 //!

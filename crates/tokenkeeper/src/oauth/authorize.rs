@@ -5,7 +5,7 @@
 //! Nothing here writes a record: [`OAuthClient::complete_authorization`] hands back a
 //! [`Grant`], and `TokenManager::complete_authorization` is what turns a grant into an
 //! installation (recognising a repeated callback, re-authorizing an existing installation,
-//! choosing the first due time through the refresh policy). The design document's
+//! choosing the first due time through the refresh policy). The [design document](crate::_documentation::design)'s
 //! "Authorization flow" section says why the state is signed rather than stored.
 
 use std::fmt;

@@ -186,7 +186,14 @@ impl OAuthClient {
     }
 
     /// Refreshes `current` with its own refresh token. The result is merged: a reply without a
-    /// refresh token or scopes keeps `current`'s.
+    /// refresh token or scopes keeps `current`'s. This call takes no lease: use
+    /// `TokenManager` to refresh installations that other processes may refresh too.
+    ///
+    /// # Errors
+    ///
+    /// An [`OAuthError`] classified by what it means (`RefreshTokenRejected`,
+    /// `ScopeRejected`, `ConsumerCredentialsInvalid`, `Configuration` or `Transient`); an
+    /// installation without a refresh token fails before any request.
     pub async fn refresh(
         &self,
         installation: &InstallationId,
@@ -206,7 +213,11 @@ impl OAuthClient {
     }
 
     /// Refreshes with a specific refresh token (e.g. the previous one, inside a reuse leeway),
-    /// merging the reply onto `previous`.
+    /// merging the reply onto `previous`. Takes no lease, like [`refresh`](Self::refresh).
+    ///
+    /// # Errors
+    ///
+    /// As [`refresh`](Self::refresh).
     pub async fn refresh_with(
         &self,
         installation: &InstallationId,
@@ -227,6 +238,10 @@ impl OAuthClient {
     }
 
     /// The client-credentials grant: a token for the consumer itself, not an installation.
+    ///
+    /// # Errors
+    ///
+    /// An [`OAuthError`]; refused client credentials are `ConsumerCredentialsInvalid`.
     pub async fn client_credentials(&self) -> Result<TokenSet, OAuthError> {
         let params = vec![("grant_type", "client_credentials".to_owned())];
         self.token_request(Operation::ClientCredentials, None, params, None)
@@ -234,6 +249,11 @@ impl OAuthClient {
     }
 
     /// RFC 7009: asks the provider to revoke a token (a refresh token revokes its grant).
+    ///
+    /// # Errors
+    ///
+    /// An [`OAuthError`] when the provider answers with an error or cannot be reached; a
+    /// profile without a revocation endpoint is `Ok(Revocation::Unsupported)`.
     pub async fn revoke(
         &self,
         installation: Option<&InstallationId>,

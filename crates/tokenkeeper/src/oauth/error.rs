@@ -1,4 +1,4 @@
-//! `OAuthError`: a failed exchange with the provider, classified (see the design document,
+//! `OAuthError`: a failed exchange with the provider, classified (see [the design document](crate::_documentation::design),
 //! "Error classification"), carrying the
 //! provider's own words and never a token.
 
