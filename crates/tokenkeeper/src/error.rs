@@ -118,6 +118,19 @@ pub enum Error {
         /// The installation.
         id: InstallationId,
     },
+    /// The installation belongs to another OAuth consumer (another client id or provider)
+    /// sharing this store. Nothing was sent to any provider and the record is untouched.
+    #[error(
+        "installation {id} belongs to consumer {owner}, not to this manager's consumer {this}; nothing was done: give each consumer its own store namespace (Redis prefix, SQLite file) or use the manager of {owner}"
+    )]
+    ForeignConsumer {
+        /// The installation.
+        id: InstallationId,
+        /// The consumer the record belongs to (`profile/client_id`).
+        owner: String,
+        /// This manager's consumer.
+        this: String,
+    },
     /// The store failed.
     #[error("the token store failed for installation {id}: {source}")]
     Store {
@@ -210,6 +223,7 @@ impl Error {
             | Self::Http { id, .. }
             | Self::Transition { id, .. }
             | Self::LeaseLost { id }
+            | Self::ForeignConsumer { id, .. }
             | Self::ShuttingDown { id }
             | Self::Internal { id, .. } => Some(id),
             Self::Authorization(_) | Self::UnsavedFile(_) => None,

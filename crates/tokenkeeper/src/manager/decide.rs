@@ -66,10 +66,21 @@ pub(crate) struct Context<'a> {
     pub(crate) stale_at: Timestamp,
     /// The consumer breaker, when open: until when, and the failure that tripped it.
     pub(crate) breaker: Option<(Timestamp, &'a ErrorDetail)>,
+    /// This manager's consumer (`profile/client_id`): a record of another is never touched.
+    pub(crate) consumer: &'a str,
 }
 
 /// Decides the next step for `record`.
 pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
+    // Another consumer's record: its refresh token means nothing to our token endpoint (and
+    // must not be sent there), so nothing is leased, refreshed or condemned.
+    if record.consumer() != cx.consumer {
+        return Decision::Fail(Error::ForeignConsumer {
+            id: record.id().clone(),
+            owner: record.consumer().to_owned(),
+            this: cx.consumer.to_owned(),
+        });
+    }
     if let Some(err) = terminal_error(record) {
         return Decision::Fail(err);
     }
@@ -233,6 +244,7 @@ mod tests {
             // a 30 s skew margin
             stale_at: at(3570),
             breaker: None,
+            consumer: "bitbucket/key",
         }
     }
 
@@ -353,6 +365,19 @@ mod tests {
         assert!(matches!(
             decide(&active(), open),
             Decision::Fail(Error::ConsumerCredentials { .. })
+        ));
+    }
+
+    #[test]
+    fn another_consumers_record_is_never_touched() {
+        let r = active();
+        let cx = Context {
+            consumer: "bitbucket/another-key",
+            ..cx(&Mode::OnDemand, at(3600))
+        };
+        assert!(matches!(
+            decide(&r, cx),
+            Decision::Fail(Error::ForeignConsumer { owner, .. }) if owner == "bitbucket/key"
         ));
     }
 

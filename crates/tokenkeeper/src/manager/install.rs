@@ -184,6 +184,12 @@ impl TokenManager {
                     Err(e) => Err(store_err(e)),
                 };
             };
+            if existing.consumer() != engine.consumer {
+                return Err(AuthorizationError::ForeignConsumer {
+                    installation: grant.installation.clone(),
+                    owner: existing.consumer().to_owned(),
+                });
+            }
             let event = Event::Authorized {
                 tokens: grant.tokens.clone(),
                 refresh_at,

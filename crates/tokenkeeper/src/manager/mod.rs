@@ -63,6 +63,8 @@ pub(crate) struct Engine {
     pub(crate) events: broadcast::Sender<LifecycleEvent>,
     pub(crate) process_tag: String,
     pub(crate) flight_seq: AtomicU64,
+    /// This manager's consumer as recorded in its installations (`profile/client_id`).
+    pub(crate) consumer: String,
     pub(crate) in_flight: unsaved::InFlight,
     pub(crate) unsaved: unsaved::UnsavedSink,
     pub(crate) seal: unsaved::Seal,
@@ -88,6 +90,18 @@ impl Engine {
 
     pub(crate) fn trip_breaker(&self, until: Timestamp, detail: ErrorDetail) {
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some((until, detail));
+    }
+
+    /// Refuses a record that belongs to another consumer.
+    pub(crate) fn owns(&self, record: &Record) -> Result<(), Error> {
+        if record.consumer() == self.consumer {
+            return Ok(());
+        }
+        Err(Error::ForeignConsumer {
+            id: record.id().clone(),
+            owner: record.consumer().to_owned(),
+            this: self.consumer.clone(),
+        })
     }
 
     /// The stored record of `id`: `NotFound` when there is none. A read the store could not
@@ -234,6 +248,7 @@ impl TokenManagerBuilder {
             Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http)?,
             None => OAuthClient::new(self.consumer, self.clock.clone())?,
         };
+        let consumer = crate::oauth::authorize::consumer_name(&client);
         let mut tag = [0u8; 4];
         let _ = getrandom::fill(&mut tag);
         let process_tag = format!(
@@ -256,6 +271,7 @@ impl TokenManagerBuilder {
                 events,
                 process_tag,
                 flight_seq: AtomicU64::new(0),
+                consumer,
                 in_flight: unsaved::InFlight::default(),
                 unsaved: self.unsaved.unwrap_or_else(|| {
                     unsaved::file_sink(self.unsaved_dir.clone(), self.seal.clone())
@@ -537,6 +553,7 @@ impl TokenManager {
         let revoked = self
             .engine
             .update(id, |current, now| {
+                self.engine.owns(current)?;
                 if let State::Revoked { at } = current.state() {
                     return Err(Error::Revoked {
                         id: id.clone(),
@@ -643,6 +660,7 @@ impl TokenManager {
         let written = self
             .engine
             .update(&id, |current, now| {
+                self.engine.owns(current)?;
                 let refresh_at = self.engine.policy.refresh_at(&unsaved.tokens, now);
                 let event = Event::LateRefreshed {
                     presented: unsaved.presented.clone(),

@@ -77,6 +77,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
             now,
             stale_at,
             breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
+            consumer: &engine.consumer,
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {

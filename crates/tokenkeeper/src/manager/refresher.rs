@@ -15,6 +15,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::TokenManager;
 use super::decide::Mode;
+use crate::error::Error;
 
 /// How the refresher paces itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,14 +157,19 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                     s.attempted.fetch_add(1, Ordering::Relaxed);
                     running.spawn(async move {
                         let outcome = m.refresh(&entry.id, Mode::Proactive).await;
+                        let foreign = matches!(outcome, Err(Error::ForeignConsumer { .. }));
                         match outcome {
                             Ok(_) => s.succeeded.fetch_add(1, Ordering::Relaxed),
                             Err(_) => s.failed.fetch_add(1, Ordering::Relaxed),
                         };
-                        flying
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&entry.id);
+                        // Another consumer's installation stays marked as in flight, so no
+                        // later sweep of this refresher touches it again.
+                        if !foreign {
+                            flying
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .remove(&entry.id);
+                        }
                         drop(permit);
                     });
                     while running.try_join_next().is_some() {}
@@ -175,7 +181,9 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
             }
             // Only refreshes still running were due: wait for one of them to end (or for
             // `max_idle`) rather than spinning over entries nothing can be done about yet.
-            let idle = if dispatched == 0 && !running.is_empty() {
+            // Nothing new to start (all due entries are running or another consumer's): wait
+            // for a refresh to end or for `max_idle`, rather than spinning over them.
+            let idle = if dispatched == 0 {
                 config.max_idle
             } else {
                 next_due_in(&manager, config.max_idle).await

@@ -97,6 +97,17 @@ pub enum AuthorizationError {
         #[source]
         source: StoreError,
     },
+    /// The installation id belongs to another OAuth consumer sharing the store; its record
+    /// was left untouched (the new grant's tokens are not stored).
+    #[error(
+        "installation {installation} belongs to consumer {owner}; this authorization was not recorded: choose another installation id, or give each consumer its own store namespace"
+    )]
+    ForeignConsumer {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// The consumer its record belongs to.
+        owner: String,
+    },
     /// The stored record refused the new grant (a state machine rule).
     #[error("recording the authorization failed: {0}")]
     Refused(#[source] IllegalTransition),

@@ -1,0 +1,131 @@
+//! Two OAuth consumers on one store (review finding 3): a manager never refreshes, leases,
+//! condemns, revokes or re-authorizes an installation of another consumer. It answers a
+//! typed error naming both consumers, calls no provider, and its background refresher
+//! neither touches nor spins over foreign due entries. Run on memory, SQLite and Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::{Error, StateKind, TokenManager, TokenStore, profiles};
+use tokenkeeper_mock_provider::{
+    ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
+
+const OTHER_ID: &str = "another-consumer-key";
+const OTHER_SECRET: &str = "another-consumer-secret";
+
+async fn two_consumers_on(store: Arc<dyn TokenStore>) {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .consumer(ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET))
+        .consumer(ConsumerSpec::new(OTHER_ID, OTHER_SECRET))
+        .start()
+        .await
+        .unwrap();
+    let clock = now_clock();
+    let mine = TokenManager::builder_shared(
+        consumer_for(profiles::bitbucket(), &mock, DEFAULT_CLIENT_SECRET),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let theirs_consumer =
+        tokenkeeper::ConsumerConfig::builder(pointed_at(profiles::bitbucket(), &mock))
+            .client_id(OTHER_ID)
+            .client_secret(OTHER_SECRET)
+            .redirect_uri(REDIRECT)
+            .build()
+            .unwrap();
+    let theirs = TokenManager::builder_shared(theirs_consumer, store.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let begun = mine.begin_authorization(None).unwrap();
+    let (code, state) = browser(&begun.url).await;
+    let id = mine
+        .complete_authorization(code, &state)
+        .await
+        .unwrap()
+        .installation;
+    clock.advance(Duration::from_secs(2 * 3600));
+    mock.advance(Duration::from_secs(2 * 3600));
+    mock.reset_counters();
+    let before = store.get(&id).await.unwrap().unwrap();
+
+    match theirs.access_token(&id).await {
+        Err(e @ Error::ForeignConsumer { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("bitbucket/{DEFAULT_CLIENT_ID}"))
+                    && text.contains(&format!("bitbucket/{OTHER_ID}")),
+                "{text}"
+            );
+        }
+        other => panic!("expected ForeignConsumer, got {other:?}"),
+    }
+    assert!(matches!(
+        theirs.force_refresh(&id).await,
+        Err(Error::ForeignConsumer { .. })
+    ));
+    assert!(matches!(
+        theirs.revoke(&id).await,
+        Err(Error::ForeignConsumer { .. })
+    ));
+    let refresher = theirs.spawn_refresher_with(tokenkeeper::RefresherConfig {
+        rate_per_second: None,
+        max_idle: Duration::from_millis(50),
+        ..tokenkeeper::RefresherConfig::default()
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let counts = refresher.shutdown().await;
+    assert!(
+        counts.sweeps <= 20,
+        "the refresher spun over a foreign entry: {counts:?}"
+    );
+    assert_eq!(
+        counts.attempted, 1,
+        "the foreign entry is tried once: {counts:?}"
+    );
+    let c = mock.counters().totals;
+    assert_eq!(
+        c.token_calls, 0,
+        "no provider call for another consumer's record: {c:?}"
+    );
+    assert_eq!(store.get(&id).await.unwrap().unwrap(), before, "untouched");
+
+    // Its own manager refreshes it as usual.
+    mine.access_token(&id).await.unwrap();
+    assert_eq!(
+        store.get(&id).await.unwrap().unwrap().state().kind(),
+        StateKind::Active
+    );
+    assert_eq!(mock.counters().totals.refreshes, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_on_memory() {
+    two_consumers_on(Arc::new(tokenkeeper_memory::MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_on_sqlite() {
+    let path = tokenkeeper_testkit::dirs::fresh_db("consumers");
+    two_consumers_on(Arc::new(
+        tokenkeeper_sqlite::SqliteStore::open(&path).await.unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_on_redis() {
+    let store = tokenkeeper_redis::RedisStore::builder(tokenkeeper_testkit::redis::server_url())
+        .prefix(tokenkeeper_testkit::redis::unique_prefix("consumers"))
+        .connect()
+        .await
+        .unwrap();
+    two_consumers_on(Arc::new(store)).await;
+}
