@@ -27,6 +27,25 @@ fn spawn_access_token(
     tokio::spawn(async move { m.access_token(&id).await })
 }
 
+/// A bitbucket fixture whose store holds the first `Refreshed` write at a gate (a holder
+/// paused between the provider's reply and its write), with one installation due.
+async fn gated_bitbucket() -> (
+    Fixture,
+    Arc<tokenkeeper_testkit::wrappers::Gate>,
+    InstallationId,
+) {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    (f, gate, id)
+}
+
 /// Waits (real time, bounded) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -91,15 +110,7 @@ async fn a_store_outage_after_the_rotation_loses_nothing() {
 /// the installation, not be discarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_late_result_revives_the_installation() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-    )
-    .await;
-    let id = f.install().await;
-    f.advance(TWO_HOURS);
+    let (f, gate, id) = gated_bitbucket().await;
     let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     // The holder's lease lapses while it is paused.
@@ -205,35 +216,33 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
     assert!(announced, "the recorded condemnation is announced");
 }
 
-/// The store refuses the rotated tokens for longer than `result_write_patience`: they go to
-/// the unsaved-tokens sink (not dropped), and `restore_unsaved` puts them back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
-    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
-    let store = Arc::new(store);
+/// A manager of the test's own making on `store` (set up by `configure`), against a fresh
+/// bitbucket mock, with one installation authorized through the real flow and both clocks
+/// moved two hours on, so the next `access_token` refreshes.
+struct Own {
+    mock: tokenkeeper_mock_provider::MockProvider,
+    clock: tokenkeeper::ManualClock,
+    manager: tokenkeeper::TokenManager,
+    id: InstallationId,
+}
+
+async fn own_manager(
+    store: impl tokenkeeper::TokenStore,
+    configure: impl FnOnce(tokenkeeper::TokenManagerBuilder) -> tokenkeeper::TokenManagerBuilder,
+) -> Own {
     let mock = tokenkeeper_mock_provider::MockProvider::builder()
         .profile(MockProfile::Bitbucket)
         .start()
         .await
         .unwrap();
-    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
     let clock = now_clock();
-    let manager = tokenkeeper::TokenManager::builder_shared(
-        consumer_for(
-            profiles::bitbucket(),
-            &mock,
-            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
-        ),
-        store.clone(),
-    )
-    .clock(clock.clone())
-    .tune(|p| p.result_write_patience = Duration::from_millis(500))
-    .on_unsaved_tokens({
-        let kept = kept.clone();
-        move |unsaved| kept.lock().unwrap().push(unsaved)
-    })
-    .build()
-    .unwrap();
+    let consumer = consumer_for(
+        profiles::bitbucket(),
+        &mock,
+        tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+    );
+    let builder = tokenkeeper::TokenManager::builder(consumer, store).clock(clock.clone());
+    let manager = configure(builder).build().unwrap();
     let begun = manager.begin_authorization(None).unwrap();
     let (code, state) = browser(&begun.url).await;
     let id = manager
@@ -243,6 +252,31 @@ async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
         .installation;
     clock.advance(TWO_HOURS);
     mock.advance(TWO_HOURS);
+    Own {
+        mock,
+        clock,
+        manager,
+        id,
+    }
+}
+
+/// The store refuses the rotated tokens for longer than `result_write_patience`: they go to
+/// the unsaved-tokens sink (not dropped), and `restore_unsaved` puts them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let Own {
+        mock,
+        clock,
+        manager,
+        id,
+    } = own_manager(store, |b| {
+        let kept = kept.clone();
+        b.tune(|p| p.result_write_patience = Duration::from_millis(500))
+            .on_unsaved_tokens(move |unsaved| kept.lock().unwrap().push(unsaved))
+    })
+    .await;
     switch.fail(
         FaultTarget::WritesOf(EventKind::Refreshed),
         FaultKind::Backend,
@@ -496,15 +530,7 @@ async fn every_possibly_committed_attempt_is_remembered() {
 /// paused; when it resumes, its (stale) result is dropped and the installation stays revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_result_never_overwrites_a_revocation() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-    )
-    .await;
-    let id = f.install().await;
-    f.advance(TWO_HOURS);
+    let (f, gate, id) = gated_bitbucket().await;
     let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     f.peer(profiles::bitbucket()).revoke(&id).await.unwrap();
@@ -520,15 +546,7 @@ async fn a_paused_holders_result_never_overwrites_a_revocation() {
 /// grant's refresh was paused; the new grant's tokens must survive the holder's late write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holders_result_never_overwrites_a_new_grant() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-    )
-    .await;
-    let id = f.install().await;
-    f.advance(TWO_HOURS);
+    let (f, gate, id) = gated_bitbucket().await;
     let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     // A new authorization of the same installation, completed by another process.
@@ -631,39 +649,26 @@ async fn a_stuck_refresh_does_not_stall_the_refresher() {
 /// the tokens back.
 async fn unsaved_tokens_reach_a_file(sealed: bool) {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
-    let mock = tokenkeeper_mock_provider::MockProvider::builder()
-        .profile(MockProfile::Bitbucket)
-        .start()
-        .await
-        .unwrap();
     let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved").join("kept");
-    let clock = now_clock();
-    let consumer = consumer_for(
-        profiles::bitbucket(),
-        &mock,
-        tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
-    );
-    #[allow(unused_mut)] // reassigned only with the encryption feature
-    let mut builder = tokenkeeper::TokenManager::builder(consumer, store)
-        .clock(clock.clone())
-        .tune(|p| p.result_write_patience = Duration::from_millis(300))
-        .unsaved_tokens_dir(&dir);
-    #[cfg(feature = "encryption")]
-    if sealed {
-        builder = builder.encryption(tokenkeeper::Keyring::new("k1", &[7u8; 32]).unwrap());
-    }
     #[cfg(not(feature = "encryption"))]
     assert!(!sealed);
-    let manager = builder.build().unwrap();
-    let begun = manager.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
-    let id = manager
-        .complete_authorization(code, &state)
-        .await
-        .unwrap()
-        .installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
+    let Own {
+        mock,
+        clock,
+        manager,
+        id,
+    } = own_manager(store, |b| {
+        #[allow(unused_mut)] // reassigned only with the encryption feature
+        let mut b = b
+            .tune(|p| p.result_write_patience = Duration::from_millis(300))
+            .unsaved_tokens_dir(&dir);
+        #[cfg(feature = "encryption")]
+        if sealed {
+            b = b.encryption(tokenkeeper::Keyring::new("k1", &[7u8; 32]).unwrap());
+        }
+        b
+    })
+    .await;
     switch.fail(
         FaultTarget::WritesOf(EventKind::Refreshed),
         FaultKind::Backend,
@@ -741,37 +746,14 @@ async fn a_provider_outage_longer_than_the_leeway_condemns_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_the_store_down_hands_tokens_to_the_sink_at_once() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
-    let mock = tokenkeeper_mock_provider::MockProvider::builder()
-        .profile(MockProfile::Bitbucket)
-        .start()
-        .await
-        .unwrap();
     let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let clock = now_clock();
-    let manager = tokenkeeper::TokenManager::builder(
-        consumer_for(
-            profiles::bitbucket(),
-            &mock,
-            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
-        ),
-        store,
-    )
-    .clock(clock.clone())
-    .on_unsaved_tokens({
+    let Own {
+        mock, manager, id, ..
+    } = own_manager(store, |b| {
         let kept = kept.clone();
-        move |unsaved| kept.lock().unwrap().push(unsaved)
+        b.on_unsaved_tokens(move |unsaved| kept.lock().unwrap().push(unsaved))
     })
-    .build()
-    .unwrap();
-    let begun = manager.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
-    let id = manager
-        .complete_authorization(code, &state)
-        .await
-        .unwrap()
-        .installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
+    .await;
     switch.fail(
         FaultTarget::WritesOf(EventKind::Refreshed),
         FaultKind::Unavailable,
@@ -798,15 +780,7 @@ async fn shutdown_with_the_store_down_hands_tokens_to_the_sink_at_once() {
 /// too, so the grant does not survive the revocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_racing_a_revocation_is_revoked_too() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-    )
-    .await;
-    let id = f.install().await;
-    f.advance(TWO_HOURS);
+    let (f, gate, id) = gated_bitbucket().await;
     let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
     f.peer(profiles::bitbucket()).revoke(&id).await.unwrap();
