@@ -613,6 +613,46 @@ pub async fn odd_ids_round_trip(store: Arc<dyn TokenStore>) {
     }
 }
 
+/// A version written under a lease lands only over the record holding that lease. Versions
+/// can repeat when a store loses an acknowledged write (holder A's lease at v2 is lost, then
+/// holder B takes the lease at v2 too); A's next write, expecting v2, must not land on B's
+/// lease.
+pub async fn cas_checks_the_lease_a_version_was_written_under(store: Arc<dyn TokenStore>) {
+    let i = id("aba");
+    let r1 = sample_record(&i, at(0));
+    must_create(&*store, &r1).await;
+    let lease_a = lease(&r1, "holder-a", at(60), at(1));
+    let lease_b = lease(&r1, "holder-b", at(60), at(1));
+    assert_eq!(lease_a.version(), lease_b.version());
+    // The store holds B's lease at v2: A's lease write was lost.
+    must_swap(&*store, &lease_b, 1).await;
+    let failed = |leased: &Record| {
+        leased
+            .apply(
+                Event::RefreshDeferred {
+                    fence: fence(leased),
+                    retry_at: at(120),
+                    cause: BackoffCause::Transient,
+                    error: ErrorDetail::new(FailureClass::Transient),
+                    may_have_committed: false,
+                },
+                at(2),
+            )
+            .expect("a deferral under the lease")
+    };
+    match store
+        .compare_and_swap(&failed(&lease_a), 2)
+        .await
+        .expect("no store error")
+    {
+        CasOutcome::Conflict(current) => assert_eq!(*current, lease_b, "B's lease stays"),
+        other => {
+            panic!("a write under A's lease landed on B's lease at the same version: {other:?}")
+        }
+    }
+    must_swap(&*store, &failed(&lease_b), 2).await;
+}
+
 /// Every case, by name (the list is written once, in [`conformance_tests!`]).
 ///
 /// [`conformance_tests!`]: crate::conformance_tests
@@ -635,6 +675,7 @@ macro_rules! conformance_tests {
             cas_missing_id,
             cas_rejects_non_increasing_version,
             racing_cas_has_one_winner_per_version,
+            cas_checks_the_lease_a_version_was_written_under,
             delete_semantics,
             due_orders_and_limits,
             due_pages_10k_without_skip_or_repeat,

@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::id::InstallationId;
-use crate::state::{State, StateKind};
+use crate::state::{LeaseHolder, State, StateKind};
 use crate::time::Timestamp;
 use crate::token::TokenSet;
 
@@ -187,6 +187,12 @@ pub struct Record {
     pub(crate) authorized_at: Timestamp,
     pub(crate) updated_at: Timestamp,
     pub(crate) history: VecDeque<HistoryEntry>,
+    /// The lease this version was written under (set by the leased events: a refresh's
+    /// result or failure, a renewal, a release). A store's compare-and-swap writes it only
+    /// over the record holding that very lease: versions alone can repeat after a store lost
+    /// an acknowledged write, lease holders (unique per flight) cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) written_under: Option<LeaseHolder>,
 }
 
 /// Why stored bytes are not a usable record.
@@ -265,6 +271,7 @@ impl Record {
             authorized_at: now,
             updated_at: now,
             history,
+            written_under: None,
         }
     }
 
@@ -312,6 +319,23 @@ impl Record {
     pub fn authorized_at(&self) -> Timestamp {
         self.authorized_at
     }
+    /// The lease this version was written under, for a version written by a leased event.
+    /// Stores must apply such a record only over the stored record that holds that lease
+    /// ([`lease_matches`](Self::lease_matches)).
+    pub fn written_under(&self) -> Option<&LeaseHolder> {
+        self.written_under.as_ref()
+    }
+
+    /// Whether this record may be written over `stored` as far as leases go: true unless it
+    /// was written under a lease that `stored` does not hold. Every store's compare-and-swap
+    /// checks it besides the version.
+    pub fn lease_matches(&self, stored: &Record) -> bool {
+        match &self.written_under {
+            None => true,
+            Some(holder) => stored.state.lease().is_some_and(|l| &l.holder == holder),
+        }
+    }
+
     /// When it was last written.
     pub fn updated_at(&self) -> Timestamp {
         self.updated_at

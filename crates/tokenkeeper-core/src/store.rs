@@ -258,7 +258,9 @@ pub struct ListEntry {
 /// - `compare_and_swap(record, expected)` writes `record` only if the stored version equals
 ///   `expected`, atomically with its index entries; `record.version()` must be greater than
 ///   `expected` ([`StoreError::InvalidArgument`] otherwise). Of any number of concurrent swaps
-///   from the same version, exactly one succeeds.
+///   from the same version, exactly one succeeds. A record written under a lease
+///   ([`Record::written_under`]) is written only over a stored record holding that lease
+///   ([`Record::lease_matches`]); otherwise the outcome is `Conflict`.
 /// - `due(before, after, limit)` returns up to `limit` entries with `due_at < before`, in
 ///   `(due_at, id)` order, strictly after the cursor `after`; terminal records never appear.
 /// - `list(filter, after, limit)` returns up to `limit` entries in id order after `after`.

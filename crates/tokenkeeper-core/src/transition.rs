@@ -253,6 +253,11 @@ pub fn transition(
     }
 
     let mut next = record.clone();
+    // A leased event is written under its lease; anything else under none.
+    next.written_under = match (&record.state, event.fence()) {
+        (State::Refreshing { lease }, Some(_)) => Some(lease.holder.clone()),
+        _ => None,
+    };
     let mut error = None;
     match event {
         // Writes are ordered by versions and fences, never by comparing wall clocks: two

@@ -226,6 +226,13 @@ proptest! {
                             prop_assert!(revivable, "a late result revived {:?}", rec.state());
                         }
                     }
+                    // A leased event's record says which lease it was written under; others none.
+                    let leased_event = matches!(kind, EventKind::Refreshed | EventKind::RefreshDeferred
+                        | EventKind::RefreshRejected | EventKind::LeaseRenewed | EventKind::LeaseReleased);
+                    prop_assert_eq!(
+                        next.written_under(),
+                        if leased_event { rec.state().lease().map(|l| &l.holder) } else { None }
+                    );
                     // A possibly committed attempt is remembered until a success or a new grant.
                     if let (Some(before), Some(after)) = (rec.failures(), next.failures())
                         && before.possibly_committed_since.is_some()

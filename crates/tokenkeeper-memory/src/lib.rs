@@ -113,7 +113,9 @@ impl TokenStore for MemoryStore {
         let mut inner = self.lock();
         let current = match inner.records.get(record.id()) {
             None => return Ok(CasOutcome::Missing),
-            Some(current) if current.version() != expected_version => {
+            Some(current)
+                if current.version() != expected_version || !record.lease_matches(current) =>
+            {
                 return Ok(CasOutcome::Conflict(Box::new(current.clone())));
             }
             Some(current) => current.clone(),

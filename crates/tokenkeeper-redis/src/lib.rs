@@ -555,6 +555,9 @@ impl TokenStore for RedisStore {
         expected_version: u64,
     ) -> Result<CasOutcome, StoreError> {
         check_cas_arguments(BACKEND, record, expected_version)?;
+        let written_under = record
+            .written_under()
+            .map_or_else(String::new, ToString::to_string);
         let keys = self.layout.script_keys(record.id());
         let value = value::encode(record);
         let reply: Value = self
@@ -566,6 +569,7 @@ impl TokenStore for RedisStore {
                     .arg(record.state().kind().as_str())
                     .arg(due_member(record.id(), record.due_at()))
                     .arg(record.id().as_str())
+                    .arg(written_under.as_str())
                     .invoke_async(c)
                     .await
             })
@@ -738,6 +742,9 @@ pub mod bench_support {
             record.state().kind().as_str().as_bytes().to_vec(),
             due_member(record.id(), record.due_at()).into_bytes(),
             record.id().as_str().as_bytes().to_vec(),
+            record
+                .written_under()
+                .map_or_else(Vec::new, |h| h.to_string().into_bytes()),
         ]
     }
 }

@@ -31,8 +31,10 @@ return 1
     ))
 });
 
-/// ARGV: expected version, value, state, due member, id. Returns 1 when swapped, 0 when
-/// missing, or the current value on a version conflict (or an unreadable header).
+/// ARGV: expected version, value, state, due member, id, and the lease holder the value was
+/// written under (empty for none). Returns 1 when swapped, 0 when missing, or the current
+/// value on a conflict: another version, an unreadable header, or this version under another
+/// lease (versions can repeat after a store lost an acknowledged write; lease holders cannot).
 pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}
@@ -40,6 +42,14 @@ local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local v, s, d = header(cur)
 if v ~= ARGV[1] then return cur end
+if ARGV[6] ~= '' then
+  local nl = string.find(cur, '\n', 1, true)
+  local ok, rec = pcall(cjson.decode, string.sub(cur, nl + 1))
+  local st = ok and type(rec) == 'table' and type(rec.record) == 'table' and rec.record.state
+  local holder = type(st) == 'table' and type(st.Refreshing) == 'table'
+    and type(st.Refreshing.lease) == 'table' and st.Refreshing.lease.holder
+  if holder ~= ARGV[6] then return cur end
+end
 redis.call('SET', KEYS[1], ARGV[2])
 if d ~= ARGV[4] then
   if d ~= '-' then redis.call('ZREM', KEYS[2], d) end

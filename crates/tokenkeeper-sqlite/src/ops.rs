@@ -162,7 +162,8 @@ pub(crate) fn compare_and_swap(
     let mut stmt = conn
         .prepare_cached(
             "UPDATE installations SET version = ?1, state = ?2, due_at = ?3, record = ?4 \
-             WHERE id = ?5 AND version = ?6",
+             WHERE id = ?5 AND version = ?6 AND (?7 IS NULL OR \
+             json_extract(CAST(record AS TEXT), '$.record.state.Refreshing.lease.holder') = ?7)",
         )
         .map_err(|e| sqlite_error("compare_and_swap", e))?;
     let changed = stmt
@@ -172,13 +173,15 @@ pub(crate) fn compare_and_swap(
             due_column(record),
             bytes,
             record.id().as_str(),
-            expected_col
+            expected_col,
+            record.written_under().map(|h| h.to_string())
         ])
         .map_err(|e| sqlite_error("compare_and_swap", e))?;
     if changed == 1 {
         return Ok(CasOutcome::Swapped);
     }
-    // Versions only grow, so whatever is stored now is the conflicting state.
+    // Versions only grow, so whatever is stored now is the conflicting state (a newer version,
+    // or this version under another lease than the one the record was written under).
     Ok(match get(conn, record.id())? {
         Some(current) => CasOutcome::Conflict(Box::new(current)),
         None => CasOutcome::Missing,
