@@ -107,6 +107,12 @@ impl TokenSet {
         self.expires_at.duration_since(self.obtained_at)
     }
 
+    /// Whether this reply to a refresh that presented `presented` rotated the refresh token
+    /// (carries a new one). Only a rotation makes a reply the sole copy of a live token.
+    pub fn rotated_from(&self, presented: &RefreshToken) -> bool {
+        self.refresh_token.as_ref().is_some_and(|r| r != presented)
+    }
+
     /// Applies the RFC 6749 §6 merge rules to a refresh response: a response without a refresh
     /// token keeps the previous one, and a response without scopes keeps the previous scopes.
     pub fn merged_onto(mut self, previous: &TokenSet) -> TokenSet {

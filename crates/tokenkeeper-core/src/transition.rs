@@ -317,11 +317,10 @@ pub fn transition(
             // Only a rotation needs saving: a reply that kept the presented refresh token
             // (or sent none) left it valid at the provider, and whatever is stored now is at
             // least as new as this result.
-            let rotated = tokens
-                .refresh_token
-                .as_ref()
-                .is_some_and(|r| r != &presented);
-            if !revivable || !rotated || record.tokens.refresh_token.as_ref() != Some(&presented) {
+            if !revivable
+                || !tokens.rotated_from(&presented)
+                || record.tokens.refresh_token.as_ref() != Some(&presented)
+            {
                 return Err(refuse(Refusal::Superseded));
             }
             next.tokens = tokens.merged_onto(&record.tokens);

@@ -49,12 +49,10 @@ async fn read_back(store: &RedisStore, id: &InstallationId) -> Option<Record> {
     panic!("the restarted server never answered");
 }
 
-/// Writes a refresh, crashes the server, restarts it, and says whether the refresh survived.
-async fn refresh_survives_a_crash(server: &mut Server, store: &RedisStore) -> bool {
-    let id = InstallationId::new("crash-1").unwrap();
-    let created = sample_record(&id, at(0));
-    store.create(&created).await.unwrap();
-    let leased = lease(&created, "h", at(60), at(1));
+/// Leases `created` (already stored at version 1) and writes its refresh under the lease;
+/// returns the refreshed record.
+async fn lease_and_refresh(store: &RedisStore, created: &Record) -> Record {
+    let leased = lease(created, "h", at(60), at(1));
     assert_eq!(
         store.compare_and_swap(&leased, 1).await.unwrap(),
         CasOutcome::Swapped
@@ -62,8 +60,18 @@ async fn refresh_survives_a_crash(server: &mut Server, store: &RedisStore) -> bo
     let next = refreshed(&leased, "rotated");
     assert_eq!(
         store.compare_and_swap(&next, 2).await.unwrap(),
-        CasOutcome::Swapped
+        CasOutcome::Swapped,
+        "the refresh is acknowledged"
     );
+    next
+}
+
+/// Writes a refresh, crashes the server, restarts it, and says whether the refresh survived.
+async fn refresh_survives_a_crash(server: &mut Server, store: &RedisStore) -> bool {
+    let id = InstallationId::new("crash-1").unwrap();
+    let created = sample_record(&id, at(0));
+    store.create(&created).await.unwrap();
+    let next = lease_and_refresh(store, &created).await;
     server.crash_and_restart();
     read_back(store, &id).await.is_some_and(|r| r == next)
 }
@@ -146,17 +154,7 @@ async fn writes_that_store_tokens_wait_for_replicas() {
         .create(&created)
         .await
         .expect("acknowledged by the replica");
-    let leased = lease(&created, "h", at(60), at(1));
-    assert_eq!(
-        store.compare_and_swap(&leased, 1).await.unwrap(),
-        CasOutcome::Swapped
-    );
-    let next = refreshed(&leased, "rotated");
-    assert_eq!(
-        store.compare_and_swap(&next, 2).await.unwrap(),
-        CasOutcome::Swapped,
-        "acknowledged by the replica"
-    );
+    let next = lease_and_refresh(&store, &created).await;
     // Without its replica, a write that stores new tokens is not reported as done.
     drop(replica);
     let leased = lease(&next, "h2", at(120), at(61));

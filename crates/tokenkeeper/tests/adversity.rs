@@ -260,6 +260,21 @@ async fn own_manager(
     }
 }
 
+/// Two hours later the installation refreshes again from what the store holds: two rotations
+/// in all, no retired token presented.
+async fn refreshes_again_cleanly(
+    mock: &tokenkeeper_mock_provider::MockProvider,
+    clock: &tokenkeeper::ManualClock,
+    manager: &tokenkeeper::TokenManager,
+    id: &InstallationId,
+) {
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    manager.access_token(id).await.unwrap();
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
 /// The store refuses the rotated tokens for longer than `result_write_patience`: they go to
 /// the unsaved-tokens sink (not dropped), and `restore_unsaved` puts them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,11 +312,7 @@ async fn tokens_the_store_refuses_reach_the_sink_and_can_be_restored() {
         manager.restore_unsaved(unsaved).await,
         Err(Error::Transition { .. })
     ));
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    manager.access_token(&id).await.unwrap();
-    let c = mock.counters().totals;
-    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+    refreshes_again_cleanly(&mock, &clock, &manager, &id).await;
 }
 
 /// `shutdown` waits for a refresh between the provider's reply and its write (finding S1):
@@ -691,11 +702,7 @@ async fn unsaved_tokens_reach_a_file(sealed: bool) {
     switch.heal();
     manager.restore_unsaved_file(&files[0]).await.unwrap();
     manager.access_token(&id).await.unwrap();
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    manager.access_token(&id).await.unwrap();
-    let c = mock.counters().totals;
-    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+    refreshes_again_cleanly(&mock, &clock, &manager, &id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -567,14 +567,9 @@ impl TokenManager {
             .await?;
         self.engine.cache.remove(id);
         self.engine.emit(id, LifecycleEventKind::Revoked);
-        let tokens = revoked.tokens();
-        let (token, hint) = match &tokens.refresh_token {
-            Some(r) => (r.secret(), "refresh_token"),
-            None => (tokens.access_token.secret(), "access_token"),
-        };
         self.engine
             .client
-            .revoke(Some(id), token, hint)
+            .revoke_tokens(Some(id), revoked.tokens())
             .await
             .map_err(|e| Error::Provider {
                 id: id.clone(),

@@ -25,7 +25,6 @@ use super::flight::Outcome;
 use super::unsaved::UnsavedTokens;
 use crate::error::Error;
 use crate::oauth::error::OAuthError;
-use crate::oauth::profile::Rotation;
 
 /// What a handler tells the driver.
 enum Step {
@@ -209,12 +208,7 @@ async fn on_refreshed(
     tokens: TokenSet,
     now: Timestamp,
 ) -> Step {
-    if tokens.refresh_token.is_none()
-        && matches!(
-            engine.client.consumer().profile().rotation,
-            Rotation::Rotates { .. }
-        )
-    {
+    if tokens.refresh_token.is_none() && engine.client.consumer().profile().rotation.rotates() {
         tracing::error!(
             "the provider's refresh reply carried no refresh token although this profile rotates them; the previous (retired) one is kept and the next refresh will likely be refused"
         );
@@ -345,11 +339,7 @@ async fn land(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
-                let rotated = tokens
-                    .refresh_token
-                    .as_ref()
-                    .is_some_and(|r| r != &presented);
-                if rotated {
+                if tokens.rotated_from(&presented) {
                     tracing::error!(error = %e, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
                     (engine.unsaved)(UnsavedTokens {
                         installation: id.clone(),
@@ -372,11 +362,7 @@ async fn land(
 /// provider's new tokens are live but nowhere stored. Revoke them at the provider too (best
 /// effort), or the grant would survive the revocation.
 async fn revoke_orphan(engine: &Engine, id: &InstallationId, tokens: &TokenSet) {
-    let (token, hint) = match &tokens.refresh_token {
-        Some(r) => (r.secret(), "refresh_token"),
-        None => (tokens.access_token.secret(), "access_token"),
-    };
-    if let Err(e) = engine.client.revoke(Some(id), token, hint).await {
+    if let Err(e) = engine.client.revoke_tokens(Some(id), tokens).await {
         tracing::warn!(error = %e, "could not revoke the tokens of a refresh that raced the revocation");
     }
 }
@@ -398,10 +384,7 @@ async fn on_rejected(
         Ok(_) => {}
         Err(e) => return Step::Done(Err(e)),
     }
-    let rotates = matches!(
-        engine.client.consumer().profile().rotation,
-        Rotation::Rotates { .. }
-    );
+    let rotates = engine.client.consumer().profile().rotation.rotates();
     let reason = if error.class() == FailureClass::ScopeRejected {
         ReauthReason::ScopesChanged
     } else if rotates && (takeover || reply_may_have_been_lost(leased)) {
@@ -501,10 +484,7 @@ fn reply_may_have_been_lost(record: &Record) -> bool {
 
 /// The provider's reuse leeway, for a rotating profile that has one.
 fn reuse_leeway(engine: &Engine) -> Option<Duration> {
-    match engine.client.consumer().profile().rotation {
-        Rotation::Rotates { reuse_leeway } => reuse_leeway,
-        _ => None,
-    }
+    engine.client.consumer().profile().rotation.reuse_leeway()
 }
 
 /// When an attempt that may have rotated `record`'s refresh token failed, if the provider's

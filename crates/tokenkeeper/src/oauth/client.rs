@@ -248,6 +248,24 @@ impl OAuthClient {
             .await
     }
 
+    /// RFC 7009 for an installation's token set: revokes its refresh token (which revokes the
+    /// grant), or its access token when it has none.
+    ///
+    /// # Errors
+    ///
+    /// As [`revoke`](Self::revoke).
+    pub async fn revoke_tokens(
+        &self,
+        installation: Option<&InstallationId>,
+        tokens: &TokenSet,
+    ) -> Result<Revocation, OAuthError> {
+        let (token, hint) = match &tokens.refresh_token {
+            Some(r) => (r.secret(), "refresh_token"),
+            None => (tokens.access_token.secret(), "access_token"),
+        };
+        self.revoke(installation, token, hint).await
+    }
+
     /// RFC 7009: asks the provider to revoke a token (a refresh token revokes its grant).
     ///
     /// # Errors

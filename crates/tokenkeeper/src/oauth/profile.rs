@@ -47,6 +47,21 @@ pub enum Rotation {
     },
 }
 
+impl Rotation {
+    /// Whether a refresh retires the refresh token it used.
+    pub fn rotates(&self) -> bool {
+        matches!(self, Self::Rotates { .. })
+    }
+
+    /// How long a retired refresh token still works, for a rotating provider that allows it.
+    pub fn reuse_leeway(&self) -> Option<Duration> {
+        match self {
+            Self::Rotates { reuse_leeway } => *reuse_leeway,
+            Self::Never => None,
+        }
+    }
+}
+
 /// One rule mapping a provider error to a failure class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorRule {
