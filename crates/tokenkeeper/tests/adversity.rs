@@ -34,6 +34,14 @@ async fn gated_bitbucket() -> (
     Arc<tokenkeeper_testkit::wrappers::Gate>,
     InstallationId,
 ) {
+    let (f, gate) = gated_bitbucket_fixture().await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    (f, gate, id)
+}
+
+/// A bitbucket fixture whose store holds the first `Refreshed` write at a gate.
+async fn gated_bitbucket_fixture() -> (Fixture, Arc<tokenkeeper_testkit::wrappers::Gate>) {
     let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
     let f = Fixture::with_store(
         profiles::bitbucket(),
@@ -41,9 +49,7 @@ async fn gated_bitbucket() -> (
         Arc::new(store),
     )
     .await;
-    let id = f.install().await;
-    f.advance(TWO_HOURS);
-    (f, gate, id)
+    (f, gate)
 }
 
 /// Waits (real time, bounded) until `cond` holds.
@@ -618,13 +624,7 @@ async fn callers_wait_a_bounded_time_and_the_refresh_lands_anyway() {
 /// held (a store stuck on that one row); Y falls due meanwhile and is refreshed all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_refresh_does_not_stall_the_refresher() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-    )
-    .await;
+    let (f, gate) = gated_bitbucket_fixture().await;
     let x = f.install().await;
     f.advance(TWO_HOURS);
     let y = f.install().await;

@@ -144,6 +144,18 @@ async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
     }
 }
 
+/// A fresh SQLite database path for one fleet run (`open_store("sqlite", ..)`).
+fn sqlite_location(tag: &str) -> String {
+    let path = tokenkeeper_testkit::dirs::fresh_db(tag);
+    path.to_str().unwrap().to_owned()
+}
+
+/// The shared test redis-server with a prefix of its own (`open_store("redis", ..)`).
+fn redis_location(tag: &str) -> String {
+    let url = tokenkeeper_testkit::redis::server_url();
+    format!("{url}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
+}
+
 fn ids_n(n: usize) -> Vec<InstallationId> {
     (0..n)
         .map(|n| InstallationId::new(format!("fleet-{n:03}")).unwrap())
@@ -454,20 +466,14 @@ async fn memory_fleet_of_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("fleet-{}-{profile}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        run_fleet("sqlite", dir.join("tokens.db").to_str().unwrap(), profile).await;
+        run_fleet("sqlite", &sqlite_location("fleet"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fleet_of_processes() {
-    let url = tokenkeeper_testkit::redis::server_url();
     for profile in ["bitbucket", "atlassian-3lo"] {
-        let prefix = tokenkeeper_testkit::redis::unique_prefix("fleet");
-        run_fleet("redis", &format!("{url}|{prefix}"), profile).await;
+        run_fleet("redis", &redis_location("fleet"), profile).await;
     }
 }
 
@@ -487,11 +493,7 @@ async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFixtur
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{tag}-{}-{profile_name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let location = dir.join("tokens.db").to_str().unwrap().to_owned();
+    let location = sqlite_location(tag);
     let store = open_store("sqlite", &location).await;
     let clock = OffsetClock::default();
     let survivor = short_lease_manager(store.clone(), profile, &base, &clock);
@@ -657,20 +659,14 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_sqlite() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("contention-{}-{profile}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        run_contention("sqlite", dir.join("tokens.db").to_str().unwrap(), profile).await;
+        run_contention("sqlite", &sqlite_location("contention"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_redis() {
-    let url = tokenkeeper_testkit::redis::server_url();
     for profile in ["bitbucket", "atlassian-3lo"] {
-        let prefix = tokenkeeper_testkit::redis::unique_prefix("contention");
-        run_contention("redis", &format!("{url}|{prefix}"), profile).await;
+        run_contention("redis", &redis_location("contention"), profile).await;
     }
 }
 
