@@ -118,6 +118,9 @@ pub enum EventKind {
     LeaseAcquired,
     /// A refresh lease was extended.
     LeaseRenewed,
+    /// A refresh lease its holder stopped renewing was taken over by a peer that watched it
+    /// for a whole lease TTL (see `Event::LeaseTakenOver`).
+    LeaseTakenOver,
     /// A refresh lease was given back without a result.
     LeaseReleased,
     /// A refresh succeeded.
@@ -142,6 +145,7 @@ impl fmt::Display for EventKind {
             Self::Authorized => "authorized",
             Self::LeaseAcquired => "refresh lease acquired",
             Self::LeaseRenewed => "refresh lease renewed",
+            Self::LeaseTakenOver => "refresh lease taken over (its holder fell silent)",
             Self::LeaseReleased => "refresh lease released",
             Self::Refreshed => "refreshed",
             Self::LateRefreshed => "refreshed (late result)",

@@ -34,6 +34,20 @@ pub enum Event {
         /// When it lapses.
         until: Timestamp,
     },
+    /// A flight takes over a lease whose holder fell silent: it read this very record
+    /// version and watched it stay unchanged (no renewal, no result) for a whole lease TTL of
+    /// its own monotonic time. Allowed only from `Refreshing` at version `watched`, so the
+    /// store's compare-and-swap on that version proves the silence lasted until the takeover.
+    /// Unlike a wall-clock lapse (`LeaseAcquired` after `until`), it does not depend on the
+    /// holder's and the peer's clocks agreeing.
+    LeaseTakenOver {
+        /// Who takes it.
+        holder: LeaseHolder,
+        /// When it lapses.
+        until: Timestamp,
+        /// The record version the flight watched stay unchanged.
+        watched: u64,
+    },
     /// The holder extends its lease during a slow refresh.
     LeaseRenewed {
         /// The fence of the lease being renewed.
@@ -111,6 +125,7 @@ impl Event {
             Self::Authorized { .. } => EventKind::Authorized,
             Self::LeaseAcquired { .. } => EventKind::LeaseAcquired,
             Self::LeaseRenewed { .. } => EventKind::LeaseRenewed,
+            Self::LeaseTakenOver { .. } => EventKind::LeaseTakenOver,
             Self::LeaseReleased { .. } => EventKind::LeaseReleased,
             Self::Refreshed { .. } => EventKind::Refreshed,
             Self::LateRefreshed { .. } => EventKind::LateRefreshed,
@@ -174,6 +189,14 @@ pub enum Refusal {
     Superseded,
     /// Already revoked.
     AlreadyRevoked,
+    /// A takeover of a silent lease, but the record changed since the flight watched it
+    /// (its holder renewed it or wrote a result).
+    NotSilent {
+        /// The version the flight watched.
+        watched: u64,
+        /// The current version.
+        current: u64,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -194,6 +217,10 @@ impl fmt::Display for Refusal {
                 "the stored refresh token is no longer the one this result's refresh presented",
             ),
             Self::AlreadyRevoked => f.write_str("it is already revoked"),
+            Self::NotSilent { watched, current } => write!(
+                f,
+                "the lease holder was not silent: the record moved from version {watched} to {current} while it was watched"
+            ),
         }
     }
 }
@@ -269,6 +296,31 @@ pub fn transition(
             next.failures = None;
             next.refresh_token_last_used = now;
             next.authorized_at = now;
+        }
+        Event::LeaseTakenOver {
+            holder,
+            until,
+            watched,
+        } => {
+            match &record.state {
+                State::Refreshing { .. } if record.version == watched => {}
+                State::Refreshing { .. } => {
+                    return Err(refuse(Refusal::NotSilent {
+                        watched,
+                        current: record.version,
+                    }));
+                }
+                s if s.is_terminal() => return Err(refuse(Refusal::Terminal)),
+                _ => return Err(refuse(Refusal::NotLeased)),
+            }
+            next.state = State::Refreshing {
+                lease: Lease {
+                    holder,
+                    until,
+                    fence: version,
+                },
+            };
+            next.due_at = Some(until);
         }
         Event::LeaseAcquired { holder, until } => {
             match &record.state {

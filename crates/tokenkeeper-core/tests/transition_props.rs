@@ -44,12 +44,24 @@ enum Op {
     Late {
         presented_current: bool,
     },
+    TakeOver {
+        holder: u8,
+        ttl: u16,
+        watched_current: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (any::<u8>(), 1..600u16).prop_map(|(holder, ttl)| Op::Acquire { holder, ttl }),
         (any::<bool>(), 1..600u16).prop_map(|(wrong_fence, ttl)| Op::Renew { wrong_fence, ttl }),
+        (any::<u8>(), 1..600u16, any::<bool>()).prop_map(|(holder, ttl, watched_current)| {
+            Op::TakeOver {
+                holder,
+                ttl,
+                watched_current,
+            }
+        }),
         any::<bool>().prop_map(|wrong_fence| Op::Release { wrong_fence }),
         (
             any::<bool>(),
@@ -115,6 +127,19 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
         Op::Acquire { holder, ttl } => Event::LeaseAcquired {
             holder: LeaseHolder::new(format!("holder-{holder}")),
             until: secs(ttl),
+        },
+        Op::TakeOver {
+            holder,
+            ttl,
+            watched_current,
+        } => Event::LeaseTakenOver {
+            holder: LeaseHolder::new(format!("holder-{holder}")),
+            until: secs(ttl),
+            watched: if watched_current {
+                r.version()
+            } else {
+                r.version() + 1
+            },
         },
         Op::Renew { wrong_fence, ttl } => Event::LeaseRenewed {
             fence: fence_of(r, wrong_fence),
@@ -253,7 +278,13 @@ proptest! {
                     if !matches!(kind, EventKind::Refreshed | EventKind::LateRefreshed | EventKind::Authorized) {
                         prop_assert_eq!(next.tokens(), rec.tokens());
                     }
-                    // A valid lease is never taken over.
+                    // A silent lease is taken over only at the version that was watched.
+                    if let Event::LeaseTakenOver { watched, .. } = &event {
+                        prop_assert_eq!(rec.state().kind(), StateKind::Refreshing);
+                        prop_assert_eq!(*watched, rec.version());
+                        prop_assert_eq!(next.state().lease().unwrap().fence, next.version());
+                    }
+                    // A valid lease is never taken over by the clock.
                     if kind == EventKind::LeaseAcquired {
                         prop_assert!(held_lease.is_none(), "took over a live lease");
                         prop_assert_eq!(next.state().lease().unwrap().fence, next.version());
@@ -291,6 +322,10 @@ proptest! {
                     match e.why {
                         Refusal::Terminal => prop_assert!(was_terminal),
                         Refusal::LeaseHeld { .. } => prop_assert!(held_lease.is_some()),
+                        Refusal::NotSilent { watched, current } => {
+                            prop_assert_eq!(kind, EventKind::LeaseTakenOver);
+                            prop_assert_ne!(watched, current);
+                        }
                         Refusal::NotLeased => prop_assert!(rec.state().lease().is_none()),
                         Refusal::FenceMismatch { current, given } => prop_assert_ne!(current, given),
                         Refusal::Superseded => prop_assert_eq!(kind, EventKind::LateRefreshed),

@@ -1,9 +1,9 @@
 //! Store wrappers for adversarial tests: a store that fails on command ([`FlakyStore`]), one
-//! that holds a chosen write until the test lets it through ([`GatedStore`]), and one that
-//! counts writes ([`CountingStore`]).
+//! that holds a chosen write (before it runs, or after it landed) until the test lets it
+//! through ([`GatedStore`]), and one that counts writes ([`CountingStore`]).
 //!
 //! All three are one [`Hooked`] store: it delegates everything to the wrapped store after
-//! asking its [`Hook`], so the contract under test is the real backend's. A write is
+//! asking its [`Hook`] (and tells the hook about every compare-and-swap that landed), so the contract under test is the real backend's. A write is
 //! recognised by the last history event of the record being written (`Refreshed`,
 //! `LeaseAcquired`, ...), which is how the engine's steps differ on the wire.
 
@@ -68,6 +68,12 @@ impl Operation<'_> {
 pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
     /// Runs before `operation`; an error is returned instead of running it.
     async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError>;
+
+    /// Runs after a compare-and-swap of `record` landed, before its caller hears so; a
+    /// pending future holds the caller (a process paused right after a write).
+    async fn swapped(&self, record: &Record) {
+        let _ = record;
+    }
 }
 
 /// A store that asks its hook before every operation.
@@ -109,7 +115,11 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
         expected: u64,
     ) -> Result<CasOutcome, StoreError> {
         self.hook.before(Operation::CompareAndSwap(record)).await?;
-        self.inner.compare_and_swap(record, expected).await
+        let outcome = self.inner.compare_and_swap(record, expected).await;
+        if let Ok(CasOutcome::Swapped) = outcome {
+            self.hook.swapped(record).await;
+        }
+        outcome
     }
 
     async fn delete(
@@ -227,6 +237,8 @@ impl<S: TokenStore> FlakyStore<S> {
 #[derive(Debug)]
 pub struct Gate {
     event: EventKind,
+    /// Hold the caller after its write landed instead of before it runs.
+    after: bool,
     armed: AtomicBool,
     held: watch::Sender<bool>,
     release: Notify,
@@ -238,10 +250,33 @@ impl Gate {
     pub fn on(event: EventKind) -> Self {
         Self {
             event,
+            after: false,
             armed: AtomicBool::new(true),
             held: watch::Sender::new(false),
             release: Notify::new(),
             released: AtomicBool::new(false),
+        }
+    }
+
+    /// A gate that lets the first write of a record produced by `event` land, then holds its
+    /// caller: a process paused right after that write.
+    pub fn after(event: EventKind) -> Self {
+        Self {
+            after: true,
+            ..Self::on(event)
+        }
+    }
+
+    /// Holds the caller until [`Gate::release`], if this write is the one to hold.
+    async fn hold(&self, event: Option<EventKind>) {
+        if event == Some(self.event) && self.armed.swap(false, Ordering::SeqCst) {
+            let released = self.release.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            self.held.send_replace(true);
+            if !self.released.load(Ordering::SeqCst) {
+                released.await;
+            }
         }
     }
 
@@ -261,20 +296,16 @@ impl Gate {
 #[async_trait]
 impl Hook for Gate {
     async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
-        let is_cas = matches!(operation, Operation::CompareAndSwap(_));
-        if is_cas
-            && operation.event() == Some(self.event)
-            && self.armed.swap(false, Ordering::SeqCst)
-        {
-            let released = self.release.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            self.held.send_replace(true);
-            if !self.released.load(Ordering::SeqCst) {
-                released.await;
-            }
+        if !self.after && matches!(operation, Operation::CompareAndSwap(_)) {
+            self.hold(operation.event()).await;
         }
         Ok(())
+    }
+
+    async fn swapped(&self, record: &Record) {
+        if self.after {
+            self.hold(record.history().last().map(|h| h.event)).await;
+        }
     }
 }
 
@@ -286,6 +317,12 @@ impl<S: TokenStore> GatedStore<S> {
     /// Wraps `inner`, holding the first write of an `event` record.
     pub fn gated(inner: S, event: EventKind) -> (Self, Arc<Gate>) {
         Self::new(inner, Gate::on(event))
+    }
+
+    /// Wraps `inner`, letting the first write of an `event` record land and then holding
+    /// its caller.
+    pub fn gated_after(inner: S, event: EventKind) -> (Self, Arc<Gate>) {
+        Self::new(inner, Gate::after(event))
     }
 }
 

@@ -52,6 +52,12 @@ async fn gated_bitbucket_fixture() -> (Fixture, Arc<tokenkeeper_testkit::wrapper
     (f, gate)
 }
 
+/// How far the wall clock must move for a lease taken now to lapse by its written expiry.
+fn lapse(f: &Fixture) -> Duration {
+    let p = f.manager.policy();
+    p.lease_ttl + p.lease_margin + Duration::from_secs(1)
+}
+
 /// Waits (real time, bounded) until `cond` holds.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -119,9 +125,8 @@ async fn a_paused_holders_late_result_revives_the_installation() {
     let (f, gate, id) = gated_bitbucket().await;
     let holder = spawn_access_token(&f.manager, &id);
     gate.held().await;
-    // The holder's lease lapses while it is paused.
-    f.clock
-        .advance(f.manager.policy().lease_ttl + Duration::from_secs(1));
+    // The holder's lease lapses (by its written expiry) while it is paused.
+    f.clock.advance(lapse(&f));
     let peer = f.peer(profiles::bitbucket());
     match peer.access_token(&id).await {
         Err(Error::ReauthorizationRequired {
@@ -205,7 +210,7 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
     // Once the store takes writes again, the next attempt (a takeover of the lapsed lease,
     // whose holder's outcome the record cannot tell) records and announces a condemnation.
     switch.heal();
-    f.advance(f.manager.policy().lease_ttl + Duration::from_secs(1));
+    f.advance(lapse(&f));
     match f.manager.access_token(&id).await {
         Err(Error::ReauthorizationRequired {
             reason: ReauthReason::RefreshTokenRejected | ReauthReason::RotatedTokenLost,

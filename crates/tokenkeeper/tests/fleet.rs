@@ -100,12 +100,14 @@ fn manager(
 /// Seconds a lease lasts in the chaos test: a killed holder's lease lapses quickly.
 const SHORT_LEASE: u64 = 3;
 
-/// A manager whose leases lapse after [`SHORT_LEASE`] seconds (HTTP timeout 1 s, margin 1 s).
+/// A manager whose leases lapse after [`SHORT_LEASE`] seconds of silence (HTTP timeout 1 s),
+/// or by their written expiry [`SHORT_LEASE`] + `margin_secs` (the clock skew tolerated) later.
 fn short_lease_manager(
     store: Arc<dyn TokenStore>,
     profile: ProviderProfile,
     base: &str,
     clock: &OffsetClock,
+    margin_secs: u64,
 ) -> TokenManager {
     let consumer = consumer_builder(profile, base)
         .http_timeout(Duration::from_secs(1))
@@ -115,7 +117,7 @@ fn short_lease_manager(
     TokenManager::builder_shared(consumer, store)
         .clock(clock.clone())
         .tune(|p| {
-            p.lease_margin = Duration::from_secs(1);
+            p.lease_margin = Duration::from_secs(margin_secs);
             p.lease_ttl = Duration::from_secs(SHORT_LEASE);
             p.peer_wait = Duration::from_secs(SHORT_LEASE + 1);
         })
@@ -228,6 +230,7 @@ fn child_process_entry() {
     let graceful = std::env::var("TK_FLEET_GRACEFUL").is_ok();
     let contention = std::env::var("TK_FLEET_CONTENTION").is_ok();
     let skew_ms: i64 = std::env::var("TK_FLEET_SKEW_MS").map_or(0, |s| s.parse().unwrap());
+    let margin: u64 = std::env::var("TK_FLEET_MARGIN_S").map_or(1, |s| s.parse().unwrap());
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
@@ -237,7 +240,7 @@ fn child_process_entry() {
             );
             let store: Arc<dyn TokenStore> = Arc::new(store);
             let manager = if short {
-                short_lease_manager(store, profile, &base, &clock)
+                short_lease_manager(store, profile, &base, &clock, margin)
             } else {
                 manager(store, profile, &base, &clock)
             };
@@ -496,7 +499,7 @@ async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFixtur
     let location = sqlite_location(tag);
     let store = open_store("sqlite", &location).await;
     let clock = OffsetClock::default();
-    let survivor = short_lease_manager(store.clone(), profile, &base, &clock);
+    let survivor = short_lease_manager(store.clone(), profile, &base, &clock, 1);
     authorize_all(&survivor, &mock, count).await;
     StopFixture {
         mock,
@@ -518,10 +521,10 @@ fn slow_replies(mock: &MockProvider, ms: u64) {
     )]);
 }
 
-/// The adversarial fleet (review T1-T3): 4 processes whose clocks disagree by up to 0.8 s
-/// call every installation in the same order, 4 callers each, starting together each cycle;
-/// leases are short (3 s); in one cycle a member is frozen with SIGSTOP past its leases and
-/// thawed (SIGCONT). The provider's oracle must show exactly one refresh per installation per
+/// The adversarial fleet (review T1-T3): 4 processes whose clocks disagree by up to 60 s
+/// (each ±30 s off) call every installation in the same order, 4 callers each, starting
+/// together each cycle; leases are short (3 s of silence; their written expiry adds a 61 s skew
+/// margin); in one cycle a member is frozen with SIGSTOP past its leases and thawed (SIGCONT). The provider's oracle must show exactly one refresh per installation per
 /// cycle, no reuse detection and no installation lost; each member writes at most two
 /// compare-and-swaps per installation per unpaused cycle (one lease, one result: in-process
 /// single flight).
@@ -529,13 +532,14 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
     const COUNT: usize = 50;
     const ROUNDS: usize = 5;
     const PAUSED_ROUND: usize = 3;
-    const SKEWS_MS: [i64; PROCESSES] = [-400, -150, 150, 400];
+    const SKEWS_MS: [i64; PROCESSES] = [-30_000, -10_000, 10_000, 30_000];
+    const MARGIN_S: u64 = 61;
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
     let store = open_store(backend, location).await;
     let clock = OffsetClock::default();
-    let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock);
+    let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock, MARGIN_S);
     authorize_all(&admin, &mock, COUNT).await;
     // Every rotation is committed 100 ms before its reply: a frozen member holds results.
     slow_replies(&mock, 100);
@@ -546,6 +550,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
                 ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
                 ("TK_FLEET_CONTENTION", "1".to_owned()),
                 ("TK_FLEET_SKEW_MS", SKEWS_MS[n].to_string()),
+                ("TK_FLEET_MARGIN_S", MARGIN_S.to_string()),
             ];
             spawn_member_with(backend, location, &base, profile_name, n, &env)
         })
@@ -651,7 +656,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
         assert_eq!(c.reuse_detections, 0, "{backend}/{profile_name}: {c:?}");
     }
     eprintln!(
-        "contention {backend}/{profile_name}: {PROCESSES} processes x {CALLERS} callers x {COUNT} installations x {ROUNDS} rounds, clocks skewed up to 0.8 s, one member SIGSTOPped past its leases: {} refreshes ({extra_refreshes} extra during the pause), {} retired tokens presented and {} reuse detections (during the pause), {pause_errors} caller errors during the pause, 0 installations lost",
+        "contention {backend}/{profile_name}: {PROCESSES} processes x {CALLERS} callers x {COUNT} installations x {ROUNDS} rounds, clocks up to 60 s apart, one member SIGSTOPped past its leases: {} refreshes ({extra_refreshes} extra during the pause), {} retired tokens presented and {} reuse detections (during the pause), {pause_errors} caller errors during the pause, 0 installations lost",
         c.refreshes, c.rejected_refreshes, c.reuse_detections
     );
 }
@@ -690,7 +695,7 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
     let base = mock.base_url();
     let store = open_store("redis", &location).await;
     let clock = OffsetClock::default();
-    let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock);
+    let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock, 1);
     authorize_all(&admin, &mock, COUNT).await;
     slow_replies(&mock, 100);
     let mut members: Vec<Member> = (0..PROCESSES)

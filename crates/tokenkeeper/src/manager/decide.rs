@@ -52,6 +52,9 @@ pub(crate) enum Decision {
     TakeLease {
         /// A lapsed lease is still recorded: its holder died or stalled mid-refresh.
         takeover: bool,
+        /// The lease is live by its written expiry, but this flight watched this record
+        /// version stay unchanged for a whole lease TTL: take it over at that version.
+        watched: Option<u64>,
         /// The current access token may be served if the refresh fails transiently.
         serve_valid: bool,
     },
@@ -68,6 +71,9 @@ pub(crate) struct Context<'a> {
     pub(crate) breaker: Option<(Timestamp, &'a ErrorDetail)>,
     /// This manager's consumer (`profile/client_id`): a record of another is never touched.
     pub(crate) consumer: &'a str,
+    /// The record version this flight has watched stay unchanged under a peer's lease for a
+    /// whole lease TTL, if it has (the peer fell silent).
+    pub(crate) silent: Option<u64>,
 }
 
 /// Decides the next step for `record`.
@@ -127,12 +133,20 @@ pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
         if still_valid {
             return valid();
         }
+        if cx.silent == Some(record.version()) {
+            return Decision::TakeLease {
+                takeover: true,
+                watched: cx.silent,
+                serve_valid: false,
+            };
+        }
         return Decision::WaitForPeer {
             holder: lease.holder.clone(),
         };
     }
     Decision::TakeLease {
         takeover: matches!(record.state(), State::Refreshing { .. }),
+        watched: None,
         serve_valid: still_valid,
     }
 }
@@ -245,6 +259,7 @@ mod tests {
             stale_at: at(3570),
             breaker: None,
             consumer: "bitbucket/key",
+            silent: None,
         }
     }
 
@@ -272,6 +287,7 @@ mod tests {
             decide(&r, cx(&same, at(10))),
             Decision::TakeLease {
                 takeover: false,
+                watched: None,
                 serve_valid: false
             }
         ));
@@ -284,6 +300,7 @@ mod tests {
             decide(&r, cx(&Mode::Proactive, at(3000))),
             Decision::TakeLease {
                 takeover: false,
+                watched: None,
                 serve_valid: true
             }
         ));
@@ -291,6 +308,7 @@ mod tests {
             decide(&r, cx(&Mode::OnDemand, at(3570))),
             Decision::TakeLease {
                 takeover: false,
+                watched: None,
                 serve_valid: true
             }
         ));
@@ -325,8 +343,41 @@ mod tests {
         // Lapsed: take it over.
         assert!(matches!(
             decide(&r, cx(&Mode::OnDemand, at(3650))),
-            Decision::TakeLease { takeover: true, .. }
+            Decision::TakeLease {
+                takeover: true,
+                watched: None,
+                ..
+            }
         ));
+    }
+
+    #[test]
+    fn a_lease_watched_silent_for_a_ttl_is_taken_over_at_the_watched_version() {
+        let r = leased(&active(), at(3650), at(3560));
+        let silent = |version| Context {
+            silent: Some(version),
+            ..cx(&Mode::OnDemand, at(3610))
+        };
+        // Live by its written expiry, but silent at this very version: take it over.
+        assert!(matches!(
+            decide(&r, silent(r.version())),
+            Decision::TakeLease {
+                takeover: true,
+                watched: Some(v),
+                serve_valid: false,
+            } if v == r.version()
+        ));
+        // Silence watched at another version proves nothing about this one.
+        assert!(matches!(
+            decide(&r, silent(r.version() - 1)),
+            Decision::WaitForPeer { .. }
+        ));
+        // A still-valid token is served rather than taking a peer's lease.
+        let valid = Context {
+            silent: Some(r.version()),
+            ..cx(&Mode::OnDemand, at(3580))
+        };
+        assert!(matches!(decide(&r, valid), Decision::ServeValid(_)));
     }
 
     #[test]

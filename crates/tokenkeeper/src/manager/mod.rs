@@ -23,6 +23,7 @@ mod events;
 mod explain;
 mod flight;
 mod install;
+mod lease;
 mod policy;
 mod refresh;
 mod refresher;

@@ -8,6 +8,16 @@ use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::profile::Timing;
 
+/// The least time a lease must have left, beyond its token request's bound, for the request
+/// to be sent: the store's lease write and the request's transit fit in it.
+pub(crate) const SEND_WINDOW: Duration = Duration::from_secs(1);
+
+/// The longest a token request can take from sending to giving up: the HTTP timeout plus
+/// the grace to read a reply that arrived.
+pub(crate) fn request_bound(consumer: &ConsumerConfig) -> Duration {
+    consumer.http_timeout() + crate::oauth::client::DEADLINE_GRACE
+}
+
 /// Refresh timing, leases, backoff and the failure budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefreshPolicy {
@@ -23,12 +33,20 @@ pub struct RefreshPolicy {
     /// Refresh an idle installation this long after its refresh token was last used (default:
     /// the profile's inactivity expiry minus 7 days; `None` without an inactivity expiry).
     pub keep_alive: Option<Duration>,
-    /// How long a refresh lease lasts. Must exceed the HTTP timeout plus `lease_margin`.
+    /// How long a refresh lease lasts without renewal (default: the HTTP timeout plus 5 s).
+    /// Its holder renews it every third of it while it works (waiting for the provider,
+    /// retrying a store write), and a peer that watches it go unrenewed for this long (its own
+    /// monotonic time, whatever the clocks say) takes it over: a dead holder blocks its
+    /// installation for about this long. Must exceed the HTTP timeout plus the 250 ms reply
+    /// grace by at least a second, so a token request always ends before a peer could take
+    /// its lease over, even when no renewal lands.
     pub lease_ttl: Duration,
-    /// Slack on top of the HTTP timeout for clock skew between machines (default 30 s).
+    /// The most two machines' clocks may disagree (default 30 s). The expiry time written into
+    /// a lease is `lease_ttl` plus this margin, so a process that never watched the lease
+    /// (a background refresher arriving later) does not take it over early by its clock.
     pub lease_margin: Duration,
     /// How long a caller waits for another process's refresh before giving up (default: the
-    /// lease TTL plus one second).
+    /// lease TTL plus one second, enough to watch a dead holder's lease fall silent).
     pub peer_wait: Duration,
     /// First backoff delay after a transient failure (default 2 s).
     pub backoff_base: Duration,
@@ -59,7 +77,7 @@ impl RefreshPolicy {
     pub fn for_consumer(consumer: &ConsumerConfig) -> Self {
         let profile = consumer.profile();
         let lease_margin = Duration::from_secs(30);
-        let lease_ttl = consumer.http_timeout() * 2 + lease_margin;
+        let lease_ttl = consumer.http_timeout() + Duration::from_secs(5);
         Self {
             timing: profile.timing,
             jitter_percent: 5,
@@ -86,9 +104,9 @@ impl RefreshPolicy {
     /// # Errors
     ///
     /// [`ConfigError::OutOfRange`] naming the first field that breaks a rule: the lease must
-    /// outlast everything a flight spends under it before its request can no longer reach the
-    /// provider (the exchange deadline, the grace to read a reply that arrived, the clock-skew
-    /// margin); callers must be willing to wait out a dead holder's lease; backoff, budget,
+    /// outlast its token request (the exchange deadline and the grace to read a reply that
+    /// arrived) by at least a second even if no renewal lands; the clock-skew margin must be
+    /// positive; callers must be willing to wait out a dead holder's lease; backoff, budget,
     /// waits and jitter must be in range; keep-alive must come before the refresh token's
     /// inactivity expiry.
     pub fn validate(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
@@ -99,16 +117,13 @@ impl RefreshPolicy {
                 "must be positive: it covers clock skew between machines".into(),
             );
         }
-        let needed =
-            consumer.http_timeout() + crate::oauth::client::DEADLINE_GRACE + self.lease_margin;
-        if self.lease_ttl <= needed {
+        if self.lease_ttl < request_bound(consumer) + SEND_WINDOW {
             return out_of_range(
                 "lease_ttl",
                 format!(
-                    "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace plus the lease margin ({:?}); otherwise a slow refresh could outlive its lease and race another process",
+                    "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace by at least {SEND_WINDOW:?}; otherwise a token request could outlive its lease and race another process",
                     self.lease_ttl,
                     consumer.http_timeout(),
-                    self.lease_margin
                 ),
             );
         }
@@ -162,6 +177,12 @@ impl RefreshPolicy {
             });
         }
         Ok(())
+    }
+
+    /// The expiry written into a lease taken or renewed at `now`: the TTL plus the clock-skew
+    /// margin (a peer that watched the lease takes it over after the TTL of silence alone).
+    pub fn lease_until(&self, now: Timestamp) -> Timestamp {
+        now.saturating_add(self.lease_ttl + self.lease_margin)
     }
 
     /// The instant after which `tokens` are no longer served.
@@ -245,7 +266,7 @@ mod tests {
         RefreshPolicy::for_consumer(&c).validate(&c).unwrap();
         assert_eq!(refused(|p| p.lease_margin = Duration::ZERO), "lease_margin");
         assert_eq!(
-            refused(|p| p.lease_ttl = Duration::from_secs(40)),
+            refused(|p| p.lease_ttl = Duration::from_secs(11)),
             "lease_ttl"
         );
         assert_eq!(

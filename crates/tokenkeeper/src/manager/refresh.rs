@@ -22,6 +22,7 @@ use super::Engine;
 use super::decide::{Context, Decision, Mode, backoff_error, decide};
 use super::events::LifecycleEventKind;
 use super::flight::Outcome;
+use super::lease::{HeldLease, Renewal, Watch};
 use super::unsaved::UnsavedTokens;
 use crate::error::Error;
 use crate::oauth::error::OAuthError;
@@ -62,6 +63,7 @@ pub(crate) async fn run(engine: &Engine, id: &InstallationId, mode: &Mode) -> Ou
 async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let wait_deadline = tokio::time::Instant::now() + engine.policy.peer_wait;
     let mut poll = Duration::from_millis(10);
+    let mut watch = Watch::default();
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         let record = engine
@@ -77,6 +79,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
             stale_at,
             breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
             consumer: &engine.consumer,
+            silent: watch.silent_for(&record, engine.policy.lease_ttl),
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {
@@ -101,21 +104,23 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
             }
             Decision::TakeLease {
                 takeover,
+                watched,
                 serve_valid,
             } => {
                 // Counted until its last write, so shutdown() can wait for it.
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
                 };
-                let Some(leased) = take_lease(engine, &record, now).await? else {
+                let Some(held) = take_lease(engine, &record, now, watched).await? else {
                     continue;
                 };
                 if takeover {
                     tracing::warn!(
-                        "took over a lapsed refresh lease: its holder died or stalled mid-refresh"
+                        silent_for_a_ttl = watched.is_some(),
+                        "took over a peer's refresh lease: its holder died or stalled mid-refresh"
                     );
                 }
-                match exchange(engine, id, leased, takeover, serve_valid).await {
+                match exchange(engine, id, held, takeover, serve_valid).await {
                     Step::Done(outcome) => return outcome,
                     Step::Reread => continue,
                 }
@@ -125,12 +130,14 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     unreachable!("the attempt counter is unbounded")
 }
 
-/// Takes the refresh lease by compare-and-swap. `None`: somebody wrote first; re-read.
+/// Takes the refresh lease by compare-and-swap (over a silent peer's lease when `watched`
+/// names the version this flight watched). `None`: somebody wrote first; re-read.
 async fn take_lease(
     engine: &Engine,
     record: &Record,
     now: Timestamp,
-) -> Result<Option<Record>, Error> {
+    watched: Option<u64>,
+) -> Result<Option<HeldLease>, Error> {
     let id = record.id();
     let holder = LeaseHolder::new(format!(
         "{}:{}",
@@ -139,16 +146,29 @@ async fn take_lease(
             .flight_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let until = now.saturating_add(engine.policy.lease_ttl);
-    let Ok(leased) = record.apply(Event::LeaseAcquired { holder, until }, now) else {
+    let until = engine.policy.lease_until(now);
+    let event = match watched {
+        Some(watched) => Event::LeaseTakenOver {
+            holder,
+            until,
+            watched,
+        },
+        None => Event::LeaseAcquired { holder, until },
+    };
+    let Ok(leased) = record.apply(event, now) else {
         return Ok(None);
     };
+    let started = tokio::time::Instant::now();
     match engine
         .store
         .compare_and_swap(&leased, record.version())
         .await
     {
-        Ok(CasOutcome::Swapped) => Ok(Some(leased)),
+        Ok(CasOutcome::Swapped) => Ok(Some(HeldLease::new(
+            leased,
+            started,
+            engine.policy.lease_ttl,
+        ))),
         Ok(CasOutcome::Conflict(_)) => Ok(None),
         Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
         Err(e) => Err(Error::store(id, e)),
@@ -159,11 +179,11 @@ async fn take_lease(
 async fn exchange(
     engine: &Engine,
     id: &InstallationId,
-    leased: Record,
+    mut held: HeldLease,
     takeover: bool,
     serve_valid: bool,
 ) -> Step {
-    if let Some(since) = retired_past_leeway(engine, &leased, engine.clock.now()) {
+    if let Some(since) = retired_past_leeway(engine, held.record(), engine.clock.now()) {
         // Presenting the previous token now would only trip the provider's reuse detection,
         // which revokes the whole grant: record the loss instead.
         let detail = ErrorDetail {
@@ -176,24 +196,41 @@ async fn exchange(
         return condemn(
             engine,
             id,
-            &leased,
+            &mut held,
             ReauthReason::RotatedTokenLost,
             detail,
             now,
         )
         .await;
     }
-    let result = engine.client.refresh(id, leased.tokens()).await;
+    // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
+    // about to take it over, so confirm it again before presenting the refresh token.
+    let bound = super::policy::request_bound(engine.client.consumer());
+    if !held.may_send(bound) {
+        match held.renew(engine).await {
+            Ok(Renewal::Renewed) if held.may_send(bound) => {}
+            _ => {
+                tracing::warn!(
+                    "stalled after taking the refresh lease and could not confirm it again; the refresh token is not presented"
+                );
+                return Step::Reread;
+            }
+        }
+    }
+    let current = held.record().tokens().clone();
+    let result = held
+        .while_working(engine, engine.client.refresh(id, &current))
+        .await;
     let now = engine.clock.now();
     match result {
-        Ok(tokens) => on_refreshed(engine, id, &leased, tokens, now).await,
+        Ok(tokens) => on_refreshed(engine, id, &mut held, tokens, now).await,
         Err(e) => {
             tracing::warn!(class = %e.class(), error = %e, "refresh failed");
             match e.class() {
                 FailureClass::RefreshTokenRejected | FailureClass::ScopeRejected => {
-                    on_rejected(engine, id, &leased, &e, takeover, now).await
+                    on_rejected(engine, id, &mut held, &e, takeover, now).await
                 }
-                _ => on_deferred(engine, id, &leased, &e, serve_valid, now).await,
+                _ => on_deferred(engine, id, &mut held, &e, serve_valid, now).await,
             }
         }
     }
@@ -204,7 +241,7 @@ async fn exchange(
 async fn on_refreshed(
     engine: &Engine,
     id: &InstallationId,
-    leased: &Record,
+    held: &mut HeldLease,
     tokens: TokenSet,
     now: Timestamp,
 ) -> Step {
@@ -213,7 +250,7 @@ async fn on_refreshed(
             "the provider's refresh reply carried no refresh token although this profile rotates them; the previous (retired) one is kept and the next refresh will likely be refused"
         );
     }
-    let Some(presented) = leased.tokens().refresh_token.clone() else {
+    let Some(presented) = held.record().tokens().refresh_token.clone() else {
         // Unreachable: the client refuses to refresh without a refresh token.
         return Step::Done(Err(Error::Internal {
             id: id.clone(),
@@ -221,7 +258,7 @@ async fn on_refreshed(
         }));
     };
     let refresh_at = engine.policy.refresh_at(&tokens, now);
-    match land(engine, leased, presented, tokens, refresh_at).await {
+    match land(engine, held, presented, tokens, refresh_at).await {
         Landed::Written(next) if next.tokens().access_token.secret().is_empty() => {
             // The rotated refresh token is stored; there is just no access token to serve.
             Step::Done(Err(Error::TemporarilyUnavailable {
@@ -273,27 +310,30 @@ enum Landed {
 /// token this flight presented. Under the lease it is a `Refreshed` write; once the lease is
 /// lost (a conflict), it is a `LateRefreshed` write on top of whatever is stored, which the
 /// state machine accepts only while that record still holds `presented`. Store errors are
-/// retried for `result_write_patience`; after that the tokens go to the unsaved-tokens sink.
+/// retried for `result_write_patience`, renewing the lease meanwhile (so no peer takes it over
+/// and presents the rotated-away token); after that the tokens go to the unsaved-tokens sink.
 async fn land(
     engine: &Engine,
-    leased: &Record,
+    held: &mut HeldLease,
     presented: RefreshToken,
     tokens: TokenSet,
     refresh_at: Timestamp,
 ) -> Landed {
-    let id = leased.id();
-    let fence = leased.version();
+    let id = held.record().id().clone();
+    let id = &id;
     let now = engine.clock.now();
     let event = Event::Refreshed {
-        fence,
+        fence: held.fence(),
         tokens: tokens.clone(),
         refresh_at,
     };
-    let mut next = match leased.apply(event, now) {
+    let mut next = match held.record().apply(event.clone(), now) {
         Ok(next) => next,
         Err(e) => return Landed::Failed(Error::transition(id, e)),
     };
-    let mut expected = fence;
+    let mut expected = held.record().version();
+    // Once the lease is lost, the result is a late one: no more renewals.
+    let mut lease_lost = false;
     let patience = tokio::time::Instant::now() + engine.policy.result_write_patience;
     let mut delay = Duration::from_millis(50);
     loop {
@@ -319,6 +359,7 @@ async fn land(
                         );
                         expected = stored.version();
                         next = revived;
+                        lease_lost = true;
                     }
                     Err(_) => {
                         if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
@@ -337,6 +378,12 @@ async fn land(
                 tracing::warn!(error = %e, retry_in = ?delay, "the store did not take the rotated tokens; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+                if !lease_lost && let Some(Renewal::Renewed) = held.renew_if_due(engine).await {
+                    match held.record().apply(event.clone(), engine.clock.now()) {
+                        Ok(renewed) => (next, expected) = (renewed, held.record().version()),
+                        Err(e) => return Landed::Failed(Error::transition(id, e)),
+                    }
+                }
             }
             Err(e) => {
                 if tokens.rotated_from(&presented) {
@@ -373,26 +420,25 @@ async fn revoke_orphan(engine: &Engine, id: &InstallationId, tokens: &TokenSet) 
 async fn on_rejected(
     engine: &Engine,
     id: &InstallationId,
-    leased: &Record,
+    held: &mut HeldLease,
     error: &OAuthError,
     takeover: bool,
     now: Timestamp,
 ) -> Step {
-    let fence = leased.version();
     match engine.load(id).await {
-        Ok(current) if current.version() != fence => return Step::Reread,
+        Ok(current) if current.version() != held.record().version() => return Step::Reread,
         Ok(_) => {}
         Err(e) => return Step::Done(Err(e)),
     }
     let rotates = engine.client.consumer().profile().rotation.rotates();
     let reason = if error.class() == FailureClass::ScopeRejected {
         ReauthReason::ScopesChanged
-    } else if rotates && (takeover || reply_may_have_been_lost(leased)) {
+    } else if rotates && (takeover || reply_may_have_been_lost(held.record())) {
         ReauthReason::RotatedTokenLost
     } else {
         ReauthReason::RefreshTokenRejected
     };
-    condemn(engine, id, leased, reason, error.to_detail(), now).await
+    condemn(engine, id, held, reason, error.to_detail(), now).await
 }
 
 /// Any other failure: keep the tokens and schedule the next attempt. Transient failures
@@ -401,17 +447,19 @@ async fn on_rejected(
 async fn on_deferred(
     engine: &Engine,
     id: &InstallationId,
-    leased: &Record,
+    held: &mut HeldLease,
     error: &OAuthError,
     serve_valid: bool,
     now: Timestamp,
 ) -> Step {
     let detail = error.to_detail();
     let class = error.class();
-    if class == FailureClass::Transient && engine.policy.budget_exhausted(leased, now) {
+    if class == FailureClass::Transient && engine.policy.budget_exhausted(held.record(), now) {
         let reason = ReauthReason::FailureBudgetExhausted;
-        return condemn(engine, id, leased, reason, detail, now).await;
+        return condemn(engine, id, held, reason, detail, now).await;
     }
+    let leased = held.record().clone();
+    let leased = &leased;
     let (cause, retry_at) = match class {
         FailureClass::ConsumerCredentialsInvalid => {
             let until = now.saturating_add(engine.policy.consumer_breaker);
@@ -443,15 +491,14 @@ async fn on_deferred(
             .max(now.saturating_add(engine.policy.backoff_base / 2)),
         _ => retry_at,
     };
-    let fence = leased.version();
     let event = Event::RefreshDeferred {
-        fence,
+        fence: held.fence(),
         retry_at,
         cause,
         error: detail.clone(),
         may_have_committed,
     };
-    if let Err(e) = settle(engine, leased, event, fence).await {
+    if let Err(e) = settle(engine, held, event).await {
         // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
         tracing::warn!(error = %e, "could not record the failed refresh");
         if serve_valid && now < leased.tokens().expires_at {
@@ -500,19 +547,18 @@ fn retired_past_leeway(engine: &Engine, record: &Record, now: Timestamp) -> Opti
 async fn condemn(
     engine: &Engine,
     id: &InstallationId,
-    leased: &Record,
+    held: &mut HeldLease,
     reason: ReauthReason,
     detail: ErrorDetail,
     now: Timestamp,
 ) -> Step {
-    let fence = leased.version();
     let event = Event::RefreshRejected {
-        fence,
+        fence: held.fence(),
         reason,
         error: Some(detail.clone()),
     };
     engine.cache.remove(id);
-    if let Err(e) = settle(engine, leased, event, fence).await {
+    if let Err(e) = settle(engine, held, event).await {
         // Not recorded: say so. The lease lapses and the next flight tries again.
         tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");
         return Step::Done(Err(e));
@@ -532,17 +578,26 @@ async fn condemn(
     }))
 }
 
-/// Records a failed attempt under the lease. A failure means it was not recorded (the lease
-/// lapses and the next flight retries); the caller must not announce it.
-async fn settle(engine: &Engine, leased: &Record, event: Event, fence: u64) -> Result<(), Error> {
-    let id = leased.id();
-    let next = leased
-        .apply(event, engine.clock.now())
-        .map_err(|e| Error::transition(id, e))?;
+/// Records a failed attempt under the lease, renewing it while the store is unavailable. A
+/// failure means it was not recorded (the lease lapses and the next flight retries); the
+/// caller must not announce it.
+async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(), Error> {
+    let id = held.record().id().clone();
+    let id = &id;
+    let apply = |held: &HeldLease| {
+        held.record()
+            .apply(event.clone(), engine.clock.now())
+            .map_err(|e| Error::transition(id, e))
+    };
+    let mut next = apply(&*held)?;
     let mut delay = Duration::from_millis(50);
     let patience = tokio::time::Instant::now() + engine.policy.lease_ttl / 2;
     loop {
-        match engine.store.compare_and_swap(&next, fence).await {
+        match engine
+            .store
+            .compare_and_swap(&next, held.record().version())
+            .await
+        {
             Ok(CasOutcome::Swapped) => return Ok(()),
             Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
             Ok(CasOutcome::Conflict(_)) => return Err(Error::LeaseLost { id: id.clone() }),
@@ -551,6 +606,9 @@ async fn settle(engine: &Engine, leased: &Record, event: Event, fence: u64) -> R
             {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
+                if let Some(Renewal::Renewed) = held.renew_if_due(engine).await {
+                    next = apply(&*held)?;
+                }
             }
             Err(e) => return Err(Error::store(id, e)),
         }

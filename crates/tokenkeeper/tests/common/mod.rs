@@ -170,6 +170,27 @@ impl Fixture {
         .unwrap()
     }
 
+    /// Another manager on the same store, mock and clock whose policy `tune` adjusts (after
+    /// the same defaults as [`Fixture::tuned`]).
+    pub fn peer_tuned(
+        &self,
+        profile: ProviderProfile,
+        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+    ) -> tokenkeeper::TokenManager {
+        tokenkeeper::TokenManager::builder_shared(
+            consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
+            self.store.clone(),
+        )
+        .clock(self.clock.clone())
+        .tune(|p| {
+            p.jitter_percent = 0;
+            p.backoff_base = std::time::Duration::from_secs(1);
+            tune(p);
+        })
+        .build()
+        .unwrap()
+    }
+
     /// Another manager on the same store and mock whose clock is `clock` (e.g. skewed).
     pub fn peer_with_clock(
         &self,

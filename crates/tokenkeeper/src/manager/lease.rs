@@ -1,0 +1,170 @@
+//! A refresh lease held by this process: taken, kept alive while the flight works, and
+//! watched for silence when a peer holds it.
+//!
+//! Leases are short (a few seconds beyond the HTTP timeout) so a dead holder blocks its
+//! installation for seconds. Safety does not rest on clocks agreeing:
+//!
+//! - the holder sends its token request only while the lease, as last confirmed by the store,
+//!   outlasts the whole request ([`HeldLease::may_send`]); a holder that stalled after taking
+//!   its lease renews it first, or re-reads;
+//! - the holder renews the lease every third of its TTL while it waits for the provider or
+//!   retries a store write ([`HeldLease::while_working`], [`HeldLease::renew_if_due`]);
+//! - a peer takes a lease over when it has watched the very same record version for a whole
+//!   TTL of its own monotonic time ([`Watch`]), and the store's compare-and-swap on that
+//!   version proves nothing was written meanwhile (`Event::LeaseTakenOver`). Every renewal
+//!   writes a new version, so a live holder is never taken over. A process that never watched
+//!   the lease takes it over only after the expiry written in it, the TTL plus the clock-skew
+//!   margin.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokenkeeper_core::{CasOutcome, Event, Record, StoreError};
+use tokio::time::Instant;
+
+use super::Engine;
+
+/// A lease this flight holds: the record as last written under it, and when the write that
+/// last confirmed it started (a peer cannot have begun watching that version earlier).
+#[derive(Debug)]
+pub(crate) struct HeldLease {
+    record: Record,
+    confirmed: Instant,
+    ttl: Duration,
+}
+
+/// How a renewal ended.
+pub(crate) enum Renewal {
+    /// The store took it: the lease is confirmed until another TTL from now.
+    Renewed,
+    /// The record changed under us (a peer took the lease over, a revocation): stop renewing.
+    Lost,
+}
+
+impl HeldLease {
+    /// The lease written by a compare-and-swap that started at `confirmed`.
+    pub(crate) fn new(record: Record, confirmed: Instant, ttl: Duration) -> Self {
+        Self {
+            record,
+            confirmed,
+            ttl,
+        }
+    }
+
+    /// The record as last written under the lease.
+    pub(crate) fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The lease's fence (the version that took it; renewals keep it).
+    pub(crate) fn fence(&self) -> u64 {
+        self.record
+            .state()
+            .lease()
+            .map_or(self.record.version(), |l| l.fence)
+    }
+
+    /// Whether a token request that may take `bound` to end, sent now, ends before any peer
+    /// could take the lease over (a whole TTL after the last confirmation).
+    pub(crate) fn may_send(&self, bound: Duration) -> bool {
+        Instant::now() + bound + super::policy::SEND_WINDOW <= self.confirmed + self.ttl
+    }
+
+    /// When the next renewal is due.
+    fn renewal_due(&self) -> Instant {
+        self.confirmed + self.ttl / 3
+    }
+
+    /// Renews the lease by compare-and-swap.
+    pub(crate) async fn renew(&mut self, engine: &Engine) -> Result<Renewal, StoreError> {
+        let started = Instant::now();
+        let now = engine.clock.now();
+        let event = Event::LeaseRenewed {
+            fence: self.fence(),
+            until: engine.policy.lease_until(now),
+        };
+        let Ok(next) = self.record.apply(event, now) else {
+            return Ok(Renewal::Lost);
+        };
+        match engine
+            .store
+            .compare_and_swap(&next, self.record.version())
+            .await?
+        {
+            CasOutcome::Swapped => {
+                self.record = next;
+                self.confirmed = started;
+                Ok(Renewal::Renewed)
+            }
+            CasOutcome::Conflict(_) | CasOutcome::Missing => Ok(Renewal::Lost),
+        }
+    }
+
+    /// Renews the lease if a third of its TTL has passed since it was last confirmed (between
+    /// retries of a store write). Failures are only logged: the caller goes on either way.
+    pub(crate) async fn renew_if_due(&mut self, engine: &Engine) -> Option<Renewal> {
+        if Instant::now() < self.renewal_due() {
+            return None;
+        }
+        match self.renew(engine).await {
+            Ok(renewal) => Some(renewal),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the refresh lease");
+                None
+            }
+        }
+    }
+
+    /// Runs `work` (the token request) to completion, renewing the lease every third of its
+    /// TTL meanwhile. The work is never abandoned: once sent, its reply is the only copy of a
+    /// rotated token, and a lost lease still lets it land as a late result.
+    pub(crate) async fn while_working<F: Future>(&mut self, engine: &Engine, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let mut next_try = self.renewal_due();
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = tokio::time::sleep_until(next_try) => {
+                    match self.renew(engine).await {
+                        Ok(Renewal::Renewed) => next_try = self.renewal_due(),
+                        Ok(Renewal::Lost) => {
+                            tracing::warn!("the refresh lease was lost while waiting for the provider; its reply will be written as a late result");
+                            return work.await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not renew the refresh lease; retrying");
+                            next_try = Instant::now() + self.ttl / 10;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a waiting flight has seen of a peer's lease: the record version and when it first
+/// saw it (monotonic).
+#[derive(Debug, Default)]
+pub(crate) struct Watch(Option<(u64, Instant)>);
+
+impl Watch {
+    /// Notes the record just read; returns its version if the same version has now been seen
+    /// for at least `ttl` (its holder fell silent).
+    pub(crate) fn silent_for(&mut self, record: &Record, ttl: Duration) -> Option<u64> {
+        if record.state().lease().is_none() {
+            self.0 = None;
+            return None;
+        }
+        let version = record.version();
+        match self.0 {
+            Some((seen, since)) if seen == version => {
+                (Instant::now() >= since + ttl).then_some(version)
+            }
+            _ => {
+                self.0 = Some((version, Instant::now()));
+                None
+            }
+        }
+    }
+}

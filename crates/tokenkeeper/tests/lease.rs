@@ -1,0 +1,180 @@
+//! Short leases, kept alive by renewal (issue "zero lost, zero reused": a dead holder blocks
+//! nobody for long). A lease lasts a few seconds beyond the HTTP timeout; its holder renews it
+//! while it still works; a peer that watches a lease go unrenewed for a whole lease TTL takes
+//! it over, whatever the clocks say; and a holder that stalled after taking its lease does not
+//! present the refresh token once a peer may have taken over.
+//!
+//! The fixture's wall clock is manual and never moves here, so a lease can only lapse by the
+//! silence a peer watched (real time), never by the time written in it.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokenkeeper::core::EventKind;
+use tokenkeeper::core::{CasOutcome, Event, LeaseHolder};
+use tokenkeeper::{InstallationId, RefreshPolicy, StateKind, profiles};
+use tokenkeeper_memory::MemoryStore;
+use tokenkeeper_mock_provider::MockProfile;
+use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
+
+const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+/// The HTTP timeout of the fixtures is 2 s: a 4 s lease is "a few seconds beyond" it.
+const LEASE: Duration = Duration::from_secs(4);
+
+fn short_lease(p: &mut RefreshPolicy) {
+    p.lease_ttl = LEASE;
+    p.peer_wait = Duration::from_secs(20);
+}
+
+fn spawn_access_token(
+    manager: &tokenkeeper::TokenManager,
+    id: &InstallationId,
+) -> tokio::task::JoinHandle<Result<tokenkeeper::AccessToken, tokenkeeper::Error>> {
+    let (m, id) = (manager.clone(), id.clone());
+    tokio::spawn(async move { m.access_token(&id).await })
+}
+
+fn events(record: &tokenkeeper::Record) -> Vec<EventKind> {
+    record.history().map(|h| h.event).collect()
+}
+
+/// A holder died right after taking its lease (the lease is recorded, nobody renews it). A
+/// caller that needs a token watches the lease for one lease TTL of silence and takes it over:
+/// seconds, not the skew margin on top, and not never (the wall clock does not move here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_is_taken_over_after_one_lease_ttl_of_silence() {
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(MemoryStore::new()),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    // The dead holder's lease, as it wrote it.
+    let record = f.record(&id).await;
+    let now = tokenkeeper::Clock::now(&f.clock);
+    let policy = f.manager.policy().clone();
+    let leased = record
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("dead-process:1"),
+                until: now.saturating_add(policy.lease_ttl + policy.lease_margin),
+            },
+            now,
+        )
+        .unwrap();
+    assert!(matches!(
+        f.store
+            .compare_and_swap(&leased, record.version())
+            .await
+            .unwrap(),
+        CasOutcome::Swapped
+    ));
+    let started = Instant::now();
+    let token = f
+        .manager
+        .access_token(&id)
+        .await
+        .expect("the dead holder's lease is taken over");
+    let waited = started.elapsed();
+    assert!(
+        waited >= LEASE,
+        "taken over after {waited:?}, before one lease TTL of silence"
+    );
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active);
+    assert_eq!(record.tokens().access_token, token);
+    assert!(events(&record).contains(&EventKind::LeaseTakenOver));
+    let c = f.mock.counters().totals;
+    assert_eq!((c.refreshes, c.rejected_refreshes), (1, 0), "{c:?}");
+    eprintln!("a dead holder's {LEASE:?} lease was taken over after {waited:?}");
+}
+
+/// The store refuses the holder's result write for longer than the lease. The holder renews
+/// its lease while it retries, so a peer that needs the token waits for the result instead
+/// of taking over and presenting the refresh token the provider has already rotated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_retrying_its_write_renews_its_lease_and_keeps_it() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Unavailable,
+    );
+    let holder = spawn_access_token(&f.manager, &id);
+    for _ in 0..500 {
+        if f.mock.counters().totals.rotations == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let peer = f.peer_tuned(profiles::bitbucket(), short_lease);
+    let waiting = spawn_access_token(&peer, &id);
+    // Longer than the lease: without renewal the peer would take over.
+    tokio::time::sleep(LEASE + LEASE / 2).await;
+    switch.heal();
+    let token = holder.await.unwrap().expect("the holder's result lands");
+    assert_eq!(waiting.await.unwrap().expect("the peer waited"), token);
+    let record = f.record(&id).await;
+    assert!(
+        events(&record).contains(&EventKind::LeaseRenewed),
+        "{:?}",
+        events(&record)
+    );
+    let c = f.mock.counters().totals;
+    assert_eq!((c.refreshes, c.rejected_refreshes), (1, 0), "{c:?}");
+}
+
+/// The holder stalls right after its lease landed, before it sends anything (a paused
+/// process, a stalled runtime). A peer watches the lease go unrenewed, takes it over and
+/// refreshes. When the holder resumes, its lease may be gone: it must not present the refresh
+/// token (the peer has rotated it; Bitbucket would revoke the grant), only re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stalled_after_its_lease_write_does_not_present_the_token() {
+    let (store, gate) = GatedStore::gated_after(MemoryStore::new(), EventKind::LeaseAcquired);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let holder = spawn_access_token(&f.manager, &id);
+    gate.held().await;
+    let peer = f.peer_tuned(profiles::bitbucket(), short_lease);
+    let token = peer
+        .access_token(&id)
+        .await
+        .expect("the peer takes the silent lease over");
+    gate.release();
+    assert_eq!(
+        holder
+            .await
+            .unwrap()
+            .expect("the holder serves the peer's result"),
+        token
+    );
+    assert!(events(&f.record(&id).await).contains(&EventKind::LeaseTakenOver));
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        (c.refreshes, c.rejected_refreshes, c.reuse_detections),
+        (1, 0, 0),
+        "{c:?}"
+    );
+}
