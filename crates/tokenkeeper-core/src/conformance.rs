@@ -146,6 +146,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
                 fence: fence(&r3),
                 tokens,
                 refresh_at: at(6000),
+                anomaly: None,
             },
             at(162),
         )

@@ -71,6 +71,10 @@ pub enum Event {
         tokens: TokenSet,
         /// When the next refresh is due.
         refresh_at: Timestamp,
+        /// What was irregular about the reply, kept anyway (a rotating provider that sent no
+        /// new refresh token, no access token, another token type); recorded as the history
+        /// entry's error so `explain` can name it.
+        anomaly: Option<ErrorDetail>,
     },
     /// A refresh result that arrives after its flight lost the lease (paused past it, or its
     /// write was delayed by a store outage and a peer took over). It needs no lease: it
@@ -382,8 +386,12 @@ pub fn transition(
             next.refresh_token_last_used = now;
         }
         Event::Refreshed {
-            tokens, refresh_at, ..
+            tokens,
+            refresh_at,
+            anomaly,
+            ..
         } => {
+            error = anomaly;
             next.tokens = tokens.merged_onto(&record.tokens);
             next.state = State::Active;
             next.due_at = Some(refresh_at);

@@ -163,6 +163,7 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
                 fence: fence_of(r, wrong_fence),
                 tokens: t,
                 refresh_at: secs(5000),
+                anomaly: None,
             }
         }
         Op::Defer {
@@ -350,7 +351,7 @@ proptest! {
         let mut reply = tokens(1, T0, rotate);
         if with_scopes { reply.scopes = Scopes::parse("account"); }
         let fence = leased.state().lease().unwrap().fence;
-        let next = leased.apply(Event::Refreshed { fence, tokens: reply, refresh_at: T0 }, T0).unwrap();
+        let next = leased.apply(Event::Refreshed { fence, tokens: reply, refresh_at: T0, anomaly: None }, T0).unwrap();
         let want = if rotate { "r1" } else { "r0" };
         prop_assert_eq!(next.tokens().refresh_token.as_ref().unwrap().secret(), want);
         prop_assert_eq!(next.tokens().access_token.secret(), "a1");
@@ -392,6 +393,7 @@ fn lease_boundary_at_one_nanosecond() {
             fence: 2,
             tokens: tokens(1, until, true),
             refresh_at: until,
+            anomaly: None,
         },
         until,
     );

@@ -22,6 +22,7 @@ fn refreshed(leased: &Record, tag: &str) -> Record {
                 fence: leased.version(),
                 tokens: tokenkeeper_core::conformance::sample_tokens(tag, at(2)),
                 refresh_at: at(3600),
+                anomaly: None,
             },
             at(2),
         )

@@ -805,3 +805,41 @@ async fn a_refresh_racing_a_revocation_is_revoked_too() {
         "the orphaned new tokens were revoked at the provider"
     );
 }
+
+/// Finding 6 (the rest): a rotating provider's 2xx reply that carries no refresh token keeps
+/// the previous one (nothing else exists), but the record says so: the history entry of that
+/// refresh carries the anomaly and `explain` names it, before the next refresh is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotating_reply_without_a_refresh_token_is_flagged_on_the_record() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::MissingFields {
+            fields: vec!["refresh_token".into()],
+        },
+    )]);
+    f.manager
+        .access_token(&id)
+        .await
+        .expect("the access token of the reply is served");
+    let record = f.record(&id).await;
+    let last = record.history().last().unwrap();
+    assert_eq!(last.event, EventKind::Refreshed);
+    let anomaly = last
+        .error
+        .as_ref()
+        .expect("the refresh entry carries the anomaly");
+    assert!(
+        anomaly
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains("no new refresh token")),
+        "{anomaly:?}"
+    );
+    let text = f.manager.explain(&id).await.unwrap().to_string();
+    assert!(text.contains("irregular"), "{text}");
+    assert!(text.contains("no new refresh token"), "{text}");
+}

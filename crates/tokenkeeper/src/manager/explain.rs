@@ -4,8 +4,8 @@
 use std::fmt;
 
 use tokenkeeper_core::{
-    BackoffCause, ErrorDetail, FailureStreak, HistoryEntry, InstallationId, ReauthReason, Record,
-    State, StateKind, Timestamp,
+    BackoffCause, ErrorDetail, EventKind, FailureStreak, HistoryEntry, InstallationId,
+    ReauthReason, Record, State, StateKind, Timestamp,
 };
 
 /// An installation's health, for code that acts on it (dashboards, alerts, emails).
@@ -58,6 +58,8 @@ pub struct Explanation {
     pub failures: Option<FailureStreak>,
     /// The last error the provider returned.
     pub last_error: Option<ErrorDetail>,
+    /// What was irregular about the reply of the latest refresh, if it was (kept anyway).
+    pub refresh_anomaly: Option<ErrorDetail>,
     /// The last transitions, oldest first.
     pub history: Vec<HistoryEntry>,
     /// The plain-language summary: what happened and what to do.
@@ -157,6 +159,18 @@ impl Explanation {
             }
             _ => "Unknown state.".to_owned(),
         };
+        let refresh_anomaly = record
+            .history()
+            .filter(|h| matches!(h.event, EventKind::Refreshed | EventKind::LateRefreshed))
+            .last()
+            .and_then(|h| h.error.clone());
+        let summary = match &refresh_anomaly {
+            Some(a) => format!(
+                "{summary} The latest refresh reply was irregular ({}); if refreshes start failing, authorize again and check the provider profile.",
+                a.description.as_deref().unwrap_or("see the history")
+            ),
+            None => summary,
+        };
         Self {
             installation: record.id().clone(),
             consumer: record.consumer().to_owned(),
@@ -170,6 +184,7 @@ impl Explanation {
             authorized_at: record.authorized_at(),
             failures: record.failures().cloned(),
             last_error: record.last_error().cloned(),
+            refresh_anomaly,
             history: record.history().cloned().collect(),
             summary,
         }

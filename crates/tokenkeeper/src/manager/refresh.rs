@@ -245,11 +245,6 @@ async fn on_refreshed(
     tokens: TokenSet,
     now: Timestamp,
 ) -> Step {
-    if tokens.refresh_token.is_none() && engine.client.consumer().profile().rotation.rotates() {
-        tracing::error!(
-            "the provider's refresh reply carried no refresh token although this profile rotates them; the previous (retired) one is kept and the next refresh will likely be refused"
-        );
-    }
     let Some(presented) = held.record().tokens().refresh_token.clone() else {
         // Unreachable: the client refuses to refresh without a refresh token.
         return Step::Done(Err(Error::Internal {
@@ -258,7 +253,11 @@ async fn on_refreshed(
         }));
     };
     let refresh_at = engine.policy.refresh_at(&tokens, now);
-    match land(engine, held, presented, tokens, refresh_at).await {
+    let anomaly = reply_anomaly(engine, &presented, &tokens);
+    if let Some(anomaly) = &anomaly {
+        tracing::error!(anomaly = %anomaly, "the provider's refresh reply is irregular; it is kept and the anomaly recorded");
+    }
+    match land(engine, held, presented, tokens, refresh_at, anomaly).await {
         Landed::Written(next) if next.tokens().access_token.secret().is_empty() => {
             // The rotated refresh token is stored; there is just no access token to serve.
             Step::Done(Err(Error::TemporarilyUnavailable {
@@ -294,6 +293,31 @@ async fn on_refreshed(
     }
 }
 
+/// What is irregular about a refresh reply that is kept anyway (the reply has already been
+/// merged onto the previous tokens, so a missing refresh token shows as an unrotated one).
+fn reply_anomaly(
+    engine: &Engine,
+    presented: &RefreshToken,
+    tokens: &TokenSet,
+) -> Option<ErrorDetail> {
+    let mut notes = Vec::new();
+    if engine.client.consumer().profile().rotation.rotates() && !tokens.rotated_from(presented) {
+        notes.push(
+            "the reply carried no new refresh token although this provider rotates them; the previous one is kept but the provider has likely retired it, so the next refresh may be refused",
+        );
+    }
+    if tokens.access_token.secret().is_empty() {
+        notes.push("the reply carried no access token");
+    }
+    if !tokens.token_type.eq_ignore_ascii_case("bearer") {
+        notes.push("the reply's token type is not bearer");
+    }
+    (!notes.is_empty()).then(|| ErrorDetail {
+        description: Some(notes.join("; ")),
+        ..ErrorDetail::new(FailureClass::Configuration)
+    })
+}
+
 /// How writing a refresh result ended.
 enum Landed {
     /// Stored (under the lease, or on top of a peer's record as a late result).
@@ -318,6 +342,7 @@ async fn land(
     presented: RefreshToken,
     tokens: TokenSet,
     refresh_at: Timestamp,
+    anomaly: Option<ErrorDetail>,
 ) -> Landed {
     let id = held.record().id().clone();
     let id = &id;
@@ -326,6 +351,7 @@ async fn land(
         fence: held.fence(),
         tokens: tokens.clone(),
         refresh_at,
+        anomaly,
     };
     let mut next = match held.record().apply(event.clone(), now) {
         Ok(next) => next,
