@@ -73,15 +73,24 @@ fn consumer(profile: ProviderProfile, base: &str) -> ConsumerConfig {
     consumer_builder(profile, base).build().unwrap()
 }
 
+/// The second consumer of the two-consumer fleet (another client id on the same store).
+const OTHER_CLIENT: (&str, &str) = ("fleet-other-consumer", "fleet-other-secret");
+
 fn consumer_builder(profile: ProviderProfile, base: &str) -> tokenkeeper::ConsumerConfigBuilder {
+    // A member started with `TK_FLEET_OTHER_CLIENT` is the second consumer.
+    let (id, secret) = if std::env::var("TK_FLEET_OTHER_CLIENT").is_ok() {
+        OTHER_CLIENT
+    } else {
+        (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
+    };
     let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
     ConsumerConfig::builder(profile.with_endpoints(
         url(tokenkeeper_mock_provider::paths::AUTHORIZE),
         url(tokenkeeper_mock_provider::paths::TOKEN),
         None,
     ))
-    .client_id(DEFAULT_CLIENT_ID)
-    .client_secret(DEFAULT_CLIENT_SECRET)
+    .client_id(id)
+    .client_secret(secret)
     .redirect_uri(common::REDIRECT)
 }
 
@@ -133,14 +142,14 @@ async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
                 .unwrap(),
         ),
         "redis" => {
-            let (url, prefix) = location.split_once('|').unwrap();
-            Arc::new(
-                tokenkeeper_redis::RedisStore::builder(url)
-                    .prefix(prefix)
-                    .connect()
-                    .await
-                    .unwrap(),
-            )
+            // `URL|PREFIX`, or `URL|PREFIX|wait` to make token writes wait for a replica.
+            let mut parts = location.split('|');
+            let (url, prefix) = (parts.next().unwrap(), parts.next().unwrap());
+            let mut builder = tokenkeeper_redis::RedisStore::builder(url).prefix(prefix);
+            if parts.next() == Some("wait") {
+                builder = builder.wait_for_replicas(1, Duration::from_millis(500));
+            }
+            Arc::new(builder.connect().await.unwrap())
         }
         _ => Arc::new(tokenkeeper_memory::MemoryStore::new()),
     }
@@ -170,9 +179,14 @@ async fn sweep(manager: &TokenManager, member: usize) -> usize {
 }
 
 async fn sweep_n(manager: &TokenManager, member: usize, count: usize) -> usize {
+    sweep_counting(manager, member, count).await.0
+}
+
+/// One sweep; returns (errors, of which `ForeignConsumer`).
+async fn sweep_counting(manager: &TokenManager, member: usize, count: usize) -> (usize, usize) {
     let mut order = ids_n(count);
     order.rotate_left((member * count / PROCESSES) % count.max(1));
-    let mut errors = 0;
+    let (mut errors, mut foreign) = (0, 0);
     for chunk in order.chunks(8) {
         let mut tasks = tokio::task::JoinSet::new();
         for id in chunk {
@@ -180,13 +194,20 @@ async fn sweep_n(manager: &TokenManager, member: usize, count: usize) -> usize {
             tasks.spawn(async move { m.access_token(&id).await });
         }
         while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r.unwrap() {
-                eprintln!("fleet member {member}: {e}");
-                errors += 1;
+            match r.unwrap() {
+                Ok(_) => {}
+                Err(tokenkeeper::Error::ForeignConsumer { .. }) => {
+                    errors += 1;
+                    foreign += 1;
+                }
+                Err(e) => {
+                    eprintln!("fleet member {member}: {e}");
+                    errors += 1;
+                }
             }
         }
     }
-    errors
+    (errors, foreign)
 }
 
 /// Callers per installation per process in the contention mode.
@@ -231,13 +252,35 @@ fn child_process_entry() {
     let contention = std::env::var("TK_FLEET_CONTENTION").is_ok();
     let skew_ms: i64 = std::env::var("TK_FLEET_SKEW_MS").map_or(0, |s| s.parse().unwrap());
     let margin: u64 = std::env::var("TK_FLEET_MARGIN_S").map_or(1, |s| s.parse().unwrap());
+    let flaky = std::env::var("TK_FLEET_FLAKY").is_ok();
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
             let clock = OffsetClock::skewed(skew_ms);
-            let (store, swaps) = tokenkeeper_testkit::wrappers::CountingStore::counting(
-                open_store(&backend, &location).await,
-            );
+            let mut store = open_store(&backend, &location).await;
+            let injected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            if flaky {
+                // The store refuses every result write 70 % of the time, in 1 s cycles: a
+                // store failing between the lease and the result, over and over.
+                let (flaky, switch) = tokenkeeper_testkit::wrappers::FlakyStore::flaky(store);
+                let seen = injected.clone();
+                tokio::spawn(async move {
+                    loop {
+                        seen.store(switch.injected(), Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        switch.fail(
+                            tokenkeeper_testkit::wrappers::FaultTarget::WritesOf(
+                                tokenkeeper::core::EventKind::Refreshed,
+                            ),
+                            tokenkeeper_testkit::wrappers::FaultKind::Unavailable,
+                        );
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        switch.heal();
+                    }
+                });
+                store = Arc::new(flaky);
+            }
+            let (store, swaps) = tokenkeeper_testkit::wrappers::CountingStore::counting(store);
             let store: Arc<dyn TokenStore> = Arc::new(store);
             let manager = if short {
                 short_lease_manager(store, profile, &base, &clock, margin)
@@ -276,12 +319,14 @@ fn child_process_entry() {
                         .as_millis() as u64;
                     tokio::time::sleep(Duration::from_millis(start_ms.saturating_sub(now_ms)))
                         .await;
-                    contend(&manager, member, count).await
+                    (contend(&manager, member, count).await, 0)
                 } else {
-                    sweep_n(&manager, member, count).await
+                    sweep_counting(&manager, member, count).await
                 };
+                let (errors, foreign) = errors;
                 let written = swaps.swaps() - before;
-                writeln!(out, "done {errors} {written}").unwrap();
+                let faults = injected.load(Ordering::SeqCst);
+                writeln!(out, "done {errors} {written} {foreign} {faults}").unwrap();
                 out.flush().unwrap();
             }
         });
@@ -335,6 +380,13 @@ fn read_done(m: &mut Member) -> usize {
 
 /// A member's report of one cycle: (errors, store compare-and-swaps).
 fn read_done_counts(m: &mut Member) -> (usize, u64) {
+    let (errors, swaps, _, _) = read_done_all(m);
+    (errors, swaps)
+}
+
+/// A member's full report of one cycle: (errors, store compare-and-swaps, of the errors
+/// those that were `ForeignConsumer`, store faults injected so far).
+fn read_done_all(m: &mut Member) -> (usize, u64, usize, u64) {
     let mut line = String::new();
     loop {
         line.clear();
@@ -345,6 +397,8 @@ fn read_done_counts(m: &mut Member) -> (usize, u64) {
         if let Some(at) = line.find("done ") {
             let mut n = line[at + 5..].split_whitespace();
             return (
+                n.next().unwrap().parse().unwrap(),
+                n.next().unwrap().parse().unwrap(),
                 n.next().unwrap().parse().unwrap(),
                 n.next().unwrap().parse().unwrap(),
             );
@@ -990,5 +1044,312 @@ async fn sigkill_mid_refresh_loses_nothing_inside_a_leeway_and_explains_every_lo
     eprintln!(
         "bitbucket: {} SIGKILLs with {} refreshes in flight at the kills: {} installations lost (each one in flight at its kill, each explained)",
         bitbucket.kills, bitbucket.in_flight, bitbucket.lost
+    );
+}
+
+/// Starts one sweep of every member at clock offset `offset` and collects their reports.
+fn fleet_round(members: &mut [Member], offset: i64) -> Vec<(usize, u64, usize, u64)> {
+    for m in members.iter_mut() {
+        writeln!(m.stdin, "cycle {offset}").unwrap();
+        m.stdin.flush().unwrap();
+    }
+    members.iter_mut().map(read_done_all).collect()
+}
+
+/// The installations the store holds as `ReauthorizationRequired`.
+async fn lost_installations(store: &Arc<dyn TokenStore>) -> Vec<tokenkeeper::core::ListEntry> {
+    store
+        .list(
+            ListFilter::in_state(StateKind::ReauthorizationRequired),
+            None,
+            1000,
+        )
+        .await
+        .unwrap()
+        .entries
+}
+
+/// Every worker's store refuses the writes of refresh results 70 % of the time (a store
+/// failing between lease and result, in 1 s cycles), against Bitbucket (no reuse leeway)
+/// committing each rotation 100 ms before answering. Flights keep retrying their writes under
+/// renewed leases: exactly one refresh per installation per round, no caller error, no reuse
+/// detection, nothing lost.
+async fn run_flaky_fleet(backend: &str, location: &str) {
+    const COUNT: usize = 50;
+    const ROUNDS: usize = 4;
+    let (profile, kind, cycle) = profile("bitbucket");
+    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+    let base = mock.base_url();
+    let store = open_store(backend, location).await;
+    let clock = OffsetClock::default();
+    let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
+    authorize_all(&admin, &mock, COUNT).await;
+    slow_replies(&mock, 100);
+    let env = [
+        ("TK_FLEET_COUNT", COUNT.to_string()),
+        ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
+        ("TK_FLEET_FLAKY", "1".to_owned()),
+    ];
+    let mut members: Vec<Member> = (0..PROCESSES)
+        .map(|n| spawn_member_with(backend, location, &base, "bitbucket", n, &env))
+        .collect();
+    let mut offset = 0i64;
+    let mut injected = 0;
+    for round in 1..=ROUNDS {
+        mock.advance(cycle);
+        offset += cycle.as_secs() as i64;
+        let reports = fleet_round(&mut members, offset);
+        let errors: usize = reports.iter().map(|r| r.0).sum();
+        injected = reports.iter().map(|r| r.3).sum();
+        assert_eq!(errors, 0, "{backend}: round {round} had errors");
+        let c = mock.counters().totals;
+        assert_eq!(
+            (c.refreshes, c.rejected_refreshes, c.reuse_detections),
+            ((COUNT * round) as u64, 0, 0),
+            "{backend}: round {round}: {c:?}"
+        );
+    }
+    for mut m in members {
+        drop(m.stdin);
+        m.child.wait().unwrap();
+    }
+    let lost = lost_installations(&store).await;
+    assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
+    assert!(injected > 0, "{backend}: no result write was refused");
+    eprintln!(
+        "flaky store {backend}: {PROCESSES} processes x {COUNT} installations x {ROUNDS} rounds, result writes refused 70 % of the time ({injected} refusals): {} refreshes, 0 caller errors, 0 reuse detections, 0 installations lost",
+        mock.counters().totals.refreshes
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_store_fleet_on_sqlite() {
+    run_flaky_fleet("sqlite", &sqlite_location("flaky")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_store_fleet_on_redis() {
+    run_flaky_fleet("redis", &redis_location("flaky")).await;
+}
+
+/// Two consumers on one store: two workers run the consumer that authorized the
+/// installations, two run another client id (a second app on the same database, or a deploy
+/// with the wrong client id) and call the same installations. The second consumer's workers
+/// get `ForeignConsumer` for every call and never reach the token endpoint; the first
+/// consumer's refresh exactly once per installation per round; nothing is condemned.
+async fn run_two_consumers(backend: &str, location: &str) {
+    const COUNT: usize = 40;
+    const ROUNDS: usize = 3;
+    let (profile, kind, cycle) = profile("bitbucket");
+    let mock = MockProvider::builder()
+        .profile(kind)
+        .consumer(tokenkeeper_mock_provider::ConsumerSpec::new(
+            DEFAULT_CLIENT_ID,
+            DEFAULT_CLIENT_SECRET,
+        ))
+        .consumer(tokenkeeper_mock_provider::ConsumerSpec::new(
+            OTHER_CLIENT.0,
+            OTHER_CLIENT.1,
+        ))
+        .start()
+        .await
+        .unwrap();
+    let base = mock.base_url();
+    let store = open_store(backend, location).await;
+    let clock = OffsetClock::default();
+    let admin = manager(store.clone(), profile, &base, &clock);
+    authorize_all(&admin, &mock, COUNT).await;
+    let mut members: Vec<Member> = (0..PROCESSES)
+        .map(|n| {
+            let mut env = vec![("TK_FLEET_COUNT", COUNT.to_string())];
+            if n >= PROCESSES / 2 {
+                env.push(("TK_FLEET_OTHER_CLIENT", "1".to_owned()));
+            }
+            spawn_member_with(backend, location, &base, "bitbucket", n, &env)
+        })
+        .collect();
+    let mut offset = 0i64;
+    for round in 1..=ROUNDS {
+        mock.advance(cycle);
+        offset += cycle.as_secs() as i64;
+        let reports = fleet_round(&mut members, offset);
+        for (member, (errors, _, foreign, _)) in reports.iter().enumerate() {
+            if member < PROCESSES / 2 {
+                assert_eq!(
+                    *errors, 0,
+                    "{backend}: owner member {member}, round {round}"
+                );
+            } else {
+                assert_eq!(
+                    (*errors, *foreign),
+                    (COUNT, COUNT),
+                    "{backend}: foreign member {member}, round {round}: every call is refused as another consumer's"
+                );
+            }
+        }
+        let c = mock.counters().totals;
+        assert_eq!(
+            (c.refreshes, c.rejected_refreshes, c.reuse_detections),
+            ((COUNT * round) as u64, 0, 0),
+            "{backend}: round {round}: only the owner refreshes, once per installation: {c:?}"
+        );
+    }
+    for mut m in members {
+        drop(m.stdin);
+        m.child.wait().unwrap();
+    }
+    let lost = lost_installations(&store).await;
+    assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
+    let owner = format!("bitbucket/{DEFAULT_CLIENT_ID}");
+    for id in ids_n(COUNT) {
+        let record = store.get(&id).await.unwrap().unwrap();
+        assert_eq!(
+            record.consumer(),
+            owner,
+            "the owner's records stay the owner's"
+        );
+    }
+    eprintln!(
+        "two consumers {backend}: 2 owner + 2 foreign processes x {COUNT} installations x {ROUNDS} rounds: {} refreshes, {} foreign calls refused without a provider call, 0 lost",
+        mock.counters().totals.refreshes,
+        2 * COUNT * ROUNDS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_fleet_on_sqlite() {
+    run_two_consumers("sqlite", &sqlite_location("consumers")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_fleet_on_redis() {
+    run_two_consumers("redis", &redis_location("consumers")).await;
+}
+
+/// A Redis primary with one replica behind a failover address (a forwarder the workers
+/// connect to). Every write that stores tokens waits for the replica (`WAIT 1`). Mid-sweep,
+/// with rotations committed at the provider 100 ms before their replies, the primary is
+/// killed (SIGKILL), the replica promoted (`REPLICAOF NO ONE`) and the address moved to it.
+/// Nothing acknowledged is lost: no retired token is presented and every installation
+/// refreshes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_replica_promoted_mid_sweep_loses_nothing() {
+    const COUNT: usize = 60;
+    const ROUNDS: usize = 3;
+    use tokenkeeper_testkit::redis::{Server, free_port};
+    let primary = Server::start_on(free_port(), &["--appendonly", "yes"]);
+    let primary_port = primary.port.to_string();
+    let replica = Server::start_on(
+        free_port(),
+        &[
+            "--replicaof",
+            "127.0.0.1",
+            &primary_port,
+            "--appendonly",
+            "yes",
+        ],
+    );
+    let proxy = tokenkeeper_testkit::proxy::Proxy::start(primary.port).await;
+    let prefix = tokenkeeper_testkit::redis::unique_prefix("failover");
+    let location = format!("{}|{prefix}|wait", proxy.redis_url());
+    let (profile, kind, cycle) = profile("bitbucket");
+    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+    let base = mock.base_url();
+    let store = open_store("redis", &location).await;
+    let clock = OffsetClock::default();
+    let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
+    // The replica must be in sync before the run (token writes wait for it).
+    let mut raw = redis::Client::open(proxy.redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut synced = false;
+    for _ in 0..100 {
+        let _: () = redis::cmd("SET")
+            .arg("tk-sync-probe")
+            .arg(1)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if acked >= 1 {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(synced, "the replica never synced");
+    authorize_all(&admin, &mock, COUNT).await;
+    slow_replies(&mock, 100);
+    let env = [
+        ("TK_FLEET_COUNT", COUNT.to_string()),
+        ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
+    ];
+    let mut members: Vec<Member> = (0..PROCESSES)
+        .map(|n| spawn_member_with("redis", &location, &base, "bitbucket", n, &env))
+        .collect();
+    let mut offset = 0i64;
+    let mut primary = Some(primary);
+    let mut outage_errors = 0;
+    for round in 1..=ROUNDS {
+        mock.advance(cycle);
+        offset += cycle.as_secs() as i64;
+        for m in &mut members {
+            writeln!(m.stdin, "cycle {offset}").unwrap();
+            m.stdin.flush().unwrap();
+        }
+        if round == 2 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            drop(primary.take()); // SIGKILL
+            let mut conn = redis::Client::open(replica.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let _: () = redis::cmd("REPLICAOF")
+                .arg("NO")
+                .arg("ONE")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            proxy.switch_to(replica.port);
+        }
+        let errors: usize = members.iter_mut().map(read_done).sum();
+        if round == 2 {
+            outage_errors = errors;
+        } else {
+            assert_eq!(errors, 0, "round {round} had errors");
+        }
+    }
+    for mut m in members {
+        drop(m.stdin);
+        m.child.wait().unwrap();
+    }
+    mock.set_faults(Vec::new());
+    mock.advance(cycle);
+    offset += cycle.as_secs() as i64;
+    clock.set_offset(offset);
+    for id in ids_n(COUNT) {
+        admin
+            .access_token(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{id} did not survive the failover: {e}"));
+    }
+    let c = mock.counters().totals;
+    assert_eq!(
+        (c.rejected_refreshes, c.reuse_detections),
+        (0, 0),
+        "no retired token presented: {c:?}"
+    );
+    assert!(lost_installations(&store).await.is_empty());
+    eprintln!(
+        "Redis primary killed and replica promoted mid-sweep under {PROCESSES} processes (WAIT 1): {} refreshes, {outage_errors} caller errors during the failover, 0 retired tokens presented, 0 installations lost",
+        c.refreshes
     );
 }
