@@ -40,8 +40,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventKind, InstallationId, ListEntry, ListFilter,
-    ListPage, Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
+    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
 };
 
 use keys::{Layout, due_hex, due_member, parse_due_hex};
@@ -136,10 +136,12 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// After every write that stores new tokens (a refresh, an authorization, an import),
-    /// wait until `replicas` replicas acknowledged it (`WAIT`), at most `timeout`; fewer
+    /// After every write (new tokens, and also refresh leases: a lease lost in a failover
+    /// would let a peer refresh while its holder's request is in flight), wait until
+    /// `replicas` replicas acknowledged it (`WAIT`), at most `timeout`; fewer
     /// acknowledgements make the write `StoreError::Unavailable`, so a failover cannot lose a
-    /// token the application has already used. Off by default.
+    /// token the application has already used nor a lease its holder acts under. Off by
+    /// default.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replica_wait = (replicas > 0).then_some(ReplicaWait { replicas, timeout });
         self
@@ -349,27 +351,11 @@ impl RedisStore {
         &self.durability_gaps
     }
 
-    /// Waits for the configured replicas after a write that stored new tokens.
-    async fn wait_for_replicas(
-        &self,
-        operation: &'static str,
-        record: &Record,
-    ) -> Result<(), StoreError> {
+    /// Waits for the configured replicas after a write.
+    async fn wait_for_replicas(&self, operation: &'static str) -> Result<(), StoreError> {
         let Some(wait) = self.replica_wait else {
             return Ok(());
         };
-        let stores_tokens = matches!(
-            record.history().last().map(|h| h.event),
-            Some(
-                EventKind::Created
-                    | EventKind::Authorized
-                    | EventKind::Refreshed
-                    | EventKind::LateRefreshed
-            )
-        );
-        if !stores_tokens {
-            return Ok(());
-        }
         let millis = u64::try_from(wait.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -540,7 +526,7 @@ impl TokenStore for RedisStore {
             })
             .await?;
         if created == 1 {
-            self.wait_for_replicas("create", record).await
+            self.wait_for_replicas("create").await
         } else {
             Err(StoreError::AlreadyExists {
                 id: record.id().clone(),
@@ -576,7 +562,7 @@ impl TokenStore for RedisStore {
             .await?;
         match reply {
             Value::Int(1) => {
-                self.wait_for_replicas("compare_and_swap", record).await?;
+                self.wait_for_replicas("compare_and_swap").await?;
                 Ok(CasOutcome::Swapped)
             }
             Value::Int(0) => Ok(CasOutcome::Missing),

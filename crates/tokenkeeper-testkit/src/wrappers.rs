@@ -70,9 +70,11 @@ pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
     async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError>;
 
     /// Runs after a compare-and-swap of `record` landed, before its caller hears so; a
-    /// pending future holds the caller (a process paused right after a write).
-    async fn swapped(&self, record: &Record) {
+    /// pending future holds the caller (a process paused right after a write), an error is
+    /// returned instead of the success (an acknowledgement lost on the way back).
+    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
         let _ = record;
+        Ok(())
     }
 }
 
@@ -117,7 +119,7 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
         self.hook.before(Operation::CompareAndSwap(record)).await?;
         let outcome = self.inner.compare_and_swap(record, expected).await;
         if let Ok(CasOutcome::Swapped) = outcome {
-            self.hook.swapped(record).await;
+            self.hook.swapped(record).await?;
         }
         outcome
     }
@@ -170,6 +172,10 @@ pub enum FaultKind {
     Unavailable,
     /// `StoreError::Backend` (not retryable by kind).
     Backend,
+    /// The write is applied, then reported `StoreError::Unavailable`: an acknowledgement
+    /// lost on the way back (a timeout after the server committed). Only compare-and-swaps
+    /// are hit; other operations pass.
+    LostAck,
 }
 
 /// The switch of a [`FlakyStore`], shared with the test.
@@ -196,28 +202,47 @@ impl FaultSwitch {
     }
 }
 
-#[async_trait]
-impl Hook for FaultSwitch {
-    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
-        let rule = *self.rule.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((target, kind)) = rule else {
-            return Ok(());
-        };
+impl FaultSwitch {
+    /// The fault to inject into `operation` now, if any.
+    fn hit(&self, operation: Operation<'_>) -> Option<FaultKind> {
+        let (target, kind) = (*self.rule.lock().unwrap_or_else(PoisonError::into_inner))?;
         let hit = match target {
             FaultTarget::Everything => true,
             FaultTarget::Writes => operation.is_write(),
             FaultTarget::WritesOf(event) => operation.event() == Some(event),
         };
-        if !hit {
+        hit.then_some(kind)
+    }
+}
+
+#[async_trait]
+impl Hook for FaultSwitch {
+    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
+        if self.hit(Operation::CompareAndSwap(record)) != Some(FaultKind::LostAck) {
             return Ok(());
         }
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        Err(StoreError::unavailable(
+            "flaky",
+            "compare_and_swap",
+            "injected fault: the write was applied, its acknowledgement lost",
+        ))
+    }
+
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
+        // A lost acknowledgement lets the write run (and fails it in `swapped`).
+        let Some(kind) = self.hit(operation).filter(|k| *k != FaultKind::LostAck) else {
+            return Ok(());
+        };
         self.injected.fetch_add(1, Ordering::SeqCst);
         let (name, source) = (
             operation.name(),
             format!("injected fault on {}", operation.name()),
         );
         Err(match kind {
-            FaultKind::Unavailable => StoreError::unavailable("flaky", name, source),
+            FaultKind::Unavailable | FaultKind::LostAck => {
+                StoreError::unavailable("flaky", name, source)
+            }
             FaultKind::Backend => StoreError::backend("flaky", name, source),
         })
     }
@@ -302,10 +327,11 @@ impl Hook for Gate {
         Ok(())
     }
 
-    async fn swapped(&self, record: &Record) {
+    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
         if self.after {
             self.hold(record.history().last().map(|h| h.event)).await;
         }
+        Ok(())
     }
 }
 

@@ -1258,33 +1258,8 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
     let store = open_store("redis", &location).await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
-    // The replica must be in sync before the run (token writes wait for it).
-    let mut raw = redis::Client::open(proxy.redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut synced = false;
-    for _ in 0..100 {
-        let _: () = redis::cmd("SET")
-            .arg("tk-sync-probe")
-            .arg(1)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(100)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        if acked >= 1 {
-            synced = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(synced, "the replica never synced");
+    // The replica must be in sync before the run (every write waits for it).
+    replica_synced(&proxy.redis_url()).await;
     authorize_all(&admin, &mock, COUNT).await;
     slow_replies(&mock, 100);
     let env = [
@@ -1296,6 +1271,7 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
         .collect();
     let mut offset = 0i64;
     let mut primary = Some(primary);
+    let mut rejoined = None;
     let mut outage_errors = 0;
     for round in 1..=ROUNDS {
         mock.advance(cycle);
@@ -1319,8 +1295,26 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
                 .await
                 .unwrap();
             proxy.switch_to(replica.port);
+            // The failed node comes back as a replica of the new primary (the writes wait for
+            // one replica again).
+            let replica_port = replica.port.to_string();
+            rejoined = Some(Server::start_on(
+                free_port(),
+                &[
+                    "--replicaof",
+                    "127.0.0.1",
+                    &replica_port,
+                    "--appendonly",
+                    "yes",
+                ],
+            ));
         }
         let errors: usize = members.iter_mut().map(read_done).sum();
+        if round == 2 {
+            // Before the next round the rejoined node has caught up (until then, writes are
+            // refused as not replicated: callers get `Unavailable`, truthfully).
+            replica_synced(&proxy.redis_url()).await;
+        }
         if round == 2 {
             outage_errors = errors;
         } else {
@@ -1348,8 +1342,37 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
         "no retired token presented: {c:?}"
     );
     assert!(lost_installations(&store).await.is_empty());
+    drop(rejoined);
     eprintln!(
         "Redis primary killed and replica promoted mid-sweep under {PROCESSES} processes (WAIT 1): {} refreshes, {outage_errors} caller errors during the failover, 0 retired tokens presented, 0 installations lost",
         c.refreshes
     );
+}
+
+/// Waits until the Redis server at `url` has a replica that acknowledges its writes.
+async fn replica_synced(url: &str) {
+    let mut raw = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let _: () = redis::cmd("SET")
+            .arg("tk-sync-probe")
+            .arg(1)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if acked >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no replica of {url} caught up");
 }

@@ -178,3 +178,83 @@ async fn a_holder_stalled_after_its_lease_write_does_not_present_the_token() {
         "{c:?}"
     );
 }
+
+/// The provider answers after 1.8 s, so the lease is renewed while the request is on its way,
+/// and that renewal hangs in the store (a stuck connection). The request is still polled, its
+/// reply is taken when it arrives, and the caller is served: a slow store never holds a token
+/// request past its deadline (where a peer could take the lease over and present the same
+/// refresh token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_stuck_in_the_store_does_not_hold_up_the_request() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::LeaseRenewed);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    slow_token_endpoint(&f, 1800);
+    let caller = spawn_access_token(&f.manager, &id);
+    gate.held().await;
+    let token = tokio::time::timeout(Duration::from_secs(10), caller)
+        .await
+        .expect("the reply is taken while the renewal hangs")
+        .unwrap()
+        .expect("the refresh succeeds");
+    gate.release();
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active);
+    assert_eq!(record.tokens().access_token, token);
+    let c = f.mock.counters().totals;
+    assert_eq!((c.refreshes, c.rejected_refreshes), (1, 0), "{c:?}");
+}
+
+/// A renewal lands but its acknowledgement is lost (the store reports a failure). The flight
+/// must recognise its own lease at the newer version rather than take it for a peer's: on a
+/// provider that does not rotate (Google), the refreshed access token is written and served
+/// (a late-result write would be refused, and the flight would wait for itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_acknowledgement_was_lost_is_still_our_lease() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let f = Fixture::tuned(
+        profiles::google(),
+        MockProfile::Google,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    let before = f.record(&id).await.tokens().access_token.clone();
+    f.advance(TWO_HOURS);
+    slow_token_endpoint(&f, 1800);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::LeaseRenewed),
+        FaultKind::LostAck,
+    );
+    let token = tokio::time::timeout(Duration::from_secs(15), f.manager.access_token(&id))
+        .await
+        .expect("the flight does not wait for itself")
+        .expect("the refreshed token is written and served");
+    assert_ne!(token, before);
+    assert!(switch.injected() > 0, "no acknowledgement was lost");
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active);
+    assert_eq!(record.tokens().access_token, token);
+    assert_eq!(f.mock.counters().totals.refreshes, 1);
+}
+
+/// The token endpoint answers the next request after `ms` milliseconds.
+fn slow_token_endpoint(f: &Fixture, ms: u64) {
+    f.mock
+        .set_faults(vec![tokenkeeper_mock_provider::FaultRule::next(
+            tokenkeeper_mock_provider::Endpoint::Token,
+            1,
+            tokenkeeper_mock_provider::Fault::Latency {
+                min_ms: ms,
+                max_ms: ms,
+            },
+        )]);
+}

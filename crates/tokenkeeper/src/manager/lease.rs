@@ -64,10 +64,29 @@ impl HeldLease {
             .map_or(self.record.version(), |l| l.fence)
     }
 
-    /// Whether a token request that may take `bound` to end, sent now, ends before any peer
-    /// could take the lease over (a whole TTL after the last confirmation).
+    /// Whether a token request that may take `bound` to end, sent now, ends (and its last
+    /// bytes reach the provider) before any peer could take the lease over: a whole TTL
+    /// after the last confirmation.
     pub(crate) fn may_send(&self, bound: Duration) -> bool {
-        Instant::now() + bound + super::policy::SEND_WINDOW <= self.confirmed + self.ttl
+        Instant::now() + bound + super::policy::TRANSIT <= self.confirmed + self.ttl
+    }
+
+    /// `stored` (read after a conflict) holds this very lease, moved on by one of our own
+    /// writes whose acknowledgement was lost (the store applied it but reported an error):
+    /// adopt it as the record under the lease. `false` when the lease is another's (or
+    /// `stored` is not newer than what we hold).
+    pub(crate) fn adopt_if_ours(&mut self, stored: &Record) -> bool {
+        let ours = match (stored.state().lease(), self.record.state().lease()) {
+            (Some(theirs), Some(mine)) => {
+                theirs.holder == mine.holder && theirs.fence == mine.fence
+            }
+            _ => false,
+        };
+        if ours && stored.version() > self.record.version() {
+            self.record = stored.clone();
+            return true;
+        }
+        false
     }
 
     /// When the next renewal is due.
@@ -96,6 +115,15 @@ impl HeldLease {
                 self.confirmed = started;
                 Ok(Renewal::Renewed)
             }
+            // An earlier renewal of ours landed although the store reported an error: the
+            // lease is still ours; the next renewal goes on from the stored version.
+            CasOutcome::Conflict(stored) if self.adopt_if_ours(&stored) => {
+                Err(StoreError::unavailable(
+                    "lease",
+                    "compare_and_swap",
+                    "an earlier renewal landed unacknowledged; retrying from it",
+                ))
+            }
             CasOutcome::Conflict(_) | CasOutcome::Missing => Ok(Renewal::Lost),
         }
     }
@@ -116,8 +144,9 @@ impl HeldLease {
     }
 
     /// Runs `work` (the token request) to completion, renewing the lease every third of its
-    /// TTL meanwhile. The work is never abandoned: once sent, its reply is the only copy of a
-    /// rotated token, and a lost lease still lets it land as a late result.
+    /// TTL meanwhile. The work is polled all along, renewals included, so its own deadline
+    /// holds however slow the store is. It is never abandoned: once sent, its reply is the
+    /// only copy of a rotated token, and a lost lease still lets it land as a late result.
     pub(crate) async fn while_working<F: Future>(&mut self, engine: &Engine, work: F) -> F::Output {
         let mut work = std::pin::pin!(work);
         let mut next_try = self.renewal_due();
@@ -125,18 +154,30 @@ impl HeldLease {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                () = tokio::time::sleep_until(next_try) => {
-                    match self.renew(engine).await {
-                        Ok(Renewal::Renewed) => next_try = self.renewal_due(),
-                        Ok(Renewal::Lost) => {
-                            tracing::warn!("the refresh lease was lost while waiting for the provider; its reply will be written as a late result");
-                            return work.await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not renew the refresh lease; retrying");
-                            next_try = Instant::now() + self.ttl / 10;
-                        }
-                    }
+                () = tokio::time::sleep_until(next_try) => {}
+            }
+            let renewal = {
+                let renewal = self.renew(engine);
+                let mut renewal = std::pin::pin!(renewal);
+                tokio::select! {
+                    biased;
+                    // The reply came first: it matters more than the renewal, which is dropped
+                    // (if it landed unacknowledged, the result write adopts it).
+                    out = &mut work => return out,
+                    r = &mut renewal => r,
+                }
+            };
+            match renewal {
+                Ok(Renewal::Renewed) => next_try = self.renewal_due(),
+                Ok(Renewal::Lost) => {
+                    tracing::warn!(
+                        "the refresh lease was lost while waiting for the provider; its reply will be written as a late result"
+                    );
+                    return work.await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the refresh lease; retrying");
+                    next_try = Instant::now() + self.ttl / 10;
                 }
             }
         }

@@ -8,9 +8,14 @@ use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::profile::Timing;
 
-/// The least time a lease must have left, beyond its token request's bound, for the request
-/// to be sent: the store's lease write and the request's transit fit in it.
-pub(crate) const SEND_WINDOW: Duration = Duration::from_secs(1);
+/// How long after a token request's deadline its last bytes may still reach the provider
+/// (network transit; monotonic clocks drifting apart). A request is sent only if its bound
+/// plus this ends before any peer could take the lease over.
+pub(crate) const TRANSIT: Duration = Duration::from_millis(500);
+
+/// The least spare time a lease must have beyond a token request's bound and
+/// [`TRANSIT`]: room for the lease write (and a renewal before sending) to complete.
+pub(crate) const HEADROOM: Duration = Duration::from_secs(1);
 
 /// The longest a token request can take from sending to giving up: the HTTP timeout plus
 /// the grace to read a reply that arrived.
@@ -38,15 +43,16 @@ pub struct RefreshPolicy {
     /// retrying a store write), and a peer that watches it go unrenewed for this long (its own
     /// monotonic time, whatever the clocks say) takes it over: a dead holder blocks its
     /// installation for about this long. Must exceed the HTTP timeout plus the 250 ms reply
-    /// grace by at least a second, so a token request always ends before a peer could take
+    /// grace by at least 1.5 s, so a token request always ends before a peer could take
     /// its lease over, even when no renewal lands.
     pub lease_ttl: Duration,
     /// The most two machines' clocks may disagree (default 30 s). The expiry time written into
     /// a lease is `lease_ttl` plus this margin, so a process that never watched the lease
     /// (a background refresher arriving later) does not take it over early by its clock.
     pub lease_margin: Duration,
-    /// How long a caller waits for another process's refresh before giving up (default: the
-    /// lease TTL plus one second, enough to watch a dead holder's lease fall silent).
+    /// How long a caller waits for another process's refresh before giving up (default: twice
+    /// the lease TTL, enough to watch a dead holder's lease fall silent and take it over; at
+    /// least the TTL plus a second).
     pub peer_wait: Duration,
     /// First backoff delay after a transient failure (default 2 s).
     pub backoff_base: Duration,
@@ -88,7 +94,7 @@ impl RefreshPolicy {
             }),
             lease_ttl,
             lease_margin,
-            peer_wait: lease_ttl + Duration::from_secs(1),
+            peer_wait: lease_ttl * 2,
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(600),
             failure_budget: Duration::from_secs(3 * 24 * 3600),
@@ -117,21 +123,22 @@ impl RefreshPolicy {
                 "must be positive: it covers clock skew between machines".into(),
             );
         }
-        if self.lease_ttl < request_bound(consumer) + SEND_WINDOW {
+        if self.lease_ttl < request_bound(consumer) + TRANSIT + HEADROOM {
             return out_of_range(
                 "lease_ttl",
                 format!(
-                    "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace by at least {SEND_WINDOW:?}; otherwise a token request could outlive its lease and race another process",
+                    "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace by at least {:?}; otherwise a token request could outlive its lease and race another process, or never find time to be sent",
                     self.lease_ttl,
                     consumer.http_timeout(),
+                    TRANSIT + HEADROOM,
                 ),
             );
         }
-        if self.peer_wait < self.lease_ttl {
+        if self.peer_wait < self.lease_ttl + HEADROOM {
             return out_of_range(
                 "peer_wait",
                 format!(
-                    "{:?} is shorter than the lease TTL ({:?}): callers would give up (Busy) before a dead holder's lease lapses and could be taken over",
+                    "{:?} is not at least a second longer than the lease TTL ({:?}): callers would give up (Busy) before they have watched a dead holder's lease fall silent and could take it over",
                     self.peer_wait, self.lease_ttl
                 ),
             );

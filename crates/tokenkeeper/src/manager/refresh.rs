@@ -32,6 +32,9 @@ enum Step {
     Done(Outcome),
     /// Re-read the record and decide again.
     Reread,
+    /// The flight stalled under its lease and could not confirm it again, so it sent
+    /// nothing: re-read, and if the lease is still this one, take it back at once.
+    Unsent(LeaseHolder),
 }
 
 /// Runs one flight to completion, inside a `tokenkeeper.refresh` span.
@@ -64,6 +67,8 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let wait_deadline = tokio::time::Instant::now() + engine.policy.peer_wait;
     let mut poll = Duration::from_millis(10);
     let mut watch = Watch::default();
+    // A lease of this flight under which nothing was sent: not a peer's, no need to watch it.
+    let mut unsent: Option<LeaseHolder> = None;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         let record = engine
@@ -79,7 +84,10 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
             stale_at,
             breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
             consumer: &engine.consumer,
-            silent: watch.silent_for(&record, engine.policy.lease_ttl),
+            silent: match record.state().lease() {
+                Some(lease) if unsent.as_ref() == Some(&lease.holder) => Some(record.version()),
+                _ => watch.silent_for(&record, engine.policy.lease_ttl),
+            },
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {
@@ -111,6 +119,10 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
                 };
+                let own = unsent
+                    .take()
+                    .is_some_and(|h| record.state().lease().is_some_and(|l| l.holder == h));
+                let takeover = takeover && !own;
                 let Some(held) = take_lease(engine, &record, now, watched).await? else {
                     continue;
                 };
@@ -123,6 +135,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 match exchange(engine, id, held, takeover, serve_valid).await {
                     Step::Done(outcome) => return outcome,
                     Step::Reread => continue,
+                    Step::Unsent(holder) => unsent = Some(holder),
                 }
             }
         }
@@ -213,7 +226,10 @@ async fn exchange(
                 tracing::warn!(
                     "stalled after taking the refresh lease and could not confirm it again; the refresh token is not presented"
                 );
-                return Step::Reread;
+                return match held.record().state().lease() {
+                    Some(lease) => Step::Unsent(lease.holder.clone()),
+                    None => Step::Reread,
+                };
             }
         }
     }
@@ -377,6 +393,14 @@ async fn land(
                     // (e.g. replicas did not confirm it in time).
                     return Landed::Written(Box::new(next));
                 }
+                if !lease_lost && held.adopt_if_ours(&stored) {
+                    // One of our renewals landed unacknowledged: still our lease.
+                    match held.record().apply(event.clone(), engine.clock.now()) {
+                        Ok(renewed) => (next, expected) = (renewed, held.record().version()),
+                        Err(e) => return Landed::Failed(Error::transition(id, e)),
+                    }
+                    continue;
+                }
                 match stored.apply(late, engine.clock.now()) {
                     Ok(revived) => {
                         tracing::warn!(
@@ -452,7 +476,11 @@ async fn on_rejected(
     now: Timestamp,
 ) -> Step {
     match engine.load(id).await {
-        Ok(current) if current.version() != held.record().version() => return Step::Reread,
+        Ok(current)
+            if current.version() != held.record().version() && !held.adopt_if_ours(&current) =>
+        {
+            return Step::Reread;
+        }
         Ok(_) => {}
         Err(e) => return Step::Done(Err(e)),
     }
@@ -626,6 +654,10 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
         {
             Ok(CasOutcome::Swapped) => return Ok(()),
             Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
+            Ok(CasOutcome::Conflict(stored)) if held.adopt_if_ours(&stored) => {
+                // One of our renewals landed unacknowledged: still our lease.
+                next = apply(&*held)?;
+            }
             Ok(CasOutcome::Conflict(_)) => return Err(Error::LeaseLost { id: id.clone() }),
             Err(StoreError::Unavailable { .. })
                 if tokio::time::Instant::now() + delay < patience =>
