@@ -54,6 +54,14 @@ mod manager;
 pub mod oauth;
 
 pub use error::Error;
+
+/// Not a stable API: the refresh protocol's pure steps (the decision step and the choice of a
+/// rejection's reason), exported so the model checker in `tokenkeeper-model` runs the very
+/// code the engine runs.
+#[doc(hidden)]
+pub mod __protocol {
+    pub use crate::manager::{DecideContext as Context, Decision, Mode, decide, rejection_reason};
+}
 pub use manager::{
     Explanation, Health, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
     RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder, UnsavedFileError,

@@ -6,25 +6,29 @@
 //! decision out: serve, fail, wait for a peer's lease, or take the lease and call the provider.
 
 use tokenkeeper_core::{
-    AccessToken, BackoffCause, ErrorDetail, FailureClass, InstallationId, LeaseHolder, Record,
-    State, Timestamp,
+    AccessToken, BackoffCause, ErrorDetail, FailureClass, InstallationId, LeaseHolder,
+    ReauthReason, Record, State, Timestamp,
 };
 
 use crate::error::Error;
 
 /// Why a flight runs.
 #[derive(Debug, Clone)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// A caller needs a token and the cached one is stale.
     OnDemand,
     /// The background refresher: refresh if the record is due.
     Proactive,
     /// The API rejected this access token (401): refresh unless it was already replaced.
-    Forced { rejected: AccessToken },
+    Forced {
+        /// The access token the API refused.
+        rejected: AccessToken,
+    },
 }
 
 impl Mode {
-    pub(crate) fn name(&self) -> &'static str {
+    /// The mode's name in traces.
+    pub fn name(&self) -> &'static str {
         match self {
             Self::OnDemand => "on_demand",
             Self::Proactive => "proactive",
@@ -35,7 +39,7 @@ impl Mode {
 
 /// What the flight does next.
 #[derive(Debug)]
-pub(crate) enum Decision {
+pub enum Decision {
     /// No refresh needed: serve the stored token, which is fresh (and may be cached).
     Fresh(AccessToken),
     /// Refreshing is on hold or in a peer's hands, but this token is still valid: serve it
@@ -62,22 +66,24 @@ pub(crate) enum Decision {
 
 /// What the flight knows besides the record.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Context<'a> {
-    pub(crate) mode: &'a Mode,
-    pub(crate) now: Timestamp,
+pub struct Context<'a> {
+    /// Why the flight runs.
+    pub mode: &'a Mode,
+    /// This process's wall-clock time.
+    pub now: Timestamp,
     /// When the stored tokens stop being served (expiry minus the skew margin).
-    pub(crate) stale_at: Timestamp,
+    pub stale_at: Timestamp,
     /// The consumer breaker, when open: until when, and the failure that tripped it.
-    pub(crate) breaker: Option<(Timestamp, &'a ErrorDetail)>,
+    pub breaker: Option<(Timestamp, &'a ErrorDetail)>,
     /// This manager's consumer (`profile/client_id`): a record of another is never touched.
-    pub(crate) consumer: &'a str,
+    pub consumer: &'a str,
     /// The record version this flight has watched stay unchanged under a peer's lease for a
     /// whole lease TTL, if it has (the peer fell silent).
-    pub(crate) silent: Option<u64>,
+    pub silent: Option<u64>,
 }
 
 /// Decides the next step for `record`.
-pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
+pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     // Another consumer's record: its refresh token means nothing to our token endpoint (and
     // must not be sent there), so nothing is leased, refreshed or condemned.
     if record.consumer() != cx.consumer {
@@ -148,6 +154,29 @@ pub(crate) fn decide(record: &Record, cx: Context<'_>) -> Decision {
         takeover: matches!(record.state(), State::Refreshing { .. }),
         watched: None,
         serve_valid: still_valid,
+    }
+}
+
+/// Why the provider's refusal of `record`'s refresh token condemns it: `ScopesChanged` for
+/// `invalid_scope`; `RotatedTokenLost` when the profile rotates and either this flight took a
+/// peer's lease over (the peer may have rotated the token and died before writing) or an
+/// attempt of the current failure streak may have rotated it and lost its reply; otherwise
+/// `RefreshTokenRejected`.
+pub fn rejection_reason(
+    scope_rejected: bool,
+    rotates: bool,
+    takeover: bool,
+    record: &Record,
+) -> ReauthReason {
+    let reply_may_have_been_lost = record
+        .failures()
+        .is_some_and(|f| f.possibly_committed_since.is_some());
+    if scope_rejected {
+        ReauthReason::ScopesChanged
+    } else if rotates && (takeover || reply_may_have_been_lost) {
+        ReauthReason::RotatedTokenLost
+    } else {
+        ReauthReason::RefreshTokenRejected
     }
 }
 

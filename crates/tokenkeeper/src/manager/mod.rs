@@ -38,6 +38,9 @@ use tokenkeeper_core::{
 };
 use tokio::sync::broadcast;
 
+/// The refresh protocol's pure decision steps, for the model checker (`tokenkeeper-model`).
+#[doc(hidden)]
+pub use decide::{Context as DecideContext, Decision, Mode, decide, rejection_reason};
 pub use events::{LifecycleEvent, LifecycleEventKind};
 pub use explain::{Explanation, Health};
 pub use policy::RefreshPolicy;
@@ -45,7 +48,6 @@ pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
 pub use unsaved::{UnsavedFileError, UnsavedTokens};
 
 use cache::Cache;
-use decide::Mode;
 use flight::Flights;
 
 use crate::error::Error;

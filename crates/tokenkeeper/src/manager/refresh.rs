@@ -19,7 +19,7 @@ use tokenkeeper_core::{
 use tracing::{Instrument, field};
 
 use super::Engine;
-use super::decide::{Context, Decision, Mode, backoff_error, decide};
+use super::decide::{Context, Decision, Mode, backoff_error, decide, rejection_reason};
 use super::events::LifecycleEventKind;
 use super::flight::Outcome;
 use super::lease::{HeldLease, Renewal, Watch};
@@ -485,13 +485,12 @@ async fn on_rejected(
         Err(e) => return Step::Done(Err(e)),
     }
     let rotates = engine.client.consumer().profile().rotation.rotates();
-    let reason = if error.class() == FailureClass::ScopeRejected {
-        ReauthReason::ScopesChanged
-    } else if rotates && (takeover || reply_may_have_been_lost(held.record())) {
-        ReauthReason::RotatedTokenLost
-    } else {
-        ReauthReason::RefreshTokenRejected
-    };
+    let reason = rejection_reason(
+        error.class() == FailureClass::ScopeRejected,
+        rotates,
+        takeover,
+        held.record(),
+    );
     condemn(engine, id, held, reason, error.to_detail(), now).await
 }
 
@@ -572,15 +571,6 @@ async fn on_deferred(
         return Step::Done(Ok(leased.tokens().access_token.clone()));
     }
     Step::Done(Err(backoff_error(id, cause, retry_at, detail)))
-}
-
-/// Whether an earlier attempt of the current failure streak may have reached the provider
-/// and lost its reply (a timeout, a reset after sending, a 5xx, an unreadable 2xx): with a
-/// rotating provider, that attempt may have rotated the refresh token we still hold.
-fn reply_may_have_been_lost(record: &Record) -> bool {
-    record
-        .failures()
-        .is_some_and(|f| f.possibly_committed_since.is_some())
 }
 
 /// The provider's reuse leeway, for a rotating profile that has one.
