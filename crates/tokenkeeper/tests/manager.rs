@@ -545,3 +545,39 @@ async fn a_caller_that_gives_up_mid_refresh_cancels_nothing() {
         "one refresh, nothing lost"
     );
 }
+
+/// Found by the deterministic simulator: dropping a `RefresherHandle` (documented as "leaves
+/// it running") closed its stop channel, and the refresher's wait then woke at once, forever:
+/// a busy loop that burns a core (and, on virtual time, stops time). The refresher must keep
+/// running quietly: an hour of virtual time passes, and it still refreshes what falls due.
+#[test]
+fn a_dropped_refresher_handle_leaves_it_running_without_spinning() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let consumer = tokenkeeper::ConsumerConfig::builder(tokenkeeper::profiles::bitbucket())
+                .client_id("k")
+                .client_secret("s")
+                .redirect_uri("https://app.example/cb")
+                .build()
+                .unwrap();
+            let manager = tokenkeeper::TokenManager::builder(
+                consumer,
+                tokenkeeper_memory::MemoryStore::new(),
+            )
+            .build()
+            .unwrap();
+            drop(manager.spawn_refresher());
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("an hour of virtual time passes: the refresher does not spin");
+}

@@ -112,6 +112,9 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         // Installations whose refresh is still running: a slow one is left to finish while
         // the next sweeps go on with everything else (no sweep waits for its slowest refresh).
         let in_flight: Arc<Mutex<HashSet<InstallationId>>> = Arc::default();
+        // Whether the handle is still there to stop us: once it is dropped, its channel closes
+        // and `changed()` would return at once forever (a busy loop), so stop listening.
+        let mut listening = true;
         'sweeps: loop {
             if manager.engine.in_flight.is_closing() {
                 // TokenManager::shutdown was called: no refresh can start any more.
@@ -191,7 +194,7 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
                 _ = running.join_next(), if !running.is_empty() => {}
-                _ = stopped.changed() => {}
+                changed = stopped.changed(), if listening => listening = changed.is_ok(),
             }
             if *stopped.borrow() {
                 break;
