@@ -77,6 +77,7 @@ pub struct MockProviderBuilder {
     access_ttl: Option<Duration>,
     refresh_inactivity: Option<Option<Duration>>,
     leeway: Option<Option<Duration>>,
+    time: provider::TimeSource,
 }
 
 impl Default for MockProviderBuilder {
@@ -89,6 +90,7 @@ impl Default for MockProviderBuilder {
             access_ttl: None,
             refresh_inactivity: None,
             leeway: None,
+            time: provider::TimeSource::default(),
         }
     }
 }
@@ -153,15 +155,41 @@ impl MockProviderBuilder {
         rules
     }
 
-    /// Binds the listener and starts serving on the current tokio runtime.
-    pub async fn start(self) -> std::io::Result<MockProvider> {
+    /// Takes "now" from `source` instead of the system clock (a simulator's virtual clock);
+    /// `advance` still adds to it.
+    pub fn time_source(mut self, source: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.time = provider::TimeSource(Some(std::sync::Arc::new(source)));
+        self
+    }
+
+    fn shared(self) -> Shared {
         let rules = self.rules();
         let mut consumers = self.consumers;
         if consumers.is_empty() {
             consumers.push(ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET));
         }
-        let shared = Shared::new(Provider::new(self.profile, rules, consumers, self.seed));
-        let listener = TcpListener::bind(self.addr).await?;
+        let mut provider = Provider::new(self.profile, rules, consumers, self.seed);
+        provider.time = self.time;
+        Shared::new(provider)
+    }
+
+    /// A provider that serves no socket: requests reach it through [`MockProvider::handle`]
+    /// (a simulator's in-process network).
+    pub fn in_process(self) -> MockProvider {
+        let addr = self.addr;
+        MockProvider {
+            addr,
+            shared: self.shared(),
+            shutdown: None,
+            task: None,
+        }
+    }
+
+    /// Binds the listener and starts serving on the current tokio runtime.
+    pub async fn start(self) -> std::io::Result<MockProvider> {
+        let addr = self.addr;
+        let shared = self.shared();
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let (tx, rx) = oneshot::channel::<()>();
@@ -240,6 +268,18 @@ impl MockProvider {
     /// The rules it plays.
     pub fn rules(&self) -> Rules {
         self.shared.lock().rules.clone()
+    }
+
+    /// Serves one request in process, without a socket (the token and revocation endpoints).
+    pub async fn handle(
+        &self,
+        request: axum::http::Request<axum::body::Body>,
+    ) -> axum::http::Response<axum::body::Body> {
+        use tower::ServiceExt;
+        match http::router(self.shared.clone()).oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
     }
 
     /// A snapshot of the counters.

@@ -222,6 +222,21 @@ fn authorize_error(error: &'static str, description: impl Into<String>) -> Autho
     }
 }
 
+/// Where the provider's "now" comes from: the system clock, or a function (a simulator's
+/// virtual clock).
+#[derive(Clone, Default)]
+pub struct TimeSource(pub(crate) Option<std::sync::Arc<dyn Fn() -> SystemTime + Send + Sync>>);
+
+impl std::fmt::Debug for TimeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "TimeSource(custom)"
+        } else {
+            "TimeSource(system)"
+        })
+    }
+}
+
 /// The provider.
 #[derive(Debug)]
 pub struct Provider {
@@ -233,6 +248,8 @@ pub struct Provider {
     refresh: HashMap<String, RefreshInfo>,
     codes: HashMap<String, CodeInfo>,
     offset: Duration,
+    /// Where "now" comes from (default: the system clock), before the offset.
+    pub(crate) time: TimeSource,
     pub(crate) rng: fastrand::Rng,
     pub(crate) faults: FaultPlan,
     pub(crate) totals: Totals,
@@ -269,6 +286,7 @@ impl Provider {
             refresh: HashMap::new(),
             codes: HashMap::new(),
             offset: Duration::ZERO,
+            time: TimeSource::default(),
             rng: fastrand::Rng::with_seed(seed),
             faults: FaultPlan::default(),
             totals: Totals::default(),
@@ -276,10 +294,14 @@ impl Provider {
         }
     }
 
-    /// The provider's clock: the system clock plus everything `advance` added.
+    /// The provider's clock: its time source (the system clock by default) plus everything
+    /// `advance` added.
     pub(crate) fn now(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+        let base = match &self.time.0 {
+            Some(source) => source(),
+            None => SystemTime::now(),
+        };
+        base.duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .saturating_add(self.offset)
     }

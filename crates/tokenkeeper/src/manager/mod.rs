@@ -158,6 +158,7 @@ pub struct TokenManagerBuilder {
     unsaved: Option<unsaved::UnsavedSink>,
     unsaved_dir: std::path::PathBuf,
     seal: unsaved::Seal,
+    transport: Option<Arc<dyn crate::oauth::TokenTransport>>,
 }
 
 impl std::fmt::Debug for TokenManagerBuilder {
@@ -207,6 +208,14 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// Not a stable API: token requests go through `transport` instead of the network (the
+    /// deterministic simulator in `tests/simulation`).
+    #[doc(hidden)]
+    pub fn token_transport(mut self, transport: Arc<dyn crate::oauth::TokenTransport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
     /// The directory where the default unsaved-tokens sink writes (default
     /// `<temp dir>/tokenkeeper-unsaved`; created owner-only, files 0600). Choose one that
     /// survives a reboot and holds nothing else.
@@ -247,10 +256,13 @@ impl TokenManagerBuilder {
     pub fn build(self) -> Result<TokenManager, ConfigError> {
         let policy = self.policy;
         policy.validate(&self.consumer)?;
-        let client = match self.http {
+        let mut client = match self.http {
             Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http)?,
             None => OAuthClient::new(self.consumer, self.clock.clone())?,
         };
+        if let Some(transport) = self.transport {
+            client = client.with_token_transport(transport);
+        }
         let consumer = crate::oauth::authorize::consumer_name(&client);
         let mut tag = [0u8; 4];
         let _ = getrandom::fill(&mut tag);
@@ -331,6 +343,7 @@ impl TokenManager {
             unsaved: None,
             unsaved_dir: std::env::temp_dir().join("tokenkeeper-unsaved"),
             seal: unsaved::Seal::None,
+            transport: None,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::error::{OAuthError, Operation};
 use crate::oauth::profile::{BodyEncoding, ClientAuth};
 use crate::oauth::response::{RawResponse, id_token, parse_retry_after, parse_token_response};
+use crate::oauth::transport::TokenTransport;
 
 /// Speaks OAuth 2.0 to one consumer's provider. Cheap to clone.
 #[derive(Clone)]
@@ -25,6 +26,7 @@ pub struct OAuthClient {
     inner: Arc<ClientParts>,
 }
 
+#[derive(Clone)]
 struct ClientParts {
     /// Token endpoint requests only: no redirects, no retries, the consumer's timeouts.
     token_http: reqwest::Client,
@@ -32,6 +34,8 @@ struct ClientParts {
     http: reqwest::Client,
     pub(crate) consumer: ConsumerConfig,
     pub(crate) clock: Arc<dyn Clock>,
+    /// The simulator's stand-in for the network under token requests (never in production).
+    transport: Option<Arc<dyn TokenTransport>>,
 }
 
 impl std::fmt::Debug for OAuthClient {
@@ -118,6 +122,18 @@ impl OAuthClient {
         Ok(Self::assemble(consumer, clock, token_http, http))
     }
 
+    /// Not a stable API: token requests go through `transport` instead of the network (the
+    /// deterministic simulator).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_token_transport(self, transport: Arc<dyn TokenTransport>) -> Self {
+        let mut parts = (*self.inner).clone();
+        parts.transport = Some(transport);
+        Self {
+            inner: Arc::new(parts),
+        }
+    }
+
     fn assemble(
         consumer: ConsumerConfig,
         clock: Arc<dyn Clock>,
@@ -130,6 +146,7 @@ impl OAuthClient {
                 http,
                 consumer,
                 clock,
+                transport: None,
             }),
         }
     }
@@ -374,6 +391,19 @@ impl OAuthClient {
         // before the timer's verdict counts. Throwing that reply away would lose a rotation.
         let deadline = consumer.http_timeout();
         let read = async {
+            if let Some(simulated) = &self.inner.transport {
+                let built = request.build().map_err(transport)?;
+                let reply = simulated.send(built).await.map_err(|f| {
+                    OAuthError::transport_failure(operation, f.reached_provider)
+                        .for_installation(installation)
+                })?;
+                let limit = consumer.max_response_bytes();
+                if reply.body.len() > limit {
+                    return Err(OAuthError::too_large(operation, reply.status, limit)
+                        .for_installation(installation));
+                }
+                return Ok((reply.status, reply.retry_after, reply.body));
+            }
             let mut response = request.send().await.map_err(transport)?;
             let status = response.status().as_u16();
             let retry_after = response

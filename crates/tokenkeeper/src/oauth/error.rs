@@ -154,6 +154,18 @@ impl OAuthError {
         e
     }
 
+    /// No reply, from a transport that is not `reqwest` (the simulator's).
+    pub(crate) fn transport_failure(operation: Operation, reached_provider: bool) -> Self {
+        let mut e = Self::new(operation, ErrorKind::Transport, FailureClass::Transient);
+        e.0.note = Some(if reached_provider {
+            "the connection to the provider failed".to_owned()
+        } else {
+            "cannot connect to the provider".to_owned()
+        });
+        e.0.reached_provider = reached_provider;
+        e
+    }
+
     /// The request outlived its hard deadline (the client's own timeout did not fire).
     pub(crate) fn deadline(operation: Operation, limit: Duration) -> Self {
         let mut e = Self::new(operation, ErrorKind::Transport, FailureClass::Transient);

@@ -14,6 +14,7 @@ pub(crate) mod error;
 pub(crate) mod profile;
 pub(crate) mod response;
 pub(crate) mod state;
+pub(crate) mod transport;
 
 pub use authorize::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, Completed, Grant,
@@ -25,3 +26,5 @@ pub use profile::{
     BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
 };
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
+#[doc(hidden)]
+pub use transport::{TokenTransport, TransportFailure, TransportReply};
