@@ -317,14 +317,7 @@ pub fn transition(
                 s if s.is_terminal() => return Err(refuse(Refusal::Terminal)),
                 _ => return Err(refuse(Refusal::NotLeased)),
             }
-            next.state = State::Refreshing {
-                lease: Lease {
-                    holder,
-                    until,
-                    fence: version,
-                },
-            };
-            next.due_at = Some(until);
+            next.take_lease(holder, until, version);
         }
         Event::LeaseAcquired { holder, until } => {
             match &record.state {
@@ -338,14 +331,7 @@ pub fn transition(
                 }
                 _ => return Err(refuse(Refusal::Terminal)),
             }
-            next.state = State::Refreshing {
-                lease: Lease {
-                    holder,
-                    until,
-                    fence: version,
-                },
-            };
-            next.due_at = Some(until);
+            next.take_lease(holder, until, version);
         }
         Event::LeaseRenewed { until, .. } => {
             if let State::Refreshing { lease } = &mut next.state {
@@ -467,6 +453,19 @@ pub fn transition(
 }
 
 impl Record {
+    /// Puts the record under a new lease whose fence is `fence` (the version being written),
+    /// due when it lapses.
+    fn take_lease(&mut self, holder: LeaseHolder, until: Timestamp, fence: u64) {
+        self.state = State::Refreshing {
+            lease: Lease {
+                holder,
+                until,
+                fence,
+            },
+        };
+        self.due_at = Some(until);
+    }
+
     /// `transition(self, event, now)` as a method.
     pub fn apply(&self, event: Event, now: Timestamp) -> Result<Record, IllegalTransition> {
         transition(self, event, now)

@@ -92,6 +92,9 @@ pub struct State {
     pub landed: u32,
     /// Bit `k`: access token `a{k}` was handed to a caller.
     pub used: u32,
+    /// Bit `k`: the rotation of `r{k}` was lost to a fault (its holder crashed or lost the
+    /// reply, or was paused past its lease and taken over), not to the protocol.
+    pub fault_lost: u32,
     /// A write replaced the stored refresh token with an older one.
     pub regressed: bool,
     /// A retired token was presented although its successor had been stored.
@@ -118,12 +121,13 @@ pub enum Action {
 }
 
 fn tokens(k: u8, at: Timestamp) -> TokenSet {
-    // Expired at once: every process always wants a refresh, so flights keep contending.
+    // Expired before the model's time begins, whatever a process's skew: every process
+    // always wants a refresh, so flights keep contending.
     TokenSet::bearer(
         AccessToken::new(format!("a{k}")),
         Some(RefreshToken::new(format!("r{k}"))),
         at,
-        at,
+        secs(-100),
     )
 }
 
@@ -210,6 +214,9 @@ impl ProtocolModel {
                     None => Event::LeaseAcquired { holder, until },
                 };
                 let leased = s.store.0.apply(event, self.wall(s, p)).ok()?;
+                if takeover {
+                    self.note_paused_holders(s);
+                }
                 let inherited_loss = self.rotation_lost(s, s.store.token());
                 self.cas(s, leased.clone(), version).ok()?;
                 s.procs[p].phase = Phase::Holding(Flight {
@@ -238,21 +245,28 @@ impl ProtocolModel {
         }
     }
 
-    /// Whether `r{token}` has been rotated at the provider by a flight that can no longer
-    /// store the result in time: it crashed or lost its reply (no live process holds the new
-    /// token), or it holds the reply but was paused past its lease.
+    /// Whether `r{token}` has been rotated at the provider and that rotation was lost to a
+    /// fault (see [`State::fault_lost`]).
     fn rotation_lost(&self, s: &State, token: u8) -> bool {
-        if s.provider.current <= token {
-            return false;
-        }
-        !s.procs.iter().any(|q| match &q.phase {
-            Phase::Replied {
+        s.provider.current > token && s.fault_lost & (1 << token) != 0
+    }
+
+    /// A takeover: a holder that was paused past its lease with a rotated reply in hand has
+    /// lost that rotation to the pause.
+    fn note_paused_holders(&self, s: &mut State) {
+        for q in 0..s.procs.len() {
+            if let Phase::Replied {
                 flight,
-                answer: Some(Answer::Tokens { new, .. }),
-            } => *new == token + 1 && s.tick < flight.confirmed + TTL,
-            Phase::Using { new, .. } => *new == token + 1,
-            _ => false,
-        })
+                answer:
+                    Some(Answer::Tokens {
+                        new, rotated: true, ..
+                    }),
+            } = &s.procs[q].phase
+                && s.tick >= flight.confirmed + TTL
+            {
+                s.fault_lost |= 1 << (new - 1);
+            }
+        }
     }
 
     /// Records a failed attempt whose request may have reached the provider.
@@ -443,6 +457,12 @@ impl ProtocolModel {
                 Phase::Replied { answer, .. }
                     if answer.is_some() && s.losses < self.config.max_losses =>
                 {
+                    if let Some(Answer::Tokens {
+                        new, rotated: true, ..
+                    }) = answer
+                    {
+                        s.fault_lost |= 1 << (*new - 1);
+                    }
                     *answer = None;
                     s.losses += 1;
                     Some(())
@@ -452,6 +472,17 @@ impl ProtocolModel {
             Action::Crash(p) => {
                 if s.procs[p].phase == Phase::Crashed || s.crashes >= self.config.max_crashes {
                     return None;
+                }
+                match &s.procs[p].phase {
+                    Phase::Replied {
+                        answer:
+                            Some(Answer::Tokens {
+                                new, rotated: true, ..
+                            }),
+                        ..
+                    }
+                    | Phase::Using { new, .. } => s.fault_lost |= 1 << (*new - 1),
+                    _ => {}
                 }
                 s.procs[p].phase = Phase::Crashed;
                 s.crashes += 1;
@@ -507,6 +538,7 @@ impl Model for ProtocolModel {
             losses: 0,
             landed: 1,
             used: 0,
+            fault_lost: 0,
             regressed: false,
             unexcused_reuse: false,
             untruthful: false,

@@ -786,24 +786,7 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
         drop(m.stdin);
         m.child.wait().unwrap();
     }
-    slow_replies(&mock, 0);
-    mock.set_faults(Vec::new());
-    // Every installation still works: refresh them all once more.
-    mock.advance(cycle);
-    offset += cycle.as_secs() as i64;
-    clock.set_offset(offset);
-    for id in ids_n(COUNT) {
-        admin
-            .access_token(&id)
-            .await
-            .unwrap_or_else(|e| panic!("{id} did not survive the restart: {e}"));
-    }
-    let c = mock.counters().totals;
-    assert_eq!(
-        (c.rejected_refreshes, c.reuse_detections),
-        (0, 0),
-        "no retired token presented: {c:?}"
-    );
+    let c = all_survive(&admin, &mock, &clock, offset, cycle, COUNT, "the restart").await;
     eprintln!(
         "Redis crashed and restarted mid-sweep under {PROCESSES} processes: {} refreshes, {outage_errors} caller errors during the outage, 0 retired tokens presented, 0 installations lost",
         c.refreshes
@@ -1325,22 +1308,7 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
         drop(m.stdin);
         m.child.wait().unwrap();
     }
-    mock.set_faults(Vec::new());
-    mock.advance(cycle);
-    offset += cycle.as_secs() as i64;
-    clock.set_offset(offset);
-    for id in ids_n(COUNT) {
-        admin
-            .access_token(&id)
-            .await
-            .unwrap_or_else(|e| panic!("{id} did not survive the failover: {e}"));
-    }
-    let c = mock.counters().totals;
-    assert_eq!(
-        (c.rejected_refreshes, c.reuse_detections),
-        (0, 0),
-        "no retired token presented: {c:?}"
-    );
+    let c = all_survive(&admin, &mock, &clock, offset, cycle, COUNT, "the failover").await;
     assert!(lost_installations(&store).await.is_empty());
     drop(rejoined);
     eprintln!(
@@ -1375,4 +1343,33 @@ async fn replica_synced(url: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("no replica of {url} caught up");
+}
+
+/// After a run: faults off, one more expiry cycle, and every installation refreshes through
+/// `admin` without the provider ever seeing a retired token. Returns the provider's totals.
+async fn all_survive(
+    admin: &TokenManager,
+    mock: &MockProvider,
+    clock: &OffsetClock,
+    offset: i64,
+    cycle: Duration,
+    count: usize,
+    what: &str,
+) -> tokenkeeper_mock_provider::Totals {
+    mock.set_faults(Vec::new());
+    mock.advance(cycle);
+    clock.set_offset(offset + cycle.as_secs() as i64);
+    for id in ids_n(count) {
+        admin
+            .access_token(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{id} did not survive {what}: {e}"));
+    }
+    let c = mock.counters().totals;
+    assert_eq!(
+        (c.rejected_refreshes, c.reuse_detections),
+        (0, 0),
+        "no retired token presented: {c:?}"
+    );
+    c
 }

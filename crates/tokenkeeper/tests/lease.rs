@@ -30,6 +30,17 @@ fn short_lease(p: &mut RefreshPolicy) {
     p.peer_wait = Duration::from_secs(20);
 }
 
+/// A Bitbucket fixture with short leases over `store`.
+async fn bitbucket_on(store: impl tokenkeeper::TokenStore) -> Fixture {
+    Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        short_lease,
+    )
+    .await
+}
+
 fn spawn_access_token(
     manager: &tokenkeeper::TokenManager,
     id: &InstallationId,
@@ -47,13 +58,7 @@ fn events(record: &tokenkeeper::Record) -> Vec<EventKind> {
 /// seconds, not the skew margin on top, and not never (the wall clock does not move here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_is_taken_over_after_one_lease_ttl_of_silence() {
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(MemoryStore::new()),
-        short_lease,
-    )
-    .await;
+    let f = bitbucket_on(MemoryStore::new()).await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
     // The dead holder's lease, as it wrote it.
@@ -102,13 +107,7 @@ async fn a_dead_holder_is_taken_over_after_one_lease_ttl_of_silence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_retrying_its_write_renews_its_lease_and_keeps_it() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-        short_lease,
-    )
-    .await;
+    let f = bitbucket_on(store).await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
     switch.fail(
@@ -146,13 +145,7 @@ async fn a_holder_retrying_its_write_renews_its_lease_and_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_stalled_after_its_lease_write_does_not_present_the_token() {
     let (store, gate) = GatedStore::gated_after(MemoryStore::new(), EventKind::LeaseAcquired);
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-        short_lease,
-    )
-    .await;
+    let f = bitbucket_on(store).await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
     let holder = spawn_access_token(&f.manager, &id);
@@ -187,13 +180,7 @@ async fn a_holder_stalled_after_its_lease_write_does_not_present_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_stuck_in_the_store_does_not_hold_up_the_request() {
     let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::LeaseRenewed);
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(store),
-        short_lease,
-    )
-    .await;
+    let f = bitbucket_on(store).await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
     slow_token_endpoint(&f, 1800);

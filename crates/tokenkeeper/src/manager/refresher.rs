@@ -192,6 +192,7 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                 next_due_in(&manager, config.max_idle).await
             };
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(idle) => {}
                 _ = running.join_next(), if !running.is_empty() => {}
                 changed = stopped.changed(), if listening => listening = changed.is_ok(),
