@@ -3,21 +3,16 @@
 //! `cargo run --release -p tokenkeeper-model --example check -- PROCESSES MAX_TICK MAX_ROTATIONS [leeway]`
 
 use stateright::{Checker, Model};
-use tokenkeeper_model::{Config, Mutation, ProtocolModel};
+use tokenkeeper_model::{Config, ProtocolModel};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |n: usize, default: u8| args.get(n).and_then(|a| a.parse().ok()).unwrap_or(default);
     let processes = usize::from(arg(0, 2)).clamp(1, 3);
     let config = Config {
-        skews: [-1, 1, 0][..processes].to_vec(),
-        leeway: args.get(3).map(|_| 2),
         max_tick: arg(1, 6),
         max_rotations: arg(2, 2),
-        max_crashes: 1,
-        max_losses: 2,
-        fair_time: false,
-        mutation: Mutation::None,
+        ..Config::new(processes, args.get(3).map(|_| 2))
     };
     let started = std::time::Instant::now();
     let checker = ProtocolModel {

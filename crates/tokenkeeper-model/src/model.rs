@@ -66,6 +66,23 @@ pub struct Config {
     pub mutation: Mutation,
 }
 
+impl Config {
+    /// `processes` processes (skews -1, +1, 0 ticks), at most one crash and two lost replies,
+    /// time to tick 5, two rotations, the protocol as built.
+    pub fn new(processes: usize, leeway: Option<u8>) -> Self {
+        Self {
+            skews: [-1, 1, 0][..processes.clamp(1, 3)].to_vec(),
+            leeway,
+            max_tick: 5,
+            max_rotations: 2,
+            max_crashes: 1,
+            max_losses: 2,
+            fair_time: false,
+            mutation: Mutation::None,
+        }
+    }
+}
+
 /// The model.
 #[derive(Debug, Clone)]
 pub struct ProtocolModel {

@@ -8,14 +8,8 @@ use tokenkeeper_model::{Config, Mutation, ProtocolModel};
 
 fn config(processes: usize, leeway: Option<u8>, mutation: Mutation) -> Config {
     Config {
-        skews: [-1, 1, 0][..processes].to_vec(),
-        leeway,
-        max_tick: 5,
-        max_rotations: 2,
-        max_crashes: 1,
-        max_losses: 2,
-        fair_time: false,
         mutation,
+        ..Config::new(processes, leeway)
     }
 }
 

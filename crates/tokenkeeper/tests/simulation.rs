@@ -10,7 +10,9 @@
 //! starts later), and skewed clocks. The provider is Bitbucket (no reuse leeway) or Atlassian
 //! (a 10-minute leeway).
 //!
-//! The oracle, after a quiet hour in which every fault is healed:
+//! The oracle, after three quiet hours in which every fault is healed:
+//! - no installation is refreshed more than once per expiry while nothing faults (at most
+//!   3 h / 75 % of the token lifetime, plus one, per grant in those hours);
 //! - every rotation the provider made was stored, except at most one per inherent event (a
 //!   reply dropped after the provider committed it, a request in flight when its host crashed
 //!   or froze);
@@ -543,10 +545,26 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
             h.provider_cut = false;
         });
     }
+    let before_quiet = world.provider.counters().grants;
     tokio::time::sleep(QUIET).await;
     // Every installation whose stored tokens are alive refreshes once more: its access token
     // expires (2 h) while nothing faults.
     tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    // Refreshes per installation per expiry, now that nothing faults: a token of lifetime L
+    // (1 h Atlassian, 2 h Bitbucket) is refreshed ahead no sooner than 75 % of L (80 % minus
+    // the 5 % jitter), so three quiet hours allow 3 h / 0.75 L refreshes, plus one that was
+    // already due, whatever the hosts, callers and refreshers do.
+    let lifetime = if leeway { 3600 } else { 7200 };
+    let allowed = (3 * 3600 * 4) / (3 * lifetime) + 1;
+    for (grant, now) in &world.provider.counters().grants {
+        let then = before_quiet.get(grant).map_or(0, |g| g.refreshes);
+        let quiet_refreshes = now.refreshes - then;
+        if quiet_refreshes > allowed {
+            return Err(format!(
+                "grant {grant} was refreshed {quiet_refreshes} times in three quiet hours (at most {allowed} expected)"
+            ));
+        }
+    }
 
     // The oracle.
     let healthy = &managers[0];
