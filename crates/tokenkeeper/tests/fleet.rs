@@ -484,10 +484,7 @@ async fn run_fleet(backend: &str, location: &str, profile_name: &str) {
             "{backend}/{profile_name}: cycle {n}: exactly one refresh per installation"
         );
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     let c = mock.counters();
     assert_eq!(
         c.totals.reuse_detections, 0,
@@ -676,10 +673,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
             extra_refreshes = c.refreshes - (COUNT * round) as u64;
         }
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     // Touch everything once more so every late result has landed and been read.
     mock.set_faults(Vec::new());
     clock.set_offset(offset);
@@ -782,10 +776,7 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
             assert_eq!(errors, 0, "round {round} had errors");
         }
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     let c = all_survive(&admin, &mock, &clock, offset, cycle, COUNT, "the restart").await;
     eprintln!(
         "Redis crashed and restarted mid-sweep under {PROCESSES} processes: {} refreshes, {outage_errors} caller errors during the outage, 0 retired tokens presented, 0 installations lost",
@@ -1085,17 +1076,9 @@ async fn run_flaky_fleet(backend: &str, location: &str) {
         let errors: usize = reports.iter().map(|r| r.0).sum();
         injected = reports.iter().map(|r| r.3).sum();
         assert_eq!(errors, 0, "{backend}: round {round} had errors");
-        let c = mock.counters().totals;
-        assert_eq!(
-            (c.refreshes, c.rejected_refreshes, c.reuse_detections),
-            ((COUNT * round) as u64, 0, 0),
-            "{backend}: round {round}: {c:?}"
-        );
+        assert_exact_refreshes(&mock, COUNT * round, &format!("{backend}: round {round}"));
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     let lost = lost_installations(&store).await;
     assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
     assert!(injected > 0, "{backend}: no result write was refused");
@@ -1170,17 +1153,13 @@ async fn run_two_consumers(backend: &str, location: &str) {
                 );
             }
         }
-        let c = mock.counters().totals;
-        assert_eq!(
-            (c.refreshes, c.rejected_refreshes, c.reuse_detections),
-            ((COUNT * round) as u64, 0, 0),
-            "{backend}: round {round}: only the owner refreshes, once per installation: {c:?}"
+        assert_exact_refreshes(
+            &mock,
+            COUNT * round,
+            &format!("{backend}: round {round}: only the owner refreshes"),
         );
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     let lost = lost_installations(&store).await;
     assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
     let owner = format!("bitbucket/{DEFAULT_CLIENT_ID}");
@@ -1304,10 +1283,7 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
             assert_eq!(errors, 0, "round {round} had errors");
         }
     }
-    for mut m in members {
-        drop(m.stdin);
-        m.child.wait().unwrap();
-    }
+    stop_members(members);
     let c = all_survive(&admin, &mock, &clock, offset, cycle, COUNT, "the failover").await;
     assert!(lost_installations(&store).await.is_empty());
     drop(rejoined);
@@ -1372,4 +1348,22 @@ async fn all_survive(
         "no retired token presented: {c:?}"
     );
     c
+}
+
+/// Ends every member (closes its stdin, waits for it to exit).
+fn stop_members(members: Vec<Member>) {
+    for mut m in members {
+        drop(m.stdin);
+        m.child.wait().unwrap();
+    }
+}
+
+/// The provider saw exactly `refreshes` refreshes so far, none refused, no reuse.
+fn assert_exact_refreshes(mock: &MockProvider, refreshes: usize, what: &str) {
+    let c = mock.counters().totals;
+    assert_eq!(
+        (c.refreshes, c.rejected_refreshes, c.reuse_detections),
+        (refreshes as u64, 0, 0),
+        "{what}: exactly one refresh per installation per round: {c:?}"
+    );
 }
