@@ -93,7 +93,8 @@ impl fmt::Display for ErrorDetail {
 /// Consecutive failures since the last success.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureStreak {
-    /// How many attempts in a row failed.
+    /// How many transient failures in a row (a consumer-credential or configuration failure
+    /// restarts the count at 0: only transient failures spend the failure budget).
     pub consecutive: u32,
     /// When the first of them failed.
     pub first_at: Timestamp,

@@ -81,6 +81,10 @@ pub struct TokenSet {
     pub scopes: Scopes,
     /// When the request that produced these tokens was sent.
     pub obtained_at: Timestamp,
+    /// When the refresh token stops working, when the provider said so (GitHub's
+    /// `refresh_token_expires_in`). The profile's inactivity and absolute limits apply besides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_expires_at: Option<Timestamp>,
 }
 
 impl TokenSet {
@@ -99,7 +103,15 @@ impl TokenSet {
             expires_at,
             scopes: Scopes::default(),
             obtained_at,
+            refresh_expires_at: None,
         }
+    }
+
+    /// Whether the access token expires at all: a token the provider issued without
+    /// `expires_in` or refresh token may be permanent (see the profile), written as
+    /// [`Timestamp::MAX`].
+    pub fn expires(&self) -> bool {
+        self.expires_at != Timestamp::MAX
     }
 
     /// The lifetime the provider granted the access token.
@@ -118,6 +130,7 @@ impl TokenSet {
     pub fn merged_onto(mut self, previous: &TokenSet) -> TokenSet {
         if self.refresh_token.is_none() {
             self.refresh_token = previous.refresh_token.clone();
+            self.refresh_expires_at = previous.refresh_expires_at;
         }
         if self.scopes.is_empty() {
             self.scopes = previous.scopes.clone();

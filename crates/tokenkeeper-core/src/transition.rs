@@ -398,6 +398,22 @@ pub fn transition(
             next.due_at = Some(retry_at);
             let committed_now = may_have_committed.then_some(now);
             next.failures = Some(match &record.failures {
+                // Only transient failures count against the failure budget: a refused consumer
+                // credential or a configuration error is no fault of the installation, so it
+                // restarts the count (and the budget's clock), keeping only the evidence that
+                // an earlier attempt may have rotated the token.
+                Some(streak) if cause != BackoffCause::Transient => FailureStreak {
+                    consecutive: 0,
+                    first_at: now,
+                    last_at: now,
+                    possibly_committed_since: streak.possibly_committed_since.or(committed_now),
+                },
+                None if cause != BackoffCause::Transient => FailureStreak {
+                    consecutive: 0,
+                    first_at: now,
+                    last_at: now,
+                    possibly_committed_since: committed_now,
+                },
                 Some(streak) => FailureStreak {
                     consecutive: streak.consecutive.saturating_add(1),
                     first_at: streak.first_at,

@@ -49,6 +49,16 @@ pub enum Fault {
     MalformedJson,
     /// 200 whose body is an OAuth error (`temporarily_unavailable`); nothing is committed.
     ErrorIn200,
+    /// An OAuth error reply of the caller's choosing (e.g. `invalid_scope`,
+    /// `unsupported_grant_type`); nothing is committed.
+    ErrorReply {
+        /// The HTTP status.
+        status: u16,
+        /// The `error` code.
+        error: String,
+        /// The `error_description`.
+        description: String,
+    },
     /// Commit the grant normally, but leave these fields out of the reply (e.g. `expires_in`,
     /// `token_type`).
     MissingFields {

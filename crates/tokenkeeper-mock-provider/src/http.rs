@@ -179,6 +179,14 @@ async fn prelude(shared: &Shared, endpoint: Endpoint) -> Result<Option<Fault>, R
             200,
             json!({"error": "temporarily_unavailable", "error_description": "The service is temporarily unavailable, try again later."}),
         )),
+        Some(Fault::ErrorReply {
+            status,
+            error,
+            description,
+        }) => Err(json_response(
+            status,
+            json!({"error": error, "error_description": description}),
+        )),
         Some(Fault::OversizedBody { bytes }) => {
             let mut body = String::with_capacity(bytes + 64);
             body.push_str("{\"access_token\":\"x\",\"padding\":\"");

@@ -144,8 +144,9 @@ impl MockProfile {
                     reuse_revokes_family: false,
                     old_access_dies: true,
                 },
-                refresh_inactivity: None,
-                refresh_absolute: Some(Duration::from_secs(15_897_600)),
+                // Each refresh token is valid 6 months from its issue.
+                refresh_inactivity: Some(Duration::from_secs(15_897_600)),
+                refresh_absolute: None,
                 accepts_json: true,
                 scope_field: ScopeField::Scope,
                 refresh_reply_has_refresh_token: true,

@@ -580,9 +580,12 @@ impl Provider {
         if let Some(refresh) = refresh {
             body.insert("refresh_token".into(), json!(refresh));
             if self.rules.refresh_expires_in_field
-                && let Some(abs) = self.rules.refresh_absolute
+                && let Some(limit) = self
+                    .rules
+                    .refresh_inactivity
+                    .or(self.rules.refresh_absolute)
             {
-                body.insert("refresh_token_expires_in".into(), json!(abs.as_secs()));
+                body.insert("refresh_token_expires_in".into(), json!(limit.as_secs()));
             }
         }
         body

@@ -11,6 +11,7 @@ use tokenkeeper_core::{
 };
 
 use crate::error::Error;
+use crate::oauth::ProviderProfile;
 
 /// Why a flight runs.
 #[derive(Debug, Clone)]
@@ -109,6 +110,11 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     }
     let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
     let valid = || Decision::ServeValid(tokens.access_token.clone());
+    // Nothing can renew a token without a refresh token: serve it until it expires (a
+    // permanent one forever); the flight condemns it (`NoRefreshToken`) only after that.
+    if tokens.refresh_token.is_none() && still_valid {
+        return valid();
+    }
 
     // Backing off: serve the still-valid token, otherwise say when the next try is.
     if let State::Backoff { until, cause } = record.state()
@@ -178,6 +184,74 @@ pub fn rejection_reason(
     } else {
         ReauthReason::RefreshTokenRejected
     }
+}
+
+/// When `record`'s refresh token stops working, and which limit says so: the earliest of the
+/// provider's own word (`refresh_token_expires_in`), the profile's inactivity expiry since the
+/// token was last used, and the profile's absolute expiry since the authorization. `None`
+/// when nothing limits it (or there is no refresh token).
+pub fn refresh_token_deadline(
+    record: &Record,
+    profile: &ProviderProfile,
+) -> Option<(Timestamp, &'static str)> {
+    record.tokens().refresh_token.as_ref()?;
+    [
+        record
+            .tokens()
+            .refresh_expires_at
+            .map(|at| (at, "the expiry the provider gave it")),
+        profile.refresh_inactivity_expiry.map(|limit| {
+            (
+                record.refresh_token_last_used().saturating_add(limit),
+                "the provider's inactivity limit since it was last used",
+            )
+        }),
+        profile.refresh_absolute_expiry.map(|limit| {
+            (
+                record.authorized_at().saturating_add(limit),
+                "the provider's absolute limit since the authorization",
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .min_by_key(|(at, _)| *at)
+}
+
+/// Why `record`'s refresh token must not be presented at `now`, if it must not: there is
+/// none (`NoRefreshToken`; the flight runs only once the access token expired or the API
+/// refused it), or it expired by [`refresh_token_deadline`] (`RefreshTokenExpired`: the
+/// provider would refuse it, so it is recorded as expired rather than as a rejection).
+pub fn unpresentable(
+    record: &Record,
+    profile: &ProviderProfile,
+    mode: &Mode,
+    now: Timestamp,
+) -> Option<(ReauthReason, ErrorDetail)> {
+    let detail = |text: String| ErrorDetail {
+        description: Some(text),
+        ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
+    };
+    if record.tokens().refresh_token.is_none() {
+        let text = if matches!(mode, Mode::Forced { .. }) {
+            "the API refused the access token and the provider issued no refresh token to replace it".to_owned()
+        } else {
+            format!(
+                "the access token expired at {} and the provider issued no refresh token to replace it",
+                record.tokens().expires_at
+            )
+        };
+        return Some((ReauthReason::NoRefreshToken, detail(text)));
+    }
+    let (deadline, why) = refresh_token_deadline(record, profile)?;
+    (now >= deadline).then(|| {
+        (
+            ReauthReason::RefreshTokenExpired,
+            detail(format!(
+                "the refresh token expired at {deadline} by {why}; it was not presented"
+            )),
+        )
+    })
 }
 
 /// The error of a terminal record (re-authorization required, revoked), if it is one.
@@ -258,6 +332,7 @@ mod tests {
             expires_at: at(3600),
             scopes: Scopes::default(),
             obtained_at: T0,
+            refresh_expires_at: None,
         };
         Record::new(
             InstallationId::new("i-1").unwrap(),

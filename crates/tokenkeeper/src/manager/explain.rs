@@ -8,6 +8,9 @@ use tokenkeeper_core::{
     ReauthReason, Record, State, StateKind, Timestamp,
 };
 
+use super::decide::refresh_token_deadline;
+use crate::oauth::ProviderProfile;
+
 /// An installation's health, for code that acts on it (dashboards, alerts, emails).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -52,6 +55,9 @@ pub struct Explanation {
     pub due_at: Option<Timestamp>,
     /// When the refresh token was last used.
     pub refresh_token_last_used: Timestamp,
+    /// When the refresh token stops working and which limit says so (the provider's word,
+    /// the profile's inactivity or absolute expiry), if anything limits it.
+    pub refresh_token_expires: Option<(Timestamp, &'static str)>,
     /// When the current grant was authorized.
     pub authorized_at: Timestamp,
     /// The current failure streak.
@@ -100,13 +106,28 @@ impl Explanation {
         }
     }
 
-    pub(crate) fn of(record: &Record, now: Timestamp) -> Self {
+    pub(crate) fn of(record: &Record, now: Timestamp, profile: &ProviderProfile) -> Self {
         let tokens = record.tokens();
+        let refresh_token_expires = refresh_token_deadline(record, profile);
         let provider = |e: Option<&ErrorDetail>| match e {
             Some(e) => format!(" The provider said: {e}."),
             None => String::new(),
         };
         let summary = match record.state() {
+            State::Active if !tokens.expires() => "Healthy: the access token does not expire (the provider gave it no expiry and no refresh token); it is served until the API refuses it, then the user must authorize the app again.".to_owned(),
+            State::Active if tokens.refresh_token.is_none() && now < tokens.expires_at => format!(
+                "Healthy until {}: the access token is valid until then, but the provider issued no refresh token, so the user must authorize the app again after that.",
+                tokens.expires_at
+            ),
+            State::Active
+                if refresh_token_expires.is_some_and(|(at, _)| now >= at) =>
+            {
+                let (at, why) = refresh_token_expires.unwrap_or((now, ""));
+                format!(
+                    "Expiring: the refresh token expired at {at} by {why}; the next refresh records RefreshTokenExpired. Authorize the app again for installation {}.",
+                    record.id()
+                )
+            }
             State::Active if now < tokens.expires_at => format!(
                 "Healthy: the access token is valid until {}; the next refresh is due at {}.",
                 tokens.expires_at,
@@ -181,6 +202,7 @@ impl Explanation {
             has_refresh_token: tokens.refresh_token.is_some(),
             due_at: record.due_at(),
             refresh_token_last_used: record.refresh_token_last_used(),
+            refresh_token_expires,
             authorized_at: record.authorized_at(),
             failures: record.failures().cloned(),
             last_error: record.last_error().cloned(),
@@ -196,17 +218,20 @@ impl fmt::Display for Explanation {
         writeln!(f, "installation {} ({})", self.installation, self.consumer)?;
         writeln!(f, "  state:    {}", self.state.kind())?;
         writeln!(f, "  summary:  {}", self.summary)?;
+        let refresh = match (self.has_refresh_token, self.refresh_token_expires) {
+            (false, _) => "none".to_owned(),
+            (true, None) => "held".to_owned(),
+            (true, Some((at, why))) => format!("held, expires {at} ({why})"),
+        };
+        let access = if self.access_expires_at == Timestamp::MAX {
+            "never".to_owned()
+        } else {
+            self.access_expires_at.to_string()
+        };
         writeln!(
             f,
-            "  tokens:   access expires {}; refresh token {}; scopes [{}]; authorized {}",
-            self.access_expires_at,
-            if self.has_refresh_token {
-                "held"
-            } else {
-                "none"
-            },
-            self.scopes,
-            self.authorized_at
+            "  tokens:   access expires {access}; refresh token {refresh}; scopes [{}]; authorized {}",
+            self.scopes, self.authorized_at
         )?;
         if let Some(last) = &self.last_error {
             writeln!(f, "  last error: {last}")?;

@@ -233,6 +233,7 @@ impl TokenManager {
     ///     expires_at: now.saturating_add(Duration::from_secs(3600)),
     ///     scopes: Scopes::parse("repository account"),
     ///     obtained_at: now,
+    ///     refresh_expires_at: None,
     /// };
     /// manager.import_installation(InstallationId::new("workspace-1")?, tokens).await?;
     /// # Ok(()) }

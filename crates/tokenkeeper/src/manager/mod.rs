@@ -614,7 +614,11 @@ impl TokenManager {
     /// ```
     pub async fn explain(&self, id: &InstallationId) -> Result<Explanation, Error> {
         let record = self.engine.load(id).await?;
-        Ok(Explanation::of(&record, self.engine.clock.now()))
+        Ok(Explanation::of(
+            &record,
+            self.engine.clock.now(),
+            self.engine.client.consumer().profile(),
+        ))
     }
 
     /// Lifecycle events of this process from now on.

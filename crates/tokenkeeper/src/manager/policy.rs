@@ -199,7 +199,12 @@ impl RefreshPolicy {
 
     /// When the next refresh of freshly obtained `tokens` is due (jittered earlier by up to
     /// `jitter_percent` of the lifetime).
+    /// Without a refresh token there is nothing to refresh: the record falls due when the
+    /// access token expires (never for a permanent one), to be marked `NoRefreshToken`.
     pub fn refresh_at(&self, tokens: &TokenSet, last_used: Timestamp) -> Timestamp {
+        if tokens.refresh_token.is_none() {
+            return tokens.expires_at;
+        }
         let keep_alive = self.keep_alive.map(|k| last_used.saturating_add(k));
         let ahead = if self.proactive {
             let jitter = tokens
@@ -237,7 +242,7 @@ impl RefreshPolicy {
     /// Whether one more transient failure exhausts the budget.
     pub fn budget_exhausted(&self, record: &Record, now: Timestamp) -> bool {
         record.failures().is_some_and(|s| {
-            s.consecutive + 1 >= self.failure_budget_attempts
+            s.consecutive.saturating_add(1) >= self.failure_budget_attempts
                 && now.duration_since(s.first_at) >= self.failure_budget
         })
     }

@@ -19,7 +19,10 @@ use tokenkeeper_core::{
 use tracing::{Instrument, field};
 
 use super::Engine;
-use super::decide::{Context, Decision, Mode, backoff_error, decide, rejection_reason};
+use super::decide::{
+    Context, Decision, Mode, backoff_error, decide, refresh_token_deadline, rejection_reason,
+    unpresentable,
+};
 use super::events::LifecycleEventKind;
 use super::flight::Outcome;
 use super::lease::{HeldLease, Renewal, Watch};
@@ -132,7 +135,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                         "took over a peer's refresh lease: its holder died or stalled mid-refresh"
                     );
                 }
-                match exchange(engine, id, held, takeover, serve_valid).await {
+                match exchange(engine, id, mode, held, takeover, serve_valid).await {
                     Step::Done(outcome) => return outcome,
                     Step::Reread => continue,
                     Step::Unsent(holder) => unsent = Some(holder),
@@ -192,6 +195,7 @@ async fn take_lease(
 async fn exchange(
     engine: &Engine,
     id: &InstallationId,
+    mode: &Mode,
     mut held: HeldLease,
     takeover: bool,
     serve_valid: bool,
@@ -215,6 +219,13 @@ async fn exchange(
             now,
         )
         .await;
+    }
+    // No refresh token, or one past its expiry: the provider would only refuse it, so the
+    // truthful reason is recorded without presenting anything.
+    let profile = engine.client.consumer().profile();
+    let now = engine.clock.now();
+    if let Some((reason, detail)) = unpresentable(held.record(), profile, mode, now) {
+        return condemn(engine, id, &mut held, reason, detail, now).await;
     }
     // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
     // about to take it over, so confirm it again before presenting the refresh token.
@@ -484,13 +495,22 @@ async fn on_rejected(
         Ok(_) => {}
         Err(e) => return Step::Done(Err(e)),
     }
-    let rotates = engine.client.consumer().profile().rotation.rotates();
-    let reason = rejection_reason(
-        error.class() == FailureClass::ScopeRejected,
-        rotates,
-        takeover,
-        held.record(),
-    );
+    let profile = engine.client.consumer().profile();
+    let scope_rejected = error.class() == FailureClass::ScopeRejected;
+    // Refused at (or within the clock-skew margin of) the refresh token's known expiry: it
+    // expired, which is not what a revocation would mean.
+    let expired = refresh_token_deadline(held.record(), profile)
+        .is_some_and(|(deadline, _)| now >= deadline.saturating_sub(profile.timing.skew));
+    let reason = if expired && !scope_rejected {
+        ReauthReason::RefreshTokenExpired
+    } else {
+        rejection_reason(
+            scope_rejected,
+            profile.rotation.rotates(),
+            takeover,
+            held.record(),
+        )
+    };
     condemn(engine, id, held, reason, error.to_detail(), now).await
 }
 

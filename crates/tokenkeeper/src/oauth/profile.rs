@@ -194,6 +194,11 @@ pub struct ProviderProfile {
     pub rotation: Rotation,
     /// Lifetime assumed when a reply omits `expires_in`.
     pub default_access_lifetime: Duration,
+    /// A reply with neither `expires_in` nor a refresh token carries a token that does not
+    /// expire (GitHub OAuth apps, and GitHub Apps with expiring user tokens turned off): it
+    /// is served until the API refuses it and never condemned by a timer. When `false`, such
+    /// a token takes `default_access_lifetime` and becomes `NoRefreshToken` when that runs out.
+    pub unstated_expiry_is_permanent: bool,
     /// An unused refresh token dies after this long (keep-alive refreshes before it).
     pub refresh_inactivity_expiry: Option<Duration>,
     /// A grant's refresh tokens die this long after the authorization.
@@ -229,6 +234,7 @@ impl ProviderProfile {
             body_encoding: BodyEncoding::Form,
             rotation: Rotation::Never,
             default_access_lifetime: Duration::from_secs(3600),
+            unstated_expiry_is_permanent: false,
             refresh_inactivity_expiry: None,
             refresh_absolute_expiry: None,
             pkce: true,
@@ -335,14 +341,18 @@ pub fn atlassian_3lo() -> ProviderProfile {
     }
 }
 
-/// GitHub App user tokens: 8-hour access tokens, rotating refresh tokens valid 6 months;
-/// errors come in 200 replies with GitHub's own codes.
+/// GitHub App user tokens: 8-hour access tokens, rotating refresh tokens valid 6 months from
+/// their issue (each reply says so in `refresh_token_expires_in`); errors come in 200 replies
+/// with GitHub's own codes. A reply with neither `expires_in` nor a refresh token (an OAuth
+/// app, or expiring user tokens turned off) is a token that never expires.
 pub fn github_app() -> ProviderProfile {
     ProviderProfile {
         client_auth: ClientAuth::RequestBody,
         rotation: Rotation::Rotates { reuse_leeway: None },
         default_access_lifetime: Duration::from_secs(28_800),
-        refresh_absolute_expiry: Some(Duration::from_secs(15_897_600)),
+        unstated_expiry_is_permanent: true,
+        // Each rotation issues a new refresh token valid 6 months: an inactivity limit.
+        refresh_inactivity_expiry: Some(Duration::from_secs(15_897_600)),
         scope_separator: ',',
         errors: ErrorMap::default()
             .rule(

@@ -100,7 +100,13 @@ fn invalid(operation: Operation, raw: &RawResponse, why: &str) -> OAuthError {
 }
 
 fn expires_in(map: &Map<String, Value>) -> Option<Duration> {
-    let secs: f64 = match map.get("expires_in")? {
+    seconds(map, "expires_in")
+}
+
+/// A non-negative number of seconds (a number or a numeric string), capped at
+/// `MAX_LIFETIME`; `None` when absent or unparseable.
+fn seconds(map: &Map<String, Value>, field: &str) -> Option<Duration> {
+    let secs: f64 = match map.get(field)? {
         Value::Number(n) => n.as_f64()?,
         Value::String(s) => s.trim().parse().ok()?,
         _ => return None,
@@ -196,12 +202,22 @@ pub fn parse_token_response(
             "the provider's reply rotated the refresh token with a non-bearer token type; the tokens are kept"
         );
     }
-    let lifetime = if access.is_empty() {
-        Duration::ZERO
-    } else {
-        expires_in(&map).unwrap_or(profile.default_access_lifetime)
-    };
     let refresh = str_field(&map, "refresh_token").map(RefreshToken::new);
+    // A token without `expires_in` and without any refresh token (none in the reply, none
+    // held before) is permanent where the profile says so (GitHub OAuth apps).
+    let permanent = profile.unstated_expiry_is_permanent
+        && refresh.is_none()
+        && previous.is_none_or(|p| p.refresh_token.is_none());
+    let expires_at = match expires_in(&map) {
+        _ if access.is_empty() => sent_at,
+        Some(lifetime) => sent_at.saturating_add(lifetime),
+        None if permanent => Timestamp::MAX,
+        None => sent_at.saturating_add(profile.default_access_lifetime),
+    };
+    let refresh_expires_at = refresh
+        .as_ref()
+        .and(seconds(&map, "refresh_token_expires_in"))
+        .map(|d| sent_at.saturating_add(d));
     let scopes = scopes(&map)
         .filter(|s| !s.is_empty())
         .or_else(|| previous.map(|p| p.scopes.clone()))
@@ -210,9 +226,10 @@ pub fn parse_token_response(
         access_token: AccessToken::new(access),
         refresh_token: refresh,
         token_type: token_type.to_owned(),
-        expires_at: sent_at.saturating_add(lifetime),
+        expires_at,
         scopes,
         obtained_at: sent_at,
+        refresh_expires_at,
     };
     Ok(match previous {
         Some(p) => tokens.merged_onto(p),
@@ -265,6 +282,51 @@ mod tests {
             t0(),
             previous,
         )
+    }
+
+    #[test]
+    fn github_expiries_permanent_tokens_and_refresh_token_lifetimes() {
+        let github = |body: &str, previous: Option<&TokenSet>| {
+            parse_token_response(
+                &profiles::github_app(),
+                Operation::Refresh,
+                &raw(200, body),
+                t0(),
+                previous,
+            )
+            .unwrap()
+        };
+        // No expiry and no refresh token: a permanent token (GitHub OAuth apps).
+        let t = github(r#"{"access_token":"a","token_type":"bearer"}"#, None);
+        assert!(!t.expires());
+        assert_eq!(t.expires_at, Timestamp::MAX);
+        // Elsewhere the profile's default lifetime applies.
+        let t = parse(200, r#"{"access_token":"a"}"#, None).unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(7200));
+        // A refresh token with its own lifetime, as a number or a string.
+        for v in ["15897600", "\"15897600\""] {
+            let t = github(
+                &format!(
+                    r#"{{"access_token":"a","expires_in":28800,"refresh_token":"r","refresh_token_expires_in":{v}}}"#
+                ),
+                None,
+            );
+            assert!(t.expires());
+            assert_eq!(
+                t.refresh_expires_at,
+                Some(t0().saturating_add(Duration::from_secs(15_897_600)))
+            );
+        }
+        // A refresh reply without a refresh token keeps the previous one and its lifetime,
+        // and is no permanent token.
+        let previous = github(
+            r#"{"access_token":"a","expires_in":28800,"refresh_token":"r","refresh_token_expires_in":100}"#,
+            None,
+        );
+        let t = github(r#"{"access_token":"b"}"#, Some(&previous));
+        assert!(t.expires());
+        assert_eq!(t.refresh_token.as_ref().map(|r| r.secret()), Some("r"));
+        assert_eq!(t.refresh_expires_at, previous.refresh_expires_at);
     }
 
     #[test]

@@ -14,6 +14,16 @@ use tokenkeeper_mock_provider::{
 
 pub const REDIRECT: &str = "http://127.0.0.1/callback";
 
+/// A refresher that sweeps every 20 ms without a rate limit.
+pub fn fast_refresher() -> tokenkeeper::RefresherConfig {
+    tokenkeeper::RefresherConfig {
+        concurrency: 8,
+        rate_per_second: None,
+        page_size: 30,
+        max_idle: std::time::Duration::from_millis(20),
+    }
+}
+
 /// Every (our preset, mock behaviour) pair.
 pub fn all_profiles() -> Vec<(ProviderProfile, MockProfile)> {
     vec![
@@ -138,6 +148,16 @@ impl Fixture {
         tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
     ) -> Fixture {
         let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+        Self::with_mock(mock, profile, store, tune)
+    }
+
+    /// A fixture on a mock the test built (e.g. with other expiry rules).
+    pub fn with_mock(
+        mock: MockProvider,
+        profile: ProviderProfile,
+        store: Arc<dyn TokenStore>,
+        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+    ) -> Fixture {
         let clock = now_clock();
         let manager = tokenkeeper::TokenManager::builder_shared(
             consumer_for(profile, &mock, DEFAULT_CLIENT_SECRET),

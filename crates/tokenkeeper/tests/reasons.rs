@@ -1,0 +1,415 @@
+//! Every `ReauthReason` and every `BackoffCause`, produced through the public API over real
+//! HTTP to the mock provider, with the `explain` text that names the cause and the action;
+//! and the reasons that must *not* be raised: a token without a refresh token is served until
+//! it expires (a permanent one forever), a refresh token past its known expiry is recorded as
+//! expired without being presented, and consumer-credential outages never spend the failure
+//! budget.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Fixture;
+use tokenkeeper::{
+    AccessToken, BackoffCause, Error, InstallationId, StateKind, TokenSet, profiles,
+};
+use tokenkeeper_core::{ReauthReason, State};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile, MockProvider,
+};
+
+const DAY: u64 = 24 * 3600;
+
+/// `access_token` fails with `reason`, and `explain` names it and says what to do.
+async fn assert_condemned(f: &Fixture, id: &InstallationId, reason: ReauthReason, words: &[&str]) {
+    match f.manager.access_token(id).await {
+        Err(e @ Error::ReauthorizationRequired { .. }) => {
+            assert!(e.needs_reauthorization());
+            assert!(
+                matches!(e, Error::ReauthorizationRequired { reason: r, .. } if r == reason),
+                "expected {reason:?}, got {e}"
+            );
+        }
+        other => panic!("expected ReauthorizationRequired({reason:?}), got {other:?}"),
+    }
+    let explained = f.manager.explain(id).await.unwrap();
+    assert_eq!(explained.reauthorization_reason(), Some(reason));
+    let text = explained.to_string();
+    assert!(text.contains(reason.describe()), "{text}");
+    assert!(text.contains("authorize the app again"), "{text}");
+    for w in words {
+        assert!(text.contains(w), "{w:?} missing from: {text}");
+    }
+}
+
+/// The record is in backoff for `cause`, and `explain` names it and says what to do.
+async fn assert_backoff(f: &Fixture, id: &InstallationId, cause: BackoffCause, words: &[&str]) {
+    let explained = f.manager.explain(id).await.unwrap();
+    assert!(
+        matches!(explained.state, State::Backoff { cause: c, .. } if c == cause),
+        "expected Backoff({cause:?}): {explained}"
+    );
+    let text = explained.to_string();
+    for w in words {
+        assert!(text.contains(w), "{w:?} missing from: {text}");
+    }
+}
+
+fn fault(f: &Fixture, fault: Fault) {
+    f.mock
+        .set_faults(vec![FaultRule::next(Endpoint::Token, 1, fault)]);
+}
+
+fn error_reply(status: u16, error: &str, description: &str) -> Fault {
+    Fault::ErrorReply {
+        status,
+        error: error.into(),
+        description: description.into(),
+    }
+}
+
+#[tokio::test]
+async fn refresh_token_rejected_when_the_user_revoked_the_grant() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    let token = f.manager.access_token(&id).await.unwrap();
+    f.mock.revoke_grant_of(token.secret()).unwrap();
+    f.advance(Duration::from_secs(7200));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::RefreshTokenRejected,
+        &["Invalid refresh_token"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn scopes_changed_on_invalid_scope() {
+    let f = Fixture::new(profiles::atlassian_3lo(), MockProfile::Atlassian3lo).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    fault(
+        &f,
+        error_reply(400, "invalid_scope", "The requested scope is invalid."),
+    );
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::ScopesChanged,
+        &["scopes changed", "The requested scope is invalid."],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rotated_token_lost_when_the_reply_of_a_rotation_is_dropped() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(28_800));
+    fault(&f, Fault::CommitThenDrop);
+    assert!(matches!(
+        f.manager.access_token(&id).await,
+        Err(Error::TemporarilyUnavailable { .. })
+    ));
+    f.advance(Duration::from_secs(60));
+    assert_condemned(&f, &id, ReauthReason::RotatedTokenLost, &["reply was lost"]).await;
+}
+
+#[tokio::test]
+async fn failure_budget_exhausted_after_days_of_transient_failures() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.mock.set_faults(vec![FaultRule::probability(
+        Endpoint::Token,
+        1.0,
+        Fault::ServerError {
+            status: 503,
+            html: true,
+        },
+    )]);
+    for _ in 0..6 {
+        f.advance(Duration::from_secs(DAY));
+        if f.manager.access_token(&id).await.is_err()
+            && f.manager.explain(&id).await.unwrap().kind() == StateKind::ReauthorizationRequired
+        {
+            break;
+        }
+    }
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::FailureBudgetExhausted,
+        &["failure budget"],
+    )
+    .await;
+}
+
+/// Finding 8: an imported GitHub token without a refresh token is served for its whole
+/// lifetime (the refresher leaves it alone) and becomes `NoRefreshToken` only once it expired;
+/// nothing is ever sent to the token endpoint.
+#[tokio::test]
+async fn no_refresh_token_is_served_until_it_expires() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    let id = InstallationId::new("imported-without-refresh").unwrap();
+    let now = tokenkeeper::Clock::now(&f.clock);
+    let tokens = TokenSet::bearer(
+        AccessToken::new("gho_imported"),
+        None,
+        now,
+        now.saturating_add(Duration::from_secs(8 * 3600)),
+    );
+    f.manager
+        .import_installation(id.clone(), tokens)
+        .await
+        .unwrap();
+    f.advance(Duration::from_secs(7 * 3600 + 50 * 60));
+    let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        f.manager.access_token(&id).await.unwrap().secret(),
+        "gho_imported",
+        "still valid: served"
+    );
+    assert_eq!(
+        f.manager.explain(&id).await.unwrap().kind(),
+        StateKind::Active
+    );
+    f.advance(Duration::from_secs(11 * 60));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::NoRefreshToken,
+        &["no refresh token", "refresh token none"],
+    )
+    .await;
+    refresher.shutdown().await;
+    assert_eq!(f.mock.counters().totals.token_calls, 0, "nothing presented");
+}
+
+/// A token issued without `expires_in` and without a refresh token (a GitHub OAuth app) never
+/// expires: ten years on, with the refresher running, it is still served and healthy.
+#[tokio::test]
+async fn a_permanent_token_is_never_condemned_by_a_timer() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::MissingFields {
+            fields: vec!["expires_in".into(), "refresh_token".into()],
+        },
+    )]);
+    let id = f.install().await;
+    let token = f.manager.access_token(&id).await.unwrap();
+    let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
+    for _ in 0..10 {
+        f.advance(Duration::from_secs(365 * DAY));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(f.manager.access_token(&id).await.unwrap(), token);
+    }
+    refresher.shutdown().await;
+    let explained = f.manager.explain(&id).await.unwrap();
+    assert_eq!(explained.kind(), StateKind::Active);
+    let text = explained.to_string();
+    assert!(
+        text.contains("does not expire") && text.contains("access expires never"),
+        "{text}"
+    );
+    assert_eq!(f.mock.counters().totals.refresh_calls, 0);
+}
+
+/// A Bitbucket refresh token unused for longer than its inactivity expiry is recorded as
+/// `RefreshTokenExpired`, without presenting it (the provider would only refuse it).
+#[tokio::test]
+async fn refresh_token_expired_by_inactivity_is_not_presented() {
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.keep_alive = None,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(91 * DAY));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::RefreshTokenExpired,
+        &["inactivity limit", "it was not presented"],
+    )
+    .await;
+    assert_eq!(f.mock.counters().totals.refresh_calls, 0);
+}
+
+/// GitHub says how long each refresh token lives (`refresh_token_expires_in`); past it the
+/// installation is `RefreshTokenExpired`, named after the provider's word.
+#[tokio::test]
+async fn refresh_token_expired_by_the_providers_word() {
+    let mut profile = profiles::github_app();
+    profile.refresh_inactivity_expiry = None;
+    let f = Fixture::tuned(
+        profile,
+        MockProfile::GithubApp,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.keep_alive = None,
+    )
+    .await;
+    let id = f.install().await;
+    let explained = f.manager.explain(&id).await.unwrap();
+    let (at, why) = explained.refresh_token_expires.expect("the reply said");
+    assert!(why.contains("the provider gave it"), "{why}");
+    assert_eq!(
+        at,
+        explained
+            .authorized_at
+            .saturating_add(Duration::from_secs(15_897_600))
+    );
+    f.advance(Duration::from_secs(15_897_600 + 1));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::RefreshTokenExpired,
+        &["the expiry the provider gave it"],
+    )
+    .await;
+    assert_eq!(f.mock.counters().totals.refresh_calls, 0);
+}
+
+/// The provider expires the token a few seconds before this side's reckoning: its refusal
+/// arrives within the skew margin of the known expiry, so it is an expiry, not a revocation.
+#[tokio::test]
+async fn a_refusal_at_the_known_expiry_is_an_expiry() {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .refresh_inactivity(Some(Duration::from_secs(90 * DAY - 30)))
+        .start()
+        .await
+        .unwrap();
+    let f = Fixture::with_mock(
+        mock,
+        profiles::bitbucket(),
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.keep_alive = None,
+    );
+    let id = f.install().await;
+    f.advance(Duration::from_secs(90 * DAY - 10));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::RefreshTokenExpired,
+        &["Invalid refresh_token"],
+    )
+    .await;
+    assert_eq!(
+        f.mock.counters().totals.rejected_refreshes,
+        1,
+        "presented once"
+    );
+}
+
+#[tokio::test]
+async fn backoff_transient_serves_the_valid_token_and_says_when_it_retries() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    let token = f.manager.access_token(&id).await.unwrap();
+    // Stale but still valid: the refresh fails, the valid token is served.
+    f.advance(Duration::from_secs(7200 - 30));
+    fault(
+        &f,
+        Fault::ServerError {
+            status: 503,
+            html: true,
+        },
+    );
+    assert_eq!(f.manager.access_token(&id).await.unwrap(), token);
+    assert_backoff(
+        &f,
+        &id,
+        BackoffCause::Transient,
+        &["failed temporarily", "the next attempt is at", "HTTP 503"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backoff_consumer_credentials_says_fix_the_secret() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(7200));
+    f.mock
+        .rotate_client_secret(DEFAULT_CLIENT_ID, "rotated-elsewhere");
+    assert!(matches!(
+        f.manager.access_token(&id).await,
+        Err(Error::ConsumerCredentials { .. })
+    ));
+    assert_backoff(
+        &f,
+        &id,
+        BackoffCause::ConsumerCredentialsInvalid,
+        &[
+            "refused the consumer's client credentials",
+            "Fix the client id/secret",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backoff_configuration_says_check_the_profile() {
+    let f = Fixture::new(profiles::google(), MockProfile::Google).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    fault(
+        &f,
+        error_reply(400, "unsupported_grant_type", "Invalid grant_type: "),
+    );
+    assert!(matches!(
+        f.manager.access_token(&id).await,
+        Err(Error::Configuration { .. })
+    ));
+    assert_backoff(
+        &f,
+        &id,
+        BackoffCause::Configuration,
+        &[
+            "refused the refresh request as malformed",
+            "Check the provider profile",
+        ],
+    )
+    .await;
+}
+
+/// Finding 12: a wrong client secret deployed over a long weekend, then one 503 after the fix,
+/// must not condemn anything: only transient failures spend the failure budget.
+#[tokio::test]
+async fn a_credential_outage_never_spends_the_failure_budget() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.mock
+        .rotate_client_secret(DEFAULT_CLIENT_ID, "deployed-elsewhere");
+    f.advance(Duration::from_secs(7200));
+    for _ in 0..(4 * 24) {
+        f.advance(Duration::from_secs(3600));
+        assert!(f.manager.access_token(&id).await.is_err());
+    }
+    f.mock
+        .rotate_client_secret(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET);
+    f.advance(Duration::from_secs(3600));
+    fault(
+        &f,
+        Fault::ServerError {
+            status: 503,
+            html: false,
+        },
+    );
+    match f.manager.access_token(&id).await {
+        Err(Error::TemporarilyUnavailable { .. }) => {}
+        other => panic!("one 503 after a credential outage: {other:?}"),
+    }
+    f.advance(Duration::from_secs(3600));
+    f.manager
+        .access_token(&id)
+        .await
+        .expect("healthy once the provider answers");
+}
