@@ -199,6 +199,7 @@ impl ProtocolModel {
                 breaker: None,
                 consumer: CONSUMER,
                 silent,
+                forced_min_interval: std::time::Duration::ZERO,
             },
         )
     }

@@ -351,8 +351,10 @@ async fn a_401_from_the_api_refreshes_once_and_retries() {
         1,
         "the peer's new token was reused"
     );
-    // A real expiry at the provider: one forced refresh, then success.
+    // A real expiry at the provider (whose clock runs ahead), a minute after the token was
+    // obtained here (`forced_refresh_min_interval`): one forced refresh, then success.
     f.mock.advance(Duration::from_secs(28_800));
+    f.clock.advance(Duration::from_secs(60));
     let response = f
         .manager
         .send_authorized(&id, http.get(f.mock.resource_url()))

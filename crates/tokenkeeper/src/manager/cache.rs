@@ -1,67 +1,226 @@
 //! The in-process cache of usable access tokens: the hot path of `access_token`.
 //!
-//! One read lock and one hash lookup per call, no store I/O. An entry is served only while
-//! `now < stale_at` (expiry minus skew); it is replaced only by a newer record version, so a
-//! slow flight can never put back an older token.
+//! One read lock, one hash lookup and one atomic store per call, no store I/O. An entry is
+//! served only while the token is fresh (`now < stale_at`) **and** the record was read from
+//! (or written to) the store less than `RefreshPolicy::cache_revalidate` ago: past that, the
+//! next call re-reads the record through the installation's single flight, so another
+//! process's revocation, re-authorization or condemnation stops this process serving the old
+//! token within that bound, at the cost of one store read per installation per bound.
+//!
+//! Entries are versioned: a record older than the cached entry, or than a *tombstone* (what a
+//! revocation, a terminal state or a 401 leaves behind), is never put back, so a slow flight
+//! that read the record before a revocation cannot re-cache the revoked token. The cache
+//! holds at most `capacity` installations; beyond that the least recently used tenth is
+//! evicted in one pass (amortised O(log n) per insertion). The background refresher only
+//! updates entries that callers already use: it never fills the cache.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
 
 use tokenkeeper_core::{AccessToken, InstallationId, Record, Timestamp};
 
-#[derive(Clone)]
 struct Entry {
-    access: AccessToken,
+    /// `None`: a tombstone (nothing may be served, nothing older than `version` put back).
+    access: Option<AccessToken>,
     stale_at: Timestamp,
+    /// Served until then without reading the store again.
+    check_at: Timestamp,
     version: u64,
+    /// The cache's use counter at the entry's latest hit (for eviction).
+    used: AtomicU64,
 }
 
-/// Usable access tokens by installation.
-#[derive(Default)]
+/// Usable access tokens by installation, bounded and versioned.
 pub(crate) struct Cache {
     map: RwLock<HashMap<InstallationId, Entry>>,
+    capacity: usize,
+    revalidate: Duration,
+    ticks: AtomicU64,
+}
+
+/// Whether a put may add an installation the cache does not hold yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Insert {
+    /// A caller asked for this token: cache it.
+    Yes,
+    /// The background refresher: only update an entry callers already use.
+    OnlyUpdate,
 }
 
 impl Cache {
-    /// The cached token if it is still usable at `now`.
-    pub(crate) fn fresh(&self, id: &InstallationId, now: Timestamp) -> Option<AccessToken> {
-        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-        map.get(id)
-            .filter(|e| now < e.stale_at)
-            .map(|e| e.access.clone())
-    }
-
-    /// Caches `record`'s access token until `stale_at`, unless a newer version is cached.
-    pub(crate) fn put(&self, record: &Record, stale_at: Timestamp) {
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        match map.get(record.id()) {
-            Some(e) if e.version > record.version() => {}
-            _ => {
-                map.insert(
-                    record.id().clone(),
-                    Entry {
-                        access: record.tokens().access_token.clone(),
-                        stale_at,
-                        version: record.version(),
-                    },
-                );
-            }
+    pub(crate) fn new(capacity: usize, revalidate: Duration) -> Self {
+        Self {
+            map: RwLock::default(),
+            capacity: capacity.max(1),
+            revalidate,
+            ticks: AtomicU64::new(0),
         }
     }
 
-    /// Forgets an installation's token (after a 401, a revocation, a terminal state).
-    pub(crate) fn remove(&self, id: &InstallationId) {
-        self.map
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
+    /// The cached token if it is still usable at `now` and was checked against the store
+    /// recently enough.
+    pub(crate) fn fresh(&self, id: &InstallationId, now: Timestamp) -> Option<AccessToken> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = map.get(id)?;
+        if now >= entry.stale_at || now >= entry.check_at {
+            return None;
+        }
+        let access = entry.access.clone()?;
+        entry.used.store(
+            self.ticks.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        Some(access)
     }
 
-    /// How many tokens are cached.
+    /// Caches `record`'s access token, read from or written to the store at `now`, until
+    /// `stale_at`; unless the entry or tombstone there is of a newer version (a same-version
+    /// entry is renewed: the store confirmed it again).
+    pub(crate) fn put(&self, record: &Record, stale_at: Timestamp, now: Timestamp, insert: Insert) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let used = match map.get(record.id()) {
+            Some(e) if record.version() < e.version => return,
+            Some(e) if e.access.is_some() => e.used.load(Ordering::Relaxed),
+            // Nothing served here yet (absent, or a tombstone): only callers add entries.
+            _ if insert == Insert::OnlyUpdate => return,
+            _ => self.ticks.fetch_add(1, Ordering::Relaxed),
+        };
+        map.insert(
+            record.id().clone(),
+            Entry {
+                access: Some(record.tokens().access_token.clone()),
+                stale_at,
+                check_at: now.saturating_add(self.revalidate),
+                version: record.version(),
+                used: AtomicU64::new(used),
+            },
+        );
+        self.evict_if_full(&mut map);
+    }
+
+    /// Forgets an installation's token and from now on refuses every record older than
+    /// `version` (the version of a revocation, a terminal state, a new authorization).
+    /// Without a version (a 401, a failed read), the version cached so far is refused too.
+    pub(crate) fn forget(&self, id: &InstallationId, version: Option<u64>) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let cached = map.get(id).map_or(0, |e| e.version);
+        let version = version.unwrap_or(cached.saturating_add(1)).max(cached);
+        map.insert(
+            id.clone(),
+            Entry {
+                access: None,
+                stale_at: Timestamp::MIN,
+                check_at: Timestamp::MIN,
+                version,
+                used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
+            },
+        );
+        self.evict_if_full(&mut map);
+    }
+
+    /// Evicts the least recently used tenth once the cache holds more than its capacity.
+    fn evict_if_full(&self, map: &mut HashMap<InstallationId, Entry>) {
+        if map.len() <= self.capacity {
+            return;
+        }
+        let excess = map.len() - self.capacity;
+        let mut ages: Vec<(u64, InstallationId)> = map
+            .iter()
+            .map(|(id, e)| (e.used.load(Ordering::Relaxed), id.clone()))
+            .collect();
+        let evict = (excess + self.capacity / 10).min(ages.len());
+        if evict < ages.len() {
+            ages.select_nth_unstable_by_key(evict, |(used, _)| *used);
+        }
+        for (_, id) in ages.into_iter().take(evict) {
+            map.remove(&id);
+        }
+    }
+
+    /// How many tokens are cached (tombstones not counted).
     pub(crate) fn len(&self) -> usize {
         self.map
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .values()
+            .filter(|e| e.access.is_some())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenkeeper_core::conformance::{T0, sample_record};
+    use tokenkeeper_core::{Event, Timestamp};
+
+    use super::*;
+
+    fn id(s: &str) -> InstallationId {
+        InstallationId::new(s).unwrap()
+    }
+
+    fn at(secs: u64) -> Timestamp {
+        T0.saturating_add(Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn served_until_stale_or_until_the_store_must_be_read_again() {
+        let cache = Cache::new(10, Duration::from_secs(30));
+        let r = sample_record(&id("a"), T0);
+        cache.put(&r, at(3600), T0, Insert::Yes);
+        assert!(cache.fresh(r.id(), at(29)).is_some());
+        assert!(cache.fresh(r.id(), at(30)).is_none(), "revalidate");
+        cache.put(&r, at(3600), at(30), Insert::Yes);
+        assert!(cache.fresh(r.id(), at(59)).is_some(), "confirmed again");
+        let short = Cache::new(10, Duration::from_secs(7200));
+        short.put(&r, at(100), T0, Insert::Yes);
+        assert!(short.fresh(r.id(), at(100)).is_none(), "stale");
+    }
+
+    #[test]
+    fn a_tombstone_refuses_the_records_it_outlived() {
+        let cache = Cache::new(10, Duration::from_secs(30));
+        let v1 = sample_record(&id("a"), T0);
+        let v2 = v1.apply(Event::Revoked, T0).unwrap();
+        cache.put(&v1, at(3600), T0, Insert::Yes);
+        cache.forget(v1.id(), Some(v2.version()));
+        // A slow flight that read v1 before the revocation puts it back: refused.
+        cache.put(&v1, at(3600), T0, Insert::Yes);
+        assert!(cache.fresh(v1.id(), T0).is_none());
+        assert_eq!(cache.len(), 0);
+        // Without a version, the tombstone covers what was cached.
+        let other = sample_record(&id("b"), T0);
+        cache.put(&other, at(3600), T0, Insert::Yes);
+        cache.forget(other.id(), None);
+        cache.put(&other, at(3600), T0, Insert::Yes);
+        assert!(cache.fresh(other.id(), T0).is_none());
+    }
+
+    #[test]
+    fn the_refresher_only_updates_and_the_least_recently_used_go_first() {
+        let cache = Cache::new(20, Duration::from_secs(30));
+        let r = sample_record(&id("x"), T0);
+        cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
+        assert_eq!(cache.len(), 0, "the refresher does not fill the cache");
+        cache.forget(r.id(), Some(r.version()));
+        cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
+        assert_eq!(cache.len(), 0, "nor does it revive a tombstone");
+        let records: Vec<_> = (0..25)
+            .map(|i| sample_record(&id(&format!("i{i}")), T0))
+            .collect();
+        for r in &records {
+            cache.put(r, at(3600), T0, Insert::Yes);
+            // The first installation is used all the time.
+            assert!(cache.fresh(records[0].id(), T0).is_some());
+        }
+        assert!(cache.len() <= 20, "{}", cache.len());
+        assert!(cache.fresh(records[0].id(), T0).is_some(), "in use: kept");
+        assert!(
+            cache.fresh(records[1].id(), T0).is_none(),
+            "oldest: evicted"
+        );
+        assert!(cache.fresh(records[24].id(), T0).is_some(), "newest: kept");
     }
 }

@@ -20,10 +20,14 @@ pub enum Mode {
     OnDemand,
     /// The background refresher: refresh if the record is due.
     Proactive,
-    /// The API rejected this access token (401): refresh unless it was already replaced.
+    /// Refresh unless this access token was already replaced: the API rejected it (401), or
+    /// the application asked (`force_refresh`).
     Forced {
-        /// The access token the API refused.
+        /// The access token to replace.
         rejected: AccessToken,
+        /// The API answered 401: the refresh happens only if the token is at least
+        /// `forced_min_interval` old (an explicit `force_refresh` always refreshes).
+        unauthorized: bool,
     },
 }
 
@@ -81,6 +85,9 @@ pub struct Context<'a> {
     /// The record version this flight has watched stay unchanged under a peer's lease for a
     /// whole lease TTL, if it has (the peer fell silent).
     pub silent: Option<u64>,
+    /// A 401 forces a refresh only of tokens at least this old
+    /// (`RefreshPolicy::forced_refresh_min_interval`).
+    pub forced_min_interval: std::time::Duration,
 }
 
 /// Decides the next step for `record`.
@@ -103,7 +110,17 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     let needed = match cx.mode {
         Mode::OnDemand => !usable,
         Mode::Proactive => !usable || record.due_at().is_some_and(|d| d <= now),
-        Mode::Forced { rejected } => &tokens.access_token == rejected,
+        // The API refused this very token: refresh, unless it was obtained moments ago (an
+        // API that refuses fresh tokens for other reasons must not rotate on every call).
+        Mode::Forced {
+            rejected,
+            unauthorized,
+        } => {
+            !usable
+                || (&tokens.access_token == rejected
+                    && (!unauthorized
+                        || now >= tokens.obtained_at.saturating_add(cx.forced_min_interval)))
+        }
     };
     if !needed {
         return Decision::Fresh(tokens.access_token.clone());
@@ -364,7 +381,27 @@ mod tests {
             breaker: None,
             consumer: "bitbucket/key",
             silent: None,
+            forced_min_interval: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_401_on_a_token_younger_than_the_minimum_interval_forces_nothing() {
+        let r = active();
+        let mode = Mode::Forced {
+            rejected: r.tokens().access_token.clone(),
+            unauthorized: true,
+        };
+        let young = Context {
+            forced_min_interval: Duration::from_secs(60),
+            ..cx(&mode, at(59))
+        };
+        assert!(matches!(decide(&r, young), Decision::Fresh(_)));
+        let old = Context {
+            forced_min_interval: Duration::from_secs(60),
+            ..cx(&mode, at(60))
+        };
+        assert!(matches!(decide(&r, old), Decision::TakeLease { .. }));
     }
 
     #[test]
@@ -382,10 +419,12 @@ mod tests {
         // Forced with another token: somebody already replaced the rejected one.
         let other = Mode::Forced {
             rejected: AccessToken::new("a0"),
+            unauthorized: true,
         };
         assert!(matches!(decide(&r, cx(&other, at(10))), Decision::Fresh(_)));
         let same = Mode::Forced {
             rejected: AccessToken::new("a1"),
+            unauthorized: false,
         };
         assert!(matches!(
             decide(&r, cx(&same, at(10))),

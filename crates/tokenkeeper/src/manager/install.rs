@@ -70,12 +70,13 @@ impl TokenManager {
         code: impl Into<AuthorizationCode>,
         state: &str,
     ) -> Result<Completed, Error> {
-        let (done, exchanged) = self
+        let (done, written) = self
             .record_authorization(&code.into(), state)
             .await
             .map_err(|e| Error::Authorization(Arc::new(e)))?;
-        self.engine.cache.remove(&done.installation);
-        if exchanged {
+        if let Some(version) = written {
+            // Tokens of the previous grant, cached before, are never served again.
+            self.engine.cache.forget(&done.installation, Some(version));
             self.engine
                 .emit(&done.installation, LifecycleEventKind::Authorized);
         }
@@ -86,7 +87,7 @@ impl TokenManager {
         &self,
         code: &AuthorizationCode,
         state: &str,
-    ) -> Result<(Completed, bool), AuthorizationError> {
+    ) -> Result<(Completed, Option<u64>), AuthorizationError> {
         let engine = &self.engine;
         let verified = engine.client.verify_state(state)?;
         let installation = verified.installation.clone();
@@ -104,7 +105,7 @@ impl TokenManager {
                 created: false,
                 id_token: None,
             };
-            (done, false)
+            (done, None)
         };
         let before = engine.store.get(&installation).await.map_err(store_err)?;
         if repeated(&before) {
@@ -132,23 +133,23 @@ impl TokenManager {
                 });
             }
         };
-        let created = self.store_grant(before, &grant).await?;
+        let (created, version) = self.store_grant(before, &grant).await?;
         let done = Completed {
             installation: grant.installation,
             created,
             id_token: grant.id_token,
         };
-        Ok((done, true))
+        Ok((done, Some(version)))
     }
 
     /// Records a grant: a new record, or the `Authorized` transition over an existing one
     /// (compare-and-swap, retried on conflicts: a new grant wins over anything in flight).
-    /// Returns whether a new installation was created.
+    /// Returns whether a new installation was created, and the version written.
     async fn store_grant(
         &self,
         mut current: Option<Record>,
         grant: &Grant,
-    ) -> Result<bool, AuthorizationError> {
+    ) -> Result<(bool, u64), AuthorizationError> {
         let engine = &self.engine;
         let store_err = |source| AuthorizationError::Store {
             installation: grant.installation.clone(),
@@ -172,7 +173,7 @@ impl TokenManager {
                     outcome = engine.store.create(&record).await;
                 }
                 return match outcome {
-                    Ok(()) => Ok(true),
+                    Ok(()) => Ok((true, record.version())),
                     Err(StoreError::AlreadyExists { .. }) => {
                         current = engine
                             .store
@@ -203,7 +204,7 @@ impl TokenManager {
                 .await
                 .map_err(store_err)?
             {
-                tokenkeeper_core::CasOutcome::Swapped => return Ok(false),
+                tokenkeeper_core::CasOutcome::Swapped => return Ok((false, next.version())),
                 tokenkeeper_core::CasOutcome::Conflict(stored) => current = Some(*stored),
                 tokenkeeper_core::CasOutcome::Missing => current = None,
             }

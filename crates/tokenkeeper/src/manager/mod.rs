@@ -275,13 +275,14 @@ impl TokenManagerBuilder {
             tag[3]
         );
         let (events, _) = broadcast::channel(self.event_capacity);
+        let cache = Cache::new(policy.cache_capacity, policy.cache_revalidate);
         Ok(TokenManager {
             engine: Arc::new(Engine {
                 client,
                 store: self.store,
                 clock: self.clock,
                 policy,
-                cache: Cache::default(),
+                cache,
                 flights: Flights::default(),
                 events,
                 process_tag,
@@ -426,37 +427,36 @@ impl TokenManager {
     /// ```
     pub async fn force_refresh(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         let current = self.engine.load(id).await?.tokens().access_token.clone();
-        self.refresh_rejected(id, current).await
+        self.refresh_rejected(id, current, false).await
     }
 
-    /// Refreshes because the API rejected `rejected`; a flight already in progress may
-    /// answer with that same token, so a second, forced flight follows in that case.
+    /// Refreshes because `rejected` must be replaced (the API refused it when
+    /// `unauthorized`); a flight already in progress may answer with that same token, so a
+    /// second, forced flight follows in that case.
     async fn refresh_rejected(
         &self,
         id: &InstallationId,
         rejected: AccessToken,
+        unauthorized: bool,
     ) -> Result<AccessToken, Error> {
-        self.engine.cache.remove(id);
+        self.engine.cache.forget(id, None);
+        let forced = || Mode::Forced {
+            rejected: rejected.clone(),
+            unauthorized,
+        };
         for _ in 0..2 {
-            let token = self
-                .refresh(
-                    id,
-                    Mode::Forced {
-                        rejected: rejected.clone(),
-                    },
-                )
-                .await?;
+            let token = self.refresh(id, forced()).await?;
             if token != rejected {
                 return Ok(token);
             }
         }
-        self.refresh(id, Mode::Forced { rejected }).await
+        self.refresh(id, forced()).await
     }
 
     /// Forgets the cached token (call after the API answered 401); the next `access_token`
     /// re-reads the store.
     pub fn invalidate(&self, id: &InstallationId) {
-        self.engine.cache.remove(id);
+        self.engine.cache.forget(id, None);
     }
 
     /// Joins (or leads) the installation's flight, for at most `RefreshPolicy::caller_wait`.
@@ -473,7 +473,15 @@ impl TokenManager {
                 flight::Joined::Leader(landing, rx) => {
                     let (engine, flight_id) = (self.engine.clone(), id.clone());
                     flight::Detachable::new(async move {
-                        let outcome = refresh::run(&engine, &flight_id, &mode).await;
+                        // A flight that ended between this caller's cache miss and its join
+                        // may have cached a fresh token: no second store read for it.
+                        let cached = matches!(mode, Mode::OnDemand)
+                            .then(|| engine.cache.fresh(&flight_id, engine.clock.now()))
+                            .flatten();
+                        let outcome = match cached {
+                            Some(token) => Ok(token),
+                            None => refresh::run(&engine, &flight_id, &mode).await,
+                        };
                         landing.land(outcome);
                     })
                     .await;
@@ -539,7 +547,7 @@ impl TokenManager {
             return Ok(response);
         };
         tracing::info!(installation = %id, "the API rejected the access token; refreshing once");
-        let fresh = self.refresh_rejected(id, token).await?;
+        let fresh = self.refresh_rejected(id, token, true).await?;
         retry.bearer_auth(fresh.secret()).send().await.map_err(http)
     }
 
@@ -581,7 +589,7 @@ impl TokenManager {
                     .map_err(|e| Error::transition(id, e))
             })
             .await?;
-        self.engine.cache.remove(id);
+        self.engine.cache.forget(id, Some(revoked.version()));
         self.engine.emit(id, LifecycleEventKind::Revoked);
         self.engine
             .client
@@ -687,7 +695,7 @@ impl TokenManager {
                     .map_err(|e| Error::transition(&id, e))
             })
             .await?;
-        self.engine.cache.remove(&id);
+        self.engine.cache.forget(&id, Some(written.version()));
         self.engine.emit(
             &id,
             LifecycleEventKind::Refreshed {

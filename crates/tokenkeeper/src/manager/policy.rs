@@ -76,6 +76,22 @@ pub struct RefreshPolicy {
     /// (default 30 s); past it the caller gets `Error::Busy` while the refresh goes on in the
     /// background and lands for the next caller.
     pub caller_wait: Duration,
+    /// The longest this process serves a cached access token without reading its record
+    /// again (default 30 s). Past it, the next call re-reads the record (one store read per
+    /// installation however many callers wait), so a revocation, re-authorization or
+    /// condemnation by *another* process stops this process serving the old token within
+    /// this bound. In the process that made the change it takes effect at once. Zero reads
+    /// the store on every call.
+    pub cache_revalidate: Duration,
+    /// How many installations' access tokens this process caches at most (default 100 000);
+    /// beyond that the least recently used are evicted. The background refresher never adds
+    /// entries, it only updates those callers use.
+    pub cache_capacity: usize,
+    /// A 401 from the API forces a refresh only when the current tokens are at least this old
+    /// (default 60 s): an API that refuses a fresh token for another reason (an endpoint
+    /// outside the granted scopes, a misbehaving gateway) gets the same token back instead of
+    /// a rotation per call.
+    pub forced_refresh_min_interval: Duration,
 }
 
 impl RefreshPolicy {
@@ -102,6 +118,9 @@ impl RefreshPolicy {
             consumer_breaker: Duration::from_secs(60),
             result_write_patience: Duration::from_secs(300),
             caller_wait: Duration::from_secs(30),
+            cache_revalidate: Duration::from_secs(30),
+            cache_capacity: 100_000,
+            forced_refresh_min_interval: Duration::from_secs(60),
         }
     }
 
@@ -176,6 +195,13 @@ impl RefreshPolicy {
                 reason: "must be positive: rotated tokens must get at least one write attempt"
                     .into(),
             });
+        }
+        if self.cache_capacity == 0 {
+            return out_of_range(
+                "cache_capacity",
+                "must be at least 1 (use cache_revalidate = 0 to read the store on every call)"
+                    .into(),
+            );
         }
         if self.jitter_percent > 50 {
             return Err(ConfigError::OutOfRange {

@@ -19,6 +19,7 @@ use tokenkeeper_core::{
 use tracing::{Instrument, field};
 
 use super::Engine;
+use super::cache::Insert;
 use super::decide::{
     Context, Decision, Mode, backoff_error, decide, refresh_token_deadline, rejection_reason,
     unpresentable,
@@ -77,7 +78,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         let record = engine
             .load(id)
             .await
-            .inspect_err(|_| engine.cache.remove(id))?;
+            .inspect_err(|_| engine.cache.forget(id, None))?;
         let now = engine.clock.now();
         let stale_at = engine.policy.stale_at(record.tokens());
         let breaker = engine.breaker_open(now);
@@ -91,15 +92,16 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 Some(lease) if unsent.as_ref() == Some(&lease.holder) => Some(record.version()),
                 _ => watch.silent_for(&record, engine.policy.lease_ttl),
             },
+            forced_min_interval: engine.policy.forced_refresh_min_interval,
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {
-                engine.cache.put(&record, stale_at);
+                engine.cache.put(&record, stale_at, now, cache_insert(mode));
                 return Ok(token);
             }
             Decision::ServeValid(token) => return Ok(token),
             Decision::Fail(err) => {
-                engine.cache.remove(id);
+                engine.cache.forget(id, Some(record.version()));
                 return Err(err);
             }
             Decision::WaitForPeer { holder } => {
@@ -144,6 +146,15 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         }
     }
     unreachable!("the attempt counter is unbounded")
+}
+
+/// Callers' flights cache what they get; the background refresher only updates tokens that
+/// callers already use, so it never fills the cache with installations nobody asked for.
+fn cache_insert(mode: &Mode) -> Insert {
+    match mode {
+        Mode::Proactive => Insert::OnlyUpdate,
+        Mode::OnDemand | Mode::Forced { .. } => Insert::Yes,
+    }
 }
 
 /// Takes the refresh lease by compare-and-swap (over a silent peer's lease when `watched`
@@ -250,7 +261,7 @@ async fn exchange(
         .await;
     let now = engine.clock.now();
     match result {
-        Ok(tokens) => on_refreshed(engine, id, &mut held, tokens, now).await,
+        Ok(tokens) => on_refreshed(engine, id, mode, &mut held, tokens, now).await,
         Err(e) => {
             tracing::warn!(class = %e.class(), error = %e, "refresh failed");
             match e.class() {
@@ -268,6 +279,7 @@ async fn exchange(
 async fn on_refreshed(
     engine: &Engine,
     id: &InstallationId,
+    mode: &Mode,
     held: &mut HeldLease,
     tokens: TokenSet,
     now: Timestamp,
@@ -300,7 +312,9 @@ async fn on_refreshed(
         }
         Landed::Written(next) => {
             let stale_at = engine.policy.stale_at(next.tokens());
-            engine.cache.put(&next, stale_at);
+            engine
+                .cache
+                .put(&next, stale_at, engine.clock.now(), cache_insert(mode));
             engine.emit(
                 id,
                 LifecycleEventKind::Refreshed {
@@ -621,7 +635,9 @@ async fn condemn(
         reason,
         error: Some(detail.clone()),
     };
-    engine.cache.remove(id);
+    engine
+        .cache
+        .forget(id, Some(held.record().version().saturating_add(1)));
     if let Err(e) = settle(engine, held, event).await {
         // Not recorded: say so. The lease lapses and the next flight tries again.
         tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");

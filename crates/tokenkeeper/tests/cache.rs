@@ -1,0 +1,413 @@
+//! The access-token cache across processes: another process's revocation, re-authorization
+//! or condemnation stops this process serving the old token within
+//! `RefreshPolicy::cache_revalidate` (two managers on one SQLite file and on one Redis, each
+//! with its own store handle), at one store read per installation per bound; no revoke/cache
+//! race; a bounded cache the background refresher does not fill; and a 401 that forces at
+//! most one refresh per `forced_refresh_min_interval`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::{Fixture, consumer_for};
+use tokenkeeper::{Error, ManualClock, SystemClock, TokenManager, TokenStore, profiles};
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
+    StoreError, Timestamp,
+};
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile};
+use tokio::sync::Notify;
+
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn open(backend: &str, location: &str) -> Arc<dyn TokenStore> {
+    match backend {
+        "sqlite" => Arc::new(
+            tokenkeeper_sqlite::SqliteStore::open(location)
+                .await
+                .unwrap(),
+        ),
+        _ => Arc::new(
+            tokenkeeper_redis::RedisStore::builder(tokenkeeper_testkit::redis::server_url())
+                .prefix(location)
+                .connect()
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+fn location(backend: &str) -> String {
+    match backend {
+        "sqlite" => tokenkeeper_testkit::dirs::fresh_db("cache")
+            .to_string_lossy()
+            .into_owned(),
+        _ => tokenkeeper_testkit::redis::unique_prefix("cache"),
+    }
+}
+
+/// A second process: its own store handle, the fixture's mock, consumer and clock.
+fn other_process(f: &Fixture, store: Arc<dyn TokenStore>, clock: ManualClock) -> TokenManager {
+    TokenManager::builder_shared(
+        consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
+        store,
+    )
+    .clock(clock)
+    .build()
+    .unwrap()
+}
+
+/// Process A caches a token; process B revokes, re-authorizes or condemns the installation.
+/// A serves its cached token until the bound (exactly: at +29.999 s) and never after it.
+async fn another_process_is_seen_within_the_bound(backend: &str) {
+    let at = location(backend);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        open(backend, &at).await,
+    )
+    .await;
+    let b = other_process(&f, open(backend, &at).await, f.clock.clone());
+
+    // Revocation.
+    let id = f.install().await;
+    let cached = f.manager.access_token(&id).await.unwrap();
+    b.revoke(&id).await.unwrap();
+    f.advance(BOUND - Duration::from_millis(1));
+    assert_eq!(
+        f.manager.access_token(&id).await.unwrap(),
+        cached,
+        "within the bound"
+    );
+    f.advance(Duration::from_millis(1));
+    assert!(
+        matches!(
+            f.manager.access_token(&id).await,
+            Err(Error::Revoked { .. })
+        ),
+        "{backend}: a revoked token served past the bound"
+    );
+
+    // Condemnation (the provider refused the grant in B's hands).
+    let id = f.install().await;
+    let cached = f.manager.access_token(&id).await.unwrap();
+    f.mock.revoke_grant_of(cached.secret()).unwrap();
+    // Old enough for a forced refresh (`forced_refresh_min_interval`).
+    f.advance(Duration::from_secs(60));
+    assert!(
+        b.force_refresh(&id)
+            .await
+            .unwrap_err()
+            .needs_reauthorization()
+    );
+    f.advance(BOUND);
+    assert!(
+        f.manager
+            .access_token(&id)
+            .await
+            .unwrap_err()
+            .needs_reauthorization(),
+        "{backend}: a condemned token served past the bound"
+    );
+
+    // Re-authorization of the same installation by B (a new grant): A moves to it.
+    let id = f.install().await;
+    let old = f.manager.access_token(&id).await.unwrap();
+    f.advance(Duration::from_secs(1));
+    let begun = b.begin_authorization(Some(id.clone())).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = f
+        .mock
+        .authorize_code(
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
+            Some(common::REDIRECT),
+            challenge,
+        )
+        .unwrap();
+    b.complete_authorization(code, &begun.state).await.unwrap();
+    let new = b.access_token(&id).await.unwrap();
+    assert_ne!(old, new);
+    f.advance(BOUND);
+    assert_eq!(
+        f.manager.access_token(&id).await.unwrap(),
+        new,
+        "{backend}: the previous grant's token served past the bound"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_another_process_is_seen_within_the_bound() {
+    another_process_is_seen_within_the_bound("sqlite").await;
+}
+
+#[tokio::test]
+async fn redis_another_process_is_seen_within_the_bound() {
+    another_process_is_seen_within_the_bound("redis").await;
+}
+
+/// The same bound on real time: process B revokes while process A's callers keep asking
+/// every 5 ms; A's last served token is at most one bound (here 400 ms) after the revocation.
+async fn staleness_measured_on_real_time(backend: &str) -> Duration {
+    let at = location(backend);
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        open(backend, &at).await,
+    )
+    .await;
+    let id = f.install().await;
+    let bound = Duration::from_millis(400);
+    let real = |store| {
+        TokenManager::builder_shared(
+            consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
+            store,
+        )
+        .clock(SystemClock)
+        .tune(|p| p.cache_revalidate = bound)
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (
+        real(open(backend, &at).await),
+        real(open(backend, &at).await),
+    );
+    a.access_token(&id).await.unwrap();
+    b.revoke(&id).await.unwrap();
+    let revoked = Instant::now();
+    let mut last_served = revoked;
+    loop {
+        match a.access_token(&id).await {
+            Ok(_) => last_served = Instant::now(),
+            Err(Error::Revoked { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            revoked.elapsed() < bound * 10,
+            "{backend}: never saw the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stale = last_served - revoked;
+    assert!(
+        stale <= bound,
+        "{backend}: served {stale:?} after the revocation"
+    );
+    println!(
+        "{backend}: revoked token last served {stale:?} after the revocation (bound {bound:?})"
+    );
+    stale
+}
+
+#[tokio::test]
+async fn sqlite_staleness_measured_on_real_time() {
+    staleness_measured_on_real_time("sqlite").await;
+}
+
+#[tokio::test]
+async fn redis_staleness_measured_on_real_time() {
+    staleness_measured_on_real_time("redis").await;
+}
+
+/// Counts reads and can hold the caller of the next `get` after it read (a flight that read
+/// a record and was paused before using it).
+#[derive(Debug, Default)]
+struct Reads<S> {
+    inner: S,
+    reads: AtomicU64,
+    hold_next: AtomicBool,
+    held: Notify,
+    release: Notify,
+}
+
+#[async_trait]
+impl<S: TokenStore> TokenStore for Reads<S> {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let read = self.inner.get(id).await;
+        if self.hold_next.swap(false, Ordering::SeqCst) {
+            let released = self.release.notified();
+            self.held.notify_one();
+            released.await;
+        }
+        read
+    }
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        self.inner.create(record).await
+    }
+    async fn compare_and_swap(&self, r: &Record, v: u64) -> Result<CasOutcome, StoreError> {
+        self.inner.compare_and_swap(r, v).await
+    }
+    async fn delete(&self, id: &InstallationId, v: u64) -> Result<DeleteOutcome, StoreError> {
+        self.inner.delete(id, v).await
+    }
+    async fn due(
+        &self,
+        before: Timestamp,
+        after: Option<&DueEntry>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        self.inner.due(before, after, limit).await
+    }
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list(filter, after, limit).await
+    }
+}
+
+async fn counted() -> (Fixture, Arc<Reads<tokenkeeper_memory::MemoryStore>>) {
+    let store = Arc::new(Reads {
+        inner: tokenkeeper_memory::MemoryStore::new(),
+        ..Reads::default()
+    });
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store.clone()).await;
+    (f, store)
+}
+
+/// The hot path reads nothing; once the bound has passed, a hundred concurrent callers of
+/// one installation cause exactly one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_store_read_per_installation_per_bound() {
+    let (f, store) = counted().await;
+    let id = f.install().await;
+    f.manager.access_token(&id).await.unwrap();
+    let before = store.reads.load(Ordering::SeqCst);
+    for _ in 0..10_000 {
+        f.manager.access_token(&id).await.unwrap();
+    }
+    assert_eq!(
+        store.reads.load(Ordering::SeqCst),
+        before,
+        "hot path: no store I/O"
+    );
+    f.advance(BOUND);
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (m, id) = (f.manager.clone(), id.clone());
+        callers.spawn(async move { m.access_token(&id).await.unwrap() });
+    }
+    while let Some(r) = callers.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(store.reads.load(Ordering::SeqCst), before + 1);
+}
+
+/// Finding 18: a flight read the record, then the installation was revoked in this very
+/// process before the flight cached what it read: the revoked token is never cached.
+#[tokio::test]
+async fn a_flight_that_read_before_a_revocation_does_not_cache_the_revoked_token() {
+    let (f, store) = counted().await;
+    let id = f.install().await;
+    store.hold_next.store(true, Ordering::SeqCst);
+    let held = store.held.notified();
+    let flight = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    held.await;
+    f.manager.revoke(&id).await.unwrap();
+    store.release.notify_one();
+    let _ = flight.await.unwrap();
+    assert!(
+        matches!(
+            f.manager.access_token(&id).await,
+            Err(Error::Revoked { .. })
+        ),
+        "the revoked token was cached by the slow flight"
+    );
+    assert_eq!(f.manager.cached_installations(), 0);
+}
+
+/// Finding 17: the refresher refreshes installations nobody asked for without caching them;
+/// callers' installations are cached up to the capacity, least recently used out first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_bounded_and_the_refresher_does_not_fill_it() {
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.cache_capacity = 50,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        ids.push(f.install().await);
+    }
+    f.advance(Duration::from_secs(7200));
+    let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.mock.counters().totals.refreshes < 200 {
+        assert!(Instant::now() < deadline, "the refresher fell behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    refresher.shutdown().await;
+    assert_eq!(
+        f.manager.cached_installations(),
+        0,
+        "the refresher filled the cache"
+    );
+    for id in &ids {
+        f.manager.access_token(id).await.unwrap();
+    }
+    let cached = f.manager.cached_installations();
+    assert!((1..=50).contains(&cached), "{cached} cached");
+    assert!(
+        f.manager.cached_token(&ids[199]).is_some(),
+        "the latest is cached"
+    );
+    assert!(
+        f.manager.cached_token(&ids[0]).is_none(),
+        "the oldest was evicted"
+    );
+}
+
+/// Finding 15: an API that answers 401 to a fresh token (wrong scope for that endpoint, a
+/// gateway) gets at most one refresh per minimum interval, not one per call.
+#[tokio::test]
+async fn a_401_storm_forces_at_most_one_refresh_per_interval() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(120));
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Resource,
+        21,
+        Fault::ServerError {
+            status: 401,
+            html: false,
+        },
+    )]);
+    let url = f.mock.resource_url();
+    for _ in 0..10 {
+        let response = f
+            .manager
+            .send_authorized(&id, f.manager.client().http().get(&url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    assert_eq!(
+        f.mock.counters().totals.refreshes,
+        1,
+        "one forced refresh, not ten"
+    );
+    // The next 401 comes after the interval: one more refresh, and the retry goes through.
+    f.advance(Duration::from_secs(60));
+    let response = f
+        .manager
+        .send_authorized(&id, f.manager.client().http().get(&url))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        f.mock.counters().totals.refreshes,
+        2,
+        "one more after the interval"
+    );
+}
