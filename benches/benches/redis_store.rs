@@ -82,7 +82,7 @@ fn redis_ops(c: &mut Criterion) {
             total
         })
     });
-    let script_keys = script_keys(&store, cas_id);
+    let script_keys = script_keys(&store, cas_id, tokenkeeper_core::conformance::CONSUMER);
     let sha = cas_script().get_hash().to_owned();
     g.bench_function("cas/raw_redis_EVALSHA", |b| {
         b.iter_custom(|iters| {

@@ -1,6 +1,13 @@
 //! The background refresher bringing 10,000 due installations current (64 concurrent, no rate
 //! limit) beside 10,000 raw refresh POSTs at the same concurrency. Exactly one refresh per
 //! installation per round.
+//!
+//! `refresher_processes`: 1, 2 and 4 application processes (managers of one consumer, each
+//! with its own store connection and its own refresher rate-limited to 100 refreshes/s) share
+//! one SQLite file or one Redis; the time to bring 400 due installations current should fall
+//! by about the number of processes (fleet throughput grows with processes), still with
+//! exactly one refresh per installation. The primitive beside it is one process's limit:
+//! 400 / 100 per second = 4 s.
 
 use std::time::{Duration, Instant};
 
@@ -48,5 +55,64 @@ fn refresher_sweep(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, refresher_sweep);
+fn refresher_processes(c: &mut Criterion) {
+    let rt = runtime();
+    let n = if quick_mode() { 40 } else { 400 };
+    let mut g = c.benchmark_group("refresher_processes");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    for backend in ["sqlite", "redis"] {
+        let location = fresh_location(backend);
+        let fleet = rt.block_on(async { Fleet::new(store_at(backend, &location).await, n).await });
+        for processes in [1usize, 2, 4] {
+            let members: Vec<_> = rt.block_on(async {
+                let mut members = Vec::new();
+                for _ in 0..processes {
+                    members.push(fleet.member(store_at(backend, &location).await));
+                }
+                members
+            });
+            let id = BenchmarkId::new(format!("{backend}_100_per_s_each"), processes);
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        fleet.expire_all();
+                        let before = fleet.refreshes();
+                        let started = Instant::now();
+                        rt.block_on(async {
+                            let handles: Vec<_> = members
+                                .iter()
+                                .map(|m| {
+                                    m.spawn_refresher_with(RefresherConfig {
+                                        concurrency: 16,
+                                        rate_per_second: Some(100),
+                                        page_size: 100,
+                                        max_idle: Duration::from_millis(20),
+                                    })
+                                })
+                                .collect();
+                            while fleet.refreshes() - before < n as u64 {
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            for h in handles {
+                                h.shutdown().await;
+                            }
+                        });
+                        total += started.elapsed();
+                        assert_eq!(
+                            fleet.refreshes() - before,
+                            n as u64,
+                            "exactly one refresh per installation"
+                        );
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, refresher_sweep, refresher_processes);
 criterion_main!(benches);

@@ -14,7 +14,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rusqlite::{Connection, params};
 use tokenkeeper_benches::bump;
 use tokenkeeper_benches::{data_dir, quick_mode};
-use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::conformance::{CONSUMER, T0, sample_record};
 use tokenkeeper_core::{InstallationId, Record, Timestamp, TokenStore};
 use tokenkeeper_sqlite::SqliteStore;
 
@@ -53,7 +53,7 @@ fn database(rt: &tokio::runtime::Runtime, n: usize) -> PathBuf {
     let tx = conn.transaction().unwrap();
     {
         let mut insert = tx
-            .prepare("INSERT INTO installations (id, version, state, due_at, record) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .prepare("INSERT INTO installations (id, version, state, due_at, record, consumer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
             .unwrap();
         for i in 0..n {
             let r = sample_record(&id(i), due_at(i));
@@ -63,7 +63,8 @@ fn database(rt: &tokio::runtime::Runtime, n: usize) -> PathBuf {
                     r.version() as i64,
                     r.state().kind().as_str(),
                     r.due_at().map(Timestamp::unix_nanos),
-                    r.encode()
+                    r.encode(),
+                    r.consumer()
                 ])
                 .unwrap();
         }
@@ -224,7 +225,7 @@ fn sqlite_scale(c: &mut Criterion) {
                     id: id(0),
                 };
                 let page = rt
-                    .block_on(store.due(Timestamp::MAX, Some(&after), 100))
+                    .block_on(store.due(CONSUMER, Timestamp::MAX, Some(&after), 100))
                     .unwrap();
                 assert_eq!(page.entries.len(), 100);
                 page

@@ -96,33 +96,56 @@ impl Fleet {
         self.mock.advance(TWO_HOURS);
     }
 
+    /// Another manager of the same consumer on `store` (its own handle to the fleet's
+    /// store), the same mock and clock: what another process of the application is.
+    pub fn member(&self, store: Arc<dyn TokenStore>) -> TokenManager {
+        TokenManager::builder_shared(consumer(&self.mock), store)
+            .clock(self.clock.clone())
+            .tune(|p| p.jitter_percent = 0)
+            .build()
+            .unwrap()
+    }
+
     /// Successful refreshes the mock has seen.
     pub fn refreshes(&self) -> u64 {
         self.mock.counters().totals.refreshes
     }
 }
 
-/// A fresh store: memory, sqlite_full, sqlite_normal or redis.
+/// A fresh store: memory, sqlite or redis.
 pub async fn store_for(backend: &str) -> Arc<dyn TokenStore> {
+    store_at(backend, &fresh_location(backend)).await
+}
+
+/// Where a fresh store of `backend` lives: a new SQLite file, or a new Redis prefix.
+pub fn fresh_location(backend: &str) -> String {
+    match backend {
+        "sqlite" => {
+            let dir = data_dir().join(format!(
+                "refresh-{}-{}",
+                std::process::id(),
+                fastrand_suffix()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir.join("tokens.db").to_string_lossy().into_owned()
+        }
+        _ => format!("bench-refresh-{}-{}", std::process::id(), fastrand_suffix()),
+    }
+}
+
+/// A handle to the store of `backend` at `location` (as [`fresh_location`] named it); every
+/// call opens a handle of its own, as another process would.
+pub async fn store_at(backend: &str, location: &str) -> Arc<dyn TokenStore> {
     match backend {
         "memory" => Arc::new(tokenkeeper::stores::MemoryStore::new()),
-        "sqlite" => {
-            let dir = data_dir().join(format!("refresh-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Arc::new(
-                tokenkeeper::stores::SqliteStore::open(dir.join("tokens.db"))
-                    .await
-                    .unwrap(),
-            )
-        }
+        "sqlite" => Arc::new(
+            tokenkeeper::stores::SqliteStore::open(location)
+                .await
+                .unwrap(),
+        ),
         _ => Arc::new(
             tokenkeeper::stores::RedisStore::builder(redis_url())
-                .prefix(format!(
-                    "bench-refresh-{}-{}",
-                    std::process::id(),
-                    fastrand_suffix()
-                ))
+                .prefix(location)
                 .connect()
                 .await
                 .unwrap(),

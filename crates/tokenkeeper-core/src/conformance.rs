@@ -42,11 +42,14 @@ pub fn sample_tokens(tag: &str, obtained: Timestamp) -> TokenSet {
     t
 }
 
+/// The consumer of [`sample_record`]s.
+pub const CONSUMER: &str = "conformance";
+
 /// A fresh `Active` record for `id`, due at `due_at`.
 pub fn sample_record(id: &InstallationId, due_at: Timestamp) -> Record {
     Record::new(
         id.clone(),
-        "conformance",
+        CONSUMER,
         sample_tokens(id.as_str(), T0),
         due_at,
         T0,
@@ -103,7 +106,7 @@ async fn drain_due(store: &dyn TokenStore, before: Timestamp, limit: usize) -> V
     let mut cursor: Option<DueEntry> = None;
     loop {
         let page = store
-            .due(before, cursor.as_ref(), limit)
+            .due(CONSUMER, before, cursor.as_ref(), limit)
             .await
             .expect("due");
         assert!(page.entries.len() <= limit, "due returned more than limit");
@@ -140,6 +143,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
     let r3 = lease(&r2, "proc-b:7", at(190), at(161));
     let mut tokens = sample_tokens("round-trip-2", at(161));
     tokens.token_type = "Bearer".into();
+    tokens.refresh_expires_at = Some(at(15_000_000));
     let r4 = r3
         .apply(
             Event::Refreshed {
@@ -169,7 +173,9 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
     assert_eq!(got, r6, "round trip changed the record");
     assert_eq!(got.history().len(), 7);
     assert_eq!(got.tokens().access_token.secret(), "access-round-trip-2");
-    assert_eq!(got.failures().map(|f| f.consecutive), Some(1));
+    // A consumer-credential failure restarts the transient count.
+    assert_eq!(got.failures().map(|f| f.consecutive), Some(0));
+    assert_eq!(got.tokens().refresh_expires_at, Some(at(15_000_000)));
 }
 
 /// Records in each state kind (with lease, backoff, terminal reasons) round-trip.
@@ -410,7 +416,7 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     for (name, secs) in plan {
         must_create(&*store, &sample_record(&id(name), at(secs))).await;
     }
-    let page = store.due(at(40), None, 10).await.unwrap();
+    let page = store.due(CONSUMER, at(40), None, 10).await.unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
         got,
@@ -420,16 +426,19 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     assert_eq!(page.entries[1].due_at, at(20));
     assert_eq!(page.next, None, "a short page is the last");
 
-    let page = store.due(at(1_000), None, 3).await.unwrap();
+    let page = store.due(CONSUMER, at(1_000), None, 3).await.unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(got, ["a", "b", "c"]);
     let next = page.next.expect("full page has a cursor");
-    let page = store.due(at(1_000), Some(&next), 3).await.unwrap();
+    let page = store
+        .due(CONSUMER, at(1_000), Some(&next), 3)
+        .await
+        .unwrap();
     let got: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(got, ["d", "e", "f"]);
     assert!(
         store
-            .due(at(10), None, 10)
+            .due(CONSUMER, at(10), None, 10)
             .await
             .unwrap()
             .entries
@@ -437,7 +446,7 @@ pub async fn due_orders_and_limits(store: Arc<dyn TokenStore>) {
     );
     assert!(
         store
-            .due(at(1_000), None, 0)
+            .due(CONSUMER, at(1_000), None, 0)
             .await
             .unwrap()
             .entries
@@ -529,6 +538,69 @@ pub async fn due_follows_updates_and_skips_terminal(store: Arc<dyn TokenStore>) 
     assert_eq!(
         ids(drain_due(&*store, Timestamp::MAX, 10).await),
         ["moving", "static"]
+    );
+}
+
+/// Two consumers on one store: each `due` sees only its own consumer's entries, through
+/// every write (lease, result, terminal state), and paging never crosses into the other's.
+pub async fn due_is_per_consumer(store: Arc<dyn TokenStore>) {
+    let theirs = |name: &str, secs: u64| {
+        Record::new(
+            id(name),
+            "another/consumer",
+            sample_tokens(name, T0),
+            at(secs),
+            T0,
+        )
+    };
+    for n in 0..6u64 {
+        must_create(
+            &*store,
+            &sample_record(&id(&format!("ours-{n}")), at(n * 10)),
+        )
+        .await;
+        must_create(&*store, &theirs(&format!("theirs-{n}"), n * 10 + 5)).await;
+    }
+    let names = |v: Vec<DueEntry>| {
+        v.into_iter()
+            .map(|e| e.id.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let ours = names(drain_due(&*store, Timestamp::MAX, 2).await);
+    assert_eq!(
+        ours,
+        ["ours-0", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5"]
+    );
+    // A write of theirs moves only their entry.
+    let t = store.get(&id("theirs-0")).await.unwrap().unwrap();
+    must_swap(&*store, &lease(&t, "h", at(1), at(0)), 1).await;
+    assert_eq!(
+        names(drain_due(&*store, Timestamp::MAX, 100).await).len(),
+        6
+    );
+    let mut cursor = None;
+    let mut all = Vec::new();
+    loop {
+        let page = store
+            .due("another/consumer", Timestamp::MAX, cursor.as_ref(), 4)
+            .await
+            .unwrap();
+        all.extend(page.entries);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let theirs_due = names(all);
+    assert_eq!(theirs_due.len(), 6, "{theirs_due:?}");
+    assert!(theirs_due.iter().all(|n| n.starts_with("theirs-")));
+    assert!(
+        store
+            .due("nobody/here", Timestamp::MAX, None, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
     );
 }
 
@@ -681,6 +753,7 @@ macro_rules! conformance_tests {
             due_orders_and_limits,
             due_pages_10k_without_skip_or_repeat,
             due_follows_updates_and_skips_terminal,
+            due_is_per_consumer,
             list_by_state_pages,
             odd_ids_round_trip
         }

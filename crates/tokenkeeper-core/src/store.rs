@@ -287,8 +287,10 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
         expected_version: u64,
     ) -> Result<DeleteOutcome, StoreError>;
 
-    /// Installations whose next action is due before `before`, oldest first, paged: up to
-    /// `limit` entries strictly after the cursor `after`. Terminal records never appear.
+    /// Installations of `consumer` (a record's [`Record::consumer`]) whose next action is due
+    /// before `before`, oldest first, paged: up to `limit` entries strictly after the cursor
+    /// `after`. Terminal records never appear. The index is kept per consumer, so consumers
+    /// sharing a store never walk each other's entries.
     ///
     /// # Errors
     ///
@@ -296,6 +298,7 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::Corrupt`] naming the installation when it can be named.
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
@@ -361,11 +364,12 @@ macro_rules! forward_store {
             }
             async fn due(
                 &self,
+                consumer: &str,
                 before: Timestamp,
                 after: Option<&DueEntry>,
                 limit: usize,
             ) -> Result<DuePage, StoreError> {
-                (**self).due(before, after, limit).await
+                (**self).due(consumer, before, after, limit).await
             }
             async fn list(
                 &self,

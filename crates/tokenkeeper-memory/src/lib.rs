@@ -8,8 +8,8 @@
 //!
 //! All state sits behind one mutex held only for in-memory map operations (never across an
 //! `.await`), which makes every operation atomic: compare-and-swap, the record and its index
-//! entries change together. The due index is a `BTreeSet<(due_at, id)>`, so `due` is a range
-//! scan, not a full scan.
+//! entries change together. The due index is a `BTreeSet<(due_at, id)>` per consumer, so `due`
+//! is a range scan of one consumer's entries, not a full scan.
 //!
 //! ```
 //! use tokenkeeper_core::{TokenStore, InstallationId};
@@ -39,19 +39,24 @@ const BACKEND: &str = "memory";
 #[derive(Debug, Default)]
 struct Tables {
     records: BTreeMap<InstallationId, Record>,
-    due: BTreeSet<(Timestamp, InstallationId)>,
+    due: BTreeMap<String, BTreeSet<(Timestamp, InstallationId)>>,
 }
 
 impl Tables {
     fn index(&mut self, record: &Record) {
         if let Some(due_at) = record.due_at() {
-            self.due.insert((due_at, record.id().clone()));
+            self.due
+                .entry(record.consumer().to_owned())
+                .or_default()
+                .insert((due_at, record.id().clone()));
         }
     }
 
     fn unindex(&mut self, record: &Record) {
         if let Some(due_at) = record.due_at() {
-            self.due.remove(&(due_at, record.id().clone()));
+            if let Some(set) = self.due.get_mut(record.consumer()) {
+                set.remove(&(due_at, record.id().clone()));
+            }
         }
     }
 }
@@ -148,17 +153,20 @@ impl TokenStore for MemoryStore {
 
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
         let inner = self.lock();
+        let Some(set) = inner.due.get(consumer) else {
+            return Ok(DuePage::default());
+        };
         let start = match after {
             Some(c) => Bound::Excluded((c.due_at, c.id.clone())),
             None => Bound::Unbounded,
         };
-        let entries = inner
-            .due
+        let entries = set
             .range((start, Bound::Unbounded))
             .take_while(|(due_at, _)| *due_at < before)
             .take(limit)

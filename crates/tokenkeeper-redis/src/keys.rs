@@ -1,10 +1,14 @@
 //! The key layout: which Redis keys hold an installation's record and index entries.
 //!
 //! ```text
-//! {prefix}:{sNN}:rec:{id}        string: header line + the record (tokens live only here)
-//! {prefix}:{sNN}:due             sorted set, all scores 0, members `HEX16(due_at) ++ id`
-//! {prefix}:{sNN}:state:{state}   sorted set per state, all scores 0, members `id`
+//! {prefix}:{sNN}:rec:{id}             string: header line + the record (tokens live only here)
+//! {prefix}:{sNN}:due:{consumer}       sorted set, all scores 0, members `HEX16(due_at) ++ id`
+//! {prefix}:{sNN}:state:{state}        sorted set per state, all scores 0, members `id`
 //! ```
+//!
+//! The due index is per consumer (a record's `profile/client_id`), so consumers sharing one
+//! Redis and prefix never walk each other's entries. Stores written before that kept one
+//! `{prefix}:{sNN}:due` per shard; `connect` moves its members to their consumer's set.
 //!
 //! `{sNN}` is a Redis Cluster hash tag derived from the installation id (its shard, a hash of
 //! the id modulo the shard count). Every key one installation touches shares that tag, so the
@@ -23,7 +27,9 @@ use tokenkeeper_core::{InstallationId, StateKind, Timestamp};
 /// Keys of one shard.
 #[derive(Debug, Clone)]
 pub(crate) struct ShardKeys {
-    pub(crate) due: String,
+    base: String,
+    /// The due set of every consumer, as stores before the per-consumer index kept it.
+    pub(crate) legacy_due: String,
     /// One per [`StateKind::ALL`], in that order.
     pub(crate) states: Vec<String>,
     pub(crate) record_prefix: String,
@@ -41,12 +47,13 @@ impl Layout {
             .map(|n| {
                 let base = format!("{prefix}:{{s{n:02}}}");
                 ShardKeys {
-                    due: format!("{base}:due"),
+                    legacy_due: format!("{base}:due"),
                     states: StateKind::ALL
                         .iter()
                         .map(|k| format!("{base}:state:{}", k.as_str()))
                         .collect(),
                     record_prefix: format!("{base}:rec:"),
+                    base,
                 }
             })
             .collect();
@@ -71,14 +78,21 @@ impl Layout {
         format!("{}{}", self.shard(id).record_prefix, id.as_str())
     }
 
-    /// All keys a script touching `id` needs: record, due, then one per state.
-    pub(crate) fn script_keys(&self, id: &InstallationId) -> Vec<String> {
+    /// All keys a script touching `id` of `consumer` needs: record, due, then one per state.
+    pub(crate) fn script_keys(&self, id: &InstallationId, consumer: &str) -> Vec<String> {
         let shard = self.shard(id);
         let mut keys = Vec::with_capacity(2 + shard.states.len());
         keys.push(self.record_key(id));
-        keys.push(shard.due.clone());
+        keys.push(shard.due(consumer));
         keys.extend(shard.states.iter().cloned());
         keys
+    }
+}
+
+impl ShardKeys {
+    /// The due set of `consumer` in this shard.
+    pub(crate) fn due(&self, consumer: &str) -> String {
+        format!("{}:due:{consumer}", self.base)
     }
 }
 

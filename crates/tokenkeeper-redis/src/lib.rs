@@ -84,6 +84,18 @@ pub enum ConnectError {
         /// What is missing.
         gaps: Vec<DurabilityGap>,
     },
+    /// The due index written by an older version could not be moved to the per-consumer
+    /// layout; nothing was lost (the move is per member and resumes on the next connect).
+    #[error(
+        "could not move the due index at {url} to the per-consumer layout: {source}; connect again once Redis answers"
+    )]
+    Migration {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
     /// A setting is out of range.
     #[error("invalid Redis store configuration: {field}: {reason}")]
     Config {
@@ -265,7 +277,7 @@ impl RedisStoreBuilder {
                 tracing::warn!(url = %url, "Redis could lose rotated tokens: {gap}");
             }
         }
-        Ok(RedisStore {
+        let store = RedisStore {
             conn,
             layout: Layout::new(&self.prefix, self.shards),
             prefix: self.prefix,
@@ -273,7 +285,21 @@ impl RedisStoreBuilder {
             operation_timeout: self.operation_timeout,
             replica_wait: self.replica_wait,
             durability_gaps,
-        })
+        };
+        let moved = store
+            .migrate_legacy_due()
+            .await
+            .map_err(|source| ConnectError::Migration {
+                url: store.url.clone(),
+                source,
+            })?;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                "moved due-index entries to their consumers' due sets"
+            );
+        }
+        Ok(store)
     }
 }
 
@@ -391,13 +417,70 @@ impl RedisStore {
         self.layout.record_key(id)
     }
 
-    /// Every index key (due and state sets of every shard).
-    pub fn index_keys(&self) -> Vec<String> {
+    /// Every index key of `consumer` (its due sets and the state sets of every shard).
+    pub fn index_keys(&self, consumer: &str) -> Vec<String> {
         self.layout
             .shards()
             .iter()
-            .flat_map(|s| std::iter::once(s.due.clone()).chain(s.states.iter().cloned()))
+            .flat_map(|s| std::iter::once(s.due(consumer)).chain(s.states.iter().cloned()))
             .collect()
+    }
+
+    /// Moves the members of the shared due sets that stores before the per-consumer index
+    /// kept (`{prefix}:{sNN}:due`) into their records' consumers' sets, dropping members
+    /// whose record is gone or no longer indexes them. Idempotent and resumable: each member
+    /// moves in one script; run by `connect`. Stop processes of older versions first (they
+    /// would go on writing the shared sets).
+    async fn migrate_legacy_due(&self) -> Result<u64, StoreError> {
+        let mut moved = 0;
+        for shard in self.layout.shards() {
+            loop {
+                let members: Vec<Vec<u8>> = self
+                    .run("migrate", async |c| {
+                        redis::cmd("ZRANGE")
+                            .arg(&shard.legacy_due)
+                            .arg(0)
+                            .arg(99)
+                            .query_async(c)
+                            .await
+                    })
+                    .await?;
+                if members.is_empty() {
+                    break;
+                }
+                for member in members {
+                    let id = member
+                        .get(16..)
+                        .and_then(|b| InstallationId::from_bytes(b).ok());
+                    let consumer = match &id {
+                        Some(id) => match self.get(id).await {
+                            Ok(Some(record)) => Some(record.consumer().to_owned()),
+                            Ok(None) => None,
+                            Err(StoreError::Corrupt { .. }) => None,
+                            Err(e) => return Err(e),
+                        },
+                        None => None,
+                    };
+                    let (due, record) = match (&id, &consumer) {
+                        (Some(id), Some(consumer)) => (shard.due(consumer), self.record_key(id)),
+                        // Gone or unreadable: the member is only dropped.
+                        _ => (shard.due(""), format!("{}:rec:", shard.legacy_due)),
+                    };
+                    let keys = [shard.legacy_due.clone(), due, record];
+                    let n: i64 = self
+                        .run("migrate", async |c| {
+                            scripts::MIGRATE_DUE
+                                .key(&keys)
+                                .arg(&member)
+                                .invoke_async(c)
+                                .await
+                        })
+                        .await?;
+                    moved += u64::try_from(n).unwrap_or(0);
+                }
+            }
+        }
+        Ok(moved)
     }
 
     /// Runs one Redis interaction under the operation timeout, mapping errors.
@@ -511,7 +594,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        let keys = self.layout.script_keys(record.id());
+        let keys = self.layout.script_keys(record.id(), record.consumer());
         let value = value::encode(record);
         let created: i64 = self
             .run("create", async |c| {
@@ -544,7 +627,9 @@ impl TokenStore for RedisStore {
         let written_under = record
             .written_under()
             .map_or_else(String::new, ToString::to_string);
-        let keys = self.layout.script_keys(record.id());
+        // A record's consumer never changes, so its due set is the one the stored version
+        // indexes itself in.
+        let keys = self.layout.script_keys(record.id(), record.consumer());
         let value = value::encode(record);
         let reply: Value = self
             .run("compare_and_swap", async |c| {
@@ -579,7 +664,12 @@ impl TokenStore for RedisStore {
         id: &InstallationId,
         expected_version: u64,
     ) -> Result<DeleteOutcome, StoreError> {
-        let keys = self.layout.script_keys(id);
+        // The due set to clean is the record's consumer's: read it first (the script checks
+        // the version, so a record changed in between is a conflict, not a wrong key).
+        let Some(stored) = self.get(id).await? else {
+            return Ok(DeleteOutcome::Missing);
+        };
+        let keys = self.layout.script_keys(id, stored.consumer());
         let reply: Value = self
             .run("delete", async |c| {
                 scripts::DELETE
@@ -600,8 +690,13 @@ impl TokenStore for RedisStore {
         }
     }
 
+    /// One page merged from every shard's due set of `consumer`. Each shard is asked for
+    /// `limit / shards + 1` members (not `limit`: that moved 16 times what a page returns);
+    /// the page then ends at the smallest last member of the shards that filled their share,
+    /// below which every shard's entries are known, so paging never skips one.
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
@@ -614,19 +709,32 @@ impl TokenStore for RedisStore {
             None => "-".to_owned(),
         };
         let max = format!("({}", due_hex(before));
+        let shards = self.layout.shards();
+        let share = limit.div_ceil(shards.len()) + 1;
         let mut pipe = redis::pipe();
-        for shard in self.layout.shards() {
+        for shard in shards {
             pipe.cmd("ZRANGEBYLEX")
-                .arg(&shard.due)
+                .arg(shard.due(consumer))
                 .arg(&min)
                 .arg(&max)
                 .arg("LIMIT")
                 .arg(0)
-                .arg(limit);
+                .arg(share);
         }
         let pages: Vec<Vec<Vec<u8>>> = self.run("due", async |c| pipe.query_async(c).await).await?;
+        // Below the smallest last member of a full shard, every shard's entries are here.
+        let cut = pages
+            .iter()
+            .filter(|p| p.len() == share)
+            .filter_map(|p| p.last())
+            .min()
+            .cloned();
         let mut members: Vec<Vec<u8>> = pages.into_iter().flatten().collect();
         members.sort_unstable();
+        if let Some(cut) = &cut {
+            members.retain(|m| m <= cut);
+        }
+        let more = cut.is_some() || members.len() > limit;
         members.truncate(limit);
         let mut entries = Vec::with_capacity(members.len());
         for m in members {
@@ -642,7 +750,8 @@ impl TokenStore for RedisStore {
                 id: parse_id("due", &m[16..])?,
             });
         }
-        Ok(DuePage::from_entries(entries, limit))
+        let next = if more { entries.last().cloned() } else { None };
+        Ok(DuePage { entries, next })
     }
 
     async fn list(
@@ -715,9 +824,9 @@ pub mod bench_support {
         &crate::scripts::CAS
     }
 
-    /// The KEYS of a script touching `id`.
-    pub fn script_keys(store: &RedisStore, id: &InstallationId) -> Vec<String> {
-        store.layout.script_keys(id)
+    /// The KEYS of a script touching `id` of `consumer`.
+    pub fn script_keys(store: &RedisStore, id: &InstallationId, consumer: &str) -> Vec<String> {
+        store.layout.script_keys(id, consumer)
     }
 
     /// The ARGV of a compare-and-swap of `record` from `expected`.

@@ -64,6 +64,23 @@ return 1
     ))
 });
 
+/// KEYS: the legacy due set, the consumer's due set, the record. ARGV: a legacy member.
+/// Moves the member to the consumer's set if the record still indexes it (a record written
+/// since indexes itself in its consumer's set); drops it either way. Returns 1 when moved.
+pub(crate) static MIGRATE_DUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{PRELUDE}
+redis.call('ZREM', KEYS[1], ARGV[1])
+local cur = redis.call('GET', KEYS[3])
+if not cur then return 0 end
+local v, s, d = header(cur)
+if d ~= ARGV[1] then return 0 end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return 1
+"#
+    ))
+});
+
 /// ARGV: expected version, id. Returns 1 when deleted, 0 when missing, or the current value on
 /// a version conflict.
 pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {

@@ -224,7 +224,7 @@ async fn prefixes_isolate_applications() {
         .unwrap();
     assert!(b.get(&id("shared-name")).await.unwrap().is_none());
     assert!(
-        b.due(tokenkeeper_core::Timestamp::MAX, None, 10)
+        b.due("conformance", tokenkeeper_core::Timestamp::MAX, None, 10)
             .await
             .unwrap()
             .entries
@@ -337,4 +337,92 @@ async fn outage_gives_typed_errors_in_bounded_time_and_heals_after_restart() {
         "the same store object never worked again after the restart"
     );
     assert!(store.get(&id("after")).await.unwrap().is_some());
+}
+
+/// A store written before the due index was per consumer kept one `{prefix}:{sNN}:due` set per
+/// shard. `connect` moves each member to its record's consumer's set (dropping ghosts whose
+/// record is gone), and `due` finds them under that consumer only.
+#[tokio::test]
+async fn connect_moves_a_shared_due_index_to_per_consumer_sets() {
+    let store = common::fresh_store("legacy-due").await;
+    let prefix = store.prefix().to_owned();
+    let mut conn = raw(&common::url()).await;
+    for name in ["old-1", "old-2", "old-3"] {
+        store
+            .create(&sample_record(&id(name), at(5)))
+            .await
+            .unwrap();
+    }
+    // Rewrite the index as the old layout had it: every member in the shard's shared set.
+    let mut moved = 0;
+    for key in keys_with(&mut conn, &prefix).await {
+        if let Some(shared) = key.strip_suffix(":due:conformance") {
+            let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for m in members {
+                let _: () = redis::cmd("ZADD")
+                    .arg(format!("{shared}:due"))
+                    .arg(0)
+                    .arg(&m)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                moved += 1;
+            }
+            let _: () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(moved, 3);
+    // A ghost: a member whose record was deleted long ago.
+    let shared = keys_with(&mut conn, &prefix)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(":due"))
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(&shared)
+        .arg(0)
+        .arg("8000000000000000ghost")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .due("conformance", at(10), None, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty(),
+        "the old layout is invisible until migrated"
+    );
+
+    let again = RedisStore::builder(common::url())
+        .prefix(&prefix)
+        .connect()
+        .await
+        .unwrap();
+    let names: Vec<_> = again
+        .due("conformance", at(10), None, 10)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.id.as_str().to_owned())
+        .collect();
+    assert_eq!(names, ["old-1", "old-2", "old-3"]);
+    let leftover: Vec<String> = keys_with(&mut conn, &prefix)
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(":due"))
+        .collect();
+    assert!(leftover.is_empty(), "shared sets emptied: {leftover:?}");
 }

@@ -301,13 +301,16 @@ impl TokenStore for SqliteStore {
 
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
-        let after = after.cloned();
-        self.run("due", move |c| ops::due(c, before, after.as_ref(), limit))
-            .await
+        let (consumer, after) = (consumer.to_owned(), after.cloned());
+        self.run("due", move |c| {
+            ops::due(c, &consumer, before, after.as_ref(), limit)
+        })
+        .await
     }
 
     async fn list(

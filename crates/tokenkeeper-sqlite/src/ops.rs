@@ -130,7 +130,8 @@ pub(crate) fn create(conn: &Connection, record: &Record, bytes: &[u8]) -> Result
     let version = version_column(record.id(), record.version())?;
     let mut stmt = conn
         .prepare_cached(
-            "INSERT INTO installations (id, version, state, due_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO installations (id, version, state, due_at, record, consumer) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .map_err(|e| sqlite_error("create", e))?;
     match stmt.execute(params![
@@ -138,7 +139,8 @@ pub(crate) fn create(conn: &Connection, record: &Record, bytes: &[u8]) -> Result
         version,
         record.state().kind().as_str(),
         due_column(record),
-        bytes
+        bytes,
+        record.consumer()
     ]) {
         Ok(_) => Ok(()),
         Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
@@ -161,8 +163,8 @@ pub(crate) fn compare_and_swap(
     let expected_col = version_column(record.id(), expected)?;
     let mut stmt = conn
         .prepare_cached(
-            "UPDATE installations SET version = ?1, state = ?2, due_at = ?3, record = ?4 \
-             WHERE id = ?5 AND version = ?6 AND (?7 IS NULL OR \
+            "UPDATE installations SET version = ?1, state = ?2, due_at = ?3, record = ?4, \
+             consumer = ?8 WHERE id = ?5 AND version = ?6 AND (?7 IS NULL OR \
              json_extract(CAST(record AS TEXT), '$.record.state.Refreshing.lease.holder') = ?7)",
         )
         .map_err(|e| sqlite_error("compare_and_swap", e))?;
@@ -174,7 +176,8 @@ pub(crate) fn compare_and_swap(
             bytes,
             record.id().as_str(),
             expected_col,
-            record.written_under().map(|h| h.to_string())
+            record.written_under().map(|h| h.to_string()),
+            record.consumer()
         ])
         .map_err(|e| sqlite_error("compare_and_swap", e))?;
     if changed == 1 {
@@ -209,10 +212,10 @@ pub(crate) fn delete(
     })
 }
 
-/// The `due` query: a range scan of `installations_by_due` (checked by a test with
-/// `EXPLAIN QUERY PLAN`).
+/// The `due` query: a range scan of one consumer's part of `installations_by_consumer_due`
+/// (checked by a test with `EXPLAIN QUERY PLAN`).
 const DUE_SQL: &str = "SELECT id, due_at FROM installations \
-     WHERE due_at IS NOT NULL AND due_at < ?1 AND (due_at, id) > (?2, ?3) \
+     WHERE consumer = ?5 AND due_at IS NOT NULL AND due_at < ?1 AND (due_at, id) > (?2, ?3) \
      ORDER BY due_at, id LIMIT ?4";
 
 /// The `list` query for one state: a range scan of `installations_by_state`.
@@ -228,6 +231,7 @@ fn limit_param(limit: usize) -> i64 {
 
 pub(crate) fn due(
     conn: &Connection,
+    consumer: &str,
     before: Timestamp,
     after: Option<&DueEntry>,
     limit: usize,
@@ -244,7 +248,13 @@ pub(crate) fn due(
         .map_err(|e| sqlite_error("due", e))?;
     let rows = stmt
         .query_map(
-            params![before.unix_nanos(), after_due, after_id, limit_param(limit)],
+            params![
+                before.unix_nanos(),
+                after_due,
+                after_id,
+                limit_param(limit),
+                consumer
+            ],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
         )
         .map_err(|e| sqlite_error("due", e))?;
@@ -332,10 +342,10 @@ mod tests {
         let due = plan(
             &raw,
             DUE_SQL,
-            rusqlite::params![i64::MAX, i64::MIN, "", 100],
+            rusqlite::params![i64::MAX, i64::MIN, "", 100, "conformance"],
         );
         assert!(
-            due.contains("USING") && due.contains("installations_by_due"),
+            due.contains("USING") && due.contains("installations_by_consumer_due"),
             "{due}"
         );
         assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");

@@ -15,7 +15,8 @@ pub const APPLICATION_ID: i32 = 0x546b_4b70;
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE installations (
         id      TEXT    NOT NULL PRIMARY KEY,
         version INTEGER NOT NULL,
@@ -25,7 +26,18 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX installations_by_due ON installations (due_at, id) WHERE due_at IS NOT NULL;
     CREATE INDEX installations_by_state ON installations (state, id);
-"];
+",
+    // 2: the due index per consumer, so consumers sharing a database never walk each other's
+    // entries; existing rows take their consumer from the record they hold.
+    "
+    ALTER TABLE installations ADD COLUMN consumer TEXT NOT NULL DEFAULT '';
+    UPDATE installations
+       SET consumer = coalesce(json_extract(CAST(record AS TEXT), '$.record.consumer'), '');
+    DROP INDEX installations_by_due;
+    CREATE INDEX installations_by_consumer_due ON installations (consumer, due_at, id)
+        WHERE due_at IS NOT NULL;
+",
+];
 
 fn identity(conn: &Connection) -> rusqlite::Result<(i32, i32, i64)> {
     let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;

@@ -189,7 +189,12 @@ async fn corrupt_rows_are_typed_errors_for_that_installation_only() {
         CasOutcome::Swapped
     );
     assert_eq!(
-        store.due(at(1000), None, 10).await.unwrap().entries.len(),
+        store
+            .due("conformance", at(1000), None, 10)
+            .await
+            .unwrap()
+            .entries
+            .len(),
         5
     );
     // Listing by another state still works; the unknown state is named.
@@ -230,4 +235,66 @@ async fn records_survive_reopen_and_a_second_store_on_the_same_file() {
         CasOutcome::Conflict(_)
     ));
     assert_eq!(b.get(&id("durable")).await.unwrap().unwrap(), leased);
+}
+
+/// A database of schema 1 (one due index for every consumer) opens as schema 2: each row
+/// takes its consumer from the record it holds, and `due` finds it under that consumer only.
+#[tokio::test]
+async fn a_schema_1_database_moves_to_the_per_consumer_due_index() {
+    let path = common::fresh_db("schema1");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE installations (
+                 id      TEXT    NOT NULL PRIMARY KEY,
+                 version INTEGER NOT NULL,
+                 state   TEXT    NOT NULL,
+                 due_at  INTEGER,
+                 record  BLOB    NOT NULL
+             );
+             CREATE INDEX installations_by_due ON installations (due_at, id) WHERE due_at IS NOT NULL;
+             CREATE INDEX installations_by_state ON installations (state, id);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        for name in ["old-1", "old-2"] {
+            let r = sample_record(&id(name), at(5));
+            conn.execute(
+                "INSERT INTO installations (id, version, state, due_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![
+                    name,
+                    r.version() as i64,
+                    r.state().kind().as_str(),
+                    r.due_at().map(tokenkeeper_core::Timestamp::unix_nanos),
+                    r.encode()
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let store = SqliteStore::open(&path).await.unwrap();
+    let version: i32 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let due = store.due("conformance", at(10), None, 10).await.unwrap();
+    let names: Vec<_> = due.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(names, ["old-1", "old-2"]);
+    assert!(
+        store
+            .due("another/consumer", at(10), None, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    // Writes after the move keep the index right.
+    let r = store.get(&id("old-1")).await.unwrap().unwrap();
+    let leased = lease(&r, "h", at(50), at(6));
+    store.compare_and_swap(&leased, 1).await.unwrap();
+    let due = store.due("conformance", at(10), None, 10).await.unwrap();
+    assert_eq!(due.entries.len(), 1);
 }

@@ -135,12 +135,13 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
 
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
         self.hook.before(Operation::Due).await?;
-        self.inner.due(before, after, limit).await
+        self.inner.due(consumer, before, after, limit).await
     }
 
     async fn list(

@@ -246,11 +246,12 @@ impl<S: TokenStore> TokenStore for Reads<S> {
     }
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
-        self.inner.due(before, after, limit).await
+        self.inner.due(consumer, before, after, limit).await
     }
     async fn list(
         &self,

@@ -181,12 +181,13 @@ impl TokenStore for HostStore {
 
     async fn due(
         &self,
+        consumer: &str,
         before: Timestamp,
         after: Option<&DueEntry>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
         self.before("due").await?;
-        self.world.store.due(before, after, limit).await
+        self.world.store.due(consumer, before, after, limit).await
     }
 
     async fn list(

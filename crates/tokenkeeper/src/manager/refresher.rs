@@ -1,21 +1,27 @@
-//! The background refresher: pages through the store's due index and refreshes what is due
-//! (proactive refresh-ahead, keep-alive of idle installations, retries after backoff), with
-//! bounded concurrency and a provider rate limit, through the same single flight as callers,
-//! so it never runs two refreshes of one installation. Shutdown stops scheduling and awaits
-//! the refreshes in flight.
+//! The background refresher: pages through its consumer's part of the store's due index and
+//! refreshes what is due (proactive refresh-ahead, keep-alive of idle installations, retries
+//! after backoff), with bounded concurrency and a provider rate limit, through the same single
+//! flight as callers, so it never runs two refreshes of one installation. Shutdown stops
+//! scheduling and awaits the refreshes in flight.
+//!
+//! Processes share the work rather than repeat it: each walks every page in its own random
+//! order, and before spending a rate slot it re-reads the entry and skips it when a peer has
+//! just leased or refreshed it, so N processes refresh about N times as fast. An entry it
+//! cannot act on (a corrupt record, a ghost index entry, one still due after its flight, such
+//! as while the consumer's credentials are refused) rests for `max_idle` before it is looked
+//! at again, so nothing makes the refresher spin.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenkeeper_core::{DueEntry, InstallationId};
+use tokenkeeper_core::{DueEntry, InstallationId, State, StoreError, Timestamp};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::TokenManager;
 use super::decide::Mode;
-use crate::error::Error;
 
 /// How the refresher paces itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +54,7 @@ struct RefresherStats {
     attempted: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
+    skipped: AtomicU64,
 }
 
 impl RefresherStats {
@@ -57,6 +64,7 @@ impl RefresherStats {
             attempted: self.attempted.load(Ordering::Relaxed),
             succeeded: self.succeeded.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
         }
     }
 }
@@ -72,6 +80,9 @@ pub struct RefresherCounts {
     pub succeeded: u64,
     /// Refreshes that ended with an error.
     pub failed: u64,
+    /// Due entries passed over without a flight: a peer had just leased or refreshed them, or
+    /// their record is gone or unreadable.
+    pub skipped: u64,
 }
 
 /// A running refresher. Dropping it leaves it running; call [`RefresherHandle::shutdown`].
@@ -112,6 +123,8 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         // Installations whose refresh is still running: a slow one is left to finish while
         // the next sweeps go on with everything else (no sweep waits for its slowest refresh).
         let in_flight: Arc<Mutex<HashSet<InstallationId>>> = Arc::default();
+        // Entries that just had a flight or could not be acted on rest until then.
+        let resting: Arc<Mutex<HashMap<InstallationId, tokio::time::Instant>>> = Arc::default();
         // Whether the handle is still there to stop us: once it is dropped, its channel closes
         // and `changed()` would return at once forever (a busy loop), so stop listening.
         let mut listening = true;
@@ -128,7 +141,12 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                 let page = match manager
                     .engine
                     .store
-                    .due(now, cursor.as_ref(), config.page_size.max(1))
+                    .due(
+                        &manager.engine.consumer,
+                        now,
+                        cursor.as_ref(),
+                        config.page_size.max(1),
+                    )
                     .await
                 {
                     Ok(page) => page,
@@ -137,55 +155,71 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                         break;
                     }
                 };
-                for entry in page.entries {
+                let next = page.next;
+                let mut entries = page.entries;
+                fastrand::shuffle(&mut entries);
+                for entry in entries {
                     if *stopped.borrow() {
                         break 'sweeps;
                     }
-                    if !in_flight
+                    if rests(&resting, &entry.id) {
+                        continue;
+                    }
+                    if in_flight
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .insert(entry.id.clone())
+                        .contains(&entry.id)
                     {
                         continue;
                     }
-                    dispatched += 1;
-                    if let Some(pace) = pace {
+                    // Wait for a rate slot and a permit first, then look again: a peer may
+                    // have taken the entry meanwhile, and a skipped entry costs no slot.
+                    if pace.is_some() {
                         tokio::time::sleep_until(next_slot).await;
-                        next_slot = next_slot.max(tokio::time::Instant::now()) + pace;
                     }
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         break 'sweeps;
                     };
+                    if !actionable(&manager, &entry.id).await {
+                        task_stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        rest(&resting, &entry.id, config.max_idle);
+                        continue;
+                    }
+                    if let Some(pace) = pace {
+                        next_slot = next_slot.max(tokio::time::Instant::now()) + pace;
+                    }
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(entry.id.clone());
+                    dispatched += 1;
                     let (m, s, flying) = (manager.clone(), task_stats.clone(), in_flight.clone());
+                    let (resting, idle) = (resting.clone(), config.max_idle);
                     s.attempted.fetch_add(1, Ordering::Relaxed);
                     running.spawn(async move {
                         let outcome = m.refresh(&entry.id, Mode::Proactive).await;
-                        let foreign = matches!(outcome, Err(Error::ForeignConsumer { .. }));
                         match outcome {
                             Ok(_) => s.succeeded.fetch_add(1, Ordering::Relaxed),
                             Err(_) => s.failed.fetch_add(1, Ordering::Relaxed),
                         };
-                        // Another consumer's installation stays marked as in flight, so no
-                        // later sweep of this refresher touches it again.
-                        if !foreign {
-                            flying
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .remove(&entry.id);
-                        }
+                        // Whatever happened, the entry's due time has moved or it cannot be
+                        // acted on yet: it rests before this refresher looks at it again.
+                        rest(&resting, &entry.id, idle);
+                        flying
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&entry.id);
                         drop(permit);
                     });
                     while running.try_join_next().is_some() {}
                 }
-                match page.next {
+                match next {
                     Some(next) => cursor = Some(next),
                     None => break,
                 }
             }
-            // Only refreshes still running were due: wait for one of them to end (or for
-            // `max_idle`) rather than spinning over entries nothing can be done about yet.
-            // Nothing new to start (all due entries are running or another consumer's): wait
-            // for a refresh to end or for `max_idle`, rather than spinning over them.
+            // Nothing new to start (every due entry is running or resting): wait for a refresh
+            // to end or for `max_idle`, rather than spinning over them.
             let idle = if dispatched == 0 {
                 config.max_idle
             } else {
@@ -206,13 +240,68 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
     RefresherHandle { stop, task, stats }
 }
 
+/// Whether `id` is resting, forgetting rests that are over.
+fn rests(
+    resting: &Mutex<HashMap<InstallationId, tokio::time::Instant>>,
+    id: &InstallationId,
+) -> bool {
+    let mut resting = resting.lock().unwrap_or_else(PoisonError::into_inner);
+    match resting.get(id) {
+        Some(until) if *until > tokio::time::Instant::now() => true,
+        Some(_) => {
+            resting.remove(id);
+            false
+        }
+        None => false,
+    }
+}
+
+fn rest(
+    resting: &Mutex<HashMap<InstallationId, tokio::time::Instant>>,
+    id: &InstallationId,
+    time: Duration,
+) {
+    let mut resting = resting.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = tokio::time::Instant::now();
+    // Bounded by the due entries seen within `time`; drop the expired ones now and then.
+    if resting.len() > 10_000 {
+        resting.retain(|_, until| *until > now);
+    }
+    resting.insert(id.clone(), now + time);
+}
+
+/// Re-reads a due entry before spending a rate slot on it: it is worth a flight unless a peer
+/// has since refreshed it (no longer due) or holds a live lease on it, or its record is gone
+/// or unreadable. A store that fails to answer leaves it to the flight, which reports why.
+async fn actionable(manager: &TokenManager, id: &InstallationId) -> bool {
+    let now: Timestamp = manager.engine.clock.now();
+    match manager.engine.store.get(id).await {
+        Ok(Some(record)) => {
+            let leased_elsewhere =
+                matches!(record.state(), State::Refreshing { lease } if lease.until > now);
+            record.due_at().is_some_and(|d| d <= now) && !leased_elsewhere
+        }
+        Ok(None) => false,
+        Err(StoreError::Corrupt { .. }) => {
+            tracing::warn!(installation = %id, "a due installation's record is unreadable; the refresher passes over it");
+            false
+        }
+        Err(_) => true,
+    }
+}
+
 /// How long until the earliest due entry (at most `max`).
 async fn next_due_in(manager: &TokenManager, max: Duration) -> Duration {
     let now = manager.engine.clock.now();
     match manager
         .engine
         .store
-        .due(tokenkeeper_core::Timestamp::MAX, None, 1)
+        .due(
+            &manager.engine.consumer,
+            tokenkeeper_core::Timestamp::MAX,
+            None,
+            1,
+        )
         .await
     {
         Ok(page) => page

@@ -1,0 +1,156 @@
+//! The background refresher in a fleet: an entry it cannot act on (a corrupt record) never
+//! makes it spin, and processes share the due work instead of repeating it: two processes'
+//! refreshers over one SQLite file or one Redis each take a share of the due installations,
+//! with exactly one refresh per installation between them. (How fleet throughput grows with
+//! processes is measured, not asserted: `benches/refresher_sweep.rs`, `refresher_processes`.)
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Fixture, consumer_for};
+use tokenkeeper::{RefresherConfig, TokenManager, TokenStore, profiles};
+use tokenkeeper_core::conformance::sample_tokens;
+use tokenkeeper_core::{InstallationId, Record, Timestamp};
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile};
+
+/// Review finding 16a: a corrupt record due in the past. Before, every sweep found it due
+/// again and swept every 5 ms (hundreds of sweeps a second); now it rests for `max_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_due_record_does_not_make_the_refresher_spin() {
+    let path = tokenkeeper_testkit::dirs::fresh_db("spin");
+    let store: Arc<dyn TokenStore> =
+        Arc::new(tokenkeeper_sqlite::SqliteStore::open(&path).await.unwrap());
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store.clone()).await;
+    let consumer = format!("bitbucket/{DEFAULT_CLIENT_ID}");
+    let id = InstallationId::new("corrupt").unwrap();
+    let past = Timestamp::from_unix_secs(1);
+    store
+        .create(&Record::new(
+            id.clone(),
+            consumer,
+            sample_tokens("corrupt", past),
+            past,
+            past,
+        ))
+        .await
+        .unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE installations SET record = ?1 WHERE id = 'corrupt'",
+            [b"{not a record".to_vec()],
+        )
+        .unwrap();
+    let refresher = f.manager.spawn_refresher_with(RefresherConfig {
+        rate_per_second: None,
+        max_idle: Duration::from_secs(5),
+        ..RefresherConfig::default()
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = refresher.shutdown().await;
+    assert!(counts.sweeps <= 2, "the refresher spun: {counts:?}");
+    assert_eq!(counts.skipped, 1, "{counts:?}");
+    assert_eq!(f.mock.counters().totals.token_calls, 0);
+}
+
+async fn open(backend: &str, location: &str) -> Arc<dyn TokenStore> {
+    match backend {
+        "sqlite" => Arc::new(
+            tokenkeeper_sqlite::SqliteStore::open(location)
+                .await
+                .unwrap(),
+        ),
+        _ => Arc::new(
+            tokenkeeper_redis::RedisStore::builder(tokenkeeper_testkit::redis::server_url())
+                .prefix(location)
+                .connect()
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+/// Review finding 16b: each refresher walks the due index in its own order and skips what a
+/// peer has just leased or refreshed, so two rate-limited processes each do a share of the
+/// work; between them every installation is refreshed exactly once.
+async fn two_processes_share_the_due_work(backend: &str) {
+    let location = match backend {
+        "sqlite" => tokenkeeper_testkit::dirs::fresh_db("share")
+            .to_string_lossy()
+            .into_owned(),
+        _ => tokenkeeper_testkit::redis::unique_prefix("share"),
+    };
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        open(backend, &location).await,
+    )
+    .await;
+    const N: u64 = 60;
+    for _ in 0..N {
+        f.install().await;
+    }
+    let process = |store| {
+        TokenManager::builder_shared(
+            consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
+            store,
+        )
+        .clock(f.clock.clone())
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (
+        process(open(backend, &location).await),
+        process(open(backend, &location).await),
+    );
+    f.advance(Duration::from_secs(7200));
+    f.mock.reset_counters();
+    let config = RefresherConfig {
+        concurrency: 4,
+        rate_per_second: Some(20),
+        page_size: 25,
+        max_idle: Duration::from_millis(50),
+    };
+    let (ra, rb) = (
+        a.spawn_refresher_with(config.clone()),
+        b.spawn_refresher_with(config),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.mock.counters().totals.refreshes < N {
+        assert!(
+            Instant::now() < deadline,
+            "{backend}: the fleet fell behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ca, cb) = (ra.shutdown().await, rb.shutdown().await);
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        (c.refreshes, c.rejected_refreshes, c.reuse_detections),
+        (N, 0, 0),
+        "{backend}: exactly one refresh each: {c:?}"
+    );
+    // Each took a real share (a refresher alone at 20/s would have needed 3 s for all 60).
+    for (name, counts) in [("a", ca), ("b", cb)] {
+        assert!(
+            counts.attempted >= N / 5,
+            "{backend}: process {name} did not share the work: {ca:?} {cb:?}"
+        );
+    }
+    assert!(
+        ca.attempted + cb.attempted <= N + N / 5,
+        "{backend}: processes repeated each other's work: {ca:?} {cb:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_processes_share_the_due_work() {
+    two_processes_share_the_due_work("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_processes_share_the_due_work() {
+    two_processes_share_the_due_work("redis").await;
+}
