@@ -61,6 +61,11 @@ pub enum BackoffCause {
     /// The request was refused as malformed (`unsupported_grant_type`, other
     /// `invalid_request`): a configuration bug on our side; tokens are kept.
     Configuration,
+    /// The provider refused this refresh token, but it had refused those of many other
+    /// installations since the last successful refresh: a provider incident or a token URL
+    /// pointed at another server is likelier than that many users revoking at once, so the
+    /// tokens are kept and the refusal is not believed yet (the mass-rejection guard).
+    MassRejection,
 }
 
 /// Why an installation needs its user to authorize the app again.

@@ -78,6 +78,20 @@ pub enum Error {
         /// The failure.
         detail: ErrorDetail,
     },
+    /// The provider refused this installation's refresh token, but it had refused those of
+    /// many installations since the last successful refresh, so the refusal is held, not
+    /// believed yet (`RefreshPolicy::mass_rejection`); the tokens are kept.
+    #[error(
+        "the provider refused installation {id}'s refresh token, after refusing those of many other installations since the last successful refresh ({detail}); it is not condemned yet: check the token URL and the provider's status; if the consumer's scopes were changed on purpose, every installation must be authorized again. Tokens are kept; retried after {retry_at}"
+    )]
+    RefusalsHeld {
+        /// The installation.
+        id: InstallationId,
+        /// When the refusal is tried again.
+        retry_at: Timestamp,
+        /// The provider's refusal and the count.
+        detail: ErrorDetail,
+    },
     /// The provider refused the request as malformed: the profile is wrong for this provider.
     #[error(
         "refreshing installation {id} failed because the request was malformed for this provider ({detail}); check the provider profile; tokens are kept"
@@ -216,6 +230,7 @@ impl Error {
             | Self::TemporarilyUnavailable { id, .. }
             | Self::ConsumerCredentials { id, .. }
             | Self::Configuration { id, .. }
+            | Self::RefusalsHeld { id, .. }
             | Self::Busy { id, .. }
             | Self::Store { id, .. }
             | Self::Provider { id, .. }

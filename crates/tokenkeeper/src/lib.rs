@@ -63,9 +63,9 @@ pub mod __protocol {
     pub use crate::manager::{DecideContext as Context, Decision, Mode, decide, rejection_reason};
 }
 pub use manager::{
-    Explanation, Health, LifecycleEvent, LifecycleEventKind, RefreshPolicy, RefresherConfig,
-    RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder, UnsavedFileError,
-    UnsavedTokens,
+    Explanation, Health, LifecycleEvent, LifecycleEventKind, MassRejectionGuard, RefreshPolicy,
+    RefresherConfig, RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder,
+    UnsavedFileError, UnsavedTokens,
 };
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,

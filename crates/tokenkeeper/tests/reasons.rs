@@ -413,3 +413,90 @@ async fn a_credential_outage_never_spends_the_failure_budget() {
         .await
         .expect("healthy once the provider answers");
 }
+
+/// Finding 3's breaker: the provider suddenly refuses every refresh token (here a consumer
+/// scope change, which revokes them all; a provider incident looks the same). The first
+/// refusals condemn; from the threshold on they are held in `Backoff { MassRejection }` with
+/// the tokens kept and an explanation. A successful refresh ends the episode, and a hold that
+/// passes without one is believed.
+#[tokio::test]
+async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
+    let hold = Duration::from_secs(3600);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| {
+            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+                threshold: 3,
+                window: Duration::from_secs(600),
+                hold,
+            })
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(f.install().await);
+    }
+    f.mock
+        .set_consumer_scopes(DEFAULT_CLIENT_ID, &["repository", "account", "webhook"])
+        .unwrap();
+    f.advance(Duration::from_secs(7200));
+    let mut held = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        match f.manager.access_token(id).await {
+            Err(Error::ReauthorizationRequired { reason, .. }) => {
+                assert!(n < 2, "installation {n} condemned past the threshold");
+                assert_eq!(reason, ReauthReason::RefreshTokenRejected);
+            }
+            Err(e @ Error::RefusalsHeld { .. }) => {
+                assert!(n >= 2, "installation {n} held below the threshold");
+                assert!(e.to_string().contains("check the token URL"), "{e}");
+                held.push(id.clone());
+            }
+            other => panic!("installation {n}: {other:?}"),
+        }
+    }
+    assert_eq!(held.len(), 4);
+    assert_backoff(
+        &f,
+        &held[0],
+        BackoffCause::MassRejection,
+        &[
+            "refused those of many other installations",
+            "Check the token URL",
+            "Invalid refresh_token",
+            "held, not condemned",
+        ],
+    )
+    .await;
+    // A new grant refreshes fine: the provider works, the episode ends, and each held
+    // installation is judged on its own when its hold is over.
+    let fresh = f.install().await;
+    f.advance(Duration::from_secs(7200));
+    f.manager.access_token(&fresh).await.unwrap();
+    f.advance(hold);
+    assert_condemned(
+        &f,
+        &held[0],
+        ReauthReason::RefreshTokenRejected,
+        &["Invalid refresh_token"],
+    )
+    .await;
+    // No success since: the next refusals trip it again, and after a whole hold without a
+    // success they are believed.
+    f.manager.access_token(&held[1]).await.unwrap_err();
+    assert!(matches!(
+        f.manager.access_token(&held[2]).await,
+        Err(Error::RefusalsHeld { .. })
+    ));
+    f.advance(hold);
+    assert_condemned(
+        &f,
+        &held[3],
+        ReauthReason::RefreshTokenRejected,
+        &["Invalid refresh_token"],
+    )
+    .await;
+}

@@ -318,6 +318,11 @@ pub(crate) fn backoff_error(
             id: id.clone(),
             detail,
         },
+        BackoffCause::MassRejection => Error::RefusalsHeld {
+            id: id.clone(),
+            retry_at,
+            detail,
+        },
         _ => Error::TemporarilyUnavailable {
             id: id.clone(),
             retry_at,

@@ -158,6 +158,10 @@ impl Explanation {
                         "The provider refused the consumer's client credentials.{}{streak} Fix the client id/secret; this installation's tokens are kept and refreshing resumes at {until}.",
                         provider(record.last_error())
                     ),
+                    BackoffCause::MassRejection => format!(
+                        "The provider refused the refresh token, but it had refused those of many other installations since this process's last successful refresh, so the refusal is not believed yet.{} Check the token URL and the provider's status; if the consumer's scopes were changed on purpose, every installation must be authorized again. Tokens are kept; the next attempt is at {until}.",
+                        provider(record.last_error())
+                    ),
                     BackoffCause::Configuration => format!(
                         "The provider refused the refresh request as malformed.{} Check the provider profile; tokens are kept; next attempt at {until}.",
                         provider(record.last_error())

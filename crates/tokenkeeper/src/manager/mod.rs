@@ -22,6 +22,7 @@ mod decide;
 mod events;
 mod explain;
 mod flight;
+mod guard;
 mod install;
 mod lease;
 mod policy;
@@ -43,6 +44,7 @@ use tokio::sync::broadcast;
 pub use decide::{Context as DecideContext, Decision, Mode, decide, rejection_reason};
 pub use events::{LifecycleEvent, LifecycleEventKind};
 pub use explain::{Explanation, Health};
+pub use guard::MassRejectionGuard;
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
 pub use unsaved::{UnsavedFileError, UnsavedTokens};
@@ -72,6 +74,7 @@ pub(crate) struct Engine {
     pub(crate) unsaved: unsaved::UnsavedSink,
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
+    pub(crate) guard: guard::Guard,
 }
 
 impl Engine {
@@ -294,6 +297,7 @@ impl TokenManagerBuilder {
                 }),
                 seal: self.seal,
                 breaker: Mutex::new(None),
+                guard: guard::Guard::default(),
             }),
         })
     }

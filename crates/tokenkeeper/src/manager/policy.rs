@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 
+use super::guard::MassRejectionGuard;
 use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::profile::Timing;
 
@@ -92,6 +93,10 @@ pub struct RefreshPolicy {
     /// outside the granted scopes, a misbehaving gateway) gets the same token back instead of
     /// a rotation per call.
     pub forced_refresh_min_interval: Duration,
+    /// Stop condemning when the provider refuses the refresh tokens of many installations
+    /// since the last successful refresh (default on: 10 within 10 minutes, held up to 24 h;
+    /// see [`MassRejectionGuard`]); `None` condemns every refusal at once.
+    pub mass_rejection: Option<MassRejectionGuard>,
 }
 
 impl RefreshPolicy {
@@ -121,6 +126,7 @@ impl RefreshPolicy {
             cache_revalidate: Duration::from_secs(30),
             cache_capacity: 100_000,
             forced_refresh_min_interval: Duration::from_secs(60),
+            mass_rejection: Some(MassRejectionGuard::default()),
         }
     }
 
@@ -195,6 +201,15 @@ impl RefreshPolicy {
                 reason: "must be positive: rotated tokens must get at least one write attempt"
                     .into(),
             });
+        }
+        if let Some(guard) = &self.mass_rejection
+            && (guard.threshold == 0 || guard.window.is_zero() || guard.hold.is_zero())
+        {
+            return out_of_range(
+                "mass_rejection",
+                "threshold, window and hold must all be positive (or turn the guard off with None)"
+                    .into(),
+            );
         }
         if self.cache_capacity == 0 {
             return out_of_range(

@@ -26,6 +26,7 @@ use super::decide::{
 };
 use super::events::LifecycleEventKind;
 use super::flight::Outcome;
+use super::guard::Verdict;
 use super::lease::{HeldLease, Renewal, Watch};
 use super::unsaved::UnsavedTokens;
 use crate::error::Error;
@@ -311,6 +312,7 @@ async fn on_refreshed(
             }))
         }
         Landed::Written(next) => {
+            engine.guard.succeeded();
             let stale_at = engine.policy.stale_at(next.tokens());
             engine
                 .cache
@@ -525,6 +527,46 @@ async fn on_rejected(
             held.record(),
         )
     };
+    // Refused like many others since the last success: hold it rather than condemn it.
+    if reason != ReauthReason::RefreshTokenExpired
+        && let Verdict::Hold {
+            until,
+            refused,
+            since,
+        } = engine
+            .guard
+            .refused(engine.policy.mass_rejection.as_ref(), id, now)
+    {
+        let mut detail = error.to_detail();
+        let said = detail.description.take().unwrap_or_default();
+        detail.description = Some(format!(
+            "{said} [held, not condemned: the provider refused the refresh tokens of {refused} installations since {since} without one successful refresh in between]"
+        ).trim_start().to_owned());
+        let event = Event::RefreshDeferred {
+            fence: held.fence(),
+            retry_at: until,
+            cause: BackoffCause::MassRejection,
+            error: detail.clone(),
+            may_have_committed: false,
+        };
+        if let Err(e) = settle(engine, held, event).await {
+            return Step::Done(Err(e));
+        }
+        engine.emit(
+            id,
+            LifecycleEventKind::Backoff {
+                until,
+                cause: BackoffCause::MassRejection,
+                error: detail.clone(),
+            },
+        );
+        return Step::Done(Err(backoff_error(
+            id,
+            BackoffCause::MassRejection,
+            until,
+            detail,
+        )));
+    }
     condemn(engine, id, held, reason, error.to_detail(), now).await
 }
 

@@ -1,0 +1,196 @@
+//! The mass-rejection guard: a provider that suddenly refuses *every* refresh token (an
+//! incident answering `invalid_grant` to everyone, a token URL pointed at another
+//! authorization server) would otherwise condemn the whole fleet in minutes, irreversibly.
+//!
+//! The guard counts the distinct installations whose refresh token the provider refused since
+//! this process's last successful refresh (within `window`). Once `threshold` of them were
+//! refused, further refusals are not condemned: the installation goes to
+//! `Backoff { MassRejection }` with its tokens kept and an explanation, for `hold`. Any
+//! successful refresh proves the provider and the configuration work and ends the episode
+//! (each held installation is then judged on its own at its next attempt). An episode whose
+//! hold ran out without a single success is believed (a consumer scope change really does
+//! revoke every token): condemnation resumes until the next success.
+//!
+//! The guard is per process: each process of a fleet trips on its own evidence.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokenkeeper_core::{InstallationId, Timestamp};
+
+/// When to stop condemning (see the module docs); `RefreshPolicy::mass_rejection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MassRejectionGuard {
+    /// Distinct installations refused since the last success that trip the guard (default 10).
+    pub threshold: usize,
+    /// Only refusals this recent count (default 10 minutes).
+    pub window: Duration,
+    /// How long refusals are held in backoff before a tripped guard believes them (default
+    /// 24 hours).
+    pub hold: Duration,
+}
+
+impl Default for MassRejectionGuard {
+    fn default() -> Self {
+        Self {
+            threshold: 10,
+            window: Duration::from_secs(600),
+            hold: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Episode {
+    refused: VecDeque<(Timestamp, InstallationId)>,
+    tripped_at: Option<Timestamp>,
+    believed: bool,
+}
+
+/// The guard's state in one process.
+#[derive(Debug, Default)]
+pub(crate) struct Guard {
+    episode: Mutex<Episode>,
+}
+
+/// What to do with one refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Condemn the installation as usual.
+    Condemn,
+    /// Hold it in backoff until then: `refused` installations were refused since `since`.
+    Hold {
+        until: Timestamp,
+        refused: usize,
+        since: Timestamp,
+    },
+}
+
+impl Guard {
+    /// Records that the provider refused `id`'s refresh token at `now`, and says whether to
+    /// condemn it.
+    pub(crate) fn refused(
+        &self,
+        config: Option<&MassRejectionGuard>,
+        id: &InstallationId,
+        now: Timestamp,
+    ) -> Verdict {
+        let Some(config) = config else {
+            return Verdict::Condemn;
+        };
+        let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.believed {
+            return Verdict::Condemn;
+        }
+        let horizon = now.saturating_sub(config.window);
+        while e.refused.front().is_some_and(|(at, _)| *at < horizon) {
+            e.refused.pop_front();
+        }
+        if !e.refused.iter().any(|(_, seen)| seen == id) {
+            e.refused.push_back((now, id.clone()));
+        }
+        let tripped_at = match e.tripped_at {
+            Some(at) => at,
+            None if e.refused.len() >= config.threshold => {
+                tracing::error!(
+                    refused = e.refused.len(),
+                    "the provider refused the refresh tokens of many installations since the last successful refresh; condemnation is paused (a provider incident, or a token URL pointed at another server?)"
+                );
+                e.tripped_at = Some(now);
+                now
+            }
+            None => return Verdict::Condemn,
+        };
+        let until = tripped_at.saturating_add(config.hold);
+        if now >= until {
+            // A whole hold without one success: the refusals are real.
+            e.believed = true;
+            return Verdict::Condemn;
+        }
+        Verdict::Hold {
+            until,
+            refused: e.refused.len(),
+            since: e.refused.front().map_or(now, |(at, _)| *at),
+        }
+    }
+
+    /// A refresh succeeded: the provider and the configuration work; the episode is over.
+    pub(crate) fn succeeded(&self) {
+        let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.tripped_at.is_some() || e.believed || !e.refused.is_empty() {
+            *e = Episode::default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_unix_secs(1_800_000_000);
+
+    fn at(secs: u64) -> Timestamp {
+        T0.saturating_add(Duration::from_secs(secs))
+    }
+
+    fn id(n: usize) -> InstallationId {
+        InstallationId::new(format!("i{n}")).unwrap()
+    }
+
+    #[test]
+    fn trips_at_the_threshold_of_distinct_refusals_and_a_success_ends_it() {
+        let g = Guard::default();
+        let c = MassRejectionGuard {
+            threshold: 3,
+            ..MassRejectionGuard::default()
+        };
+        assert_eq!(g.refused(Some(&c), &id(1), at(0)), Verdict::Condemn);
+        assert_eq!(
+            g.refused(Some(&c), &id(1), at(1)),
+            Verdict::Condemn,
+            "same id"
+        );
+        assert_eq!(g.refused(Some(&c), &id(2), at(2)), Verdict::Condemn);
+        assert!(matches!(
+            g.refused(Some(&c), &id(3), at(3)),
+            Verdict::Hold { refused: 3, .. }
+        ));
+        assert!(matches!(
+            g.refused(Some(&c), &id(4), at(4)),
+            Verdict::Hold { .. }
+        ));
+        g.succeeded();
+        assert_eq!(g.refused(Some(&c), &id(5), at(5)), Verdict::Condemn);
+        assert_eq!(g.refused(None, &id(6), at(5)), Verdict::Condemn, "off");
+    }
+
+    #[test]
+    fn old_refusals_do_not_count_and_a_hold_without_success_is_believed() {
+        let g = Guard::default();
+        let c = MassRejectionGuard {
+            threshold: 2,
+            window: Duration::from_secs(60),
+            hold: Duration::from_secs(3600),
+        };
+        assert_eq!(g.refused(Some(&c), &id(1), at(0)), Verdict::Condemn);
+        assert_eq!(
+            g.refused(Some(&c), &id(2), at(120)),
+            Verdict::Condemn,
+            "outside"
+        );
+        assert!(matches!(
+            g.refused(Some(&c), &id(3), at(150)),
+            Verdict::Hold { .. }
+        ));
+        assert_eq!(
+            g.refused(Some(&c), &id(4), at(150 + 3600)),
+            Verdict::Condemn,
+            "held a whole hour without a success: believed"
+        );
+        assert_eq!(
+            g.refused(Some(&c), &id(5), at(150 + 3601)),
+            Verdict::Condemn
+        );
+    }
+}
