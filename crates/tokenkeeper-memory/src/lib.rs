@@ -53,10 +53,10 @@ impl Tables {
     }
 
     fn unindex(&mut self, record: &Record) {
-        if let Some(due_at) = record.due_at() {
-            if let Some(set) = self.due.get_mut(record.consumer()) {
-                set.remove(&(due_at, record.id().clone()));
-            }
+        if let Some(due_at) = record.due_at()
+            && let Some(set) = self.due.get_mut(record.consumer())
+        {
+            set.remove(&(due_at, record.id().clone()));
         }
     }
 }

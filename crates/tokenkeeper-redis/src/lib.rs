@@ -666,10 +666,15 @@ impl TokenStore for RedisStore {
     ) -> Result<DeleteOutcome, StoreError> {
         // The due set to clean is the record's consumer's: read it first (the script checks
         // the version, so a record changed in between is a conflict, not a wrong key).
-        let Some(stored) = self.get(id).await? else {
-            return Ok(DeleteOutcome::Missing);
+        let consumer = match self.get(id).await {
+            Ok(Some(stored)) => stored.consumer().to_owned(),
+            Ok(None) => return Ok(DeleteOutcome::Missing),
+            // An unreadable record can still be deleted; its due member, if any, stays behind
+            // as a ghost the refresher passes over.
+            Err(StoreError::Corrupt { .. }) => String::new(),
+            Err(e) => return Err(e),
         };
-        let keys = self.layout.script_keys(id, stored.consumer());
+        let keys = self.layout.script_keys(id, &consumer);
         let reply: Value = self
             .run("delete", async |c| {
                 scripts::DELETE

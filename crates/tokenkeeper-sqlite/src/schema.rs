@@ -28,16 +28,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX installations_by_state ON installations (state, id);
 ",
     // 2: the due index per consumer, so consumers sharing a database never walk each other's
-    // entries; existing rows take their consumer from the record they hold.
+    // entries; existing rows take their consumer from the record they hold (`ADOPT`).
     "
     ALTER TABLE installations ADD COLUMN consumer TEXT NOT NULL DEFAULT '';
-    UPDATE installations
-       SET consumer = coalesce(json_extract(CAST(record AS TEXT), '$.record.consumer'), '');
     DROP INDEX installations_by_due;
     CREATE INDEX installations_by_consumer_due ON installations (consumer, due_at, id)
         WHERE due_at IS NOT NULL;
 ",
 ];
+
+/// Fills the consumer column of due rows that lack it from the record they hold: rows of a
+/// schema-1 database, and rows a process of an older version created after the migration
+/// (run at every open; a range scan of the consumer index). A row whose record is not JSON
+/// keeps an empty consumer, so no refresher sees it; reading it reports it corrupt.
+const ADOPT: &str = "
+    UPDATE installations
+       SET consumer = CASE WHEN json_valid(CAST(record AS TEXT))
+           THEN coalesce(json_extract(CAST(record AS TEXT), '$.record.consumer'), '')
+           ELSE '' END
+     WHERE consumer = '' AND due_at IS NOT NULL;
+";
 
 fn identity(conn: &Connection) -> rusqlite::Result<(i32, i32, i64)> {
     let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
@@ -82,6 +92,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", n as i32 + 1)?;
     }
+    tx.execute_batch(ADOPT)?;
     tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     tx.commit()?;
     Ok(())

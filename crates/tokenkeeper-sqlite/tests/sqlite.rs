@@ -273,8 +273,18 @@ async fn a_schema_1_database_moves_to_the_per_consumer_due_index() {
             )
             .unwrap();
         }
+        // A corrupt row must not stop the migration (it stays a typed error of its own).
+        conn.execute(
+            "INSERT INTO installations (id, version, state, due_at, record) VALUES ('bad', 1, 'active', 1, x'00ff')",
+            [],
+        )
+        .unwrap();
     }
     let store = SqliteStore::open(&path).await.unwrap();
+    assert!(matches!(
+        store.get(&id("bad")).await,
+        Err(StoreError::Corrupt { .. })
+    ));
     let version: i32 = Connection::open(&path)
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -297,4 +307,19 @@ async fn a_schema_1_database_moves_to_the_per_consumer_due_index() {
     store.compare_and_swap(&leased, 1).await.unwrap();
     let due = store.due("conformance", at(10), None, 10).await.unwrap();
     assert_eq!(due.entries.len(), 1);
+    // A process of the older version still running creates a row without a consumer: the
+    // next open adopts it.
+    let late = sample_record(&id("late"), at(5));
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO installations (id, version, state, due_at, record) VALUES ('late', 1, 'active', ?1, ?2)",
+            rusqlite::params![late.due_at().map(tokenkeeper_core::Timestamp::unix_nanos), late.encode()],
+        )
+        .unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).await.unwrap();
+    let due = store.due("conformance", at(10), None, 10).await.unwrap();
+    let names: Vec<_> = due.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(names, ["late", "old-2"]);
 }

@@ -412,3 +412,19 @@ async fn a_401_storm_forces_at_most_one_refresh_per_interval() {
         "one more after the interval"
     );
 }
+
+/// Review of the cache: `invalidate` (or a 401 on a young token) must not stop the same
+/// record from being cached again once it is re-read: one read, then the hot path again.
+#[tokio::test]
+async fn after_invalidate_one_read_puts_the_token_back_in_the_cache() {
+    let (f, store) = counted().await;
+    let id = f.install().await;
+    f.manager.access_token(&id).await.unwrap();
+    f.manager.invalidate(&id);
+    f.advance(Duration::from_millis(1));
+    let before = store.reads.load(Ordering::SeqCst);
+    for _ in 0..100 {
+        f.manager.access_token(&id).await.unwrap();
+    }
+    assert_eq!(store.reads.load(Ordering::SeqCst), before + 1);
+}

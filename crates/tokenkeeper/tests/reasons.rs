@@ -202,6 +202,8 @@ async fn a_permanent_token_is_never_condemned_by_a_timer() {
     )]);
     let id = f.install().await;
     let token = f.manager.access_token(&id).await.unwrap();
+    // Asking for a refresh of what cannot be refreshed serves the token, condemns nothing.
+    assert_eq!(f.manager.force_refresh(&id).await.unwrap(), token);
     let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
     for _ in 0..10 {
         f.advance(Duration::from_secs(365 * DAY));
@@ -421,7 +423,7 @@ async fn a_credential_outage_never_spends_the_failure_budget() {
 /// passes without one is believed.
 #[tokio::test]
 async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
-    let hold = Duration::from_secs(3600);
+    let hold = Duration::from_secs(24 * 3600);
     let f = Fixture::tuned(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -472,11 +474,12 @@ async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
     )
     .await;
     // A new grant refreshes fine: the provider works, the episode ends, and each held
-    // installation is judged on its own when its hold is over.
+    // installation is judged on its own at its next attempt, one window later (not a whole
+    // hold later).
     let fresh = f.install().await;
     f.advance(Duration::from_secs(7200));
     f.manager.access_token(&fresh).await.unwrap();
-    f.advance(hold);
+    f.advance(Duration::from_secs(600));
     assert_condemned(
         &f,
         &held[0],
@@ -484,9 +487,14 @@ async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
         &["Invalid refresh_token"],
     )
     .await;
-    // No success since: the next refusals trip it again, and after a whole hold without a
-    // success they are believed.
+    // No success since: the next refusals trip it again; held ones are retried every window
+    // and stay held, and after a whole hold without a success they are believed.
     f.manager.access_token(&held[1]).await.unwrap_err();
+    assert!(matches!(
+        f.manager.access_token(&held[2]).await,
+        Err(Error::RefusalsHeld { .. })
+    ));
+    f.advance(Duration::from_secs(600));
     assert!(matches!(
         f.manager.access_token(&held[2]).await,
         Err(Error::RefusalsHeld { .. })
@@ -499,4 +507,91 @@ async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
         &["Invalid refresh_token"],
     )
     .await;
+}
+
+/// The refresh token expired while the access token is still valid (a grant's absolute
+/// expiry, here shortened to 1 h): the refresher presents nothing, the access token is served
+/// until it expires, and only then is the installation `RefreshTokenExpired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_refresh_token_still_serves_its_valid_access_token() {
+    let mut profile = profiles::bitbucket();
+    profile.refresh_absolute_expiry = Some(Duration::from_secs(3600));
+    let f = Fixture::tuned(
+        profile,
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.keep_alive = None,
+    )
+    .await;
+    let id = f.install().await;
+    let token = f.manager.access_token(&id).await.unwrap();
+    // Past the refresh-ahead point (15 min before expiry) and the 1 h absolute expiry.
+    f.advance(Duration::from_secs(106 * 60));
+    let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    refresher.shutdown().await;
+    assert_eq!(f.manager.access_token(&id).await.unwrap(), token);
+    let explained = f.manager.explain(&id).await.unwrap();
+    assert_eq!(explained.kind(), StateKind::Active, "{explained}");
+    assert!(explained.summary.contains("Expiring"), "{explained}");
+    assert_eq!(
+        explained.due_at,
+        Some(explained.access_expires_at),
+        "due again when the access token expires"
+    );
+    f.advance(Duration::from_secs(14 * 60));
+    assert_condemned(
+        &f,
+        &id,
+        ReauthReason::RefreshTokenExpired,
+        &["absolute limit since the authorization"],
+    )
+    .await;
+    assert_eq!(
+        f.mock.counters().totals.refresh_calls,
+        0,
+        "nothing presented"
+    );
+}
+
+/// A host whose clock jumped months ahead sees every refresh token as expired: past the
+/// mass-rejection threshold its condemnations by timer are held, not written.
+#[tokio::test]
+async fn expiries_by_timer_count_against_the_mass_rejection_guard() {
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| {
+            p.keep_alive = None;
+            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+                threshold: 3,
+                ..tokenkeeper::MassRejectionGuard::default()
+            });
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(f.install().await);
+    }
+    f.clock.advance(Duration::from_secs(91 * DAY));
+    let mut outcomes = Vec::new();
+    for id in &ids {
+        outcomes.push(match f.manager.access_token(id).await {
+            Err(Error::ReauthorizationRequired { reason, .. }) => format!("{reason:?}"),
+            Err(Error::RefusalsHeld { .. }) => "held".to_owned(),
+            other => panic!("{other:?}"),
+        });
+    }
+    assert_eq!(
+        outcomes,
+        [
+            "RefreshTokenExpired",
+            "RefreshTokenExpired",
+            "held",
+            "held",
+            "held"
+        ]
+    );
 }

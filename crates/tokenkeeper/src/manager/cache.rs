@@ -9,7 +9,10 @@
 //!
 //! Entries are versioned: a record older than the cached entry, or than a *tombstone* (what a
 //! revocation, a terminal state or a 401 leaves behind), is never put back, so a slow flight
-//! that read the record before a revocation cannot re-cache the revoked token. The cache
+//! that read the record before a revocation cannot re-cache the revoked token; a tombstone's
+//! own version is accepted again only from a read that started after it was laid. A record of
+//! another incarnation (deleted and created again, so its versions restart) replaces whatever
+//! is cached. The cache
 //! holds at most `capacity` installations; beyond that the least recently used tenth is
 //! evicted in one pass (amortised O(log n) per insertion). The background refresher only
 //! updates entries that callers already use: it never fills the cache.
@@ -28,6 +31,10 @@ struct Entry {
     /// Served until then without reading the store again.
     check_at: Timestamp,
     version: u64,
+    /// The record's incarnation (`Record::created_at`), when known.
+    created: Option<Timestamp>,
+    /// When the tombstone was laid (`Timestamp::MIN` for a live entry).
+    forgotten_at: Timestamp,
     /// The cache's use counter at the entry's latest hit (for eviction).
     used: AtomicU64,
 }
@@ -75,38 +82,63 @@ impl Cache {
         Some(access)
     }
 
-    /// Caches `record`'s access token, read from or written to the store at `now`, until
-    /// `stale_at`; unless the entry or tombstone there is of a newer version (a same-version
+    /// Caches `record`'s access token, from a store read (or write) that started at `read_at`,
+    /// until `stale_at`; unless the entry or tombstone there is of a newer version of the same
+    /// record, or is a tombstone of this version laid after the read started (a same-version
     /// entry is renewed: the store confirmed it again).
-    pub(crate) fn put(&self, record: &Record, stale_at: Timestamp, now: Timestamp, insert: Insert) {
+    pub(crate) fn put(
+        &self,
+        record: &Record,
+        stale_at: Timestamp,
+        read_at: Timestamp,
+        insert: Insert,
+    ) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let created = record.created_at();
         let used = match map.get(record.id()) {
+            // Another incarnation (deleted and created again): its versions restarted.
+            Some(e) if e.created.is_some_and(|c| c != created) => None,
             Some(e) if record.version() < e.version => return,
-            Some(e) if e.access.is_some() => e.used.load(Ordering::Relaxed),
+            Some(e) if e.access.is_none() && record.version() == e.version => {
+                if read_at < e.forgotten_at {
+                    return;
+                }
+                None
+            }
+            Some(e) if e.access.is_some() => Some(e.used.load(Ordering::Relaxed)),
+            _ => None,
+        };
+        let used = match used {
+            Some(used) => used,
             // Nothing served here yet (absent, or a tombstone): only callers add entries.
-            _ if insert == Insert::OnlyUpdate => return,
-            _ => self.ticks.fetch_add(1, Ordering::Relaxed),
+            None if insert == Insert::OnlyUpdate => return,
+            None => self.ticks.fetch_add(1, Ordering::Relaxed),
         };
         map.insert(
             record.id().clone(),
             Entry {
                 access: Some(record.tokens().access_token.clone()),
                 stale_at,
-                check_at: now.saturating_add(self.revalidate),
+                check_at: read_at.saturating_add(self.revalidate),
                 version: record.version(),
+                created: Some(created),
+                forgotten_at: Timestamp::MIN,
                 used: AtomicU64::new(used),
             },
         );
         self.evict_if_full(&mut map);
     }
 
-    /// Forgets an installation's token and from now on refuses every record older than
-    /// `version` (the version of a revocation, a terminal state, a new authorization).
-    /// Without a version (a 401, a failed read), the version cached so far is refused too.
-    pub(crate) fn forget(&self, id: &InstallationId, version: Option<u64>) {
+    /// Forgets an installation's token at `now`. With `record` (a revocation, a terminal state,
+    /// a new grant, as written), every older version is refused from now on, and that one
+    /// unless read after `now`; without (a 401, a failed read), the same for the version cached
+    /// so far.
+    pub(crate) fn forget(&self, id: &InstallationId, record: Option<&Record>, now: Timestamp) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        let cached = map.get(id).map_or(0, |e| e.version);
-        let version = version.unwrap_or(cached.saturating_add(1)).max(cached);
+        let (version, created) = match record {
+            Some(r) => (r.version(), Some(r.created_at())),
+            None => map.get(id).map_or((0, None), |e| (e.version, e.created)),
+        };
         map.insert(
             id.clone(),
             Entry {
@@ -114,6 +146,8 @@ impl Cache {
                 stale_at: Timestamp::MIN,
                 check_at: Timestamp::MIN,
                 version,
+                created,
+                forgotten_at: now,
                 used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
             },
         );
@@ -153,7 +187,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use tokenkeeper_core::conformance::{T0, sample_record};
-    use tokenkeeper_core::{Event, Timestamp};
+    use tokenkeeper_core::{Event, Record, Timestamp};
 
     use super::*;
 
@@ -185,17 +219,43 @@ mod tests {
         let v1 = sample_record(&id("a"), T0);
         let v2 = v1.apply(Event::Revoked, T0).unwrap();
         cache.put(&v1, at(3600), T0, Insert::Yes);
-        cache.forget(v1.id(), Some(v2.version()));
+        cache.forget(v1.id(), Some(&v2), at(1));
         // A slow flight that read v1 before the revocation puts it back: refused.
         cache.put(&v1, at(3600), T0, Insert::Yes);
-        assert!(cache.fresh(v1.id(), T0).is_none());
+        assert!(cache.fresh(v1.id(), at(1)).is_none());
         assert_eq!(cache.len(), 0);
-        // Without a version, the tombstone covers what was cached.
+        // Without a record, the tombstone covers what was cached, unless read again after it.
         let other = sample_record(&id("b"), T0);
         cache.put(&other, at(3600), T0, Insert::Yes);
-        cache.forget(other.id(), None);
-        cache.put(&other, at(3600), T0, Insert::Yes);
-        assert!(cache.fresh(other.id(), T0).is_none());
+        cache.forget(other.id(), None, at(5));
+        cache.put(&other, at(3600), at(4), Insert::Yes);
+        assert!(
+            cache.fresh(other.id(), at(5)).is_none(),
+            "read before the forget"
+        );
+        cache.put(&other, at(3600), at(5), Insert::Yes);
+        assert!(
+            cache.fresh(other.id(), at(6)).is_some(),
+            "read after the forget"
+        );
+        // Deleted and created again: versions restart, the new incarnation is cached.
+        let mut later = sample_record(&id("b"), at(100));
+        for _ in 0..3 {
+            later = later.apply(Event::Resealed, at(100)).unwrap();
+        }
+        cache.put(&later, at(3600), at(100), Insert::Yes);
+        let reborn = Record::new(
+            id("b"),
+            "conformance",
+            tokenkeeper_core::conformance::sample_tokens("reborn", at(200)),
+            at(300),
+            at(200),
+        );
+        cache.put(&reborn, at(3600), at(200), Insert::Yes);
+        assert_eq!(
+            cache.fresh(reborn.id(), at(201)),
+            Some(reborn.tokens().access_token.clone())
+        );
     }
 
     #[test]
@@ -204,7 +264,7 @@ mod tests {
         let r = sample_record(&id("x"), T0);
         cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
         assert_eq!(cache.len(), 0, "the refresher does not fill the cache");
-        cache.forget(r.id(), Some(r.version()));
+        cache.forget(r.id(), Some(&r), T0);
         cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
         assert_eq!(cache.len(), 0, "nor does it revive a tombstone");
         let records: Vec<_> = (0..25)

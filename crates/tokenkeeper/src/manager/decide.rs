@@ -128,9 +128,16 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
     let valid = || Decision::ServeValid(tokens.access_token.clone());
     // Nothing can renew a token without a refresh token: serve it until it expires (a
-    // permanent one forever); the flight condemns it (`NoRefreshToken`) only after that.
+    // permanent one forever); the flight condemns it (`NoRefreshToken`) only after that. A
+    // record due before that (written by an older version) is leased once by the refresher
+    // only to move its due time to the expiry, so it stops coming due.
     if tokens.refresh_token.is_none() && still_valid {
-        return valid();
+        let misdue = matches!(cx.mode, Mode::Proactive)
+            && matches!(record.state(), State::Active | State::Backoff { .. })
+            && record.due_at().is_some_and(|d| d < tokens.expires_at);
+        if !misdue {
+            return valid();
+        }
     }
 
     // Backing off: serve the still-valid token, otherwise say when the next try is.

@@ -114,7 +114,7 @@ impl Explanation {
             None => String::new(),
         };
         let summary = match record.state() {
-            State::Active if !tokens.expires() => "Healthy: the access token does not expire (the provider gave it no expiry and no refresh token); it is served until the API refuses it, then the user must authorize the app again.".to_owned(),
+            State::Active if !tokens.expires() && tokens.refresh_token.is_none() => "Healthy: the access token does not expire (the provider gave it no expiry and no refresh token); it is served until the API refuses it, then the user must authorize the app again.".to_owned(),
             State::Active if tokens.refresh_token.is_none() && now < tokens.expires_at => format!(
                 "Healthy until {}: the access token is valid until then, but the provider issued no refresh token, so the user must authorize the app again after that.",
                 tokens.expires_at
@@ -146,6 +146,7 @@ impl Explanation {
             State::Backoff { until, cause } => {
                 let streak = record
                     .failures()
+                    .filter(|f| f.consecutive > 0)
                     .map(|f| {
                         format!(
                             " {} attempt(s) in a row have failed since {}.",

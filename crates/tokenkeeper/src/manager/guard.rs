@@ -11,7 +11,9 @@
 //! hold ran out without a single success is believed (a consumer scope change really does
 //! revoke every token): condemnation resumes until the next success.
 //!
-//! The guard is per process: each process of a fleet trips on its own evidence.
+//! The guard is per process: each process of a fleet trips on its own evidence. Any single
+//! success ends an episode, so a partial incident (some installations refused, others not)
+//! is not held: each refusal is then judged on its own.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
@@ -83,12 +85,16 @@ impl Guard {
         if e.believed {
             return Verdict::Condemn;
         }
-        let horizon = now.saturating_sub(config.window);
-        while e.refused.front().is_some_and(|(at, _)| *at < horizon) {
-            e.refused.pop_front();
-        }
-        if !e.refused.iter().any(|(_, seen)| seen == id) {
-            e.refused.push_back((now, id.clone()));
+        if e.tripped_at.is_none() {
+            // Below the threshold the list is short (under `threshold` entries); once tripped
+            // it is no longer needed.
+            let horizon = now.saturating_sub(config.window);
+            while e.refused.front().is_some_and(|(at, _)| *at < horizon) {
+                e.refused.pop_front();
+            }
+            if !e.refused.iter().any(|(_, seen)| seen == id) {
+                e.refused.push_back((now, id.clone()));
+            }
         }
         let tripped_at = match e.tripped_at {
             Some(at) => at,

@@ -74,9 +74,12 @@ impl TokenManager {
             .record_authorization(&code.into(), state)
             .await
             .map_err(|e| Error::Authorization(Arc::new(e)))?;
-        if let Some(version) = written {
+        if let Some(record) = written {
             // Tokens of the previous grant, cached before, are never served again.
-            self.engine.cache.forget(&done.installation, Some(version));
+            let now = self.engine.clock.now();
+            self.engine
+                .cache
+                .forget(&done.installation, Some(&record), now);
             self.engine
                 .emit(&done.installation, LifecycleEventKind::Authorized);
         }
@@ -87,7 +90,7 @@ impl TokenManager {
         &self,
         code: &AuthorizationCode,
         state: &str,
-    ) -> Result<(Completed, Option<u64>), AuthorizationError> {
+    ) -> Result<(Completed, Option<Record>), AuthorizationError> {
         let engine = &self.engine;
         let verified = engine.client.verify_state(state)?;
         let installation = verified.installation.clone();
@@ -133,23 +136,23 @@ impl TokenManager {
                 });
             }
         };
-        let (created, version) = self.store_grant(before, &grant).await?;
+        let (created, written) = self.store_grant(before, &grant).await?;
         let done = Completed {
             installation: grant.installation,
             created,
             id_token: grant.id_token,
         };
-        Ok((done, Some(version)))
+        Ok((done, Some(written)))
     }
 
     /// Records a grant: a new record, or the `Authorized` transition over an existing one
     /// (compare-and-swap, retried on conflicts: a new grant wins over anything in flight).
-    /// Returns whether a new installation was created, and the version written.
+    /// Returns whether a new installation was created, and the record written.
     async fn store_grant(
         &self,
         mut current: Option<Record>,
         grant: &Grant,
-    ) -> Result<(bool, u64), AuthorizationError> {
+    ) -> Result<(bool, Record), AuthorizationError> {
         let engine = &self.engine;
         let store_err = |source| AuthorizationError::Store {
             installation: grant.installation.clone(),
@@ -173,7 +176,7 @@ impl TokenManager {
                     outcome = engine.store.create(&record).await;
                 }
                 return match outcome {
-                    Ok(()) => Ok((true, record.version())),
+                    Ok(()) => Ok((true, record)),
                     Err(StoreError::AlreadyExists { .. }) => {
                         current = engine
                             .store
@@ -204,7 +207,7 @@ impl TokenManager {
                 .await
                 .map_err(store_err)?
             {
-                tokenkeeper_core::CasOutcome::Swapped => return Ok((false, next.version())),
+                tokenkeeper_core::CasOutcome::Swapped => return Ok((false, next)),
                 tokenkeeper_core::CasOutcome::Conflict(stored) => current = Some(*stored),
                 tokenkeeper_core::CasOutcome::Missing => current = None,
             }

@@ -76,10 +76,9 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let mut unsent: Option<LeaseHolder> = None;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
-        let record = engine
-            .load(id)
-            .await
-            .inspect_err(|_| engine.cache.forget(id, None))?;
+        // The cache bound counts from when the read started, not from when it returned.
+        let read_at = engine.clock.now();
+        let record = engine.load(id).await?;
         let now = engine.clock.now();
         let stale_at = engine.policy.stale_at(record.tokens());
         let breaker = engine.breaker_open(now);
@@ -97,12 +96,14 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {
-                engine.cache.put(&record, stale_at, now, cache_insert(mode));
+                engine
+                    .cache
+                    .put(&record, stale_at, read_at, cache_insert(mode));
                 return Ok(token);
             }
             Decision::ServeValid(token) => return Ok(token),
             Decision::Fail(err) => {
-                engine.cache.forget(id, Some(record.version()));
+                engine.cache.forget(id, Some(&record), now);
                 return Err(err);
             }
             Decision::WaitForPeer { holder } => {
@@ -232,12 +233,25 @@ async fn exchange(
         )
         .await;
     }
-    // No refresh token, or one past its expiry: the provider would only refuse it, so the
-    // truthful reason is recorded without presenting anything.
+    // No refresh token, or one past its expiry: the provider would only refuse it, so
+    // nothing is presented. While the access token is valid (and the API has not refused it)
+    // it is served and the installation falls due at its expiry; then the truthful reason is
+    // recorded.
     let profile = engine.client.consumer().profile();
     let now = engine.clock.now();
     if let Some((reason, detail)) = unpresentable(held.record(), profile, mode, now) {
-        return condemn(engine, id, &mut held, reason, detail, now).await;
+        let tokens = held.record().tokens().clone();
+        let refused_by_api = matches!(
+            mode,
+            Mode::Forced {
+                unauthorized: true,
+                ..
+            }
+        );
+        if now < tokens.expires_at && !refused_by_api {
+            return serve_until_expiry(engine, &mut held, &tokens).await;
+        }
+        return judge(engine, id, &mut held, reason, detail, now).await;
     }
     // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
     // about to take it over, so confirm it again before presenting the refresh token.
@@ -314,9 +328,7 @@ async fn on_refreshed(
         Landed::Written(next) => {
             engine.guard.succeeded();
             let stale_at = engine.policy.stale_at(next.tokens());
-            engine
-                .cache
-                .put(&next, stale_at, engine.clock.now(), cache_insert(mode));
+            engine.cache.put(&next, stale_at, now, cache_insert(mode));
             engine.emit(
                 id,
                 LifecycleEventKind::Refreshed {
@@ -527,47 +539,86 @@ async fn on_rejected(
             held.record(),
         )
     };
-    // Refused like many others since the last success: hold it rather than condemn it.
-    if reason != ReauthReason::RefreshTokenExpired
-        && let Verdict::Hold {
-            until,
-            refused,
-            since,
-        } = engine
-            .guard
-            .refused(engine.policy.mass_rejection.as_ref(), id, now)
-    {
-        let mut detail = error.to_detail();
-        let said = detail.description.take().unwrap_or_default();
-        detail.description = Some(format!(
-            "{said} [held, not condemned: the provider refused the refresh tokens of {refused} installations since {since} without one successful refresh in between]"
-        ).trim_start().to_owned());
-        let event = Event::RefreshDeferred {
-            fence: held.fence(),
-            retry_at: until,
+    judge(engine, id, held, reason, error.to_detail(), now).await
+}
+
+/// Condemns for `reason`, unless the mass-rejection guard says many installations were
+/// condemned like this since the last successful refresh: then the installation is held in
+/// `Backoff { MassRejection }` with its tokens, and tried again after a short wait (the
+/// guard's window, at most `backoff_max`), so it recovers soon after the provider does.
+/// Condemnations by a timer (an expiry) count too: a host whose clock jumped ahead by months
+/// must not condemn the fleet.
+async fn judge(
+    engine: &Engine,
+    id: &InstallationId,
+    held: &mut HeldLease,
+    reason: ReauthReason,
+    detail: ErrorDetail,
+    now: Timestamp,
+) -> Step {
+    let guard = engine.policy.mass_rejection.as_ref();
+    let Verdict::Hold {
+        until,
+        refused,
+        since,
+    } = engine.guard.refused(guard, id, now)
+    else {
+        return condemn(engine, id, held, reason, detail, now).await;
+    };
+    let retry_at = until.min(
+        now.saturating_add(guard.map_or(engine.policy.backoff_max, |g| {
+            g.window.min(engine.policy.backoff_max)
+        })),
+    );
+    let mut detail = detail;
+    let said = detail.description.take().unwrap_or_default();
+    detail.description = Some(
+        format!(
+            "{said} [{}; held, not condemned: {refused} installations were condemned or refused since {since} without one successful refresh in between; held at most until {until}]",
+            reason.describe()
+        )
+        .trim_start()
+        .to_owned(),
+    );
+    let event = Event::RefreshDeferred {
+        fence: held.fence(),
+        retry_at,
+        cause: BackoffCause::MassRejection,
+        error: detail.clone(),
+        may_have_committed: false,
+    };
+    if let Err(e) = settle(engine, held, event).await {
+        return Step::Done(Err(e));
+    }
+    engine.emit(
+        id,
+        LifecycleEventKind::Backoff {
+            until: retry_at,
             cause: BackoffCause::MassRejection,
             error: detail.clone(),
-            may_have_committed: false,
-        };
-        if let Err(e) = settle(engine, held, event).await {
-            return Step::Done(Err(e));
-        }
-        engine.emit(
-            id,
-            LifecycleEventKind::Backoff {
-                until,
-                cause: BackoffCause::MassRejection,
-                error: detail.clone(),
-            },
-        );
-        return Step::Done(Err(backoff_error(
-            id,
-            BackoffCause::MassRejection,
-            until,
-            detail,
-        )));
+        },
+    );
+    Step::Done(Err(backoff_error(
+        id,
+        BackoffCause::MassRejection,
+        retry_at,
+        detail,
+    )))
+}
+
+/// Gives the lease back without presenting anything: the access token is served until it
+/// expires, and the installation falls due then (to be judged without a refresh token, or
+/// with an expired one).
+async fn serve_until_expiry(engine: &Engine, held: &mut HeldLease, tokens: &TokenSet) -> Step {
+    let event = Event::LeaseReleased {
+        fence: held.fence(),
+        refresh_at: tokens.expires_at,
+    };
+    if let Err(e) = settle(engine, held, event).await {
+        // The lease lapses instead; the token is valid all the same.
+        tracing::warn!(error = %e, "could not give the refresh lease back");
     }
-    condemn(engine, id, held, reason, error.to_detail(), now).await
+    Step::Done(Ok(tokens.access_token.clone()))
 }
 
 /// Any other failure: keep the tokens and schedule the next attempt. Transient failures
@@ -677,9 +728,7 @@ async fn condemn(
         reason,
         error: Some(detail.clone()),
     };
-    engine
-        .cache
-        .forget(id, Some(held.record().version().saturating_add(1)));
+    engine.cache.forget(id, Some(held.record()), now);
     if let Err(e) = settle(engine, held, event).await {
         // Not recorded: say so. The lease lapses and the next flight tries again.
         tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");

@@ -271,10 +271,14 @@ fn rest(
 }
 
 /// Re-reads a due entry before spending a rate slot on it: it is worth a flight unless a peer
-/// has since refreshed it (no longer due) or holds a live lease on it, or its record is gone
-/// or unreadable. A store that fails to answer leaves it to the flight, which reports why.
+/// has since refreshed it (no longer due) or holds a live lease on it, its record is gone or
+/// unreadable, or the consumer breaker is open. A store that fails to answer leaves it to the flight, which reports why.
 async fn actionable(manager: &TokenManager, id: &InstallationId) -> bool {
     let now: Timestamp = manager.engine.clock.now();
+    if manager.engine.breaker_open(now).is_some() {
+        // The consumer's credentials were just refused: every flight would only fail.
+        return false;
+    }
     match manager.engine.store.get(id).await {
         Ok(Some(record)) => {
             let leased_elsewhere =

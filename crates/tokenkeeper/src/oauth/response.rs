@@ -214,9 +214,11 @@ pub fn parse_token_response(
         None if permanent => Timestamp::MAX,
         None => sent_at.saturating_add(profile.default_access_lifetime),
     };
+    // Zero or less is no word on the refresh token's life (some servers send 0 for "none").
     let refresh_expires_at = refresh
         .as_ref()
         .and(seconds(&map, "refresh_token_expires_in"))
+        .filter(|d| !d.is_zero())
         .map(|d| sent_at.saturating_add(d));
     let scopes = scopes(&map)
         .filter(|s| !s.is_empty())
@@ -317,6 +319,12 @@ mod tests {
                 Some(t0().saturating_add(Duration::from_secs(15_897_600)))
             );
         }
+        // Zero is no word on it.
+        let t = github(
+            r#"{"access_token":"a","expires_in":28800,"refresh_token":"r","refresh_token_expires_in":0}"#,
+            None,
+        );
+        assert_eq!(t.refresh_expires_at, None);
         // A refresh reply without a refresh token keeps the previous one and its lifetime,
         // and is no permanent token.
         let previous = github(
