@@ -12,9 +12,43 @@
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tokenkeeper::RefresherConfig;
+use tokenkeeper::{RefresherConfig, RefresherHandle};
 use tokenkeeper_benches::fleet::*;
 use tokenkeeper_benches::quick_mode;
+
+/// Times `iters` rounds: expire every installation, start the refreshers `start` returns,
+/// wait until each installation was refreshed, stop them. Checks (untimed) that every round
+/// refreshed each installation exactly once.
+fn rounds(
+    rt: &tokio::runtime::Runtime,
+    fleet: &Fleet,
+    iters: u64,
+    start: impl Fn() -> Vec<RefresherHandle>,
+) -> Duration {
+    let n = fleet.ids.len() as u64;
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        fleet.expire_all();
+        let before = fleet.refreshes();
+        let started = Instant::now();
+        rt.block_on(async {
+            let handles = start();
+            while fleet.refreshes() - before < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for h in handles {
+                h.shutdown().await;
+            }
+        });
+        total += started.elapsed();
+        assert_eq!(
+            fleet.refreshes() - before,
+            n,
+            "exactly one refresh per installation"
+        );
+    }
+    total
+}
 
 fn refresher_sweep(c: &mut Criterion) {
     let rt = runtime();
@@ -25,31 +59,14 @@ fn refresher_sweep(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function(BenchmarkId::new("refresher_64_concurrent", n), |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                fleet.expire_all();
-                let before = fleet.refreshes();
-                let started = Instant::now();
-                rt.block_on(async {
-                    let handle = fleet.manager.spawn_refresher_with(RefresherConfig {
-                        concurrency: IN_FLIGHT,
-                        rate_per_second: None,
-                        page_size: 1000,
-                        max_idle: Duration::from_millis(5),
-                    });
-                    while fleet.refreshes() - before < n as u64 {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    handle.shutdown().await;
-                });
-                total += started.elapsed();
-                assert_eq!(
-                    fleet.refreshes() - before,
-                    n as u64,
-                    "exactly one refresh per installation"
-                );
-            }
-            total
+            rounds(&rt, &fleet, iters, || {
+                vec![fleet.manager.spawn_refresher_with(RefresherConfig {
+                    concurrency: IN_FLIGHT,
+                    rate_per_second: None,
+                    page_size: 1000,
+                    max_idle: Duration::from_millis(5),
+                })]
+            })
         })
     });
     g.finish();
@@ -75,38 +92,19 @@ fn refresher_processes(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("{backend}_100_per_s_each"), processes);
             g.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        fleet.expire_all();
-                        let before = fleet.refreshes();
-                        let started = Instant::now();
-                        rt.block_on(async {
-                            let handles: Vec<_> = members
-                                .iter()
-                                .map(|m| {
-                                    m.spawn_refresher_with(RefresherConfig {
-                                        concurrency: 16,
-                                        rate_per_second: Some(100),
-                                        page_size: 100,
-                                        max_idle: Duration::from_millis(20),
-                                    })
+                    rounds(&rt, &fleet, iters, || {
+                        members
+                            .iter()
+                            .map(|m| {
+                                m.spawn_refresher_with(RefresherConfig {
+                                    concurrency: 16,
+                                    rate_per_second: Some(100),
+                                    page_size: 100,
+                                    max_idle: Duration::from_millis(20),
                                 })
-                                .collect();
-                            while fleet.refreshes() - before < n as u64 {
-                                tokio::time::sleep(Duration::from_millis(2)).await;
-                            }
-                            for h in handles {
-                                h.shutdown().await;
-                            }
-                        });
-                        total += started.elapsed();
-                        assert_eq!(
-                            fleet.refreshes() - before,
-                            n as u64,
-                            "exactly one refresh per installation"
-                        );
-                    }
-                    total
+                            })
+                            .collect()
+                    })
                 })
             });
         }

@@ -1,6 +1,7 @@
 //! Store wrappers for adversarial tests: a store that fails on command ([`FlakyStore`]), one
 //! that holds a chosen write (before it runs, or after it landed) until the test lets it
-//! through ([`GatedStore`]), and one that counts writes ([`CountingStore`]).
+//! through ([`GatedStore`]), one that counts writes ([`CountingStore`]), and one that counts
+//! reads and can pause a reader between its read and its use of it ([`ReadStore`]).
 //!
 //! All three are one [`Hooked`] store: it delegates everything to the wrapped store after
 //! asking its [`Hook`] (and tells the hook about every compare-and-swap that landed), so the contract under test is the real backend's. A write is
@@ -76,6 +77,10 @@ pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
         let _ = record;
         Ok(())
     }
+
+    /// Runs after a `get` returned, before its caller hears the answer; a pending future
+    /// holds the caller (a process paused between reading a record and using it).
+    async fn got(&self) {}
 }
 
 /// A store that asks its hook before every operation.
@@ -103,7 +108,9 @@ impl<S: TokenStore, H: Hook> Hooked<S, H> {
 impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
         self.hook.before(Operation::Get).await?;
-        self.inner.get(id).await
+        let read = self.inner.get(id).await;
+        self.hook.got().await;
+        read
     }
 
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
@@ -382,6 +389,64 @@ impl<S: TokenStore> CountingStore<S> {
     /// Wraps `inner`; the counter starts at zero.
     pub fn counting(inner: S) -> (Self, Arc<SwapCounter>) {
         Self::new(inner, SwapCounter::default())
+    }
+}
+
+/// Counts `get`s, and holds the caller of the next one after its read when asked.
+#[derive(Debug, Default)]
+pub struct ReadCounter {
+    reads: AtomicU64,
+    hold_next: AtomicBool,
+    held: Notify,
+    release: Notify,
+}
+
+impl ReadCounter {
+    /// How many `get`s ran so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Holds the caller of the next `get` after it read, until [`ReadCounter::release`].
+    pub fn hold_next(&self) {
+        self.hold_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a reader is being held.
+    pub async fn held(&self) {
+        self.held.notified().await;
+    }
+
+    /// Lets the held reader go on.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+#[async_trait]
+impl Hook for ReadCounter {
+    async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError> {
+        if matches!(operation, Operation::Get) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn got(&self) {
+        if self.hold_next.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.release.notified().await;
+        }
+    }
+}
+
+/// A store that counts reads and can pause a reader after its read ([`ReadCounter`]).
+pub type ReadStore<S> = Hooked<S, ReadCounter>;
+
+impl<S: TokenStore> ReadStore<S> {
+    /// Wraps `inner`; the counter starts at zero.
+    pub fn reading(inner: S) -> (Self, Arc<ReadCounter>) {
+        Self::new(inner, ReadCounter::default())
     }
 }
 

@@ -8,44 +8,19 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use common::{Fixture, consumer_for};
 use tokenkeeper::{Error, ManualClock, SystemClock, TokenManager, TokenStore, profiles};
-use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
-    StoreError, Timestamp,
-};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile};
-use tokio::sync::Notify;
+use tokenkeeper_testkit::wrappers::{ReadCounter, ReadStore};
 
 const BOUND: Duration = Duration::from_secs(30);
 
-async fn open(backend: &str, location: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        "sqlite" => Arc::new(
-            tokenkeeper_sqlite::SqliteStore::open(location)
-                .await
-                .unwrap(),
-        ),
-        _ => Arc::new(
-            tokenkeeper_redis::RedisStore::builder(tokenkeeper_testkit::redis::server_url())
-                .prefix(location)
-                .connect()
-                .await
-                .unwrap(),
-        ),
-    }
-}
-
 fn location(backend: &str) -> String {
     match backend {
-        "sqlite" => tokenkeeper_testkit::dirs::fresh_db("cache")
-            .to_string_lossy()
-            .into_owned(),
-        _ => tokenkeeper_testkit::redis::unique_prefix("cache"),
+        "sqlite" => common::sqlite_location("cache"),
+        _ => common::redis_location("cache"),
     }
 }
 
@@ -67,10 +42,10 @@ async fn another_process_is_seen_within_the_bound(backend: &str) {
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
-        open(backend, &at).await,
+        common::open_store(backend, &at).await,
     )
     .await;
-    let b = other_process(&f, open(backend, &at).await, f.clock.clone());
+    let b = other_process(&f, common::open_store(backend, &at).await, f.clock.clone());
 
     // Revocation.
     let id = f.install().await;
@@ -156,7 +131,7 @@ async fn staleness_measured_on_real_time(backend: &str) -> Duration {
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
-        open(backend, &at).await,
+        common::open_store(backend, &at).await,
     )
     .await;
     let id = f.install().await;
@@ -172,8 +147,8 @@ async fn staleness_measured_on_real_time(backend: &str) -> Duration {
         .unwrap()
     };
     let (a, b) = (
-        real(open(backend, &at).await),
-        real(open(backend, &at).await),
+        real(common::open_store(backend, &at).await),
+        real(common::open_store(backend, &at).await),
     );
     a.access_token(&id).await.unwrap();
     b.revoke(&id).await.unwrap();
@@ -212,64 +187,15 @@ async fn redis_staleness_measured_on_real_time() {
     staleness_measured_on_real_time("redis").await;
 }
 
-/// Counts reads and can hold the caller of the next `get` after it read (a flight that read
-/// a record and was paused before using it).
-#[derive(Debug, Default)]
-struct Reads<S> {
-    inner: S,
-    reads: AtomicU64,
-    hold_next: AtomicBool,
-    held: Notify,
-    release: Notify,
-}
-
-#[async_trait]
-impl<S: TokenStore> TokenStore for Reads<S> {
-    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        let read = self.inner.get(id).await;
-        if self.hold_next.swap(false, Ordering::SeqCst) {
-            let released = self.release.notified();
-            self.held.notify_one();
-            released.await;
-        }
-        read
-    }
-    async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        self.inner.create(record).await
-    }
-    async fn compare_and_swap(&self, r: &Record, v: u64) -> Result<CasOutcome, StoreError> {
-        self.inner.compare_and_swap(r, v).await
-    }
-    async fn delete(&self, id: &InstallationId, v: u64) -> Result<DeleteOutcome, StoreError> {
-        self.inner.delete(id, v).await
-    }
-    async fn due(
-        &self,
-        consumer: &str,
-        before: Timestamp,
-        after: Option<&DueEntry>,
-        limit: usize,
-    ) -> Result<DuePage, StoreError> {
-        self.inner.due(consumer, before, after, limit).await
-    }
-    async fn list(
-        &self,
-        filter: ListFilter,
-        after: Option<&InstallationId>,
-        limit: usize,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list(filter, after, limit).await
-    }
-}
-
-async fn counted() -> (Fixture, Arc<Reads<tokenkeeper_memory::MemoryStore>>) {
-    let store = Arc::new(Reads {
-        inner: tokenkeeper_memory::MemoryStore::new(),
-        ..Reads::default()
-    });
-    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store.clone()).await;
-    (f, store)
+async fn counted() -> (Fixture, Arc<ReadCounter>) {
+    let (store, reads) = ReadStore::reading(tokenkeeper_memory::MemoryStore::new());
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    (f, reads)
 }
 
 /// The hot path reads nothing; once the bound has passed, a hundred concurrent callers of
@@ -279,15 +205,11 @@ async fn one_store_read_per_installation_per_bound() {
     let (f, store) = counted().await;
     let id = f.install().await;
     f.manager.access_token(&id).await.unwrap();
-    let before = store.reads.load(Ordering::SeqCst);
+    let before = store.reads();
     for _ in 0..10_000 {
         f.manager.access_token(&id).await.unwrap();
     }
-    assert_eq!(
-        store.reads.load(Ordering::SeqCst),
-        before,
-        "hot path: no store I/O"
-    );
+    assert_eq!(store.reads(), before, "hot path: no store I/O");
     f.advance(BOUND);
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..100 {
@@ -297,7 +219,7 @@ async fn one_store_read_per_installation_per_bound() {
     while let Some(r) = callers.join_next().await {
         r.unwrap();
     }
-    assert_eq!(store.reads.load(Ordering::SeqCst), before + 1);
+    assert_eq!(store.reads(), before + 1);
 }
 
 /// Finding 18: a flight read the record, then the installation was revoked in this very
@@ -306,15 +228,14 @@ async fn one_store_read_per_installation_per_bound() {
 async fn a_flight_that_read_before_a_revocation_does_not_cache_the_revoked_token() {
     let (f, store) = counted().await;
     let id = f.install().await;
-    store.hold_next.store(true, Ordering::SeqCst);
-    let held = store.held.notified();
+    store.hold_next();
     let flight = {
         let (m, id) = (f.manager.clone(), id.clone());
         tokio::spawn(async move { m.access_token(&id).await })
     };
-    held.await;
+    store.held().await;
     f.manager.revoke(&id).await.unwrap();
-    store.release.notify_one();
+    store.release();
     let _ = flight.await.unwrap();
     assert!(
         matches!(
@@ -385,13 +306,15 @@ async fn a_401_storm_forces_at_most_one_refresh_per_interval() {
         },
     )]);
     let url = f.mock.resource_url();
-    for _ in 0..10 {
-        let response = f
-            .manager
+    let call = || async {
+        f.manager
             .send_authorized(&id, f.manager.client().http().get(&url))
             .await
-            .unwrap();
-        assert_eq!(response.status(), 401);
+            .unwrap()
+            .status()
+    };
+    for _ in 0..10 {
+        assert_eq!(call().await, 401);
     }
     assert_eq!(
         f.mock.counters().totals.refreshes,
@@ -400,12 +323,7 @@ async fn a_401_storm_forces_at_most_one_refresh_per_interval() {
     );
     // The next 401 comes after the interval: one more refresh, and the retry goes through.
     f.advance(Duration::from_secs(60));
-    let response = f
-        .manager
-        .send_authorized(&id, f.manager.client().http().get(&url))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(call().await, 200);
     assert_eq!(
         f.mock.counters().totals.refreshes,
         2,
@@ -422,9 +340,9 @@ async fn after_invalidate_one_read_puts_the_token_back_in_the_cache() {
     f.manager.access_token(&id).await.unwrap();
     f.manager.invalidate(&id);
     f.advance(Duration::from_millis(1));
-    let before = store.reads.load(Ordering::SeqCst);
+    let before = store.reads();
     for _ in 0..100 {
         f.manager.access_token(&id).await.unwrap();
     }
-    assert_eq!(store.reads.load(Ordering::SeqCst), before + 1);
+    assert_eq!(store.reads(), before + 1);
 }

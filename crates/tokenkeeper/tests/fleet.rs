@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{open_store, redis_location, sqlite_location};
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -132,39 +134,6 @@ fn short_lease_manager(
         })
         .build()
         .unwrap()
-}
-
-async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        "sqlite" => Arc::new(
-            tokenkeeper_sqlite::SqliteStore::open(location)
-                .await
-                .unwrap(),
-        ),
-        "redis" => {
-            // `URL|PREFIX`, or `URL|PREFIX|wait` to make token writes wait for a replica.
-            let mut parts = location.split('|');
-            let (url, prefix) = (parts.next().unwrap(), parts.next().unwrap());
-            let mut builder = tokenkeeper_redis::RedisStore::builder(url).prefix(prefix);
-            if parts.next() == Some("wait") {
-                builder = builder.wait_for_replicas(1, Duration::from_millis(500));
-            }
-            Arc::new(builder.connect().await.unwrap())
-        }
-        _ => Arc::new(tokenkeeper_memory::MemoryStore::new()),
-    }
-}
-
-/// A fresh SQLite database path for one fleet run (`open_store("sqlite", ..)`).
-fn sqlite_location(tag: &str) -> String {
-    let path = tokenkeeper_testkit::dirs::fresh_db(tag);
-    path.to_str().unwrap().to_owned()
-}
-
-/// The shared test redis-server with a prefix of its own (`open_store("redis", ..)`).
-fn redis_location(tag: &str) -> String {
-    let url = tokenkeeper_testkit::redis::server_url();
-    format!("{url}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
 }
 
 fn ids_n(n: usize) -> Vec<InstallationId> {

@@ -55,37 +55,18 @@ async fn a_corrupt_due_record_does_not_make_the_refresher_spin() {
     assert_eq!(f.mock.counters().totals.token_calls, 0);
 }
 
-async fn open(backend: &str, location: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        "sqlite" => Arc::new(
-            tokenkeeper_sqlite::SqliteStore::open(location)
-                .await
-                .unwrap(),
-        ),
-        _ => Arc::new(
-            tokenkeeper_redis::RedisStore::builder(tokenkeeper_testkit::redis::server_url())
-                .prefix(location)
-                .connect()
-                .await
-                .unwrap(),
-        ),
-    }
-}
-
 /// Review finding 16b: each refresher walks the due index in its own order and skips what a
 /// peer has just leased or refreshed, so two rate-limited processes each do a share of the
 /// work; between them every installation is refreshed exactly once.
 async fn two_processes_share_the_due_work(backend: &str) {
     let location = match backend {
-        "sqlite" => tokenkeeper_testkit::dirs::fresh_db("share")
-            .to_string_lossy()
-            .into_owned(),
-        _ => tokenkeeper_testkit::redis::unique_prefix("share"),
+        "sqlite" => common::sqlite_location("share"),
+        _ => common::redis_location("share"),
     };
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
-        open(backend, &location).await,
+        common::open_store(backend, &location).await,
     )
     .await;
     const N: u64 = 60;
@@ -102,8 +83,8 @@ async fn two_processes_share_the_due_work(backend: &str) {
         .unwrap()
     };
     let (a, b) = (
-        process(open(backend, &location).await),
-        process(open(backend, &location).await),
+        process(common::open_store(backend, &location).await),
+        process(common::open_store(backend, &location).await),
     );
     f.advance(Duration::from_secs(7200));
     f.mock.reset_counters();

@@ -251,3 +251,38 @@ impl Fixture {
         self.store.get(id).await.unwrap().unwrap()
     }
 }
+
+/// A handle of its own on the store of `backend` at `location` (from [`sqlite_location`] or
+/// [`redis_location`]), as another process would open it.
+pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
+    match backend {
+        "sqlite" => Arc::new(
+            tokenkeeper_sqlite::SqliteStore::open(location)
+                .await
+                .unwrap(),
+        ),
+        "redis" => {
+            // `URL|PREFIX`, or `URL|PREFIX|wait` to make token writes wait for a replica.
+            let mut parts = location.split('|');
+            let (url, prefix) = (parts.next().unwrap(), parts.next().unwrap());
+            let mut builder = tokenkeeper_redis::RedisStore::builder(url).prefix(prefix);
+            if parts.next() == Some("wait") {
+                builder = builder.wait_for_replicas(1, std::time::Duration::from_millis(500));
+            }
+            Arc::new(builder.connect().await.unwrap())
+        }
+        _ => Arc::new(tokenkeeper_memory::MemoryStore::new()),
+    }
+}
+
+/// A fresh SQLite database path for one fleet run (`open_store("sqlite", ..)`).
+pub fn sqlite_location(tag: &str) -> String {
+    let path = tokenkeeper_testkit::dirs::fresh_db(tag);
+    path.to_str().unwrap().to_owned()
+}
+
+/// The shared test redis-server with a prefix of its own (`open_store("redis", ..)`).
+pub fn redis_location(tag: &str) -> String {
+    let url = tokenkeeper_testkit::redis::server_url();
+    format!("{url}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
+}
