@@ -396,7 +396,8 @@ impl<S: TokenStore> CountingStore<S> {
 #[derive(Debug, Default)]
 pub struct ReadCounter {
     reads: AtomicU64,
-    hold_next: AtomicBool,
+    /// Which read from now to hold (1: the next), 0 for none.
+    hold_in: AtomicU64,
     held: Notify,
     release: Notify,
 }
@@ -409,7 +410,12 @@ impl ReadCounter {
 
     /// Holds the caller of the next `get` after it read, until [`ReadCounter::release`].
     pub fn hold_next(&self) {
-        self.hold_next.store(true, Ordering::SeqCst);
+        self.hold_nth(1);
+    }
+
+    /// Holds the caller of the `n`-th `get` from now (1: the next) after it read.
+    pub fn hold_nth(&self, n: u64) {
+        self.hold_in.store(n, Ordering::SeqCst);
     }
 
     /// Waits until a reader is being held.
@@ -433,7 +439,10 @@ impl Hook for ReadCounter {
     }
 
     async fn got(&self) {
-        if self.hold_next.swap(false, Ordering::SeqCst) {
+        let countdown = self
+            .hold_in
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if countdown == Ok(1) {
             self.held.notify_one();
             self.release.notified().await;
         }

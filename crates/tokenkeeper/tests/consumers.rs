@@ -44,6 +44,14 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
         .clock(clock.clone())
         .build()
         .unwrap();
+    // A manager of another provider with the same client id is another consumer too.
+    let other_provider = TokenManager::builder_shared(
+        consumer_for(profiles::atlassian_3lo(), &mock, DEFAULT_CLIENT_SECRET),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
     let begun = mine.begin_authorization(None).unwrap();
     let (code, state) = browser(&begun.url).await;
     let id = mine
@@ -75,6 +83,17 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
         theirs.revoke(&id).await,
         Err(Error::ForeignConsumer { .. })
     ));
+    match other_provider.access_token(&id).await {
+        Err(e @ Error::ForeignConsumer { .. }) => {
+            assert!(e.to_string().contains("atlassian-3lo/"), "{e}")
+        }
+        other => panic!("expected ForeignConsumer, got {other:?}"),
+    }
+    let elsewhere = other_provider.spawn_refresher_with(tokenkeeper::RefresherConfig {
+        rate_per_second: None,
+        max_idle: Duration::from_millis(50),
+        ..tokenkeeper::RefresherConfig::default()
+    });
     let refresher = theirs.spawn_refresher_with(tokenkeeper::RefresherConfig {
         rate_per_second: None,
         max_idle: Duration::from_millis(50),
@@ -82,6 +101,12 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
     let counts = refresher.shutdown().await;
+    let other_counts = elsewhere.shutdown().await;
+    assert_eq!(
+        (other_counts.attempted, other_counts.skipped),
+        (0, 0),
+        "another provider's refresher never sees the entry: {other_counts:?}"
+    );
     assert!(
         counts.sweeps <= 20,
         "the refresher spun over a foreign entry: {counts:?}"

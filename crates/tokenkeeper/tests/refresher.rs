@@ -135,3 +135,79 @@ async fn sqlite_two_processes_share_the_due_work() {
 async fn redis_two_processes_share_the_due_work() {
     two_processes_share_the_due_work("redis").await;
 }
+
+/// Review finding 10: a caller that joins a flight the refresher leads, while another
+/// process holds a live lease and the stored token has expired, must never get that expired
+/// token: it waits for the peer (here a silent one, taken over after a lease TTL) and gets a
+/// fresh token, or `Busy`. The refresher's flight read the record just before the other
+/// process leased it, and is paused there while the caller joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_joining_a_refresher_flight_never_gets_an_expired_token() {
+    let (store, reads) =
+        tokenkeeper_testkit::wrappers::ReadStore::reading(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store.clone()).await;
+    let id = f.install().await;
+    let expired = f.record(&id).await.tokens().access_token.clone();
+    f.advance(Duration::from_secs(7200));
+    // The refresher checks the entry (read 1), then its flight reads it (read 2) and is
+    // held right after.
+    reads.hold_nth(2);
+    let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
+    reads.held().await;
+    // Meanwhile another process takes the lease (and will never write again).
+    let now = tokenkeeper::Clock::now(&f.clock);
+    let record = f.record(&id).await;
+    let leased = tokenkeeper_core::conformance::lease(
+        &record,
+        "other-process",
+        now.saturating_add(Duration::from_secs(60)),
+        now,
+    );
+    store
+        .compare_and_swap(&leased, record.version())
+        .await
+        .unwrap();
+    let caller = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reads.release();
+    match caller.await.unwrap() {
+        Ok(token) => assert_ne!(token, expired, "an expired token was served"),
+        Err(tokenkeeper::Error::Busy { .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
+    refresher.shutdown().await;
+}
+
+/// Review finding 19: the first due time of a new authorization or an import goes through
+/// the policy: with `proactive = false` it is the keep-alive time, not the refresh-ahead time.
+#[tokio::test]
+async fn the_first_due_time_follows_the_policy() {
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |p| p.proactive = false,
+    )
+    .await;
+    let keep_alive = f.manager.policy().keep_alive.unwrap();
+    let installed = f.install().await;
+    let r = f.record(&installed).await;
+    assert_eq!(
+        r.due_at(),
+        Some(r.refresh_token_last_used().saturating_add(keep_alive))
+    );
+    let imported = InstallationId::new("imported").unwrap();
+    let now = tokenkeeper::Clock::now(&f.clock);
+    let mut tokens = sample_tokens("imported", now);
+    tokens.expires_at = now.saturating_add(Duration::from_secs(7200));
+    f.manager
+        .import_installation(imported.clone(), tokens)
+        .await
+        .unwrap();
+    let r = f.record(&imported).await;
+    assert_eq!(r.due_at(), Some(now.saturating_add(keep_alive)));
+}

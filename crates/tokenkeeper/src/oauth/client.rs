@@ -406,11 +406,18 @@ impl OAuthClient {
             }
             let mut response = request.send().await.map_err(transport)?;
             let status = response.status().as_u16();
+            // An HTTP date is read against this client's clock, like every other time here.
+            let now = self
+                .inner
+                .clock
+                .now()
+                .to_system_time()
+                .unwrap_or_else(SystemTime::now);
             let retry_after = response
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                .and_then(|v| parse_retry_after(v, now));
             let limit = consumer.max_response_bytes();
             let too_large =
                 || OAuthError::too_large(operation, status, limit).for_installation(installation);
