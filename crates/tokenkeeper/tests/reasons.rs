@@ -595,3 +595,78 @@ async fn expiries_by_timer_count_against_the_mass_rejection_guard() {
         ]
     );
 }
+
+/// Ordinary expiries are no incident: twelve installations without refresh tokens that expire
+/// together (a provider that issues none) are all `NoRefreshToken` at once; the guard counts
+/// an expiry only when it is long overdue by this clock.
+#[tokio::test]
+async fn ordinary_expiries_do_not_trip_the_mass_rejection_guard() {
+    let f = Fixture::new(profiles::google(), MockProfile::Google).await;
+    let now = tokenkeeper::Clock::now(&f.clock);
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let id = InstallationId::new(format!("no-refresh-{n}")).unwrap();
+        let tokens = TokenSet::bearer(
+            AccessToken::new(format!("ya29.{n}")),
+            None,
+            now,
+            now.saturating_add(Duration::from_secs(3600)),
+        );
+        f.manager
+            .import_installation(id.clone(), tokens)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    f.advance(Duration::from_secs(3600 + 60));
+    for id in &ids {
+        match f.manager.access_token(id).await {
+            Err(Error::ReauthorizationRequired {
+                reason: ReauthReason::NoRefreshToken,
+                ..
+            }) => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+}
+
+/// The API refused a token that has no refresh token (GitHub, a permanent token revoked by
+/// its user): `NoRefreshToken` at once, with the API's refusal as the reason, even while the
+/// guard holds refusals.
+#[tokio::test]
+async fn a_401_on_a_token_without_refresh_token_condemns_it() {
+    let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::MissingFields {
+            fields: vec!["expires_in".into(), "refresh_token".into()],
+        },
+    )]);
+    let id = f.install().await;
+    f.advance(Duration::from_secs(120));
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Resource,
+        2,
+        Fault::ServerError {
+            status: 401,
+            html: false,
+        },
+    )]);
+    let url = f.mock.resource_url();
+    match f
+        .manager
+        .send_authorized(&id, f.manager.client().http().get(&url))
+        .await
+    {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::NoRefreshToken,
+            detail,
+            ..
+        }) => {
+            let said = detail.and_then(|d| d.description).unwrap_or_default();
+            assert!(said.contains("the API refused the access token"), "{said}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -132,8 +132,13 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     // record due before that (written by an older version) is leased once by the refresher
     // only to move its due time to the expiry, so it stops coming due.
     if tokens.refresh_token.is_none() && still_valid {
+        let lapsed = |lease: &tokenkeeper_core::Lease| lease.until <= now;
         let misdue = matches!(cx.mode, Mode::Proactive)
-            && matches!(record.state(), State::Active | State::Backoff { .. })
+            && match record.state() {
+                State::Active | State::Backoff { .. } => true,
+                State::Refreshing { lease } => lapsed(lease),
+                _ => false,
+            }
             && record.due_at().is_some_and(|d| d < tokens.expires_at);
         if !misdue {
             return valid();

@@ -97,6 +97,11 @@ impl Guard {
             }
         }
         let tripped_at = match e.tripped_at {
+            // Tripped while the clock ran ahead: the hold counts from now.
+            Some(at) if now < at => {
+                e.tripped_at = Some(now);
+                now
+            }
             Some(at) => at,
             None if e.refused.len() >= config.threshold => {
                 tracing::error!(

@@ -223,7 +223,7 @@ async fn exchange(
             ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
         };
         let now = engine.clock.now();
-        return condemn(
+        return judge(
             engine,
             id,
             &mut held,
@@ -248,10 +248,31 @@ async fn exchange(
                 ..
             }
         );
-        if now < tokens.expires_at && !refused_by_api {
+        if refused_by_api {
+            // The API refused the token itself: nothing to hold, nothing to serve.
+            return condemn(engine, id, &mut held, reason, detail, now).await;
+        }
+        if now < tokens.expires_at {
             return serve_until_expiry(engine, &mut held, &tokens).await;
         }
-        return judge(engine, id, &mut held, reason, detail, now).await;
+        // Judged at its due time, an expiry is ordinary. Long overdue by this clock (a host
+        // whose clock jumped ahead, a fleet back after months), it counts against the
+        // mass-rejection guard like a refusal.
+        let deadline = match reason {
+            ReauthReason::RefreshTokenExpired => {
+                refresh_token_deadline(held.record(), profile).map_or(now, |(at, _)| at)
+            }
+            _ => tokens.expires_at,
+        };
+        let overdue = engine
+            .policy
+            .mass_rejection
+            .as_ref()
+            .is_some_and(|g| now.duration_since(deadline) > g.window);
+        if overdue {
+            return judge(engine, id, &mut held, reason, detail, now).await;
+        }
+        return condemn(engine, id, &mut held, reason, detail, now).await;
     }
     // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
     // about to take it over, so confirm it again before presenting the refresh token.
@@ -546,8 +567,9 @@ async fn on_rejected(
 /// condemned like this since the last successful refresh: then the installation is held in
 /// `Backoff { MassRejection }` with its tokens, and tried again after a short wait (the
 /// guard's window, at most `backoff_max`), so it recovers soon after the provider does.
-/// Condemnations by a timer (an expiry) count too: a host whose clock jumped ahead by months
-/// must not condemn the fleet.
+/// Every condemnation of an incident goes through here: refusals, a spent failure budget, a
+/// reuse leeway passed after lost replies, and expiries long overdue by this clock (a host
+/// whose clock jumped ahead by months must not condemn the fleet).
 async fn judge(
     engine: &Engine,
     id: &InstallationId,
@@ -636,7 +658,7 @@ async fn on_deferred(
     let class = error.class();
     if class == FailureClass::Transient && engine.policy.budget_exhausted(held.record(), now) {
         let reason = ReauthReason::FailureBudgetExhausted;
-        return condemn(engine, id, held, reason, detail, now).await;
+        return judge(engine, id, held, reason, detail, now).await;
     }
     let leased = held.record().clone();
     let leased = &leased;
