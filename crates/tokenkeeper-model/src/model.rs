@@ -200,6 +200,7 @@ impl ProtocolModel {
                 consumer: CONSUMER,
                 silent,
                 forced_min_interval: std::time::Duration::ZERO,
+                refresh_deadline: None,
             },
         )
     }

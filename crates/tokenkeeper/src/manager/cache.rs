@@ -11,8 +11,9 @@
 //! revocation, a terminal state or a 401 leaves behind), is never put back, so a slow flight
 //! that read the record before a revocation cannot re-cache the revoked token; a tombstone's
 //! own version is accepted again only from a read that started after it was laid. A record of
-//! another incarnation (deleted and created again, so its versions restart) replaces whatever
-//! is cached. The cache
+//! another incarnation (deleted and created again, so its versions restart) replaces what is
+//! cached if it was read after that was laid. "After" is a generation counter the cache bumps
+//! on every change, read before the store is: no clock involved. The cache
 //! holds at most `capacity` installations; beyond that the least recently used tenth is
 //! evicted in one pass (amortised O(log n) per insertion). The background refresher only
 //! updates entries that callers already use: it never fills the cache.
@@ -33,8 +34,8 @@ struct Entry {
     version: u64,
     /// The record's incarnation (`Record::created_at`), when known.
     created: Option<Timestamp>,
-    /// When the tombstone was laid (`Timestamp::MIN` for a live entry).
-    forgotten_at: Timestamp,
+    /// The cache generation at which this entry (or tombstone) was laid.
+    laid: u64,
     /// The cache's use counter at the entry's latest hit (for eviction).
     used: AtomicU64,
 }
@@ -45,6 +46,7 @@ pub(crate) struct Cache {
     capacity: usize,
     revalidate: Duration,
     ticks: AtomicU64,
+    generation: AtomicU64,
 }
 
 /// Whether a put may add an installation the cache does not hold yet.
@@ -63,7 +65,13 @@ impl Cache {
             capacity: capacity.max(1),
             revalidate,
             ticks: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// The current generation: take it before reading the store, and pass it to `put`.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The cached token if it is still usable at `now` and was checked against the store
@@ -82,25 +90,32 @@ impl Cache {
         Some(access)
     }
 
-    /// Caches `record`'s access token, from a store read (or write) that started at `read_at`,
-    /// until `stale_at`; unless the entry or tombstone there is of a newer version of the same
-    /// record, or is a tombstone of this version laid after the read started (a same-version
-    /// entry is renewed: the store confirmed it again).
+    /// Caches `record`'s access token, from a store read (or write) that started at `read_at`
+    /// in generation `read_gen`, until `stale_at`; unless the entry or tombstone there is of a
+    /// newer version of the same record, or was laid after the read started and is a
+    /// tombstone of this version or of another incarnation (a same-version entry is renewed:
+    /// the store confirmed it again).
     pub(crate) fn put(
         &self,
         record: &Record,
         stale_at: Timestamp,
-        read_at: Timestamp,
+        (read_at, read_gen): (Timestamp, u64),
         insert: Insert,
     ) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         let created = record.created_at();
         let used = match map.get(record.id()) {
-            // Another incarnation (deleted and created again): its versions restarted.
-            Some(e) if e.created.is_some_and(|c| c != created) => None,
+            // Another incarnation (deleted and created again): its versions restarted, so
+            // only the order of reads and changes tells which is newer.
+            Some(e) if e.created.is_some_and(|c| c != created) => {
+                if read_gen < e.laid {
+                    return;
+                }
+                None
+            }
             Some(e) if record.version() < e.version => return,
             Some(e) if e.access.is_none() && record.version() == e.version => {
-                if read_at < e.forgotten_at {
+                if read_gen < e.laid {
                     return;
                 }
                 None
@@ -122,18 +137,17 @@ impl Cache {
                 check_at: read_at.saturating_add(self.revalidate),
                 version: record.version(),
                 created: Some(created),
-                forgotten_at: Timestamp::MIN,
+                laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
                 used: AtomicU64::new(used),
             },
         );
         self.evict_if_full(&mut map);
     }
 
-    /// Forgets an installation's token at `now`. With `record` (a revocation, a terminal state,
-    /// a new grant, as written), every older version is refused from now on, and that one
-    /// unless read after `now`; without (a 401, a failed read), the same for the version cached
-    /// so far.
-    pub(crate) fn forget(&self, id: &InstallationId, record: Option<&Record>, now: Timestamp) {
+    /// Forgets an installation's token. With `record` (a revocation, a terminal state, a new
+    /// grant, as written), every older version is refused from now on, and that one unless
+    /// read after this call; without (a 401), the same for the version cached so far.
+    pub(crate) fn forget(&self, id: &InstallationId, record: Option<&Record>) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         let (version, created) = match record {
             Some(r) => (r.version(), Some(r.created_at())),
@@ -147,7 +161,7 @@ impl Cache {
                 check_at: Timestamp::MIN,
                 version,
                 created,
-                forgotten_at: now,
+                laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
                 used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
             },
         );
@@ -203,13 +217,13 @@ mod tests {
     fn served_until_stale_or_until_the_store_must_be_read_again() {
         let cache = Cache::new(10, Duration::from_secs(30));
         let r = sample_record(&id("a"), T0);
-        cache.put(&r, at(3600), T0, Insert::Yes);
+        cache.put(&r, at(3600), (T0, cache.generation()), Insert::Yes);
         assert!(cache.fresh(r.id(), at(29)).is_some());
         assert!(cache.fresh(r.id(), at(30)).is_none(), "revalidate");
-        cache.put(&r, at(3600), at(30), Insert::Yes);
+        cache.put(&r, at(3600), (at(30), cache.generation()), Insert::Yes);
         assert!(cache.fresh(r.id(), at(59)).is_some(), "confirmed again");
         let short = Cache::new(10, Duration::from_secs(7200));
-        short.put(&r, at(100), T0, Insert::Yes);
+        short.put(&r, at(100), (T0, short.generation()), Insert::Yes);
         assert!(short.fresh(r.id(), at(100)).is_none(), "stale");
     }
 
@@ -218,22 +232,23 @@ mod tests {
         let cache = Cache::new(10, Duration::from_secs(30));
         let v1 = sample_record(&id("a"), T0);
         let v2 = v1.apply(Event::Revoked, T0).unwrap();
-        cache.put(&v1, at(3600), T0, Insert::Yes);
-        cache.forget(v1.id(), Some(&v2), at(1));
+        cache.put(&v1, at(3600), (T0, cache.generation()), Insert::Yes);
+        cache.forget(v1.id(), Some(&v2));
         // A slow flight that read v1 before the revocation puts it back: refused.
-        cache.put(&v1, at(3600), T0, Insert::Yes);
+        cache.put(&v1, at(3600), (T0, cache.generation()), Insert::Yes);
         assert!(cache.fresh(v1.id(), at(1)).is_none());
         assert_eq!(cache.len(), 0);
         // Without a record, the tombstone covers what was cached, unless read again after it.
         let other = sample_record(&id("b"), T0);
-        cache.put(&other, at(3600), T0, Insert::Yes);
-        cache.forget(other.id(), None, at(5));
-        cache.put(&other, at(3600), at(4), Insert::Yes);
+        cache.put(&other, at(3600), (T0, cache.generation()), Insert::Yes);
+        let before = cache.generation();
+        cache.forget(other.id(), None);
+        cache.put(&other, at(3600), (at(4), before), Insert::Yes);
         assert!(
             cache.fresh(other.id(), at(5)).is_none(),
             "read before the forget"
         );
-        cache.put(&other, at(3600), at(5), Insert::Yes);
+        cache.put(&other, at(3600), (at(5), cache.generation()), Insert::Yes);
         assert!(
             cache.fresh(other.id(), at(6)).is_some(),
             "read after the forget"
@@ -243,7 +258,8 @@ mod tests {
         for _ in 0..3 {
             later = later.apply(Event::Resealed, at(100)).unwrap();
         }
-        cache.put(&later, at(3600), at(100), Insert::Yes);
+        let slow = cache.generation();
+        cache.put(&later, at(3600), (at(100), cache.generation()), Insert::Yes);
         let reborn = Record::new(
             id("b"),
             "conformance",
@@ -251,7 +267,18 @@ mod tests {
             at(300),
             at(200),
         );
-        cache.put(&reborn, at(3600), at(200), Insert::Yes);
+        // ...unless it was read before the entry there was laid (a slow flight).
+        cache.put(&reborn, at(3600), (at(200), slow), Insert::Yes);
+        assert_eq!(
+            cache.fresh(reborn.id(), at(101)),
+            Some(later.tokens().access_token.clone())
+        );
+        cache.put(
+            &reborn,
+            at(3600),
+            (at(200), cache.generation()),
+            Insert::Yes,
+        );
         assert_eq!(
             cache.fresh(reborn.id(), at(201)),
             Some(reborn.tokens().access_token.clone())
@@ -262,16 +289,16 @@ mod tests {
     fn the_refresher_only_updates_and_the_least_recently_used_go_first() {
         let cache = Cache::new(20, Duration::from_secs(30));
         let r = sample_record(&id("x"), T0);
-        cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
+        cache.put(&r, at(3600), (T0, cache.generation()), Insert::OnlyUpdate);
         assert_eq!(cache.len(), 0, "the refresher does not fill the cache");
-        cache.forget(r.id(), Some(&r), T0);
-        cache.put(&r, at(3600), T0, Insert::OnlyUpdate);
+        cache.forget(r.id(), Some(&r));
+        cache.put(&r, at(3600), (T0, cache.generation()), Insert::OnlyUpdate);
         assert_eq!(cache.len(), 0, "nor does it revive a tombstone");
         let records: Vec<_> = (0..25)
             .map(|i| sample_record(&id(&format!("i{i}")), T0))
             .collect();
         for r in &records {
-            cache.put(r, at(3600), T0, Insert::Yes);
+            cache.put(r, at(3600), (T0, cache.generation()), Insert::Yes);
             // The first installation is used all the time.
             assert!(cache.fresh(records[0].id(), T0).is_some());
         }

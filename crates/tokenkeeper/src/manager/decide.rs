@@ -88,6 +88,8 @@ pub struct Context<'a> {
     /// A 401 forces a refresh only of tokens at least this old
     /// (`RefreshPolicy::forced_refresh_min_interval`).
     pub forced_min_interval: std::time::Duration,
+    /// When the record's refresh token stops working, if known ([`refresh_token_deadline`]).
+    pub refresh_deadline: Option<Timestamp>,
 }
 
 /// Decides the next step for `record`.
@@ -127,11 +129,21 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     }
     let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
     let valid = || Decision::ServeValid(tokens.access_token.clone());
-    // Nothing can renew a token without a refresh token: serve it until it expires (a
-    // permanent one forever); the flight condemns it (`NoRefreshToken`) only after that. A
-    // record due before that (written by an older version) is leased once by the refresher
-    // only to move its due time to the expiry, so it stops coming due.
-    if tokens.refresh_token.is_none() && still_valid {
+    // Nothing can renew a token without a refresh token, or with one past its deadline:
+    // serve it until it expires (a permanent one forever), even to an explicit
+    // `force_refresh`; the flight condemns it only after that, or once the API refused it. A
+    // record due before that (written by an older version, or not yet moved) is leased once
+    // by the refresher only to move its due time to the expiry, so it stops coming due.
+    let unrenewable = tokens.refresh_token.is_none()
+        || cx.refresh_deadline.is_some_and(|deadline| now >= deadline);
+    let refused_by_api = matches!(
+        cx.mode,
+        Mode::Forced {
+            unauthorized: true,
+            ..
+        }
+    );
+    if unrenewable && now < tokens.expires_at && !refused_by_api {
         let lapsed = |lease: &tokenkeeper_core::Lease| lease.until <= now;
         let misdue = matches!(cx.mode, Mode::Proactive)
             && match record.state() {
@@ -399,6 +411,7 @@ mod tests {
             consumer: "bitbucket/key",
             silent: None,
             forced_min_interval: Duration::ZERO,
+            refresh_deadline: None,
         }
     }
 

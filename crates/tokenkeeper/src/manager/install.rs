@@ -76,10 +76,7 @@ impl TokenManager {
             .map_err(|e| Error::Authorization(Arc::new(e)))?;
         if let Some(record) = written {
             // Tokens of the previous grant, cached before, are never served again.
-            let now = self.engine.clock.now();
-            self.engine
-                .cache
-                .forget(&done.installation, Some(&record), now);
+            self.engine.cache.forget(&done.installation, Some(&record));
             self.engine
                 .emit(&done.installation, LifecycleEventKind::Authorized);
         }

@@ -443,7 +443,7 @@ impl TokenManager {
         rejected: AccessToken,
         unauthorized: bool,
     ) -> Result<AccessToken, Error> {
-        self.engine.cache.forget(id, None, self.engine.clock.now());
+        self.engine.cache.forget(id, None);
         let forced = || Mode::Forced {
             rejected: rejected.clone(),
             unauthorized,
@@ -460,7 +460,7 @@ impl TokenManager {
     /// Forgets the cached token (call after the API answered 401); the next `access_token`
     /// re-reads the store.
     pub fn invalidate(&self, id: &InstallationId) {
-        self.engine.cache.forget(id, None, self.engine.clock.now());
+        self.engine.cache.forget(id, None);
     }
 
     /// Joins (or leads) the installation's flight, for at most `RefreshPolicy::caller_wait`.
@@ -593,9 +593,7 @@ impl TokenManager {
                     .map_err(|e| Error::transition(id, e))
             })
             .await?;
-        self.engine
-            .cache
-            .forget(id, Some(&revoked), self.engine.clock.now());
+        self.engine.cache.forget(id, Some(&revoked));
         self.engine.emit(id, LifecycleEventKind::Revoked);
         self.engine
             .client
@@ -701,9 +699,7 @@ impl TokenManager {
                     .map_err(|e| Error::transition(&id, e))
             })
             .await?;
-        self.engine
-            .cache
-            .forget(&id, Some(&written), self.engine.clock.now());
+        self.engine.cache.forget(&id, Some(&written));
         self.engine.emit(
             &id,
             LifecycleEventKind::Refreshed {

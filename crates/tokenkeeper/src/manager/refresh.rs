@@ -76,8 +76,9 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let mut unsent: Option<LeaseHolder> = None;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
-        // The cache bound counts from when the read started, not from when it returned.
-        let read_at = engine.clock.now();
+        // The cache bound counts from when the read started, not from when it returned, and
+        // the cache orders the read against its own changes by generation.
+        let read = (engine.clock.now(), engine.cache.generation());
         let record = engine.load(id).await?;
         let now = engine.clock.now();
         let stale_at = engine.policy.stale_at(record.tokens());
@@ -93,17 +94,19 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 _ => watch.silent_for(&record, engine.policy.lease_ttl),
             },
             forced_min_interval: engine.policy.forced_refresh_min_interval,
+            refresh_deadline: refresh_token_deadline(&record, engine.client.consumer().profile())
+                .map(|(at, _)| at),
         };
         match decide(&record, cx) {
             Decision::Fresh(token) => {
                 engine
                     .cache
-                    .put(&record, stale_at, read_at, cache_insert(mode));
+                    .put(&record, stale_at, read, cache_insert(mode));
                 return Ok(token);
             }
             Decision::ServeValid(token) => return Ok(token),
             Decision::Fail(err) => {
-                engine.cache.forget(id, Some(&record), now);
+                engine.cache.forget(id, Some(&record));
                 return Err(err);
             }
             Decision::WaitForPeer { holder } => {
@@ -329,6 +332,8 @@ async fn on_refreshed(
     };
     let refresh_at = engine.policy.refresh_at(&tokens, now);
     let anomaly = reply_anomaly(engine, &presented, &tokens);
+    // What the write lands is newer than anything this cache saw before it.
+    let written = (now, engine.cache.generation());
     if let Some(anomaly) = &anomaly {
         tracing::error!(anomaly = %anomaly, "the provider's refresh reply is irregular; it is kept and the anomaly recorded");
     }
@@ -349,7 +354,9 @@ async fn on_refreshed(
         Landed::Written(next) => {
             engine.guard.succeeded();
             let stale_at = engine.policy.stale_at(next.tokens());
-            engine.cache.put(&next, stale_at, now, cache_insert(mode));
+            engine
+                .cache
+                .put(&next, stale_at, written, cache_insert(mode));
             engine.emit(
                 id,
                 LifecycleEventKind::Refreshed {
@@ -750,7 +757,7 @@ async fn condemn(
         reason,
         error: Some(detail.clone()),
     };
-    engine.cache.forget(id, Some(held.record()), now);
+    engine.cache.forget(id, Some(held.record()));
     if let Err(e) = settle(engine, held, event).await {
         // Not recorded: say so. The lease lapses and the next flight tries again.
         tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");
