@@ -88,7 +88,8 @@ pub struct Context<'a> {
     /// A 401 forces a refresh only of tokens at least this old
     /// (`RefreshPolicy::forced_refresh_min_interval`).
     pub forced_min_interval: std::time::Duration,
-    /// When the record's refresh token stops working, if known ([`refresh_token_deadline`]).
+    /// When the record's refresh token stops working, if known (the earliest of the provider's
+    /// word and the profile's inactivity and absolute limits).
     pub refresh_deadline: Option<Timestamp>,
 }
 
