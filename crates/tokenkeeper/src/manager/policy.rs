@@ -337,5 +337,24 @@ mod tests {
         assert_eq!(refused(|p| p.backoff_base = Duration::ZERO), "backoff_base");
         assert_eq!(refused(|p| p.caller_wait = Duration::ZERO), "caller_wait");
         assert_eq!(refused(|p| p.jitter_percent = 51), "jitter_percent");
+        assert_eq!(refused(|p| p.cache_capacity = 0), "cache_capacity");
+        for broken in [
+            |g: &mut MassRejectionGuard| g.threshold = 0,
+            |g: &mut MassRejectionGuard| g.window = Duration::ZERO,
+            |g: &mut MassRejectionGuard| g.hold = Duration::ZERO,
+        ] {
+            let mut guard = MassRejectionGuard::default();
+            broken(&mut guard);
+            assert_eq!(
+                refused(|p| p.mass_rejection = Some(guard)),
+                "mass_rejection"
+            );
+        }
+        // Zero means "read the store on every call"; no guard is allowed too.
+        let c = consumer();
+        let mut p = RefreshPolicy::for_consumer(&c);
+        p.cache_revalidate = Duration::ZERO;
+        p.mass_rejection = None;
+        p.validate(&c).unwrap();
     }
 }
