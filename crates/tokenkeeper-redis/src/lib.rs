@@ -107,24 +107,40 @@ pub enum ConnectError {
 }
 
 /// Replaces the password of a URL (between `:` and `@` of the authority) with `***`.
+/// The userinfo ends at the *last* `@` (a password may hold `/`, `?`, `#` or `@` unencoded;
+/// Redis URLs carry none in their path), and a `pass`/`password` query parameter
+/// (`redis+unix://...?pass=...`) is blanked too.
 fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let redacted = match rest.rfind('@') {
         Some(at) => {
             let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
             format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
         }
         None => url.to_owned(),
+    };
+    match redacted.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => redacted,
     }
 }
 
-/// Configures and connects a [`RedisStore`].
-#[derive(Debug, Clone)]
+/// Configures and connects a [`RedisStore`]. `Debug` shows the URL with its password
+/// replaced by `***`.
+#[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
     prefix: String,
@@ -137,6 +153,18 @@ pub struct RedisStoreBuilder {
     replica_wait: Option<ReplicaWait>,
     #[cfg(feature = "tls")]
     tls_root: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("url", &redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("shards", &self.shards)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("durability_check", &self.durability_check)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisStoreBuilder {
@@ -978,5 +1006,21 @@ mod tests {
         );
         assert_eq!(redact("rediss://app:pw@host/1"), "rediss://app:***@host/1");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        // Unencoded `/`, `?`, `#` and `@` in a password, and a socket URL's `pass` parameter.
+        for (url, secret) in [
+            ("redis://:pa/ss@h:6379/0", "pa/ss"),
+            ("redis://u:p?w#x@h/0", "p?w#x"),
+            ("redis://u:a@b@h/0", "a@b"),
+            ("redis+unix:///tmp/redis.sock?db=1&pass=sekrit", "sekrit"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let builder = crate::RedisStore::builder("redis://app:hunter2@127.0.0.1:6379/0");
+        let shown = format!("{builder:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("app:***@"),
+            "{shown}"
+        );
     }
 }

@@ -70,8 +70,8 @@ pub use manager::{
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,
     ClientSecret, CodeGrant, Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder,
-    ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, OAuthClient, OAuthError, Operation,
-    ProviderProfile, RawResponse, Revocation, Rotation, Timing, parse_retry_after,
+    ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, MIN_LIFETIME, OAuthClient, OAuthError,
+    Operation, ProviderProfile, RawResponse, Revocation, Rotation, Timing, parse_retry_after,
     parse_token_response,
 };
 

@@ -178,7 +178,25 @@ fn bad_provider_replies_are_classified_never_panics() {
             "expires_in negative",
             200,
             br#"{"access_token":"a","expires_in":-100}"#.to_vec(),
-            Ok(0),
+            Ok(tokenkeeper::MIN_LIFETIME.as_secs()),
+        ),
+        (
+            "expires_in zero",
+            200,
+            br#"{"access_token":"a","expires_in":0}"#.to_vec(),
+            Ok(tokenkeeper::MIN_LIFETIME.as_secs()),
+        ),
+        (
+            "expires_in one",
+            200,
+            br#"{"access_token":"a","expires_in":1}"#.to_vec(),
+            Ok(tokenkeeper::MIN_LIFETIME.as_secs()),
+        ),
+        (
+            "access_token with CR LF",
+            200,
+            b"{\"access_token\":\"a\\r\\nX: 1\",\"expires_in\":7200}".to_vec(),
+            transient(ErrorKind::InvalidResponse),
         ),
         (
             "expires_in huge",

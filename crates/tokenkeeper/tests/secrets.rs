@@ -137,3 +137,52 @@ async fn no_secret_in_logs_errors_debug_or_explanations() {
         }
     }
 }
+
+/// Security review L3: a gateway that echoes the request (the refresh token, the client
+/// secret) and forges log lines with control characters in its error text. The stored
+/// history, the error and `explain` keep the provider's words without either.
+#[tokio::test]
+async fn provider_error_text_is_scrubbed_of_sent_secrets_and_control_characters() {
+    let f = common::Fixture::new(
+        tokenkeeper::profiles::bitbucket(),
+        tokenkeeper_mock_provider::MockProfile::Bitbucket,
+    )
+    .await;
+    let id = f.install().await;
+    let refresh = f.record(&id).await.tokens().refresh_token.clone().unwrap();
+    f.advance(std::time::Duration::from_secs(7200));
+    let echoed = format!(
+        "Invalid refresh_token {} for client {}\r\n\u{1b}[31mINFO forged line",
+        refresh.secret(),
+        tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET
+    );
+    f.mock
+        .set_faults(vec![tokenkeeper_mock_provider::FaultRule::next(
+            tokenkeeper_mock_provider::Endpoint::Token,
+            1,
+            tokenkeeper_mock_provider::Fault::ErrorReply {
+                status: 400,
+                error: "invalid_grant".into(),
+                description: echoed,
+            },
+        )]);
+    let err = f.manager.access_token(&id).await.unwrap_err();
+    let explained = f.manager.explain(&id).await.unwrap();
+    for text in [
+        err.to_string(),
+        format!("{err:?}"),
+        explained.to_string(),
+        format!("{:?}", f.record(&id).await.last_error()),
+    ] {
+        assert!(!text.contains(refresh.secret()), "refresh token in: {text}");
+        assert!(
+            !text.contains(tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET),
+            "client secret in: {text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains("\r\n"),
+            "{text:?}"
+        );
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+}

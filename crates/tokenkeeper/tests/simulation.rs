@@ -326,7 +326,7 @@ impl Clock for SimClock {
 }
 
 fn consumer(profile: ProviderProfile) -> ConsumerConfig {
-    let url = |p: &str| reqwest::Url::parse(&format!("http://provider.sim{p}")).unwrap();
+    let url = |p: &str| reqwest::Url::parse(&format!("https://provider.sim{p}")).unwrap();
     ConsumerConfig::builder(profile.with_endpoints(
         url(tokenkeeper_mock_provider::paths::AUTHORIZE),
         url(tokenkeeper_mock_provider::paths::TOKEN),

@@ -193,9 +193,11 @@ impl OAuthClient {
         }
         let url = self.inner.consumer.profile().token_url.clone();
         let operation = Operation::CodeExchange;
+        let secrets = self.sent_secrets(&params);
         let (raw, sent_at) = self.send(operation, None, url, params).await?;
         let profile = self.inner.consumer.profile();
-        let tokens = parse_token_response(profile, operation, &raw, sent_at, None)?;
+        let tokens = parse_token_response(profile, operation, &raw, sent_at, None)
+            .map_err(|e| e.without_secrets(&secrets))?;
         Ok(CodeGrant {
             tokens,
             id_token: id_token(&raw),
@@ -302,6 +304,7 @@ impl OAuthClient {
             ("token", token.to_owned()),
             ("token_type_hint", hint.to_owned()),
         ];
+        let secrets = self.sent_secrets(&params);
         let (raw, _) = self
             .send(Operation::Revoke, installation, url, params)
             .await?;
@@ -316,9 +319,20 @@ impl OAuthClient {
             now,
             None,
         ) {
-            Err(e) => Err(e.for_installation(installation)),
+            Err(e) => Err(e.without_secrets(&secrets).for_installation(installation)),
             Ok(_) => Ok(Revocation::Revoked),
         }
+    }
+
+    /// The secrets a token request with `params` carries, to scrub from the provider's words.
+    fn sent_secrets(&self, params: &[(&'static str, String)]) -> Vec<String> {
+        let mut secrets: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| matches!(*k, "code" | "code_verifier" | "refresh_token" | "token"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        secrets.push(self.inner.consumer.client_secret().expose().to_owned());
+        secrets
     }
 
     async fn token_request(
@@ -329,6 +343,7 @@ impl OAuthClient {
         previous: Option<&TokenSet>,
     ) -> Result<TokenSet, OAuthError> {
         let url = self.inner.consumer.profile().token_url.clone();
+        let secrets = self.sent_secrets(&params);
         let (raw, sent_at) = self.send(operation, installation, url, params).await?;
         parse_token_response(
             self.inner.consumer.profile(),
@@ -337,7 +352,7 @@ impl OAuthClient {
             sent_at,
             previous,
         )
-        .map_err(|e| e.for_installation(installation))
+        .map_err(|e| e.without_secrets(&secrets).for_installation(installation))
     }
 
     /// Sends one request and reads the capped reply. Returns the reply and when it was sent.

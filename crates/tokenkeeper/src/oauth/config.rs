@@ -368,18 +368,46 @@ fn validate_limits(settings: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// An https URL with a host, or http on a loopback host (local tests and mocks): plain http
+/// elsewhere would carry the client secret, codes and tokens in cleartext. No user name or
+/// password (the error shows the URL with its password hidden) and no fragment.
 fn parse_http_url(field: &'static str, value: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(value).map_err(|e| ConfigError::InvalidUrl {
         field,
         value: value.to_owned(),
         reason: e.to_string(),
     })?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ConfigError::InvalidUrl {
+    let refuse = |reason: &str| {
+        let mut shown = url.clone();
+        if url.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        Err(ConfigError::InvalidUrl {
             field,
-            value: value.to_owned(),
-            reason: "must be an http or https URL with a host".into(),
-        });
+            value: shown.to_string(),
+            reason: reason.to_owned(),
+        })
+    };
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return refuse("must be an http or https URL with a host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("must not carry a user name or password");
+    }
+    if url.fragment().is_some() {
+        return refuse("must not carry a fragment (#...)");
+    }
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if url.scheme() == "http" && !loopback {
+        return refuse(
+            "plain http would carry the client secret, codes and tokens in cleartext: use https (http is accepted only on a loopback host, for local tests)",
+        );
     }
     Ok(url)
 }
@@ -412,6 +440,43 @@ mod tests {
         let err = base().redirect_uri("not a url").build().unwrap_err();
         assert!(
             err.to_string().contains("redirect_uri \"not a url\""),
+            "{err}"
+        );
+        for (bad, why) in [
+            ("http://app.example/cb", "cleartext"),
+            (
+                "https://user:hunter2@app.example/cb",
+                "user name or password",
+            ),
+            ("https://app.example/cb#frag", "fragment"),
+        ] {
+            let err = base().redirect_uri(bad).build().unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(why) && !text.contains("hunter2"), "{text}");
+        }
+        for good in [
+            "http://127.0.0.1:8080/cb",
+            "http://localhost/cb",
+            "http://[::1]/cb",
+        ] {
+            base().redirect_uri(good).build().unwrap();
+        }
+        let mut profile = profiles::bitbucket();
+        profile.token_url = Url::parse("http://bitbucket.org/site/oauth2/access_token").unwrap();
+        let err = ConsumerConfig::builder(profile)
+            .client_id("k")
+            .client_secret("s")
+            .redirect_uri("https://app.example/cb")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::InvalidUrl {
+                    field: "profile.token_url",
+                    ..
+                }
+            ),
             "{err}"
         );
         let err = base().redirect_uri("ftp://x/cb").build().unwrap_err();

@@ -102,6 +102,25 @@ impl OAuthError {
         }))
     }
 
+    /// Replaces every occurrence of a secret this request sent (a code, a verifier, a refresh
+    /// token, the client secret) in the provider's words with `[redacted]`: a gateway that
+    /// echoes the request must not put them into errors, logs or the stored history.
+    pub(crate) fn without_secrets(mut self, secrets: &[String]) -> Self {
+        let scrub = |field: &mut Option<String>| {
+            if let Some(text) = field {
+                for secret in secrets.iter().filter(|s| s.len() >= 4) {
+                    if text.contains(secret.as_str()) {
+                        *text = text.replace(secret.as_str(), "[redacted]");
+                    }
+                }
+            }
+        };
+        scrub(&mut self.0.error);
+        scrub(&mut self.0.description);
+        scrub(&mut self.0.error_uri);
+        self
+    }
+
     /// The provider answered with an OAuth error (or an error page, `words` empty and `note`
     /// saying so).
     pub(crate) fn provider(

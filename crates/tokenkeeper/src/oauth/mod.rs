@@ -25,6 +25,8 @@ pub use error::{ErrorKind, OAuthError, Operation};
 pub use profile::{
     BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
 };
-pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
+pub use response::{
+    MAX_LIFETIME, MIN_LIFETIME, RawResponse, parse_retry_after, parse_token_response,
+};
 #[doc(hidden)]
 pub use transport::{TokenTransport, TransportFailure, TransportReply};

@@ -22,6 +22,18 @@ use crate::oauth::profile::ProviderProfile;
 /// The longest access token lifetime believed.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// The shortest access token lifetime believed: a provider that says `expires_in: 0` (or 1,
+/// or a negative number) would otherwise make every call and every sweep refresh (a rotation
+/// storm); such a token is taken to live this long, with a warning.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Whether an access token can travel in an `Authorization: Bearer` header: visible ASCII
+/// only (RFC 6750's `b64token` and then some; no space, no control character, no CR/LF that
+/// would split the header).
+fn sendable(access: &str) -> bool {
+    access.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
 /// A reply from the token endpoint, before interpretation. `Debug` shows the body's length,
 /// never the body (it holds tokens).
 #[derive(Clone)]
@@ -63,10 +75,12 @@ fn provider_error(
     } else {
         profile.errors.classify(raw.status, code, description)
     };
+    // Control characters (ANSI escapes, CR/LF) would forge log lines and `explain` output.
+    let clean = |s: &str, max| truncate(&s.replace(char::is_control, ""), max);
     let words = ProviderWords {
-        error: Some(truncate(code, 200)),
-        description: description.map(|d| truncate(d, 500)),
-        error_uri: str_field(map, "error_uri").map(|u| truncate(u, 500)),
+        error: Some(clean(code, 200)),
+        description: description.map(|d| clean(d, 500)),
+        error_uri: str_field(map, "error_uri").map(|u| clean(u, 500)),
     };
     Some(OAuthError::provider(
         operation,
@@ -177,7 +191,20 @@ pub fn parse_token_response(
         ));
     }
     let access = match str_field(&map, "access_token") {
-        Some(access) => access,
+        Some(access) if access.is_empty() || sendable(access) => access,
+        Some(_) if rotated => {
+            tracing::warn!(
+                "the provider's reply rotated the refresh token but its access token holds characters no header can carry; the refresh token is kept and the access token counts as expired"
+            );
+            ""
+        }
+        Some(_) => {
+            return Err(invalid(
+                operation,
+                raw,
+                "the access token holds characters a bearer header cannot carry (space, control characters or non-ASCII)",
+            ));
+        }
         None if rotated => {
             tracing::warn!(
                 "the provider's reply rotated the refresh token but carries no access token; the refresh token is kept and the access token counts as expired"
@@ -210,6 +237,14 @@ pub fn parse_token_response(
         && previous.is_none_or(|p| p.refresh_token.is_none());
     let expires_at = match expires_in(&map) {
         _ if access.is_empty() => sent_at,
+        Some(lifetime) if lifetime < MIN_LIFETIME => {
+            tracing::warn!(
+                expires_in = lifetime.as_secs(),
+                "the provider gave the access token a lifetime too short to be believed; it is taken to live {} s",
+                MIN_LIFETIME.as_secs()
+            );
+            sent_at.saturating_add(MIN_LIFETIME)
+        }
         Some(lifetime) => sent_at.saturating_add(lifetime),
         None if permanent => Timestamp::MAX,
         None => sent_at.saturating_add(profile.default_access_lifetime),
@@ -366,8 +401,23 @@ mod tests {
         assert_eq!(t.scopes.to_string(), "x y");
         assert_eq!(t.lifetime(), Duration::from_secs(7200), "profile default");
         assert_eq!(t.token_type, "bearer");
-        let t = parse(200, r#"{"access_token":"a","expires_in":-5}"#, None).unwrap();
-        assert_eq!(t.lifetime(), Duration::ZERO);
+        for short in ["-5", "0", "1", "59"] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{short}}}"#);
+            let t = parse(200, &body, None).unwrap();
+            assert_eq!(t.lifetime(), MIN_LIFETIME, "expires_in {short}");
+        }
+        // An access token no header can carry is refused, unless the reply rotated the
+        // refresh token (kept; the access token counts as expired).
+        for bad in [r"a\r\nX-Injected: 1", "a b", r"a\u0000", "tökén"] {
+            let body = format!(r#"{{"access_token":"{bad}","expires_in":3600}}"#);
+            let e = parse(200, &body, None).unwrap_err();
+            assert_eq!(e.class(), FailureClass::Transient, "{bad}");
+            let body =
+                format!(r#"{{"access_token":"{bad}","expires_in":3600,"refresh_token":"r9"}}"#);
+            let t = parse(200, &body, None).unwrap();
+            assert!(t.access_token.secret().is_empty(), "{bad}");
+            assert_eq!(t.refresh_token.unwrap().secret(), "r9");
+        }
         let t = parse(200, r#"{"access_token":"a","expires_in":1e300}"#, None).unwrap();
         assert_eq!(t.lifetime(), MAX_LIFETIME);
         let t = parse(200, r#"{"access_token":"a","scope":["a","b"]}"#, None).unwrap();
