@@ -34,6 +34,7 @@ fn mock_provider(c: &mut Criterion) {
     ));
     let token_url = mock.token_url();
     let clock_url = format!("{}/clock", mock.admin_url());
+    let admin_token = mock.admin_token();
     mock.reset_counters();
     let mut rounds = 0u64;
 
@@ -65,12 +66,17 @@ fn mock_provider(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (client, url) = (client.clone(), clock_url.clone());
+                let (client, url, token) = (client.clone(), clock_url.clone(), admin_token.clone());
                 let started = Instant::now();
                 rt.block_on(fan_out(GRANTS, IN_FLIGHT, move |_| {
-                    let (client, url) = (client.clone(), url.clone());
+                    let (client, url, token) = (client.clone(), url.clone(), token.clone());
                     async move {
-                        let r = client.get(&url).send().await.expect("GET");
+                        let r = client
+                            .get(&url)
+                            .bearer_auth(&token)
+                            .send()
+                            .await
+                            .expect("GET");
                         assert!(r.status().is_success());
                         r.bytes().await.expect("body").len()
                     }

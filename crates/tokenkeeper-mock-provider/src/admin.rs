@@ -1,8 +1,11 @@
 //! Admin endpoints for tests: change a consumer's scopes (revokes its grants), revoke one grant,
 //! rotate a client secret, move the provider clock, set the fault plan, read and reset counters.
 //!
-//! They answer only to loopback peers, so a mock started on a wider address cannot be steered
-//! from outside.
+//! They answer only to loopback peers that present the per-run admin token
+//! (`Authorization: Bearer`, printed at start-up and given by `MockProvider::admin_token`): a
+//! loopback check alone is passed by anything that forwards traffic on the host (a proxy, a
+//! port-forward, DNS rebinding from a browser), and a token in a header also stops cross-site
+//! requests.
 
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
@@ -20,7 +23,7 @@ use crate::faults::FaultPlan;
 use crate::http::Shared;
 use crate::provider::{Counters, RevokedBy};
 
-pub(crate) fn router() -> Router<Shared> {
+pub(crate) fn router(shared: Shared) -> Router<Shared> {
     Router::new()
         .route("/consumers/{client_id}/scopes", post(set_scopes))
         .route("/consumers/{client_id}/secret", post(rotate_secret))
@@ -30,23 +33,36 @@ pub(crate) fn router() -> Router<Shared> {
         .route("/faults", get(get_faults).put(set_faults))
         .route("/counters", get(counters))
         .route("/counters/reset", post(reset_counters))
-        .layer(middleware::from_fn(loopback_only))
+        .layer(middleware::from_fn_with_state(shared, admitted))
 }
 
-async fn loopback_only(
+async fn admitted(
+    State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    if peer.ip().is_loopback() {
-        next.run(req).await
-    } else {
-        (
+    if !peer.ip().to_canonical().is_loopback() {
+        return (
             StatusCode::FORBIDDEN,
             "admin endpoints answer loopback peers only",
         )
-            .into_response()
+            .into_response();
     }
+    let token = shared.lock().admin_token.clone();
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if token.is_empty() || presented != Some(token.as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "admin endpoints need the admin token the mock printed at start-up (Authorization: Bearer ...)",
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 #[derive(Deserialize)]

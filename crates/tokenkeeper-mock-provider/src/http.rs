@@ -52,7 +52,7 @@ pub mod paths {
     pub const REVOKE: &str = "/site/oauth2/revoke";
     /// A resource endpoint that checks the bearer token.
     pub const RESOURCE: &str = "/2.0/user";
-    /// Admin endpoints (loopback only).
+    /// Admin endpoints (loopback peers with the admin token only).
     pub const ADMIN: &str = "/admin";
 }
 
@@ -62,7 +62,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route(paths::TOKEN, post(token))
         .route(paths::REVOKE, post(revoke))
         .route(paths::RESOURCE, get(resource))
-        .nest(paths::ADMIN, crate::admin::router())
+        .nest(paths::ADMIN, crate::admin::router(shared.clone()))
         .layer(middleware::from_fn(log_request))
         .with_state(shared)
 }

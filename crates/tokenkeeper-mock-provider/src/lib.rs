@@ -78,6 +78,7 @@ pub struct MockProviderBuilder {
     refresh_inactivity: Option<Option<Duration>>,
     leeway: Option<Option<Duration>>,
     time: provider::TimeSource,
+    insecure_public: bool,
 }
 
 impl Default for MockProviderBuilder {
@@ -91,6 +92,7 @@ impl Default for MockProviderBuilder {
             refresh_inactivity: None,
             leeway: None,
             time: provider::TimeSource::default(),
+            insecure_public: false,
         }
     }
 }
@@ -185,9 +187,30 @@ impl MockProviderBuilder {
         }
     }
 
+    /// Allows a bind to an address other people can reach. The mock approves every
+    /// authorization without a login and issues predictable tokens from its seed: never do
+    /// this where real users or real credentials are.
+    pub fn insecure_public(mut self, allow: bool) -> Self {
+        self.insecure_public = allow;
+        self
+    }
+
     /// Binds the listener and starts serving on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// The bind's error; `PermissionDenied` for an address that is not loopback unless
+    /// [`insecure_public`](Self::insecure_public) allows it.
     pub async fn start(self) -> std::io::Result<MockProvider> {
         let addr = self.addr;
+        if !addr.ip().to_canonical().is_loopback() && !self.insecure_public {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the mock provider is a test double (it approves every authorization and its tokens are predictable); it binds loopback only, and {addr} is not: allow it explicitly with --insecure-public (MockProviderBuilder::insecure_public) if you must"
+                ),
+            ));
+        }
         let shared = self.shared();
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -258,6 +281,11 @@ impl MockProvider {
     /// The admin API root.
     pub fn admin_url(&self) -> String {
         format!("{}{}", self.base_url(), paths::ADMIN)
+    }
+
+    /// The per-run token the admin API requires (`Authorization: Bearer`).
+    pub fn admin_token(&self) -> String {
+        self.shared.lock().admin_token.clone()
     }
 
     /// The profile it plays.

@@ -40,6 +40,10 @@ struct Args {
     /// Seed for tokens and probabilistic faults.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Allow a --host other people can reach. The mock approves every authorization without a
+    /// login and its tokens are predictable: never where real users or credentials are.
+    #[arg(long)]
+    insecure_public: bool,
 }
 
 #[tokio::main]
@@ -58,11 +62,15 @@ async fn main() -> std::io::Result<()> {
         .profile(args.profile)
         .consumer(consumer)
         .seed(args.seed)
-        .addr(SocketAddr::new(args.host, args.port));
+        .addr(SocketAddr::new(args.host, args.port))
+        .insecure_public(args.insecure_public);
     if let Some(secs) = args.access_ttl_secs {
         builder = builder.access_ttl(Duration::from_secs(secs));
     }
     let mock = builder.start().await?;
+    println!(
+        "TEST DOUBLE: this mock OAuth provider approves every authorization without a login and issues predictable tokens; never use it for real users or real credentials."
+    );
     println!(
         "mock OAuth provider ({}) listening on {}",
         args.profile,
@@ -72,7 +80,11 @@ async fn main() -> std::io::Result<()> {
     println!("  token:     {}", mock.token_url());
     println!("  revoke:    {}", mock.revoke_url());
     println!("  resource:  {}", mock.resource_url());
-    println!("  admin:     {} (loopback only)", mock.admin_url());
+    println!(
+        "  admin:     {} (loopback only, with: Authorization: Bearer {})",
+        mock.admin_url(),
+        mock.admin_token()
+    );
     println!("  client id: {} (secret as configured)", args.client_id);
     tokio::signal::ctrl_c().await?;
     mock.shutdown().await;

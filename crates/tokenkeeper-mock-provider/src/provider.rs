@@ -254,6 +254,8 @@ pub struct Provider {
     pub(crate) faults: FaultPlan,
     pub(crate) totals: Totals,
     serial: u64,
+    /// The bearer token the admin API requires, random per run (never from the seed).
+    pub(crate) admin_token: String,
 }
 
 fn is_pkce_text(s: &str) -> bool {
@@ -291,6 +293,7 @@ impl Provider {
             faults: FaultPlan::default(),
             totals: Totals::default(),
             serial: 0,
+            admin_token: random_token(),
         }
     }
 
@@ -810,4 +813,15 @@ fn id_token(consumer: &str, grant: u64, now: Duration) -> String {
         "exp": iat + 3600,
     });
     format!("{}.{}.", b64(&header), b64(&claims))
+}
+
+/// 32 random bytes from the operating system, hex: a per-run admin token an attacker who knows
+/// the seed cannot guess.
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: the admin API stays closed (no token matches an empty one).
+        return String::new();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

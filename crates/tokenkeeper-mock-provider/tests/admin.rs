@@ -17,7 +17,9 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, String) {
-    let mut req = client().request(method, format!("{}{path}", mock.admin_url()));
+    let mut req = client()
+        .request(method, format!("{}{path}", mock.admin_url()))
+        .bearer_auth(mock.admin_token());
     if let Some(body) = body {
         req = req.json(&body);
     }
@@ -269,4 +271,47 @@ async fn fault_plan_round_trips_and_counters_reset() {
     assert_eq!(c.totals, Default::default());
     assert_eq!(c.grants[&0].refreshes, 0);
     assert_eq!(c.grants[&0].consumer, DEFAULT_CLIENT_ID);
+}
+
+/// Security review M7: the admin API needs the per-run admin token even from loopback (a
+/// forwarded or rebound request, a cross-site POST carry none), and the mock refuses to bind
+/// an address others can reach unless told it may.
+#[tokio::test]
+async fn the_admin_api_needs_the_run_token_and_the_mock_binds_loopback_only() {
+    let mock = MockProvider::builder().start().await.unwrap();
+    let url = format!("{}/counters/reset", mock.admin_url());
+    let bare = client().post(&url).send().await.unwrap();
+    assert_eq!(bare.status(), StatusCode::UNAUTHORIZED);
+    let wrong = client()
+        .post(&url)
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let other = MockProvider::builder().start().await.unwrap();
+    assert_ne!(mock.admin_token(), other.admin_token(), "random per run");
+    assert_eq!(mock.admin_token().len(), 64);
+    let right = client()
+        .post(&url)
+        .bearer_auth(mock.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), StatusCode::NO_CONTENT);
+
+    let public = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let err = MockProvider::builder()
+        .addr(public)
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    assert!(err.to_string().contains("--insecure-public"), "{err}");
+    MockProvider::builder()
+        .addr(public)
+        .insecure_public(true)
+        .start()
+        .await
+        .unwrap();
 }

@@ -21,6 +21,7 @@ fn help_documents_every_flag() {
         "--scopes",
         "--access-ttl-secs",
         "--seed",
+        "--insecure-public",
     ] {
         assert!(
             help.contains(flag),
@@ -33,6 +34,14 @@ fn help_documents_every_flag() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bitbucket-legacy"));
+    // A host others can reach needs the explicit flag.
+    let public = Command::new(BIN)
+        .args(["--host", "0.0.0.0", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!public.status.success());
+    let said = String::from_utf8_lossy(&public.stderr);
+    assert!(said.contains("--insecure-public"), "{said}");
 }
 
 #[tokio::test]
@@ -51,6 +60,9 @@ async fn serves_a_provider_and_logs_without_secrets() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).unwrap();
+    assert!(banner.starts_with("TEST DOUBLE"), "{banner}");
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     let base = first.trim().rsplit(' ').next().unwrap().to_owned();
