@@ -4,7 +4,9 @@
 //! that run on one machine, in one or several processes sharing a database file.
 //!
 //! - **Durable**: WAL journal, `synchronous = FULL` by default ([`Synchronous`]), files created
-//!   with mode 0600 (tokens are credentials).
+//!   with mode 0600 (tokens are credentials); an existing file, `-wal` or `-shm` that others
+//!   may read is tightened to 0600 (or refused: `LoosePermissions::Refuse`), a symbolic link is
+//!   refused, and freed pages are overwritten (`secure_delete`).
 //! - **Safe across processes**: every write is one conditional statement
 //!   (`UPDATE ... WHERE id = ? AND version = ?`), and lock contention waits out a busy timeout
 //!   instead of failing.
@@ -86,15 +88,36 @@ pub enum OpenError {
         /// What gave it away.
         detail: String,
     },
+    /// The database file (or its `-wal`/`-shm` file) is a symbolic link, or others may read
+    /// it and the builder refuses loose permissions ([`LoosePermissions::Refuse`]).
+    #[error("the token database file {path} is not private: {reason}; it was not opened")]
+    NotPrivate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The connection pool could not be built, or its first connection's task failed.
     #[error("cannot set up the SQLite connection pool: {0}")]
     Pool(#[source] tokenkeeper_core::BoxError),
+}
+
+/// What to do with an existing database file (or its `-wal`/`-shm` file) that its group or
+/// others may read or write: it holds every installation's tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LoosePermissions {
+    /// Remove the group and other permissions (to 0600), with a warning (the default).
+    #[default]
+    Tighten,
+    /// Refuse to open it ([`OpenError::NotPrivate`]).
+    Refuse,
 }
 
 /// Configures and opens a [`SqliteStore`].
 #[derive(Debug, Clone)]
 pub struct SqliteStoreBuilder {
     location: Location,
+    loose_permissions: LoosePermissions,
     busy_timeout: Duration,
     synchronous: Synchronous,
     max_connections: usize,
@@ -129,12 +152,23 @@ impl SqliteStoreBuilder {
         self
     }
 
-    /// Opens (creating with mode 0600 if needed) and migrates the database.
+    /// What to do with an existing database file that others may read (default
+    /// [`LoosePermissions::Tighten`]). Symbolic links are always refused.
+    pub fn loose_permissions(mut self, policy: LoosePermissions) -> Self {
+        self.loose_permissions = policy;
+        self
+    }
+
+    /// Opens (creating with mode 0600 if needed) and migrates the database. The file and its
+    /// `-wal` and `-shm` files must not be symbolic links; existing ones that others may read
+    /// are tightened to 0600 or refused ([`loose_permissions`](Self::loose_permissions)).
     pub async fn open(self) -> Result<SqliteStore, OpenError> {
         let (location, busy) = (self.location.clone(), self.busy_timeout);
+        let loose = self.loose_permissions;
         let setup = tokio_blocking(move || -> Result<(), OpenError> {
             if let Location::File(path) = &location {
                 create_private(path)?;
+                make_private(path, loose)?;
                 // Check before anything writes (WAL mode does): refuse foreign/newer files.
                 let conn = rusqlite::Connection::open_with_flags(
                     path,
@@ -202,6 +236,56 @@ fn create_private(path: &Path) -> Result<(), OpenError> {
     }
 }
 
+/// Refuses a database file, `-wal` or `-shm` that is a symbolic link (it could point anywhere,
+/// and a swapped link would redirect the tokens), and tightens or refuses one that its group
+/// or others may access.
+fn make_private(path: &Path, loose: LoosePermissions) -> Result<(), OpenError> {
+    let mut files = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    for file in files {
+        let meta = match std::fs::symlink_metadata(&file) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(OpenError::Io { path: file, source }),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(OpenError::NotPrivate {
+                path: file,
+                reason: "it is a symbolic link; point the store at the real file".into(),
+            });
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                if loose == LoosePermissions::Refuse {
+                    return Err(OpenError::NotPrivate {
+                        path: file,
+                        reason: format!(
+                            "its mode is {mode:o}, so its group or others may read the tokens; chmod 600 it"
+                        ),
+                    });
+                }
+                tracing::warn!(path = %file.display(), mode = format!("{mode:o}"), "the token database was readable by others; its mode is now 600");
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |source| OpenError::Io {
+                        path: file.clone(),
+                        source,
+                    },
+                )?;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = loose;
+    }
+    Ok(())
+}
+
 /// A [`TokenStore`] on SQLite. Cheap to share behind an `Arc`; several processes may open the
 /// same file.
 #[derive(Debug)]
@@ -215,6 +299,7 @@ impl SqliteStore {
     pub fn builder(path: impl Into<PathBuf>) -> SqliteStoreBuilder {
         SqliteStoreBuilder {
             location: Location::File(path.into()),
+            loose_permissions: LoosePermissions::default(),
             busy_timeout: Duration::from_secs(10),
             synchronous: Synchronous::default(),
             max_connections: 8,

@@ -323,3 +323,48 @@ async fn a_schema_1_database_moves_to_the_per_consumer_due_index() {
     let names: Vec<_> = due.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(names, ["late", "old-2"]);
 }
+
+/// Security review M4: an existing database (and its `-wal`/`-shm`) that others may read is
+/// tightened to 0600 on open (or refused when asked), and a symbolic link is refused. (That
+/// every connection overwrites freed pages, `secure_delete`, is a unit test in `src/pool.rs`.)
+#[cfg(unix)]
+#[tokio::test]
+async fn existing_files_are_made_private_and_links_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let loosen = |p: &std::path::Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap()
+    };
+    let path = common::fresh_db("loose");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.create(&sample_record(&id("a"), at(1))).await.unwrap();
+    drop(store);
+    let wal = path.with_extension("db-wal");
+    loosen(&path);
+    if wal.exists() {
+        loosen(&wal);
+    }
+    let refused = SqliteStore::builder(&path)
+        .loose_permissions(tokenkeeper_sqlite::LoosePermissions::Refuse)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, OpenError::NotPrivate { .. }) && refused.to_string().contains("644"),
+        "{refused}"
+    );
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(mode(&path), 0o600);
+    if wal.exists() {
+        assert_eq!(mode(&wal), 0o600);
+    }
+    drop(store);
+
+    let link = path.with_file_name("linked.db");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = SqliteStore::open(&link).await.unwrap_err();
+    assert!(
+        matches!(err, OpenError::NotPrivate { .. }) && err.to_string().contains("symbolic link"),
+        "{err}"
+    );
+}
