@@ -24,6 +24,14 @@ fn location(backend: &str) -> String {
     }
 }
 
+/// A Bitbucket fixture on a fresh store of `backend`, and where that store is.
+async fn fixture_on(backend: &str) -> (Fixture, String) {
+    let at = location(backend);
+    let store = common::open_store(backend, &at).await;
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    (f, at)
+}
+
 /// A second process: its own store handle, the fixture's mock, consumer and clock.
 fn other_process(f: &Fixture, store: Arc<dyn TokenStore>, clock: ManualClock) -> TokenManager {
     TokenManager::builder_shared(
@@ -38,13 +46,7 @@ fn other_process(f: &Fixture, store: Arc<dyn TokenStore>, clock: ManualClock) ->
 /// Process A caches a token; process B revokes, re-authorizes or condemns the installation.
 /// A serves its cached token until the bound (exactly: at +29.999 s) and never after it.
 async fn another_process_is_seen_within_the_bound(backend: &str) {
-    let at = location(backend);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        common::open_store(backend, &at).await,
-    )
-    .await;
+    let (f, at) = fixture_on(backend).await;
     let b = other_process(&f, common::open_store(backend, &at).await, f.clock.clone());
 
     // Revocation.
@@ -127,13 +129,7 @@ async fn redis_another_process_is_seen_within_the_bound() {
 /// The same bound on real time: process B revokes while process A's callers keep asking
 /// every 5 ms; A's last served token is at most one bound (here 400 ms) after the revocation.
 async fn staleness_measured_on_real_time(backend: &str) -> Duration {
-    let at = location(backend);
-    let f = Fixture::with_store(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        common::open_store(backend, &at).await,
-    )
-    .await;
+    let (f, at) = fixture_on(backend).await;
     let id = f.install().await;
     let bound = Duration::from_millis(400);
     let real = |store| {
@@ -251,12 +247,9 @@ async fn a_flight_that_read_before_a_revocation_does_not_cache_the_revoked_token
 /// callers' installations are cached up to the capacity, least recently used out first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_is_bounded_and_the_refresher_does_not_fill_it() {
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| p.cache_capacity = 50,
-    )
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.cache_capacity = 50
+    })
     .await;
     let mut ids = Vec::new();
     for _ in 0..200 {

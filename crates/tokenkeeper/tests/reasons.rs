@@ -225,12 +225,9 @@ async fn a_permanent_token_is_never_condemned_by_a_timer() {
 /// `RefreshTokenExpired`, without presenting it (the provider would only refuse it).
 #[tokio::test]
 async fn refresh_token_expired_by_inactivity_is_not_presented() {
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| p.keep_alive = None,
-    )
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.keep_alive = None
+    })
     .await;
     let id = f.install().await;
     f.advance(Duration::from_secs(91 * DAY));
@@ -250,13 +247,8 @@ async fn refresh_token_expired_by_inactivity_is_not_presented() {
 async fn refresh_token_expired_by_the_providers_word() {
     let mut profile = profiles::github_app();
     profile.refresh_inactivity_expiry = None;
-    let f = Fixture::tuned(
-        profile,
-        MockProfile::GithubApp,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| p.keep_alive = None,
-    )
-    .await;
+    let f =
+        Fixture::tuned_in_memory(profile, MockProfile::GithubApp, |p| p.keep_alive = None).await;
     let id = f.install().await;
     let explained = f.manager.explain(&id).await.unwrap();
     let (at, why) = explained.refresh_token_expires.expect("the reply said");
@@ -424,18 +416,13 @@ async fn a_credential_outage_never_spends_the_failure_budget() {
 #[tokio::test]
 async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
     let hold = Duration::from_secs(24 * 3600);
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| {
-            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
-                threshold: 3,
-                window: Duration::from_secs(600),
-                hold,
-            })
-        },
-    )
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+            threshold: 3,
+            window: Duration::from_secs(600),
+            hold,
+        })
+    })
     .await;
     let mut ids = Vec::new();
     for _ in 0..6 {
@@ -516,13 +503,8 @@ async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
 async fn an_expired_refresh_token_still_serves_its_valid_access_token() {
     let mut profile = profiles::bitbucket();
     profile.refresh_absolute_expiry = Some(Duration::from_secs(3600));
-    let f = Fixture::tuned(
-        profile,
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| p.keep_alive = None,
-    )
-    .await;
+    let f =
+        Fixture::tuned_in_memory(profile, MockProfile::Bitbucket, |p| p.keep_alive = None).await;
     let id = f.install().await;
     let token = f.manager.access_token(&id).await.unwrap();
     // Past the refresh-ahead point (15 min before expiry) and the 1 h absolute expiry.
@@ -558,18 +540,13 @@ async fn an_expired_refresh_token_still_serves_its_valid_access_token() {
 /// mass-rejection threshold its condemnations by timer are held, not written.
 #[tokio::test]
 async fn expiries_by_timer_count_against_the_mass_rejection_guard() {
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| {
-            p.keep_alive = None;
-            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
-                threshold: 3,
-                ..tokenkeeper::MassRejectionGuard::default()
-            });
-        },
-    )
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.keep_alive = None;
+        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+            threshold: 3,
+            ..tokenkeeper::MassRejectionGuard::default()
+        });
+    })
     .await;
     let mut ids = Vec::new();
     for _ in 0..5 {

@@ -186,12 +186,9 @@ async fn a_caller_joining_a_refresher_flight_never_gets_an_expired_token() {
 /// the policy: with `proactive = false` it is the keep-alive time, not the refresh-ahead time.
 #[tokio::test]
 async fn the_first_due_time_follows_the_policy() {
-    let f = Fixture::tuned(
-        profiles::bitbucket(),
-        MockProfile::Bitbucket,
-        Arc::new(tokenkeeper_memory::MemoryStore::new()),
-        |p| p.proactive = false,
-    )
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.proactive = false
+    })
     .await;
     let keep_alive = f.manager.policy().keep_alive.unwrap();
     let installed = f.install().await;

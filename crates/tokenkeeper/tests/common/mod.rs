@@ -151,6 +151,21 @@ impl Fixture {
         Self::with_mock(mock, profile, store, tune)
     }
 
+    /// [`Fixture::tuned`] on a fresh memory store.
+    pub async fn tuned_in_memory(
+        profile: ProviderProfile,
+        kind: MockProfile,
+        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+    ) -> Fixture {
+        Self::tuned(
+            profile,
+            kind,
+            Arc::new(tokenkeeper_memory::MemoryStore::new()),
+            tune,
+        )
+        .await
+    }
+
     /// A fixture on a mock the test built (e.g. with other expiry rules).
     pub fn with_mock(
         mock: MockProvider,
