@@ -68,11 +68,11 @@ pub use manager::{
     UnsavedFileError, UnsavedTokens,
 };
 pub use oauth::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, BodyEncoding, ClientAuth,
-    ClientSecret, CodeGrant, Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder,
-    ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, MIN_LIFETIME, OAuthClient, OAuthError,
-    Operation, ProviderProfile, RawResponse, Revocation, Rotation, Timing, parse_retry_after,
-    parse_token_response,
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning,
+    BodyEncoding, ClientAuth, ClientSecret, CodeGrant, Completed, ConfigError, ConsumerConfig,
+    ConsumerConfigBuilder, ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, MIN_LIFETIME,
+    OAuthClient, OAuthError, Operation, ProviderProfile, RawResponse, Revocation, Rotation, Timing,
+    parse_retry_after, parse_token_response,
 };
 
 /// The HTTP client the facade is built on: `TokenManagerBuilder::http_client` and

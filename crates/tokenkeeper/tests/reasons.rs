@@ -647,3 +647,57 @@ async fn a_401_on_a_token_without_refresh_token_condemns_it() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Security review / #14: an authorization that brings no refresh token, for a profile that
+/// expects one, is flagged at once in `Completed::warnings` (and `explain` says so), not
+/// discovered at the first refresh.
+#[tokio::test]
+async fn an_authorization_without_refresh_token_is_flagged_at_once() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::MissingFields {
+            fields: vec!["refresh_token".into()],
+        },
+    )]);
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = f
+        .mock
+        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
+        .unwrap();
+    let done = f
+        .manager
+        .complete_authorization(code, &begun.state)
+        .await
+        .unwrap();
+    match done.warnings.as_slice() {
+        [w @ tokenkeeper::AuthorizationWarning::NoRefreshToken { .. }] => {
+            assert!(w.to_string().contains("offline_access"), "{w}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = f
+        .manager
+        .explain(&done.installation)
+        .await
+        .unwrap()
+        .to_string();
+    assert!(text.contains("issued no refresh token"), "{text}");
+    // A normal authorization has no warning.
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = f
+        .mock
+        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
+        .unwrap();
+    let done = f
+        .manager
+        .complete_authorization(code, &begun.state)
+        .await
+        .unwrap();
+    assert!(done.warnings.is_empty());
+}

@@ -12,7 +12,8 @@ use super::TokenManager;
 use super::events::LifecycleEventKind;
 use crate::error::Error;
 use crate::oauth::authorize::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, Completed, Grant, consumer_name,
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed,
+    Grant, consumer_name,
 };
 
 impl TokenManager {
@@ -104,6 +105,7 @@ impl TokenManager {
                 installation: installation.clone(),
                 created: false,
                 id_token: None,
+                warnings: Vec::new(),
             };
             (done, None)
         };
@@ -134,10 +136,23 @@ impl TokenManager {
             }
         };
         let (created, written) = self.store_grant(before, &grant).await?;
+        let tokens = written.tokens();
+        let mut warnings = Vec::new();
+        if engine.client.consumer().profile().expects_refresh_token
+            && tokens.refresh_token.is_none()
+            && tokens.expires()
+        {
+            tracing::warn!(installation = %grant.installation, "the provider issued no refresh token; the installation needs a new authorization once its access token expires");
+            warnings.push(AuthorizationWarning::NoRefreshToken {
+                installation: grant.installation.clone(),
+                expires_at: tokens.expires_at,
+            });
+        }
         let done = Completed {
             installation: grant.installation,
             created,
             id_token: grant.id_token,
+            warnings,
         };
         Ok((done, Some(written)))
     }

@@ -154,6 +154,25 @@ pub struct Completed {
     /// The OpenID Connect ID token of this exchange (`None` for a repeated callback, which
     /// made no exchange, and for providers that send none).
     pub id_token: Option<IdToken>,
+    /// What is already known to go wrong with this grant (empty when nothing is).
+    pub warnings: Vec<AuthorizationWarning>,
+}
+
+/// Something about a completed authorization the application should act on now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorizationWarning {
+    /// The provider issued no refresh token although the profile expects one: the
+    /// installation works until its access token expires, then needs a new authorization.
+    #[error(
+        "the provider issued no refresh token: installation {installation} works until {expires_at} and then needs the user to authorize the app again; for an OpenID server, request the offline_access scope and prompt=consent (ProviderProfile::with_offline_access)"
+    )]
+    NoRefreshToken {
+        /// The installation.
+        installation: InstallationId,
+        /// When its access token expires.
+        expires_at: Timestamp,
+    },
 }
 
 /// A state whose signature and expiry checked out.

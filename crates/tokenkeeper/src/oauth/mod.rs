@@ -17,7 +17,8 @@ pub(crate) mod state;
 pub(crate) mod transport;
 
 pub use authorize::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, Completed, Grant,
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed,
+    Grant,
 };
 pub use client::{CodeGrant, OAuthClient, Revocation};
 pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};

@@ -209,6 +209,11 @@ pub struct ProviderProfile {
     pub extra_authorize_params: Vec<(String, String)>,
     /// Scopes always requested (e.g. `offline_access` for OpenID servers).
     pub required_scopes: Vec<String>,
+    /// Whether every authorization should bring a refresh token (default true). One that
+    /// brings none, for a token that expires, is flagged at once in `Completed::warnings` (and
+    /// `explain` says so) instead of surfacing at the first refresh. OpenID servers issue one
+    /// only when asked: see [`ProviderProfile::with_offline_access`].
+    pub expects_refresh_token: bool,
     /// Scope separator in requests (space per RFC 6749).
     pub scope_separator: char,
     /// Error classification.
@@ -222,6 +227,24 @@ fn url(s: &str) -> Url {
 }
 
 impl ProviderProfile {
+    /// What an OpenID Connect server needs to issue a refresh token: the `offline_access`
+    /// scope and `prompt=consent` (many servers issue one only on a consent screen). Adds both
+    /// unless already there.
+    pub fn with_offline_access(mut self) -> Self {
+        if !self.required_scopes.iter().any(|s| s == "offline_access") {
+            self.required_scopes.push("offline_access".into());
+        }
+        if !self
+            .extra_authorize_params
+            .iter()
+            .any(|(k, _)| k == "prompt")
+        {
+            self.extra_authorize_params
+                .push(("prompt".into(), "consent".into()));
+        }
+        self
+    }
+
     /// A plain RFC 6749 provider: form bodies, HTTP Basic, no rotation, 1-hour default
     /// lifetime, PKCE on, default error mapping. Adjust the public fields as needed.
     pub fn generic(name: impl Into<String>, authorize_url: Url, token_url: Url) -> Self {
@@ -240,6 +263,7 @@ impl ProviderProfile {
             pkce: true,
             extra_authorize_params: Vec::new(),
             required_scopes: Vec::new(),
+            expects_refresh_token: true,
             scope_separator: ' ',
             errors: ErrorMap::default(),
             timing: Timing::default(),
@@ -398,6 +422,24 @@ pub fn google() -> ProviderProfile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offline_access_asks_an_openid_server_for_a_refresh_token() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let p = ProviderProfile::generic(
+            "oidc",
+            url("https://id.example/authorize"),
+            url("https://id.example/token"),
+        )
+        .with_offline_access()
+        .with_offline_access();
+        assert_eq!(p.required_scopes, ["offline_access"]);
+        assert_eq!(
+            p.extra_authorize_params,
+            [("prompt".to_owned(), "consent".to_owned())]
+        );
+        assert!(p.expects_refresh_token);
+    }
 
     #[test]
     fn presets_have_real_urls() {
