@@ -648,6 +648,23 @@ async fn a_401_on_a_token_without_refresh_token_condemns_it() {
     }
 }
 
+/// One authorization through the manager, the browser leg done at the mock in process.
+async fn authorize(f: &Fixture) -> tokenkeeper::Completed {
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = f
+        .mock
+        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
+        .unwrap();
+    let done = f
+        .manager
+        .complete_authorization(code, &begun.state)
+        .await
+        .unwrap();
+    done
+}
+
 /// Security review / #14: an authorization that brings no refresh token, for a profile that
 /// expects one, is flagged at once in `Completed::warnings` (and `explain` says so), not
 /// discovered at the first refresh.
@@ -661,18 +678,7 @@ async fn an_authorization_without_refresh_token_is_flagged_at_once() {
             fields: vec!["refresh_token".into()],
         },
     )]);
-    let begun = f.manager.begin_authorization(None).unwrap();
-    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = f
-        .mock
-        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
-        .unwrap();
-    let done = f
-        .manager
-        .complete_authorization(code, &begun.state)
-        .await
-        .unwrap();
+    let done = authorize(&f).await;
     match done.warnings.as_slice() {
         [w @ tokenkeeper::AuthorizationWarning::NoRefreshToken { .. }] => {
             assert!(w.to_string().contains("offline_access"), "{w}")
@@ -687,17 +693,6 @@ async fn an_authorization_without_refresh_token_is_flagged_at_once() {
         .to_string();
     assert!(text.contains("issued no refresh token"), "{text}");
     // A normal authorization has no warning.
-    let begun = f.manager.begin_authorization(None).unwrap();
-    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = f
-        .mock
-        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
-        .unwrap();
-    let done = f
-        .manager
-        .complete_authorization(code, &begun.state)
-        .await
-        .unwrap();
+    let done = authorize(&f).await;
     assert!(done.warnings.is_empty());
 }
