@@ -657,12 +657,10 @@ async fn authorize(f: &Fixture) -> tokenkeeper::Completed {
         .mock
         .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
         .unwrap();
-    let done = f
-        .manager
+    f.manager
         .complete_authorization(code, &begun.state)
         .await
-        .unwrap();
-    done
+        .unwrap()
 }
 
 /// Security review / #14: an authorization that brings no refresh token, for a profile that
