@@ -260,16 +260,17 @@ pub fn refresh_token_deadline(
     .min_by_key(|(at, _)| *at)
 }
 
-/// Why `record`'s refresh token must not be presented at `now`, if it must not: there is
-/// none (`NoRefreshToken`; the flight runs only once the access token expired or the API
-/// refused it), or it expired by [`refresh_token_deadline`] (`RefreshTokenExpired`: the
-/// provider would refuse it, so it is recorded as expired rather than as a rejection).
+/// Why `record`'s refresh token must not be presented at `now`, if it must not, and since
+/// when: there is none (`NoRefreshToken`, since the access token's expiry; the flight runs
+/// only once the access token expired or the API refused it), or it expired by
+/// [`refresh_token_deadline`] (`RefreshTokenExpired`: the provider would refuse it, so it is
+/// recorded as expired rather than as a rejection).
 pub fn unpresentable(
     record: &Record,
     profile: &ProviderProfile,
     mode: &Mode,
     now: Timestamp,
-) -> Option<(ReauthReason, ErrorDetail)> {
+) -> Option<(ReauthReason, ErrorDetail, Timestamp)> {
     let detail = |text: String| ErrorDetail {
         description: Some(text),
         ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
@@ -283,7 +284,11 @@ pub fn unpresentable(
                 record.tokens().expires_at
             )
         };
-        return Some((ReauthReason::NoRefreshToken, detail(text)));
+        return Some((
+            ReauthReason::NoRefreshToken,
+            detail(text),
+            record.tokens().expires_at,
+        ));
     }
     let (deadline, why) = refresh_token_deadline(record, profile)?;
     (now >= deadline).then(|| {
@@ -292,6 +297,7 @@ pub fn unpresentable(
             detail(format!(
                 "the refresh token expired at {deadline} by {why}; it was not presented"
             )),
+            deadline,
         )
     })
 }

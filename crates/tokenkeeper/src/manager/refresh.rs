@@ -83,21 +83,14 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         let now = engine.clock.now();
         let stale_at = engine.policy.stale_at(record.tokens());
         let breaker = engine.breaker_open(now);
-        let cx = Context {
-            mode,
-            now,
-            stale_at,
-            breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
-            consumer: &engine.consumer,
-            silent: match record.state().lease() {
-                Some(lease) if unsent.as_ref() == Some(&lease.holder) => Some(record.version()),
-                _ => watch.silent_for(&record, engine.policy.lease_ttl),
-            },
-            forced_min_interval: engine.policy.forced_refresh_min_interval,
-            refresh_deadline: refresh_token_deadline(&record, engine.client.consumer().profile())
-                .map(|(at, _)| at),
+        let silent = match record.state().lease() {
+            Some(lease) if unsent.as_ref() == Some(&lease.holder) => Some(record.version()),
+            _ => watch.silent_for(&record, engine.policy.lease_ttl),
         };
-        match decide(&record, cx) {
+        match decide(
+            &record,
+            context(engine, &record, mode, now, &breaker, silent),
+        ) {
             Decision::Fresh(token) => {
                 engine
                     .cache
@@ -160,6 +153,37 @@ fn cache_insert(mode: &Mode) -> Insert {
         Mode::Proactive => Insert::OnlyUpdate,
         Mode::OnDemand | Mode::Forced { .. } => Insert::Yes,
     }
+}
+
+/// What `decide` needs besides the record, at `now`, with the breaker as read.
+fn context<'a>(
+    engine: &'a Engine,
+    record: &Record,
+    mode: &'a Mode,
+    now: Timestamp,
+    breaker: &'a Option<(Timestamp, ErrorDetail)>,
+    silent: Option<u64>,
+) -> Context<'a> {
+    Context {
+        mode,
+        now,
+        stale_at: engine.policy.stale_at(record.tokens()),
+        breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
+        consumer: &engine.consumer,
+        silent,
+        forced_min_interval: engine.policy.forced_refresh_min_interval,
+        refresh_deadline: refresh_token_deadline(record, engine.client.consumer().profile())
+            .map(|(at, _)| at),
+    }
+}
+
+/// Whether a proactive flight over `record` would take its lease now (the refresher's look
+/// before it spends a rate slot): the very decision the flight will make, not a copy of it.
+pub(super) fn would_take_lease(engine: &Engine, record: &Record) -> bool {
+    let now = engine.clock.now();
+    let breaker = engine.breaker_open(now);
+    let cx = context(engine, record, &Mode::Proactive, now, &breaker, None);
+    matches!(decide(record, cx), Decision::TakeLease { .. })
 }
 
 /// Takes the refresh lease by compare-and-swap (over a silent peer's lease when `watched`
@@ -242,7 +266,7 @@ async fn exchange(
     // recorded.
     let profile = engine.client.consumer().profile();
     let now = engine.clock.now();
-    if let Some((reason, detail)) = unpresentable(held.record(), profile, mode, now) {
+    if let Some((reason, detail, deadline)) = unpresentable(held.record(), profile, mode, now) {
         let tokens = held.record().tokens().clone();
         let refused_by_api = matches!(
             mode,
@@ -261,12 +285,6 @@ async fn exchange(
         // Judged at its due time, an expiry is ordinary. Long overdue by this clock (a host
         // whose clock jumped ahead, a fleet back after months), it counts against the
         // mass-rejection guard like a refusal.
-        let deadline = match reason {
-            ReauthReason::RefreshTokenExpired => {
-                refresh_token_deadline(held.record(), profile).map_or(now, |(at, _)| at)
-            }
-            _ => tokens.expires_at,
-        };
         let overdue = engine
             .policy
             .mass_rejection

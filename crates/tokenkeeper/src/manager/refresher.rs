@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenkeeper_core::{DueEntry, InstallationId, State, StoreError, Timestamp};
+use tokenkeeper_core::{DueEntry, InstallationId, StoreError};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -270,21 +270,14 @@ fn rest(
     resting.insert(id.clone(), now + time);
 }
 
-/// Re-reads a due entry before spending a rate slot on it: it is worth a flight unless a peer
-/// has since refreshed it (no longer due) or holds a live lease on it, its record is gone or
-/// unreadable, or the consumer breaker is open. A store that fails to answer leaves it to the flight, which reports why.
+/// Re-reads a due entry before spending a rate slot on it: it is worth a flight only if the
+/// flight's own decision would take the lease now (not when a peer has since refreshed it or
+/// holds a live lease, nor while the consumer breaker is open), and not when its record is
+/// gone or unreadable. A store that fails to answer leaves it to the flight, which reports
+/// why.
 async fn actionable(manager: &TokenManager, id: &InstallationId) -> bool {
-    let now: Timestamp = manager.engine.clock.now();
-    if manager.engine.breaker_open(now).is_some() {
-        // The consumer's credentials were just refused: every flight would only fail.
-        return false;
-    }
     match manager.engine.store.get(id).await {
-        Ok(Some(record)) => {
-            let leased_elsewhere =
-                matches!(record.state(), State::Refreshing { lease } if lease.until > now);
-            record.due_at().is_some_and(|d| d <= now) && !leased_elsewhere
-        }
+        Ok(Some(record)) => super::refresh::would_take_lease(&manager.engine, &record),
         Ok(None) => false,
         Err(StoreError::Corrupt { .. }) => {
             tracing::warn!(installation = %id, "a due installation's record is unreadable; the refresher passes over it");
