@@ -261,6 +261,87 @@ pub async fn concurrent_creates_have_one_winner(store: Arc<dyn TokenStore>) {
     assert_eq!(wins, 1, "exactly one concurrent create must win");
 }
 
+/// 64 tasks claim the same authorization flow at once: exactly one claims it, every other
+/// one reads the claimant's value; the claimant's settled value is what later reads see; and
+/// flows are independent of each other.
+pub async fn flow_claims_have_one_winner(store: Arc<dyn TokenStore>) {
+    let ttl = Duration::from_secs(600);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..64u32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let value = format!("claimant-{n}").into_bytes();
+            let got = store.claim_flow("consumer/flow-race", &value, ttl).await;
+            (value, got)
+        });
+    }
+    let mut winners = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        match res.expect("task") {
+            (value, Ok(None)) => winners.push(value),
+            (_, Ok(Some(existing))) => seen.push(existing),
+            (_, Err(e)) => panic!("unexpected claim error: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one concurrent claim must win");
+    assert!(
+        seen.iter().all(|v| v == &winners[0]),
+        "every loser must read the winner's value"
+    );
+    store
+        .settle_flow("consumer/flow-race", b"settled", ttl)
+        .await
+        .expect("settle");
+    assert_eq!(
+        store.get_flow("consumer/flow-race").await.expect("get"),
+        Some(b"settled".to_vec())
+    );
+    assert_eq!(
+        store
+            .claim_flow("consumer/flow-race", b"late", ttl)
+            .await
+            .expect("claim"),
+        Some(b"settled".to_vec()),
+        "a settled flow cannot be claimed again"
+    );
+    assert_eq!(store.get_flow("consumer/other").await.expect("get"), None);
+    assert_eq!(
+        store
+            .claim_flow("consumer/other", b"mine", ttl)
+            .await
+            .expect("claim"),
+        None
+    );
+}
+
+/// A flow's value disappears once its time to live has passed (by the backend's clock), and
+/// the flow can then be claimed again.
+pub async fn flow_claims_expire(store: Arc<dyn TokenStore>) {
+    let short = Duration::from_millis(300);
+    assert_eq!(
+        store
+            .claim_flow("consumer/flow-expiry", b"first", short)
+            .await
+            .expect("claim"),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        store.get_flow("consumer/flow-expiry").await.expect("get"),
+        None,
+        "an expired flow reads as absent"
+    );
+    assert_eq!(
+        store
+            .claim_flow("consumer/flow-expiry", b"second", Duration::from_secs(60))
+            .await
+            .expect("claim"),
+        None,
+        "an expired flow can be claimed again"
+    );
+}
+
 /// A swap from the stored version writes the new record.
 pub async fn cas_swaps_and_bumps_version(store: Arc<dyn TokenStore>) {
     let i = id("cas-ok");
@@ -743,6 +824,8 @@ macro_rules! conformance_tests {
             get_missing_is_none,
             create_twice_is_already_exists,
             concurrent_creates_have_one_winner,
+            flow_claims_have_one_winner,
+            flow_claims_expire,
             cas_swaps_and_bumps_version,
             cas_stale_version_conflicts_with_current,
             cas_missing_id,

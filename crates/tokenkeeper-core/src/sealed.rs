@@ -465,4 +465,25 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
     ) -> Result<ListPage, StoreError> {
         self.inner.list(filter, after, limit).await
     }
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.claim_flow(flow, value, ttl).await
+    }
+
+    async fn settle_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.settle_flow(flow, value, ttl).await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_flow(flow).await
+    }
 }

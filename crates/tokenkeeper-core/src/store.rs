@@ -9,6 +9,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -265,6 +266,11 @@ pub struct ListEntry {
 ///   `(due_at, id)` order, strictly after the cursor `after`; terminal records never appear.
 /// - `list(filter, after, limit)` returns up to `limit` entries in id order after `after`.
 /// - A record that cannot be decoded is [`StoreError::Corrupt`] naming the id; never a panic.
+/// - `claim_flow(flow, value, ttl)` stores `value` under `flow` only if no unexpired value is
+///   there, and otherwise returns the stored one; of any number of concurrent claims of one
+///   flow, exactly one gets `None`. `settle_flow` replaces the value (the claimant's result);
+///   `get_flow` reads it. A flow's value disappears `ttl` after it was last written, judged by
+///   the backend's own clock.
 #[async_trait]
 pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     /// The record of `id`, if any.
@@ -316,6 +322,40 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
         after: Option<&InstallationId>,
         limit: usize,
     ) -> Result<ListPage, StoreError>;
+
+    /// Claims an authorization flow: stores `value` under `flow` for `ttl` unless an unexpired
+    /// value is already there, and returns `None` when this call claimed it, or the value that
+    /// was there. This is what makes a callback's code exchange happen once across processes:
+    /// the flow is claimed in the store before the exchange, and a duplicate callback reads
+    /// the claimant's result instead of spending the code again. `flow` is at most 512 bytes
+    /// and `value` a few hundred; neither holds a secret.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`]: the claim may or may not be
+    /// stored, so the caller must not exchange the code.
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Replaces the value of a claimed flow (the claimant writes its result) and keeps it for
+    /// `ttl` from now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration)
+    -> Result<(), StoreError>;
+
+    /// The value of a flow, unless it expired or was never claimed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// Checks the argument rule of `compare_and_swap`; backends call it first.
@@ -378,6 +418,25 @@ macro_rules! forward_store {
                 limit: usize,
             ) -> Result<ListPage, StoreError> {
                 (**self).list(filter, after, limit).await
+            }
+            async fn claim_flow(
+                &self,
+                flow: &str,
+                value: &[u8],
+                ttl: Duration,
+            ) -> Result<Option<Vec<u8>>, StoreError> {
+                (**self).claim_flow(flow, value, ttl).await
+            }
+            async fn settle_flow(
+                &self,
+                flow: &str,
+                value: &[u8],
+                ttl: Duration,
+            ) -> Result<(), StoreError> {
+                (**self).settle_flow(flow, value, ttl).await
+            }
+            async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+                (**self).get_flow(flow).await
             }
         }
     };

@@ -24,9 +24,10 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokenkeeper_core::{
@@ -40,6 +41,8 @@ const BACKEND: &str = "memory";
 struct Tables {
     records: BTreeMap<InstallationId, Record>,
     due: BTreeMap<String, BTreeSet<(Timestamp, InstallationId)>>,
+    /// Authorization flow claims: value and the instant it expires.
+    flows: HashMap<String, (Vec<u8>, Instant)>,
 }
 
 impl Tables {
@@ -92,6 +95,47 @@ impl MemoryStore {
 
 #[async_trait]
 impl TokenStore for MemoryStore {
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        // Expired claims go on every claim: the map holds only live flows.
+        inner.flows.retain(|_, (_, until)| *until > now);
+        if let Some((existing, _)) = inner.flows.get(flow) {
+            return Ok(Some(existing.clone()));
+        }
+        inner
+            .flows
+            .insert(flow.to_owned(), (value.to_vec(), now + ttl));
+        Ok(None)
+    }
+
+    async fn settle_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .flows
+            .insert(flow.to_owned(), (value.to_vec(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .flows
+            .get(flow)
+            .filter(|(_, until)| *until > now)
+            .map(|(value, _)| value.clone()))
+    }
+
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
         Ok(self.lock().records.get(id).cloned())
     }

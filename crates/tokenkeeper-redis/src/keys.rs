@@ -4,6 +4,7 @@
 //! {prefix}:{sNN}:rec:{id}             string: header line + the record (tokens live only here)
 //! {prefix}:{sNN}:due:{consumer}       sorted set, all scores 0, members `HEX16(due_at) ++ id`
 //! {prefix}:{sNN}:state:{state}        sorted set per state, all scores 0, members `id`
+//! {prefix}:flow:{flow}                string with a TTL: an authorization flow's claim
 //! ```
 //!
 //! The due index is per consumer (a record's `profile/client_id`), so consumers sharing one
@@ -39,6 +40,7 @@ pub(crate) struct ShardKeys {
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     shards: Vec<ShardKeys>,
+    flow_prefix: String,
 }
 
 impl Layout {
@@ -57,7 +59,15 @@ impl Layout {
                 }
             })
             .collect();
-        Self { shards }
+        Self {
+            shards,
+            flow_prefix: format!("{prefix}:flow:"),
+        }
+    }
+
+    /// The key of an authorization flow's claim (one key, its own slot).
+    pub(crate) fn flow_key(&self, flow: &str) -> String {
+        format!("{}{flow}", self.flow_prefix)
     }
 
     pub(crate) fn shards(&self) -> &[ShardKeys] {

@@ -604,6 +604,10 @@ fn unexpected_reply(operation: &'static str, reply: &Value) -> StoreError {
     StoreError::backend(BACKEND, operation, RedisFault::UnexpectedScriptReply(kind))
 }
 
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 fn parse_id(operation: &'static str, text: &[u8]) -> Result<InstallationId, StoreError> {
     InstallationId::from_bytes(text)
         .map_err(|e| StoreError::backend(BACKEND, operation, RedisFault::InvalidIndexId(e)))
@@ -721,6 +725,52 @@ impl TokenStore for RedisStore {
             )?))),
             other => Err(unexpected_reply("delete", &other)),
         }
+    }
+
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.layout.flow_key(flow);
+        let existing: Option<Vec<u8>> = self
+            .run("claim_flow", async |c| {
+                scripts::CLAIM_FLOW
+                    .key(&key)
+                    .arg(value)
+                    .arg(ttl_millis(ttl))
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        if existing.is_none() {
+            self.wait_for_replicas("claim_flow").await?;
+        }
+        Ok(existing)
+    }
+
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let key = self.layout.flow_key(flow);
+        self.run("settle_flow", async |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_millis(ttl))
+                .query_async::<()>(c)
+                .await
+        })
+        .await?;
+        self.wait_for_replicas("settle_flow").await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.layout.flow_key(flow);
+        self.run("get_flow", async |c| {
+            redis::cmd("GET").arg(&key).query_async(c).await
+        })
+        .await
     }
 
     /// One page merged from every shard's due set of `consumer`. Each shard is asked for

@@ -97,3 +97,14 @@ return 1
 "#
     ))
 });
+
+/// KEYS: the flow's key. ARGV: value, time to live in milliseconds. Returns nil when this call
+/// claimed the flow, or the live claim's value (keys do not expire while a script runs).
+pub(crate) static CLAIM_FLOW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"#,
+    )
+});

@@ -408,4 +408,33 @@ impl TokenStore for SqliteStore {
         self.run("list", move |c| ops::list(c, filter, after.as_ref(), limit))
             .await
     }
+
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let (flow, value) = (flow.to_owned(), value.to_vec());
+        self.run("claim_flow", move |c| ops::claim_flow(c, &flow, &value, ttl))
+            .await
+    }
+
+    async fn settle_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let (flow, value) = (flow.to_owned(), value.to_vec());
+        self.run("settle_flow", move |c| {
+            ops::settle_flow(c, &flow, &value, ttl)
+        })
+        .await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let flow = flow.to_owned();
+        self.run("get_flow", move |c| ops::get_flow(c, &flow)).await
+    }
 }

@@ -359,3 +359,77 @@ mod tests {
         );
     }
 }
+
+fn unix_millis_after(ttl: std::time::Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.saturating_add(ttl).as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Claims a flow: one statement inserts the claim, or takes over an expired one; when neither
+/// happened, the live claim is read. Expired claims are purged on the way.
+pub(crate) fn claim_flow(
+    conn: &Connection,
+    flow: &str,
+    value: &[u8],
+    ttl: std::time::Duration,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let err = |e| sqlite_error("claim_flow", e);
+    let now = unix_millis_after(std::time::Duration::ZERO);
+    conn.prepare_cached("DELETE FROM flows WHERE expires_at <= ?1")
+        .and_then(|mut s| s.execute(params![now]))
+        .map_err(err)?;
+    // A concurrent purge can remove an expired claim between the insert and the read: try
+    // again (each round either claims or reads a live claim).
+    for _ in 0..3 {
+        let claimed = conn
+            .prepare_cached(
+                "INSERT INTO flows (key, value, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                 expires_at = excluded.expires_at WHERE flows.expires_at <= ?4",
+            )
+            .and_then(|mut s| s.execute(params![flow, value, unix_millis_after(ttl), now]))
+            .map_err(err)?;
+        if claimed == 1 {
+            return Ok(None);
+        }
+        if let Some(existing) = get_flow(conn, flow)? {
+            return Ok(Some(existing));
+        }
+    }
+    Err(StoreError::unavailable(
+        BACKEND,
+        "claim_flow",
+        "the flow's claim kept changing under concurrent writers",
+    ))
+}
+
+/// Replaces a flow's value and its expiry.
+pub(crate) fn settle_flow(
+    conn: &Connection,
+    flow: &str,
+    value: &[u8],
+    ttl: std::time::Duration,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO flows (key, value, expires_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+    )
+    .and_then(|mut s| s.execute(params![flow, value, unix_millis_after(ttl)]))
+    .map_err(|e| sqlite_error("settle_flow", e))?;
+    Ok(())
+}
+
+/// A flow's value, unless it expired.
+pub(crate) fn get_flow(conn: &Connection, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    conn.prepare_cached("SELECT value FROM flows WHERE key = ?1 AND expires_at > ?2")
+        .and_then(|mut s| {
+            s.query_row(
+                params![flow, unix_millis_after(std::time::Duration::ZERO)],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .map_err(|e| sqlite_error("get_flow", e))
+}

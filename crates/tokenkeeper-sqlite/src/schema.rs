@@ -35,6 +35,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX installations_by_consumer_due ON installations (consumer, due_at, id)
         WHERE due_at IS NOT NULL;
 ",
+    // 3: single-use claims of authorization flows (`TokenStore::claim_flow`): a callback's code
+    // is exchanged once across processes. Expiry in unix milliseconds by the writer's clock.
+    "
+    CREATE TABLE flows (
+        key        TEXT    NOT NULL PRIMARY KEY,
+        value      BLOB    NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX flows_by_expiry ON flows (expires_at);
+",
 ];
 
 /// Fills the consumer column of due rows that lack it from the record they hold: rows of a

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenkeeper_core::{
@@ -33,6 +34,8 @@ pub enum Operation<'a> {
     Due,
     /// `list`.
     List,
+    /// `claim_flow`, `settle_flow` or `get_flow`.
+    Flow,
 }
 
 impl Operation<'_> {
@@ -43,6 +46,7 @@ impl Operation<'_> {
             Self::CompareAndSwap(_) => "compare_and_swap",
             Self::Delete => "delete",
             Self::Due => "due",
+            Self::Flow => "flow",
             Self::List => "list",
         }
     }
@@ -159,6 +163,26 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
     ) -> Result<ListPage, StoreError> {
         self.hook.before(Operation::List).await?;
         self.inner.list(filter, after, limit).await
+    }
+
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.hook.before(Operation::Flow).await?;
+        self.inner.claim_flow(flow, value, ttl).await
+    }
+
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        self.hook.before(Operation::Flow).await?;
+        self.inner.settle_flow(flow, value, ttl).await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.hook.before(Operation::Flow).await?;
+        self.inner.get_flow(flow).await
     }
 }
 

@@ -199,6 +199,30 @@ impl TokenStore for HostStore {
         self.before("list").await?;
         self.world.store.list(filter, after, limit).await
     }
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.before("flow").await?;
+        self.world.store.claim_flow(flow, value, ttl).await
+    }
+
+    async fn settle_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        self.before("flow").await?;
+        self.world.store.settle_flow(flow, value, ttl).await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.before("flow").await?;
+        self.world.store.get_flow(flow).await
+    }
 }
 
 /// A host's network to the provider.
