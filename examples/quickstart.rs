@@ -45,7 +45,11 @@ impl World {
         )?;
         Ok(self
             .manager
-            .complete_authorization(code, &begun.state)
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
             .await?
             .installation)
     }
@@ -80,15 +84,19 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
         .start()
         .await?;
     let url = |s: String| reqwest::Url::parse(&s);
-    let profile = profiles::bitbucket().with_endpoints(
-        url(mock.authorize_url())?,
-        url(mock.token_url())?,
-        Some(url(mock.revoke_url())?),
-    );
+    let profile = profiles::bitbucket()
+        .with_endpoints(
+            url(mock.authorize_url())?,
+            url(mock.token_url())?,
+            Some(url(mock.revoke_url())?),
+        )
+        .with_identity_endpoint(url(mock.resource_url())?);
     let consumer = ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)
         .redirect_uri("http://127.0.0.1/callback")
+        // One process here; a fleet loads one shared key: StateKey::from_base64(1, &secret).
+        .state_key(tokenkeeper::StateKey::generate(1)?)
         .build()?;
     let store = SqliteStore::open(dir.join("tokens.db")).await?;
     let clock = ManualClock::new(SystemClock.now());

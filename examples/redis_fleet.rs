@@ -31,15 +31,26 @@ fn ids() -> Vec<InstallationId> {
 
 async fn manager(redis: &str, prefix: &str, mock_base: &str) -> Fallible<TokenManager> {
     let url = |p: &str| reqwest::Url::parse(&format!("{mock_base}{p}"));
-    let profile = profiles::bitbucket().with_endpoints(
-        url(tokenkeeper_mock_provider::paths::AUTHORIZE)?,
-        url(tokenkeeper_mock_provider::paths::TOKEN)?,
-        None,
-    );
+    let profile = profiles::bitbucket()
+        .with_endpoints(
+            url(tokenkeeper_mock_provider::paths::AUTHORIZE)?,
+            url(tokenkeeper_mock_provider::paths::TOKEN)?,
+            None,
+        )
+        .with_identity_endpoint(url(tokenkeeper_mock_provider::paths::RESOURCE)?);
+    // Every process of a fleet shares one state key (from your secret store in production).
+    static STATE_KEY: std::sync::OnceLock<tokenkeeper::StateKey> = std::sync::OnceLock::new();
+    let key = match STATE_KEY.get() {
+        Some(key) => key.clone(),
+        None => STATE_KEY
+            .get_or_init(|| tokenkeeper::StateKey::generate(1).expect("OS random"))
+            .clone(),
+    };
     let consumer = ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)
         .redirect_uri("http://127.0.0.1/callback")
+        .state_key(key)
         .build()?;
     let store: Arc<dyn TokenStore> =
         Arc::new(RedisStore::builder(redis).prefix(prefix).connect().await?);
@@ -73,7 +84,13 @@ async fn main() -> Fallible<()> {
             Some("http://127.0.0.1/callback"),
             challenge,
         )?;
-        admin.complete_authorization(code, &begun.state).await?;
+        admin
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
+            .await?;
     }
     println!(
         "{INSTALLATIONS} installations in Redis (prefix {prefix}); starting {WORKERS} worker processes for {RUN_FOR:?}"

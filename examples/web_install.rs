@@ -1,33 +1,70 @@
 //! A small web app with an "Install" button: the real authorization flow against the mock
-//! provider, then a list of installations with their states and what `explain` says.
+//! provider (which shows a consent page), bound to the browser that pressed the button, then a
+//! list of installations with their states and what `explain` says.
 //!
-//! `cargo run --example web_install` and open the printed URL. `-- --self-test` clicks through
-//! the flow with an HTTP client and exits (the test suite runs that).
+//! `cargo run --example web_install` and open the printed URL. `-- --self-test` walks through
+//! the flow with an HTTP client and exits (the test suite runs that); the end-to-end test in
+//! headless Chromium is `examples/tests/web_install_browser.rs`.
+//!
+//! The browser binding: `/install` answers with a redirect to the provider and a cookie
+//!
+//! ```text
+//! Set-Cookie: tk_flow=<binding>; HttpOnly; Secure; SameSite=Lax; Path=/callback; Max-Age=600
+//! ```
+//!
+//! which only this browser sends back to `/callback` (`SameSite=Lax` lets it ride the
+//! provider's top-level redirect; `Secure` browsers honour on `http://127.0.0.1` too). The
+//! callback hands it to `complete_authorization` with the query's `code` and `state`; a
+//! callback URL replayed from another browser has another cookie, or none, and is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use tokenkeeper::stores::MemoryStore;
 use tokenkeeper::{
-    Clock, ConsumerConfig, ListFilter, ManualClock, SystemClock, TokenManager, profiles,
+    AuthorizationCode, AuthorizationState, BrowserBinding, Clock, ConsumerConfig, ListFilter,
+    ManualClock, StateKey, SystemClock, TokenManager, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
-type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
+type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The cookie that carries the flow's browser binding.
+const FLOW_COOKIE: &str = "tk_flow";
+/// Where the provider sends the browser back (the cookie's path).
+const CALLBACK: &str = "/callback";
 
 #[derive(Clone)]
 struct App {
     manager: TokenManager,
-    mock: std::sync::Arc<MockProvider>,
+    mock: Arc<MockProvider>,
     clock: ManualClock,
+}
+
+/// The running app: its address, the provider and the manager behind it.
+pub struct WebApp {
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// The mock provider the app installs against.
+    pub mock: Arc<MockProvider>,
+    /// The app's token manager.
+    pub manager: TokenManager,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WebApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -37,13 +74,21 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+fn page(title: &str, body: &str) -> String {
+    format!(
+        r#"<!doctype html><html><head><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px}} #error{{color:#a00}}</style>
+</head><body>{body}</body></html>"#
+    )
+}
+
 async fn index(State(app): State<App>) -> Response {
-    let page = match app.manager.store().list(ListFilter::all(), None, 500).await {
+    let page_of = match app.manager.store().list(ListFilter::all(), None, 500).await {
         Ok(page) => page,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
     let mut rows = String::new();
-    for entry in page.entries {
+    for entry in page_of.entries {
         let summary = match app.manager.explain(&entry.id).await {
             Ok(e) => e.summary,
             Err(e) => e.to_string(),
@@ -55,37 +100,119 @@ async fn index(State(app): State<App>) -> Response {
             escape(&summary)
         ));
     }
-    Html(format!(
-        r#"<!doctype html><html><head><title>tokenkeeper: installations</title></head><body>
-<h1>Installations of the Bitbucket consumer</h1>
-<form action="/install" method="get"><button type="submit">Install</button></form>
+    Html(page(
+        "tokenkeeper: installations",
+        &format!(
+            r#"<h1>Installations of the Bitbucket consumer</h1>
+<p><a id="install" href="/install">Install</a></p>
 <form action="/time" method="post"><button type="submit">Let 2 hours pass</button></form>
 <form action="/scopes" method="post"><button type="submit">Change the consumer's scopes</button></form>
-<table border="1"><tr><th>installation</th><th>state</th><th>explain</th></tr>{rows}</table>
-</body></html>"#
+<table border="1"><tr><th>installation</th><th>state</th><th>explain</th></tr>{rows}</table>"#
+        ),
     ))
     .into_response()
 }
 
+/// Begins a flow: the provider's URL, and the binding in a cookie only this browser holds.
 async fn install(State(app): State<App>) -> Response {
     match app.manager.begin_authorization(None) {
-        Ok(begun) => Redirect::to(begun.url.as_str()).into_response(),
+        Ok(begun) => {
+            let ttl = app.manager.client().consumer().authorization_ttl();
+            let cookie = begun.binding.set_cookie_header(FLOW_COOKIE, CALLBACK, ttl);
+            (
+                [(header::SET_COOKIE, cookie)],
+                Redirect::to(begun.url.as_str()),
+            )
+                .into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
-async fn callback(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> Response {
+/// The flow's cookie in a request, if any.
+fn flow_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == FLOW_COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+fn refused(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Html(page(
+            "tokenkeeper: installation refused",
+            &format!(
+                r#"<h1>Installation refused</h1><p id="error">{}</p><p><a href="/">Back</a></p>"#,
+                escape(message)
+            ),
+        )),
+    )
+        .into_response()
+}
+
+async fn callback(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(error) = q.get("error") {
+        return refused(&format!("the provider says: {error}"));
+    }
     let (Some(code), Some(state)) = (q.get("code"), q.get("state")) else {
-        return (StatusCode::BAD_REQUEST, "the callback needs code and state").into_response();
+        return refused("the callback needs code and state");
     };
-    match app
+    let binding = match flow_cookie(&headers).map(|c| BrowserBinding::from_cookie_value(&c)) {
+        Some(Ok(binding)) => binding,
+        Some(Err(e)) => return refused(&e.to_string()),
+        None => {
+            return refused(
+                "this browser holds no authorization in progress (no flow cookie): start the installation again from this browser",
+            );
+        }
+    };
+    let done = match app
         .manager
-        .complete_authorization(code.as_str(), state)
+        .complete_authorization(
+            AuthorizationCode::new(code.as_str()),
+            &AuthorizationState::new(state.as_str()),
+            &binding,
+        )
         .await
     {
-        Ok(_) => Redirect::to("/").into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-    }
+        Ok(done) => done,
+        Err(e) => return refused(&e.to_string()),
+    };
+    let (state, summary) = match app.manager.explain(&done.installation).await {
+        Ok(e) => (e.state.kind().as_str().to_owned(), e.summary),
+        Err(e) => ("unknown".to_owned(), e.to_string()),
+    };
+    let clear =
+        format!("{FLOW_COOKIE}=; HttpOnly; Secure; SameSite=Lax; Path={CALLBACK}; Max-Age=0");
+    (
+        [(header::SET_COOKIE, clear)],
+        Html(page(
+            "tokenkeeper: installed",
+            &format!(
+                r#"<h1>Installed</h1>
+<p>Installation <code id="installation">{}</code> is <b id="state">{}</b>{}.</p>
+<p id="explain">{}</p><p><a href="/">All installations</a></p>"#,
+                escape(done.installation.as_str()),
+                escape(&state),
+                if done.replayed {
+                    " (a repeated callback)"
+                } else {
+                    ""
+                },
+                escape(&summary)
+            ),
+        )),
+    )
+        .into_response()
 }
 
 async fn pass_time(State(app): State<App>) -> Redirect {
@@ -106,76 +233,147 @@ async fn change_scopes(State(app): State<App>) -> Redirect {
     Redirect::to("/")
 }
 
-#[tokio::main]
-async fn main() -> Fallible<()> {
-    let self_test = std::env::args().any(|a| a == "--self-test");
+/// Starts the mock provider (with its consent page) and the app, both on loopback.
+pub async fn start() -> Fallible<WebApp> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let base = format!("http://{}", listener.local_addr()?);
     let mock = MockProvider::builder()
         .profile(MockProfile::Bitbucket)
+        .consent_page(true)
         .start()
         .await?;
     let url = |s: String| reqwest::Url::parse(&s);
-    let profile = profiles::bitbucket().with_endpoints(
-        url(mock.authorize_url())?,
-        url(mock.token_url())?,
-        None,
-    );
+    let profile = profiles::bitbucket()
+        .with_endpoints(url(mock.authorize_url())?, url(mock.token_url())?, None)
+        .with_identity_endpoint(url(mock.resource_url())?);
     let consumer = ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)
-        .redirect_uri(format!("{base}/callback"))
+        .redirect_uri(format!("{base}{CALLBACK}"))
+        // One process; a fleet loads one shared key from its secret store.
+        .state_key(StateKey::generate(1)?)
         .build()?;
     let clock = ManualClock::new(SystemClock.now());
     let manager = TokenManager::builder(consumer, MemoryStore::new())
         .clock(clock.clone())
         .build()?;
+    let mock = Arc::new(mock);
     let app = App {
-        manager,
-        mock: std::sync::Arc::new(mock),
+        manager: manager.clone(),
+        mock: mock.clone(),
         clock,
     };
     let router = Router::new()
         .route("/", get(index))
         .route("/install", get(install))
-        .route("/callback", get(callback))
+        .route(CALLBACK, get(callback))
         .route("/time", post(pass_time))
         .route("/scopes", post(change_scopes))
-        .with_state(app.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
-    println!("open {base}/ and press Install (Ctrl-C to stop)");
-    if self_test {
-        let browser = reqwest::Client::builder().build()?; // follows redirects like a browser
-        for _ in 0..3 {
-            let page = browser
-                .get(format!("{base}/install"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            if !page.contains("Healthy") {
-                return Err(format!(
-                    "the install flow did not land on a healthy installation:\n{page}"
-                )
-                .into());
-            }
+        .with_state(app);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(WebApp {
+        base,
+        mock,
+        manager,
+        server,
+    })
+}
+
+/// One install as a browser without a cookie store does it: `/install` (keeping the cookie),
+/// the provider's consent (approved as `account`), the callback with the cookie. Returns the
+/// callback URL and the final page.
+pub async fn install_with_http(app: &WebApp, account: &str) -> Fallible<(String, String)> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let begun = http.get(format!("{}/install", app.base)).send().await?;
+    let cookie = begun
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .ok_or("no flow cookie")?
+        .to_owned();
+    let authorize = reqwest::Url::parse(
+        begun
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no redirect to the provider")?,
+    )?;
+    // The consent page's form, submitted.
+    let mut form: Vec<(String, String)> = authorize.query_pairs().into_owned().collect();
+    form.push(("account".into(), account.into()));
+    let approved = http
+        .post(app.mock.authorize_url())
+        .form(&form)
+        .send()
+        .await?;
+    let callback = approved
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("the provider did not redirect back")?
+        .to_owned();
+    let landed = http
+        .get(&callback)
+        .header(header::COOKIE, cookie)
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok((callback, landed))
+}
+
+async fn self_test(app: &WebApp) -> Fallible<()> {
+    let http = reqwest::Client::new();
+    let mut callbacks = Vec::new();
+    for _ in 0..3 {
+        let (callback, page) = install_with_http(app, "mock-user").await?;
+        if !page.contains("id=\"state\">active") {
+            return Err(
+                format!("the install flow did not land on an installation:\n{page}").into(),
+            );
         }
-        browser.post(format!("{base}/scopes")).send().await?;
-        let page = browser
-            .post(format!("{base}/time"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let needing = page.matches("reauthorization_required").count();
-        println!(
-            "self-test: 3 installs through the browser flow, {needing} need re-authorization after the scope change"
-        );
-        if needing != 3 {
-            return Err(page.into());
-        }
-        server.abort();
-        return Ok(());
+        callbacks.push(callback);
+    }
+    // Another browser (no cookie) replays a callback URL: refused, nothing exchanged.
+    let exchanges = app.mock.counters().totals.code_exchanges;
+    let replay = http.get(&callbacks[0]).send().await?;
+    let status = replay.status();
+    let text = replay.text().await?;
+    if status != StatusCode::BAD_REQUEST || !text.contains("no authorization in progress") {
+        return Err(format!("a replayed callback was not refused ({status}):\n{text}").into());
+    }
+    if app.mock.counters().totals.code_exchanges != exchanges {
+        return Err("a replayed callback reached the provider".into());
+    }
+    http.post(format!("{}/scopes", app.base)).send().await?;
+    let page = http
+        .post(format!("{}/time", app.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let needing = page.matches("reauthorization_required").count();
+    println!(
+        "self-test: 3 installs through the cookie-bound flow, a replayed callback refused, {needing} need re-authorization after the scope change"
+    );
+    if needing != 3 {
+        return Err(page.into());
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+#[tokio::main]
+async fn main() -> Fallible<()> {
+    let app = start().await?;
+    println!("open {}/ and press Install (Ctrl-C to stop)", app.base);
+    if std::env::args().any(|a| a == "--self-test") {
+        return self_test(&app).await;
     }
     tokio::signal::ctrl_c().await?;
     Ok(())

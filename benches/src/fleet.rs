@@ -38,11 +38,11 @@ pub fn ids(n: usize) -> Vec<InstallationId> {
 /// A Bitbucket consumer pointed at the mock.
 pub fn consumer(mock: &MockProvider) -> ConsumerConfig {
     let url = |s: String| reqwest::Url::parse(&s).unwrap();
-    ConsumerConfig::builder(profiles::bitbucket().with_endpoints(
-        url(mock.authorize_url()),
-        url(mock.token_url()),
-        None,
-    ))
+    ConsumerConfig::builder(
+        profiles::bitbucket()
+            .with_endpoints(url(mock.authorize_url()), url(mock.token_url()), None)
+            .with_identity_endpoint(url(mock.resource_url())),
+    )
     .client_id(DEFAULT_CLIENT_ID)
     .client_secret(DEFAULT_CLIENT_SECRET)
     .redirect_uri("http://127.0.0.1/callback")

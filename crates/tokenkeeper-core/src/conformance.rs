@@ -121,7 +121,7 @@ async fn drain_due(store: &dyn TokenStore, before: Timestamp, limit: usize) -> V
 /// Every field survives create/get, including history, failures, scopes and backoff state.
 pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
     let i = id("every-field");
-    let r0 = sample_record(&i, at(100));
+    let r0 = sample_record(&i, at(100)).with_account(Some("{account-uuid-1}".into()));
     let r1 = lease(&r0, "proc-a:1", at(130), at(100));
     let r2 = r1
         .apply(
@@ -611,6 +611,7 @@ pub async fn due_follows_updates_and_skips_terminal(store: Arc<dyn TokenStore>) 
             Event::Authorized {
                 tokens: sample_tokens("again", at(70)),
                 refresh_at: at(150),
+                account: None,
             },
             at(70),
         )

@@ -198,6 +198,14 @@ pub struct Record {
     /// an acknowledged write, lease holders (unique per flight) cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) written_under: Option<LeaseHolder>,
+    /// The provider account the current grant belongs to (Bitbucket user uuid, GitHub user
+    /// id, OpenID `sub`…), when the profile's identity check read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) account: Option<String>,
+    /// Counts authorizations: 1 for the creating one, +1 for each new grant (0 for records
+    /// written before the count existed). Sealed tokens are bound to it.
+    #[serde(default)]
+    pub(crate) generation: u64,
 }
 
 /// Why stored bytes are not a usable record.
@@ -277,7 +285,16 @@ impl Record {
             updated_at: now,
             history,
             written_under: None,
+            account: None,
+            generation: 1,
         }
+    }
+
+    /// The same new record, naming the provider account its grant belongs to. Only for a
+    /// record not yet stored: afterwards the account changes only with a new authorization.
+    pub fn with_account(mut self, account: Option<String>) -> Self {
+        self.account = account;
+        self
     }
 
     /// The installation.
@@ -319,6 +336,15 @@ impl Record {
     /// When the record was created.
     pub fn created_at(&self) -> Timestamp {
         self.created_at
+    }
+    /// The provider account the current grant belongs to, when the identity check read it.
+    pub fn account(&self) -> Option<&str> {
+        self.account.as_deref()
+    }
+    /// Which authorization of the installation the current tokens came from: 1 for the
+    /// first, +1 for each re-authorization (0 for records older than this count).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
     /// When the current grant was authorized: creation, or the latest new authorization.
     pub fn authorized_at(&self) -> Timestamp {

@@ -347,8 +347,7 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     ///
     /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
-    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration)
-    -> Result<(), StoreError>;
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError>;
 
     /// The value of a flow, unless it expired or was never claimed.
     ///

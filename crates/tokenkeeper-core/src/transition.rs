@@ -25,6 +25,9 @@ pub enum Event {
         tokens: TokenSet,
         /// When the next refresh is due.
         refresh_at: Timestamp,
+        /// The provider account the new grant belongs to, when known (see
+        /// [`Record::account`]).
+        account: Option<String>,
     },
     /// A flight takes the refresh lease. Allowed from `Active`, `Backoff`, or `Refreshing`
     /// whose lease has lapsed (takeover). The fence is the version this transition writes.
@@ -293,8 +296,14 @@ pub fn transition(
     match event {
         // Writes are ordered by versions and fences, never by comparing wall clocks: two
         // machines' clocks disagree, and a refusal here would discard rotated tokens.
-        Event::Authorized { tokens, refresh_at } => {
+        Event::Authorized {
+            tokens,
+            refresh_at,
+            account,
+        } => {
             next.tokens = tokens;
+            next.account = account;
+            next.generation = record.generation.saturating_add(1);
             next.state = State::Active;
             next.due_at = Some(refresh_at);
             next.failures = None;
@@ -560,6 +569,7 @@ mod tests {
                 Event::Authorized {
                     tokens: tokens("a9", Some("r9")),
                     refresh_at: T0,
+                    account: None,
                 },
                 T0,
             )

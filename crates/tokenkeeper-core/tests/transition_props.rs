@@ -199,6 +199,7 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
         Op::Authorize { stale } => Event::Authorized {
             tokens: tokens(n, obtained(stale), true),
             refresh_at: secs(5000),
+            account: None,
         },
         Op::Late { presented_current } => Event::LateRefreshed {
             presented: match (&r.tokens().refresh_token, presented_current) {

@@ -114,12 +114,7 @@ impl TokenStore for MemoryStore {
         Ok(None)
     }
 
-    async fn settle_flow(
-        &self,
-        flow: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         self.lock()
             .flows
             .insert(flow.to_owned(), (value.to_vec(), Instant::now() + ttl));

@@ -58,7 +58,7 @@ pub mod paths {
 
 pub(crate) fn router(shared: Shared) -> Router {
     Router::new()
-        .route(paths::AUTHORIZE, get(authorize))
+        .route(paths::AUTHORIZE, get(authorize).post(approve))
         .route(paths::TOKEN, post(token))
         .route(paths::REVOKE, post(revoke))
         .route(paths::RESOURCE, get(resource))
@@ -312,6 +312,15 @@ async fn revoke(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
     .await
 }
 
+/// Escapes text for an HTML attribute or element.
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
 async fn authorize(
     State(shared): State<Shared>,
     Query(query): Query<HashMap<String, String>>,
@@ -319,6 +328,51 @@ async fn authorize(
     if let Err(response) = prelude(&shared, Endpoint::Authorize).await {
         return response;
     }
+    if shared.lock().consent_page {
+        // The consent page posts the same parameters back, with the account that approves.
+        let mut fields = String::new();
+        let mut keys: Vec<_> = query.keys().filter(|k| k.as_str() != "account").collect();
+        keys.sort();
+        for k in keys {
+            fields.push_str(&format!(
+                r#"<input type="hidden" name="{}" value="{}">"#,
+                html_escape(k),
+                html_escape(&query[k])
+            ));
+        }
+        let client = html_escape(query.get("client_id").map_or("", String::as_str));
+        let scope = html_escape(query.get("scope").map_or("", String::as_str));
+        let page = format!(
+            r#"<!doctype html><html><head><title>Mock provider: authorize</title></head><body>
+<h1>Authorize {client}?</h1><p>TEST DOUBLE: no real account is involved.</p>
+<p>It asks for: <code>{scope}</code></p>
+<form method="post" action="{action}">{fields}
+<label>Approve as account <input name="account" id="account" value="{default}"></label>
+<button type="submit" id="approve">Approve</button></form></body></html>"#,
+            action = paths::AUTHORIZE,
+            default = crate::provider::DEFAULT_ACCOUNT,
+        );
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response();
+    }
+    grant_code(&shared, &query)
+}
+
+/// The consent page's "Approve": the authorization parameters as a form.
+async fn approve(State(shared): State<Shared>, body: Bytes) -> Response {
+    if let Err(response) = prelude(&shared, Endpoint::Authorize).await {
+        return response;
+    }
+    let query: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    grant_code(&shared, &query)
+}
+
+/// Issues a code and redirects to the client's callback, or explains the refusal.
+fn grant_code(shared: &Shared, query: &HashMap<String, String>) -> Response {
     let req = AuthorizeRequest {
         client_id: query.get("client_id").cloned(),
         response_type: query.get("response_type").cloned(),
@@ -326,6 +380,7 @@ async fn authorize(
         state: query.get("state").cloned(),
         code_challenge: query.get("code_challenge").cloned(),
         code_challenge_method: query.get("code_challenge_method").cloned(),
+        account: query.get("account").cloned(),
     };
     let result = shared.lock().authorize(&req);
     match result {
@@ -362,12 +417,29 @@ async fn resource(State(shared): State<Shared>, headers: HeaderMap) -> Response 
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim().to_owned());
-    let outcome = shared.lock().check_access(bearer.as_deref());
+    let (outcome, account) = {
+        let mut provider = shared.lock();
+        let outcome = provider.check_access(bearer.as_deref());
+        let account = match outcome {
+            ResourceOutcome::Ok(Some(grant)) => provider.account_of(grant),
+            _ => None,
+        };
+        (outcome, account)
+    };
     match outcome {
-        ResourceOutcome::Ok(grant) => json_response(
-            200,
-            json!({"type": "user", "username": "mock-user", "grant": grant}),
-        ),
+        // The account in each provider's spelling: Bitbucket `uuid`, Atlassian `account_id`,
+        // GitHub numeric `id`, OpenID `sub`.
+        ResourceOutcome::Ok(grant) => {
+            let account = account.unwrap_or_else(|| crate::provider::DEFAULT_ACCOUNT.to_owned());
+            let numeric = account.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            }) >> 12;
+            json_response(
+                200,
+                json!({"type": "user", "username": account, "uuid": format!("{{{account}}}"),
+                       "account_id": account, "id": numeric, "sub": account, "grant": grant}),
+            )
+        }
         ResourceOutcome::Expired => json_response(
             401,
             json!({"type": "error", "error": {"message": "Access token expired."}}),

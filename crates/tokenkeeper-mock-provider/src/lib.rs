@@ -55,8 +55,8 @@ pub use profile::{
     ErrorBody, Errors, MockProfile, RotationRule, Rules, ScopeField, UnknownProfile,
 };
 pub use provider::{
-    AuthorizeError, AuthorizeRequest, CODE_TTL, ConsumerSpec, Counters, GrantCounters, RevokedBy,
-    Totals, s256_challenge,
+    AuthorizeError, AuthorizeRequest, CODE_TTL, ConsumerSpec, Counters, DEFAULT_ACCOUNT,
+    GrantCounters, RevokedBy, Totals, s256_challenge,
 };
 
 use http::Shared;
@@ -79,6 +79,7 @@ pub struct MockProviderBuilder {
     leeway: Option<Option<Duration>>,
     time: provider::TimeSource,
     insecure_public: bool,
+    consent_page: bool,
 }
 
 impl Default for MockProviderBuilder {
@@ -93,6 +94,7 @@ impl Default for MockProviderBuilder {
             leeway: None,
             time: provider::TimeSource::default(),
             insecure_public: false,
+            consent_page: false,
         }
     }
 }
@@ -172,6 +174,7 @@ impl MockProviderBuilder {
         }
         let mut provider = Provider::new(self.profile, rules, consumers, self.seed);
         provider.time = self.time;
+        provider.consent_page = self.consent_page;
         Shared::new(provider)
     }
 
@@ -185,6 +188,13 @@ impl MockProviderBuilder {
             shutdown: None,
             task: None,
         }
+    }
+
+    /// Shows a consent page at the authorization endpoint (an "Approve" button, and the
+    /// account to approve as) instead of approving at once: for browser tests and demos.
+    pub fn consent_page(mut self, show: bool) -> Self {
+        self.consent_page = show;
+        self
     }
 
     /// Allows a bind to an address other people can reach. The mock approves every
@@ -369,7 +379,20 @@ impl MockProvider {
         redirect_uri: Option<&str>,
         challenge: Option<(&str, &str)>,
     ) -> Result<String, AuthorizeError> {
+        self.authorize_code_as(DEFAULT_ACCOUNT, client_id, redirect_uri, challenge)
+    }
+
+    /// [`authorize_code`](Self::authorize_code), approved by `account` (whose id the identity
+    /// endpoint and ID tokens then report).
+    pub fn authorize_code_as(
+        &self,
+        account: &str,
+        client_id: &str,
+        redirect_uri: Option<&str>,
+        challenge: Option<(&str, &str)>,
+    ) -> Result<String, AuthorizeError> {
         let req = AuthorizeRequest {
+            account: Some(account.to_owned()),
             client_id: Some(client_id.to_owned()),
             response_type: Some("code".into()),
             redirect_uri: redirect_uri.map(str::to_owned),

@@ -68,6 +68,8 @@ pub enum RevokedBy {
     Client,
     /// A retired refresh token was used after the leeway (reuse detection).
     ReuseDetected,
+    /// The authorization code it came from was presented again (RFC 6749 §4.1.2).
+    CodeReused,
 }
 
 /// Counters of one grant (one installation).
@@ -139,6 +141,8 @@ pub struct Counters {
 
 #[derive(Debug)]
 struct Grant {
+    /// The user who approved it.
+    account: String,
     scopes: Vec<String>,
     created: Duration,
     counters: GrantCounters,
@@ -175,6 +179,10 @@ struct CodeInfo {
     challenge: Option<(String, String)>,
     expires: Duration,
     used: bool,
+    /// The user who approved it.
+    account: String,
+    /// The grant its exchange created (revoked if the code is presented again).
+    grant: Option<u64>,
 }
 
 /// The outcome of a resource request.
@@ -203,7 +211,12 @@ pub struct AuthorizeRequest {
     pub code_challenge: Option<String>,
     /// `code_challenge_method`
     pub code_challenge_method: Option<String>,
+    /// Who approves (the mock's stand-in for a login); [`DEFAULT_ACCOUNT`] when absent.
+    pub account: Option<String>,
 }
+
+/// The account that approves an authorization when none is named.
+pub const DEFAULT_ACCOUNT: &str = "mock-user";
 
 /// Why an authorize request was refused (shown to the user, not redirected).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -256,6 +269,8 @@ pub struct Provider {
     serial: u64,
     /// The bearer token the admin API requires, random per run (never from the seed).
     pub(crate) admin_token: String,
+    /// Whether `GET /authorize` shows a consent page instead of approving at once.
+    pub(crate) consent_page: bool,
 }
 
 fn is_pkce_text(s: &str) -> bool {
@@ -294,6 +309,7 @@ impl Provider {
             totals: Totals::default(),
             serial: 0,
             admin_token: random_token(),
+            consent_page: false,
         }
     }
 
@@ -470,6 +486,12 @@ impl Provider {
                 challenge,
                 expires,
                 used: false,
+                account: req
+                    .account
+                    .clone()
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned()),
+                grant: None,
             },
         );
         Ok((redirect, code))
@@ -605,6 +627,10 @@ impl Provider {
         let info = self.codes.get_mut(code).ok_or_else(|| bad_code.clone())?;
         if info.used {
             self.totals.code_reuses += 1;
+            // RFC 6749 §4.1.2: a code presented twice revokes what it was exchanged for.
+            if let Some(grant) = info.grant {
+                self.revoke_grant(grant, RevokedBy::CodeReused);
+            }
             return Err(bad_code);
         }
         if info.consumer != consumer || info.expires <= now {
@@ -630,6 +656,8 @@ impl Provider {
             }
         }
         info.used = true;
+        let account = info.account.clone();
+        info.grant = Some(self.grants.len() as u64);
         self.totals.code_exchanges += 1;
         let scopes = self
             .consumers
@@ -638,6 +666,7 @@ impl Provider {
             .unwrap_or_default();
         let grant = self.grants.len() as u64;
         self.grants.push(Grant {
+            account: account.clone(),
             scopes: scopes.clone(),
             created: now,
             counters: GrantCounters {
@@ -650,7 +679,7 @@ impl Provider {
         let refresh = self.issue_refresh(grant, &access);
         let mut body = self.success(&access, Some(&refresh), &scopes, "authorization_code");
         if scopes.iter().any(|s| s == "openid") {
-            body.insert("id_token".into(), json!(id_token(consumer, grant, now)));
+            body.insert("id_token".into(), json!(id_token(consumer, &account, now)));
         }
         Ok(body)
     }
@@ -772,6 +801,11 @@ impl Provider {
     }
 
     /// Checks a bearer token for the resource endpoint.
+    /// The account that approved grant `grant`.
+    pub(crate) fn account_of(&self, grant: u64) -> Option<String> {
+        self.grants.get(grant as usize).map(|g| g.account.clone())
+    }
+
     pub(crate) fn check_access(&mut self, token: Option<&str>) -> ResourceOutcome {
         self.totals.resource_calls += 1;
         let now = self.now();
@@ -796,10 +830,10 @@ impl Provider {
     }
 }
 
-/// An OpenID Connect ID token for grant `grant` of `consumer`: a JWT-shaped value whose
-/// payload names the issuer, subject (one per grant) and audience. Unsigned (`alg: none`):
-/// this is a test double; a real provider signs it.
-fn id_token(consumer: &str, grant: u64, now: Duration) -> String {
+/// An OpenID Connect ID token for `account` of `consumer`: a JWT-shaped value whose payload
+/// names the issuer, subject (the account) and audience. Unsigned (`alg: none`): this is a
+/// test double; a real provider signs it.
+fn id_token(consumer: &str, account: &str, now: Duration) -> String {
     let b64 = |v: &Value| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
     };
@@ -807,7 +841,7 @@ fn id_token(consumer: &str, grant: u64, now: Duration) -> String {
     let header = json!({"alg": "none", "typ": "JWT"});
     let claims = json!({
         "iss": "tokenkeeper-mock-provider",
-        "sub": format!("mock-user-{grant}"),
+        "sub": account,
         "aud": consumer,
         "iat": iat,
         "exp": iat + 3600,

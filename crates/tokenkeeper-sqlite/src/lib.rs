@@ -416,8 +416,10 @@ impl TokenStore for SqliteStore {
         ttl: std::time::Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let (flow, value) = (flow.to_owned(), value.to_vec());
-        self.run("claim_flow", move |c| ops::claim_flow(c, &flow, &value, ttl))
-            .await
+        self.run("claim_flow", move |c| {
+            ops::claim_flow(c, &flow, &value, ttl)
+        })
+        .await
     }
 
     async fn settle_flow(

@@ -17,13 +17,19 @@
 //!     .client_id("key")
 //!     .client_secret("secret")
 //!     .redirect_uri("https://app.example.com/oauth/callback")
+//!     // 32 random bytes shared by every process; here a fresh one, for one process.
+//!     .state_key(tokenkeeper::StateKey::generate(1)?)
 //!     .build()?;
 //! let manager = TokenManager::builder(consumer, MemoryStore::new()).build()?;
 //!
-//! // 1. Send the user to the provider.
+//! // 1. Set the flow's cookie and send the user to the provider.
 //! let begun = manager.begin_authorization(None)?;
-//! println!("redirect the browser to {}", begun.url);
-//! // 2. In the callback handler: manager.complete_authorization(code, &state).await?
+//! let set_cookie = begun.binding.set_cookie_header("tk_flow", "/oauth", std::time::Duration::from_secs(600));
+//! println!("Set-Cookie: [the flow's cookie]; redirect the browser to {}", begun.url);
+//! # let _ = set_cookie;
+//! // 2. In the callback handler, with the query's code and state and the cookie:
+//! //    manager.complete_authorization(AuthorizationCode::new(code),
+//! //        &AuthorizationState::new(state), &BrowserBinding::from_cookie_value(cookie)?).await?
 //! // 3. Whenever you call the API: manager.access_token(&installation).await?
 //! // 4. In the background: let refresher = manager.spawn_refresher();
 //! # Ok(())
@@ -68,10 +74,11 @@ pub use manager::{
     UnsavedFileError, UnsavedTokens,
 };
 pub use oauth::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning,
-    BodyEncoding, ClientAuth, ClientSecret, CodeGrant, Completed, ConfigError, ConsumerConfig,
-    ConsumerConfigBuilder, ErrorKind, ErrorMap, ErrorRule, Grant, MAX_LIFETIME, MIN_LIFETIME,
-    OAuthClient, OAuthError, Operation, ProviderProfile, RawResponse, Revocation, Rotation, Timing,
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationState,
+    AuthorizationWarning, BodyEncoding, BrowserBinding, ClientAuth, ClientSecret, CodeGrant,
+    Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder, ErrorKind, ErrorMap, ErrorRule,
+    Grant, IdentityCheck, MAX_LIFETIME, MIN_LIFETIME, MIN_STATE_KEY_BYTES, OAuthClient, OAuthError,
+    Operation, ProviderProfile, RawResponse, Revocation, Rotation, StateKey, Timing,
     parse_retry_after, parse_token_response,
 };
 

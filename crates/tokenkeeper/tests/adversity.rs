@@ -255,9 +255,13 @@ async fn own_manager(
     let builder = tokenkeeper::TokenManager::builder(consumer, store).clock(clock.clone());
     let manager = configure(builder).build().unwrap();
     let begun = manager.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
+    let (code, _) = browser(&begun.url).await;
     let id = manager
-        .complete_authorization(code, &state)
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
         .await
         .unwrap()
         .installation;
@@ -416,9 +420,13 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
     .build()
     .unwrap();
     let begun = installer.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
+    let (code, _) = browser(&begun.url).await;
     let id = installer
-        .complete_authorization(code, &state)
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
         .await
         .unwrap()
         .installation;
@@ -426,6 +434,7 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
         .client_id(tokenkeeper_mock_provider::DEFAULT_CLIENT_ID)
         .client_secret(tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET)
         .redirect_uri(REDIRECT)
+        .state_key(common::state_key())
         .build()
         .unwrap();
     let manager = tokenkeeper::TokenManager::builder_shared(consumer, store.clone())
@@ -574,8 +583,14 @@ async fn a_paused_holders_result_never_overwrites_a_new_grant() {
     // A new authorization of the same installation, completed by another process.
     let peer = f.peer(profiles::bitbucket());
     let begun = peer.begin_authorization(Some(id.clone())).unwrap();
-    let (code, state) = browser(&begun.url).await;
-    peer.complete_authorization(code, &state).await.unwrap();
+    let (code, _) = browser(&begun.url).await;
+    peer.complete_authorization(
+        tokenkeeper::AuthorizationCode::new(code),
+        &begun.state,
+        &begun.binding,
+    )
+    .await
+    .unwrap();
     let granted = f.record(&id).await.tokens().clone();
     gate.release();
     let served = holder.await.unwrap().unwrap();

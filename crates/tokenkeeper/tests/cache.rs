@@ -105,7 +105,13 @@ async fn another_process_is_seen_within_the_bound(backend: &str) {
             challenge,
         )
         .unwrap();
-    b.complete_authorization(code, &begun.state).await.unwrap();
+    b.complete_authorization(
+        tokenkeeper::AuthorizationCode::new(code),
+        &begun.state,
+        &begun.binding,
+    )
+    .await
+    .unwrap();
     let new = b.access_token(&id).await.unwrap();
     assert_ne!(old, new);
     f.advance(BOUND);

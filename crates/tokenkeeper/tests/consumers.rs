@@ -38,6 +38,7 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
             .client_id(OTHER_ID)
             .client_secret(OTHER_SECRET)
             .redirect_uri(REDIRECT)
+            .state_key(common::state_key())
             .build()
             .unwrap();
     let theirs = TokenManager::builder_shared(theirs_consumer, store.clone())
@@ -53,9 +54,13 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
     .build()
     .unwrap();
     let begun = mine.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
+    let (code, _) = browser(&begun.url).await;
     let id = mine
-        .complete_authorization(code, &state)
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
         .await
         .unwrap()
         .installation;

@@ -185,6 +185,7 @@ async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
             tokenkeeper::core::Event::Authorized {
                 tokens,
                 refresh_at: f.clock.now(),
+                account: None,
             },
             f.clock.now(),
         )
@@ -202,6 +203,7 @@ async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
             tokenkeeper::core::Event::Authorized {
                 tokens,
                 refresh_at: f.clock.now(),
+                account: None,
             },
             f.clock.now(),
         )

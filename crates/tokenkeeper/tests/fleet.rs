@@ -86,14 +86,19 @@ fn consumer_builder(profile: ProviderProfile, base: &str) -> tokenkeeper::Consum
         (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
     };
     let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
-    ConsumerConfig::builder(profile.with_endpoints(
-        url(tokenkeeper_mock_provider::paths::AUTHORIZE),
-        url(tokenkeeper_mock_provider::paths::TOKEN),
-        None,
-    ))
+    ConsumerConfig::builder(
+        profile
+            .with_endpoints(
+                url(tokenkeeper_mock_provider::paths::AUTHORIZE),
+                url(tokenkeeper_mock_provider::paths::TOKEN),
+                None,
+            )
+            .with_identity_endpoint(url(tokenkeeper_mock_provider::paths::RESOURCE)),
+    )
     .client_id(id)
     .client_secret(secret)
     .redirect_uri(common::REDIRECT)
+    .state_key(common::state_key())
 }
 
 fn manager(
@@ -388,7 +393,11 @@ async fn authorize_all(admin: &TokenManager, mock: &MockProvider, count: usize) 
             )
             .unwrap();
         admin
-            .complete_authorization(code, &begun.state)
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
             .await
             .unwrap();
     }

@@ -261,7 +261,11 @@ async fn a_scope_change_makes_every_installation_reauthorize_with_the_provider_t
     f.clock.advance(Duration::from_nanos(1));
     assert_eq!(
         f.manager
-            .complete_authorization(code, &begun.state)
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding
+            )
             .await
             .unwrap()
             .installation,

@@ -10,8 +10,8 @@ use common::*;
 use std::sync::Arc;
 
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationError, ErrorKind, FailureClass, OAuthClient, Revocation,
-    TokenManager, TokenStore, profiles,
+    AuthorizationCode, AuthorizationError, AuthorizationState, ErrorKind, FailureClass,
+    OAuthClient, Revocation, TokenManager, TokenStore, profiles,
 };
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
@@ -89,20 +89,22 @@ async fn a_repeated_callback_returns_the_installation_already_created() {
     let store = Arc::new(MemoryStore::new());
     let chosen = tokenkeeper::InstallationId::new("workspace-7/install-a").unwrap();
     let begun = client.begin_authorization(Some(chosen.clone())).unwrap();
-    let (code, state) = browser(&begun.url).await;
+    let (code, _) = browser(&begun.url).await;
     let manager = TokenManager::builder_shared(client.consumer().clone(), store.clone())
         .build()
         .unwrap();
-    let first = manager
-        .complete_authorization(code.as_str(), &state)
-        .await
-        .unwrap();
-    let second = manager
-        .complete_authorization(code.as_str(), &state)
-        .await
-        .unwrap();
+    let complete = || {
+        manager.complete_authorization(
+            AuthorizationCode::new(code.as_str()),
+            &begun.state,
+            &begun.binding,
+        )
+    };
+    let first = complete().await.unwrap();
+    let second = complete().await.unwrap();
     assert_eq!(first.installation, chosen);
-    assert!(first.created && !second.created);
+    assert!(first.created && !first.replayed);
+    assert!(second.created && second.replayed, "{second:?}");
     assert_eq!(second.installation, chosen);
     assert_eq!(
         mock.counters().totals.code_exchanges,
@@ -119,48 +121,37 @@ async fn tampered_foreign_unknown_and_expired_states_are_rejected() {
     let client = manual_client(profiles::bitbucket(), &mock, &clock);
     let store = Arc::new(MemoryStore::new());
     let begun = client.begin_authorization(None).unwrap();
-    let (code, state) = browser(&begun.url).await;
+    let (code, _) = browser(&begun.url).await;
+    let state = begun.state.as_str().to_owned();
 
     let mut tampered = state.clone().into_bytes();
     let mid = tampered.len() / 2;
     tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
+    // Another consumer: same client, another state key.
     let other = OAuthClient::new(
-        consumer_for(profiles::bitbucket(), &mock, "another-secret"),
+        tokenkeeper::ConsumerConfig::builder(common::pointed_at(profiles::bitbucket(), &mock))
+            .client_id(tokenkeeper_mock_provider::DEFAULT_CLIENT_ID)
+            .client_secret(tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET)
+            .redirect_uri(REDIRECT)
+            .state_key(tokenkeeper::StateKey::generate(1).unwrap())
+            .build()
+            .unwrap(),
         std::sync::Arc::new(clock.clone()),
     )
     .unwrap();
+    let code = AuthorizationCode::new(&code);
+    let with = |c: &OAuthClient, text: &str| {
+        let (c, code, state) = (c.clone(), code.clone(), AuthorizationState::new(text));
+        let binding = &begun.binding;
+        async move { c.complete_authorization(&code, &state, binding).await }
+    };
     for (what, result) in [
-        (
-            "tampered",
-            client
-                .complete_authorization(&AuthorizationCode::new(&code), &tampered)
-                .await,
-        ),
-        (
-            "unknown",
-            client
-                .complete_authorization(&AuthorizationCode::new(&code), "not-a-state")
-                .await,
-        ),
-        (
-            "empty",
-            client
-                .complete_authorization(&AuthorizationCode::new(&code), "")
-                .await,
-        ),
-        (
-            "truncated",
-            client
-                .complete_authorization(&AuthorizationCode::new(&code), &state[..state.len() - 4])
-                .await,
-        ),
-        (
-            "foreign",
-            other
-                .complete_authorization(&AuthorizationCode::new(&code), &state)
-                .await,
-        ),
+        ("tampered", with(&client, &tampered).await),
+        ("unknown", with(&client, "not-a-state").await),
+        ("empty", with(&client, "").await),
+        ("truncated", with(&client, &state[..state.len() - 4]).await),
+        ("foreign", with(&other, &state).await),
     ] {
         assert!(
             matches!(result, Err(AuthorizationError::InvalidState)),
@@ -168,10 +159,7 @@ async fn tampered_foreign_unknown_and_expired_states_are_rejected() {
         );
     }
     clock.advance(Duration::from_secs(601));
-    match client
-        .complete_authorization(&AuthorizationCode::new(&code), &state)
-        .await
-    {
+    match with(&client, &state).await {
         Err(e @ AuthorizationError::ExpiredState { .. }) => {
             assert!(
                 e.to_string().contains("start the authorization again"),

@@ -36,6 +36,8 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
         Url::parse(&mock.token_url()).unwrap(),
     );
     profile.required_scopes = vec!["openid".into(), "offline_access".into()];
+    // The account is the ID token's subject.
+    profile.identity = tokenkeeper::IdentityCheck::IdTokenSubject;
     profile
         .extra_authorize_params
         .push(("prompt".into(), "consent".into()));
@@ -43,6 +45,7 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)
         .redirect_uri(common::REDIRECT)
+        .state_key(common::state_key())
         .scopes(["email"])
         .build()
         .unwrap();
@@ -56,8 +59,15 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
     let query: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
     assert_eq!(query["scope"], "email openid offline_access");
     assert_eq!(query["prompt"], "consent");
-    let (code, state) = common::browser(&begun.url).await;
-    let done = manager.complete_authorization(code, &state).await.unwrap();
+    let (code, _) = common::browser(&begun.url).await;
+    let done = manager
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
+        .await
+        .unwrap();
     assert!(done.created);
 
     // The ID token is handed back, not dropped, and says who the user is.
@@ -71,7 +81,18 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
     )
     .unwrap();
     assert_eq!(claims["aud"], DEFAULT_CLIENT_ID);
-    assert!(claims["sub"].as_str().unwrap().starts_with("mock-user-"));
+    assert_eq!(claims["sub"], tokenkeeper_mock_provider::DEFAULT_ACCOUNT);
+    // The identity check read the account from it.
+    let record = manager
+        .store()
+        .get(&done.installation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record.account(),
+        Some(tokenkeeper_mock_provider::DEFAULT_ACCOUNT)
+    );
 
     // The installation works and refreshes through the generic profile.
     let first = manager.access_token(&done.installation).await.unwrap();

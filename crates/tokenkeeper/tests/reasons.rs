@@ -658,7 +658,11 @@ async fn authorize(f: &Fixture) -> tokenkeeper::Completed {
         .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
         .unwrap();
     f.manager
-        .complete_authorization(code, &begun.state)
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
         .await
         .unwrap()
 }

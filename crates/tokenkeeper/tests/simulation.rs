@@ -351,16 +351,20 @@ impl Clock for SimClock {
 
 fn consumer(profile: ProviderProfile) -> ConsumerConfig {
     let url = |p: &str| reqwest::Url::parse(&format!("https://provider.sim{p}")).unwrap();
-    ConsumerConfig::builder(profile.with_endpoints(
+    let mut profile = profile.with_endpoints(
         url(tokenkeeper_mock_provider::paths::AUTHORIZE),
         url(tokenkeeper_mock_provider::paths::TOKEN),
         None,
-    ))
-    .client_id(DEFAULT_CLIENT_ID)
-    .client_secret(DEFAULT_CLIENT_SECRET)
-    .redirect_uri(common::REDIRECT)
-    .build()
-    .unwrap()
+    );
+    // The simulated network carries token requests only.
+    profile.identity = tokenkeeper::IdentityCheck::Disabled;
+    ConsumerConfig::builder(profile)
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(DEFAULT_CLIENT_SECRET)
+        .redirect_uri(common::REDIRECT)
+        .state_key(common::state_key())
+        .build()
+        .unwrap()
 }
 
 /// A new incarnation of `host`: a manager over the host's store and network, its refresher,
@@ -499,7 +503,11 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
             )
             .map_err(|e| format!("authorize: {e:?}"))?;
         managers[0]
-            .complete_authorization(code, &begun.state)
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
             .await
             .map_err(|e| format!("complete_authorization: {e}"))?;
     }

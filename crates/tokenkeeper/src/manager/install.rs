@@ -1,5 +1,6 @@
 //! Installations come into being here: the manager's side of the authorization flow (the
-//! OAuth client verifies the state and exchanges the code; the manager records the grant) and
+//! OAuth client verifies the state and exchanges the code; the manager claims the flow in the
+//! store first, checks the provider account, and records the grant) and
 //! the import of token pairs obtained elsewhere. Both choose the first due time through the
 //! [`RefreshPolicy`](super::RefreshPolicy), like every other write.
 
@@ -9,28 +10,35 @@ use std::time::Duration;
 use tokenkeeper_core::{Event, InstallationId, Record, StoreError, TokenSet};
 
 use super::TokenManager;
+use super::claim::{self, FlowClaim, Phase};
 use super::events::LifecycleEventKind;
 use crate::error::Error;
 use crate::oauth::authorize::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed,
-    Grant, consumer_name,
+    AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
+    VerifiedState, consumer_name,
 };
+use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
+use crate::oauth::state::Purpose;
 
 impl TokenManager {
     /// Begins an authorization: a new installation, or `Some(id)` to re-authorize one (the
-    /// way out of `ReauthorizationRequired`). Send the user to the returned `url`.
+    /// way out of `ReauthorizationRequired`). Set the returned `binding` as a cookie of this
+    /// browser and send it to `url`.
     ///
     /// # Errors
     ///
-    /// [`Error::Authorization`] only if the system random generator fails.
+    /// [`Error::Authorization`] wrapping [`AuthorizationError::NoStateKey`] when the consumer
+    /// has no state key, or [`AuthorizationError::Random`] if the system random generator
+    /// fails.
     ///
     /// # Examples
     ///
     /// ```
     /// # fn demo(manager: tokenkeeper::TokenManager) -> Result<(), tokenkeeper::Error> {
     /// let begun = manager.begin_authorization(None)?;
-    /// // Redirect the browser to begun.url; keep begun.state with the user's session.
-    /// assert!(begun.url.as_str().contains("state="));
+    /// // Answer with a redirect to begun.url and this header (the flow's browser binding):
+    /// let cookie = begun.binding.set_cookie_header("tk_flow", "/callback", std::time::Duration::from_secs(600));
+    /// assert!(begun.url.as_str().contains("state=") && cookie.contains("HttpOnly"));
     /// # Ok(()) }
     /// ```
     pub fn begin_authorization(
@@ -43,36 +51,52 @@ impl TokenManager {
             .map_err(|e| Error::Authorization(Arc::new(e)))
     }
 
-    /// Completes an authorization from the provider's callback (`code`, `state`): verifies
-    /// the state, exchanges the code once and records the installation (or, for a flow begun
-    /// for an existing installation, replaces its tokens). A repeated callback, recognised by
-    /// the installation having been authorized after this flow began, returns the
-    /// installation without a second exchange (`created: false`).
+    /// Completes an authorization from the provider's callback: the query's `code` and
+    /// `state`, and the `binding` read from the cookie [`begin_authorization`] set.
+    ///
+    /// Verifies the state and that it was issued to this browser, claims the flow in the
+    /// store (so that of any number of callbacks of one flow, in any process, exactly one
+    /// exchanges the code), exchanges the code, reads the grant's provider account, and
+    /// records the installation (or, for a flow begun for an existing installation, replaces
+    /// its tokens, if the account is the same). A repeated callback with the same code from
+    /// the same browser gets the first one's outcome (`replayed: true`) without an exchange.
+    ///
+    /// [`begin_authorization`]: Self::begin_authorization
     ///
     /// # Errors
     ///
-    /// [`Error::Authorization`] wrapping [`AuthorizationError::InvalidState`] (a state this
-    /// consumer did not sign), [`AuthorizationError::ExpiredState`],
-    /// [`AuthorizationError::Exchange`] (the provider refused the code) or
-    /// [`AuthorizationError::Store`] (the grant could not be recorded).
+    /// [`Error::Authorization`] wrapping an [`AuthorizationError`]: `InvalidState`,
+    /// `ExpiredState`, `BrowserMismatch` (another browser's callback), `AlreadyUsed` (this flow
+    /// was completed with another code), `DuplicateCallback`, `AlreadyInstalled`,
+    /// `DifferentAccount`, `Identity`, `Exchange` (the provider refused the code),
+    /// `ForeignConsumer` or `Store`.
     ///
     /// # Examples
     ///
     /// ```
-    /// # async fn demo(manager: tokenkeeper::TokenManager, code: String, state: String)
-    /// # -> Result<(), tokenkeeper::Error> {
-    /// // In the redirect URI's handler, with the query's `code` and `state`:
-    /// let done = manager.complete_authorization(code, &state).await?;
+    /// use tokenkeeper::{AuthorizationCode, AuthorizationState, BrowserBinding};
+    ///
+    /// # async fn demo(manager: tokenkeeper::TokenManager, code: String, state: String, cookie: String)
+    /// # -> Result<(), Box<dyn std::error::Error>> {
+    /// // In the redirect URI's handler, with the query's `code` and `state` and the cookie:
+    /// let done = manager
+    ///     .complete_authorization(
+    ///         AuthorizationCode::new(code),
+    ///         &AuthorizationState::new(state),
+    ///         &BrowserBinding::from_cookie_value(&cookie)?,
+    ///     )
+    ///     .await?;
     /// println!("installation {} (new: {})", done.installation, done.created);
     /// # Ok(()) }
     /// ```
     pub async fn complete_authorization(
         &self,
-        code: impl Into<AuthorizationCode>,
-        state: &str,
+        code: AuthorizationCode,
+        state: &AuthorizationState,
+        binding: &BrowserBinding,
     ) -> Result<Completed, Error> {
         let (done, written) = self
-            .record_authorization(&code.into(), state)
+            .record_authorization(&code, state, binding)
             .await
             .map_err(|e| Error::Authorization(Arc::new(e)))?;
         if let Some(record) = written {
@@ -87,55 +111,185 @@ impl TokenManager {
     async fn record_authorization(
         &self,
         code: &AuthorizationCode,
-        state: &str,
+        state: &AuthorizationState,
+        binding: &BrowserBinding,
     ) -> Result<(Completed, Option<Record>), AuthorizationError> {
         let engine = &self.engine;
-        let verified = engine.client.verify_state(state)?;
+        let verified = engine.client.verify_state(state, binding)?;
         let installation = verified.installation.clone();
+        let key = claim::flow_key(&engine.consumer, &verified.flow);
+        let ttl = verified
+            .expires_at
+            .duration_since(engine.clock.now())
+            .saturating_add(claim::CLAIM_SKEW_MARGIN);
+        let mine = FlowClaim {
+            code: code.fingerprint(),
+            phase: Phase::Exchanging,
+        };
+        let claimed = engine
+            .store
+            .claim_flow(&key, &mine.encode(), ttl)
+            .await
+            .map_err(|source| AuthorizationError::Store {
+                installation: installation.clone(),
+                source,
+            })?;
+        if let Some(existing) = claimed {
+            return self
+                .follow_claim(&key, existing, &mine.code, &installation)
+                .await
+                .map(|done| (done, None));
+        }
+        let outcome = self.exchange_and_record(code, &verified).await;
+        let phase = match &outcome {
+            Ok((done, _)) => Phase::Completed {
+                created: done.created,
+            },
+            Err(e) => Phase::Failed {
+                reason: e.to_string(),
+            },
+        };
+        let settled = FlowClaim {
+            code: mine.code,
+            phase,
+        };
+        if let Err(e) = engine.store.settle_flow(&key, &settled.encode(), ttl).await {
+            // The outcome stands; a duplicate callback waiting for it times out instead.
+            tracing::warn!(installation = %installation, error = %e, "the outcome of an authorization could not be written to its flow claim");
+        }
+        outcome
+    }
+
+    /// A duplicate callback: the flow was claimed already. The same code gets the claimant's
+    /// outcome (waiting for it while the exchange runs); another code is refused.
+    async fn follow_claim(
+        &self,
+        key: &str,
+        mut current: Vec<u8>,
+        code: &str,
+        installation: &InstallationId,
+    ) -> Result<Completed, AuthorizationError> {
+        let engine = &self.engine;
+        let duplicate = |outcome: &str| AuthorizationError::DuplicateCallback {
+            installation: installation.clone(),
+            outcome: outcome.to_owned(),
+        };
+        // The claimant's exchange, account check and write each take at most the HTTP
+        // timeout (the store's own timeouts are shorter).
+        let patience = engine
+            .client
+            .consumer()
+            .http_timeout()
+            .saturating_mul(3)
+            .saturating_add(Duration::from_secs(1));
+        let give_up = tokio::time::Instant::now() + patience;
+        loop {
+            let claim = FlowClaim::decode(&current).filter(|c| {
+                // Constant-time enough: both are fixed-length hex fingerprints.
+                c.code.len() == code.len()
+                    && c.code
+                        .bytes()
+                        .zip(code.bytes())
+                        .fold(0u8, |a, (x, y)| a | (x ^ y))
+                        == 0
+            });
+            let Some(claim) = claim else {
+                return Err(AuthorizationError::AlreadyUsed {
+                    installation: installation.clone(),
+                });
+            };
+            match claim.phase {
+                Phase::Completed { created } => {
+                    return Ok(Completed {
+                        installation: installation.clone(),
+                        created,
+                        replayed: true,
+                        id_token: None,
+                        warnings: Vec::new(),
+                    });
+                }
+                Phase::Failed { reason } => return Err(duplicate(&format!("failed: {reason}"))),
+                Phase::Exchanging => {}
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(duplicate("did not finish in time"));
+            }
+            tokio::time::sleep(claim::POLL_INTERVAL).await;
+            current = match engine.store.get_flow(key).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return Err(duplicate("expired without an outcome")),
+                Err(source) => {
+                    return Err(AuthorizationError::Store {
+                        installation: installation.clone(),
+                        source,
+                    });
+                }
+            };
+        }
+    }
+
+    /// The claimant's part: exchange the code, read the account, record the grant.
+    async fn exchange_and_record(
+        &self,
+        code: &AuthorizationCode,
+        verified: &VerifiedState,
+    ) -> Result<(Completed, Option<Record>), AuthorizationError> {
+        let engine = &self.engine;
+        let installation = &verified.installation;
         let store_err = |source| AuthorizationError::Store {
             installation: installation.clone(),
             source,
         };
-        let repeated = |r: &Option<Record>| {
-            r.as_ref()
-                .is_some_and(|r| r.authorized_at() >= verified.begun_at)
-        };
-        let already = |_| {
-            let done = Completed {
-                installation: installation.clone(),
-                created: false,
-                id_token: None,
-                warnings: Vec::new(),
-            };
-            (done, None)
-        };
-        let before = engine.store.get(&installation).await.map_err(store_err)?;
-        if repeated(&before) {
-            return Ok(already(()));
+        // What can be refused without the provider is refused before the code is spent.
+        let before = engine.store.get(installation).await.map_err(store_err)?;
+        if let Some(existing) = &before {
+            if verified.purpose == Purpose::Install {
+                return Err(AuthorizationError::AlreadyInstalled {
+                    installation: installation.clone(),
+                });
+            }
+            if existing.consumer() != engine.consumer {
+                return Err(AuthorizationError::ForeignConsumer {
+                    installation: installation.clone(),
+                    owner: existing.consumer().to_owned(),
+                });
+            }
         }
         let exchanged = engine
             .client
             .exchange_code(code, verified.pkce_verifier.as_deref())
-            .await;
-        let grant = match exchanged {
-            Ok(grant) => Grant {
+            .await
+            .map_err(|source| AuthorizationError::Exchange {
                 installation: installation.clone(),
-                tokens: grant.tokens,
-                id_token: grant.id_token,
-                begun_at: verified.begun_at,
-            },
-            Err(source) => {
-                // A concurrent duplicate callback may have won the single-use code.
-                if repeated(&engine.store.get(&installation).await.map_err(store_err)?) {
-                    return Ok(already(()));
-                }
-                return Err(AuthorizationError::Exchange {
+                source,
+            })?;
+        let account = match engine.client.account_of(&exchanged).await {
+            Ok(account) => account,
+            Err(reason) => {
+                self.discard_grant(installation, &exchanged.tokens).await;
+                return Err(AuthorizationError::Identity {
                     installation: installation.clone(),
-                    source,
+                    reason,
                 });
             }
         };
-        let (created, written) = self.store_grant(before, &grant).await?;
+        let grant = Grant {
+            installation: installation.clone(),
+            tokens: exchanged.tokens,
+            id_token: exchanged.id_token,
+        };
+        let (created, written) = match self
+            .store_grant(before, &grant, account, verified.purpose)
+            .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                if matches!(e, AuthorizationError::DifferentAccount { .. }) {
+                    self.discard_grant(installation, &grant.tokens).await;
+                }
+                return Err(e);
+            }
+        };
         let tokens = written.tokens();
         let mut warnings = Vec::new();
         if engine.client.consumer().profile().expects_refresh_token
@@ -151,19 +305,36 @@ impl TokenManager {
         let done = Completed {
             installation: grant.installation,
             created,
+            replayed: false,
             id_token: grant.id_token,
             warnings,
         };
         Ok((done, Some(written)))
     }
 
+    /// Revokes a grant that will not be stored, where the provider can (best effort: the
+    /// outcome is only logged).
+    async fn discard_grant(&self, installation: &InstallationId, tokens: &TokenSet) {
+        if let Err(e) = self
+            .engine
+            .client
+            .revoke_tokens(Some(installation), tokens)
+            .await
+        {
+            tracing::warn!(installation = %installation, error = %e, "a grant that was not stored could not be revoked");
+        }
+    }
+
     /// Records a grant: a new record, or the `Authorized` transition over an existing one
-    /// (compare-and-swap, retried on conflicts: a new grant wins over anything in flight).
-    /// Returns whether a new installation was created, and the record written.
+    /// (compare-and-swap, retried on conflicts: a new grant wins over anything in flight), if
+    /// the existing one belongs to the same provider account. Returns whether a new
+    /// installation was created, and the record written.
     async fn store_grant(
         &self,
         mut current: Option<Record>,
         grant: &Grant,
+        account: Option<String>,
+        purpose: Purpose,
     ) -> Result<(bool, Record), AuthorizationError> {
         let engine = &self.engine;
         let store_err = |source| AuthorizationError::Store {
@@ -180,7 +351,8 @@ impl TokenManager {
                     grant.tokens.clone(),
                     refresh_at,
                     now,
-                );
+                )
+                .with_account(account.clone());
                 // The code is spent: retry a store hiccup once before giving up on the tokens.
                 let mut outcome = engine.store.create(&record).await;
                 if matches!(outcome, Err(StoreError::Unavailable { .. })) {
@@ -189,6 +361,11 @@ impl TokenManager {
                 }
                 return match outcome {
                     Ok(()) => Ok((true, record)),
+                    Err(StoreError::AlreadyExists { .. }) if purpose == Purpose::Install => {
+                        Err(AuthorizationError::AlreadyInstalled {
+                            installation: grant.installation.clone(),
+                        })
+                    }
                     Err(StoreError::AlreadyExists { .. }) => {
                         current = engine
                             .store
@@ -206,9 +383,21 @@ impl TokenManager {
                     owner: existing.consumer().to_owned(),
                 });
             }
+            // A record without an account (imported, or older than the check) takes the new
+            // grant's; one with an account takes only a grant of the same account.
+            if let (Some(stored), Some(new)) = (existing.account(), account.as_deref())
+                && stored != new
+            {
+                return Err(AuthorizationError::DifferentAccount {
+                    installation: grant.installation.clone(),
+                });
+            }
             let event = Event::Authorized {
                 tokens: grant.tokens.clone(),
                 refresh_at,
+                account: account
+                    .clone()
+                    .or_else(|| existing.account().map(str::to_owned)),
             };
             let next = existing
                 .apply(event, now)

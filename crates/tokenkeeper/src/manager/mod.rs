@@ -18,6 +18,7 @@
 //! ```
 
 mod cache;
+mod claim;
 mod decide;
 mod events;
 mod explain;

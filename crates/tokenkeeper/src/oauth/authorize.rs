@@ -1,67 +1,98 @@
-//! The authorization flow, provider side: `begin` builds the provider URL with a signed,
-//! expiring `state` (see [`state`](super::state)) and a PKCE (S256) challenge; `complete`
-//! checks the state and exchanges the code once.
+//! The authorization flow, provider side: `begin` makes the flow's browser binding and
+//! builds the provider URL with a signed, expiring `state` (see [`state`](super::state)) and a
+//! PKCE (S256) challenge derived from the binding; `complete` checks the state against the
+//! binding and exchanges the code.
 //!
 //! Nothing here writes a record: [`OAuthClient::complete_authorization`] hands back a
 //! [`Grant`], and `TokenManager::complete_authorization` is what turns a grant into an
-//! installation (recognising a repeated callback, re-authorizing an existing installation,
-//! choosing the first due time through the refresh policy). The [design document](crate::_documentation::design)'s
+//! installation (claiming the flow in the store so the code is exchanged once, checking the
+//! provider account of a re-authorization, choosing the first due time through the refresh
+//! policy). The [design document](crate::_documentation::design)'s
 //! "Authorization flow" section says why the state is signed rather than stored.
-
-use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::Url;
-use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokenkeeper_core::{
     IdToken, IllegalTransition, InstallationId, StoreError, Timestamp, TokenSet,
 };
 
+use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 use crate::oauth::client::OAuthClient;
 use crate::oauth::error::OAuthError;
-use crate::oauth::state::{self, NONCE_LEN, StateClaims};
-
-/// The authorization code from the provider's callback (`?code=`). Single use; `Debug`
-/// prints `[redacted]`.
-#[derive(Clone)]
-pub struct AuthorizationCode(SecretString);
-
-impl AuthorizationCode {
-    /// Wraps the callback's `code` parameter.
-    pub fn new(code: impl Into<String>) -> Self {
-        Self(SecretString::from(code.into()))
-    }
-
-    /// The code, for the token request.
-    pub fn secret(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for AuthorizationCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AuthorizationCode([redacted])")
-    }
-}
-
-impl From<&str> for AuthorizationCode {
-    fn from(code: &str) -> Self {
-        Self::new(code)
-    }
-}
-
-impl From<String> for AuthorizationCode {
-    fn from(code: String) -> Self {
-        Self::new(code)
-    }
-}
+use crate::oauth::state::{self, NONCE_LEN, Purpose, StateClaims};
 
 /// Why an authorization could not begin or complete.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthorizationError {
+    /// No state key is configured, so no flow can begin or complete.
+    #[error(
+        "no state key is configured: set ConsumerConfigBuilder::state_key to 32 random bytes shared by every process (StateKey::from_base64 of `openssl rand -base64 32`)"
+    )]
+    NoStateKey,
+    /// The browser-binding cookie's value is not one this library made.
+    #[error(
+        "the browser-binding cookie is missing or malformed; the user must start the authorization again from this browser"
+    )]
+    InvalidBinding,
+    /// The callback came with another browser's binding (or none): the state was issued to
+    /// a different browser. A replayed or injected callback, or cookies lost in between.
+    #[error(
+        "the callback for installation {installation} did not come from the browser that began the authorization (its binding cookie does not match); nothing was exchanged: the user must start the authorization again from this browser"
+    )]
+    BrowserMismatch {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// This flow was already completed, or is being completed, with another code: a replayed
+    /// or forged callback. Nothing was exchanged.
+    #[error(
+        "the authorization for installation {installation} was already used with another code; this callback was refused and nothing changed: start the authorization again"
+    )]
+    AlreadyUsed {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// A flow begun for a new installation found the id taken.
+    #[error(
+        "installation {installation} already exists; a flow for a new installation cannot replace it: begin a re-authorization with its id"
+    )]
+    AlreadyInstalled {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// A duplicate of this callback (same code) is being completed elsewhere and did not
+    /// finish in time, or failed: its outcome is the one that counts.
+    #[error(
+        "the first callback of this authorization for installation {installation} {outcome}; the code is spent: start the authorization again"
+    )]
+    DuplicateCallback {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// What became of the first callback.
+        outcome: String,
+    },
+    /// The new grant belongs to another provider account than the installation's: its
+    /// stored tokens were left untouched (and the new grant revoked where the provider can).
+    #[error(
+        "the new authorization of installation {installation} belongs to another provider account than the one it was installed with; its tokens were left untouched: the user must authorize with the original account, or install anew"
+    )]
+    DifferentAccount {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// The provider account of the new grant could not be read, so it could not be checked.
+    #[error(
+        "the provider account of the new authorization of installation {installation} could not be read ({reason}); nothing was stored: start the authorization again, or check ProviderProfile::identity"
+    )]
+    Identity {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// What went wrong (never a token).
+        reason: String,
+    },
     /// The `state` was not issued by this consumer (tampered, garbled, or another consumer's).
     #[error(
         "the authorization state is not one this consumer issued (tampered, truncated, or from another consumer or key); start the authorization again"
@@ -116,17 +147,34 @@ pub enum AuthorizationError {
     Random(String),
 }
 
-/// A begun authorization: send the user to `url`.
-#[derive(Debug, Clone)]
+/// A begun authorization: set the `binding` cookie and send the user to `url`. `Debug`
+/// leaves out the URL's query (it carries the state) and the binding.
 pub struct AuthorizationRequest {
     /// The provider's authorization URL, with `state` and the PKCE challenge.
     pub url: Url,
-    /// The `state` value (also in `url`): bind it to the user's session.
-    pub state: String,
+    /// The signed `state` (also in `url`).
+    pub state: AuthorizationState,
+    /// The flow's browser binding: keep it in a cookie of this browser
+    /// ([`BrowserBinding::set_cookie_header`]) and hand it back to `complete_authorization`.
+    pub binding: BrowserBinding,
     /// The installation the authorization will create (or re-authorize).
     pub installation: InstallationId,
     /// The callback must arrive before this.
     pub expires_at: Timestamp,
+}
+
+impl std::fmt::Debug for AuthorizationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut endpoint = self.url.clone();
+        endpoint.set_query(None);
+        f.debug_struct("AuthorizationRequest")
+            .field("url", &format_args!("{endpoint}?[redacted]"))
+            .field("state", &self.state)
+            .field("binding", &self.binding)
+            .field("installation", &self.installation)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// A verified, exchanged authorization: the tokens of a grant, not yet stored.
@@ -138,9 +186,6 @@ pub struct Grant {
     pub tokens: TokenSet,
     /// The OpenID Connect ID token, when the provider sent one.
     pub id_token: Option<IdToken>,
-    /// When the flow began (a record authorized at or after this instant came from this
-    /// flow's code: that is how a repeated callback is recognised).
-    pub begun_at: Timestamp,
 }
 
 /// A completed authorization, as recorded by `TokenManager::complete_authorization`.
@@ -148,9 +193,12 @@ pub struct Grant {
 pub struct Completed {
     /// The installation.
     pub installation: InstallationId,
-    /// False when a repeated callback found the installation the first one created, or when
-    /// the flow re-authorized an existing installation.
+    /// False when the flow re-authorized an existing installation (or for a repeated callback
+    /// of a flow that did).
     pub created: bool,
+    /// True for a repeated callback (same browser, same code) answered with the first one's
+    /// outcome, without a second exchange.
+    pub replayed: bool,
     /// The OpenID Connect ID token of this exchange (`None` for a repeated callback, which
     /// made no exchange, and for providers that send none).
     pub id_token: Option<IdToken>,
@@ -175,15 +223,22 @@ pub enum AuthorizationWarning {
     },
 }
 
-/// A state whose signature and expiry checked out.
+/// A state whose signature, expiry and browser binding checked out.
 pub(crate) struct VerifiedState {
     pub(crate) installation: InstallationId,
-    pub(crate) begun_at: Timestamp,
+    /// The flow's id (the state's nonce, hex).
+    pub(crate) flow: String,
+    pub(crate) purpose: Purpose,
+    pub(crate) expires_at: Timestamp,
     pub(crate) pkce_verifier: Option<String>,
 }
 
-fn random_id(nonce: &[u8]) -> Result<InstallationId, AuthorizationError> {
-    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+/// A random id for a new installation, independent of the flow's nonce (which names the
+/// flow's claim in the store).
+fn random_id() -> Result<InstallationId, AuthorizationError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| AuthorizationError::Random(e.to_string()))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     InstallationId::new(format!("inst-{hex}"))
         .map_err(|e| AuthorizationError::Random(e.to_string()))
 }
@@ -199,26 +254,32 @@ impl OAuthClient {
         &self,
         installation: Option<InstallationId>,
     ) -> Result<AuthorizationRequest, AuthorizationError> {
+        let consumer = self.consumer();
+        let key = consumer
+            .state_keys()
+            .first()
+            .ok_or(AuthorizationError::NoStateKey)?;
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| AuthorizationError::Random(e.to_string()))?;
-        let installation = match installation {
-            Some(id) => id,
-            None => random_id(&nonce)?,
+        let (installation, purpose) = match installation {
+            Some(id) => (id, Purpose::Reauthorize),
+            None => (random_id()?, Purpose::Install),
         };
-        let consumer = self.consumer();
+        let binding = BrowserBinding::generate()?;
         let expires_at = self
             .clock()
             .now()
             .saturating_add(consumer.authorization_ttl());
-        let key = state::signing_key(consumer);
-        let state = state::encode(
-            &key,
+        let state = AuthorizationState::new(state::encode(
+            key,
             &StateClaims {
                 installation: installation.clone(),
                 nonce,
                 expires_at,
+                purpose,
+                binding_hash: binding.hash(),
             },
-        );
+        ));
 
         let profile = consumer.profile();
         let mut url = profile.authorize_url.clone();
@@ -227,7 +288,7 @@ impl OAuthClient {
             q.append_pair("client_id", consumer.client_id())
                 .append_pair("response_type", "code")
                 .append_pair("redirect_uri", consumer.redirect_uri().as_str())
-                .append_pair("state", &state);
+                .append_pair("state", state.as_str());
             if !consumer.scopes().is_empty() {
                 q.append_pair(
                     "scope",
@@ -235,7 +296,7 @@ impl OAuthClient {
                 );
             }
             if profile.pkce {
-                let verifier = state::pkce_verifier(&key, &nonce);
+                let verifier = binding.pkce_verifier(&nonce);
                 let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier));
                 q.append_pair("code_challenge", &challenge)
                     .append_pair("code_challenge_method", "S256");
@@ -247,52 +308,69 @@ impl OAuthClient {
         Ok(AuthorizationRequest {
             url,
             state,
+            binding,
             installation,
             expires_at,
         })
     }
 
-    /// Checks a callback's `state`: signed by this consumer's key and not expired.
-    pub(crate) fn verify_state(&self, state: &str) -> Result<VerifiedState, AuthorizationError> {
-        let key = state::signing_key(self.consumer());
-        let claims = state::decode(&key, state).map_err(|_| AuthorizationError::InvalidState)?;
+    /// Checks a callback's `state`: signed by one of this consumer's state keys, not expired,
+    /// and issued to the browser whose `binding` came with the callback.
+    pub(crate) fn verify_state(
+        &self,
+        state: &AuthorizationState,
+        binding: &BrowserBinding,
+    ) -> Result<VerifiedState, AuthorizationError> {
+        let keys = self.consumer().state_keys();
+        if keys.is_empty() {
+            return Err(AuthorizationError::NoStateKey);
+        }
+        let claims =
+            state::decode(keys, state.as_str()).map_err(|_| AuthorizationError::InvalidState)?;
         if self.clock().now() >= claims.expires_at {
             return Err(AuthorizationError::ExpiredState {
                 installation: claims.installation,
                 expired_at: claims.expires_at,
             });
         }
-        let begun_at = claims
-            .expires_at
-            .saturating_sub(self.consumer().authorization_ttl());
+        if !state::same_hash(&claims.binding_hash, &binding.hash()) {
+            return Err(AuthorizationError::BrowserMismatch {
+                installation: claims.installation,
+            });
+        }
         let pkce_verifier = self
             .consumer()
             .profile()
             .pkce
-            .then(|| state::pkce_verifier(&key, &claims.nonce));
+            .then(|| binding.pkce_verifier(&claims.nonce));
         Ok(VerifiedState {
             installation: claims.installation,
-            begun_at,
+            flow: claims.nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            purpose: claims.purpose,
+            expires_at: claims.expires_at,
             pkce_verifier,
         })
     }
 
-    /// Completes an authorization on the provider's side: verifies `state` and exchanges
-    /// `code` (once). The tokens are returned, not stored: use
-    /// `TokenManager::complete_authorization` to record the installation (it also recognises
-    /// a repeated callback without a second exchange).
+    /// Completes an authorization on the provider's side: verifies `state` against the
+    /// browser's `binding` and exchanges `code`. The tokens are returned, not stored, and
+    /// nothing stops a duplicate callback from exchanging the code again: use
+    /// `TokenManager::complete_authorization`, which claims the flow in the store first,
+    /// checks the provider account and records the installation.
     ///
     /// # Errors
     ///
     /// [`AuthorizationError::InvalidState`] for a state this consumer did not sign,
-    /// [`AuthorizationError::ExpiredState`] past `authorization_ttl`, and
+    /// [`AuthorizationError::ExpiredState`] past `authorization_ttl`,
+    /// [`AuthorizationError::BrowserMismatch`] for another browser's binding, and
     /// [`AuthorizationError::Exchange`] when the provider refuses the code.
     pub async fn complete_authorization(
         &self,
         code: &AuthorizationCode,
-        state: &str,
+        state: &AuthorizationState,
+        binding: &BrowserBinding,
     ) -> Result<Grant, AuthorizationError> {
-        let verified = self.verify_state(state)?;
+        let verified = self.verify_state(state, binding)?;
         let grant = self
             .exchange_code(code, verified.pkce_verifier.as_deref())
             .await
@@ -304,7 +382,6 @@ impl OAuthClient {
             installation: verified.installation,
             tokens: grant.tokens,
             id_token: grant.id_token,
-            begun_at: verified.begun_at,
         })
     }
 }

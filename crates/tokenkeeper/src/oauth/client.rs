@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use reqwest::header::{ACCEPT, RETRY_AFTER};
 use tokenkeeper_core::{Clock, FailureClass, IdToken, InstallationId, RefreshToken, TokenSet};
 
-use crate::oauth::authorize::AuthorizationCode;
+use crate::oauth::binding::AuthorizationCode;
 
 use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::error::{OAuthError, Operation};

@@ -7,7 +7,8 @@ use std::time::Duration;
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::oauth::profile::ProviderProfile;
+use crate::oauth::keys::StateKey;
+use crate::oauth::profile::{IdentityCheck, ProviderProfile};
 
 /// The consumer's client secret. `Debug` prints `[redacted]`; there is no `Display`.
 #[derive(Clone)]
@@ -65,6 +66,9 @@ pub enum ConfigError {
         /// The allowed range, or the setting it contradicts.
         reason: String,
     },
+    /// The operating system's random generator failed.
+    #[error("the system random number generator failed: {0}")]
+    Random(String),
     /// The HTTP client could not be built (TLS backend initialisation failed).
     #[error("the HTTP client could not be built: {0}")]
     HttpClient(#[source] std::sync::Arc<reqwest::Error>),
@@ -98,6 +102,7 @@ impl PartialEq for ConfigError {
                 },
             ) => (a, ra) == (b, rb),
             (Self::HttpClient(a), Self::HttpClient(b)) => std::sync::Arc::ptr_eq(a, b),
+            (Self::Random(a), Self::Random(b)) => a == b,
             _ => false,
         }
     }
@@ -112,7 +117,8 @@ struct Settings {
     connect_timeout: Duration,
     max_response_bytes: usize,
     authorization_ttl: Duration,
-    state_key: Option<SecretString>,
+    /// The current key first, then the previous ones still accepted.
+    state_keys: Vec<StateKey>,
 }
 
 impl Default for Settings {
@@ -123,7 +129,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             max_response_bytes: 64 * 1024,
             authorization_ttl: Duration::from_secs(600),
-            state_key: None,
+            state_keys: Vec::new(),
         }
     }
 }
@@ -203,8 +209,9 @@ impl ConsumerConfig {
     pub fn authorization_ttl(&self) -> Duration {
         self.settings.authorization_ttl
     }
-    pub(crate) fn state_key(&self) -> Option<&str> {
-        self.settings.state_key.as_ref().map(|k| k.expose_secret())
+    /// The keys that verify authorization states: the current one (which signs) first.
+    pub(crate) fn state_keys(&self) -> &[StateKey] {
+        &self.settings.state_keys
     }
 }
 
@@ -260,11 +267,26 @@ impl ConsumerConfigBuilder {
         self.settings.authorization_ttl = ttl;
         self
     }
-    /// The key that signs authorization `state` values (at least 16 bytes). Every process
-    /// completing authorizations must use the same key; by default it is derived from the
-    /// client secret.
-    pub fn state_key(mut self, key: impl Into<String>) -> Self {
-        self.settings.state_key = Some(SecretString::from(key.into()));
+    /// The key that signs authorization `state` values: a dedicated random secret of at least
+    /// 32 bytes, shared by every process that begins or completes authorizations (never
+    /// derived from the client secret). Without one, `begin_authorization` fails with
+    /// [`AuthorizationError::NoStateKey`](crate::AuthorizationError::NoStateKey).
+    ///
+    /// To rotate: give every process the new key as `state_key` and the old one as
+    /// [`previous_state_key`](Self::previous_state_key); once `authorization_ttl` has passed
+    /// since the last process switched, drop the previous key.
+    pub fn state_key(mut self, key: StateKey) -> Self {
+        if self.settings.state_keys.is_empty() {
+            self.settings.state_keys.push(key);
+        } else {
+            self.settings.state_keys[0] = key;
+        }
+        self
+    }
+    /// A retired state key whose states are still accepted (not used to sign). Call once per
+    /// key; set [`state_key`](Self::state_key) first.
+    pub fn previous_state_key(mut self, key: StateKey) -> Self {
+        self.settings.state_keys.push(key);
         self
     }
 
@@ -275,7 +297,7 @@ impl ConsumerConfigBuilder {
     /// [`ConfigError::Missing`] or [`ConfigError::Empty`] for an absent client id, secret or
     /// redirect URI; [`ConfigError::InvalidUrl`] for a redirect URI or profile endpoint that is
     /// not an http(s) URL with a host; [`ConfigError::OutOfRange`] for zero timeouts, a connect
-    /// timeout longer than the exchange timeout, a reply limit under 256 bytes or a state key
+    /// timeout longer than the exchange timeout, a reply limit under 256 bytes or two state keys with one id
     /// under 16 bytes.
     pub fn build(self) -> Result<ConsumerConfig, ConfigError> {
         let (client_id, client_secret) = self.validate_credentials()?;
@@ -330,6 +352,24 @@ impl ConsumerConfigBuilder {
                 parse_http_url(field, u.as_str())?;
             }
         }
+        match &profile.identity {
+            IdentityCheck::Endpoint { url, pointer } => {
+                parse_http_url("profile.identity", url.as_str())?;
+                if !pointer.is_empty() && !pointer.starts_with('/') {
+                    return Err(ConfigError::OutOfRange {
+                        field: "profile.identity",
+                        reason: format!("the JSON pointer {pointer:?} must start with '/'"),
+                    });
+                }
+            }
+            IdentityCheck::Unset => {
+                return Err(ConfigError::OutOfRange {
+                    field: "profile.identity",
+                    reason: "choose how a grant's provider account is read, so re-authorizing an installation with another account is refused: IdentityCheck::endpoint(user_endpoint, \"/sub\"), IdentityCheck::IdTokenSubject, or IdentityCheck::Disabled to accept any account".into(),
+                });
+            }
+            IdentityCheck::IdTokenSubject | IdentityCheck::Disabled => {}
+        }
         Ok(redirect_uri)
     }
 }
@@ -360,10 +400,13 @@ fn validate_limits(settings: &Settings) -> Result<(), ConfigError> {
             "must be at least 256 bytes to hold a token reply".into(),
         );
     }
-    if let Some(key) = &settings.state_key
-        && key.expose_secret().len() < 16
-    {
-        return out_of_range("state_key", "must be at least 16 bytes long".into());
+    let ids: std::collections::BTreeSet<u8> =
+        settings.state_keys.iter().map(StateKey::id).collect();
+    if ids.len() != settings.state_keys.len() {
+        return out_of_range(
+            "state_key",
+            "two state keys share an id: give each key its own id (states carry it)".into(),
+        );
     }
     Ok(())
 }
@@ -506,7 +549,21 @@ mod tests {
                 ..
             }
         ));
-        assert!(base().state_key("short").build().is_err());
+        let key = |id| StateKey::generate(id).unwrap();
+        assert!(
+            base()
+                .state_key(key(1))
+                .previous_state_key(key(2))
+                .build()
+                .is_ok()
+        );
+        assert!(
+            base()
+                .state_key(key(1))
+                .previous_state_key(key(1))
+                .build()
+                .is_err()
+        );
     }
 
     #[test]

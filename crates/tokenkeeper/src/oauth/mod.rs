@@ -8,23 +8,27 @@
 //! and the store.
 
 pub(crate) mod authorize;
+pub(crate) mod binding;
 pub(crate) mod client;
 pub(crate) mod config;
 pub(crate) mod error;
+pub(crate) mod identity;
+pub(crate) mod keys;
 pub(crate) mod profile;
 pub(crate) mod response;
 pub(crate) mod state;
 pub(crate) mod transport;
 
 pub use authorize::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed,
-    Grant,
+    AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
 };
+pub use binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 pub use client::{CodeGrant, OAuthClient, Revocation};
 pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};
 pub use error::{ErrorKind, OAuthError, Operation};
+pub use keys::{MIN_STATE_KEY_BYTES, StateKey};
 pub use profile::{
-    BodyEncoding, ClientAuth, ErrorMap, ErrorRule, ProviderProfile, Rotation, Timing,
+    BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, ProviderProfile, Rotation, Timing,
 };
 pub use response::{
     MAX_LIFETIME, MIN_LIFETIME, RawResponse, parse_retry_after, parse_token_response,

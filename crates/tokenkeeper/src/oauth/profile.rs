@@ -220,6 +220,43 @@ pub struct ProviderProfile {
     pub errors: ErrorMap,
     /// Refresh timing defaults.
     pub timing: Timing,
+    /// How the provider account of a grant is read, so that re-authorizing an installation
+    /// with another account is refused (its tokens stay untouched). The presets read the
+    /// provider's user endpoint; a [`generic`](Self::generic) profile must choose.
+    pub identity: IdentityCheck,
+}
+
+/// How the provider account a grant belongs to is read (see [`ProviderProfile::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdentityCheck {
+    /// `GET url` with the new access token; the account is the JSON value (string or number)
+    /// at `pointer` (RFC 6901, e.g. `/uuid`).
+    Endpoint {
+        /// The user endpoint.
+        url: Url,
+        /// Where the account id sits in its JSON reply.
+        pointer: String,
+    },
+    /// The `sub` claim of the OpenID Connect ID token the token endpoint returned (request
+    /// the `openid` scope). Read without verifying the signature: it came straight from the
+    /// token endpoint over TLS (OpenID Connect Core §3.1.3.7).
+    IdTokenSubject,
+    /// No check: a re-authorization may bind an installation to another provider account.
+    /// Choose this only when installations are not tied to one account.
+    Disabled,
+    /// Not chosen yet: building a consumer with it fails, naming the choices.
+    Unset,
+}
+
+impl IdentityCheck {
+    /// An identity endpoint and the JSON pointer of the account id in its reply.
+    pub fn endpoint(url: Url, pointer: impl Into<String>) -> Self {
+        Self::Endpoint {
+            url,
+            pointer: pointer.into(),
+        }
+    }
 }
 
 fn url(s: &str) -> Url {
@@ -267,13 +304,18 @@ impl ProviderProfile {
             scope_separator: ' ',
             errors: ErrorMap::default(),
             timing: Timing::default(),
+            identity: IdentityCheck::Unset,
         }
     }
 
-    /// Points every endpoint at another server with the same paths (a mock, a proxy).
+    /// Points every endpoint (the identity endpoint too) at another server with the same
+    /// paths (a mock, a proxy).
     pub fn with_base_url(mut self, base: &Url) -> Self {
         for u in [&mut self.authorize_url, &mut self.token_url] {
             *u = rebase(u, base);
+        }
+        if let IdentityCheck::Endpoint { url, .. } = &mut self.identity {
+            *url = rebase(url, base);
         }
         if let Some(r) = &mut self.revoke_url {
             *r = rebase(r, base);
@@ -281,7 +323,18 @@ impl ProviderProfile {
         self
     }
 
-    /// Sets the three endpoints explicitly.
+    /// Reads the grant's account from `url` instead (same JSON pointer; for a profile without
+    /// an identity endpoint, `/sub`).
+    pub fn with_identity_endpoint(mut self, url: Url) -> Self {
+        self.identity = match self.identity {
+            IdentityCheck::Endpoint { pointer, .. } => IdentityCheck::Endpoint { url, pointer },
+            _ => IdentityCheck::endpoint(url, "/sub"),
+        };
+        self
+    }
+
+    /// Sets the three endpoints explicitly (not the identity endpoint: see
+    /// [`with_identity_endpoint`](Self::with_identity_endpoint)).
     pub fn with_endpoints(mut self, authorize: Url, token: Url, revoke: Option<Url>) -> Self {
         self.authorize_url = authorize;
         self.token_url = token;
@@ -322,6 +375,7 @@ pub fn bitbucket() -> ProviderProfile {
         refresh_inactivity_expiry: Some(Duration::from_secs(90 * DAY)),
         revoke_url: None,
         errors: bitbucket_errors(),
+        identity: IdentityCheck::endpoint(url("https://api.bitbucket.org/2.0/user"), "/uuid"),
         ..ProviderProfile::generic(
             "bitbucket",
             url("https://bitbucket.org/site/oauth2/authorize"),
@@ -357,6 +411,7 @@ pub fn atlassian_3lo() -> ProviderProfile {
             ("prompt".into(), "consent".into()),
         ],
         required_scopes: vec!["offline_access".into()],
+        identity: IdentityCheck::endpoint(url("https://api.atlassian.com/me"), "/account_id"),
         ..ProviderProfile::generic(
             "atlassian-3lo",
             url("https://auth.atlassian.com/authorize"),
@@ -394,6 +449,7 @@ pub fn github_app() -> ProviderProfile {
                 None,
                 FailureClass::RefreshTokenRejected,
             ),
+        identity: IdentityCheck::endpoint(url("https://api.github.com/user"), "/id"),
         ..ProviderProfile::generic(
             "github-app",
             url("https://github.com/login/oauth/authorize"),
@@ -411,6 +467,10 @@ pub fn google() -> ProviderProfile {
             ("access_type".into(), "offline".into()),
             ("prompt".into(), "consent".into()),
         ],
+        identity: IdentityCheck::endpoint(
+            url("https://openidconnect.googleapis.com/v1/userinfo"),
+            "/sub",
+        ),
         ..ProviderProfile::generic(
             "google",
             url("https://accounts.google.com/o/oauth2/v2/auth"),

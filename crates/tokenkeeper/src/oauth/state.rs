@@ -1,13 +1,17 @@
 //! The signed authorization `state`: a pure codec with no I/O.
 //!
-//! The state is not stored anywhere. It is an HMAC-SHA256-signed token holding its expiry, a
-//! random nonce and the installation id; the PKCE verifier is derived from the nonce with the
-//! same key. So any process with the consumer's configuration can complete an authorization
-//! another process began, there is no pending-authorization table to share or clean up, and a
+//! The state is an HMAC-SHA256-signed token holding its expiry, a random nonce (the flow's
+//! id), what the flow is for (a new installation, or a re-authorization of a named one), the
+//! installation id and a hash of the flow's [`BrowserBinding`](super::binding::BrowserBinding).
+//! It is signed with a dedicated state key ([`StateKey`]) whose id it carries, so a fleet can
+//! rotate keys; any process with the keys can verify a state another process issued, and a
 //! tampered or foreign state fails the MAC check (compared in constant time).
 //!
-//! Layout before base64url: `version (1) | expires_at unix nanos (8, big endian) | nonce (16)
-//! | id length (1) | id | mac (32)`.
+//! The state alone completes nothing: the callback must also bring the browser binding whose
+//! hash it carries, and the store's flow claim lets the code be exchanged once.
+//!
+//! Layout before base64url: `version (1) | key id (1) | expires_at unix nanos (8, big endian)
+//! | nonce (16) | purpose (1) | binding hash (32) | id length (1) | id | mac (32)`.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -15,14 +19,26 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokenkeeper_core::{InstallationId, Timestamp};
 
-use crate::oauth::config::ConsumerConfig;
+use crate::oauth::keys::StateKey;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const STATE_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 2;
 /// Bytes of randomness in each state.
 pub(crate) const NONCE_LEN: usize = 16;
+const HASH_LEN: usize = 32;
 const MAC_LEN: usize = 32;
+/// Bytes before the installation id.
+const HEAD_LEN: usize = 1 + 1 + 8 + NONCE_LEN + 1 + HASH_LEN + 1;
+
+/// What a flow is for, signed into its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A new installation: its id must not exist yet.
+    Install,
+    /// A new authorization of a chosen id (existing or not).
+    Reauthorize,
+}
 
 /// What a state says, once its signature checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,43 +46,34 @@ pub(crate) struct StateClaims {
     pub(crate) installation: InstallationId,
     pub(crate) nonce: [u8; NONCE_LEN],
     pub(crate) expires_at: Timestamp,
+    pub(crate) purpose: Purpose,
+    pub(crate) binding_hash: [u8; HASH_LEN],
 }
 
-/// Why a state was refused: it is not one this key signed (or not one at all).
+/// Why a state was refused: it is not one these keys signed (or not one at all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Forged;
 
-/// The key that signs states: the configured state key, or one derived from the client secret.
-pub(crate) fn signing_key(consumer: &ConsumerConfig) -> Vec<u8> {
-    if let Some(key) = consumer.state_key() {
-        return key.as_bytes().to_vec();
-    }
-    let mut mac = mac(consumer.client_secret().expose().as_bytes());
-    mac.update(b"tokenkeeper/state-key/v1/");
-    mac.update(consumer.client_id().as_bytes());
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn mac(key: &[u8]) -> HmacSha256 {
+fn mac(key: &StateKey) -> HmacSha256 {
     // HMAC accepts keys of any length: this cannot fail.
-    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!())
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(b"tokenkeeper/state/v2/");
+    m
 }
 
-/// The PKCE verifier of the flow that `nonce` began.
-pub(crate) fn pkce_verifier(key: &[u8], nonce: &[u8]) -> String {
-    let mut m = mac(key);
-    m.update(b"pkce/v1/");
-    m.update(nonce);
-    URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
-}
-
-/// Signs `claims` into a URL-safe state string.
-pub(crate) fn encode(key: &[u8], claims: &StateClaims) -> String {
+/// Signs `claims` with `key` into a URL-safe state string.
+pub(crate) fn encode(key: &StateKey, claims: &StateClaims) -> String {
     let id = claims.installation.as_str().as_bytes();
-    let mut bytes = Vec::with_capacity(1 + 8 + NONCE_LEN + 1 + id.len() + MAC_LEN);
+    let mut bytes = Vec::with_capacity(HEAD_LEN + id.len() + MAC_LEN);
     bytes.push(STATE_VERSION);
+    bytes.push(key.id());
     bytes.extend_from_slice(&claims.expires_at.unix_nanos().to_be_bytes());
     bytes.extend_from_slice(&claims.nonce);
+    bytes.push(match claims.purpose {
+        Purpose::Install => 0,
+        Purpose::Reauthorize => 1,
+    });
+    bytes.extend_from_slice(&claims.binding_hash);
     // Installation ids are at most 200 bytes (`MAX_ID_BYTES`), so the length fits a byte.
     bytes.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
     bytes.extend_from_slice(id);
@@ -76,22 +83,35 @@ pub(crate) fn encode(key: &[u8], claims: &StateClaims) -> String {
     URL_SAFE_NO_PAD.encode(&bytes)
 }
 
-/// Checks the signature of `state` and reads its claims. Expiry is the caller's to judge.
-pub(crate) fn decode(key: &[u8], state: &str) -> Result<StateClaims, Forged> {
+/// Checks the signature of `state` under the key its id names (among `keys`) and reads its
+/// claims. Expiry and binding are the caller's to judge.
+pub(crate) fn decode(keys: &[StateKey], state: &str) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
-    if bytes.len() < 1 + 8 + NONCE_LEN + 1 + 1 + MAC_LEN || bytes[0] != STATE_VERSION {
+    if bytes.len() < HEAD_LEN + 1 + MAC_LEN || bytes[0] != STATE_VERSION {
         return Err(Forged);
     }
+    let key = keys.iter().find(|k| k.id() == bytes[1]).ok_or(Forged)?;
     let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
     let mut m = mac(key);
     m.update(body);
     m.verify_slice(tag).map_err(|_| Forged)?;
-    let expires = i64::from_be_bytes(body[1..9].try_into().map_err(|_| Forged)?);
-    let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&body[9..9 + NONCE_LEN]);
-    let id_len = usize::from(body[9 + NONCE_LEN]);
+    let mut at = 2;
+    let mut take = |n: usize| {
+        let part = &body[at..at + n];
+        at += n;
+        part
+    };
+    let expires = i64::from_be_bytes(take(8).try_into().map_err(|_| Forged)?);
+    let nonce: [u8; NONCE_LEN] = take(NONCE_LEN).try_into().map_err(|_| Forged)?;
+    let purpose = match take(1)[0] {
+        0 => Purpose::Install,
+        1 => Purpose::Reauthorize,
+        _ => return Err(Forged),
+    };
+    let binding_hash: [u8; HASH_LEN] = take(HASH_LEN).try_into().map_err(|_| Forged)?;
+    let id_len = usize::from(take(1)[0]);
     let id_bytes = body
-        .get(10 + NONCE_LEN..)
+        .get(HEAD_LEN..)
         .filter(|b| b.len() == id_len)
         .ok_or(Forged)?;
     let installation = InstallationId::from_bytes(id_bytes).map_err(|_| Forged)?;
@@ -99,56 +119,79 @@ pub(crate) fn decode(key: &[u8], state: &str) -> Result<StateClaims, Forged> {
         installation,
         nonce,
         expires_at: Timestamp::from_unix_nanos(expires),
+        purpose,
+        binding_hash,
     })
+}
+
+/// Equality of two hashes in time independent of where they differ.
+pub(crate) fn same_hash(a: &[u8; HASH_LEN], b: &[u8; HASH_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key(id: u8) -> StateKey {
+        StateKey::generate(id).unwrap()
+    }
+
     fn claims() -> StateClaims {
         StateClaims {
             installation: InstallationId::new("inst-1").unwrap(),
             nonce: [7; NONCE_LEN],
             expires_at: Timestamp::from_unix_secs(1_800_000_000),
+            purpose: Purpose::Reauthorize,
+            binding_hash: [9; HASH_LEN],
         }
     }
 
     #[test]
-    fn round_trips_under_its_key() {
-        let key = b"0123456789abcdef-state-key";
-        let text = encode(key, &claims());
-        assert_eq!(decode(key, &text), Ok(claims()));
-        assert_eq!(decode(key, &format!("  {text}\n")), Ok(claims()));
+    fn round_trips_under_its_key_and_after_rotation() {
+        let (old, new) = (key(1), key(2));
+        let text = encode(&old, &claims());
+        assert_eq!(decode(std::slice::from_ref(&old), &text), Ok(claims()));
+        assert_eq!(
+            decode(&[new.clone(), old.clone()], &format!("  {text}\n")),
+            Ok(claims())
+        );
+        assert_eq!(
+            decode(std::slice::from_ref(&new), &text),
+            Err(Forged),
+            "retired key"
+        );
+        // A key with the same id but other bytes does not verify it either.
+        assert_eq!(decode(&[key(1)], &text), Err(Forged));
     }
 
     #[test]
-    fn refuses_other_keys_tampering_and_garbage() {
-        let key = b"0123456789abcdef-state-key";
-        let text = encode(key, &claims());
-        assert_eq!(decode(b"another key of enough length", &text), Err(Forged));
+    fn refuses_tampering_and_garbage() {
+        let k = key(1);
+        let keys = std::slice::from_ref(&k);
+        let text = encode(&k, &claims());
         let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
         for i in 0..bytes.len() {
             bytes[i] ^= 1;
             assert_eq!(
-                decode(key, &URL_SAFE_NO_PAD.encode(&bytes)),
+                decode(keys, &URL_SAFE_NO_PAD.encode(&bytes)),
                 Err(Forged),
                 "byte {i}"
             );
             bytes[i] ^= 1;
         }
         for cut in 0..text.len() {
-            assert_eq!(decode(key, &text[..cut]), Err(Forged), "cut at {cut}");
+            assert_eq!(decode(keys, &text[..cut]), Err(Forged), "cut at {cut}");
         }
-        assert_eq!(decode(key, "not base64 !"), Err(Forged));
+        assert_eq!(decode(keys, "not base64 !"), Err(Forged));
+        assert_eq!(decode(&[], &text), Err(Forged));
     }
 
     #[test]
-    fn the_verifier_depends_on_key_and_nonce() {
-        let a = pkce_verifier(b"k1", &[1; NONCE_LEN]);
-        assert_eq!(a, pkce_verifier(b"k1", &[1; NONCE_LEN]));
-        assert_ne!(a, pkce_verifier(b"k2", &[1; NONCE_LEN]));
-        assert_ne!(a, pkce_verifier(b"k1", &[2; NONCE_LEN]));
-        assert!((43..=128).contains(&a.len()), "RFC 7636 length");
+    fn hashes_compare_by_value() {
+        assert!(same_hash(&[1; 32], &[1; 32]));
+        let mut b = [1; 32];
+        b[31] = 0;
+        assert!(!same_hash(&[1; 32], &b));
     }
 }

@@ -35,14 +35,22 @@ pub fn all_profiles() -> Vec<(ProviderProfile, MockProfile)> {
     ]
 }
 
-/// The profile with its endpoints on the mock (which serves every profile on one set of paths).
+/// The profile with its endpoints on the mock (which serves every profile on one set of
+/// paths; its resource endpoint reports the account in every provider's spelling).
 pub fn pointed_at(profile: ProviderProfile, mock: &MockProvider) -> ProviderProfile {
     let url = |s: String| reqwest::Url::parse(&s).unwrap();
-    profile.with_endpoints(
-        url(mock.authorize_url()),
-        url(mock.token_url()),
-        Some(url(mock.revoke_url())),
-    )
+    profile
+        .with_endpoints(
+            url(mock.authorize_url()),
+            url(mock.token_url()),
+            Some(url(mock.revoke_url())),
+        )
+        .with_identity_endpoint(url(mock.resource_url()))
+}
+
+/// The state key every consumer of the tests shares (so a peer completes what another began).
+pub fn state_key() -> tokenkeeper::StateKey {
+    tokenkeeper::StateKey::from_base64(1, "rSLUhHQ6QkaLk9T44u6Ng6cp1q76DbrAvtw+/5/kT/I=").unwrap()
 }
 
 pub fn consumer_for(profile: ProviderProfile, mock: &MockProvider, secret: &str) -> ConsumerConfig {
@@ -50,6 +58,7 @@ pub fn consumer_for(profile: ProviderProfile, mock: &MockProvider, secret: &str)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(secret)
         .redirect_uri(REDIRECT)
+        .state_key(state_key())
         .http_timeout(std::time::Duration::from_secs(2))
         .connect_timeout(std::time::Duration::from_secs(1))
         .build()
@@ -103,8 +112,15 @@ pub async fn install(client: &OAuthClient, store: Arc<dyn TokenStore>) -> Comple
         .unwrap();
     let begun = manager.begin_authorization(None).unwrap();
     let (code, state) = browser(&begun.url).await;
-    assert_eq!(state, begun.state);
-    let done = manager.complete_authorization(code, &state).await.unwrap();
+    assert_eq!(state, begun.state.as_str());
+    let done = manager
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
+        .await
+        .unwrap();
     assert_eq!(done.installation, begun.installation);
     done
 }
@@ -256,7 +272,11 @@ impl Fixture {
             .authorize_code(DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
             .unwrap();
         self.manager
-            .complete_authorization(code, &begun.state)
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
             .await
             .unwrap()
             .installation

@@ -1,0 +1,83 @@
+//! The claim an authorization flow takes in the store before its code is exchanged
+//! ([`TokenStore::claim_flow`](tokenkeeper_core::TokenStore::claim_flow)), so that of any number
+//! of callbacks of one flow, in one process or many, exactly one exchanges the code; the
+//! others read its outcome.
+//!
+//! A claim names the installation, the fingerprint of the code it was made with (a repeated
+//! callback is recognised only with the same code: another code is a replayed or forged
+//! callback) and a phase: exchanging (until a deadline), completed, or failed. It holds no
+//! secret: the code's fingerprint is a domain-separated SHA-256.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long a claim is kept after the flow's state expired: a process whose clock runs behind
+/// still accepts the state for that long, and must still find the claim.
+pub(crate) const CLAIM_SKEW_MARGIN: Duration = Duration::from_secs(600);
+
+/// How often a duplicate callback looks at the first one's claim.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The stored claim of one flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FlowClaim {
+    /// The fingerprint of the code the flow was claimed with.
+    pub(crate) code: String,
+    /// Where the flow is.
+    pub(crate) phase: Phase,
+}
+
+/// Where a claimed flow is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Phase {
+    /// The claimant is exchanging the code; duplicates wait for the outcome.
+    Exchanging,
+    /// The installation was recorded.
+    Completed { created: bool },
+    /// The exchange or the recording failed: why (never a secret).
+    Failed { reason: String },
+}
+
+impl FlowClaim {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        // Plain data to a Vec: cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `None` for bytes that are not a claim (treated like a claim with another code: the
+    /// callback is refused, nothing is exchanged).
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The store key of a flow: the consumer and the flow's id.
+pub(crate) fn flow_key(consumer: &str, flow: &str) -> String {
+    format!("{consumer}/{flow}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_round_trip_and_garbage_is_none() {
+        for phase in [
+            Phase::Exchanging,
+            Phase::Completed { created: true },
+            Phase::Failed {
+                reason: "the provider refused the code".into(),
+            },
+        ] {
+            let claim = FlowClaim {
+                code: "ab".into(),
+                phase,
+            };
+            assert_eq!(FlowClaim::decode(&claim.encode()), Some(claim));
+        }
+        assert_eq!(FlowClaim::decode(b"{}"), None);
+        assert_eq!(FlowClaim::decode(b"\xff"), None);
+    }
+}

@@ -1,0 +1,411 @@
+//! The installation flow, tried as an attacker would (security review H1, H2, M1, M2, L12):
+//! a callback from another browser, a state replayed with another code, duplicate callbacks
+//! racing in one process and in two, a re-authorization approved with another account, and
+//! state keys rotating under in-flight flows. Real HTTP to the mock provider; the stores are
+//! memory, SQLite on disk and a real redis-server.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::{
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, ConsumerConfig, Error,
+    InstallationId, StateKey, TokenManager, TokenStore, profiles,
+};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile,
+    MockProvider, RevokedBy,
+};
+
+async fn mock() -> MockProvider {
+    MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn manager_on(mock: &MockProvider, store: Arc<dyn TokenStore>) -> TokenManager {
+    TokenManager::builder_shared(
+        consumer_for(profiles::bitbucket(), mock, DEFAULT_CLIENT_SECRET),
+        store,
+    )
+    .build()
+    .unwrap()
+}
+
+/// The provider's half of a flow: `account` approves, the mock returns the code.
+fn approve(mock: &MockProvider, begun: &AuthorizationRequest, account: &str) -> String {
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    mock.authorize_code_as(account, DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
+        .unwrap()
+}
+
+fn authorization_error(e: Error) -> Arc<AuthorizationError> {
+    match e {
+        Error::Authorization(inner) => inner,
+        other => panic!("expected an authorization error, got {other}"),
+    }
+}
+
+/// H2: whoever sees a callback URL (code and state) cannot complete it from another browser;
+/// the flow still completes from the browser that began it.
+#[tokio::test]
+async fn a_callback_from_another_browser_is_refused_without_an_exchange() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let victim = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &victim, "victim");
+    // The attacker's browser began a flow of its own: it has a binding, just not this one.
+    let attacker = manager.begin_authorization(None).unwrap();
+    for binding in [
+        &attacker.binding,
+        &tokenkeeper::BrowserBinding::generate().unwrap(),
+    ] {
+        let e = manager
+            .complete_authorization(AuthorizationCode::new(&code), &victim.state, binding)
+            .await
+            .unwrap_err();
+        let e = authorization_error(e);
+        assert!(
+            matches!(&*e, AuthorizationError::BrowserMismatch { installation } if installation == &victim.installation),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("did not come from the browser"),
+            "{e}"
+        );
+    }
+    assert_eq!(mock.counters().totals.code_exchanges, 0);
+    assert!(
+        manager
+            .store()
+            .get(&victim.installation)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The victim's own callback still works: nothing was spent.
+    let done = manager
+        .complete_authorization(
+            AuthorizationCode::new(&code),
+            &victim.state,
+            &victim.binding,
+        )
+        .await
+        .unwrap();
+    assert!(done.created && !done.replayed);
+    assert_eq!(mock.counters().totals.code_exchanges, 1);
+}
+
+/// H1: a state once completed cannot be completed again with any other code, even from the
+/// same browser; the same code gets the first outcome, without a second exchange.
+#[tokio::test]
+async fn a_state_replayed_with_another_code_is_refused() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let begun = manager
+        .begin_authorization(Some(InstallationId::new("ws-1").unwrap()))
+        .unwrap();
+    let code = approve(&mock, &begun, "victim");
+    let first = manager
+        .complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
+        .await
+        .unwrap();
+    let before = manager
+        .store()
+        .get(&first.installation)
+        .await
+        .unwrap()
+        .unwrap();
+    // A code the attacker obtained for its own account, or garbage: same answer.
+    let attackers = approve(
+        &mock,
+        &manager.begin_authorization(None).unwrap(),
+        "mallory",
+    );
+    for other in [attackers.as_str(), "x"] {
+        let e = manager
+            .complete_authorization(AuthorizationCode::new(other), &begun.state, &begun.binding)
+            .await
+            .unwrap_err();
+        let e = authorization_error(e);
+        assert!(matches!(&*e, AuthorizationError::AlreadyUsed { .. }), "{e}");
+    }
+    let again = manager
+        .complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
+        .await
+        .unwrap();
+    assert!(again.replayed && again.created);
+    assert_eq!(mock.counters().totals.code_exchanges, 1);
+    let after = manager
+        .store()
+        .get(&first.installation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, before, "the installation was not touched");
+}
+
+/// L12: duplicate callbacks racing, in one process and across two processes' store handles,
+/// exchange the code exactly once. The mock revokes a grant whose code is presented twice
+/// (RFC 6749 §4.1.2, as OpenID servers do), so a second exchange would leave an installation
+/// that reads healthy with dead tokens.
+async fn duplicate_callbacks_exchange_once(backend: &str, location: &str) {
+    let mock = mock().await;
+    // The exchange takes a while, so the duplicates arrive while it runs.
+    mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+    )]);
+    let a = manager_on(&mock, open_store(backend, location).await);
+    let b = manager_on(&mock, open_store(backend, location).await);
+    let begun = a.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "victim");
+    let begun = Arc::new(begun);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let manager = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let (begun, code) = (begun.clone(), code.clone());
+        tasks.spawn(async move {
+            manager
+                .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+                .await
+        });
+    }
+    let mut firsts = 0;
+    while let Some(done) = tasks.join_next().await {
+        let done = done.unwrap().unwrap_or_else(|e| panic!("{backend}: {e}"));
+        assert_eq!(done.installation, begun.installation);
+        firsts += usize::from(!done.replayed);
+    }
+    let totals = mock.counters().totals;
+    assert_eq!(firsts, 1, "{backend}: one callback did the work");
+    assert_eq!(totals.code_exchanges, 1, "{backend}");
+    assert_eq!(
+        totals.code_reuses, 0,
+        "{backend}: the code was never presented twice"
+    );
+    // The installation's tokens are alive at the provider.
+    let reply = a
+        .send_authorized(
+            &begun.installation,
+            reqwest::Client::new().get(mock.resource_url()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200, "{backend}");
+    assert!(
+        mock.counters().grants.values().all(|g| g.revoked.is_none()),
+        "{backend}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_callbacks_exchange_once_on_memory() {
+    // Two managers on one memory store: two "processes" sharing it.
+    let store: Arc<dyn TokenStore> = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let mock = mock().await;
+    mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+    )]);
+    let a = manager_on(&mock, store.clone());
+    let b = manager_on(&mock, store);
+    let begun = Arc::new(a.begin_authorization(None).unwrap());
+    let code = approve(&mock, &begun, "victim");
+    let (x, y) = tokio::join!(
+        a.complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding),
+        b.complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert!(x.replayed != y.replayed, "{x:?} {y:?}");
+    assert_eq!(mock.counters().totals.code_exchanges, 1);
+    assert_eq!(mock.counters().totals.code_reuses, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_callbacks_exchange_once_on_sqlite() {
+    duplicate_callbacks_exchange_once("sqlite", &sqlite_location("dup-callbacks")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_callbacks_exchange_once_on_redis() {
+    duplicate_callbacks_exchange_once("redis", &redis_location("dup-callbacks")).await;
+}
+
+/// The mock does what the OpenID server did: a second exchange of one code revokes
+/// the grant the first made. (This is what the claim protects against.)
+#[tokio::test]
+async fn the_mock_revokes_a_grant_whose_code_is_presented_twice() {
+    let mock = mock().await;
+    let client = client_for(profiles::bitbucket(), &mock);
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let begun = manager.begin_authorization(None).unwrap();
+    let code = AuthorizationCode::new(approve(&mock, &begun, "victim"));
+    // The OAuth client alone (no store, no claim) exchanges whatever it is given.
+    client
+        .complete_authorization(&code, &begun.state, &begun.binding)
+        .await
+        .unwrap();
+    assert!(
+        client
+            .complete_authorization(&code, &begun.state, &begun.binding)
+            .await
+            .is_err()
+    );
+    let counters = mock.counters();
+    assert_eq!(counters.totals.code_reuses, 1);
+    assert!(
+        counters
+            .grants
+            .values()
+            .any(|g| g.revoked == Some(RevokedBy::CodeReused))
+    );
+}
+
+/// M2: a re-authorization approved with another provider account leaves the installation's
+/// tokens untouched and revokes the stray grant; the same account re-authorizes.
+#[tokio::test]
+async fn reauthorizing_with_another_account_is_refused() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let begun = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "alice");
+    let id = manager
+        .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+        .await
+        .unwrap()
+        .installation;
+    let installed = manager.store().get(&id).await.unwrap().unwrap();
+    assert_eq!(installed.account(), Some("{alice}"), "Bitbucket's uuid");
+
+    let again = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &again, "mallory");
+    let e = manager
+        .complete_authorization(AuthorizationCode::new(code), &again.state, &again.binding)
+        .await
+        .unwrap_err();
+    let e = authorization_error(e);
+    assert!(
+        matches!(&*e, AuthorizationError::DifferentAccount { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("another provider account"), "{e}");
+    assert_eq!(manager.store().get(&id).await.unwrap().unwrap(), installed);
+    let counters = mock.counters();
+    assert_eq!(
+        counters
+            .grants
+            .values()
+            .filter(|g| g.revoked == Some(RevokedBy::Client))
+            .count(),
+        1,
+        "mallory's grant was revoked"
+    );
+
+    let third = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &third, "alice");
+    let done = manager
+        .complete_authorization(AuthorizationCode::new(code), &third.state, &third.binding)
+        .await
+        .unwrap();
+    assert!(!done.created);
+    let record = manager.store().get(&id).await.unwrap().unwrap();
+    assert_ne!(record.tokens(), installed.tokens());
+    assert_eq!(record.generation(), installed.generation() + 1);
+}
+
+/// M1: the state key is its own secret, rotated with a previous key; without one no flow
+/// begins.
+#[tokio::test]
+async fn state_keys_rotate_under_flows_in_progress() {
+    let mock = mock().await;
+    let store: Arc<dyn TokenStore> = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let (old, new) = (
+        StateKey::generate(1).unwrap(),
+        StateKey::generate(2).unwrap(),
+    );
+    let with_keys = |current: &StateKey, previous: Option<&StateKey>| {
+        let mut b = ConsumerConfig::builder(pointed_at(profiles::bitbucket(), &mock))
+            .client_id(DEFAULT_CLIENT_ID)
+            .client_secret(DEFAULT_CLIENT_SECRET)
+            .redirect_uri(REDIRECT)
+            .state_key(current.clone());
+        if let Some(p) = previous {
+            b = b.previous_state_key(p.clone());
+        }
+        TokenManager::builder_shared(b.build().unwrap(), store.clone())
+            .build()
+            .unwrap()
+    };
+    let before = with_keys(&old, None);
+    let during = with_keys(&new, Some(&old));
+    let after = with_keys(&new, None);
+    let begun = before.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "alice");
+    // After the rotation is complete, the old key's states are refused...
+    let e = after
+        .complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        &*authorization_error(e),
+        AuthorizationError::InvalidState
+    ));
+    // ...while a process holding it as the previous key completes the flow.
+    during
+        .complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
+        .await
+        .unwrap();
+    // The same client secret with no state key begins nothing.
+    let keyless = TokenManager::builder_shared(
+        ConsumerConfig::builder(pointed_at(profiles::bitbucket(), &mock))
+            .client_id(DEFAULT_CLIENT_ID)
+            .client_secret(DEFAULT_CLIENT_SECRET)
+            .redirect_uri(REDIRECT)
+            .build()
+            .unwrap(),
+        store.clone(),
+    )
+    .build()
+    .unwrap();
+    let e = authorization_error(keyless.begin_authorization(None).unwrap_err());
+    assert!(matches!(&*e, AuthorizationError::NoStateKey), "{e}");
+    assert!(e.to_string().contains("state_key"), "{e}");
+}
+
+/// The binding never travels through the browser's URL: neither its value nor the PKCE
+/// verifier derived from it appears in the authorization URL, and the challenge there is the
+/// one the binding's holder can answer (the exchange above succeeds only with it).
+#[tokio::test]
+async fn the_binding_stays_out_of_the_url() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let begun = manager.begin_authorization(None).unwrap();
+    let url = begun.url.as_str();
+    assert!(!url.contains(&begun.binding.expose_cookie_value()));
+    let cookie = begun
+        .binding
+        .set_cookie_header("tk_flow", "/callback", Duration::from_secs(600));
+    assert_eq!(
+        cookie,
+        format!(
+            "tk_flow={}; HttpOnly; Secure; SameSite=Lax; Path=/callback; Max-Age=600",
+            begun.binding.expose_cookie_value()
+        )
+    );
+    assert!(!format!("{begun:?}").contains(&begun.binding.expose_cookie_value()));
+    assert!(!format!("{begun:?}").contains(begun.state.as_str()));
+}
