@@ -51,6 +51,14 @@ if [ -z "${TOKENKEEPER_REDIS_URL:-}" ]; then
 fi
 # The rediss:// test makes its certificates with the openssl command.
 need_pkg openssl openssl
+# The web install flow's end-to-end test drives a real headless Chromium over WebDriver.
+need_pkg chromium chromium || true
+need_pkg chromedriver chromium-driver || true
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    export TOKENKEEPER_REQUIRE_BROWSER=1
+else
+    log "!!! chromium/chromedriver could not be installed: the browser test will be SKIPPED !!!"
+fi
 # The Redis tests that start and stop their own server find it here.
 export TOKENKEEPER_REDIS_SERVER="$(command -v redis-server)"
 
