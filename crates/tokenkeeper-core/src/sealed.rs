@@ -2,17 +2,29 @@
 //! customers' repositories; a leaked database file or Redis dump must not leak them.
 //!
 //! Each token is sealed on its own with XChaCha20-Poly1305 (a fresh random 192-bit nonce per
-//! write) into `tksealed1.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
-//! installation id and the token's role as associated data: a sealed token copied into another
-//! record, or from the refresh field into the access field, fails to open. The rest of the
-//! record (state, times, history) stays readable so the backends can index it; it holds no
-//! secret.
+//! write) into `tksealed2.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
+//! installation id, the token's role and the record's authorization generation as associated
+//! data: a sealed token copied into another record, from the refresh field into the access
+//! field, or from an older grant of the same installation into a newer one, fails to open.
+//! The rest of the record (state, times, history, account) stays readable so the backends can
+//! index it; it holds no secret.
+//!
+//! What this does not stop: an attacker with write access who puts back a whole older record
+//! (every field as it was, so generation and tokens agree) cannot be detected without state
+//! kept outside the store; nor does sealing scrub plaintext written before it was turned on
+//! (SQLite free pages and WAL, Redis RDB/AOF files): rotate the tokens after enabling it.
+//!
+//! A token that is not sealed at all is refused ([`SealError::Plaintext`]): otherwise anyone
+//! able to write to the store could plant a token of their choice, which the next write would
+//! seal as legitimate. While migrating a store written before encryption was enabled, turn on
+//! [`Sealed::allow_plaintext_migration`], run [`Sealed::reseal`], and turn it off again;
+//! [`Sealed::plaintext_reads`] counts what it let through. Values of the first sealed format
+//! (`tksealed1.`, without the generation) still open, and `reseal` moves them to the second.
 //!
 //! A [`Keyring`] holds the current key (every write) and older ones (reads only), so keys
 //! rotate without downtime; [`Sealed::reseal`] re-encrypts every record under the current key.
 //! A wrong or missing key is [`StoreError::Corrupt`] naming the key id, for that installation
-//! only, never garbage tokens. Records written before encryption was enabled (plaintext
-//! tokens) are read as they are and sealed on their next write or by `reseal`.
+//! only, never garbage tokens.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,7 +41,10 @@ use crate::{
     ListPage, Record, RefreshToken, State, StoreError, Timestamp, TokenStore,
 };
 
+/// The format of [`Keyring::seal`] (AAD: role and installation).
 const PREFIX: &str = "tksealed1.";
+/// The format of record tokens (AAD: role, authorization generation and installation).
+const RECORD_PREFIX: &str = "tksealed2.";
 const NONCE_LEN: usize = 24;
 
 /// Why a key or a sealed token is unusable.
@@ -74,6 +89,15 @@ pub enum SealError {
     /// Not in the sealed format.
     #[error("the {field} token is not a well-formed sealed value")]
     Malformed {
+        /// Which token.
+        field: &'static str,
+    },
+    /// A token stored in plaintext in a sealed store: written beneath the sealing layer
+    /// (tampering), or before encryption was enabled.
+    #[error(
+        "the {field} token is not sealed: it was written beneath the encryption layer or before encryption was enabled; if the store is being migrated to encryption, enable Sealed::allow_plaintext_migration and run reseal, otherwise treat it as tampering and authorize the installation again"
+    )]
+    Plaintext {
         /// Which token.
         field: &'static str,
     },
@@ -178,15 +202,32 @@ impl Keyring {
             .map(|k| XChaCha20Poly1305::new(k.expose_secret().into()))
     }
 
-    fn aad(installation: &InstallationId, field: &str) -> Vec<u8> {
-        format!("tokenkeeper/sealed/v1/{field}/{}", installation.as_str()).into_bytes()
+    fn aad(installation: &InstallationId, field: &str, generation: Option<u64>) -> Vec<u8> {
+        match generation {
+            None => format!("tokenkeeper/sealed/v1/{field}/{}", installation.as_str()),
+            Some(g) => format!(
+                "tokenkeeper/sealed/v2/{field}/{g}/{}",
+                installation.as_str()
+            ),
+        }
+        .into_bytes()
     }
 
-    /// Seals one token value.
+    /// Seals one value (bound to the installation and the value's role).
     pub fn seal(
         &self,
         installation: &InstallationId,
         field: &'static str,
+        plaintext: &str,
+    ) -> Result<String, SealError> {
+        self.seal_as(installation, field, None, plaintext)
+    }
+
+    fn seal_as(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        generation: Option<u64>,
         plaintext: &str,
     ) -> Result<String, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
@@ -195,7 +236,7 @@ impl Keyring {
             key_id: self.current.0.clone(),
             field,
         })?;
-        let aad = Self::aad(installation, field);
+        let aad = Self::aad(installation, field, generation);
         let sealed = cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
@@ -209,7 +250,12 @@ impl Keyring {
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&sealed);
         Ok(format!(
-            "{PREFIX}{}.{}",
+            "{}{}.{}",
+            if generation.is_some() {
+                RECORD_PREFIX
+            } else {
+                PREFIX
+            },
             self.current.0,
             URL_SAFE_NO_PAD.encode(blob)
         ))
@@ -217,19 +263,55 @@ impl Keyring {
 
     /// The key id a stored value was sealed with (`None` for a plaintext value).
     pub fn sealed_with(value: &str) -> Option<&str> {
-        value.strip_prefix(PREFIX)?.split('.').next()
+        value
+            .strip_prefix(RECORD_PREFIX)
+            .or_else(|| value.strip_prefix(PREFIX))?
+            .split('.')
+            .next()
     }
 
-    /// Opens one stored token value; plaintext values (written before encryption) pass through.
+    /// Opens one value [`seal`](Self::seal) made.
+    ///
+    /// # Errors
+    ///
+    /// [`SealError::Plaintext`] for a value that is not sealed; the other variants name the
+    /// key or say the value was tampered with.
     pub fn open(
         &self,
         installation: &InstallationId,
         field: &'static str,
         stored: &str,
     ) -> Result<String, SealError> {
-        let Some(rest) = stored.strip_prefix(PREFIX) else {
-            return Ok(stored.to_owned());
-        };
+        let rest = stored
+            .strip_prefix(PREFIX)
+            .ok_or(SealError::Plaintext { field })?;
+        self.open_body(installation, field, None, rest)
+    }
+
+    /// Opens a record token: the second format bound to `generation`, or the first.
+    fn open_token(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        generation: u64,
+        stored: &str,
+    ) -> Result<String, SealError> {
+        if let Some(rest) = stored.strip_prefix(RECORD_PREFIX) {
+            return self.open_body(installation, field, Some(generation), rest);
+        }
+        let rest = stored
+            .strip_prefix(PREFIX)
+            .ok_or(SealError::Plaintext { field })?;
+        self.open_body(installation, field, None, rest)
+    }
+
+    fn open_body(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        generation: Option<u64>,
+        rest: &str,
+    ) -> Result<String, SealError> {
         let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
         let kid = KeyId::new(key_id).map_err(|_| SealError::Malformed { field })?;
         let cipher = self.cipher(&kid).ok_or_else(|| SealError::UnknownKey {
@@ -243,7 +325,7 @@ impl Keyring {
             return Err(SealError::Malformed { field });
         }
         let (nonce, sealed) = blob.split_at(NONCE_LEN);
-        let aad = Self::aad(installation, field);
+        let aad = Self::aad(installation, field, generation);
         let plain = cipher
             .decrypt(
                 XNonce::from_slice(nonce),
@@ -259,36 +341,59 @@ impl Keyring {
         String::from_utf8(plain).map_err(|_| SealError::Malformed { field })
     }
 
-    /// A copy of `record` whose tokens are sealed under the current key.
+    /// A copy of `record` whose tokens are sealed under the current key, bound to its
+    /// installation, their roles and its authorization generation.
     pub fn seal_record(&self, record: &Record) -> Result<Record, SealError> {
         let mut sealed = record.clone();
-        let id = record.id();
+        let (id, generation) = (record.id(), Some(record.generation()));
         let tokens = &mut sealed.tokens;
-        tokens.access_token =
-            AccessToken::new(self.seal(id, "access", tokens.access_token.secret())?);
+        tokens.access_token = AccessToken::new(self.seal_as(
+            id,
+            "access",
+            generation,
+            tokens.access_token.secret(),
+        )?);
         if let Some(r) = &tokens.refresh_token {
-            tokens.refresh_token = Some(RefreshToken::new(self.seal(id, "refresh", r.secret())?));
+            tokens.refresh_token = Some(RefreshToken::new(self.seal_as(
+                id,
+                "refresh",
+                generation,
+                r.secret(),
+            )?));
         }
         Ok(sealed)
     }
 
-    /// A copy of a stored `record` with its tokens opened.
+    /// A copy of a stored `record` with its tokens opened. A plaintext token is
+    /// [`SealError::Plaintext`].
     pub fn open_record(&self, record: &Record) -> Result<Record, SealError> {
+        self.open_record_with(record, Plaintext::Refuse)
+    }
+
+    fn open_record_with(&self, record: &Record, plaintext: Plaintext) -> Result<Record, SealError> {
         let mut open = record.clone();
-        let id = record.id();
+        let (id, generation) = (record.id(), record.generation());
+        let one = |field, value: &str| match self.open_token(id, field, generation, value) {
+            Err(SealError::Plaintext { .. }) if plaintext == Plaintext::Allow => {
+                Ok(value.to_owned())
+            }
+            other => other,
+        };
         let tokens = &mut open.tokens;
-        tokens.access_token =
-            AccessToken::new(self.open(id, "access", tokens.access_token.secret())?);
+        tokens.access_token = AccessToken::new(one("access", tokens.access_token.secret())?);
         if let Some(r) = &tokens.refresh_token {
-            tokens.refresh_token = Some(RefreshToken::new(self.open(id, "refresh", r.secret())?));
+            tokens.refresh_token = Some(RefreshToken::new(one("refresh", r.secret())?));
         }
         Ok(open)
     }
 
-    /// Whether every token of a stored record is sealed under the current key.
+    /// Whether every token of a stored record is sealed under the current key, in the
+    /// current format.
     pub fn is_current(&self, record: &Record) -> bool {
         let tokens = record.tokens();
-        let current = |v: &str| Self::sealed_with(v) == Some(self.current.as_str());
+        let current = |v: &str| {
+            v.starts_with(RECORD_PREFIX) && Self::sealed_with(v) == Some(self.current.as_str())
+        };
         current(tokens.access_token.secret())
             && tokens
                 .refresh_token
@@ -310,17 +415,51 @@ pub struct ResealReport {
     pub failed: Vec<(InstallationId, String)>,
 }
 
+/// Whether a plaintext token in a sealed store is let through (migration) or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plaintext {
+    Refuse,
+    Allow,
+}
+
 /// A [`TokenStore`] that seals tokens before they reach `S` and opens them on the way back.
 #[derive(Debug)]
 pub struct Sealed<S> {
     inner: S,
     keyring: Keyring,
+    plaintext: Plaintext,
+    plaintext_reads: std::sync::atomic::AtomicU64,
 }
 
 impl<S: TokenStore> Sealed<S> {
-    /// Wraps `inner`.
+    /// Wraps `inner`. Plaintext tokens found in it are refused: see
+    /// [`allow_plaintext_migration`](Self::allow_plaintext_migration).
     pub fn new(inner: S, keyring: Keyring) -> Self {
-        Self { inner, keyring }
+        Self {
+            inner,
+            keyring,
+            plaintext: Plaintext::Refuse,
+            plaintext_reads: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Lets plaintext tokens through while a store written before encryption is migrated
+    /// (each one read is counted in [`plaintext_reads`](Self::plaintext_reads)); run
+    /// [`reseal`](Self::reseal), then turn this off again: while it is on, anyone who can
+    /// write to the store can plant a token.
+    pub fn allow_plaintext_migration(mut self, allow: bool) -> Self {
+        self.plaintext = if allow {
+            Plaintext::Allow
+        } else {
+            Plaintext::Refuse
+        };
+        self
+    }
+
+    /// How many plaintext tokens were let through since this handle was made.
+    pub fn plaintext_reads(&self) -> u64 {
+        self.plaintext_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The wrapped store (it sees only sealed tokens).
@@ -338,9 +477,20 @@ impl<S: TokenStore> Sealed<S> {
     }
 
     fn open(&self, record: Record) -> Result<Record, StoreError> {
-        self.keyring
-            .open_record(&record)
-            .map_err(|e| Self::corrupt(record.id(), e))
+        let open = self
+            .keyring
+            .open_record_with(&record, self.plaintext)
+            .map_err(|e| Self::corrupt(record.id(), e))?;
+        if self.plaintext == Plaintext::Allow {
+            let tokens = record.tokens();
+            let plain = std::iter::once(tokens.access_token.secret())
+                .chain(tokens.refresh_token.as_ref().map(|r| r.secret()))
+                .filter(|v| Keyring::sealed_with(v).is_none())
+                .count();
+            self.plaintext_reads
+                .fetch_add(plain as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(open)
     }
 
     fn seal(&self, record: &Record) -> Result<Record, StoreError> {
@@ -374,7 +524,7 @@ impl<S: TokenStore> Sealed<S> {
                     report.skipped_leased += 1;
                     continue;
                 }
-                let open = match self.keyring.open_record(&stored) {
+                let open = match self.keyring.open_record_with(&stored, self.plaintext) {
                     Ok(open) => open,
                     Err(e) => {
                         report.failed.push((entry.id.clone(), e.to_string()));

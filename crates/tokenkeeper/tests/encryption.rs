@@ -96,7 +96,7 @@ async fn the_sqlite_file_holds_no_token() {
         raw.extend(wal);
     }
     assert!(
-        String::from_utf8_lossy(&raw).contains("tksealed1.k1."),
+        String::from_utf8_lossy(&raw).contains("tksealed2.k1."),
         "tokens are stored sealed"
     );
     assert_absent(&raw, &tokens, "the SQLite file");
@@ -180,35 +180,12 @@ async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
     tokens.refresh_token = Some(tokenkeeper::RefreshToken::new(
         chars.into_iter().collect::<String>(),
     ));
-    let tampered = ra
-        .apply(
-            tokenkeeper::core::Event::Authorized {
-                tokens,
-                refresh_at: f.clock.now(),
-                account: None,
-            },
-            f.clock.now(),
-        )
-        .unwrap();
-    inner
-        .compare_and_swap(&tampered, ra.version())
-        .await
-        .unwrap();
+    write_beneath(&inner, &a, &tokens).await;
     // Copy c's sealed access token into b.
     let (rb, rc) = (sealed(&b).await, sealed(&c).await);
     let mut tokens = rb.tokens().clone();
     tokens.access_token = rc.tokens().access_token.clone();
-    let copied = rb
-        .apply(
-            tokenkeeper::core::Event::Authorized {
-                tokens,
-                refresh_at: f.clock.now(),
-                account: None,
-            },
-            f.clock.now(),
-        )
-        .unwrap();
-    inner.compare_and_swap(&copied, rb.version()).await.unwrap();
+    write_beneath(&inner, &b, &tokens).await;
 
     for (id, field) in [(&a, "refresh"), (&b, "access")] {
         match f.store.get(id).await {
@@ -315,4 +292,129 @@ fn keyring_validation_is_typed() {
         keyring().with_previous("k1", &K2),
         Err(SealError::DuplicateKeyId(_))
     ));
+}
+
+/// Writes `tokens` into `id`'s record in the store beneath the sealing layer, as an attacker
+/// with write access to the database or Redis would: the stored record as it is (generation
+/// included), only the token fields replaced, the version bumped.
+async fn write_beneath(
+    inner: &Arc<tokenkeeper_memory::MemoryStore>,
+    id: &InstallationId,
+    tokens: &tokenkeeper::TokenSet,
+) {
+    let stored = inner.get(id).await.unwrap().unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&stored.encode()).unwrap();
+    let record = &mut json["record"];
+    record["tokens"]["access_token"] = tokens.access_token.secret().into();
+    record["tokens"]["refresh_token"] = tokens
+        .refresh_token
+        .as_ref()
+        .map(|r| r.secret().into())
+        .unwrap_or(serde_json::Value::Null);
+    record["version"] = (stored.version() + 1).into();
+    let forged = tokenkeeper::Record::decode(id, &serde_json::to_vec(&json).unwrap()).unwrap();
+    assert!(matches!(
+        inner
+            .compare_and_swap(&forged, stored.version())
+            .await
+            .unwrap(),
+        tokenkeeper::core::CasOutcome::Swapped
+    ));
+}
+
+/// M3: with encryption on, a plaintext token written beneath the sealing layer is refused
+/// (it would otherwise be served, and sealed as legitimate by the next write or `reseal`).
+#[tokio::test]
+async fn a_plaintext_token_written_into_a_sealed_store_is_refused() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let id = f.install().await;
+    let mut tokens = f.store.get(&id).await.unwrap().unwrap().tokens().clone();
+    tokens.access_token = tokenkeeper::AccessToken::new("attacker-chosen-access-token");
+    tokens.refresh_token = Some(tokenkeeper::RefreshToken::new("attacker-chosen-refresh"));
+    write_beneath(&inner, &id, &tokens).await;
+    match f.store.get(&id).await {
+        Err(StoreError::Corrupt {
+            id: got, source, ..
+        }) => {
+            assert_eq!(got, id);
+            assert!(source.to_string().contains("not sealed"), "{source}");
+        }
+        other => panic!("a plaintext token was accepted: {other:?}"),
+    }
+    // Migrating a store written before encryption: plaintext is let through and counted
+    // while the switch is on, and reseal seals it; afterwards the strict store opens it.
+    let migrating = Sealed::new(inner.clone(), keyring()).allow_plaintext_migration(true);
+    let open = migrating.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        open.tokens().access_token.secret(),
+        "attacker-chosen-access-token"
+    );
+    assert_eq!(migrating.plaintext_reads(), 2);
+    let report = migrating.reseal(f.clock.now()).await.unwrap();
+    assert_eq!(report.resealed, 1);
+    let strict = Sealed::new(inner.clone(), keyring());
+    assert_eq!(
+        strict
+            .get(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .tokens()
+            .access_token
+            .secret(),
+        "attacker-chosen-access-token"
+    );
+}
+
+/// M3: a sealed token of an older grant of the same installation, copied into the record of a
+/// newer grant, does not open: the sealing binds the authorization generation.
+#[tokio::test]
+async fn a_sealed_token_of_an_older_grant_does_not_open_in_a_newer_one() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let id = f.install().await;
+    let old_sealed = inner.get(&id).await.unwrap().unwrap().tokens().clone();
+    // A new grant for the same installation.
+    let begun = f.manager.begin_authorization(Some(id.clone())).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = f
+        .mock
+        .authorize_code(
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
+            Some(common::REDIRECT),
+            challenge,
+        )
+        .unwrap();
+    f.manager
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
+        .await
+        .unwrap();
+    // Roll the old grant's sealed refresh token back into the new record.
+    let mut tokens = inner.get(&id).await.unwrap().unwrap().tokens().clone();
+    tokens.refresh_token = old_sealed.refresh_token.clone();
+    write_beneath(&inner, &id, &tokens).await;
+    match f.store.get(&id).await {
+        Err(StoreError::Corrupt { source, .. }) => {
+            let e = source.downcast_ref::<SealError>().unwrap();
+            assert!(
+                matches!(
+                    e,
+                    SealError::Tampered {
+                        field: "refresh",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+        other => panic!("an older grant's sealed token opened in a newer record: {other:?}"),
+    }
 }

@@ -197,10 +197,31 @@ impl TokenManagerBuilder {
     /// database or Redis dump holds no usable token. Every process sharing the store needs the
     /// same keyring.
     /// The same keyring seals the files of the default unsaved-tokens sink.
+    ///
+    /// A token found unsealed in the store is refused (`StoreError::Corrupt`, naming the
+    /// installation): see [`Sealed`](tokenkeeper_core::sealed::Sealed) for what sealing
+    /// protects against and what it does not.
     #[cfg(feature = "encryption")]
     pub fn encryption(mut self, keyring: tokenkeeper_core::sealed::Keyring) -> Self {
         self.seal = unsaved::Seal::Keyring(Arc::new(keyring.clone()));
         self.store = Arc::new(tokenkeeper_core::sealed::Sealed::new(self.store, keyring));
+        self
+    }
+
+    /// [`encryption`](Self::encryption) for the migration of a store written before
+    /// encryption was enabled: plaintext tokens are served (and sealed by the next write)
+    /// instead of refused. Run `Sealed::reseal` over the store, then build without this:
+    /// while it is on, anyone able to write to the store can plant a token.
+    #[cfg(feature = "encryption")]
+    pub fn encryption_migrating_plaintext(
+        mut self,
+        keyring: tokenkeeper_core::sealed::Keyring,
+    ) -> Self {
+        self.seal = unsaved::Seal::Keyring(Arc::new(keyring.clone()));
+        self.store = Arc::new(
+            tokenkeeper_core::sealed::Sealed::new(self.store, keyring)
+                .allow_plaintext_migration(true),
+        );
         self
     }
 
