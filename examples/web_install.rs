@@ -9,13 +9,14 @@
 //! The browser binding: `/install` answers with a redirect to the provider and a cookie
 //!
 //! ```text
-//! Set-Cookie: tk_flow=<binding>; HttpOnly; Secure; SameSite=Lax; Path=/callback; Max-Age=600
+//! Set-Cookie: __Host-tkflow-<hash of the state>=<binding>; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=600
 //! ```
 //!
-//! which only this browser sends back to `/callback` (`SameSite=Lax` lets it ride the
-//! provider's top-level redirect; `Secure` browsers honour on `http://127.0.0.1` too). The
-//! callback hands it to `complete_authorization` with the query's `code` and `state`; a
-//! callback URL replayed from another browser has another cookie, or none, and is refused.
+//! which only this browser sends back (`SameSite=Lax` lets it ride the provider's top-level
+//! redirect; browsers honour `Secure` and `__Host-` on `http://127.0.0.1` too). The callback
+//! finds it in the request's `Cookie` header and hands it to `complete_authorization` with
+//! the query's `code` and `state`; a callback URL replayed from another browser finds no
+//! cookie of that flow, and is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,9 +39,7 @@ use tokenkeeper_mock_provider::{
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-/// The cookie that carries the flow's browser binding.
-const FLOW_COOKIE: &str = "tk_flow";
-/// Where the provider sends the browser back (the cookie's path).
+/// Where the provider sends the browser back.
 const CALLBACK: &str = "/callback";
 
 #[derive(Clone)]
@@ -116,29 +115,23 @@ async fn index(State(app): State<App>) -> Response {
 /// Begins a flow: the provider's URL, and the binding in a cookie only this browser holds.
 async fn install(State(app): State<App>) -> Response {
     match app.manager.begin_authorization(None) {
-        Ok(begun) => {
-            let ttl = app.manager.client().consumer().authorization_ttl();
-            let cookie = begun.binding.set_cookie_header(FLOW_COOKIE, CALLBACK, ttl);
-            (
-                [(header::SET_COOKIE, cookie)],
-                Redirect::to(begun.url.as_str()),
-            )
-                .into_response()
-        }
+        Ok(begun) => (
+            [(header::SET_COOKIE, begun.set_cookie_header())],
+            Redirect::to(begun.url.as_str()),
+        )
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
-/// The flow's cookie in a request, if any.
-fn flow_cookie(headers: &HeaderMap) -> Option<String> {
+/// The request's cookies, as one `Cookie` header value.
+fn cookies(headers: &HeaderMap) -> String {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == FLOW_COOKIE)
-        .map(|(_, value)| value.to_owned())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn refused(message: &str) -> Response {
@@ -166,48 +159,40 @@ async fn callback(
     let (Some(code), Some(state)) = (q.get("code"), q.get("state")) else {
         return refused("the callback needs code and state");
     };
-    let binding = match flow_cookie(&headers).map(|c| BrowserBinding::from_cookie_value(&c)) {
-        Some(Ok(binding)) => binding,
-        Some(Err(e)) => return refused(&e.to_string()),
-        None => {
-            return refused(
-                "this browser holds no authorization in progress (no flow cookie): start the installation again from this browser",
-            );
-        }
+    let state = AuthorizationState::new(state.as_str());
+    let binding = match BrowserBinding::from_cookie_header(&cookies(&headers), &state) {
+        Ok(binding) => binding,
+        Err(e) => return refused(&e.to_string()),
     };
     let done = match app
         .manager
-        .complete_authorization(
-            AuthorizationCode::new(code.as_str()),
-            &AuthorizationState::new(state.as_str()),
-            &binding,
-        )
+        .complete_authorization(AuthorizationCode::new(code.as_str()), &state, &binding)
         .await
     {
         Ok(done) => done,
         Err(e) => return refused(&e.to_string()),
     };
-    let (state, summary) = match app.manager.explain(&done.installation).await {
+    let (kind, summary) = match app.manager.explain(&done.installation).await {
         Ok(e) => (e.state.kind().as_str().to_owned(), e.summary),
         Err(e) => ("unknown".to_owned(), e.to_string()),
     };
-    let clear =
-        format!("{FLOW_COOKIE}=; HttpOnly; Secure; SameSite=Lax; Path={CALLBACK}; Max-Age=0");
     (
-        [(header::SET_COOKIE, clear)],
+        [(header::SET_COOKIE, state.clear_cookie_header())],
         Html(page(
             "tokenkeeper: installed",
             &format!(
                 r#"<h1>Installed</h1>
 <p>Installation <code id="installation">{}</code> is <b id="state">{}</b>{}.</p>
+<p>Provider account: <code id="account">{}</code></p>
 <p id="explain">{}</p><p><a href="/">All installations</a></p>"#,
                 escape(done.installation.as_str()),
-                escape(&state),
+                escape(&kind),
                 if done.replayed {
                     " (a repeated callback)"
                 } else {
                     ""
                 },
+                escape(done.account.as_deref().unwrap_or("not read")),
                 escape(&summary)
             ),
         )),
@@ -344,7 +329,8 @@ async fn self_test(app: &WebApp) -> Fallible<()> {
     let replay = http.get(&callbacks[0]).send().await?;
     let status = replay.status();
     let text = replay.text().await?;
-    if status != StatusCode::BAD_REQUEST || !text.contains("no authorization in progress") {
+    if status != StatusCode::BAD_REQUEST || !text.contains("holds no cookie of this authorization")
+    {
         return Err(format!("a replayed callback was not refused ({status}):\n{text}").into());
     }
     if app.mock.counters().totals.code_exchanges != exchanges {

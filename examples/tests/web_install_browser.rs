@@ -253,6 +253,7 @@ async fn install_in_chromium_then_an_attacker_replays_the_callback() -> Fallible
     victim.screenshot("3-installed").await?;
     assert!(landed.contains("Installed"), "{landed}");
     assert!(landed.contains("is active"), "{landed}");
+    assert!(landed.contains("Provider account: {mock-user}"), "{landed}");
     assert!(callback_url.contains("/callback?code="), "{callback_url}");
     let page = app
         .manager
@@ -277,8 +278,9 @@ async fn install_in_chromium_then_an_attacker_replays_the_callback() -> Fallible
     let refused = attacker.text().await?;
     attacker.screenshot("4-attacker-refused").await?;
     assert!(refused.contains("Installation refused"), "{refused}");
+    // Its own flow's cookie is not the victim's flow's: it holds none for this state.
     assert!(
-        refused.contains("did not come from the browser that began the authorization"),
+        refused.contains("holds no cookie of this authorization"),
         "{refused}"
     );
     attacker.close().await;

@@ -7,7 +7,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use tokenkeeper::{
@@ -304,16 +303,8 @@ async fn reauthorizing_with_another_account_is_refused() {
     );
     assert!(e.to_string().contains("another provider account"), "{e}");
     assert_eq!(manager.store().get(&id).await.unwrap().unwrap(), installed);
-    let counters = mock.counters();
-    assert_eq!(
-        counters
-            .grants
-            .values()
-            .filter(|g| g.revoked == Some(RevokedBy::Client))
-            .count(),
-        1,
-        "mallory's grant was revoked"
-    );
+    // Mallory's grant is not stored and not revoked (revoking could end her other grants).
+    assert!(mock.counters().grants.values().all(|g| g.revoked.is_none()));
 
     let third = manager.begin_authorization(Some(id.clone())).unwrap();
     let code = approve(&mock, &third, "alice");
@@ -322,6 +313,8 @@ async fn reauthorizing_with_another_account_is_refused() {
         .await
         .unwrap();
     assert!(!done.created);
+    assert_eq!(done.account.as_deref(), Some("{alice}"));
+    assert!(done.warnings.is_empty(), "{:?}", done.warnings);
     let record = manager.store().get(&id).await.unwrap().unwrap();
     assert_ne!(record.tokens(), installed.tokens());
     assert_eq!(record.generation(), installed.generation() + 1);
@@ -396,16 +389,69 @@ async fn the_binding_stays_out_of_the_url() {
     let begun = manager.begin_authorization(None).unwrap();
     let url = begun.url.as_str();
     assert!(!url.contains(&begun.binding.expose_cookie_value()));
-    let cookie = begun
-        .binding
-        .set_cookie_header("tk_flow", "/callback", Duration::from_secs(600));
+    let cookie = begun.set_cookie_header();
     assert_eq!(
         cookie,
         format!(
-            "tk_flow={}; HttpOnly; Secure; SameSite=Lax; Path=/callback; Max-Age=600",
+            "{}={}; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=600",
+            begun.state.cookie_name(),
             begun.binding.expose_cookie_value()
         )
     );
+    // Two flows in one browser (two tabs) keep two cookies: each callback finds its own.
+    let other = manager.begin_authorization(None).unwrap();
+    let jar = format!(
+        "{}; {}",
+        cookie.split(';').next().unwrap(),
+        other.set_cookie_header().split(';').next().unwrap()
+    );
+    for flow in [&begun, &other] {
+        let found = tokenkeeper::BrowserBinding::from_cookie_header(&jar, &flow.state).unwrap();
+        assert_eq!(
+            found.expose_cookie_value(),
+            flow.binding.expose_cookie_value()
+        );
+    }
     assert!(!format!("{begun:?}").contains(&begun.binding.expose_cookie_value()));
     assert!(!format!("{begun:?}").contains(begun.state.as_str()));
+}
+
+/// An installation with no recorded account (imported, or older than the check) takes the
+/// account of its first re-authorization, and the application is told it could not be
+/// checked; from then on the account is enforced.
+#[tokio::test]
+async fn a_record_without_an_account_is_flagged_then_enforced() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let seed = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &seed, "alice");
+    let grant = client_for(profiles::bitbucket(), &mock)
+        .complete_authorization(&AuthorizationCode::new(code), &seed.state, &seed.binding)
+        .await
+        .unwrap();
+    let id = InstallationId::new("imported-1").unwrap();
+    manager
+        .import_installation(id.clone(), grant.tokens)
+        .await
+        .unwrap();
+    let again = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &again, "alice");
+    let done = manager
+        .complete_authorization(AuthorizationCode::new(code), &again.state, &again.binding)
+        .await
+        .unwrap();
+    assert!(matches!(
+        done.warnings.as_slice(),
+        [tokenkeeper::AuthorizationWarning::AccountNotVerified { account, .. }] if account == "{alice}"
+    ));
+    let next = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &next, "mallory");
+    let e = manager
+        .complete_authorization(AuthorizationCode::new(code), &next.state, &next.binding)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        &*authorization_error(e),
+        AuthorizationError::DifferentAccount { .. }
+    ));
 }

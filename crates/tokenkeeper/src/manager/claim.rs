@@ -36,8 +36,9 @@ pub(crate) enum Phase {
     Exchanging,
     /// The installation was recorded.
     Completed { created: bool },
-    /// The exchange or the recording failed: why (never a secret).
-    Failed { reason: String },
+    /// The flow failed: why (never a secret), and whether the code had been sent to the
+    /// provider (if not, the user's retry with a new flow is all that is lost).
+    Failed { reason: String, code_sent: bool },
 }
 
 impl FlowClaim {
@@ -69,6 +70,7 @@ mod tests {
             Phase::Completed { created: true },
             Phase::Failed {
                 reason: "the provider refused the code".into(),
+                code_sent: true,
             },
         ] {
             let claim = FlowClaim {

@@ -36,9 +36,9 @@ impl TokenManager {
     /// ```
     /// # fn demo(manager: tokenkeeper::TokenManager) -> Result<(), tokenkeeper::Error> {
     /// let begun = manager.begin_authorization(None)?;
-    /// // Answer with a redirect to begun.url and this header (the flow's browser binding):
-    /// let cookie = begun.binding.set_cookie_header("tk_flow", "/callback", std::time::Duration::from_secs(600));
-    /// assert!(begun.url.as_str().contains("state=") && cookie.contains("HttpOnly"));
+    /// // Answer with a redirect to begun.url and this Set-Cookie header (the flow's binding):
+    /// let cookie = begun.set_cookie_header();
+    /// assert!(begun.url.as_str().contains("state=") && cookie.starts_with("__Host-tkflow-"));
     /// # Ok(()) }
     /// ```
     pub fn begin_authorization(
@@ -52,7 +52,8 @@ impl TokenManager {
     }
 
     /// Completes an authorization from the provider's callback: the query's `code` and
-    /// `state`, and the `binding` read from the cookie [`begin_authorization`] set.
+    /// `state`, and the `binding` read from the cookie [`begin_authorization`] set
+    /// ([`BrowserBinding::from_cookie_header`]).
     ///
     /// Verifies the state and that it was issued to this browser, claims the flow in the
     /// store (so that of any number of callbacks of one flow, in any process, exactly one
@@ -66,7 +67,7 @@ impl TokenManager {
     /// # Errors
     ///
     /// [`Error::Authorization`] wrapping an [`AuthorizationError`]: `InvalidState`,
-    /// `ExpiredState`, `BrowserMismatch` (another browser's callback), `AlreadyUsed` (this flow
+    /// `ExpiredState`, `BrowserMismatch` (another browser's binding), `AlreadyUsed` (this flow
     /// was completed with another code), `DuplicateCallback`, `AlreadyInstalled`,
     /// `DifferentAccount`, `Identity`, `Exchange` (the provider refused the code),
     /// `ForeignConsumer` or `Store`.
@@ -76,17 +77,17 @@ impl TokenManager {
     /// ```
     /// use tokenkeeper::{AuthorizationCode, AuthorizationState, BrowserBinding};
     ///
-    /// # async fn demo(manager: tokenkeeper::TokenManager, code: String, state: String, cookie: String)
+    /// # async fn demo(manager: tokenkeeper::TokenManager, code: String, state: String, cookies: String)
     /// # -> Result<(), Box<dyn std::error::Error>> {
-    /// // In the redirect URI's handler, with the query's `code` and `state` and the cookie:
+    /// // In the redirect URI's handler, with the query's `code` and `state` and the request's
+    /// // Cookie header:
+    /// let state = AuthorizationState::new(state);
+    /// let binding = BrowserBinding::from_cookie_header(&cookies, &state)?;
     /// let done = manager
-    ///     .complete_authorization(
-    ///         AuthorizationCode::new(code),
-    ///         &AuthorizationState::new(state),
-    ///         &BrowserBinding::from_cookie_value(&cookie)?,
-    ///     )
+    ///     .complete_authorization(AuthorizationCode::new(code), &state, &binding)
     ///     .await?;
-    /// println!("installation {} (new: {})", done.installation, done.created);
+    /// // Answer with Set-Cookie: state.clear_cookie_header()
+    /// println!("installation {} as account {:?}", done.installation, done.account);
     /// # Ok(()) }
     /// ```
     pub async fn complete_authorization(
@@ -126,27 +127,42 @@ impl TokenManager {
             code: code.fingerprint(),
             phase: Phase::Exchanging,
         };
-        let claimed = engine
-            .store
-            .claim_flow(&key, &mine.encode(), ttl)
-            .await
-            .map_err(|source| AuthorizationError::Store {
-                installation: installation.clone(),
-                source,
-            })?;
+        let claimed = match engine.store.claim_flow(&key, &mine.encode(), ttl).await {
+            Ok(claimed) => claimed,
+            Err(source) => {
+                // The claim may have been stored even so: say that nothing was exchanged, so
+                // a retry of this callback does not wait for an exchange that never ran.
+                let failed = FlowClaim {
+                    code: mine.code.clone(),
+                    phase: Phase::Failed {
+                        reason: "the flow could not be claimed in the store".into(),
+                        code_sent: false,
+                    },
+                };
+                let _ = engine.store.settle_flow(&key, &failed.encode(), ttl).await;
+                return Err(AuthorizationError::Store {
+                    installation: installation.clone(),
+                    source,
+                });
+            }
+        };
         if let Some(existing) = claimed {
             return self
                 .follow_claim(&key, existing, &mine.code, &installation)
                 .await
                 .map(|done| (done, None));
         }
-        let outcome = self.exchange_and_record(code, &verified).await;
+        let mut code_sent = false;
+        let outcome = self
+            .exchange_and_record(code, &verified, &mut code_sent)
+            .await;
         let phase = match &outcome {
             Ok((done, _)) => Phase::Completed {
                 created: done.created,
             },
             Err(e) => Phase::Failed {
                 reason: e.to_string(),
+                code_sent,
             },
         };
         let settled = FlowClaim {
@@ -174,14 +190,14 @@ impl TokenManager {
             installation: installation.clone(),
             outcome: outcome.to_owned(),
         };
-        // The claimant's exchange, account check and write each take at most the HTTP
-        // timeout (the store's own timeouts are shorter).
+        // The claimant's exchange and account check each take at most the HTTP timeout; its
+        // store reads and writes, a few seconds more.
         let patience = engine
             .client
             .consumer()
             .http_timeout()
             .saturating_mul(3)
-            .saturating_add(Duration::from_secs(1));
+            .saturating_add(Duration::from_secs(5));
         let give_up = tokio::time::Instant::now() + patience;
         loop {
             let claim = FlowClaim::decode(&current).filter(|c| {
@@ -204,15 +220,28 @@ impl TokenManager {
                         installation: installation.clone(),
                         created,
                         replayed: true,
+                        account: None,
                         id_token: None,
                         warnings: Vec::new(),
                     });
                 }
-                Phase::Failed { reason } => return Err(duplicate(&format!("failed: {reason}"))),
+                Phase::Failed {
+                    reason,
+                    code_sent: false,
+                } => {
+                    return Err(duplicate(&format!(
+                        "failed before the code was sent to the provider ({reason})"
+                    )));
+                }
+                Phase::Failed { reason, .. } => {
+                    return Err(duplicate(&format!("failed; the code is spent ({reason})")));
+                }
                 Phase::Exchanging => {}
             }
             if tokio::time::Instant::now() >= give_up {
-                return Err(duplicate("did not finish in time"));
+                return Err(duplicate(
+                    "did not finish in time (it may have stopped; the code may be spent)",
+                ));
             }
             tokio::time::sleep(claim::POLL_INTERVAL).await;
             current = match engine.store.get_flow(key).await {
@@ -229,10 +258,12 @@ impl TokenManager {
     }
 
     /// The claimant's part: exchange the code, read the account, record the grant.
+    /// `code_sent` becomes true once the code went to the provider.
     async fn exchange_and_record(
         &self,
         code: &AuthorizationCode,
         verified: &VerifiedState,
+        code_sent: &mut bool,
     ) -> Result<(Completed, Option<Record>), AuthorizationError> {
         let engine = &self.engine;
         let installation = &verified.installation;
@@ -255,6 +286,7 @@ impl TokenManager {
                 });
             }
         }
+        *code_sent = true;
         let exchanged = engine
             .client
             .exchange_code(code, verified.pkce_verifier.as_deref())
@@ -263,33 +295,28 @@ impl TokenManager {
                 installation: installation.clone(),
                 source,
             })?;
-        let account = match engine.client.account_of(&exchanged).await {
-            Ok(account) => account,
-            Err(reason) => {
-                self.discard_grant(installation, &exchanged.tokens).await;
-                return Err(AuthorizationError::Identity {
-                    installation: installation.clone(),
-                    reason,
-                });
-            }
-        };
+        // A grant that is not stored is not revoked either: at providers that revoke per user
+        // and client, that would end the account's other grants (a sibling installation, or
+        // this one's stored tokens).
+        let account = engine
+            .client
+            .account_of(&exchanged)
+            .await
+            .map_err(|reason| AuthorizationError::Identity {
+                installation: installation.clone(),
+                reason,
+            })?;
+        let unverified = before
+            .as_ref()
+            .is_some_and(|r| r.account().is_none() && account.is_some());
         let grant = Grant {
             installation: installation.clone(),
             tokens: exchanged.tokens,
             id_token: exchanged.id_token,
         };
-        let (created, written) = match self
-            .store_grant(before, &grant, account, verified.purpose)
-            .await
-        {
-            Ok(done) => done,
-            Err(e) => {
-                if matches!(e, AuthorizationError::DifferentAccount { .. }) {
-                    self.discard_grant(installation, &grant.tokens).await;
-                }
-                return Err(e);
-            }
-        };
+        let (created, written) = self
+            .store_grant(before, &grant, account.clone(), verified.purpose)
+            .await?;
         let tokens = written.tokens();
         let mut warnings = Vec::new();
         if engine.client.consumer().profile().expects_refresh_token
@@ -302,27 +329,21 @@ impl TokenManager {
                 expires_at: tokens.expires_at,
             });
         }
+        if let (true, Some(account)) = (unverified, &account) {
+            warnings.push(AuthorizationWarning::AccountNotVerified {
+                installation: grant.installation.clone(),
+                account: account.clone(),
+            });
+        }
         let done = Completed {
             installation: grant.installation,
             created,
             replayed: false,
+            account,
             id_token: grant.id_token,
             warnings,
         };
         Ok((done, Some(written)))
-    }
-
-    /// Revokes a grant that will not be stored, where the provider can (best effort: the
-    /// outcome is only logged).
-    async fn discard_grant(&self, installation: &InstallationId, tokens: &TokenSet) {
-        if let Err(e) = self
-            .engine
-            .client
-            .revoke_tokens(Some(installation), tokens)
-            .await
-        {
-            tracing::warn!(installation = %installation, error = %e, "a grant that was not stored could not be revoked");
-        }
     }
 
     /// Records a grant: a new record, or the `Authorized` transition over an existing one

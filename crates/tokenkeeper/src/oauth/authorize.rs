@@ -32,13 +32,18 @@ pub enum AuthorizationError {
         "no state key is configured: set ConsumerConfigBuilder::state_key to 32 random bytes shared by every process (StateKey::from_base64 of `openssl rand -base64 32`)"
     )]
     NoStateKey,
+    /// The callback request carries no cookie of this flow.
+    #[error(
+        "this browser holds no cookie of this authorization (another browser, cookies blocked, or a replayed callback); nothing was exchanged: start the installation again from this browser"
+    )]
+    MissingBinding,
     /// The browser-binding cookie's value is not one this library made.
     #[error(
         "the browser-binding cookie is missing or malformed; the user must start the authorization again from this browser"
     )]
     InvalidBinding,
-    /// The callback came with another browser's binding (or none): the state was issued to
-    /// a different browser. A replayed or injected callback, or cookies lost in between.
+    /// The callback came with another browser's binding: the state was issued to a different
+    /// browser. A replayed or injected callback, or a planted cookie.
     #[error(
         "the callback for installation {installation} did not come from the browser that began the authorization (its binding cookie does not match); nothing was exchanged: the user must start the authorization again from this browser"
     )]
@@ -66,7 +71,7 @@ pub enum AuthorizationError {
     /// A duplicate of this callback (same code) is being completed elsewhere and did not
     /// finish in time, or failed: its outcome is the one that counts.
     #[error(
-        "the first callback of this authorization for installation {installation} {outcome}; the code is spent: start the authorization again"
+        "the first callback of this authorization for installation {installation} {outcome}; start the authorization again"
     )]
     DuplicateCallback {
         /// The installation the flow was for.
@@ -75,7 +80,9 @@ pub enum AuthorizationError {
         outcome: String,
     },
     /// The new grant belongs to another provider account than the installation's: its
-    /// stored tokens were left untouched (and the new grant revoked where the provider can).
+    /// stored tokens were left untouched. The new grant is not stored and not revoked
+    /// (revoking it could end that account's other grants at providers that revoke per user
+    /// and client); it expires at the provider.
     #[error(
         "the new authorization of installation {installation} belongs to another provider account than the one it was installed with; its tokens were left untouched: the user must authorize with the original account, or install anew"
     )]
@@ -155,12 +162,24 @@ pub struct AuthorizationRequest {
     /// The signed `state` (also in `url`).
     pub state: AuthorizationState,
     /// The flow's browser binding: keep it in a cookie of this browser
-    /// ([`BrowserBinding::set_cookie_header`]) and hand it back to `complete_authorization`.
+    /// ([`set_cookie_header`](Self::set_cookie_header)) and hand it back to
+    /// `complete_authorization` ([`BrowserBinding::from_cookie_header`]).
     pub binding: BrowserBinding,
     /// The installation the authorization will create (or re-authorize).
     pub installation: InstallationId,
     /// The callback must arrive before this.
     pub expires_at: Timestamp,
+    /// How long the flow stays valid (the cookie's `Max-Age`).
+    ttl: std::time::Duration,
+}
+
+impl AuthorizationRequest {
+    /// The `Set-Cookie` header value that keeps the flow's binding in this browser: a
+    /// `__Host-` cookie named after the state, `HttpOnly; Secure; SameSite=Lax; Path=/`,
+    /// expiring with the flow. See [`BrowserBinding`] for why each attribute.
+    pub fn set_cookie_header(&self) -> String {
+        self.binding.set_cookie_header(&self.state, self.ttl)
+    }
 }
 
 impl std::fmt::Debug for AuthorizationRequest {
@@ -199,6 +218,10 @@ pub struct Completed {
     /// True for a repeated callback (same browser, same code) answered with the first one's
     /// outcome, without a second exchange.
     pub replayed: bool,
+    /// The provider account the grant belongs to (the profile's identity check), when read:
+    /// show it to the user ("installed as …") so a grant approved with an unexpected account
+    /// is noticed. `None` for a repeated callback, and when the check is disabled.
+    pub account: Option<String>,
     /// The OpenID Connect ID token of this exchange (`None` for a repeated callback, which
     /// made no exchange, and for providers that send none).
     pub id_token: Option<IdToken>,
@@ -220,6 +243,18 @@ pub enum AuthorizationWarning {
         installation: InstallationId,
         /// When its access token expires.
         expires_at: Timestamp,
+    },
+    /// The installation had no recorded provider account (created before accounts were
+    /// recorded, or imported), so this re-authorization could not be checked against it; the
+    /// new grant's account is recorded from now on.
+    #[error(
+        "installation {installation} had no recorded provider account, so this re-authorization (account {account}) could not be checked against the original one; confirm with the user that this is the right account"
+    )]
+    AccountNotVerified {
+        /// The installation.
+        installation: InstallationId,
+        /// The new grant's account, now recorded.
+        account: String,
     },
 }
 
@@ -311,6 +346,7 @@ impl OAuthClient {
             binding,
             installation,
             expires_at,
+            ttl: consumer.authorization_ttl(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! callback, so that code, state and binding cannot be passed in each other's place.
 //!
 //! The flow's [`BrowserBinding`] is 32 random bytes the application keeps in a cookie of the
-//! browser that pressed "Install" (see [`BrowserBinding::set_cookie_header`]). It never travels
+//! browser that pressed "Install" (`AuthorizationRequest::set_cookie_header`). It never travels
 //! through a URL: the signed `state` carries only a hash of it, and the PKCE verifier is
 //! derived from it. So whoever sees a `state` or a whole callback URL (browser history,
 //! `Referer`, proxy or provider logs) cannot complete the flow from another browser, and a
@@ -22,23 +22,39 @@ use crate::oauth::authorize::AuthorizationError;
 /// Bytes of a browser binding.
 const BINDING_LEN: usize = 32;
 
-/// The secret that binds an authorization flow to one browser: keep it in an `HttpOnly`,
-/// `Secure`, `SameSite=Lax` cookie when the flow begins, and pass it back, read from the
-/// callback request's cookie, to `complete_authorization`. `Debug` prints `[redacted]`.
+/// The secret that binds an authorization flow to one browser. `Debug` prints `[redacted]`.
 ///
-/// `SameSite=Lax` (not `Strict`): the callback is a top-level navigation from the provider's
-/// site, which `Lax` cookies accompany and `Strict` ones do not.
+/// When the flow begins, answer with `Set-Cookie: ` +
+/// [`AuthorizationRequest::set_cookie_header`](crate::AuthorizationRequest::set_cookie_header),
+/// which is
+///
+/// ```text
+/// __Host-tkflow-<16 hex digits of the state's hash>=<binding>; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=<authorization_ttl>
+/// ```
+///
+/// - `HttpOnly`: no script reads it; `Secure`: sent over https only (browsers treat
+///   `http://localhost` and `127.0.0.1` as secure for development);
+/// - `SameSite=Lax`, not `Strict`: the callback is a top-level navigation from the provider's
+///   site, which `Lax` cookies accompany and `Strict` ones do not;
+/// - the `__Host-` prefix makes browsers refuse the cookie unless it is `Secure`, has
+///   `Path=/` and no `Domain`, so a sibling subdomain or a plain-http attacker cannot plant a
+///   binding of theirs;
+/// - one cookie per flow, named after its state: two tabs installing at once do not
+///   overwrite each other's binding.
+///
+/// In the callback, [`BrowserBinding::from_cookie_header`] finds the flow's cookie in the
+/// request's `Cookie` header; answer with
+/// [`AuthorizationState::clear_cookie_header`] to remove it.
 ///
 /// ```
-/// use tokenkeeper::BrowserBinding;
+/// use tokenkeeper::{AuthorizationState, BrowserBinding};
 ///
 /// let binding = BrowserBinding::generate()?;
-/// let header = binding.set_cookie_header("tk_flow", "/callback", std::time::Duration::from_secs(600));
-/// assert!(header.starts_with("tk_flow="));
-/// assert!(header.contains("; HttpOnly; Secure; SameSite=Lax; Path=/callback; Max-Age=600"));
-/// // In the callback handler, from the request's Cookie header:
-/// let value = header.split(';').next().unwrap().trim_start_matches("tk_flow=");
-/// let back = BrowserBinding::from_cookie_value(value)?;
+/// let state = AuthorizationState::new("the-state-from-the-callback");
+/// // What the browser sends back, among its other cookies:
+/// let cookie = format!("theme=dark; {}={}", state.cookie_name(), binding.expose_cookie_value());
+/// let back = BrowserBinding::from_cookie_header(&cookie, &state)?;
+/// assert!(state.clear_cookie_header().ends_with("Max-Age=0"));
 /// # let _ = back;
 /// # Ok::<(), tokenkeeper::AuthorizationError>(())
 /// ```
@@ -77,13 +93,38 @@ impl BrowserBinding {
         URL_SAFE_NO_PAD.encode(self.0.expose_secret())
     }
 
-    /// A complete `Set-Cookie` header value: `HttpOnly` (no script reads it), `Secure` (only
-    /// over https; browsers accept it on `http://localhost` too), `SameSite=Lax` (sent on the
-    /// provider's redirect back, not on cross-site subrequests), scoped to the callback's
-    /// `path` and expiring with the flow (`max_age`: the consumer's `authorization_ttl`).
-    pub fn set_cookie_header(&self, name: &str, path: &str, max_age: Duration) -> String {
+    /// The binding of the flow `state` names, from a request's `Cookie` header (all its
+    /// cookies, as the browser sent them).
+    ///
+    /// # Errors
+    ///
+    /// [`AuthorizationError::MissingBinding`] when the header holds no cookie of this flow
+    /// (another browser, cookies blocked, or the flow began elsewhere), and
+    /// [`AuthorizationError::InvalidBinding`] for a value this library did not make.
+    pub fn from_cookie_header(
+        header: &str,
+        state: &AuthorizationState,
+    ) -> Result<Self, AuthorizationError> {
+        let name = state.cookie_name();
+        let value = header
+            .split(';')
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .ok_or(AuthorizationError::MissingBinding)?;
+        Self::from_cookie_value(value)
+    }
+
+    /// The `Set-Cookie` header value that keeps this binding for the flow `state`, for
+    /// `max_age` (see the type's documentation for each attribute).
+    pub(crate) fn set_cookie_header(
+        &self,
+        state: &AuthorizationState,
+        max_age: Duration,
+    ) -> String {
         format!(
-            "{name}={}; HttpOnly; Secure; SameSite=Lax; Path={path}; Max-Age={}",
+            "{}={}; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age={}",
+            state.cookie_name(),
             self.expose_cookie_value(),
             max_age.as_secs()
         )
@@ -165,6 +206,28 @@ impl AuthorizationState {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name of the cookie that holds this flow's [`BrowserBinding`]:
+    /// `__Host-tkflow-` and 16 hex digits of a hash of the state.
+    pub fn cookie_name(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"tokenkeeper/cookie/v1/");
+        h.update(self.0.as_bytes());
+        let hex: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("__Host-tkflow-{hex}")
+    }
+
+    /// A `Set-Cookie` header value that removes this flow's cookie (send it with the
+    /// callback's answer).
+    pub fn clear_cookie_header(&self) -> String {
+        format!(
+            "{}=; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=0",
+            self.cookie_name()
+        )
+    }
 }
 
 impl fmt::Debug for AuthorizationState {
@@ -188,6 +251,21 @@ mod tests {
         assert_ne!(b.pkce_verifier(&[1; 16]), other.pkce_verifier(&[1; 16]));
         assert_ne!(b.pkce_verifier(&[1; 16]), b.pkce_verifier(&[2; 16]));
         assert!((43..=128).contains(&b.pkce_verifier(&[1; 16]).len()));
+        let state = AuthorizationState::new("s1");
+        let header = format!(
+            "a=b; {}={}; c=d",
+            state.cookie_name(),
+            b.expose_cookie_value()
+        );
+        let found = BrowserBinding::from_cookie_header(&header, &state).unwrap();
+        assert_eq!(found.hash(), b.hash());
+        // Another flow's cookie is not this flow's binding.
+        assert!(matches!(
+            BrowserBinding::from_cookie_header(&header, &AuthorizationState::new("s2")),
+            Err(AuthorizationError::MissingBinding)
+        ));
+        assert!(state.cookie_name().starts_with("__Host-tkflow-"));
+        assert_eq!(state.cookie_name().len(), "__Host-tkflow-".len() + 16);
         for bad in ["", "abc", "!!!!", &"A".repeat(44)] {
             assert!(matches!(
                 BrowserBinding::from_cookie_value(bad),

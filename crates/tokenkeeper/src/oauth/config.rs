@@ -171,6 +171,8 @@ impl ConsumerConfig {
             client_secret: None,
             redirect_uri: None,
             settings: Settings::default(),
+            state_key: None,
+            previous_state_keys: Vec::new(),
         }
     }
 
@@ -224,6 +226,8 @@ pub struct ConsumerConfigBuilder {
     client_secret: Option<ClientSecret>,
     redirect_uri: Option<String>,
     settings: Settings,
+    state_key: Option<StateKey>,
+    previous_state_keys: Vec<StateKey>,
 }
 
 impl ConsumerConfigBuilder {
@@ -276,17 +280,13 @@ impl ConsumerConfigBuilder {
     /// [`previous_state_key`](Self::previous_state_key); once `authorization_ttl` has passed
     /// since the last process switched, drop the previous key.
     pub fn state_key(mut self, key: StateKey) -> Self {
-        if self.settings.state_keys.is_empty() {
-            self.settings.state_keys.push(key);
-        } else {
-            self.settings.state_keys[0] = key;
-        }
+        self.state_key = Some(key);
         self
     }
-    /// A retired state key whose states are still accepted (not used to sign). Call once per
-    /// key; set [`state_key`](Self::state_key) first.
+    /// A retired state key whose states are still accepted (never used to sign). Call once
+    /// per key, in any order with [`state_key`](Self::state_key).
     pub fn previous_state_key(mut self, key: StateKey) -> Self {
-        self.settings.state_keys.push(key);
+        self.previous_state_keys.push(key);
         self
     }
 
@@ -303,6 +303,17 @@ impl ConsumerConfigBuilder {
         let (client_id, client_secret) = self.validate_credentials()?;
         let redirect_uri = self.validate_urls()?;
         let mut settings = self.settings;
+        if self.state_key.is_none() && !self.previous_state_keys.is_empty() {
+            return Err(ConfigError::OutOfRange {
+                field: "state_key",
+                reason: "previous state keys are set but no current one: set state_key too".into(),
+            });
+        }
+        settings.state_keys = self
+            .state_key
+            .into_iter()
+            .chain(self.previous_state_keys)
+            .collect();
         validate_limits(&settings)?;
         for s in &self.profile.required_scopes {
             if !settings.scopes.contains(s) {
@@ -564,6 +575,15 @@ mod tests {
                 .build()
                 .is_err()
         );
+        assert!(base().previous_state_key(key(1)).build().is_err());
+        // The order of the calls does not matter: the current key signs.
+        let built = base()
+            .previous_state_key(key(1))
+            .state_key(key(2))
+            .build()
+            .unwrap();
+        let ids: Vec<u8> = built.state_keys().iter().map(StateKey::id).collect();
+        assert_eq!(ids, [2, 1]);
     }
 
     #[test]

@@ -41,6 +41,11 @@ impl OAuthClient {
                     .await
                     .map_err(|e| format!("the identity endpoint failed: {}", e.without_url()))?;
                 let status = response.status();
+                if matches!(status.as_u16(), 401 | 403) {
+                    return Err(format!(
+                        "the identity endpoint {url} refused the new access token (HTTP {status}): does the consumer request the scope it needs (ProviderProfile::required_scopes)?"
+                    ));
+                }
                 if !status.is_success() {
                     return Err(format!("the identity endpoint answered HTTP {status}"));
                 }

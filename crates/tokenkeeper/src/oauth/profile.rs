@@ -375,6 +375,8 @@ pub fn bitbucket() -> ProviderProfile {
         refresh_inactivity_expiry: Some(Duration::from_secs(90 * DAY)),
         revoke_url: None,
         errors: bitbucket_errors(),
+        // The identity endpoint needs the `account` scope.
+        required_scopes: vec!["account".into()],
         identity: IdentityCheck::endpoint(url("https://api.bitbucket.org/2.0/user"), "/uuid"),
         ..ProviderProfile::generic(
             "bitbucket",
@@ -410,7 +412,8 @@ pub fn atlassian_3lo() -> ProviderProfile {
             ("audience".into(), "api.atlassian.com".into()),
             ("prompt".into(), "consent".into()),
         ],
-        required_scopes: vec!["offline_access".into()],
+        // `read:me` is what the identity endpoint (/me) needs.
+        required_scopes: vec!["offline_access".into(), "read:me".into()],
         identity: IdentityCheck::endpoint(url("https://api.atlassian.com/me"), "/account_id"),
         ..ProviderProfile::generic(
             "atlassian-3lo",
@@ -467,6 +470,8 @@ pub fn google() -> ProviderProfile {
             ("access_type".into(), "offline".into()),
             ("prompt".into(), "consent".into()),
         ],
+        // The userinfo endpoint answers `sub` with the `openid` scope.
+        required_scopes: vec!["openid".into()],
         identity: IdentityCheck::endpoint(
             url("https://openidconnect.googleapis.com/v1/userinfo"),
             "/sub",
