@@ -56,6 +56,17 @@ pub enum InvalidInstallationId {
         /// Its code point.
         code: u32,
     },
+    /// An invisible or direction-changing character (zero-width, bidi control, BOM, soft
+    /// hyphen): it would let one id pass for another in logs and user interfaces.
+    #[error(
+        "an installation id must not contain invisible or direction-changing characters (U+{code:04X} at byte {at}); they let one id pass for another in logs"
+    )]
+    InvisibleCharacter {
+        /// Byte offset of the character.
+        at: usize,
+        /// Its code point.
+        code: u32,
+    },
     /// The bytes were not UTF-8.
     #[error("an installation id must be valid UTF-8 (invalid byte sequence at byte {at})")]
     NotUtf8 {
@@ -80,6 +91,12 @@ impl InstallationId {
                 code: u32::from(c),
             });
         }
+        if let Some((at, c)) = id.char_indices().find(|(_, c)| invisible(*c)) {
+            return Err(InvalidInstallationId::InvisibleCharacter {
+                at,
+                code: u32::from(c),
+            });
+        }
         Ok(Self(id))
     }
 
@@ -95,6 +112,22 @@ impl InstallationId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The format characters (Unicode category Cf) that are invisible or change text direction.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 impl TryFrom<String> for InstallationId {
@@ -151,6 +184,23 @@ mod tests {
         assert!(InstallationId::new("a").is_ok());
         assert!(InstallationId::new("x".repeat(MAX_ID_BYTES)).is_ok());
         assert!(InstallationId::new("ünïcødé/{tag}:%20 ok").is_ok());
+    }
+
+    #[test]
+    fn invisible_and_direction_changing_characters_are_refused() {
+        // Right-to-left override, zero-width space, zero-width joiner, BOM, soft hyphen,
+        // isolates: each makes an id look like another in logs and UIs.
+        for c in [
+            '\u{202E}', '\u{200B}', '\u{200D}', '\u{FEFF}', '\u{00AD}', '\u{2066}', '\u{061C}',
+        ] {
+            let id = format!("workspace{c}-1");
+            match InstallationId::new(id) {
+                Err(InvalidInstallationId::InvisibleCharacter { at: 9, code }) => {
+                    assert_eq!(code, u32::from(c));
+                }
+                other => panic!("U+{:04X}: {other:?}", u32::from(c)),
+            }
+        }
     }
 
     #[test]

@@ -96,6 +96,14 @@ pub enum ConnectError {
         #[source]
         source: StoreError,
     },
+    /// A plaintext connection to another host was not allowed.
+    #[error(
+        "{url} is a plaintext connection to another host: the password and unsealed tokens would cross the network in cleartext; use rediss:// (feature `tls`), or RedisStoreBuilder::allow_plaintext(true) on a network you trust"
+    )]
+    Plaintext {
+        /// The URL with any password replaced by `***`.
+        url: String,
+    },
     /// A setting is out of range.
     #[error("invalid Redis store configuration: {field}: {reason}")]
     Config {
@@ -151,6 +159,7 @@ pub struct RedisStoreBuilder {
     reconnect_retries: usize,
     durability_check: DurabilityCheck,
     replica_wait: Option<ReplicaWait>,
+    allow_plaintext: bool,
     #[cfg(feature = "tls")]
     tls_root: Option<Vec<u8>>,
 }
@@ -228,9 +237,25 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Allows a plaintext `redis://` connection to a host other than this machine (a private
+    /// network you trust). By default it is refused: the AUTH password, and every token not
+    /// sealed with encryption, would cross the network in cleartext. Prefer `rediss://`
+    /// (feature `tls`). Loopback hosts and Unix sockets are always allowed.
+    pub fn allow_plaintext(mut self, allow: bool) -> Self {
+        self.allow_plaintext = allow;
+        self
+    }
+
     /// Connects (and checks the server answers).
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         let url = redact(&self.url);
+        if !self.allow_plaintext
+            && let Ok(info) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
+            && let redis::ConnectionAddr::Tcp(host, _) = info.addr()
+            && !is_loopback(host)
+        {
+            return Err(ConnectError::Plaintext { url });
+        }
         if self.prefix.is_empty()
             || self
                 .prefix
@@ -388,6 +413,7 @@ impl RedisStore {
             reconnect_retries: 1,
             durability_check: DurabilityCheck::default(),
             replica_wait: None,
+            allow_plaintext: false,
             #[cfg(feature = "tls")]
             tls_root: None,
         }
@@ -602,6 +628,15 @@ fn unexpected_reply(operation: &'static str, reply: &Value) -> StoreError {
         _ => "other",
     };
     StoreError::backend(BACKEND, operation, RedisFault::UnexpectedScriptReply(kind))
+}
+
+/// Whether `host` is this machine: `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 fn ttl_millis(ttl: Duration) -> u64 {

@@ -488,3 +488,38 @@ async fn due_fetches_about_what_it_returns() {
     );
     println!("due: {moved} bytes sent for {member_bytes} bytes of members in {pages} pages");
 }
+
+/// Security review L6: a plaintext `redis://` URL to a host other than this machine carries
+/// the AUTH password (and any unsealed token) in cleartext, so it is refused unless allowed
+/// explicitly; loopback and `rediss://` need nothing.
+#[tokio::test]
+async fn plaintext_to_a_remote_host_is_refused_unless_allowed() {
+    let refused = RedisStore::builder("redis://:secret-password@10.255.255.1:6379/0")
+        .connection_timeout(std::time::Duration::from_millis(200))
+        .operation_timeout(std::time::Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    let text = refused.to_string();
+    assert!(
+        matches!(refused, tokenkeeper_redis::ConnectError::Plaintext { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("rediss://") && text.contains("allow_plaintext"),
+        "{text}"
+    );
+    assert!(!text.contains("secret-password"), "{text}");
+    // Allowed: it gets as far as trying to connect (nothing listens there).
+    let tried = RedisStore::builder("redis://10.255.255.1:6379/0")
+        .allow_plaintext(true)
+        .connection_timeout(std::time::Duration::from_millis(200))
+        .operation_timeout(std::time::Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(tried, tokenkeeper_redis::ConnectError::Unreachable { .. }),
+        "{tried}"
+    );
+}

@@ -455,3 +455,33 @@ async fn a_record_without_an_account_is_flagged_then_enforced() {
         AuthorizationError::DifferentAccount { .. }
     ));
 }
+
+/// L11: a grant that lacks a requested scope is flagged at once, naming the scope.
+#[tokio::test]
+async fn a_grant_without_a_requested_scope_is_flagged() {
+    let mock = mock().await;
+    let consumer = ConsumerConfig::builder(pointed_at(profiles::bitbucket(), &mock))
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(DEFAULT_CLIENT_SECRET)
+        .redirect_uri(REDIRECT)
+        .state_key(state_key())
+        .scopes(["repository", "pullrequest:write"])
+        .build()
+        .unwrap();
+    let manager = TokenManager::builder(consumer, tokenkeeper_memory::MemoryStore::new())
+        .build()
+        .unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "alice");
+    let done = manager
+        .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+        .await
+        .unwrap();
+    match done.warnings.as_slice() {
+        [w @ tokenkeeper::AuthorizationWarning::ScopesNotGranted { missing, .. }] => {
+            assert_eq!(missing, &["pullrequest:write"]);
+            assert!(w.to_string().contains("authorize again"), "{w}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

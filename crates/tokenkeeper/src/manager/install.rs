@@ -329,6 +329,21 @@ impl TokenManager {
                 expires_at: tokens.expires_at,
             });
         }
+        // A reply that states its scopes is compared with the request (no statement: no word).
+        let missing: Vec<String> = engine
+            .client
+            .consumer()
+            .scopes()
+            .iter()
+            .filter(|s| !tokens.scopes.is_empty() && !tokens.scopes.contains(s))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(AuthorizationWarning::ScopesNotGranted {
+                installation: grant.installation.clone(),
+                missing,
+            });
+        }
         if let (true, Some(account)) = (unverified, &account) {
             warnings.push(AuthorizationWarning::AccountNotVerified {
                 installation: grant.installation.clone(),

@@ -244,6 +244,17 @@ pub enum AuthorizationWarning {
         /// When its access token expires.
         expires_at: Timestamp,
     },
+    /// The provider granted fewer scopes than the consumer asked for (the user unticked some,
+    /// or the consumer's scopes at the provider differ): calls that need them will fail.
+    #[error(
+        "installation {installation} was granted without the scopes {missing:?} the consumer asked for; API calls that need them will be refused: check the consumer's scopes at the provider and ask the user to authorize again"
+    )]
+    ScopesNotGranted {
+        /// The installation.
+        installation: InstallationId,
+        /// Requested scopes the grant does not carry.
+        missing: Vec<String>,
+    },
     /// The installation had no recorded provider account (created before accounts were
     /// recorded, or imported), so this re-authorization could not be checked against it; the
     /// new grant's account is recorded from now on.
