@@ -74,6 +74,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quie
 log "cargo test"
 cargo test --workspace --all-features
 
+# Licenses, banned crates (no OpenSSL) and sources (crates.io only), per deny.toml. Advisories
+# need the RustSec database, which these machines cannot download (see README).
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    log "installing cargo-deny (locked)"
+    cargo install --locked cargo-deny
+fi
+log "cargo deny check licenses bans sources"
+cargo deny check licenses bans sources
+
 log "the README's commands: the quickstart, the examples, the mock provider binary"
 cargo run -q --example quickstart
 cargo run -q --example web_install -- --self-test

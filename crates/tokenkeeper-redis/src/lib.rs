@@ -927,6 +927,23 @@ impl TokenStore for RedisStore {
     }
 }
 
+/// Not a public API: the stored-value decoder, for the fuzz targets (feature `__fuzz`).
+#[cfg(feature = "__fuzz")]
+#[doc(hidden)]
+pub fn __fuzz_decode(
+    id: &tokenkeeper_core::InstallationId,
+    bytes: &[u8],
+) -> Result<tokenkeeper_core::Record, StoreError> {
+    value::decode(id, bytes)
+}
+
+/// Not a public API: the stored-value encoder, for the fuzz targets (feature `__fuzz`).
+#[cfg(feature = "__fuzz")]
+#[doc(hidden)]
+pub fn __fuzz_encode(record: &tokenkeeper_core::Record) -> Vec<u8> {
+    value::encode(record)
+}
+
 /// What the benchmarks need to run the raw commands the store wraps side by side with it.
 /// Not a public API: compiled only with the `__bench` feature the benchmarks turn on.
 #[cfg(feature = "__bench")]

@@ -68,6 +68,12 @@ pub use error::Error;
 pub mod __protocol {
     pub use crate::manager::{DecideContext as Context, Decision, Mode, decide, rejection_reason};
 }
+/// Not a stable API: entry points for the fuzz targets (`fuzz/`) into parsers that are not
+/// public, each checking its own properties and panicking when one breaks.
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::oauth::state::fuzz_decode as state;
+}
 pub use manager::{
     Explanation, Health, LifecycleEvent, LifecycleEventKind, MassRejectionGuard, RefreshPolicy,
     RefresherConfig, RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder,
