@@ -24,12 +24,13 @@
 //!
 //! // 1. Set the flow's cookie and send the user to the provider.
 //! let begun = manager.begin_authorization(None)?;
-//! let set_cookie = begun.binding.set_cookie_header("tk_flow", "/oauth", std::time::Duration::from_secs(600));
+//! let set_cookie = begun.set_cookie_header(); // the flow's browser binding
 //! println!("Set-Cookie: [the flow's cookie]; redirect the browser to {}", begun.url);
 //! # let _ = set_cookie;
-//! // 2. In the callback handler, with the query's code and state and the cookie:
-//! //    manager.complete_authorization(AuthorizationCode::new(code),
-//! //        &AuthorizationState::new(state), &BrowserBinding::from_cookie_value(cookie)?).await?
+//! // 2. In the callback handler, with the query's code and state and the Cookie header:
+//! //    let state = AuthorizationState::new(state);
+//! //    let binding = BrowserBinding::from_cookie_header(cookies, &state)?;
+//! //    manager.complete_authorization(AuthorizationCode::new(code), &state, &binding).await?
 //! // 3. Whenever you call the API: manager.access_token(&installation).await?
 //! // 4. In the background: let refresher = manager.spawn_refresher();
 //! # Ok(())

@@ -595,7 +595,7 @@ mod tests {
             .scopes(["read:jira-work"])
             .build()
             .unwrap();
-        assert_eq!(c.scopes(), ["read:jira-work", "offline_access"]);
+        assert_eq!(c.scopes(), ["read:jira-work", "offline_access", "read:me"]);
         assert!(!format!("{c:?}").contains("super-secret-value"));
     }
 }
