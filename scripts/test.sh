@@ -83,6 +83,11 @@ fi
 log "cargo deny check licenses bans sources"
 cargo deny check licenses bans sources
 
+# The fuzz targets live outside the workspace: make sure they still compile (running them
+# takes cargo-fuzz and minutes each: see README, "Fuzzing").
+log "fuzz targets compile (cargo check in fuzz/)"
+cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
+
 log "the README's commands: the quickstart, the examples, the mock provider binary"
 cargo run -q --example quickstart
 cargo run -q --example web_install -- --self-test

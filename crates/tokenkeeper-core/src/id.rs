@@ -12,10 +12,15 @@ use serde::{Deserialize, Serialize};
 /// The longest id accepted, in bytes of UTF-8.
 pub const MAX_ID_BYTES: usize = 200;
 
-/// The key of one installation: 1 to [`MAX_ID_BYTES`] bytes of UTF-8 without control characters.
+/// The key of one installation: 1 to [`MAX_ID_BYTES`] bytes of UTF-8 without control
+/// characters, and (for new ids) without invisible or direction-changing characters
+/// (zero-width, bidi controls, BOM, soft hyphen, tag characters, variation selectors): they
+/// would let one id pass for another in logs and user interfaces.
 ///
 /// Any other printable text is allowed, including `:`, `{`, `}`, `/`, `%` and non-ASCII letters;
-/// backends must store it unchanged.
+/// backends must store it unchanged. Ids read back from a store ([`InstallationId::from_bytes`],
+/// deserialization) are held to the rules older versions wrote them under (no control
+/// characters), so an id stored before the invisible-character rule stays readable.
 ///
 /// ```
 /// use tokenkeeper_core::InstallationId;
@@ -25,9 +30,17 @@ pub const MAX_ID_BYTES: usize = 200;
 /// assert!(InstallationId::new("").is_err());
 /// assert!(InstallationId::new("bad\nid").is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
 pub struct InstallationId(String);
+
+impl<'de> Deserialize<'de> for InstallationId {
+    /// Stored data: the rules ids were written under (see the type).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::stored(text).map_err(serde::de::Error::custom)
+    }
+}
 
 /// Why a string is not a valid [`InstallationId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,9 +89,21 @@ pub enum InvalidInstallationId {
 }
 
 impl InstallationId {
-    /// Validates `id` and wraps it.
+    /// Validates a new `id` and wraps it.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidInstallationId> {
-        let id = id.into();
+        let id = Self::stored(id.into())?;
+        if let Some((at, c)) = id.0.char_indices().find(|(_, c)| invisible(*c)) {
+            return Err(InvalidInstallationId::InvisibleCharacter {
+                at,
+                code: u32::from(c),
+            });
+        }
+        Ok(id)
+    }
+
+    /// The rules an id read back from a store is held to: those of every version that wrote
+    /// one (length, no control characters).
+    fn stored(id: String) -> Result<Self, InvalidInstallationId> {
         if id.is_empty() {
             return Err(InvalidInstallationId::Empty);
         }
@@ -91,21 +116,16 @@ impl InstallationId {
                 code: u32::from(c),
             });
         }
-        if let Some((at, c)) = id.char_indices().find(|(_, c)| invisible(*c)) {
-            return Err(InvalidInstallationId::InvisibleCharacter {
-                at,
-                code: u32::from(c),
-            });
-        }
         Ok(Self(id))
     }
 
-    /// Validates raw bytes (as read from a store or a request) and wraps them.
+    /// Validates raw bytes as read from a store (or from a state this library signed) and
+    /// wraps them, under the rules stored ids were written under (see the type).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, InvalidInstallationId> {
         let text = std::str::from_utf8(bytes).map_err(|e| InvalidInstallationId::NotUtf8 {
             at: e.valid_up_to(),
         })?;
-        Self::new(text)
+        Self::stored(text.to_owned())
     }
 
     /// The id as text.
@@ -119,8 +139,16 @@ fn invisible(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
+            | '\u{034F}'
             | '\u{061C}'
-            | '\u{180E}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FFA0}'
+            | '\u{E0000}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
             | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
@@ -191,7 +219,16 @@ mod tests {
         // Right-to-left override, zero-width space, zero-width joiner, BOM, soft hyphen,
         // isolates: each makes an id look like another in logs and UIs.
         for c in [
-            '\u{202E}', '\u{200B}', '\u{200D}', '\u{FEFF}', '\u{00AD}', '\u{2066}', '\u{061C}',
+            '\u{202E}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{2066}',
+            '\u{061C}',
+            '\u{E0041}',
+            '\u{FE0F}',
+            '\u{3164}',
         ] {
             let id = format!("workspace{c}-1");
             match InstallationId::new(id) {
@@ -200,6 +237,13 @@ mod tests {
                 }
                 other => panic!("U+{:04X}: {other:?}", u32::from(c)),
             }
+            // Stored by an older version: still readable, so one row never hides the rest.
+            let stored = format!("workspace{c}-1");
+            let read = InstallationId::from_bytes(stored.as_bytes()).unwrap();
+            assert_eq!(read.as_str(), stored);
+            let json = serde_json::to_string(&stored).unwrap();
+            let back: InstallationId = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, read);
         }
     }
 

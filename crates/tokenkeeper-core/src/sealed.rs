@@ -2,15 +2,18 @@
 //! customers' repositories; a leaked database file or Redis dump must not leak them.
 //!
 //! Each token is sealed on its own with XChaCha20-Poly1305 (a fresh random 192-bit nonce per
-//! write) into `tksealed2.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
-//! installation id, the token's role and the record's authorization generation as associated
-//! data: a sealed token copied into another record, from the refresh field into the access
-//! field, or from an older grant of the same installation into a newer one, fails to open.
-//! The rest of the record (state, times, history, account) stays readable so the backends can
-//! index it; it holds no secret.
+//! write) into `tksealed1.<key id>.v2.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
+//! installation id, the token's role, and the record's creation time, authorization
+//! generation and version as associated data. Every write seals the tokens afresh for the
+//! version it writes, so a sealed token copied into another record, into the other role, or
+//! from any other version of the same record (an earlier refresh of this grant, an older
+//! grant, an incarnation deleted and created again) fails to open. The rest of the record
+//! (state, times, history, account) stays readable so the backends can index it; it holds no
+//! secret. (The `v2.` after the key id makes versions of tokenkeeper that predate it refuse the
+//! value as malformed instead of taking it for a plaintext token.)
 //!
 //! What this does not stop: an attacker with write access who puts back a whole older record
-//! (every field as it was, so generation and tokens agree) cannot be detected without state
+//! (every field as it was, so the associated data agrees) cannot be detected without state
 //! kept outside the store; nor does sealing scrub plaintext written before it was turned on
 //! (SQLite free pages and WAL, Redis RDB/AOF files): rotate the tokens after enabling it.
 //!
@@ -18,8 +21,10 @@
 //! able to write to the store could plant a token of their choice, which the next write would
 //! seal as legitimate. While migrating a store written before encryption was enabled, turn on
 //! [`Sealed::allow_plaintext_migration`], run [`Sealed::reseal`], and turn it off again;
-//! [`Sealed::plaintext_reads`] counts what it let through. Values of the first sealed format
-//! (`tksealed1.`, without the generation) still open, and `reseal` moves them to the second.
+//! [`Sealed::plaintext_reads`] counts what it let through. Record tokens of the first sealed
+//! format (`tksealed1.<key id>.<body>`, bound to installation and role only) are treated the
+//! same way: refused unless the switch is on, because a token of any older version would
+//! open in today's record.
 //!
 //! A [`Keyring`] holds the current key (every write) and older ones (reads only), so keys
 //! rotate without downtime; [`Sealed::reseal`] re-encrypts every record under the current key.
@@ -41,10 +46,10 @@ use crate::{
     ListPage, Record, RefreshToken, State, StoreError, Timestamp, TokenStore,
 };
 
-/// The format of [`Keyring::seal`] (AAD: role and installation).
+/// Every sealed value starts so (what versions before the record format's marker look for).
 const PREFIX: &str = "tksealed1.";
-/// The format of record tokens (AAD: role, authorization generation and installation).
-const RECORD_PREFIX: &str = "tksealed2.";
+/// After the key id, marks a record token bound to its record's version (see the module).
+const RECORD_MARKER: &str = "v2.";
 const NONCE_LEN: usize = 24;
 
 /// Why a key or a sealed token is unusable.
@@ -92,8 +97,9 @@ pub enum SealError {
         /// Which token.
         field: &'static str,
     },
-    /// A token stored in plaintext in a sealed store: written beneath the sealing layer
-    /// (tampering), or before encryption was enabled.
+    /// A token stored in plaintext in a sealed store (or sealed in the first format, which
+    /// is not bound to its record's version): written beneath the sealing layer (tampering),
+    /// or before encryption was enabled or upgraded.
     #[error(
         "the {field} token is not sealed: it was written beneath the encryption layer or before encryption was enabled; if the store is being migrated to encryption, enable Sealed::allow_plaintext_migration and run reseal, otherwise treat it as tampering and authorize the installation again"
     )]
@@ -202,11 +208,14 @@ impl Keyring {
             .map(|k| XChaCha20Poly1305::new(k.expose_secret().into()))
     }
 
-    fn aad(installation: &InstallationId, field: &str, generation: Option<u64>) -> Vec<u8> {
-        match generation {
+    fn aad(installation: &InstallationId, field: &str, binding: Option<&RecordBinding>) -> Vec<u8> {
+        match binding {
             None => format!("tokenkeeper/sealed/v1/{field}/{}", installation.as_str()),
-            Some(g) => format!(
-                "tokenkeeper/sealed/v2/{field}/{g}/{}",
+            Some(b) => format!(
+                "tokenkeeper/sealed/v2/{field}/{}/{}/{}/{}",
+                b.created_at,
+                b.generation,
+                b.version,
                 installation.as_str()
             ),
         }
@@ -227,7 +236,7 @@ impl Keyring {
         &self,
         installation: &InstallationId,
         field: &'static str,
-        generation: Option<u64>,
+        binding: Option<&RecordBinding>,
         plaintext: &str,
     ) -> Result<String, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
@@ -236,7 +245,7 @@ impl Keyring {
             key_id: self.current.0.clone(),
             field,
         })?;
-        let aad = Self::aad(installation, field, generation);
+        let aad = Self::aad(installation, field, binding);
         let sealed = cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
@@ -250,24 +259,24 @@ impl Keyring {
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&sealed);
         Ok(format!(
-            "{}{}.{}",
-            if generation.is_some() {
-                RECORD_PREFIX
-            } else {
-                PREFIX
-            },
+            "{PREFIX}{}.{}{}",
             self.current.0,
+            if binding.is_some() { RECORD_MARKER } else { "" },
             URL_SAFE_NO_PAD.encode(blob)
         ))
     }
 
     /// The key id a stored value was sealed with (`None` for a plaintext value).
     pub fn sealed_with(value: &str) -> Option<&str> {
+        value.strip_prefix(PREFIX)?.split('.').next()
+    }
+
+    /// Whether a stored value is a record token of the current format.
+    fn bound_to_record(value: &str) -> bool {
         value
-            .strip_prefix(RECORD_PREFIX)
-            .or_else(|| value.strip_prefix(PREFIX))?
-            .split('.')
-            .next()
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(_, body)| body.starts_with(RECORD_MARKER))
     }
 
     /// Opens one value [`seal`](Self::seal) made.
@@ -285,34 +294,52 @@ impl Keyring {
         let rest = stored
             .strip_prefix(PREFIX)
             .ok_or(SealError::Plaintext { field })?;
-        self.open_body(installation, field, None, rest)
+        let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
+        if body.starts_with(RECORD_MARKER) {
+            // A record token opens only with its record.
+            return Err(SealError::Malformed { field });
+        }
+        self.open_body(installation, field, None, key_id, body)
     }
 
-    /// Opens a record token: the second format bound to `generation`, or the first.
+    /// Opens a record token of the current format, bound to `binding`. One of the first
+    /// format, or plaintext, is [`SealError::Plaintext`] (the migration switch decides).
     fn open_token(
         &self,
         installation: &InstallationId,
         field: &'static str,
-        generation: u64,
+        binding: &RecordBinding,
         stored: &str,
     ) -> Result<String, SealError> {
-        if let Some(rest) = stored.strip_prefix(RECORD_PREFIX) {
-            return self.open_body(installation, field, Some(generation), rest);
-        }
         let rest = stored
             .strip_prefix(PREFIX)
             .ok_or(SealError::Plaintext { field })?;
-        self.open_body(installation, field, None, rest)
+        let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
+        let body = body
+            .strip_prefix(RECORD_MARKER)
+            .ok_or(SealError::Plaintext { field })?;
+        self.open_body(installation, field, Some(binding), key_id, body)
+    }
+
+    /// Opens a first-format value (only while migrating).
+    fn open_legacy(
+        &self,
+        installation: &InstallationId,
+        field: &'static str,
+        stored: &str,
+    ) -> Option<Result<String, SealError>> {
+        let (key_id, body) = stored.strip_prefix(PREFIX)?.split_once('.')?;
+        Some(self.open_body(installation, field, None, key_id, body))
     }
 
     fn open_body(
         &self,
         installation: &InstallationId,
         field: &'static str,
-        generation: Option<u64>,
-        rest: &str,
+        binding: Option<&RecordBinding>,
+        key_id: &str,
+        body: &str,
     ) -> Result<String, SealError> {
-        let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
         let kid = KeyId::new(key_id).map_err(|_| SealError::Malformed { field })?;
         let cipher = self.cipher(&kid).ok_or_else(|| SealError::UnknownKey {
             key_id: key_id.to_owned(),
@@ -325,7 +352,7 @@ impl Keyring {
             return Err(SealError::Malformed { field });
         }
         let (nonce, sealed) = blob.split_at(NONCE_LEN);
-        let aad = Self::aad(installation, field, generation);
+        let aad = Self::aad(installation, field, binding);
         let plain = cipher
             .decrypt(
                 XNonce::from_slice(nonce),
@@ -345,7 +372,8 @@ impl Keyring {
     /// installation, their roles and its authorization generation.
     pub fn seal_record(&self, record: &Record) -> Result<Record, SealError> {
         let mut sealed = record.clone();
-        let (id, generation) = (record.id(), Some(record.generation()));
+        let binding = RecordBinding::of(record);
+        let (id, generation) = (record.id(), Some(&binding));
         let tokens = &mut sealed.tokens;
         tokens.access_token = AccessToken::new(self.seal_as(
             id,
@@ -372,11 +400,12 @@ impl Keyring {
 
     fn open_record_with(&self, record: &Record, plaintext: Plaintext) -> Result<Record, SealError> {
         let mut open = record.clone();
-        let (id, generation) = (record.id(), record.generation());
-        let one = |field, value: &str| match self.open_token(id, field, generation, value) {
-            Err(SealError::Plaintext { .. }) if plaintext == Plaintext::Allow => {
-                Ok(value.to_owned())
-            }
+        let (id, binding) = (record.id(), RecordBinding::of(record));
+        let one = |field, value: &str| match self.open_token(id, field, &binding, value) {
+            // Migrating: a first-format value opens as it used to, plaintext passes.
+            Err(SealError::Plaintext { .. }) if plaintext == Plaintext::Allow => self
+                .open_legacy(id, field, value)
+                .unwrap_or_else(|| Ok(value.to_owned())),
             other => other,
         };
         let tokens = &mut open.tokens;
@@ -392,7 +421,7 @@ impl Keyring {
     pub fn is_current(&self, record: &Record) -> bool {
         let tokens = record.tokens();
         let current = |v: &str| {
-            v.starts_with(RECORD_PREFIX) && Self::sealed_with(v) == Some(self.current.as_str())
+            Self::bound_to_record(v) && Self::sealed_with(v) == Some(self.current.as_str())
         };
         current(tokens.access_token.secret())
             && tokens
@@ -413,6 +442,23 @@ pub struct ResealReport {
     pub skipped_leased: u64,
     /// Records that could not be opened (listed with the reason).
     pub failed: Vec<(InstallationId, String)>,
+}
+
+/// What a record token is bound to besides its installation and role.
+struct RecordBinding {
+    created_at: i64,
+    generation: u64,
+    version: u64,
+}
+
+impl RecordBinding {
+    fn of(record: &Record) -> Self {
+        Self {
+            created_at: record.created_at().unix_nanos(),
+            generation: record.generation(),
+            version: record.version(),
+        }
+    }
 }
 
 /// Whether a plaintext token in a sealed store is let through (migration) or refused.
@@ -456,7 +502,8 @@ impl<S: TokenStore> Sealed<S> {
         self
     }
 
-    /// How many plaintext tokens were let through since this handle was made.
+    /// How many unbound tokens (plaintext, or sealed in the first format) were let through
+    /// since this handle was made, by reads and by `reseal`.
     pub fn plaintext_reads(&self) -> u64 {
         self.plaintext_reads
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -481,16 +528,22 @@ impl<S: TokenStore> Sealed<S> {
             .keyring
             .open_record_with(&record, self.plaintext)
             .map_err(|e| Self::corrupt(record.id(), e))?;
+        self.count_unbound(&record);
+        Ok(open)
+    }
+
+    /// Counts the tokens of a stored record let through unbound (plaintext or the first
+    /// sealed format) while migrating.
+    fn count_unbound(&self, record: &Record) {
         if self.plaintext == Plaintext::Allow {
             let tokens = record.tokens();
-            let plain = std::iter::once(tokens.access_token.secret())
+            let unbound = std::iter::once(tokens.access_token.secret())
                 .chain(tokens.refresh_token.as_ref().map(|r| r.secret()))
-                .filter(|v| Keyring::sealed_with(v).is_none())
+                .filter(|v| !Keyring::bound_to_record(v))
                 .count();
             self.plaintext_reads
-                .fetch_add(plain as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(unbound as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(open)
     }
 
     fn seal(&self, record: &Record) -> Result<Record, StoreError> {
@@ -525,7 +578,10 @@ impl<S: TokenStore> Sealed<S> {
                     continue;
                 }
                 let open = match self.keyring.open_record_with(&stored, self.plaintext) {
-                    Ok(open) => open,
+                    Ok(open) => {
+                        self.count_unbound(&stored);
+                        open
+                    }
                     Err(e) => {
                         report.failed.push((entry.id.clone(), e.to_string()));
                         continue;

@@ -273,6 +273,24 @@ pub struct Provider {
     pub(crate) consent_page: bool,
 }
 
+/// Whether `uri` is under the registered callback `prefix`: the prefix, then the end, or a
+/// `/`, `:` (a port), `?` or `#` when the prefix does not end at a separator itself; so
+/// `http://127.0.0.1.evil.example/` and `http://127.0.0.1@evil.example/` are not under
+/// `http://127.0.0.1`.
+fn redirect_allowed(uri: &str, prefix: &str) -> bool {
+    let Some(rest) = uri.strip_prefix(prefix) else {
+        return false;
+    };
+    let after_separator = prefix.ends_with(['/', '?', '&']);
+    let authority_done = rest.is_empty() || rest.starts_with(['/', ':', '?', '#']);
+    let port_ok = !rest.starts_with(':')
+        || rest[1..]
+            .split(['/', '?', '#'])
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (after_separator || authority_done) && port_ok && !uri.contains('@')
+}
+
 fn is_pkce_text(s: &str) -> bool {
     (43..=128).contains(&s.len())
         && s.bytes()
@@ -431,7 +449,7 @@ impl Provider {
             authorize_error("invalid_client", format!("unknown client_id {client_id:?}"))
         })?;
         let redirect = match &req.redirect_uri {
-            Some(uri) if uri.starts_with(&consumer.redirect_prefix) => uri.clone(),
+            Some(uri) if redirect_allowed(uri, &consumer.redirect_prefix) => uri.clone(),
             Some(uri) => {
                 return Err(authorize_error(
                     "invalid_request",
@@ -858,4 +876,34 @@ fn random_token() -> String {
         return String::new();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::redirect_allowed;
+
+    #[test]
+    fn only_uris_under_the_registered_callback_are_allowed() {
+        let prefix = "http://127.0.0.1";
+        for ok in [
+            "http://127.0.0.1",
+            "http://127.0.0.1/callback",
+            "http://127.0.0.1:8080/callback?x=1",
+        ] {
+            assert!(redirect_allowed(ok, prefix), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1.evil.example/",
+            "http://127.0.0.1@evil.example/",
+            "http://127.0.0.1:80@evil.example/",
+            "http://127.0.0.1:evil.example/",
+            "https://127.0.0.1/",
+        ] {
+            assert!(!redirect_allowed(bad, prefix), "{bad}");
+        }
+        assert!(redirect_allowed(
+            "https://app.example/cb/done",
+            "https://app.example/cb/"
+        ));
+    }
 }

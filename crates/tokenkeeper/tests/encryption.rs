@@ -96,7 +96,7 @@ async fn the_sqlite_file_holds_no_token() {
         raw.extend(wal);
     }
     assert!(
-        String::from_utf8_lossy(&raw).contains("tksealed2.k1."),
+        String::from_utf8_lossy(&raw).contains("tksealed1.k1.v2."),
         "tokens are stored sealed"
     );
     assert_absent(&raw, &tokens, "the SQLite file");
@@ -187,14 +187,16 @@ async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
     tokens.access_token = rc.tokens().access_token.clone();
     write_beneath(&inner, &b, &tokens).await;
 
-    for (id, field) in [(&a, "refresh"), (&b, "access")] {
+    // The version moved under each write, so either token may be the first that fails to
+    // open: both are bound to their record.
+    for id in [&a, &b] {
         match f.store.get(id).await {
             Err(StoreError::Corrupt {
                 id: got, source, ..
             }) => {
                 assert_eq!(&got, id);
                 let text = source.to_string();
-                assert!(text.contains(field) && text.contains("\"k1\""), "{text}");
+                assert!(text.contains("does not open with key \"k1\""), "{text}");
             }
             other => panic!("{id}: expected Corrupt, got {other:?}"),
         }
@@ -312,6 +314,9 @@ async fn write_beneath(
         .map(|r| r.secret().into())
         .unwrap_or(serde_json::Value::Null);
     record["version"] = (stored.version() + 1).into();
+    if let Some(fields) = record.as_object_mut() {
+        fields.remove("written_under");
+    }
     let forged = tokenkeeper::Record::decode(id, &serde_json::to_vec(&json).unwrap()).unwrap();
     assert!(matches!(
         inner
@@ -404,17 +409,66 @@ async fn a_sealed_token_of_an_older_grant_does_not_open_in_a_newer_one() {
     match f.store.get(&id).await {
         Err(StoreError::Corrupt { source, .. }) => {
             let e = source.downcast_ref::<SealError>().unwrap();
-            assert!(
-                matches!(
-                    e,
-                    SealError::Tampered {
-                        field: "refresh",
-                        ..
-                    }
-                ),
-                "{e}"
-            );
+            assert!(matches!(e, SealError::Tampered { .. }), "{e}");
         }
         other => panic!("an older grant's sealed token opened in a newer record: {other:?}"),
     }
+}
+
+/// M3: within one grant too: the refresh token of an earlier refresh (a rotated-away one,
+/// which a rotating provider treats as reuse), copied into today's record, does not open.
+#[tokio::test]
+async fn a_sealed_token_of_an_earlier_refresh_does_not_open() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let id = f.install().await;
+    let before = inner.get(&id).await.unwrap().unwrap();
+    f.advance(Duration::from_secs(7200));
+    f.manager.access_token(&id).await.unwrap();
+    let now = inner.get(&id).await.unwrap().unwrap();
+    assert_eq!(now.generation(), before.generation(), "one grant");
+    let mut tokens = now.tokens().clone();
+    tokens.refresh_token = before.tokens().refresh_token.clone();
+    write_beneath(&inner, &id, &tokens).await;
+    assert!(matches!(
+        f.store.get(&id).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+/// A token sealed in the first format (bound to installation and role only, as versions
+/// before the record binding wrote) is refused like plaintext, and read while migrating.
+#[tokio::test]
+async fn a_token_of_the_first_sealed_format_is_refused_unless_migrating() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let id = f.install().await;
+    let open = f.store.get(&id).await.unwrap().unwrap().tokens().clone();
+    let k = keyring();
+    let mut legacy = open.clone();
+    legacy.access_token =
+        tokenkeeper::AccessToken::new(k.seal(&id, "access", open.access_token.secret()).unwrap());
+    legacy.refresh_token = Some(tokenkeeper::RefreshToken::new(
+        k.seal(
+            &id,
+            "refresh",
+            open.refresh_token.as_ref().unwrap().secret(),
+        )
+        .unwrap(),
+    ));
+    write_beneath(&inner, &id, &legacy).await;
+    match f.store.get(&id).await {
+        Err(StoreError::Corrupt { source, .. }) => {
+            let e = source.downcast_ref::<SealError>().unwrap();
+            assert!(matches!(e, SealError::Plaintext { .. }), "{e}");
+        }
+        other => panic!("a first-format token opened: {other:?}"),
+    }
+    let migrating = Sealed::new(inner.clone(), keyring()).allow_plaintext_migration(true);
+    assert_eq!(migrating.get(&id).await.unwrap().unwrap().tokens(), &open);
+    assert_eq!(migrating.reseal(f.clock.now()).await.unwrap().resealed, 1);
+    assert_eq!(migrating.plaintext_reads(), 4, "two reads of two tokens");
+    assert_eq!(f.store.get(&id).await.unwrap().unwrap().tokens(), &open);
 }

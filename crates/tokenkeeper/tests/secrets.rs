@@ -186,3 +186,42 @@ async fn provider_error_text_is_scrubbed_of_sent_secrets_and_control_characters(
         assert!(text.contains("[redacted]"), "{text}");
     }
 }
+
+/// Security review L2: the values that hold or lead to secrets print nothing of them in
+/// `Debug`: a raw token reply, an authorization code, a state, a browser binding, a begun
+/// authorization, a state key.
+#[test]
+fn debug_of_raw_replies_and_flow_values_holds_no_secret() {
+    let body = br#"{"access_token":"at-0123456789","refresh_token":"rt-0123456789"}"#;
+    let raw = tokenkeeper::RawResponse {
+        status: 200,
+        retry_after: None,
+        body: body.to_vec(),
+    };
+    let binding = tokenkeeper::BrowserBinding::generate().unwrap();
+    let key = tokenkeeper::StateKey::generate(1).unwrap();
+    let printed = [
+        format!("{raw:?}"),
+        format!(
+            "{:?}",
+            tokenkeeper::AuthorizationCode::new("code-0123456789")
+        ),
+        format!(
+            "{:?}",
+            tokenkeeper::AuthorizationState::new("state-0123456789")
+        ),
+        format!("{binding:?}"),
+        format!("{key:?}"),
+    ]
+    .join("\n");
+    for secret in [
+        "at-0123456789",
+        "rt-0123456789",
+        "code-0123456789",
+        "state-0123456789",
+        binding.expose_cookie_value().as_str(),
+    ] {
+        assert!(!printed.contains(secret), "{secret} in:\n{printed}");
+    }
+    assert!(printed.contains("body_bytes"), "{printed}");
+}
