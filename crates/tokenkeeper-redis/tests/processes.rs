@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
 use tokenkeeper_redis::RedisStore;
-use tokenkeeper_testkit::race::{RaceReport, race_ids, race_worker, seed_race, verify_race};
+use tokenkeeper_testkit::race::{race_child, race_ids, run_race_children, seed_race, verify_race};
 
 const CHILD_ENV: &str = "TK_REDIS_CHILD";
 
@@ -19,18 +16,14 @@ fn child_process_entry() {
         return;
     };
     let url = std::env::var("TK_REDIS_URL").unwrap();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(async move {
-            let store = RedisStore::builder(url)
-                .prefix(prefix)
-                .connect()
-                .await
-                .unwrap();
-            let me = format!("pid-{}", std::process::id());
-            let report = race_worker(&store, &race_ids(100), Duration::from_secs(3), &me).await;
-            println!("{}", report.to_line());
-        });
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let store = RedisStore::builder(url)
+            .prefix(prefix)
+            .connect()
+            .await
+            .unwrap();
+        race_child(&store).await;
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,29 +37,6 @@ async fn four_processes_race_cas_without_lost_updates() {
         .unwrap();
     let ids = race_ids(100);
     seed_race(&store, &ids).await;
-    let children: Vec<_> = (0..4)
-        .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "child_process_entry",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_ENV, &prefix)
-                .env("TK_REDIS_URL", &url)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut reports = Vec::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "a child failed");
-        let text = String::from_utf8(out.stdout).unwrap();
-        reports
-            .push(RaceReport::from_output(&text).unwrap_or_else(|| panic!("no report in {text}")));
-    }
+    let reports = run_race_children(4, &[(CHILD_ENV, &prefix), ("TK_REDIS_URL", &url)]);
     verify_race(&store, &ids, &reports).await;
 }

@@ -125,3 +125,46 @@ pub async fn verify_race(store: &dyn TokenStore, ids: &[InstallationId], reports
         reports.len()
     );
 }
+
+/// How long each child process races.
+pub const CHILD_RACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// In a child process: races compare-and-swap on `store` over the 100 race ids for
+/// [`CHILD_RACE`] and prints its report line for the parent.
+pub async fn race_child(store: &dyn TokenStore) {
+    let me = format!("pid-{}", std::process::id());
+    let report = race_worker(store, &race_ids(100), CHILD_RACE, &me).await;
+    println!("{}", report.to_line());
+}
+
+/// Re-runs the current test binary `n` times as its `child_process_entry` test with `env` set
+/// (which makes that test run [`race_child`]), waits for all of them and returns their
+/// reports. Panics, with the child's output, when a child fails.
+pub fn run_race_children(n: usize, env: &[(&str, &str)]) -> Vec<RaceReport> {
+    use std::process::{Command, Stdio};
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            let mut c = Command::new(std::env::current_exe().expect("the test binary"));
+            c.args([
+                "--exact",
+                "child_process_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .stdout(Stdio::piped());
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            c.spawn().expect("spawn a child process")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().expect("a child's output");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "a child failed:\n{text}");
+            RaceReport::from_output(&text).unwrap_or_else(|| panic!("no report in {text}"))
+        })
+        .collect()
+}

@@ -1,0 +1,611 @@
+//! # tokenkeeper-postgres
+//!
+//! [`PostgresStore`]: a [`TokenStore`] on PostgreSQL, where most applications that install into
+//! many accounts already keep their data. Any number of processes on any number of machines
+//! share it.
+//!
+//! - **One statement per write.** Compare-and-swap is one conditional
+//!   `UPDATE ... WHERE id = $1 AND version = $2` that also checks the lease the record was
+//!   written under (the `lease_holder` column), with the index columns in the same row.
+//! - **Index-backed reads.** `due` reads the `(consumer, due_at, id)` index with a row-wise
+//!   cursor; `list` reads the primary key or `(state, id)`. Ids use the `C` collation, so they
+//!   sort byte-wise like every other store.
+//! - **Versioned schema** in a schema of your choice (default `tokenkeeper`): a version table,
+//!   migrations under an advisory lock, a newer schema refused untouched.
+//! - **A pool that outlives the server** (deadpool-postgres): while the server is down every
+//!   operation is [`StoreError::Unavailable`] within the operation timeout; once it is back,
+//!   broken connections are replaced and operations succeed again.
+//! - **TLS with rustls** and the platform's root certificates (or a private CA).
+//!
+//! URLs are `postgres://` or `postgresql://` with user, password, host, port, dbname and
+//! `sslmode`:
+//! - `disable`: plaintext, allowed only to this machine (loopback or a Unix socket) unless
+//!   [`PostgresStoreBuilder::allow_plaintext`];
+//! - `prefer` (the default) to this machine: TLS if the server offers it;
+//! - `prefer` to another host, `require`, `verify-ca`, `verify-full`: TLS, with the
+//!   certificate verified and the host name checked (rustls verifies fully in every mode).
+//!
+//! ```no_run
+//! use tokenkeeper_postgres::PostgresStore;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PostgresStore::builder("postgres://app:secret@db.internal/app?sslmode=require")
+//!     .schema("tokenkeeper")
+//!     .connect()
+//!     .await?;
+//! # let _ = store;
+//! # Ok(()) }
+//! ```
+
+mod ops;
+mod schema;
+mod tls;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
+    StoreError, Timestamp, TokenStore, check_cas_arguments,
+};
+use tokio_postgres::config::{Host, SslMode};
+
+pub use schema::SCHEMA_VERSION;
+
+pub(crate) const BACKEND: &str = "postgres";
+
+/// Why a [`PostgresStore`] could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL does not parse (the password, if any, is not echoed).
+    #[error("invalid PostgreSQL URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A plaintext connection to another host was not allowed.
+    #[error(
+        "{url} asks for a plaintext connection (sslmode=disable) to another host: the password and every token not sealed with encryption would cross the network in cleartext; use sslmode=require, or PostgresStoreBuilder::allow_plaintext(true) on a network you trust"
+    )]
+    Plaintext {
+        /// The URL with any password replaced by `***`.
+        url: String,
+    },
+    /// TLS could not be set up (the platform's roots, or the given CA certificate).
+    #[error("TLS for PostgreSQL could not be set up: {0}")]
+    Tls(String),
+    /// The server could not be reached, or refused the credentials, in time.
+    #[error("PostgreSQL at {url} is unreachable: {reason}; check the URL, the credentials and that the server runs")]
+    Unreachable {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// The driver's error.
+        reason: String,
+    },
+    /// Creating or migrating the schema failed.
+    #[error("could not create or migrate the tokenkeeper schema: {0}")]
+    Schema(#[source] tokio_postgres::Error),
+    /// The schema was written by a newer tokenkeeper: refused untouched.
+    #[error(
+        "schema {schema:?} is at tokenkeeper schema version {found}, newer than this build understands ({supported}); upgrade tokenkeeper, or point this process at another schema"
+    )]
+    FutureSchema {
+        /// The schema.
+        schema: String,
+        /// The version found.
+        found: i32,
+        /// The newest this build understands.
+        supported: i32,
+    },
+    /// The schema holds an `installations` table that is not tokenkeeper's.
+    #[error(
+        "schema {schema:?} already holds an `installations` table that tokenkeeper did not create; choose another schema with PostgresStoreBuilder::schema"
+    )]
+    NotTokenkeeper {
+        /// The schema.
+        schema: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid PostgreSQL store configuration: {field}: {reason}")]
+    Config {
+        /// The builder method.
+        field: &'static str,
+        /// What is allowed.
+        reason: &'static str,
+    },
+}
+
+impl ConnectError {
+    fn schema(e: tokio_postgres::Error) -> Self {
+        Self::Schema(e)
+    }
+}
+
+/// The schema's name, validated and quoted.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    /// As given (`tokenkeeper`).
+    pub(crate) schema_name: String,
+    /// Quoted for SQL (`"tokenkeeper"`).
+    pub(crate) schema: String,
+}
+
+impl Names {
+    fn new(schema: &str) -> Result<Self, ConnectError> {
+        let ok = (1..=63).contains(&schema.len())
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(ConnectError::Config {
+                field: "schema",
+                reason: "1 to 63 characters of a-z, 0-9 and '_', not starting with a digit",
+            });
+        }
+        Ok(Self {
+            schema_name: schema.to_owned(),
+            schema: format!("\"{schema}\""),
+        })
+    }
+}
+
+/// Replaces the password of a URL with `***`.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    // The last `@` ends the user info: a password may hold `/`, `?` or `#` unencoded.
+    match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!(
+                "{}{user}:***{}",
+                &url[..scheme_end + 3],
+                &rest[at..]
+            )
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Maps a driver error: a lost or refused connection, a server shutting down or a transaction
+/// it had to abort is "unavailable" (retry later); anything else is a backend failure.
+pub(crate) fn pg_error(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
+    let transient = e.is_closed()
+        || e.code().is_none_or(|code| {
+            let c = code.code();
+            c.starts_with("08") // connection exception
+                || c.starts_with("53") // insufficient resources
+                || c.starts_with("57P") // shutdown, crash recovery, cannot connect now
+                || c == "40001" // serialization failure
+                || c == "40P01" // deadlock
+                || c == "25006" // read-only transaction (a standby after failover)
+        });
+    if transient {
+        StoreError::unavailable(BACKEND, operation, e)
+    } else {
+        StoreError::backend(BACKEND, operation, e)
+    }
+}
+
+/// Configures and connects a [`PostgresStore`].
+#[derive(Clone)]
+pub struct PostgresStoreBuilder {
+    url: String,
+    schema: String,
+    pool_size: usize,
+    connect_timeout: Duration,
+    operation_timeout: Duration,
+    allow_plaintext: bool,
+    ca_certificate: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStoreBuilder")
+            .field("url", &redact(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("allow_plaintext", &self.allow_plaintext)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The schema that holds tokenkeeper's tables (default `tokenkeeper`), created if
+    /// missing: 1 to 63 characters of `a-z 0-9 _`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Connections in the pool (default 16).
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long opening a connection may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The longest any operation takes, waiting for a pooled connection included (default
+    /// 5 s): while the server is down, callers get [`StoreError::Unavailable`] after at most
+    /// this long.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Allows `sslmode=disable` to a host other than this machine (a private network you
+    /// trust). By default it is refused.
+    pub fn allow_plaintext(mut self, allow: bool) -> Self {
+        self.allow_plaintext = allow;
+        self
+    }
+
+    /// Trusts this CA certificate (PEM) instead of the platform's roots: for servers with a
+    /// private CA.
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certificate = Some(pem.into());
+        self
+    }
+
+    /// Connects, creates or migrates the schema, and checks the server answers.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConnectError`] naming what is wrong: the URL, a plaintext connection to another
+    /// host, TLS, an unreachable server, or a schema this build cannot use.
+    pub async fn connect(self) -> Result<PostgresStore, ConnectError> {
+        let shown = redact(&self.url);
+        let names = Names::new(&self.schema)?;
+        if self.pool_size == 0 {
+            return Err(ConnectError::Config {
+                field: "pool_size",
+                reason: "must be at least 1",
+            });
+        }
+        if self.operation_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(ConnectError::Config {
+                field: "operation_timeout",
+                reason: "timeouts must be greater than zero",
+            });
+        }
+        let mut config = parse_url(&self.url).map_err(|reason| ConnectError::InvalidUrl {
+            url: shown.clone(),
+            reason,
+        })?;
+        config.connect_timeout(self.connect_timeout);
+        let local = config.get_hosts().iter().all(|h| match h {
+            Host::Tcp(name) => is_loopback(name),
+            Host::Unix(_) => true,
+        });
+        let tls = match config.get_ssl_mode() {
+            SslMode::Disable if !local && !self.allow_plaintext => {
+                return Err(ConnectError::Plaintext { url: shown });
+            }
+            SslMode::Disable => None,
+            // `prefer` would fall back to plaintext if a server (or someone in between) does
+            // not offer TLS: to another host, TLS is required.
+            mode => {
+                if !local && mode == SslMode::Prefer && !self.allow_plaintext {
+                    config.ssl_mode(SslMode::Require);
+                }
+                Some(tls::connector(self.ca_certificate.as_deref())?)
+            }
+        };
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => Manager::from_config(config, tls, manager_config),
+            None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.operation_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.connect_timeout))
+            .build()
+            .map_err(|e| ConnectError::Unreachable {
+                url: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            url: shown.clone(),
+            reason,
+        };
+        let mut client = tokio::time::timeout(self.connect_timeout, pool.get())
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(pool_error_text(&e)))?;
+        schema::migrate(&mut client, &names).await?;
+        drop(client);
+        Ok(PostgresStore {
+            sql: ops::Sql::new(&names),
+            pool,
+            names,
+            operation_timeout: self.operation_timeout,
+            url: shown,
+        })
+    }
+}
+
+fn pool_error_text(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => e.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Parses a `postgres://` or `postgresql://` URL; `verify-ca` and `verify-full` mean TLS with
+/// full verification, which is what rustls does in every mode.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("the URL must start with postgres:// or postgresql://".into());
+    }
+    let normalized = url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    normalized
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| e.to_string().replace(url, &redact(url)))
+}
+
+/// Whether `host` is this machine: `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// A [`TokenStore`] on PostgreSQL.
+pub struct PostgresStore {
+    pool: Pool,
+    sql: ops::Sql,
+    names: Names,
+    operation_timeout: Duration,
+    url: String,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .field("schema", &self.names.schema_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A builder for `url` with the defaults.
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            url: url.into(),
+            schema: "tokenkeeper".to_owned(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(5),
+            allow_plaintext: false,
+            ca_certificate: None,
+        }
+    }
+
+    /// Connects to `url` with the defaults.
+    ///
+    /// # Errors
+    ///
+    /// See [`PostgresStoreBuilder::connect`].
+    pub async fn connect(url: impl Into<String>) -> Result<Self, ConnectError> {
+        Self::builder(url).connect().await
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.names.schema_name
+    }
+
+    /// The plan PostgreSQL chooses for one page of `due` (`EXPLAIN`), to check it is served
+    /// by the index.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
+    pub async fn explain_due(&self, consumer: &str) -> Result<String, StoreError> {
+        let sql = format!("EXPLAIN {}", self.sql.due_sql());
+        self.run("explain", async |c| {
+            let rows = c
+                .query(
+                    &sql,
+                    &[&consumer, &i64::MAX, &i64::MIN, &"", &100_i64],
+                )
+                .await
+                .map_err(|e| pg_error("explain", e))?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })
+        .await
+    }
+
+    /// Runs `f` on a pooled connection within the operation timeout.
+    async fn run<T>(
+        &self,
+        operation: &'static str,
+        f: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let work = async {
+            let client = self.pool.get().await.map_err(|e| match e {
+                PoolError::Backend(e) => pg_error(operation, e),
+                other => StoreError::unavailable(BACKEND, operation, other),
+            })?;
+            f(&client).await
+        };
+        match tokio::time::timeout(self.operation_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(
+                BACKEND,
+                operation,
+                format!(
+                    "no answer within {:?} (PostgreSQL at {})",
+                    self.operation_timeout, self.url
+                ),
+            )),
+        }
+    }
+}
+
+/// What the benchmarks need to run the raw statements the store wraps on the same pool.
+/// Not a public API: compiled only with the `__bench` feature the benchmarks turn on.
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub mod bench_support {
+    use crate::PostgresStore;
+
+    /// The store's pool.
+    pub fn pool(store: &PostgresStore) -> &deadpool_postgres::Pool {
+        &store.pool
+    }
+
+    /// The `get` statement.
+    pub fn get_sql(store: &PostgresStore) -> &str {
+        store.sql.get_sql()
+    }
+
+    /// The compare-and-swap statement.
+    pub fn cas_sql(store: &PostgresStore) -> &str {
+        store.sql.cas_sql()
+    }
+}
+
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
+        self.run("get", async |c| ops::get(c, &self.sql, id).await)
+            .await
+    }
+
+    async fn create(&self, record: &Record) -> Result<(), StoreError> {
+        self.run("create", async |c| ops::create(c, &self.sql, record).await)
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        record: &Record,
+        expected_version: u64,
+    ) -> Result<CasOutcome, StoreError> {
+        check_cas_arguments(BACKEND, record, expected_version)?;
+        self.run("compare_and_swap", async |c| {
+            ops::compare_and_swap(c, &self.sql, record, expected_version).await
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        id: &InstallationId,
+        expected_version: u64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.run("delete", async |c| {
+            ops::delete(c, &self.sql, id, expected_version).await
+        })
+        .await
+    }
+
+    async fn due(
+        &self,
+        consumer: &str,
+        before: Timestamp,
+        after: Option<&DueEntry>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        self.run("due", async |c| {
+            ops::due(c, &self.sql, consumer, before, after, limit).await
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: ListFilter,
+        after: Option<&InstallationId>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.run("list", async |c| {
+            ops::list(c, &self.sql, filter, after, limit).await
+        })
+        .await
+    }
+
+    async fn claim_flow(
+        &self,
+        flow: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run("claim_flow", async |c| {
+            ops::claim_flow(c, &self.sql, flow, value, ttl).await
+        })
+        .await
+    }
+
+    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        self.run("settle_flow", async |c| {
+            ops::settle_flow(c, &self.sql, flow, value, ttl).await
+        })
+        .await
+    }
+
+    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run("get_flow", async |c| ops::get_flow(c, &self.sql, flow).await)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_and_schemas_validated() {
+        assert_eq!(
+            redact("postgres://app:s3cr/et@db:5432/x?sslmode=require"),
+            "postgres://app:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(redact("postgres://db/x"), "postgres://db/x");
+        for bad in ["", "Upper", "1abc", "a-b", "a;drop", &"a".repeat(64)] {
+            assert!(Names::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Names::new("tk_1").unwrap().schema, "\"tk_1\"");
+    }
+
+    #[test]
+    fn urls_parse_with_every_sslmode() {
+        for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+            let config = parse_url(&format!("postgresql://u:p@h:5433/d?sslmode={mode}")).unwrap();
+            assert_eq!(config.get_dbname(), Some("d"));
+        }
+        assert!(parse_url("mysql://h/d").is_err());
+        let e = parse_url("postgres://u:hunter2@h/d?sslmode=bogus").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}

@@ -1,0 +1,431 @@
+//! The SQL of each store operation, on a pooled connection.
+//!
+//! Every write is one statement: `compare_and_swap` is a single conditional
+//! `UPDATE ... WHERE id = $ AND version = $ AND (lease holder check)`, so there is no
+//! read-then-write race for PostgreSQL's locking to get wrong; the index columns (`version`,
+//! `state`, `due_at`, `consumer`, `lease_holder`) are written by the same statement as the
+//! record they index. Statements are prepared once per connection (`prepare_cached`).
+
+use deadpool_postgres::Client;
+use tokenkeeper_core::{
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
+    Record, StateKind, StoreError, Timestamp,
+};
+use tokio_postgres::Row;
+
+use crate::{BACKEND, Names, pg_error};
+
+/// The statements, with the schema's name in them.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    get: String,
+    create: String,
+    cas: String,
+    delete: String,
+    due: String,
+    list_all: String,
+    list_state: String,
+    claim: String,
+    purge: String,
+    settle: String,
+    get_flow: String,
+}
+
+impl Sql {
+    pub(crate) fn new(names: &Names) -> Self {
+        let s = &names.schema;
+        Self {
+            get: format!("SELECT version, state, record FROM {s}.installations WHERE id = $1"),
+            create: format!(
+                "INSERT INTO {s}.installations (id, consumer, version, state, due_at, lease_holder, record)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING"
+            ),
+            cas: format!(
+                "UPDATE {s}.installations
+                    SET consumer = $2, version = $3, state = $4, due_at = $5, lease_holder = $6, record = $7
+                  WHERE id = $1 AND version = $8 AND ($9::TEXT IS NULL OR lease_holder = $9)"
+            ),
+            delete: format!("DELETE FROM {s}.installations WHERE id = $1 AND version = $2"),
+            due: format!(
+                "SELECT id, due_at FROM {s}.installations
+                  WHERE consumer = $1 AND due_at IS NOT NULL AND due_at < $2
+                    AND (due_at, id) > ($3, $4)
+                  ORDER BY due_at, id LIMIT $5"
+            ),
+            list_all: format!(
+                "SELECT id, state FROM {s}.installations WHERE id > $1 ORDER BY id LIMIT $2"
+            ),
+            list_state: format!(
+                "SELECT id, state FROM {s}.installations WHERE state = $1 AND id > $2
+                  ORDER BY id LIMIT $3"
+            ),
+            claim: format!(
+                "INSERT INTO {s}.flows (key, value, expires_at)
+                 VALUES ($1, $2, now() + $3::BIGINT * INTERVAL '1 millisecond')
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+                  WHERE flows.expires_at <= now()"
+            ),
+            purge: format!("DELETE FROM {s}.flows WHERE expires_at <= now()"),
+            settle: format!(
+                "INSERT INTO {s}.flows (key, value, expires_at)
+                 VALUES ($1, $2, now() + $3::BIGINT * INTERVAL '1 millisecond')
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
+            ),
+            get_flow: format!("SELECT value FROM {s}.flows WHERE key = $1 AND expires_at > now()"),
+        }
+    }
+
+    /// The statement `due` runs (for `EXPLAIN` in the tests).
+    pub(crate) fn due_sql(&self) -> &str {
+        &self.due
+    }
+
+    /// The statement `get` runs (for the benchmarks).
+    pub(crate) fn get_sql(&self) -> &str {
+        &self.get
+    }
+
+    /// The statement `compare_and_swap` runs (for the benchmarks).
+    pub(crate) fn cas_sql(&self) -> &str {
+        &self.cas
+    }
+}
+
+fn version_param(id: &InstallationId, version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::InvalidArgument {
+        backend: BACKEND,
+        operation: "write",
+        id: id.clone(),
+        message: format!("version {version} does not fit PostgreSQL's BIGINT"),
+    })
+}
+
+/// The index columns of a record: consumer, version, state, due time, lease holder.
+pub(crate) struct Columns<'a> {
+    consumer: &'a str,
+    version: i64,
+    state: &'static str,
+    due_at: Option<i64>,
+    lease_holder: Option<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn of(record: &'a Record) -> Result<Self, StoreError> {
+        Ok(Self {
+            consumer: record.consumer(),
+            version: version_param(record.id(), record.version())?,
+            state: record.state().kind().as_str(),
+            due_at: record.due_at().map(Timestamp::unix_nanos),
+            lease_holder: record.state().lease().map(|l| l.holder.as_str()),
+        })
+    }
+}
+
+/// What can be wrong with a row, beyond what the driver reports.
+#[derive(Debug, thiserror::Error)]
+enum RowFault {
+    #[error(
+        "the row's version or state column disagrees with the record it indexes (was the table edited outside tokenkeeper?)"
+    )]
+    IndexMismatch,
+    #[error("the row's id {0:?} is not a valid installation id; delete that row")]
+    InvalidId(String),
+    #[error("unknown state {0:?} in the state column")]
+    UnknownState(String),
+}
+
+fn decode(id: &InstallationId, row: &Row) -> Result<Record, StoreError> {
+    let version: i64 = row.get(0);
+    let state: &str = row.get(1);
+    let bytes: &[u8] = row.get(2);
+    let record =
+        Record::decode(id, bytes).map_err(|e| StoreError::corrupt(BACKEND, id.clone(), e))?;
+    if i64::try_from(record.version()).ok() != Some(version)
+        || record.state().kind().as_str() != state
+    {
+        return Err(StoreError::corrupt(
+            BACKEND,
+            id.clone(),
+            RowFault::IndexMismatch,
+        ));
+    }
+    Ok(record)
+}
+
+pub(crate) async fn get(
+    client: &Client,
+    sql: &Sql,
+    id: &InstallationId,
+) -> Result<Option<Record>, StoreError> {
+    let stmt = client
+        .prepare_cached(&sql.get)
+        .await
+        .map_err(|e| pg_error("get", e))?;
+    let row = client
+        .query_opt(&stmt, &[&id.as_str()])
+        .await
+        .map_err(|e| pg_error("get", e))?;
+    row.map(|r| decode(id, &r)).transpose()
+}
+
+pub(crate) async fn create(client: &Client, sql: &Sql, record: &Record) -> Result<(), StoreError> {
+    let c = Columns::of(record)?;
+    let bytes = record.encode();
+    let stmt = client
+        .prepare_cached(&sql.create)
+        .await
+        .map_err(|e| pg_error("create", e))?;
+    let inserted = client
+        .execute(
+            &stmt,
+            &[
+                &record.id().as_str(),
+                &c.consumer,
+                &c.version,
+                &c.state,
+                &c.due_at,
+                &c.lease_holder,
+                &bytes,
+            ],
+        )
+        .await
+        .map_err(|e| pg_error("create", e))?;
+    if inserted == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::AlreadyExists {
+            id: record.id().clone(),
+            backend: BACKEND,
+        })
+    }
+}
+
+pub(crate) async fn compare_and_swap(
+    client: &Client,
+    sql: &Sql,
+    record: &Record,
+    expected: u64,
+) -> Result<CasOutcome, StoreError> {
+    let c = Columns::of(record)?;
+    let expected = version_param(record.id(), expected)?;
+    let bytes = record.encode();
+    let written_under = record.written_under().map(|h| h.as_str());
+    let stmt = client
+        .prepare_cached(&sql.cas)
+        .await
+        .map_err(|e| pg_error("compare_and_swap", e))?;
+    let changed = client
+        .execute(
+            &stmt,
+            &[
+                &record.id().as_str(),
+                &c.consumer,
+                &c.version,
+                &c.state,
+                &c.due_at,
+                &c.lease_holder,
+                &bytes,
+                &expected,
+                &written_under,
+            ],
+        )
+        .await
+        .map_err(|e| pg_error("compare_and_swap", e))?;
+    if changed == 1 {
+        return Ok(CasOutcome::Swapped);
+    }
+    // Versions only grow, so whatever is stored now is the conflicting state.
+    Ok(match get(client, sql, record.id()).await? {
+        Some(current) => CasOutcome::Conflict(Box::new(current)),
+        None => CasOutcome::Missing,
+    })
+}
+
+pub(crate) async fn delete(
+    client: &Client,
+    sql: &Sql,
+    id: &InstallationId,
+    expected: u64,
+) -> Result<DeleteOutcome, StoreError> {
+    let expected = version_param(id, expected)?;
+    let stmt = client
+        .prepare_cached(&sql.delete)
+        .await
+        .map_err(|e| pg_error("delete", e))?;
+    let deleted = client
+        .execute(&stmt, &[&id.as_str(), &expected])
+        .await
+        .map_err(|e| pg_error("delete", e))?;
+    if deleted == 1 {
+        return Ok(DeleteOutcome::Deleted);
+    }
+    Ok(match get(client, sql, id).await {
+        Ok(Some(current)) => DeleteOutcome::Conflict(Box::new(current)),
+        Ok(None) => DeleteOutcome::Missing,
+        Err(e) => return Err(e),
+    })
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn row_id(operation: &'static str, text: &str) -> Result<InstallationId, StoreError> {
+    InstallationId::new(text)
+        .or_else(|_| InstallationId::from_bytes(text.as_bytes()))
+        .map_err(|_| StoreError::backend(BACKEND, operation, RowFault::InvalidId(text.to_owned())))
+}
+
+pub(crate) async fn due(
+    client: &Client,
+    sql: &Sql,
+    consumer: &str,
+    before: Timestamp,
+    after: Option<&DueEntry>,
+    limit: usize,
+) -> Result<DuePage, StoreError> {
+    if limit == 0 {
+        return Ok(DuePage::default());
+    }
+    let (after_due, after_id) = match after {
+        Some(c) => (c.due_at.unix_nanos(), c.id.as_str()),
+        None => (i64::MIN, ""),
+    };
+    let stmt = client
+        .prepare_cached(&sql.due)
+        .await
+        .map_err(|e| pg_error("due", e))?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &consumer,
+                &before.unix_nanos(),
+                &after_due,
+                &after_id,
+                &limit_param(limit),
+            ],
+        )
+        .await
+        .map_err(|e| pg_error("due", e))?;
+    let entries = rows
+        .iter()
+        .map(|r| {
+            Ok(DueEntry {
+                id: row_id("due", r.get(0))?,
+                due_at: Timestamp::from_unix_nanos(r.get(1)),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(DuePage::from_entries(entries, limit))
+}
+
+pub(crate) async fn list(
+    client: &Client,
+    sql: &Sql,
+    filter: ListFilter,
+    after: Option<&InstallationId>,
+    limit: usize,
+) -> Result<ListPage, StoreError> {
+    if limit == 0 {
+        return Ok(ListPage::default());
+    }
+    let after = after.map_or("", InstallationId::as_str);
+    let limit_p = limit_param(limit);
+    let rows = match filter.state {
+        None => {
+            let stmt = client
+                .prepare_cached(&sql.list_all)
+                .await
+                .map_err(|e| pg_error("list", e))?;
+            client.query(&stmt, &[&after, &limit_p]).await
+        }
+        Some(state) => {
+            let stmt = client
+                .prepare_cached(&sql.list_state)
+                .await
+                .map_err(|e| pg_error("list", e))?;
+            client
+                .query(&stmt, &[&state.as_str(), &after, &limit_p])
+                .await
+        }
+    }
+    .map_err(|e| pg_error("list", e))?;
+    let entries = rows
+        .iter()
+        .map(|r| {
+            let text: &str = r.get(1);
+            let state = text.parse::<StateKind>().map_err(|_| {
+                StoreError::backend(BACKEND, "list", RowFault::UnknownState(text.to_owned()))
+            })?;
+            Ok(ListEntry {
+                id: row_id("list", r.get(0))?,
+                state,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(ListPage::from_entries(entries, limit))
+}
+
+fn millis(ttl: std::time::Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+pub(crate) async fn claim_flow(
+    client: &Client,
+    sql: &Sql,
+    flow: &str,
+    value: &[u8],
+    ttl: std::time::Duration,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let err = |e| pg_error("claim_flow", e);
+    let purge = client.prepare_cached(&sql.purge).await.map_err(err)?;
+    client.execute(&purge, &[]).await.map_err(err)?;
+    let claim = client.prepare_cached(&sql.claim).await.map_err(err)?;
+    // A concurrent purge can remove an expired claim between the insert and the read: try
+    // again (each round either claims or reads a live claim).
+    for _ in 0..3 {
+        let claimed = client
+            .execute(&claim, &[&flow, &value, &millis(ttl)])
+            .await
+            .map_err(err)?;
+        if claimed == 1 {
+            return Ok(None);
+        }
+        if let Some(existing) = get_flow(client, sql, flow).await? {
+            return Ok(Some(existing));
+        }
+    }
+    Err(StoreError::unavailable(
+        BACKEND,
+        "claim_flow",
+        "the flow's claim kept changing under concurrent writers",
+    ))
+}
+
+pub(crate) async fn settle_flow(
+    client: &Client,
+    sql: &Sql,
+    flow: &str,
+    value: &[u8],
+    ttl: std::time::Duration,
+) -> Result<(), StoreError> {
+    let err = |e| pg_error("settle_flow", e);
+    let stmt = client.prepare_cached(&sql.settle).await.map_err(err)?;
+    client
+        .execute(&stmt, &[&flow, &value, &millis(ttl)])
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+pub(crate) async fn get_flow(
+    client: &Client,
+    sql: &Sql,
+    flow: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let err = |e| pg_error("get_flow", e);
+    let stmt = client.prepare_cached(&sql.get_flow).await.map_err(err)?;
+    let row = client.query_opt(&stmt, &[&flow]).await.map_err(err)?;
+    Ok(row.map(|r| r.get(0)))
+}

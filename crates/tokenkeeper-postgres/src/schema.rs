@@ -1,0 +1,116 @@
+//! The tables and their versioned migrations, in a schema of the application's choosing.
+//!
+//! `tokenkeeper_schema` holds one row: the schema version this store wrote. Opening takes a
+//! transaction-scoped advisory lock (so two processes starting at once do not both migrate),
+//! refuses a schema written by a newer tokenkeeper untouched, refuses a schema whose
+//! `installations` table is not tokenkeeper's, and applies the missing migrations in the same
+//! transaction.
+//!
+//! Ids use the `C` collation so that they sort byte-wise, as every store lists them, whatever
+//! the database's default collation. Times are unix nanoseconds in `BIGINT` (the same
+//! `Timestamp` every backend orders by).
+
+use crate::{ConnectError, Names};
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Migration `n` takes the schema from version `n` to `n + 1`; `{s}` is the quoted schema.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE {s}.installations (
+        id           TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        consumer     TEXT NOT NULL,
+        version      BIGINT NOT NULL,
+        state        TEXT NOT NULL,
+        due_at       BIGINT,
+        lease_holder TEXT,
+        record       BYTEA NOT NULL
+    );
+    CREATE INDEX installations_by_consumer_due ON {s}.installations (consumer, due_at, id)
+        WHERE due_at IS NOT NULL;
+    CREATE INDEX installations_by_state ON {s}.installations (state, id);
+    CREATE TABLE {s}.flows (
+        key        TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        value      BYTEA NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX flows_by_expiry ON {s}.flows (expires_at);
+"#];
+
+/// Brings the schema up to [`SCHEMA_VERSION`], or refuses it.
+pub(crate) async fn migrate(
+    client: &mut tokio_postgres::Client,
+    names: &Names,
+) -> Result<(), ConnectError> {
+    let s = &names.schema;
+    let tx = client.transaction().await.map_err(ConnectError::schema)?;
+    // One migrator at a time per schema (creating it included: `CREATE SCHEMA IF NOT EXISTS`
+    // races), released with the transaction.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("tokenkeeper/{}", names.schema_name)],
+    )
+    .await
+    .map_err(ConnectError::schema)?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+        .await
+        .map_err(ConnectError::schema)?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {s}.tokenkeeper_schema (
+            only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+            version  INTEGER NOT NULL
+        )"
+    ))
+    .await
+    .map_err(ConnectError::schema)?;
+    let found: Option<i32> = tx
+        .query_opt(
+            &format!("SELECT version FROM {s}.tokenkeeper_schema"),
+            &[],
+        )
+        .await
+        .map_err(ConnectError::schema)?
+        .map(|row| row.get(0));
+    let version = match found {
+        Some(v) => v,
+        None => {
+            let foreign: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables
+                      WHERE table_schema = $1 AND table_name = 'installations')",
+                    &[&names.schema_name],
+                )
+                .await
+                .map_err(ConnectError::schema)?
+                .get(0);
+            if foreign {
+                return Err(ConnectError::NotTokenkeeper {
+                    schema: names.schema_name.clone(),
+                });
+            }
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(ConnectError::FutureSchema {
+            schema: names.schema_name.clone(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for sql in MIGRATIONS.iter().skip(usize::try_from(version).unwrap_or(0)) {
+        tx.batch_execute(&sql.replace("{s}", s))
+            .await
+            .map_err(ConnectError::schema)?;
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.tokenkeeper_schema (version) VALUES ($1)
+             ON CONFLICT (only_row) DO UPDATE SET version = excluded.version"
+        ),
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(ConnectError::schema)?;
+    tx.commit().await.map_err(ConnectError::schema)
+}

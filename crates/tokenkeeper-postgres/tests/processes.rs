@@ -1,0 +1,42 @@
+//! Four OS processes sharing one PostgreSQL schema race compare-and-swap on 100 records: no
+//! lost update, no error. The children are this test binary re-invoked with `TK_PG_CHILD`
+//! set, running `child_process_entry` (which does nothing in a normal test run).
+
+mod common;
+
+use tokenkeeper_postgres::PostgresStore;
+use tokenkeeper_testkit::race::{race_child, race_ids, run_race_children, seed_race, verify_race};
+
+const CHILD_ENV: &str = "TK_PG_CHILD";
+
+/// Not a test on its own: the body of the child processes the race spawns.
+#[test]
+fn child_process_entry() {
+    let Ok(schema) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let url = std::env::var("TK_PG_URL").unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let store = PostgresStore::builder(url)
+            .schema(schema)
+            .connect()
+            .await
+            .unwrap();
+        race_child(&store).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_race_cas_without_lost_updates() {
+    let url = common::url();
+    let schema = common::unique_schema("race");
+    let store = PostgresStore::builder(&url)
+        .schema(&schema)
+        .connect()
+        .await
+        .unwrap();
+    let ids = race_ids(100);
+    seed_race(&store, &ids).await;
+    let reports = run_race_children(4, &[(CHILD_ENV, &schema), ("TK_PG_URL", &url)]);
+    verify_race(&store, &ids, &reports).await;
+}
