@@ -49,6 +49,20 @@ if [ -z "${TOKENKEEPER_REDIS_URL:-}" ]; then
     redis-cli -p "$redis_port" ping >/dev/null || { cat "$redis_dir/redis.log"; exit 1; }
     export TOKENKEEPER_REDIS_URL="redis://127.0.0.1:$redis_port"
 fi
+# A real PostgreSQL for the PostgreSQL store's tests: each test process starts its own
+# throwaway server with initdb and pg_ctl (as an unprivileged user when run as root), unless
+# TOKENKEEPER_POSTGRES_URL names one.
+if [ -z "${TOKENKEEPER_POSTGRES_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && [ -z "${TOKENKEEPER_POSTGRES_BIN:-}" ]; then
+    log "installing postgresql (needed for the tests)"
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    if [ "$apt_updated" -eq 0 ]; then
+        $sudo apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+fi
 # The rediss:// test makes its certificates with the openssl command.
 need_pkg openssl openssl
 # The web install flow's end-to-end test drives a real headless Chromium over WebDriver.

@@ -80,7 +80,9 @@ pub enum ConnectError {
     #[error("TLS for PostgreSQL could not be set up: {0}")]
     Tls(String),
     /// The server could not be reached, or refused the credentials, in time.
-    #[error("PostgreSQL at {url} is unreachable: {reason}; check the URL, the credentials and that the server runs")]
+    #[error(
+        "PostgreSQL at {url} is unreachable: {reason}; check the URL, the credentials and that the server runs"
+    )]
     Unreachable {
         /// The URL with any password replaced by `***`.
         url: String,
@@ -130,9 +132,9 @@ impl ConnectError {
 #[derive(Debug, Clone)]
 pub(crate) struct Names {
     /// As given (`tokenkeeper`).
-    pub(crate) schema_name: String,
+    pub(crate) name: String,
     /// Quoted for SQL (`"tokenkeeper"`).
-    pub(crate) schema: String,
+    pub(crate) quoted: String,
 }
 
 impl Names {
@@ -149,8 +151,8 @@ impl Names {
             });
         }
         Ok(Self {
-            schema_name: schema.to_owned(),
-            schema: format!("\"{schema}\""),
+            name: schema.to_owned(),
+            quoted: format!("\"{schema}\""),
         })
     }
 }
@@ -163,16 +165,21 @@ fn redact(url: &str) -> String {
     let rest = &url[scheme_end + 3..];
     // The last `@` ends the user info: a password may hold `/`, `?` or `#` unencoded.
     match rest.rfind('@') {
-        Some(at) => {
+        Some(at) if rest[..at].contains(':') => {
             let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!(
-                "{}{user}:***{}",
-                &url[..scheme_end + 3],
-                &rest[at..]
-            )
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
         }
-        None => url.to_owned(),
+        _ => url.to_owned(),
+    }
+}
+
+/// A driver error as text: the server's own message and SQLSTATE for a database error
+/// (`tokio_postgres::Error`'s `Display` says only "db error").
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
@@ -190,9 +197,25 @@ pub(crate) fn pg_error(operation: &'static str, e: tokio_postgres::Error) -> Sto
                 || c == "25006" // read-only transaction (a standby after failover)
         });
     if transient {
-        StoreError::unavailable(BACKEND, operation, e)
+        StoreError::unavailable(BACKEND, operation, DriverError(e))
     } else {
-        StoreError::backend(BACKEND, operation, e)
+        StoreError::backend(BACKEND, operation, DriverError(e))
+    }
+}
+
+/// A driver error whose text carries the server's message (see [`error_text`]).
+#[derive(Debug)]
+struct DriverError(tokio_postgres::Error);
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&error_text(&self.0))
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 
@@ -347,7 +370,7 @@ impl PostgresStoreBuilder {
 
 fn pool_error_text(e: &PoolError) -> String {
     match e {
-        PoolError::Backend(e) => e.to_string(),
+        PoolError::Backend(e) => error_text(e),
         other => other.to_string(),
     }
 }
@@ -388,7 +411,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("url", &self.url)
-            .field("schema", &self.names.schema_name)
+            .field("schema", &self.names.name)
             .finish_non_exhaustive()
     }
 }
@@ -418,7 +441,7 @@ impl PostgresStore {
 
     /// The schema holding the tables.
     pub fn schema(&self) -> &str {
-        &self.names.schema_name
+        &self.names.name
     }
 
     /// The plan PostgreSQL chooses for one page of `due` (`EXPLAIN`), to check it is served
@@ -431,10 +454,7 @@ impl PostgresStore {
         let sql = format!("EXPLAIN {}", self.sql.due_sql());
         self.run("explain", async |c| {
             let rows = c
-                .query(
-                    &sql,
-                    &[&consumer, &i64::MAX, &i64::MIN, &"", &100_i64],
-                )
+                .query(&sql, &[&consumer, &i64::MAX, &i64::MIN, &"", &100_i64])
                 .await
                 .map_err(|e| pg_error("explain", e))?;
             Ok(rows
@@ -576,8 +596,10 @@ impl TokenStore for PostgresStore {
     }
 
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.run("get_flow", async |c| ops::get_flow(c, &self.sql, flow).await)
-            .await
+        self.run("get_flow", async |c| {
+            ops::get_flow(c, &self.sql, flow).await
+        })
+        .await
     }
 }
 
@@ -595,7 +617,7 @@ mod tests {
         for bad in ["", "Upper", "1abc", "a-b", "a;drop", &"a".repeat(64)] {
             assert!(Names::new(bad).is_err(), "{bad}");
         }
-        assert_eq!(Names::new("tk_1").unwrap().schema, "\"tk_1\"");
+        assert_eq!(Names::new("tk_1").unwrap().quoted, "\"tk_1\"");
     }
 
     #[test]

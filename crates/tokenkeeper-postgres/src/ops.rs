@@ -33,7 +33,7 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(names: &Names) -> Self {
-        let s = &names.schema;
+        let s = &names.quoted;
         Self {
             get: format!("SELECT version, state, record FROM {s}.installations WHERE id = $1"),
             create: format!(
@@ -81,11 +81,13 @@ impl Sql {
     }
 
     /// The statement `get` runs (for the benchmarks).
+    #[cfg(feature = "__bench")]
     pub(crate) fn get_sql(&self) -> &str {
         &self.get
     }
 
     /// The statement `compare_and_swap` runs (for the benchmarks).
+    #[cfg(feature = "__bench")]
     pub(crate) fn cas_sql(&self) -> &str {
         &self.cas
     }

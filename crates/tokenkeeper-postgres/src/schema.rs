@@ -42,13 +42,13 @@ pub(crate) async fn migrate(
     client: &mut tokio_postgres::Client,
     names: &Names,
 ) -> Result<(), ConnectError> {
-    let s = &names.schema;
+    let s = &names.quoted;
     let tx = client.transaction().await.map_err(ConnectError::schema)?;
     // One migrator at a time per schema (creating it included: `CREATE SCHEMA IF NOT EXISTS`
     // races), released with the transaction.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("tokenkeeper/{}", names.schema_name)],
+        &[&format!("tokenkeeper/{}", names.name)],
     )
     .await
     .map_err(ConnectError::schema)?;
@@ -64,10 +64,7 @@ pub(crate) async fn migrate(
     .await
     .map_err(ConnectError::schema)?;
     let found: Option<i32> = tx
-        .query_opt(
-            &format!("SELECT version FROM {s}.tokenkeeper_schema"),
-            &[],
-        )
+        .query_opt(&format!("SELECT version FROM {s}.tokenkeeper_schema"), &[])
         .await
         .map_err(ConnectError::schema)?
         .map(|row| row.get(0));
@@ -78,14 +75,14 @@ pub(crate) async fn migrate(
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM information_schema.tables
                       WHERE table_schema = $1 AND table_name = 'installations')",
-                    &[&names.schema_name],
+                    &[&names.name],
                 )
                 .await
                 .map_err(ConnectError::schema)?
                 .get(0);
             if foreign {
                 return Err(ConnectError::NotTokenkeeper {
-                    schema: names.schema_name.clone(),
+                    schema: names.name.clone(),
                 });
             }
             0
@@ -93,12 +90,15 @@ pub(crate) async fn migrate(
     };
     if version > SCHEMA_VERSION {
         return Err(ConnectError::FutureSchema {
-            schema: names.schema_name.clone(),
+            schema: names.name.clone(),
             found: version,
             supported: SCHEMA_VERSION,
         });
     }
-    for sql in MIGRATIONS.iter().skip(usize::try_from(version).unwrap_or(0)) {
+    for sql in MIGRATIONS
+        .iter()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
         tx.batch_execute(&sql.replace("{s}", s))
             .await
             .map_err(ConnectError::schema)?;

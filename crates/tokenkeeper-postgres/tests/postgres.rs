@@ -55,11 +55,15 @@ async fn due_and_list_are_served_by_indexes() {
     let s = store.schema();
     for (sql, index) in [
         (
-            format!("EXPLAIN SELECT id, state FROM \"{s}\".installations WHERE id > '' ORDER BY id LIMIT 100"),
+            format!(
+                "EXPLAIN SELECT id, state FROM \"{s}\".installations WHERE id > '' ORDER BY id LIMIT 100"
+            ),
             "installations_pkey",
         ),
         (
-            format!("EXPLAIN SELECT id, state FROM \"{s}\".installations WHERE state = 'revoked' AND id > '' ORDER BY id LIMIT 100"),
+            format!(
+                "EXPLAIN SELECT id, state FROM \"{s}\".installations WHERE state = 'revoked' AND id > '' ORDER BY id LIMIT 100"
+            ),
             "installations_by_state",
         ),
     ] {
@@ -116,7 +120,10 @@ async fn the_pool_survives_a_restart_and_a_crash() {
             Err(StoreError::Unavailable { .. }) => {}
             other => panic!("while down: expected Unavailable, got {other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "bounded by the timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bounded by the timeout"
+        );
         server.start_again();
         // Broken connections are replaced: within a few attempts the store answers again.
         let mut back = None;
@@ -152,7 +159,11 @@ async fn a_newer_schema_and_a_foreign_table_are_refused_untouched() {
         .await
         .unwrap();
     match PostgresStore::builder(&url).schema(&schema).connect().await {
-        Err(e @ ConnectError::FutureSchema { found, supported, .. }) => {
+        Err(
+            e @ ConnectError::FutureSchema {
+                found, supported, ..
+            },
+        ) => {
             assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
             assert!(e.to_string().contains("upgrade tokenkeeper"), "{e}");
         }
@@ -166,7 +177,10 @@ async fn a_newer_schema_and_a_foreign_table_are_refused_untouched() {
         .await
         .unwrap();
     assert!(matches!(
-        PostgresStore::builder(&url).schema(&foreign).connect().await,
+        PostgresStore::builder(&url)
+            .schema(&foreign)
+            .connect()
+            .await,
         Err(ConnectError::NotTokenkeeper { .. })
     ));
     let tables: i64 = client
@@ -202,7 +216,10 @@ async fn plaintext_to_another_host_is_refused_and_errors_hide_the_password() {
         .unwrap_err();
     assert!(matches!(e, ConnectError::Plaintext { .. }), "{e}");
     let text = e.to_string();
-    assert!(text.contains("sslmode=require") && !text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("sslmode=require") && !text.contains("hunter2"),
+        "{text}"
+    );
     // Unreachable: a typed error within the connect timeout, the password not echoed.
     let e = PostgresStore::builder("postgres://app:hunter2@127.0.0.1:1/app")
         .connect_timeout(Duration::from_millis(500))
@@ -211,7 +228,9 @@ async fn plaintext_to_another_host_is_refused_and_errors_hide_the_password() {
         .unwrap_err();
     assert!(matches!(e, ConnectError::Unreachable { .. }), "{e}");
     assert!(!e.to_string().contains("hunter2"), "{e}");
-    assert!(!format!("{:?}", PostgresStore::builder("postgres://a:hunter2@h/d")).contains("hunter2"));
+    assert!(
+        !format!("{:?}", PostgresStore::builder("postgres://a:hunter2@h/d")).contains("hunter2")
+    );
     for bad in ["mysql://h/d", "postgres://h/d?sslmode=sometimes"] {
         assert!(matches!(
             PostgresStore::builder(bad).connect().await,
@@ -223,6 +242,9 @@ async fn plaintext_to_another_host_is_refused_and_errors_hide_the_password() {
             .schema("Bad-Name")
             .connect()
             .await,
-        Err(ConnectError::Config { field: "schema", .. })
+        Err(ConnectError::Config {
+            field: "schema",
+            ..
+        })
     ));
 }

@@ -16,14 +16,16 @@ fn child_process_entry() {
         return;
     };
     let url = std::env::var("TK_REDIS_URL").unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let store = RedisStore::builder(url)
-            .prefix(prefix)
-            .connect()
-            .await
-            .unwrap();
-        race_child(&store).await;
-    });
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = RedisStore::builder(url)
+                .prefix(prefix)
+                .connect()
+                .await
+                .unwrap();
+            race_child(&store).await;
+        });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

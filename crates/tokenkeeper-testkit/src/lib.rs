@@ -7,8 +7,8 @@
 //! on it; their tests and the benches do, as a path-only dev-dependency.
 
 pub mod dirs;
-pub mod proxy;
 pub mod postgres;
+pub mod proxy;
 pub mod race;
 pub mod redis;
 pub mod wrappers;

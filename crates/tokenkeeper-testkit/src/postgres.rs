@@ -69,13 +69,25 @@ fn command(program: &Path) -> Command {
 
 /// A throwaway data directory owned by the server's user, with `initdb` run in it.
 fn init(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tokenkeeper-pg-{tag}-{}", crate::dirs::unique_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "tokenkeeper-pg-{tag}-{}",
+        crate::dirs::unique_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     if let Some((_, uid, gid)) = run_as() {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
     }
     let out = command(&bin_dir().join("initdb"))
-        .args(["-U", "tokenkeeper", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-U",
+            "tokenkeeper",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .arg("-D")
         .arg(&dir)
         .stdout(Stdio::null())
@@ -99,9 +111,17 @@ fn options(port: u16, dir: &Path) -> String {
     )
 }
 
+/// Waits until the server accepts connections (`pg_isready`: a server that is still starting
+/// answers TCP but refuses sessions).
 fn wait_for(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let ready = || {
+        Command::new(bin_dir().join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    while !ready() {
         assert!(
             Instant::now() < deadline,
             "PostgreSQL did not start on port {port}: {INSTALL_HINT}"

@@ -122,6 +122,9 @@ pub mod stores {
     #[cfg(feature = "memory")]
     #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
     pub use tokenkeeper_memory::MemoryStore;
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub use tokenkeeper_postgres::{PostgresStore, PostgresStoreBuilder};
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use tokenkeeper_redis::{RedisStore, RedisStoreBuilder};

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{open_store, redis_location, sqlite_location};
+use common::{open_store, postgres_location, redis_location, sqlite_location};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -509,6 +509,13 @@ async fn redis_fleet_of_processes() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fleet_of_processes() {
+    for profile in ["bitbucket", "atlassian-3lo"] {
+        run_fleet("postgres", &postgres_location("fleet"), profile).await;
+    }
+}
+
 /// The set-up of the process-stopping tests: a mock of `profile_name`, a fresh SQLite store,
 /// a short-lease survivor manager that authorized `count` installations.
 struct StopFixture {
@@ -698,6 +705,13 @@ async fn contention_fleet_on_sqlite() {
 async fn contention_fleet_on_redis() {
     for profile in ["bitbucket", "atlassian-3lo"] {
         run_contention("redis", &redis_location("contention"), profile).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_fleet_on_postgres() {
+    for profile in ["bitbucket", "atlassian-3lo"] {
+        run_contention("postgres", &postgres_location("contention"), profile).await;
     }
 }
 
@@ -1076,6 +1090,11 @@ async fn flaky_store_fleet_on_redis() {
     run_flaky_fleet("redis", &redis_location("flaky")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_store_fleet_on_postgres() {
+    run_flaky_fleet("postgres", &postgres_location("flaky")).await;
+}
+
 /// Two consumers on one store: two workers run the consumer that authorized the
 /// installations, two run another client id (a second app on the same database, or a deploy
 /// with the wrong client id) and call the same installations. The second consumer's workers
@@ -1164,6 +1183,11 @@ async fn two_consumers_fleet_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_fleet_on_redis() {
     run_two_consumers("redis", &redis_location("consumers")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_fleet_on_postgres() {
+    run_two_consumers("postgres", &postgres_location("consumers")).await;
 }
 
 /// A Redis primary with one replica behind a failover address (a forwarder the workers

@@ -306,6 +306,17 @@ pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
             }
             Arc::new(builder.connect().await.unwrap())
         }
+        "postgres" => {
+            // `URL|SCHEMA`
+            let (url, schema) = location.split_once('|').unwrap();
+            Arc::new(
+                tokenkeeper_postgres::PostgresStore::builder(url)
+                    .schema(schema)
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        }
         _ => Arc::new(tokenkeeper_memory::MemoryStore::new()),
     }
 }
@@ -314,6 +325,15 @@ pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
 pub fn sqlite_location(tag: &str) -> String {
     let path = tokenkeeper_testkit::dirs::fresh_db(tag);
     path.to_str().unwrap().to_owned()
+}
+
+/// The shared test PostgreSQL server with a schema of its own (`open_store("postgres", ..)`).
+pub fn postgres_location(tag: &str) -> String {
+    let url = tokenkeeper_testkit::postgres::server_url();
+    format!(
+        "{url}|{}",
+        tokenkeeper_testkit::postgres::unique_schema(tag)
+    )
 }
 
 /// The shared test redis-server with a prefix of its own (`open_store("redis", ..)`).
