@@ -88,7 +88,13 @@ fn concurrent_refresh(c: &mut Criterion) {
                 total
             })
         });
-        for backend in ["memory", "sqlite_normal", "sqlite_full", "redis"] {
+        for backend in [
+            "memory",
+            "sqlite_normal",
+            "sqlite_full",
+            "redis",
+            "postgres",
+        ] {
             let fleet = rt.block_on(async { Fleet::new(store_for(backend).await, n).await });
             for callers in [1usize, 10] {
                 if backend == "sqlite_full" && callers == 10 {

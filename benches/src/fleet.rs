@@ -12,7 +12,7 @@ use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
-use crate::{data_dir, fan_out, grants, redis_url};
+use crate::{data_dir, fan_out, grants, postgres_url, redis_url};
 
 /// Installations refreshed at once on both sides of every comparison.
 pub const IN_FLIGHT: usize = 64;
@@ -112,15 +112,16 @@ impl Fleet {
     }
 }
 
-/// A fresh store: memory, sqlite or redis.
+/// A fresh store: memory, sqlite (sqlite_normal, sqlite_full), redis or postgres.
 pub async fn store_for(backend: &str) -> Arc<dyn TokenStore> {
     store_at(backend, &fresh_location(backend)).await
 }
 
-/// Where a fresh store of `backend` lives: a new SQLite file, or a new Redis prefix.
+/// Where a fresh store of `backend` lives: a new SQLite file, a new Redis prefix or a new
+/// PostgreSQL schema.
 pub fn fresh_location(backend: &str) -> String {
     match backend {
-        "sqlite" => {
+        "sqlite" | "sqlite_normal" | "sqlite_full" => {
             let dir = data_dir().join(format!(
                 "refresh-{}-{}",
                 std::process::id(),
@@ -129,6 +130,7 @@ pub fn fresh_location(backend: &str) -> String {
             std::fs::create_dir_all(&dir).unwrap();
             dir.join("tokens.db").to_string_lossy().into_owned()
         }
+        "postgres" => tokenkeeper_testkit::postgres::unique_schema("bench"),
         _ => format!("bench-refresh-{}-{}", std::process::id(), fastrand_suffix()),
     }
 }
@@ -138,8 +140,23 @@ pub fn fresh_location(backend: &str) -> String {
 pub async fn store_at(backend: &str, location: &str) -> Arc<dyn TokenStore> {
     match backend {
         "memory" => Arc::new(tokenkeeper::stores::MemoryStore::new()),
-        "sqlite" => Arc::new(
-            tokenkeeper::stores::SqliteStore::open(location)
+        // `sqlite_normal`: synchronous = NORMAL (no fsync per commit); `sqlite`, `sqlite_full`:
+        // the default FULL.
+        "sqlite" | "sqlite_normal" | "sqlite_full" => Arc::new(
+            tokenkeeper::stores::SqliteStore::builder(location)
+                .synchronous(if backend == "sqlite_normal" {
+                    tokenkeeper_sqlite::Synchronous::Normal
+                } else {
+                    tokenkeeper_sqlite::Synchronous::Full
+                })
+                .open()
+                .await
+                .unwrap(),
+        ),
+        "postgres" => Arc::new(
+            tokenkeeper::stores::PostgresStore::builder(postgres_url())
+                .schema(location)
+                .connect()
                 .await
                 .unwrap(),
         ),

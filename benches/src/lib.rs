@@ -132,6 +132,11 @@ pub fn redis_url() -> String {
     tokenkeeper_testkit::redis::server_url()
 }
 
+/// The PostgreSQL server the benchmarks use (`TOKENKEEPER_POSTGRES_URL`, or one started here).
+pub fn postgres_url() -> String {
+    tokenkeeper_testkit::postgres::server_url()
+}
+
 pub mod fleet;
 
 /// Mean times of the runs of one bench, printed at its end as a table of throughput ratios
