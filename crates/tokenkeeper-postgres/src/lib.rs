@@ -140,6 +140,7 @@ pub(crate) struct Names {
 impl Names {
     fn new(schema: &str) -> Result<Self, ConnectError> {
         let ok = (1..=63).contains(&schema.len())
+            && !schema.starts_with("pg_")
             && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
             && schema
                 .bytes()
@@ -147,7 +148,7 @@ impl Names {
         if !ok {
             return Err(ConnectError::Config {
                 field: "schema",
-                reason: "1 to 63 characters of a-z, 0-9 and '_', not starting with a digit",
+                reason: "1 to 63 characters of a-z, 0-9 and '_', not starting with a digit or pg_",
             });
         }
         Ok(Self {
@@ -157,20 +158,33 @@ impl Names {
     }
 }
 
-/// Replaces the password of a URL with `***`.
+/// Replaces the password of a URL with `***`: in the user info and in a `password=` query
+/// parameter. Anything that is not a `postgres://` URL is not shown at all.
 fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return "<a connection string that is not a postgres:// URL>".to_owned();
     };
     let rest = &url[scheme_end + 3..];
     // The last `@` ends the user info: a password may hold `/`, `?` or `#` unencoded.
-    match rest.rfind('@') {
+    let shown = match rest.rfind('@') {
         Some(at) if rest[..at].contains(':') => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
+            let user = rest[..at].split(':').next().unwrap_or("");
             format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
         }
         _ => url.to_owned(),
+    };
+    match shown.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => shown,
     }
 }
 
@@ -183,15 +197,21 @@ fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Maps a driver error: a lost or refused connection, a server shutting down or a transaction
-/// it had to abort is "unavailable" (retry later); anything else is a backend failure.
+/// Maps a driver error: a lost or refused connection (closed, or an I/O error), a server
+/// shutting down or short of resources, a transaction it had to abort, lock contention or a
+/// cancelled statement is "unavailable" (retry later); anything else, our own conversion
+/// errors included, is a backend failure that retrying would not fix.
 pub(crate) fn pg_error(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     let transient = e.is_closed()
-        || e.code().is_none_or(|code| {
+        || io
+        || e.code().is_some_and(|code| {
             let c = code.code();
             c.starts_with("08") // connection exception
                 || c.starts_with("53") // insufficient resources
                 || c.starts_with("57P") // shutdown, crash recovery, cannot connect now
+                || c == "57014" // statement cancelled (a timeout)
+                || c == "55P03" // lock not available
                 || c == "40001" // serialization failure
                 || c == "40P01" // deadlock
                 || c == "25006" // read-only transaction (a standby after failover)
@@ -312,24 +332,47 @@ impl PostgresStoreBuilder {
             reason,
         })?;
         config.connect_timeout(self.connect_timeout);
-        let local = config.get_hosts().iter().all(|h| match h {
-            Host::Tcp(name) => is_loopback(name),
-            Host::Unix(_) => true,
-        });
+        // A connection that went silent is noticed within seconds, not hours.
+        config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(self.operation_timeout.saturating_mul(2));
+        // This machine: every host a loopback name or a Unix socket, every `hostaddr` (which
+        // is where tokio-postgres really connects when given) a loopback address, and at
+        // least one of them given.
+        let hosts = config.get_hosts();
+        let unix_only = !hosts.is_empty()
+            && hosts.iter().all(|h| matches!(h, Host::Unix(_)))
+            && config.get_hostaddrs().is_empty();
+        let local = (!hosts.is_empty() || !config.get_hostaddrs().is_empty())
+            && hosts.iter().all(|h| match h {
+                Host::Tcp(name) => is_loopback(name),
+                Host::Unix(_) => true,
+            })
+            && config
+                .get_hostaddrs()
+                .iter()
+                .all(|ip| ip.to_canonical().is_loopback());
         let tls = match config.get_ssl_mode() {
             SslMode::Disable if !local && !self.allow_plaintext => {
                 return Err(ConnectError::Plaintext { url: shown });
             }
             SslMode::Disable => None,
+            // A Unix socket never leaves the machine (and TLS there has no host name to
+            // check); `prefer` on this machine is plaintext too, so a local server's
+            // self-signed certificate is not an error.
+            SslMode::Prefer if local => None,
+            _ if unix_only => None,
             // `prefer` would fall back to plaintext if a server (or someone in between) does
             // not offer TLS: to another host, TLS is required.
             mode => {
-                if !local && mode == SslMode::Prefer && !self.allow_plaintext {
+                if mode == SslMode::Prefer && !self.allow_plaintext {
                     config.ssl_mode(SslMode::Require);
                 }
                 Some(tls::connector(self.ca_certificate.as_deref())?)
             }
         };
+        if tls.is_none() {
+            config.ssl_mode(SslMode::Disable);
+        }
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -356,7 +399,19 @@ impl PostgresStoreBuilder {
             .await
             .map_err(|_| unreachable("timed out".into()))?
             .map_err(|e| unreachable(pool_error_text(&e)))?;
-        schema::migrate(&mut client, &names).await?;
+        // A migrator that died holding the lock, or a table lock held by someone else, makes
+        // connecting fail in time instead of waiting forever.
+        let budget = self.connect_timeout.saturating_add(self.operation_timeout);
+        match tokio::time::timeout(budget, schema::migrate(&mut client, &names, budget)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                // The connection may be mid-statement: never hand it to anyone else.
+                let _ = deadpool_postgres::Object::take(client);
+                return Err(unreachable(format!(
+                    "creating or checking the schema took longer than {budget:?} (another process migrating, or a lock held on its tables)"
+                )));
+            }
+        }
         drop(client);
         Ok(PostgresStore {
             sql: ops::Sql::new(&names),
@@ -381,9 +436,16 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err("the URL must start with postgres:// or postgresql://".into());
     }
-    let normalized = url
-        .replace("sslmode=verify-full", "sslmode=require")
-        .replace("sslmode=verify-ca", "sslmode=require");
+    // Only the `sslmode` query parameter is rewritten, never a password that contains it.
+    let mut normalized = url.to_owned();
+    for sep in ['?', '&'] {
+        for mode in ["verify-full", "verify-ca"] {
+            normalized = normalized.replace(
+                &format!("{sep}sslmode={mode}"),
+                &format!("{sep}sslmode=require"),
+            );
+        }
+    }
     normalized
         .parse::<tokio_postgres::Config>()
         .map_err(|e| e.to_string().replace(url, &redact(url)))
@@ -472,23 +534,31 @@ impl PostgresStore {
         operation: &'static str,
         f: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let work = async {
-            let client = self.pool.get().await.map_err(|e| match e {
-                PoolError::Backend(e) => pg_error(operation, e),
-                other => StoreError::unavailable(BACKEND, operation, other),
-            })?;
-            f(&client).await
-        };
-        match tokio::time::timeout(self.operation_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(
+        let deadline = tokio::time::Instant::now() + self.operation_timeout;
+        let timed_out = || {
+            StoreError::unavailable(
                 BACKEND,
                 operation,
                 format!(
                     "no answer within {:?} (PostgreSQL at {})",
                     self.operation_timeout, self.url
                 ),
-            )),
+            )
+        };
+        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(PoolError::Backend(e))) => return Err(pg_error(operation, e)),
+            Ok(Err(other)) => return Err(StoreError::unavailable(BACKEND, operation, other)),
+            Err(_) => return Err(timed_out()),
+        };
+        match tokio::time::timeout_at(deadline, f(&client)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The statement may still be running on this connection: it leaves the pool
+                // instead of queueing the next borrower's statements behind it.
+                let _ = deadpool_postgres::Object::take(client);
+                Err(timed_out())
+            }
         }
     }
 }
@@ -614,7 +684,20 @@ mod tests {
             "postgres://app:***@db:5432/x?sslmode=require"
         );
         assert_eq!(redact("postgres://db/x"), "postgres://db/x");
-        for bad in ["", "Upper", "1abc", "a-b", "a;drop", &"a".repeat(64)] {
+        assert_eq!(
+            redact("postgres://app@db/x?sslmode=require&password=hunter2"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert!(!redact("host=db password=hunter2").contains("hunter2"));
+        for bad in [
+            "",
+            "Upper",
+            "1abc",
+            "a-b",
+            "a;drop",
+            "pg_x",
+            &"a".repeat(64),
+        ] {
             assert!(Names::new(bad).is_err(), "{bad}");
         }
         assert_eq!(Names::new("tk_1").unwrap().quoted, "\"tk_1\"");

@@ -136,10 +136,31 @@ enum RowFault {
     UnknownState(String),
 }
 
+/// A column of a row, or `Corrupt` for that installation when its type is not the one
+/// tokenkeeper wrote (an altered table).
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    id: &InstallationId,
+    row: &'a Row,
+    n: usize,
+) -> Result<T, StoreError> {
+    row.try_get(n)
+        .map_err(|e| StoreError::corrupt(BACKEND, id.clone(), e))
+}
+
+/// A column of an index row, or a backend error (the table was altered).
+fn index_column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    operation: &'static str,
+    row: &'a Row,
+    n: usize,
+) -> Result<T, StoreError> {
+    row.try_get(n)
+        .map_err(|e| StoreError::backend(BACKEND, operation, e))
+}
+
 fn decode(id: &InstallationId, row: &Row) -> Result<Record, StoreError> {
-    let version: i64 = row.get(0);
-    let state: &str = row.get(1);
-    let bytes: &[u8] = row.get(2);
+    let version: i64 = column(id, row, 0)?;
+    let state: &str = column(id, row, 1)?;
+    let bytes: &[u8] = column(id, row, 2)?;
     let record =
         Record::decode(id, bytes).map_err(|e| StoreError::corrupt(BACKEND, id.clone(), e))?;
     if i64::try_from(record.version()).ok() != Some(version)
@@ -314,8 +335,8 @@ pub(crate) async fn due(
         .iter()
         .map(|r| {
             Ok(DueEntry {
-                id: row_id("due", r.get(0))?,
-                due_at: Timestamp::from_unix_nanos(r.get(1)),
+                id: row_id("due", index_column("due", r, 0)?)?,
+                due_at: Timestamp::from_unix_nanos(index_column("due", r, 1)?),
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -356,12 +377,12 @@ pub(crate) async fn list(
     let entries = rows
         .iter()
         .map(|r| {
-            let text: &str = r.get(1);
+            let text: &str = index_column("list", r, 1)?;
             let state = text.parse::<StateKind>().map_err(|_| {
                 StoreError::backend(BACKEND, "list", RowFault::UnknownState(text.to_owned()))
             })?;
             Ok(ListEntry {
-                id: row_id("list", r.get(0))?,
+                id: row_id("list", index_column("list", r, 0)?)?,
                 state,
             })
         })
@@ -369,8 +390,13 @@ pub(crate) async fn list(
     Ok(ListPage::from_entries(entries, limit))
 }
 
+/// A time to live in milliseconds, at most about a century (PostgreSQL's timestamps end at
+/// year 294276, but nothing needs a claim that long).
 fn millis(ttl: std::time::Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)
+    const CENTURY_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
+    i64::try_from(ttl.as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, CENTURY_MS)
 }
 
 pub(crate) async fn claim_flow(
@@ -429,5 +455,5 @@ pub(crate) async fn get_flow(
     let err = |e| pg_error("get_flow", e);
     let stmt = client.prepare_cached(&sql.get_flow).await.map_err(err)?;
     let row = client.query_opt(&stmt, &[&flow]).await.map_err(err)?;
-    Ok(row.map(|r| r.get(0)))
+    row.map(|r| index_column("get_flow", &r, 0)).transpose()
 }

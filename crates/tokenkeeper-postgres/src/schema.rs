@@ -1,10 +1,11 @@
 //! The tables and their versioned migrations, in a schema of the application's choosing.
 //!
-//! `tokenkeeper_schema` holds one row: the schema version this store wrote. Opening takes a
-//! transaction-scoped advisory lock (so two processes starting at once do not both migrate),
-//! refuses a schema written by a newer tokenkeeper untouched, refuses a schema whose
-//! `installations` table is not tokenkeeper's, and applies the missing migrations in the same
-//! transaction.
+//! `tokenkeeper_schema` holds one row: the schema version this store wrote. Opening an
+//! up-to-date schema only reads it (no DDL: a role with read and write grants is enough).
+//! Otherwise opening takes a transaction-scoped advisory lock (so two processes starting at
+//! once do not both migrate; bounded by a lock timeout), refuses a schema written by a newer
+//! tokenkeeper untouched, refuses a schema whose `installations` table is not tokenkeeper's,
+//! and applies the missing migrations in the same transaction.
 //!
 //! Ids use the `C` collation so that they sort byte-wise, as every store lists them, whatever
 //! the database's default collation. Times are unix nanoseconds in `BIGINT` (the same
@@ -37,18 +38,66 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE INDEX flows_by_expiry ON {s}.flows (expires_at);
 "#];
 
-/// Brings the schema up to [`SCHEMA_VERSION`], or refuses it.
+/// The first key of the advisory lock migrations take ("TkKp"); the second is the schema's.
+const LOCK_CLASS: i32 = 0x546b_4b70;
+
+/// The version a schema is at, read without any DDL (so a role without `CREATE` rights opens
+/// an up-to-date schema): `None` when there is no tokenkeeper schema there yet.
+async fn current_version(
+    client: &tokio_postgres::Client,
+    names: &Names,
+) -> Result<Option<i32>, ConnectError> {
+    let s = &names.quoted;
+    match client
+        .query_opt(&format!("SELECT version FROM {s}.tokenkeeper_schema"), &[])
+        .await
+    {
+        Ok(row) => row
+            .map(|r| r.try_get::<_, i32>(0))
+            .transpose()
+            .map_err(ConnectError::schema),
+        // No such schema or table: nothing there yet.
+        Err(e)
+            if e.code()
+                .is_some_and(|c| matches!(c.code(), "3F000" | "42P01")) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(ConnectError::schema(e)),
+    }
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], or refuses it. An up-to-date schema is only
+/// read; otherwise one transaction takes the schema's advisory lock (waiting at most
+/// `lock_wait` for it and for table locks), creates or migrates, and records the version.
 pub(crate) async fn migrate(
     client: &mut tokio_postgres::Client,
     names: &Names,
+    lock_wait: std::time::Duration,
 ) -> Result<(), ConnectError> {
+    let future = |found| ConnectError::FutureSchema {
+        schema: names.name.clone(),
+        found,
+        supported: SCHEMA_VERSION,
+    };
+    match current_version(client, names).await? {
+        Some(v) if v == SCHEMA_VERSION => return Ok(()),
+        Some(v) if v > SCHEMA_VERSION => return Err(future(v)),
+        _ => {}
+    }
     let s = &names.quoted;
     let tx = client.transaction().await.map_err(ConnectError::schema)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        lock_wait.as_millis().max(1)
+    ))
+    .await
+    .map_err(ConnectError::schema)?;
     // One migrator at a time per schema (creating it included: `CREATE SCHEMA IF NOT EXISTS`
     // races), released with the transaction.
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("tokenkeeper/{}", names.name)],
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&LOCK_CLASS, &names.name],
     )
     .await
     .map_err(ConnectError::schema)?;
@@ -67,7 +116,9 @@ pub(crate) async fn migrate(
         .query_opt(&format!("SELECT version FROM {s}.tokenkeeper_schema"), &[])
         .await
         .map_err(ConnectError::schema)?
-        .map(|row| row.get(0));
+        .map(|row| row.try_get(0))
+        .transpose()
+        .map_err(ConnectError::schema)?;
     let version = match found {
         Some(v) => v,
         None => {
@@ -79,7 +130,8 @@ pub(crate) async fn migrate(
                 )
                 .await
                 .map_err(ConnectError::schema)?
-                .get(0);
+                .try_get(0)
+                .map_err(ConnectError::schema)?;
             if foreign {
                 return Err(ConnectError::NotTokenkeeper {
                     schema: names.name.clone(),
@@ -89,11 +141,7 @@ pub(crate) async fn migrate(
         }
     };
     if version > SCHEMA_VERSION {
-        return Err(ConnectError::FutureSchema {
-            schema: names.name.clone(),
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(future(version));
     }
     for sql in MIGRATIONS
         .iter()

@@ -215,6 +215,19 @@ async fn plaintext_to_another_host_is_refused_and_errors_hide_the_password() {
         .await
         .unwrap_err();
     assert!(matches!(e, ConnectError::Plaintext { .. }), "{e}");
+    // `hostaddr` is where the driver really connects: a loopback host name does not make a
+    // remote address local, nor does leaving the host out.
+    for sneaky in [
+        "postgres://app:hunter2@localhost/app?hostaddr=10.255.255.1&sslmode=disable",
+        "postgres://app:hunter2@/app?hostaddr=10.255.255.1&sslmode=disable",
+    ] {
+        let e = PostgresStore::builder(sneaky)
+            .connect_timeout(Duration::from_millis(300))
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::Plaintext { .. }), "{sneaky}: {e}");
+    }
     let text = e.to_string();
     assert!(
         text.contains("sslmode=require") && !text.contains("hunter2"),
@@ -247,4 +260,50 @@ async fn plaintext_to_another_host_is_refused_and_errors_hide_the_password() {
             ..
         })
     ));
+}
+
+/// TLS with rustls against a server on a private CA: `sslmode=require` with the CA trusted
+/// works (also for `verify-full`); without the CA the certificate is not trusted and
+/// connecting is a typed error; a server without TLS is refused for `require`.
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    let ca = tokenkeeper_testkit::tls::PrivateCa::new("postgres");
+    let server = tokenkeeper_testkit::postgres::Server::start_tls(&ca);
+    for mode in ["require", "verify-full"] {
+        let url = format!(
+            "postgres://tokenkeeper@localhost:{}/postgres?sslmode={mode}",
+            server.port
+        );
+        let store = PostgresStore::builder(&url)
+            .schema("over_tls")
+            .ca_certificate(ca.ca_pem())
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let r = sample_record(&id(&format!("over-tls-{mode}")), T0);
+        store.create(&r).await.unwrap();
+        assert_eq!(store.get(r.id()).await.unwrap(), Some(r));
+    }
+    let url = format!(
+        "postgres://tokenkeeper@localhost:{}/postgres?sslmode=require",
+        server.port
+    );
+    let untrusted = PostgresStore::builder(&url)
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    assert!(
+        matches!(untrusted, Err(ConnectError::Unreachable { .. })),
+        "{untrusted:?}"
+    );
+    // The shared test server offers no TLS: `require` does not fall back to plaintext.
+    let plain_server = common::url().replace("sslmode=disable", "sslmode=require");
+    let refused = PostgresStore::builder(&plain_server)
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    assert!(
+        matches!(refused, Err(ConnectError::Unreachable { .. })),
+        "{refused:?}"
+    );
 }

@@ -3,7 +3,8 @@
 //! Nothing here is product: it starts real servers for integration tests ([`redis`],
 //! [`postgres`]), makes throwaway directories ([`dirs`]), runs multi-process compare-and-swap
 //! races ([`race`]), wraps stores to inject failures and pauses ([`wrappers`]) and stands in
-//! for a failover address that moves from one server to another ([`proxy`]). Production crates never depend
+//! for a failover address that moves from one server to another ([`proxy`]); it also makes
+//! private certificate authorities for the TLS tests ([`tls`]). Production crates never depend
 //! on it; their tests and the benches do, as a path-only dev-dependency.
 
 pub mod dirs;
@@ -11,4 +12,5 @@ pub mod postgres;
 pub mod proxy;
 pub mod race;
 pub mod redis;
+pub mod tls;
 pub mod wrappers;

@@ -101,13 +101,13 @@ fn init(tag: &str) -> PathBuf {
     dir
 }
 
-/// The `pg_ctl start` options: loopback only, the socket in the data directory, room for the
-/// tests' pools. `fsync=off` is safe for what the tests do: a killed server keeps what it
+/// The `pg_ctl start` options: loopback TCP only, room for the tests' pools. `fsync=off` is safe for what the tests do: a killed server keeps what it
 /// wrote to the operating system, only a machine crash would lose it.
-fn options(port: u16, dir: &Path) -> String {
+fn options(port: u16, _dir: &Path) -> String {
+    // TCP only: a Unix socket path under a long temporary directory can exceed the 107 bytes
+    // a socket path may have.
     format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off",
-        dir.display()
+        "-p {port} -c unix_socket_directories= -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off"
     )
 }
 
@@ -135,15 +135,30 @@ pub struct Server {
     /// Its port.
     pub port: u16,
     dir: PathBuf,
+    extra: String,
 }
 
 impl Server {
     /// Initialises a data directory and starts a server on a free loopback port.
     pub fn start() -> Server {
-        let port = crate::redis::free_port();
         let server = Server {
-            port,
+            port: crate::redis::free_port(),
             dir: init("server"),
+            extra: String::new(),
+        };
+        server.start_again();
+        server
+    }
+
+    /// A server that offers TLS with `ca`'s server certificate (for `127.0.0.1` and
+    /// `localhost`).
+    pub fn start_tls(ca: &crate::tls::PrivateCa) -> Server {
+        let dir = init("tls");
+        ca.install_server_files(&dir, run_as().map(|(_, uid, gid)| (uid, gid)));
+        let server = Server {
+            port: crate::redis::free_port(),
+            dir,
+            extra: " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into(),
         };
         server.start_again();
         server
@@ -194,7 +209,7 @@ impl Server {
             "-l",
             log.to_str().unwrap_or("server.log"),
             "-o",
-            &options(self.port, &self.dir),
+            &format!("{}{}", options(self.port, &self.dir), self.extra),
         ]);
         wait_for(self.port);
     }
