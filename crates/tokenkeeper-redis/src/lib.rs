@@ -5,8 +5,9 @@
 //!
 //! - Every write is one Lua script (`EVALSHA`, reloaded on `NOSCRIPT`) that checks the version
 //!   and updates the record and its index entries atomically.
-//! - The key layout is Redis Cluster compatible (see the `keys` module docs): each
-//!   installation's keys share one hash tag derived from its id; a configurable key prefix
+//! - One server, or a Redis Cluster (feature `cluster`, `RedisStore::cluster_builder`) with
+//!   the same key layout (see the `keys` module docs): each installation's keys share one hash tag derived from its id, so every script
+//!   runs on one slot; `due` and `list` ask each shard on its own; a configurable key prefix
 //!   lets several applications share one Redis. Keys hold no installation data but the id;
 //!   tokens live only inside values.
 //! - A connection manager reconnects after a server restart; during an outage every
@@ -26,6 +27,7 @@
 //! # }
 //! ```
 
+mod conn;
 mod durability;
 mod keys;
 mod scripts;
@@ -37,6 +39,7 @@ pub use durability::{DurabilityCheck, DurabilityGap};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use conn::Conn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokenkeeper_core::{
@@ -160,6 +163,8 @@ pub struct RedisStoreBuilder {
     durability_check: DurabilityCheck,
     replica_wait: Option<ReplicaWait>,
     allow_plaintext: bool,
+    /// The seed nodes of a cluster (`url` is the first); empty for a single server.
+    cluster_nodes: Vec<String>,
     #[cfg(feature = "tls")]
     tls_root: Option<Vec<u8>>,
 }
@@ -168,6 +173,14 @@ impl std::fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStoreBuilder")
             .field("url", &redact(&self.url))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|n| redact(n))
+                    .collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("shards", &self.shards)
             .field("operation_timeout", &self.operation_timeout)
@@ -249,12 +262,19 @@ impl RedisStoreBuilder {
     /// Connects (and checks the server answers).
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         let url = redact(&self.url);
-        if !self.allow_plaintext
-            && let Ok(info) = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
-            && let redis::ConnectionAddr::Tcp(host, _) = info.addr()
-            && !is_loopback(host)
-        {
-            return Err(ConnectError::Plaintext { url });
+        let nodes: Vec<&str> = if self.cluster_nodes.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.cluster_nodes.iter().map(String::as_str).collect()
+        };
+        for node in &nodes {
+            if !self.allow_plaintext
+                && let Ok(info) = redis::IntoConnectionInfo::into_connection_info(*node)
+                && let redis::ConnectionAddr::Tcp(host, _) = info.addr()
+                && !is_loopback(host)
+            {
+                return Err(ConnectError::Plaintext { url: redact(node) });
+            }
         }
         if self.prefix.is_empty()
             || self
@@ -273,6 +293,23 @@ impl RedisStoreBuilder {
                 reason: "must be 1 to 256",
             });
         }
+        let conn = if self.cluster_nodes.is_empty() {
+            self.connect_single(&url).await?
+        } else {
+            self.connect_cluster(&url).await?
+        };
+        // A connection is not a usable server: a PING fails on missing or wrong credentials.
+        let mut ping = conn.clone();
+        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut ping).await;
+        pong.map_err(|source| ConnectError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        self.finish(conn, url).await
+    }
+
+    /// A single server's multiplexed connection, reconnecting by itself.
+    async fn connect_single(&self, url: &str) -> Result<Conn, ConnectError> {
         #[cfg(feature = "tls")]
         let client = match self.tls_root.clone() {
             Some(root) => redis::Client::build_with_tls(
@@ -287,7 +324,7 @@ impl RedisStoreBuilder {
         #[cfg(not(feature = "tls"))]
         let client = redis::Client::open(self.url.as_str());
         let client = client.map_err(|source| ConnectError::InvalidUrl {
-            url: url.clone(),
+            url: url.to_owned(),
             source,
         })?;
         let config = ConnectionManagerConfig::new()
@@ -301,20 +338,59 @@ impl RedisStoreBuilder {
         )
         .await
         .map_err(|_| ConnectError::Unreachable {
-            url: url.clone(),
+            url: url.to_owned(),
             source: RedisError::from((redis::ErrorKind::Io, "connection timed out")),
         })?
         .map_err(|source| ConnectError::Unreachable {
-            url: url.clone(),
+            url: url.to_owned(),
             source,
         })?;
-        // A connection is not a usable server: a PING fails on missing or wrong credentials.
-        let mut ping = conn.clone();
-        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut ping).await;
-        pong.map_err(|source| ConnectError::Unreachable {
-            url: url.clone(),
+        Ok(Conn::Single(conn))
+    }
+
+    /// A cluster connection from the seed nodes (it learns the slot map and follows it).
+    #[cfg(feature = "cluster")]
+    async fn connect_cluster(&self, url: &str) -> Result<Conn, ConnectError> {
+        let unreachable = |source| ConnectError::Unreachable {
+            url: url.to_owned(),
             source,
-        })?;
+        };
+        let client = redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
+            .connection_timeout(self.connection_timeout)
+            .response_timeout(self.response_timeout)
+            .retries(
+                u32::try_from(self.reconnect_retries)
+                    .unwrap_or(u32::MAX)
+                    .max(3),
+            )
+            .build()
+            .map_err(|source| ConnectError::InvalidUrl {
+                url: url.to_owned(),
+                source,
+            })?;
+        let conn = tokio::time::timeout(self.operation_timeout, client.get_async_connection())
+            .await
+            .map_err(|_| {
+                unreachable(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "connection timed out",
+                )))
+            })?
+            .map_err(unreachable)?;
+        Ok(Conn::Cluster(conn))
+    }
+
+    /// Without the `cluster` feature there is no cluster builder, so no seed nodes.
+    #[cfg(not(feature = "cluster"))]
+    async fn connect_cluster(&self, _url: &str) -> Result<Conn, ConnectError> {
+        Err(ConnectError::Config {
+            field: "cluster_builder",
+            reason: "Redis Cluster needs the `cluster` feature",
+        })
+    }
+
+    /// Checks durability, moves a legacy due index, and builds the store.
+    async fn finish(self, conn: Conn, url: String) -> Result<RedisStore, ConnectError> {
         let durability_gaps = match self.durability_check {
             DurabilityCheck::Skip => Vec::new(),
             _ => read_durability(&conn).await,
@@ -357,7 +433,7 @@ impl RedisStoreBuilder {
 }
 
 /// Reads the persistence and eviction settings; an unreadable answer is itself a gap.
-async fn read_durability(conn: &ConnectionManager) -> Vec<durability::DurabilityGap> {
+async fn read_durability(conn: &Conn) -> Vec<durability::DurabilityGap> {
     let mut conn = conn.clone();
     let mut settings = Vec::new();
     for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
@@ -381,7 +457,7 @@ async fn read_durability(conn: &ConnectionManager) -> Vec<durability::Durability
 /// A [`TokenStore`] on Redis. Clone-cheap: clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     layout: Layout,
     prefix: String,
     url: String,
@@ -414,9 +490,29 @@ impl RedisStore {
             durability_check: DurabilityCheck::default(),
             replica_wait: None,
             allow_plaintext: false,
+            cluster_nodes: Vec::new(),
             #[cfg(feature = "tls")]
             tls_root: None,
         }
+    }
+
+    /// A builder for a Redis Cluster (feature `cluster`), given some of its nodes (`redis://`
+    /// URLs; the client learns the rest). The key layout is the same as on one server: each
+    /// installation's keys share a hash tag, so every script touches one slot, and `due` and
+    /// `list` ask each shard on its own. `MOVED`, `ASK` and failovers are followed by the
+    /// client; with [`RedisStoreBuilder::wait_for_replicas`], each token write waits for the
+    /// replicas of the primary that took it.
+    #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
+    pub fn cluster_builder<I, S>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut builder = Self::builder(nodes.first().cloned().unwrap_or_default());
+        builder.cluster_nodes = nodes;
+        builder
     }
 
     /// Connects to `url` with the defaults.
@@ -431,8 +527,13 @@ impl RedisStore {
         &self.durability_gaps
     }
 
-    /// Waits for the configured replicas after a write.
-    async fn wait_for_replicas(&self, operation: &'static str) -> Result<(), StoreError> {
+    /// Waits for the configured replicas after a write to `key` (in a cluster, of the primary
+    /// that owns its slot).
+    async fn wait_for_replicas(
+        &self,
+        operation: &'static str,
+        key: &str,
+    ) -> Result<(), StoreError> {
         let Some(wait) = self.replica_wait else {
             return Ok(());
         };
@@ -441,11 +542,7 @@ impl RedisStore {
             .max(1);
         let acked: u32 = self
             .run(operation, async |c| {
-                redis::cmd("WAIT")
-                    .arg(wait.replicas)
-                    .arg(millis)
-                    .query_async(c)
-                    .await
+                c.wait(key, wait.replicas, millis).await
             })
             .await?;
         if acked < wait.replicas {
@@ -537,11 +634,38 @@ impl RedisStore {
         Ok(moved)
     }
 
+    /// Runs one read per shard: one pipeline on a single server; on a cluster, where the
+    /// shards' keys live in different slots (a pipeline across slots is refused), each
+    /// command on its own (routed to the primary of its slot), one after the other.
+    async fn fan_out(
+        &self,
+        operation: &'static str,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, StoreError> {
+        if !self.conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd);
+            }
+            return self
+                .run(operation, async |c| pipe.query_async(c).await)
+                .await;
+        }
+        self.run(operation, async |c| {
+            let mut pages = Vec::with_capacity(cmds.len());
+            for cmd in &cmds {
+                pages.push(cmd.query_async::<Vec<Vec<u8>>>(c).await?);
+            }
+            Ok(pages)
+        })
+        .await
+    }
+
     /// Runs one Redis interaction under the operation timeout, mapping errors.
     async fn run<T>(
         &self,
         operation: &'static str,
-        f: impl AsyncFnOnce(&mut ConnectionManager) -> Result<T, RedisError>,
+        f: impl AsyncFnOnce(&mut Conn) -> Result<T, RedisError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.operation_timeout, f(&mut conn)).await {
@@ -676,7 +800,7 @@ impl TokenStore for RedisStore {
             })
             .await?;
         if created == 1 {
-            self.wait_for_replicas("create").await
+            self.wait_for_replicas("create", &keys[0]).await
         } else {
             Err(StoreError::AlreadyExists {
                 id: record.id().clone(),
@@ -714,7 +838,7 @@ impl TokenStore for RedisStore {
             .await?;
         match reply {
             Value::Int(1) => {
-                self.wait_for_replicas("compare_and_swap").await?;
+                self.wait_for_replicas("compare_and_swap", &keys[0]).await?;
                 Ok(CasOutcome::Swapped)
             }
             Value::Int(0) => Ok(CasOutcome::Missing),
@@ -780,7 +904,7 @@ impl TokenStore for RedisStore {
             })
             .await?;
         if existing.is_none() {
-            self.wait_for_replicas("claim_flow").await?;
+            self.wait_for_replicas("claim_flow", &key).await?;
         }
         Ok(existing)
     }
@@ -797,7 +921,7 @@ impl TokenStore for RedisStore {
                 .await
         })
         .await?;
-        self.wait_for_replicas("settle_flow").await
+        self.wait_for_replicas("settle_flow", &key).await
     }
 
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -829,17 +953,20 @@ impl TokenStore for RedisStore {
         let max = format!("({}", due_hex(before));
         let shards = self.layout.shards();
         let share = limit.div_ceil(shards.len()) + 1;
-        let mut pipe = redis::pipe();
-        for shard in shards {
-            pipe.cmd("ZRANGEBYLEX")
-                .arg(shard.due(consumer))
-                .arg(&min)
-                .arg(&max)
-                .arg("LIMIT")
-                .arg(0)
-                .arg(share);
-        }
-        let pages: Vec<Vec<Vec<u8>>> = self.run("due", async |c| pipe.query_async(c).await).await?;
+        let cmds: Vec<redis::Cmd> = shards
+            .iter()
+            .map(|shard| {
+                let mut cmd = redis::cmd("ZRANGEBYLEX");
+                cmd.arg(shard.due(consumer))
+                    .arg(&min)
+                    .arg(&max)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(share);
+                cmd
+            })
+            .collect();
+        let pages = self.fan_out("due", cmds).await?;
         // Below the smallest last member of a full shard, every shard's entries are here.
         let cut = pages
             .iter()
@@ -890,23 +1017,22 @@ impl TokenStore for RedisStore {
             .enumerate()
             .filter(|(_, k)| filter.matches(*k))
             .collect();
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         let mut tags = Vec::new();
         for shard in self.layout.shards() {
             for (n, kind) in &kinds {
-                pipe.cmd("ZRANGEBYLEX")
-                    .arg(&shard.states[*n])
+                let mut cmd = redis::cmd("ZRANGEBYLEX");
+                cmd.arg(&shard.states[*n])
                     .arg(&min)
                     .arg("+")
                     .arg("LIMIT")
                     .arg(0)
                     .arg(limit);
+                cmds.push(cmd);
                 tags.push(*kind);
             }
         }
-        let pages: Vec<Vec<Vec<u8>>> = self
-            .run("list", async |c| pipe.query_async(c).await)
-            .await?;
+        let pages = self.fan_out("list", cmds).await?;
         let mut rows: Vec<(Vec<u8>, StateKind)> = pages
             .into_iter()
             .zip(tags)

@@ -55,6 +55,20 @@ impl RaceReport {
     }
 }
 
+/// The next version of `current`: `holder` takes its (lapsed) lease now.
+pub fn takeover(current: &tokenkeeper_core::Record, holder: &str) -> tokenkeeper_core::Record {
+    let now = SystemClock.now();
+    current
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new(holder),
+                until: now,
+            },
+            now,
+        )
+        .expect("a lapsed lease can always be retaken")
+}
+
 /// One process's share of a race: for `run_for`, read a random shared record and swap in the
 /// next version (a lapsed-lease takeover), counting outcomes.
 pub async fn race_worker(
@@ -79,16 +93,7 @@ pub async fn race_worker(
                 continue;
             }
         };
-        let now = SystemClock.now();
-        let next = current
-            .apply(
-                Event::LeaseAcquired {
-                    holder: LeaseHolder::new(holder),
-                    until: now,
-                },
-                now,
-            )
-            .expect("a lapsed lease can always be retaken");
+        let next = takeover(&current, holder);
         match store.compare_and_swap(&next, current.version()).await {
             Ok(CasOutcome::Swapped) => report.swaps += 1,
             Ok(CasOutcome::Conflict(_)) => report.conflicts += 1,

@@ -66,6 +66,12 @@ impl Server {
         self.child = spawn(self.port, &self.dir, &self.extra);
     }
 
+    /// Kills the server with SIGKILL and leaves it down.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -145,4 +151,176 @@ pub fn server_url() -> String {
 /// A key prefix no other test (or process) uses.
 pub fn unique_prefix(tag: &str) -> String {
     format!("tk-test-{tag}-{}", crate::dirs::unique_suffix())
+}
+
+/// The redis-cli next to the redis-server in use (or on PATH).
+pub fn cli_binary() -> String {
+    let server = server_binary();
+    let beside = std::path::Path::new(&server).with_file_name("redis-cli");
+    if beside.is_file() {
+        beside.to_string_lossy().into_owned()
+    } else {
+        "redis-cli".to_owned()
+    }
+}
+
+/// Runs `redis-cli -p port args…` and returns its output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(cli_binary())
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli: {e}: {INSTALL_HINT}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The arguments that make a redis-server a cluster node (1 s node timeout, so a failover
+/// takes a few seconds).
+fn cluster_args(port: u16) -> Vec<String> {
+    vec![
+        "--cluster-enabled".into(),
+        "yes".into(),
+        "--cluster-config-file".into(),
+        format!("nodes-{port}.conf"),
+        "--cluster-node-timeout".into(),
+        "1000".into(),
+    ]
+}
+
+/// Joins the nodes on `ports` into a cluster with `replicas` replicas per primary and waits
+/// until every node reports `cluster_state:ok`.
+fn create_cluster(ports: &[u16], replicas: usize) {
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = Command::new(cli_binary())
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli: {e}: {INSTALL_HINT}"));
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_cluster_ok(ports);
+}
+
+/// Waits (up to 30 s) until every node on `ports` says `cluster_state:ok`.
+pub fn wait_cluster_ok(ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ports
+        .iter()
+        .all(|p| cli(*p, &["cluster", "info"]).contains("cluster_state:ok"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the Redis Cluster did not become ok"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Redis Cluster of its own on free loopback ports (no persistence), stopped when dropped.
+pub struct Cluster {
+    /// Its nodes, primaries first as created.
+    pub nodes: Vec<Server>,
+}
+
+impl Cluster {
+    /// `primaries` primaries with `replicas` replicas each.
+    pub fn start(primaries: usize, replicas: usize) -> Cluster {
+        let nodes: Vec<Server> = (0..primaries * (1 + replicas))
+            .map(|_| {
+                let port = free_port();
+                let args = cluster_args(port);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Server::start_on(port, &args)
+            })
+            .collect();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        create_cluster(&ports, replicas);
+        // `cluster_state:ok` comes before the replicas have synced: wait for their links, so
+        // a `WAIT` right away counts them.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let synced = |p: &u16| {
+            let info = cli(*p, &["info", "replication"]);
+            !info.contains("role:slave") || info.contains("master_link_status:up")
+        };
+        while !ports.iter().all(synced) {
+            assert!(Instant::now() < deadline, "the replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Cluster { nodes }
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Server::url).collect()
+    }
+
+    /// The ports of the nodes that are primaries now.
+    pub fn primary_ports(&self) -> Vec<u16> {
+        let any = self
+            .nodes
+            .iter()
+            .find(|n| !cli(n.port, &["ping"]).is_empty());
+        let Some(any) = any else { return Vec::new() };
+        cli(any.port, &["cluster", "nodes"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|addr| addr.split('@').next()?.rsplit(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Kills the node on `port` (SIGKILL: a crash).
+    pub fn kill(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.kill();
+        }
+    }
+}
+
+/// The URLs of a shared 3-primary cluster (no replicas) that lives as long as the test
+/// process: a shell wrapper stops its servers when our stdin pipe closes.
+pub fn cluster_urls() -> Vec<String> {
+    static URLS: OnceLock<Vec<String>> = OnceLock::new();
+    URLS.get_or_init(|| {
+        let bin = server_binary();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut script = String::new();
+        for port in &ports {
+            let dir = std::env::temp_dir().join(format!(
+                "tokenkeeper-redis-cluster-{}-{port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            script.push_str(&format!(
+                "'{bin}' --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}' {} >/dev/null 2>&1 & pids=\"$pids $!\"; ",
+                dir.display(),
+                cluster_args(*port).join(" ")
+            ));
+        }
+        script.push_str("read _; kill $pids");
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Keep the pipe's write end open for the life of the process.
+        std::mem::forget(child);
+        for port in &ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start: {INSTALL_HINT}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        create_cluster(&ports, 0);
+        ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    })
+    .clone()
 }

@@ -44,7 +44,8 @@
 //! - [`oauth`]: the provider side: [`ProviderProfile`]s and `profiles::*`, [`ConsumerConfig`],
 //!   [`OAuthClient`] (token endpoint), the authorization flow. It never stores anything.
 //! - [`stores`]: the storage backends compiled in by cargo feature: `memory` (default),
-//!   `sqlite`, `redis` (and `redis-tls` for `rediss://`).
+//!   `sqlite`, `redis` (and `redis-tls` for `rediss://`, `redis-cluster` for Redis Cluster),
+//!   `postgres`.
 //! - [`core`]: the model, the pure state machine and the `TokenStore` trait, for writing
 //!   your own store.
 //! - [`_documentation::design`]: how it all works and why.

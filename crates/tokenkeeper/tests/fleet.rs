@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{open_store, postgres_location, redis_location, sqlite_location};
+use common::{
+    open_store, postgres_location, redis_cluster_location, redis_location, sqlite_location,
+};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -507,6 +509,18 @@ async fn redis_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
         run_fleet("redis", &redis_location("fleet"), profile).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_fleet_of_processes() {
+    for profile in ["bitbucket", "atlassian-3lo"] {
+        run_fleet("redis", &redis_cluster_location("fleet"), profile).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_fleet_on_redis_cluster() {
+    run_contention("redis", &redis_cluster_location("contention"), "bitbucket").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

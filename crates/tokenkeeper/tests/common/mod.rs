@@ -301,6 +301,11 @@ pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
             let mut parts = location.split('|');
             let (url, prefix) = (parts.next().unwrap(), parts.next().unwrap());
             let mut builder = tokenkeeper_redis::RedisStore::builder(url).prefix(prefix);
+            if url.contains(',') {
+                // `NODE,NODE,…|PREFIX`: a Redis Cluster.
+                builder =
+                    tokenkeeper_redis::RedisStore::cluster_builder(url.split(',')).prefix(prefix);
+            }
             if parts.next() == Some("wait") {
                 builder = builder.wait_for_replicas(1, std::time::Duration::from_millis(500));
             }
@@ -325,6 +330,13 @@ pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
 pub fn sqlite_location(tag: &str) -> String {
     let path = tokenkeeper_testkit::dirs::fresh_db(tag);
     path.to_str().unwrap().to_owned()
+}
+
+/// The shared test Redis Cluster (three primaries) with a prefix of its own
+/// (`open_store("redis", ..)` sees the comma-separated nodes).
+pub fn redis_cluster_location(tag: &str) -> String {
+    let nodes = tokenkeeper_testkit::redis::cluster_urls().join(",");
+    format!("{nodes}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
 }
 
 /// The shared test PostgreSQL server with a schema of its own (`open_store("postgres", ..)`).
