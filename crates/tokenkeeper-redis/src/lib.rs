@@ -358,10 +358,12 @@ impl RedisStoreBuilder {
         let client = redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
             .connection_timeout(self.connection_timeout)
             .response_timeout(self.response_timeout)
+            // A failover takes the cluster's node timeout and an election: follow redirections
+            // and refresh the slot map that long before reporting `Unavailable`.
             .retries(
                 u32::try_from(self.reconnect_retries)
                     .unwrap_or(u32::MAX)
-                    .max(3),
+                    .max(8),
             )
             .build()
             .map_err(|source| ConnectError::InvalidUrl {
@@ -703,7 +705,11 @@ enum RedisFault {
 /// a demoted primary answers READONLY, a restarting one LOADING, a primary without its
 /// replicas NOREPLICAS (`min-replicas-to-write`), a cluster mid-failover TRYAGAIN or
 /// CLUSTERDOWN, a full one OOM. A retry can succeed, so they are `Unavailable`.
-const RETRYABLE_CODES: [&str; 7] = [
+const RETRYABLE_CODES: [&str; 9] = [
+    // A cluster's slot moved (a failover or resharding) and the client's redirections ran
+    // out: the next attempt goes to the new owner.
+    "MOVED",
+    "ASK",
     "READONLY",
     "LOADING",
     "MASTERDOWN",

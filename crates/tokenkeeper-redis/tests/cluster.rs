@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokenkeeper_core::conformance::{T0, sample_record};
 use tokenkeeper_core::{CasOutcome, InstallationId, StoreError, TokenStore};
 use tokenkeeper_redis::RedisStore;
-use tokenkeeper_testkit::redis::{Cluster, cluster_urls, unique_prefix, wait_cluster_ok};
+use tokenkeeper_testkit::redis::{Cluster, cluster_urls, unique_prefix};
 
 async fn cluster_store(tag: &str) -> RedisStore {
     RedisStore::cluster_builder(cluster_urls())
@@ -129,13 +129,7 @@ async fn a_primary_killed_mid_run_loses_nothing_acknowledged() {
         ok += o;
         unavailable += u;
     }
-    let alive: Vec<u16> = cluster
-        .nodes
-        .iter()
-        .map(|n| n.port)
-        .filter(|p| *p != victim)
-        .collect();
-    wait_cluster_ok(&alive);
+    cluster.wait_failover(victim, 3);
     let primaries = cluster.primary_ports();
     assert_eq!(primaries.len(), 3, "a replica took over: {primaries:?}");
     assert!(!primaries.contains(&victim));

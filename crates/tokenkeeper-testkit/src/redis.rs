@@ -72,6 +72,11 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Starts a killed server again on the same port, directory and arguments.
+    pub fn start_again(&mut self) {
+        self.child = spawn(self.port, &self.dir, &self.extra);
+    }
+
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -232,25 +237,20 @@ impl Cluster {
         let nodes: Vec<Server> = (0..primaries * (1 + replicas))
             .map(|_| {
                 let port = free_port();
-                let args = cluster_args(port);
+                // With an append-only file: a killed node that comes back has its data.
+                let mut args = cluster_args(port);
+                args.extend(["--appendonly".to_owned(), "yes".to_owned()]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 Server::start_on(port, &args)
             })
             .collect();
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         create_cluster(&ports, replicas);
+        let cluster = Cluster { nodes };
         // `cluster_state:ok` comes before the replicas have synced: wait for their links, so
         // a `WAIT` right away counts them.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let synced = |p: &u16| {
-            let info = cli(*p, &["info", "replication"]);
-            !info.contains("role:slave") || info.contains("master_link_status:up")
-        };
-        while !ports.iter().all(synced) {
-            assert!(Instant::now() < deadline, "the replicas did not sync");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Cluster { nodes }
+        cluster.wait_replicas_synced();
+        cluster
     }
 
     /// `redis://127.0.0.1:PORT` of every node.
@@ -277,6 +277,51 @@ impl Cluster {
     pub fn kill(&mut self, port: u16) {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
             n.kill();
+        }
+    }
+
+    /// Waits (up to 30 s) until the cluster has failed over from the killed primary on
+    /// `port`: `primaries` primaries again, none of them that one, and every other node ok.
+    pub fn wait_failover(&self, port: u16, primaries: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.primary_ports();
+            if now.len() == primaries && !now.contains(&port) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover from {port}: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let alive: Vec<u16> = self.ports().into_iter().filter(|p| *p != port).collect();
+        wait_cluster_ok(&alive);
+    }
+
+    /// Starts the killed node on `port` again: it rejoins from its cluster configuration
+    /// (as a replica, if its slots were failed over meanwhile).
+    pub fn restart(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.start_again();
+        }
+    }
+
+    /// The ports of every node.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// Waits (up to 30 s) until every replica's link to its primary is up.
+    pub fn wait_replicas_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let synced = |p: &u16| {
+            let info = cli(*p, &["info", "replication"]);
+            !info.contains("role:slave") || info.contains("master_link_status:up")
+        };
+        while !self.ports().iter().all(synced) {
+            assert!(Instant::now() < deadline, "the replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -1309,6 +1309,83 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
     );
 }
 
+/// A Redis Cluster of three primaries with a replica each. Every write that stores tokens
+/// waits for the replica of the primary that took it (`WAIT 1`). Mid-sweep, under four worker
+/// processes, one primary is killed (SIGKILL); its replica is promoted by the cluster itself
+/// and the workers' cluster clients follow; the old primary comes back as a replica. Every
+/// installation survives with its tokens, no retired token is presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_primary_killed_mid_sweep_loses_nothing() {
+    const COUNT: usize = 60;
+    const ROUNDS: usize = 3;
+    use tokenkeeper_testkit::redis::{Cluster, wait_cluster_ok};
+    // (`wait_failover` waits for the promotion: restarting a killed primary before it, even
+    // with its append-only file, could make it a primary again with writes the replica took.)
+    let mut cluster = Cluster::start(3, 1);
+    let prefix = tokenkeeper_testkit::redis::unique_prefix("cluster-failover");
+    let location = format!("{}|{prefix}|wait", cluster.urls().join(","));
+    let (profile, kind, cycle) = profile("bitbucket");
+    let mock = MockProvider::builder().profile(kind).start().await.unwrap();
+    let base = mock.base_url();
+    let store = open_store("redis", &location).await;
+    let clock = OffsetClock::default();
+    let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
+    authorize_all(&admin, &mock, COUNT).await;
+    slow_replies(&mock, 100);
+    let env = [
+        ("TK_FLEET_COUNT", COUNT.to_string()),
+        ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
+    ];
+    let mut members: Vec<Member> = (0..PROCESSES)
+        .map(|n| spawn_member_with("redis", &location, &base, "bitbucket", n, &env))
+        .collect();
+    let mut offset = 0i64;
+    let mut outage_errors = 0;
+    for round in 1..=ROUNDS {
+        mock.advance(cycle);
+        offset += cycle.as_secs() as i64;
+        for m in &mut members {
+            writeln!(m.stdin, "cycle {offset}").unwrap();
+            m.stdin.flush().unwrap();
+        }
+        let mut victim = None;
+        if round == 2 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let port = cluster.primary_ports()[0];
+            cluster.kill(port);
+            victim = Some(port);
+        }
+        let errors: usize = members.iter_mut().map(read_done).sum();
+        if let Some(port) = victim {
+            // The cluster promotes the replica; the old primary rejoins as its replica, and
+            // the writes that wait for one replica go through again.
+            cluster.wait_failover(port, 3);
+            cluster.restart(port);
+            wait_cluster_ok(&cluster.ports());
+            cluster.wait_replicas_synced();
+            outage_errors = errors;
+        } else {
+            assert_eq!(errors, 0, "round {round} had errors");
+        }
+    }
+    stop_members(members);
+    let c = all_survive(
+        &admin,
+        &mock,
+        &clock,
+        offset,
+        cycle,
+        COUNT,
+        "the cluster failover",
+    )
+    .await;
+    assert!(lost_installations(&store).await.is_empty());
+    eprintln!(
+        "Redis Cluster primary killed mid-sweep under {PROCESSES} processes (WAIT 1): {} refreshes, {outage_errors} caller errors during the failover, 0 retired tokens presented, 0 installations lost",
+        c.refreshes
+    );
+}
+
 /// Waits until the Redis server at `url` has a replica that acknowledges its writes.
 async fn replica_synced(url: &str) {
     let mut raw = redis::Client::open(url)
