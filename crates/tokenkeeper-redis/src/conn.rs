@@ -2,13 +2,13 @@
 //!
 //! Both are multiplexed and cheap to clone. Commands and scripts go through
 //! [`redis::aio::ConnectionLike`] either way: in a cluster, redis-rs routes each by its key's
-//! slot and follows `MOVED`/`ASK` redirections and failovers. What differs is spelled out
-//! here: a pipeline whose commands span slots is refused by a cluster (`CROSSSLOT`), so
-//! [`Conn::is_cluster`] tells the store to send per-shard commands one by one; and `WAIT` must
-//! reach the primary that took the write, so [`Conn::wait`] routes it by the written key.
+//! slot and follows `MOVED`/`ASK` redirections and failovers. What differs: a pipeline whose
+//! commands span slots is refused by a cluster (`CROSSSLOT`), so [`Conn::is_cluster`] tells
+//! the store to send per-shard commands one by one. (`WAIT` travels in one pipeline with the
+//! write it waits for, which routes it to the primary that took the write.)
 
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// A connection to one server or to a cluster.
 #[derive(Clone)]
@@ -22,32 +22,6 @@ impl Conn {
     /// Whether commands on keys of different slots must go separately.
     pub(crate) fn is_cluster(&self) -> bool {
         !matches!(self, Self::Single(_))
-    }
-
-    /// `WAIT replicas timeout_ms`, on the primary that owns `key`'s slot: the number of
-    /// replicas that acknowledged this connection's writes to it.
-    pub(crate) async fn wait(&mut self, key: &str, replicas: u32, millis: u64) -> RedisResult<u32> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(millis);
-        match self {
-            // One server: the connection that wrote is the one that waits.
-            Self::Single(c) => {
-                let _ = key;
-                cmd.query_async(c).await
-            }
-            #[cfg(feature = "cluster")]
-            Self::Cluster(c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(key_slot(key.as_bytes()), SlotAddr::Master);
-                let reply = c
-                    .route_command(
-                        cmd,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await?;
-                redis::FromRedisValue::from_redis_value(reply).map_err(Into::into)
-            }
-        }
     }
 }
 
@@ -83,8 +57,9 @@ impl ConnectionLike for Conn {
 }
 
 /// The cluster slot of a key: CRC16 (XMODEM) of its hash tag (the text between the first `{`
-/// and the next `}`, when not empty) or of the whole key, modulo 16384.
-#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+/// and the next `}`, when not empty) or of the whole key, modulo 16384. (The store leaves
+/// routing to the client; the tests check key placement with it.)
+#[cfg(test)]
 pub(crate) fn key_slot(key: &[u8]) -> u16 {
     let hashed = match key.iter().position(|&b| b == b'{') {
         Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
@@ -116,7 +91,8 @@ mod tests {
         // The examples of the Redis Cluster specification.
         assert_eq!(key_slot(b"123456789"), 12739);
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        // An empty first tag: the whole key is hashed, not `bar`.
+        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
         assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
     }

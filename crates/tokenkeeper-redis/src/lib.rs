@@ -355,7 +355,17 @@ impl RedisStoreBuilder {
             url: url.to_owned(),
             source,
         };
-        let client = redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
+        let builder = redis::cluster::ClusterClient::builder(self.cluster_nodes.clone());
+        // A private CA for `rediss://` nodes, as for one server.
+        #[cfg(feature = "tls")]
+        let builder = match self.tls_root.clone() {
+            Some(root) => builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            }),
+            None => builder,
+        };
+        let client = builder
             .connection_timeout(self.connection_timeout)
             .response_timeout(self.response_timeout)
             // A failover takes the cluster's node timeout and an election: follow redirections
@@ -529,24 +539,52 @@ impl RedisStore {
         &self.durability_gaps
     }
 
-    /// Waits for the configured replicas after a write to `key` (in a cluster, of the primary
-    /// that owns its slot).
-    async fn wait_for_replicas(
-        &self,
-        operation: &'static str,
-        key: &str,
-    ) -> Result<(), StoreError> {
+    /// Sends one write and returns its reply. With replicas to wait for, the write and
+    /// `WAIT` go in one pipeline, so both run on one connection to the primary that owns the
+    /// write's keys and `WAIT` counts this very write: sent apart, a `WAIT` that went out on a
+    /// fresh connection (after a reconnect, or resent to a slot's new owner) would count
+    /// nothing and report a lost write as replicated. A client that resends the pipeline
+    /// resends both. A script the server does not know (`NOSCRIPT`: not run) is loaded and
+    /// the pipeline sent once more.
+    async fn write(&self, operation: &'static str, write: Write<'_>) -> Result<Value, StoreError> {
         let Some(wait) = self.replica_wait else {
-            return Ok(());
+            return match write {
+                Write::Script(invocation) => {
+                    self.run(operation, async |c| invocation.invoke_async(c).await)
+                        .await
+                }
+                Write::Command(cmd) => {
+                    self.run(operation, async |c| cmd.query_async(c).await)
+                        .await
+                }
+            };
         };
         let millis = u64::try_from(wait.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let acked: u32 = self
+        let mut pipe = redis::pipe();
+        match write {
+            Write::Script(invocation) => pipe.invoke_script(invocation),
+            Write::Command(cmd) => pipe.add_command(cmd.clone()),
+        };
+        pipe.cmd("WAIT").arg(wait.replicas).arg(millis);
+        let mut sent = self
             .run(operation, async |c| {
-                c.wait(key, wait.replicas, millis).await
+                Ok(pipe.query_async::<(Value, u32)>(c).await)
             })
             .await?;
+        if let (Write::Script(invocation), Err(e)) = (write, &sent)
+            && is_noscript(e)
+        {
+            self.run(operation, async |c| invocation.load_async(c).await)
+                .await?;
+            sent = self
+                .run(operation, async |c| {
+                    Ok(pipe.query_async::<(Value, u32)>(c).await)
+                })
+                .await?;
+        }
+        let (reply, acked) = sent.map_err(|e| redis_error(operation, e))?;
         if acked < wait.replicas {
             return Err(StoreError::unavailable(
                 BACKEND,
@@ -557,7 +595,7 @@ impl RedisStore {
                 },
             ));
         }
-        Ok(())
+        Ok(reply)
     }
 
     /// The key prefix.
@@ -769,6 +807,21 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
+/// One write for [`RedisStore::write`].
+#[derive(Clone, Copy)]
+enum Write<'a> {
+    Script(&'a redis::ScriptInvocation<'a>),
+    Command(&'a redis::Cmd),
+}
+
+/// Whether a (pipeline's) error says a script was not known to the server.
+fn is_noscript(e: &RedisError) -> bool {
+    e.code() == Some("NOSCRIPT")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, server)| server.code() == "NOSCRIPT"))
+}
+
 fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -793,25 +846,26 @@ impl TokenStore for RedisStore {
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
         let keys = self.layout.script_keys(record.id(), record.consumer());
         let value = value::encode(record);
-        let created: i64 = self
-            .run("create", async |c| {
-                scripts::CREATE
-                    .key(&keys)
-                    .arg(&value)
-                    .arg(record.state().kind().as_str())
-                    .arg(due_member(record.id(), record.due_at()))
-                    .arg(record.id().as_str())
-                    .invoke_async(c)
-                    .await
-            })
-            .await?;
-        if created == 1 {
-            self.wait_for_replicas("create", &keys[0]).await
-        } else {
-            Err(StoreError::AlreadyExists {
-                id: record.id().clone(),
-                backend: BACKEND,
-            })
+        let mut invocation = scripts::CREATE.key(&keys);
+        invocation
+            .arg(&value)
+            .arg(record.state().kind().as_str())
+            .arg(due_member(record.id(), record.due_at()))
+            .arg(record.id().as_str());
+        match self.write("create", Write::Script(&invocation)).await? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => {
+                // A write resent after a lost reply (the cluster client does that) finds the
+                // record its first run created: ours, so created.
+                if self.get(record.id()).await?.as_ref() == Some(record) {
+                    return Ok(());
+                }
+                Err(StoreError::AlreadyExists {
+                    id: record.id().clone(),
+                    backend: BACKEND,
+                })
+            }
+            other => Err(unexpected_reply("create", &other)),
         }
     }
 
@@ -828,30 +882,28 @@ impl TokenStore for RedisStore {
         // indexes itself in.
         let keys = self.layout.script_keys(record.id(), record.consumer());
         let value = value::encode(record);
-        let reply: Value = self
-            .run("compare_and_swap", async |c| {
-                scripts::CAS
-                    .key(&keys)
-                    .arg(expected_version.to_string())
-                    .arg(&value)
-                    .arg(record.state().kind().as_str())
-                    .arg(due_member(record.id(), record.due_at()))
-                    .arg(record.id().as_str())
-                    .arg(written_under.as_str())
-                    .invoke_async(c)
-                    .await
-            })
-            .await?;
-        match reply {
-            Value::Int(1) => {
-                self.wait_for_replicas("compare_and_swap", &keys[0]).await?;
-                Ok(CasOutcome::Swapped)
-            }
+        let mut invocation = scripts::CAS.key(&keys);
+        invocation
+            .arg(expected_version.to_string())
+            .arg(&value)
+            .arg(record.state().kind().as_str())
+            .arg(due_member(record.id(), record.due_at()))
+            .arg(record.id().as_str())
+            .arg(written_under.as_str());
+        match self
+            .write("compare_and_swap", Write::Script(&invocation))
+            .await?
+        {
+            Value::Int(1) => Ok(CasOutcome::Swapped),
             Value::Int(0) => Ok(CasOutcome::Missing),
-            Value::BulkString(current) => Ok(CasOutcome::Conflict(Box::new(value::decode(
-                record.id(),
-                &current,
-            )?))),
+            Value::BulkString(current) => {
+                let current = value::decode(record.id(), &current)?;
+                // A resent swap finds its own first run's record: swapped.
+                if &current == record {
+                    return Ok(CasOutcome::Swapped);
+                }
+                Ok(CasOutcome::Conflict(Box::new(current)))
+            }
             other => Err(unexpected_reply("compare_and_swap", &other)),
         }
     }
@@ -872,17 +924,11 @@ impl TokenStore for RedisStore {
             Err(e) => return Err(e),
         };
         let keys = self.layout.script_keys(id, &consumer);
-        let reply: Value = self
-            .run("delete", async |c| {
-                scripts::DELETE
-                    .key(&keys)
-                    .arg(expected_version.to_string())
-                    .arg(id.as_str())
-                    .invoke_async(c)
-                    .await
-            })
-            .await?;
-        match reply {
+        let mut invocation = scripts::DELETE.key(&keys);
+        invocation
+            .arg(expected_version.to_string())
+            .arg(id.as_str());
+        match self.write("delete", Write::Script(&invocation)).await? {
             Value::Int(1) => Ok(DeleteOutcome::Deleted),
             Value::Int(0) => Ok(DeleteOutcome::Missing),
             Value::BulkString(current) => Ok(DeleteOutcome::Conflict(Box::new(value::decode(
@@ -899,35 +945,24 @@ impl TokenStore for RedisStore {
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.layout.flow_key(flow);
-        let existing: Option<Vec<u8>> = self
-            .run("claim_flow", async |c| {
-                scripts::CLAIM_FLOW
-                    .key(&key)
-                    .arg(value)
-                    .arg(ttl_millis(ttl))
-                    .invoke_async(c)
-                    .await
-            })
-            .await?;
-        if existing.is_none() {
-            self.wait_for_replicas("claim_flow", &key).await?;
+        let mut invocation = scripts::CLAIM_FLOW.key(&key);
+        invocation.arg(value).arg(ttl_millis(ttl));
+        match self.write("claim_flow", Write::Script(&invocation)).await? {
+            Value::Nil => Ok(None),
+            // A claim resent after a lost reply reads its own first run (claim values are
+            // unique per claimant): claimed.
+            Value::BulkString(existing) if existing == value => Ok(None),
+            Value::BulkString(existing) => Ok(Some(existing)),
+            other => Err(unexpected_reply("claim_flow", &other)),
         }
-        Ok(existing)
     }
 
     async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         let key = self.layout.flow_key(flow);
-        self.run("settle_flow", async |c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_millis(ttl))
-                .query_async::<()>(c)
-                .await
-        })
-        .await?;
-        self.wait_for_replicas("settle_flow", &key).await
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(value).arg("PX").arg(ttl_millis(ttl));
+        self.write("settle_flow", Write::Command(&set)).await?;
+        Ok(())
     }
 
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -149,12 +149,32 @@ async fn every_write_waits_for_replicas() {
         }
     }
     assert_eq!(acked, 1, "the replica never synced");
+    // The server forgets its scripts (a restart, a failover to a replica, `SCRIPT FLUSH`):
+    // the write and its `WAIT` travel in one pipeline, and a script the server does not know
+    // is loaded and the pipeline sent again.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
     let id = InstallationId::new("replicated").unwrap();
     let created = sample_record(&id, at(0));
     store
         .create(&created)
         .await
         .expect("acknowledged by the replica");
+    // The same write resent (a client that lost the reply sends it again): it finds its own
+    // first run and reports it done, not `AlreadyExists`.
+    store
+        .create(&created)
+        .await
+        .expect("a resent create of the same record");
+    let mut other = sample_record(&id, at(1));
+    other = other.with_account(Some("someone else".into()));
+    assert!(matches!(
+        store.create(&other).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
     let next = lease_and_refresh(&store, &created).await;
     // Without its replica, no write is reported as done: not new tokens, and not a lease
     // either (a lease lost in a failover would let a peer refresh while its holder's request

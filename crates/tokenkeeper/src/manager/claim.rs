@@ -24,6 +24,11 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub(crate) struct FlowClaim {
     /// The fingerprint of the code the flow was claimed with.
     pub(crate) code: String,
+    /// Who claimed it (random per claim): a store that resends a claim after a lost reply
+    /// recognises its own first run by it, and two callbacks with the same code never write
+    /// the same bytes.
+    #[serde(default)]
+    pub(crate) by: String,
     /// Where the flow is.
     pub(crate) phase: Phase,
 }
@@ -75,6 +80,7 @@ mod tests {
         ] {
             let claim = FlowClaim {
                 code: "ab".into(),
+                by: "c1".into(),
                 phase,
             };
             assert_eq!(FlowClaim::decode(&claim.encode()), Some(claim));

@@ -123,8 +123,11 @@ impl TokenManager {
             .expires_at
             .duration_since(engine.clock.now())
             .saturating_add(claim::CLAIM_SKEW_MARGIN);
+        let mut by = [0u8; 16];
+        getrandom::fill(&mut by).map_err(|e| AuthorizationError::Random(e.to_string()))?;
         let mine = FlowClaim {
             code: code.fingerprint(),
+            by: by.iter().map(|b| format!("{b:02x}")).collect(),
             phase: Phase::Exchanging,
         };
         let claimed = match engine.store.claim_flow(&key, &mine.encode(), ttl).await {
@@ -134,6 +137,7 @@ impl TokenManager {
                 // a retry of this callback does not wait for an exchange that never ran.
                 let failed = FlowClaim {
                     code: mine.code.clone(),
+                    by: mine.by.clone(),
                     phase: Phase::Failed {
                         reason: "the flow could not be claimed in the store".into(),
                         code_sent: false,
@@ -167,6 +171,7 @@ impl TokenManager {
         };
         let settled = FlowClaim {
             code: mine.code,
+            by: mine.by,
             phase,
         };
         if let Err(e) = engine.store.settle_flow(&key, &settled.encode(), ttl).await {
