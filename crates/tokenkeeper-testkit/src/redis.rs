@@ -31,6 +31,18 @@ pub fn server_binary() -> String {
     }
 }
 
+/// Waits (up to 10 s) until a redis-server accepts connections on `port`.
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start on port {port}: {INSTALL_HINT}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A redis-server child (no persistence unless `extra` turns it on, its own temp dir) that is
 /// killed when dropped.
 pub struct Server {
@@ -103,14 +115,7 @@ fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port);
         child
     }
 }
@@ -143,11 +148,7 @@ pub fn server_url() -> String {
             .unwrap();
         // Keep the pipe's write end open for the life of the process.
         std::mem::forget(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start: {INSTALL_HINT}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port);
         format!("redis://127.0.0.1:{port}")
     })
     .clone()
@@ -346,7 +347,11 @@ pub fn cluster_urls() -> Vec<String> {
                 cluster_args(*port).join(" ")
             ));
         }
-        script.push_str("read _; kill $pids");
+        script.push_str(&format!(
+            "read _; kill $pids; rm -rf {}/tokenkeeper-redis-cluster-{}-*",
+            std::env::temp_dir().display(),
+            std::process::id()
+        ));
         let child = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::piped())
@@ -355,11 +360,7 @@ pub fn cluster_urls() -> Vec<String> {
         // Keep the pipe's write end open for the life of the process.
         std::mem::forget(child);
         for port in &ports {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not start: {INSTALL_HINT}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_port(*port);
         }
         create_cluster(&ports, 0);
         ports

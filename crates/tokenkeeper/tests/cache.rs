@@ -94,24 +94,7 @@ async fn another_process_is_seen_within_the_bound(backend: &str) {
     let id = f.install().await;
     let old = f.manager.access_token(&id).await.unwrap();
     f.advance(Duration::from_secs(1));
-    let begun = b.begin_authorization(Some(id.clone())).unwrap();
-    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = f
-        .mock
-        .authorize_code(
-            tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
-            Some(common::REDIRECT),
-            challenge,
-        )
-        .unwrap();
-    b.complete_authorization(
-        tokenkeeper::AuthorizationCode::new(code),
-        &begun.state,
-        &begun.binding,
-    )
-    .await
-    .unwrap();
+    common::authorize_with(&b, &f.mock, Some(id.clone())).await;
     let new = b.access_token(&id).await.unwrap();
     assert_ne!(old, new);
     f.advance(BOUND);

@@ -383,25 +383,7 @@ async fn a_sealed_token_of_an_older_grant_does_not_open_in_a_newer_one() {
     let id = f.install().await;
     let old_sealed = inner.get(&id).await.unwrap().unwrap().tokens().clone();
     // A new grant for the same installation.
-    let begun = f.manager.begin_authorization(Some(id.clone())).unwrap();
-    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = f
-        .mock
-        .authorize_code(
-            tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
-            Some(common::REDIRECT),
-            challenge,
-        )
-        .unwrap();
-    f.manager
-        .complete_authorization(
-            tokenkeeper::AuthorizationCode::new(code),
-            &begun.state,
-            &begun.binding,
-        )
-        .await
-        .unwrap();
+    common::authorize_with(&f.manager, &f.mock, Some(id.clone())).await;
     // Roll the old grant's sealed refresh token back into the new record.
     let mut tokens = inner.get(&id).await.unwrap().unwrap().tokens().clone();
     tokens.refresh_token = old_sealed.refresh_token.clone();

@@ -650,21 +650,7 @@ async fn a_401_on_a_token_without_refresh_token_condemns_it() {
 
 /// One authorization through the manager, the browser leg done at the mock in process.
 async fn authorize(f: &Fixture) -> tokenkeeper::Completed {
-    let begun = f.manager.begin_authorization(None).unwrap();
-    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = f
-        .mock
-        .authorize_code(DEFAULT_CLIENT_ID, Some(common::REDIRECT), challenge)
-        .unwrap();
-    f.manager
-        .complete_authorization(
-            tokenkeeper::AuthorizationCode::new(code),
-            &begun.state,
-            &begun.binding,
-        )
-        .await
-        .unwrap()
+    common::authorize_with(&f.manager, &f.mock, None).await
 }
 
 /// Security review / #14: an authorization that brings no refresh token, for a profile that

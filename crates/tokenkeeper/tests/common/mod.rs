@@ -264,27 +264,38 @@ impl Fixture {
 
     /// A new installation: browser leg in-process at the mock, code exchange over HTTP.
     pub async fn install(&self) -> tokenkeeper::InstallationId {
-        let begun = self.manager.begin_authorization(None).unwrap();
-        let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-        let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
-        let code = self
-            .mock
-            .authorize_code(DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
-            .unwrap();
-        self.manager
-            .complete_authorization(
-                tokenkeeper::AuthorizationCode::new(code),
-                &begun.state,
-                &begun.binding,
-            )
+        authorize_with(&self.manager, &self.mock, None)
             .await
-            .unwrap()
             .installation
     }
 
     pub async fn record(&self, id: &tokenkeeper::InstallationId) -> tokenkeeper::Record {
         self.store.get(id).await.unwrap().unwrap()
     }
+}
+
+/// One authorization through `manager` (a new installation, or `Some(id)` again), the
+/// browser leg done at `mock` in process (approved by its default account), the code
+/// exchanged over HTTP.
+pub async fn authorize_with(
+    manager: &tokenkeeper::TokenManager,
+    mock: &MockProvider,
+    id: Option<tokenkeeper::InstallationId>,
+) -> Completed {
+    let begun = manager.begin_authorization(id).unwrap();
+    let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
+    let challenge = q.get("code_challenge").map(|c| (c.as_str(), "S256"));
+    let code = mock
+        .authorize_code(DEFAULT_CLIENT_ID, Some(REDIRECT), challenge)
+        .unwrap();
+    manager
+        .complete_authorization(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+        )
+        .await
+        .unwrap()
 }
 
 /// A handle of its own on the store of `backend` at `location` (from [`sqlite_location`] or
