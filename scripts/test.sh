@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh machine: installs and starts what the tests need
-# (redis-server on a free loopback port), runs fmt, clippy, docs and every test, and stops what
-# it started. CI (.ci/run) calls exactly this.
+# (redis-server on a free loopback port; PostgreSQL, Chromium and chromedriver, openssl and
+# cargo-deny when missing; the PostgreSQL and Redis Cluster tests start their own servers),
+# runs fmt, clippy, docs, cargo deny and every test, and stops what it started. CI (.ci/run)
+# calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
