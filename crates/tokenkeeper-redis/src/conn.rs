@@ -8,7 +8,7 @@
 //! write it waits for, which routes it to the primary that took the write.)
 
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 /// A connection to one server or to a cluster.
 #[derive(Clone)]
@@ -22,6 +22,47 @@ impl Conn {
     /// Whether commands on keys of different slots must go separately.
     pub(crate) fn is_cluster(&self) -> bool {
         !matches!(self, Self::Single(_))
+    }
+
+    /// Runs `cmd` on every node: the one server, or each node of the cluster (read from
+    /// `CLUSTER NODES`, failed nodes left out), returning each node's address and reply.
+    pub(crate) async fn on_every_node(&mut self, cmd: &Cmd) -> RedisResult<Vec<(String, Value)>> {
+        match self {
+            Self::Single(c) => Ok(vec![(String::new(), cmd.query_async(c).await?)]),
+            #[cfg(feature = "cluster")]
+            Self::Cluster(c) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(c).await?;
+                let mut replies = Vec::new();
+                for line in nodes
+                    .lines()
+                    .filter(|l| !l.contains("fail") && !l.contains("noaddr"))
+                {
+                    let Some(addr) = line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|a| a.split('@').next())
+                    else {
+                        continue;
+                    };
+                    let Some((host, port)) = addr.rsplit_once(':') else {
+                        continue;
+                    };
+                    let Ok(port) = port.parse::<u16>() else {
+                        continue;
+                    };
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.to_owned(),
+                        port,
+                    });
+                    replies.push((
+                        addr.to_owned(),
+                        c.route_command(cmd.clone(), routing).await?,
+                    ));
+                }
+                Ok(replies)
+            }
+        }
     }
 }
 

@@ -447,23 +447,39 @@ impl RedisStoreBuilder {
 /// Reads the persistence and eviction settings; an unreadable answer is itself a gap.
 async fn read_durability(conn: &Conn) -> Vec<durability::DurabilityGap> {
     let mut conn = conn.clone();
-    let mut settings = Vec::new();
+    // Per node (every node of a cluster: any one of them can own a slot or be promoted),
+    // one `CONFIG GET` per setting (several in one needs Redis 7).
+    let mut by_node: Vec<(String, Vec<(String, String)>)> = Vec::new();
     for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
-        let reply: Result<Vec<String>, RedisError> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut conn)
-            .await;
-        match reply {
-            Ok(pairs) => settings.extend(
-                pairs
-                    .chunks_exact(2)
-                    .map(|kv| (kv[0].clone(), kv[1].clone())),
-            ),
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let replies = match conn.on_every_node(&cmd).await {
+            Ok(replies) => replies,
             Err(e) => return vec![DurabilityGap::Unknown(e.to_string())],
+        };
+        for (node, reply) in replies {
+            let pairs: Vec<String> = match redis::FromRedisValue::from_redis_value(reply) {
+                Ok(pairs) => pairs,
+                Err(e) => return vec![DurabilityGap::Unknown(format!("{node}: {e}"))],
+            };
+            let settings = pairs
+                .chunks_exact(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()));
+            match by_node.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, all)) => all.extend(settings),
+                None => by_node.push((node, settings.collect())),
+            }
         }
     }
-    durability::gaps(&settings)
+    let mut gaps: Vec<DurabilityGap> = Vec::new();
+    for (_, settings) in &by_node {
+        for gap in durability::gaps(settings) {
+            if !gaps.contains(&gap) {
+                gaps.push(gap);
+            }
+        }
+    }
+    gaps
 }
 
 /// A [`TokenStore`] on Redis. Clone-cheap: clones share one multiplexed connection.

@@ -158,3 +158,35 @@ async fn a_primary_killed_mid_run_loses_nothing_acknowledged() {
     assert!(ok > 100, "the writers made progress: {ok}");
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
 }
+
+/// The durability check reads every node of a cluster: one node without `appendfsync always`
+/// is a gap (it could own a slot, or be promoted), and `Require` refuses the cluster.
+#[tokio::test]
+async fn the_durability_check_reads_every_node() {
+    use tokenkeeper_redis::{ConnectError, DurabilityCheck, DurabilityGap};
+    let cluster = Cluster::start(3, 0);
+    let ports = cluster.ports();
+    for port in &ports {
+        tokenkeeper_testkit::redis::cli(*port, &["config", "set", "appendfsync", "always"]);
+    }
+    let durable = RedisStore::cluster_builder(cluster.urls())
+        .prefix(unique_prefix("durable"))
+        .durability_check(DurabilityCheck::Require)
+        .connect()
+        .await
+        .expect("every node durable");
+    assert!(durable.durability_gaps().is_empty());
+    // One node, the last, lazy: whichever node answers the connection, the gap is seen.
+    tokenkeeper_testkit::redis::cli(ports[2], &["config", "set", "appendfsync", "everysec"]);
+    match RedisStore::cluster_builder(cluster.urls())
+        .prefix(unique_prefix("lazy"))
+        .durability_check(DurabilityCheck::Require)
+        .connect()
+        .await
+    {
+        Err(ConnectError::NotDurable { gaps, .. }) => {
+            assert_eq!(gaps, vec![DurabilityGap::LazyFsync("everysec".into())]);
+        }
+        other => panic!("expected NotDurable, got {other:?}"),
+    }
+}
