@@ -912,14 +912,13 @@ impl TokenStore for RedisStore {
         {
             Value::Int(1) => Ok(CasOutcome::Swapped),
             Value::Int(0) => Ok(CasOutcome::Missing),
-            Value::BulkString(current) => {
-                let current = value::decode(record.id(), &current)?;
-                // A resent swap finds its own first run's record: swapped.
-                if &current == record {
-                    return Ok(CasOutcome::Swapped);
-                }
-                Ok(CasOutcome::Conflict(Box::new(current)))
-            }
+            // A swap resent after a lost reply finds its own first run as the conflict: the
+            // engine recognises its own write there, as for any store (design, refresh
+            // protocol), so the store reports what it saw.
+            Value::BulkString(current) => Ok(CasOutcome::Conflict(Box::new(value::decode(
+                record.id(),
+                &current,
+            )?))),
             other => Err(unexpected_reply("compare_and_swap", &other)),
         }
     }
