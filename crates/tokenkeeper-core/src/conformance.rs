@@ -808,6 +808,239 @@ pub async fn cas_checks_the_lease_a_version_was_written_under(store: Arc<dyn Tok
     must_swap(&*store, &failed(&lease_b), 2).await;
 }
 
+/// Reads every event after `from`, `limit` at a time, and the cursor after the last.
+pub async fn drain_events(
+    store: &dyn TokenStore,
+    from: &EventCursor,
+    limit: usize,
+) -> (Vec<LifecycleEvent>, EventCursor) {
+    let mut cursor = from.clone();
+    let mut events = Vec::new();
+    loop {
+        let page = store
+            .read_events(&cursor, limit)
+            .await
+            .unwrap_or_else(|e| panic!("read_events after {cursor} failed: {e}"));
+        assert!(page.events.len() <= limit, "a page longer than its limit");
+        if let Some(last) = page.events.last() {
+            assert_eq!(page.next, last.cursor, "next is not the last event's cursor");
+        } else {
+            assert_eq!(page.next, cursor, "an empty page moved the cursor");
+        }
+        cursor = page.next;
+        if page.events.is_empty() {
+            return (events, cursor);
+        }
+        events.extend(page.events);
+    }
+}
+
+/// Every successful write appends exactly one event carrying the installation, consumer,
+/// states, reason, provider words and version, and never a token; failed and conflicting
+/// writes append none; paging by one, resuming from a persisted cursor's text, gives the
+/// same events as one read.
+pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
+    let start = EventCursor::beginning();
+    let (none, _) = drain_events(&*store, &start, 10).await;
+    assert!(none.is_empty(), "a fresh store has events: {none:?}");
+    let i = id("evented");
+    let r1 = sample_record(&i, at(10));
+    must_create(&*store, &r1).await;
+    let r2 = lease(&r1, "h", at(20), at(1));
+    must_swap(&*store, &r2, 1).await;
+    let words = ErrorDetail {
+        class: FailureClass::RefreshTokenRejected,
+        status: Some(400),
+        error: Some("invalid_grant".into()),
+        description: Some("Invalid refresh_token".into()),
+    };
+    let r3 = r2
+        .apply(
+            Event::RefreshRejected {
+                fence: fence(&r2),
+                reason: ReauthReason::ScopesChanged,
+                error: Some(words.clone()),
+            },
+            at(2),
+        )
+        .unwrap();
+    must_swap(&*store, &r3, 2).await;
+    // Failures append nothing.
+    assert!(store.create(&r1).await.is_err(), "create over an existing id");
+    assert!(matches!(
+        store.compare_and_swap(&r2, 1).await.unwrap(),
+        CasOutcome::Conflict(_)
+    ));
+    assert!(matches!(
+        store.delete(&i, 1).await.unwrap(),
+        DeleteOutcome::Conflict(_)
+    ));
+    assert_eq!(store.delete(&id("nobody"), 1).await.unwrap(), DeleteOutcome::Missing);
+    assert_eq!(store.delete(&i, 3).await.unwrap(), DeleteOutcome::Deleted);
+
+    let (events, end) = drain_events(&*store, &start, 100).await;
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.installation.as_str(), e.kind, e.from, e.to, e.version))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("evented", EventKind::Created, None, Some(StateKind::Active), 1),
+            (
+                "evented",
+                EventKind::LeaseAcquired,
+                Some(StateKind::Active),
+                Some(StateKind::Refreshing),
+                2
+            ),
+            (
+                "evented",
+                EventKind::RefreshRejected,
+                Some(StateKind::Refreshing),
+                Some(StateKind::ReauthorizationRequired),
+                3
+            ),
+            (
+                "evented",
+                EventKind::Deleted,
+                Some(StateKind::ReauthorizationRequired),
+                None,
+                4
+            ),
+        ],
+        "the event log does not match the writes"
+    );
+    assert!(events.iter().all(|e| e.consumer == CONSUMER), "consumer lost");
+    assert_eq!(events[0].at, T0);
+    assert_eq!(events[2].at, at(2));
+    assert_eq!(events[2].error.as_ref(), Some(&words), "provider words lost");
+    assert_eq!(
+        events[2].reauthorization_reason(),
+        Some(ReauthReason::ScopesChanged)
+    );
+    assert!(events[2].ends_tokens() && events[3].ends_tokens() && !events[1].ends_tokens());
+    let shown = format!("{events:?}");
+    assert!(
+        !shown.contains("access-") && !shown.contains("refresh-evented"),
+        "an event shows a token: {shown}"
+    );
+    // Page by page, persisting the cursor as text in between.
+    let mut cursor = start;
+    for (n, expected) in events.iter().enumerate() {
+        let text = cursor.to_string();
+        cursor = text.parse().expect("a cursor's text parses back");
+        let page = store.read_events(&cursor, 1).await.unwrap();
+        assert_eq!(page.events.as_slice(), std::slice::from_ref(expected), "event {n}");
+        cursor = page.next;
+    }
+    assert_eq!(cursor, end);
+    assert!(store.read_events(&end, 10).await.unwrap().events.is_empty());
+    // Writes after the end are read from it.
+    must_create(&*store, &r1).await;
+    let (again, _) = drain_events(&*store, &end, 10).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].kind, again[0].version), (EventKind::Created, 1));
+    // A cursor of another layout is a typed error, not a wrong read.
+    let foreign = EventCursor::from_positions(vec![LogPosition::seq(1); 7]);
+    match store.read_events(&foreign, 10).await {
+        Err(StoreError::InvalidCursor { .. }) => {}
+        other => panic!("a cursor of 7 logs was accepted: {other:?}"),
+    }
+}
+
+/// Racing writers on several installations: each installation's events are exactly its
+/// written versions, in order, once each (no transition without its event, no event without
+/// its transition), and every event resumes exactly after itself.
+pub async fn events_keep_order_per_installation(store: Arc<dyn TokenStore>) {
+    const INSTALLATIONS: usize = 6;
+    const TASKS: usize = 8;
+    const ROUNDS: u64 = 6;
+    let ids: Vec<_> = (0..INSTALLATIONS).map(|n| id(&format!("ordered-{n}"))).collect();
+    for i in &ids {
+        must_create(&*store, &sample_record(i, at(0))).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in ids.clone() {
+        for n in 0..TASKS {
+            let store = store.clone();
+            let i = i.clone();
+            tasks.spawn(async move {
+                for round in 0..ROUNDS {
+                    let current = must_get(&*store, &i).await;
+                    let next = match current.state().lease() {
+                        Some(l) => current
+                            .apply(
+                                Event::LeaseReleased {
+                                    fence: l.fence,
+                                    refresh_at: at(round),
+                                },
+                                at(round),
+                            )
+                            .unwrap(),
+                        None => lease(&current, &format!("t{n}"), at(100 + round), at(round)),
+                    };
+                    let _ = store.compare_and_swap(&next, current.version()).await;
+                }
+            });
+        }
+    }
+    while let Some(res) = tasks.join_next().await {
+        res.expect("task");
+    }
+    let (events, _) = drain_events(&*store, &EventCursor::beginning(), 7).await;
+    for i in &ids {
+        let stored = must_get(&*store, i).await;
+        let versions: Vec<u64> = events
+            .iter()
+            .filter(|e| &e.installation == i)
+            .map(|e| e.version)
+            .collect();
+        let expected: Vec<u64> = (1..=stored.version()).collect();
+        assert_eq!(versions, expected, "{i}: event versions vs written versions");
+    }
+    for (n, e) in events.iter().enumerate() {
+        let page = store.read_events(&e.cursor, 1).await.unwrap();
+        assert_eq!(page.events.first(), events.get(n + 1), "resume after event {n}");
+    }
+}
+
+/// Run with a store keeping at most 5 events per log: old events go, the newest stay, and a
+/// cursor whose next events were removed is refused rather than skipping them.
+pub async fn events_respect_retention(store: Arc<dyn TokenStore>) {
+    let i = id("retained");
+    let mut current = sample_record(&i, at(0));
+    must_create(&*store, &current).await;
+    let (first, _) = drain_events(&*store, &EventCursor::beginning(), 10).await;
+    let after_first = first[0].cursor.clone();
+    for round in 1..12u64 {
+        let next = match current.state().lease() {
+            Some(l) => current
+                .apply(
+                    Event::LeaseReleased {
+                        fence: l.fence,
+                        refresh_at: at(round),
+                    },
+                    at(round),
+                )
+                .unwrap(),
+            None => lease(&current, "h", at(100 + round), at(round)),
+        };
+        must_swap(&*store, &next, current.version()).await;
+        current = next;
+    }
+    let (kept, _) = drain_events(&*store, &EventCursor::beginning(), 3).await;
+    let versions: Vec<u64> = kept.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![8, 9, 10, 11, 12], "retention of 5 events");
+    match store.read_events(&after_first, 10).await {
+        Err(StoreError::EventsTrimmed { .. }) => {}
+        other => panic!("a cursor behind retention read {other:?}"),
+    }
+    // Right before the oldest kept event is still complete.
+    let (after_oldest, _) = drain_events(&*store, &kept[0].cursor, 10).await;
+    assert_eq!(after_oldest.len(), 4);
+}
+
 /// Every case, by name (the list is written once, in [`conformance_tests!`]).
 ///
 /// [`conformance_tests!`]: crate::conformance_tests
@@ -839,7 +1072,9 @@ macro_rules! conformance_tests {
             due_follows_updates_and_skips_terminal,
             due_is_per_consumer,
             list_by_state_pages,
-            odd_ids_round_trip
+            odd_ids_round_trip,
+            events_follow_every_write,
+            events_keep_order_per_installation
         }
     };
     (@names; $($case:ident),* $(,)?) => {

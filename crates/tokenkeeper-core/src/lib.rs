@@ -73,6 +73,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod event;
 mod id;
 mod record;
 mod secret;
@@ -89,6 +90,10 @@ pub mod conformance;
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub mod sealed;
 
+pub use event::{
+    EventCursor, EventPage, EventRetention, InvalidCursor, LifecycleEvent, LogPosition, decode_event,
+    delete_event_payload, write_event_payload,
+};
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
 pub use record::{
     DecodeError, ErrorDetail, EventKind, FailureClass, FailureStreak, HISTORY_LEN, HistoryEntry,

@@ -137,6 +137,8 @@ pub enum EventKind {
     Revoked,
     /// The record was re-encrypted under a new key.
     Resealed,
+    /// The record was deleted (only in the event log, never in a record's history).
+    Deleted,
 }
 
 impl fmt::Display for EventKind {
@@ -154,6 +156,7 @@ impl fmt::Display for EventKind {
             Self::RefreshRejected => "refresh rejected",
             Self::Revoked => "revoked",
             Self::Resealed => "resealed",
+            Self::Deleted => "deleted",
         })
     }
 }

@@ -692,4 +692,13 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get_flow(flow).await
     }
+
+    /// Events hold no token, so they pass through unchanged.
+    async fn read_events(
+        &self,
+        after: &crate::EventCursor,
+        limit: usize,
+    ) -> Result<crate::EventPage, StoreError> {
+        self.inner.read_events(after, limit).await
+    }
 }

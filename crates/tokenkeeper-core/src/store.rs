@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::event::{EventCursor, EventPage};
 use crate::id::InstallationId;
 use crate::record::Record;
 use crate::state::StateKind;
@@ -71,6 +72,25 @@ pub enum StoreError {
         operation: &'static str,
         /// The installation.
         id: InstallationId,
+        /// What is wrong.
+        message: String,
+    },
+    /// Events after the reader's cursor were removed by the store's retention before it read
+    /// them: resuming would skip them silently, so the read is refused.
+    #[error(
+        "the {backend} store no longer holds the events after this cursor (retention removed events up to {trimmed_through}); reconcile every installation with `list`/`explain`, then read from EventCursor::beginning(), and raise the store's event retention or read more often"
+    )]
+    EventsTrimmed {
+        /// The backend.
+        backend: &'static str,
+        /// The newest removed position, in the log that lost events.
+        trimmed_through: crate::event::LogPosition,
+    },
+    /// The cursor passed to `read_events` does not belong to this store.
+    #[error("invalid event cursor for the {backend} store: {message}")]
+    InvalidCursor {
+        /// The backend.
+        backend: &'static str,
         /// What is wrong.
         message: String,
     },
@@ -271,6 +291,12 @@ pub struct ListEntry {
 ///   flow, exactly one gets `None`. `settle_flow` replaces the value (the claimant's result);
 ///   `get_flow` reads it. A flow's value disappears `ttl` after it was last written, judged by
 ///   the backend's own clock.
+/// - Every successful `create`, `compare_and_swap` and `delete` appends exactly one
+///   [`LifecycleEvent`](crate::LifecycleEvent) in the same atomic write (see
+///   [`crate::event`]'s module docs); a write that fails or conflicts appends none.
+///   `read_events(after, limit)` returns up to `limit` events after the cursor, each
+///   installation's in version order; a cursor whose next events retention removed is
+///   [`StoreError::EventsTrimmed`].
 #[async_trait]
 pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     /// The record of `id`, if any.
@@ -355,6 +381,18 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` lifecycle events written after `after`, in log order (each installation's
+    /// in version order), and the cursor to resume from.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::EventsTrimmed`] when retention removed events after `after`;
+    /// [`StoreError::InvalidCursor`] for a cursor of another store; [`StoreError::Corrupt`]
+    /// for an undecodable event (naming its installation); [`StoreError::Unavailable`] or
+    /// [`StoreError::Backend`].
+    async fn read_events(&self, after: &EventCursor, limit: usize)
+    -> Result<EventPage, StoreError>;
 }
 
 /// Checks the argument rule of `compare_and_swap`; backends call it first.
@@ -436,6 +474,13 @@ macro_rules! forward_store {
             }
             async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
                 (**self).get_flow(flow).await
+            }
+            async fn read_events(
+                &self,
+                after: &EventCursor,
+                limit: usize,
+            ) -> Result<EventPage, StoreError> {
+                (**self).read_events(after, limit).await
             }
         }
     };

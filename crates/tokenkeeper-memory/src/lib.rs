@@ -24,15 +24,16 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StoreError, Timestamp,
+    TokenStore, check_cas_arguments, decode_event, delete_event_payload, write_event_payload,
 };
 
 const BACKEND: &str = "memory";
@@ -43,6 +44,25 @@ struct Tables {
     due: BTreeMap<String, BTreeSet<(Timestamp, InstallationId)>>,
     /// Authorization flow claims: value and the instant it expires.
     flows: HashMap<String, (Vec<u8>, Instant)>,
+    /// The event log, oldest first, appended under the same lock as the write it tells.
+    events: VecDeque<StoredEvent>,
+    /// The sequence number of the last event appended.
+    last_seq: u64,
+    /// The newest sequence number retention removed.
+    trimmed_through: u64,
+    retention: EventRetention,
+}
+
+#[derive(Debug)]
+struct StoredEvent {
+    seq: u64,
+    /// When the store appended it (its clock, for retention by age).
+    stored_at: Instant,
+    id: InstallationId,
+    consumer: String,
+    version: u64,
+    at: Timestamp,
+    body: Vec<u8>,
 }
 
 impl Tables {
@@ -55,6 +75,34 @@ impl Tables {
         }
     }
 
+    /// Appends the event of a write and trims what retention no longer keeps (at most two
+    /// events per write, oldest first, never the new one).
+    fn append(&mut self, id: &InstallationId, consumer: &str, version: u64, body: Vec<u8>) {
+        let now = Instant::now();
+        self.last_seq += 1;
+        self.events.push_back(StoredEvent {
+            seq: self.last_seq,
+            stored_at: now,
+            id: id.clone(),
+            consumer: consumer.to_owned(),
+            version,
+            at: wall_clock(),
+            body,
+        });
+        for _ in 0..2 {
+            let Some(oldest) = self.events.front() else {
+                break;
+            };
+            let too_many = self.events.len() as u64 > self.retention.event_limit();
+            let too_old = now.duration_since(oldest.stored_at) > self.retention.age_limit();
+            if oldest.seq == self.last_seq || !(too_many || too_old) {
+                break;
+            }
+            self.trimmed_through = oldest.seq;
+            self.events.pop_front();
+        }
+    }
+
     fn unindex(&mut self, record: &Record) {
         if let Some(due_at) = record.due_at()
             && let Some(set) = self.due.get_mut(record.consumer())
@@ -64,6 +112,13 @@ impl Tables {
     }
 }
 
+fn wall_clock() -> Timestamp {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    Timestamp::from_unix_nanos(nanos)
+}
+
 /// An in-memory [`TokenStore`]. Cheap to create; not shared between processes.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -71,9 +126,16 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store keeping events by the default [`EventRetention`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping events by `retention`.
+    pub fn with_event_retention(retention: EventRetention) -> Self {
+        let store = Self::default();
+        store.lock().retention = retention;
+        store
     }
 
     /// How many records it holds.
@@ -145,6 +207,12 @@ impl TokenStore for MemoryStore {
         }
         inner.index(record);
         inner.records.insert(record.id().clone(), record.clone());
+        inner.append(
+            record.id(),
+            record.consumer(),
+            record.version(),
+            write_event_payload(record),
+        );
         Ok(())
     }
 
@@ -167,6 +235,12 @@ impl TokenStore for MemoryStore {
         inner.unindex(&current);
         inner.index(record);
         inner.records.insert(record.id().clone(), record.clone());
+        inner.append(
+            record.id(),
+            record.consumer(),
+            record.version(),
+            write_event_payload(record),
+        );
         Ok(CasOutcome::Swapped)
     }
 
@@ -184,6 +258,12 @@ impl TokenStore for MemoryStore {
             Some(_) => {
                 if let Some(removed) = inner.records.remove(id) {
                     inner.unindex(&removed);
+                    inner.append(
+                        id,
+                        removed.consumer(),
+                        removed.version() + 1,
+                        delete_event_payload(removed.state().kind()),
+                    );
                 }
                 Ok(DeleteOutcome::Deleted)
             }
@@ -239,5 +319,30 @@ impl TokenStore for MemoryStore {
             })
             .collect();
         Ok(ListPage::from_entries(entries, limit))
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+        let after_seq = after.positions_for(BACKEND, 1)?[0].major;
+        let inner = self.lock();
+        if after_seq < inner.trimmed_through && !after.is_beginning() {
+            return Err(StoreError::EventsTrimmed {
+                backend: BACKEND,
+                trimmed_through: LogPosition::seq(inner.trimmed_through),
+            });
+        }
+        let mut events = Vec::new();
+        for stored in inner.events.iter().filter(|e| e.seq > after_seq).take(limit) {
+            events.push(decode_event(
+                BACKEND,
+                EventCursor::from_positions(vec![LogPosition::seq(stored.seq)]),
+                stored.id.clone(),
+                stored.consumer.clone(),
+                stored.version,
+                stored.at,
+                &stored.body,
+            )?);
+        }
+        let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+        Ok(EventPage { events, next })
     }
 }

@@ -47,8 +47,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
-    StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,
+    check_cas_arguments,
 };
 use tokio_postgres::config::{Host, SslMode};
 
@@ -249,6 +250,7 @@ pub struct PostgresStoreBuilder {
     operation_timeout: Duration,
     allow_plaintext: bool,
     ca_certificate: Option<Vec<u8>>,
+    event_retention: Option<EventRetention>,
 }
 
 impl fmt::Debug for PostgresStoreBuilder {
@@ -265,6 +267,14 @@ impl fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
+    /// How long the schema keeps lifecycle events (see [`EventRetention`]). The setting is
+    /// stored in the schema and applies to every process writing it; without this call,
+    /// connecting leaves the stored setting as it is (the defaults for a new schema).
+    pub fn event_retention(mut self, retention: EventRetention) -> Self {
+        self.event_retention = Some(retention);
+        self
+    }
+
     /// The schema that holds tokenkeeper's tables (default `tokenkeeper`), created if
     /// missing: 1 to 63 characters of `a-z 0-9 _`.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -412,6 +422,11 @@ impl PostgresStoreBuilder {
                 )));
             }
         }
+        if let Some(retention) = self.event_retention {
+            ops::set_retention(&client, &names, retention)
+                .await
+                .map_err(ConnectError::schema)?;
+        }
         drop(client);
         Ok(PostgresStore {
             sql: ops::Sql::new(&names),
@@ -489,6 +504,7 @@ impl PostgresStore {
             operation_timeout: Duration::from_secs(5),
             allow_plaintext: false,
             ca_certificate: None,
+            event_retention: None,
         }
     }
 
@@ -668,6 +684,13 @@ impl TokenStore for PostgresStore {
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.run("get_flow", async |c| {
             ops::get_flow(c, &self.sql, flow).await
+        })
+        .await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+        self.run("read_events", async |c| {
+            ops::read_events(c, &self.sql, after, limit).await
         })
         .await
     }

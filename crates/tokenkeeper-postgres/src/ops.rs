@@ -8,8 +8,9 @@
 
 use deadpool_postgres::Client;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, InstallationId,
+    ListEntry, ListFilter, ListPage, LogPosition, Record, StateKind, StoreError, Timestamp,
+    decode_event,
 };
 use tokio_postgres::Row;
 
@@ -29,6 +30,7 @@ pub(crate) struct Sql {
     purge: String,
     settle: String,
     get_flow: String,
+    events: String,
 }
 
 impl Sql {
@@ -72,6 +74,13 @@ impl Sql {
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
             ),
             get_flow: format!("SELECT value FROM {s}.flows WHERE key = $1 AND expires_at > now()"),
+            // One statement, one snapshot: the retention mark and the events agree.
+            events: format!(
+                "SELECT l.trimmed_through, e.seq, e.id, e.consumer, e.version, e.at, e.body
+                   FROM {s}.event_log l LEFT JOIN LATERAL (
+                        SELECT * FROM {s}.events WHERE seq > $1 ORDER BY seq LIMIT $2
+                   ) e ON TRUE"
+            ),
         }
     }
 
@@ -456,4 +465,69 @@ pub(crate) async fn get_flow(
     let stmt = client.prepare_cached(&sql.get_flow).await.map_err(err)?;
     let row = client.query_opt(&stmt, &[&flow]).await.map_err(err)?;
     row.map(|r| index_column("get_flow", &r, 0)).transpose()
+}
+
+pub(crate) async fn read_events(
+    client: &Client,
+    sql: &Sql,
+    after: &EventCursor,
+    limit: usize,
+) -> Result<EventPage, StoreError> {
+    const OP: &str = "read_events";
+    let err = |e| pg_error(OP, e);
+    let after_seq = after.positions_for(BACKEND, 1)?[0].major;
+    let after_param = i64::try_from(after_seq).unwrap_or(i64::MAX);
+    let stmt = client.prepare_cached(&sql.events).await.map_err(err)?;
+    let rows = client
+        .query(&stmt, &[&after_param, &limit_param(limit)])
+        .await
+        .map_err(err)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let trimmed: i64 = index_column(OP, row, 0)?;
+        if after_param < trimmed && !after.is_beginning() {
+            return Err(StoreError::EventsTrimmed {
+                backend: BACKEND,
+                trimmed_through: LogPosition::seq(trimmed.max(0) as u64),
+            });
+        }
+        let Some(seq) = index_column::<Option<i64>>(OP, row, 1)? else {
+            continue;
+        };
+        let id = row_id(OP, index_column(OP, row, 2)?)?;
+        let version: i64 = column(&id, row, 4)?;
+        let at: i64 = column(&id, row, 5)?;
+        let body: &str = column(&id, row, 6)?;
+        events.push(decode_event(
+            BACKEND,
+            EventCursor::from_positions(vec![LogPosition::seq(seq.max(0) as u64)]),
+            id.clone(),
+            column(&id, row, 3)?,
+            version.max(0) as u64,
+            Timestamp::from_unix_nanos(at),
+            body.as_bytes(),
+        )?);
+    }
+    let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+    Ok(EventPage { events, next })
+}
+
+/// Stores the retention every writer of this schema trims by.
+pub(crate) async fn set_retention(
+    client: &Client,
+    names: &Names,
+    retention: tokenkeeper_core::EventRetention,
+) -> Result<(), tokio_postgres::Error> {
+    let age = i64::try_from(retention.age_limit().as_nanos()).unwrap_or(i64::MAX);
+    let events = i64::try_from(retention.event_limit()).unwrap_or(i64::MAX);
+    client
+        .execute(
+            &format!(
+                "UPDATE {}.event_log SET max_events = $1, max_age = $2",
+                names.quoted
+            ),
+            &[&events, &age],
+        )
+        .await?;
+    Ok(())
 }

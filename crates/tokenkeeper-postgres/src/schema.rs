@@ -36,7 +36,67 @@ const MIGRATIONS: &[&str] = &[r#"
         expires_at TIMESTAMPTZ NOT NULL
     );
     CREATE INDEX flows_by_expiry ON {s}.flows (expires_at);
-"#];
+"#,
+    // 2: the lifecycle event outbox (`TokenStore::read_events`). A trigger appends an event in
+    // the statement that writes the record, so no write exists without its event. Sequence
+    // numbers come from `event_log.last_seq`, whose row lock the writing transaction holds
+    // until it commits: events become visible in sequence order, so a reader that has seen
+    // sequence n never later finds a smaller one committed behind it (a plain `SEQUENCE`
+    // hands out numbers in start order and commits them in any order). The body is the
+    // record's last history entry and state (`tokenkeeper_core::write_event_payload`'s
+    // JSON). Retention trims at most two of the oldest events per append.
+    r#"
+    CREATE TABLE {s}.events (
+        seq      BIGINT NOT NULL PRIMARY KEY,
+        id       TEXT COLLATE "C" NOT NULL,
+        consumer TEXT NOT NULL,
+        version  BIGINT NOT NULL,
+        at       BIGINT NOT NULL,
+        body     TEXT NOT NULL
+    );
+    CREATE TABLE {s}.event_log (
+        only_row        BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+        last_seq        BIGINT NOT NULL,
+        max_events      BIGINT NOT NULL,
+        max_age         BIGINT NOT NULL,
+        trimmed_through BIGINT NOT NULL
+    );
+    INSERT INTO {s}.event_log VALUES (TRUE, 0, 1000000, 604800000000000, 0);
+    CREATE FUNCTION {s}.append_event() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    DECLARE
+        log {s}.event_log%ROWTYPE;
+        now_ns BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
+        rec JSONB;
+        cut BIGINT;
+    BEGIN
+        UPDATE {s}.event_log SET last_seq = last_seq + 1 RETURNING * INTO log;
+        IF TG_OP = 'DELETE' THEN
+            INSERT INTO {s}.events VALUES (log.last_seq, OLD.id, OLD.consumer, OLD.version + 1,
+                now_ns, jsonb_build_object('deleted', OLD.state)::TEXT);
+        ELSE
+            rec := convert_from(NEW.record, 'UTF8')::JSONB -> 'record';
+            INSERT INTO {s}.events VALUES (log.last_seq, NEW.id, NEW.consumer, NEW.version,
+                now_ns, jsonb_build_object('entry', rec -> 'history' -> -1,
+                                           'state', rec -> 'state')::TEXT);
+        END IF;
+        SELECT max(oldest.seq) INTO cut FROM (
+            SELECT seq, at FROM {s}.events WHERE seq < log.last_seq ORDER BY seq LIMIT 2
+        ) AS oldest
+        WHERE oldest.seq <= log.last_seq - log.max_events OR oldest.at < now_ns - log.max_age;
+        IF cut IS NOT NULL THEN
+            DELETE FROM {s}.events WHERE seq <= cut;
+            UPDATE {s}.event_log SET trimmed_through = greatest(trimmed_through, cut);
+        END IF;
+        RETURN NULL;
+    END
+    $fn$;
+    CREATE TRIGGER installations_created_or_deleted AFTER INSERT OR DELETE ON {s}.installations
+        FOR EACH ROW EXECUTE FUNCTION {s}.append_event();
+    CREATE TRIGGER installations_written AFTER UPDATE ON {s}.installations
+        FOR EACH ROW WHEN (NEW.version IS DISTINCT FROM OLD.version)
+        EXECUTE FUNCTION {s}.append_event();
+"#,
+];
 
 /// The first key of the advisory lock migrations take ("TkKp"); the second is the schema's.
 const LOCK_CLASS: i32 = 0x546b_4b70;

@@ -4,6 +4,8 @@
 //! {prefix}:{sNN}:rec:{id}             string: header line + the record (tokens live only here)
 //! {prefix}:{sNN}:due:{consumer}       sorted set, all scores 0, members `HEX16(due_at) ++ id`
 //! {prefix}:{sNN}:state:{state}        sorted set per state, all scores 0, members `id`
+//! {prefix}:{sNN}:events              stream: the shard's lifecycle events (no token)
+//! {prefix}:{sNN}:events:trimmed      string: the newest entry id retention removed
 //! {prefix}:flow:{flow}                string with a TTL: an authorization flow's claim
 //! ```
 //!
@@ -34,6 +36,9 @@ pub(crate) struct ShardKeys {
     /// One per [`StateKind::ALL`], in that order.
     pub(crate) states: Vec<String>,
     pub(crate) record_prefix: String,
+    /// The shard's event stream and its retention mark.
+    pub(crate) events: String,
+    pub(crate) events_trimmed: String,
 }
 
 /// The layout for a prefix and shard count.
@@ -55,6 +60,8 @@ impl Layout {
                         .map(|k| format!("{base}:state:{}", k.as_str()))
                         .collect(),
                     record_prefix: format!("{base}:rec:"),
+                    events: format!("{base}:events"),
+                    events_trimmed: format!("{base}:events:trimmed"),
                     base,
                 }
             })
@@ -88,13 +95,16 @@ impl Layout {
         format!("{}{}", self.shard(id).record_prefix, id.as_str())
     }
 
-    /// All keys a script touching `id` of `consumer` needs: record, due, then one per state.
+    /// All keys a script touching `id` of `consumer` needs: record, due, one per state, then
+    /// the shard's event stream and its retention mark.
     pub(crate) fn script_keys(&self, id: &InstallationId, consumer: &str) -> Vec<String> {
         let shard = self.shard(id);
-        let mut keys = Vec::with_capacity(2 + shard.states.len());
+        let mut keys = Vec::with_capacity(4 + shard.states.len());
         keys.push(self.record_key(id));
         keys.push(shard.due(consumer));
         keys.extend(shard.states.iter().cloned());
+        keys.push(shard.events.clone());
+        keys.push(shard.events_trimmed.clone());
         keys
     }
 }

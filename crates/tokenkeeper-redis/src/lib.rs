@@ -29,6 +29,7 @@
 
 mod conn;
 mod durability;
+mod events;
 mod keys;
 mod scripts;
 mod value;
@@ -43,8 +44,9 @@ use conn::Conn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListEntry, ListFilter, ListPage, Record, StateKind, StoreError, Timestamp,
+    TokenStore, check_cas_arguments, write_event_payload,
 };
 
 use keys::{Layout, due_hex, due_member, parse_due_hex};
@@ -162,6 +164,7 @@ pub struct RedisStoreBuilder {
     reconnect_retries: usize,
     durability_check: DurabilityCheck,
     replica_wait: Option<ReplicaWait>,
+    event_retention: EventRetention,
     allow_plaintext: bool,
     /// The seed nodes of a cluster (`url` is the first); empty for a single server.
     cluster_nodes: Vec<String>,
@@ -214,6 +217,14 @@ impl RedisStoreBuilder {
     #[cfg(feature = "tls")]
     pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls_root = Some(pem.into());
+        self
+    }
+
+    /// How long each shard's event stream keeps lifecycle events (see [`EventRetention`];
+    /// the event bound is per shard). Every write trims by the retention of the process
+    /// writing, so give every process of one prefix the same setting.
+    pub fn event_retention(mut self, retention: EventRetention) -> Self {
+        self.event_retention = retention;
         self
     }
 
@@ -425,6 +436,7 @@ impl RedisStoreBuilder {
             url,
             operation_timeout: self.operation_timeout,
             replica_wait: self.replica_wait,
+            event_retention: self.event_retention,
             durability_gaps,
         };
         let moved = store
@@ -491,6 +503,7 @@ pub struct RedisStore {
     url: String,
     operation_timeout: Duration,
     replica_wait: Option<ReplicaWait>,
+    event_retention: EventRetention,
     durability_gaps: Vec<DurabilityGap>,
 }
 
@@ -511,6 +524,7 @@ impl RedisStore {
             url: url.into(),
             prefix: "tokenkeeper".to_owned(),
             shards: 16,
+            event_retention: EventRetention::default(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),
             operation_timeout: Duration::from_secs(5),
@@ -688,6 +702,16 @@ impl RedisStore {
             }
         }
         Ok(moved)
+    }
+
+    /// The event arguments of a write of `record`: consumer, version, body, retention.
+    fn event_args(&self, invocation: &mut redis::ScriptInvocation<'_>, record: &Record) {
+        invocation
+            .arg(record.consumer())
+            .arg(record.version())
+            .arg(write_event_payload(record))
+            .arg(self.event_retention.event_limit())
+            .arg(self.event_retention.age_limit_millis());
     }
 
     /// Runs one read per shard: one pipeline on a single server; on a cluster, where the
@@ -868,6 +892,7 @@ impl TokenStore for RedisStore {
             .arg(record.state().kind().as_str())
             .arg(due_member(record.id(), record.due_at()))
             .arg(record.id().as_str());
+        self.event_args(&mut invocation, record);
         match self.write("create", Write::Script(&invocation)).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => {
@@ -906,6 +931,7 @@ impl TokenStore for RedisStore {
             .arg(due_member(record.id(), record.due_at()))
             .arg(record.id().as_str())
             .arg(written_under.as_str());
+        self.event_args(&mut invocation, record);
         match self
             .write("compare_and_swap", Write::Script(&invocation))
             .await?
@@ -942,7 +968,10 @@ impl TokenStore for RedisStore {
         let mut invocation = scripts::DELETE.key(&keys);
         invocation
             .arg(expected_version.to_string())
-            .arg(id.as_str());
+            .arg(id.as_str())
+            .arg(consumer.as_str())
+            .arg(self.event_retention.event_limit())
+            .arg(self.event_retention.age_limit_millis());
         match self.write("delete", Write::Script(&invocation)).await? {
             Value::Int(1) => Ok(DeleteOutcome::Deleted),
             Value::Int(0) => Ok(DeleteOutcome::Missing),
@@ -986,6 +1015,10 @@ impl TokenStore for RedisStore {
             redis::cmd("GET").arg(&key).query_async(c).await
         })
         .await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+        events::read(self, after, limit).await
     }
 
     /// One page merged from every shard's due set of `consumer`. Each shard is asked for
@@ -1157,6 +1190,17 @@ pub mod bench_support {
             record
                 .written_under()
                 .map_or_else(Vec::new, |h| h.to_string().into_bytes()),
+            record.consumer().as_bytes().to_vec(),
+            record.version().to_string().into_bytes(),
+            tokenkeeper_core::write_event_payload(record),
+            tokenkeeper_core::EventRetention::default()
+                .event_limit()
+                .to_string()
+                .into_bytes(),
+            tokenkeeper_core::EventRetention::default()
+                .age_limit_millis()
+                .to_string()
+                .into_bytes(),
         ]
     }
 }

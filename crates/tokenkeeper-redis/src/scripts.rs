@@ -5,7 +5,10 @@
 //! (JSON, with the tokens) follows and is never parsed by Redis. `redis::Script` sends
 //! `EVALSHA` and reloads the script on `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 //!
-//! KEYS for every script: record, due, then the five state sets in `StateKind::ALL` order.
+//! KEYS for every script: record, due, the five state sets in `StateKind::ALL` order, then the
+//! shard's event stream and its retention mark. Every successful write appends its lifecycle
+//! event to the stream in the same script (the outbox: no write without its event); the last
+//! two ARGV of every write are the retention bounds (events per stream, age in milliseconds).
 
 use std::sync::LazyLock;
 
@@ -16,9 +19,30 @@ local STATES = {active = 3, refreshing = 4, backoff = 5, reauthorization_require
 local function header(value)
   return string.match(value, '^(%d+)\t([%w_]+)\t([^\n]*)\n')
 end
+-- Appends an event to KEYS[8] and trims at most two of the oldest entries retention no longer
+-- keeps (never the new one), recording the newest trimmed id in KEYS[9].
+local function append_event(id, consumer, version, body, max_events, max_age_ms)
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local new = redis.call('XADD', KEYS[8], '*', 'id', id, 'consumer', consumer,
+    'version', version, 'at', now_ms, 'body', body)
+  local len = redis.call('XLEN', KEYS[8])
+  local oldest = redis.call('XRANGE', KEYS[8], '-', '+', 'COUNT', 2)
+  for i, entry in ipairs(oldest) do
+    if entry[1] == new then break end
+    local ms = tonumber(string.match(entry[1], '^(%d+)'))
+    if len - (i - 1) > tonumber(max_events) or ms < now_ms - tonumber(max_age_ms) then
+      redis.call('XDEL', KEYS[8], entry[1])
+      redis.call('SET', KEYS[9], entry[1])
+    else
+      break
+    end
+  end
+end
 "#;
 
-/// ARGV: value, state, due member, id. Returns 1 when created, 0 when the id exists.
+/// ARGV: value, state, due member, id, consumer, version, event body, retention (2). Returns
+/// 1 when created, 0 when the id exists.
 pub(crate) static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}
@@ -26,13 +50,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '-' then redis.call('ZADD', KEYS[2], 0, ARGV[3]) end
 redis.call('ZADD', KEYS[STATES[ARGV[2]]], 0, ARGV[4])
+append_event(ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 return 1
 "#
     ))
 });
 
-/// ARGV: expected version, value, state, due member, id, and the lease holder the value was
-/// written under (empty for none). Returns 1 when swapped, 0 when missing, or the current
+/// ARGV: expected version, value, state, due member, id, the lease holder the value was
+/// written under (empty for none), consumer, version, event body, retention (2). Returns 1 when swapped, 0 when missing, or the current
 /// value on a conflict: another version, an unreadable header, or this version under another
 /// lease (versions can repeat after a store lost an acknowledged write; lease holders cannot).
 pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
@@ -59,6 +84,7 @@ if s ~= ARGV[3] then
   if STATES[s] then redis.call('ZREM', KEYS[STATES[s]], ARGV[5]) end
   redis.call('ZADD', KEYS[STATES[ARGV[3]]], 0, ARGV[5])
 end
+append_event(ARGV[5], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 return 1
 "#
     ))
@@ -81,8 +107,9 @@ return 1
     ))
 });
 
-/// ARGV: expected version, id. Returns 1 when deleted, 0 when missing, or the current value on
-/// a version conflict.
+/// ARGV: expected version, id, consumer, retention (2). Returns 1 when deleted, 0 when
+/// missing, or the current value on a version conflict. The event's version is the deleted
+/// one + 1 and its body names the deleted state (`tokenkeeper_core::delete_event_payload`).
 pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}
@@ -93,6 +120,8 @@ if v ~= ARGV[1] then return cur end
 redis.call('DEL', KEYS[1])
 if d and d ~= '-' then redis.call('ZREM', KEYS[2], d) end
 if s and STATES[s] then redis.call('ZREM', KEYS[STATES[s]], ARGV[2]) end
+append_event(ARGV[2], ARGV[3], tostring(tonumber(v) + 1), cjson.encode({{deleted = s}}),
+  ARGV[4], ARGV[5])
 return 1
 "#
     ))

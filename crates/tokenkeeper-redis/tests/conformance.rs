@@ -18,3 +18,14 @@ mod one_shard {
             .unwrap()
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_respect_retention() {
+    let store = tokenkeeper_redis::RedisStore::builder(common::url())
+        .prefix(common::unique_prefix("retention"))
+        .event_retention(tokenkeeper_core::EventRetention::new().max_events(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", common::INSTALL_HINT));
+    tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
+}

@@ -42,8 +42,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool::managed::PoolError;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListFilter, ListPage, Record,
-    StoreError, Timestamp, TokenStore, check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,
+    check_cas_arguments,
 };
 
 pub use pool::Synchronous;
@@ -122,9 +123,18 @@ pub struct SqliteStoreBuilder {
     synchronous: Synchronous,
     max_connections: usize,
     acquire_timeout: Duration,
+    event_retention: Option<EventRetention>,
 }
 
 impl SqliteStoreBuilder {
+    /// How long the database keeps lifecycle events (see [`EventRetention`]). The setting is
+    /// stored in the database and applies to every process writing it; without this call,
+    /// opening leaves the stored setting as it is (the defaults for a new database).
+    pub fn event_retention(mut self, retention: EventRetention) -> Self {
+        self.event_retention = Some(retention);
+        self
+    }
+
     /// How long a statement waits for another process's lock before failing with
     /// [`StoreError::Unavailable`] (default 10 s).
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
@@ -203,6 +213,11 @@ impl SqliteStoreBuilder {
         conn.interact(schema::migrate)
             .await
             .map_err(|e| OpenError::Pool(e.into()))??;
+        if let Some(retention) = self.event_retention {
+            conn.interact(move |c| ops::set_retention(c, retention))
+                .await
+                .map_err(|e| OpenError::Pool(e.into()))??;
+        }
         drop(conn);
         Ok(SqliteStore {
             pool,
@@ -304,6 +319,7 @@ impl SqliteStore {
             synchronous: Synchronous::default(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(30),
+            event_retention: None,
         }
     }
 
@@ -438,5 +454,11 @@ impl TokenStore for SqliteStore {
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let flow = flow.to_owned();
         self.run("get_flow", move |c| ops::get_flow(c, &flow)).await
+    }
+
+    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+        let after = after.clone();
+        self.run("read_events", move |c| ops::read_events(c, &after, limit))
+            .await
     }
 }

@@ -7,8 +7,9 @@
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, InstallationId, ListEntry, ListFilter, ListPage,
-    Record, StateKind, StoreError, Timestamp,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateKind, StoreError,
+    Timestamp, decode_event,
 };
 
 pub(crate) const BACKEND: &str = "sqlite";
@@ -432,4 +433,74 @@ mod tests {
             "{all}"
         );
     }
+}
+
+/// Reads events after `after` and the retention mark in one read transaction (one snapshot),
+/// so a trim between the two cannot hide a gap.
+pub(crate) fn read_events(
+    conn: &Connection,
+    after: &EventCursor,
+    limit: usize,
+) -> Result<EventPage, StoreError> {
+    const OP: &str = "read_events";
+    let after_seq = after.positions_for(BACKEND, 1)?[0].major;
+    let after_col = i64::try_from(after_seq).unwrap_or(i64::MAX);
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(|e| sqlite_error(OP, e))?;
+    let trimmed: i64 = tx
+        .query_row("SELECT trimmed_through FROM event_log", [], |r| r.get(0))
+        .map_err(|e| sqlite_error(OP, e))?;
+    if after_col < trimmed && !after.is_beginning() {
+        return Err(StoreError::EventsTrimmed {
+            backend: BACKEND,
+            trimmed_through: LogPosition::seq(trimmed.max(0) as u64),
+        });
+    }
+    let rows = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT seq, id, consumer, version, at, body FROM events \
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(|e| sqlite_error(OP, e))?;
+        stmt.query_map(params![after_col, limit_param(limit)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| sqlite_error(OP, e))?
+    };
+    tx.finish().map_err(|e| sqlite_error(OP, e))?;
+    let mut events = Vec::with_capacity(rows.len());
+    for (seq, id, consumer, version, at, body) in rows {
+        events.push(decode_event(
+            BACKEND,
+            EventCursor::from_positions(vec![LogPosition::seq(seq.max(0) as u64)]),
+            row_id(OP, id)?,
+            consumer,
+            version.max(0) as u64,
+            Timestamp::from_unix_nanos(at),
+            body.as_bytes(),
+        )?);
+    }
+    let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+    Ok(EventPage { events, next })
+}
+
+/// Stores the retention every writer of this database trims by.
+pub(crate) fn set_retention(conn: &Connection, retention: EventRetention) -> rusqlite::Result<()> {
+    let age = i64::try_from(retention.age_limit().as_nanos()).unwrap_or(i64::MAX);
+    let events = i64::try_from(retention.event_limit()).unwrap_or(i64::MAX);
+    conn.execute(
+        "UPDATE event_log SET max_events = ?1, max_age = ?2",
+        params![events, age],
+    )?;
+    Ok(())
 }

@@ -45,6 +45,58 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX flows_by_expiry ON flows (expires_at);
 ",
+    // 4: the lifecycle event outbox (`TokenStore::read_events`). Triggers append an event in
+    // the statement that writes the record, so no write (by any tokenkeeper version or by hand)
+    // exists without its event; the body is the record's last history entry and its state,
+    // the JSON `tokenkeeper_core::write_event_payload` writes. An `UPDATE` that keeps the
+    // version (the consumer adoption below) is not a write of the record and appends nothing.
+    // Retention trims at most two of the oldest events per append; `trimmed_through` is the
+    // newest trimmed sequence number, what tells a reader it fell behind.
+    "
+    CREATE TABLE events (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        id       TEXT    NOT NULL,
+        consumer TEXT    NOT NULL,
+        version  INTEGER NOT NULL,
+        at       INTEGER NOT NULL,
+        body     TEXT    NOT NULL
+    );
+    CREATE TABLE event_log (
+        one             INTEGER NOT NULL PRIMARY KEY CHECK (one = 1),
+        max_events      INTEGER NOT NULL,
+        max_age         INTEGER NOT NULL,
+        trimmed_through INTEGER NOT NULL
+    );
+    INSERT INTO event_log VALUES (1, 1000000, 604800000000000, 0);
+    CREATE TRIGGER installations_created AFTER INSERT ON installations BEGIN
+        INSERT INTO events (id, consumer, version, at, body) VALUES (
+            NEW.id, NEW.consumer, NEW.version, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
+            json_object('entry', CAST(NEW.record AS TEXT) -> '$.record.history[#-1]',
+                        'state', CAST(NEW.record AS TEXT) -> '$.record.state'));
+    END;
+    CREATE TRIGGER installations_written AFTER UPDATE ON installations
+        WHEN NEW.version IS NOT OLD.version BEGIN
+        INSERT INTO events (id, consumer, version, at, body) VALUES (
+            NEW.id, NEW.consumer, NEW.version, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
+            json_object('entry', CAST(NEW.record AS TEXT) -> '$.record.history[#-1]',
+                        'state', CAST(NEW.record AS TEXT) -> '$.record.state'));
+    END;
+    CREATE TRIGGER installations_deleted AFTER DELETE ON installations BEGIN
+        INSERT INTO events (id, consumer, version, at, body) VALUES (
+            OLD.id, OLD.consumer, OLD.version + 1, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
+            json_object('deleted', OLD.state));
+    END;
+    CREATE TRIGGER events_trimmed AFTER INSERT ON events BEGIN
+        UPDATE event_log SET trimmed_through = coalesce((
+            SELECT max(oldest.seq) FROM (
+                SELECT seq, at FROM events WHERE seq < NEW.seq ORDER BY seq LIMIT 2
+            ) AS oldest
+            WHERE oldest.seq <= NEW.seq - event_log.max_events
+               OR oldest.at < NEW.at - event_log.max_age
+        ), trimmed_through);
+        DELETE FROM events WHERE seq <= (SELECT trimmed_through FROM event_log);
+    END;
+",
 ];
 
 /// Fills the consumer column of due rows that lack it from the record they hold: rows of a

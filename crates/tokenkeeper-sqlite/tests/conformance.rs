@@ -17,3 +17,13 @@ mod in_memory {
         SqliteStore::in_memory().await.expect("open in memory")
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_respect_retention() {
+    let store = SqliteStore::builder(common::fresh_db("retention"))
+        .event_retention(tokenkeeper_core::EventRetention::new().max_events(5))
+        .open()
+        .await
+        .expect("open a fresh database");
+    tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
+}

@@ -36,6 +36,8 @@ pub enum Operation<'a> {
     List,
     /// `claim_flow`, `settle_flow` or `get_flow`.
     Flow,
+    /// `read_events`.
+    Events,
 }
 
 impl Operation<'_> {
@@ -48,6 +50,7 @@ impl Operation<'_> {
             Self::Due => "due",
             Self::Flow => "flow",
             Self::List => "list",
+            Self::Events => "read_events",
         }
     }
 
@@ -183,6 +186,15 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
     async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.hook.before(Operation::Flow).await?;
         self.inner.get_flow(flow).await
+    }
+
+    async fn read_events(
+        &self,
+        after: &tokenkeeper_core::EventCursor,
+        limit: usize,
+    ) -> Result<tokenkeeper_core::EventPage, StoreError> {
+        self.hook.before(Operation::Events).await?;
+        self.inner.read_events(after, limit).await
     }
 }
 

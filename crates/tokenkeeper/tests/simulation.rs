@@ -223,6 +223,15 @@ impl TokenStore for HostStore {
         self.before("flow").await?;
         self.world.store.get_flow(flow).await
     }
+
+    async fn read_events(
+        &self,
+        after: &tokenkeeper::core::EventCursor,
+        limit: usize,
+    ) -> Result<tokenkeeper::core::EventPage, StoreError> {
+        self.before("read_events").await?;
+        self.world.store.read_events(after, limit).await
+    }
 }
 
 /// A host's network to the provider.

@@ -1,0 +1,423 @@
+//! The lifecycle event outbox: what every store appends in the same atomic write as a record,
+//! and how an application reads it back from any process.
+//!
+//! Every write of a record (create, compare-and-swap, delete) appends one [`LifecycleEvent`] to
+//! the store's event log *in the same atomic write* (memory: under the same lock; SQLite and
+//! PostgreSQL: a trigger of the same statement; Redis: `XADD` in the same Lua script), so no
+//! transition exists without its event and no event without its transition, whatever process
+//! dies when. An event carries the installation, its consumer, the states before and after, the
+//! provider's words for failures, the time and the record version it wrote: never a token.
+//!
+//! Events are read with [`crate::TokenStore::read_events`] from an [`EventCursor`] the
+//! application persists (its text form is stable). A store keeps one ordered log (memory,
+//! SQLite, PostgreSQL) or one per shard (Redis); the cursor holds a position per log, and order
+//! is guaranteed per installation, which is all a consumer of lifecycle events needs. Delivery
+//! is at-least-once: an application that crashes after handling an event and before persisting
+//! its cursor sees it again, with the same cursor, installation and version to de-duplicate.
+//! Retention is bounded ([`EventRetention`]); a cursor whose next events were removed is
+//! refused with [`crate::StoreError::EventsTrimmed`] instead of silently skipping them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::InstallationId;
+use crate::record::{ErrorDetail, EventKind, HistoryEntry, Record};
+use crate::state::{ReauthReason, State, StateKind};
+use crate::store::StoreError;
+use crate::time::Timestamp;
+
+/// A position in one event log: a sequence number (`major`, with `minor` 0) for the SQL and
+/// memory stores, a stream entry id (`major`-`minor`) for Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogPosition {
+    /// Sequence number, or the stream entry's milliseconds.
+    pub major: u64,
+    /// 0, or the stream entry's sequence within its millisecond.
+    pub minor: u64,
+}
+
+impl LogPosition {
+    /// A sequence-number position.
+    pub const fn seq(seq: u64) -> Self {
+        Self {
+            major: seq,
+            minor: 0,
+        }
+    }
+}
+
+impl fmt::Display for LogPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.major, self.minor)
+    }
+}
+
+impl FromStr for LogPosition {
+    type Err = InvalidCursor;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (major, minor) = s.split_once('-').unwrap_or((s, "0"));
+        let parse = |t: &str| {
+            t.parse::<u64>()
+                .map_err(|_| InvalidCursor(format!("{s:?} is not a log position")))
+        };
+        Ok(Self {
+            major: parse(major)?,
+            minor: parse(minor)?,
+        })
+    }
+}
+
+/// Where a reader of the event log stands: the position of the last event it handled in each
+/// of the store's logs. Persist its text form ([`Display`](fmt::Display), parsed back by
+/// [`FromStr`]); [`EventCursor::beginning`] starts at the oldest retained event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct EventCursor {
+    positions: Vec<LogPosition>,
+}
+
+/// The text prefix of a cursor's stable form.
+const CURSOR_PREFIX: &str = "tkc1:";
+
+impl EventCursor {
+    /// Before every retained event: reading from here never reports
+    /// [`StoreError::EventsTrimmed`].
+    pub fn beginning() -> Self {
+        Self::default()
+    }
+
+    /// True for [`EventCursor::beginning`].
+    pub fn is_beginning(&self) -> bool {
+        self.positions.iter().all(|p| *p == LogPosition::default())
+    }
+
+    /// A cursor at these positions, one per log (for stores).
+    pub fn from_positions(positions: Vec<LogPosition>) -> Self {
+        Self { positions }
+    }
+
+    /// The position in each log; empty for the beginning (for stores).
+    pub fn positions(&self) -> &[LogPosition] {
+        &self.positions
+    }
+
+    /// The positions for a store with `logs` logs: the beginning is zeros, any other count
+    /// than `logs` is a cursor of another store or layout.
+    pub fn positions_for(
+        &self,
+        backend: &'static str,
+        logs: usize,
+    ) -> Result<Vec<LogPosition>, StoreError> {
+        if self.positions.is_empty() {
+            return Ok(vec![LogPosition::default(); logs]);
+        }
+        if self.positions.len() != logs {
+            return Err(StoreError::InvalidCursor {
+                backend,
+                message: format!(
+                    "the cursor holds {} log positions but this store keeps {logs} event logs: it comes from another store or a store with another shard count; start from EventCursor::beginning() after reconciling with `list`",
+                    self.positions.len()
+                ),
+            });
+        }
+        Ok(self.positions.clone())
+    }
+}
+
+impl fmt::Display for EventCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(CURSOR_PREFIX)?;
+        for (n, p) in self.positions.iter().enumerate() {
+            if n > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Text that is not an [`EventCursor`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid event cursor: {0}; persist the text of `EventCursor`'s Display and parse it back")]
+pub struct InvalidCursor(String);
+
+impl FromStr for EventCursor {
+    type Err = InvalidCursor;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let body = s
+            .strip_prefix(CURSOR_PREFIX)
+            .ok_or_else(|| InvalidCursor(format!("{s:?} does not start with {CURSOR_PREFIX:?}")))?;
+        if body.is_empty() {
+            return Ok(Self::beginning());
+        }
+        let positions = body
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { positions })
+    }
+}
+
+impl Serialize for EventCursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One write of one installation, as the event log tells it. Never holds a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LifecycleEvent {
+    /// Resume after this event by passing it to `read_events`. Identical when the same event
+    /// is delivered twice.
+    pub cursor: EventCursor,
+    /// The installation written.
+    pub installation: InstallationId,
+    /// Its consumer ([`Record::consumer`]); empty for the deletion of a record that could not
+    /// be read.
+    pub consumer: String,
+    /// What happened: the history event of the write, or [`EventKind::Deleted`].
+    pub kind: EventKind,
+    /// The state before; `None` for a creation.
+    pub from: Option<StateKind>,
+    /// The state after; `None` for a deletion.
+    pub to: Option<StateKind>,
+    /// The state after, with its data (why re-authorization is required, until when a backoff
+    /// lasts, the lease); `None` for a deletion.
+    pub state: Option<State>,
+    /// The provider's words for a failed exchange (or an anomaly of a kept reply).
+    pub error: Option<ErrorDetail>,
+    /// When it happened: the writer's clock for writes, the store's for deletions.
+    pub at: Timestamp,
+    /// The record version this write produced; a deletion counts as the version after the
+    /// last one. Versions of one installation rise by one per event until it is deleted (a
+    /// record created again starts at 1).
+    pub version: u64,
+}
+
+impl LifecycleEvent {
+    /// Why the installation needs re-authorization, when this event put it there.
+    pub fn reauthorization_reason(&self) -> Option<ReauthReason> {
+        match &self.state {
+            Some(State::ReauthorizationRequired { reason, .. }) => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// True when the tokens this installation had before may no longer be served: it was
+    /// revoked, condemned (re-authorization required), deleted or given a new grant.
+    pub fn ends_tokens(&self) -> bool {
+        matches!(
+            self.kind,
+            EventKind::Revoked
+                | EventKind::RefreshRejected
+                | EventKind::Authorized
+                | EventKind::Deleted
+        ) || self.to.is_some_and(StateKind::is_terminal)
+    }
+}
+
+/// A page of [`crate::TokenStore::read_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPage {
+    /// The events, in log order (per installation, in version order).
+    pub events: Vec<LifecycleEvent>,
+    /// Where the next read resumes: the last event's cursor, or the cursor read from when
+    /// there were no events.
+    pub next: EventCursor,
+}
+
+/// How long a store keeps events: both bounds apply, whichever removes an event first. The
+/// oldest events go as new ones are written (a few per write, so trimming never stalls a
+/// write). Defaults: 1,000,000 events per log and 7 days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRetention {
+    max_events: u64,
+    max_age: Duration,
+}
+
+impl Default for EventRetention {
+    fn default() -> Self {
+        Self {
+            max_events: 1_000_000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl EventRetention {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keep at most `n` events per log (at least 1).
+    pub fn max_events(mut self, n: u64) -> Self {
+        self.max_events = n.max(1);
+        self
+    }
+
+    /// Remove events older than `age` (by the store's clock; at least 1 ms).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The event bound.
+    pub fn event_limit(&self) -> u64 {
+        self.max_events
+    }
+
+    /// The age bound.
+    pub fn age_limit(&self) -> Duration {
+        self.max_age
+    }
+
+    /// The age bound in whole milliseconds, saturating.
+    pub fn age_limit_millis(&self) -> u64 {
+        u64::try_from(self.max_age.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The stored form of an event's body. SQL stores build the same JSON in their triggers from
+/// the record's last history entry and state, so it must stay in step with them.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Payload {
+    Write { entry: HistoryEntry, state: State },
+    /// The deleted record's state, by [`StateKind::as_str`] (what the SQL stores index).
+    Deleted { deleted: String },
+}
+
+/// The stored body of the event a write of `record` appends: its last history entry and its
+/// state (JSON, no token).
+pub fn write_event_payload(record: &Record) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        entry: Option<&'a HistoryEntry>,
+        state: &'a State,
+    }
+    serde_json::to_vec(&Borrowed {
+        entry: record.history().last(),
+        state: record.state(),
+    })
+    .unwrap_or_default()
+}
+
+/// The stored body of the event a deletion of a record in state `state` appends.
+pub fn delete_event_payload(state: StateKind) -> Vec<u8> {
+    serde_json::to_vec(&Payload::Deleted {
+        deleted: state.as_str().to_owned(),
+    })
+    .unwrap_or_default()
+}
+
+/// Why a stored event could not be read.
+#[derive(Debug, thiserror::Error)]
+enum EventFault {
+    #[error("undecodable event body: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error("{0}")]
+    UnknownState(#[source] crate::state::UnknownStateKind),
+    #[error("the event's version column ({column}) disagrees with its body ({body})")]
+    VersionMismatch { column: u64, body: u64 },
+}
+
+/// Decodes an event a store read back: `version` and `at` from its own columns (for a
+/// deletion: the deleted version + 1 and the store's clock), the body from
+/// [`write_event_payload`] or [`delete_event_payload`] (or a trigger building the same JSON).
+pub fn decode_event(
+    backend: &'static str,
+    cursor: EventCursor,
+    installation: InstallationId,
+    consumer: String,
+    version: u64,
+    at: Timestamp,
+    body: &[u8],
+) -> Result<LifecycleEvent, StoreError> {
+    let corrupt = |fault: EventFault| StoreError::corrupt(backend, installation.clone(), fault);
+    let payload: Payload = serde_json::from_slice(body).map_err(|e| corrupt(EventFault::Malformed(e)))?;
+    Ok(match payload {
+        Payload::Write { entry, state } => {
+            if entry.version != version {
+                return Err(corrupt(EventFault::VersionMismatch {
+                    column: version,
+                    body: entry.version,
+                }));
+            }
+            LifecycleEvent {
+                cursor,
+                installation,
+                consumer,
+                kind: entry.event,
+                from: (entry.event != EventKind::Created).then_some(entry.from),
+                to: Some(entry.to),
+                state: Some(state),
+                error: entry.error,
+                at: entry.at,
+                version,
+            }
+        }
+        Payload::Deleted { deleted } => LifecycleEvent {
+            from: Some(
+                deleted
+                    .parse::<StateKind>()
+                    .map_err(|e| corrupt(EventFault::UnknownState(e)))?,
+            ),
+            cursor,
+            installation,
+            consumer,
+            kind: EventKind::Deleted,
+            to: None,
+            state: None,
+            error: None,
+            at,
+            version,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_through_text() {
+        for cursor in [
+            EventCursor::beginning(),
+            EventCursor::from_positions(vec![LogPosition::seq(42)]),
+            EventCursor::from_positions(vec![
+                LogPosition { major: 1_767_225_600_000, minor: 3 },
+                LogPosition::default(),
+            ]),
+        ] {
+            let text = cursor.to_string();
+            assert_eq!(text.parse::<EventCursor>(), Ok(cursor.clone()), "{text}");
+            let json = serde_json::to_string(&cursor).unwrap();
+            assert_eq!(serde_json::from_str::<EventCursor>(&json).unwrap(), cursor);
+        }
+        for bad in ["", "42", "tkc1:x", "tkc1:1-2-3", "tkc1:1,", "tkc2:1"] {
+            assert!(bad.parse::<EventCursor>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_cursor_of_another_layout_is_refused() {
+        let cursor = EventCursor::from_positions(vec![LogPosition::seq(1); 3]);
+        assert!(cursor.positions_for("memory", 1).is_err());
+        assert_eq!(cursor.positions_for("redis", 3).unwrap().len(), 3);
+        assert_eq!(EventCursor::beginning().positions_for("redis", 16).unwrap().len(), 16);
+    }
+}
