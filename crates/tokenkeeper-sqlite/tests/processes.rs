@@ -17,7 +17,9 @@ use tokenkeeper_core::{
     CasOutcome, Clock, Event, InstallationId, LeaseHolder, SystemClock, TokenStore,
 };
 use tokenkeeper_sqlite::SqliteStore;
-use tokenkeeper_testkit::race::{RaceReport, race_ids, race_worker, seed_race, verify_race};
+use tokenkeeper_testkit::race::{
+    RaceReport, race_ids, race_worker, seed_race, verify_events, verify_race,
+};
 
 const CHILD_ENV: &str = "TK_SQLITE_CHILD";
 const RECORDS: usize = 100;
@@ -151,6 +153,23 @@ async fn sigkill_mid_write_loses_nothing_reported_committed() {
             .unwrap_or_else(|| panic!("{id} was reported committed but is gone"));
         assert!(r.version() >= *version, "{id} lost its committed swap");
     }
+    // The write the kill interrupted is whole or absent, with its event: records and
+    // events agree for every id the child touched.
+    let mut touched = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(tokenkeeper_core::ListFilter::all(), after.as_ref(), 500)
+            .await
+            .unwrap();
+        touched.extend(page.entries.iter().map(|e| e.id.clone()));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let checked = verify_events(&store, &touched).await;
+    assert!(checked >= 2 * committed.len());
     eprintln!(
         "SIGKILL after {} reported commits: all present",
         committed.len()

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use tokenkeeper_core::conformance::{T0, sample_record};
+use tokenkeeper_core::conformance::{T0, drain_events, sample_record};
 use tokenkeeper_core::{
-    CasOutcome, Clock, Event, InstallationId, LeaseHolder, SystemClock, TokenStore,
+    CasOutcome, Clock, Event, EventCursor, InstallationId, LeaseHolder, SystemClock, TokenStore,
 };
 
 /// The ids of the shared records a multi-process race works on.
@@ -125,10 +125,36 @@ pub async fn verify_race(store: &dyn TokenStore, ids: &[InstallationId], reports
         stored, swaps,
         "stored versions must equal the successful swaps: {reports:?}"
     );
+    verify_events(store, ids).await;
     eprintln!(
         "{} processes: {swaps} swaps, {conflicts} conflicts, 0 errors",
         reports.len()
     );
+}
+
+/// Checks the event outbox against the records: each of `ids` has exactly one event per
+/// version it was written at, in version order (no write without its event, no event
+/// without its write, whatever process died when). Returns how many events it checked.
+pub async fn verify_events(store: &dyn TokenStore, ids: &[InstallationId]) -> usize {
+    let (events, _) = drain_events(store, &EventCursor::beginning(), 500).await;
+    let mut versions: std::collections::HashMap<&InstallationId, Vec<u64>> =
+        ids.iter().map(|i| (i, Vec::new())).collect();
+    for e in &events {
+        if let Some(v) = versions.get_mut(&e.installation) {
+            v.push(e.version);
+        }
+    }
+    let mut checked = 0;
+    for i in ids {
+        let record = store.get(i).await.expect("reading back").expect("present");
+        let expected: Vec<u64> = (1..=record.version()).collect();
+        assert_eq!(
+            versions[i], expected,
+            "{i}: the event log disagrees with the versions written"
+        );
+        checked += expected.len();
+    }
+    checked
 }
 
 /// How long each child process races.
@@ -146,8 +172,39 @@ pub async fn race_child(store: &dyn TokenStore) {
 /// (which makes that test run [`race_child`]), waits for all of them and returns their
 /// reports. Panics, with the child's output, when a child fails.
 pub fn run_race_children(n: usize, env: &[(&str, &str)]) -> Vec<RaceReport> {
+    collect_reports(spawn_race_children(n, env))
+}
+
+/// Like [`run_race_children`], but SIGKILLs the first child `kill_after` into the race,
+/// mid-write as likely as not; returns the survivors' reports.
+pub fn run_race_children_killing_one(
+    n: usize,
+    env: &[(&str, &str)],
+    kill_after: Duration,
+) -> Vec<RaceReport> {
+    let mut children = spawn_race_children(n, env);
+    std::thread::sleep(kill_after);
+    let mut victim = children.remove(0);
+    victim.kill().expect("SIGKILL a child");
+    let _ = victim.wait();
+    collect_reports(children)
+}
+
+fn collect_reports(children: Vec<std::process::Child>) -> Vec<RaceReport> {
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().expect("a child's output");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "a child failed:\n{text}");
+            RaceReport::from_output(&text).unwrap_or_else(|| panic!("no report in {text}"))
+        })
+        .collect()
+}
+
+fn spawn_race_children(n: usize, env: &[(&str, &str)]) -> Vec<std::process::Child> {
     use std::process::{Command, Stdio};
-    let children: Vec<_> = (0..n)
+    (0..n)
         .map(|_| {
             let mut c = Command::new(std::env::current_exe().expect("the test binary"));
             c.args([
@@ -161,15 +218,6 @@ pub fn run_race_children(n: usize, env: &[(&str, &str)]) -> Vec<RaceReport> {
                 c.env(k, v);
             }
             c.spawn().expect("spawn a child process")
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|child| {
-            let out = child.wait_with_output().expect("a child's output");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(out.status.success(), "a child failed:\n{text}");
-            RaceReport::from_output(&text).unwrap_or_else(|| panic!("no report in {text}"))
         })
         .collect()
 }
