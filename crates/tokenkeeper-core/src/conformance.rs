@@ -823,7 +823,10 @@ pub async fn drain_events(
             .unwrap_or_else(|e| panic!("read_events after {cursor} failed: {e}"));
         assert!(page.events.len() <= limit, "a page longer than its limit");
         if let Some(last) = page.events.last() {
-            assert_eq!(page.next, last.cursor, "next is not the last event's cursor");
+            assert_eq!(
+                page.next, last.cursor,
+                "next is not the last event's cursor"
+            );
         } else {
             assert_eq!(page.next, cursor, "an empty page moved the cursor");
         }
@@ -866,7 +869,10 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         .unwrap();
     must_swap(&*store, &r3, 2).await;
     // Failures append nothing.
-    assert!(store.create(&r1).await.is_err(), "create over an existing id");
+    assert!(
+        store.create(&r1).await.is_err(),
+        "create over an existing id"
+    );
     assert!(matches!(
         store.compare_and_swap(&r2, 1).await.unwrap(),
         CasOutcome::Conflict(_)
@@ -875,7 +881,10 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         store.delete(&i, 1).await.unwrap(),
         DeleteOutcome::Conflict(_)
     ));
-    assert_eq!(store.delete(&id("nobody"), 1).await.unwrap(), DeleteOutcome::Missing);
+    assert_eq!(
+        store.delete(&id("nobody"), 1).await.unwrap(),
+        DeleteOutcome::Missing
+    );
     assert_eq!(store.delete(&i, 3).await.unwrap(), DeleteOutcome::Deleted);
 
     let (events, end) = drain_events(&*store, &start, 100).await;
@@ -886,7 +895,13 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
     assert_eq!(
         seen,
         vec![
-            ("evented", EventKind::Created, None, Some(StateKind::Active), 1),
+            (
+                "evented",
+                EventKind::Created,
+                None,
+                Some(StateKind::Active),
+                1
+            ),
             (
                 "evented",
                 EventKind::LeaseAcquired,
@@ -911,10 +926,17 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         ],
         "the event log does not match the writes"
     );
-    assert!(events.iter().all(|e| e.consumer == CONSUMER), "consumer lost");
+    assert!(
+        events.iter().all(|e| e.consumer == CONSUMER),
+        "consumer lost"
+    );
     assert_eq!(events[0].at, T0);
     assert_eq!(events[2].at, at(2));
-    assert_eq!(events[2].error.as_ref(), Some(&words), "provider words lost");
+    assert_eq!(
+        events[2].error.as_ref(),
+        Some(&words),
+        "provider words lost"
+    );
     assert_eq!(
         events[2].reauthorization_reason(),
         Some(ReauthReason::ScopesChanged)
@@ -931,16 +953,32 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         let text = cursor.to_string();
         cursor = text.parse().expect("a cursor's text parses back");
         let page = store.read_events(&cursor, 1).await.unwrap();
-        assert_eq!(page.events.as_slice(), std::slice::from_ref(expected), "event {n}");
+        assert_eq!(
+            page.events.as_slice(),
+            std::slice::from_ref(expected),
+            "event {n}"
+        );
         cursor = page.next;
     }
     assert_eq!(cursor, end);
     assert!(store.read_events(&end, 10).await.unwrap().events.is_empty());
-    // Writes after the end are read from it.
+    // Writes after the end, or after the head, are read from there.
+    let head = store.event_head().await.expect("event_head");
+    assert!(
+        store
+            .read_events(&head, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty(),
+        "events after the head"
+    );
     must_create(&*store, &r1).await;
-    let (again, _) = drain_events(&*store, &end, 10).await;
-    assert_eq!(again.len(), 1);
-    assert_eq!((again[0].kind, again[0].version), (EventKind::Created, 1));
+    for from in [&end, &head] {
+        let (again, _) = drain_events(&*store, from, 10).await;
+        assert_eq!(again.len(), 1, "after {from}");
+        assert_eq!((again[0].kind, again[0].version), (EventKind::Created, 1));
+    }
     // A cursor of another layout is a typed error, not a wrong read.
     let foreign = EventCursor::from_positions(vec![LogPosition::seq(1); 7]);
     match store.read_events(&foreign, 10).await {
@@ -956,7 +994,9 @@ pub async fn events_keep_order_per_installation(store: Arc<dyn TokenStore>) {
     const INSTALLATIONS: usize = 6;
     const TASKS: usize = 8;
     const ROUNDS: u64 = 6;
-    let ids: Vec<_> = (0..INSTALLATIONS).map(|n| id(&format!("ordered-{n}"))).collect();
+    let ids: Vec<_> = (0..INSTALLATIONS)
+        .map(|n| id(&format!("ordered-{n}")))
+        .collect();
     for i in &ids {
         must_create(&*store, &sample_record(i, at(0))).await;
     }
@@ -997,11 +1037,18 @@ pub async fn events_keep_order_per_installation(store: Arc<dyn TokenStore>) {
             .map(|e| e.version)
             .collect();
         let expected: Vec<u64> = (1..=stored.version()).collect();
-        assert_eq!(versions, expected, "{i}: event versions vs written versions");
+        assert_eq!(
+            versions, expected,
+            "{i}: event versions vs written versions"
+        );
     }
     for (n, e) in events.iter().enumerate() {
         let page = store.read_events(&e.cursor, 1).await.unwrap();
-        assert_eq!(page.events.first(), events.get(n + 1), "resume after event {n}");
+        assert_eq!(
+            page.events.first(),
+            events.get(n + 1),
+            "resume after event {n}"
+        );
     }
 }
 

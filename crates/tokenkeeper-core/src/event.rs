@@ -296,9 +296,14 @@ impl EventRetention {
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 enum Payload {
-    Write { entry: HistoryEntry, state: State },
+    Write {
+        entry: HistoryEntry,
+        state: State,
+    },
     /// The deleted record's state, by [`StateKind::as_str`] (what the SQL stores index).
-    Deleted { deleted: String },
+    Deleted {
+        deleted: String,
+    },
 }
 
 /// The stored body of the event a write of `record` appends: its last history entry and its
@@ -348,7 +353,8 @@ pub fn decode_event(
     body: &[u8],
 ) -> Result<LifecycleEvent, StoreError> {
     let corrupt = |fault: EventFault| StoreError::corrupt(backend, installation.clone(), fault);
-    let payload: Payload = serde_json::from_slice(body).map_err(|e| corrupt(EventFault::Malformed(e)))?;
+    let payload: Payload =
+        serde_json::from_slice(body).map_err(|e| corrupt(EventFault::Malformed(e)))?;
     Ok(match payload {
         Payload::Write { entry, state } => {
             if entry.version != version {
@@ -399,7 +405,10 @@ mod tests {
             EventCursor::beginning(),
             EventCursor::from_positions(vec![LogPosition::seq(42)]),
             EventCursor::from_positions(vec![
-                LogPosition { major: 1_767_225_600_000, minor: 3 },
+                LogPosition {
+                    major: 1_767_225_600_000,
+                    minor: 3,
+                },
                 LogPosition::default(),
             ]),
         ] {
@@ -418,6 +427,12 @@ mod tests {
         let cursor = EventCursor::from_positions(vec![LogPosition::seq(1); 3]);
         assert!(cursor.positions_for("memory", 1).is_err());
         assert_eq!(cursor.positions_for("redis", 3).unwrap().len(), 3);
-        assert_eq!(EventCursor::beginning().positions_for("redis", 16).unwrap().len(), 16);
+        assert_eq!(
+            EventCursor::beginning()
+                .positions_for("redis", 16)
+                .unwrap()
+                .len(),
+            16
+        );
     }
 }

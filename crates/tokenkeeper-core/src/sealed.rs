@@ -701,4 +701,8 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
     ) -> Result<crate::EventPage, StoreError> {
         self.inner.read_events(after, limit).await
     }
+
+    async fn event_head(&self) -> Result<crate::EventCursor, StoreError> {
+        self.inner.event_head().await
+    }
 }

@@ -393,6 +393,14 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::Backend`].
     async fn read_events(&self, after: &EventCursor, limit: usize)
     -> Result<EventPage, StoreError>;
+
+    /// The cursor after the newest event: reading from it returns only events written later.
+    /// What a reader that wants no history starts from.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
+    async fn event_head(&self) -> Result<EventCursor, StoreError>;
 }
 
 /// Checks the argument rule of `compare_and_swap`; backends call it first.
@@ -481,6 +489,9 @@ macro_rules! forward_store {
                 limit: usize,
             ) -> Result<EventPage, StoreError> {
                 (**self).read_events(after, limit).await
+            }
+            async fn event_head(&self) -> Result<EventCursor, StoreError> {
+                (**self).event_head().await
             }
         }
     };

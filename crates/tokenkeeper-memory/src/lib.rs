@@ -321,7 +321,11 @@ impl TokenStore for MemoryStore {
         Ok(ListPage::from_entries(entries, limit))
     }
 
-    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+    async fn read_events(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         let after_seq = after.positions_for(BACKEND, 1)?[0].major;
         let inner = self.lock();
         if after_seq < inner.trimmed_through && !after.is_beginning() {
@@ -331,7 +335,12 @@ impl TokenStore for MemoryStore {
             });
         }
         let mut events = Vec::new();
-        for stored in inner.events.iter().filter(|e| e.seq > after_seq).take(limit) {
+        for stored in inner
+            .events
+            .iter()
+            .filter(|e| e.seq > after_seq)
+            .take(limit)
+        {
             events.push(decode_event(
                 BACKEND,
                 EventCursor::from_positions(vec![LogPosition::seq(stored.seq)]),
@@ -342,7 +351,15 @@ impl TokenStore for MemoryStore {
                 &stored.body,
             )?);
         }
-        let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+        let next = events
+            .last()
+            .map_or_else(|| after.clone(), |e| e.cursor.clone());
         Ok(EventPage { events, next })
+    }
+
+    async fn event_head(&self) -> Result<EventCursor, StoreError> {
+        Ok(EventCursor::from_positions(vec![LogPosition::seq(
+            self.lock().last_seq,
+        )]))
     }
 }

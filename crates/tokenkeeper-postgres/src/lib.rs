@@ -688,11 +688,20 @@ impl TokenStore for PostgresStore {
         .await
     }
 
-    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+    async fn read_events(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         self.run("read_events", async |c| {
             ops::read_events(c, &self.sql, after, limit).await
         })
         .await
+    }
+
+    async fn event_head(&self) -> Result<EventCursor, StoreError> {
+        self.run("event_head", async |c| ops::event_head(c, &self.sql).await)
+            .await
     }
 }
 

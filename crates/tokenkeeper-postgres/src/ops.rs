@@ -31,6 +31,7 @@ pub(crate) struct Sql {
     settle: String,
     get_flow: String,
     events: String,
+    head: String,
 }
 
 impl Sql {
@@ -81,6 +82,7 @@ impl Sql {
                         SELECT * FROM {s}.events WHERE seq > $1 ORDER BY seq LIMIT $2
                    ) e ON TRUE"
             ),
+            head: format!("SELECT last_seq FROM {s}.event_log"),
         }
     }
 
@@ -508,7 +510,9 @@ pub(crate) async fn read_events(
             body.as_bytes(),
         )?);
     }
-    let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+    let next = events
+        .last()
+        .map_or_else(|| after.clone(), |e| e.cursor.clone());
     Ok(EventPage { events, next })
 }
 
@@ -530,4 +534,15 @@ pub(crate) async fn set_retention(
         )
         .await?;
     Ok(())
+}
+
+pub(crate) async fn event_head(client: &Client, sql: &Sql) -> Result<EventCursor, StoreError> {
+    const OP: &str = "event_head";
+    let err = |e| pg_error(OP, e);
+    let stmt = client.prepare_cached(&sql.head).await.map_err(err)?;
+    let row = client.query_one(&stmt, &[]).await.map_err(err)?;
+    let seq: i64 = index_column(OP, &row, 0)?;
+    Ok(EventCursor::from_positions(vec![LogPosition::seq(
+        seq.max(0) as u64,
+    )]))
 }

@@ -17,7 +17,8 @@ use crate::{ConnectError, Names};
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Migration `n` takes the schema from version `n` to `n + 1`; `{s}` is the quoted schema.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE {s}.installations (
         id           TEXT COLLATE "C" NOT NULL PRIMARY KEY,
         consumer     TEXT NOT NULL,

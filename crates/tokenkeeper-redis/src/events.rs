@@ -56,28 +56,7 @@ pub(crate) async fn read(
             pipe
         })
         .collect();
-    let replies: Vec<Value> = if store.conn.is_cluster() {
-        // Each shard's keys live in their own slot: one pipeline per shard.
-        store
-            .run(OP, async |c| {
-                let mut all = Vec::with_capacity(2 * pipes.len());
-                for pipe in &pipes {
-                    all.extend(pipe.query_async::<Vec<Value>>(c).await?);
-                }
-                Ok(all)
-            })
-            .await?
-    } else {
-        let mut pipe = redis::pipe();
-        for shard in &pipes {
-            for cmd in shard.cmd_iter() {
-                pipe.add_command(cmd.clone());
-            }
-        }
-        store
-            .run(OP, async |c| pipe.query_async::<Vec<Value>>(c).await)
-            .await?
-    };
+    let replies = per_shard(store, OP, &pipes).await?;
     if replies.len() != 2 * shards.len() {
         return Err(unexpected_reply(OP, &Value::Array(replies)));
     }
@@ -132,7 +111,9 @@ fn malformed(what: &str) -> StoreError {
     StoreError::backend(
         BACKEND,
         OP,
-        format!("an event stream entry is malformed ({what}); was the stream written outside tokenkeeper?"),
+        format!(
+            "an event stream entry is malformed ({what}); was the stream written outside tokenkeeper?"
+        ),
     )
 }
 
@@ -180,4 +161,73 @@ fn parse_entry(shard: usize, item: &Value) -> Result<Entry, StoreError> {
         body: body.ok_or_else(|| malformed("body"))?,
         id,
     })
+}
+
+/// Runs one pipeline per shard and returns every reply in order: one pipeline in all on a
+/// single server, one per shard on a cluster (each shard's keys live in their own slot).
+async fn per_shard(
+    store: &RedisStore,
+    operation: &'static str,
+    pipes: &[redis::Pipeline],
+) -> Result<Vec<Value>, StoreError> {
+    if store.conn.is_cluster() {
+        return store
+            .run(operation, async |c| {
+                let mut all = Vec::new();
+                for pipe in pipes {
+                    all.extend(pipe.query_async::<Vec<Value>>(c).await?);
+                }
+                Ok(all)
+            })
+            .await;
+    }
+    let mut pipe = redis::pipe();
+    for shard in pipes {
+        for cmd in shard.cmd_iter() {
+            pipe.add_command(cmd.clone());
+        }
+    }
+    store
+        .run(operation, async |c| pipe.query_async::<Vec<Value>>(c).await)
+        .await
+}
+
+/// Each shard's newest entry id (or its retention mark, when retention removed every entry).
+pub(crate) async fn head(store: &RedisStore) -> Result<EventCursor, StoreError> {
+    const HEAD: &str = "event_head";
+    let shards = store.layout.shards();
+    let pipes: Vec<redis::Pipeline> = shards
+        .iter()
+        .map(|keys| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XREVRANGE")
+                .arg(&keys.events)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+            pipe.cmd("GET").arg(&keys.events_trimmed);
+            pipe
+        })
+        .collect();
+    let replies = per_shard(store, HEAD, &pipes).await?;
+    if replies.len() != 2 * shards.len() {
+        return Err(unexpected_reply(HEAD, &Value::Array(replies)));
+    }
+    let mut positions = Vec::with_capacity(shards.len());
+    for (shard, pair) in replies.chunks(2).enumerate() {
+        let trimmed = match &pair[1] {
+            Value::BulkString(text) => parse_position(text)?,
+            _ => LogPosition::default(),
+        };
+        let newest = match &pair[0] {
+            Value::Array(items) => match items.first() {
+                Some(item) => parse_entry(shard, item)?.position,
+                None => LogPosition::default(),
+            },
+            other => return Err(unexpected_reply(HEAD, other)),
+        };
+        positions.push(newest.max(trimmed));
+    }
+    Ok(EventCursor::from_positions(positions))
 }

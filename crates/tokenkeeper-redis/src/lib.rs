@@ -1017,8 +1017,16 @@ impl TokenStore for RedisStore {
         .await
     }
 
-    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+    async fn read_events(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         events::read(self, after, limit).await
+    }
+
+    async fn event_head(&self) -> Result<EventCursor, StoreError> {
+        events::head(self).await
     }
 
     /// One page merged from every shard's due set of `consumer`. Each shard is asked for

@@ -456,9 +456,17 @@ impl TokenStore for SqliteStore {
         self.run("get_flow", move |c| ops::get_flow(c, &flow)).await
     }
 
-    async fn read_events(&self, after: &EventCursor, limit: usize) -> Result<EventPage, StoreError> {
+    async fn read_events(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         let after = after.clone();
         self.run("read_events", move |c| ops::read_events(c, &after, limit))
             .await
+    }
+
+    async fn event_head(&self) -> Result<EventCursor, StoreError> {
+        self.run("event_head", ops::event_head).await
     }
 }

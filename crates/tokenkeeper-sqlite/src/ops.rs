@@ -490,7 +490,9 @@ pub(crate) fn read_events(
             body.as_bytes(),
         )?);
     }
-    let next = events.last().map_or_else(|| after.clone(), |e| e.cursor.clone());
+    let next = events
+        .last()
+        .map_or_else(|| after.clone(), |e| e.cursor.clone());
     Ok(EventPage { events, next })
 }
 
@@ -503,4 +505,19 @@ pub(crate) fn set_retention(conn: &Connection, retention: EventRetention) -> rus
         params![events, age],
     )?;
     Ok(())
+}
+
+/// The newest sequence number handed out (kept by `AUTOINCREMENT` even when retention removed
+/// that event).
+pub(crate) fn event_head(conn: &Connection) -> Result<EventCursor, StoreError> {
+    let seq: i64 = conn
+        .query_row(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| sqlite_error("event_head", e))?;
+    Ok(EventCursor::from_positions(vec![LogPosition::seq(
+        seq.max(0) as u64,
+    )]))
 }

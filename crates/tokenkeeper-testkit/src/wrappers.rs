@@ -196,6 +196,11 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
         self.hook.before(Operation::Events).await?;
         self.inner.read_events(after, limit).await
     }
+
+    async fn event_head(&self) -> Result<tokenkeeper_core::EventCursor, StoreError> {
+        self.hook.before(Operation::Events).await?;
+        self.inner.event_head().await
+    }
 }
 
 /// What a [`FlakyStore`] fails while its switch is on.

@@ -77,9 +77,9 @@ pub mod __fuzz {
     pub use crate::oauth::state::fuzz_decode as state;
 }
 pub use manager::{
-    Explanation, Health, LifecycleEvent, LifecycleEventKind, MassRejectionGuard, RefreshPolicy,
-    RefresherConfig, RefresherCounts, RefresherHandle, TokenManager, TokenManagerBuilder,
-    UnsavedFileError, UnsavedTokens,
+    EventStream, EventsError, Explanation, Health, LocalEvent, LocalEventKind, MassRejectionGuard,
+    RefreshPolicy, RefresherConfig, RefresherCounts, RefresherHandle, TokenManager,
+    TokenManagerBuilder, UnsavedFileError, UnsavedTokens,
 };
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationState,

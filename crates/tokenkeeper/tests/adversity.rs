@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::EventKind;
-use tokenkeeper::{Error, InstallationId, LifecycleEventKind, ReauthReason, StateKind, profiles};
+use tokenkeeper::{Error, InstallationId, LocalEventKind, ReauthReason, StateKind, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
@@ -196,10 +196,7 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
     }
     while let Ok(event) = events.try_recv() {
         assert!(
-            !matches!(
-                event.kind,
-                LifecycleEventKind::ReauthorizationRequired { .. }
-            ),
+            !matches!(event.kind, LocalEventKind::ReauthorizationRequired { .. }),
             "announced a condemnation that was not recorded: {event:?}"
         );
     }
@@ -223,7 +220,7 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
         StateKind::ReauthorizationRequired
     );
     let announced = std::iter::from_fn(|| events.try_recv().ok())
-        .any(|e| matches!(e.kind, LifecycleEventKind::ReauthorizationRequired { .. }));
+        .any(|e| matches!(e.kind, LocalEventKind::ReauthorizationRequired { .. }));
     assert!(announced, "the recorded condemnation is announced");
 }
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{
-    Error, FailureClass, LifecycleEventKind, RefresherConfig, State, StateKind, TokenStore,
-    profiles,
+    Error, FailureClass, LocalEventKind, RefresherConfig, State, StateKind, TokenStore, profiles,
 };
 use tokenkeeper_core::{BackoffCause, ReauthReason};
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
@@ -126,7 +125,7 @@ async fn transient_failures_keep_serving_the_valid_token_and_honour_retry_after(
     );
     assert!(matches!(
         events.recv().await.unwrap().kind,
-        LifecycleEventKind::Backoff { .. }
+        LocalEventKind::Backoff { .. }
     ));
     // While backing off, no provider call, the old token still served.
     assert_eq!(f.manager.access_token(&id).await.unwrap(), first);
@@ -228,7 +227,7 @@ async fn a_scope_change_makes_every_installation_reauthorize_with_the_provider_t
         assert_eq!(&event.installation, id);
         assert!(matches!(
             event.kind,
-            LifecycleEventKind::ReauthorizationRequired { .. }
+            LocalEventKind::ReauthorizationRequired { .. }
         ));
     }
     let explanation = f.manager.explain(&ids[0]).await.unwrap();
@@ -379,10 +378,7 @@ async fn import_revoke_and_events() {
         .import_installation(imported.clone(), tokens.clone())
         .await
         .unwrap();
-    assert_eq!(
-        events.recv().await.unwrap().kind,
-        LifecycleEventKind::Imported
-    );
+    assert_eq!(events.recv().await.unwrap().kind, LocalEventKind::Imported);
     assert_eq!(
         f.manager.access_token(&imported).await.unwrap(),
         tokens.access_token
@@ -403,10 +399,7 @@ async fn import_revoke_and_events() {
     ));
 
     f.manager.revoke(&source).await.unwrap();
-    assert_eq!(
-        events.recv().await.unwrap().kind,
-        LifecycleEventKind::Revoked
-    );
+    assert_eq!(events.recv().await.unwrap().kind, LocalEventKind::Revoked);
     assert!(matches!(
         f.manager.access_token(&source).await,
         Err(Error::Revoked { .. })

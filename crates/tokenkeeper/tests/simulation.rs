@@ -232,6 +232,11 @@ impl TokenStore for HostStore {
         self.before("read_events").await?;
         self.world.store.read_events(after, limit).await
     }
+
+    async fn event_head(&self) -> Result<tokenkeeper::core::EventCursor, StoreError> {
+        self.before("event_head").await?;
+        self.world.store.event_head().await
+    }
 }
 
 /// A host's network to the provider.

@@ -168,6 +168,37 @@ impl Cache {
         self.evict_if_full(&mut map);
     }
 
+    /// Forgets a cached token whose record another process wrote past it (a revocation, a
+    /// condemnation, a deletion or a new grant read from the event log): only when the
+    /// cached version is older than `version`, so this process's own writes cost nothing.
+    /// Returns whether a token was dropped.
+    pub(crate) fn forget_older(&self, id: &InstallationId, version: u64) -> bool {
+        let stale = {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            map.get(id)
+                .is_some_and(|e| e.access.is_some() && e.version < version)
+        };
+        if stale {
+            self.forget(id, None);
+        }
+        stale
+    }
+
+    /// Forgets every cached token (the event log lost events this process had not read:
+    /// anything may have changed). Each next call re-reads its record.
+    pub(crate) fn forget_all(&self) {
+        let ids: Vec<InstallationId> = {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .filter(|(_, e)| e.access.is_some())
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in ids {
+            self.forget(&id, None);
+        }
+    }
+
     /// Evicts the least recently used tenth once the cache holds more than its capacity.
     fn evict_if_full(&self, map: &mut HashMap<InstallationId, Entry>) {
         if map.len() <= self.capacity {

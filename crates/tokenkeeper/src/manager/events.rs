@@ -5,19 +5,19 @@ use tokenkeeper_core::{BackoffCause, ErrorDetail, InstallationId, ReauthReason, 
 
 /// Something that happened to an installation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LifecycleEvent {
+pub struct LocalEvent {
     /// The installation.
     pub installation: InstallationId,
     /// When.
     pub at: Timestamp,
     /// What.
-    pub kind: LifecycleEventKind,
+    pub kind: LocalEventKind,
 }
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum LifecycleEventKind {
+pub enum LocalEventKind {
     /// A new authorization (or re-authorization) stored tokens.
     Authorized,
     /// Tokens obtained elsewhere were imported.

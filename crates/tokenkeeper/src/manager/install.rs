@@ -11,7 +11,7 @@ use tokenkeeper_core::{Event, InstallationId, Record, StoreError, TokenSet};
 
 use super::TokenManager;
 use super::claim::{self, FlowClaim, Phase};
-use super::events::LifecycleEventKind;
+use super::events::LocalEventKind;
 use crate::error::Error;
 use crate::oauth::authorize::{
     AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
@@ -104,7 +104,7 @@ impl TokenManager {
             // Tokens of the previous grant, cached before, are never served again.
             self.engine.cache.forget(&done.installation, Some(&record));
             self.engine
-                .emit(&done.installation, LifecycleEventKind::Authorized);
+                .emit(&done.installation, LocalEventKind::Authorized);
         }
         Ok(done)
     }
@@ -523,7 +523,7 @@ impl TokenManager {
             .create(&record)
             .await
             .map_err(|e| Error::store(&id, e))?;
-        engine.emit(&id, LifecycleEventKind::Imported);
+        engine.emit(&id, LocalEventKind::Imported);
         Ok(())
     }
 }

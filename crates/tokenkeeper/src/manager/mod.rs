@@ -22,6 +22,7 @@ mod claim;
 mod decide;
 mod events;
 mod explain;
+mod fleet;
 mod flight;
 mod guard;
 mod install;
@@ -43,8 +44,9 @@ use tokio::sync::broadcast;
 /// The refresh protocol's pure decision steps, for the model checker (`tokenkeeper-model`).
 #[doc(hidden)]
 pub use decide::{Context as DecideContext, Decision, Mode, decide, rejection_reason};
-pub use events::{LifecycleEvent, LifecycleEventKind};
+pub use events::{LocalEvent, LocalEventKind};
 pub use explain::{Explanation, Health};
+pub use fleet::{EventStream, EventsError};
 pub use guard::MassRejectionGuard;
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
@@ -66,7 +68,7 @@ pub(crate) struct Engine {
     pub(crate) policy: RefreshPolicy,
     pub(crate) cache: Cache,
     pub(crate) flights: Flights,
-    pub(crate) events: broadcast::Sender<LifecycleEvent>,
+    pub(crate) events: broadcast::Sender<LocalEvent>,
     pub(crate) process_tag: String,
     pub(crate) flight_seq: AtomicU64,
     /// This manager's consumer as recorded in its installations (`profile/client_id`).
@@ -76,11 +78,13 @@ pub(crate) struct Engine {
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
     pub(crate) guard: guard::Guard,
+    /// Set once the cache's event watcher runs (`fleet::ensure_watch`).
+    pub(crate) watch: tokio::sync::OnceCell<()>,
 }
 
 impl Engine {
-    pub(crate) fn emit(&self, id: &InstallationId, kind: LifecycleEventKind) {
-        let _ = self.events.send(LifecycleEvent {
+    pub(crate) fn emit(&self, id: &InstallationId, kind: LocalEventKind) {
+        let _ = self.events.send(LocalEvent {
             installation: id.clone(),
             at: self.clock.now(),
             kind,
@@ -320,6 +324,7 @@ impl TokenManagerBuilder {
                 seal: self.seal,
                 breaker: Mutex::new(None),
                 guard: guard::Guard::default(),
+                watch: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -506,7 +511,10 @@ impl TokenManager {
                             .flatten();
                         let outcome = match cached {
                             Some(token) => Ok(token),
-                            None => refresh::run(&engine, &flight_id, &mode).await,
+                            None => {
+                                fleet::ensure_watch(&engine).await;
+                                refresh::run(&engine, &flight_id, &mode).await
+                            }
                         };
                         landing.land(outcome);
                     })
@@ -616,7 +624,7 @@ impl TokenManager {
             })
             .await?;
         self.engine.cache.forget(id, Some(&revoked));
-        self.engine.emit(id, LifecycleEventKind::Revoked);
+        self.engine.emit(id, LocalEventKind::Revoked);
         self.engine
             .client
             .revoke_tokens(Some(id), revoked.tokens())
@@ -656,7 +664,7 @@ impl TokenManager {
     }
 
     /// Lifecycle events of this process from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+    pub fn subscribe(&self) -> broadcast::Receiver<LocalEvent> {
         self.engine.events.subscribe()
     }
 
@@ -724,7 +732,7 @@ impl TokenManager {
         self.engine.cache.forget(&id, Some(&written));
         self.engine.emit(
             &id,
-            LifecycleEventKind::Refreshed {
+            LocalEventKind::Refreshed {
                 expires_at: written.tokens().expires_at,
             },
         );

@@ -88,6 +88,12 @@ pub struct RefreshPolicy {
     /// beyond that the least recently used are evicted. The background refresher never adds
     /// entries, it only updates those callers use.
     pub cache_capacity: usize,
+    /// How often this process reads the store's lifecycle event log (default 500 ms): to drop
+    /// cached tokens another process revoked, condemned, deleted or replaced by a new grant
+    /// (so within about this bound, not `cache_revalidate`), and to feed
+    /// [`TokenManager::events`](crate::TokenManager::events) streams. Zero turns the cache's
+    /// watcher off (`cache_revalidate` alone bounds staleness then).
+    pub event_poll: Duration,
     /// A 401 from the API forces a refresh only when the current tokens are at least this old
     /// (default 60 s): an API that refuses a fresh token for another reason (an endpoint
     /// outside the granted scopes, a misbehaving gateway) gets the same token back instead of
@@ -125,6 +131,7 @@ impl RefreshPolicy {
             caller_wait: Duration::from_secs(30),
             cache_revalidate: Duration::from_secs(30),
             cache_capacity: 100_000,
+            event_poll: Duration::from_millis(500),
             forced_refresh_min_interval: Duration::from_secs(60),
             mass_rejection: Some(MassRejectionGuard::default()),
         }

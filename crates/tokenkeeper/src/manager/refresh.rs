@@ -24,7 +24,7 @@ use super::decide::{
     Context, Decision, Mode, backoff_error, decide, refresh_token_deadline, rejection_reason,
     unpresentable,
 };
-use super::events::LifecycleEventKind;
+use super::events::LocalEventKind;
 use super::flight::Outcome;
 use super::guard::Verdict;
 use super::lease::{HeldLease, Renewal, Watch};
@@ -377,7 +377,7 @@ async fn on_refreshed(
                 .put(&next, stale_at, written, cache_insert(mode));
             engine.emit(
                 id,
-                LifecycleEventKind::Refreshed {
+                LocalEventKind::Refreshed {
                     expires_at: next.tokens().expires_at,
                 },
             );
@@ -639,7 +639,7 @@ async fn judge(
     }
     engine.emit(
         id,
-        LifecycleEventKind::Backoff {
+        LocalEventKind::Backoff {
             until: retry_at,
             cause: BackoffCause::MassRejection,
             error: detail.clone(),
@@ -735,7 +735,7 @@ async fn on_deferred(
     }
     engine.emit(
         id,
-        LifecycleEventKind::Backoff {
+        LocalEventKind::Backoff {
             until: retry_at,
             cause,
             error: detail.clone(),
@@ -783,7 +783,7 @@ async fn condemn(
     }
     engine.emit(
         id,
-        LifecycleEventKind::ReauthorizationRequired {
+        LocalEventKind::ReauthorizationRequired {
             reason,
             error: Some(detail.clone()),
         },

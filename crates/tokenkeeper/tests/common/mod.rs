@@ -38,14 +38,20 @@ pub fn all_profiles() -> Vec<(ProviderProfile, MockProfile)> {
 /// The profile with its endpoints on the mock (which serves every profile on one set of
 /// paths; its resource endpoint reports the account in every provider's spelling).
 pub fn pointed_at(profile: ProviderProfile, mock: &MockProvider) -> ProviderProfile {
-    let url = |s: String| reqwest::Url::parse(&s).unwrap();
+    pointed_at_base(profile, &mock.base_url())
+}
+
+/// [`pointed_at`] the mock serving at `base` (e.g. in a child process that has its URL).
+pub fn pointed_at_base(profile: ProviderProfile, base: &str) -> ProviderProfile {
+    use tokenkeeper_mock_provider::paths;
+    let url = |p: &str| reqwest::Url::parse(&format!("{base}{p}")).unwrap();
     profile
         .with_endpoints(
-            url(mock.authorize_url()),
-            url(mock.token_url()),
-            Some(url(mock.revoke_url())),
+            url(paths::AUTHORIZE),
+            url(paths::TOKEN),
+            Some(url(paths::REVOKE)),
         )
-        .with_identity_endpoint(url(mock.resource_url()))
+        .with_identity_endpoint(url(paths::RESOURCE))
 }
 
 /// The state key every consumer of the tests shares (so a peer completes what another began).
@@ -54,7 +60,12 @@ pub fn state_key() -> tokenkeeper::StateKey {
 }
 
 pub fn consumer_for(profile: ProviderProfile, mock: &MockProvider, secret: &str) -> ConsumerConfig {
-    ConsumerConfig::builder(pointed_at(profile, mock))
+    consumer_at(profile, &mock.base_url(), secret)
+}
+
+/// [`consumer_for`] the mock serving at `base`.
+pub fn consumer_at(profile: ProviderProfile, base: &str, secret: &str) -> ConsumerConfig {
+    ConsumerConfig::builder(pointed_at_base(profile, base))
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(secret)
         .redirect_uri(REDIRECT)
