@@ -91,7 +91,8 @@ impl EventsError {
 /// a fatal [`EventsError`].
 pub struct EventStream {
     store: Arc<dyn TokenStore>,
-    consumer: String,
+    /// Only this consumer's events (and deletions of unreadable records), or every event.
+    consumer: Option<String>,
     /// After everything read from the log.
     cursor: EventCursor,
     /// After the last event returned.
@@ -112,6 +113,21 @@ impl std::fmt::Debug for EventStream {
 }
 
 impl EventStream {
+    /// A stream of every consumer's events in `store` after `from`, polling every `poll` when
+    /// idle: for a relay or an audit log that serves the whole store (an application reads
+    /// its own consumer's with [`TokenManager::events`]).
+    pub fn from_store(store: Arc<dyn TokenStore>, from: EventCursor, poll: Duration) -> Self {
+        Self {
+            store,
+            consumer: None,
+            delivered: from.clone(),
+            cursor: from,
+            buffer: VecDeque::new(),
+            poll: poll.max(Duration::from_millis(10)),
+            ended: false,
+        }
+    }
+
     /// The next event, waiting for one; `None` only after a fatal error was returned.
     pub async fn next(&mut self) -> Option<Result<LifecycleEvent, EventsError>> {
         loop {
@@ -126,12 +142,10 @@ impl EventStream {
                 Ok(page) => {
                     let idle = page.events.is_empty();
                     self.cursor = page.next;
-                    let consumer = &self.consumer;
-                    self.buffer.extend(
-                        page.events
-                            .into_iter()
-                            .filter(|e| e.consumer == *consumer || e.consumer.is_empty()),
-                    );
+                    let consumer = self.consumer.as_deref();
+                    self.buffer.extend(page.events.into_iter().filter(|e| {
+                        consumer.is_none_or(|c| e.consumer == c || e.consumer.is_empty())
+                    }));
                     if idle {
                         tokio::time::sleep(self.poll).await;
                     }
@@ -184,13 +198,12 @@ impl TokenManager {
     /// ```
     pub fn events(&self, from: EventCursor) -> EventStream {
         EventStream {
-            store: self.engine.store.clone(),
-            consumer: self.engine.consumer.clone(),
-            delivered: from.clone(),
-            cursor: from,
-            buffer: VecDeque::new(),
-            poll: self.engine.policy.event_poll.max(Duration::from_millis(10)),
-            ended: false,
+            consumer: Some(self.engine.consumer.clone()),
+            ..EventStream::from_store(
+                self.engine.store.clone(),
+                from,
+                self.engine.policy.event_poll,
+            )
         }
     }
 
