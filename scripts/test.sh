@@ -108,6 +108,7 @@ log "the README's commands: the quickstart, the examples, the mock provider bina
 cargo run -q --example quickstart
 cargo run -q --example web_install -- --self-test
 cargo run -q --example webhook_relay -- --self-test
+cargo run -q --example prometheus -- --self-test
 cargo run -q --example redis_fleet -- "$TOKENKEEPER_REDIS_URL"
 cargo run -q -p tokenkeeper-mock-provider -- --help >/dev/null
 

@@ -131,7 +131,7 @@ pub mod stores {
     pub use tokenkeeper_redis::{RedisStore, RedisStoreBuilder};
     #[cfg(feature = "sqlite")]
     #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-    pub use tokenkeeper_sqlite::{SqliteStore, SqliteStoreBuilder};
+    pub use tokenkeeper_sqlite::{SqliteStore, SqliteStoreBuilder, Synchronous};
 }
 
 /// Documents that ship with the code.

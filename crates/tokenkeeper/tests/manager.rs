@@ -469,6 +469,7 @@ async fn the_background_refresher_brings_due_installations_current() {
         rate_per_second: None,
         page_size: 30,
         max_idle: Duration::from_millis(20),
+        ..RefresherConfig::default()
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while f.mock.counters().totals.refreshes < 100 {

@@ -93,6 +93,7 @@ async fn two_processes_share_the_due_work(backend: &str) {
         rate_per_second: Some(20),
         page_size: 25,
         max_idle: Duration::from_millis(50),
+        ..RefresherConfig::default()
     };
     let (ra, rb) = (
         a.spawn_refresher_with(config.clone()),

@@ -256,6 +256,7 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                             && e.ends_tokens()
                             && engine.cache.forget_older(&e.installation, e.version)
                         {
+                            super::metrics::cache_invalidation(&engine.consumer);
                             tracing::debug!(
                                 installation = %e.installation,
                                 event = %e.kind,

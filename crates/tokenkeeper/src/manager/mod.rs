@@ -27,6 +27,7 @@ mod flight;
 mod guard;
 mod install;
 mod lease;
+mod metrics;
 mod policy;
 mod refresh;
 mod refresher;
@@ -84,6 +85,13 @@ pub(crate) struct Engine {
 
 impl Engine {
     pub(crate) fn emit(&self, id: &InstallationId, kind: LocalEventKind) {
+        match &kind {
+            LocalEventKind::Backoff { cause, .. } => metrics::backoff(&self.consumer, *cause),
+            LocalEventKind::ReauthorizationRequired { reason, .. } => {
+                metrics::reauthorization(&self.consumer, *reason)
+            }
+            _ => {}
+        }
         let _ = self.events.send(LocalEvent {
             installation: id.clone(),
             at: self.clock.now(),
@@ -100,6 +108,7 @@ impl Engine {
     }
 
     pub(crate) fn trip_breaker(&self, until: Timestamp, detail: ErrorDetail) {
+        metrics::breaker_trip(&self.consumer);
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some((until, detail));
     }
 
@@ -429,8 +438,10 @@ impl TokenManager {
     /// ```
     pub async fn access_token(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         if let Some(token) = self.cached_token(id) {
+            metrics::cache(&self.engine.consumer, true);
             return Ok(token);
         }
+        metrics::cache(&self.engine.consumer, false);
         self.refresh(id, Mode::OnDemand).await
     }
 

@@ -220,12 +220,20 @@ async fn take_lease(
         .compare_and_swap(&leased, record.version())
         .await
     {
-        Ok(CasOutcome::Swapped) => Ok(Some(HeldLease::new(
-            leased,
-            started,
-            engine.policy.lease_ttl,
-        ))),
-        Ok(CasOutcome::Conflict(_)) => Ok(None),
+        Ok(CasOutcome::Swapped) => {
+            if record.state().lease().is_some() {
+                super::metrics::takeover(&engine.consumer);
+            }
+            Ok(Some(HeldLease::new(
+                leased,
+                started,
+                engine.policy.lease_ttl,
+            )))
+        }
+        Ok(CasOutcome::Conflict(_)) => {
+            super::metrics::conflict(&engine.consumer, "lease");
+            Ok(None)
+        }
         Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
         Err(e) => Err(Error::store(id, e)),
     }
@@ -313,9 +321,15 @@ async fn exchange(
         }
     }
     let current = held.record().tokens().clone();
+    let sent = std::time::Instant::now();
     let result = held
         .while_working(engine, engine.client.refresh(id, &current))
         .await;
+    super::metrics::refresh(
+        &engine.consumer,
+        result.as_ref().err().map(OAuthError::class),
+        sent.elapsed(),
+    );
     let now = engine.clock.now();
     match result {
         Ok(tokens) => on_refreshed(engine, id, mode, &mut held, tokens, now).await,
@@ -822,7 +836,10 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
                 // One of our renewals landed unacknowledged: still our lease.
                 next = apply(&*held)?;
             }
-            Ok(CasOutcome::Conflict(_)) => return Err(Error::LeaseLost { id: id.clone() }),
+            Ok(CasOutcome::Conflict(_)) => {
+                super::metrics::conflict(&engine.consumer, "result");
+                return Err(Error::LeaseLost { id: id.clone() });
+            }
             Err(StoreError::Unavailable { .. })
                 if tokio::time::Instant::now() + delay < patience =>
             {

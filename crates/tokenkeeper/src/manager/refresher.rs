@@ -34,6 +34,13 @@ pub struct RefresherConfig {
     pub page_size: usize,
     /// Longest sleep between sweeps (default 5 s); shorter when something falls due sooner.
     pub max_idle: Duration,
+    /// How often the refresher counts the store's installations by state for the
+    /// `tokenkeeper_installations` gauge (default every 60 s; `None`: never). A count pages
+    /// through `list` by state, up to [`state_count_limit`](Self::state_count_limit) each.
+    pub state_count_every: Option<Duration>,
+    /// The most installations counted per state (default 100 000): bounds the cost of a
+    /// count; the gauge stops there.
+    pub state_count_limit: u64,
 }
 
 impl Default for RefresherConfig {
@@ -43,6 +50,8 @@ impl Default for RefresherConfig {
             rate_per_second: Some(50),
             page_size: 500,
             max_idle: Duration::from_secs(5),
+            state_count_every: Some(Duration::from_secs(60)),
+            state_count_limit: 100_000,
         }
     }
 }
@@ -128,10 +137,17 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         // Whether the handle is still there to stop us: once it is dropped, its channel closes
         // and `changed()` would return at once forever (a busy loop), so stop listening.
         let mut listening = true;
+        let mut counted: Option<tokio::time::Instant> = None;
         'sweeps: loop {
             if manager.engine.in_flight.is_closing() {
                 // TokenManager::shutdown was called: no refresh can start any more.
                 break;
+            }
+            if let Some(every) = config.state_count_every
+                && counted.is_none_or(|at| at.elapsed() >= every)
+            {
+                counted = Some(tokio::time::Instant::now());
+                count_states(&manager, config.state_count_limit).await;
             }
             task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
             let mut dispatched = 0usize;
@@ -157,6 +173,13 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                 };
                 let next = page.next;
                 let mut entries = page.entries;
+                if cursor.is_none() {
+                    // The first page starts at the oldest due entry.
+                    let lag = entries
+                        .first()
+                        .map_or(Duration::ZERO, |e| now.duration_since(e.due_at));
+                    super::metrics::refresher_lag(&manager.engine.consumer, lag);
+                }
                 fastrand::shuffle(&mut entries);
                 for entry in entries {
                     if *stopped.borrow() {
@@ -307,5 +330,37 @@ async fn next_due_in(manager: &TokenManager, max: Duration) -> Duration {
             .map_or(max, |e| e.due_at.duration_since(now).min(max))
             .max(Duration::from_millis(5)),
         Err(_) => max,
+    }
+}
+
+/// Counts the store's installations by state for the metrics gauge, `limit` at most per state.
+async fn count_states(manager: &TokenManager, limit: u64) {
+    for state in tokenkeeper_core::StateKind::ALL {
+        let mut count = 0u64;
+        let mut after: Option<InstallationId> = None;
+        loop {
+            let page = match manager
+                .engine
+                .store
+                .list(
+                    tokenkeeper_core::ListFilter::in_state(state),
+                    after.as_ref(),
+                    1000,
+                )
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the refresher could not count installations by state");
+                    return;
+                }
+            };
+            count += page.entries.len() as u64;
+            match page.next {
+                Some(next) if count < limit => after = Some(next),
+                _ => break,
+            }
+        }
+        super::metrics::installations(state, count.min(limit));
     }
 }

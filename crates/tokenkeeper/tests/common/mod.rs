@@ -21,6 +21,7 @@ pub fn fast_refresher() -> tokenkeeper::RefresherConfig {
         rate_per_second: None,
         page_size: 30,
         max_idle: std::time::Duration::from_millis(20),
+        ..tokenkeeper::RefresherConfig::default()
     }
 }
 

@@ -1,0 +1,113 @@
+//! What the engine reports through the [`metrics`] facade: install any recorder (Prometheus,
+//! StatsD, OpenTelemetry) and these appear; without one every call is a no-op. Every series
+//! carries the `consumer` label (`profile/client_id`), so consumers sharing a process stay
+//! apart. Never a token, never an installation id (unbounded label values would explode a
+//! time-series database; `tracing` spans carry the installation).
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `tokenkeeper_refreshes_total` | counter | `outcome` (`ok`, `failed`), `class` | refresh requests sent to the token endpoint; `class` is the failure class (`none` when ok) |
+//! | `tokenkeeper_refresh_duration_seconds` | histogram | | time of one refresh request |
+//! | `tokenkeeper_lease_takeovers_total` | counter | | leases taken over from a silent or lapsed holder |
+//! | `tokenkeeper_store_conflicts_total` | counter | `operation` (`lease`, `result`) | compare-and-swaps another writer won |
+//! | `tokenkeeper_backoffs_total` | counter | `cause` | refreshes deferred (transient, consumer credentials, configuration, mass rejection) |
+//! | `tokenkeeper_breaker_trips_total` | counter | | consumer-wide breaker trips (credentials refused) |
+//! | `tokenkeeper_reauthorizations_required_total` | counter | `reason` | installations condemned |
+//! | `tokenkeeper_cache_hits_total` / `_misses_total` | counter | | `access_token` served from the cache or not |
+//! | `tokenkeeper_cache_invalidations_total` | counter | | cached tokens dropped because another process ended them |
+//! | `tokenkeeper_refresher_lag_seconds` | gauge | | now minus the oldest due time, at each refresher sweep |
+//! | `tokenkeeper_installations` | gauge | `state` | installations in the store by state (every consumer sharing it; no `consumer` label), counted by the refresher every `state_count_every`, at most `state_count_limit` per state |
+
+use std::time::Duration;
+
+use tokenkeeper_core::{BackoffCause, FailureClass, ReauthReason, StateKind};
+
+pub(crate) const REFRESHES: &str = "tokenkeeper_refreshes_total";
+pub(crate) const REFRESH_DURATION: &str = "tokenkeeper_refresh_duration_seconds";
+pub(crate) const TAKEOVERS: &str = "tokenkeeper_lease_takeovers_total";
+pub(crate) const CONFLICTS: &str = "tokenkeeper_store_conflicts_total";
+pub(crate) const BACKOFFS: &str = "tokenkeeper_backoffs_total";
+pub(crate) const BREAKER_TRIPS: &str = "tokenkeeper_breaker_trips_total";
+pub(crate) const REAUTHORIZATIONS: &str = "tokenkeeper_reauthorizations_required_total";
+pub(crate) const CACHE_HITS: &str = "tokenkeeper_cache_hits_total";
+pub(crate) const CACHE_MISSES: &str = "tokenkeeper_cache_misses_total";
+pub(crate) const CACHE_INVALIDATIONS: &str = "tokenkeeper_cache_invalidations_total";
+pub(crate) const REFRESHER_LAG: &str = "tokenkeeper_refresher_lag_seconds";
+pub(crate) const INSTALLATIONS: &str = "tokenkeeper_installations";
+
+/// A refresh request ended: `Ok` or its failure class.
+pub(crate) fn refresh(consumer: &str, class: Option<FailureClass>, took: Duration) {
+    let (outcome, class) = match class {
+        None => ("ok", "none"),
+        Some(c) => ("failed", class_label(c)),
+    };
+    metrics::counter!(REFRESHES, "consumer" => consumer.to_owned(), "outcome" => outcome, "class" => class)
+        .increment(1);
+    metrics::histogram!(REFRESH_DURATION, "consumer" => consumer.to_owned()).record(took);
+}
+
+fn class_label(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::RefreshTokenRejected => "refresh_token_rejected",
+        FailureClass::ConsumerCredentialsInvalid => "consumer_credentials_invalid",
+        FailureClass::ScopeRejected => "scope_rejected",
+        FailureClass::Configuration => "configuration",
+        FailureClass::Transient => "transient",
+        _ => "other",
+    }
+}
+
+pub(crate) fn takeover(consumer: &str) {
+    metrics::counter!(TAKEOVERS, "consumer" => consumer.to_owned()).increment(1);
+}
+
+pub(crate) fn conflict(consumer: &str, operation: &'static str) {
+    metrics::counter!(CONFLICTS, "consumer" => consumer.to_owned(), "operation" => operation)
+        .increment(1);
+}
+
+pub(crate) fn backoff(consumer: &str, cause: BackoffCause) {
+    let cause = match cause {
+        BackoffCause::Transient => "transient",
+        BackoffCause::ConsumerCredentialsInvalid => "consumer_credentials_invalid",
+        BackoffCause::Configuration => "configuration",
+        BackoffCause::MassRejection => "mass_rejection",
+        _ => "other",
+    };
+    metrics::counter!(BACKOFFS, "consumer" => consumer.to_owned(), "cause" => cause).increment(1);
+}
+
+pub(crate) fn breaker_trip(consumer: &str) {
+    metrics::counter!(BREAKER_TRIPS, "consumer" => consumer.to_owned()).increment(1);
+}
+
+pub(crate) fn reauthorization(consumer: &str, reason: ReauthReason) {
+    let reason = match reason {
+        ReauthReason::RefreshTokenRejected => "refresh_token_rejected",
+        ReauthReason::ScopesChanged => "scopes_changed",
+        ReauthReason::RefreshTokenExpired => "refresh_token_expired",
+        ReauthReason::RotatedTokenLost => "rotated_token_lost",
+        ReauthReason::FailureBudgetExhausted => "failure_budget_exhausted",
+        ReauthReason::NoRefreshToken => "no_refresh_token",
+        _ => "other",
+    };
+    metrics::counter!(REAUTHORIZATIONS, "consumer" => consumer.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+pub(crate) fn cache(consumer: &str, hit: bool) {
+    let name = if hit { CACHE_HITS } else { CACHE_MISSES };
+    metrics::counter!(name, "consumer" => consumer.to_owned()).increment(1);
+}
+
+pub(crate) fn cache_invalidation(consumer: &str) {
+    metrics::counter!(CACHE_INVALIDATIONS, "consumer" => consumer.to_owned()).increment(1);
+}
+
+pub(crate) fn refresher_lag(consumer: &str, lag: Duration) {
+    metrics::gauge!(REFRESHER_LAG, "consumer" => consumer.to_owned()).set(lag.as_secs_f64());
+}
+
+pub(crate) fn installations(state: StateKind, count: u64) {
+    metrics::gauge!(INSTALLATIONS, "state" => state.as_str()).set(count as f64);
+}
