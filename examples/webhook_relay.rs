@@ -2,7 +2,8 @@
 //! retried until accepted, in order per installation, resuming after a restart from the cursor
 //! it saved. The at-least-once contract: an event is posted again when the relay died between
 //! the endpoint's answer and saving the cursor; the `X-Tokenkeeper-Delivery` header (the
-//! event's cursor) is the same both times, so the endpoint de-duplicates on it.
+//! event's `delivery_id()`: log, part, position) is the same both times, so the endpoint
+//! de-duplicates on it.
 //!
 //! ```text
 //! cargo run --example webhook_relay -- --store tokens.db --endpoint https://hooks.example/tk \
@@ -13,7 +14,7 @@
 //! Each POST carries the event as JSON and:
 //! - `X-Tokenkeeper-Timestamp`: unix seconds of the attempt;
 //! - `X-Tokenkeeper-Signature`: `sha256=` + hex HMAC-SHA256(secret, timestamp + "." + body);
-//! - `X-Tokenkeeper-Delivery`: the event's cursor.
+//! - `X-Tokenkeeper-Delivery`: the event's `delivery_id()`, the same on every delivery.
 //!
 //! `--self-test` runs the whole story on this machine: a mock provider, a SQLite store with a
 //! manager writing events, a receiver that checks every signature and answers 503 to some
@@ -102,7 +103,7 @@ impl Relay {
                 .header("content-type", "application/json")
                 .header(TIMESTAMP, &timestamp)
                 .header(SIGNATURE, signature(&self.secret, &timestamp, &body))
-                .header(DELIVERY, event.cursor.to_string())
+                .header(DELIVERY, event.delivery_id())
                 .body(body.clone())
                 .send()
                 .await;
@@ -374,7 +375,7 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
             .collect();
         let missing: Vec<String> = stored
             .iter()
-            .map(|e| e.cursor.to_string())
+            .map(LifecycleEvent::delivery_id)
             .filter(|c| !got.contains(c))
             .collect();
         if missing.is_empty() || Instant::now() > deadline {
@@ -397,8 +398,8 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
     let mut first = HashSet::new();
     let mut per_installation: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (delivery, event) in &seen.accepted {
-        if event.cursor.to_string() != *delivery {
-            return Err(format!("delivery id {delivery} differs from the event's cursor").into());
+        if event.delivery_id() != *delivery {
+            return Err(format!("delivery id {delivery} differs from the event's own").into());
         }
         if first.insert(delivery.clone()) {
             per_installation

@@ -979,12 +979,49 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         assert_eq!(again.len(), 1, "after {from}");
         assert_eq!((again[0].kind, again[0].version), (EventKind::Created, 1));
     }
-    // A cursor of another layout is a typed error, not a wrong read.
-    let foreign = EventCursor::from_positions(vec![LogPosition::seq(1); 7]);
-    match store.read_events(&foreign, 10).await {
-        Err(StoreError::InvalidCursor { .. }) => {}
-        other => panic!("a cursor of 7 logs was accepted: {other:?}"),
+    // A cursor of another log, or ahead of this one (a store restored from an older backup),
+    // is a typed error, not a wrong read.
+    let log = end.log().expect("a store's cursor names its log");
+    let ahead: Vec<LogPosition> = end
+        .positions()
+        .iter()
+        .map(|p| LogPosition {
+            major: p.major + 1_000_000,
+            minor: p.minor,
+        })
+        .collect();
+    for (what, cursor) in [
+        (
+            "another log's",
+            EventCursor::from_positions(log ^ 1, end.positions().to_vec()),
+        ),
+        (
+            "a 7-part",
+            EventCursor::from_positions(log, vec![LogPosition::seq(1); 7]),
+        ),
+        ("an ahead", EventCursor::from_positions(log, ahead)),
+    ] {
+        match store.read_events(&cursor, 10).await {
+            Err(StoreError::InvalidCursor { .. }) => {}
+            other => panic!("{what} cursor was accepted: {other:?}"),
+        }
     }
+    // Every event names its record's incarnation, and is identified the same way whatever
+    // cursor it was read from.
+    assert!(events.iter().all(|e| e.incarnation == T0), "incarnation");
+    let ids: Vec<String> = events.iter().map(LifecycleEvent::delivery_id).collect();
+    let (later, _) = drain_events(&*store, &events[1].cursor, 100).await;
+    let later_ids: Vec<String> = later.iter().map(LifecycleEvent::delivery_id).collect();
+    assert_eq!(
+        later_ids[..2],
+        ids[2..],
+        "delivery ids depend on the start cursor"
+    );
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        ids.len(),
+        "delivery ids repeat"
+    );
 }
 
 /// Racing writers on several installations: each installation's events are exactly its
@@ -1055,6 +1092,8 @@ pub async fn events_keep_order_per_installation(store: Arc<dyn TokenStore>) {
 /// Run with a store keeping at most 5 events per log: old events go, the newest stay, and a
 /// cursor whose next events were removed is refused rather than skipping them.
 pub async fn events_respect_retention(store: Arc<dyn TokenStore>) {
+    // The head of the empty log: a reader that started there and was away must be told.
+    let empty_head = store.event_head().await.expect("event_head");
     let i = id("retained");
     let mut current = sample_record(&i, at(0));
     must_create(&*store, &current).await;
@@ -1082,6 +1121,10 @@ pub async fn events_respect_retention(store: Arc<dyn TokenStore>) {
     match store.read_events(&after_first, 10).await {
         Err(StoreError::EventsTrimmed { .. }) => {}
         other => panic!("a cursor behind retention read {other:?}"),
+    }
+    match store.read_events(&empty_head, 10).await {
+        Err(StoreError::EventsTrimmed { .. }) => {}
+        other => panic!("the empty log's head, behind retention now, read {other:?}"),
     }
     // Right before the oldest kept event is still complete.
     let (after_oldest, _) = drain_events(&*store, &kept[0].cursor, 10).await;

@@ -71,11 +71,29 @@ impl FromStr for LogPosition {
     }
 }
 
-/// Where a reader of the event log stands: the position of the last event it handled in each
-/// of the store's logs. Persist its text form ([`Display`](fmt::Display), parsed back by
+impl Serialize for LogPosition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogPosition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a reader of the event log stands: the id of the store's event log and the position of
+/// the last event it handled in each of the log's parts (one for memory and the SQL stores,
+/// one per shard for Redis). Persist its text form ([`Display`](fmt::Display), parsed back by
 /// [`FromStr`]); [`EventCursor::beginning`] starts at the oldest retained event.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct EventCursor {
+    /// The event log it belongs to (random per store, set when the log was created); `None`
+    /// only for the beginning.
+    log: Option<u64>,
     positions: Vec<LogPosition>,
 }
 
@@ -89,47 +107,129 @@ impl EventCursor {
         Self::default()
     }
 
-    /// True for [`EventCursor::beginning`].
+    /// True for [`EventCursor::beginning`] (and only for it: a cursor a store returned, even
+    /// one at position zero, is checked against retention).
     pub fn is_beginning(&self) -> bool {
-        self.positions.iter().all(|p| *p == LogPosition::default())
+        self.positions.is_empty()
     }
 
-    /// A cursor at these positions, one per log (for stores).
-    pub fn from_positions(positions: Vec<LogPosition>) -> Self {
-        Self { positions }
+    /// A cursor of the event log `log` at these positions, one per part (for stores).
+    pub fn from_positions(log: u64, positions: Vec<LogPosition>) -> Self {
+        Self {
+            log: Some(log),
+            positions,
+        }
     }
 
-    /// The position in each log; empty for the beginning (for stores).
+    /// The event log it belongs to; `None` for the beginning.
+    pub fn log(&self) -> Option<u64> {
+        self.log
+    }
+
+    /// The position in each part of the log; empty for the beginning (for stores).
     pub fn positions(&self) -> &[LogPosition] {
         &self.positions
     }
 
-    /// The positions for a store with `logs` logs: the beginning is zeros, any other count
-    /// than `logs` is a cursor of another store or layout.
+    /// The positions for the event log `log` with `parts` parts (for stores): zeros for the
+    /// beginning; [`StoreError::InvalidCursor`] for a cursor of another log or layout.
     pub fn positions_for(
         &self,
         backend: &'static str,
-        logs: usize,
+        log: u64,
+        parts: usize,
     ) -> Result<Vec<LogPosition>, StoreError> {
         if self.positions.is_empty() {
-            return Ok(vec![LogPosition::default(); logs]);
+            return Ok(vec![LogPosition::default(); parts]);
         }
-        if self.positions.len() != logs {
-            return Err(StoreError::InvalidCursor {
-                backend,
-                message: format!(
-                    "the cursor holds {} log positions but this store keeps {logs} event logs: it comes from another store or a store with another shard count; start from EventCursor::beginning() after reconciling with `list`",
-                    self.positions.len()
-                ),
-            });
+        let refuse = |what: String| StoreError::InvalidCursor {
+            backend,
+            message: format!(
+                "{what}; reconcile the installations you track with `list`/`explain`, then start from EventCursor::beginning() or the event head"
+            ),
+        };
+        if self.log.is_some_and(|l| l != log) {
+            return Err(refuse(format!(
+                "the cursor belongs to event log {:016x}, this store's is {log:016x} (another store, or this one created anew)",
+                self.log.unwrap_or_default()
+            )));
+        }
+        if self.positions.len() != parts {
+            return Err(refuse(format!(
+                "the cursor holds {} log positions but this store keeps {parts} (another store, or another shard count)",
+                self.positions.len()
+            )));
         }
         Ok(self.positions.clone())
     }
 }
 
+/// Checks a cursor of a store whose event log is one sequence (memory, SQLite, PostgreSQL)
+/// against that log: its id `log`, the newest sequence number retention removed (`trimmed`)
+/// and the newest handed out (`last`). Returns the sequence number to read after.
+///
+/// # Errors
+///
+/// [`StoreError::InvalidCursor`] for another log, or a position past `last` (the store was
+/// restored from a backup taken before the reader's last event, which is then gone);
+/// [`StoreError::EventsTrimmed`] when events after the cursor were removed.
+pub fn check_sequence_cursor(
+    backend: &'static str,
+    after: &EventCursor,
+    log: u64,
+    trimmed: u64,
+    last: u64,
+) -> Result<u64, StoreError> {
+    let at = after.positions_for(backend, log, 1)?[0].major;
+    if after.is_beginning() {
+        return Ok(0);
+    }
+    if at > last {
+        return Err(StoreError::InvalidCursor {
+            backend,
+            message: format!(
+                "the cursor stands at event {at} but the log ends at {last}: the store was restored from an older backup or its log was reset, so the events the cursor saw may be gone; reconcile with `list`/`explain`, then start from the event head"
+            ),
+        });
+    }
+    if at < trimmed {
+        return Err(StoreError::EventsTrimmed {
+            backend,
+            trimmed_through: LogPosition::seq(trimmed),
+        });
+    }
+    Ok(at)
+}
+
+/// The event of a row of a sequence-numbered log `log` (for stores).
+pub fn sequence_event(log: u64, seq: u64, row: EventRow<'_>) -> LifecycleEvent {
+    decode_event(
+        EventCursor::from_positions(log, vec![LogPosition::seq(seq)]),
+        0,
+        LogPosition::seq(seq),
+        row,
+    )
+}
+
+/// A log id for a new event log, from the process's random hasher keys (for stores that
+/// create their log in memory; the SQL stores draw theirs in the migration).
+pub fn new_log_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 impl fmt::Display for EventCursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(CURSOR_PREFIX)?;
+        if let Some(log) = self.log {
+            write!(f, "{log:016x}/")?;
+        }
         for (n, p) in self.positions.iter().enumerate() {
             if n > 0 {
                 f.write_str(",")?;
@@ -152,6 +252,16 @@ impl FromStr for EventCursor {
         let body = s
             .strip_prefix(CURSOR_PREFIX)
             .ok_or_else(|| InvalidCursor(format!("{s:?} does not start with {CURSOR_PREFIX:?}")))?;
+        let (log, body) = match body.split_once('/') {
+            Some((log, rest)) => (
+                Some(
+                    u64::from_str_radix(log, 16)
+                        .map_err(|_| InvalidCursor(format!("{s:?} does not name an event log")))?,
+                ),
+                rest,
+            ),
+            None => (None, body),
+        };
         if body.is_empty() {
             return Ok(Self::beginning());
         }
@@ -159,7 +269,7 @@ impl FromStr for EventCursor {
             .split(',')
             .map(str::parse)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { positions })
+        Ok(Self { log, positions })
     }
 }
 
@@ -180,15 +290,24 @@ impl<'de> Deserialize<'de> for EventCursor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LifecycleEvent {
-    /// Resume after this event by passing it to `read_events`. Identical when the same event
-    /// is delivered twice.
+    /// Resume after this event by passing it to `read_events`.
     pub cursor: EventCursor,
+    /// Which part of the log holds it (0, or the Redis shard).
+    pub part: u32,
+    /// Its position in that part: with `part` and the cursor's log, what identifies this
+    /// event on every delivery ([`LifecycleEvent::delivery_id`]).
+    pub position: LogPosition,
     /// The installation written.
     pub installation: InstallationId,
+    /// Which incarnation of the installation: its record's creation time. A record deleted
+    /// and created again starts its versions at 1 under a new incarnation.
+    pub incarnation: Timestamp,
     /// Its consumer ([`Record::consumer`]); empty for the deletion of a record that could not
     /// be read.
     pub consumer: String,
-    /// What happened: the history event of the write, or [`EventKind::Deleted`].
+    /// What happened: the history event of the write, [`EventKind::Deleted`], or
+    /// [`EventKind::Unknown`] for an event this build cannot read (written by a newer
+    /// version, or damaged): its installation and version are still known.
     pub kind: EventKind,
     /// The state before; `None` for a creation.
     pub from: Option<StateKind>,
@@ -208,6 +327,17 @@ pub struct LifecycleEvent {
 }
 
 impl LifecycleEvent {
+    /// A text that identifies this event, the same on every delivery of it: the event log,
+    /// the part and the position. What a receiver de-duplicates on.
+    pub fn delivery_id(&self) -> String {
+        format!(
+            "{:016x}/{}/{}",
+            self.cursor.log().unwrap_or_default(),
+            self.part,
+            self.position
+        )
+    }
+
     /// Why the installation needs re-authorization, when this event put it there.
     pub fn reauthorization_reason(&self) -> Option<ReauthReason> {
         match &self.state {
@@ -217,7 +347,8 @@ impl LifecycleEvent {
     }
 
     /// True when the tokens this installation had before may no longer be served: it was
-    /// revoked, condemned (re-authorization required), deleted or given a new grant.
+    /// revoked, condemned (re-authorization required), deleted or given a new grant (or the
+    /// event cannot be read, so it might be any of those).
     pub fn ends_tokens(&self) -> bool {
         matches!(
             self.kind,
@@ -225,6 +356,7 @@ impl LifecycleEvent {
                 | EventKind::RefreshRejected
                 | EventKind::Authorized
                 | EventKind::Deleted
+                | EventKind::Unknown
         ) || self.to.is_some_and(StateKind::is_terminal)
     }
 }
@@ -234,14 +366,15 @@ impl LifecycleEvent {
 pub struct EventPage {
     /// The events, in log order (per installation, in version order).
     pub events: Vec<LifecycleEvent>,
-    /// Where the next read resumes: the last event's cursor, or the cursor read from when
-    /// there were no events.
+    /// Where the next read resumes: the last event's cursor; with no events, the cursor read
+    /// from (on Redis, from the beginning, moved to each shard's retention mark).
     pub next: EventCursor,
 }
 
 /// How long a store keeps events: both bounds apply, whichever removes an event first. The
 /// oldest events go as new ones are written (a few per write, so trimming never stalls a
-/// write). Defaults: 1,000,000 events per log and 7 days.
+/// write). Defaults: 100,000 events (per store: Redis divides it among its shards) and 7 days,
+/// a few tens of megabytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventRetention {
     max_events: u64,
@@ -251,7 +384,7 @@ pub struct EventRetention {
 impl Default for EventRetention {
     fn default() -> Self {
         Self {
-            max_events: 1_000_000,
+            max_events: 100_000,
             max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -263,7 +396,7 @@ impl EventRetention {
         Self::default()
     }
 
-    /// Keep at most `n` events per log (at least 1).
+    /// Keep at most `n` events (at least 1; Redis keeps `n / shards`, at least 1, per shard).
     pub fn max_events(mut self, n: u64) -> Self {
         self.max_events = n.max(1);
         self
@@ -299,10 +432,15 @@ enum Payload {
     Write {
         entry: HistoryEntry,
         state: State,
+        /// The record's creation time (its incarnation).
+        #[serde(default)]
+        created: Option<Timestamp>,
     },
     /// The deleted record's state, by [`StateKind::as_str`] (what the SQL stores index).
     Deleted {
         deleted: String,
+        #[serde(default)]
+        created: Option<Timestamp>,
     },
 }
 
@@ -313,18 +451,21 @@ pub fn write_event_payload(record: &Record) -> Vec<u8> {
     struct Borrowed<'a> {
         entry: Option<&'a HistoryEntry>,
         state: &'a State,
+        created: Timestamp,
     }
     serde_json::to_vec(&Borrowed {
         entry: record.history().last(),
         state: record.state(),
+        created: record.created_at(),
     })
     .unwrap_or_default()
 }
 
-/// The stored body of the event a deletion of a record in state `state` appends.
-pub fn delete_event_payload(state: StateKind) -> Vec<u8> {
+/// The stored body of the event a deletion of `record` appends.
+pub fn delete_event_payload(record: &Record) -> Vec<u8> {
     serde_json::to_vec(&Payload::Deleted {
-        deleted: state.as_str().to_owned(),
+        deleted: record.state().kind().as_str().to_owned(),
+        created: Some(record.created_at()),
     })
     .unwrap_or_default()
 }
@@ -340,59 +481,91 @@ enum EventFault {
     VersionMismatch { column: u64, body: u64 },
 }
 
-/// Decodes an event a store read back: `version` and `at` from its own columns (for a
-/// deletion: the deleted version + 1 and the store's clock), the body from
+/// One stored event as a store read it back (for stores): `version` and `at` from its own
+/// columns (for a deletion: the deleted version + 1 and the store's clock), the body from
 /// [`write_event_payload`] or [`delete_event_payload`] (or a trigger building the same JSON).
+#[derive(Debug)]
+pub struct EventRow<'a> {
+    /// The installation.
+    pub installation: InstallationId,
+    /// Its consumer.
+    pub consumer: String,
+    /// The version column.
+    pub version: u64,
+    /// The store's time of the append.
+    pub at: Timestamp,
+    /// The stored body.
+    pub body: &'a [u8],
+}
+
+/// The event of a stored row. Never fails: a body this build cannot read becomes an
+/// [`EventKind::Unknown`] event of its installation and version (so one damaged or newer
+/// event never stalls a reader), with what is wrong in `error`.
 pub fn decode_event(
-    backend: &'static str,
     cursor: EventCursor,
-    installation: InstallationId,
-    consumer: String,
-    version: u64,
-    at: Timestamp,
-    body: &[u8],
-) -> Result<LifecycleEvent, StoreError> {
-    let corrupt = |fault: EventFault| StoreError::corrupt(backend, installation.clone(), fault);
-    let payload: Payload =
-        serde_json::from_slice(body).map_err(|e| corrupt(EventFault::Malformed(e)))?;
-    Ok(match payload {
-        Payload::Write { entry, state } => {
-            if entry.version != version {
-                return Err(corrupt(EventFault::VersionMismatch {
-                    column: version,
-                    body: entry.version,
-                }));
-            }
-            LifecycleEvent {
-                cursor,
-                installation,
-                consumer,
-                kind: entry.event,
-                from: (entry.event != EventKind::Created).then_some(entry.from),
-                to: Some(entry.to),
-                state: Some(state),
-                error: entry.error,
-                at: entry.at,
-                version,
-            }
+    part: u32,
+    position: LogPosition,
+    row: EventRow<'_>,
+) -> LifecycleEvent {
+    let EventRow {
+        installation,
+        consumer,
+        version,
+        at,
+        body,
+    } = row;
+    let mut event = LifecycleEvent {
+        cursor,
+        part,
+        position,
+        installation,
+        incarnation: Timestamp::EPOCH,
+        consumer,
+        kind: EventKind::Unknown,
+        from: None,
+        to: None,
+        state: None,
+        error: None,
+        at,
+        version,
+    };
+    let fault = match serde_json::from_slice::<Payload>(body) {
+        Ok(Payload::Write {
+            entry,
+            state,
+            created,
+        }) if entry.version == version => {
+            event.kind = entry.event;
+            event.from = (entry.event != EventKind::Created).then_some(entry.from);
+            event.to = Some(entry.to);
+            event.state = Some(state);
+            event.error = entry.error;
+            event.at = entry.at;
+            event.incarnation = created.unwrap_or(Timestamp::EPOCH);
+            return event;
         }
-        Payload::Deleted { deleted } => LifecycleEvent {
-            from: Some(
-                deleted
-                    .parse::<StateKind>()
-                    .map_err(|e| corrupt(EventFault::UnknownState(e)))?,
-            ),
-            cursor,
-            installation,
-            consumer,
-            kind: EventKind::Deleted,
-            to: None,
-            state: None,
-            error: None,
-            at,
-            version,
+        Ok(Payload::Write { entry, .. }) => EventFault::VersionMismatch {
+            column: version,
+            body: entry.version,
         },
-    })
+        Ok(Payload::Deleted { deleted, created }) => match deleted.parse::<StateKind>() {
+            Ok(from) => {
+                event.kind = EventKind::Deleted;
+                event.from = Some(from);
+                event.incarnation = created.unwrap_or(Timestamp::EPOCH);
+                return event;
+            }
+            Err(e) => EventFault::UnknownState(e),
+        },
+        Err(e) => EventFault::Malformed(e),
+    };
+    event.error = Some(ErrorDetail {
+        description: Some(format!(
+            "this event cannot be read ({fault}); a newer tokenkeeper may have written it: read the installation with `explain`"
+        )),
+        ..ErrorDetail::new(crate::record::FailureClass::Configuration)
+    });
+    event
 }
 
 #[cfg(test)]
@@ -417,7 +590,15 @@ mod tests {
             let json = serde_json::to_string(&cursor).unwrap();
             assert_eq!(serde_json::from_str::<EventCursor>(&json).unwrap(), cursor);
         }
-        for bad in ["", "42", "tkc1:x", "tkc1:1-2-3", "tkc1:1,", "tkc2:1"] {
+        for bad in [
+            "",
+            "42",
+            "tkc1:x",
+            "tkc1:1-2-3",
+            "tkc1:1,",
+            "tkc2:1",
+            "tkc1:zz/1",
+        ] {
             assert!(bad.parse::<EventCursor>().is_err(), "{bad:?} parsed");
         }
     }

@@ -91,8 +91,9 @@ pub mod conformance;
 pub mod sealed;
 
 pub use event::{
-    EventCursor, EventPage, EventRetention, InvalidCursor, LifecycleEvent, LogPosition,
-    decode_event, delete_event_payload, write_event_payload,
+    EventCursor, EventPage, EventRetention, EventRow, InvalidCursor, LifecycleEvent, LogPosition,
+    check_sequence_cursor, decode_event, delete_event_payload, new_log_id, sequence_event,
+    write_event_payload,
 };
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
 pub use record::{

@@ -139,6 +139,8 @@ pub enum EventKind {
     Resealed,
     /// The record was deleted (only in the event log, never in a record's history).
     Deleted,
+    /// An event log entry this build cannot read (written by a newer version, or damaged).
+    Unknown,
 }
 
 impl fmt::Display for EventKind {
@@ -157,6 +159,7 @@ impl fmt::Display for EventKind {
             Self::Revoked => "revoked",
             Self::Resealed => "resealed",
             Self::Deleted => "deleted",
+            Self::Unknown => "unknown (unreadable event)",
         })
     }
 }

@@ -291,9 +291,11 @@ pub struct ListEntry {
 ///   flow, exactly one gets `None`. `settle_flow` replaces the value (the claimant's result);
 ///   `get_flow` reads it. A flow's value disappears `ttl` after it was last written, judged by
 ///   the backend's own clock.
-/// - Every successful `create`, `compare_and_swap` and `delete` appends exactly one
+/// - Every `create`, `compare_and_swap` and `delete` that is applied appends exactly one
 ///   [`LifecycleEvent`](crate::LifecycleEvent) in the same atomic write (see
-///   [`crate::event`]'s module docs); a write that fails or conflicts appends none.
+///   [`crate::event`]'s module docs): both or neither, also when the caller got an error
+///   after the store applied it ([`StoreError::Unavailable`]). One that is refused
+///   (`AlreadyExists`, `Conflict`, `Missing`) appends none.
 ///   `read_events(after, limit)` returns up to `limit` events after the cursor, each
 ///   installation's in version order; a cursor whose next events retention removed is
 ///   [`StoreError::EventsTrimmed`].

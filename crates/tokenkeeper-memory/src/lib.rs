@@ -31,9 +31,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, EventRow,
     InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StoreError, Timestamp,
-    TokenStore, check_cas_arguments, decode_event, delete_event_payload, write_event_payload,
+    TokenStore, check_cas_arguments, check_sequence_cursor, delete_event_payload, new_log_id,
+    sequence_event, write_event_payload,
 };
 
 const BACKEND: &str = "memory";
@@ -120,9 +121,21 @@ fn wall_clock() -> Timestamp {
 }
 
 /// An in-memory [`TokenStore`]. Cheap to create; not shared between processes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Tables>,
+    /// This store's event log id: a cursor of another store (or of a previous process's
+    /// memory store) is refused.
+    log: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            log: new_log_id(),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -262,7 +275,7 @@ impl TokenStore for MemoryStore {
                         id,
                         removed.consumer(),
                         removed.version() + 1,
-                        delete_event_payload(removed.state().kind()),
+                        delete_event_payload(&removed),
                     );
                 }
                 Ok(DeleteOutcome::Deleted)
@@ -326,31 +339,33 @@ impl TokenStore for MemoryStore {
         after: &EventCursor,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
-        let after_seq = after.positions_for(BACKEND, 1)?[0].major;
         let inner = self.lock();
-        if after_seq < inner.trimmed_through && !after.is_beginning() {
-            return Err(StoreError::EventsTrimmed {
-                backend: BACKEND,
-                trimmed_through: LogPosition::seq(inner.trimmed_through),
-            });
-        }
-        let mut events = Vec::new();
-        for stored in inner
+        let after_seq = check_sequence_cursor(
+            BACKEND,
+            after,
+            self.log,
+            inner.trimmed_through,
+            inner.last_seq,
+        )?;
+        let events: Vec<_> = inner
             .events
             .iter()
             .filter(|e| e.seq > after_seq)
             .take(limit)
-        {
-            events.push(decode_event(
-                BACKEND,
-                EventCursor::from_positions(vec![LogPosition::seq(stored.seq)]),
-                stored.id.clone(),
-                stored.consumer.clone(),
-                stored.version,
-                stored.at,
-                &stored.body,
-            )?);
-        }
+            .map(|stored| {
+                sequence_event(
+                    self.log,
+                    stored.seq,
+                    EventRow {
+                        installation: stored.id.clone(),
+                        consumer: stored.consumer.clone(),
+                        version: stored.version,
+                        at: stored.at,
+                        body: &stored.body,
+                    },
+                )
+            })
+            .collect();
         let next = events
             .last()
             .map_or_else(|| after.clone(), |e| e.cursor.clone());
@@ -358,8 +373,9 @@ impl TokenStore for MemoryStore {
     }
 
     async fn event_head(&self) -> Result<EventCursor, StoreError> {
-        Ok(EventCursor::from_positions(vec![LogPosition::seq(
-            self.lock().last_seq,
-        )]))
+        Ok(EventCursor::from_positions(
+            self.log,
+            vec![LogPosition::seq(self.lock().last_seq)],
+        ))
     }
 }

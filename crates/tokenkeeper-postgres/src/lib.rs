@@ -342,6 +342,14 @@ impl PostgresStoreBuilder {
             reason,
         })?;
         config.connect_timeout(self.connect_timeout);
+        // Every statement of the store is one atomic statement; under a database default of
+        // `repeatable read` or `serializable`, writes of different installations would fail
+        // each other on the event log's sequence row (40001). Its own sessions read committed.
+        let options = format!(
+            "{} -c default_transaction_isolation=read\\ committed",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim_start());
         // A connection that went silent is noticed within seconds, not hours.
         config.keepalives_idle(Duration::from_secs(30));
         config.tcp_user_timeout(self.operation_timeout.saturating_mul(2));

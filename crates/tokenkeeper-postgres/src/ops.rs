@@ -8,9 +8,9 @@
 
 use deadpool_postgres::Client;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, InstallationId,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRow, InstallationId,
     ListEntry, ListFilter, ListPage, LogPosition, Record, StateKind, StoreError, Timestamp,
-    decode_event,
+    check_sequence_cursor, sequence_event,
 };
 use tokio_postgres::Row;
 
@@ -77,12 +77,13 @@ impl Sql {
             get_flow: format!("SELECT value FROM {s}.flows WHERE key = $1 AND expires_at > now()"),
             // One statement, one snapshot: the retention mark and the events agree.
             events: format!(
-                "SELECT l.trimmed_through, e.seq, e.id, e.consumer, e.version, e.at, e.body
+                "SELECT l.log_id, l.trimmed_through, l.last_seq,
+                        e.seq, e.id, e.consumer, e.version, e.at, e.body
                    FROM {s}.event_log l LEFT JOIN LATERAL (
                         SELECT * FROM {s}.events WHERE seq > $1 ORDER BY seq LIMIT $2
                    ) e ON TRUE"
             ),
-            head: format!("SELECT last_seq FROM {s}.event_log"),
+            head: format!("SELECT log_id, last_seq FROM {s}.event_log"),
         }
     }
 
@@ -477,38 +478,46 @@ pub(crate) async fn read_events(
 ) -> Result<EventPage, StoreError> {
     const OP: &str = "read_events";
     let err = |e| pg_error(OP, e);
-    let after_seq = after.positions_for(BACKEND, 1)?[0].major;
-    let after_param = i64::try_from(after_seq).unwrap_or(i64::MAX);
+    // The cursor is checked against the log's state read by the same statement (one
+    // snapshot): a position past the log refuses the page that statement read.
+    let from = i64::try_from(after.positions().first().map_or(0, |p| p.major)).unwrap_or(i64::MAX);
     let stmt = client.prepare_cached(&sql.events).await.map_err(err)?;
     let rows = client
-        .query(&stmt, &[&after_param, &limit_param(limit)])
+        .query(&stmt, &[&from, &limit_param(limit)])
         .await
         .map_err(err)?;
+    let Some(first) = rows.first() else {
+        return Err(StoreError::backend(
+            BACKEND,
+            OP,
+            "the event_log row is missing",
+        ));
+    };
+    let number = |n: i64| n.max(0) as u64;
+    let log = index_column::<i64>(OP, first, 0)? as u64;
+    let trimmed = number(index_column(OP, first, 1)?);
+    let last = number(index_column(OP, first, 2)?);
+    check_sequence_cursor(BACKEND, after, log, trimmed, last)?;
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        let trimmed: i64 = index_column(OP, row, 0)?;
-        if after_param < trimmed && !after.is_beginning() {
-            return Err(StoreError::EventsTrimmed {
-                backend: BACKEND,
-                trimmed_through: LogPosition::seq(trimmed.max(0) as u64),
-            });
-        }
-        let Some(seq) = index_column::<Option<i64>>(OP, row, 1)? else {
+        let Some(seq) = index_column::<Option<i64>>(OP, row, 3)? else {
             continue;
         };
-        let id = row_id(OP, index_column(OP, row, 2)?)?;
-        let version: i64 = column(&id, row, 4)?;
-        let at: i64 = column(&id, row, 5)?;
-        let body: &str = column(&id, row, 6)?;
-        events.push(decode_event(
-            BACKEND,
-            EventCursor::from_positions(vec![LogPosition::seq(seq.max(0) as u64)]),
-            id.clone(),
-            column(&id, row, 3)?,
-            version.max(0) as u64,
-            Timestamp::from_unix_nanos(at),
-            body.as_bytes(),
-        )?);
+        let id = row_id(OP, index_column(OP, row, 4)?)?;
+        let version: i64 = column(&id, row, 6)?;
+        let at: i64 = column(&id, row, 7)?;
+        let body: &str = column(&id, row, 8)?;
+        events.push(sequence_event(
+            log,
+            number(seq),
+            EventRow {
+                consumer: column(&id, row, 5)?,
+                installation: id,
+                version: number(version),
+                at: Timestamp::from_unix_nanos(at),
+                body: body.as_bytes(),
+            },
+        ));
     }
     let next = events
         .last()
@@ -541,8 +550,10 @@ pub(crate) async fn event_head(client: &Client, sql: &Sql) -> Result<EventCursor
     let err = |e| pg_error(OP, e);
     let stmt = client.prepare_cached(&sql.head).await.map_err(err)?;
     let row = client.query_one(&stmt, &[]).await.map_err(err)?;
-    let seq: i64 = index_column(OP, &row, 0)?;
-    Ok(EventCursor::from_positions(vec![LogPosition::seq(
-        seq.max(0) as u64,
-    )]))
+    let log: i64 = index_column(OP, &row, 0)?;
+    let seq: i64 = index_column(OP, &row, 1)?;
+    Ok(EventCursor::from_positions(
+        log as u64,
+        vec![LogPosition::seq(seq.max(0) as u64)],
+    ))
 }

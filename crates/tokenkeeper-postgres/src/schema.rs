@@ -44,8 +44,10 @@ const MIGRATIONS: &[&str] = &[
     // until it commits: events become visible in sequence order, so a reader that has seen
     // sequence n never later finds a smaller one committed behind it (a plain `SEQUENCE`
     // hands out numbers in start order and commits them in any order). The body is the
-    // record's last history entry and state (`tokenkeeper_core::write_event_payload`'s
-    // JSON). Retention trims at most two of the oldest events per append.
+    // record's last history entry, state and creation time (`tokenkeeper_core::
+    // write_event_payload`'s JSON; `JSON`, not `JSONB`, which would refuse a `\u0000` in a
+    // token). Retention trims at most two of the oldest events per append. `log_id` names
+    // this log in every cursor, so a cursor of another schema or database is refused.
     r#"
     CREATE TABLE {s}.events (
         seq      BIGINT NOT NULL PRIMARY KEY,
@@ -57,28 +59,33 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE {s}.event_log (
         only_row        BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+        log_id          BIGINT NOT NULL,
         last_seq        BIGINT NOT NULL,
         max_events      BIGINT NOT NULL,
         max_age         BIGINT NOT NULL,
         trimmed_through BIGINT NOT NULL
     );
-    INSERT INTO {s}.event_log VALUES (TRUE, 0, 1000000, 604800000000000, 0);
+    INSERT INTO {s}.event_log VALUES
+        (TRUE, floor(random() * 9007199254740991)::BIGINT, 0, 100000, 604800000000000, 0);
     CREATE FUNCTION {s}.append_event() RETURNS trigger LANGUAGE plpgsql AS $fn$
     DECLARE
         log {s}.event_log%ROWTYPE;
         now_ns BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000000)::BIGINT;
-        rec JSONB;
+        rec JSON;
         cut BIGINT;
     BEGIN
         UPDATE {s}.event_log SET last_seq = last_seq + 1 RETURNING * INTO log;
         IF TG_OP = 'DELETE' THEN
+            rec := convert_from(OLD.record, 'UTF8')::JSON -> 'record';
             INSERT INTO {s}.events VALUES (log.last_seq, OLD.id, OLD.consumer, OLD.version + 1,
-                now_ns, jsonb_build_object('deleted', OLD.state)::TEXT);
+                now_ns, json_build_object('deleted', OLD.state,
+                                          'created', rec -> 'created_at')::TEXT);
         ELSE
-            rec := convert_from(NEW.record, 'UTF8')::JSONB -> 'record';
+            rec := convert_from(NEW.record, 'UTF8')::JSON -> 'record';
             INSERT INTO {s}.events VALUES (log.last_seq, NEW.id, NEW.consumer, NEW.version,
-                now_ns, jsonb_build_object('entry', rec -> 'history' -> -1,
-                                           'state', rec -> 'state')::TEXT);
+                now_ns, json_build_object('entry', rec -> 'history' -> -1,
+                                          'state', rec -> 'state',
+                                          'created', rec -> 'created_at')::TEXT);
         END IF;
         SELECT max(oldest.seq) INTO cut FROM (
             SELECT seq, at FROM {s}.events WHERE seq < log.last_seq ORDER BY seq LIMIT 2

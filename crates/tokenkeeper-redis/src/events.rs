@@ -2,20 +2,27 @@
 //!
 //! Each shard's script appends to its own stream (`{prefix}:{sNN}:events`), so events are
 //! ordered per shard, hence per installation (an installation never changes shard), and the
-//! cursor holds one stream entry id per shard. A read asks every shard for the entries after
-//! its position (`XRANGE`) and then for its retention mark (`GET`, after the `XRANGE`, so a
-//! trim between the two is seen as a trim, never as a gap), then merges them by entry id (the
-//! server's milliseconds) and keeps the first `limit`: per shard that is a prefix of what it
-//! sent, so resuming from any event's cursor skips nothing.
+//! cursor holds one stream entry id per shard plus the log's id (`{prefix}:events:log`, drawn
+//! by the first store that connects). A read asks every shard for the entries after its
+//! position (`XRANGE`), its retention mark (`GET`) and its newest entry (`XREVRANGE`): on a
+//! single server all in one `MULTI`, one snapshot; on a cluster one pipeline per shard in that
+//! order, so a trim between the reads shows as a trim (a spurious `EventsTrimmed` at worst),
+//! never as a gap. It then merges the entries by id (the server's milliseconds) and keeps the
+//! first `limit`: per shard a prefix of what that shard sent, so resuming from any event's
+//! cursor skips nothing.
 
 use redis::Value;
 use tokenkeeper_core::{
-    EventCursor, EventPage, InstallationId, LogPosition, StoreError, Timestamp, decode_event,
+    EventCursor, EventPage, EventRow, InstallationId, LogPosition, StoreError, Timestamp,
+    decode_event,
 };
 
 use crate::{BACKEND, RedisStore, parse_id, unexpected_reply};
 
 const OP: &str = "read_events";
+
+/// Commands per shard in a read: XRANGE, GET (retention mark), XREVRANGE (newest).
+const PER_SHARD: usize = 3;
 
 /// One stream entry as read back.
 struct Entry {
@@ -28,22 +35,50 @@ struct Entry {
     body: Vec<u8>,
 }
 
+/// The log id: created once per prefix (`SET NX`), then read.
+pub(crate) async fn log_id(store: &RedisStore) -> Result<u64, StoreError> {
+    let key = format!("{}:events:log", store.prefix);
+    let fresh = tokenkeeper_core::new_log_id() & (i64::MAX as u64);
+    let id: String = store
+        .run("event_log_id", async |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(fresh.to_string())
+                .arg("NX")
+                .query_async::<()>(&mut *c)
+                .await?;
+            redis::cmd("GET").arg(&key).query_async(c).await
+        })
+        .await?;
+    id.parse().map_err(|_| malformed("the event log id"))
+}
+
+/// The stream id right after `p` (an exclusive `XRANGE` start that servers before 6.2, which
+/// lack the `(` syntax, understand too).
+fn after(p: LogPosition) -> String {
+    match p.minor.checked_add(1) {
+        Some(minor) => format!("{}-{minor}", p.major),
+        None => format!("{}-0", p.major.saturating_add(1)),
+    }
+}
+
 pub(crate) async fn read(
     store: &RedisStore,
-    after: &EventCursor,
+    after_cursor: &EventCursor,
     limit: usize,
 ) -> Result<EventPage, StoreError> {
     let shards = store.layout.shards();
-    let mut positions = after.positions_for(BACKEND, shards.len())?;
+    let mut positions = after_cursor.positions_for(BACKEND, store.log_id, shards.len())?;
+    let beginning = after_cursor.is_beginning();
     let count = limit.max(1);
     let pipes: Vec<redis::Pipeline> = shards
         .iter()
         .zip(&positions)
         .map(|(keys, position)| {
-            let start = if *position == LogPosition::default() {
+            let start = if beginning {
                 "-".to_owned()
             } else {
-                format!("({position}")
+                after(*position)
             };
             let mut pipe = redis::pipe();
             pipe.cmd("XRANGE")
@@ -53,32 +88,42 @@ pub(crate) async fn read(
                 .arg("COUNT")
                 .arg(count);
             pipe.cmd("GET").arg(&keys.events_trimmed);
+            pipe.cmd("XREVRANGE")
+                .arg(&keys.events)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
             pipe
         })
         .collect();
     let replies = per_shard(store, OP, &pipes).await?;
-    if replies.len() != 2 * shards.len() {
+    if replies.len() != PER_SHARD * shards.len() {
         return Err(unexpected_reply(OP, &Value::Array(replies)));
     }
     let mut entries = Vec::new();
-    for (shard, pair) in replies.chunks(2).enumerate() {
-        let trimmed = match &pair[1] {
-            Value::Nil => LogPosition::default(),
-            Value::BulkString(text) => parse_position(text)?,
-            other => return Err(unexpected_reply(OP, other)),
-        };
-        // A shard never read from starts at its retention mark: its retained entries all lie
-        // after it. One read from elsewhere must have lost events to be refused.
-        if positions[shard] == LogPosition::default() {
+    for (shard, reply) in replies.chunks(PER_SHARD).enumerate() {
+        let (trimmed, newest) = (mark(&reply[1])?, newest(shard, &reply[2])?);
+        if beginning {
+            // Retained entries all lie after the mark.
             positions[shard] = trimmed;
+        } else if positions[shard] > newest.max(trimmed) {
+            return Err(StoreError::InvalidCursor {
+                backend: BACKEND,
+                message: format!(
+                    "the cursor stands at {} in shard {shard} but that stream ends at {}: the data was restored from an older backup or wiped, so the events the cursor saw may be gone; reconcile with `list`/`explain`, then start from the event head",
+                    positions[shard],
+                    newest.max(trimmed)
+                ),
+            });
         } else if positions[shard] < trimmed {
             return Err(StoreError::EventsTrimmed {
                 backend: BACKEND,
                 trimmed_through: trimmed,
             });
         }
-        let Value::Array(items) = &pair[0] else {
-            return Err(unexpected_reply(OP, &pair[0]));
+        let Value::Array(items) = &reply[0] else {
+            return Err(unexpected_reply(OP, &reply[0]));
         };
         for item in items {
             entries.push(parse_entry(shard, item)?);
@@ -90,21 +135,105 @@ pub(crate) async fn read(
     for entry in entries {
         positions[entry.shard] = entry.position;
         events.push(decode_event(
-            BACKEND,
-            EventCursor::from_positions(positions.clone()),
-            entry.id,
-            entry.consumer,
-            entry.version,
-            Timestamp::from_unix_nanos(entry.at_ms.saturating_mul(1_000_000)),
-            &entry.body,
-        )?);
+            EventCursor::from_positions(store.log_id, positions.clone()),
+            entry.shard as u32,
+            entry.position,
+            EventRow {
+                installation: entry.id,
+                consumer: entry.consumer,
+                version: entry.version,
+                at: Timestamp::from_unix_nanos(entry.at_ms.saturating_mul(1_000_000)),
+                body: &entry.body,
+            },
+        ));
     }
     let next = match events.last() {
         Some(last) => last.cursor.clone(),
-        None if after.is_beginning() => after.clone(),
-        None => EventCursor::from_positions(positions),
+        None if beginning => after_cursor.clone(),
+        None => EventCursor::from_positions(store.log_id, positions),
     };
     Ok(EventPage { events, next })
+}
+
+/// Runs one pipeline per shard and returns every reply in order: on a single server all of
+/// them in one transaction (one snapshot of every shard), on a cluster one pipeline per
+/// shard (each shard's keys live in their own slot).
+async fn per_shard(
+    store: &RedisStore,
+    operation: &'static str,
+    pipes: &[redis::Pipeline],
+) -> Result<Vec<Value>, StoreError> {
+    if store.conn.is_cluster() {
+        return store
+            .run(operation, async |c| {
+                let mut all = Vec::new();
+                for pipe in pipes {
+                    all.extend(pipe.query_async::<Vec<Value>>(c).await?);
+                }
+                Ok(all)
+            })
+            .await;
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for shard in pipes {
+        for cmd in shard.cmd_iter() {
+            pipe.add_command(cmd.clone());
+        }
+    }
+    store
+        .run(operation, async |c| pipe.query_async::<Vec<Value>>(c).await)
+        .await
+}
+
+/// A shard's retention mark (`GET`), zero when nothing was trimmed.
+fn mark(reply: &Value) -> Result<LogPosition, StoreError> {
+    match reply {
+        Value::Nil => Ok(LogPosition::default()),
+        Value::BulkString(text) => parse_position(text),
+        other => Err(unexpected_reply(OP, other)),
+    }
+}
+
+/// A shard's newest entry id (`XREVRANGE … COUNT 1`), zero for an empty stream.
+fn newest(shard: usize, reply: &Value) -> Result<LogPosition, StoreError> {
+    match reply {
+        Value::Array(items) => match items.first() {
+            Some(item) => Ok(parse_entry(shard, item)?.position),
+            None => Ok(LogPosition::default()),
+        },
+        other => Err(unexpected_reply(OP, other)),
+    }
+}
+
+/// Each shard's newest entry id (or its retention mark, when retention removed every entry).
+pub(crate) async fn head(store: &RedisStore) -> Result<EventCursor, StoreError> {
+    const HEAD: &str = "event_head";
+    let shards = store.layout.shards();
+    let pipes: Vec<redis::Pipeline> = shards
+        .iter()
+        .map(|keys| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(&keys.events_trimmed);
+            pipe.cmd("XREVRANGE")
+                .arg(&keys.events)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+            pipe
+        })
+        .collect();
+    let replies = per_shard(store, HEAD, &pipes).await?;
+    if replies.len() != 2 * shards.len() {
+        return Err(unexpected_reply(HEAD, &Value::Array(replies)));
+    }
+    let positions = replies
+        .chunks(2)
+        .enumerate()
+        .map(|(shard, reply)| Ok(mark(&reply[0])?.max(newest(shard, &reply[1])?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(EventCursor::from_positions(store.log_id, positions))
 }
 
 fn malformed(what: &str) -> StoreError {
@@ -161,73 +290,4 @@ fn parse_entry(shard: usize, item: &Value) -> Result<Entry, StoreError> {
         body: body.ok_or_else(|| malformed("body"))?,
         id,
     })
-}
-
-/// Runs one pipeline per shard and returns every reply in order: one pipeline in all on a
-/// single server, one per shard on a cluster (each shard's keys live in their own slot).
-async fn per_shard(
-    store: &RedisStore,
-    operation: &'static str,
-    pipes: &[redis::Pipeline],
-) -> Result<Vec<Value>, StoreError> {
-    if store.conn.is_cluster() {
-        return store
-            .run(operation, async |c| {
-                let mut all = Vec::new();
-                for pipe in pipes {
-                    all.extend(pipe.query_async::<Vec<Value>>(c).await?);
-                }
-                Ok(all)
-            })
-            .await;
-    }
-    let mut pipe = redis::pipe();
-    for shard in pipes {
-        for cmd in shard.cmd_iter() {
-            pipe.add_command(cmd.clone());
-        }
-    }
-    store
-        .run(operation, async |c| pipe.query_async::<Vec<Value>>(c).await)
-        .await
-}
-
-/// Each shard's newest entry id (or its retention mark, when retention removed every entry).
-pub(crate) async fn head(store: &RedisStore) -> Result<EventCursor, StoreError> {
-    const HEAD: &str = "event_head";
-    let shards = store.layout.shards();
-    let pipes: Vec<redis::Pipeline> = shards
-        .iter()
-        .map(|keys| {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XREVRANGE")
-                .arg(&keys.events)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-            pipe.cmd("GET").arg(&keys.events_trimmed);
-            pipe
-        })
-        .collect();
-    let replies = per_shard(store, HEAD, &pipes).await?;
-    if replies.len() != 2 * shards.len() {
-        return Err(unexpected_reply(HEAD, &Value::Array(replies)));
-    }
-    let mut positions = Vec::with_capacity(shards.len());
-    for (shard, pair) in replies.chunks(2).enumerate() {
-        let trimmed = match &pair[1] {
-            Value::BulkString(text) => parse_position(text)?,
-            _ => LogPosition::default(),
-        };
-        let newest = match &pair[0] {
-            Value::Array(items) => match items.first() {
-                Some(item) => parse_entry(shard, item)?.position,
-                None => LogPosition::default(),
-            },
-            other => return Err(unexpected_reply(HEAD, other)),
-        };
-        positions.push(newest.max(trimmed));
-    }
-    Ok(EventCursor::from_positions(positions))
 }

@@ -437,8 +437,16 @@ impl RedisStoreBuilder {
             operation_timeout: self.operation_timeout,
             replica_wait: self.replica_wait,
             event_retention: self.event_retention,
+            log_id: 0,
             durability_gaps,
         };
+        let mut store = store;
+        store.log_id = events::log_id(&store)
+            .await
+            .map_err(|source| ConnectError::Migration {
+                url: store.url.clone(),
+                source,
+            })?;
         let moved = store
             .migrate_legacy_due()
             .await
@@ -504,6 +512,8 @@ pub struct RedisStore {
     operation_timeout: Duration,
     replica_wait: Option<ReplicaWait>,
     event_retention: EventRetention,
+    /// The event log's id (`{prefix}:events:log`, created by the first store to connect).
+    log_id: u64,
     durability_gaps: Vec<DurabilityGap>,
 }
 
@@ -710,8 +720,14 @@ impl RedisStore {
             .arg(record.consumer())
             .arg(record.version())
             .arg(write_event_payload(record))
-            .arg(self.event_retention.event_limit())
+            .arg(self.events_per_shard())
             .arg(self.event_retention.age_limit_millis());
+    }
+
+    /// The retention's event bound split among the shards (rounded up, at least 1).
+    fn events_per_shard(&self) -> u64 {
+        let shards = self.layout.shards().len().max(1) as u64;
+        self.event_retention.event_limit().div_ceil(shards).max(1)
     }
 
     /// Runs one read per shard: one pipeline on a single server; on a cluster, where the
@@ -970,7 +986,8 @@ impl TokenStore for RedisStore {
             .arg(expected_version.to_string())
             .arg(id.as_str())
             .arg(consumer.as_str())
-            .arg(self.event_retention.event_limit())
+            .arg(expected_version.saturating_add(1))
+            .arg(self.events_per_shard())
             .arg(self.event_retention.age_limit_millis());
         match self.write("delete", Write::Script(&invocation)).await? {
             Value::Int(1) => Ok(DeleteOutcome::Deleted),

@@ -7,8 +7,10 @@
 //!
 //! KEYS for every script: record, due, the five state sets in `StateKind::ALL` order, then the
 //! shard's event stream and its retention mark. Every successful write appends its lifecycle
-//! event to the stream in the same script (the outbox: no write without its event); the last
-//! two ARGV of every write are the retention bounds (events per stream, age in milliseconds).
+//! event to the stream in the same script (the outbox: no write without its event), *before*
+//! it writes anything else: Redis does not roll a script back, so an `XADD` that fails (the key
+//! holding another type) must fail the script while nothing is written yet. The last two ARGV
+//! of every write are the retention bounds (events per stream, age in milliseconds).
 
 use std::sync::LazyLock;
 
@@ -47,10 +49,10 @@ pub(crate) static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+append_event(ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '-' then redis.call('ZADD', KEYS[2], 0, ARGV[3]) end
 redis.call('ZADD', KEYS[STATES[ARGV[2]]], 0, ARGV[4])
-append_event(ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 return 1
 "#
     ))
@@ -75,6 +77,7 @@ if ARGV[6] ~= '' then
     and type(st.Refreshing.lease) == 'table' and st.Refreshing.lease.holder
   if holder ~= ARGV[6] then return cur end
 end
+append_event(ARGV[5], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 redis.call('SET', KEYS[1], ARGV[2])
 if d ~= ARGV[4] then
   if d ~= '-' then redis.call('ZREM', KEYS[2], d) end
@@ -84,7 +87,6 @@ if s ~= ARGV[3] then
   if STATES[s] then redis.call('ZREM', KEYS[STATES[s]], ARGV[5]) end
   redis.call('ZADD', KEYS[STATES[ARGV[3]]], 0, ARGV[5])
 end
-append_event(ARGV[5], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 return 1
 "#
     ))
@@ -107,9 +109,10 @@ return 1
     ))
 });
 
-/// ARGV: expected version, id, consumer, retention (2). Returns 1 when deleted, 0 when
-/// missing, or the current value on a version conflict. The event's version is the deleted
-/// one + 1 and its body names the deleted state (`tokenkeeper_core::delete_event_payload`).
+/// ARGV: expected version, id, consumer, the event's version (expected + 1), retention (2).
+/// Returns 1 when deleted, 0 when missing, or the current value on a version conflict. The
+/// event's body names the deleted state and the record's creation time, copied as digits
+/// (`tokenkeeper_core::delete_event_payload`'s JSON; Lua numbers would round nanoseconds).
 pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}
@@ -117,11 +120,13 @@ local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local v, s, d = header(cur)
 if v ~= ARGV[1] then return cur end
+local created = string.match(cur, '"created_at":(%-?%d+)')
+local body = '{{"deleted":"' .. s .. '"'
+if created then body = body .. ',"created":' .. created end
+append_event(ARGV[2], ARGV[3], ARGV[4], body .. '}}', ARGV[5], ARGV[6])
 redis.call('DEL', KEYS[1])
 if d and d ~= '-' then redis.call('ZREM', KEYS[2], d) end
 if s and STATES[s] then redis.call('ZREM', KEYS[STATES[s]], ARGV[2]) end
-append_event(ARGV[2], ARGV[3], tostring(tonumber(v) + 1), cjson.encode({{deleted = s}}),
-  ARGV[4], ARGV[5])
 return 1
 "#
     ))

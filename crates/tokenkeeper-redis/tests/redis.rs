@@ -523,3 +523,56 @@ async fn plaintext_to_a_remote_host_is_refused_unless_allowed() {
         "{tried}"
     );
 }
+
+/// A write whose event cannot be appended (its shard's stream key holds another type) fails
+/// whole: Redis does not roll a script back, so the script appends the event before it writes
+/// anything. No record without its event.
+#[tokio::test]
+async fn a_write_whose_event_cannot_be_appended_writes_nothing() {
+    let store = common::fresh_store("event-first").await;
+    let mut conn = raw(&common::url()).await;
+    let i = id("blocked");
+    let record_key = store.record_key(&i);
+    let stream = format!(
+        "{}events",
+        record_key
+            .trim_end_matches(i.as_str())
+            .trim_end_matches("rec:")
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.create(&sample_record(&i, at(0))).await.is_err());
+    assert!(
+        store.get(&i).await.unwrap().is_none(),
+        "a record without its event"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r1 = sample_record(&i, at(0));
+    store.create(&r1).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r2 = lease(&r1, "h", at(60), at(1));
+    assert!(store.compare_and_swap(&r2, 1).await.is_err());
+    assert_eq!(
+        store.get(&i).await.unwrap(),
+        Some(r1),
+        "a swap without its event"
+    );
+    assert!(store.delete(&i, 1).await.is_err());
+    assert!(
+        store.get(&i).await.unwrap().is_some(),
+        "a deletion without its event"
+    );
+}

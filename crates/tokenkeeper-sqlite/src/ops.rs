@@ -7,9 +7,9 @@
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, EventRow,
     InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateKind, StoreError,
-    Timestamp, decode_event,
+    Timestamp, check_sequence_cursor, sequence_event,
 };
 
 pub(crate) const BACKEND: &str = "sqlite";
@@ -435,7 +435,26 @@ mod tests {
     }
 }
 
-/// Reads events after `after` and the retention mark in one read transaction (one snapshot),
+/// The log's id, its retention mark and the newest sequence number handed out (kept by
+/// `AUTOINCREMENT` even when retention removed that event).
+fn log_state(conn: &Connection, operation: &'static str) -> Result<(u64, u64, u64), StoreError> {
+    conn.query_row(
+        "SELECT log_id, trimmed_through, \
+                coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0) \
+           FROM event_log",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, i64>(2)?.max(0) as u64,
+            ))
+        },
+    )
+    .map_err(|e| sqlite_error(operation, e))
+}
+
+/// Reads events after `after` and the log's state in one read transaction (one snapshot),
 /// so a trim between the two cannot hide a gap.
 pub(crate) fn read_events(
     conn: &Connection,
@@ -443,20 +462,11 @@ pub(crate) fn read_events(
     limit: usize,
 ) -> Result<EventPage, StoreError> {
     const OP: &str = "read_events";
-    let after_seq = after.positions_for(BACKEND, 1)?[0].major;
-    let after_col = i64::try_from(after_seq).unwrap_or(i64::MAX);
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| sqlite_error(OP, e))?;
-    let trimmed: i64 = tx
-        .query_row("SELECT trimmed_through FROM event_log", [], |r| r.get(0))
-        .map_err(|e| sqlite_error(OP, e))?;
-    if after_col < trimmed && !after.is_beginning() {
-        return Err(StoreError::EventsTrimmed {
-            backend: BACKEND,
-            trimmed_through: LogPosition::seq(trimmed.max(0) as u64),
-        });
-    }
+    let (log, trimmed, last) = log_state(&tx, OP)?;
+    let after_seq = check_sequence_cursor(BACKEND, after, log, trimmed, last)?;
     let rows = {
         let mut stmt = tx
             .prepare_cached(
@@ -464,31 +474,39 @@ pub(crate) fn read_events(
                  WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(|e| sqlite_error(OP, e))?;
-        stmt.query_map(params![after_col, limit_param(limit)], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })
+        stmt.query_map(
+            params![
+                i64::try_from(after_seq).unwrap_or(i64::MAX),
+                limit_param(limit)
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            },
+        )
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(|e| sqlite_error(OP, e))?
     };
     tx.finish().map_err(|e| sqlite_error(OP, e))?;
     let mut events = Vec::with_capacity(rows.len());
     for (seq, id, consumer, version, at, body) in rows {
-        events.push(decode_event(
-            BACKEND,
-            EventCursor::from_positions(vec![LogPosition::seq(seq.max(0) as u64)]),
-            row_id(OP, id)?,
-            consumer,
-            version.max(0) as u64,
-            Timestamp::from_unix_nanos(at),
-            body.as_bytes(),
-        )?);
+        events.push(sequence_event(
+            log,
+            seq.max(0) as u64,
+            EventRow {
+                installation: row_id(OP, id)?,
+                consumer,
+                version: version.max(0) as u64,
+                at: Timestamp::from_unix_nanos(at),
+                body: body.as_bytes(),
+            },
+        ));
     }
     let next = events
         .last()
@@ -507,17 +525,11 @@ pub(crate) fn set_retention(conn: &Connection, retention: EventRetention) -> rus
     Ok(())
 }
 
-/// The newest sequence number handed out (kept by `AUTOINCREMENT` even when retention removed
-/// that event).
+/// The cursor after the newest event.
 pub(crate) fn event_head(conn: &Connection) -> Result<EventCursor, StoreError> {
-    let seq: i64 = conn
-        .query_row(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(|e| sqlite_error("event_head", e))?;
-    Ok(EventCursor::from_positions(vec![LogPosition::seq(
-        seq.max(0) as u64,
-    )]))
+    let (log, _, last) = log_state(conn, "event_head")?;
+    Ok(EventCursor::from_positions(
+        log,
+        vec![LogPosition::seq(last)],
+    ))
 }

@@ -51,7 +51,8 @@ const MIGRATIONS: &[&str] = &[
     // the JSON `tokenkeeper_core::write_event_payload` writes. An `UPDATE` that keeps the
     // version (the consumer adoption below) is not a write of the record and appends nothing.
     // Retention trims at most two of the oldest events per append; `trimmed_through` is the
-    // newest trimmed sequence number, what tells a reader it fell behind.
+    // newest trimmed sequence number, what tells a reader it fell behind. `log_id` names this
+    // log in every cursor, so a cursor of another database is refused.
     "
     CREATE TABLE events (
         seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,28 +64,32 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE event_log (
         one             INTEGER NOT NULL PRIMARY KEY CHECK (one = 1),
+        log_id          INTEGER NOT NULL,
         max_events      INTEGER NOT NULL,
         max_age         INTEGER NOT NULL,
         trimmed_through INTEGER NOT NULL
     );
-    INSERT INTO event_log VALUES (1, 1000000, 604800000000000, 0);
+    INSERT INTO event_log VALUES (1, random() & 9223372036854775807, 100000, 604800000000000, 0);
     CREATE TRIGGER installations_created AFTER INSERT ON installations BEGIN
         INSERT INTO events (id, consumer, version, at, body) VALUES (
             NEW.id, NEW.consumer, NEW.version, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
             json_object('entry', CAST(NEW.record AS TEXT) -> '$.record.history[#-1]',
-                        'state', CAST(NEW.record AS TEXT) -> '$.record.state'));
+                        'state', CAST(NEW.record AS TEXT) -> '$.record.state',
+                        'created', CAST(NEW.record AS TEXT) -> '$.record.created_at'));
     END;
     CREATE TRIGGER installations_written AFTER UPDATE ON installations
         WHEN NEW.version IS NOT OLD.version BEGIN
         INSERT INTO events (id, consumer, version, at, body) VALUES (
             NEW.id, NEW.consumer, NEW.version, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
             json_object('entry', CAST(NEW.record AS TEXT) -> '$.record.history[#-1]',
-                        'state', CAST(NEW.record AS TEXT) -> '$.record.state'));
+                        'state', CAST(NEW.record AS TEXT) -> '$.record.state',
+                        'created', CAST(NEW.record AS TEXT) -> '$.record.created_at'));
     END;
     CREATE TRIGGER installations_deleted AFTER DELETE ON installations BEGIN
         INSERT INTO events (id, consumer, version, at, body) VALUES (
             OLD.id, OLD.consumer, OLD.version + 1, CAST(unixepoch('subsec') * 1e9 AS INTEGER),
-            json_object('deleted', OLD.state));
+            json_object('deleted', OLD.state,
+                        'created', CAST(OLD.record AS TEXT) -> '$.record.created_at'));
     END;
     CREATE TRIGGER events_trimmed AFTER INSERT ON events BEGIN
         UPDATE event_log SET trimmed_through = coalesce((

@@ -368,3 +368,77 @@ async fn existing_files_are_made_private_and_links_refused() {
         "{err}"
     );
 }
+
+/// An event this build cannot read (a newer version's, or damaged) is delivered as `Unknown`
+/// with its installation and version, and the events after it still flow: one bad row never
+/// stalls every reader.
+#[tokio::test]
+async fn an_unreadable_event_is_delivered_as_unknown_and_does_not_stall_readers() {
+    use tokenkeeper_core::{EventCursor, EventKind};
+    let (store, path) = store_with(&["a", "b"]).await;
+    let raw = Connection::open(&path).unwrap();
+    let changed = raw
+        .execute(
+            "UPDATE events SET body = '{\"entry\":{\"event\":\"FromTheFuture\"}}' WHERE id = 'a'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    let page = store
+        .read_events(&EventCursor::beginning(), 10)
+        .await
+        .unwrap();
+    let seen: Vec<_> = page
+        .events
+        .iter()
+        .map(|e| (e.installation.as_str(), e.kind, e.version))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("a", EventKind::Unknown, 1), ("b", EventKind::Created, 1)]
+    );
+    assert!(page.events[0].ends_tokens());
+}
+
+/// A store restored from a backup taken before the reader's last event refuses the reader's
+/// cursor (its events may be gone) instead of silently skipping what the restored store
+/// writes next; a cursor of another database is refused too.
+#[tokio::test]
+async fn a_cursor_from_before_a_restore_or_of_another_database_is_refused() {
+    use tokenkeeper_core::EventCursor;
+    let (store, path) = store_with(&["a"]).await;
+    let backup = path.with_extension("backup");
+    raw_backup(&path, &backup);
+    store.create(&sample_record(&id("b"), at(1))).await.unwrap();
+    let read = store
+        .read_events(&EventCursor::beginning(), 10)
+        .await
+        .unwrap();
+    assert_eq!(read.events.len(), 2);
+    drop(store);
+    raw_backup(&backup, &path);
+    let restored = SqliteStore::open(&path).await.unwrap();
+    match restored.read_events(&read.next, 10).await {
+        Err(StoreError::InvalidCursor { message, .. }) => {
+            assert!(message.contains("restored"), "{message}")
+        }
+        other => panic!("a cursor ahead of the restored log read {other:?}"),
+    }
+    let (other, _) = store_with(&["a", "b", "c"]).await;
+    assert!(matches!(
+        other.read_events(&read.next, 10).await,
+        Err(StoreError::InvalidCursor { .. })
+    ));
+}
+
+/// Copies a database consistently (SQLite's online backup through `VACUUM INTO`).
+fn raw_backup(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_file(to);
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", to.display()));
+    }
+    Connection::open(from)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [to.to_str().unwrap()])
+        .unwrap();
+}

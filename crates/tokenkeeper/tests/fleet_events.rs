@@ -222,3 +222,35 @@ async fn another_process_ends_tokens_on_redis_cluster() {
 async fn another_process_ends_tokens_on_postgres() {
     run("postgres", &postgres_location("events")).await;
 }
+
+/// The cache's watcher dies with the runtime that started it (a first call made from a
+/// short-lived runtime); the next flight starts it again, forgetting what was cached while
+/// nobody watched, and it follows the log from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_whose_runtime_ended_starts_again() {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let watching = manager(store.clone(), &mock.base_url(), true);
+    let other = manager(store, &mock.base_url(), true);
+    let id = common::authorize_with(&watching, &mock, None)
+        .await
+        .installation;
+    let (m, i) = (watching.clone(), id.clone());
+    tokio::task::spawn_blocking(move || {
+        let short = tokio::runtime::Runtime::new().unwrap();
+        short.block_on(m.access_token(&i)).unwrap();
+        // The watcher it started ends here.
+    })
+    .await
+    .unwrap();
+    watching.invalidate(&id);
+    watching.access_token(&id).await.unwrap();
+    assert!(watching.cached_token(&id).is_some());
+    other.revoke(&id).await.unwrap();
+    let took = dropped_within(&watching, &id).await;
+    eprintln!("a restarted watcher dropped the revoked token after {took:?}");
+}

@@ -168,20 +168,39 @@ impl Cache {
         self.evict_if_full(&mut map);
     }
 
-    /// Forgets a cached token whose record another process wrote past it (a revocation, a
-    /// condemnation, a deletion or a new grant read from the event log): only when the
-    /// cached version is older than `version`, so this process's own writes cost nothing.
-    /// Returns whether a token was dropped.
-    pub(crate) fn forget_older(&self, id: &InstallationId, version: u64) -> bool {
-        let stale = {
-            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-            map.get(id)
-                .is_some_and(|e| e.access.is_some() && e.version < version)
+    /// Lays a tombstone for an event (read from the store's log) that ended the tokens of
+    /// `id`'s incarnation `incarnation` at `version`: from now on no version of that
+    /// incarnation up to `version` is put back unless read after this call, and neither is
+    /// another incarnation read before it. A tombstone is laid even when nothing is cached:
+    /// a flight that read the record before the event may be about to cache it. Nothing
+    /// changes when the cache already holds that incarnation at `version` or later (this
+    /// process's own writes). Returns whether a usable token was dropped.
+    pub(crate) fn forget_event(
+        &self,
+        id: &InstallationId,
+        incarnation: Timestamp,
+        version: u64,
+    ) -> bool {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let dropped = match map.get(id) {
+            Some(e) if e.created == Some(incarnation) && e.version >= version => return false,
+            Some(e) => e.access.is_some(),
+            None => false,
         };
-        if stale {
-            self.forget(id, None);
-        }
-        stale
+        map.insert(
+            id.clone(),
+            Entry {
+                access: None,
+                stale_at: Timestamp::MIN,
+                check_at: Timestamp::MIN,
+                version,
+                created: Some(incarnation),
+                laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
+                used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
+            },
+        );
+        self.evict_if_full(&mut map);
+        dropped
     }
 
     /// Forgets every cached token (the event log lost events this process had not read:
@@ -242,6 +261,25 @@ mod tests {
 
     fn at(secs: u64) -> Timestamp {
         T0.saturating_add(Duration::from_secs(secs))
+    }
+
+    /// `name`'s record at `version` (leases taken and released).
+    fn rec(name: &str, version: u64) -> Record {
+        let mut r = sample_record(&id(name), T0);
+        while r.version() < version {
+            let event = match r.state().lease() {
+                Some(l) => Event::LeaseReleased {
+                    fence: l.fence,
+                    refresh_at: at(10),
+                },
+                None => Event::LeaseAcquired {
+                    holder: tokenkeeper_core::LeaseHolder::new("h"),
+                    until: at(100),
+                },
+            };
+            r = r.apply(event, at(1)).unwrap();
+        }
+        r
     }
 
     #[test]
@@ -314,6 +352,29 @@ mod tests {
             cache.fresh(reborn.id(), at(201)),
             Some(reborn.tokens().access_token.clone())
         );
+    }
+
+    #[test]
+    fn an_event_tombstone_refuses_reads_from_before_it_even_when_nothing_was_cached() {
+        let cache = Cache::new(10, Duration::from_secs(3600));
+        let v5 = rec("a", 5);
+        // A flight read v5, then another process revoked it (v6): the watcher lays the
+        // tombstone before the flight caches.
+        let before = cache.generation();
+        assert!(!cache.forget_event(v5.id(), v5.created_at(), 6));
+        cache.put(&v5, at(3600), (T0, before), Insert::Yes);
+        assert!(
+            cache.fresh(v5.id(), at(1)).is_none(),
+            "a revoked token was cached"
+        );
+        // This process's own newer write is not undone by its own event.
+        let v7 = rec("a", 7);
+        cache.put(&v7, at(3600), (T0, cache.generation()), Insert::Yes);
+        assert!(!cache.forget_event(v7.id(), v7.created_at(), 7));
+        assert!(cache.fresh(v7.id(), at(1)).is_some());
+        // Another incarnation's event drops the old one's token.
+        assert!(cache.forget_event(v7.id(), at(999), 2));
+        assert!(cache.fresh(v7.id(), at(1)).is_none());
     }
 
     #[test]

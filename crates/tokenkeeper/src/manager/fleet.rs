@@ -123,7 +123,12 @@ impl EventStream {
             delivered: from.clone(),
             cursor: from,
             buffer: VecDeque::new(),
-            poll: poll.max(Duration::from_millis(10)),
+            // Zero (the cache watcher turned off) would make the stream spin.
+            poll: if poll.is_zero() {
+                Duration::from_millis(500)
+            } else {
+                poll
+            },
             ended: false,
         }
     }
@@ -192,7 +197,8 @@ impl TokenManager {
     ///     if event.to.is_some_and(|s| s.is_terminal()) {
     ///         println!("email the owner of {}: {:?}", event.installation, event.kind);
     ///     }
-    ///     // persist event.cursor.to_string() here
+    ///     // Persist events.cursor().to_string() here (it also moves past other consumers'
+    ///     // events, so a quiet consumer does not fall behind retention).
     /// }
     /// # Ok(()) }
     /// ```
@@ -222,23 +228,30 @@ impl TokenManager {
     }
 }
 
-/// Starts this process's cache watcher once: reads the log's head now (before the caller
-/// reads any record, so no event after that read is missed), then follows the log in a task
-/// that ends when the last manager of the engine is dropped.
+/// Starts this process's cache watcher, or starts it again if it ended (its runtime shut
+/// down): reads the log's head first (before the caller reads any record, so no event after
+/// that read is missed), then follows the log in a task that ends when the last manager of
+/// the engine is dropped. A restarted watcher forgets every cached token: what happened
+/// while none watched is unknown.
 pub(crate) async fn ensure_watch(engine: &Arc<Engine>) {
     let poll = engine.policy.event_poll;
     if poll.is_zero() {
         return;
     }
-    engine
-        .watch
-        .get_or_init(|| async {
-            let head = engine.store.event_head().await.ok();
-            tokio::spawn(watch(Arc::downgrade(engine), head, poll));
-        })
-        .await;
+    let mut slot = engine.watch.lock().await;
+    if slot.as_ref().is_some_and(|task| !task.is_finished()) {
+        return;
+    }
+    let restarted = slot.is_some();
+    let head = engine.store.event_head().await.ok();
+    if restarted && head.is_some() {
+        engine.cache.forget_all();
+    }
+    *slot = Some(tokio::spawn(watch(Arc::downgrade(engine), head, poll)));
 }
 
+/// Follows the log from `cursor`; without one (the head could not be read), reads the head
+/// and then forgets every cached token, since anything cached meanwhile went unwatched.
 async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Duration) {
     loop {
         let Some(engine) = engine.upgrade() else {
@@ -246,7 +259,12 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
         };
         let mut full = false;
         match &cursor {
-            None => cursor = engine.store.event_head().await.ok(),
+            None => {
+                if let Ok(head) = engine.store.event_head().await {
+                    engine.cache.forget_all();
+                    cursor = Some(head);
+                }
+            }
             Some(at) => match engine.store.read_events(at, PAGE).await {
                 Ok(page) => {
                     full = page.events.len() == PAGE;
@@ -254,7 +272,9 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                         let ours = e.consumer == engine.consumer || e.consumer.is_empty();
                         if ours
                             && e.ends_tokens()
-                            && engine.cache.forget_older(&e.installation, e.version)
+                            && engine
+                                .cache
+                                .forget_event(&e.installation, e.incarnation, e.version)
                         {
                             super::metrics::cache_invalidation(&engine.consumer);
                             tracing::debug!(
@@ -268,10 +288,14 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                 }
                 Err(StoreError::EventsTrimmed { .. } | StoreError::InvalidCursor { .. }) => {
                     tracing::warn!(
-                        "the token cache's event watcher fell behind the event log's retention; every cached token will be read again from the store"
+                        "the token cache's event watcher lost its place in the event log (retention, a restore or a reset); every cached token will be read again from the store"
                     );
-                    engine.cache.forget_all();
-                    cursor = None;
+                    // The head first, then forget: nothing cached after the head is missed.
+                    cursor = engine.store.event_head().await.ok();
+                    if cursor.is_some() {
+                        engine.cache.forget_all();
+                    }
+                    full = true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the token cache's event watcher could not read the event log; cached tokens stay bounded by cache_revalidate meanwhile");

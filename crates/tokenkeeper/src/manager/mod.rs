@@ -79,8 +79,8 @@ pub(crate) struct Engine {
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
     pub(crate) guard: guard::Guard,
-    /// Set once the cache's event watcher runs (`fleet::ensure_watch`).
-    pub(crate) watch: tokio::sync::OnceCell<()>,
+    /// The cache's event watcher, once started (`fleet::ensure_watch`).
+    pub(crate) watch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -333,7 +333,7 @@ impl TokenManagerBuilder {
                 seal: self.seal,
                 breaker: Mutex::new(None),
                 guard: guard::Guard::default(),
-                watch: tokio::sync::OnceCell::new(),
+                watch: tokio::sync::Mutex::new(None),
             }),
         })
     }

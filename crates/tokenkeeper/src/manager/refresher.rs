@@ -137,17 +137,28 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
         // Whether the handle is still there to stop us: once it is dropped, its channel closes
         // and `changed()` would return at once forever (a busy loop), so stop listening.
         let mut listening = true;
-        let mut counted: Option<tokio::time::Instant> = None;
+        // The state count pages through the whole store: its own task, so it never delays a
+        // sweep; it ends with the refresher.
+        let counting = config.state_count_every.map(|every| {
+            let (manager, limit, mut stop) =
+                (manager.clone(), config.state_count_limit, stopped.clone());
+            tokio::spawn(async move {
+                loop {
+                    count_states(&manager, limit).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => return,
+                    }
+                    if manager.engine.in_flight.is_closing() {
+                        return;
+                    }
+                }
+            })
+        });
         'sweeps: loop {
             if manager.engine.in_flight.is_closing() {
                 // TokenManager::shutdown was called: no refresh can start any more.
                 break;
-            }
-            if let Some(every) = config.state_count_every
-                && counted.is_none_or(|at| at.elapsed() >= every)
-            {
-                counted = Some(tokio::time::Instant::now());
-                count_states(&manager, config.state_count_limit).await;
             }
             task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
             let mut dispatched = 0usize;
@@ -259,6 +270,9 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
             }
         }
         while running.join_next().await.is_some() {}
+        if let Some(counting) = counting {
+            counting.abort();
+        }
     });
     RefresherHandle { stop, task, stats }
 }
