@@ -65,6 +65,9 @@ fn refresher_sweep(c: &mut Criterion) {
                     rate_per_second: None,
                     page_size: 1000,
                     max_idle: Duration::from_millis(5),
+                    // Measured as before the state count existed.
+                    state_count_every: None,
+                    ..RefresherConfig::default()
                 })]
             })
         })
@@ -101,6 +104,8 @@ fn refresher_processes(c: &mut Criterion) {
                                     rate_per_second: Some(100),
                                     page_size: 100,
                                     max_idle: Duration::from_millis(20),
+                                    state_count_every: None,
+                                    ..RefresherConfig::default()
                                 })
                             })
                             .collect()

@@ -576,14 +576,17 @@ mod tests {
     fn cursors_round_trip_through_text() {
         for cursor in [
             EventCursor::beginning(),
-            EventCursor::from_positions(vec![LogPosition::seq(42)]),
-            EventCursor::from_positions(vec![
-                LogPosition {
-                    major: 1_767_225_600_000,
-                    minor: 3,
-                },
-                LogPosition::default(),
-            ]),
+            EventCursor::from_positions(7, vec![LogPosition::seq(42)]),
+            EventCursor::from_positions(
+                u64::MAX,
+                vec![
+                    LogPosition {
+                        major: 1_767_225_600_000,
+                        minor: 3,
+                    },
+                    LogPosition::default(),
+                ],
+            ),
         ] {
             let text = cursor.to_string();
             assert_eq!(text.parse::<EventCursor>(), Ok(cursor.clone()), "{text}");
@@ -604,16 +607,58 @@ mod tests {
     }
 
     #[test]
-    fn a_cursor_of_another_layout_is_refused() {
-        let cursor = EventCursor::from_positions(vec![LogPosition::seq(1); 3]);
-        assert!(cursor.positions_for("memory", 1).is_err());
-        assert_eq!(cursor.positions_for("redis", 3).unwrap().len(), 3);
+    fn a_cursor_of_another_log_or_layout_is_refused() {
+        let cursor = EventCursor::from_positions(9, vec![LogPosition::seq(1); 3]);
+        assert!(cursor.positions_for("memory", 9, 1).is_err());
+        assert!(cursor.positions_for("redis", 8, 3).is_err(), "another log");
+        assert_eq!(cursor.positions_for("redis", 9, 3).unwrap().len(), 3);
         assert_eq!(
             EventCursor::beginning()
-                .positions_for("redis", 16)
+                .positions_for("redis", 1, 16)
                 .unwrap()
                 .len(),
             16
         );
+    }
+
+    #[test]
+    fn sequence_cursors_are_checked_against_the_log() {
+        let at = |seq| EventCursor::from_positions(5, vec![LogPosition::seq(seq)]);
+        assert_eq!(check_sequence_cursor("t", &at(10), 5, 3, 20).unwrap(), 10);
+        assert_eq!(check_sequence_cursor("t", &at(3), 5, 3, 20).unwrap(), 3);
+        assert!(matches!(
+            check_sequence_cursor("t", &at(2), 5, 3, 20),
+            Err(StoreError::EventsTrimmed { .. })
+        ));
+        // A position at zero (the head of an empty log) is checked like any other.
+        assert!(matches!(
+            check_sequence_cursor("t", &at(0), 5, 3, 20),
+            Err(StoreError::EventsTrimmed { .. })
+        ));
+        assert!(matches!(
+            check_sequence_cursor("t", &at(21), 5, 3, 20),
+            Err(StoreError::InvalidCursor { .. })
+        ));
+        assert_eq!(
+            check_sequence_cursor("t", &EventCursor::beginning(), 5, 3, 20).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn an_unreadable_body_is_an_unknown_event_not_an_error() {
+        let row = |body: &'static [u8]| EventRow {
+            installation: InstallationId::new("i").unwrap(),
+            consumer: "c".into(),
+            version: 4,
+            at: Timestamp::EPOCH,
+            body,
+        };
+        for body in [&b"{}"[..], b"not json", br#"{"deleted":"exploded"}"#] {
+            let e = sequence_event(1, 1, row(body));
+            assert_eq!((e.kind, e.version), (EventKind::Unknown, 4));
+            assert!(e.ends_tokens());
+            assert!(e.error.is_some());
+        }
     }
 }

@@ -382,59 +382,6 @@ pub(crate) fn get_flow(conn: &Connection, flow: &str) -> Result<Option<Vec<u8>>,
         .map_err(|e| sqlite_error("get_flow", e))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use rusqlite::Connection;
-    use tokenkeeper_core::conformance::{T0, sample_record};
-    use tokenkeeper_core::{InstallationId, TokenStore};
-
-    use super::{DUE_SQL, LIST_ALL_SQL, LIST_STATE_SQL};
-    use crate::SqliteStore;
-
-    fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt
-            .query_map(params, |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        rows.join(" | ")
-    }
-
-    #[tokio::test]
-    async fn due_and_list_are_served_by_indexes() {
-        let path = tokenkeeper_testkit::dirs::fresh_db("plan");
-        let store = SqliteStore::open(&path).await.unwrap();
-        for n in 0..500u64 {
-            let id = InstallationId::new(format!("i-{n:04}")).unwrap();
-            let due = T0.saturating_add(Duration::from_secs(n % 37));
-            store.create(&sample_record(&id, due)).await.unwrap();
-        }
-        let raw = Connection::open(&path).unwrap();
-        raw.execute_batch("ANALYZE").unwrap();
-        let due = plan(
-            &raw,
-            DUE_SQL,
-            rusqlite::params![i64::MAX, i64::MIN, "", 100, "conformance"],
-        );
-        assert!(
-            due.contains("USING") && due.contains("installations_by_consumer_due"),
-            "{due}"
-        );
-        assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");
-        let by_state = plan(&raw, LIST_STATE_SQL, rusqlite::params!["active", "", 100]);
-        assert!(by_state.contains("installations_by_state"), "{by_state}");
-        assert!(!by_state.contains("TEMP B-TREE"), "{by_state}");
-        let all = plan(&raw, LIST_ALL_SQL, rusqlite::params!["", 100]);
-        assert!(
-            all.contains("USING") && !all.contains("TEMP B-TREE"),
-            "{all}"
-        );
-    }
-}
-
 /// The log's id, its retention mark and the newest sequence number handed out (kept by
 /// `AUTOINCREMENT` even when retention removed that event).
 fn log_state(conn: &Connection, operation: &'static str) -> Result<(u64, u64, u64), StoreError> {
@@ -532,4 +479,57 @@ pub(crate) fn event_head(conn: &Connection) -> Result<EventCursor, StoreError> {
         log,
         vec![LogPosition::seq(last)],
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rusqlite::Connection;
+    use tokenkeeper_core::conformance::{T0, sample_record};
+    use tokenkeeper_core::{InstallationId, TokenStore};
+
+    use super::{DUE_SQL, LIST_ALL_SQL, LIST_STATE_SQL};
+    use crate::SqliteStore;
+
+    fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows.join(" | ")
+    }
+
+    #[tokio::test]
+    async fn due_and_list_are_served_by_indexes() {
+        let path = tokenkeeper_testkit::dirs::fresh_db("plan");
+        let store = SqliteStore::open(&path).await.unwrap();
+        for n in 0..500u64 {
+            let id = InstallationId::new(format!("i-{n:04}")).unwrap();
+            let due = T0.saturating_add(Duration::from_secs(n % 37));
+            store.create(&sample_record(&id, due)).await.unwrap();
+        }
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("ANALYZE").unwrap();
+        let due = plan(
+            &raw,
+            DUE_SQL,
+            rusqlite::params![i64::MAX, i64::MIN, "", 100, "conformance"],
+        );
+        assert!(
+            due.contains("USING") && due.contains("installations_by_consumer_due"),
+            "{due}"
+        );
+        assert!(!due.contains("TEMP B-TREE"), "due must not sort: {due}");
+        let by_state = plan(&raw, LIST_STATE_SQL, rusqlite::params!["active", "", 100]);
+        assert!(by_state.contains("installations_by_state"), "{by_state}");
+        assert!(!by_state.contains("TEMP B-TREE"), "{by_state}");
+        let all = plan(&raw, LIST_ALL_SQL, rusqlite::params!["", 100]);
+        assert!(
+            all.contains("USING") && !all.contains("TEMP B-TREE"),
+            "{all}"
+        );
+    }
 }
