@@ -1,6 +1,6 @@
 //! The access-token cache across processes: another process's revocation, re-authorization
 //! or condemnation stops this process serving the old token within
-//! `RefreshPolicy::cache_revalidate` (two managers on one SQLite file and on one Redis, each
+//! `RefreshPolicy::cache_revalidate` even with the event watcher off (two managers on one SQLite file and on one Redis, each
 //! with its own store handle), at one store read per installation per bound; no revoke/cache
 //! race; a bounded cache the background refresher does not fill; and a 401 that forces at
 //! most one refresh per `forced_refresh_min_interval`.
@@ -28,7 +28,12 @@ fn location(backend: &str) -> String {
 async fn fixture_on(backend: &str) -> (Fixture, String) {
     let at = location(backend);
     let store = common::open_store(backend, &at).await;
-    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    // The event watcher off: these tests pin the `cache_revalidate` bound, the one that
+    // holds when the event log cannot be read (`fleet_events.rs` tests the watcher).
+    let f = Fixture::tuned(profiles::bitbucket(), MockProfile::Bitbucket, store, |p| {
+        p.event_poll = Duration::ZERO;
+    })
+    .await;
     (f, at)
 }
 
