@@ -139,6 +139,19 @@ async fn no_redis_value_holds_a_token() {
                 .await
                 .unwrap();
             everything.extend(v);
+        } else if kind == "stream" {
+            // The lifecycle events: every field of every entry.
+            let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!entries.is_empty(), "an empty event stream {key}");
+            for (_, fields) in entries {
+                fields.into_iter().for_each(|f| everything.extend(f));
+            }
         } else {
             let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
                 .arg(key)
