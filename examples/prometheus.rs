@@ -17,7 +17,6 @@
 //! adds up to the fleet. `--csv` keeps the scraped series; `docs/plot_metrics.py` draws
 //! `docs/metrics-run.png` from it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,14 +25,14 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokenkeeper::stores::SqliteStore;
 use tokenkeeper::{
-    Clock, ConsumerConfig, InstallationId, ManualClock, RefresherConfig, SystemClock, TokenManager,
-    TokenStore, profiles,
+    Clock, InstallationId, ManualClock, RefresherConfig, SystemClock, TokenManager, TokenStore,
 };
-use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile, MockProvider,
-};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
 
-type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+#[path = "support.rs"]
+mod support;
+
+use support::Fallible;
 
 const INSTALLATIONS: usize = 200;
 const STATES: [&str; 5] = [
@@ -101,21 +100,7 @@ impl Fleet {
             .access_ttl(Duration::from_secs(60))
             .start()
             .await?;
-        let url = |s: String| reqwest::Url::parse(&s);
-        let consumer = ConsumerConfig::builder(
-            profiles::bitbucket()
-                .with_endpoints(
-                    url(mock.authorize_url())?,
-                    url(mock.token_url())?,
-                    Some(url(mock.revoke_url())?),
-                )
-                .with_identity_endpoint(url(mock.resource_url())?),
-        )
-        .client_id(DEFAULT_CLIENT_ID)
-        .client_secret(DEFAULT_CLIENT_SECRET)
-        .redirect_uri("http://127.0.0.1/callback")
-        .state_key(tokenkeeper::StateKey::generate(1)?)
-        .build()?;
+        let consumer = support::mock_consumer(&mock)?;
         let store = SqliteStore::builder(dir.join("tokens.db"))
             .synchronous(tokenkeeper::stores::Synchronous::Normal)
             .open()
@@ -132,22 +117,7 @@ impl Fleet {
             .build()?;
         let mut ids = Vec::with_capacity(INSTALLATIONS);
         for _ in 0..INSTALLATIONS {
-            let begun = manager.begin_authorization(None)?;
-            let query: HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-            let challenge = query.get("code_challenge").map(|c| (c.as_str(), "S256"));
-            let code = mock.authorize_code(
-                DEFAULT_CLIENT_ID,
-                Some("http://127.0.0.1/callback"),
-                challenge,
-            )?;
-            let done = manager
-                .complete_authorization(
-                    tokenkeeper::AuthorizationCode::new(code),
-                    &begun.state,
-                    &begun.binding,
-                )
-                .await?;
-            ids.push(done.installation);
+            ids.push(support::install(&manager, &mock).await?);
         }
         Ok(Self {
             mock: Arc::new(mock),

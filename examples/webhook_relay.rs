@@ -31,12 +31,13 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokenkeeper::core::{EventCursor, LifecycleEvent};
 use tokenkeeper::stores::SqliteStore;
-use tokenkeeper::{ConsumerConfig, EventStream, TokenManager, TokenStore, profiles};
-use tokenkeeper_mock_provider::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
-};
+use tokenkeeper::{EventStream, TokenManager, TokenStore};
+use tokenkeeper_mock_provider::{MockProfile, MockProvider};
 
-type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+#[path = "support.rs"]
+mod support;
+
+use support::Fallible;
 
 const SIGNATURE: &str = "x-tokenkeeper-signature";
 const TIMESTAMP: &str = "x-tokenkeeper-timestamp";
@@ -252,28 +253,6 @@ fn spawn_relay(db: &Path, endpoint: &str, cursor: &Path, secret: &str) -> Fallib
         .spawn()?)
 }
 
-async fn install(
-    manager: &TokenManager,
-    mock: &MockProvider,
-) -> Fallible<tokenkeeper::InstallationId> {
-    let begun = manager.begin_authorization(None)?;
-    let query: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
-    let challenge = query.get("code_challenge").map(|c| (c.as_str(), "S256"));
-    let code = mock.authorize_code(
-        DEFAULT_CLIENT_ID,
-        Some("http://127.0.0.1/callback"),
-        challenge,
-    )?;
-    Ok(manager
-        .complete_authorization(
-            tokenkeeper::AuthorizationCode::new(code),
-            &begun.state,
-            &begun.binding,
-        )
-        .await?
-        .installation)
-}
-
 /// Writes events: refreshes of random installations, a revocation now and then.
 async fn churn(
     manager: &TokenManager,
@@ -324,21 +303,7 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
         .profile(MockProfile::Bitbucket)
         .start()
         .await?;
-    let url = |s: String| reqwest::Url::parse(&s);
-    let consumer = ConsumerConfig::builder(
-        profiles::bitbucket()
-            .with_endpoints(
-                url(mock.authorize_url())?,
-                url(mock.token_url())?,
-                Some(url(mock.revoke_url())?),
-            )
-            .with_identity_endpoint(url(mock.resource_url())?),
-    )
-    .client_id(DEFAULT_CLIENT_ID)
-    .client_secret(DEFAULT_CLIENT_SECRET)
-    .redirect_uri("http://127.0.0.1/callback")
-    .state_key(tokenkeeper::StateKey::generate(1)?)
-    .build()?;
+    let consumer = support::mock_consumer(&mock)?;
     let store: Arc<dyn TokenStore> = Arc::new(SqliteStore::open(&db).await?);
     let manager = TokenManager::builder_shared(consumer, store.clone()).build()?;
     let seen = Arc::new(Mutex::new(Received::default()));
@@ -346,7 +311,7 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
 
     let mut ids = Vec::new();
     for _ in 0..12 {
-        ids.push(install(&manager, &mock).await?);
+        ids.push(support::install(&manager, &mock).await?);
     }
     churn(&manager, &ids, 40).await?;
     let mut relay = spawn_relay(&db, &hook, &cursor, secret)?;

@@ -9,11 +9,10 @@
 //!   the retention check and, on Redis, the merge of 16 shards.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rusqlite::{Connection, params};
-use tokenkeeper_benches::{bump, postgres_url, redis_url};
+use tokenkeeper_benches::{bump, postgres_url, redis_url, time_cas};
 use tokenkeeper_core::conformance::{T0, sample_record};
 use tokenkeeper_core::{CasOutcome, EventCursor, InstallationId, TokenStore};
 use tokenkeeper_postgres::PostgresStore;
@@ -48,27 +47,6 @@ async fn fill(store: &dyn TokenStore, ids: &[InstallationId]) {
             );
         }
     }
-}
-
-/// Times `store.compare_and_swap` alone (the read and the next record outside the clock).
-fn cas_tokenkeeper(
-    rt: &tokio::runtime::Runtime,
-    store: &dyn TokenStore,
-    id: &InstallationId,
-    iters: u64,
-) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let current = rt.block_on(store.get(id)).unwrap().unwrap();
-        let next = bump(&current);
-        let started = Instant::now();
-        let out = rt
-            .block_on(store.compare_and_swap(&next, current.version()))
-            .unwrap();
-        total += started.elapsed();
-        assert_eq!(out, CasOutcome::Swapped);
-    }
-    total
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -114,10 +92,10 @@ fn sqlite(c: &mut Criterion) {
     rt.block_on(fill(&bare, &ids));
     let mut g = c.benchmark_group("events_write/sqlite");
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| cas_tokenkeeper(&rt, &store, &ids[1], iters))
+        b.iter_custom(|iters| time_cas(&rt, &store, &ids[1], iters))
     });
     g.bench_function("cas/tokenkeeper_without_outbox", |b| {
-        b.iter_custom(|iters| cas_tokenkeeper(&rt, &bare, &ids[1], iters))
+        b.iter_custom(|iters| time_cas(&rt, &bare, &ids[1], iters))
     });
     g.finish();
     let conn = Arc::new(std::sync::Mutex::new(Connection::open(&with).unwrap()));
@@ -189,10 +167,10 @@ fn postgres(c: &mut Criterion) {
     rt.block_on(fill(&bare, &ids));
     let mut g = c.benchmark_group("events_write/postgres");
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| cas_tokenkeeper(&rt, &store, &ids[1], iters))
+        b.iter_custom(|iters| time_cas(&rt, &store, &ids[1], iters))
     });
     g.bench_function("cas/tokenkeeper_without_outbox", |b| {
-        b.iter_custom(|iters| cas_tokenkeeper(&rt, &bare, &ids[1], iters))
+        b.iter_custom(|iters| time_cas(&rt, &bare, &ids[1], iters))
     });
     g.finish();
     let mut g = c.benchmark_group("events_read/postgres");
@@ -239,7 +217,7 @@ fn redis(c: &mut Criterion) {
         .unwrap();
     let mut g = c.benchmark_group("events_write/redis");
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| cas_tokenkeeper(&rt, &store, &ids[1], iters))
+        b.iter_custom(|iters| time_cas(&rt, &store, &ids[1], iters))
     });
     g.finish();
     let mut g = c.benchmark_group("events_read/redis");

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tokenkeeper_benches::{bump, postgres_url};
+use tokenkeeper_benches::{bump, postgres_url, time_cas};
 use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{CasOutcome, InstallationId, Timestamp, TokenStore};
+use tokenkeeper_core::{InstallationId, Timestamp, TokenStore};
 use tokenkeeper_postgres::PostgresStore;
 use tokenkeeper_postgres::bench_support::{cas_sql, get_sql, pool};
 
@@ -57,20 +57,7 @@ fn postgres_ops(c: &mut Criterion) {
 
     let cas_id = &ids[1];
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let current = rt.block_on(store.get(cas_id)).unwrap().unwrap();
-                let next = bump(&current);
-                let started = Instant::now();
-                let out = rt
-                    .block_on(store.compare_and_swap(&next, current.version()))
-                    .unwrap();
-                total += started.elapsed();
-                assert_eq!(out, CasOutcome::Swapped);
-            }
-            total
-        })
+        b.iter_custom(|iters| time_cas(&rt, &store, cas_id, iters))
     });
     g.bench_function("cas/raw_tokio_postgres_UPDATE", |b| {
         b.iter_custom(|iters| {

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tokenkeeper_benches::bump;
 use tokenkeeper_benches::redis_url;
+use tokenkeeper_benches::{bump, time_cas};
 use tokenkeeper_core::conformance::{T0, sample_record};
-use tokenkeeper_core::{CasOutcome, InstallationId, TokenStore};
+use tokenkeeper_core::{InstallationId, TokenStore};
 use tokenkeeper_redis::RedisStore;
 use tokenkeeper_redis::bench_support::{cas_args, cas_script, script_keys};
 
@@ -67,20 +67,7 @@ fn redis_ops(c: &mut Criterion) {
 
     let cas_id = &ids[1];
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let current = rt.block_on(store.get(cas_id)).unwrap().unwrap();
-                let next = bump(&current);
-                let started = Instant::now();
-                let out = rt
-                    .block_on(store.compare_and_swap(&next, current.version()))
-                    .unwrap();
-                total += started.elapsed();
-                assert_eq!(out, CasOutcome::Swapped);
-            }
-            total
-        })
+        b.iter_custom(|iters| time_cas(&rt, &store, cas_id, iters))
     });
     let script_keys = script_keys(&store, cas_id, tokenkeeper_core::conformance::CONSUMER);
     let sha = cas_script().get_hash().to_owned();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rusqlite::{Connection, params};
-use tokenkeeper_benches::bump;
+use tokenkeeper_benches::{bump, time_cas};
 use tokenkeeper_benches::{data_dir, quick_mode};
 use tokenkeeper_core::conformance::{CONSUMER, T0, sample_record};
 use tokenkeeper_core::{InstallationId, Record, Timestamp, TokenStore};
@@ -141,20 +141,7 @@ fn sqlite_ops(c: &mut Criterion) {
     // CAS: the next record is built outside the timed section; only the write is timed.
     let cas_id = id(1);
     g.bench_function("cas/tokenkeeper", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let current = rt.block_on(store.get(&cas_id)).unwrap().unwrap();
-                let next = bump(&current);
-                let started = Instant::now();
-                let out = rt
-                    .block_on(store.compare_and_swap(&next, current.version()))
-                    .unwrap();
-                total += started.elapsed();
-                assert_eq!(out, tokenkeeper_core::CasOutcome::Swapped);
-            }
-            total
-        })
+        b.iter_custom(|iters| time_cas(&rt, &store, &cas_id, iters))
     });
     g.bench_function("cas/raw_rusqlite_sync", |b| {
         b.iter_custom(|iters| {

@@ -185,3 +185,25 @@ pub fn bump(r: &tokenkeeper_core::Record) -> tokenkeeper_core::Record {
     )
     .expect("a lapsed lease can always be retaken")
 }
+
+/// Times `store.compare_and_swap` alone, `iters` times on `id`: the read and the next record
+/// are made outside the clock. Panics unless every swap lands.
+pub fn time_cas(
+    rt: &tokio::runtime::Runtime,
+    store: &dyn tokenkeeper_core::TokenStore,
+    id: &tokenkeeper_core::InstallationId,
+    iters: u64,
+) -> std::time::Duration {
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..iters {
+        let current = rt.block_on(store.get(id)).unwrap().unwrap();
+        let next = bump(&current);
+        let started = std::time::Instant::now();
+        let out = rt
+            .block_on(store.compare_and_swap(&next, current.version()))
+            .unwrap();
+        total += started.elapsed();
+        assert_eq!(out, tokenkeeper_core::CasOutcome::Swapped);
+    }
+    total
+}

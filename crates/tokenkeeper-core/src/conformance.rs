@@ -808,6 +808,23 @@ pub async fn cas_checks_the_lease_a_version_was_written_under(store: Arc<dyn Tok
     must_swap(&*store, &failed(&lease_b), 2).await;
 }
 
+/// The next version of `current` in round `round`: `holder` takes its lease, or gives back
+/// the lease it holds.
+fn toggle_lease(current: &Record, holder: &str, round: u64) -> Record {
+    match current.state().lease() {
+        Some(l) => current
+            .apply(
+                Event::LeaseReleased {
+                    fence: l.fence,
+                    refresh_at: at(round),
+                },
+                at(round),
+            )
+            .expect("the holder releases its lease"),
+        None => lease(current, holder, at(100 + round), at(round)),
+    }
+}
+
 /// Reads every event after `from`, `limit` at a time, and the cursor after the last.
 pub async fn drain_events(
     store: &dyn TokenStore,
@@ -1045,18 +1062,7 @@ pub async fn events_keep_order_per_installation(store: Arc<dyn TokenStore>) {
             tasks.spawn(async move {
                 for round in 0..ROUNDS {
                     let current = must_get(&*store, &i).await;
-                    let next = match current.state().lease() {
-                        Some(l) => current
-                            .apply(
-                                Event::LeaseReleased {
-                                    fence: l.fence,
-                                    refresh_at: at(round),
-                                },
-                                at(round),
-                            )
-                            .unwrap(),
-                        None => lease(&current, &format!("t{n}"), at(100 + round), at(round)),
-                    };
+                    let next = toggle_lease(&current, &format!("t{n}"), round);
                     let _ = store.compare_and_swap(&next, current.version()).await;
                 }
             });
@@ -1100,18 +1106,7 @@ pub async fn events_respect_retention(store: Arc<dyn TokenStore>) {
     let (first, _) = drain_events(&*store, &EventCursor::beginning(), 10).await;
     let after_first = first[0].cursor.clone();
     for round in 1..12u64 {
-        let next = match current.state().lease() {
-            Some(l) => current
-                .apply(
-                    Event::LeaseReleased {
-                        fence: l.fence,
-                        refresh_at: at(round),
-                    },
-                    at(round),
-                )
-                .unwrap(),
-            None => lease(&current, "h", at(100 + round), at(round)),
-        };
+        let next = toggle_lease(&current, "h", round);
         must_swap(&*store, &next, current.version()).await;
         current = next;
     }

@@ -87,13 +87,7 @@ pub(crate) async fn read(
                 .arg("+")
                 .arg("COUNT")
                 .arg(count);
-            pipe.cmd("GET").arg(&keys.events_trimmed);
-            pipe.cmd("XREVRANGE")
-                .arg(&keys.events)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
+            push_tail(&mut pipe, keys);
             pipe
         })
         .collect();
@@ -186,6 +180,18 @@ async fn per_shard(
         .await
 }
 
+/// Asks for a shard's retention mark (`GET`) and its newest entry (`XREVRANGE … COUNT 1`),
+/// read back by [`mark`] and [`newest`].
+fn push_tail(pipe: &mut redis::Pipeline, keys: &crate::keys::ShardKeys) {
+    pipe.cmd("GET").arg(&keys.events_trimmed);
+    pipe.cmd("XREVRANGE")
+        .arg(&keys.events)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+}
+
 /// A shard's retention mark (`GET`), zero when nothing was trimmed.
 fn mark(reply: &Value) -> Result<LogPosition, StoreError> {
     match reply {
@@ -214,13 +220,7 @@ pub(crate) async fn head(store: &RedisStore) -> Result<EventCursor, StoreError> 
         .iter()
         .map(|keys| {
             let mut pipe = redis::pipe();
-            pipe.cmd("GET").arg(&keys.events_trimmed);
-            pipe.cmd("XREVRANGE")
-                .arg(&keys.events)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
+            push_tail(&mut pipe, keys);
             pipe
         })
         .collect();
