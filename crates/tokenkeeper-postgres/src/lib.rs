@@ -342,14 +342,10 @@ impl PostgresStoreBuilder {
             reason,
         })?;
         config.connect_timeout(self.connect_timeout);
-        // Every statement of the store is one atomic statement; under a database default of
-        // `repeatable read` or `serializable`, writes of different installations would fail
-        // each other on the event log's sequence row (40001). Its own sessions read committed.
-        let options = format!(
-            "{} -c default_transaction_isolation=read\\ committed",
-            config.get_options().unwrap_or_default()
-        );
-        config.options(options.trim_start());
+        // No `options` startup parameter: poolers such as PgBouncer refuse it. Under a
+        // database default stricter than `read committed`, concurrent writes meet on the
+        // event log's sequence row and one fails with 40001, which is `Unavailable` (retried);
+        // the README asks for `read committed` on the store's role.
         // A connection that went silent is noticed within seconds, not hours.
         config.keepalives_idle(Duration::from_secs(30));
         config.tcp_user_timeout(self.operation_timeout.saturating_mul(2));

@@ -11,6 +11,8 @@
 //! first `limit`: per shard a prefix of what that shard sent, so resuming from any event's
 //! cursor skips nothing.
 
+use std::sync::atomic::Ordering;
+
 use redis::Value;
 use tokenkeeper_core::{
     EventCursor, EventPage, EventRow, InstallationId, LogPosition, StoreError, Timestamp,
@@ -35,8 +37,15 @@ struct Entry {
     body: Vec<u8>,
 }
 
+/// Reads the log id (creating it if the key is missing) and keeps it in the store.
+pub(crate) async fn refresh_log_id(store: &RedisStore) -> Result<u64, StoreError> {
+    let id = log_id(store).await?;
+    store.log_id.store(id, Ordering::Relaxed);
+    Ok(id)
+}
+
 /// The log id: created once per prefix (`SET NX`), then read.
-pub(crate) async fn log_id(store: &RedisStore) -> Result<u64, StoreError> {
+async fn log_id(store: &RedisStore) -> Result<u64, StoreError> {
     let key = format!("{}:events:log", store.prefix);
     let fresh = tokenkeeper_core::new_log_id() & (i64::MAX as u64);
     let id: String = store
@@ -68,7 +77,13 @@ pub(crate) async fn read(
     limit: usize,
 ) -> Result<EventPage, StoreError> {
     let shards = store.layout.shards();
-    let mut positions = after_cursor.positions_for(BACKEND, store.log_id, shards.len())?;
+    let mut log = store.log_id.load(Ordering::Relaxed);
+    if after_cursor.log().is_some_and(|l| l != log) {
+        // Another process may have drawn the id after the key was lost: look again before
+        // refusing the cursor.
+        log = refresh_log_id(store).await?;
+    }
+    let mut positions = after_cursor.positions_for(BACKEND, log, shards.len())?;
     let beginning = after_cursor.is_beginning();
     let count = limit.max(1);
     let pipes: Vec<redis::Pipeline> = shards
@@ -129,7 +144,7 @@ pub(crate) async fn read(
     for entry in entries {
         positions[entry.shard] = entry.position;
         events.push(decode_event(
-            EventCursor::from_positions(store.log_id, positions.clone()),
+            EventCursor::from_positions(log, positions.clone()),
             entry.shard as u32,
             entry.position,
             EventRow {
@@ -144,7 +159,7 @@ pub(crate) async fn read(
     let next = match events.last() {
         Some(last) => last.cursor.clone(),
         None if beginning => after_cursor.clone(),
-        None => EventCursor::from_positions(store.log_id, positions),
+        None => EventCursor::from_positions(log, positions),
     };
     Ok(EventPage { events, next })
 }
@@ -233,7 +248,10 @@ pub(crate) async fn head(store: &RedisStore) -> Result<EventCursor, StoreError> 
         .enumerate()
         .map(|(shard, reply)| Ok(mark(&reply[0])?.max(newest(shard, &reply[1])?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(EventCursor::from_positions(store.log_id, positions))
+    Ok(EventCursor::from_positions(
+        store.log_id.load(Ordering::Relaxed),
+        positions,
+    ))
 }
 
 fn malformed(what: &str) -> StoreError {

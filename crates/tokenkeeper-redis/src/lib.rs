@@ -437,11 +437,10 @@ impl RedisStoreBuilder {
             operation_timeout: self.operation_timeout,
             replica_wait: self.replica_wait,
             event_retention: self.event_retention,
-            log_id: 0,
+            log_id: std::sync::Arc::default(),
             durability_gaps,
         };
-        let mut store = store;
-        store.log_id = events::log_id(&store)
+        events::refresh_log_id(&store)
             .await
             .map_err(|source| ConnectError::Migration {
                 url: store.url.clone(),
@@ -512,8 +511,9 @@ pub struct RedisStore {
     operation_timeout: Duration,
     replica_wait: Option<ReplicaWait>,
     event_retention: EventRetention,
-    /// The event log's id (`{prefix}:events:log`, created by the first store to connect).
-    log_id: u64,
+    /// The event log's id (`{prefix}:events:log`, created by the first store to connect;
+    /// read again when a cursor names another, in case the key was lost and drawn anew).
+    log_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
     durability_gaps: Vec<DurabilityGap>,
 }
 

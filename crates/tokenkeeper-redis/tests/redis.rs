@@ -576,3 +576,31 @@ async fn a_write_whose_event_cannot_be_appended_writes_nothing() {
         "a deletion without its event"
     );
 }
+
+/// The event log's id lives in one key; when it is lost (a flush, an eviction), the next
+/// store to connect draws another, and a store that connected before follows the new id when
+/// it meets a cursor naming it, while cursors of the lost log are refused.
+#[tokio::test]
+async fn a_lost_log_id_is_drawn_again_and_every_store_follows_it() {
+    let prefix = common::unique_prefix("log-id");
+    let connect = || RedisStore::builder(common::url()).prefix(&prefix).connect();
+    let old = connect().await.unwrap();
+    old.create(&sample_record(&id("a"), at(0))).await.unwrap();
+    let before = old.event_head().await.unwrap();
+    let mut conn = raw(&common::url()).await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:events:log"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let new = connect().await.unwrap();
+    let head = new.event_head().await.unwrap();
+    assert_ne!(before.log(), head.log(), "a new id was drawn");
+    old.read_events(&head, 10)
+        .await
+        .expect("the older store follows the new id");
+    assert!(matches!(
+        new.read_events(&before, 10).await,
+        Err(StoreError::InvalidCursor { .. })
+    ));
+}

@@ -171,20 +171,24 @@ impl Cache {
     /// Lays a tombstone for an event (read from the store's log) that ended the tokens of
     /// `id`'s incarnation `incarnation` at `version`: from now on no version of that
     /// incarnation up to `version` is put back unless read after this call, and neither is
-    /// another incarnation read before it. A tombstone is laid even when nothing is cached:
-    /// a flight that read the record before the event may be about to cache it. Nothing
-    /// changes when the cache already holds that incarnation at `version` or later (this
-    /// process's own writes). Returns whether a usable token was dropped.
+    /// another incarnation read before it. With nothing cached, a tombstone is laid only when
+    /// `flying` (a flight of `id` in progress may have read the record before the event and be
+    /// about to cache it; any later flight reads the record after the event), so a burst of
+    /// events about installations this process does not use evicts nothing. Nothing changes
+    /// when the cache already holds that incarnation at `version` or later (this process's
+    /// own writes). Returns whether a usable token was dropped.
     pub(crate) fn forget_event(
         &self,
         id: &InstallationId,
         incarnation: Timestamp,
         version: u64,
+        flying: bool,
     ) -> bool {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         let dropped = match map.get(id) {
             Some(e) if e.created == Some(incarnation) && e.version >= version => return false,
             Some(e) => e.access.is_some(),
+            None if !flying => return false,
             None => false,
         };
         map.insert(
@@ -361,7 +365,7 @@ mod tests {
         // A flight read v5, then another process revoked it (v6): the watcher lays the
         // tombstone before the flight caches.
         let before = cache.generation();
-        assert!(!cache.forget_event(v5.id(), v5.created_at(), 6));
+        assert!(!cache.forget_event(v5.id(), v5.created_at(), 6, true));
         cache.put(&v5, at(3600), (T0, before), Insert::Yes);
         assert!(
             cache.fresh(v5.id(), at(1)).is_none(),
@@ -370,10 +374,14 @@ mod tests {
         // This process's own newer write is not undone by its own event.
         let v7 = rec("a", 7);
         cache.put(&v7, at(3600), (T0, cache.generation()), Insert::Yes);
-        assert!(!cache.forget_event(v7.id(), v7.created_at(), 7));
+        assert!(!cache.forget_event(v7.id(), v7.created_at(), 7, false));
         assert!(cache.fresh(v7.id(), at(1)).is_some());
         // Another incarnation's event drops the old one's token.
-        assert!(cache.forget_event(v7.id(), at(999), 2));
+        assert!(cache.forget_event(v7.id(), at(999), 2, false));
+        // Nothing cached and no flight: no tombstone to evict anything with.
+        assert!(!cache.forget_event(&id("unused"), T0, 3, false));
+        let entries = cache.map.read().unwrap().len();
+        assert_eq!(entries, 1, "a tombstone for an installation nobody uses");
         assert!(cache.fresh(v7.id(), at(1)).is_none());
     }
 

@@ -243,7 +243,12 @@ pub(crate) async fn ensure_watch(engine: &Arc<Engine>) {
         return;
     }
     let restarted = slot.is_some();
-    let head = engine.store.event_head().await.ok();
+    // Bounded: concurrent first flights wait on this. A head read that takes longer is left
+    // to the watcher, which then forgets what was cached meanwhile.
+    let head = tokio::time::timeout(Duration::from_secs(1), engine.store.event_head())
+        .await
+        .ok()
+        .and_then(Result::ok);
     if restarted && head.is_some() {
         engine.cache.forget_all();
     }
@@ -272,9 +277,12 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                         let ours = e.consumer == engine.consumer || e.consumer.is_empty();
                         if ours
                             && e.ends_tokens()
-                            && engine
-                                .cache
-                                .forget_event(&e.installation, e.incarnation, e.version)
+                            && engine.cache.forget_event(
+                                &e.installation,
+                                e.incarnation,
+                                e.version,
+                                engine.flights.in_progress(&e.installation),
+                            )
                         {
                             super::metrics::cache_invalidation(&engine.consumer);
                             tracing::debug!(

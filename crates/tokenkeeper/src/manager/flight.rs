@@ -24,6 +24,15 @@ pub(crate) struct Flights {
 }
 
 impl Flights {
+    /// Whether a flight for `id` is in progress (it may have read the record already and be
+    /// about to cache it).
+    pub(crate) fn in_progress(&self, id: &InstallationId) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(id)
+    }
+
     /// Joins the flight for `id`, or becomes its leader (who must start the work and land
     /// the outcome). Synchronous and allocation-light, so a thousand followers cost little.
     pub(crate) fn join(&self, id: &InstallationId) -> Joined {
