@@ -284,7 +284,7 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                                 engine.flights.in_progress(&e.installation),
                             )
                         {
-                            super::metrics::cache_invalidation(&engine.consumer);
+                            super::metrics::cache_invalidation(&engine.consumer_label);
                             tracing::debug!(
                                 installation = %e.installation,
                                 event = %e.kind,

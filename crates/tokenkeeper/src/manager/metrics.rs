@@ -2,7 +2,9 @@
 //! StatsD, OpenTelemetry) and these appear; without one every call is a no-op. Every series
 //! carries the `consumer` label (`profile/client_id`), so consumers sharing a process stay
 //! apart. Never a token, never an installation id (unbounded label values would explode a
-//! time-series database; `tracing` spans carry the installation).
+//! time-series database; `tracing` spans carry the installation). The consumer label is an
+//! `Arc<str>` made once per manager: recording on the hot path (a cache hit) allocates
+//! nothing.
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
@@ -18,6 +20,7 @@
 //! | `tokenkeeper_refresher_lag_seconds` | gauge | | now minus the oldest due time, at each refresher sweep |
 //! | `tokenkeeper_installations` | gauge | `state` | installations in the store by state (every consumer sharing it; no `consumer` label), counted by the refresher every `state_count_every`, at most `state_count_limit` per state |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokenkeeper_core::{BackoffCause, FailureClass, ReauthReason, StateKind};
@@ -36,14 +39,14 @@ pub(crate) const REFRESHER_LAG: &str = "tokenkeeper_refresher_lag_seconds";
 pub(crate) const INSTALLATIONS: &str = "tokenkeeper_installations";
 
 /// A refresh request ended: `Ok` or its failure class.
-pub(crate) fn refresh(consumer: &str, class: Option<FailureClass>, took: Duration) {
+pub(crate) fn refresh(consumer: &Arc<str>, class: Option<FailureClass>, took: Duration) {
     let (outcome, class) = match class {
         None => ("ok", "none"),
         Some(c) => ("failed", class_label(c)),
     };
-    metrics::counter!(REFRESHES, "consumer" => consumer.to_owned(), "outcome" => outcome, "class" => class)
+    metrics::counter!(REFRESHES, "consumer" => Arc::clone(consumer), "outcome" => outcome, "class" => class)
         .increment(1);
-    metrics::histogram!(REFRESH_DURATION, "consumer" => consumer.to_owned()).record(took);
+    metrics::histogram!(REFRESH_DURATION, "consumer" => Arc::clone(consumer)).record(took);
 }
 
 fn class_label(class: FailureClass) -> &'static str {
@@ -57,16 +60,16 @@ fn class_label(class: FailureClass) -> &'static str {
     }
 }
 
-pub(crate) fn takeover(consumer: &str) {
-    metrics::counter!(TAKEOVERS, "consumer" => consumer.to_owned()).increment(1);
+pub(crate) fn takeover(consumer: &Arc<str>) {
+    metrics::counter!(TAKEOVERS, "consumer" => Arc::clone(consumer)).increment(1);
 }
 
-pub(crate) fn conflict(consumer: &str, operation: &'static str) {
-    metrics::counter!(CONFLICTS, "consumer" => consumer.to_owned(), "operation" => operation)
+pub(crate) fn conflict(consumer: &Arc<str>, operation: &'static str) {
+    metrics::counter!(CONFLICTS, "consumer" => Arc::clone(consumer), "operation" => operation)
         .increment(1);
 }
 
-pub(crate) fn backoff(consumer: &str, cause: BackoffCause) {
+pub(crate) fn backoff(consumer: &Arc<str>, cause: BackoffCause) {
     let cause = match cause {
         BackoffCause::Transient => "transient",
         BackoffCause::ConsumerCredentialsInvalid => "consumer_credentials_invalid",
@@ -74,14 +77,14 @@ pub(crate) fn backoff(consumer: &str, cause: BackoffCause) {
         BackoffCause::MassRejection => "mass_rejection",
         _ => "other",
     };
-    metrics::counter!(BACKOFFS, "consumer" => consumer.to_owned(), "cause" => cause).increment(1);
+    metrics::counter!(BACKOFFS, "consumer" => Arc::clone(consumer), "cause" => cause).increment(1);
 }
 
-pub(crate) fn breaker_trip(consumer: &str) {
-    metrics::counter!(BREAKER_TRIPS, "consumer" => consumer.to_owned()).increment(1);
+pub(crate) fn breaker_trip(consumer: &Arc<str>) {
+    metrics::counter!(BREAKER_TRIPS, "consumer" => Arc::clone(consumer)).increment(1);
 }
 
-pub(crate) fn reauthorization(consumer: &str, reason: ReauthReason) {
+pub(crate) fn reauthorization(consumer: &Arc<str>, reason: ReauthReason) {
     let reason = match reason {
         ReauthReason::RefreshTokenRejected => "refresh_token_rejected",
         ReauthReason::ScopesChanged => "scopes_changed",
@@ -91,21 +94,21 @@ pub(crate) fn reauthorization(consumer: &str, reason: ReauthReason) {
         ReauthReason::NoRefreshToken => "no_refresh_token",
         _ => "other",
     };
-    metrics::counter!(REAUTHORIZATIONS, "consumer" => consumer.to_owned(), "reason" => reason)
+    metrics::counter!(REAUTHORIZATIONS, "consumer" => Arc::clone(consumer), "reason" => reason)
         .increment(1);
 }
 
-pub(crate) fn cache(consumer: &str, hit: bool) {
+pub(crate) fn cache(consumer: &Arc<str>, hit: bool) {
     let name = if hit { CACHE_HITS } else { CACHE_MISSES };
-    metrics::counter!(name, "consumer" => consumer.to_owned()).increment(1);
+    metrics::counter!(name, "consumer" => Arc::clone(consumer)).increment(1);
 }
 
-pub(crate) fn cache_invalidation(consumer: &str) {
-    metrics::counter!(CACHE_INVALIDATIONS, "consumer" => consumer.to_owned()).increment(1);
+pub(crate) fn cache_invalidation(consumer: &Arc<str>) {
+    metrics::counter!(CACHE_INVALIDATIONS, "consumer" => Arc::clone(consumer)).increment(1);
 }
 
-pub(crate) fn refresher_lag(consumer: &str, lag: Duration) {
-    metrics::gauge!(REFRESHER_LAG, "consumer" => consumer.to_owned()).set(lag.as_secs_f64());
+pub(crate) fn refresher_lag(consumer: &Arc<str>, lag: Duration) {
+    metrics::gauge!(REFRESHER_LAG, "consumer" => Arc::clone(consumer)).set(lag.as_secs_f64());
 }
 
 pub(crate) fn installations(state: StateKind, count: u64) {

@@ -74,6 +74,8 @@ pub(crate) struct Engine {
     pub(crate) flight_seq: AtomicU64,
     /// This manager's consumer as recorded in its installations (`profile/client_id`).
     pub(crate) consumer: String,
+    /// `consumer` as the metrics label (shared, so recording allocates nothing).
+    pub(crate) consumer_label: Arc<str>,
     pub(crate) in_flight: unsaved::InFlight,
     pub(crate) unsaved: unsaved::UnsavedSink,
     pub(crate) seal: unsaved::Seal,
@@ -86,9 +88,9 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn emit(&self, id: &InstallationId, kind: LocalEventKind) {
         match &kind {
-            LocalEventKind::Backoff { cause, .. } => metrics::backoff(&self.consumer, *cause),
+            LocalEventKind::Backoff { cause, .. } => metrics::backoff(&self.consumer_label, *cause),
             LocalEventKind::ReauthorizationRequired { reason, .. } => {
-                metrics::reauthorization(&self.consumer, *reason)
+                metrics::reauthorization(&self.consumer_label, *reason)
             }
             _ => {}
         }
@@ -108,7 +110,7 @@ impl Engine {
     }
 
     pub(crate) fn trip_breaker(&self, until: Timestamp, detail: ErrorDetail) {
-        metrics::breaker_trip(&self.consumer);
+        metrics::breaker_trip(&self.consumer_label);
         *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some((until, detail));
     }
 
@@ -325,6 +327,7 @@ impl TokenManagerBuilder {
                 events,
                 process_tag,
                 flight_seq: AtomicU64::new(0),
+                consumer_label: Arc::from(consumer.as_str()),
                 consumer,
                 in_flight: unsaved::InFlight::default(),
                 unsaved: self.unsaved.unwrap_or_else(|| {
@@ -438,10 +441,10 @@ impl TokenManager {
     /// ```
     pub async fn access_token(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         if let Some(token) = self.cached_token(id) {
-            metrics::cache(&self.engine.consumer, true);
+            metrics::cache(&self.engine.consumer_label, true);
             return Ok(token);
         }
-        metrics::cache(&self.engine.consumer, false);
+        metrics::cache(&self.engine.consumer_label, false);
         self.refresh(id, Mode::OnDemand).await
     }
 

@@ -222,7 +222,7 @@ async fn take_lease(
     {
         Ok(CasOutcome::Swapped) => {
             if record.state().lease().is_some() {
-                super::metrics::takeover(&engine.consumer);
+                super::metrics::takeover(&engine.consumer_label);
             }
             Ok(Some(HeldLease::new(
                 leased,
@@ -231,7 +231,7 @@ async fn take_lease(
             )))
         }
         Ok(CasOutcome::Conflict(_)) => {
-            super::metrics::conflict(&engine.consumer, "lease");
+            super::metrics::conflict(&engine.consumer_label, "lease");
             Ok(None)
         }
         Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
@@ -326,7 +326,7 @@ async fn exchange(
         .while_working(engine, engine.client.refresh(id, &current))
         .await;
     super::metrics::refresh(
-        &engine.consumer,
+        &engine.consumer_label,
         result.as_ref().err().map(OAuthError::class),
         sent.elapsed(),
     );
@@ -837,7 +837,7 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
                 next = apply(&*held)?;
             }
             Ok(CasOutcome::Conflict(_)) => {
-                super::metrics::conflict(&engine.consumer, "result");
+                super::metrics::conflict(&engine.consumer_label, "result");
                 return Err(Error::LeaseLost { id: id.clone() });
             }
             Err(StoreError::Unavailable { .. })

@@ -189,7 +189,7 @@ pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> Refresher
                     let lag = entries
                         .first()
                         .map_or(Duration::ZERO, |e| now.duration_since(e.due_at));
-                    super::metrics::refresher_lag(&manager.engine.consumer, lag);
+                    super::metrics::refresher_lag(&manager.engine.consumer_label, lag);
                 }
                 fastrand::shuffle(&mut entries);
                 for entry in entries {
