@@ -135,7 +135,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
                     error: Some("temporarily_unavailable".into()),
                     description: Some("ünïcødé \"quoted\" text".into()),
                 },
-                may_have_committed: false,
+                commit: crate::CommitEvidence::None,
             },
             at(101),
         )
@@ -163,7 +163,7 @@ pub async fn round_trip_every_field(store: Arc<dyn TokenStore>) {
                 retry_at: at(6100),
                 cause: BackoffCause::ConsumerCredentialsInvalid,
                 error: ErrorDetail::new(FailureClass::ConsumerCredentialsInvalid),
-                may_have_committed: false,
+                commit: crate::CommitEvidence::None,
             },
             at(6002),
         )
@@ -789,7 +789,7 @@ pub async fn cas_checks_the_lease_a_version_was_written_under(store: Arc<dyn Tok
                     retry_at: at(120),
                     cause: BackoffCause::Transient,
                     error: ErrorDetail::new(FailureClass::Transient),
-                    may_have_committed: false,
+                    commit: crate::CommitEvidence::None,
                 },
                 at(2),
             )

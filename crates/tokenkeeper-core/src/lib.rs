@@ -97,8 +97,8 @@ pub use event::{
 };
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
 pub use record::{
-    DecodeError, ErrorDetail, EventKind, FailureClass, FailureStreak, HISTORY_LEN, HistoryEntry,
-    RECORD_FORMAT, Record,
+    CommitEvidence, DecodeError, ErrorDetail, EventKind, FailureClass, FailureStreak, HISTORY_LEN,
+    HistoryEntry, RECORD_FORMAT, Record,
 };
 pub use secret::{AccessToken, IdToken, RefreshToken};
 pub use state::{

@@ -101,10 +101,44 @@ pub struct FailureStreak {
     /// When the latest failed.
     pub last_at: Timestamp,
     /// When the first attempt of the streak that may have reached the provider and lost its
-    /// reply failed (a timeout, a reset after sending, a 5xx, an unreadable 2xx): from then
-    /// on, a rotating provider may have retired the refresh token this record holds.
+    /// reply failed (a timeout, a reset after sending, an unreadable 2xx): from then on, a
+    /// rotating provider has likely retired the refresh token this record holds, and past
+    /// its reuse leeway the token is not presented again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub possibly_committed_since: Option<Timestamp>,
+    /// When the first attempt of the streak answered with a server error (5xx) after the
+    /// request was sent failed: a gateway may answer so after the origin committed the
+    /// rotation. Retries stay inside the provider's reuse leeway while it lasts, and a refusal
+    /// afterwards is a lost rotation rather than a revocation; past the leeway the token is
+    /// still presented (a 5xx rarely follows a commit, and not presenting would condemn every
+    /// installation a provider outage touched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_error_since: Option<Timestamp>,
+}
+
+impl FailureStreak {
+    /// When the provider may first have rotated the refresh token this record holds without
+    /// the reply reaching us: the earlier of a lost reply and a server error after sending.
+    pub fn rotation_in_doubt_since(&self) -> Option<Timestamp> {
+        match (self.possibly_committed_since, self.server_error_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What a failed attempt says about whether the provider committed it (rotated the refresh
+/// token) although no usable reply arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CommitEvidence {
+    /// The provider answered that it did not (a 4xx, a 429), or the request never reached it.
+    None,
+    /// A server error (5xx) after the request was sent: a gateway may answer so after the
+    /// origin committed.
+    ServerError,
+    /// The reply was lost after sending (a timeout, a reset, an unreadable 2xx): a commit is
+    /// likely.
+    ReplyLost,
 }
 
 /// What kind of event a history entry records.

@@ -8,7 +8,9 @@
 
 use std::fmt;
 
-use crate::record::{ErrorDetail, EventKind, FailureStreak, HISTORY_LEN, HistoryEntry, Record};
+use crate::record::{
+    CommitEvidence, ErrorDetail, EventKind, FailureStreak, HISTORY_LEN, HistoryEntry, Record,
+};
 use crate::secret::RefreshToken;
 use crate::state::{BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind};
 use crate::time::Timestamp;
@@ -84,8 +86,9 @@ pub enum Event {
     /// applies when the result rotated the refresh token (a reply that kept it loses nothing
     /// by being dropped) and the stored record still holds the refresh token the flight `presented`,
     /// which proves no peer has rotated since, and revives a record a peer condemned on that
-    /// very token (`RefreshTokenRejected`, `RotatedTokenLost`). A record holding any other
-    /// refresh token refuses it ([`Refusal::Superseded`]): a peer holds newer tokens.
+    /// very token, whatever the reason (refused, expired, a failure budget spent on it). A
+    /// revoked record, or one holding any other refresh token, refuses it
+    /// ([`Refusal::Superseded`]): the application ended it, or a peer holds newer tokens.
     LateRefreshed {
         /// The refresh token the flight sent to the provider.
         presented: RefreshToken,
@@ -104,9 +107,10 @@ pub enum Event {
         cause: BackoffCause,
         /// What the provider (or the transport) said.
         error: ErrorDetail,
-        /// The attempt may have reached the provider and lost its reply, so a rotating
-        /// provider may have retired the refresh token (remembered in the failure streak).
-        may_have_committed: bool,
+        /// Whether the attempt may have been committed by the provider although no usable
+        /// reply arrived, so a rotating provider may have retired the refresh token
+        /// (remembered in the failure streak).
+        commit: CommitEvidence,
     },
     /// The refresh failed for good; the user must authorize again.
     RefreshRejected {
@@ -357,14 +361,11 @@ pub fn transition(
             tokens,
             refresh_at,
         } => {
-            let revivable = match &record.state {
-                State::Active | State::Refreshing { .. } | State::Backoff { .. } => true,
-                State::ReauthorizationRequired { reason, .. } => matches!(
-                    reason,
-                    ReauthReason::RefreshTokenRejected | ReauthReason::RotatedTokenLost
-                ),
-                _ => false,
-            };
+            // Every condemnation is a verdict about the refresh token this result rotated
+            // away (refused, expired, a budget spent on it): none says anything about the
+            // rotated one, so each is revived. Only a revocation (the application's word)
+            // and a new grant (another refresh token) make the result obsolete.
+            let revivable = !matches!(record.state, State::Revoked { .. });
             // Only a rotation needs saving: a reply that kept the presented refresh token
             // (or sent none) left it valid at the provider, and whatever is stored now is at
             // least as new as this result.
@@ -397,7 +398,7 @@ pub fn transition(
             retry_at,
             cause,
             error: detail,
-            may_have_committed,
+            commit,
             ..
         } => {
             next.state = State::Backoff {
@@ -405,37 +406,12 @@ pub fn transition(
                 cause,
             };
             next.due_at = Some(retry_at);
-            let committed_now = may_have_committed.then_some(now);
-            next.failures = Some(match &record.failures {
-                // Only transient failures count against the failure budget: a refused consumer
-                // credential or a configuration error is no fault of the installation, so it
-                // restarts the count (and the budget's clock), keeping only the evidence that
-                // an earlier attempt may have rotated the token.
-                Some(streak) if cause != BackoffCause::Transient => FailureStreak {
-                    consecutive: 0,
-                    first_at: now,
-                    last_at: now,
-                    possibly_committed_since: streak.possibly_committed_since.or(committed_now),
-                },
-                None if cause != BackoffCause::Transient => FailureStreak {
-                    consecutive: 0,
-                    first_at: now,
-                    last_at: now,
-                    possibly_committed_since: committed_now,
-                },
-                Some(streak) => FailureStreak {
-                    consecutive: streak.consecutive.saturating_add(1),
-                    first_at: streak.first_at,
-                    last_at: now,
-                    possibly_committed_since: streak.possibly_committed_since.or(committed_now),
-                },
-                None => FailureStreak {
-                    consecutive: 1,
-                    first_at: now,
-                    last_at: now,
-                    possibly_committed_since: committed_now,
-                },
-            });
+            next.failures = Some(next_streak(
+                record.failures.as_ref(),
+                cause == BackoffCause::Transient,
+                commit,
+                now,
+            ));
             next.last_error = Some(detail.clone());
             error = Some(detail);
         }
@@ -497,6 +473,34 @@ impl Record {
     }
 }
 
+/// The failure streak after one more failed attempt. Only transient failures count against
+/// the failure budget: a refused consumer credential or a configuration error is no fault of
+/// the installation, so it restarts the count (and the budget's clock). Evidence that an
+/// attempt may have rotated the token is kept whatever follows, until a success or a new grant.
+fn next_streak(
+    previous: Option<&FailureStreak>,
+    transient: bool,
+    commit: CommitEvidence,
+    now: Timestamp,
+) -> FailureStreak {
+    let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(now);
+    let server_error = (commit == CommitEvidence::ServerError).then_some(now);
+    let (consecutive, first_at) = match previous {
+        Some(streak) if transient => (streak.consecutive.saturating_add(1), streak.first_at),
+        None if transient => (1, now),
+        _ => (0, now),
+    };
+    FailureStreak {
+        consecutive,
+        first_at,
+        last_at: now,
+        possibly_committed_since: previous
+            .and_then(|s| s.possibly_committed_since)
+            .or(lost_reply),
+        server_error_since: previous.and_then(|s| s.server_error_since).or(server_error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -554,6 +558,44 @@ mod tests {
         for reply in [tokens("a-old", Some("r0")), tokens("a-old", None)] {
             let err = r.apply(late("r0", reply), T0).unwrap_err();
             assert_eq!(err.why, Refusal::Superseded);
+        }
+    }
+
+    /// Review E1: whatever a peer concluded about the presented token (refused, expired, a
+    /// failure budget spent on it, lost), a late result that rotated it is the only live
+    /// refresh token, and lands.
+    #[test]
+    fn a_late_result_revives_every_condemnation_of_the_presented_token() {
+        for reason in [
+            ReauthReason::RefreshTokenRejected,
+            ReauthReason::ScopesChanged,
+            ReauthReason::RefreshTokenExpired,
+            ReauthReason::RotatedTokenLost,
+            ReauthReason::FailureBudgetExhausted,
+        ] {
+            let holder = LeaseHolder::new("peer:1");
+            let until = T0.saturating_add(Duration::from_secs(30));
+            let leased = record("r0")
+                .apply(Event::LeaseAcquired { holder, until }, T0)
+                .unwrap();
+            let condemned = leased
+                .apply(
+                    Event::RefreshRejected {
+                        fence: leased.version(),
+                        reason,
+                        error: None,
+                    },
+                    T0,
+                )
+                .unwrap();
+            let revived = condemned
+                .apply(late("r0", tokens("a1", Some("r1"))), T0)
+                .unwrap_or_else(|e| panic!("{reason:?}: {e}"));
+            assert_eq!(revived.state().kind(), StateKind::Active, "{reason:?}");
+            assert_eq!(
+                revived.tokens().refresh_token,
+                Some(RefreshToken::new("r1"))
+            );
         }
     }
 

@@ -179,7 +179,11 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
                 BackoffCause::Transient
             },
             error: ErrorDetail::new(FailureClass::Transient),
-            may_have_committed: wait % 2 == 0,
+            commit: [
+                CommitEvidence::None,
+                CommitEvidence::ServerError,
+                CommitEvidence::ReplyLost,
+            ][usize::from(wait % 3)],
         },
         Op::Reject {
             wrong_fence,
@@ -238,21 +242,19 @@ proptest! {
                     // Version strictly increases, by exactly one.
                     prop_assert_eq!(next.version(), rec.version() + 1);
                     // A terminal state is left only by a new authorization, or by a late result
-                    // on the very token a peer was refused for.
+                    // on the very token a peer's verdict was about (whatever that verdict:
+                    // refused, expired, a spent budget, all said of the retired token). A
+                    // revocation is the application's word and stays.
                     if was_terminal && !next.state().is_terminal() {
                         prop_assert!(matches!(kind, EventKind::Authorized | EventKind::LateRefreshed));
                         if kind == EventKind::LateRefreshed {
-                            let revivable = matches!(
-                                rec.state(),
-                                State::ReauthorizationRequired {
-                                    reason: ReauthReason::RefreshTokenRejected
-                                        | ReauthReason::RotatedTokenLost,
-                                    ..
-                                }
+                            prop_assert!(
+                                matches!(rec.state(), State::ReauthorizationRequired { .. }),
+                                "a late result revived {:?}", rec.state()
                             );
-                            prop_assert!(revivable, "a late result revived {:?}", rec.state());
                         }
                     }
+
                     // A leased event's record says which lease it was written under; others none.
                     let leased_event = matches!(kind, EventKind::Refreshed | EventKind::RefreshDeferred
                         | EventKind::RefreshRejected | EventKind::LeaseRenewed | EventKind::LeaseReleased);
@@ -261,10 +263,13 @@ proptest! {
                         if leased_event { rec.state().lease().map(|l| &l.holder) } else { None }
                     );
                     // A possibly committed attempt is remembered until a success or a new grant.
-                    if let (Some(before), Some(after)) = (rec.failures(), next.failures())
-                        && before.possibly_committed_since.is_some()
-                    {
-                        prop_assert_eq!(before.possibly_committed_since, after.possibly_committed_since);
+                    if let (Some(before), Some(after)) = (rec.failures(), next.failures()) {
+                        if before.possibly_committed_since.is_some() {
+                            prop_assert_eq!(before.possibly_committed_since, after.possibly_committed_since);
+                        }
+                        if before.server_error_since.is_some() {
+                            prop_assert_eq!(before.server_error_since, after.server_error_since);
+                        }
                     }
                     // A late result lands only on the refresh token its flight presented, and
                     // only if it rotated it.
@@ -330,7 +335,18 @@ proptest! {
                         }
                         Refusal::NotLeased => prop_assert!(rec.state().lease().is_none()),
                         Refusal::FenceMismatch { current, given } => prop_assert_ne!(current, given),
-                        Refusal::Superseded => prop_assert_eq!(kind, EventKind::LateRefreshed),
+                        Refusal::Superseded => {
+                            prop_assert_eq!(kind, EventKind::LateRefreshed);
+                            // A late result that rotated the stored refresh token is refused
+                            // only by a revocation: every condemnation, whatever its reason,
+                            // was a verdict about the token it rotated away.
+                            if let Event::LateRefreshed { presented, tokens, .. } = &event
+                                && rec.tokens().refresh_token.as_ref() == Some(presented)
+                                && tokens.rotated_from(presented)
+                            {
+                                prop_assert_eq!(rec.state().kind(), StateKind::Revoked);
+                            }
+                        }
                         Refusal::AlreadyRevoked => prop_assert_eq!(rec.state().kind(), StateKind::Revoked),
                         _ => prop_assert!(false, "unknown refusal {:?}", e.why),
                     }

@@ -73,6 +73,14 @@ pub enum Fault {
     /// Commit the grant (rotate the refresh token), then drop the connection: the provider holds
     /// a token the client never saw.
     CommitThenDrop,
+    /// Commit the grant (rotate the refresh token), then answer with a server error and
+    /// `Retry-After`: a gateway or CDN that failed after the origin committed.
+    CommitThenServerError {
+        /// The status (502, 503, 504...).
+        status: u16,
+        /// The `Retry-After` value, in seconds.
+        retry_after_secs: u64,
+    },
     /// Commit the grant, then answer only after `ms` milliseconds: a slow provider whose
     /// rotation is already final while the reply is on its way (a client that dies meanwhile
     /// never sees its new token).

@@ -272,6 +272,21 @@ async fn client_post<T>(
     };
     match (result, after) {
         (Ok(_), Some(Fault::CommitThenDrop)) => dropped_connection(),
+        (
+            Ok(_),
+            Some(Fault::CommitThenServerError {
+                status,
+                retry_after_secs,
+            }),
+        ) => {
+            let mut r = json_response(
+                status,
+                json!({"type": "error", "error": {"message": "Bad gateway"}}),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            r
+        }
         (Ok(value), Some(Fault::SlowReply { ms })) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             reply(value, None)

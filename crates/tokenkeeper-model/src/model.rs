@@ -297,7 +297,7 @@ impl ProtocolModel {
             retry_at: now.saturating_add(Duration::from_secs(1)),
             cause: BackoffCause::Transient,
             error: ErrorDetail::new(FailureClass::Transient),
-            may_have_committed: true,
+            commit: tokenkeeper_core::CommitEvidence::ReplyLost,
         };
         if let Ok(next) = held.0.apply(event, now) {
             let _ = self.cas(s, next, held.0.version());

@@ -77,10 +77,11 @@ pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
     /// Runs before `operation`; an error is returned instead of running it.
     async fn before(&self, operation: Operation<'_>) -> Result<(), StoreError>;
 
-    /// Runs after a compare-and-swap of `record` landed, before its caller hears so; a
-    /// pending future holds the caller (a process paused right after a write), an error is
-    /// returned instead of the success (an acknowledgement lost on the way back).
-    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
+    /// Runs after a write of `record` (a create or a compare-and-swap) landed, before its
+    /// caller hears so; a pending future holds the caller (a process paused right after a
+    /// write), an error is returned instead of the success (an acknowledgement lost on the
+    /// way back).
+    async fn written(&self, record: &Record) -> Result<(), StoreError> {
         let _ = record;
         Ok(())
     }
@@ -122,7 +123,8 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
 
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
         self.hook.before(Operation::Create(record)).await?;
-        self.inner.create(record).await
+        self.inner.create(record).await?;
+        self.hook.written(record).await
     }
 
     async fn compare_and_swap(
@@ -133,7 +135,7 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
         self.hook.before(Operation::CompareAndSwap(record)).await?;
         let outcome = self.inner.compare_and_swap(record, expected).await;
         if let Ok(CasOutcome::Swapped) = outcome {
-            self.hook.swapped(record).await?;
+            self.hook.written(record).await?;
         }
         outcome
     }
@@ -222,8 +224,8 @@ pub enum FaultKind {
     /// `StoreError::Backend` (not retryable by kind).
     Backend,
     /// The write is applied, then reported `StoreError::Unavailable`: an acknowledgement
-    /// lost on the way back (a timeout after the server committed). Only compare-and-swaps
-    /// are hit; other operations pass.
+    /// lost on the way back (a timeout after the server committed). Creates and
+    /// compare-and-swaps are hit; other operations pass.
     LostAck,
 }
 
@@ -266,7 +268,7 @@ impl FaultSwitch {
 
 #[async_trait]
 impl Hook for FaultSwitch {
-    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
+    async fn written(&self, record: &Record) -> Result<(), StoreError> {
         if self.hit(Operation::CompareAndSwap(record)) != Some(FaultKind::LostAck) {
             return Ok(());
         }
@@ -376,7 +378,7 @@ impl Hook for Gate {
         Ok(())
     }
 
-    async fn swapped(&self, record: &Record) -> Result<(), StoreError> {
+    async fn written(&self, record: &Record) -> Result<(), StoreError> {
         if self.after {
             self.hold(record.history().last().map(|h| h.event)).await;
         }

@@ -245,3 +245,80 @@ fn slow_token_endpoint(f: &Fixture, ms: u64) {
             },
         )]);
 }
+
+/// Applies the first renewal and reports it failed (a lost acknowledgement), then fails the
+/// next result write once before it runs.
+#[derive(Debug, Default)]
+struct LostRenewalThenFailedResult {
+    renewal_lost: std::sync::atomic::AtomicBool,
+    result_failed: std::sync::atomic::AtomicBool,
+}
+
+fn written_by(record: &tokenkeeper::Record, kind: EventKind) -> bool {
+    record.history().last().map(|h| h.event) == Some(kind)
+}
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for LostRenewalThenFailedResult {
+    async fn before(
+        &self,
+        operation: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), tokenkeeper::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let tokenkeeper_testkit::wrappers::Operation::CompareAndSwap(r) = operation
+            && written_by(r, EventKind::Refreshed)
+            && !self.result_failed.swap(true, SeqCst)
+        {
+            return Err(tokenkeeper::StoreError::unavailable(
+                "hook",
+                "compare_and_swap",
+                "injected before the result write",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn written(&self, r: &tokenkeeper::Record) -> Result<(), tokenkeeper::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if written_by(r, EventKind::LeaseRenewed) && !self.renewal_lost.swap(true, SeqCst) {
+            return Err(tokenkeeper::StoreError::unavailable(
+                "hook",
+                "compare_and_swap",
+                "injected: the renewal was applied, its acknowledgement lost",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Review E8: a renewal whose acknowledgement was lost is adopted by a later renewal attempt
+/// while the result write is being retried. The result write must go on from the adopted
+/// record (not take its own lease for a peer's, drop the result of a non-rotating provider
+/// and wait a whole TTL to refresh a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_retried_after_a_renewal_was_adopted_lands_once() {
+    let (store, _hook) = tokenkeeper_testkit::wrappers::Hooked::new(
+        MemoryStore::new(),
+        LostRenewalThenFailedResult::default(),
+    );
+    let f = Fixture::tuned(
+        profiles::google(),
+        MockProfile::Google,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    slow_token_endpoint(&f, 1500);
+    let started = Instant::now();
+    let token = f.manager.access_token(&id).await.expect("refreshed");
+    assert!(
+        started.elapsed() < LEASE,
+        "the flight did not wait for its own lease: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.record(&id).await.tokens().access_token, token);
+    let c = f.mock.counters().totals;
+    assert_eq!(c.refreshes, 1, "{c:?}");
+}

@@ -208,7 +208,8 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
 /// Why the provider's refusal of `record`'s refresh token condemns it: `ScopesChanged` for
 /// `invalid_scope`; `RotatedTokenLost` when the profile rotates and either this flight took a
 /// peer's lease over (the peer may have rotated the token and died before writing) or an
-/// attempt of the current failure streak may have rotated it and lost its reply; otherwise
+/// attempt of the current failure streak may have rotated it (its reply was lost, or a 5xx
+/// came after sending); otherwise
 /// `RefreshTokenRejected`.
 pub fn rejection_reason(
     scope_rejected: bool,
@@ -218,7 +219,7 @@ pub fn rejection_reason(
 ) -> ReauthReason {
     let reply_may_have_been_lost = record
         .failures()
-        .is_some_and(|f| f.possibly_committed_since.is_some());
+        .is_some_and(|f| f.rotation_in_doubt_since().is_some());
     if scope_rejected {
         ReauthReason::ScopesChanged
     } else if rotates && (takeover || reply_may_have_been_lost) {
@@ -570,7 +571,7 @@ mod tests {
                     retry_at: at(4000),
                     cause: BackoffCause::Transient,
                     error: ErrorDetail::new(FailureClass::Transient),
-                    may_have_committed: false,
+                    commit: tokenkeeper_core::CommitEvidence::None,
                 },
                 at(3561),
             )

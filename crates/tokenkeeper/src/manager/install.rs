@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenkeeper_core::{Event, InstallationId, Record, StoreError, TokenSet};
+use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, TokenSet};
 
 use super::TokenManager;
 use super::claim::{self, FlowClaim, Phase};
@@ -400,8 +400,16 @@ impl TokenManager {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     outcome = engine.store.create(&record).await;
                 }
+                // A create retried after `Unavailable` may find the row its first try wrote.
+                let ours = match &outcome {
+                    Err(StoreError::AlreadyExists { .. } | StoreError::Unavailable { .. }) => {
+                        super::retry::applied(engine, &record).await
+                    }
+                    _ => false,
+                };
                 return match outcome {
                     Ok(()) => Ok((true, record)),
+                    _ if ours => Ok((true, record)),
                     Err(StoreError::AlreadyExists { .. }) if purpose == Purpose::Install => {
                         Err(AuthorizationError::AlreadyInstalled {
                             installation: grant.installation.clone(),
@@ -447,11 +455,15 @@ impl TokenManager {
                 .store
                 .compare_and_swap(&next, existing.version())
                 .await
-                .map_err(store_err)?
             {
-                tokenkeeper_core::CasOutcome::Swapped => return Ok((false, next)),
-                tokenkeeper_core::CasOutcome::Conflict(stored) => current = Some(*stored),
-                tokenkeeper_core::CasOutcome::Missing => current = None,
+                Ok(CasOutcome::Swapped) => return Ok((false, next)),
+                Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
+                Ok(CasOutcome::Missing) => current = None,
+                // Applied, its acknowledgement lost: the grant is stored.
+                Err(_) if super::retry::applied(engine, &next).await => {
+                    return Ok((false, next));
+                }
+                Err(e) => return Err(store_err(e)),
             }
         }
     }

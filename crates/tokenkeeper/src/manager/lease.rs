@@ -16,10 +16,12 @@
 //!   the lease takes it over only after the expiry written in it, the TTL plus the clock-skew
 //!   margin.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenkeeper_core::{CasOutcome, Event, Record, StoreError};
+use tokenkeeper_core::{CasOutcome, Event, LeaseHolder, Record, StoreError};
 use tokio::time::Instant;
 
 use super::Engine;
@@ -206,6 +208,36 @@ impl Watch {
                 self.0 = Some((version, Instant::now()));
                 None
             }
+        }
+    }
+}
+
+/// Leases of this process's own flights that ended without writing their outcome, although
+/// they know nothing rotated under them (the provider refused, or failed without a possible
+/// commit, and the store would not record it). When such a lease lapses and a flight of this
+/// process takes it over, that is no evidence of a lost rotation, so a refusal then is
+/// explained as what it is. Bounded: the oldest notes are forgotten first.
+#[derive(Debug, Default)]
+pub(crate) struct QuietLeases(Mutex<VecDeque<LeaseHolder>>);
+
+impl QuietLeases {
+    const CAPACITY: usize = 1024;
+
+    /// Notes that nothing rotated under `holder`'s lease.
+    pub(crate) fn note(&self, holder: &LeaseHolder) {
+        let mut quiet = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if quiet.len() == Self::CAPACITY {
+            quiet.pop_front();
+        }
+        quiet.push_back(holder.clone());
+    }
+
+    /// Whether nothing rotated under `holder`'s lease (forgetting the note).
+    pub(crate) fn take(&self, holder: &LeaseHolder) -> bool {
+        let mut quiet = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match quiet.iter().position(|h| h == holder) {
+            Some(at) => quiet.remove(at).is_some(),
+            None => false,
         }
     }
 }

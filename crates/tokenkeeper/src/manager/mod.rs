@@ -31,6 +31,7 @@ mod metrics;
 mod policy;
 mod refresh;
 mod refresher;
+mod retry;
 mod unsaved;
 
 use std::sync::atomic::AtomicU64;
@@ -81,6 +82,8 @@ pub(crate) struct Engine {
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
     pub(crate) guard: guard::Guard,
+    /// This process's lapsed leases under which nothing rotated.
+    pub(crate) quiet_leases: lease::QuietLeases,
     /// The cache's event watcher, once started (`fleet::ensure_watch`).
     pub(crate) watch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -336,6 +339,7 @@ impl TokenManagerBuilder {
                 seal: self.seal,
                 breaker: Mutex::new(None),
                 guard: guard::Guard::default(),
+                quiet_leases: lease::QuietLeases::default(),
                 watch: tokio::sync::Mutex::new(None),
             }),
         })

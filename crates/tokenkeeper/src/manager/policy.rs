@@ -73,6 +73,17 @@ pub struct RefreshPolicy {
     /// flight retries every store error for this long before handing the tokens to the
     /// unsaved-tokens sink (`TokenManagerBuilder::on_unsaved_tokens`).
     pub result_write_patience: Duration,
+    /// While the manager shuts down ([`TokenManager::shutdown`](crate::TokenManager::shutdown)),
+    /// how long a flight still retries a store write that fails before handing rotated tokens
+    /// to the unsaved-tokens sink (default 5 s): long enough to ride out a store failover,
+    /// short enough for an orchestrator's termination grace period.
+    pub shutdown_grace: Duration,
+    /// The shortest time between two refreshes of one installation (default 1 s). A provider
+    /// that issues access tokens with a tiny or zero `expires_in` is believed (a token is
+    /// never served past the expiry the provider gave), and this interval is what keeps such
+    /// tokens from turning every call into a refresh: when a token goes stale before the next
+    /// refresh is allowed, callers get `Error::RefreshTooSoon` until then.
+    pub min_refresh_interval: Duration,
     /// The longest a caller of `access_token` (or `send_authorized`) waits for a refresh
     /// (default 30 s); past it the caller gets `Error::Busy` while the refresh goes on in the
     /// background and lands for the next caller.
@@ -128,6 +139,8 @@ impl RefreshPolicy {
             failure_budget_attempts: 5,
             consumer_breaker: Duration::from_secs(60),
             result_write_patience: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(5),
+            min_refresh_interval: Duration::from_secs(1),
             caller_wait: Duration::from_secs(30),
             cache_revalidate: Duration::from_secs(30),
             cache_capacity: 100_000,

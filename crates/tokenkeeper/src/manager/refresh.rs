@@ -13,8 +13,9 @@
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    BackoffCause, CasOutcome, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder,
-    ReauthReason, Record, RefreshToken, StoreError, Timestamp, TokenSet,
+    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, FailureStreak,
+    InstallationId, LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp,
+    TokenSet,
 };
 use tracing::{Instrument, field};
 
@@ -28,6 +29,7 @@ use super::events::LocalEventKind;
 use super::flight::Outcome;
 use super::guard::Verdict;
 use super::lease::{HeldLease, Renewal, Watch};
+use super::retry::applied;
 use super::unsaved::UnsavedTokens;
 use crate::error::Error;
 use crate::oauth::error::OAuthError;
@@ -124,7 +126,11 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 };
                 let own = unsent
                     .take()
-                    .is_some_and(|h| record.state().lease().is_some_and(|l| l.holder == h));
+                    .is_some_and(|h| record.state().lease().is_some_and(|l| l.holder == h))
+                    || record
+                        .state()
+                        .lease()
+                        .is_some_and(|l| engine.quiet_leases.take(&l.holder));
                 let takeover = takeover && !own;
                 let Some(held) = take_lease(engine, &record, now, watched).await? else {
                     continue;
@@ -235,6 +241,16 @@ async fn take_lease(
             Ok(None)
         }
         Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
+        // Applied, but the acknowledgement was lost: the lease is ours, confirmed no later
+        // than when the write started.
+        Err(e) if applied(engine, &leased).await => {
+            tracing::warn!(error = %e, "the store reported an error but holds this flight's lease");
+            Ok(Some(HeldLease::new(
+                leased,
+                started,
+                engine.policy.lease_ttl,
+            )))
+        }
         Err(e) => Err(Error::store(id, e)),
     }
 }
@@ -449,8 +465,10 @@ enum Landed {
 /// token this flight presented. Under the lease it is a `Refreshed` write; once the lease is
 /// lost (a conflict), it is a `LateRefreshed` write on top of whatever is stored, which the
 /// state machine accepts only while that record still holds `presented`. Store errors are
-/// retried for `result_write_patience`, renewing the lease meanwhile (so no peer takes it over
-/// and presents the rotated-away token); after that the tokens go to the unsaved-tokens sink.
+/// retried for `result_write_patience` (a short grace while shutting down), renewing the
+/// lease meanwhile (so no peer takes it over and presents the rotated-away token); after that
+/// the tokens go to the unsaved-tokens sink, as do rotated tokens that can no longer land (a
+/// new grant is stored): they are live at the provider and exist nowhere else.
 async fn land(
     engine: &Engine,
     held: &mut HeldLease,
@@ -461,97 +479,118 @@ async fn land(
 ) -> Landed {
     let id = held.record().id().clone();
     let id = &id;
-    let now = engine.clock.now();
     let event = Event::Refreshed {
         fence: held.fence(),
         tokens: tokens.clone(),
         refresh_at,
         anomaly,
     };
-    let mut next = match held.record().apply(event.clone(), now) {
-        Ok(next) => next,
-        Err(e) => return Landed::Failed(Error::transition(id, e)),
+    let late = Event::LateRefreshed {
+        presented: presented.clone(),
+        tokens: tokens.clone(),
+        refresh_at,
     };
-    let mut expected = held.record().version();
+    // What to write, and over which version; `None` until computed from the held lease.
+    let mut pending: Option<(Record, u64)> = None;
     // Once the lease is lost, the result is a late one: no more renewals.
     let mut lease_lost = false;
-    let patience = tokio::time::Instant::now() + engine.policy.result_write_patience;
-    let mut delay = Duration::from_millis(50);
-    loop {
+    let mut retry = super::retry::Patience::new(engine, engine.policy.result_write_patience);
+    let (last_error, last) = loop {
+        let (next, expected) = match pending.take() {
+            Some(p) if lease_lost || p.1 == held.record().version() => p,
+            // First try, or the held record moved on (a renewal, or one of ours adopted).
+            _ => match held.record().apply(event.clone(), engine.clock.now()) {
+                Ok(next) => (next, held.record().version()),
+                Err(e) => return Landed::Failed(Error::transition(id, e)),
+            },
+        };
         match engine.store.compare_and_swap(&next, expected).await {
             Ok(CasOutcome::Swapped) => return Landed::Written(Box::new(next)),
             Ok(CasOutcome::Missing) => return Landed::Superseded,
+            // Our own write is there: the store applied it but reported a failure (e.g.
+            // replicas did not confirm it in time).
+            Ok(CasOutcome::Conflict(stored)) if *stored == next => {
+                return Landed::Written(Box::new(next));
+            }
+            // One of our renewals landed unacknowledged: still our lease; recompute.
+            Ok(CasOutcome::Conflict(stored)) if !lease_lost && held.adopt_if_ours(&stored) => {}
             Ok(CasOutcome::Conflict(stored)) => {
-                let late = Event::LateRefreshed {
-                    presented: presented.clone(),
-                    tokens: tokens.clone(),
-                    refresh_at,
-                };
-                if *stored == next {
-                    // Our own write is there: the store applied it but reported a failure
-                    // (e.g. replicas did not confirm it in time).
-                    return Landed::Written(Box::new(next));
-                }
-                if !lease_lost && held.adopt_if_ours(&stored) {
-                    // One of our renewals landed unacknowledged: still our lease.
-                    match held.record().apply(event.clone(), engine.clock.now()) {
-                        Ok(renewed) => (next, expected) = (renewed, held.record().version()),
-                        Err(e) => return Landed::Failed(Error::transition(id, e)),
-                    }
-                    continue;
-                }
-                match stored.apply(late, engine.clock.now()) {
+                match stored.apply(late.clone(), engine.clock.now()) {
                     Ok(revived) => {
                         tracing::warn!(
                             stored = %stored.state().kind(),
                             "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
                         );
-                        expected = stored.version();
-                        next = revived;
+                        pending = Some((revived, stored.version()));
                         lease_lost = true;
                     }
-                    Err(_) => {
-                        if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
-                            revoke_orphan(engine, id, &tokens).await;
-                        }
-                        return Landed::Superseded;
-                    }
-                }
-            }
-            // While shutting down, do not wait out the patience: hand the tokens to the sink
-            // now, before the process is killed.
-            Err(e)
-                if tokio::time::Instant::now() + delay < patience
-                    && !engine.in_flight.is_closing() =>
-            {
-                tracing::warn!(error = %e, retry_in = ?delay, "the store did not take the rotated tokens; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                if !lease_lost && let Some(Renewal::Renewed) = held.renew_if_due(engine).await {
-                    match held.record().apply(event.clone(), engine.clock.now()) {
-                        Ok(renewed) => (next, expected) = (renewed, held.record().version()),
-                        Err(e) => return Landed::Failed(Error::transition(id, e)),
-                    }
+                    Err(_) => return obsolete(engine, id, &stored, presented, tokens).await,
                 }
             }
             Err(e) => {
-                if tokens.rotated_from(&presented) {
-                    tracing::error!(error = %e, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
-                    (engine.unsaved)(UnsavedTokens {
-                        installation: id.clone(),
-                        presented,
-                        tokens,
-                        at: engine.clock.now(),
-                        error: e.to_string(),
-                    });
-                } else {
-                    // Nothing rotated: the stored refresh token still works; nothing to keep.
-                    tracing::warn!(error = %e, "the store did not take the refreshed access token; the stored refresh token still works");
+                if !retry.wait(&e).await {
+                    break (e, next);
                 }
-                return Landed::Failed(Error::store(id, e));
+                pending = Some((next, expected));
+                if !lease_lost {
+                    held.renew_if_due(engine).await;
+                }
             }
         }
+    };
+    if applied(engine, &last).await {
+        return Landed::Written(Box::new(last));
     }
+    if tokens.rotated_from(&presented) {
+        tracing::error!(error = %last_error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
+        sink(engine, id, presented, tokens, last_error.to_string());
+    } else {
+        // Nothing rotated: the stored refresh token still works; nothing to keep.
+        tracing::warn!(error = %last_error, "the store did not take the refreshed access token; the stored refresh token still works");
+    }
+    Landed::Failed(Error::store(id, last_error))
+}
+
+/// A result the stored record refuses: revoked (its live tokens are revoked at the provider
+/// too), or holding another refresh token (a peer rotated inside a reuse leeway, or a new
+/// grant was stored). A rotated result is still live at the provider and stored nowhere
+/// else, so it goes to the unsaved-tokens sink rather than vanishing.
+async fn obsolete(
+    engine: &Engine,
+    id: &InstallationId,
+    stored: &Record,
+    presented: RefreshToken,
+    tokens: TokenSet,
+) -> Landed {
+    if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
+        revoke_orphan(engine, id, &tokens).await;
+    } else if tokens.rotated_from(&presented) {
+        tracing::warn!(
+            stored = %stored.state().kind(),
+            "the stored record holds another refresh token; this result's rotated tokens go to the unsaved-tokens sink"
+        );
+        let why =
+            "the stored record holds another refresh token (a new grant, or a peer's rotation)";
+        sink(engine, id, presented, tokens, why.to_owned());
+    }
+    Landed::Superseded
+}
+
+/// Hands rotated tokens that could not be stored to the unsaved-tokens sink.
+fn sink(
+    engine: &Engine,
+    id: &InstallationId,
+    presented: RefreshToken,
+    tokens: TokenSet,
+    error: String,
+) {
+    (engine.unsaved)(UnsavedTokens {
+        installation: id.clone(),
+        presented,
+        tokens,
+        at: engine.clock.now(),
+        error,
+    });
 }
 
 /// The application revoked the installation while this flight's refresh was on its way: the
@@ -646,9 +685,10 @@ async fn judge(
         retry_at,
         cause: BackoffCause::MassRejection,
         error: detail.clone(),
-        may_have_committed: false,
+        commit: CommitEvidence::None,
     };
     if let Err(e) = settle(engine, held, event).await {
+        note_quiet(engine, held);
         return Step::Done(Err(e));
     }
     engine.emit(
@@ -718,16 +758,17 @@ async fn on_deferred(
                 .retry_at(now, leased.failures(), error.retry_after()),
         ),
     };
-    // After an attempt that may have rotated the token, a provider with a reuse leeway must
-    // be retried inside it (at half the leeway at the latest), whatever the backoff or
-    // `Retry-After` say: past it, the previous token is worthless.
-    let may_have_committed = error.may_have_committed();
-    let committed_since = leased
+    // After an attempt that may have rotated the token (a lost reply, or a 5xx after
+    // sending), a provider with a reuse leeway is retried inside it (at half the leeway at
+    // the latest) while it lasts, whatever the backoff or `Retry-After` say: past it, the
+    // previous token is worthless if the rotation happened.
+    let commit = error.commit_evidence();
+    let in_doubt_since = leased
         .failures()
-        .and_then(|f| f.possibly_committed_since)
-        .or(may_have_committed.then_some(now));
-    let retry_at = match (committed_since, reuse_leeway(engine)) {
-        (Some(since), Some(leeway)) => retry_at
+        .and_then(FailureStreak::rotation_in_doubt_since)
+        .or((commit != CommitEvidence::None).then_some(now));
+    let retry_at = match (in_doubt_since, reuse_leeway(engine)) {
+        (Some(since), Some(leeway)) if now < since.saturating_add(leeway) => retry_at
             .min(since.saturating_add(leeway / 2))
             .max(now.saturating_add(engine.policy.backoff_base / 2)),
         _ => retry_at,
@@ -737,11 +778,14 @@ async fn on_deferred(
         retry_at,
         cause,
         error: detail.clone(),
-        may_have_committed,
+        commit,
     };
     if let Err(e) = settle(engine, held, event).await {
         // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
         tracing::warn!(error = %e, "could not record the failed refresh");
+        if commit == CommitEvidence::None {
+            note_quiet(engine, held);
+        }
         if serve_valid && now < leased.tokens().expires_at {
             return Step::Done(Ok(leased.tokens().access_token.clone()));
         }
@@ -759,6 +803,13 @@ async fn on_deferred(
         return Step::Done(Ok(leased.tokens().access_token.clone()));
     }
     Step::Done(Err(backoff_error(id, cause, retry_at, detail)))
+}
+
+/// The outcome of the attempt under `held` was not recorded, but nothing rotated under it.
+fn note_quiet(engine: &Engine, held: &HeldLease) {
+    if let Some(lease) = held.record().state().lease() {
+        engine.quiet_leases.note(&lease.holder);
+    }
 }
 
 /// The provider's reuse leeway, for a rotating profile that has one.
@@ -791,7 +842,9 @@ async fn condemn(
     };
     engine.cache.forget(id, Some(held.record()));
     if let Err(e) = settle(engine, held, event).await {
-        // Not recorded: say so. The lease lapses and the next flight tries again.
+        // Not recorded: say so. The lease lapses and the next flight tries again, knowing
+        // that nothing rotated under it.
+        note_quiet(engine, held);
         tracing::error!(error = %e, reason = reason.describe(), "the provider refused the grant but the store did not record it");
         return Step::Done(Err(e));
     }
@@ -811,43 +864,41 @@ async fn condemn(
 }
 
 /// Records a failed attempt under the lease, renewing it while the store is unavailable. A
-/// failure means it was not recorded (the lease lapses and the next flight retries); the
-/// caller must not announce it.
+/// write the store applied but did not acknowledge counts as recorded (it is recognised on the
+/// retry, or by one read after the last failure). A failure means it was not recorded (the
+/// lease lapses and the next flight retries); the caller must not announce it.
 async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(), Error> {
     let id = held.record().id().clone();
     let id = &id;
-    let apply = |held: &HeldLease| {
-        held.record()
-            .apply(event.clone(), engine.clock.now())
-            .map_err(|e| Error::transition(id, e))
-    };
-    let mut next = apply(&*held)?;
-    let mut delay = Duration::from_millis(50);
-    let patience = tokio::time::Instant::now() + engine.policy.lease_ttl / 2;
+    let mut retry = super::retry::Patience::new(engine, engine.policy.lease_ttl / 2);
+    // What was last sent: kept across retries so our own applied write is recognisable.
+    let mut sent: Option<Record> = None;
     loop {
-        match engine
-            .store
-            .compare_and_swap(&next, held.record().version())
-            .await
-        {
+        let expected = held.record().version();
+        let next = match sent.take() {
+            Some(next) if next.version() == expected.saturating_add(1) => next,
+            _ => held
+                .record()
+                .apply(event.clone(), engine.clock.now())
+                .map_err(|e| Error::transition(id, e))?,
+        };
+        match engine.store.compare_and_swap(&next, expected).await {
             Ok(CasOutcome::Swapped) => return Ok(()),
             Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
-            Ok(CasOutcome::Conflict(stored)) if held.adopt_if_ours(&stored) => {
-                // One of our renewals landed unacknowledged: still our lease.
-                next = apply(&*held)?;
-            }
+            Ok(CasOutcome::Conflict(stored)) if *stored == next => return Ok(()),
+            // One of our renewals landed unacknowledged: still our lease; recompute.
+            Ok(CasOutcome::Conflict(stored)) if held.adopt_if_ours(&stored) => {}
             Ok(CasOutcome::Conflict(_)) => {
                 super::metrics::conflict(&engine.consumer_label, "result");
                 return Err(Error::LeaseLost { id: id.clone() });
             }
-            Err(StoreError::Unavailable { .. })
-                if tokio::time::Instant::now() + delay < patience =>
-            {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-                if let Some(Renewal::Renewed) = held.renew_if_due(engine).await {
-                    next = apply(&*held)?;
-                }
+            Err(e @ StoreError::Unavailable { .. }) if retry.wait(&e).await => {
+                sent = Some(next);
+                held.renew_if_due(engine).await;
+            }
+            Err(e) if applied(engine, &next).await => {
+                tracing::warn!(error = %e, "the store reported an error but holds the write");
+                return Ok(());
             }
             Err(e) => return Err(Error::store(id, e)),
         }

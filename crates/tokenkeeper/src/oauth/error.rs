@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokenkeeper_core::{BoxError, ErrorDetail, FailureClass, InstallationId};
+use tokenkeeper_core::{BoxError, CommitEvidence, ErrorDetail, FailureClass, InstallationId};
 
 /// Which exchange with the provider failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -266,21 +266,25 @@ impl OAuthError {
     }
     /// Whether the request may have been committed by the provider although its reply was
     /// lost: a timeout or a connection lost after sending, an unreadable or oversized 2xx. A
-    /// rotating provider may then have retired the refresh token that was sent.
-    ///
-    /// A 5xx, a 429 or a 4xx is an answer: the provider says it did not do it. (A provider
-    /// that commits and then answers 5xx exists in theory; counting every 5xx as a possible
-    /// rotation would, on a provider with a reuse leeway, condemn every installation that
-    /// failed through a provider outage longer than the leeway. The rejection that follows
-    /// such a rare commit is still recorded, as `RefreshTokenRejected`.)
+    /// rotating provider has then likely retired the refresh token that was sent.
     pub fn may_have_committed(&self) -> bool {
+        self.commit_evidence() == CommitEvidence::ReplyLost
+    }
+
+    /// What this failure says about whether the provider committed the request: a lost reply
+    /// (see [`may_have_committed`](Self::may_have_committed)); a server error (5xx), which a
+    /// gateway or CDN may send after the origin committed; or nothing (a 4xx or 429 is the
+    /// provider's word that it did not, and a request that never reached it committed
+    /// nothing).
+    pub fn commit_evidence(&self) -> CommitEvidence {
         let status = self.0.status;
+        let two_xx = status.is_some_and(|s| (200..300).contains(&s));
         match self.0.kind {
-            ErrorKind::Transport => self.0.reached_provider,
-            ErrorKind::Provider => false,
-            ErrorKind::InvalidResponse | ErrorKind::TooLarge => {
-                status.is_some_and(|s| (200..300).contains(&s))
-            }
+            ErrorKind::Transport if self.0.reached_provider => CommitEvidence::ReplyLost,
+            ErrorKind::InvalidResponse | ErrorKind::TooLarge if two_xx => CommitEvidence::ReplyLost,
+            // An OAuth error body, an error page or an unreadable body: any 5xx answer.
+            _ if status.is_some_and(|s| (500..600).contains(&s)) => CommitEvidence::ServerError,
+            _ => CommitEvidence::None,
         }
     }
 

@@ -1,0 +1,65 @@
+//! Store writes whose outcome is in doubt. A write the store applied may still be reported
+//! as failed (a timeout after commit, a replica shortfall): [`applied`] recognises it, so
+//! the engine behaves as if the acknowledgement had arrived. And [`Patience`] bounds how long
+//! a flight keeps retrying a store write that failed: every write the engine makes
+//! after the provider answered carries something the store must not lose (rotated tokens, a
+//! condemnation, a backoff), so a failing store is retried with a growing pause for a bounded
+//! patience. While the manager shuts down the patience shrinks to `shutdown_grace`, counted
+//! from when the flight noticed: long enough to ride out a store failover, short enough for
+//! an orchestrator's termination grace period.
+
+use std::time::Duration;
+
+use tokenkeeper_core::{Record, StoreError};
+use tokio::time::Instant;
+
+use super::Engine;
+
+/// The retry budget of one write.
+pub(crate) struct Patience<'a> {
+    engine: &'a Engine,
+    deadline: Instant,
+    /// When this flight first saw the manager shutting down.
+    closing_since: Option<Instant>,
+    delay: Duration,
+    max_delay: Duration,
+}
+
+impl<'a> Patience<'a> {
+    /// A budget of `patience` from now, pausing 50 ms, then twice as long each time, at most
+    /// 5 s (at most a tenth of the patience, so short budgets get several tries).
+    pub(crate) fn new(engine: &'a Engine, patience: Duration) -> Self {
+        Self {
+            engine,
+            deadline: Instant::now() + patience,
+            closing_since: None,
+            delay: Duration::from_millis(50),
+            max_delay: (patience / 10).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+        }
+    }
+
+    /// After the write failed with `error`: pauses and returns true when another try fits in
+    /// the budget, otherwise returns false at once.
+    pub(crate) async fn wait(&mut self, error: &StoreError) -> bool {
+        let now = Instant::now();
+        let mut deadline = self.deadline;
+        if self.engine.in_flight.is_closing() {
+            let since = *self.closing_since.get_or_insert(now);
+            deadline = deadline.min(since + self.engine.policy.shutdown_grace);
+        }
+        if now + self.delay >= deadline {
+            return false;
+        }
+        tracing::warn!(error = %error, retry_in = ?self.delay, "the store did not take the write; retrying");
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(self.max_delay);
+        true
+    }
+}
+
+/// Whether the store holds exactly `written`: a write whose acknowledgement was lost (a
+/// timeout after commit, a replica shortfall, a connection dropped after commit) is then as
+/// good as acknowledged. One read; a read that fails says no.
+pub(crate) async fn applied(engine: &Engine, written: &Record) -> bool {
+    matches!(engine.store.get(written.id()).await, Ok(Some(stored)) if stored == *written)
+}

@@ -1,0 +1,146 @@
+//! Late results: a holder paused between the provider's rotation and its write resumes after
+//! a peer reached a verdict on the very refresh token it presented. Any verdict about the
+//! retired token (a spent failure budget, an expiry, a refusal) says nothing about the
+//! rotated one, so the result lands; where it truly cannot land (a new grant, a revocation),
+//! its tokens reach the unsaved-tokens sink or are revoked, never dropped silently (review
+//! finding E1).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::core::EventKind;
+use tokenkeeper::{Error, ReauthReason, RefreshPolicy, StateKind, profiles};
+use tokenkeeper_memory::MemoryStore;
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
+use tokenkeeper_testkit::wrappers::GatedStore;
+
+const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+fn tight_budget(p: &mut RefreshPolicy) {
+    p.failure_budget = Duration::from_secs(60);
+    p.failure_budget_attempts = 2;
+}
+
+fn server_error() -> Vec<FaultRule> {
+    vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::ServerError {
+            status: 503,
+            html: false,
+        },
+    )]
+}
+
+/// How far the wall clock must move for a lease taken now to lapse by its written expiry.
+fn lapse(f: &Fixture) -> Duration {
+    let p = f.manager.policy();
+    p.lease_ttl + p.lease_margin + Duration::from_secs(1)
+}
+
+/// E1: a peer spends the failure budget on the retired token while the holder of the only
+/// live (rotated) refresh token is paused. The holder's result lands and revives the
+/// installation; the provider rotated once and the rotated token is the one stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_lands_on_a_spent_failure_budget() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        tight_budget,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    // One transient failure starts the streak.
+    f.mock.set_faults(server_error());
+    assert!(f.manager.access_token(&id).await.is_err());
+    f.advance(Duration::from_secs(61));
+    f.mock.set_faults(Vec::new());
+    // The holder rotates and pauses before its write.
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    assert_eq!(f.mock.counters().totals.rotations, 1);
+    // The holder's lease lapses; a peer presents the retired token and meets a 503: the
+    // budget is spent and the peer condemns.
+    f.mock.set_faults(server_error());
+    f.clock.advance(lapse(&f));
+    let peer = f.peer_tuned(profiles::bitbucket(), tight_budget);
+    match peer.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::FailureBudgetExhausted,
+            ..
+        }) => {}
+        other => panic!("the peer spends the budget: {other:?}"),
+    }
+    gate.release();
+    let token = holder
+        .await
+        .unwrap()
+        .expect("the late result lands on a verdict about the retired token");
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active, "revived");
+    assert_eq!(record.tokens().access_token, token);
+    f.mock.set_faults(Vec::new());
+    f.advance(TWO_HOURS);
+    peer.access_token(&id)
+        .await
+        .expect("the rotated refresh token was kept and works");
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+/// E1, the other side: a late result that truly cannot land (the user re-authorized, a new
+/// grant is stored) still holds live tokens of the old grant: they reach the unsaved-tokens
+/// sink instead of vanishing, and the new grant stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_that_cannot_land_reaches_the_sink() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let mock = tokenkeeper_mock_provider::MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let store: Arc<dyn tokenkeeper::TokenStore> = Arc::new(store);
+    let clock = now_clock();
+    let manager = tokenkeeper::TokenManager::builder_shared(
+        consumer_for(
+            profiles::bitbucket(),
+            &mock,
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET,
+        ),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .on_unsaved_tokens({
+        let kept = kept.clone();
+        move |u| kept.lock().unwrap().push(u)
+    })
+    .build()
+    .unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    let holder = {
+        let (m, id) = (manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    authorize_with(&manager, &mock, Some(id.clone())).await;
+    let granted = store.get(&id).await.unwrap().unwrap().tokens().clone();
+    gate.release();
+    let served = holder.await.unwrap().unwrap();
+    assert_eq!(served, granted.access_token, "the new grant is served");
+    let kept = kept.lock().unwrap();
+    assert_eq!(kept.len(), 1, "the old grant's rotated tokens were kept");
+    assert_eq!(kept[0].installation, id);
+    assert_ne!(kept[0].tokens.access_token, granted.access_token);
+}
