@@ -201,6 +201,7 @@ impl ProtocolModel {
                 silent,
                 forced_min_interval: std::time::Duration::ZERO,
                 refresh_deadline: None,
+                min_refresh_interval: std::time::Duration::ZERO,
             },
         )
     }

@@ -66,6 +66,20 @@ pub enum Error {
         /// The failure.
         detail: ErrorDetail,
     },
+    /// The access token went stale (or expired) before the next refresh is allowed: the
+    /// provider issues tokens that live less than `RefreshPolicy::min_refresh_interval`.
+    /// Nothing is wrong with the installation; retry at `retry_at`, or lower the interval.
+    #[error(
+        "installation {id} has no valid access token right now: the provider's token expires at {expires_at}, and the next refresh is allowed at {retry_at} (the minimum interval between refreshes guards against refresh storms from tokens this short-lived)"
+    )]
+    RefreshTooSoon {
+        /// The installation.
+        id: InstallationId,
+        /// When the current access token expires (or expired), as the provider said.
+        expires_at: Timestamp,
+        /// When the next refresh is allowed.
+        retry_at: Timestamp,
+    },
     /// The provider refused the consumer's own credentials. Consumer-wide; tokens untouched.
     #[error(
         "refreshing installation {id} failed because the provider refused the consumer's client credentials ({detail}); fix the client id/secret: every installation's tokens are kept and refreshes resume after {retry_at}"
@@ -228,6 +242,7 @@ impl Error {
             | Self::ReauthorizationRequired { id, .. }
             | Self::Revoked { id, .. }
             | Self::TemporarilyUnavailable { id, .. }
+            | Self::RefreshTooSoon { id, .. }
             | Self::ConsumerCredentials { id, .. }
             | Self::Configuration { id, .. }
             | Self::RefusalsHeld { id, .. }

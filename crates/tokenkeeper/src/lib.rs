@@ -85,9 +85,9 @@ pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationState,
     AuthorizationWarning, BodyEncoding, BrowserBinding, ClientAuth, ClientSecret, CodeGrant,
     Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder, ErrorKind, ErrorMap, ErrorRule,
-    Grant, IdentityCheck, MAX_LIFETIME, MIN_LIFETIME, MIN_STATE_KEY_BYTES, OAuthClient, OAuthError,
-    Operation, ProviderProfile, RawResponse, Revocation, Rotation, StateKey, Timing,
-    parse_retry_after, parse_token_response,
+    Grant, IdentityCheck, MAX_LIFETIME, MIN_STATE_KEY_BYTES, OAuthClient, OAuthError, Operation,
+    ProviderProfile, RawResponse, Revocation, Rotation, StateKey, Timing, parse_retry_after,
+    parse_token_response,
 };
 
 /// The HTTP client the facade is built on: `TokenManagerBuilder::http_client` and

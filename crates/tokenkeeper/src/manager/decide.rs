@@ -91,6 +91,9 @@ pub struct Context<'a> {
     /// When the record's refresh token stops working, if known (the earliest of the provider's
     /// word and the profile's inactivity and absolute limits).
     pub refresh_deadline: Option<Timestamp>,
+    /// The shortest time between two refreshes of one installation
+    /// (`RefreshPolicy::min_refresh_interval`).
+    pub min_refresh_interval: std::time::Duration,
 }
 
 /// Decides the next step for `record`.
@@ -127,6 +130,13 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     };
     if !needed {
         return Decision::Fresh(tokens.access_token.clone());
+    }
+    if let Some(retry_at) = too_soon(record, &cx) {
+        return Decision::Fail(Error::RefreshTooSoon {
+            id: record.id().clone(),
+            expires_at: tokens.expires_at,
+            retry_at,
+        });
     }
     let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
     let valid = || Decision::ServeValid(tokens.access_token.clone());
@@ -203,6 +213,24 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
         watched: None,
         serve_valid: still_valid,
     }
+}
+
+/// When the next refresh of `record` is allowed, if not now: one minimum interval after its
+/// tokens were obtained. It guards against refresh storms from tokens a provider makes
+/// shorter-lived than that (or expired at birth); an explicit or 401-forced refresh has rules
+/// of its own. Tokens obtained "in the future" by this clock (a writer whose clock is ahead)
+/// hold nothing off: the interval is not worth a wait as long as the clocks disagree.
+pub fn too_soon(record: &Record, cx: &Context<'_>) -> Option<Timestamp> {
+    let tokens = record.tokens();
+    let obtained = tokens.obtained_at;
+    let allowed = obtained.saturating_add(cx.min_refresh_interval);
+    let active = matches!(record.state(), State::Active | State::Refreshing { .. });
+    (active
+        && tokens.refresh_token.is_some()
+        && !matches!(cx.mode, Mode::Forced { .. })
+        && obtained <= cx.now
+        && cx.now < allowed)
+        .then_some(allowed)
 }
 
 /// Why the provider's refusal of `record`'s refresh token condemns it: `ScopesChanged` for
@@ -420,6 +448,7 @@ mod tests {
             silent: None,
             forced_min_interval: Duration::ZERO,
             refresh_deadline: None,
+            min_refresh_interval: std::time::Duration::ZERO,
         }
     }
 

@@ -9,6 +9,7 @@ use tokenkeeper_core::{
 };
 
 use super::decide::refresh_token_deadline;
+use super::policy::RefreshPolicy;
 use crate::oauth::ProviderProfile;
 
 /// An installation's health, for code that acts on it (dashboards, alerts, emails).
@@ -62,8 +63,12 @@ pub struct Explanation {
     pub authorized_at: Timestamp,
     /// The current failure streak.
     pub failures: Option<FailureStreak>,
-    /// The last error the provider returned.
+    /// The last error the provider returned (or tokenkeeper's own verdict, when it carries no
+    /// HTTP status and no error code).
     pub last_error: Option<ErrorDetail>,
+    /// The last error belongs to an earlier grant: the installation was authorized again
+    /// since, and the current grant has not failed.
+    pub last_error_of_earlier_grant: bool,
     /// What was irregular about the reply of the latest refresh, if it was (kept anyway).
     pub refresh_anomaly: Option<ErrorDetail>,
     /// The last transitions, oldest first.
@@ -106,11 +111,22 @@ impl Explanation {
         }
     }
 
-    pub(crate) fn of(record: &Record, now: Timestamp, profile: &ProviderProfile) -> Self {
+    pub(crate) fn of(
+        record: &Record,
+        now: Timestamp,
+        policy: &RefreshPolicy,
+        profile: &ProviderProfile,
+    ) -> Self {
         let tokens = record.tokens();
         let refresh_token_expires = refresh_token_deadline(record, profile);
         let provider = |e: Option<&ErrorDetail>| match e {
-            Some(e) => format!(" The provider said: {e}."),
+            Some(e) if from_provider(e) => format!(" The provider said: {e}."),
+            Some(e) => format!(
+                " Nothing was asked of the provider: {}.",
+                e.description
+                    .as_deref()
+                    .unwrap_or("tokenkeeper's own verdict")
+            ),
             None => String::new(),
         };
         let summary = match record.state() {
@@ -185,6 +201,10 @@ impl Explanation {
             }
             _ => "Unknown state.".to_owned(),
         };
+        let summary = match short_lived(record, policy) {
+            Some(note) => format!("{summary} {note}"),
+            None => summary,
+        };
         let refresh_anomaly = record
             .history()
             .filter(|h| matches!(h.event, EventKind::Refreshed | EventKind::LateRefreshed))
@@ -211,10 +231,49 @@ impl Explanation {
             authorized_at: record.authorized_at(),
             failures: record.failures().cloned(),
             last_error: record.last_error().cloned(),
+            last_error_of_earlier_grant: from_earlier_grant(record),
             refresh_anomaly,
             history: record.history().cloned().collect(),
             summary,
         }
+    }
+}
+
+/// Whether `detail` holds the provider's words (an HTTP status or an OAuth error code), not
+/// a verdict tokenkeeper reached without asking it (no refresh token, an expiry, a leeway).
+fn from_provider(detail: &ErrorDetail) -> bool {
+    detail.status.is_some() || detail.error.is_some()
+}
+
+/// A note when the provider's access tokens go stale before the next refresh is allowed.
+fn short_lived(record: &Record, policy: &RefreshPolicy) -> Option<String> {
+    let tokens = record.tokens();
+    let allowed = tokens
+        .obtained_at
+        .saturating_add(policy.min_refresh_interval);
+    (tokens.refresh_token.is_some() && policy.stale_at(tokens) < allowed).then(|| {
+        format!(
+            "The provider's access tokens live {:?}, which runs out before the minimum interval between refreshes ({:?}, RefreshPolicy::min_refresh_interval): callers get RefreshTooSoon from {} until {allowed}.",
+            tokens.lifetime(),
+            policy.min_refresh_interval,
+            policy.stale_at(tokens),
+        )
+    })
+}
+
+/// Whether the record's last error belongs to an earlier grant: a new authorization came
+/// after the last history entry that carried an error (or that entry has left the bounded
+/// history while the record was authorized again since).
+fn from_earlier_grant(record: &Record) -> bool {
+    let history: Vec<_> = record.history().collect();
+    let errored = history.iter().rposition(|h| h.error.is_some());
+    let granted = history
+        .iter()
+        .rposition(|h| matches!(h.event, EventKind::Authorized | EventKind::Created));
+    match (errored, granted) {
+        (Some(e), Some(g)) => g > e,
+        (None, Some(_)) => record.last_error().is_some(),
+        _ => false,
     }
 }
 
@@ -239,7 +298,12 @@ impl fmt::Display for Explanation {
             self.scopes, self.authorized_at
         )?;
         if let Some(last) = &self.last_error {
-            writeln!(f, "  last error: {last}")?;
+            let whose = match (self.last_error_of_earlier_grant, from_provider(last)) {
+                (true, _) => " (of an earlier grant; the current one has not failed)",
+                (false, false) => " (tokenkeeper's verdict; nothing was asked of the provider)",
+                (false, true) => "",
+            };
+            writeln!(f, "  last error{whose}: {last}")?;
         }
         writeln!(
             f,

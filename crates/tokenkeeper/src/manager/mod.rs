@@ -677,6 +677,7 @@ impl TokenManager {
         Ok(Explanation::of(
             &record,
             self.engine.clock.now(),
+            &self.engine.policy,
             self.engine.client.consumer().profile(),
         ))
     }

@@ -271,7 +271,14 @@ impl RefreshPolicy {
             let jitter = tokens
                 .lifetime()
                 .mul_f64(f64::from(self.jitter_percent) / 100.0 * fastrand::f64());
-            Some(self.timing.refresh_at(tokens).saturating_sub(jitter))
+            // Never before the next refresh is allowed (tokens shorter-lived than that).
+            let allowed = tokens.obtained_at.saturating_add(self.min_refresh_interval);
+            Some(
+                self.timing
+                    .refresh_at(tokens)
+                    .saturating_sub(jitter)
+                    .max(allowed),
+            )
         } else {
             None
         };

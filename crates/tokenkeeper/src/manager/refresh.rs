@@ -180,6 +180,7 @@ fn context<'a>(
         forced_min_interval: engine.policy.forced_refresh_min_interval,
         refresh_deadline: refresh_token_deadline(record, engine.client.consumer().profile())
             .map(|(at, _)| at),
+        min_refresh_interval: engine.policy.min_refresh_interval,
     }
 }
 

@@ -30,8 +30,6 @@ pub use keys::{MIN_STATE_KEY_BYTES, StateKey};
 pub use profile::{
     BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, ProviderProfile, Rotation, Timing,
 };
-pub use response::{
-    MAX_LIFETIME, MIN_LIFETIME, RawResponse, parse_retry_after, parse_token_response,
-};
+pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
 #[doc(hidden)]
 pub use transport::{TokenTransport, TransportFailure, TransportReply};

@@ -22,11 +22,6 @@ use crate::oauth::profile::ProviderProfile;
 /// The longest access token lifetime believed.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// The shortest access token lifetime believed: a provider that says `expires_in: 0` (or 1,
-/// or a negative number) would otherwise make every call and every sweep refresh (a rotation
-/// storm); such a token is taken to live this long, with a warning.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
-
 /// Whether an access token can travel in an `Authorization: Bearer` header: visible ASCII
 /// only (RFC 6750's `b64token` and then some; no space, no control character, no CR/LF that
 /// would split the header).
@@ -237,14 +232,9 @@ pub fn parse_token_response(
         && previous.is_none_or(|p| p.refresh_token.is_none());
     let expires_at = match expires_in(&map) {
         _ if access.is_empty() => sent_at,
-        Some(lifetime) if lifetime < MIN_LIFETIME => {
-            tracing::warn!(
-                expires_in = lifetime.as_secs(),
-                "the provider gave the access token a lifetime too short to be believed; it is taken to live {} s",
-                MIN_LIFETIME.as_secs()
-            );
-            sent_at.saturating_add(MIN_LIFETIME)
-        }
+        // Believed as said, however short (zero or less: expired at birth). The minimum
+        // interval between refreshes, not a longer belief, keeps such tokens from turning
+        // every call into a refresh.
         Some(lifetime) => sent_at.saturating_add(lifetime),
         None if permanent => Timestamp::MAX,
         None => sent_at.saturating_add(profile.default_access_lifetime),
@@ -401,10 +391,15 @@ mod tests {
         assert_eq!(t.scopes.to_string(), "x y");
         assert_eq!(t.lifetime(), Duration::from_secs(7200), "profile default");
         assert_eq!(t.token_type, "bearer");
-        for short in ["-5", "0", "1", "59"] {
+        // Short lifetimes are believed as said; zero or less is expired at birth.
+        for (short, lifetime) in [("-5", 0), ("0", 0), ("1", 1), ("5", 5), ("59", 59)] {
             let body = format!(r#"{{"access_token":"a","expires_in":{short}}}"#);
             let t = parse(200, &body, None).unwrap();
-            assert_eq!(t.lifetime(), MIN_LIFETIME, "expires_in {short}");
+            assert_eq!(
+                t.lifetime(),
+                Duration::from_secs(lifetime),
+                "expires_in {short}"
+            );
         }
         // An access token no header can carry is refused, unless the reply rotated the
         // refresh token (kept; the access token counts as expired).
