@@ -21,7 +21,8 @@
 //! - no installation is stuck: each one gives a token or a re-authorization reason;
 //! - no rotated token went to the unsaved-tokens sink.
 //!
-//! `scripts/test.sh` runs `TK_SIM_SEEDS` (default 300) seeds. More:
+//! The default run takes `TK_SIM_SEEDS` (default 40, about a minute in a debug build) seeds;
+//! `scripts/test-long.sh` runs 20,000 in a release build. By hand:
 //! `TK_SIM_SEEDS=20000 cargo test --release -p tokenkeeper --test simulation -- --nocapture`;
 //! one seed: `TK_SIM_SEED=N` with the same command. A failing seed prints that command.
 
@@ -689,7 +690,7 @@ fn seeds_of_faults_keep_every_promise() {
     let seeds: Vec<u64> = match std::env::var("TK_SIM_SEED") {
         Ok(seed) => vec![seed.parse().unwrap()],
         Err(_) => {
-            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(300, |n| n.parse().unwrap());
+            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(40, |n| n.parse().unwrap());
             (1..=n).collect()
         }
     };
