@@ -54,7 +54,16 @@ async fn manager(redis: &str, prefix: &str, mock_base: &str) -> Fallible<TokenMa
         .build()?;
     let store: Arc<dyn TokenStore> =
         Arc::new(RedisStore::builder(redis).prefix(prefix).connect().await?);
-    Ok(TokenManager::builder_shared(consumer, store).build()?)
+    // Redis cannot offer a durable place for rotated tokens it would not take (during an
+    // outage), so the manager asks for one: a private directory on a persistent volume in
+    // production (`TK_UNSAVED_DIR`), here one under target/.
+    let unsaved = std::env::var_os("TK_UNSAVED_DIR").map_or_else(
+        || "target/redis-fleet-unsaved".into(),
+        std::path::PathBuf::from,
+    );
+    Ok(TokenManager::builder_shared(consumer, store)
+        .unsaved_tokens_dir(unsaved)
+        .build()?)
 }
 
 #[tokio::main]

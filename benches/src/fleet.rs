@@ -72,6 +72,7 @@ impl Fleet {
             .unwrap();
         let clock = ManualClock::new(SystemClock.now());
         let manager = TokenManager::builder_shared(consumer(&mock), store)
+            .unsaved_tokens_dir(tokenkeeper_testkit::dirs::fresh_dir("bench-unsaved").join("kept"))
             .clock(clock.clone())
             .tune(|p| p.jitter_percent = 0)
             .build()
@@ -100,6 +101,7 @@ impl Fleet {
     /// store), the same mock and clock: what another process of the application is.
     pub fn member(&self, store: Arc<dyn TokenStore>) -> TokenManager {
         TokenManager::builder_shared(consumer(&self.mock), store)
+            .unsaved_tokens_dir(tokenkeeper_testkit::dirs::fresh_dir("bench-unsaved").join("kept"))
             .clock(self.clock.clone())
             .tune(|p| p.jitter_percent = 0)
             .build()

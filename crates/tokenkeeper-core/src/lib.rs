@@ -105,8 +105,8 @@ pub use state::{
     BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind, UnknownStateKind,
 };
 pub use store::{
-    BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage, Page,
-    PageEntry, StoreError, TokenStore, check_cas_arguments,
+    BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage,
+    NotDurable, Page, PageEntry, StoreError, TokenStore, UnsavedHome, check_cas_arguments,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use token::{Scopes, TokenSet};

@@ -116,17 +116,6 @@ pub struct FailureStreak {
     pub server_error_since: Option<Timestamp>,
 }
 
-impl FailureStreak {
-    /// When the provider may first have rotated the refresh token this record holds without
-    /// the reply reaching us: the earlier of a lost reply and a server error after sending.
-    pub fn rotation_in_doubt_since(&self) -> Option<Timestamp> {
-        match (self.possibly_committed_since, self.server_error_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-}
-
 /// What a failed attempt says about whether the provider committed it (rotated the refresh
 /// token) although no usable reply arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

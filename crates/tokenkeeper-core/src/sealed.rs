@@ -615,6 +615,10 @@ impl<S: TokenStore> Sealed<S> {
 
 #[async_trait]
 impl<S: TokenStore> TokenStore for Sealed<S> {
+    fn unsaved_tokens_home(&self) -> crate::UnsavedHome {
+        self.inner.unsaved_tokens_home()
+    }
+
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
         self.inner.get(id).await?.map(|r| self.open(r)).transpose()
     }

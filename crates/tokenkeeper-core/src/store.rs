@@ -107,7 +107,30 @@ pub enum StoreError {
     },
 }
 
+/// The source of a [`StoreError::Unavailable`] write that the store applied but could not
+/// make as durable as it was configured to (a Redis `WAIT` for replicas that fell short): it
+/// may vanish in a failover. A caller must neither act on it (a lease) nor count on it (a
+/// result), nor assume it absent. See [`StoreError::not_durable`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotDurable(pub BoxError);
+
 impl StoreError {
+    /// A write the store applied without the durability it was configured for (see
+    /// [`NotDurable`]), reported as [`StoreError::Unavailable`].
+    pub fn not_durable(
+        backend: &'static str,
+        operation: &'static str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::unavailable(backend, operation, NotDurable(source.into()))
+    }
+
+    /// Whether this is a write applied without its configured durability ([`NotDurable`]).
+    pub fn is_not_durable(&self) -> bool {
+        matches!(self, Self::Unavailable { source, .. } if source.is::<NotDurable>())
+    }
+
     /// The store could not be reached in time (connection lost or refused, timeout, failover
     /// reply, lock contention that outlasted its wait): the caller may retry.
     pub fn unavailable(
@@ -403,6 +426,28 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
     async fn event_head(&self) -> Result<EventCursor, StoreError>;
+
+    /// Where a process can keep the tokens this store would not take (default
+    /// [`UnsavedHome::Unknown`]). Wrappers forward their inner store's answer.
+    fn unsaved_tokens_home(&self) -> UnsavedHome {
+        UnsavedHome::Unknown
+    }
+}
+
+/// Where the tokens a store would not take can be kept by the process using it (see
+/// [`TokenStore::unsaved_tokens_home`]): the engine's last resort for rotated refresh tokens,
+/// which exist nowhere else, must be at least as durable as the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnsavedHome {
+    /// The store keeps nothing past the process (the memory store): holding such tokens in
+    /// memory loses nothing the store would have kept.
+    Ephemeral,
+    /// A directory beside the store's own data, as durable as it (SQLite: `<database>.unsaved`
+    /// next to the database file).
+    Dir(std::path::PathBuf),
+    /// The store cannot tell (a store shared over the network): the application chooses.
+    Unknown,
 }
 
 /// Checks the argument rule of `compare_and_swap`; backends call it first.
@@ -429,6 +474,9 @@ macro_rules! forward_store {
     ($($wrapper:tt)*) => {
         #[async_trait]
         impl<S: TokenStore + ?Sized> TokenStore for $($wrapper)*<S> {
+            fn unsaved_tokens_home(&self) -> UnsavedHome {
+                (**self).unsaved_tokens_home()
+            }
             async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
                 (**self).get(id).await
             }

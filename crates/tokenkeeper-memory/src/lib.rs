@@ -170,6 +170,10 @@ impl MemoryStore {
 
 #[async_trait]
 impl TokenStore for MemoryStore {
+    fn unsaved_tokens_home(&self) -> tokenkeeper_core::UnsavedHome {
+        tokenkeeper_core::UnsavedHome::Ephemeral
+    }
+
     async fn claim_flow(
         &self,
         flow: &str,

@@ -659,6 +659,12 @@ impl Provider {
         {
             return Err(bad_code);
         }
+        if info.challenge.is_none() && params.contains_key("code_verifier") {
+            // A verifier for a code issued without a challenge: a PKCE downgrade (RFC 9700
+            // §4.8.2 requires refusing it).
+            info.used = true;
+            return Err(self.rules.errors.bad_verifier.clone());
+        }
         if let Some((challenge, method)) = &info.challenge {
             let ok = match params.get("code_verifier") {
                 Some(v) if is_pkce_text(v) => match method.as_str() {

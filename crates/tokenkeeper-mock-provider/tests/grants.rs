@@ -257,6 +257,17 @@ async fn pkce_s256_and_plain_are_verified() {
         "a missing verifier is refused"
     );
 
+    // Review I1: a verifier for a code issued without a challenge is refused (RFC 9700
+    // §4.8.2), so a PKCE downgrade cannot pass the suite.
+    let code = authorize(&mock, &[]).await;
+    let (status, body) = exchange_with(
+        code,
+        Some("a-verifier-with-enough-entropy-0123456789abcdefghij"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"], json!("invalid_grant"));
+
     let plain = [
         (
             "code_challenge",

@@ -342,9 +342,13 @@ impl ProtocolModel {
         if s.store.0.version() != held.0.version() {
             return; // someone else wrote: re-read
         }
-        let reason = rejection_reason(false, true, takeover, &held.0);
-        let fence = held.0.state().lease().map_or(0, |l| l.fence);
         let now = self.wall(s, p);
+        let leeway = self
+            .config
+            .leeway
+            .map(|ticks| Duration::from_secs(u64::from(ticks)));
+        let reason = rejection_reason(false, true, takeover, &held.0, now, leeway);
+        let fence = held.0.state().lease().map_or(0, |l| l.fence);
         let event = Event::RefreshRejected {
             fence,
             reason,

@@ -626,7 +626,7 @@ impl RedisStore {
         }
         let (reply, acked) = sent.map_err(|e| redis_error(operation, e))?;
         if acked < wait.replicas {
-            return Err(StoreError::unavailable(
+            return Err(StoreError::not_durable(
                 BACKEND,
                 operation,
                 RedisFault::TooFewReplicas {

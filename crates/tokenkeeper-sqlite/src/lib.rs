@@ -364,6 +364,19 @@ impl SqliteStore {
 
 #[async_trait]
 impl TokenStore for SqliteStore {
+    /// `<database>.unsaved`, next to the database file (as durable as the database); an
+    /// in-memory database is ephemeral.
+    fn unsaved_tokens_home(&self) -> tokenkeeper_core::UnsavedHome {
+        match &self.location {
+            Location::File(path) => {
+                let mut dir = path.as_os_str().to_owned();
+                dir.push(".unsaved");
+                tokenkeeper_core::UnsavedHome::Dir(dir.into())
+            }
+            Location::Memory => tokenkeeper_core::UnsavedHome::Ephemeral,
+        }
+    }
+
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
         let id = id.clone();
         self.run("get", move |c| ops::get(c, &id)).await

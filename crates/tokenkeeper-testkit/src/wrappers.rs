@@ -96,6 +96,7 @@ pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
 pub struct Hooked<S, H> {
     inner: S,
     hook: Arc<H>,
+    home: Option<tokenkeeper_core::UnsavedHome>,
 }
 
 impl<S: TokenStore, H: Hook> Hooked<S, H> {
@@ -106,14 +107,28 @@ impl<S: TokenStore, H: Hook> Hooked<S, H> {
             Self {
                 inner,
                 hook: hook.clone(),
+                home: None,
             },
             hook,
         )
+    }
+
+    /// Answers `unsaved_tokens_home` with `home` instead of the inner store's answer (a
+    /// memory store posing as a network store, whose home is unknown).
+    pub fn with_unsaved_home(mut self, home: tokenkeeper_core::UnsavedHome) -> Self {
+        self.home = Some(home);
+        self
     }
 }
 
 #[async_trait]
 impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
+    fn unsaved_tokens_home(&self) -> tokenkeeper_core::UnsavedHome {
+        self.home
+            .clone()
+            .unwrap_or_else(|| self.inner.unsaved_tokens_home())
+    }
+
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
         self.hook.before(Operation::Get).await?;
         let read = self.inner.get(id).await;

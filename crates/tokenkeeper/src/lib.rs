@@ -79,7 +79,7 @@ pub mod __fuzz {
 pub use manager::{
     EventStream, EventsError, Explanation, Health, LocalEvent, LocalEventKind, MassRejectionGuard,
     RefreshPolicy, RefresherConfig, RefresherCounts, RefresherHandle, TokenManager,
-    TokenManagerBuilder, UnsavedFileError, UnsavedTokens,
+    TokenManagerBuilder, UnsavedFileError, UnsavedRestore, UnsavedTokens,
 };
 pub use oauth::{
     AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationState,

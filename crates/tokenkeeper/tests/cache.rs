@@ -39,7 +39,7 @@ async fn fixture_on(backend: &str) -> (Fixture, String) {
 
 /// A second process: its own store handle, the fixture's mock, consumer and clock.
 fn other_process(f: &Fixture, store: Arc<dyn TokenStore>, clock: ManualClock) -> TokenManager {
-    TokenManager::builder_shared(
+    common::manager_builder(
         consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
         store,
     )
@@ -127,7 +127,7 @@ async fn staleness_measured_on_real_time(backend: &str) -> Duration {
     let id = f.install().await;
     let bound = Duration::from_millis(400);
     let real = |store| {
-        TokenManager::builder_shared(
+        common::manager_builder(
             consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
             store,
         )

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::{Error, StateKind, TokenManager, TokenStore, profiles};
+use tokenkeeper::{Error, StateKind, TokenStore, profiles};
 use tokenkeeper_mock_provider::{
     ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
@@ -26,7 +26,7 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
         .await
         .unwrap();
     let clock = now_clock();
-    let mine = TokenManager::builder_shared(
+    let mine = manager_builder(
         consumer_for(profiles::bitbucket(), &mock, DEFAULT_CLIENT_SECRET),
         store.clone(),
     )
@@ -41,12 +41,12 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
             .state_key(common::state_key())
             .build()
             .unwrap();
-    let theirs = TokenManager::builder_shared(theirs_consumer, store.clone())
+    let theirs = manager_builder(theirs_consumer, store.clone())
         .clock(clock.clone())
         .build()
         .unwrap();
     // A manager of another provider with the same client id is another consumer too.
-    let other_provider = TokenManager::builder_shared(
+    let other_provider = manager_builder(
         consumer_for(profiles::atlassian_3lo(), &mock, DEFAULT_CLIENT_SECRET),
         store.clone(),
     )

@@ -109,7 +109,7 @@ fn manager(
     base: &str,
     clock: &OffsetClock,
 ) -> TokenManager {
-    TokenManager::builder_shared(consumer(profile, base), store)
+    common::manager_builder(consumer(profile, base), store)
         .clock(clock.clone())
         .build()
         .unwrap()
@@ -132,7 +132,7 @@ fn short_lease_manager(
         .connect_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    TokenManager::builder_shared(consumer, store)
+    common::manager_builder(consumer, store)
         .clock(clock.clone())
         .tune(|p| {
             p.lease_margin = Duration::from_secs(margin_secs);

@@ -15,14 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    open_store, postgres_location, redis_cluster_location, redis_location, sqlite_location,
+    manager_builder, open_store, postgres_location, redis_cluster_location, redis_location,
+    sqlite_location,
 };
 use tokenkeeper::core::{EventCursor, EventKind, LifecycleEvent, StateKind};
 use tokenkeeper::{Error, InstallationId, TokenManager, TokenStore, profiles};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
 
 fn manager(store: Arc<dyn TokenStore>, base: &str, watch: bool) -> TokenManager {
-    TokenManager::builder_shared(
+    manager_builder(
         common::consumer_at(profiles::bitbucket(), base, DEFAULT_CLIENT_SECRET),
         store,
     )

@@ -27,7 +27,7 @@ async fn mock() -> MockProvider {
 }
 
 fn manager_on(mock: &MockProvider, store: Arc<dyn TokenStore>) -> TokenManager {
-    TokenManager::builder_shared(
+    manager_builder(
         consumer_for(profiles::bitbucket(), mock, DEFAULT_CLIENT_SECRET),
         store,
     )
@@ -339,7 +339,7 @@ async fn state_keys_rotate_under_flows_in_progress() {
         if let Some(p) = previous {
             b = b.previous_state_key(p.clone());
         }
-        TokenManager::builder_shared(b.build().unwrap(), store.clone())
+        manager_builder(b.build().unwrap(), store.clone())
             .build()
             .unwrap()
     };
@@ -363,7 +363,7 @@ async fn state_keys_rotate_under_flows_in_progress() {
         .await
         .unwrap();
     // The same client secret with no state key begins nothing.
-    let keyless = TokenManager::builder_shared(
+    let keyless = manager_builder(
         ConsumerConfig::builder(pointed_at(profiles::bitbucket(), &mock))
             .client_id(DEFAULT_CLIENT_ID)
             .client_secret(DEFAULT_CLIENT_SECRET)
@@ -484,4 +484,30 @@ async fn a_grant_without_a_requested_scope_is_flagged() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Review N7: a cookie whose name only looks like the flow's after Unicode white space is
+/// trimmed (`\u{2000}__Host-…`, which a sibling subdomain may set, since browsers enforce the
+/// `__Host-` rules only on names that start with it) is not the flow's binding.
+#[tokio::test]
+async fn a_cookie_name_padded_with_unicode_space_is_not_the_binding() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let name = begun.state.cookie_name();
+    let value = begun.binding.expose_cookie_value();
+    let honest = format!("a=b; {name}={value}");
+    assert!(tokenkeeper::BrowserBinding::from_cookie_header(&honest, &begun.state).is_ok());
+    for pad in ["\u{2000}", "\u{a0}", "\u{3000}"] {
+        let planted = format!("a=b; {pad}{name}={value}");
+        assert!(
+            matches!(
+                tokenkeeper::BrowserBinding::from_cookie_header(&planted, &begun.state),
+                Err(tokenkeeper::AuthorizationError::MissingBinding)
+            ),
+            "padded with {pad:?}"
+        );
+    }
+    // ASCII space and tab around a pair are fine (RFC 6265's OWS).
+    let spaced = format!("a=b;\t {name}={value}");
+    assert!(tokenkeeper::BrowserBinding::from_cookie_header(&spaced, &begun.state).is_ok());
 }

@@ -451,7 +451,7 @@ async fn a_wrong_secret_trips_the_consumer_breaker_and_keeps_tokens() {
     let e = f.manager.explain(&ids[0]).await.unwrap();
     assert!(e.summary.contains("client credentials"), "{}", e.summary);
     assert_eq!(
-        e.last_error.map(|d| d.class),
+        e.process_breaker.map(|(_, d)| d.class),
         Some(FailureClass::ConsumerCredentialsInvalid)
     );
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokenkeeper::{
     AuthorizationCode, AuthorizationError, AuthorizationState, ErrorKind, FailureClass,
-    OAuthClient, Revocation, TokenManager, TokenStore, profiles,
+    OAuthClient, Revocation, TokenStore, profiles,
 };
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
@@ -90,7 +90,7 @@ async fn a_repeated_callback_returns_the_installation_already_created() {
     let chosen = tokenkeeper::InstallationId::new("workspace-7/install-a").unwrap();
     let begun = client.begin_authorization(Some(chosen.clone())).unwrap();
     let (code, _) = browser(&begun.url).await;
-    let manager = TokenManager::builder_shared(client.consumer().clone(), store.clone())
+    let manager = manager_builder(client.consumer().clone(), store.clone())
         .build()
         .unwrap();
     let complete = || {

@@ -44,6 +44,22 @@ async fn assert_condemned(f: &Fixture, id: &InstallationId, reason: ReauthReason
 }
 
 /// The record is in backoff for `cause`, and `explain` names it and says what to do.
+/// The provider refused this process's own configuration: the shared record is untouched
+/// (not in backoff; other processes may be configured right), and `explain` names the
+/// process's breaker with `words`.
+async fn assert_process_breaker(f: &Fixture, id: &InstallationId, words: &[&str]) {
+    let explained = f.manager.explain(id).await.unwrap();
+    assert!(
+        !matches!(explained.state, State::Backoff { .. }),
+        "the record stays clear of this process's configuration: {explained}"
+    );
+    assert!(explained.process_breaker.is_some(), "{explained}");
+    let text = explained.to_string();
+    for w in words {
+        assert!(text.contains(w), "{w:?} missing from: {text}");
+    }
+}
+
 async fn assert_backoff(f: &Fixture, id: &InstallationId, cause: BackoffCause, words: &[&str]) {
     let explained = f.manager.explain(id).await.unwrap();
     assert!(
@@ -337,12 +353,11 @@ async fn backoff_consumer_credentials_says_fix_the_secret() {
         f.manager.access_token(&id).await,
         Err(Error::ConsumerCredentials { .. })
     ));
-    assert_backoff(
+    assert_process_breaker(
         &f,
         &id,
-        BackoffCause::ConsumerCredentialsInvalid,
         &[
-            "refused the consumer's client credentials",
+            "refused this process's client credentials",
             "Fix the client id/secret",
         ],
     )
@@ -362,12 +377,11 @@ async fn backoff_configuration_says_check_the_profile() {
         f.manager.access_token(&id).await,
         Err(Error::Configuration { .. })
     ));
-    assert_backoff(
+    assert_process_breaker(
         &f,
         &id,
-        BackoffCause::Configuration,
         &[
-            "refused the refresh request as malformed",
+            "refused this process's refresh request as malformed",
             "Check the provider profile",
         ],
     )

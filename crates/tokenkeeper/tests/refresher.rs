@@ -9,8 +9,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Fixture, consumer_for};
-use tokenkeeper::{RefresherConfig, TokenManager, TokenStore, profiles};
+use common::{Fixture, consumer_for, manager_builder};
+use tokenkeeper::{RefresherConfig, TokenStore, profiles};
 use tokenkeeper_core::conformance::sample_tokens;
 use tokenkeeper_core::{InstallationId, Record, Timestamp};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile};
@@ -74,7 +74,7 @@ async fn two_processes_share_the_due_work(backend: &str) {
         f.install().await;
     }
     let process = |store| {
-        TokenManager::builder_shared(
+        manager_builder(
             consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
             store,
         )

@@ -131,13 +131,6 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     if !needed {
         return Decision::Fresh(tokens.access_token.clone());
     }
-    if let Some(retry_at) = too_soon(record, &cx) {
-        return Decision::Fail(Error::RefreshTooSoon {
-            id: record.id().clone(),
-            expires_at: tokens.expires_at,
-            retry_at,
-        });
-    }
     let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
     let valid = || Decision::ServeValid(tokens.access_token.clone());
     // Nothing can renew a token without a refresh token, or with one past its deadline:
@@ -182,11 +175,11 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
         if still_valid {
             return valid();
         }
-        return Decision::Fail(Error::ConsumerCredentials {
-            id: record.id().clone(),
-            retry_at: until,
-            detail: detail.clone(),
-        });
+        let cause = match detail.class {
+            FailureClass::Configuration => BackoffCause::Configuration,
+            _ => BackoffCause::ConsumerCredentialsInvalid,
+        };
+        return Decision::Fail(backoff_error(record.id(), cause, until, detail.clone()));
     }
     // Another process is refreshing: use the valid token or wait for its result.
     if let State::Refreshing { lease } = record.state()
@@ -207,6 +200,18 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
         return Decision::WaitForPeer {
             holder: lease.holder.clone(),
         };
+    }
+    // Refreshed less than the minimum interval ago: serve the still-valid token, otherwise
+    // say when the next refresh is allowed.
+    if let Some(retry_at) = too_soon(record, &cx) {
+        if still_valid {
+            return valid();
+        }
+        return Decision::Fail(Error::RefreshTooSoon {
+            id: record.id().clone(),
+            expires_at: tokens.expires_at,
+            retry_at,
+        });
     }
     Decision::TakeLease {
         takeover: matches!(record.state(), State::Refreshing { .. }),
@@ -237,20 +242,29 @@ pub fn too_soon(record: &Record, cx: &Context<'_>) -> Option<Timestamp> {
 /// `invalid_scope`; `RotatedTokenLost` when the profile rotates and either this flight took a
 /// peer's lease over (the peer may have rotated the token and died before writing) or an
 /// attempt of the current failure streak may have rotated it (its reply was lost, or a 5xx
-/// came after sending); otherwise
+/// came after sending) and, on a provider with a reuse leeway, that leeway has passed since
+/// (inside it the provider would still accept the token, so a refusal there is not about a
+/// rotation); otherwise
 /// `RefreshTokenRejected`.
 pub fn rejection_reason(
     scope_rejected: bool,
     rotates: bool,
     takeover: bool,
     record: &Record,
+    now: Timestamp,
+    reuse_leeway: Option<std::time::Duration>,
 ) -> ReauthReason {
-    let reply_may_have_been_lost = record
-        .failures()
-        .is_some_and(|f| f.rotation_in_doubt_since().is_some());
+    let past_leeway =
+        |since: Timestamp| reuse_leeway.is_none_or(|l| now >= since.saturating_add(l));
+    let rotation_in_doubt = record.failures().is_some_and(|f| {
+        [f.possibly_committed_since, f.server_error_since]
+            .into_iter()
+            .flatten()
+            .any(past_leeway)
+    });
     if scope_rejected {
         ReauthReason::ScopesChanged
-    } else if rotates && (takeover || reply_may_have_been_lost) {
+    } else if rotates && (takeover || rotation_in_doubt) {
         ReauthReason::RotatedTokenLost
     } else {
         ReauthReason::RefreshTokenRejected

@@ -71,6 +71,11 @@ pub struct Explanation {
     pub last_error_of_earlier_grant: bool,
     /// What was irregular about the reply of the latest refresh, if it was (kept anyway).
     pub refresh_anomaly: Option<ErrorDetail>,
+    /// This process's consumer breaker, when open: until when, and the provider's refusal of
+    /// the process's own configuration (its client credentials, or the form of its
+    /// requests). It is not the installation's fault and is kept out of the shared record
+    /// (other processes may be configured right); it says why this process does not refresh.
+    pub process_breaker: Option<(Timestamp, ErrorDetail)>,
     /// The last transitions, oldest first.
     pub history: Vec<HistoryEntry>,
     /// The plain-language summary: what happened and what to do.
@@ -78,6 +83,24 @@ pub struct Explanation {
 }
 
 impl Explanation {
+    /// Adds this process's open consumer breaker (see [`Explanation::process_breaker`]).
+    pub(crate) fn with_breaker(mut self, breaker: Option<(Timestamp, ErrorDetail)>) -> Self {
+        if let Some((until, detail)) = &breaker {
+            let what = match detail.class {
+                tokenkeeper_core::FailureClass::Configuration => {
+                    "refused this process's refresh request as malformed. Check the provider profile"
+                }
+                _ => "refused this process's client credentials. Fix the client id/secret",
+            };
+            self.summary = format!(
+                "{} This process does not refresh until {until}: the provider {what} (it said: {detail}); other processes of the fleet are not held up, and the installation's tokens are kept.",
+                self.summary
+            );
+        }
+        self.process_breaker = breaker;
+        self
+    }
+
     /// The state's kind (`active`, `refreshing`, `backoff`, ...).
     pub fn kind(&self) -> StateKind {
         self.state.kind()
@@ -233,16 +256,21 @@ impl Explanation {
             last_error: record.last_error().cloned(),
             last_error_of_earlier_grant: from_earlier_grant(record),
             refresh_anomaly,
+            process_breaker: None,
             history: record.history().cloned().collect(),
             summary,
         }
     }
 }
 
-/// Whether `detail` holds the provider's words (an HTTP status or an OAuth error code), not
-/// a verdict tokenkeeper reached without asking it (no refresh token, an expiry, a leeway).
+/// Whether `detail` is about a request to the provider (its words: an HTTP status or an
+/// OAuth error code; or a transient failure of the request itself, a timeout or a reset),
+/// not a verdict tokenkeeper reached without asking it (no refresh token, an expiry, a
+/// leeway passed).
 fn from_provider(detail: &ErrorDetail) -> bool {
-    detail.status.is_some() || detail.error.is_some()
+    detail.status.is_some()
+        || detail.error.is_some()
+        || detail.class == tokenkeeper_core::FailureClass::Transient
 }
 
 /// A note when the provider's access tokens go stale before the next refresh is allowed.

@@ -203,7 +203,11 @@ impl TokenManager {
             .http_timeout()
             .saturating_mul(3)
             .saturating_add(Duration::from_secs(5));
-        let give_up = tokio::time::Instant::now() + patience;
+        // Checked: an `http_timeout` near `Duration::MAX` must not panic here (review I2).
+        let now = tokio::time::Instant::now();
+        let give_up = now
+            .checked_add(patience)
+            .unwrap_or_else(|| now + Duration::from_secs(24 * 3600));
         loop {
             let claim = FlowClaim::decode(&current).filter(|c| {
                 // Constant-time enough: both are fixed-length hex fingerprints.
@@ -402,9 +406,9 @@ impl TokenManager {
                 }
                 // A create retried after `Unavailable` may find the row its first try wrote.
                 let ours = match &outcome {
-                    Err(StoreError::AlreadyExists { .. } | StoreError::Unavailable { .. }) => {
-                        super::retry::applied(engine, &record).await
-                    }
+                    Err(
+                        e @ (StoreError::AlreadyExists { .. } | StoreError::Unavailable { .. }),
+                    ) => super::retry::applied(engine, &record, e).await,
                     _ => false,
                 };
                 return match outcome {
@@ -460,7 +464,7 @@ impl TokenManager {
                 Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
                 Ok(CasOutcome::Missing) => current = None,
                 // Applied, its acknowledgement lost: the grant is stored.
-                Err(_) if super::retry::applied(engine, &next).await => {
+                Err(e) if super::retry::applied(engine, &next, &e).await => {
                     return Ok((false, next));
                 }
                 Err(e) => return Err(store_err(e)),

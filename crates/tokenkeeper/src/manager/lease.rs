@@ -33,6 +33,9 @@ pub(crate) struct HeldLease {
     record: Record,
     confirmed: Instant,
     ttl: Duration,
+    /// Something may have rotated under this lease: it was a takeover of a peer's, or an
+    /// attempt under it may have been committed without a usable reply.
+    doubt: bool,
 }
 
 /// How a renewal ended.
@@ -50,7 +53,18 @@ impl HeldLease {
             record,
             confirmed,
             ttl,
+            doubt: false,
         }
+    }
+
+    /// Notes that something may have rotated under this lease.
+    pub(crate) fn mark_doubt(&mut self) {
+        self.doubt = true;
+    }
+
+    /// Whether something may have rotated under this lease.
+    pub(crate) fn in_doubt(&self) -> bool {
+        self.doubt
     }
 
     /// The record as last written under the lease.
@@ -232,12 +246,15 @@ impl QuietLeases {
         quiet.push_back(holder.clone());
     }
 
-    /// Whether nothing rotated under `holder`'s lease (forgetting the note).
-    pub(crate) fn take(&self, holder: &LeaseHolder) -> bool {
+    /// Whether nothing rotated under `holder`'s lease.
+    pub(crate) fn contains(&self, holder: &LeaseHolder) -> bool {
+        let quiet = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        quiet.contains(holder)
+    }
+
+    /// Forgets the note on `holder`'s lease (it was taken over).
+    pub(crate) fn forget(&self, holder: &LeaseHolder) {
         let mut quiet = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match quiet.iter().position(|h| h == holder) {
-            Some(at) => quiet.remove(at).is_some(),
-            None => false,
-        }
+        quiet.retain(|h| h != holder);
     }
 }

@@ -52,7 +52,7 @@ pub use fleet::{EventStream, EventsError};
 pub use guard::MassRejectionGuard;
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
-pub use unsaved::{UnsavedFileError, UnsavedTokens};
+pub use unsaved::{UnsavedFileError, UnsavedRestore, UnsavedTokens};
 
 use cache::Cache;
 use flight::Flights;
@@ -78,7 +78,7 @@ pub(crate) struct Engine {
     /// `consumer` as the metrics label (shared, so recording allocates nothing).
     pub(crate) consumer_label: Arc<str>,
     pub(crate) in_flight: unsaved::InFlight,
-    pub(crate) unsaved: unsaved::UnsavedSink,
+    pub(crate) unsaved: unsaved::Place,
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
     pub(crate) guard: guard::Guard,
@@ -178,7 +178,7 @@ pub struct TokenManagerBuilder {
     http: Option<reqwest::Client>,
     event_capacity: usize,
     unsaved: Option<unsaved::UnsavedSink>,
-    unsaved_dir: std::path::PathBuf,
+    unsaved_dir: Option<std::path::PathBuf>,
     seal: unsaved::Seal,
     transport: Option<Arc<dyn crate::oauth::TokenTransport>>,
 }
@@ -259,11 +259,19 @@ impl TokenManagerBuilder {
         self
     }
 
-    /// The directory where the default unsaved-tokens sink writes (default
-    /// `<temp dir>/tokenkeeper-unsaved`; created owner-only, files 0600). Choose one that
-    /// survives a reboot and holds nothing else.
+    /// The directory where rotated tokens the store would not take are written, one file
+    /// each (created owner-only, files 0600, sealed with the [`encryption`](Self::encryption)
+    /// keyring when there is one). It must survive restarts (a persistent volume, not `/tmp`)
+    /// and be this user's alone: `build` refuses a symbolic link, a directory other users can
+    /// enter, or one another user owns. A manager restores what it finds there when it starts
+    /// ([`TokenManager::restore_unsaved_files`]).
+    ///
+    /// Without it (and without [`on_unsaved_tokens`](Self::on_unsaved_tokens)) the store
+    /// decides: SQLite keeps them in `<database>.unsaved` beside its file, the memory store in
+    /// memory; a network store (Redis, PostgreSQL) has no durable place to offer, so `build`
+    /// asks for one.
     pub fn unsaved_tokens_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
-        self.unsaved_dir = dir.into();
+        self.unsaved_dir = Some(dir.into());
         self
     }
 
@@ -299,6 +307,11 @@ impl TokenManagerBuilder {
     pub fn build(self) -> Result<TokenManager, ConfigError> {
         let policy = self.policy;
         policy.validate(&self.consumer)?;
+        let unsaved = unsaved::Place::choose(
+            self.unsaved,
+            self.unsaved_dir,
+            self.store.unsaved_tokens_home(),
+        )?;
         let mut client = match self.http {
             Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http)?,
             None => OAuthClient::new(self.consumer, self.clock.clone())?,
@@ -319,7 +332,7 @@ impl TokenManagerBuilder {
         );
         let (events, _) = broadcast::channel(self.event_capacity);
         let cache = Cache::new(policy.cache_capacity, policy.cache_revalidate);
-        Ok(TokenManager {
+        let manager = TokenManager {
             engine: Arc::new(Engine {
                 client,
                 store: self.store,
@@ -333,16 +346,28 @@ impl TokenManagerBuilder {
                 consumer_label: Arc::from(consumer.as_str()),
                 consumer,
                 in_flight: unsaved::InFlight::default(),
-                unsaved: self.unsaved.unwrap_or_else(|| {
-                    unsaved::file_sink(self.unsaved_dir.clone(), self.seal.clone())
-                }),
+                unsaved,
                 seal: self.seal,
                 breaker: Mutex::new(None),
                 guard: guard::Guard::default(),
                 quiet_leases: lease::QuietLeases::default(),
                 watch: tokio::sync::Mutex::new(None),
             }),
-        })
+        };
+        // What an earlier process left in the unsaved-tokens directory is put back now.
+        if manager.engine.unsaved.dir().is_some()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let m = manager.clone();
+            runtime.spawn(async move {
+                if let Ok(report) = m.restore_unsaved_files().await
+                    && report != UnsavedRestore::default()
+                {
+                    tracing::warn!(?report, "restored what the unsaved-tokens directory held");
+                }
+            });
+        }
+        Ok(manager)
     }
 }
 
@@ -389,7 +414,7 @@ impl TokenManager {
             http: None,
             event_capacity: 1024,
             unsaved: None,
-            unsaved_dir: std::env::temp_dir().join("tokenkeeper-unsaved"),
+            unsaved_dir: None,
             seal: unsaved::Seal::None,
             transport: None,
         }
@@ -674,12 +699,14 @@ impl TokenManager {
     /// ```
     pub async fn explain(&self, id: &InstallationId) -> Result<Explanation, Error> {
         let record = self.engine.load(id).await?;
+        let now = self.engine.clock.now();
         Ok(Explanation::of(
             &record,
-            self.engine.clock.now(),
+            now,
             &self.engine.policy,
             self.engine.client.consumer().profile(),
-        ))
+        )
+        .with_breaker(self.engine.breaker_open(now)))
     }
 
     /// Lifecycle events of this process from now on.
@@ -760,7 +787,8 @@ impl TokenManager {
 
     /// Puts back tokens the default unsaved-tokens sink wrote to `path` (opening it with the
     /// encryption keyring when it is sealed); see [`restore_unsaved`](Self::restore_unsaved).
-    /// Delete the file once this succeeds.
+    /// [`restore_unsaved_files`](Self::restore_unsaved_files) does this for every file of the
+    /// manager's directory and deletes what it restored.
     ///
     /// # Errors
     ///
@@ -773,6 +801,51 @@ impl TokenManager {
         let unsaved = unsaved::read_file(path.as_ref(), &self.engine.seal)
             .map_err(|e| Error::UnsavedFile(Arc::new(e)))?;
         self.restore_unsaved(unsaved).await
+    }
+
+    /// Puts back every result the unsaved-tokens place holds (the files of its directory, or
+    /// what an ephemeral store's manager held in memory), oldest first, and deletes each one
+    /// that landed or is obsolete (the installation holds newer tokens, was authorized again
+    /// or deleted). A manager does this by itself when it is built inside a Tokio runtime; call
+    /// it again after a store outage. Files that cannot be read with this manager's keyring,
+    /// and results the store would not take yet, are kept and counted.
+    ///
+    /// # Errors
+    ///
+    /// None so far: every failure is counted in [`UnsavedRestore::kept`] and logged.
+    pub async fn restore_unsaved_files(&self) -> Result<UnsavedRestore, Error> {
+        let place = &self.engine.unsaved;
+        let mut report = UnsavedRestore::default();
+        for (file, read) in place.pending(&self.engine.seal) {
+            let unsaved = match read {
+                Ok(unsaved) => unsaved,
+                Err(e) => {
+                    tracing::error!(file = ?file, error = %e, "an unsaved-tokens file could not be read; it is kept");
+                    report.kept += 1;
+                    continue;
+                }
+            };
+            let id = unsaved.installation.clone();
+            match self.restore_unsaved(unsaved.clone()).await {
+                Ok(()) => report.restored += 1,
+                Err(Error::Transition { .. } | Error::NotFound { .. }) => {
+                    tracing::warn!(installation = %id, "unsaved tokens are obsolete (newer tokens, a new grant or no installation); discarded");
+                    report.obsolete += 1;
+                }
+                Err(e) => {
+                    tracing::error!(installation = %id, error = %e, "unsaved tokens could not be restored yet; kept");
+                    report.kept += 1;
+                    place.keep_pending(unsaved);
+                    continue;
+                }
+            }
+            if let Some(file) = file
+                && let Err(e) = std::fs::remove_file(&file)
+            {
+                tracing::warn!(file = %file.display(), error = %e, "could not delete a restored unsaved-tokens file");
+            }
+        }
+        Ok(report)
     }
 
     /// Stops starting refreshes and waits for every refresh in progress to record its result,

@@ -13,9 +13,8 @@
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, FailureStreak,
-    InstallationId, LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp,
-    TokenSet,
+    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId,
+    LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp, TokenSet,
 };
 use tracing::{Instrument, field};
 
@@ -74,8 +73,9 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let wait_deadline = tokio::time::Instant::now() + engine.policy.peer_wait;
     let mut poll = Duration::from_millis(10);
     let mut watch = Watch::default();
-    // A lease of this flight under which nothing was sent: not a peer's, no need to watch it.
-    let mut unsent: Option<LeaseHolder> = None;
+    // A lease of this flight under which nothing was sent: not a peer's, no need to watch it
+    // (and whether that lease was itself a takeover, whose doubt carries over).
+    let mut unsent: Option<(LeaseHolder, bool)> = None;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         // The cache bound counts from when the read started, not from when it returned, and
@@ -86,7 +86,9 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         let stale_at = engine.policy.stale_at(record.tokens());
         let breaker = engine.breaker_open(now);
         let silent = match record.state().lease() {
-            Some(lease) if unsent.as_ref() == Some(&lease.holder) => Some(record.version()),
+            Some(lease) if unsent.as_ref().is_some_and(|(h, _)| *h == lease.holder) => {
+                Some(record.version())
+            }
             _ => watch.silent_for(&record, engine.policy.lease_ttl),
         };
         match decide(
@@ -124,17 +126,27 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
                 };
-                let own = unsent
-                    .take()
-                    .is_some_and(|h| record.state().lease().is_some_and(|l| l.holder == h))
-                    || record
-                        .state()
-                        .lease()
-                        .is_some_and(|l| engine.quiet_leases.take(&l.holder));
-                let takeover = takeover && !own;
-                let Some(held) = take_lease(engine, &record, now, watched).await? else {
+                // A lapsed lease of this process's own under which nothing rotated is no
+                // evidence of a lost rotation; one that was itself a takeover still is.
+                let lapsed = record.state().lease().map(|l| l.holder.clone());
+                let own = match (unsent.take(), &lapsed) {
+                    (Some((h, was_takeover)), Some(l)) if h == *l => Some(was_takeover),
+                    (_, Some(l)) if engine.quiet_leases.contains(l) => Some(false),
+                    _ => None,
+                };
+                let takeover = match own {
+                    Some(was_takeover) => was_takeover,
+                    None => takeover,
+                };
+                let Some(mut held) = take_lease(engine, &record, now, watched).await? else {
                     continue;
                 };
+                if let Some(l) = &lapsed {
+                    engine.quiet_leases.forget(l);
+                }
+                if takeover {
+                    held.mark_doubt();
+                }
                 if takeover {
                     tracing::warn!(
                         silent_for_a_ttl = watched.is_some(),
@@ -144,7 +156,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 match exchange(engine, id, mode, held, takeover, serve_valid).await {
                     Step::Done(outcome) => return outcome,
                     Step::Reread => continue,
-                    Step::Unsent(holder) => unsent = Some(holder),
+                    Step::Unsent(holder) => unsent = Some((holder, takeover)),
                 }
             }
         }
@@ -209,6 +221,7 @@ async fn take_lease(
             .flight_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
+    let quiet = holder.clone();
     let until = engine.policy.lease_until(now);
     let event = match watched {
         Some(watched) => Event::LeaseTakenOver {
@@ -244,7 +257,7 @@ async fn take_lease(
         Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
         // Applied, but the acknowledgement was lost: the lease is ours, confirmed no later
         // than when the write started.
-        Err(e) if applied(engine, &leased).await => {
+        Err(e) if applied(engine, &leased, &e).await => {
             tracing::warn!(error = %e, "the store reported an error but holds this flight's lease");
             Ok(Some(HeldLease::new(
                 leased,
@@ -252,7 +265,11 @@ async fn take_lease(
                 engine.policy.lease_ttl,
             )))
         }
-        Err(e) => Err(Error::store(id, e)),
+        Err(e) => {
+            // Perhaps applied all the same: nothing will be sent under it, whoever finds it.
+            engine.quiet_leases.note(&quiet);
+            Err(Error::store(id, e))
+        }
     }
 }
 
@@ -352,6 +369,9 @@ async fn exchange(
         Ok(tokens) => on_refreshed(engine, id, mode, &mut held, tokens, now).await,
         Err(e) => {
             tracing::warn!(class = %e.class(), error = %e, "refresh failed");
+            if e.commit_evidence() != CommitEvidence::None {
+                held.mark_doubt();
+            }
             match e.class() {
                 FailureClass::RefreshTokenRejected | FailureClass::ScopeRejected => {
                     on_rejected(engine, id, &mut held, &e, takeover, now).await
@@ -539,12 +559,12 @@ async fn land(
             }
         }
     };
-    if applied(engine, &last).await {
+    if applied(engine, &last, &last_error).await {
         return Landed::Written(Box::new(last));
     }
     if tokens.rotated_from(&presented) {
         tracing::error!(error = %last_error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
-        sink(engine, id, presented, tokens, last_error.to_string());
+        sink(engine, id, presented, tokens, last_error.to_string()).await;
     } else {
         // Nothing rotated: the stored refresh token still works; nothing to keep.
         tracing::warn!(error = %last_error, "the store did not take the refreshed access token; the stored refresh token still works");
@@ -572,26 +592,27 @@ async fn obsolete(
         );
         let why =
             "the stored record holds another refresh token (a new grant, or a peer's rotation)";
-        sink(engine, id, presented, tokens, why.to_owned());
+        sink(engine, id, presented, tokens, why.to_owned()).await;
     }
     Landed::Superseded
 }
 
-/// Hands rotated tokens that could not be stored to the unsaved-tokens sink.
-fn sink(
+/// Hands rotated tokens that could not be stored to the unsaved-tokens place.
+async fn sink(
     engine: &Engine,
     id: &InstallationId,
     presented: RefreshToken,
     tokens: TokenSet,
     error: String,
 ) {
-    (engine.unsaved)(UnsavedTokens {
+    let unsaved = UnsavedTokens {
         installation: id.clone(),
         presented,
         tokens,
         at: engine.clock.now(),
         error,
-    });
+    };
+    engine.unsaved.keep(&engine.seal, unsaved).await;
 }
 
 /// The application revoked the installation while this flight's refresh was on its way: the
@@ -635,8 +656,10 @@ async fn on_rejected(
         rejection_reason(
             scope_rejected,
             profile.rotation.rotates(),
-            takeover,
+            takeover || held.in_doubt(),
             held.record(),
+            now,
+            profile.rotation.reuse_leeway(),
         )
     };
     judge(engine, id, held, reason, error.to_detail(), now).await
@@ -724,8 +747,9 @@ async fn serve_until_expiry(engine: &Engine, held: &mut HeldLease, tokens: &Toke
 }
 
 /// Any other failure: keep the tokens and schedule the next attempt. Transient failures
-/// count against the failure budget (and condemn once it is spent); refused consumer
-/// credentials trip the consumer breaker; a malformed request waits for a configuration fix.
+/// count against the failure budget (and condemn once it is spent); a refusal of this
+/// process's own configuration (credentials, a malformed request) stays in the process
+/// ([`on_consumer_failure`]).
 async fn on_deferred(
     engine: &Engine,
     id: &InstallationId,
@@ -736,42 +760,48 @@ async fn on_deferred(
 ) -> Step {
     let detail = error.to_detail();
     let class = error.class();
+    if matches!(
+        class,
+        FailureClass::ConsumerCredentialsInvalid | FailureClass::Configuration
+    ) {
+        return on_consumer_failure(engine, id, held, error, serve_valid, now).await;
+    }
     if class == FailureClass::Transient && engine.policy.budget_exhausted(held.record(), now) {
         let reason = ReauthReason::FailureBudgetExhausted;
         return judge(engine, id, held, reason, detail, now).await;
     }
     let leased = held.record().clone();
     let leased = &leased;
-    let (cause, retry_at) = match class {
-        FailureClass::ConsumerCredentialsInvalid => {
-            let until = now.saturating_add(engine.policy.consumer_breaker);
-            engine.trip_breaker(until, detail.clone());
-            (BackoffCause::ConsumerCredentialsInvalid, until)
-        }
-        FailureClass::Configuration => (
-            BackoffCause::Configuration,
-            now.saturating_add(engine.policy.backoff_max),
-        ),
-        _ => (
-            BackoffCause::Transient,
-            engine
-                .policy
-                .retry_at(now, leased.failures(), error.retry_after()),
-        ),
-    };
+    let cause = BackoffCause::Transient;
+    let retry_at = engine
+        .policy
+        .retry_at(now, leased.failures(), error.retry_after());
     // After an attempt that may have rotated the token (a lost reply, or a 5xx after
     // sending), a provider with a reuse leeway is retried inside it (at half the leeway at
     // the latest) while it lasts, whatever the backoff or `Retry-After` say: past it, the
     // previous token is worthless if the rotation happened.
     let commit = error.commit_evidence();
-    let in_doubt_since = leased
-        .failures()
-        .and_then(FailureStreak::rotation_in_doubt_since)
-        .or((commit != CommitEvidence::None).then_some(now));
-    let retry_at = match (in_doubt_since, reuse_leeway(engine)) {
-        (Some(since), Some(leeway)) if now < since.saturating_add(leeway) => retry_at
-            .min(since.saturating_add(leeway / 2))
-            .max(now.saturating_add(engine.policy.backoff_base / 2)),
+    let streak = leased.failures();
+    let lost_reply = streak
+        .and_then(|s| s.possibly_committed_since)
+        .or((commit == CommitEvidence::ReplyLost).then_some(now));
+    let server_error = streak
+        .and_then(|s| s.server_error_since)
+        .or((commit == CommitEvidence::ServerError).then_some(now));
+    let retry_at = match reuse_leeway(engine) {
+        Some(leeway) => {
+            [lost_reply, server_error]
+                .into_iter()
+                .flatten()
+                .fold(retry_at, |at, since| {
+                    at.min(inside_leeway(
+                        since,
+                        leeway,
+                        now,
+                        engine.policy.backoff_base,
+                    ))
+                })
+        }
         _ => retry_at,
     };
     let event = Event::RefreshDeferred {
@@ -784,9 +814,7 @@ async fn on_deferred(
     if let Err(e) = settle(engine, held, event).await {
         // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
         tracing::warn!(error = %e, "could not record the failed refresh");
-        if commit == CommitEvidence::None {
-            note_quiet(engine, held);
-        }
+        note_quiet(engine, held);
         if serve_valid && now < leased.tokens().expires_at {
             return Step::Done(Ok(leased.tokens().access_token.clone()));
         }
@@ -806,11 +834,84 @@ async fn on_deferred(
     Step::Done(Err(backoff_error(id, cause, retry_at, detail)))
 }
 
-/// The outcome of the attempt under `held` was not recorded, but nothing rotated under it.
+/// The provider refused this process's own configuration (its client credentials, or the
+/// form of its request), which says nothing about the installation. It stays in this process:
+/// its consumer breaker fails its next refreshes fast (`consumer_breaker` for credentials,
+/// `backoff_max` for a malformed request). Nothing is written into the shared record, where
+/// it would stop healthy processes from refreshing (review finding E11): the lease is given
+/// back, due at once, for a healthy process to take.
+async fn on_consumer_failure(
+    engine: &Engine,
+    id: &InstallationId,
+    held: &mut HeldLease,
+    error: &OAuthError,
+    serve_valid: bool,
+    now: Timestamp,
+) -> Step {
+    let detail = error.to_detail();
+    let (cause, until) = match error.class() {
+        FailureClass::ConsumerCredentialsInvalid => (
+            BackoffCause::ConsumerCredentialsInvalid,
+            now.saturating_add(engine.policy.consumer_breaker),
+        ),
+        _ => (
+            BackoffCause::Configuration,
+            now.saturating_add(engine.policy.backoff_max),
+        ),
+    };
+    engine.trip_breaker(until, detail.clone());
+    let tokens = held.record().tokens().clone();
+    let event = Event::LeaseReleased {
+        fence: held.fence(),
+        refresh_at: now,
+    };
+    if let Err(e) = settle(engine, held, event).await {
+        // The lease lapses instead; nothing rotated under it.
+        tracing::warn!(error = %e, "could not give the refresh lease back");
+        note_quiet(engine, held);
+    }
+    engine.emit(
+        id,
+        LocalEventKind::Backoff {
+            until,
+            cause,
+            error: detail.clone(),
+        },
+    );
+    if serve_valid && now < tokens.expires_at {
+        return Step::Done(Ok(tokens.access_token));
+    }
+    Step::Done(Err(backoff_error(id, cause, until, detail)))
+}
+
+/// The outcome of the attempt under `held` was not recorded: if nothing can have rotated
+/// under it (no takeover, no attempt that may have been committed), a later takeover of it by
+/// this process is no evidence of a lost rotation.
 fn note_quiet(engine: &Engine, held: &HeldLease) {
-    if let Some(lease) = held.record().state().lease() {
+    if let Some(lease) = held.record().state().lease()
+        && !held.in_doubt()
+    {
         engine.quiet_leases.note(&lease.holder);
     }
+}
+
+/// The latest retry that still presents the refresh token inside the reuse leeway that began
+/// at `since` (when an attempt may have rotated it): half the leeway after `since`, then half
+/// of what remains each time (at least `floor` apart), so retries thin out instead of
+/// hammering a provider in trouble. Past the leeway there is nothing to protect:
+/// `Timestamp::MAX`.
+fn inside_leeway(since: Timestamp, leeway: Duration, now: Timestamp, floor: Duration) -> Timestamp {
+    let end = since.saturating_add(leeway);
+    if now >= end {
+        return Timestamp::MAX;
+    }
+    let half = since.saturating_add(leeway / 2);
+    let target = if now < half {
+        half
+    } else {
+        now.saturating_add(end.duration_since(now) / 2)
+    };
+    target.max(now.saturating_add(floor))
 }
 
 /// The provider's reuse leeway, for a rotating profile that has one.
@@ -897,7 +998,7 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
                 sent = Some(next);
                 held.renew_if_due(engine).await;
             }
-            Err(e) if applied(engine, &next).await => {
+            Err(e) if applied(engine, &next, &e).await => {
                 tracing::warn!(error = %e, "the store reported an error but holds the write");
                 return Ok(());
             }

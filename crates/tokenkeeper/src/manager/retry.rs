@@ -31,35 +31,48 @@ impl<'a> Patience<'a> {
     pub(crate) fn new(engine: &'a Engine, patience: Duration) -> Self {
         Self {
             engine,
-            deadline: Instant::now() + patience,
+            deadline: after(Instant::now(), patience),
             closing_since: None,
             delay: Duration::from_millis(50),
             max_delay: (patience / 10).clamp(Duration::from_millis(50), Duration::from_secs(5)),
         }
     }
 
-    /// After the write failed with `error`: pauses and returns true when another try fits in
-    /// the budget, otherwise returns false at once.
+    /// After the write failed with `error`: pauses (never past the budget) and returns true
+    /// while the budget lasts, otherwise returns false at once.
     pub(crate) async fn wait(&mut self, error: &StoreError) -> bool {
         let now = Instant::now();
         let mut deadline = self.deadline;
         if self.engine.in_flight.is_closing() {
             let since = *self.closing_since.get_or_insert(now);
-            deadline = deadline.min(since + self.engine.policy.shutdown_grace);
+            deadline = deadline.min(after(since, self.engine.policy.shutdown_grace));
         }
-        if now + self.delay >= deadline {
+        if now >= deadline {
             return false;
         }
-        tracing::warn!(error = %error, retry_in = ?self.delay, "the store did not take the write; retrying");
-        tokio::time::sleep(self.delay).await;
+        // The last pause ends at the deadline, so the budget is used whole.
+        let pause = self.delay.min(deadline - now);
+        tracing::warn!(error = %error, retry_in = ?pause, "the store did not take the write; retrying");
+        tokio::time::sleep(pause).await;
         self.delay = (self.delay * 2).min(self.max_delay);
         true
     }
 }
 
-/// Whether the store holds exactly `written`: a write whose acknowledgement was lost (a
-/// timeout after commit, a replica shortfall, a connection dropped after commit) is then as
-/// good as acknowledged. One read; a read that fails says no.
-pub(crate) async fn applied(engine: &Engine, written: &Record) -> bool {
-    matches!(engine.store.get(written.id()).await, Ok(Some(stored)) if stored == *written)
+/// `at + d`, or about thirty years on when that overflows (a patience of `Duration::MAX`
+/// means "never give up").
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
+/// Whether the store holds exactly `written` after the write failed with `error`: a write
+/// whose acknowledgement was lost (a timeout after commit, a connection dropped after commit)
+/// is then as good as acknowledged. One read; a read that fails says no. A write the store
+/// reports as applied without its configured durability (a Redis `WAIT` shortfall) is never
+/// taken as written: it may vanish in a failover, and a lease or result acted on then could
+/// let a peer present the same refresh token.
+pub(crate) async fn applied(engine: &Engine, written: &Record, error: &StoreError) -> bool {
+    !error.is_not_durable()
+        && matches!(engine.store.get(written.id()).await, Ok(Some(stored)) if stored == *written)
 }

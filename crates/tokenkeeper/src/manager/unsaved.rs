@@ -3,16 +3,22 @@
 //!
 //! Once the provider has rotated an installation's refresh token, the new one exists only in
 //! this process's memory. A flight retries the write for `RefreshPolicy::result_write_patience`;
-//! if the store still refuses, the tokens go to the [`UnsavedTokens`] sink instead of being
-//! dropped, and [`TokenManager::restore_unsaved`](super::TokenManager::restore_unsaved) puts
-//! them back once the store works again.
+//! if the store still refuses, the tokens go to the unsaved-tokens [`Place`] instead of being
+//! dropped: never an ephemeral or shared default, but the application's callback, a private
+//! directory (its own, or the one the store keeps beside its data), or memory for a store
+//! that itself keeps nothing past the process. A manager restores what it finds there when it
+//! starts, and [`TokenManager::restore_unsaved`](super::TokenManager::restore_unsaved) puts
+//! back what a callback kept.
 
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokenkeeper_core::{InstallationId, RefreshToken, Timestamp, TokenSet};
+use tokenkeeper_core::{InstallationId, RefreshToken, Timestamp, TokenSet, UnsavedHome};
 use tokio::sync::Notify;
+
+use crate::oauth::config::ConfigError;
 
 /// Rotated tokens the store would not take: the only copy of an installation's new refresh
 /// token. `Debug` shows no secret; keep the value itself as carefully as the store.
@@ -42,8 +48,135 @@ impl fmt::Debug for UnsavedTokens {
     }
 }
 
-/// Where unsaved tokens go (see `TokenManagerBuilder::on_unsaved_tokens`).
+/// A sink the application gives (see `TokenManagerBuilder::on_unsaved_tokens`).
 pub(crate) type UnsavedSink = Arc<dyn Fn(UnsavedTokens) + Send + Sync>;
+
+/// Where the engine hands rotated tokens the store would not take: never an ephemeral or
+/// shared default. The application's callback; a private directory (the application's, or
+/// the one the store keeps beside its data); or, for a store that itself keeps nothing past
+/// the process, memory.
+pub(crate) enum Place {
+    /// The application's sink.
+    Callback(UnsavedSink),
+    /// One file per result in this private directory.
+    Dir(PathBuf),
+    /// Held in the manager (an ephemeral store), restored by `restore_unsaved_files`.
+    Memory(Mutex<Vec<UnsavedTokens>>),
+}
+
+impl Place {
+    /// Chooses the place from the builder's settings and the store's home, checking a
+    /// directory before anything is written there.
+    pub(crate) fn choose(
+        callback: Option<UnsavedSink>,
+        dir: Option<PathBuf>,
+        home: UnsavedHome,
+    ) -> Result<Self, ConfigError> {
+        match (callback, dir, home) {
+            (Some(sink), _, _) => Ok(Self::Callback(sink)),
+            (None, Some(dir), _) | (None, None, UnsavedHome::Dir(dir)) => {
+                prepare_dir(&dir)?;
+                Ok(Self::Dir(dir))
+            }
+            (None, None, UnsavedHome::Ephemeral) => Ok(Self::Memory(Mutex::default())),
+            (None, None, _) => Err(ConfigError::OutOfRange {
+                field: "unsaved_tokens_dir",
+                reason: "this store cannot say where rotated tokens it would not take may be kept durably (it is shared over the network): set TokenManagerBuilder::unsaved_tokens_dir to a private directory that survives restarts (a persistent volume, not /tmp), or TokenManagerBuilder::on_unsaved_tokens to keep them your way".into(),
+            }),
+        }
+    }
+
+    /// Hands `unsaved` over: blocking work (the application's sink, file writes and their
+    /// `fsync`) runs on the blocking pool, not on the async workers.
+    pub(crate) async fn keep(&self, seal: &Seal, unsaved: UnsavedTokens) {
+        match self {
+            Self::Callback(sink) => {
+                let sink = sink.clone();
+                if tokio::task::spawn_blocking(move || sink(unsaved))
+                    .await
+                    .is_err()
+                {
+                    tracing::error!("the unsaved-tokens sink panicked");
+                }
+            }
+            Self::Dir(dir) => {
+                let (dir, seal) = (dir.clone(), seal.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || write_logged(&dir, &seal, &unsaved)).await;
+            }
+            Self::Memory(held) => {
+                tracing::error!(
+                    installation = %unsaved.installation,
+                    error = %unsaved.error,
+                    "the provider rotated this installation's tokens but the store would not take them; they are held in memory until TokenManager::restore_unsaved_files puts them back"
+                );
+                held.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(unsaved);
+            }
+        }
+    }
+
+    /// Everything waiting to be restored, oldest first: each with its file, if any.
+    pub(crate) fn pending(
+        &self,
+        seal: &Seal,
+    ) -> Vec<(Option<PathBuf>, Result<UnsavedTokens, UnsavedFileError>)> {
+        let mut pending: Vec<_> = match self {
+            Self::Callback(_) => Vec::new(),
+            Self::Memory(held) => {
+                std::mem::take(&mut *held.lock().unwrap_or_else(PoisonError::into_inner))
+                    .into_iter()
+                    .map(|u| (None, Ok(u)))
+                    .collect()
+            }
+            Self::Dir(dir) => std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .map(|p| {
+                    let read = read_file(&p, seal);
+                    (Some(p), read)
+                })
+                .collect(),
+        };
+        pending.sort_by_key(|(_, u)| u.as_ref().map(|u| u.at).ok());
+        pending
+    }
+
+    /// Puts back one that could not be restored yet (memory only; a file stays where it is).
+    pub(crate) fn keep_pending(&self, unsaved: UnsavedTokens) {
+        if let Self::Memory(held) = self {
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(unsaved);
+        }
+    }
+
+    /// The directory, when tokens go to files.
+    pub(crate) fn dir(&self) -> Option<&Path> {
+        match self {
+            Self::Dir(dir) => Some(dir),
+            _ => None,
+        }
+    }
+}
+
+/// What `TokenManager::restore_unsaved_files` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnsavedRestore {
+    /// Landed on their installations (their files deleted).
+    pub restored: usize,
+    /// No longer needed: the installation holds newer tokens, was authorized again or
+    /// deleted (their files deleted).
+    pub obsolete: usize,
+    /// Still waiting: the store failed, or the file cannot be read with this manager's
+    /// keyring (left in place, named in the log).
+    pub kept: usize,
+}
 
 /// How the default sink protects the files it writes.
 #[derive(Clone)]
@@ -61,50 +194,91 @@ const SEAL_FIELD: &str = "unsaved-tokens";
 /// The first line of a sealed file; the second is the sealed JSON.
 const SEALED_HEADER: &str = "tokenkeeper-unsaved-tokens sealed v1";
 
-/// The default sink: one file per unsaved result in `dir` (created owner-only), sealed with
-/// the manager's keyring when it has one, and an error log line naming the installation and
-/// the file. `TokenManager::restore_unsaved_file` reads such a file back.
-pub(crate) fn file_sink(dir: std::path::PathBuf, seal: Seal) -> UnsavedSink {
-    Arc::new(
-        move |unsaved: UnsavedTokens| match write_file(&dir, &seal, &unsaved) {
-            Ok(path) => tracing::error!(
-                installation = %unsaved.installation,
-                error = %unsaved.error,
-                file = %path.display(),
-                "the provider rotated this installation's tokens but the store would not take them; they were written to this file: restore them with TokenManager::restore_unsaved_file once the store works"
-            ),
-            Err(e) => tracing::error!(
-                installation = %unsaved.installation,
-                error = %unsaved.error,
-                dir = %dir.display(),
-                write_error = %e,
-                "the provider rotated this installation's tokens, the store would not take them and they could not be written to the unsaved-tokens directory either: they are lost"
-            ),
-        },
-    )
-}
-
-fn write_file(
-    dir: &std::path::Path,
-    seal: &Seal,
-    unsaved: &UnsavedTokens,
-) -> std::io::Result<std::path::PathBuf> {
-    use std::io::Write as _;
+/// Creates `dir` (owner-only) if needed and checks that it is private.
+fn prepare_dir(dir: &Path) -> Result<(), ConfigError> {
+    let refuse = |reason: String| ConfigError::OutOfRange {
+        field: "unsaved_tokens_dir",
+        reason: format!("{}: {reason}", dir.display()),
+    };
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)?;
+    builder
+        .create(dir)
+        .map_err(|e| refuse(format!("cannot create it ({e})")))?;
+    check_private(dir).map_err(refuse)
+}
+
+/// The directory must be this user's alone: a real directory (not a symbolic link), that no
+/// other user can enter, owned by the user this process writes as. Another user able to enter
+/// it could read or delete the only copy of a token, and one who owns it could swap it; such
+/// a directory is refused, never repaired.
+fn check_private(dir: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
-        // An existing directory must be ours alone: another user able to enter it could
-        // read or delete the only copy of a token.
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir)?.permissions().mode();
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot read it ({e})"))?;
+        if !meta.is_dir() {
+            return Err("it is not a directory (a symbolic link is refused)".into());
+        }
+        let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+            return Err(format!(
+                "its mode {mode:o} lets other users in; make it private (chmod 700)"
+            ));
+        }
+        // Who this process writes as: the owner of a file it creates there.
+        let probe = dir.join(format!(
+            ".tokenkeeper-probe-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .map_err(|e| format!("cannot write in it ({e})"))?;
+        let me = file.metadata().map(|m| m.uid());
+        drop(file);
+        let _ = std::fs::remove_file(&probe);
+        let me = me.map_err(|e| format!("cannot read a file written in it ({e})"))?;
+        if me != meta.uid() {
+            return Err(format!(
+                "it belongs to another user (uid {}), not to the user this process writes as (uid {me})",
+                meta.uid()
+            ));
         }
     }
+    Ok(())
+}
+
+/// Writes one result to `dir` and logs where (or that it could not).
+fn write_logged(dir: &Path, seal: &Seal, unsaved: &UnsavedTokens) {
+    match write_file(dir, seal, unsaved) {
+        Ok(path) => tracing::error!(
+            installation = %unsaved.installation,
+            error = %unsaved.error,
+            file = %path.display(),
+            "the provider rotated this installation's tokens but the store would not take them; they were written to this file and are restored when a manager starts (or by TokenManager::restore_unsaved_files)"
+        ),
+        Err(e) => tracing::error!(
+            installation = %unsaved.installation,
+            error = %unsaved.error,
+            dir = %dir.display(),
+            write_error = %e,
+            "the provider rotated this installation's tokens, the store would not take them and they could not be written to the unsaved-tokens directory either: they are lost"
+        ),
+    }
+}
+
+fn write_file(dir: &Path, seal: &Seal, unsaved: &UnsavedTokens) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    // Checked at build; checked again, since it may have changed hands meanwhile.
+    check_private(dir).map_err(std::io::Error::other)?;
     let json = serde_json::to_string(unsaved).map_err(std::io::Error::other)?;
     let contents = match seal {
         Seal::None => json,
@@ -162,6 +336,12 @@ pub(crate) fn read_file(
 ) -> Result<UnsavedTokens, UnsavedFileError> {
     let text = std::fs::read_to_string(path)?;
     let json = match text.strip_prefix(SEALED_HEADER) {
+        #[cfg(feature = "encryption")]
+        None if matches!(seal, Seal::Keyring(_)) => {
+            return Err(UnsavedFileError::Malformed(
+                "the file is not sealed, but this manager has an encryption keyring: it restores only sealed files (an unsealed one could have been planted)".into(),
+            ));
+        }
         None => text,
         Some(rest) => {
             let mut lines = rest.trim_start_matches('\n').splitn(2, '\n');

@@ -108,7 +108,10 @@ impl BrowserBinding {
         let name = state.cookie_name();
         let value = header
             .split(';')
-            .filter_map(|c| c.trim().split_once('='))
+            // Only the optional white space of RFC 6265 (SP and HTAB): `str::trim` would also
+            // strip Unicode spaces, letting `\u{2000}__Host-…`, which a sibling domain may
+            // set, pass for the flow's `__Host-` cookie.
+            .filter_map(|c| c.trim_matches([' ', '\t']).split_once('='))
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
             .ok_or(AuthorizationError::MissingBinding)?;

@@ -55,6 +55,16 @@ pub fn pointed_at_base(profile: ProviderProfile, base: &str) -> ProviderProfile 
         .with_identity_endpoint(url(paths::RESOURCE))
 }
 
+/// `TokenManager::builder_shared` with a fresh private directory for unsaved tokens (a
+/// network store has no durable place to offer, and a manager without one is refused).
+pub fn manager_builder(
+    consumer: ConsumerConfig,
+    store: Arc<dyn TokenStore>,
+) -> tokenkeeper::TokenManagerBuilder {
+    tokenkeeper::TokenManager::builder_shared(consumer, store)
+        .unsaved_tokens_dir(tokenkeeper_testkit::dirs::fresh_dir("unsaved").join("kept"))
+}
+
 /// The state key every consumer of the tests shares (so a peer completes what another began).
 pub fn state_key() -> tokenkeeper::StateKey {
     tokenkeeper::StateKey::from_base64(1, "rSLUhHQ6QkaLk9T44u6Ng6cp1q76DbrAvtw+/5/kT/I=").unwrap()
@@ -119,7 +129,7 @@ pub async fn browser(url: &reqwest::Url) -> (String, String) {
 /// Runs the whole authorization flow through a manager of `client`'s consumer on `store`
 /// and returns the new installation.
 pub async fn install(client: &OAuthClient, store: Arc<dyn TokenStore>) -> Completed {
-    let manager = tokenkeeper::TokenManager::builder_shared(client.consumer().clone(), store)
+    let manager = manager_builder(client.consumer().clone(), store)
         .build()
         .unwrap();
     let begun = manager.begin_authorization(None).unwrap();
@@ -202,7 +212,7 @@ impl Fixture {
         tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
     ) -> Fixture {
         let clock = now_clock();
-        let manager = tokenkeeper::TokenManager::builder_shared(
+        let manager = manager_builder(
             consumer_for(profile, &mock, DEFAULT_CLIENT_SECRET),
             store.clone(),
         )
@@ -224,7 +234,7 @@ impl Fixture {
 
     /// Another manager (as if in another process) on the same store, mock and clock.
     pub fn peer(&self, profile: ProviderProfile) -> tokenkeeper::TokenManager {
-        tokenkeeper::TokenManager::builder_shared(
+        manager_builder(
             consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
             self.store.clone(),
         )
@@ -240,7 +250,7 @@ impl Fixture {
         profile: ProviderProfile,
         tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
     ) -> tokenkeeper::TokenManager {
-        tokenkeeper::TokenManager::builder_shared(
+        manager_builder(
             consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
             self.store.clone(),
         )
@@ -260,7 +270,7 @@ impl Fixture {
         profile: ProviderProfile,
         clock: ManualClock,
     ) -> tokenkeeper::TokenManager {
-        tokenkeeper::TokenManager::builder_shared(
+        manager_builder(
             consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
             self.store.clone(),
         )

@@ -1,0 +1,260 @@
+//! Where rotated tokens go when the store will not take them (review findings E3, N5): never
+//! an ephemeral or shared default. A network store needs an explicit directory or callback
+//! (the build says so), SQLite keeps them beside its database, the memory store in memory; a
+//! directory must be this user's alone; what a process left there is restored when the next
+//! manager starts; and `shutdown` rides out a short store failover before giving up.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::core::{EventKind, UnsavedHome};
+use tokenkeeper::{ConfigError, TokenStore, profiles};
+use tokenkeeper_memory::MemoryStore;
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
+use tokenkeeper_testkit::wrappers::{FaultKind, FaultSwitch, FaultTarget, FlakyStore};
+
+const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+async fn bitbucket() -> MockProvider {
+    MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn builder(
+    mock: &MockProvider,
+    store: Arc<dyn TokenStore>,
+    clock: &tokenkeeper::ManualClock,
+) -> tokenkeeper::TokenManagerBuilder {
+    tokenkeeper::TokenManager::builder_shared(
+        consumer_for(profiles::bitbucket(), mock, DEFAULT_CLIENT_SECRET),
+        store,
+    )
+    .clock(clock.clone())
+    .tune(|p| p.result_write_patience = Duration::from_millis(300))
+}
+
+/// A memory store posing as a network store (its home is unknown), with a fault switch.
+fn network_store() -> (Arc<dyn TokenStore>, Arc<FaultSwitch>) {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    (
+        Arc::new(store.with_unsaved_home(UnsavedHome::Unknown)),
+        switch,
+    )
+}
+
+fn out_of_range(result: Result<tokenkeeper::TokenManager, ConfigError>) -> String {
+    match result {
+        Err(ConfigError::OutOfRange { field, reason }) => {
+            assert_eq!(field, "unsaved_tokens_dir");
+            reason
+        }
+        other => panic!("expected the unsaved-tokens place to be refused, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_network_store_without_an_unsaved_place_is_refused_at_build() {
+    let mock = bitbucket().await;
+    let (store, _) = network_store();
+    let reason = out_of_range(builder(&mock, store.clone(), &now_clock()).build());
+    assert!(reason.contains("unsaved_tokens_dir"), "{reason}");
+    assert!(reason.contains("not /tmp"), "{reason}");
+    // Either way out is accepted.
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-net").join("kept");
+    builder(&mock, store.clone(), &now_clock())
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .expect("an explicit directory");
+    builder(&mock, store, &now_clock())
+        .on_unsaved_tokens(|_| {})
+        .build()
+        .expect("a callback");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_directory_others_can_enter_or_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = bitbucket().await;
+    let (store, _) = network_store();
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-shared").join("kept");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let reason = out_of_range(
+        builder(&mock, store.clone(), &now_clock())
+            .unsaved_tokens_dir(&dir)
+            .build(),
+    );
+    assert!(reason.contains("lets other users in"), "{reason}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o777, "a foreign setting is refused, never changed");
+    let link = dir.with_extension("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let reason = out_of_range(
+        builder(&mock, store.clone(), &now_clock())
+            .unsaved_tokens_dir(&link)
+            .build(),
+    );
+    assert!(reason.contains("symbolic link"), "{reason}");
+    // Owned by another user (only root can hand a directory over).
+    if std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).is_ok() {
+        let reason = out_of_range(
+            builder(&mock, store, &now_clock())
+                .unsaved_tokens_dir(&dir)
+                .build(),
+        );
+        assert!(reason.contains("belongs to another user"), "{reason}");
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_keeps_unsaved_tokens_beside_its_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = bitbucket().await;
+    let path = tokenkeeper_testkit::dirs::fresh_db("unsaved-sqlite");
+    let store: Arc<dyn TokenStore> =
+        Arc::new(tokenkeeper_sqlite::SqliteStore::open(&path).await.unwrap());
+    builder(&mock, store, &now_clock())
+        .build()
+        .expect("SQLite offers a directory beside its file");
+    let mut dir = path.as_os_str().to_owned();
+    dir.push(".unsaved");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+/// A process could not store rotated tokens and wrote them to its directory; the next
+/// manager started on that directory puts them back by itself and deletes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsaved_files_are_restored_when_a_manager_starts() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = network_store();
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-restart").join("kept");
+    let first = builder(&mock, store.clone(), &clock)
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .unwrap();
+    let id = authorize_with(&first, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(first.access_token(&id).await.is_err());
+    let files = || std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(
+        files(),
+        1,
+        "the rotated tokens were written to the directory"
+    );
+    switch.heal();
+    drop(first);
+    let second = builder(&mock, store.clone(), &clock)
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while files() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file was never restored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second
+        .access_token(&id)
+        .await
+        .expect("the restored tokens are served");
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    second.access_token(&id).await.expect("and refreshed");
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
+/// The memory store keeps nothing past the process, so the manager holds what it could not
+/// store in memory; `restore_unsaved_files` puts it back once the store works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_store_holds_unsaved_tokens_in_memory_until_restored() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    let manager = builder(&mock, store, &clock).build().unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    switch.fail(FaultTarget::Writes, FaultKind::Unavailable);
+    let waiting = manager.restore_unsaved_files().await.unwrap();
+    assert_eq!(waiting.kept, 1, "the store still fails: kept");
+    switch.heal();
+    let report = manager.restore_unsaved_files().await.unwrap();
+    assert_eq!(report.restored, 1, "{report:?}");
+    manager.access_token(&id).await.expect("restored");
+    assert_eq!(mock.counters().totals.rotations, 1);
+}
+
+/// A store failover during the drain (the store refuses writes for a second): `shutdown`
+/// keeps retrying for `shutdown_grace` and the rotated tokens land in the store; nothing
+/// reaches the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_rides_out_a_store_failover_during_the_drain() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let manager = builder(&mock, Arc::new(store), &clock)
+        .tune(|p| {
+            p.result_write_patience = Duration::from_secs(60);
+            p.shutdown_grace = Duration::from_secs(5);
+        })
+        .on_unsaved_tokens({
+            let kept = kept.clone();
+            move |u| kept.lock().unwrap().push(u)
+        })
+        .build()
+        .unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Unavailable,
+    );
+    let caller = {
+        let (m, id) = (manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    while mock.counters().totals.rotations == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shutdown = {
+        let m = manager.clone();
+        tokio::spawn(async move { m.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    switch.heal();
+    shutdown.await.unwrap();
+    assert!(kept.lock().unwrap().is_empty(), "nothing went to the sink");
+    let token = caller
+        .await
+        .unwrap()
+        .expect("the result landed during the drain");
+    let stored = manager.store().get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.tokens().access_token, token);
+}
