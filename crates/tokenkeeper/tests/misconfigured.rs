@@ -72,3 +72,40 @@ async fn a_malformed_request_does_not_hold_up_healthy_processes() {
         .await
         .expect("a healthy process refreshes");
 }
+
+/// A malformed request may be about one installation alone (an `invalid_request` for its
+/// grant): it holds back that installation in this process, not the process's others (nor,
+/// each process tripping in turn, the fleet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_holds_back_only_its_installation() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let (odd, other) = (f.install().await, f.install().await);
+    f.advance(TWO_HOURS);
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::ErrorReply {
+            status: 400,
+            error: "unsupported_grant_type".into(),
+            description: "Unsupported grant type: None".into(),
+        },
+    )]);
+    assert!(matches!(
+        f.manager.access_token(&odd).await,
+        Err(Error::Configuration { .. })
+    ));
+    f.manager
+        .access_token(&other)
+        .await
+        .expect("the process's other installations refresh");
+    let calls = f.mock.counters().totals.token_calls;
+    assert!(matches!(
+        f.manager.access_token(&odd).await,
+        Err(Error::Configuration { .. })
+    ));
+    assert_eq!(
+        f.mock.counters().totals.token_calls,
+        calls,
+        "the odd one is held back here without asking again"
+    );
+}

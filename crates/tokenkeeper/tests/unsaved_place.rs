@@ -258,3 +258,36 @@ async fn shutdown_rides_out_a_store_failover_during_the_drain() {
     let stored = manager.store().get(&id).await.unwrap().unwrap();
     assert_eq!(stored.tokens().access_token, token);
 }
+
+/// A result that can no longer land (the user authorized the installation again meanwhile)
+/// is set aside in `obsolete/`, never deleted: its tokens may still be live at the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn obsolete_unsaved_files_are_set_aside_not_deleted() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = network_store();
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-obsolete").join("kept");
+    let manager = builder(&mock, store.clone(), &clock)
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    switch.heal();
+    authorize_with(&manager, &mock, Some(id.clone())).await;
+    let report = manager.restore_unsaved_files().await.unwrap();
+    assert_eq!((report.restored, report.obsolete), (0, 1), "{report:?}");
+    let aside = std::fs::read_dir(dir.join("obsolete")).unwrap().count();
+    assert_eq!(aside, 1, "set aside");
+    let left = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_file())
+        .count();
+    assert_eq!(left, 0);
+}

@@ -81,14 +81,25 @@ pub(crate) struct Engine {
     pub(crate) unsaved: unsaved::Place,
     pub(crate) seal: unsaved::Seal,
     breaker: Mutex<Option<(Timestamp, ErrorDetail)>>,
+    /// Installations this process holds back after a malformed request (see `hold_back`).
+    holds: Mutex<std::collections::HashMap<InstallationId, (Timestamp, ErrorDetail)>>,
     pub(crate) guard: guard::Guard,
     /// This process's lapsed leases under which nothing rotated.
     pub(crate) quiet_leases: lease::QuietLeases,
+    /// False while the startup restore of unsaved tokens runs.
+    pub(crate) restored: tokio::sync::watch::Sender<bool>,
     /// The cache's event watcher, once started (`fleet::ensure_watch`).
     pub(crate) watch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Engine {
+    /// Waits (at most 30 s) for the startup restore of unsaved tokens, if one runs.
+    pub(crate) async fn restore_done(&self) {
+        let mut done = self.restored.subscribe();
+        let wait = std::time::Duration::from_secs(30);
+        let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+    }
+
     pub(crate) fn emit(&self, id: &InstallationId, kind: LocalEventKind) {
         match &kind {
             LocalEventKind::Backoff { cause, .. } => metrics::backoff(&self.consumer_label, *cause),
@@ -104,12 +115,32 @@ impl Engine {
         });
     }
 
-    pub(crate) fn breaker_open(&self, now: Timestamp) -> Option<(Timestamp, ErrorDetail)> {
-        self.breaker
+    /// The consumer breaker, or this installation's hold in this process, while open.
+    pub(crate) fn breaker_open(
+        &self,
+        id: &InstallationId,
+        now: Timestamp,
+    ) -> Option<(Timestamp, ErrorDetail)> {
+        let consumer = self
+            .breaker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .filter(|(until, _)| now < *until)
+            .filter(|(until, _)| now < *until);
+        consumer.or_else(|| {
+            let holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+            holds.get(id).filter(|(until, _)| now < *until).cloned()
+        })
+    }
+
+    /// Holds installation `id` back in this process until `until` (a malformed request).
+    pub(crate) fn hold_back(&self, id: &InstallationId, until: Timestamp, detail: ErrorDetail) {
+        let now = self.clock.now();
+        let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        if holds.len() >= 4096 {
+            holds.retain(|_, (u, _)| *u > now);
+        }
+        holds.insert(id.clone(), (until, detail));
     }
 
     pub(crate) fn trip_breaker(&self, until: Timestamp, detail: ErrorDetail) {
@@ -349,15 +380,19 @@ impl TokenManagerBuilder {
                 unsaved,
                 seal: self.seal,
                 breaker: Mutex::new(None),
+                holds: Mutex::default(),
                 guard: guard::Guard::default(),
                 quiet_leases: lease::QuietLeases::default(),
+                restored: tokio::sync::watch::Sender::new(true),
                 watch: tokio::sync::Mutex::new(None),
             }),
         };
-        // What an earlier process left in the unsaved-tokens directory is put back now.
-        if manager.engine.unsaved.dir().is_some()
+        // What an earlier process left in the unsaved-tokens directory is put back now;
+        // flights wait for it before taking a lease (their stored token may be the retired one).
+        if manager.engine.unsaved.has_files()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            manager.engine.restored.send_replace(false);
             let m = manager.clone();
             runtime.spawn(async move {
                 if let Ok(report) = m.restore_unsaved_files().await
@@ -706,7 +741,7 @@ impl TokenManager {
             &self.engine.policy,
             self.engine.client.consumer().profile(),
         )
-        .with_breaker(self.engine.breaker_open(now)))
+        .with_breaker(self.engine.breaker_open(id, now)))
     }
 
     /// Lifecycle events of this process from now on.
@@ -804,47 +839,65 @@ impl TokenManager {
     }
 
     /// Puts back every result the unsaved-tokens place holds (the files of its directory, or
-    /// what an ephemeral store's manager held in memory), oldest first, and deletes each one
-    /// that landed or is obsolete (the installation holds newer tokens, was authorized again
-    /// or deleted). A manager does this by itself when it is built inside a Tokio runtime; call
+    /// what an ephemeral store's manager held in memory), oldest first, deletes each file that
+    /// landed, and moves the obsolete ones (the installation holds other tokens: newer ones,
+    /// a new grant, a revocation) to the directory's `obsolete/` folder. A manager does this by itself when it is built inside a Tokio runtime; call
     /// it again after a store outage. Files that cannot be read with this manager's keyring,
     /// and results the store would not take yet, are kept and counted.
     ///
     /// # Errors
     ///
-    /// None so far: every failure is counted in [`UnsavedRestore::kept`] and logged.
+    /// None so far: every failure is counted in [`UnsavedRestore::kept`] and logged (a
+    /// result whose installation this store does not hold is kept too: the directory may
+    /// serve several stores).
     pub async fn restore_unsaved_files(&self) -> Result<UnsavedRestore, Error> {
         let place = &self.engine.unsaved;
         let mut report = UnsavedRestore::default();
-        for (file, read) in place.pending(&self.engine.seal) {
-            let unsaved = match read {
-                Ok(unsaved) => unsaved,
-                Err(e) => {
-                    tracing::error!(file = ?file, error = %e, "an unsaved-tokens file could not be read; it is kept");
-                    report.kept += 1;
-                    continue;
-                }
-            };
-            let id = unsaved.installation.clone();
-            match self.restore_unsaved(unsaved.clone()).await {
-                Ok(()) => report.restored += 1,
-                Err(Error::Transition { .. } | Error::NotFound { .. }) => {
-                    tracing::warn!(installation = %id, "unsaved tokens are obsolete (newer tokens, a new grant or no installation); discarded");
-                    report.obsolete += 1;
-                }
-                Err(e) => {
-                    tracing::error!(installation = %id, error = %e, "unsaved tokens could not be restored yet; kept");
-                    report.kept += 1;
-                    place.keep_pending(unsaved);
-                    continue;
+        let mut pending = place.pending(&self.engine.seal).await;
+        // Passes until one lands nothing: a result whose predecessor lands later in the same
+        // pass (the writers' clocks disagreed on `at`) lands in the next one.
+        let mut obsolete = Vec::new();
+        loop {
+            let mut landed = false;
+            for (file, read) in std::mem::take(&mut pending) {
+                let unsaved = match read {
+                    Ok(unsaved) => unsaved,
+                    Err(e) => {
+                        tracing::error!(file = ?file, error = %e, "an unsaved-tokens file could not be read; it is kept");
+                        report.kept += 1;
+                        continue;
+                    }
+                };
+                match self.restore_unsaved(unsaved.clone()).await {
+                    Ok(()) => {
+                        report.restored += 1;
+                        landed = true;
+                        place.remove(file).await;
+                    }
+                    Err(Error::Transition { .. }) => pending.push((file, Ok(unsaved))),
+                    Err(e) => {
+                        // The store failed, the installation is not in this store (a
+                        // directory shared by several), or belongs to another consumer.
+                        tracing::error!(installation = %unsaved.installation, error = %e, "unsaved tokens could not be restored; kept");
+                        report.kept += 1;
+                        place.keep_pending(file, unsaved);
+                    }
                 }
             }
-            if let Some(file) = file
-                && let Err(e) = std::fs::remove_file(&file)
-            {
-                tracing::warn!(file = %file.display(), error = %e, "could not delete a restored unsaved-tokens file");
+            if !landed || pending.is_empty() {
+                obsolete.append(&mut pending);
+                break;
             }
         }
+        for (file, read) in obsolete {
+            if let Ok(unsaved) = read {
+                tracing::warn!(installation = %unsaved.installation, "unsaved tokens are obsolete (the installation holds other tokens, or was authorized again or revoked); set aside");
+            }
+            report.obsolete += 1;
+            place.set_aside(file).await;
+        }
+        // Flights that wait for the startup restore go on (whoever called this).
+        self.engine.restored.send_replace(true);
         Ok(report)
     }
 

@@ -84,7 +84,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         let record = engine.load(id).await?;
         let now = engine.clock.now();
         let stale_at = engine.policy.stale_at(record.tokens());
-        let breaker = engine.breaker_open(now);
+        let breaker = engine.breaker_open(id, now);
         let silent = match record.state().lease() {
             Some(lease) if unsent.as_ref().is_some_and(|(h, _)| *h == lease.holder) => {
                 Some(record.version())
@@ -122,6 +122,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 watched,
                 serve_valid,
             } => {
+                engine.restore_done().await;
                 // Counted until its last write, so shutdown() can wait for it.
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
@@ -200,7 +201,7 @@ fn context<'a>(
 /// before it spends a rate slot): the very decision the flight will make, not a copy of it.
 pub(super) fn would_take_lease(engine: &Engine, record: &Record) -> bool {
     let now = engine.clock.now();
-    let breaker = engine.breaker_open(now);
+    let breaker = engine.breaker_open(record.id(), now);
     let cx = context(engine, record, &Mode::Proactive, now, &breaker, None);
     matches!(decide(record, cx), Decision::TakeLease { .. })
 }
@@ -516,6 +517,10 @@ async fn land(
     // Once the lease is lost, the result is a late one: no more renewals.
     let mut lease_lost = false;
     let mut retry = super::retry::Patience::new(engine, engine.policy.result_write_patience);
+    // A write the store applied without its configured durability (a Redis `WAIT` shortfall)
+    // may vanish in a failover even once we see it stored: then a copy goes to the unsaved
+    // place as well (a restore sets it aside as obsolete if the write survived).
+    let mut not_durable = false;
     let (last_error, last) = loop {
         let (next, expected) = match pending.take() {
             Some(p) if lease_lost || p.1 == held.record().version() => p,
@@ -531,6 +536,10 @@ async fn land(
             // Our own write is there: the store applied it but reported a failure (e.g.
             // replicas did not confirm it in time).
             Ok(CasOutcome::Conflict(stored)) if *stored == next => {
+                if not_durable && tokens.rotated_from(&presented) {
+                    let why = "written, but without the store's configured durability at first";
+                    sink(engine, id, presented, tokens, why.to_owned()).await;
+                }
                 return Landed::Written(Box::new(next));
             }
             // One of our renewals landed unacknowledged: still our lease; recompute.
@@ -549,6 +558,7 @@ async fn land(
                 }
             }
             Err(e) => {
+                not_durable |= e.is_not_durable();
                 if !retry.wait(&e).await {
                     break (e, next);
                 }
@@ -788,20 +798,20 @@ async fn on_deferred(
     let server_error = streak
         .and_then(|s| s.server_error_since)
         .or((commit == CommitEvidence::ServerError).then_some(now));
+    // This attempt's own evidence opens a window of its own (an older one may have passed).
+    let this_attempt = (commit != CommitEvidence::None).then_some(now);
     let retry_at = match reuse_leeway(engine) {
-        Some(leeway) => {
-            [lost_reply, server_error]
-                .into_iter()
-                .flatten()
-                .fold(retry_at, |at, since| {
-                    at.min(inside_leeway(
-                        since,
-                        leeway,
-                        now,
-                        engine.policy.backoff_base,
-                    ))
-                })
-        }
+        Some(leeway) => [lost_reply, server_error, this_attempt]
+            .into_iter()
+            .flatten()
+            .fold(retry_at, |at, since| {
+                at.min(inside_leeway(
+                    since,
+                    leeway,
+                    now,
+                    engine.policy.backoff_base,
+                ))
+            }),
         _ => retry_at,
     };
     let event = Event::RefreshDeferred {
@@ -836,8 +846,8 @@ async fn on_deferred(
 
 /// The provider refused this process's own configuration (its client credentials, or the
 /// form of its request), which says nothing about the installation. It stays in this process:
-/// its consumer breaker fails its next refreshes fast (`consumer_breaker` for credentials,
-/// `backoff_max` for a malformed request). Nothing is written into the shared record, where
+/// its consumer breaker fails its next refreshes fast for `consumer_breaker` (credentials), or
+/// this installation alone is held back here for `backoff_max` (a malformed request). Nothing is written into the shared record, where
 /// it would stop healthy processes from refreshing (review finding E11): the lease is given
 /// back, due at once, for a healthy process to take.
 async fn on_consumer_failure(
@@ -859,7 +869,14 @@ async fn on_consumer_failure(
             now.saturating_add(engine.policy.backoff_max),
         ),
     };
-    engine.trip_breaker(until, detail.clone());
+    match cause {
+        // Credentials are the consumer's: every refresh of this process would be refused.
+        BackoffCause::ConsumerCredentialsInvalid => engine.trip_breaker(until, detail.clone()),
+        // A malformed request may be about this installation alone (an `invalid_request`):
+        // only it is held back here, so one odd installation cannot stop the process, nor,
+        // each process tripping in turn, the fleet.
+        _ => engine.hold_back(id, until, detail.clone()),
+    }
     let tokens = held.record().tokens().clone();
     let event = Event::LeaseReleased {
         fence: held.fence(),

@@ -58,11 +58,15 @@ pub(crate) type UnsavedSink = Arc<dyn Fn(UnsavedTokens) + Send + Sync>;
 pub(crate) enum Place {
     /// The application's sink.
     Callback(UnsavedSink),
-    /// One file per result in this private directory.
-    Dir(PathBuf),
+    /// One file per result in this private directory; what could not be written there is
+    /// held in memory meanwhile (and logged), never dropped.
+    Dir(PathBuf, Mutex<Vec<UnsavedTokens>>),
     /// Held in the manager (an ephemeral store), restored by `restore_unsaved_files`.
     Memory(Mutex<Vec<UnsavedTokens>>),
 }
+
+/// One result waiting to be restored: its file (if it has one) and what it holds.
+pub(crate) type Pending = (Option<PathBuf>, Result<UnsavedTokens, UnsavedFileError>);
 
 impl Place {
     /// Chooses the place from the builder's settings and the store's home, checking a
@@ -76,7 +80,7 @@ impl Place {
             (Some(sink), _, _) => Ok(Self::Callback(sink)),
             (None, Some(dir), _) | (None, None, UnsavedHome::Dir(dir)) => {
                 prepare_dir(&dir)?;
-                Ok(Self::Dir(dir))
+                Ok(Self::Dir(dir, Mutex::default()))
             }
             (None, None, UnsavedHome::Ephemeral) => Ok(Self::Memory(Mutex::default())),
             (None, None, _) => Err(ConfigError::OutOfRange {
@@ -99,10 +103,31 @@ impl Place {
                     tracing::error!("the unsaved-tokens sink panicked");
                 }
             }
-            Self::Dir(dir) => {
-                let (dir, seal) = (dir.clone(), seal.clone());
-                let _ =
-                    tokio::task::spawn_blocking(move || write_logged(&dir, &seal, &unsaved)).await;
+            Self::Dir(dir, fallback) => {
+                let (dir, seal, copy) = (dir.clone(), seal.clone(), unsaved.clone());
+                let written =
+                    tokio::task::spawn_blocking(move || write_file(&dir, &seal, &copy)).await;
+                match written {
+                    Ok(Ok(path)) => tracing::error!(
+                        installation = %unsaved.installation,
+                        error = %unsaved.error,
+                        file = %path.display(),
+                        "the provider rotated this installation's tokens but the store would not take them; they were written to this file and are restored when a manager starts (or by TokenManager::restore_unsaved_files)"
+                    ),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "the write task ended early".to_owned(),
+                        };
+                        tracing::error!(
+                            installation = %unsaved.installation,
+                            error = %unsaved.error,
+                            write_error = %why,
+                            "the provider rotated this installation's tokens, the store would not take them and they could not be written to the unsaved-tokens directory: they are held in memory until TokenManager::restore_unsaved_files puts them back (they are lost if this process ends first)"
+                        );
+                        lock(fallback).push(unsaved);
+                    }
+                }
             }
             Self::Memory(held) => {
                 tracing::error!(
@@ -110,58 +135,106 @@ impl Place {
                     error = %unsaved.error,
                     "the provider rotated this installation's tokens but the store would not take them; they are held in memory until TokenManager::restore_unsaved_files puts them back"
                 );
-                held.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(unsaved);
+                lock(held).push(unsaved);
             }
         }
     }
 
-    /// Everything waiting to be restored, oldest first: each with its file, if any.
-    pub(crate) fn pending(
-        &self,
-        seal: &Seal,
-    ) -> Vec<(Option<PathBuf>, Result<UnsavedTokens, UnsavedFileError>)> {
-        let mut pending: Vec<_> = match self {
-            Self::Callback(_) => Vec::new(),
-            Self::Memory(held) => {
-                std::mem::take(&mut *held.lock().unwrap_or_else(PoisonError::into_inner))
-                    .into_iter()
-                    .map(|u| (None, Ok(u)))
-                    .collect()
-            }
-            Self::Dir(dir) => std::fs::read_dir(dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .map(|p| {
-                    let read = read_file(&p, seal);
-                    (Some(p), read)
-                })
-                .collect(),
+    /// Everything waiting to be restored, oldest first (files are read on the blocking pool).
+    pub(crate) async fn pending(&self, seal: &Seal) -> Vec<Pending> {
+        let (dir, held) = match self {
+            Self::Callback(_) => return Vec::new(),
+            Self::Memory(held) => (None, held),
+            Self::Dir(dir, held) => (Some(dir.clone()), held),
         };
+        let mut pending: Vec<Pending> = std::mem::take(&mut *lock(held))
+            .into_iter()
+            .map(|u| (None, Ok(u)))
+            .collect();
+        if let Some(dir) = dir {
+            let seal = seal.clone();
+            let files = tokio::task::spawn_blocking(move || read_dir_files(&dir, &seal)).await;
+            pending.extend(files.unwrap_or_default());
+        }
         pending.sort_by_key(|(_, u)| u.as_ref().map(|u| u.at).ok());
         pending
     }
 
-    /// Puts back one that could not be restored yet (memory only; a file stays where it is).
-    pub(crate) fn keep_pending(&self, unsaved: UnsavedTokens) {
-        if let Self::Memory(held) = self {
-            held.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(unsaved);
+    /// Whether anything waits in the directory (a quick look, at build time).
+    pub(crate) fn has_files(&self) -> bool {
+        match self {
+            Self::Dir(dir, _) => std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| is_unsaved_file(&e.path())),
+            _ => false,
         }
     }
 
-    /// The directory, when tokens go to files.
-    pub(crate) fn dir(&self) -> Option<&Path> {
-        match self {
-            Self::Dir(dir) => Some(dir),
-            _ => None,
+    /// Puts back one that could not be restored yet (a file stays where it is).
+    pub(crate) fn keep_pending(&self, file: Option<PathBuf>, unsaved: UnsavedTokens) {
+        if let (Self::Memory(held) | Self::Dir(_, held), None) = (self, file) {
+            lock(held).push(unsaved);
         }
     }
+
+    /// Done with one: a restored file is deleted.
+    pub(crate) async fn remove(&self, file: Option<PathBuf>) {
+        if let Some(file) = file {
+            let f = file.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || std::fs::remove_file(f)).await {
+                tracing::warn!(file = %file.display(), error = %e, "could not delete a restored unsaved-tokens file");
+            }
+        }
+    }
+
+    /// An obsolete one (the installation holds other tokens): a file is moved to the
+    /// directory's `obsolete/` folder, never deleted (the tokens may still be live at the
+    /// provider, and an operator decides).
+    pub(crate) async fn set_aside(&self, file: Option<PathBuf>) {
+        let (Self::Dir(dir, _), Some(file)) = (self, file) else {
+            return;
+        };
+        let aside = dir.join("obsolete");
+        let moved = tokio::task::spawn_blocking(move || {
+            prepare_dir(&aside).map_err(std::io::Error::other)?;
+            let name = file.file_name().map(ToOwned::to_owned).unwrap_or_default();
+            std::fs::rename(&file, aside.join(name))
+        })
+        .await;
+        if let Ok(Err(e)) = moved {
+            tracing::warn!(error = %e, "could not move an obsolete unsaved-tokens file aside");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A file the default sink wrote (not a temporary one, not the probe).
+fn is_unsaved_file(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "json")
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.starts_with('.'))
+}
+
+/// Reads every unsaved-tokens file of `dir`.
+fn read_dir_files(dir: &Path, seal: &Seal) -> Vec<Pending> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| is_unsaved_file(p))
+        .map(|p| {
+            let read = read_file(&p, seal);
+            (Some(p), read)
+        })
+        .collect()
 }
 
 /// What `TokenManager::restore_unsaved_files` did.
@@ -193,6 +266,12 @@ pub(crate) enum Seal {
 const SEAL_FIELD: &str = "unsaved-tokens";
 /// The first line of a sealed file; the second is the sealed JSON.
 const SEALED_HEADER: &str = "tokenkeeper-unsaved-tokens sealed v1";
+
+/// A number no other file name of this process used (with the process id, of any process).
+fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Creates `dir` (owner-only) if needed and checks that it is private.
 fn prepare_dir(dir: &Path) -> Result<(), ConfigError> {
@@ -232,9 +311,7 @@ fn check_private(dir: &Path) -> Result<(), String> {
         let probe = dir.join(format!(
             ".tokenkeeper-probe-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+            next_seq()
         ));
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -256,25 +333,6 @@ fn check_private(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes one result to `dir` and logs where (or that it could not).
-fn write_logged(dir: &Path, seal: &Seal, unsaved: &UnsavedTokens) {
-    match write_file(dir, seal, unsaved) {
-        Ok(path) => tracing::error!(
-            installation = %unsaved.installation,
-            error = %unsaved.error,
-            file = %path.display(),
-            "the provider rotated this installation's tokens but the store would not take them; they were written to this file and are restored when a manager starts (or by TokenManager::restore_unsaved_files)"
-        ),
-        Err(e) => tracing::error!(
-            installation = %unsaved.installation,
-            error = %unsaved.error,
-            dir = %dir.display(),
-            write_error = %e,
-            "the provider rotated this installation's tokens, the store would not take them and they could not be written to the unsaved-tokens directory either: they are lost"
-        ),
-    }
-}
-
 fn write_file(dir: &Path, seal: &Seal, unsaved: &UnsavedTokens) -> std::io::Result<PathBuf> {
     use std::io::Write as _;
     // Checked at build; checked again, since it may have changed hands meanwhile.
@@ -294,21 +352,35 @@ fn write_file(dir: &Path, seal: &Seal, unsaved: &UnsavedTokens) -> std::io::Resu
         }
     };
     let name = format!(
-        "{}-{}.json",
+        "{}-{}-{}.json",
         unsaved
             .installation
             .as_str()
             .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
-        unsaved.at.unix_nanos()
+        unsaved.at.unix_nanos(),
+        next_seq()
     );
-    let path = dir.join(name);
+    let path = dir.join(&name);
+    // Written whole under a temporary name, then renamed, then the directory synced: after a
+    // crash the file is either complete or absent, never half there.
+    let temp = dir.join(format!(".{name}.{}.tmp", next_seq()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&path)?;
+    let mut file = options.open(&temp)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
+    drop(file);
+    if path.exists() {
+        std::fs::remove_file(&temp)?;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists", path.display()),
+        ));
+    }
+    std::fs::rename(&temp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(path)
 }
 
