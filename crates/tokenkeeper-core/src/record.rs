@@ -114,6 +114,12 @@ pub struct FailureStreak {
     /// installation a provider outage touched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_error_since: Option<Timestamp>,
+    /// When a late result revived the record after a peer's verdict on the refresh token it
+    /// rotated away: that peer may have presented the retired token, and a provider with reuse
+    /// detection may then have revoked the whole grant. Until the next success, a refusal is
+    /// explained as a lost rotation, not as a revocation by the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revived_after_verdict: Option<Timestamp>,
 }
 
 /// What a failed attempt says about whether the provider committed it (rotated the refresh

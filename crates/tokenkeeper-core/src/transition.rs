@@ -378,7 +378,23 @@ pub fn transition(
             next.tokens = tokens.merged_onto(&record.tokens);
             next.state = State::Active;
             next.due_at = Some(refresh_at);
-            next.failures = None;
+            // A revival after a peer's verdict (reached by presenting the retired token, unless
+            // there was none to present) remembers it until the next success.
+            next.failures = match &record.state {
+                State::ReauthorizationRequired { reason, .. }
+                    if *reason != ReauthReason::NoRefreshToken =>
+                {
+                    Some(FailureStreak {
+                        consecutive: 0,
+                        first_at: now,
+                        last_at: now,
+                        possibly_committed_since: None,
+                        server_error_since: None,
+                        revived_after_verdict: Some(now),
+                    })
+                }
+                _ => None,
+            };
             next.refresh_token_last_used = now;
         }
         Event::Refreshed {
@@ -498,6 +514,7 @@ fn next_streak(
             .and_then(|s| s.possibly_committed_since)
             .or(lost_reply),
         server_error_since: previous.and_then(|s| s.server_error_since).or(server_error),
+        revived_after_verdict: previous.and_then(|s| s.revived_after_verdict),
     }
 }
 

@@ -262,8 +262,16 @@ proptest! {
                         next.written_under(),
                         if leased_event { rec.state().lease().map(|l| &l.holder) } else { None }
                     );
+                    // A revival after a peer's verdict is remembered (until the next success).
+                    if kind == EventKind::LateRefreshed
+                        && matches!(rec.state(), State::ReauthorizationRequired { reason, .. }
+                            if *reason != ReauthReason::NoRefreshToken)
+                    {
+                        prop_assert!(next.failures().is_some_and(|f| f.revived_after_verdict.is_some()));
+                    }
                     // A possibly committed attempt is remembered until a success or a new grant.
-                    if let (Some(before), Some(after)) = (rec.failures(), next.failures()) {
+                    let success = matches!(kind, EventKind::Refreshed | EventKind::LateRefreshed | EventKind::Authorized);
+                    if let (Some(before), Some(after), false) = (rec.failures(), next.failures(), success) {
                         if before.possibly_committed_since.is_some() {
                             prop_assert_eq!(before.possibly_committed_since, after.possibly_committed_since);
                         }

@@ -144,3 +144,46 @@ async fn a_late_result_that_cannot_land_reaches_the_sink() {
     assert_eq!(kept[0].installation, id);
     assert_ne!(kept[0].tokens.access_token, granted.access_token);
 }
+
+/// Review E7: on a provider with reuse detection, a peer that took a stalled holder's lease
+/// over after the leeway presented the retired token, and the provider revoked the whole
+/// grant. The holder's late result still lands (it is the only copy if the grant lives),
+/// but the record remembers that a peer presented the retired token: the next refusal is
+/// explained as the lost rotation it is, not as "the user revoked the app".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::atlassian_3lo(),
+        MockProfile::Atlassian3lo,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    f.advance(Duration::from_secs(11 * 60));
+    let peer = f.peer(profiles::atlassian_3lo());
+    assert!(matches!(
+        peer.access_token(&id).await,
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        })
+    ));
+    assert_eq!(f.mock.counters().totals.reuse_detections, 1);
+    gate.release();
+    let _ = holder.await.unwrap();
+    f.advance(Duration::from_secs(3600));
+    match f.manager.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("expected RotatedTokenLost, got {other:?}"),
+    }
+}

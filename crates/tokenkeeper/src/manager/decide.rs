@@ -244,7 +244,8 @@ pub fn too_soon(record: &Record, cx: &Context<'_>) -> Option<Timestamp> {
 /// attempt of the current failure streak may have rotated it (its reply was lost, or a 5xx
 /// came after sending) and, on a provider with a reuse leeway, that leeway has passed since
 /// (inside it the provider would still accept the token, so a refusal there is not about a
-/// rotation); otherwise
+/// rotation), or a late result revived the record after a peer's verdict (the peer may have
+/// presented the retired token and made the provider revoke the grant); otherwise
 /// `RefreshTokenRejected`.
 pub fn rejection_reason(
     scope_rejected: bool,
@@ -257,10 +258,11 @@ pub fn rejection_reason(
     let past_leeway =
         |since: Timestamp| reuse_leeway.is_none_or(|l| now >= since.saturating_add(l));
     let rotation_in_doubt = record.failures().is_some_and(|f| {
-        [f.possibly_committed_since, f.server_error_since]
-            .into_iter()
-            .flatten()
-            .any(past_leeway)
+        f.revived_after_verdict.is_some()
+            || [f.possibly_committed_since, f.server_error_since]
+                .into_iter()
+                .flatten()
+                .any(past_leeway)
     });
     if scope_rejected {
         ReauthReason::ScopesChanged
