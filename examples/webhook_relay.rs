@@ -13,8 +13,16 @@
 //!
 //! Each POST carries the event as JSON and:
 //! - `X-Tokenkeeper-Timestamp`: unix seconds of the attempt;
-//! - `X-Tokenkeeper-Signature`: `sha256=` + hex HMAC-SHA256(secret, timestamp + "." + body);
-//! - `X-Tokenkeeper-Delivery`: the event's `delivery_id()`, the same on every delivery.
+//! - `X-Tokenkeeper-Delivery`: the event's `delivery_id()`, the same on every delivery;
+//! - `X-Tokenkeeper-Signature`: `v1=` + hex HMAC-SHA256(secret, "v1:" + timestamp + ":" +
+//!   delivery + ":" + body): the delivery id is signed, so de-duplicating on it is safe.
+//!
+//! An endpoint verifies the signature in constant time, refuses a timestamp more than
+//! [`TOLERANCE`] away from its clock (a captured request cannot be replayed later), and
+//! acts on each delivery id once (a replay inside the window changes nothing), as the
+//! self-test's endpoint does. The relay refuses a secret shorter than 32 bytes, a plain
+//! `http://` endpoint other than loopback, and follows no redirect (a 307 would re-post
+//! signed events wherever it points).
 //!
 //! `--self-test` runs the whole story on this machine: a mock provider, a SQLite store with a
 //! manager writing events, a receiver that checks every signature and answers 503 to some
@@ -43,25 +51,54 @@ const SIGNATURE: &str = "x-tokenkeeper-signature";
 const TIMESTAMP: &str = "x-tokenkeeper-timestamp";
 const DELIVERY: &str = "x-tokenkeeper-delivery";
 const SECRET_ENV: &str = "TK_RELAY_SECRET";
+/// How far a delivery's timestamp may be from the endpoint's clock.
+const TOLERANCE: Duration = Duration::from_secs(300);
+/// The shortest secret the relay accepts.
+const MIN_SECRET: usize = 32;
 
-/// `sha256=` + hex HMAC-SHA256 of `timestamp.body`.
-fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+/// The MAC over `v1:timestamp:delivery:body`.
+fn mac(secret: &[u8], timestamp: &str, delivery: &str, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
+    for part in [
+        b"v1:",
+        timestamp.as_bytes(),
+        b":",
+        delivery.as_bytes(),
+        b":",
+    ] {
+        mac.update(part);
+    }
     mac.update(body);
-    let hex: String = mac
+    mac
+}
+
+/// `v1=` + hex HMAC-SHA256 of `v1:timestamp:delivery:body`.
+fn signature(secret: &[u8], timestamp: &str, delivery: &str, body: &[u8]) -> String {
+    let hex: String = mac(secret, timestamp, delivery, body)
         .finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("sha256={hex}")
+    format!("v1={hex}")
 }
 
-/// Checks a signature in constant time (what an endpoint does with the headers).
-fn verify(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool {
-    let Some(hex) = header.strip_prefix("sha256=") else {
+/// What an endpoint does with the headers: the timestamp within [`TOLERANCE`] of `now`
+/// (unix seconds), and the signature checked in constant time.
+fn verify(
+    secret: &[u8],
+    (timestamp, delivery): (&str, &str),
+    body: &[u8],
+    header: &str,
+    now: u64,
+) -> bool {
+    let Ok(at) = timestamp.parse::<u64>() else {
+        return false;
+    };
+    if at.abs_diff(now) > TOLERANCE.as_secs() {
+        return false;
+    }
+    let Some(hex) = header.strip_prefix("v1=") else {
         return false;
     };
     let Some(bytes) = (0..hex.len())
@@ -74,11 +111,56 @@ fn verify(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool {
     else {
         return false;
     };
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&bytes).is_ok()
+    mac(secret, timestamp, delivery, body)
+        .verify_slice(&bytes)
+        .is_ok()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The relay's HTTP client: no redirects (a 307 or 308 would re-post signed events to
+/// wherever it points), a bounded wait.
+fn relay_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// The endpoint, if it is https, or plain http on a loopback host.
+fn checked_endpoint(endpoint: &str) -> Fallible<reqwest::Url> {
+    let url: reqwest::Url = endpoint.parse()?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(format!(
+            "the endpoint {endpoint} must be https (plain http only on a loopback host): signed events carry installation ids and the provider's words"
+        )
+        .into()),
+    }
+}
+
+/// The secret, if it is long enough to be one.
+fn checked_secret(secret: String) -> Fallible<Vec<u8>> {
+    if secret.len() < MIN_SECRET {
+        return Err(format!(
+            "{SECRET_ENV} holds {} bytes; give it at least {MIN_SECRET} random bytes (an empty or short key lets anyone sign events)",
+            secret.len()
+        )
+        .into());
+    }
+    Ok(secret.into_bytes())
 }
 
 struct Relay {
@@ -94,17 +176,18 @@ impl Relay {
         let body = serde_json::to_vec(event)?;
         let mut pause = Duration::from_millis(50);
         for attempt in 1u32.. {
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)?
-                .as_secs()
-                .to_string();
+            let timestamp = unix_now().to_string();
+            let delivery = event.delivery_id();
             let sent = self
                 .http
                 .post(self.endpoint.clone())
                 .header("content-type", "application/json")
                 .header(TIMESTAMP, &timestamp)
-                .header(SIGNATURE, signature(&self.secret, &timestamp, &body))
-                .header(DELIVERY, event.delivery_id())
+                .header(
+                    SIGNATURE,
+                    signature(&self.secret, &timestamp, &delivery, &body),
+                )
+                .header(DELIVERY, &delivery)
                 .body(body.clone())
                 .send()
                 .await;
@@ -184,11 +267,9 @@ async fn main() -> Fallible<()> {
     let secret =
         std::env::var(SECRET_ENV).map_err(|_| format!("{SECRET_ENV} is not set; {usage}"))?;
     let relay = Relay {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()?,
-        endpoint: endpoint.parse()?,
-        secret: secret.into_bytes(),
+        http: relay_client()?,
+        endpoint: checked_endpoint(&endpoint)?,
+        secret: checked_secret(secret)?,
         cursor_file: cursor_file.into(),
     };
     relay.run(Arc::new(SqliteStore::open(store).await?)).await
@@ -199,6 +280,12 @@ async fn main() -> Fallible<()> {
 struct Received {
     /// Every accepted delivery, in arrival order: (delivery id, event).
     accepted: Vec<(String, LifecycleEvent)>,
+    /// The delivery ids acted on (each once).
+    acted: HashSet<String>,
+    /// Deliveries of an id already acted on: acknowledged, not acted on again.
+    repeats: u64,
+    /// The first accepted request as sent: (timestamp, delivery, signature, body).
+    captured: Option<(String, String, String, Vec<u8>)>,
     attempts: u64,
     refused_503: u64,
     bad_signatures: u64,
@@ -220,7 +307,9 @@ async fn endpoint(secret: Vec<u8>, seen: Arc<Mutex<Received>>) -> Fallible<Strin
                 };
                 let mut seen = seen.lock().unwrap();
                 seen.attempts += 1;
-                if !verify(&secret, &header(TIMESTAMP), &body, &header(SIGNATURE)) {
+                let (timestamp, delivery) = (header(TIMESTAMP), header(DELIVERY));
+                let signed = (timestamp.as_str(), delivery.as_str());
+                if !verify(&secret, signed, &body, &header(SIGNATURE), unix_now()) {
                     seen.bad_signatures += 1;
                     return StatusCode::UNAUTHORIZED;
                 }
@@ -231,7 +320,16 @@ async fn endpoint(secret: Vec<u8>, seen: Arc<Mutex<Received>>) -> Fallible<Strin
                 }
                 match serde_json::from_slice::<LifecycleEvent>(&body) {
                     Ok(event) => {
-                        seen.accepted.push((header(DELIVERY), event));
+                        if !seen.acted.insert(delivery.clone()) {
+                            // Already acted on (a re-send after a crash, or a replay inside
+                            // the window): acknowledged, nothing done again.
+                            seen.repeats += 1;
+                        }
+                        if seen.captured.is_none() {
+                            let sig = header(SIGNATURE);
+                            seen.captured = Some((timestamp, delivery.clone(), sig, body.to_vec()));
+                        }
+                        seen.accepted.push((delivery, event));
                         StatusCode::OK
                     }
                     Err(_) => StatusCode::BAD_REQUEST,
@@ -298,7 +396,7 @@ async fn self_test() -> Fallible<()> {
 
 async fn run_self_test(dir: &Path) -> Fallible<()> {
     let (db, cursor) = (dir.join("tokens.db"), dir.join("relay.cursor"));
-    let secret = "self-test-webhook-secret";
+    let secret = "self-test-webhook-secret-of-32-bytes-at-least";
     let mock = MockProvider::builder()
         .profile(MockProfile::Bitbucket)
         .start()
@@ -358,46 +456,127 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
         )
         .into());
     }
-    let seen = seen.lock().unwrap();
-    // In order per installation: first deliveries follow the store's versions exactly.
-    let mut first = HashSet::new();
-    let mut per_installation: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (delivery, event) in &seen.accepted {
-        if event.delivery_id() != *delivery {
-            return Err(format!("delivery id {delivery} differs from the event's own").into());
+    let shared = seen.clone();
+    let (duplicates, retried, installations) = {
+        let seen = seen.lock().unwrap();
+        // In order per installation: first deliveries follow the store's versions exactly.
+        let mut first = HashSet::new();
+        let mut per_installation: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (delivery, event) in &seen.accepted {
+            if event.delivery_id() != *delivery {
+                return Err(format!("delivery id {delivery} differs from the event's own").into());
+            }
+            if first.insert(delivery.clone()) {
+                per_installation
+                    .entry(event.installation.to_string())
+                    .or_default()
+                    .push(event.version);
+            }
         }
-        if first.insert(delivery.clone()) {
-            per_installation
-                .entry(event.installation.to_string())
+        let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for e in &stored {
+            expected
+                .entry(e.installation.to_string())
                 .or_default()
-                .push(event.version);
+                .push(e.version);
         }
-    }
-    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in &stored {
-        expected
-            .entry(e.installation.to_string())
-            .or_default()
-            .push(e.version);
-    }
-    if per_installation != expected {
-        return Err("an installation's events arrived out of order or incomplete".into());
-    }
-    if seen.bad_signatures > 0 || seen.refused_503 == 0 {
-        return Err(format!(
-            "{} bad signatures, {} retried attempts",
-            seen.bad_signatures, seen.refused_503
+        if per_installation != expected {
+            return Err("an installation's events arrived out of order or incomplete".into());
+        }
+        if seen.bad_signatures > 0 || seen.refused_503 == 0 {
+            return Err(format!(
+                "{} bad signatures, {} retried attempts",
+                seen.bad_signatures, seen.refused_503
+            )
+            .into());
+        }
+        (
+            seen.accepted.len() - first.len(),
+            seen.refused_503,
+            expected.len(),
         )
-        .into());
-    }
-    let duplicates = seen.accepted.len() - first.len();
+    };
+    replays_are_refused(&hook, secret.as_bytes(), &shared).await?;
     println!(
-        "webhook_relay self-test: {} events of {} installations delivered in order per installation across a SIGKILL after {before_kill} and a restart; {duplicates} re-sent at least once, {} attempts retried after a 503, every signature verified",
+        "webhook_relay self-test: {} events of {} installations delivered in order per installation across a SIGKILL after {before_kill} and a restart; {duplicates} re-sent at least once, {retried} attempts retried after a 503, every signature verified; a re-timestamped replay refused, a repeat acknowledged and not acted on twice, a replay past {}s refused",
         stored.len(),
-        expected.len(),
-        seen.refused_503,
+        installations,
+        TOLERANCE.as_secs(),
     );
     Ok(())
+}
+
+/// A captured delivery replayed: with a new timestamp (the signature no longer matches), as
+/// is (acknowledged, nothing acted on again), and judged later than the window (refused).
+/// Also the relay's own refusals: a short secret, a remote plain-http endpoint.
+async fn replays_are_refused(
+    hook: &str,
+    secret: &[u8],
+    seen: &Arc<Mutex<Received>>,
+) -> Fallible<()> {
+    let (timestamp, delivery, sig, body) = seen
+        .lock()
+        .unwrap()
+        .captured
+        .clone()
+        .ok_or("nothing was delivered")?;
+    let post = |timestamp: String| {
+        relay_client().map(|c| {
+            c.post(hook)
+                .header(TIMESTAMP, timestamp)
+                .header(DELIVERY, &delivery)
+                .header(SIGNATURE, &sig)
+                .body(body.clone())
+        })
+    };
+    let forged = post((unix_now() + 1).to_string())?.send().await?;
+    let (repeats, acted) = {
+        let s = seen.lock().unwrap();
+        (s.repeats, s.acted.len())
+    };
+    let again = post(timestamp.clone())?.send().await?;
+    let after = seen.lock().unwrap().acted.len();
+    let late = unix_now() + TOLERANCE.as_secs() + 1;
+    let signed = (timestamp.as_str(), delivery.as_str());
+    let checks = [
+        (
+            forged.status() == 401,
+            "a re-timestamped replay was accepted",
+        ),
+        (again.status().is_success(), "a repeat was not acknowledged"),
+        (
+            after == acted,
+            "a replay inside the window was acted on twice",
+        ),
+        (
+            seen.lock().unwrap().repeats > repeats,
+            "the repeat was not seen as one",
+        ),
+        (
+            verify(secret, signed, &body, &sig, unix_now()),
+            "the captured request does not verify",
+        ),
+        (
+            !verify(secret, signed, &body, &sig, late),
+            "a replay past the window verifies",
+        ),
+        (
+            checked_secret("short".into()).is_err(),
+            "a short secret was accepted",
+        ),
+        (
+            checked_endpoint("http://hooks.example/tk").is_err(),
+            "remote plain http accepted",
+        ),
+        (
+            checked_endpoint("https://hooks.example/tk").is_ok(),
+            "https refused",
+        ),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, why)) => Err((*why).into()),
+        None => Ok(()),
+    }
 }
 
 async fn all_events(store: &dyn TokenStore) -> Fallible<(Vec<LifecycleEvent>, EventCursor)> {
