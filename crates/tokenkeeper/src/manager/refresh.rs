@@ -127,18 +127,8 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
                 };
-                // A lapsed lease of this process's own under which nothing rotated is no
-                // evidence of a lost rotation; one that was itself a takeover still is.
                 let lapsed = record.state().lease().map(|l| l.holder.clone());
-                let own = match (unsent.take(), &lapsed) {
-                    (Some((h, was_takeover)), Some(l)) if h == *l => Some(was_takeover),
-                    (_, Some(l)) if engine.quiet_leases.contains(l) => Some(false),
-                    _ => None,
-                };
-                let takeover = match own {
-                    Some(was_takeover) => was_takeover,
-                    None => takeover,
-                };
+                let takeover = takeover_evidence(engine, lapsed.as_ref(), unsent.take(), takeover);
                 let Some(mut held) = take_lease(engine, &record, now, watched).await? else {
                     continue;
                 };
@@ -147,8 +137,6 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 }
                 if takeover {
                     held.mark_doubt();
-                }
-                if takeover {
                     tracing::warn!(
                         silent_for_a_ttl = watched.is_some(),
                         "took over a peer's refresh lease: its holder died or stalled mid-refresh"
@@ -163,6 +151,22 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         }
     }
     unreachable!("the attempt counter is unbounded")
+}
+
+/// Whether taking the `lapsed` lease over is evidence that something may have rotated under
+/// it. A lapsed lease of this process's own under which nothing rotated (this drive's
+/// `unsent` one, or one noted quiet) is not; one that was itself a takeover still is.
+fn takeover_evidence(
+    engine: &Engine,
+    lapsed: Option<&LeaseHolder>,
+    unsent: Option<(LeaseHolder, bool)>,
+    takeover: bool,
+) -> bool {
+    match (unsent, lapsed) {
+        (Some((h, was_takeover)), Some(l)) if h == *l => was_takeover,
+        (_, Some(l)) if engine.quiet_leases.contains(l) => false,
+        _ => takeover,
+    }
 }
 
 /// Callers' flights cache what they get; the background refresher only updates tokens that
@@ -783,37 +787,8 @@ async fn on_deferred(
     let leased = held.record().clone();
     let leased = &leased;
     let cause = BackoffCause::Transient;
-    let retry_at = engine
-        .policy
-        .retry_at(now, leased.failures(), error.retry_after());
-    // After an attempt that may have rotated the token (a lost reply, or a 5xx after
-    // sending), a provider with a reuse leeway is retried inside it (at half the leeway at
-    // the latest) while it lasts, whatever the backoff or `Retry-After` say: past it, the
-    // previous token is worthless if the rotation happened.
     let commit = error.commit_evidence();
-    let streak = leased.failures();
-    let lost_reply = streak
-        .and_then(|s| s.possibly_committed_since)
-        .or((commit == CommitEvidence::ReplyLost).then_some(now));
-    let server_error = streak
-        .and_then(|s| s.server_error_since)
-        .or((commit == CommitEvidence::ServerError).then_some(now));
-    // This attempt's own evidence opens a window of its own (an older one may have passed).
-    let this_attempt = (commit != CommitEvidence::None).then_some(now);
-    let retry_at = match reuse_leeway(engine) {
-        Some(leeway) => [lost_reply, server_error, this_attempt]
-            .into_iter()
-            .flatten()
-            .fold(retry_at, |at, since| {
-                at.min(inside_leeway(
-                    since,
-                    leeway,
-                    now,
-                    engine.policy.backoff_base,
-                ))
-            }),
-        _ => retry_at,
-    };
+    let retry_at = transient_retry_at(engine, leased, error, now);
     let event = Event::RefreshDeferred {
         fence: held.fence(),
         retry_at,
@@ -910,6 +885,44 @@ fn note_quiet(engine: &Engine, held: &HeldLease) {
     {
         engine.quiet_leases.note(&lease.holder);
     }
+}
+
+/// When to retry after a transient failure of `leased`'s refresh: the policy's backoff
+/// (honouring `Retry-After`), except that after an attempt that may have rotated the token (a
+/// lost reply, or a 5xx after sending) a provider with a reuse leeway is retried inside it
+/// while it lasts, whatever the backoff or `Retry-After` say: past it, the previous token is
+/// worthless if the rotation happened.
+fn transient_retry_at(
+    engine: &Engine,
+    leased: &Record,
+    error: &OAuthError,
+    now: Timestamp,
+) -> Timestamp {
+    let retry_at = engine
+        .policy
+        .retry_at(now, leased.failures(), error.retry_after());
+    let Some(leeway) = reuse_leeway(engine) else {
+        return retry_at;
+    };
+    let streak = leased.failures();
+    // Each kind of evidence has its window; this attempt's own opens one too (an older
+    // window may have passed).
+    let this_attempt = (error.commit_evidence() != CommitEvidence::None).then_some(now);
+    [
+        streak.and_then(|s| s.possibly_committed_since),
+        streak.and_then(|s| s.server_error_since),
+        this_attempt,
+    ]
+    .into_iter()
+    .flatten()
+    .fold(retry_at, |at, since| {
+        at.min(inside_leeway(
+            since,
+            leeway,
+            now,
+            engine.policy.backoff_base,
+        ))
+    })
 }
 
 /// The latest retry that still presents the refresh token inside the reuse leeway that began
