@@ -154,6 +154,15 @@ PY
 fi
 log "cargo deny check licenses bans sources"
 cargo deny check licenses bans sources
+# Advisories need the RustSec database, which these machines cannot download: checked
+# offline from a copy when one is there, and said plainly when not.
+advisory_dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
+if [ -n "$(ls -A "$advisory_dbs" 2>/dev/null)" ]; then
+    log "cargo deny check advisories (offline, from the database in $advisory_dbs)"
+    cargo deny --offline check advisories
+else
+    log "advisories NOT checked: no RustSec database in $advisory_dbs (copy one there, or run 'cargo deny check advisories' where the network allows)"
+fi
 
 # The fuzz targets live outside the workspace: make sure they still compile (running them
 # takes cargo-fuzz and minutes each: see README, "Fuzzing").

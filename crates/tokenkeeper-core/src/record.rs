@@ -120,6 +120,15 @@ pub struct FailureStreak {
     /// explained as a lost rotation, not as a revocation by the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revived_after_verdict: Option<Timestamp>,
+    /// How many times the mass-rejection guard held a refusal of this installation's refresh
+    /// token in this streak: each retry of a hold comes twice as late as the one before, so a
+    /// day's hold presents the refused token a handful of times, not every window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_refusals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What a failed attempt says about whether the provider committed it (rotated the refresh

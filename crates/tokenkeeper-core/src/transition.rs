@@ -391,6 +391,7 @@ pub fn transition(
                         possibly_committed_since: None,
                         server_error_since: None,
                         revived_after_verdict: Some(now),
+                        held_refusals: 0,
                     })
                 }
                 _ => None,
@@ -422,12 +423,7 @@ pub fn transition(
                 cause,
             };
             next.due_at = Some(retry_at);
-            next.failures = Some(next_streak(
-                record.failures.as_ref(),
-                cause == BackoffCause::Transient,
-                commit,
-                now,
-            ));
+            next.failures = Some(next_streak(record.failures.as_ref(), cause, commit, now));
             next.last_error = Some(detail.clone());
             error = Some(detail);
         }
@@ -495,10 +491,12 @@ impl Record {
 /// attempt may have rotated the token is kept whatever follows, until a success or a new grant.
 fn next_streak(
     previous: Option<&FailureStreak>,
-    transient: bool,
+    cause: BackoffCause,
     commit: CommitEvidence,
     now: Timestamp,
 ) -> FailureStreak {
+    let transient = cause == BackoffCause::Transient;
+    let held = u32::from(cause == BackoffCause::MassRejection);
     let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(now);
     let server_error = (commit == CommitEvidence::ServerError).then_some(now);
     let (consecutive, first_at) = match previous {
@@ -515,6 +513,7 @@ fn next_streak(
             .or(lost_reply),
         server_error_since: previous.and_then(|s| s.server_error_since).or(server_error),
         revived_after_verdict: previous.and_then(|s| s.revived_after_verdict),
+        held_refusals: previous.map_or(0, |s| s.held_refusals).saturating_add(held),
     }
 }
 

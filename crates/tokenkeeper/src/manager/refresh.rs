@@ -703,11 +703,14 @@ async fn judge(
     else {
         return condemn(engine, id, held, reason, detail, now).await;
     };
-    let retry_at = until.min(
-        now.saturating_add(guard.map_or(engine.policy.backoff_max, |g| {
-            g.window.min(engine.policy.backoff_max)
-        })),
-    );
+    // Each retry of one installation's hold comes twice as late as the one before (review
+    // E14): the refused token is presented a handful of times in a day's hold, not every
+    // window.
+    let step = guard.map_or(engine.policy.backoff_max, |g| {
+        g.window.min(engine.policy.backoff_max)
+    });
+    let held_before = held.record().failures().map_or(0, |f| f.held_refusals);
+    let retry_at = until.min(now.saturating_add(step.saturating_mul(1 << held_before.min(16))));
     let mut detail = detail;
     let said = detail.description.take().unwrap_or_default();
     detail.description = Some(
