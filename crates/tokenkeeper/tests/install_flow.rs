@@ -511,3 +511,27 @@ async fn a_cookie_name_padded_with_unicode_space_is_not_the_binding() {
     let spaced = format!("a=b;\t {name}={value}");
     assert!(tokenkeeper::BrowserBinding::from_cookie_header(&spaced, &begun.state).is_ok());
 }
+
+/// Review N1: two consumers that share a state key (one key for the whole application, as the
+/// README once showed) cannot complete each other's flows: the state is bound to the consumer
+/// that issued it (profile, client id, redirect URI, token endpoint), so a mix-up that routes
+/// one provider's callback to another consumer's manager is refused.
+#[tokio::test]
+async fn a_state_of_one_consumer_is_refused_by_another_sharing_its_key() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let other = common::manager_builder(
+        consumer_for(profiles::github_app(), &f.mock, DEFAULT_CLIENT_SECRET),
+        f.store.clone(),
+    )
+    .build()
+    .unwrap();
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let (code, _) = browser(&begun.url).await;
+    match other
+        .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+        .await
+    {
+        Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::InvalidState) => {}
+        other => panic!("another consumer's state is refused: {other:?}"),
+    }
+}

@@ -318,6 +318,7 @@ impl OAuthClient {
             .saturating_add(consumer.authorization_ttl());
         let state = AuthorizationState::new(state::encode(
             key,
+            &consumer_tag(consumer),
             &StateClaims {
                 installation: installation.clone(),
                 nonce,
@@ -372,8 +373,8 @@ impl OAuthClient {
         if keys.is_empty() {
             return Err(AuthorizationError::NoStateKey);
         }
-        let claims =
-            state::decode(keys, state.as_str()).map_err(|_| AuthorizationError::InvalidState)?;
+        let claims = state::decode(keys, &consumer_tag(self.consumer()), state.as_str())
+            .map_err(|_| AuthorizationError::InvalidState)?;
         if self.clock().now() >= claims.expires_at {
             return Err(AuthorizationError::ExpiredState {
                 installation: claims.installation,
@@ -434,6 +435,23 @@ impl OAuthClient {
 }
 
 /// The consumer name recorded in each installation: `profile/client_id`.
+/// What a state is bound to (review N1): the consumer's profile name, client id, redirect URI
+/// and token endpoint, hashed. Another consumer (even one sharing the state key) refuses it.
+fn consumer_tag(consumer: &crate::oauth::config::ConsumerConfig) -> [u8; state::CONSUMER_TAG_LEN] {
+    let profile = consumer.profile();
+    let mut hash = Sha256::new();
+    for part in [
+        profile.name.as_str(),
+        consumer.client_id(),
+        consumer.redirect_uri().as_str(),
+        profile.token_url.as_str(),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0u8]);
+    }
+    hash.finalize().into()
+}
+
 pub(crate) fn consumer_name(client: &OAuthClient) -> String {
     format!(
         "{}/{}",

@@ -10,6 +10,11 @@
 //! The state alone completes nothing: the callback must also bring the browser binding whose
 //! hash it carries, and the store's flow claim lets the code be exchanged once.
 //!
+//! The MAC also covers the consumer the state was issued for (a hash of its profile name,
+//! client id, redirect URI and token endpoint, not carried in the state): a state key shared by
+//! two consumers cannot carry a flow from one to the other (review N1, the mix-up attack of RFC
+//! 9700 §4.4), whatever callback URL the state comes back to.
+//!
 //! Layout before base64url: `version (1) | key id (1) | expires_at unix nanos (8, big endian)
 //! | nonce (16) | purpose (1) | binding hash (32) | id length (1) | id | mac (32)`.
 
@@ -23,7 +28,9 @@ use crate::oauth::keys::StateKey;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const STATE_VERSION: u8 = 2;
+const STATE_VERSION: u8 = 3;
+/// The length of a consumer's tag ([`consumer tags`](encode) are SHA-256 hashes).
+pub(crate) const CONSUMER_TAG_LEN: usize = 32;
 /// Bytes of randomness in each state.
 pub(crate) const NONCE_LEN: usize = 16;
 const HASH_LEN: usize = 32;
@@ -54,15 +61,21 @@ pub(crate) struct StateClaims {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Forged;
 
-fn mac(key: &StateKey) -> HmacSha256 {
+fn mac(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN]) -> HmacSha256 {
     // HMAC accepts keys of any length: this cannot fail.
     let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
-    m.update(b"tokenkeeper/state/v2/");
+    m.update(b"tokenkeeper/state/v3/");
+    m.update(consumer);
     m
 }
 
-/// Signs `claims` with `key` into a URL-safe state string.
-pub(crate) fn encode(key: &StateKey, claims: &StateClaims) -> String {
+/// Signs `claims` with `key` for the consumer whose tag is `consumer` into a URL-safe state
+/// string.
+pub(crate) fn encode(
+    key: &StateKey,
+    consumer: &[u8; CONSUMER_TAG_LEN],
+    claims: &StateClaims,
+) -> String {
     let id = claims.installation.as_str().as_bytes();
     let mut bytes = Vec::with_capacity(HEAD_LEN + id.len() + MAC_LEN);
     bytes.push(STATE_VERSION);
@@ -77,22 +90,27 @@ pub(crate) fn encode(key: &StateKey, claims: &StateClaims) -> String {
     // Installation ids are at most 200 bytes (`MAX_ID_BYTES`), so the length fits a byte.
     bytes.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
     bytes.extend_from_slice(id);
-    let mut m = mac(key);
+    let mut m = mac(key, consumer);
     m.update(&bytes);
     bytes.extend_from_slice(&m.finalize().into_bytes());
     URL_SAFE_NO_PAD.encode(&bytes)
 }
 
-/// Checks the signature of `state` under the key its id names (among `keys`) and reads its
-/// claims. Expiry and binding are the caller's to judge.
-pub(crate) fn decode(keys: &[StateKey], state: &str) -> Result<StateClaims, Forged> {
+/// Checks the signature of `state` under the key its id names (among `keys`), for the
+/// consumer whose tag is `consumer`, and reads its claims. Expiry and binding are the
+/// caller's to judge.
+pub(crate) fn decode(
+    keys: &[StateKey],
+    consumer: &[u8; CONSUMER_TAG_LEN],
+    state: &str,
+) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
     if bytes.len() < HEAD_LEN + 1 + MAC_LEN || bytes[0] != STATE_VERSION {
         return Err(Forged);
     }
     let key = keys.iter().find(|k| k.id() == bytes[1]).ok_or(Forged)?;
     let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-    let mut m = mac(key);
+    let mut m = mac(key, consumer);
     m.update(body);
     m.verify_slice(tag).map_err(|_| Forged)?;
     let mut at = 2;
@@ -143,22 +161,27 @@ pub fn fuzz_decode(data: &[u8]) {
         return;
     };
     let keys = std::slice::from_ref(&key);
+    let consumer = [3u8; CONSUMER_TAG_LEN];
     let text = String::from_utf8_lossy(data);
-    if let Ok(claims) = decode(keys, &text) {
+    if let Ok(claims) = decode(keys, &consumer, &text) {
         assert_eq!(
-            encode(&key, &claims),
+            encode(&key, &consumer, &claims),
             text.trim(),
             "decoded state re-encodes"
         );
     }
     let mut signed = vec![STATE_VERSION, key.id()];
     signed.extend_from_slice(data);
-    let mut m = mac(&key);
+    let mut m = mac(&key, &consumer);
     m.update(&signed);
     signed.extend_from_slice(&m.finalize().into_bytes());
     let text = URL_SAFE_NO_PAD.encode(&signed);
-    if let Ok(claims) = decode(keys, &text) {
-        assert_eq!(encode(&key, &claims), text, "a signed state round-trips");
+    if let Ok(claims) = decode(keys, &consumer, &text) {
+        assert_eq!(
+            encode(&key, &consumer, &claims),
+            text,
+            "a signed state round-trips"
+        );
     }
 }
 
@@ -169,6 +192,8 @@ mod tests {
     fn key(id: u8) -> StateKey {
         StateKey::generate(id).unwrap()
     }
+
+    const A: [u8; CONSUMER_TAG_LEN] = [1; CONSUMER_TAG_LEN];
 
     fn claims() -> StateClaims {
         StateClaims {
@@ -183,41 +208,52 @@ mod tests {
     #[test]
     fn round_trips_under_its_key_and_after_rotation() {
         let (old, new) = (key(1), key(2));
-        let text = encode(&old, &claims());
-        assert_eq!(decode(std::slice::from_ref(&old), &text), Ok(claims()));
+        let text = encode(&old, &A, &claims());
+        assert_eq!(decode(std::slice::from_ref(&old), &A, &text), Ok(claims()));
         assert_eq!(
-            decode(&[new.clone(), old.clone()], &format!("  {text}\n")),
+            decode(&[new.clone(), old.clone()], &A, &format!("  {text}\n")),
             Ok(claims())
         );
         assert_eq!(
-            decode(std::slice::from_ref(&new), &text),
+            decode(std::slice::from_ref(&new), &A, &text),
             Err(Forged),
             "retired key"
         );
         // A key with the same id but other bytes does not verify it either.
-        assert_eq!(decode(&[key(1)], &text), Err(Forged));
+        assert_eq!(decode(&[key(1)], &A, &text), Err(Forged));
     }
 
     #[test]
     fn refuses_tampering_and_garbage() {
         let k = key(1);
         let keys = std::slice::from_ref(&k);
-        let text = encode(&k, &claims());
+        let text = encode(&k, &A, &claims());
         let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
         for i in 0..bytes.len() {
             bytes[i] ^= 1;
             assert_eq!(
-                decode(keys, &URL_SAFE_NO_PAD.encode(&bytes)),
+                decode(keys, &A, &URL_SAFE_NO_PAD.encode(&bytes)),
                 Err(Forged),
                 "byte {i}"
             );
             bytes[i] ^= 1;
         }
         for cut in 0..text.len() {
-            assert_eq!(decode(keys, &text[..cut]), Err(Forged), "cut at {cut}");
+            assert_eq!(decode(keys, &A, &text[..cut]), Err(Forged), "cut at {cut}");
         }
-        assert_eq!(decode(keys, "not base64 !"), Err(Forged));
-        assert_eq!(decode(&[], &text), Err(Forged));
+        assert_eq!(decode(keys, &A, "not base64 !"), Err(Forged));
+        assert_eq!(decode(&[], &A, &text), Err(Forged));
+    }
+
+    /// Review N1: a state issued for one consumer does not verify for another, even under the
+    /// same key (a state key shared by two consumers cannot carry a flow across).
+    #[test]
+    fn a_state_is_bound_to_its_consumer() {
+        let k = key(1);
+        let text = encode(&k, &A, &claims());
+        let b = [2u8; CONSUMER_TAG_LEN];
+        assert_eq!(decode(std::slice::from_ref(&k), &b, &text), Err(Forged));
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &text), Ok(claims()));
     }
 
     #[test]
