@@ -164,9 +164,17 @@ async fn callback(
         Ok(binding) => binding,
         Err(e) => return refused(&e.to_string()),
     };
+    // `iss` (RFC 9207), when the provider sends it: a response from another authorization
+    // server than this consumer's is refused (the mix-up defence).
+    let iss = q.get("iss").map(String::as_str);
     let done = match app
         .manager
-        .complete_authorization(AuthorizationCode::new(code.as_str()), &state, &binding)
+        .complete_authorization_with_issuer(
+            AuthorizationCode::new(code.as_str()),
+            &state,
+            &binding,
+            iss,
+        )
         .await
     {
         Ok(done) => done,

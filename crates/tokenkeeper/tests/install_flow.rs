@@ -535,3 +535,55 @@ async fn a_state_of_one_consumer_is_refused_by_another_sharing_its_key() {
         other => panic!("another consumer's state is refused: {other:?}"),
     }
 }
+
+/// Review N1, second half (RFC 9207): a callback whose `iss` names another authorization
+/// server is refused before anything is claimed or exchanged; a provider that always sends
+/// `iss` must have sent it; the right `iss` completes the flow.
+#[tokio::test]
+async fn a_callback_from_another_issuer_is_refused() {
+    let mock = mock().await;
+    let mut profile = profiles::bitbucket();
+    profile.issuer = Some("https://bitbucket.org".into());
+    profile.callback_iss_required = true;
+    let f = Fixture::with_mock(
+        mock,
+        profile,
+        Arc::new(tokenkeeper_memory::MemoryStore::new()),
+        |_| {},
+    );
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let (code, _) = browser(&begun.url).await;
+    let complete = |iss: Option<&'static str>| {
+        let (m, code, begun) = (f.manager.clone(), code.clone(), &begun);
+        async move {
+            m.complete_authorization_with_issuer(
+                AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+                iss,
+            )
+            .await
+        }
+    };
+    match complete(Some("https://evil.example/\u{1b}[2J")).await {
+        Err(Error::Authorization(e)) => match &*e {
+            AuthorizationError::IssuerMismatch { received, .. } => {
+                assert!(!received.contains('\u{1b}'), "{received:?}");
+            }
+            other => panic!("expected IssuerMismatch, got {other:?}"),
+        },
+        other => panic!("expected IssuerMismatch, got {other:?}"),
+    }
+    match complete(None).await {
+        Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::MissingIssuer) => {}
+        other => panic!("expected MissingIssuer, got {other:?}"),
+    }
+    assert_eq!(
+        f.mock.counters().totals.code_exchanges,
+        0,
+        "nothing exchanged"
+    );
+    complete(Some("https://bitbucket.org"))
+        .await
+        .expect("the right issuer completes the flow");
+}

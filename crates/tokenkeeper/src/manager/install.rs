@@ -96,6 +96,31 @@ impl TokenManager {
         state: &AuthorizationState,
         binding: &BrowserBinding,
     ) -> Result<Completed, Error> {
+        self.complete_authorization_with_issuer(code, state, binding, None)
+            .await
+    }
+
+    /// [`complete_authorization`](Self::complete_authorization) with the callback's `iss`
+    /// parameter (RFC 9207), the mix-up defence: when the profile names its
+    /// [`issuer`](crate::ProviderProfile::issuer), an `iss` naming another server is refused
+    /// before anything is claimed or exchanged, and a provider that always sends `iss`
+    /// ([`callback_iss_required`](crate::ProviderProfile::callback_iss_required)) must have
+    /// sent it.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`complete_authorization`](Self::complete_authorization), and
+    /// `IssuerMismatch` or `MissingIssuer`.
+    pub async fn complete_authorization_with_issuer(
+        &self,
+        code: AuthorizationCode,
+        state: &AuthorizationState,
+        binding: &BrowserBinding,
+        iss: Option<&str>,
+    ) -> Result<Completed, Error> {
+        let authorization = |e| Error::Authorization(Arc::new(e));
+        crate::oauth::authorize::check_issuer(self.engine.client.consumer().profile(), iss)
+            .map_err(authorization)?;
         let (done, written) = self
             .record_authorization(&code, state, binding)
             .await

@@ -27,6 +27,22 @@ use crate::oauth::state::{self, NONCE_LEN, Purpose, StateClaims};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthorizationError {
+    /// The callback's `iss` (RFC 9207) names another authorization server than this
+    /// consumer's: a mix-up attack, or a callback routed to the wrong consumer.
+    #[error(
+        "the authorization response comes from issuer {received:?}, not this consumer's ({expected}); nothing was exchanged: route each provider's callback to its own consumer"
+    )]
+    IssuerMismatch {
+        /// The consumer's issuer.
+        expected: String,
+        /// What the callback said (control characters removed, at most 200 bytes).
+        received: String,
+    },
+    /// The provider sends `iss` with every authorization response, and this one had none.
+    #[error(
+        "the authorization response carries no `iss`, which this provider always sends (RFC 9207); nothing was exchanged: pass the callback's `iss` to complete_authorization_with_issuer"
+    )]
+    MissingIssuer,
     /// No state key is configured, so no flow can begin or complete.
     #[error(
         "no state key is configured: set ConsumerConfigBuilder::state_key to 32 random bytes shared by every process (StateKey::from_base64 of `openssl rand -base64 32`)"
@@ -435,6 +451,22 @@ impl OAuthClient {
 }
 
 /// The consumer name recorded in each installation: `profile/client_id`.
+/// Checks a callback's `iss` (RFC 9207) against the profile: equal to its issuer when both
+/// are known; present when the provider always sends it.
+pub(crate) fn check_issuer(
+    profile: &crate::oauth::ProviderProfile,
+    received: Option<&str>,
+) -> Result<(), AuthorizationError> {
+    match (received, profile.issuer.as_deref()) {
+        (Some(got), Some(want)) if got != want => Err(AuthorizationError::IssuerMismatch {
+            expected: want.to_owned(),
+            received: got.chars().filter(|c| !c.is_control()).take(200).collect(),
+        }),
+        (None, _) if profile.callback_iss_required => Err(AuthorizationError::MissingIssuer),
+        _ => Ok(()),
+    }
+}
+
 /// What a state is bound to (review N1): the consumer's profile name, client id, redirect URI
 /// and token endpoint, hashed. Another consumer (even one sharing the state key) refuses it.
 fn consumer_tag(consumer: &crate::oauth::config::ConsumerConfig) -> [u8; state::CONSUMER_TAG_LEN] {

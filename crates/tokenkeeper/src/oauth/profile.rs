@@ -224,6 +224,13 @@ pub struct ProviderProfile {
     /// with another account is refused (its tokens stay untouched). The presets read the
     /// provider's user endpoint; a [`generic`](Self::generic) profile must choose.
     pub identity: IdentityCheck,
+    /// The authorization server's issuer identifier (RFC 8414 `issuer`), when known. A
+    /// callback that carries `iss` (RFC 9207) must name exactly this issuer, so a mix-up
+    /// that brings another server's authorization response here is refused.
+    pub issuer: Option<String>,
+    /// The server sends `iss` with every authorization response (its metadata's
+    /// `authorization_response_iss_parameter_supported`): a callback without it is refused.
+    pub callback_iss_required: bool,
 }
 
 /// How the provider account a grant belongs to is read (see [`ProviderProfile::identity`]).
@@ -305,6 +312,8 @@ impl ProviderProfile {
             errors: ErrorMap::default(),
             timing: Timing::default(),
             identity: IdentityCheck::Unset,
+            issuer: None,
+            callback_iss_required: false,
         }
     }
 
