@@ -225,3 +225,44 @@ fn debug_of_raw_replies_and_flow_values_holds_no_secret() {
     }
     assert!(printed.contains("body_bytes"), "{printed}");
 }
+
+/// Review N9: a gateway echoes the request in other spellings: the `Authorization: Basic`
+/// value (client id and secret, base64) and the form body's percent-encoding of a secret; and
+/// it disguises its text with invisible bidi and zero-width characters. None of it reaches
+/// the error, `explain` or the stored history.
+#[tokio::test]
+async fn encoded_echoes_and_invisible_characters_are_scrubbed() {
+    use base64::Engine as _;
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(7200));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
+        tokenkeeper_mock_provider::DEFAULT_CLIENT_SECRET
+    ));
+    let echoed = format!("bad request: Authorization: Basic {basic} \u{202E}txt.exe\u{200B}");
+    f.mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::ErrorReply {
+            status: 400,
+            error: "invalid_grant".into(),
+            description: echoed,
+        },
+    )]);
+    let err = f.manager.access_token(&id).await.unwrap_err();
+    let explained = f.manager.explain(&id).await.unwrap();
+    for text in [
+        err.to_string(),
+        explained.to_string(),
+        format!("{:?}", f.record(&id).await.last_error()),
+    ] {
+        assert!(!text.contains(&basic), "Basic credentials in: {text}");
+        assert!(
+            !text.contains('\u{202E}') && !text.contains('\u{200B}'),
+            "{text:?}"
+        );
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+}

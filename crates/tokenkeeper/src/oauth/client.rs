@@ -331,7 +331,14 @@ impl OAuthClient {
             .filter(|(k, _)| matches!(*k, "code" | "code_verifier" | "refresh_token" | "token"))
             .map(|(_, v)| v.clone())
             .collect();
-        secrets.push(self.inner.consumer.client_secret().expose().to_owned());
+        let consumer = &self.inner.consumer;
+        let secret = consumer.client_secret().expose();
+        // The `Authorization: Basic` value carries id and secret together, base64-encoded.
+        secrets.push(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:{secret}", consumer.client_id()),
+        ));
+        secrets.push(secret.to_owned());
         secrets
     }
 

@@ -103,12 +103,21 @@ impl OAuthError {
     }
 
     /// Replaces every occurrence of a secret this request sent (a code, a verifier, a refresh
-    /// token, the client secret) in the provider's words with `[redacted]`: a gateway that
-    /// echoes the request must not put them into errors, logs or the stored history.
+    /// token, the client secret, the Basic credentials), as sent or as a form body encodes
+    /// it (a gateway echoing `refresh_token=1%2F%2F0g…`), in the provider's words with
+    /// `[redacted]`: they must not reach errors, logs or the stored history.
     pub(crate) fn without_secrets(mut self, secrets: &[String]) -> Self {
+        let forms: Vec<String> = secrets
+            .iter()
+            .filter(|s| s.len() >= 4)
+            .flat_map(|s| {
+                let encoded: String = form_urlencoded::byte_serialize(s.as_bytes()).collect();
+                [s.clone(), encoded]
+            })
+            .collect();
         let scrub = |field: &mut Option<String>| {
             if let Some(text) = field {
-                for secret in secrets.iter().filter(|s| s.len() >= 4) {
+                for secret in &forms {
                     if text.contains(secret.as_str()) {
                         *text = text.replace(secret.as_str(), "[redacted]");
                     }
@@ -354,5 +363,32 @@ impl std::error::Error for OAuthError {
             .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review N9: a secret echoed as a form body encodes it is scrubbed too.
+    #[test]
+    fn form_encoded_echoes_of_secrets_are_scrubbed() {
+        let words = ProviderWords {
+            error: Some("invalid_request".into()),
+            description: Some("body: refresh_token=1%2F%2F0g-secret&x=1".into()),
+            error_uri: None,
+        };
+        let e = OAuthError::provider(
+            Operation::Refresh,
+            FailureClass::Transient,
+            400,
+            words,
+            None,
+            None,
+        )
+        .without_secrets(&["1//0g-secret".to_owned()]);
+        let text = e.to_string();
+        assert!(!text.contains("0g-secret"), "{text}");
+        assert!(text.contains("[redacted]"), "{text}");
     }
 }

@@ -70,8 +70,9 @@ fn provider_error(
     } else {
         profile.errors.classify(raw.status, code, description)
     };
-    // Control characters (ANSI escapes, CR/LF) would forge log lines and `explain` output.
-    let clean = |s: &str, max| truncate(&s.replace(char::is_control, ""), max);
+    // Control characters (ANSI escapes, CR/LF) would forge log lines and `explain` output;
+    // invisible format characters (bidi overrides, zero-width) would disguise them.
+    let clean = |s: &str, max| truncate(&s.replace(hidden_or_control, ""), max);
     let words = ProviderWords {
         error: Some(clean(code, 200)),
         description: description.map(|d| clean(d, 500)),
@@ -85,6 +86,17 @@ fn provider_error(
         raw.retry_after,
         None,
     ))
+}
+
+/// A control character, or an invisible format character that reorders or hides text
+/// (Unicode `Cf`: bidi embeddings, overrides and isolates, zero-width spaces and joiners, the
+/// word joiner, the byte order mark, the soft hyphen, the Arabic letter mark).
+fn hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -176,7 +188,8 @@ pub fn parse_token_response(
         if !rotated {
             return Err(e);
         }
-        tracing::warn!(error = %e, "the provider's success reply carries an `error` next to a new refresh token; the tokens are kept");
+        // The class only: the provider's words are logged once its echoed secrets are scrubbed.
+        tracing::warn!(class = %e.class(), "the provider's success reply carries an `error` next to a new refresh token; the tokens are kept");
     }
     if !success {
         return Err(invalid(
