@@ -500,8 +500,12 @@ fn next_streak(
     let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(now);
     let server_error = (commit == CommitEvidence::ServerError).then_some(now);
     let (consecutive, first_at) = match previous {
-        Some(streak) if transient => (streak.consecutive.saturating_add(1), streak.first_at),
-        None if transient => (1, now),
+        Some(streak) if transient && streak.consecutive > 0 => {
+            (streak.consecutive.saturating_add(1), streak.first_at)
+        }
+        // The first transient failure (after none, or after a revival or a consumer-side
+        // failure) starts the failure budget's clock.
+        _ if transient => (1, now),
         _ => (0, now),
     };
     FailureStreak {

@@ -578,6 +578,33 @@ async fn a_callback_from_another_issuer_is_refused() {
         Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::MissingIssuer) => {}
         other => panic!("expected MissingIssuer, got {other:?}"),
     }
+    // The plain call cannot say which `iss` came: refused while the profile names an issuer.
+    match f
+        .manager
+        .complete_authorization(
+            AuthorizationCode::new(code.clone()),
+            &begun.state,
+            &begun.binding,
+        )
+        .await
+    {
+        Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::IssuerNotPassed) => {}
+        other => panic!("expected IssuerNotPassed, got {other:?}"),
+    }
+    // Requiring `iss` without naming the issuer would check nothing: refused at build.
+    let mut lax = profiles::bitbucket();
+    lax.callback_iss_required = true;
+    assert!(matches!(
+        ConsumerConfig::builder(lax)
+            .client_id("id")
+            .client_secret("secret")
+            .redirect_uri("https://app.example/callback")
+            .build(),
+        Err(tokenkeeper::ConfigError::OutOfRange {
+            field: "issuer",
+            ..
+        })
+    ));
     assert_eq!(
         f.mock.counters().totals.code_exchanges,
         0,

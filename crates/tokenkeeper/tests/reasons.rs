@@ -741,3 +741,45 @@ async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
         "the refused token was presented {presented} times in a day"
     );
 }
+
+/// The other side of E14's spacing: a hold ends as soon as this process sees the provider
+/// work again (a successful refresh), not when its ever longer backoff runs out.
+#[tokio::test]
+async fn a_success_lifts_a_mass_rejection_hold_at_once() {
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+            threshold: 2,
+            window: Duration::from_secs(600),
+            hold: Duration::from_secs(DAY),
+        })
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(f.install().await);
+    }
+    f.mock
+        .set_consumer_scopes(DEFAULT_CLIENT_ID, &["repository", "account", "webhook"])
+        .unwrap();
+    f.advance(Duration::from_secs(7200));
+    for id in &ids {
+        let _ = f.manager.access_token(id).await;
+    }
+    let held = &ids[2];
+    assert!(matches!(
+        f.manager.access_token(held).await,
+        Err(Error::RefusalsHeld { .. })
+    ));
+    let fresh = f.install().await;
+    f.manager
+        .force_refresh(&fresh)
+        .await
+        .expect("the provider works");
+    match f.manager.access_token(held).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RefreshTokenRejected,
+            ..
+        }) => {}
+        other => panic!("the hold ends with the episode: {other:?}"),
+    }
+}

@@ -94,6 +94,9 @@ pub struct Context<'a> {
     /// The shortest time between two refreshes of one installation
     /// (`RefreshPolicy::min_refresh_interval`).
     pub min_refresh_interval: std::time::Duration,
+    /// When this process last refreshed successfully: a mass-rejection hold written before
+    /// it is over (the provider works), however long the hold's backoff runs.
+    pub last_success: Option<Timestamp>,
 }
 
 /// Decides the next step for `record`.
@@ -162,8 +165,18 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     }
 
     // Backing off: serve the still-valid token, otherwise say when the next try is.
+    // A mass-rejection hold ends when the provider is seen working again (a success in this
+    // process since the hold was written), not only when its backoff runs out.
+    let hold_lifted = |cause: &BackoffCause| {
+        *cause == BackoffCause::MassRejection
+            && record
+                .failures()
+                .zip(cx.last_success)
+                .is_some_and(|(f, ok)| ok >= f.last_at)
+    };
     if let State::Backoff { until, cause } = record.state()
         && now < *until
+        && !hold_lifted(cause)
     {
         if still_valid {
             return valid();
@@ -465,6 +478,7 @@ mod tests {
             forced_min_interval: Duration::ZERO,
             refresh_deadline: None,
             min_refresh_interval: std::time::Duration::ZERO,
+            last_success: None,
         }
     }
 

@@ -54,6 +54,8 @@ struct Episode {
 #[derive(Debug, Default)]
 pub(crate) struct Guard {
     episode: Mutex<Episode>,
+    /// When this process last refreshed successfully.
+    last_success: Mutex<Option<Timestamp>>,
 }
 
 /// What to do with one refusal.
@@ -126,8 +128,21 @@ impl Guard {
         }
     }
 
-    /// A refresh succeeded: the provider and the configuration work; the episode is over.
-    pub(crate) fn succeeded(&self) {
+    /// When this process last refreshed successfully, if it has.
+    pub(crate) fn last_success(&self) -> Option<Timestamp> {
+        *self
+            .last_success
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A refresh succeeded at `now`: the provider and the configuration work; the episode is
+    /// over.
+    pub(crate) fn succeeded(&self, now: Timestamp) {
+        *self
+            .last_success
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(now);
         let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
         if e.tripped_at.is_some() || e.believed || !e.refused.is_empty() {
             *e = Episode::default();
@@ -171,7 +186,7 @@ mod tests {
             g.refused(Some(&c), &id(4), at(4)),
             Verdict::Hold { .. }
         ));
-        g.succeeded();
+        g.succeeded(at(1));
         assert_eq!(g.refused(Some(&c), &id(5), at(5)), Verdict::Condemn);
         assert_eq!(g.refused(None, &id(6), at(5)), Verdict::Condemn, "off");
     }

@@ -96,6 +96,12 @@ impl TokenManager {
         state: &AuthorizationState,
         binding: &BrowserBinding,
     ) -> Result<Completed, Error> {
+        if self.engine.client.consumer().profile().issuer.is_some() {
+            // Which `iss` came (or none) is the mix-up defence: it must be passed on.
+            return Err(Error::Authorization(Arc::new(
+                AuthorizationError::IssuerNotPassed,
+            )));
+        }
         self.complete_authorization_with_issuer(code, state, binding, None)
             .await
     }

@@ -198,6 +198,7 @@ fn context<'a>(
         refresh_deadline: refresh_token_deadline(record, engine.client.consumer().profile())
             .map(|(at, _)| at),
         min_refresh_interval: engine.policy.min_refresh_interval,
+        last_success: engine.guard.last_success(),
     }
 }
 
@@ -426,7 +427,7 @@ async fn on_refreshed(
             }))
         }
         Landed::Written(next) => {
-            engine.guard.succeeded();
+            engine.guard.succeeded(now);
             let stale_at = engine.policy.stale_at(next.tokens());
             engine
                 .cache

@@ -35,9 +35,16 @@ pub enum AuthorizationError {
     IssuerMismatch {
         /// The consumer's issuer.
         expected: String,
-        /// What the callback said (control characters removed, at most 200 bytes).
+        /// What the callback said (control characters and white space removed, at most 100
+        /// characters).
         received: String,
     },
+    /// The profile names its issuer, so the callback's `iss` (or its absence) must be passed
+    /// on: `complete_authorization` cannot tell which it was.
+    #[error(
+        "this consumer names its issuer: complete the flow with complete_authorization_with_issuer, passing the callback's `iss` parameter (None when the callback had none)"
+    )]
+    IssuerNotPassed,
     /// The provider sends `iss` with every authorization response, and this one had none.
     #[error(
         "the authorization response carries no `iss`, which this provider always sends (RFC 9207); nothing was exchanged: pass the callback's `iss` to complete_authorization_with_issuer"
@@ -434,6 +441,9 @@ impl OAuthClient {
         state: &AuthorizationState,
         binding: &BrowserBinding,
     ) -> Result<Grant, AuthorizationError> {
+        // No `iss` given: refused if the provider always sends one (see
+        // `TokenManager::complete_authorization_with_issuer`).
+        check_issuer(self.consumer().profile(), None)?;
         let verified = self.verify_state(state, binding)?;
         let grant = self
             .exchange_code(code, verified.pkce_verifier.as_deref())
@@ -450,7 +460,6 @@ impl OAuthClient {
     }
 }
 
-/// The consumer name recorded in each installation: `profile/client_id`.
 /// Checks a callback's `iss` (RFC 9207) against the profile: equal to its issuer when both
 /// are known; present when the provider always sends it.
 pub(crate) fn check_issuer(
@@ -460,7 +469,11 @@ pub(crate) fn check_issuer(
     match (received, profile.issuer.as_deref()) {
         (Some(got), Some(want)) if got != want => Err(AuthorizationError::IssuerMismatch {
             expected: want.to_owned(),
-            received: got.chars().filter(|c| !c.is_control()).take(200).collect(),
+            received: got
+                .chars()
+                .filter(|c| !c.is_control() && !c.is_whitespace())
+                .take(100)
+                .collect(),
         }),
         (None, _) if profile.callback_iss_required => Err(AuthorizationError::MissingIssuer),
         _ => Ok(()),
@@ -484,6 +497,7 @@ fn consumer_tag(consumer: &crate::oauth::config::ConsumerConfig) -> [u8; state::
     hash.finalize().into()
 }
 
+/// The consumer name recorded in each installation: `profile/client_id`.
 pub(crate) fn consumer_name(client: &OAuthClient) -> String {
     format!(
         "{}/{}",

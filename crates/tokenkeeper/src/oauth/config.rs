@@ -315,6 +315,7 @@ impl ConsumerConfigBuilder {
             .chain(self.previous_state_keys)
             .collect();
         validate_limits(&settings)?;
+        validate_issuer(&self.profile)?;
         for s in &self.profile.required_scopes {
             if !settings.scopes.contains(s) {
                 settings.scopes.push(s.clone());
@@ -382,6 +383,30 @@ impl ConsumerConfigBuilder {
             IdentityCheck::IdTokenSubject | IdentityCheck::Disabled => {}
         }
         Ok(redirect_uri)
+    }
+}
+
+/// An issuer must be an https URL without query or fragment (RFC 8414 §2), compared
+/// character for character with a callback's `iss` (RFC 9207 §2.4: mind a trailing slash);
+/// requiring `iss` without naming the issuer would check nothing.
+fn validate_issuer(profile: &ProviderProfile) -> Result<(), ConfigError> {
+    let refuse = |reason: &str| {
+        Err(ConfigError::OutOfRange {
+            field: "issuer",
+            reason: reason.into(),
+        })
+    };
+    match &profile.issuer {
+        None if profile.callback_iss_required => refuse(
+            "callback_iss_required is set but the profile names no issuer to compare `iss` with: set ProviderProfile::issuer",
+        ),
+        None => Ok(()),
+        Some(issuer) => match parse_http_url("issuer", issuer)?.query() {
+            None => Ok(()),
+            Some(_) => refuse(
+                "the issuer must be an https URL without query or fragment, exactly as the server's metadata and its `iss` spell it",
+            ),
+        },
     }
 }
 

@@ -29,6 +29,9 @@ use crate::oauth::keys::StateKey;
 type HmacSha256 = Hmac<Sha256>;
 
 const STATE_VERSION: u8 = 3;
+/// The format before states were bound to their consumer: still verified (not issued), so
+/// flows begun by a process of the previous release complete during a rolling deploy.
+const PREVIOUS_VERSION: u8 = 2;
 /// The length of a consumer's tag ([`consumer tags`](encode) are SHA-256 hashes).
 pub(crate) const CONSUMER_TAG_LEN: usize = 32;
 /// Bytes of randomness in each state.
@@ -69,6 +72,13 @@ fn mac(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN]) -> HmacSha256 {
     m
 }
 
+/// The MAC of the previous format (no consumer in it).
+fn previous_mac(key: &StateKey) -> HmacSha256 {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(b"tokenkeeper/state/v2/");
+    m
+}
+
 /// Signs `claims` with `key` for the consumer whose tag is `consumer` into a URL-safe state
 /// string.
 pub(crate) fn encode(
@@ -105,12 +115,17 @@ pub(crate) fn decode(
     state: &str,
 ) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
-    if bytes.len() < HEAD_LEN + 1 + MAC_LEN || bytes[0] != STATE_VERSION {
+    if bytes.len() < HEAD_LEN + 1 + MAC_LEN
+        || (bytes[0] != STATE_VERSION && bytes[0] != PREVIOUS_VERSION)
+    {
         return Err(Forged);
     }
     let key = keys.iter().find(|k| k.id() == bytes[1]).ok_or(Forged)?;
     let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-    let mut m = mac(key, consumer);
+    let mut m = match bytes[0] {
+        STATE_VERSION => mac(key, consumer),
+        _ => previous_mac(key),
+    };
     m.update(body);
     m.verify_slice(tag).map_err(|_| Forged)?;
     let mut at = 2;
@@ -254,6 +269,26 @@ mod tests {
         let b = [2u8; CONSUMER_TAG_LEN];
         assert_eq!(decode(std::slice::from_ref(&k), &b, &text), Err(Forged));
         assert_eq!(decode(std::slice::from_ref(&k), &A, &text), Ok(claims()));
+    }
+
+    /// A state of the previous format (issued by a process of the previous release during a
+    /// rolling deploy) still verifies; it carries no consumer.
+    #[test]
+    fn a_previous_format_state_still_verifies() {
+        let k = key(1);
+        let text = encode(&k, &A, &claims());
+        let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        bytes.truncate(bytes.len() - MAC_LEN);
+        bytes[0] = PREVIOUS_VERSION;
+        let mut m = previous_mac(&k);
+        m.update(&bytes);
+        bytes.extend_from_slice(&m.finalize().into_bytes());
+        let old = URL_SAFE_NO_PAD.encode(&bytes);
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &old), Ok(claims()));
+        assert_eq!(
+            decode(std::slice::from_ref(&k), &[2; CONSUMER_TAG_LEN], &old),
+            Ok(claims())
+        );
     }
 
     #[test]
