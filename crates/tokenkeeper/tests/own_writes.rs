@@ -173,3 +173,59 @@ async fn a_reauthorization_whose_acknowledgement_was_lost_is_reported_done() {
     assert_eq!(completed.installation, id);
     assert!(switch.injected() >= 1, "the fault was injected");
 }
+
+/// Applies the first lease write and reports it applied without its durability (a Redis
+/// `WAIT` that no replica answered in time).
+#[derive(Debug, Default)]
+struct FirstLeaseNotDurable(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for FirstLeaseNotDurable {
+    async fn before(
+        &self,
+        _: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), tokenkeeper::StoreError> {
+        Ok(())
+    }
+
+    async fn written(&self, r: &tokenkeeper::Record) -> Result<(), tokenkeeper::StoreError> {
+        let lease = r.history().last().map(|h| h.event) == Some(EventKind::LeaseAcquired);
+        if lease && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(tokenkeeper::StoreError::not_durable(
+                "hook",
+                "compare_and_swap",
+                "0 of 1 replicas acknowledged it in time",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A lease the store applied without its configured durability is not acted on (a failover
+/// could undo it while its refresh token is presented), but it is no failure for the caller
+/// either: the flight takes it over by a write that is confirmed, and refreshes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_applied_without_durability_is_confirmed_before_it_is_used() {
+    let (store, _hook) = tokenkeeper_testkit::wrappers::Hooked::new(
+        MemoryStore::new(),
+        FirstLeaseNotDurable::default(),
+    );
+    let f = Fixture::with_store(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    let token = f
+        .manager
+        .access_token(&id)
+        .await
+        .expect("the lease is confirmed by a second write, then used");
+    assert_eq!(f.record(&id).await.tokens().access_token, token);
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (1, 0), "{c:?}");
+    let events: Vec<_> = f.record(&id).await.history().map(|h| h.event).collect();
+    assert!(events.contains(&EventKind::LeaseTakenOver), "{events:?}");
+}

@@ -699,12 +699,9 @@ async fn an_authorization_without_refresh_token_is_flagged_at_once() {
     assert!(done.warnings.is_empty());
 }
 
-/// Review E14: a held installation is not presented to the provider every window for the
-/// whole hold (144 refused presentations in a day): the retries of one installation's hold
-/// space out, doubling each time, so a day's hold presents its refused token a handful of
-/// times.
-#[tokio::test]
-async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
+/// A guard that trips at the second refusal within ten minutes (held up to a day); a scope
+/// change refuses three installations: two are condemned, the third is held.
+async fn one_held_installation() -> (Fixture, InstallationId) {
     let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
         p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
             threshold: 2,
@@ -724,11 +721,21 @@ async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
     for id in &ids {
         let _ = f.manager.access_token(id).await;
     }
-    let held = &ids[2];
     assert!(matches!(
-        f.manager.access_token(held).await,
+        f.manager.access_token(&ids[2]).await,
         Err(Error::RefusalsHeld { .. })
     ));
+    (f, ids[2].clone())
+}
+
+/// Review E14: a held installation is not presented to the provider every window for the
+/// whole hold (144 refused presentations in a day): the retries of one installation's hold
+/// space out, doubling each time, so a day's hold presents its refused token a handful of
+/// times.
+#[tokio::test]
+async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
+    let (f, held) = one_held_installation().await;
+    let held = &held;
     let before = f.mock.counters().totals.token_calls;
     // A caller asks every ten minutes for most of the day.
     for _ in 0..(23 * 6) {
@@ -746,30 +753,8 @@ async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
 /// work again (a successful refresh), not when its ever longer backoff runs out.
 #[tokio::test]
 async fn a_success_lifts_a_mass_rejection_hold_at_once() {
-    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
-        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
-            threshold: 2,
-            window: Duration::from_secs(600),
-            hold: Duration::from_secs(DAY),
-        })
-    })
-    .await;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(f.install().await);
-    }
-    f.mock
-        .set_consumer_scopes(DEFAULT_CLIENT_ID, &["repository", "account", "webhook"])
-        .unwrap();
-    f.advance(Duration::from_secs(7200));
-    for id in &ids {
-        let _ = f.manager.access_token(id).await;
-    }
-    let held = &ids[2];
-    assert!(matches!(
-        f.manager.access_token(held).await,
-        Err(Error::RefusalsHeld { .. })
-    ));
+    let (f, held) = one_held_installation().await;
+    let held = &held;
     let fresh = f.install().await;
     f.manager
         .force_refresh(&fresh)

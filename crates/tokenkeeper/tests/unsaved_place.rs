@@ -131,26 +131,60 @@ async fn sqlite_keeps_unsaved_tokens_beside_its_database() {
     assert_eq!(mode, 0o700);
 }
 
-/// A process could not store rotated tokens and wrote them to its directory; the next
-/// manager started on that directory puts them back by itself and deletes the file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsaved_files_are_restored_when_a_manager_starts() {
+/// A manager on a network store with its own unsaved-tokens directory, one installation
+/// whose refresh the store refused (`Refreshed` writes fail until `switch` heals): its
+/// rotated tokens are in the directory.
+struct Stranded {
+    mock: MockProvider,
+    clock: tokenkeeper::ManualClock,
+    store: Arc<dyn TokenStore>,
+    switch: Arc<FaultSwitch>,
+    dir: std::path::PathBuf,
+    manager: tokenkeeper::TokenManager,
+    id: tokenkeeper::InstallationId,
+}
+
+async fn stranded(tag: &str) -> Stranded {
     let mock = bitbucket().await;
     let clock = now_clock();
     let (store, switch) = network_store();
-    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-restart").join("kept");
-    let first = builder(&mock, store.clone(), &clock)
+    let dir = tokenkeeper_testkit::dirs::fresh_dir(tag).join("kept");
+    let manager = builder(&mock, store.clone(), &clock)
         .unsaved_tokens_dir(&dir)
         .build()
         .unwrap();
-    let id = authorize_with(&first, &mock, None).await.installation;
+    let id = authorize_with(&manager, &mock, None).await.installation;
     clock.advance(TWO_HOURS);
     mock.advance(TWO_HOURS);
     switch.fail(
         FaultTarget::WritesOf(EventKind::Refreshed),
         FaultKind::Backend,
     );
-    assert!(first.access_token(&id).await.is_err());
+    assert!(manager.access_token(&id).await.is_err());
+    Stranded {
+        mock,
+        clock,
+        store,
+        switch,
+        dir,
+        manager,
+        id,
+    }
+}
+
+/// A process could not store rotated tokens and wrote them to its directory; the next
+/// manager started on that directory puts them back by itself and deletes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsaved_files_are_restored_when_a_manager_starts() {
+    let Stranded {
+        mock,
+        clock,
+        store,
+        switch,
+        dir,
+        manager: first,
+        id,
+    } = stranded("unsaved-restart").await;
     let files = || std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(
         files(),
@@ -263,22 +297,14 @@ async fn shutdown_rides_out_a_store_failover_during_the_drain() {
 /// is set aside in `obsolete/`, never deleted: its tokens may still be live at the provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn obsolete_unsaved_files_are_set_aside_not_deleted() {
-    let mock = bitbucket().await;
-    let clock = now_clock();
-    let (store, switch) = network_store();
-    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-obsolete").join("kept");
-    let manager = builder(&mock, store.clone(), &clock)
-        .unsaved_tokens_dir(&dir)
-        .build()
-        .unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
-    assert!(manager.access_token(&id).await.is_err());
+    let Stranded {
+        mock,
+        switch,
+        dir,
+        manager,
+        id,
+        ..
+    } = stranded("unsaved-obsolete").await;
     switch.heal();
     authorize_with(&manager, &mock, Some(id.clone())).await;
     let report = manager.restore_unsaved_files().await.unwrap();

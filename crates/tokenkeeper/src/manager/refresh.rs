@@ -76,6 +76,8 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     // A lease of this flight under which nothing was sent: not a peer's, no need to watch it
     // (and whether that lease was itself a takeover, whose doubt carries over).
     let mut unsent: Option<(LeaseHolder, bool)> = None;
+    // Leases this drive wrote that the store did not make durable in time.
+    let mut unconfirmed = 0u32;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         // The cache bound counts from when the read started, not from when it returned, and
@@ -129,8 +131,21 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 };
                 let lapsed = record.state().lease().map(|l| l.holder.clone());
                 let takeover = takeover_evidence(engine, lapsed.as_ref(), unsent.take(), takeover);
-                let Some(mut held) = take_lease(engine, &record, now, watched).await? else {
-                    continue;
+                let mut held = match take_lease(engine, &record, now, watched).await {
+                    Ok(Taken::Held(held)) => held,
+                    Ok(Taken::Lost) => continue,
+                    // Applied without the store's durability (a replica did not confirm it in
+                    // time): not acted on, but not a failure either. The next read finds it
+                    // this drive's own unsent lease and takes it over by a write that must be
+                    // confirmed in its turn (or finds the failover undid it).
+                    Err(e) if e.is_not_durable() && unconfirmed < MAX_UNCONFIRMED => {
+                        unconfirmed += 1;
+                        if let Some(holder) = e.holder {
+                            unsent = Some((holder, takeover));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.error),
                 };
                 if let Some(l) = &lapsed {
                     engine.quiet_leases.forget(l);
@@ -211,14 +226,37 @@ pub(super) fn would_take_lease(engine: &Engine, record: &Record) -> bool {
     matches!(decide(record, cx), Decision::TakeLease { .. })
 }
 
+/// How many leases a drive writes that the store does not confirm durable before it gives up.
+const MAX_UNCONFIRMED: u32 = 3;
+
+/// How taking a lease went.
+enum Taken {
+    Held(HeldLease),
+    /// Somebody wrote first: re-read.
+    Lost,
+}
+
+/// A lease write that failed, with this flight's holder when the store may hold it.
+struct LeaseError {
+    error: Error,
+    holder: Option<LeaseHolder>,
+}
+
+impl LeaseError {
+    fn is_not_durable(&self) -> bool {
+        matches!(&self.error, Error::Store { source, .. } if source.is_not_durable())
+    }
+}
+
 /// Takes the refresh lease by compare-and-swap (over a silent peer's lease when `watched`
-/// names the version this flight watched). `None`: somebody wrote first; re-read.
+/// names the version this flight watched).
 async fn take_lease(
     engine: &Engine,
     record: &Record,
     now: Timestamp,
     watched: Option<u64>,
-) -> Result<Option<HeldLease>, Error> {
+) -> Result<Taken, LeaseError> {
+    let fail = |error, holder| LeaseError { error, holder };
     let id = record.id();
     let holder = LeaseHolder::new(format!(
         "{}:{}",
@@ -238,7 +276,7 @@ async fn take_lease(
         None => Event::LeaseAcquired { holder, until },
     };
     let Ok(leased) = record.apply(event, now) else {
-        return Ok(None);
+        return Ok(Taken::Lost);
     };
     let started = tokio::time::Instant::now();
     match engine
@@ -250,7 +288,7 @@ async fn take_lease(
             if record.state().lease().is_some() {
                 super::metrics::takeover(&engine.consumer_label);
             }
-            Ok(Some(HeldLease::new(
+            Ok(Taken::Held(HeldLease::new(
                 leased,
                 started,
                 engine.policy.lease_ttl,
@@ -258,14 +296,14 @@ async fn take_lease(
         }
         Ok(CasOutcome::Conflict(_)) => {
             super::metrics::conflict(&engine.consumer_label, "lease");
-            Ok(None)
+            Ok(Taken::Lost)
         }
-        Ok(CasOutcome::Missing) => Err(Error::NotFound { id: id.clone() }),
+        Ok(CasOutcome::Missing) => Err(fail(Error::NotFound { id: id.clone() }, None)),
         // Applied, but the acknowledgement was lost: the lease is ours, confirmed no later
         // than when the write started.
         Err(e) if applied(engine, &leased, &e).await => {
             tracing::warn!(error = %e, "the store reported an error but holds this flight's lease");
-            Ok(Some(HeldLease::new(
+            Ok(Taken::Held(HeldLease::new(
                 leased,
                 started,
                 engine.policy.lease_ttl,
@@ -274,7 +312,7 @@ async fn take_lease(
         Err(e) => {
             // Perhaps applied all the same: nothing will be sent under it, whoever finds it.
             engine.quiet_leases.note(&quiet);
-            Err(Error::store(id, e))
+            Err(fail(Error::store(id, e), Some(quiet)))
         }
     }
 }
