@@ -132,7 +132,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 let lapsed = record.state().lease().map(|l| l.holder.clone());
                 let takeover = takeover_evidence(engine, lapsed.as_ref(), unsent.take(), takeover);
                 let mut held = match take_lease(engine, &record, now, watched).await {
-                    Ok(Taken::Held(held)) => held,
+                    Ok(Taken::Held(held)) => *held,
                     Ok(Taken::Lost) => continue,
                     // Applied without the store's durability (a replica did not confirm it in
                     // time): not acted on, but not a failure either. The next read finds it
@@ -231,7 +231,7 @@ const MAX_UNCONFIRMED: u32 = 3;
 
 /// How taking a lease went.
 enum Taken {
-    Held(HeldLease),
+    Held(Box<HeldLease>),
     /// Somebody wrote first: re-read.
     Lost,
 }
@@ -288,11 +288,11 @@ async fn take_lease(
             if record.state().lease().is_some() {
                 super::metrics::takeover(&engine.consumer_label);
             }
-            Ok(Taken::Held(HeldLease::new(
+            Ok(Taken::Held(Box::new(HeldLease::new(
                 leased,
                 started,
                 engine.policy.lease_ttl,
-            )))
+            ))))
         }
         Ok(CasOutcome::Conflict(_)) => {
             super::metrics::conflict(&engine.consumer_label, "lease");
@@ -303,11 +303,11 @@ async fn take_lease(
         // than when the write started.
         Err(e) if applied(engine, &leased, &e).await => {
             tracing::warn!(error = %e, "the store reported an error but holds this flight's lease");
-            Ok(Taken::Held(HeldLease::new(
+            Ok(Taken::Held(Box::new(HeldLease::new(
                 leased,
                 started,
                 engine.policy.lease_ttl,
-            )))
+            ))))
         }
         Err(e) => {
             // Perhaps applied all the same: nothing will be sent under it, whoever finds it.
