@@ -307,11 +307,13 @@ impl TokenManagerBuilder {
     }
 
     /// Where rotated tokens go when the store will not take them within
-    /// `RefreshPolicy::result_write_patience`, instead of the default sink. The default writes
-    /// each one to a file of its own in [`unsaved_tokens_dir`](Self::unsaved_tokens_dir),
-    /// sealed with the [`encryption`](Self::encryption) keyring when there is one (plain JSON
-    /// readable by the owner only otherwise), and logs at error level which installation and
-    /// which file; [`TokenManager::restore_unsaved_file`] puts it back. A custom sink keeps
+    /// `RefreshPolicy::result_write_patience`, instead of a directory. Without it they are
+    /// written to a file of their own in [`unsaved_tokens_dir`](Self::unsaved_tokens_dir) (or
+    /// the directory the store offers: SQLite's `<database>.unsaved`; the memory store holds
+    /// them in memory), sealed with the [`encryption`](Self::encryption) keyring when there is
+    /// one, logged at error level, and restored by the next manager that starts there
+    /// ([`TokenManager::restore_unsaved_files`]). The callback runs on Tokio's blocking pool.
+    /// A custom sink keeps
     /// them its own way (they are the installation's only live refresh token) and gives them
     /// back with [`TokenManager::restore_unsaved`].
     pub fn on_unsaved_tokens(
@@ -903,6 +905,8 @@ impl TokenManager {
 
     /// Stops starting refreshes and waits for every refresh in progress to record its result,
     /// so a deploy never abandons rotated tokens between the provider's reply and the store.
+    /// A store write that fails meanwhile is retried for `RefreshPolicy::shutdown_grace`
+    /// (default 5 s, a store failover) before the tokens go to the unsaved-tokens place.
     /// Call it before the runtime stops (after `RefresherHandle::shutdown`). Afterwards,
     /// calls that would need a refresh fail with [`Error::ShuttingDown`]; cached tokens are
     /// still served.
