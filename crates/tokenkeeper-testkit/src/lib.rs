@@ -1,13 +1,14 @@
 //! Test and benchmark scaffolding shared by tokenkeeper's crates (`publish = false`).
 //!
 //! Nothing here is product: it starts real servers for integration tests ([`redis`],
-//! [`postgres`]), makes throwaway directories ([`dirs`]), runs multi-process compare-and-swap
+//! [`postgres`]) on ports no parallel test process shares ([`ports`]), makes throwaway directories ([`dirs`]), runs multi-process compare-and-swap
 //! races ([`race`]), wraps stores to inject failures and pauses ([`wrappers`]) and stands in
 //! for a failover address that moves from one server to another ([`proxy`]); it also makes
 //! private certificate authorities for the TLS tests ([`tls`]). Production crates never depend
 //! on it; their tests and the benches do, as a path-only dev-dependency.
 
 pub mod dirs;
+pub mod ports;
 pub mod postgres;
 pub mod proxy;
 pub mod race;

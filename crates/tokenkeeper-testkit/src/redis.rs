@@ -4,7 +4,6 @@
 //! process on a free loopback port (no persistence) that dies with the process. A missing
 //! redis-server is a panic that says how to install it, never a silent skip.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -12,13 +11,9 @@ use std::time::{Duration, Instant};
 /// How to get a redis-server, for failure messages.
 pub const INSTALL_HINT: &str = "redis-server is needed for the Redis tests: install it (Debian: `apt-get install redis-server`), put it on PATH or set TOKENKEEPER_REDIS_SERVER, or point TOKENKEEPER_REDIS_URL at a running server; scripts/test.sh does all of this";
 
-/// A free loopback TCP port.
+/// A free loopback TCP port no other test process is given (see [`crate::ports`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::ports::server_port()
 }
 
 /// The redis-server binary (`TOKENKEEPER_REDIS_SERVER` or `redis-server` on PATH); panics
@@ -31,10 +26,14 @@ pub fn server_binary() -> String {
     }
 }
 
-/// Waits (up to 10 s) until a redis-server accepts connections on `port`.
-fn wait_for_port(port: u16) {
+/// Waits (up to 10 s) until a redis-server accepts connections on `port`; fails at once,
+/// with its exit status, when `child` is given and exits first.
+fn wait_for_port(port: u16, mut child: Option<&mut Child>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+            panic!("redis-server on port {port} exited at start ({status})");
+        }
         assert!(
             Instant::now() < deadline,
             "redis-server did not start on port {port}: {INSTALL_HINT}"
@@ -97,7 +96,7 @@ impl Server {
 
 fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
     {
-        let child = Command::new(server_binary())
+        let mut child = Command::new(server_binary())
             .args([
                 "--port",
                 &port.to_string(),
@@ -115,7 +114,7 @@ fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
-        wait_for_port(port);
+        wait_for_port(port, Some(&mut child));
         child
     }
 }
@@ -148,7 +147,7 @@ pub fn server_url() -> String {
             .unwrap();
         // Keep the pipe's write end open for the life of the process.
         std::mem::forget(child);
-        wait_for_port(port);
+        wait_for_port(port, None);
         format!("redis://127.0.0.1:{port}")
     })
     .clone()
@@ -360,7 +359,7 @@ pub fn cluster_urls() -> Vec<String> {
         // Keep the pipe's write end open for the life of the process.
         std::mem::forget(child);
         for port in &ports {
-            wait_for_port(*port);
+            wait_for_port(*port, None);
         }
         create_cluster(&ports, 0);
         ports
