@@ -187,3 +187,61 @@ async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
         other => panic!("expected RotatedTokenLost, got {other:?}"),
     }
 }
+
+/// The contention fleet's eleventh reuse detection (one run in eight under the full suite):
+/// a refusal right after taking over a silent holder's lease is explained by that holder's
+/// rotation, not by a provider incident. The mass-rejection guard counted it and held the
+/// installation; a peer whose own success lifted the hold presented the retired token again
+/// before the holder's late result landed. Such a refusal is judged at once
+/// (`RotatedTokenLost`, which the late result revives) and never presented again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_a_takeover_is_not_presented_again() {
+    fn trips_at_once(p: &mut RefreshPolicy) {
+        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+            threshold: 1,
+            ..tokenkeeper::MassRejectionGuard::default()
+        });
+    }
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        trips_at_once,
+    )
+    .await;
+    let x = f.install().await;
+    let y = f.install().await;
+    f.advance(TWO_HOURS);
+    // The holder rotates x's token and pauses before its write.
+    let holder = {
+        let (m, x) = (f.manager.clone(), x.clone());
+        tokio::spawn(async move { m.access_token(&x).await })
+    };
+    gate.held().await;
+    f.clock.advance(lapse(&f));
+    // A peer takes the lapsed lease over and presents the retired token: refused.
+    let peer = f.peer_tuned(profiles::bitbucket(), trips_at_once);
+    match peer.access_token(&x).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("a takeover's refusal is the holder's rotation: {other:?}"),
+    }
+    // Another process refreshes successfully (the provider works) and then meets x.
+    let other = f.peer_tuned(profiles::bitbucket(), trips_at_once);
+    other.access_token(&y).await.unwrap();
+    assert!(other.access_token(&x).await.is_err());
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        c.reuse_detections, 1,
+        "the retired token was presented again: {c:?}"
+    );
+    gate.release();
+    holder
+        .await
+        .unwrap()
+        .expect("the late result lands on the takeover's verdict");
+    assert_eq!(f.record(&x).await.state().kind(), StateKind::Active);
+}

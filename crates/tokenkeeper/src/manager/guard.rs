@@ -11,6 +11,11 @@
 //! hold ran out without a single success is believed (a consumer scope change really does
 //! revoke every token): condemnation resumes until the next success.
 //!
+//! A refusal explained by another flight (a takeover of a silent holder's lease, whose
+//! request may have committed a rotation) never reaches the guard: it is condemned
+//! `RotatedTokenLost` at once, for the holder's late result to revive, and never held (a hold
+//! lifted by a success would present the retired token again).
+//!
 //! The guard is per process: each process of a fleet trips on its own evidence. Any single
 //! success ends an episode, so a partial incident (some installations refused, others not)
 //! is not held: each refusal is then judged on its own.

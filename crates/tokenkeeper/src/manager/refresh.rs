@@ -703,18 +703,26 @@ async fn on_rejected(
     // expired, which is not what a revocation would mean.
     let expired = refresh_token_deadline(held.record(), profile)
         .is_some_and(|(deadline, _)| now >= deadline.saturating_sub(profile.timing.skew));
+    let another_flight = takeover || held.in_doubt();
     let reason = if expired && !scope_rejected {
         ReauthReason::RefreshTokenExpired
     } else {
         rejection_reason(
             scope_rejected,
             profile.rotation.rotates(),
-            takeover || held.in_doubt(),
+            another_flight,
             held.record(),
             now,
             profile.rotation.reuse_leeway(),
         )
     };
+    if another_flight && reason == ReauthReason::RotatedTokenLost {
+        // Explained by another flight (a silent holder's request may have committed its
+        // rotation), not by a provider incident: the guard neither counts nor holds it. A
+        // hold would present the retired token again once lifted; the condemnation is what
+        // the holder's late result revives.
+        return condemn(engine, id, held, reason, error.to_detail(), now).await;
+    }
     judge(engine, id, held, reason, error.to_detail(), now).await
 }
 
