@@ -149,12 +149,13 @@ pub enum Error {
     /// The installation belongs to another OAuth consumer (another client id or provider)
     /// sharing this store. Nothing was sent to any provider and the record is untouched.
     #[error(
-        "installation {id} belongs to consumer {owner}, not to this manager's consumer {this}; nothing was done: give each consumer its own store namespace (Redis prefix, SQLite file) or use the manager of {owner}"
+        "installation {id} belongs to consumer {owner}, not to this manager's consumer {this} (a consumer is its profile, client id and token endpoint with issuer: the same client id pointed at another token endpoint is another consumer); nothing was sent and nothing was done: check this process's provider endpoints, give each consumer its own store namespace (Redis prefix, SQLite file) or use the manager of {owner}"
     )]
     ForeignConsumer {
         /// The installation.
         id: InstallationId,
-        /// The consumer the record belongs to (`profile/client_id`).
+        /// The consumer the record belongs to (`profile/client_id@binding`, see
+        /// [`ConsumerConfig::name`](crate::ConsumerConfig::name)).
         owner: String,
         /// This manager's consumer.
         this: String,

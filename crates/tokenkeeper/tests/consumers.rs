@@ -160,3 +160,77 @@ async fn two_consumers_on_redis() {
         .unwrap();
     two_consumers_on(Arc::new(store)).await;
 }
+
+/// Review E2: a process with the same profile and client id but pointed at another
+/// authorization server (a staging copy, a sandbox tenant, a regional endpoint) shares the
+/// production store. Its token endpoint is part of the consumer's identity, so it sends no
+/// production refresh token anywhere, condemns nothing, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_pointed_at_another_server_touches_nothing() {
+    let store: Arc<dyn TokenStore> = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let real = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let elsewhere = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .start()
+        .await
+        .unwrap();
+    let clock = now_clock();
+    let mine = manager_builder(
+        consumer_for(profiles::bitbucket(), &real, DEFAULT_CLIENT_SECRET),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let misconfigured = manager_builder(
+        consumer_for(profiles::bitbucket(), &elsewhere, DEFAULT_CLIENT_SECRET),
+        store.clone(),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let begun = mine.begin_authorization(None).unwrap();
+        let (code, _) = browser(&begun.url).await;
+        let done = mine
+            .complete_authorization(
+                tokenkeeper::AuthorizationCode::new(code),
+                &begun.state,
+                &begun.binding,
+            )
+            .await
+            .unwrap();
+        ids.push(done.installation);
+    }
+    clock.advance(Duration::from_secs(2 * 3600));
+    real.advance(Duration::from_secs(2 * 3600));
+    elsewhere.advance(Duration::from_secs(2 * 3600));
+    let before = store.get(&ids[0]).await.unwrap().unwrap();
+
+    match misconfigured.access_token(&ids[0]).await {
+        Err(e @ Error::ForeignConsumer { .. }) => {
+            assert!(e.to_string().contains("token endpoint"), "{e}");
+        }
+        other => panic!("expected ForeignConsumer, got {other:?}"),
+    }
+    let refresher = misconfigured.spawn_refresher_with(tokenkeeper::RefresherConfig {
+        rate_per_second: None,
+        max_idle: Duration::from_millis(50),
+        ..tokenkeeper::RefresherConfig::default()
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let counts = refresher.shutdown().await;
+    assert_eq!((counts.attempted, counts.skipped), (0, 0), "{counts:?}");
+    let c = elsewhere.counters().totals;
+    assert_eq!(c.token_calls, 0, "a production refresh token went elsewhere: {c:?}");
+    assert_eq!(store.get(&ids[0]).await.unwrap().unwrap(), before, "untouched");
+    for id in &ids {
+        mine.access_token(id).await.unwrap();
+    }
+    assert_eq!(real.counters().totals.refreshes, ids.len() as u64);
+}

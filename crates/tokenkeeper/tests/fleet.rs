@@ -1183,7 +1183,7 @@ async fn run_two_consumers(backend: &str, location: &str) {
     stop_members(members);
     let lost = lost_installations(&store).await;
     assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
-    let owner = format!("bitbucket/{DEFAULT_CLIENT_ID}");
+    let owner = admin.client().consumer().name();
     for id in ids_n(COUNT) {
         let record = store.get(&id).await.unwrap().unwrap();
         assert_eq!(

@@ -13,7 +13,7 @@ use common::{Fixture, consumer_for, manager_builder};
 use tokenkeeper::{RefresherConfig, TokenStore, profiles};
 use tokenkeeper_core::conformance::sample_tokens;
 use tokenkeeper_core::{InstallationId, Record, Timestamp};
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile};
+use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile};
 
 /// Review finding 16a: a corrupt record due in the past. Before, every sweep found it due
 /// again and swept every 5 ms (hundreds of sweeps a second); now it rests for `max_idle`.
@@ -23,7 +23,7 @@ async fn a_corrupt_due_record_does_not_make_the_refresher_spin() {
     let store: Arc<dyn TokenStore> =
         Arc::new(tokenkeeper_sqlite::SqliteStore::open(&path).await.unwrap());
     let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store.clone()).await;
-    let consumer = format!("bitbucket/{DEFAULT_CLIENT_ID}");
+    let consumer = f.manager.client().consumer().name();
     let id = InstallationId::new("corrupt").unwrap();
     let past = Timestamp::from_unix_secs(1);
     store

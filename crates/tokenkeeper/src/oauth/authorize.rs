@@ -497,11 +497,9 @@ fn consumer_tag(consumer: &crate::oauth::config::ConsumerConfig) -> [u8; state::
     hash.finalize().into()
 }
 
-/// The consumer name recorded in each installation: `profile/client_id`.
+/// The consumer name recorded in each installation (see [`ConsumerConfig::name`]).
+///
+/// [`ConsumerConfig::name`]: crate::ConsumerConfig::name
 pub(crate) fn consumer_name(client: &OAuthClient) -> String {
-    format!(
-        "{}/{}",
-        client.consumer().profile().name,
-        client.consumer().client_id()
-    )
+    client.consumer().name()
 }

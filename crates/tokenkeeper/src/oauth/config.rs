@@ -211,6 +211,37 @@ impl ConsumerConfig {
     pub fn authorization_ttl(&self) -> Duration {
         self.settings.authorization_ttl
     }
+    /// The name its installations are recorded under: `profile/client_id@binding`, where the
+    /// binding is 12 hex digits of SHA-256 over the token endpoint and the issuer (review E2).
+    /// A process with the same profile and client id pointed at another authorization server
+    /// (a staging copy, a sandbox tenant, a regional endpoint) is another consumer: it gets
+    /// `ForeignConsumer` for these installations and sends their refresh tokens nowhere.
+    ///
+    /// ```
+    /// use tokenkeeper::{ConsumerConfig, profiles};
+    /// let at = |token_url: &str| {
+    ///     let p = profiles::bitbucket();
+    ///     let profile = p.clone().with_endpoints(p.authorize_url.clone(), token_url.parse().unwrap(), None);
+    ///     ConsumerConfig::builder(profile)
+    ///         .client_id("key").client_secret("secret").redirect_uri("https://app.example/cb")
+    ///         .build().unwrap()
+    /// };
+    /// let production = at("https://bitbucket.org/site/oauth2/access_token");
+    /// let staging = at("https://staging.example/site/oauth2/access_token");
+    /// assert!(production.name().starts_with("bitbucket/key@"));
+    /// assert_ne!(production.name(), staging.name());
+    /// ```
+    pub fn name(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.profile.token_url.as_str().as_bytes());
+        hash.update([0u8]);
+        hash.update(self.profile.issuer.as_deref().unwrap_or_default().as_bytes());
+        let digest = hash.finalize();
+        let binding: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}/{}@{binding}", self.profile.name, self.client_id)
+    }
+
     /// The keys that verify authorization states: the current one (which signs) first.
     pub(crate) fn state_keys(&self) -> &[StateKey] {
         &self.settings.state_keys
