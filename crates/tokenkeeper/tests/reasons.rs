@@ -768,3 +768,34 @@ async fn a_success_lifts_a_mass_rejection_hold_at_once() {
         other => panic!("the hold ends with the episode: {other:?}"),
     }
 }
+
+/// Review E2, the guard's half: a process's whole hold without a success of its own is not
+/// enough to believe its refusals when other processes of the fleet refreshed successfully
+/// meanwhile (read from the store's event log): the provider works, so this process's wave is
+/// suspect (its configuration, its clock) and stays held. Without a success anywhere in the
+/// fleet, a whole hold is believed as before.
+#[tokio::test]
+async fn a_hold_is_not_believed_while_other_processes_refresh() {
+    let (f, held) = one_held_installation().await;
+    let held = &held;
+    // Another process of the fleet refreshes a new grant successfully during the hold.
+    let peer = f.peer(profiles::bitbucket());
+    let fresh = common::authorize_with(&peer, &f.mock, None).await.installation;
+    f.advance(Duration::from_secs(7200));
+    peer.access_token(&fresh).await.expect("the provider works");
+    // This process never succeeded; its hold runs out.
+    f.advance(Duration::from_secs(DAY));
+    match f.manager.access_token(held).await {
+        Err(Error::RefusalsHeld { .. }) => {}
+        other => panic!("believed although the fleet refreshed meanwhile: {other:?}"),
+    }
+    // A whole hold later, with no success anywhere: believed.
+    f.advance(Duration::from_secs(2 * DAY));
+    match f.manager.access_token(held).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RefreshTokenRejected,
+            ..
+        }) => {}
+        other => panic!("a whole hold without a success anywhere is believed: {other:?}"),
+    }
+}

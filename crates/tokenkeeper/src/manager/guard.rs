@@ -9,7 +9,11 @@
 //! successful refresh proves the provider and the configuration work and ends the episode
 //! (each held installation is then judged on its own at its next attempt). An episode whose
 //! hold ran out without a single success is believed (a consumer scope change really does
-//! revoke every token): condemnation resumes until the next success.
+//! revoke every token): condemnation resumes until the next success. But not when other
+//! processes of the fleet refreshed successfully during the hold (review E2): the store's
+//! event log, read from where it stood when the guard tripped, shows their `Refreshed`
+//! events, and then the provider works and this process's wave is suspect (its
+//! configuration, its clock): it is held for another whole hold instead.
 //!
 //! A refusal explained by another flight (a takeover of a silent holder's lease, whose
 //! request may have committed a rotation) never reaches the guard: it is condemned
@@ -24,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenkeeper_core::{InstallationId, Timestamp};
+use tokenkeeper_core::{EventCursor, EventKind, InstallationId, StoreError, Timestamp, TokenStore};
 
 /// When to stop condemning (see the module docs); `RefreshPolicy::mass_rejection`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +56,9 @@ impl Default for MassRejectionGuard {
 struct Episode {
     refused: VecDeque<(Timestamp, InstallationId)>,
     tripped_at: Option<Timestamp>,
+    /// Where the store's event log stood when the hold began: fleet successes after it
+    /// keep the hold from being believed.
+    log_at_trip: Option<EventCursor>,
     believed: bool,
 }
 
@@ -64,16 +71,23 @@ pub(crate) struct Guard {
 }
 
 /// What to do with one refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Condemn the installation as usual.
     Condemn,
     /// Hold it in backoff until then: `refused` installations were refused since `since`.
+    /// `began` when this refusal started the hold (note where the event log stands:
+    /// [`Guard::began_at`]).
     Hold {
         until: Timestamp,
         refused: usize,
         since: Timestamp,
+        began: bool,
     },
+    /// A whole hold passed without a success in this process: believe it
+    /// ([`Guard::believe`]) unless the fleet refreshed since the log stood at `log_at_trip`
+    /// ([`fleet_refreshed_since`]), and then hold again ([`Guard::hold_again`]).
+    HoldOver { log_at_trip: Option<EventCursor> },
 }
 
 impl Guard {
@@ -103,6 +117,7 @@ impl Guard {
                 e.refused.push_back((now, id.clone()));
             }
         }
+        let mut began = false;
         let tripped_at = match e.tripped_at {
             // Tripped while the clock ran ahead: the hold counts from now.
             Some(at) if now < at => {
@@ -116,20 +131,49 @@ impl Guard {
                     "the provider refused the refresh tokens of many installations since the last successful refresh; condemnation is paused (a provider incident, or a token URL pointed at another server?)"
                 );
                 e.tripped_at = Some(now);
+                began = true;
                 now
             }
             None => return Verdict::Condemn,
         };
         let until = tripped_at.saturating_add(config.hold);
         if now >= until {
-            // A whole hold without one success: the refusals are real.
-            e.believed = true;
-            return Verdict::Condemn;
+            // A whole hold without one success here: real, unless the fleet says otherwise.
+            return Verdict::HoldOver {
+                log_at_trip: e.log_at_trip.clone(),
+            };
         }
         Verdict::Hold {
             until,
             refused: e.refused.len(),
             since: e.refused.front().map_or(now, |(at, _)| *at),
+            began,
+        }
+    }
+
+    /// Notes where the event log stood when the hold began.
+    pub(crate) fn began_at(&self, log: EventCursor) {
+        let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.tripped_at.is_some() && e.log_at_trip.is_none() {
+            e.log_at_trip = Some(log);
+        }
+    }
+
+    /// A whole hold passed without a success anywhere in the fleet: the refusals are real.
+    pub(crate) fn believe(&self) {
+        let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.tripped_at.is_some() {
+            e.believed = true;
+        }
+    }
+
+    /// The fleet refreshed during the hold: hold for another whole hold from `now`, watching
+    /// the log from `log` (where it stands now, when known).
+    pub(crate) fn hold_again(&self, now: Timestamp, log: Option<EventCursor>) {
+        let mut e = self.episode.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.tripped_at.is_some() && !e.believed {
+            e.tripped_at = Some(now);
+            e.log_at_trip = log;
         }
     }
 
@@ -153,6 +197,38 @@ impl Guard {
             *e = Episode::default();
         }
     }
+}
+
+/// How many events [`fleet_refreshed_since`] reads at most: a day's hold in a fleet where
+/// nothing succeeds writes few (holds, condemnations), and a healthy fleet's first success
+/// comes within the first page.
+const FLEET_SCAN_EVENTS: usize = 50_000;
+
+/// Whether any process refreshed an installation of `consumer` successfully after the log
+/// stood at `from` (a `Refreshed` or `LateRefreshed` event). Reads at most
+/// [`FLEET_SCAN_EVENTS`]; an error is the store's (the caller then holds on).
+pub(crate) async fn fleet_refreshed_since(
+    store: &dyn TokenStore,
+    consumer: &str,
+    from: &EventCursor,
+) -> Result<bool, StoreError> {
+    const PAGE: usize = 1000;
+    let mut cursor = from.clone();
+    for _ in 0..FLEET_SCAN_EVENTS / PAGE {
+        let page = store.read_events(&cursor, PAGE).await?;
+        let succeeded = page.events.iter().any(|e| {
+            e.consumer == consumer
+                && matches!(e.kind, EventKind::Refreshed | EventKind::LateRefreshed)
+        });
+        if succeeded {
+            return Ok(true);
+        }
+        if page.events.len() < PAGE {
+            return Ok(false);
+        }
+        cursor = page.next;
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -216,12 +292,23 @@ mod tests {
         ));
         assert_eq!(
             g.refused(Some(&c), &id(4), at(150 + 3600)),
-            Verdict::Condemn,
-            "held a whole hour without a success: believed"
+            Verdict::HoldOver { log_at_trip: None },
+            "held a whole hour without a success here: the fleet decides"
         );
-        assert_eq!(
+        g.hold_again(at(150 + 3600), None);
+        assert!(matches!(
             g.refused(Some(&c), &id(5), at(150 + 3601)),
-            Verdict::Condemn
+            Verdict::Hold { began: false, .. }
+        ));
+        assert!(matches!(
+            g.refused(Some(&c), &id(5), at(150 + 7200)),
+            Verdict::HoldOver { .. }
+        ));
+        g.believe();
+        assert_eq!(
+            g.refused(Some(&c), &id(6), at(150 + 7201)),
+            Verdict::Condemn,
+            "believed"
         );
     }
 }

@@ -26,7 +26,7 @@ use super::decide::{
 };
 use super::events::LocalEventKind;
 use super::flight::Outcome;
-use super::guard::Verdict;
+use super::guard::{self, Verdict};
 use super::lease::{HeldLease, Renewal, Watch};
 use super::retry::applied;
 use super::unsaved::UnsavedTokens;
@@ -746,7 +746,8 @@ async fn judge(
         until,
         refused,
         since,
-    } = engine.guard.refused(guard, id, now)
+        ..
+    } = guard_verdict(engine, id, now).await
     else {
         return condemn(engine, id, held, reason, detail, now).await;
     };
@@ -793,6 +794,47 @@ async fn judge(
         retry_at,
         detail,
     )))
+}
+
+/// The mass-rejection guard's verdict on one refusal, with the fleet consulted (review E2):
+/// a hold that begins notes where the store's event log stands; a hold that ran out without
+/// a success in this process is believed only if no process of the fleet refreshed since
+/// then, and is otherwise held again (so is it when the log cannot be read).
+async fn guard_verdict(engine: &Engine, id: &InstallationId, now: Timestamp) -> Verdict {
+    let config = engine.policy.mass_rejection.as_ref();
+    match engine.guard.refused(config, id, now) {
+        verdict @ Verdict::Hold { began: true, .. } => {
+            if let Ok(log) = engine.store.event_head().await {
+                engine.guard.began_at(log);
+            }
+            verdict
+        }
+        Verdict::HoldOver { log_at_trip } => {
+            let fleet = match &log_at_trip {
+                Some(from) => {
+                    guard::fleet_refreshed_since(engine.store.as_ref(), &engine.consumer, from)
+                        .await
+                }
+                None => Ok(false),
+            };
+            match fleet {
+                Ok(false) => {
+                    engine.guard.believe();
+                    return Verdict::Condemn;
+                }
+                Ok(true) => tracing::warn!(
+                    "other processes refreshed successfully during this process's whole mass-rejection hold: its refusals stay held (check this process's configuration and clock)"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not read the event log to see whether the fleet refreshed during the mass-rejection hold: the refusals stay held"
+                ),
+            }
+            engine.guard.hold_again(now, engine.store.event_head().await.ok());
+            engine.guard.refused(config, id, now)
+        }
+        verdict => verdict,
+    }
 }
 
 /// Gives the lease back without presenting anything: the access token is served until it
