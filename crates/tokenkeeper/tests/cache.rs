@@ -333,3 +333,33 @@ async fn after_invalidate_one_read_puts_the_token_back_in_the_cache() {
     }
     assert_eq!(store.reads(), before + 1);
 }
+
+/// Review E13: the bound is also kept on monotonic time. A host clock stepped back an hour
+/// (NTP) right after a token was cached used to stretch the bound by that hour: another
+/// process's revocation went unseen for an hour and 30 s.
+#[tokio::test]
+async fn a_clock_stepped_back_does_not_stretch_the_bound() {
+    let (f, at) = fixture_on("sqlite").await;
+    let id = f.install().await;
+    let bound = Duration::from_millis(300);
+    let clock = ManualClock::new(tokenkeeper::Clock::now(&f.clock));
+    let a = common::manager_builder(
+        consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
+        common::open_store("sqlite", &at).await,
+    )
+    .clock(clock.clone())
+    .tune(|p| {
+        p.cache_revalidate = bound;
+        p.event_poll = Duration::ZERO;
+    })
+    .build()
+    .unwrap();
+    a.access_token(&id).await.unwrap();
+    f.manager.revoke(&id).await.unwrap();
+    clock.set(tokenkeeper::Clock::now(&clock).saturating_sub(Duration::from_secs(3600)));
+    tokio::time::sleep(bound + Duration::from_millis(100)).await;
+    match a.access_token(&id).await {
+        Err(Error::Revoked { .. }) => {}
+        other => panic!("served past the bound after a clock step back: {other:?}"),
+    }
+}

@@ -5,7 +5,9 @@
 //! (or written to) the store less than `RefreshPolicy::cache_revalidate` ago: past that, the
 //! next call re-reads the record through the installation's single flight, so another
 //! process's revocation, re-authorization or condemnation stops this process serving the old
-//! token within that bound, at the cost of one store read per installation per bound.
+//! token within that bound, at the cost of one store read per installation per bound. The
+//! bound holds on the wall clock (the engine's `Clock`) and on monotonic time, so a host
+//! clock stepped back cannot stretch it (review E13).
 //!
 //! Entries are versioned: a record older than the cached entry, or than a *tombstone* (what a
 //! revocation, a terminal state or a 401 leaves behind), is never put back, so a slow flight
@@ -21,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokenkeeper_core::{AccessToken, InstallationId, Record, Timestamp};
 
@@ -31,6 +33,9 @@ struct Entry {
     stale_at: Timestamp,
     /// Served until then without reading the store again.
     check_at: Timestamp,
+    /// And until then on monotonic time (review E13): a wall clock stepped back does not
+    /// stretch the bound. Counts from the cache write, one store round trip after the read.
+    check_by: Instant,
     version: u64,
     /// The record's incarnation (`Record::created_at`), when known.
     created: Option<Timestamp>,
@@ -40,12 +45,20 @@ struct Entry {
     used: AtomicU64,
 }
 
+/// The monotonic instant `d` from now (a century at most: `Instant` has no maximum).
+fn monotonic_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d.min(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// Usable access tokens by installation, bounded and versioned.
 pub(crate) struct Cache {
     map: RwLock<HashMap<InstallationId, Entry>>,
     capacity: usize,
     revalidate: Duration,
-    ticks: AtomicU64,
+    /// The origin of the monotonic stamps (`used`, in nanoseconds since it).
+    anchor: Instant,
     generation: AtomicU64,
 }
 
@@ -64,9 +77,14 @@ impl Cache {
             map: RwLock::default(),
             capacity: capacity.max(1),
             revalidate,
-            ticks: AtomicU64::new(0),
+            anchor: Instant::now(),
             generation: AtomicU64::new(0),
         }
+    }
+
+    /// `at` as an LRU stamp: nanoseconds since the cache was made.
+    fn stamp(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.anchor).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// The current generation: take it before reading the store, and pass it to `put`.
@@ -79,14 +97,13 @@ impl Cache {
     pub(crate) fn fresh(&self, id: &InstallationId, now: Timestamp) -> Option<AccessToken> {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
         let entry = map.get(id)?;
-        if now >= entry.stale_at || now >= entry.check_at {
+        let mono = Instant::now();
+        if now >= entry.stale_at || now >= entry.check_at || mono >= entry.check_by {
             return None;
         }
         let access = entry.access.clone()?;
-        entry.used.store(
-            self.ticks.fetch_add(1, Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        // The monotonic reading doubles as the LRU stamp: no counter shared by every hit.
+        entry.used.store(self.stamp(mono), Ordering::Relaxed);
         Some(access)
     }
 
@@ -127,7 +144,7 @@ impl Cache {
             Some(used) => used,
             // Nothing served here yet (absent, or a tombstone): only callers add entries.
             None if insert == Insert::OnlyUpdate => return,
-            None => self.ticks.fetch_add(1, Ordering::Relaxed),
+            None => self.stamp(Instant::now()),
         };
         map.insert(
             record.id().clone(),
@@ -135,6 +152,7 @@ impl Cache {
                 access: Some(record.tokens().access_token.clone()),
                 stale_at,
                 check_at: read_at.saturating_add(self.revalidate),
+                check_by: monotonic_after(self.revalidate),
                 version: record.version(),
                 created: Some(created),
                 laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
@@ -159,10 +177,11 @@ impl Cache {
                 access: None,
                 stale_at: Timestamp::MIN,
                 check_at: Timestamp::MIN,
+                check_by: Instant::now(),
                 version,
                 created,
                 laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
-                used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
+                used: AtomicU64::new(self.stamp(Instant::now())),
             },
         );
         self.evict_if_full(&mut map);
@@ -197,10 +216,11 @@ impl Cache {
                 access: None,
                 stale_at: Timestamp::MIN,
                 check_at: Timestamp::MIN,
+                check_by: Instant::now(),
                 version,
                 created: Some(incarnation),
                 laid: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
-                used: AtomicU64::new(self.ticks.fetch_add(1, Ordering::Relaxed)),
+                used: AtomicU64::new(self.stamp(Instant::now())),
             },
         );
         self.evict_if_full(&mut map);
