@@ -90,6 +90,9 @@ pub(crate) struct Engine {
     pub(crate) restored: tokio::sync::watch::Sender<bool>,
     /// The cache's event watcher, once started (`fleet::ensure_watch`).
     pub(crate) watch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Permits for rotating refreshes in flight (`RefreshPolicy::max_rotations_in_flight`),
+    /// when the provider rotates without a reuse leeway.
+    pub(crate) rotations: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Engine {
@@ -365,6 +368,11 @@ impl TokenManagerBuilder {
         );
         let (events, _) = broadcast::channel(self.event_capacity);
         let cache = Cache::new(policy.cache_capacity, policy.cache_revalidate);
+        let rotation = client.consumer().profile().rotation;
+        let rotations = policy
+            .max_rotations_in_flight
+            .filter(|_| rotation.rotates() && rotation.reuse_leeway().is_none())
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         let manager = TokenManager {
             engine: Arc::new(Engine {
                 client,
@@ -387,6 +395,7 @@ impl TokenManagerBuilder {
                 quiet_leases: lease::QuietLeases::default(),
                 restored: tokio::sync::watch::Sender::new(true),
                 watch: tokio::sync::Mutex::new(None),
+                rotations,
             }),
         };
         // What an earlier process left in the unsaved-tokens directory is put back now;

@@ -110,6 +110,15 @@ pub struct RefreshPolicy {
     /// outside the granted scopes, a misbehaving gateway) gets the same token back instead of
     /// a rotation per call.
     pub forced_refresh_min_interval: Duration,
+    /// On a provider that rotates refresh tokens without a reuse leeway (Bitbucket), how many
+    /// refreshes this process has in flight at most (default 8). Between the provider's
+    /// commit and the result's write the new refresh token exists only in this process, so a
+    /// crash (SIGKILL, OOM) there loses each such installation: this bounds what one crash
+    /// costs, at a throughput of about this many refreshes per provider round trip per
+    /// process. Flights over the bound wait without a lease, so peers may take their
+    /// installations meanwhile. `None` lifts the bound; providers with a leeway (a peer
+    /// recovers the installation with the retired token) and without rotation ignore it.
+    pub max_rotations_in_flight: Option<usize>,
     /// Stop condemning when the provider refuses the refresh tokens of many installations
     /// since the last successful refresh (default on: 10 within 10 minutes, held up to 24 h;
     /// see [`MassRejectionGuard`]); `None` condemns every refusal at once.
@@ -147,6 +156,7 @@ impl RefreshPolicy {
             event_poll: Duration::from_millis(500),
             forced_refresh_min_interval: Duration::from_secs(60),
             mass_rejection: Some(MassRejectionGuard::default()),
+            max_rotations_in_flight: Some(8),
         }
     }
 
@@ -229,6 +239,12 @@ impl RefreshPolicy {
                 "mass_rejection",
                 "threshold, window and hold must all be positive (or turn the guard off with None)"
                     .into(),
+            );
+        }
+        if self.max_rotations_in_flight == Some(0) {
+            return out_of_range(
+                "max_rotations_in_flight",
+                "must be at least 1 (None lifts the bound)".into(),
             );
         }
         if self.cache_capacity == 0 {

@@ -78,6 +78,8 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let mut unsent: Option<(LeaseHolder, bool)> = None;
     // Leases this drive wrote that the store did not make durable in time.
     let mut unconfirmed = 0u32;
+    // This flight's place among the rotating refreshes in flight, once it has one.
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         // The cache bound counts from when the read started, not from when it returned, and
@@ -109,6 +111,7 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 return Err(err);
             }
             Decision::WaitForPeer { holder } => {
+                permit = None;
                 if tokio::time::Instant::now() >= wait_deadline {
                     return Err(Error::Busy {
                         id: id.clone(),
@@ -125,6 +128,9 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 serve_valid,
             } => {
                 engine.restore_done().await;
+                if permit.is_none() && !rotation_permit(engine, &mut permit).await {
+                    continue; // waited for a place: read again (a peer may have refreshed)
+                }
                 // Counted until its last write, so shutdown() can wait for it.
                 let Some(_in_flight) = engine.in_flight.enter() else {
                     return Err(Error::ShuttingDown { id: id.clone() });
@@ -166,6 +172,26 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
         }
     }
     unreachable!("the attempt counter is unbounded")
+}
+
+/// Takes a place among this process's rotating refreshes in flight
+/// (`RefreshPolicy::max_rotations_in_flight`) into `permit`: true when one was free at once
+/// (or no bound applies); false after waiting for one, without a lease, so the caller reads
+/// the record again.
+async fn rotation_permit(
+    engine: &Engine,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> bool {
+    let Some(places) = &engine.rotations else {
+        return true;
+    };
+    if let Ok(p) = places.clone().try_acquire_owned() {
+        *permit = Some(p);
+        return true;
+    }
+    tracing::debug!("at the bound of rotating refreshes in flight: waiting without a lease");
+    *permit = places.clone().acquire_owned().await.ok();
+    false
 }
 
 /// Whether taking the `lapsed` lease over is evidence that something may have rotated under
