@@ -224,6 +224,7 @@ impl MockProviderBuilder {
         let shared = self.shared();
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        shared.lock().issuer = format!("http://{addr}");
         let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -261,6 +262,11 @@ impl MockProvider {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its issuer identifier, the `iss` of its ID tokens: its base URL.
+    pub fn issuer(&self) -> String {
+        self.base_url()
     }
 
     /// `http://127.0.0.1:PORT`

@@ -269,6 +269,8 @@ pub struct Provider {
     serial: u64,
     /// The bearer token the admin API requires, random per run (never from the seed).
     pub(crate) admin_token: String,
+    /// Its issuer identifier (its base URL, once bound): the `iss` of its ID tokens.
+    pub(crate) issuer: String,
     /// Whether `GET /authorize` shows a consent page instead of approving at once.
     pub(crate) consent_page: bool,
 }
@@ -327,6 +329,7 @@ impl Provider {
             totals: Totals::default(),
             serial: 0,
             admin_token: random_token(),
+            issuer: String::new(),
             consent_page: false,
         }
     }
@@ -703,7 +706,7 @@ impl Provider {
         let refresh = self.issue_refresh(grant, &access);
         let mut body = self.success(&access, Some(&refresh), &scopes, "authorization_code");
         if scopes.iter().any(|s| s == "openid") {
-            body.insert("id_token".into(), json!(id_token(consumer, &account, now)));
+            body.insert("id_token".into(), json!(id_token(&self.issuer, consumer, &account, now)));
         }
         Ok(body)
     }
@@ -857,14 +860,14 @@ impl Provider {
 /// An OpenID Connect ID token for `account` of `consumer`: a JWT-shaped value whose payload
 /// names the issuer, subject (the account) and audience. Unsigned (`alg: none`): this is a
 /// test double; a real provider signs it.
-fn id_token(consumer: &str, account: &str, now: Duration) -> String {
+fn id_token(issuer: &str, consumer: &str, account: &str, now: Duration) -> String {
     let b64 = |v: &Value| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
     };
     let iat = now.as_secs();
     let header = json!({"alg": "none", "typ": "JWT"});
     let claims = json!({
-        "iss": "tokenkeeper-mock-provider",
+        "iss": issuer,
         "sub": account,
         "aud": consumer,
         "iat": iat,

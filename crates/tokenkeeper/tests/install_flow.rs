@@ -456,6 +456,93 @@ async fn a_record_without_an_account_is_flagged_then_enforced() {
     ));
 }
 
+/// Review N4: an import that knows its account records it, so the first re-authorization
+/// by another account is refused instead of rebinding the installation to that account.
+#[tokio::test]
+async fn an_import_with_its_account_refuses_another_account() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let seed = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &seed, "alice");
+    let grant = client_for(profiles::bitbucket(), &mock)
+        .complete_authorization(&AuthorizationCode::new(code), &seed.state, &seed.binding)
+        .await
+        .unwrap();
+    let id = InstallationId::new("imported-2").unwrap();
+    manager
+        .import_installation_with_account(id.clone(), grant.tokens, Some("{alice}".into()))
+        .await
+        .unwrap();
+    let again = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &again, "mallory");
+    let e = manager
+        .complete_authorization(AuthorizationCode::new(code), &again.state, &again.binding)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        &*authorization_error(e),
+        AuthorizationError::DifferentAccount { .. }
+    ));
+    let again = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &again, "alice");
+    let done = manager
+        .complete_authorization(AuthorizationCode::new(code), &again.state, &again.binding)
+        .await
+        .unwrap();
+    assert!(done.warnings.is_empty(), "{:?}", done.warnings);
+}
+
+/// Review N4: the identity endpoint's reply is read under the same cap as the token
+/// endpoint's, chunk by chunk: an endless chunked reply (no length to check up front) is cut
+/// off at the cap, not buffered until the HTTP timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_identity_reply_is_cut_off_at_the_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = mock().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endless = format!("http://{}/user", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("4000\r\n{}\r\n", " ".repeat(0x4000));
+                while conn.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let profile = pointed_at(profiles::bitbucket(), &mock)
+        .with_identity_endpoint(tokenkeeper::Url::parse(&endless).unwrap());
+    let consumer = ConsumerConfig::builder(profile)
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(DEFAULT_CLIENT_SECRET)
+        .redirect_uri(REDIRECT)
+        .state_key(state_key())
+        .http_timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let manager = manager_builder(consumer, Arc::new(tokenkeeper_memory::MemoryStore::new()))
+        .build()
+        .unwrap();
+    let begun = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "alice");
+    let started = std::time::Instant::now();
+    let e = manager
+        .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+        .await
+        .unwrap_err();
+    let e = authorization_error(e);
+    assert!(e.to_string().contains("exceeds"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "read until the timeout"
+    );
+}
+
 /// L11: a grant that lacks a requested scope is flagged at once, naming the scope.
 #[tokio::test]
 async fn a_grant_without_a_requested_scope_is_flagged() {

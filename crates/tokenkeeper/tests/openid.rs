@@ -104,3 +104,75 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
     let explained = manager.explain(&done.installation).await.unwrap();
     assert!(explained.is_healthy(), "{explained}");
 }
+
+/// A mock in its OpenID behaviour and a generic profile whose ID token subject is the
+/// account, with the issuer `issuer` picks (given the running mock) as the profile's issuer.
+async fn openid_manager(
+    issuer: impl FnOnce(&MockProvider) -> Option<String>,
+) -> (MockProvider, TokenManager) {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Google)
+        .consumer(
+            ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET).scopes([
+                "openid",
+                "offline_access",
+            ]),
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut profile = ProviderProfile::generic(
+        "openid-server",
+        Url::parse(&mock.authorize_url()).unwrap(),
+        Url::parse(&mock.token_url()).unwrap(),
+    );
+    profile.required_scopes = vec!["openid".into(), "offline_access".into()];
+    profile.identity = tokenkeeper::IdentityCheck::IdTokenSubject;
+    profile.issuer = issuer(&mock);
+    let consumer = ConsumerConfig::builder(profile)
+        .client_id(DEFAULT_CLIENT_ID)
+        .client_secret(DEFAULT_CLIENT_SECRET)
+        .redirect_uri(common::REDIRECT)
+        .state_key(common::state_key())
+        .build()
+        .unwrap();
+    let manager = TokenManager::builder(consumer, MemoryStore::new())
+        .clock(common::now_clock())
+        .build()
+        .unwrap();
+    (mock, manager)
+}
+
+async fn install(manager: &TokenManager) -> Result<tokenkeeper::Completed, tokenkeeper::Error> {
+    let begun = manager.begin_authorization(None).unwrap();
+    let (code, _) = common::browser(&begun.url).await;
+    manager
+        .complete_authorization_with_issuer(
+            tokenkeeper::AuthorizationCode::new(code),
+            &begun.state,
+            &begun.binding,
+            None,
+        )
+        .await
+}
+
+/// Review N4: the account comes from the ID token's `sub`, which is unique per issuer only;
+/// an ID token from another issuer than the profile names is refused before anything is
+/// stored (OpenID Connect Core 1.0 §3.1.3.7 item 2), and one from the named issuer passes.
+#[tokio::test]
+async fn an_id_token_of_another_issuer_is_refused() {
+    let elsewhere = "https://another-issuer.example";
+    let (_mock, manager) = openid_manager(|_| Some(elsewhere.to_owned())).await;
+    match install(&manager).await {
+        Err(tokenkeeper::Error::Authorization(e)) => {
+            assert!(e.to_string().contains(elsewhere), "{e}");
+        }
+        other => panic!("an ID token of another issuer was believed: {other:?}"),
+    }
+    let stored = manager.store().list(Default::default(), None, 10).await;
+    assert!(stored.unwrap().entries.is_empty());
+    let (_mock, manager) = openid_manager(|mock| Some(mock.issuer())).await;
+    install(&manager)
+        .await
+        .expect("the named issuer's ID token passes");
+}

@@ -536,6 +536,25 @@ impl TokenManager {
         id: InstallationId,
         tokens: TokenSet,
     ) -> Result<(), Error> {
+        self.import_installation_with_account(id, tokens, None)
+            .await
+    }
+
+    /// [`import_installation`](Self::import_installation), recording the provider `account`
+    /// the tokens belong to (review N4). An installation imported without one takes whatever
+    /// account its first re-authorization brings (with the `AccountNotVerified` warning); with
+    /// one, a re-authorization by another account is refused (`DifferentAccount`) as for any
+    /// installation authorized here.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`import_installation`](Self::import_installation).
+    pub async fn import_installation_with_account(
+        &self,
+        id: InstallationId,
+        tokens: TokenSet,
+        account: Option<String>,
+    ) -> Result<(), Error> {
         let invalid = |reason: &str| Error::InvalidImport {
             id: id.clone(),
             reason: reason.to_owned(),
@@ -558,13 +577,22 @@ impl TokenManager {
         let engine = &self.engine;
         let now = engine.clock.now();
         let refresh_at = engine.policy.refresh_at(&tokens, now);
+        if account
+            .as_ref()
+            .is_some_and(|a| a.is_empty() || a.len() > 256 || a.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "the account is empty, longer than 256 bytes or has control characters",
+            ));
+        }
         let record = Record::new(
             id.clone(),
             consumer_name(&engine.client),
             tokens,
             refresh_at,
             now,
-        );
+        )
+        .with_account(account);
         engine
             .store
             .create(&record)

@@ -8,8 +8,10 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use std::time::Duration;
+
 use reqwest::header::ACCEPT;
-use tokenkeeper_core::IdToken;
+use tokenkeeper_core::{IdToken, Timestamp};
 
 use crate::oauth::client::{CodeGrant, OAuthClient};
 use crate::oauth::profile::IdentityCheck;
@@ -27,7 +29,14 @@ impl OAuthClient {
                 let token = grant.id_token.as_ref().ok_or(
                     "the provider sent no ID token (request the openid scope, or choose another IdentityCheck)",
                 )?;
-                id_token_subject(token).map(Some)
+                let profile = self.consumer().profile();
+                let expected = Expected {
+                    client_id: self.consumer().client_id(),
+                    issuer: profile.issuer.as_deref(),
+                    now: self.clock().now(),
+                    leeway: profile.timing.skew,
+                };
+                id_token_subject(token, &expected).map(Some)
             }
             IdentityCheck::Endpoint { url, pointer } => {
                 let consumer = self.consumer();
@@ -55,14 +64,21 @@ impl OAuthClient {
                         "the identity endpoint's reply exceeds {limit} bytes"
                     ));
                 }
-                let body = response
-                    .bytes()
+                // Read chunk by chunk under the cap, as the token client does (review N4): a
+                // reply without a length cannot make this process buffer more than the cap.
+                let mut response = response;
+                let mut body = Vec::new();
+                while let Some(chunk) = response
+                    .chunk()
                     .await
-                    .map_err(|e| format!("the identity endpoint failed: {}", e.without_url()))?;
-                if body.len() > limit {
-                    return Err(format!(
-                        "the identity endpoint's reply exceeds {limit} bytes"
-                    ));
+                    .map_err(|e| format!("the identity endpoint failed: {}", e.without_url()))?
+                {
+                    if body.len() + chunk.len() > limit {
+                        return Err(format!(
+                            "the identity endpoint's reply exceeds {limit} bytes"
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
                 }
                 let json: serde_json::Value = serde_json::from_slice(&body)
                     .map_err(|_| "the identity endpoint's reply is not JSON".to_owned())?;
@@ -91,8 +107,29 @@ fn account_at(json: &serde_json::Value, pointer: &str) -> Result<String, String>
     Ok(id)
 }
 
-/// The `sub` claim of an ID token (a JWT: `header.payload.signature`).
-fn id_token_subject(token: &IdToken) -> Result<String, String> {
+/// What an ID token must say to be believed: who it was issued to, by whom, and until when.
+struct Expected<'a> {
+    client_id: &'a str,
+    /// The profile's issuer, when it names one (`ProviderProfile::issuer`).
+    issuer: Option<&'a str>,
+    now: Timestamp,
+    /// Allowed clock difference for `exp` (the profile's skew).
+    leeway: Duration,
+}
+
+/// The `sub` claim of an ID token (a JWT: `header.payload.signature`), once its claims show it
+/// was issued to this client by this issuer and has not expired (OpenID Connect Core 1.0
+/// §3.1.3.7, items 2, 3 and 9). The signature is not checked: the token came straight from
+/// the token endpoint over TLS, which §3.1.3.7 item 6 allows in place of it. `sub` is unique
+/// per issuer only, so the issuer is checked whenever the profile names one.
+///
+/// - `iss` must equal the profile's issuer exactly (when it names one).
+/// - `aud` (a string or an array of strings) must contain the client id; when it lists
+///   several audiences and an `azp` is present, `azp` must be the client id (a token minted
+///   for another application of the same project, which lists every application in `aud`,
+///   is refused).
+/// - `exp` must be a number of seconds not past by more than the leeway.
+fn id_token_subject(token: &IdToken, expected: &Expected<'_>) -> Result<String, String> {
     let payload = token
         .secret()
         .split('.')
@@ -101,7 +138,43 @@ fn id_token_subject(token: &IdToken) -> Result<String, String> {
         .ok_or("the ID token is not a JWT")?;
     let json: serde_json::Value =
         serde_json::from_slice(&payload).map_err(|_| "the ID token's payload is not JSON")?;
+    if let Some(issuer) = expected.issuer
+        && json.get("iss").and_then(|v| v.as_str()) != Some(issuer)
+    {
+        return Err(format!(
+            "the ID token was not issued by {issuer} (its iss claim differs or is missing)"
+        ));
+    }
+    check_audience(&json, expected.client_id)?;
+    let exp = json
+        .get("exp")
+        .and_then(serde_json::Value::as_f64)
+        .filter(|e| e.is_finite() && *e >= 0.0)
+        .ok_or("the ID token has no numeric exp claim")?;
+    let deadline = Timestamp::from_unix_secs(0)
+        .saturating_add(Duration::from_secs_f64(exp.min(1e12)))
+        .saturating_add(expected.leeway);
+    if expected.now >= deadline {
+        return Err(format!("the ID token expired at {deadline} (exp plus the clock-skew leeway)"));
+    }
     account_at(&json, "/sub")
+}
+
+/// `aud` contains `client_id`; with several audiences, a present `azp` is `client_id`.
+fn check_audience(json: &serde_json::Value, client_id: &str) -> Result<(), String> {
+    let audiences: Vec<&str> = match json.get("aud") {
+        Some(serde_json::Value::String(one)) => vec![one.as_str()],
+        Some(serde_json::Value::Array(many)) => many.iter().filter_map(|v| v.as_str()).collect(),
+        _ => return Err("the ID token has no aud claim".to_owned()),
+    };
+    if !audiences.contains(&client_id) {
+        return Err("the ID token was not issued to this client (its aud claim does not contain the client id)".to_owned());
+    }
+    let azp = json.get("azp").and_then(|v| v.as_str());
+    if audiences.len() > 1 && azp.is_some_and(|a| a != client_id) {
+        return Err("the ID token was issued to another client of the same audience (its azp claim is not the client id)".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -121,13 +194,80 @@ mod tests {
         assert!(account_at(&json!({"id": "x".repeat(300)}), "/id").is_err());
     }
 
+    const NOW: i64 = 1_800_000_000;
+
+    fn expected(issuer: Option<&'static str>) -> Expected<'static> {
+        Expected {
+            client_id: "x",
+            issuer,
+            now: Timestamp::from_unix_secs(NOW),
+            leeway: Duration::from_secs(60),
+        }
+    }
+
+    fn token(claims: serde_json::Value) -> IdToken {
+        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+        IdToken::new(format!("eyJhbGciOiJub25lIn0.{payload}."))
+    }
+
     #[test]
     fn the_subject_comes_from_the_payload_of_an_id_token() {
-        let payload = URL_SAFE_NO_PAD.encode(br#"{"sub":"user-7","aud":"x"}"#);
-        let token = IdToken::new(format!("eyJhbGciOiJub25lIn0.{payload}."));
-        assert_eq!(id_token_subject(&token), Ok("user-7".into()));
+        let good = json!({"sub": "user-7", "aud": "x", "exp": NOW + 10, "iss": "https://op"});
+        assert_eq!(
+            id_token_subject(&token(good.clone()), &expected(None)),
+            Ok("user-7".into())
+        );
+        assert_eq!(
+            id_token_subject(&token(good), &expected(Some("https://op"))),
+            Ok("user-7".into())
+        );
         for bad in ["", "a.b.c", "a", "a.e30."] {
-            assert!(id_token_subject(&IdToken::new(bad)).is_err(), "{bad}");
+            assert!(
+                id_token_subject(&IdToken::new(bad), &expected(None)).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    /// Review N4: OpenID Connect Core 1.0 §3.1.3.7 items 2, 3 and 9.
+    #[test]
+    fn an_id_token_for_another_client_issuer_or_time_is_refused() {
+        let refused = [
+            (json!({"sub": "u", "aud": "y", "exp": NOW + 10}), None, "aud"),
+            (json!({"sub": "u", "exp": NOW + 10}), None, "aud"),
+            (json!({"sub": "u", "aud": 7, "exp": NOW + 10}), None, "aud"),
+            (json!({"sub": "u", "aud": ["y", "z"], "exp": NOW + 10}), None, "aud"),
+            (
+                json!({"sub": "u", "aud": ["x", "y"], "azp": "y", "exp": NOW + 10}),
+                None,
+                "azp",
+            ),
+            (json!({"sub": "u", "aud": "x"}), None, "exp"),
+            (json!({"sub": "u", "aud": "x", "exp": "soon"}), None, "exp"),
+            (json!({"sub": "u", "aud": "x", "exp": NOW - 61}), None, "expired"),
+            (
+                json!({"sub": "u", "aud": "x", "exp": NOW + 10, "iss": "https://evil"}),
+                Some("https://op"),
+                "https://op",
+            ),
+            (json!({"sub": "u", "aud": "x", "exp": NOW + 10}), Some("https://op"), "iss"),
+        ];
+        for (claims, issuer, says) in refused {
+            let err = id_token_subject(&token(claims.clone()), &expected(issuer))
+                .expect_err(&claims.to_string());
+            assert!(err.contains(says), "{claims}: {err}");
+        }
+        let accepted = [
+            json!({"sub": "u", "aud": ["y", "x"], "exp": NOW + 10}),
+            json!({"sub": "u", "aud": ["y", "x"], "azp": "x", "exp": NOW + 10}),
+            json!({"sub": "u", "aud": "x", "azp": "x", "exp": NOW - 59}),
+            json!({"sub": "u", "aud": "x", "exp": 1.8e9 + 10.5}),
+        ];
+        for claims in accepted {
+            assert!(
+                id_token_subject(&token(claims.clone()), &expected(None)).is_ok(),
+                "{claims}"
+            );
         }
     }
 }
