@@ -543,6 +543,36 @@ async fn an_endless_identity_reply_is_cut_off_at_the_cap() {
     );
 }
 
+/// Review N3: a re-authorization begun before support revoked the installation (an
+/// offboarded employee's pending reconnect) completes afterwards: it must not undo the
+/// revocation, and the code is not spent.
+#[tokio::test]
+async fn a_flow_begun_before_a_revocation_does_not_undo_it() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let first = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &first, "alice");
+    let id = manager
+        .complete_authorization(AuthorizationCode::new(code), &first.state, &first.binding)
+        .await
+        .unwrap()
+        .installation;
+    let pending = manager.begin_authorization(Some(id.clone())).unwrap();
+    let code = approve(&mock, &pending, "alice");
+    manager.revoke(&id).await.unwrap();
+    let exchanges = mock.counters().totals.code_exchanges;
+    let e = manager
+        .complete_authorization(AuthorizationCode::new(code), &pending.state, &pending.binding)
+        .await
+        .expect_err("a revocation was undone by a flow begun before it");
+    assert!(e.to_string().contains("was revoked"), "{e}");
+    assert_eq!(
+        manager.store().get(&id).await.unwrap().unwrap().state().kind(),
+        tokenkeeper::StateKind::Revoked
+    );
+    assert_eq!(mock.counters().totals.code_exchanges, exchanges, "code spent");
+}
+
 /// L11: a grant that lacks a requested scope is flagged at once, naming the scope.
 #[tokio::test]
 async fn a_grant_without_a_requested_scope_is_flagged() {

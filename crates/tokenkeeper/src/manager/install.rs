@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, TokenSet};
+use tokenkeeper_core::{
+    CasOutcome, Event, InstallationId, Record, StateKind, StoreError, TokenSet,
+};
 
 use super::TokenManager;
 use super::claim::{self, FlowClaim, Phase};
@@ -18,12 +20,17 @@ use crate::oauth::authorize::{
     VerifiedState, consumer_name,
 };
 use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
-use crate::oauth::state::Purpose;
+use crate::oauth::state::{Expect, Purpose};
 
 impl TokenManager {
     /// Begins an authorization: a new installation, or `Some(id)` to re-authorize one (the
     /// way out of `ReauthorizationRequired`). Set the returned `binding` as a cookie of this
     /// browser and send it to `url`.
+    ///
+    /// `Some(id)` reads nothing from the store: such a flow never undoes a revocation, but
+    /// it does not see a deletion or another flow's grant since it began either. Prefer
+    /// [`begin_reauthorization`](Self::begin_reauthorization), which does, and
+    /// [`begin_installation`](Self::begin_installation) to choose the id of a new one.
     ///
     /// # Errors
     ///
@@ -48,6 +55,58 @@ impl TokenManager {
         self.engine
             .client
             .begin_authorization(installation)
+            .map_err(|e| Error::Authorization(Arc::new(e)))
+    }
+
+    /// Begins a re-authorization of `installation` that holds only while the installation
+    /// stays as it is now (review N3): the state carries whether its record exists and, if
+    /// it does, its incarnation, authorization generation and whether it is revoked. A
+    /// callback after the installation was revoked, deleted, created again or authorized by
+    /// another flow is refused with `AuthorizationError::Superseded` (before the code is
+    /// spent, when seen then). Re-authorizing a revoked installation takes a flow begun after
+    /// the revocation, through this method.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ForeignConsumer`] for another consumer's installation, [`Error::Store`], and
+    /// those of [`begin_authorization`](Self::begin_authorization).
+    pub async fn begin_reauthorization(
+        &self,
+        installation: &InstallationId,
+    ) -> Result<AuthorizationRequest, Error> {
+        let expect = match self.engine.store.get(installation).await {
+            Ok(None) => Expect::Absent,
+            Ok(Some(record)) => {
+                self.engine.owns(&record)?;
+                Expect::Present {
+                    created: record.created_at(),
+                    generation: record.generation(),
+                    revoked: record.state().kind() == StateKind::Revoked,
+                }
+            }
+            Err(e) => return Err(Error::store(installation, e)),
+        };
+        self.engine
+            .client
+            .begin(installation.clone(), Purpose::Reauthorize, expect)
+            .map_err(|e| Error::Authorization(Arc::new(e)))
+    }
+
+    /// Begins an authorization for a new installation with an id the application chooses
+    /// (`begin_authorization(None)` picks a random one): the callback is refused with
+    /// `AlreadyInstalled` if the id exists by then, so one user cannot re-authorize another's
+    /// installation by choosing its id (review N3).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`begin_authorization`](Self::begin_authorization).
+    pub fn begin_installation(
+        &self,
+        installation: InstallationId,
+    ) -> Result<AuthorizationRequest, Error> {
+        self.engine
+            .client
+            .begin(installation, Purpose::Install, Expect::Unknown)
             .map_err(|e| Error::Authorization(Arc::new(e)))
     }
 
@@ -313,6 +372,14 @@ impl TokenManager {
         };
         // What can be refused without the provider is refused before the code is spent.
         let before = engine.store.get(installation).await.map_err(store_err)?;
+        if verified.purpose == Purpose::Reauthorize
+            && let Some(what) = superseded(verified.expect, before.as_ref())
+        {
+            return Err(AuthorizationError::Superseded {
+                installation: installation.clone(),
+                what,
+            });
+        }
         if let Some(existing) = &before {
             if verified.purpose == Purpose::Install {
                 return Err(AuthorizationError::AlreadyInstalled {
@@ -355,7 +422,7 @@ impl TokenManager {
             id_token: exchanged.id_token,
         };
         let (created, written) = self
-            .store_grant(before, &grant, account.clone(), verified.purpose)
+            .store_grant(before, &grant, account.clone(), verified)
             .await?;
         let tokens = written.tokens();
         let mut warnings = Vec::new();
@@ -410,14 +477,25 @@ impl TokenManager {
         mut current: Option<Record>,
         grant: &Grant,
         account: Option<String>,
-        purpose: Purpose,
+        verified: &VerifiedState,
     ) -> Result<(bool, Record), AuthorizationError> {
         let engine = &self.engine;
+        let purpose = verified.purpose;
         let store_err = |source| AuthorizationError::Store {
             installation: grant.installation.clone(),
             source,
         };
         loop {
+            // Each attempt sees the record as stored now: a revocation or another flow's
+            // grant that raced this one is not undone (review N3).
+            if purpose == Purpose::Reauthorize
+                && let Some(what) = superseded(verified.expect, current.as_ref())
+            {
+                return Err(AuthorizationError::Superseded {
+                    installation: grant.installation.clone(),
+                    what,
+                });
+            }
             let now = engine.clock.now();
             let refresh_at = engine.policy.refresh_at(&grant.tokens, now);
             let Some(existing) = current else {
@@ -600,5 +678,38 @@ impl TokenManager {
             .map_err(|e| Error::store(&id, e))?;
         engine.emit(&id, LocalEventKind::Imported);
         Ok(())
+    }
+}
+
+/// How the installation's record left what a re-authorization was begun for, if it did
+/// (review N3): revoked, deleted, created again or authorized by another flow since. A flow
+/// that knows nothing of the record (begun without reading the store) still never undoes a
+/// revocation: re-authorizing a revoked installation takes a flow begun after it
+/// ([`TokenManager::begin_reauthorization`]).
+fn superseded(expect: Expect, record: Option<&Record>) -> Option<&'static str> {
+    let revoked = |r: &Record| r.state().kind() == StateKind::Revoked;
+    match (expect, record) {
+        (Expect::Unknown, Some(r)) if revoked(r) => Some("was revoked"),
+        (Expect::Unknown, _) | (Expect::Absent, None) => None,
+        (Expect::Absent, Some(_)) => Some("was created by another flow"),
+        (Expect::Present { .. }, None) => Some("was deleted"),
+        (
+            Expect::Present {
+                created,
+                generation,
+                revoked: was_revoked,
+            },
+            Some(r),
+        ) => {
+            if r.created_at() != created {
+                Some("was deleted and created again")
+            } else if r.generation() != generation {
+                Some("was authorized again by another flow")
+            } else if revoked(r) && !was_revoked {
+                Some("was revoked")
+            } else {
+                None
+            }
+        }
     }
 }

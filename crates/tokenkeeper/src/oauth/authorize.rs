@@ -21,7 +21,7 @@ use tokenkeeper_core::{
 use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 use crate::oauth::client::OAuthClient;
 use crate::oauth::error::OAuthError;
-use crate::oauth::state::{self, NONCE_LEN, Purpose, StateClaims};
+use crate::oauth::state::{self, Expect, NONCE_LEN, Purpose, StateClaims};
 
 /// Why an authorization could not begin or complete.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,19 @@ pub enum AuthorizationError {
     AlreadyInstalled {
         /// The installation the flow was for.
         installation: InstallationId,
+    },
+    /// The installation changed since this re-authorization began (review N3): it was
+    /// revoked, deleted, created again or authorized by another flow, and a flow begun before
+    /// that does not undo it. Nothing was recorded (and, when seen before the exchange, the
+    /// code was not spent).
+    #[error(
+        "installation {installation} {what} since this authorization began; nothing was recorded: begin a new authorization if it should still be connected"
+    )]
+    Superseded {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// What happened to it (`was revoked`, `was deleted`, ...).
+        what: &'static str,
     },
     /// A duplicate of this callback (same code) is being completed elsewhere and did not
     /// finish in time, or failed: its outcome is the one that counts.
@@ -298,6 +311,8 @@ pub(crate) struct VerifiedState {
     /// The flow's id (the state's nonce, hex).
     pub(crate) flow: String,
     pub(crate) purpose: Purpose,
+    /// What the installation's record must still be (review N3).
+    pub(crate) expect: Expect,
     pub(crate) expires_at: Timestamp,
     pub(crate) pkce_verifier: Option<String>,
 }
@@ -323,6 +338,21 @@ impl OAuthClient {
         &self,
         installation: Option<InstallationId>,
     ) -> Result<AuthorizationRequest, AuthorizationError> {
+        let (installation, purpose) = match installation {
+            Some(id) => (id, Purpose::Reauthorize),
+            None => (random_id()?, Purpose::Install),
+        };
+        self.begin(installation, purpose, Expect::Unknown)
+    }
+
+    /// Begins a flow for `installation` with what it is for and what its record must still
+    /// be at the callback (signed into the state).
+    pub(crate) fn begin(
+        &self,
+        installation: InstallationId,
+        purpose: Purpose,
+        expect: Expect,
+    ) -> Result<AuthorizationRequest, AuthorizationError> {
         let consumer = self.consumer();
         let key = consumer
             .state_keys()
@@ -330,10 +360,6 @@ impl OAuthClient {
             .ok_or(AuthorizationError::NoStateKey)?;
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| AuthorizationError::Random(e.to_string()))?;
-        let (installation, purpose) = match installation {
-            Some(id) => (id, Purpose::Reauthorize),
-            None => (random_id()?, Purpose::Install),
-        };
         let binding = BrowserBinding::generate()?;
         let expires_at = self
             .clock()
@@ -348,6 +374,7 @@ impl OAuthClient {
                 expires_at,
                 purpose,
                 binding_hash: binding.hash(),
+                expect,
             },
         ));
 
@@ -418,6 +445,7 @@ impl OAuthClient {
             installation: claims.installation,
             flow: claims.nonce.iter().map(|b| format!("{b:02x}")).collect(),
             purpose: claims.purpose,
+            expect: claims.expect,
             expires_at: claims.expires_at,
             pkce_verifier,
         })

@@ -15,8 +15,15 @@
 //! two consumers cannot carry a flow from one to the other (review N1, the mix-up attack of RFC
 //! 9700 §4.4), whatever callback URL the state comes back to.
 //!
+//! A re-authorization begun through the store (`TokenManager::begin_reauthorization`) also
+//! carries what the installation's record was when the flow began ([`Expect`]: absent, or its
+//! incarnation, authorization generation and whether it was revoked), so a flow begun before
+//! a revocation, a deletion or another re-authorization cannot undo it (review N3).
+//!
 //! Layout before base64url: `version (1) | key id (1) | expires_at unix nanos (8, big endian)
-//! | nonce (16) | purpose (1) | binding hash (32) | id length (1) | id | mac (32)`.
+//! | nonce (16) | purpose (1) | binding hash (32) | expect (1: 0 unknown, 1 absent, 2 present)
+//! [| created unix nanos (8) | generation (8) | revoked (1), when present] | id length (1) | id
+//! | mac (32)`. Versions 2 and 3 have no expect byte.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,9 +35,11 @@ use crate::oauth::keys::StateKey;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const STATE_VERSION: u8 = 3;
-/// The format before states were bound to their consumer: still verified (not issued), so
-/// flows begun by a process of the previous release complete during a rolling deploy.
+const STATE_VERSION: u8 = 4;
+/// The format before states carried an [`Expect`]: still verified (not issued), so flows
+/// begun by a process of the previous release complete during a rolling deploy.
+const V3: u8 = 3;
+/// The format before states were bound to their consumer: still verified, likewise.
 const PREVIOUS_VERSION: u8 = 2;
 /// The length of a consumer's tag ([`consumer tags`](encode) are SHA-256 hashes).
 pub(crate) const CONSUMER_TAG_LEN: usize = 32;
@@ -38,8 +47,24 @@ pub(crate) const CONSUMER_TAG_LEN: usize = 32;
 pub(crate) const NONCE_LEN: usize = 16;
 const HASH_LEN: usize = 32;
 const MAC_LEN: usize = 32;
-/// Bytes before the installation id.
+/// Bytes before the installation id in versions 2 and 3 (version 4 adds the expectation).
 const HEAD_LEN: usize = 1 + 1 + 8 + NONCE_LEN + 1 + HASH_LEN + 1;
+
+/// What a flow expects the installation's record to be when it completes, as it was when the
+/// flow began (review N3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// Not known (a flow begun without reading the store, or by an older release).
+    Unknown,
+    /// There was no record.
+    Absent,
+    /// This incarnation at this authorization generation, revoked or not.
+    Present {
+        created: Timestamp,
+        generation: u64,
+        revoked: bool,
+    },
+}
 
 /// What a flow is for, signed into its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +83,7 @@ pub(crate) struct StateClaims {
     pub(crate) expires_at: Timestamp,
     pub(crate) purpose: Purpose,
     pub(crate) binding_hash: [u8; HASH_LEN],
+    pub(crate) expect: Expect,
 }
 
 /// Why a state was refused: it is not one these keys signed (or not one at all).
@@ -66,6 +92,14 @@ pub(crate) struct Forged;
 
 fn mac(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN]) -> HmacSha256 {
     // HMAC accepts keys of any length: this cannot fail.
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(b"tokenkeeper/state/v4/");
+    m.update(consumer);
+    m
+}
+
+/// The MAC of version 3 (consumer-bound, no expectation).
+fn mac_v3(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN]) -> HmacSha256 {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
     m.update(b"tokenkeeper/state/v3/");
     m.update(consumer);
@@ -97,6 +131,20 @@ pub(crate) fn encode(
         Purpose::Reauthorize => 1,
     });
     bytes.extend_from_slice(&claims.binding_hash);
+    match claims.expect {
+        Expect::Unknown => bytes.push(0),
+        Expect::Absent => bytes.push(1),
+        Expect::Present {
+            created,
+            generation,
+            revoked,
+        } => {
+            bytes.push(2);
+            bytes.extend_from_slice(&created.unix_nanos().to_be_bytes());
+            bytes.extend_from_slice(&generation.to_be_bytes());
+            bytes.push(u8::from(revoked));
+        }
+    }
     // Installation ids are at most 200 bytes (`MAX_ID_BYTES`), so the length fits a byte.
     bytes.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
     bytes.extend_from_slice(id);
@@ -115,38 +163,58 @@ pub(crate) fn decode(
     state: &str,
 ) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
-    if bytes.len() < HEAD_LEN + 1 + MAC_LEN
-        || (bytes[0] != STATE_VERSION && bytes[0] != PREVIOUS_VERSION)
+    if bytes.len() < HEAD_LEN + 1 + MAC_LEN || !matches!(bytes[0], STATE_VERSION | V3 | PREVIOUS_VERSION)
     {
         return Err(Forged);
     }
     let key = keys.iter().find(|k| k.id() == bytes[1]).ok_or(Forged)?;
     let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
     let mut m = match bytes[0] {
+        PREVIOUS_VERSION => previous_mac(key),
         STATE_VERSION => mac(key, consumer),
-        _ => previous_mac(key),
+        _ => mac_v3(key, consumer),
     };
     m.update(body);
     m.verify_slice(tag).map_err(|_| Forged)?;
     let mut at = 2;
     let mut take = |n: usize| {
-        let part = &body[at..at + n];
+        let part = body.get(at..at + n).ok_or(Forged)?;
         at += n;
-        part
+        Ok::<_, Forged>(part)
     };
-    let expires = i64::from_be_bytes(take(8).try_into().map_err(|_| Forged)?);
-    let nonce: [u8; NONCE_LEN] = take(NONCE_LEN).try_into().map_err(|_| Forged)?;
-    let purpose = match take(1)[0] {
+    let expires = i64::from_be_bytes(take(8)?.try_into().map_err(|_| Forged)?);
+    let nonce: [u8; NONCE_LEN] = take(NONCE_LEN)?.try_into().map_err(|_| Forged)?;
+    let purpose = match take(1)?[0] {
         0 => Purpose::Install,
         1 => Purpose::Reauthorize,
         _ => return Err(Forged),
     };
-    let binding_hash: [u8; HASH_LEN] = take(HASH_LEN).try_into().map_err(|_| Forged)?;
-    let id_len = usize::from(take(1)[0]);
-    let id_bytes = body
-        .get(HEAD_LEN..)
-        .filter(|b| b.len() == id_len)
-        .ok_or(Forged)?;
+    let binding_hash: [u8; HASH_LEN] = take(HASH_LEN)?.try_into().map_err(|_| Forged)?;
+    let expect = if bytes[0] == STATE_VERSION {
+        match take(1)?[0] {
+            0 => Expect::Unknown,
+            1 => Expect::Absent,
+            2 => Expect::Present {
+                created: Timestamp::from_unix_nanos(i64::from_be_bytes(
+                    take(8)?.try_into().map_err(|_| Forged)?,
+                )),
+                generation: u64::from_be_bytes(take(8)?.try_into().map_err(|_| Forged)?),
+                revoked: match take(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Forged),
+                },
+            },
+            _ => return Err(Forged),
+        }
+    } else {
+        Expect::Unknown
+    };
+    let id_len = usize::from(take(1)?[0]);
+    let id_bytes = take(id_len)?;
+    if at != body.len() {
+        return Err(Forged);
+    }
     let installation = InstallationId::from_bytes(id_bytes).map_err(|_| Forged)?;
     Ok(StateClaims {
         installation,
@@ -154,6 +222,7 @@ pub(crate) fn decode(
         expires_at: Timestamp::from_unix_nanos(expires),
         purpose,
         binding_hash,
+        expect,
     })
 }
 
@@ -217,7 +286,55 @@ mod tests {
             expires_at: Timestamp::from_unix_secs(1_800_000_000),
             purpose: Purpose::Reauthorize,
             binding_hash: [9; HASH_LEN],
+            expect: Expect::Present {
+                created: Timestamp::from_unix_secs(1_700_000_000),
+                generation: 3,
+                revoked: false,
+            },
         }
+    }
+
+    /// Review N3: what the record was when the flow began survives the round trip, in each
+    /// of its forms.
+    #[test]
+    fn the_expectation_round_trips() {
+        let k = key(1);
+        for expect in [
+            Expect::Unknown,
+            Expect::Absent,
+            Expect::Present {
+                created: Timestamp::from_unix_nanos(-5),
+                generation: u64::MAX,
+                revoked: true,
+            },
+        ] {
+            let c = StateClaims {
+                expect,
+                ..claims()
+            };
+            let text = encode(&k, &A, &c);
+            assert_eq!(decode(std::slice::from_ref(&k), &A, &text), Ok(c));
+        }
+    }
+
+    /// A version 3 state (no expectation) from a process of the previous release verifies,
+    /// expecting nothing.
+    #[test]
+    fn a_version_3_state_still_verifies() {
+        let k = key(1);
+        let c = StateClaims {
+            expect: Expect::Unknown,
+            ..claims()
+        };
+        let mut bytes = URL_SAFE_NO_PAD.decode(encode(&k, &A, &c)).unwrap();
+        bytes.truncate(bytes.len() - MAC_LEN);
+        bytes.remove(HEAD_LEN - 1); // the expect byte (0) sits where v3's id length was
+        bytes[0] = V3;
+        let mut m = mac_v3(&k, &A);
+        m.update(&bytes);
+        bytes.extend_from_slice(&m.finalize().into_bytes());
+        let v3 = URL_SAFE_NO_PAD.encode(&bytes);
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &v3), Ok(c));
     }
 
     #[test]
@@ -276,18 +393,23 @@ mod tests {
     #[test]
     fn a_previous_format_state_still_verifies() {
         let k = key(1);
-        let text = encode(&k, &A, &claims());
+        let c = StateClaims {
+            expect: Expect::Unknown,
+            ..claims()
+        };
+        let text = encode(&k, &A, &c);
         let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
         bytes.truncate(bytes.len() - MAC_LEN);
+        bytes.remove(HEAD_LEN - 1);
         bytes[0] = PREVIOUS_VERSION;
         let mut m = previous_mac(&k);
         m.update(&bytes);
         bytes.extend_from_slice(&m.finalize().into_bytes());
         let old = URL_SAFE_NO_PAD.encode(&bytes);
-        assert_eq!(decode(std::slice::from_ref(&k), &A, &old), Ok(claims()));
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &old), Ok(c.clone()));
         assert_eq!(
             decode(std::slice::from_ref(&k), &[2; CONSUMER_TAG_LEN], &old),
-            Ok(claims())
+            Ok(c)
         );
     }
 
