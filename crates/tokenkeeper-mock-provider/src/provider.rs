@@ -706,7 +706,10 @@ impl Provider {
         let refresh = self.issue_refresh(grant, &access);
         let mut body = self.success(&access, Some(&refresh), &scopes, "authorization_code");
         if scopes.iter().any(|s| s == "openid") {
-            body.insert("id_token".into(), json!(id_token(&self.issuer, consumer, &account, now)));
+            body.insert(
+                "id_token".into(),
+                json!(id_token(&self.issuer, consumer, &account, now)),
+            );
         }
         Ok(body)
     }

@@ -202,7 +202,7 @@ impl ProtocolModel {
                 forced_min_interval: std::time::Duration::ZERO,
                 refresh_deadline: None,
                 min_refresh_interval: std::time::Duration::ZERO,
-                last_success: None,
+                lifts_holds_before: None,
             },
         )
     }

@@ -218,6 +218,12 @@ async fn a_process_pointed_at_another_server_touches_nothing() {
         }
         other => panic!("expected ForeignConsumer, got {other:?}"),
     }
+    // Nor does it explain another consumer's installation as if it were its own (it would
+    // call it healthy while refusing to serve it).
+    assert!(matches!(
+        misconfigured.explain(&ids[0]).await,
+        Err(Error::ForeignConsumer { .. })
+    ));
     let refresher = misconfigured.spawn_refresher_with(tokenkeeper::RefresherConfig {
         rate_per_second: None,
         max_idle: Duration::from_millis(50),
@@ -227,8 +233,15 @@ async fn a_process_pointed_at_another_server_touches_nothing() {
     let counts = refresher.shutdown().await;
     assert_eq!((counts.attempted, counts.skipped), (0, 0), "{counts:?}");
     let c = elsewhere.counters().totals;
-    assert_eq!(c.token_calls, 0, "a production refresh token went elsewhere: {c:?}");
-    assert_eq!(store.get(&ids[0]).await.unwrap().unwrap(), before, "untouched");
+    assert_eq!(
+        c.token_calls, 0,
+        "a production refresh token went elsewhere: {c:?}"
+    );
+    assert_eq!(
+        store.get(&ids[0]).await.unwrap().unwrap(),
+        before,
+        "untouched"
+    );
     for id in &ids {
         mine.access_token(id).await.unwrap();
     }

@@ -1099,7 +1099,8 @@ async fn a_sigkill_during_a_burst_costs_at_most_the_rotations_in_flight() {
     let committed = mock.counters().totals.rotations;
     let mut in_flight = 0;
     for id in ids_n(COUNT) {
-        if let tokenkeeper::State::Refreshing { lease } = store.get(&id).await.unwrap().unwrap().state()
+        if let tokenkeeper::State::Refreshing { lease } =
+            store.get(&id).await.unwrap().unwrap().state()
             && lease.holder.to_string().starts_with(&format!("{pid}-"))
         {
             in_flight += 1;

@@ -562,15 +562,30 @@ async fn a_flow_begun_before_a_revocation_does_not_undo_it() {
     manager.revoke(&id).await.unwrap();
     let exchanges = mock.counters().totals.code_exchanges;
     let e = manager
-        .complete_authorization(AuthorizationCode::new(code), &pending.state, &pending.binding)
+        .complete_authorization(
+            AuthorizationCode::new(code),
+            &pending.state,
+            &pending.binding,
+        )
         .await
         .expect_err("a revocation was undone by a flow begun before it");
     assert!(e.to_string().contains("was revoked"), "{e}");
     assert_eq!(
-        manager.store().get(&id).await.unwrap().unwrap().state().kind(),
+        manager
+            .store()
+            .get(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state()
+            .kind(),
         tokenkeeper::StateKind::Revoked
     );
-    assert_eq!(mock.counters().totals.code_exchanges, exchanges, "code spent");
+    assert_eq!(
+        mock.counters().totals.code_exchanges,
+        exchanges,
+        "code spent"
+    );
 }
 
 /// L11: a grant that lacks a requested scope is flagged at once, naming the scope.

@@ -189,11 +189,10 @@ async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
 }
 
 /// The contention fleet's eleventh reuse detection (one run in eight under the full suite):
-/// a refusal right after taking over a silent holder's lease is explained by that holder's
-/// rotation, not by a provider incident. The mass-rejection guard counted it and held the
-/// installation; a peer whose own success lifted the hold presented the retired token again
-/// before the holder's late result landed. Such a refusal is judged at once
-/// (`RotatedTokenLost`, which the late result revives) and never presented again.
+/// a refusal right after taking over a silent holder's lease is held by the mass-rejection
+/// guard, and a peer whose own success came right after lifted the hold and presented the
+/// retired token again before the holder's late result landed. A success lifts only holds
+/// written a lease span before it, so the retired token is presented once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_after_a_takeover_is_not_presented_again() {
     fn trips_at_once(p: &mut RefreshPolicy) {
@@ -223,11 +222,8 @@ async fn a_refusal_after_a_takeover_is_not_presented_again() {
     // A peer takes the lapsed lease over and presents the retired token: refused.
     let peer = f.peer_tuned(profiles::bitbucket(), trips_at_once);
     match peer.access_token(&x).await {
-        Err(Error::ReauthorizationRequired {
-            reason: ReauthReason::RotatedTokenLost,
-            ..
-        }) => {}
-        other => panic!("a takeover's refusal is the holder's rotation: {other:?}"),
+        Err(Error::RefusalsHeld { .. }) => {}
+        other => panic!("the guard, tripping at once, holds the refusal: {other:?}"),
     }
     // Another process refreshes successfully (the provider works) and then meets x.
     let other = f.peer_tuned(profiles::bitbucket(), trips_at_once);
@@ -244,4 +240,46 @@ async fn a_refusal_after_a_takeover_is_not_presented_again() {
         .unwrap()
         .expect("the late result lands on the takeover's verdict");
     assert_eq!(f.record(&x).await.state().kind(), StateKind::Active);
+}
+
+/// A takeover inside the provider's reuse leeway: whatever the silent holder sent, the token
+/// it retired is still accepted there, so a refusal is no lost rotation but the refusal it
+/// says it is (here a consumer scope change), and it counts for the mass-rejection guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_a_takeover_inside_the_leeway_is_what_the_provider_said() {
+    let (store, gate) = GatedStore::gated_after(MemoryStore::new(), EventKind::LeaseAcquired);
+    let f = Fixture::with_store(
+        profiles::atlassian_3lo(),
+        MockProfile::Atlassian3lo,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(Duration::from_secs(3600));
+    // The holder takes the lease and stalls before sending anything.
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    f.mock
+        .set_consumer_scopes(
+            tokenkeeper_mock_provider::DEFAULT_CLIENT_ID,
+            &["read:me", "offline_access", "write:jira-work"],
+        )
+        .unwrap();
+    f.clock.advance(lapse(&f));
+    let peer = f.peer(profiles::atlassian_3lo());
+    match peer.access_token(&id).await {
+        Err(Error::ReauthorizationRequired { reason, .. }) => {
+            assert_ne!(
+                reason,
+                ReauthReason::RotatedTokenLost,
+                "inside the leeway a retired token would have been accepted"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    gate.release();
+    let _ = holder.await;
 }

@@ -55,12 +55,11 @@ async fn three_authorizations_are_three_independent_installations_for_every_prof
             }
             v
         };
-        assert!(
-            records
-                .iter()
-                .all(|r| r.consumer() == client.consumer().name()
-                    && r.consumer().starts_with(&format!("{}/tokenkeeper-test-key@", profile.name)))
-        );
+        assert!(records.iter().all(|r| {
+            r.consumer() == client.consumer().name()
+                && r.consumer()
+                    .starts_with(&format!("{}/tokenkeeper-test-key@", profile.name))
+        }));
         // Refreshing the first leaves the other two valid.
         let refreshed = client.refresh(&ids[0], records[0].tokens()).await.unwrap();
         assert_ne!(refreshed.access_token, records[0].tokens().access_token);

@@ -113,10 +113,8 @@ async fn openid_manager(
     let mock = MockProvider::builder()
         .profile(MockProfile::Google)
         .consumer(
-            ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET).scopes([
-                "openid",
-                "offline_access",
-            ]),
+            ConsumerSpec::new(DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
+                .scopes(["openid", "offline_access"]),
         )
         .start()
         .await

@@ -750,11 +750,14 @@ async fn a_held_refusal_is_presented_a_handful_of_times_a_day() {
 }
 
 /// The other side of E14's spacing: a hold ends as soon as this process sees the provider
-/// work again (a successful refresh), not when its ever longer backoff runs out.
+/// work again (a successful refresh a lease span after the hold, so a stalled holder's late
+/// result could land first), not when its ever longer backoff runs out.
 #[tokio::test]
-async fn a_success_lifts_a_mass_rejection_hold_at_once() {
+async fn a_success_lifts_a_mass_rejection_hold() {
     let (f, held) = one_held_installation().await;
     let held = &held;
+    let p = f.manager.policy();
+    f.advance(p.lease_ttl + p.lease_margin);
     let fresh = f.install().await;
     f.manager
         .force_refresh(&fresh)
@@ -780,7 +783,9 @@ async fn a_hold_is_not_believed_while_other_processes_refresh() {
     let held = &held;
     // Another process of the fleet refreshes a new grant successfully during the hold.
     let peer = f.peer(profiles::bitbucket());
-    let fresh = common::authorize_with(&peer, &f.mock, None).await.installation;
+    let fresh = common::authorize_with(&peer, &f.mock, None)
+        .await
+        .installation;
     f.advance(Duration::from_secs(7200));
     peer.access_token(&fresh).await.expect("the provider works");
     // This process never succeeded; its hold runs out.
@@ -797,5 +802,65 @@ async fn a_hold_is_not_believed_while_other_processes_refresh() {
             ..
         }) => {}
         other => panic!("a whole hold without a success anywhere is believed: {other:?}"),
+    }
+}
+
+/// The event log could not be read when the hold began (where it stood is unknown): a hold
+/// that runs out cannot be checked against the fleet's successes, so it is held again, not
+/// believed on no evidence.
+#[tokio::test]
+async fn a_hold_whose_log_position_is_unknown_is_not_believed() {
+    #[derive(Debug, Default)]
+    struct EventsDown(std::sync::atomic::AtomicBool);
+    #[async_trait::async_trait]
+    impl tokenkeeper_testkit::wrappers::Hook for EventsDown {
+        async fn before(
+            &self,
+            operation: tokenkeeper_testkit::wrappers::Operation<'_>,
+        ) -> Result<(), tokenkeeper::StoreError> {
+            match operation {
+                tokenkeeper_testkit::wrappers::Operation::Events
+                    if self.0.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    Err(tokenkeeper::StoreError::unavailable(
+                        "test", "events", "down",
+                    ))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+    let (store, down) = tokenkeeper_testkit::wrappers::Hooked::new(
+        tokenkeeper_memory::MemoryStore::new(),
+        EventsDown::default(),
+    );
+    down.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        |p| {
+            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+                threshold: 1,
+                window: Duration::from_secs(600),
+                hold: Duration::from_secs(DAY),
+            })
+        },
+    )
+    .await;
+    let id = f.install().await;
+    f.mock
+        .set_consumer_scopes(DEFAULT_CLIENT_ID, &["repository", "account", "webhook"])
+        .unwrap();
+    f.advance(Duration::from_secs(7200));
+    assert!(matches!(
+        f.manager.access_token(&id).await,
+        Err(Error::RefusalsHeld { .. })
+    ));
+    down.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    f.advance(Duration::from_secs(DAY));
+    match f.manager.access_token(&id).await {
+        Err(Error::RefusalsHeld { .. }) => {}
+        other => panic!("believed without knowing where the log stood: {other:?}"),
     }
 }

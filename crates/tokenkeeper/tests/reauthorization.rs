@@ -11,10 +11,12 @@ use std::sync::Arc;
 
 use common::*;
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, Error, InstallationId,
-    StateKind, TokenManager, TokenStore, profiles,
+    AuthorizationCode, AuthorizationError, AuthorizationRequest, Error, InstallationId, StateKind,
+    TokenManager, TokenStore, profiles,
 };
-use tokenkeeper_mock_provider::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
+use tokenkeeper_mock_provider::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
+};
 
 async fn setup() -> (MockProvider, TokenManager, Arc<dyn TokenStore>) {
     let mock = MockProvider::builder()
@@ -78,7 +80,11 @@ async fn a_deletion_or_another_grant_since_the_flow_began_supersedes_it() {
     let e = complete(&manager, &mock, &pending).await.unwrap_err();
     assert_eq!(superseded(e), "was deleted");
     assert!(store.get(&id).await.unwrap().is_none());
-    assert_eq!(mock.counters().totals.code_exchanges, exchanges, "code spent");
+    assert_eq!(
+        mock.counters().totals.code_exchanges,
+        exchanges,
+        "code spent"
+    );
     // Created again meanwhile (another incarnation): refused too.
     let pending = manager.begin_reauthorization(&id).await.unwrap();
     let again = manager.begin_installation(id.clone()).unwrap();
@@ -121,7 +127,10 @@ async fn a_chosen_id_for_a_new_installation_never_replaces_one() {
     assert_eq!(done.installation, id);
     match complete(&manager, &mock, &second).await {
         Err(Error::Authorization(a)) => {
-            assert!(matches!(&*a, AuthorizationError::AlreadyInstalled { .. }), "{a}")
+            assert!(
+                matches!(&*a, AuthorizationError::AlreadyInstalled { .. }),
+                "{a}"
+            )
         }
         other => panic!("a second user's flow replaced the installation: {other:?}"),
     }

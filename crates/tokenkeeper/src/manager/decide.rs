@@ -94,9 +94,13 @@ pub struct Context<'a> {
     /// The shortest time between two refreshes of one installation
     /// (`RefreshPolicy::min_refresh_interval`).
     pub min_refresh_interval: std::time::Duration,
-    /// When this process last refreshed successfully: a mass-rejection hold written before
-    /// it is over (the provider works), however long the hold's backoff runs.
-    pub last_success: Option<Timestamp>,
+    /// A mass-rejection hold written before this is over (the provider works), however long
+    /// the hold's backoff runs: one lease span (`lease_ttl + lease_margin`) before this
+    /// process's last successful refresh. The span keeps a success that came right after a
+    /// hold from lifting it while a stalled holder's late result may still land: a refusal
+    /// after a takeover is held, and presenting that retired token again would be a second
+    /// reuse (the contention fleet's 11th detection for 10 frozen leases).
+    pub lifts_holds_before: Option<Timestamp>,
 }
 
 /// Decides the next step for `record`.
@@ -166,13 +170,13 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
 
     // Backing off: serve the still-valid token, otherwise say when the next try is.
     // A mass-rejection hold ends when the provider is seen working again (a success in this
-    // process since the hold was written), not only when its backoff runs out.
+    // process a lease span after the hold was written), not only when its backoff runs out.
     let hold_lifted = |cause: &BackoffCause| {
         *cause == BackoffCause::MassRejection
             && record
                 .failures()
-                .zip(cx.last_success)
-                .is_some_and(|(f, ok)| ok >= f.last_at)
+                .zip(cx.lifts_holds_before)
+                .is_some_and(|(f, before)| before >= f.last_at)
     };
     if let State::Backoff { until, cause } = record.state()
         && now < *until
@@ -478,7 +482,7 @@ mod tests {
             forced_min_interval: Duration::ZERO,
             refresh_deadline: None,
             min_refresh_interval: std::time::Duration::ZERO,
-            last_success: None,
+            lifts_holds_before: None,
         }
     }
 

@@ -15,10 +15,10 @@
 //! events, and then the provider works and this process's wave is suspect (its
 //! configuration, its clock): it is held for another whole hold instead.
 //!
-//! A refusal explained by another flight (a takeover of a silent holder's lease, whose
-//! request may have committed a rotation) never reaches the guard: it is condemned
-//! `RotatedTokenLost` at once, for the holder's late result to revive, and never held (a hold
-//! lifted by a success would present the retired token again).
+//! A success lifts the holds written at least a lease span before it (`decide`'s
+//! `lifts_holds_before`): a refusal right after a takeover is held like any other, and a
+//! success at once would otherwise present its retired token again before the stalled
+//! holder's late result lands.
 //!
 //! The guard is per process: each process of a fleet trips on its own evidence. Any single
 //! success ends an episode, so a partial incident (some installations refused, others not)
@@ -205,8 +205,10 @@ impl Guard {
 const FLEET_SCAN_EVENTS: usize = 50_000;
 
 /// Whether any process refreshed an installation of `consumer` successfully after the log
-/// stood at `from` (a `Refreshed` or `LateRefreshed` event). Reads at most
-/// [`FLEET_SCAN_EVENTS`]; an error is the store's (the caller then holds on).
+/// stood at `from` (a `Refreshed` event: a late result or a restored file proves nothing about
+/// the provider now). Reads at most [`FLEET_SCAN_EVENTS`]; when the log was trimmed past
+/// `from`, what it retains (all of it newer than `from`) is read instead. An error is the
+/// store's (the caller then holds on).
 pub(crate) async fn fleet_refreshed_since(
     store: &dyn TokenStore,
     consumer: &str,
@@ -215,11 +217,17 @@ pub(crate) async fn fleet_refreshed_since(
     const PAGE: usize = 1000;
     let mut cursor = from.clone();
     for _ in 0..FLEET_SCAN_EVENTS / PAGE {
-        let page = store.read_events(&cursor, PAGE).await?;
-        let succeeded = page.events.iter().any(|e| {
-            e.consumer == consumer
-                && matches!(e.kind, EventKind::Refreshed | EventKind::LateRefreshed)
-        });
+        let page = match store.read_events(&cursor, PAGE).await {
+            Err(StoreError::EventsTrimmed { .. }) if !cursor.is_beginning() => {
+                cursor = EventCursor::beginning();
+                continue;
+            }
+            page => page?,
+        };
+        let succeeded = page
+            .events
+            .iter()
+            .any(|e| e.consumer == consumer && e.kind == EventKind::Refreshed);
         if succeeded {
             return Ok(true);
         }

@@ -729,7 +729,7 @@ impl TokenManager {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] and [`Error::Store`].
+    /// [`Error::NotFound`], [`Error::ForeignConsumer`] and [`Error::Store`].
     ///
     /// # Examples
     ///
@@ -745,6 +745,8 @@ impl TokenManager {
     /// ```
     pub async fn explain(&self, id: &InstallationId) -> Result<Explanation, Error> {
         let record = self.engine.load(id).await?;
+        // Another consumer's record is not judged by this consumer's policy and profile.
+        self.engine.owns(&record)?;
         let now = self.engine.clock.now();
         Ok(Explanation::of(
             &record,

@@ -13,8 +13,9 @@
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId,
-    LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp, TokenSet,
+    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, EventKind, FailureClass,
+    InstallationId, LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp,
+    TokenSet,
 };
 use tracing::{Instrument, field};
 
@@ -239,7 +240,10 @@ fn context<'a>(
         refresh_deadline: refresh_token_deadline(record, engine.client.consumer().profile())
             .map(|(at, _)| at),
         min_refresh_interval: engine.policy.min_refresh_interval,
-        last_success: engine.guard.last_success(),
+        lifts_holds_before: engine
+            .guard
+            .last_success()
+            .map(|ok| ok.saturating_sub(engine.policy.lease_ttl + engine.policy.lease_margin)),
     }
 }
 
@@ -729,7 +733,17 @@ async fn on_rejected(
     // expired, which is not what a revocation would mean.
     let expired = refresh_token_deadline(held.record(), profile)
         .is_some_and(|(deadline, _)| now >= deadline.saturating_sub(profile.timing.skew));
-    let another_flight = takeover || held.in_doubt();
+    // Another flight may have rotated the token (this one took a silent holder's lease over,
+    // or its own lease was in doubt), unless the provider's reuse leeway still covers the
+    // earliest moment that holder could have sent: a retired token inside its leeway is
+    // accepted, so its refusal is no lost rotation.
+    let leeway_covers = takeover
+        && profile
+            .rotation
+            .reuse_leeway()
+            .zip(lapsed_lease_taken_at(held.record()))
+            .is_some_and(|(leeway, taken)| now < taken.saturating_add(leeway));
+    let another_flight = (takeover || held.in_doubt()) && !leeway_covers;
     let reason = if expired && !scope_rejected {
         ReauthReason::RefreshTokenExpired
     } else {
@@ -742,14 +756,24 @@ async fn on_rejected(
             profile.rotation.reuse_leeway(),
         )
     };
-    if another_flight && reason == ReauthReason::RotatedTokenLost {
-        // Explained by another flight (a silent holder's request may have committed its
-        // rotation), not by a provider incident: the guard neither counts nor holds it. A
-        // hold would present the retired token again once lifted; the condemnation is what
-        // the holder's late result revives.
-        return condemn(engine, id, held, reason, error.to_detail(), now).await;
-    }
     judge(engine, id, held, reason, error.to_detail(), now).await
+}
+
+/// When the lease this flight took over was taken (the earliest its silent holder could have
+/// sent a request), from the record's history: the lease entry before this flight's takeover.
+fn lapsed_lease_taken_at(record: &Record) -> Option<Timestamp> {
+    let leases: Vec<Timestamp> = record
+        .history()
+        .filter(|e| {
+            matches!(
+                e.event,
+                EventKind::LeaseAcquired | EventKind::LeaseTakenOver
+            )
+        })
+        .map(|e| e.at)
+        .collect();
+    // The last is this flight's own takeover; the one before, the lease it took over.
+    leases.len().checked_sub(2).map(|i| leases[i])
 }
 
 /// Condemns for `reason`, unless the mass-rejection guard says many installations were
@@ -829,19 +853,18 @@ async fn judge(
 async fn guard_verdict(engine: &Engine, id: &InstallationId, now: Timestamp) -> Verdict {
     let config = engine.policy.mass_rejection.as_ref();
     match engine.guard.refused(config, id, now) {
-        verdict @ Verdict::Hold { began: true, .. } => {
-            if let Ok(log) = engine.store.event_head().await {
-                engine.guard.began_at(log);
-            }
-            verdict
-        }
         Verdict::HoldOver { log_at_trip } => {
             let fleet = match &log_at_trip {
                 Some(from) => {
                     guard::fleet_refreshed_since(engine.store.as_ref(), &engine.consumer, from)
                         .await
                 }
-                None => Ok(false),
+                // Where the log stood is unknown (it could not be read then): look next time.
+                None => Err(StoreError::unavailable(
+                    "event log",
+                    "read_events",
+                    "where the log stood when the hold began is unknown (its head could not be read then)",
+                )),
             };
             match fleet {
                 Ok(false) => {
@@ -856,11 +879,23 @@ async fn guard_verdict(engine: &Engine, id: &InstallationId, now: Timestamp) -> 
                     "could not read the event log to see whether the fleet refreshed during the mass-rejection hold: the refusals stay held"
                 ),
             }
-            engine.guard.hold_again(now, engine.store.event_head().await.ok());
-            engine.guard.refused(config, id, now)
+            engine
+                .guard
+                .hold_again(now, engine.store.event_head().await.ok());
+            note_hold_start(engine, engine.guard.refused(config, id, now)).await
         }
-        verdict => verdict,
+        verdict => note_hold_start(engine, verdict).await,
     }
+}
+
+/// A hold that begins with `verdict` notes where the store's event log stands.
+async fn note_hold_start(engine: &Engine, verdict: Verdict) -> Verdict {
+    if let Verdict::Hold { began: true, .. } = verdict
+        && let Ok(log) = engine.store.event_head().await
+    {
+        engine.guard.began_at(log);
+    }
+    verdict
 }
 
 /// Gives the lease back without presenting anything: the access token is served until it

@@ -212,10 +212,15 @@ impl ConsumerConfig {
         self.settings.authorization_ttl
     }
     /// The name its installations are recorded under: `profile/client_id@binding`, where the
-    /// binding is 12 hex digits of SHA-256 over the token endpoint and the issuer (review E2).
-    /// A process with the same profile and client id pointed at another authorization server
+    /// binding is 12 hex digits of SHA-256 over the token endpoint's URL (review E2). A
+    /// process with the same profile and client id pointed at another authorization server
     /// (a staging copy, a sandbox tenant, a regional endpoint) is another consumer: it gets
     /// `ForeignConsumer` for these installations and sends their refresh tokens nowhere.
+    ///
+    /// Only where refresh tokens go is bound: naming the profile's `issuer` later, or a
+    /// revocation endpoint, does not make the installations someone else's. The URL is taken
+    /// as written (after URL parsing): changing it in any way (a trailing slash, a query)
+    /// makes another consumer, whose `ForeignConsumer` says so at the first call.
     ///
     /// ```
     /// use tokenkeeper::{ConsumerConfig, profiles};
@@ -233,11 +238,7 @@ impl ConsumerConfig {
     /// ```
     pub fn name(&self) -> String {
         use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        hash.update(self.profile.token_url.as_str().as_bytes());
-        hash.update([0u8]);
-        hash.update(self.profile.issuer.as_deref().unwrap_or_default().as_bytes());
-        let digest = hash.finalize();
+        let digest = Sha256::digest(self.profile.token_url.as_str().as_bytes());
         let binding: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
         format!("{}/{}@{binding}", self.profile.name, self.client_id)
     }

@@ -155,7 +155,9 @@ fn id_token_subject(token: &IdToken, expected: &Expected<'_>) -> Result<String, 
         .saturating_add(Duration::from_secs_f64(exp.min(1e12)))
         .saturating_add(expected.leeway);
     if expected.now >= deadline {
-        return Err(format!("the ID token expired at {deadline} (exp plus the clock-skew leeway)"));
+        return Err(format!(
+            "the ID token expired at {deadline} (exp plus the clock-skew leeway)"
+        ));
     }
     account_at(&json, "/sub")
 }
@@ -233,10 +235,18 @@ mod tests {
     #[test]
     fn an_id_token_for_another_client_issuer_or_time_is_refused() {
         let refused = [
-            (json!({"sub": "u", "aud": "y", "exp": NOW + 10}), None, "aud"),
+            (
+                json!({"sub": "u", "aud": "y", "exp": NOW + 10}),
+                None,
+                "aud",
+            ),
             (json!({"sub": "u", "exp": NOW + 10}), None, "aud"),
             (json!({"sub": "u", "aud": 7, "exp": NOW + 10}), None, "aud"),
-            (json!({"sub": "u", "aud": ["y", "z"], "exp": NOW + 10}), None, "aud"),
+            (
+                json!({"sub": "u", "aud": ["y", "z"], "exp": NOW + 10}),
+                None,
+                "aud",
+            ),
             (
                 json!({"sub": "u", "aud": ["x", "y"], "azp": "y", "exp": NOW + 10}),
                 None,
@@ -244,13 +254,21 @@ mod tests {
             ),
             (json!({"sub": "u", "aud": "x"}), None, "exp"),
             (json!({"sub": "u", "aud": "x", "exp": "soon"}), None, "exp"),
-            (json!({"sub": "u", "aud": "x", "exp": NOW - 61}), None, "expired"),
+            (
+                json!({"sub": "u", "aud": "x", "exp": NOW - 61}),
+                None,
+                "expired",
+            ),
             (
                 json!({"sub": "u", "aud": "x", "exp": NOW + 10, "iss": "https://evil"}),
                 Some("https://op"),
                 "https://op",
             ),
-            (json!({"sub": "u", "aud": "x", "exp": NOW + 10}), Some("https://op"), "iss"),
+            (
+                json!({"sub": "u", "aud": "x", "exp": NOW + 10}),
+                Some("https://op"),
+                "iss",
+            ),
         ];
         for (claims, issuer, says) in refused {
             let err = id_token_subject(&token(claims.clone()), &expected(issuer))

@@ -163,7 +163,8 @@ pub(crate) fn decode(
     state: &str,
 ) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
-    if bytes.len() < HEAD_LEN + 1 + MAC_LEN || !matches!(bytes[0], STATE_VERSION | V3 | PREVIOUS_VERSION)
+    if bytes.len() < HEAD_LEN + 1 + MAC_LEN
+        || !matches!(bytes[0], STATE_VERSION | V3 | PREVIOUS_VERSION)
     {
         return Err(Forged);
     }
@@ -308,10 +309,7 @@ mod tests {
                 revoked: true,
             },
         ] {
-            let c = StateClaims {
-                expect,
-                ..claims()
-            };
+            let c = StateClaims { expect, ..claims() };
             let text = encode(&k, &A, &c);
             assert_eq!(decode(std::slice::from_ref(&k), &A, &text), Ok(c));
         }
