@@ -111,7 +111,8 @@ pub struct RefreshPolicy {
     /// a rotation per call.
     pub forced_refresh_min_interval: Duration,
     /// On a provider that rotates refresh tokens without a reuse leeway (Bitbucket), how many
-    /// refreshes this process has in flight at most (default 8). Between the provider's
+    /// refreshes this manager (a process usually has one per consumer) has in flight at most
+    /// (default 8). Between the provider's
     /// commit and the result's write the new refresh token exists only in this process, so a
     /// crash (SIGKILL, OOM) there loses each such installation: this bounds what one crash
     /// costs, at a throughput of about this many refreshes per provider round trip per
