@@ -180,6 +180,29 @@ impl Session<'_> {
             .await
             .map(drop)
     }
+    /// Clicks `css` and waits (up to 10 s) until the navigation it starts has left the page
+    /// and the new document is loaded: a click's reply can come before a form's POST and its
+    /// redirects have landed, and reading the page then reads the old one.
+    async fn click_and_wait(&self, css: &str) -> Fallible<()> {
+        let before = self.url().await?;
+        self.click(css).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ready = self
+                .post(
+                    "/execute/sync",
+                    json!({"script": "return document.readyState", "args": []}),
+                )
+                .await?;
+            if self.url().await? != before && ready.as_str() == Some("complete") {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("clicking {css} did not leave {before}").into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     async fn text(&self) -> Fallible<String> {
         let v = self
             .post(
@@ -240,14 +263,14 @@ async fn install_in_chromium_then_an_attacker_replays_the_callback() -> Fallible
     let victim = driver.session(&chromium, "victim").await?;
     victim.open(&format!("{}/", app.base)).await?;
     victim.screenshot("1-home").await?;
-    victim.click("#install").await?;
+    victim.click_and_wait("#install").await?;
     let consent = victim.text().await?;
     assert!(
         consent.contains("Authorize tokenkeeper-test-key"),
         "{consent}"
     );
     victim.screenshot("2-consent").await?;
-    victim.click("#approve").await?;
+    victim.click_and_wait("#approve").await?;
     let landed = victim.text().await?;
     let callback_url = victim.url().await?;
     victim.screenshot("3-installed").await?;
@@ -273,7 +296,7 @@ async fn install_in_chromium_then_an_attacker_replays_the_callback() -> Fallible
     // the victim's callback URL from history, logs or a Referer.
     let attacker = driver.session(&chromium, "attacker").await?;
     attacker.open(&format!("{}/", app.base)).await?;
-    attacker.click("#install").await?;
+    attacker.click_and_wait("#install").await?;
     attacker.open(&callback_url).await?;
     let refused = attacker.text().await?;
     attacker.screenshot("4-attacker-refused").await?;

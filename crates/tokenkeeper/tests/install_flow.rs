@@ -588,6 +588,49 @@ async fn a_flow_begun_before_a_revocation_does_not_undo_it() {
     );
 }
 
+/// Review N8: a callback whose code cannot be an authorization code (empty, oversized, not
+/// printable ASCII) costs no flow claim and no token request under the application's client
+/// credentials; the flow still completes with the real code afterwards.
+#[tokio::test]
+async fn a_malformed_code_is_refused_before_anything_is_claimed_or_sent() {
+    let mock = mock().await;
+    let manager = manager_on(&mock, Arc::new(tokenkeeper_memory::MemoryStore::new()));
+    let begun = manager.begin_authorization(None).unwrap();
+    let calls = mock.counters().totals.token_calls;
+    for bad in [
+        String::new(),
+        "x".repeat(5000),
+        "abc\ndef".into(),
+        "código".into(),
+    ] {
+        let e = manager
+            .complete_authorization(
+                AuthorizationCode::new(bad.clone()),
+                &begun.state,
+                &begun.binding,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &*authorization_error(e),
+                AuthorizationError::MalformedCode { .. }
+            ),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        mock.counters().totals.token_calls,
+        calls,
+        "a request was sent"
+    );
+    let code = approve(&mock, &begun, "alice");
+    manager
+        .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+        .await
+        .expect("nothing was claimed: the real code completes the flow");
+}
+
 /// L11: a grant that lacks a requested scope is flagged at once, naming the scope.
 #[tokio::test]
 async fn a_grant_without_a_requested_scope_is_flagged() {

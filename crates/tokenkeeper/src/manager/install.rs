@@ -208,6 +208,12 @@ impl TokenManager {
         let engine = &self.engine;
         let verified = engine.client.verify_state(state, binding)?;
         let installation = verified.installation.clone();
+        // A code that cannot be one costs neither a claim nor a token request (review N8).
+        if !crate::oauth::authorize::plausible_code(code.secret()) {
+            return Err(AuthorizationError::MalformedCode {
+                installation: installation.clone(),
+            });
+        }
         let key = claim::flow_key(&engine.consumer, &verified.flow);
         let ttl = verified
             .expires_at

@@ -141,6 +141,16 @@ pub enum AuthorizationError {
         "the authorization state is not one this consumer issued (tampered, truncated, or from another consumer or key); start the authorization again"
     )]
     InvalidState,
+    /// The callback's `code` cannot be an authorization code: empty, longer than
+    /// [`MAX_CODE_LEN`] bytes, or with characters outside RFC 6749's VSCHAR (printable ASCII,
+    /// Appendix A.11). Refused before anything is claimed or sent (review N8).
+    #[error(
+        "the callback's authorization code for installation {installation} is empty, too long or not printable ASCII; nothing was sent: start the authorization again"
+    )]
+    MalformedCode {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
     /// The `state` expired before the callback arrived.
     #[error(
         "the authorization for installation {installation} expired at {expired_at}; start the authorization again"
@@ -303,6 +313,17 @@ pub enum AuthorizationWarning {
         /// The new grant's account, now recorded.
         account: String,
     },
+}
+
+/// The longest authorization code accepted, in bytes (provider codes are tens to hundreds).
+pub const MAX_CODE_LEN: usize = 2048;
+
+/// Whether `code` can be an authorization code: 1 to [`MAX_CODE_LEN`] VSCHARs (RFC 6749
+/// Appendix A.11: `%x20-7E`).
+pub(crate) fn plausible_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= MAX_CODE_LEN
+        && code.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }
 
 /// A state whose signature, expiry and browser binding checked out.
