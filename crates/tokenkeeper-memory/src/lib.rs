@@ -24,7 +24,8 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,10 @@ struct Tables {
     due: BTreeMap<String, BTreeSet<(Timestamp, InstallationId)>>,
     /// Authorization flow claims: value and the instant it expires.
     flows: HashMap<String, (Vec<u8>, Instant)>,
+    /// The claims by expiry, soonest first (an entry whose claim was settled since, with a
+    /// later expiry, is stale and skipped): a claim removes only what expired, instead of
+    /// scanning every live claim under the lock every `access_token` needs (review N8).
+    flow_expiry: BinaryHeap<Reverse<(Instant, String)>>,
     /// The event log, oldest first, appended under the same lock as the write it tells.
     events: VecDeque<StoredEvent>,
     /// The sequence number of the last event appended.
@@ -52,6 +57,30 @@ struct Tables {
     /// The newest sequence number retention removed.
     trimmed_through: u64,
     retention: EventRetention,
+}
+
+impl Tables {
+    /// Removes the claims that expired by `now`, soonest first.
+    fn purge_flows(&mut self, now: Instant) {
+        while let Some(Reverse((until, _))) = self.flow_expiry.peek() {
+            if *until > now {
+                break;
+            }
+            let Some(Reverse((until, flow))) = self.flow_expiry.pop() else {
+                break;
+            };
+            // Only if the claim still expires then (settling it may have moved it later).
+            if self.flows.get(&flow).is_some_and(|(_, u)| *u == until) {
+                self.flows.remove(&flow);
+            }
+        }
+    }
+
+    /// Stores a claim's value until `until`.
+    fn put_flow(&mut self, flow: &str, value: &[u8], until: Instant) {
+        self.flows.insert(flow.to_owned(), (value.to_vec(), until));
+        self.flow_expiry.push(Reverse((until, flow.to_owned())));
+    }
 }
 
 #[derive(Debug)]
@@ -182,21 +211,20 @@ impl TokenStore for MemoryStore {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        // Expired claims go on every claim: the map holds only live flows.
-        inner.flows.retain(|_, (_, until)| *until > now);
+        // Expired claims go on every claim, soonest first: the map holds only live flows.
+        inner.purge_flows(now);
         if let Some((existing, _)) = inner.flows.get(flow) {
             return Ok(Some(existing.clone()));
         }
-        inner
-            .flows
-            .insert(flow.to_owned(), (value.to_vec(), now + ttl));
+        inner.put_flow(flow, value, now + ttl);
         Ok(None)
     }
 
     async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
-        self.lock()
-            .flows
-            .insert(flow.to_owned(), (value.to_vec(), Instant::now() + ttl));
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.purge_flows(now);
+        inner.put_flow(flow, value, now + ttl);
         Ok(())
     }
 
@@ -381,5 +409,37 @@ impl TokenStore for MemoryStore {
             self.log,
             vec![LogPosition::seq(self.lock().last_seq)],
         ))
+    }
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+
+    /// The expiry index removes only claims that expired: a claim settled with a later expiry
+    /// outlives its first one, an expired one goes, and many expired claims go in one pass.
+    #[tokio::test]
+    async fn claims_expire_by_their_latest_expiry() {
+        let store = MemoryStore::new();
+        let short = Duration::from_millis(30);
+        assert_eq!(store.claim_flow("kept", b"1", short).await.unwrap(), None);
+        store
+            .settle_flow("kept", b"2", Duration::from_secs(60))
+            .await
+            .unwrap();
+        for n in 0..1000 {
+            store
+                .claim_flow(&format!("f{n}"), b"x", short)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            store.claim_flow("kept", b"3", short).await.unwrap(),
+            Some(b"2".to_vec()),
+            "settled later: still live"
+        );
+        assert_eq!(store.lock().flows.len(), 1, "the expired ones went");
+        assert_eq!(store.claim_flow("f1", b"y", short).await.unwrap(), None);
     }
 }
