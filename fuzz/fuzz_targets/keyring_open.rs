@@ -7,8 +7,8 @@ use tokenkeeper_core::InstallationId;
 use tokenkeeper_core::sealed::{Keyring, SealError};
 
 fuzz_target!(|data: &[u8]| {
-    let keyring = Keyring::new("k1", &[7u8; 32])
-        .and_then(|k| k.with_previous("k0", &[9u8; 32]))
+    let keyring = Keyring::new("k1", &std::array::from_fn::<u8, 32, _>(|i| (i as u8).wrapping_mul(37) ^ 0x5a))
+        .and_then(|k| k.with_previous("k0", &std::array::from_fn::<u8, 32, _>(|i| (i as u8).wrapping_mul(53) ^ 0x3c)))
         .expect("valid keys");
     let id = InstallationId::new("fuzz").expect("valid id");
     let text = String::from_utf8_lossy(data);

@@ -75,6 +75,7 @@
 
 pub mod event;
 mod id;
+pub mod keycheck;
 mod record;
 mod secret;
 mod state;

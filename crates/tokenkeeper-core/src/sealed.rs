@@ -67,6 +67,17 @@ pub enum SealError {
         /// Its length.
         len: usize,
     },
+    /// A key that is not random (all zeros, a repeated pattern, a typed phrase): it would
+    /// protect nothing (review N13).
+    #[error(
+        "key {id:?} {reason}; generate one with `openssl rand -base64 32` (or 32 bytes from the system's random generator)"
+    )]
+    WeakKey {
+        /// The key id.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The same key id twice.
     #[error("key id {0:?} is in the keyring twice")]
     DuplicateKeyId(String),
@@ -175,6 +186,12 @@ fn key_bytes(id: &str, key: &[u8]) -> Result<SecretBox<[u8; 32]>, SealError> {
         id: id.to_owned(),
         len: key.len(),
     })?;
+    if let Some(reason) = crate::keycheck::weakness(&bytes, 32) {
+        return Err(SealError::WeakKey {
+            id: id.to_owned(),
+            reason,
+        });
+    }
     Ok(SecretBox::new(Box::new(bytes)))
 }
 

@@ -700,7 +700,13 @@ async fn unsaved_tokens_reach_a_file(sealed: bool) {
             .unsaved_tokens_dir(&dir);
         #[cfg(feature = "encryption")]
         if sealed {
-            b = b.encryption(tokenkeeper::Keyring::new("k1", &[7u8; 32]).unwrap());
+            b = b.encryption(
+                tokenkeeper::Keyring::new(
+                    "k1",
+                    &std::array::from_fn::<u8, 32, _>(|i| (i as u8).wrapping_mul(37) ^ 0x5a),
+                )
+                .unwrap(),
+            );
         }
         b
     })

@@ -17,8 +17,19 @@ use tokenkeeper::{
 };
 use tokenkeeper_mock_provider::MockProfile;
 
-const K1: [u8; 32] = [7u8; 32];
-const K2: [u8; 32] = [9u8; 32];
+/// Two fixed keys that pass the keyring's randomness check (review N13 refuses `[7; 32]`).
+const K1: [u8; 32] = key(7);
+const K2: [u8; 32] = key(9);
+
+const fn key(seed: u8) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        k[i] = (i as u8).wrapping_mul(37).wrapping_add(seed) ^ 0x5a;
+        i += 1;
+    }
+    k
+}
 
 fn keyring() -> Keyring {
     Keyring::new("k1", &K1).unwrap()
@@ -284,7 +295,7 @@ async fn a_wrong_or_missing_key_names_the_key_and_rotation_reseals_everything() 
         tokenkeeper::core::EventKind::Resealed
     );
     assert!(
-        !format!("{:?}", rotated.keyring()).contains("9, 9"),
+        !format!("{:?}", rotated.keyring()).contains(&format!("{}, {}", K2[0], K2[1])),
         "no key material in Debug"
     );
 }
@@ -307,6 +318,17 @@ fn keyring_validation_is_typed() {
         keyring().with_previous("k1", &K2),
         Err(SealError::DuplicateKeyId(_))
     ));
+    // Review N13: a key that is not random protects nothing and is refused, current or
+    // previous, with the fix in the message.
+    for weak in [[0u8; 32], [7u8; 32], *b"0123456789abcdef0123456789abcdef"] {
+        let e = Keyring::new("k", &weak).unwrap_err();
+        assert!(matches!(e, SealError::WeakKey { .. }), "{e}");
+        assert!(e.to_string().contains("openssl rand"), "{e}");
+        assert!(matches!(
+            keyring().with_previous("k0", &weak),
+            Err(SealError::WeakKey { .. })
+        ));
+    }
 }
 
 /// Writes `tokens` into `id`'s record in the store beneath the sealing layer, as an attacker

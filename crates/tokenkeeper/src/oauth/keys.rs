@@ -111,41 +111,7 @@ impl fmt::Debug for StateKey {
 
 /// Why `key` is not acceptable as a signing key, if it is not.
 fn weakness(key: &[u8]) -> Option<String> {
-    if key.len() < MIN_STATE_KEY_BYTES {
-        return Some(format!(
-            "is {} bytes long; it must be at least {MIN_STATE_KEY_BYTES} random bytes",
-            key.len()
-        ));
-    }
-    let mut counts = [0usize; 256];
-    for &b in key {
-        counts[usize::from(b)] += 1;
-    }
-    let distinct = counts.iter().filter(|&&c| c > 0).count();
-    if distinct < 8 {
-        return Some(format!(
-            "uses only {distinct} distinct byte values: it is not random"
-        ));
-    }
-    if (1..=key.len() / 2).any(|p| key.iter().zip(&key[p..]).all(|(a, b)| a == b)) {
-        return Some("repeats a pattern: it is not random".into());
-    }
-    // Byte-frequency (Shannon) estimate of the key's entropy, in bits.
-    let len = key.len() as f64;
-    let bits: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / len;
-            -p * p.log2() * len
-        })
-        .sum();
-    if bits < 128.0 {
-        return Some(format!(
-            "carries about {bits:.0} bits of entropy by its byte frequencies; at least 128 are needed"
-        ));
-    }
-    None
+    tokenkeeper_core::keycheck::weakness(key, MIN_STATE_KEY_BYTES)
 }
 
 #[cfg(test)]
