@@ -183,13 +183,16 @@ impl TokenManager {
         binding: &BrowserBinding,
         iss: Option<&str>,
     ) -> Result<Completed, Error> {
-        let authorization = |e| Error::Authorization(Arc::new(e));
+        let refused = |e: AuthorizationError| {
+            super::metrics::authorization_refused(&self.engine.consumer_label, e.reason_label());
+            Error::Authorization(Arc::new(e))
+        };
         crate::oauth::authorize::check_issuer(self.engine.client.consumer().profile(), iss)
-            .map_err(authorization)?;
+            .map_err(refused)?;
         let (done, written) = self
             .record_authorization(&code, state, binding)
             .await
-            .map_err(|e| Error::Authorization(Arc::new(e)))?;
+            .map_err(refused)?;
         if let Some(record) = written {
             // Tokens of the previous grant, cached before, are never served again.
             self.engine.cache.forget(&done.installation, Some(&record));

@@ -1,6 +1,6 @@
 //! What the engine reports through the [`metrics`] facade: install any recorder (Prometheus,
 //! StatsD, OpenTelemetry) and these appear; without one every call is a no-op. Every series
-//! carries the `consumer` label (`profile/client_id`), so consumers sharing a process stay
+//! carries the `consumer` label (`ConsumerConfig::name`), so consumers sharing a process stay
 //! apart. Never a token, never an installation id (unbounded label values would explode a
 //! time-series database; `tracing` spans carry the installation). The consumer label is an
 //! `Arc<str>` made once per manager: recording on the hot path (a cache hit) allocates
@@ -18,6 +18,7 @@
 //! | `tokenkeeper_cache_hits_total` / `_misses_total` | counter | | `access_token` served from the cache or not |
 //! | `tokenkeeper_cache_invalidations_total` | counter | | cached tokens dropped because another process ended them |
 //! | `tokenkeeper_refresher_lag_seconds` | gauge | | now minus the oldest due time, at each refresher sweep |
+//! | `tokenkeeper_authorizations_refused_total` | counter | `reason` | callbacks refused (`AuthorizationError::reason_label`: `invalid_state`, `browser_mismatch`, `malformed_code`, `exchange`, ...) |
 //! | `tokenkeeper_installations` | gauge | `state` | installations in the store by state (every consumer sharing it; no `consumer` label), counted by the refresher every `state_count_every`, at most `state_count_limit` per state |
 
 use std::sync::Arc;
@@ -37,6 +38,13 @@ pub(crate) const CACHE_MISSES: &str = "tokenkeeper_cache_misses_total";
 pub(crate) const CACHE_INVALIDATIONS: &str = "tokenkeeper_cache_invalidations_total";
 pub(crate) const REFRESHER_LAG: &str = "tokenkeeper_refresher_lag_seconds";
 pub(crate) const INSTALLATIONS: &str = "tokenkeeper_installations";
+pub(crate) const AUTHORIZATIONS_REFUSED: &str = "tokenkeeper_authorizations_refused_total";
+
+/// A callback was refused, for `reason` (a bounded label: review I3).
+pub(crate) fn authorization_refused(consumer: &Arc<str>, reason: &'static str) {
+    metrics::counter!(AUTHORIZATIONS_REFUSED, "consumer" => Arc::clone(consumer), "reason" => reason)
+        .increment(1);
+}
 
 /// A refresh request ended: `Ok` or its failure class.
 pub(crate) fn refresh(consumer: &Arc<str>, class: Option<FailureClass>, took: Duration) {

@@ -315,6 +315,36 @@ pub enum AuthorizationWarning {
     },
 }
 
+impl AuthorizationError {
+    /// A short, stable name of the kind of refusal: the `reason` label of
+    /// `tokenkeeper_authorizations_refused_total` (review I3), one of a fixed set.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Self::IssuerMismatch { .. } => "issuer_mismatch",
+            Self::IssuerNotPassed => "issuer_not_passed",
+            Self::MissingIssuer => "missing_issuer",
+            Self::NoStateKey => "no_state_key",
+            Self::MissingBinding => "missing_binding",
+            Self::InvalidBinding => "invalid_binding",
+            Self::BrowserMismatch { .. } => "browser_mismatch",
+            Self::AlreadyUsed { .. } => "already_used",
+            Self::AlreadyInstalled { .. } => "already_installed",
+            Self::Superseded { .. } => "superseded",
+            Self::DuplicateCallback { .. } => "duplicate_callback",
+            Self::DifferentAccount { .. } => "different_account",
+            Self::Identity { .. } => "identity",
+            Self::InvalidState => "invalid_state",
+            Self::MalformedCode { .. } => "malformed_code",
+            Self::ExpiredState { .. } => "expired_state",
+            Self::Exchange { .. } => "exchange",
+            Self::Store { .. } => "store",
+            Self::ForeignConsumer { .. } => "foreign_consumer",
+            Self::Refused(_) => "refused",
+            Self::Random(_) => "random",
+        }
+    }
+}
+
 /// The longest authorization code accepted, in bytes (provider codes are tens to hundreds).
 pub const MAX_CODE_LEN: usize = 2048;
 
