@@ -10,16 +10,23 @@
 //! starts later), and skewed clocks. The provider is Bitbucket (no reuse leeway) or Atlassian
 //! (a 10-minute leeway).
 //!
-//! The oracle, after three quiet hours in which every fault is healed:
+//! Besides, replies the provider committed come back as a 503 now and then (a gateway that
+//! failed after the origin committed), and store writes that were applied lose their
+//! acknowledgement (the engine must recognise its own write). The managers keep rotated
+//! tokens the store would not take in their default unsaved-tokens place (the store's home:
+//! process memory for the memory store), restored by the flights that follow.
+//!
+//! The oracle, after three quiet hours in which every fault is healed, judges each
+//! installation against its own inherent events (a reply dropped, late or answered 503 after
+//! the provider committed it, a request or a result in flight when its host crashed, froze
+//! past its lease or was cut from the store):
 //! - no installation is refreshed more than once per expiry while nothing faults (at most
 //!   3 h / 75 % of the token lifetime, plus one, per grant in those hours);
-//! - every rotation the provider made was stored, except at most one per inherent event (a
-//!   reply dropped after the provider committed it, a request in flight when its host crashed
-//!   or froze);
-//! - installations whose retired token was presented, and installations lost, are within that
-//!   same budget, and every lost installation is explained as such;
-//! - no installation is stuck: each one gives a token or a re-authorization reason;
-//! - no rotated token went to the unsaved-tokens sink.
+//! - every rotation the provider made for an installation was stored, except at most one per
+//!   inherent event of that installation;
+//! - an installation whose retired token was presented, or that was lost, had an inherent
+//!   event, and every lost installation is explained as such;
+//! - no installation is stuck: each one gives a token or a re-authorization reason.
 //!
 //! The default run takes `TK_SIM_SEEDS` (default 40, about a minute in a debug build) seeds;
 //! `scripts/test-long.sh` runs 20,000 in a release build. By hand:
@@ -28,7 +35,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -64,12 +72,18 @@ struct World {
     hosts: Mutex<Vec<HostState>>,
     /// Percent of replies dropped after the provider answered, while faults are on.
     drop_percent: u8,
+    /// Percent of committed replies answered 503 instead, while faults are on.
+    server_error_percent: u8,
+    /// Percent of applied store writes whose acknowledgement is lost, while faults are on.
+    ack_loss_percent: u8,
     chaos: std::sync::atomic::AtomicBool,
-    /// Inherent events: committed replies dropped, requests in flight at a crash or freeze.
-    loss_budget: AtomicU64,
-    /// Writes that stored a new refresh token.
-    stored_rotations: AtomicU64,
-    unsaved: AtomicU64,
+    /// Inherent events per installation: committed replies dropped, late or answered 503,
+    /// requests or results in flight at a crash, freeze or store cut.
+    budget: Mutex<HashMap<InstallationId, u64>>,
+    /// Writes that stored a new refresh token, per installation.
+    stored: Mutex<HashMap<InstallationId, u64>>,
+    /// Every refresh token ever stored, and its installation.
+    owners: Mutex<HashMap<String, InstallationId>>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,10 +94,18 @@ struct HostState {
     frozen_until: Option<Instant>,
     store_cut: bool,
     provider_cut: bool,
-    /// Token requests between sending and their reply reaching the engine.
-    in_flight: u64,
-    /// Rotations delivered to the engine and not yet stored by it.
-    holding: u64,
+    /// Installations whose token request is between sending and its reply reaching the
+    /// engine.
+    in_flight: Vec<InstallationId>,
+    /// Installations whose rotation was delivered to the engine and not yet stored by it.
+    holding: Vec<InstallationId>,
+}
+
+/// Removes one occurrence of `id` from `list`.
+fn take_one(list: &mut Vec<InstallationId>, id: &InstallationId) {
+    if let Some(i) = list.iter().position(|x| x == id) {
+        list.swap_remove(i);
+    }
 }
 
 impl World {
@@ -93,6 +115,37 @@ impl World {
 
     fn with_host<T>(&self, host: usize, f: impl FnOnce(&mut HostState) -> T) -> T {
         f(&mut self.hosts.lock().unwrap_or_else(PoisonError::into_inner)[host])
+    }
+
+    /// One more inherent event for each of `ids`.
+    fn inherent(&self, ids: impl IntoIterator<Item = InstallationId>) {
+        let mut budget = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            *budget.entry(id).or_default() += 1;
+        }
+    }
+
+    /// Notes the refresh tokens of `record` as its installation's.
+    fn own(&self, record: &Record) {
+        if let Some(token) = &record.tokens().refresh_token {
+            self.owners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(token.secret().to_owned(), record.id().clone());
+        }
+    }
+
+    /// The installation a refresh token belongs (or belonged) to.
+    fn owner(&self, token: &str) -> Option<InstallationId> {
+        self.owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(token)
+            .cloned()
+    }
+
+    fn chaos(&self) -> bool {
+        self.chaos.load(Ordering::SeqCst)
     }
 
     fn roll(&self, below: u64) -> u64 {
@@ -148,7 +201,13 @@ impl TokenStore for HostStore {
 
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
         self.before("create").await?;
-        self.world.store.create(record).await
+        self.world.store.create(record).await?;
+        self.world.own(record);
+        Ok(())
+    }
+
+    fn unsaved_tokens_home(&self) -> tokenkeeper::core::UnsavedHome {
+        self.world.store.unsaved_tokens_home()
     }
 
     async fn compare_and_swap(
@@ -157,17 +216,41 @@ impl TokenStore for HostStore {
         expected: u64,
     ) -> Result<CasOutcome, StoreError> {
         self.before("compare_and_swap").await?;
-        let previous = self.world.store.get(record.id()).await?;
-        let outcome = self.world.store.compare_and_swap(record, expected).await?;
-        if matches!(outcome, CasOutcome::Swapped)
-            && previous.is_some_and(|p| p.tokens().refresh_token != record.tokens().refresh_token)
-        {
-            self.world.stored_rotations.fetch_add(1, Ordering::SeqCst);
-            self.world
-                .with_host(self.host, |h| h.holding = h.holding.saturating_sub(1));
+        let world = &self.world;
+        let previous = world.store.get(record.id()).await?;
+        let outcome = world.store.compare_and_swap(record, expected).await?;
+        if !matches!(outcome, CasOutcome::Swapped) {
+            return Ok(outcome);
+        }
+        world.own(record);
+        if previous.is_some_and(|p| p.tokens().refresh_token != record.tokens().refresh_token) {
+            *world
+                .stored
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(record.id().clone())
+                .or_default() += 1;
+            world.with_host(self.host, |h| take_one(&mut h.holding, record.id()));
         }
         // A crash right after the write: applied, never acknowledged.
-        self.world.gate(self.host, self.incarnation).await;
+        world.gate(self.host, self.incarnation).await;
+        // Or the acknowledgement is lost on the way back: the engine must find its own write.
+        if world.chaos() && world.roll(100) < u64::from(world.ack_loss_percent) {
+            if std::env::var("TK_SIM_DEBUG").is_ok() {
+                eprintln!(
+                    "sim   ack lost: host {} {} v{} {:?}",
+                    self.host,
+                    record.id(),
+                    record.version(),
+                    record.state().kind()
+                );
+            }
+            return Err(StoreError::unavailable(
+                "simulated",
+                "compare_and_swap",
+                "the acknowledgement was lost after the write was applied",
+            ));
+        }
         Ok(outcome)
     }
 
@@ -258,10 +341,15 @@ impl TokenTransport for HostNetwork {
                 reached_provider: false,
             });
         }
-        let chaos = world.chaos.load(Ordering::SeqCst);
+        let chaos = world.chaos();
         if chaos {
             tokio::time::sleep(Duration::from_millis(world.roll(400))).await;
         }
+        let presented: Option<InstallationId> = request
+            .body()
+            .and_then(|b| b.as_bytes())
+            .and_then(presented_token)
+            .and_then(|token| world.owner(&token));
         let mut http = axum::http::Request::builder()
             .method("POST")
             .uri(request.url().path());
@@ -278,7 +366,9 @@ impl TokenTransport for HostNetwork {
                 reached_provider: false,
             });
         };
-        let _in_flight = InFlight::enter(world, self.host);
+        let _in_flight = presented
+            .clone()
+            .map(|id| InFlight::enter(world, self.host, id));
         let response = world.provider.handle(http).await;
         let status = response.status().as_u16();
         let retry_after = response
@@ -289,12 +379,20 @@ impl TokenTransport for HostNetwork {
         let body = axum::body::to_bytes(response.into_body(), 1 << 20).await;
         // The reply travels back (a delay past the HTTP timeout now and then).
         let committed = status == 200;
+        if std::env::var("TK_SIM_DEBUG").is_ok() {
+            eprintln!(
+                "sim t={:?} host {} sends for {presented:?}: {status}",
+                Instant::now(),
+                self.host
+            );
+        }
         let late = chaos && world.roll(100) < 3;
+        let lost = |world: &World| world.inherent(presented.clone());
         if chaos {
             if late && committed {
                 // Past the HTTP timeout and its grace: the engine gives up on a committed
                 // rotation.
-                world.loss_budget.fetch_add(1, Ordering::SeqCst);
+                lost(world);
             }
             let ms = if late {
                 11_000 + world.roll(3_000)
@@ -304,15 +402,33 @@ impl TokenTransport for HostNetwork {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         let dropped = chaos && !late && world.roll(100) < u64::from(world.drop_percent);
-        if dropped && committed {
-            world.loss_budget.fetch_add(1, Ordering::SeqCst);
+        // A gateway that failed after the origin committed: a 503 for a committed rotation.
+        let gateway_failed = committed
+            && chaos
+            && !late
+            && !dropped
+            && world.roll(100) < u64::from(world.server_error_percent);
+        if (dropped || gateway_failed) && committed {
+            lost(world);
         }
-        if committed && !dropped {
-            world.with_host(self.host, |h| h.holding += 1);
+        if std::env::var("TK_SIM_DEBUG").is_ok() && (late || dropped || gateway_failed) {
+            eprintln!("sim   late {late} dropped {dropped} 503 {gateway_failed}");
+        }
+        if committed
+            && !dropped
+            && !gateway_failed
+            && let Some(id) = &presented
+        {
+            world.with_host(self.host, |h| h.holding.push(id.clone()));
         }
         // A crash or freeze while the reply was on its way was counted when it happened.
         world.gate(self.host, self.incarnation).await;
         match body {
+            _ if gateway_failed => Ok(TransportReply {
+                status: 503,
+                retry_after: Some(Duration::from_secs(world.roll(30))),
+                body: b"<html><body>503 Service Unavailable</body></html>".to_vec(),
+            }),
             Ok(body) if !dropped => Ok(TransportReply {
                 status,
                 retry_after,
@@ -325,23 +441,36 @@ impl TokenTransport for HostNetwork {
     }
 }
 
-/// Counts a token request in flight on its host until it returns or is dropped.
+/// The refresh token a token request presents: a form body, or a JSON one (Atlassian).
+fn presented_token(body: &[u8]) -> Option<String> {
+    if body.first() == Some(&b'{') {
+        let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+        return json.get("refresh_token")?.as_str().map(str::to_owned);
+    }
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == "refresh_token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Counts an installation's token request in flight on its host until it returns or is
+/// dropped.
 struct InFlight<'a> {
     world: &'a World,
     host: usize,
+    id: InstallationId,
 }
 
 impl<'a> InFlight<'a> {
-    fn enter(world: &'a World, host: usize) -> Self {
-        world.with_host(host, |h| h.in_flight += 1);
-        Self { world, host }
+    fn enter(world: &'a World, host: usize, id: InstallationId) -> Self {
+        world.with_host(host, |h| h.in_flight.push(id.clone()));
+        Self { world, host, id }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.world
-            .with_host(self.host, |h| h.in_flight = h.in_flight.saturating_sub(1));
+            .with_host(self.host, |h| take_one(&mut h.in_flight, &self.id));
     }
 }
 
@@ -405,13 +534,10 @@ fn boot(
         host,
         incarnation,
     };
-    let w = world.clone();
+    // The default unsaved-tokens place: the store's home (process memory here).
     let manager = TokenManager::builder(consumer(profile.clone()), store)
         .clock(clock.clone())
         .token_transport(Arc::new(network))
-        .on_unsaved_tokens(move |_| {
-            w.unsaved.fetch_add(1, Ordering::SeqCst);
-        })
         .build()
         .unwrap();
     let _refresher = manager.spawn_refresher();
@@ -484,16 +610,18 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
                 frozen_until: None,
                 store_cut: false,
                 provider_cut: false,
-                in_flight: 0,
-                holding: 0,
+                in_flight: Vec::new(),
+                holding: Vec::new(),
             };
             HOSTS
         ]),
         drop_percent: rng.u8(0..6),
+        server_error_percent: rng.u8(0..6),
+        ack_loss_percent: rng.u8(0..10),
         chaos: std::sync::atomic::AtomicBool::new(false),
-        loss_budget: AtomicU64::new(0),
-        stored_rotations: AtomicU64::new(0),
-        unsaved: AtomicU64::new(0),
+        budget: Mutex::default(),
+        stored: Mutex::default(),
+        owners: Mutex::default(),
     });
     // Skews within the default 30 s margin between any two hosts.
     let clocks: Vec<SimClock> = (0..HOSTS)
@@ -505,9 +633,10 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
     let mut managers: Vec<TokenManager> = (0..HOSTS)
         .map(|h| boot(&world, h, &profile, &clocks[h], seed))
         .collect();
-    // Installations, through the real authorization flow.
+    // Installations, through the real authorization flow; which grant is whose.
+    let mut grant_of: HashMap<InstallationId, u64> = HashMap::new();
     for id in ids() {
-        let begun = managers[0].begin_authorization(Some(id)).unwrap();
+        let begun = managers[0].begin_installation(id.clone()).unwrap();
         let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
         let code = world
             .provider
@@ -525,8 +654,15 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
             )
             .await
             .map_err(|e| format!("complete_authorization: {e}"))?;
+        let grants = world.provider.counters().grants;
+        let newest = grants.keys().max().copied().ok_or("no grant")?;
+        grant_of.insert(id, newest);
     }
-    world.stored_rotations.store(0, Ordering::SeqCst);
+    world
+        .stored
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
     world.provider.reset_counters();
     world.chaos.store(true, Ordering::SeqCst);
 
@@ -551,9 +687,11 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
                 // Crash; a new incarnation after `length`.
                 let in_flight = world.with_host(host, |h| {
                     h.dead_below = h.incarnation + 1;
-                    std::mem::take(&mut h.in_flight) + std::mem::take(&mut h.holding)
+                    let mut all = std::mem::take(&mut h.in_flight);
+                    all.append(&mut h.holding);
+                    all
                 });
-                world.loss_budget.fetch_add(in_flight, Ordering::SeqCst);
+                world.inherent(in_flight);
                 tokio::time::sleep(length).await;
                 managers[host] = boot(&world, host, &profile, &clocks[host], seed);
             }
@@ -561,10 +699,10 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
                 // Freeze: a pause past the lease (15 s) if long enough.
                 let in_flight = world.with_host(host, |h| {
                     h.frozen_until = Some(Instant::now() + length);
-                    h.in_flight + h.holding
+                    [h.in_flight.clone(), h.holding.clone()].concat()
                 });
                 if length >= Duration::from_secs(15) {
-                    world.loss_budget.fetch_add(in_flight, Ordering::SeqCst);
+                    world.inherent(in_flight);
                 }
             }
             2 => {
@@ -572,9 +710,9 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
                 // its leases over (the holder cut off from the store; see the README's limits).
                 let holding = world.with_host(host, |h| {
                     h.store_cut = true;
-                    h.in_flight + h.holding
+                    [h.in_flight.clone(), h.holding.clone()].concat()
                 });
-                world.loss_budget.fetch_add(holding, Ordering::SeqCst);
+                world.inherent(holding);
                 tokio::time::sleep(length).await;
                 world.with_host(host, |h| h.store_cut = false);
             }
@@ -614,14 +752,45 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
         }
     }
 
-    // The oracle.
+    // The oracle, installation by installation.
     let healthy = &managers[0];
+    let all = world.provider.counters();
+    let budget = world
+        .budget
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let stored = world
+        .stored
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let mut lost = 0;
     for id in ids() {
+        let events = budget.get(&id).copied().unwrap_or(0);
+        let grant = &all.grants[&grant_of[&id]];
+        let unstored = grant
+            .rotations
+            .saturating_sub(stored.get(&id).copied().unwrap_or(0));
+        if unstored > events {
+            return Err(format!(
+                "{id}: {unstored} rotations never stored with only {events} inherent events of its own ({grant:?})"
+            ));
+        }
+        if grant.reuse_detections > 0 && events == 0 {
+            return Err(format!(
+                "{id}: its retired token was presented without an inherent event of its own ({grant:?})"
+            ));
+        }
         match healthy.access_token(&id).await {
             Ok(_) => {}
             Err(Error::ReauthorizationRequired { reason, .. }) => {
                 lost += 1;
+                if events == 0 {
+                    return Err(format!(
+                        "{id} lost ({reason:?}) without an inherent event of its own"
+                    ));
+                }
                 if !matches!(
                     reason,
                     ReauthReason::RotatedTokenLost | ReauthReason::RefreshTokenRejected
@@ -636,32 +805,7 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
             Err(e) => return Err(format!("{id} is stuck without a reason: {e}")),
         }
     }
-    let all = world.provider.counters();
-    // Installations whose grant saw a retired token presented (a single lost rotation can be
-    // presented more than once before its condemnation is recorded).
-    let reused = all
-        .grants
-        .values()
-        .filter(|g| g.reuse_detections > 0)
-        .count() as u64;
     let counters = all.totals;
-    let budget = world.loss_budget.load(Ordering::SeqCst);
-    let stored = world.stored_rotations.load(Ordering::SeqCst);
-    let unstored = counters.rotations.saturating_sub(stored);
-    if unstored > budget {
-        return Err(format!(
-            "{unstored} rotations never stored with only {budget} inherent events ({counters:?})"
-        ));
-    }
-    if reused > budget || lost as u64 > budget {
-        return Err(format!(
-            "{reused} installations with reuse detected and {lost} lost with only {budget} inherent events"
-        ));
-    }
-    let unsaved = world.unsaved.load(Ordering::SeqCst);
-    if unsaved > 0 {
-        return Err(format!("{unsaved} results went to the unsaved-tokens sink"));
-    }
     let mut digest = String::new();
     for id in ids() {
         let r = world.store.get(&id).await.map_err(|e| e.to_string())?;
@@ -671,8 +815,8 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
     }
     Ok(Outcome {
         rotations: counters.rotations,
-        stored_rotations: stored,
-        loss_budget: budget,
+        stored_rotations: stored.values().sum(),
+        loss_budget: budget.values().sum(),
         reuse_detections: counters.reuse_detections,
         lost,
         digest,

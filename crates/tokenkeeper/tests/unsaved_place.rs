@@ -317,3 +317,38 @@ async fn obsolete_unsaved_files_are_set_aside_not_deleted() {
         .count();
     assert_eq!(left, 0);
 }
+
+/// Rotated tokens held in the unsaved-tokens place are put back by the manager itself before
+/// a flight presents anything: once the store works again, the next refresh of that
+/// installation lands the held result instead of presenting the retired token (a reuse on
+/// Bitbucket, and a lost installation), with no call to `restore_unsaved_files`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_results_are_restored_before_the_next_flight_presents() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    let manager = builder(&mock, store.clone(), &clock).build().unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    switch.heal();
+    // The store works again; the access token the provider issued has expired meanwhile.
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    manager
+        .access_token(&id)
+        .await
+        .expect("the held result landed first, then a refresh with its token");
+    let c = mock.counters().totals;
+    assert_eq!(
+        (c.rotations, c.reuse_detections),
+        (2, 0),
+        "the retired token was presented: {c:?}"
+    );
+}

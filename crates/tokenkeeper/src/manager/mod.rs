@@ -31,6 +31,7 @@ mod metrics;
 mod policy;
 mod refresh;
 mod refresher;
+mod restore;
 mod retry;
 mod unsaved;
 
@@ -93,6 +94,10 @@ pub(crate) struct Engine {
     /// Permits for rotating refreshes in flight (`RefreshPolicy::max_rotations_in_flight`),
     /// when the provider rotates without a reuse leeway.
     pub(crate) rotations: Option<Arc<tokio::sync::Semaphore>>,
+    /// Set when the unsaved-tokens place may hold something to put back (see `restore.rs`).
+    pub(crate) unsaved_waiting: std::sync::atomic::AtomicBool,
+    /// One restore of the unsaved-tokens place at a time.
+    pub(crate) restoring: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -396,6 +401,8 @@ impl TokenManagerBuilder {
                 restored: tokio::sync::watch::Sender::new(true),
                 watch: tokio::sync::Mutex::new(None),
                 rotations,
+                unsaved_waiting: std::sync::atomic::AtomicBool::new(false),
+                restoring: tokio::sync::Mutex::new(()),
             }),
         };
         // What an earlier process left in the unsaved-tokens directory is put back now;
@@ -807,30 +814,7 @@ impl TokenManager {
     /// # Ok(()) }
     /// ```
     pub async fn restore_unsaved(&self, unsaved: UnsavedTokens) -> Result<(), Error> {
-        let id = unsaved.installation.clone();
-        let written = self
-            .engine
-            .update(&id, |current, now| {
-                self.engine.owns(current)?;
-                let refresh_at = self.engine.policy.refresh_at(&unsaved.tokens, now);
-                let event = Event::LateRefreshed {
-                    presented: unsaved.presented.clone(),
-                    tokens: unsaved.tokens.clone(),
-                    refresh_at,
-                };
-                current
-                    .apply(event, now)
-                    .map_err(|e| Error::transition(&id, e))
-            })
-            .await?;
-        self.engine.cache.forget(&id, Some(&written));
-        self.engine.emit(
-            &id,
-            LocalEventKind::Refreshed {
-                expires_at: written.tokens().expires_at,
-            },
-        );
-        Ok(())
+        self.engine.restore_one(unsaved).await
     }
 
     /// Puts back tokens the default unsaved-tokens sink wrote to `path` (opening it with the
@@ -854,8 +838,10 @@ impl TokenManager {
     /// Puts back every result the unsaved-tokens place holds (the files of its directory, or
     /// what an ephemeral store's manager held in memory), oldest first, deletes each file that
     /// landed, and moves the obsolete ones (the installation holds other tokens: newer ones,
-    /// a new grant, a revocation) to the directory's `obsolete/` folder. A manager does this by itself when it is built inside a Tokio runtime; call
-    /// it again after a store outage. Files that cannot be read with this manager's keyring,
+    /// a new grant, a revocation) to the directory's `obsolete/` folder. A manager does this by
+    /// itself when it is built inside a Tokio runtime, and again before a flight presents a
+    /// refresh token whenever the place holds something (so a result held through a store
+    /// outage lands before the retired token could be presented); calling it is optional. Files that cannot be read with this manager's keyring,
     /// and results the store would not take yet, are kept and counted.
     ///
     /// # Errors
@@ -864,54 +850,7 @@ impl TokenManager {
     /// result whose installation this store does not hold is kept too: the directory may
     /// serve several stores).
     pub async fn restore_unsaved_files(&self) -> Result<UnsavedRestore, Error> {
-        let place = &self.engine.unsaved;
-        let mut report = UnsavedRestore::default();
-        let mut pending = place.pending(&self.engine.seal).await;
-        // Passes until one lands nothing: a result whose predecessor lands later in the same
-        // pass (the writers' clocks disagreed on `at`) lands in the next one.
-        let mut obsolete = Vec::new();
-        loop {
-            let mut landed = false;
-            for (file, read) in std::mem::take(&mut pending) {
-                let unsaved = match read {
-                    Ok(unsaved) => unsaved,
-                    Err(e) => {
-                        tracing::error!(file = ?file, error = %e, "an unsaved-tokens file could not be read; it is kept");
-                        report.kept += 1;
-                        continue;
-                    }
-                };
-                match self.restore_unsaved(unsaved.clone()).await {
-                    Ok(()) => {
-                        report.restored += 1;
-                        landed = true;
-                        place.remove(file).await;
-                    }
-                    Err(Error::Transition { .. }) => pending.push((file, Ok(unsaved))),
-                    Err(e) => {
-                        // The store failed, the installation is not in this store (a
-                        // directory shared by several), or belongs to another consumer.
-                        tracing::error!(installation = %unsaved.installation, error = %e, "unsaved tokens could not be restored; kept");
-                        report.kept += 1;
-                        place.keep_pending(file, unsaved);
-                    }
-                }
-            }
-            if !landed || pending.is_empty() {
-                obsolete.append(&mut pending);
-                break;
-            }
-        }
-        for (file, read) in obsolete {
-            if let Ok(unsaved) = read {
-                tracing::warn!(installation = %unsaved.installation, "unsaved tokens are obsolete (the installation holds other tokens, or was authorized again or revoked); set aside");
-            }
-            report.obsolete += 1;
-            place.set_aside(file).await;
-        }
-        // Flights that wait for the startup restore go on (whoever called this).
-        self.engine.restored.send_replace(true);
-        Ok(report)
+        Ok(self.engine.restore_all().await)
     }
 
     /// Stops starting refreshes and waits for every refresh in progress to record its result,
