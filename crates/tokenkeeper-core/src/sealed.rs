@@ -186,12 +186,6 @@ fn key_bytes(id: &str, key: &[u8]) -> Result<SecretBox<[u8; 32]>, SealError> {
         id: id.to_owned(),
         len: key.len(),
     })?;
-    if let Some(reason) = crate::keycheck::weakness(&bytes, 32) {
-        return Err(SealError::WeakKey {
-            id: id.to_owned(),
-            reason,
-        });
-    }
     Ok(SecretBox::new(Box::new(bytes)))
 }
 
@@ -199,6 +193,16 @@ impl Keyring {
     /// A keyring whose current key is `key` (32 bytes) under `id`.
     pub fn new(id: &str, key: &[u8]) -> Result<Self, SealError> {
         let current = KeyId::new(id)?;
+        // The key new writes use must be random (review N13). A previous key is not checked:
+        // records sealed under a weak one must stay readable until `reseal` moves them.
+        if key.len() == 32
+            && let Some(reason) = crate::keycheck::weakness(key, 32)
+        {
+            return Err(SealError::WeakKey {
+                id: id.to_owned(),
+                reason,
+            });
+        }
         let mut keys = BTreeMap::new();
         keys.insert(current.clone(), key_bytes(id, key)?);
         Ok(Self { current, keys })

@@ -569,7 +569,7 @@ async fn a_flow_begun_before_a_revocation_does_not_undo_it() {
         )
         .await
         .expect_err("a revocation was undone by a flow begun before it");
-    assert!(e.to_string().contains("was revoked"), "{e}");
+    assert!(e.to_string().contains("is revoked"), "{e}");
     assert_eq!(
         manager
             .store()

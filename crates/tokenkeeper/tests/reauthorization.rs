@@ -78,7 +78,7 @@ async fn a_deletion_or_another_grant_since_the_flow_began_supersedes_it() {
     store.delete(&id, record.version()).await.unwrap();
     let exchanges = mock.counters().totals.code_exchanges;
     let e = complete(&manager, &mock, &pending).await.unwrap_err();
-    assert_eq!(superseded(e), "was deleted");
+    assert_eq!(superseded(e), "was deleted since this flow began");
     assert!(store.get(&id).await.unwrap().is_none());
     assert_eq!(
         mock.counters().totals.code_exchanges,
@@ -90,13 +90,19 @@ async fn a_deletion_or_another_grant_since_the_flow_began_supersedes_it() {
     let again = manager.begin_installation(id.clone()).unwrap();
     complete(&manager, &mock, &again).await.unwrap();
     let e = complete(&manager, &mock, &pending).await.unwrap_err();
-    assert_eq!(superseded(e), "was created by another flow");
+    assert_eq!(
+        superseded(e),
+        "was created by another flow since this one began"
+    );
     // Two reconnects of one installation: the first to complete wins, the other is refused.
     let one = manager.begin_reauthorization(&id).await.unwrap();
     let two = manager.begin_reauthorization(&id).await.unwrap();
     complete(&manager, &mock, &one).await.unwrap();
     let e = complete(&manager, &mock, &two).await.unwrap_err();
-    assert_eq!(superseded(e), "was authorized again by another flow");
+    assert_eq!(
+        superseded(e),
+        "was authorized again by another flow since this one began"
+    );
 }
 
 #[tokio::test]
@@ -107,7 +113,7 @@ async fn a_revoked_installation_is_reauthorized_only_by_a_flow_begun_after() {
     manager.revoke(&id).await.unwrap();
     let after = manager.begin_reauthorization(&id).await.unwrap();
     let e = complete(&manager, &mock, &before).await.unwrap_err();
-    assert_eq!(superseded(e), "was revoked");
+    assert_eq!(superseded(e), "was revoked since this flow began");
     complete(&manager, &mock, &after)
         .await
         .expect("a flow begun after the revocation re-authorizes on purpose");

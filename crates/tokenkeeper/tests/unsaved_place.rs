@@ -352,3 +352,46 @@ async fn held_results_are_restored_before_the_next_flight_presents() {
         "the retired token was presented: {c:?}"
     );
 }
+
+/// A held result that still cannot be stored keeps its installation's retired refresh token
+/// from being presented: the flight is refused (the store's error) until the result lands,
+/// and then the installation refreshes with the rotated token (second review of the
+/// automatic restore).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_result_the_store_refuses_blocks_its_retired_token() {
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(store);
+    let manager = builder(&mock, store.clone(), &clock).build().unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    // The store takes leases again but still refuses the held result.
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::LateRefreshed),
+        FaultKind::Unavailable,
+    );
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    let calls = mock.counters().totals.refresh_calls;
+    assert!(manager.access_token(&id).await.is_err());
+    assert_eq!(
+        mock.counters().totals.refresh_calls,
+        calls,
+        "the retired refresh token was presented"
+    );
+    switch.heal();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    manager
+        .access_token(&id)
+        .await
+        .expect("the held result landed, then a refresh with its token");
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.reuse_detections), (2, 0), "{c:?}");
+}

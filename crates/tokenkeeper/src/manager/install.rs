@@ -579,6 +579,9 @@ impl TokenManager {
                 .await
             {
                 Ok(CasOutcome::Swapped) => return Ok((false, next)),
+                // Our own write, applied by an attempt whose reply was lost and resent (a
+                // Redis Cluster retry): the grant is stored, not superseded by "another flow".
+                Ok(CasOutcome::Conflict(stored)) if *stored == next => return Ok((false, next)),
                 Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
                 Ok(CasOutcome::Missing) => current = None,
                 // Applied, its acknowledgement lost: the grant is stored.
@@ -698,10 +701,12 @@ impl TokenManager {
 fn superseded(expect: Expect, record: Option<&Record>) -> Option<&'static str> {
     let revoked = |r: &Record| r.state().kind() == StateKind::Revoked;
     match (expect, record) {
-        (Expect::Unknown, Some(r)) if revoked(r) => Some("was revoked"),
+        (Expect::Unknown, Some(r)) if revoked(r) => Some(
+            "is revoked, and a flow begun with begin_authorization(Some(id)) never re-authorizes a revoked installation: begin one with begin_reauthorization",
+        ),
         (Expect::Unknown, _) | (Expect::Absent, None) => None,
-        (Expect::Absent, Some(_)) => Some("was created by another flow"),
-        (Expect::Present { .. }, None) => Some("was deleted"),
+        (Expect::Absent, Some(_)) => Some("was created by another flow since this one began"),
+        (Expect::Present { .. }, None) => Some("was deleted since this flow began"),
         (
             Expect::Present {
                 created,
@@ -711,11 +716,11 @@ fn superseded(expect: Expect, record: Option<&Record>) -> Option<&'static str> {
             Some(r),
         ) => {
             if r.created_at() != created {
-                Some("was deleted and created again")
+                Some("was deleted and created again since this flow began")
             } else if r.generation() != generation {
-                Some("was authorized again by another flow")
+                Some("was authorized again by another flow since this one began")
             } else if revoked(r) && !was_revoked {
-                Some("was revoked")
+                Some("was revoked since this flow began")
             } else {
                 None
             }

@@ -98,6 +98,8 @@ pub(crate) struct Engine {
     pub(crate) unsaved_waiting: std::sync::atomic::AtomicBool,
     /// One restore of the unsaved-tokens place at a time.
     pub(crate) restoring: tokio::sync::Mutex<()>,
+    /// What the last restore could not land (those installations' flights are refused).
+    pub(crate) unsaved_kept: Mutex<restore::KeptResults>,
 }
 
 impl Engine {
@@ -403,6 +405,7 @@ impl TokenManagerBuilder {
                 rotations,
                 unsaved_waiting: std::sync::atomic::AtomicBool::new(false),
                 restoring: tokio::sync::Mutex::new(()),
+                unsaved_kept: Mutex::default(),
             }),
         };
         // What an earlier process left in the unsaved-tokens directory is put back now;

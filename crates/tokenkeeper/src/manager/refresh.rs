@@ -81,8 +81,6 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
     let mut unconfirmed = 0u32;
     // This flight's place among the rotating refreshes in flight, once it has one.
     let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
-    // Whether this drive already put back what the unsaved-tokens place held.
-    let mut restored = false;
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
         // The cache bound counts from when the read started, not from when it returned, and
@@ -131,15 +129,10 @@ async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
                 serve_valid,
             } => {
                 engine.restore_done().await;
-                if !restored
-                    && engine
-                        .unsaved_waiting
-                        .load(std::sync::atomic::Ordering::SeqCst)
-                {
-                    // Held results land before anything is presented (once per drive: a
-                    // store that still fails keeps them for a later flight); read again.
-                    restored = true;
-                    engine.restore_waiting().await;
+                // Held results land before anything is presented (read again after a
+                // restore); a result of this installation the store still refuses keeps its
+                // retired refresh token from being presented.
+                if engine.restore_waiting(id).await? {
                     continue;
                 }
                 if permit.is_none() && !rotation_permit(engine, &mut permit).await {

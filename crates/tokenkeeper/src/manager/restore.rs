@@ -5,14 +5,35 @@
 //! at start, and before any flight takes a lease while the place holds something; the
 //! public `restore_unsaved*` methods do the same on demand.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use tokenkeeper_core::Event;
+use tokenkeeper_core::{Event, InstallationId, StoreError};
+use tokio::time::Instant;
 
 use super::Engine;
 use super::events::LocalEventKind;
 use super::unsaved::{UnsavedRestore, UnsavedTokens};
 use crate::error::Error;
+
+/// How long results a restore could not land wait before another restore tries them (a
+/// flight of their own installation is refused meanwhile; others go on).
+const KEPT_RETRY: Duration = Duration::from_secs(5);
+
+/// What the last restore could not land.
+#[derive(Debug, Default)]
+pub(crate) struct KeptResults {
+    /// Installations with a held result the store would not take.
+    ids: HashSet<InstallationId>,
+    /// When to try them again.
+    retry_at: Option<Instant>,
+}
+
+fn lock(kept: &Mutex<KeptResults>) -> MutexGuard<'_, KeptResults> {
+    kept.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl Engine {
     /// Lands one held result on its installation (`LateRefreshed`: only over the refresh
@@ -43,28 +64,52 @@ impl Engine {
         Ok(())
     }
 
-    /// Notes that the place holds something to put back.
+    /// Notes that the place holds something new to put back.
     pub(crate) fn unsaved_held(&self) {
         self.unsaved_waiting.store(true, Ordering::SeqCst);
     }
 
-    /// Before a flight takes a lease: if the place may hold something, put it back first
-    /// (one restore at a time; a flight that finds one running waits for it).
-    pub(crate) async fn restore_waiting(&self) {
-        if !self.unsaved_waiting.load(Ordering::SeqCst) {
-            return;
-        }
-        let _one = self.restoring.lock().await;
-        if self.unsaved_waiting.swap(false, Ordering::SeqCst) {
-            let report = self.restore_all().await;
-            if report.kept > 0 {
-                // The store still fails (or a file cannot be read): try again next time.
-                self.unsaved_held();
+    /// Before a flight takes `id`'s lease: puts back what the place holds if something new
+    /// was kept there, a restore is running (waits for it), or results a restore could not
+    /// land are due for another try (every [`KEPT_RETRY`]). True when a restore ran (the
+    /// caller reads the record again).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the place still holds a result of `id` that could not be stored:
+    /// its retired refresh token must not be presented.
+    pub(crate) async fn restore_waiting(&self, id: &InstallationId) -> Result<bool, Error> {
+        let running = self.restoring.try_lock().is_err();
+        let mut ran = false;
+        if running || self.unsaved_waiting.load(Ordering::SeqCst) || self.kept_retry_due() {
+            let _one = self.restoring.lock().await;
+            // The flag is cleared with the lock held: a flight that finds it clear either
+            // finds no restore running, or waits on the lock for the one that runs.
+            if self.unsaved_waiting.swap(false, Ordering::SeqCst) || self.kept_retry_due() {
+                let report = self.restore_all().await;
+                if report != UnsavedRestore::default() {
+                    tracing::warn!(?report, "put back what the unsaved-tokens place held");
+                }
+                ran = true;
             }
-            if report != UnsavedRestore::default() {
-                tracing::warn!(?report, "put back what the unsaved-tokens place held");
-            }
         }
+        if lock(&self.unsaved_kept).ids.contains(id) {
+            return Err(Error::store(
+                id,
+                StoreError::unavailable(
+                    "unsaved-tokens place",
+                    "restore",
+                    "a rotated result of this installation is held and the store would not take it yet; its retired refresh token is not presented until it lands",
+                ),
+            ));
+        }
+        Ok(ran)
+    }
+
+    /// Whether results a restore could not land are due for another try.
+    fn kept_retry_due(&self) -> bool {
+        let kept = lock(&self.unsaved_kept);
+        !kept.ids.is_empty() && kept.retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
     /// Puts back everything the place holds, oldest first (see
@@ -73,6 +118,7 @@ impl Engine {
         let place = &self.unsaved;
         let mut report = UnsavedRestore::default();
         let mut pending = place.pending(&self.seal).await;
+        let mut kept = HashSet::new();
         // Passes until one lands nothing: a result whose predecessor lands later in the same
         // pass (the writers' clocks disagreed on `at`) lands in the next one.
         let mut obsolete = Vec::new();
@@ -99,15 +145,30 @@ impl Engine {
                         // directory shared by several), or belongs to another consumer.
                         tracing::error!(installation = %unsaved.installation, error = %e, "unsaved tokens could not be restored; kept");
                         report.kept += 1;
+                        kept.insert(unsaved.installation.clone());
                         place.keep_pending(file, unsaved);
                     }
                 }
             }
             if !landed || pending.is_empty() {
-                obsolete.append(&mut pending);
+                // A result waits on a predecessor that was kept (the store failed for it):
+                // kept as well, not set aside (it lands after its predecessor does).
+                for (file, read) in std::mem::take(&mut pending) {
+                    match read {
+                        Ok(unsaved) if kept.contains(&unsaved.installation) => {
+                            report.kept += 1;
+                            place.keep_pending(file, unsaved);
+                        }
+                        read => obsolete.push((file, read)),
+                    }
+                }
                 break;
             }
         }
+        *lock(&self.unsaved_kept) = KeptResults {
+            retry_at: (!kept.is_empty()).then(|| Instant::now() + KEPT_RETRY),
+            ids: kept,
+        };
         for (file, read) in obsolete {
             if let Ok(unsaved) = read {
                 tracing::warn!(installation = %unsaved.installation, "unsaved tokens are obsolete (the installation holds other tokens, or was authorized again or revoked); set aside");

@@ -96,12 +96,12 @@ pub enum AuthorizationError {
     /// that does not undo it. Nothing was recorded (and, when seen before the exchange, the
     /// code was not spent).
     #[error(
-        "installation {installation} {what} since this authorization began; nothing was recorded: begin a new authorization if it should still be connected"
+        "installation {installation} {what}; nothing was recorded: begin a new authorization if it should still be connected"
     )]
     Superseded {
         /// The installation the flow was for.
         installation: InstallationId,
-        /// What happened to it (`was revoked`, `was deleted`, ...).
+        /// What happened to it (`was revoked since this flow began`, ...).
         what: &'static str,
     },
     /// A duplicate of this callback (same code) is being completed elsewhere and did not

@@ -124,10 +124,9 @@ struct Expected<'a> {
 /// per issuer only, so the issuer is checked whenever the profile names one.
 ///
 /// - `iss` must equal the profile's issuer exactly (when it names one).
-/// - `aud` (a string or an array of strings) must contain the client id; when it lists
-///   several audiences and an `azp` is present, `azp` must be the client id (a token minted
-///   for another application of the same project, which lists every application in `aud`,
-///   is refused).
+/// - `aud` (a string or an array of strings) must contain the client id; an `azp`, when
+///   present, must be the client id (a token minted for another application of the same
+///   project, which lists every application in `aud`, is refused).
 /// - `exp` must be a number of seconds not past by more than the leeway.
 fn id_token_subject(token: &IdToken, expected: &Expected<'_>) -> Result<String, String> {
     let payload = token
@@ -162,7 +161,7 @@ fn id_token_subject(token: &IdToken, expected: &Expected<'_>) -> Result<String, 
     account_at(&json, "/sub")
 }
 
-/// `aud` contains `client_id`; with several audiences, a present `azp` is `client_id`.
+/// `aud` contains `client_id`; a present `azp` is `client_id`.
 fn check_audience(json: &serde_json::Value, client_id: &str) -> Result<(), String> {
     let audiences: Vec<&str> = match json.get("aud") {
         Some(serde_json::Value::String(one)) => vec![one.as_str()],
@@ -172,8 +171,9 @@ fn check_audience(json: &serde_json::Value, client_id: &str) -> Result<(), Strin
     if !audiences.contains(&client_id) {
         return Err("the ID token was not issued to this client (its aud claim does not contain the client id)".to_owned());
     }
+    // Core 1.0 §3.1.3.7 item 5: a present azp names the party the token was issued to.
     let azp = json.get("azp").and_then(|v| v.as_str());
-    if audiences.len() > 1 && azp.is_some_and(|a| a != client_id) {
+    if azp.is_some_and(|a| a != client_id) {
         return Err("the ID token was issued to another client of the same audience (its azp claim is not the client id)".to_owned());
     }
     Ok(())
@@ -249,6 +249,11 @@ mod tests {
             ),
             (
                 json!({"sub": "u", "aud": ["x", "y"], "azp": "y", "exp": NOW + 10}),
+                None,
+                "azp",
+            ),
+            (
+                json!({"sub": "u", "aud": "x", "azp": "y", "exp": NOW + 10}),
                 None,
                 "azp",
             ),
