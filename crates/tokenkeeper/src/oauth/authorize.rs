@@ -142,7 +142,7 @@ pub enum AuthorizationError {
     )]
     InvalidState,
     /// The callback's `code` cannot be an authorization code: empty, longer than
-    /// [`MAX_CODE_LEN`] bytes, or with characters outside RFC 6749's VSCHAR (printable ASCII,
+    /// 2,048 bytes, or with characters outside RFC 6749's VSCHAR (printable ASCII,
     /// Appendix A.11). Refused before anything is claimed or sent (review N8).
     #[error(
         "the callback's authorization code for installation {installation} is empty, too long or not printable ASCII; nothing was sent: start the authorization again"
@@ -346,7 +346,7 @@ impl AuthorizationError {
 }
 
 /// The longest authorization code accepted, in bytes (provider codes are tens to hundreds).
-pub const MAX_CODE_LEN: usize = 2048;
+pub(crate) const MAX_CODE_LEN: usize = 2048;
 
 /// Whether `code` can be an authorization code: 1 to [`MAX_CODE_LEN`] VSCHARs (RFC 6749
 /// Appendix A.11: `%x20-7E`).
