@@ -5,10 +5,13 @@
 //! slot and follows `MOVED`/`ASK` redirections and failovers. What differs: a pipeline whose
 //! commands span slots is refused by a cluster (`CROSSSLOT`), so [`Conn::is_cluster`] tells
 //! the store to send per-shard commands one by one. (`WAIT` travels in one pipeline with the
-//! write it waits for, which routes it to the primary that took the write.)
+//! write it waits for, which routes it to the primary that took the write, on a connection
+//! of the [`WritePool`] so that it blocks no read.)
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A connection to one server or to a cluster.
 #[derive(Clone)]
@@ -93,6 +96,68 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.get_db(),
             #[cfg(feature = "cluster")]
             Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The connections writes that wait for replicas go on, apart from everything else (review
+/// E9). `WAIT` blocks the client connection it runs on until the replicas answer or its
+/// timeout ends, and a multiplexed connection answers in order: on the store's one shared
+/// connection, every read of the process (flights' `get`s, `due`, the event watcher) would
+/// queue behind each write's replica round trip, and behind the whole timeout while a replica
+/// is down. Each write takes the least busy connection of the pool, so up to its size of
+/// writes wait for replicas at once and no read ever does.
+pub(crate) struct WritePool {
+    conns: Vec<(Conn, AtomicUsize)>,
+}
+
+impl WritePool {
+    /// A pool of the given connections (at least one).
+    pub(crate) fn new(conns: Vec<Conn>) -> Self {
+        Self {
+            conns: conns
+                .into_iter()
+                .map(|c| (c, AtomicUsize::new(0)))
+                .collect(),
+        }
+    }
+
+    /// The least busy connection, counted busy until the returned guard is dropped.
+    pub(crate) fn checkout(self: &Arc<Self>) -> Checkout {
+        let index = self
+            .conns
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (_, busy))| busy.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i);
+        if let Some((_, busy)) = self.conns.get(index) {
+            busy.fetch_add(1, Ordering::Relaxed);
+        }
+        Checkout {
+            pool: Arc::clone(self),
+            index,
+        }
+    }
+}
+
+/// One write's hold on a pool connection; releases it when dropped (also when the write's
+/// future is cancelled).
+pub(crate) struct Checkout {
+    pool: Arc<WritePool>,
+    index: usize,
+}
+
+impl Checkout {
+    /// The connection to send on (a cheap clone of the multiplexed handle).
+    pub(crate) fn conn(&self) -> Conn {
+        self.pool.conns[self.index].0.clone()
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some((_, busy)) = self.pool.conns.get(self.index) {
+            busy.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -164,6 +164,7 @@ pub struct RedisStoreBuilder {
     reconnect_retries: usize,
     durability_check: DurabilityCheck,
     replica_wait: Option<ReplicaWait>,
+    write_connections: usize,
     event_retention: EventRetention,
     allow_plaintext: bool,
     /// The seed nodes of a cluster (`url` is the first); empty for a single server.
@@ -207,8 +208,21 @@ impl RedisStoreBuilder {
     /// acknowledgements make the write `StoreError::Unavailable`, so a failover cannot lose a
     /// token the application has already used nor a lease its holder acts under. Off by
     /// default.
+    ///
+    /// These writes travel on connections of their own
+    /// ([`RedisStoreBuilder::replica_wait_connections`]): `WAIT` blocks the connection it
+    /// runs on, and reads must not queue behind it. A write may take up to
+    /// `operation_timeout + timeout` before it is reported.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replica_wait = (replicas > 0).then_some(ReplicaWait { replicas, timeout });
+        self
+    }
+
+    /// How many connections the writes that wait for replicas share (default 4, 1 to 64):
+    /// up to this many of them wait for their replicas at once; more queue. Unused without
+    /// [`RedisStoreBuilder::wait_for_replicas`].
+    pub fn replica_wait_connections(mut self, connections: usize) -> Self {
+        self.write_connections = connections;
         self
     }
 
@@ -272,7 +286,33 @@ impl RedisStoreBuilder {
 
     /// Connects (and checks the server answers).
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
+        self.validate()?;
         let url = redact(&self.url);
+        let conn = self.open(&url, self.response_timeout).await?;
+        // A connection is not a usable server: a PING fails on missing or wrong credentials.
+        let mut ping = conn.clone();
+        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut ping).await;
+        pong.map_err(|source| ConnectError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        let writers = match self.replica_wait {
+            Some(wait) => {
+                // A write's reply comes after its `WAIT`: allow for the wait on top.
+                let timeout = self.response_timeout + wait.timeout;
+                let mut conns = Vec::with_capacity(self.write_connections);
+                for _ in 0..self.write_connections {
+                    conns.push(self.open(&url, timeout).await?);
+                }
+                Some(std::sync::Arc::new(conn::WritePool::new(conns)))
+            }
+            None => None,
+        };
+        self.finish(conn, writers, url).await
+    }
+
+    /// Refuses settings that cannot work, before anything connects.
+    fn validate(&self) -> Result<(), ConnectError> {
         let nodes: Vec<&str> = if self.cluster_nodes.is_empty() {
             vec![self.url.as_str()]
         } else {
@@ -304,23 +344,31 @@ impl RedisStoreBuilder {
                 reason: "must be 1 to 256",
             });
         }
-        let conn = if self.cluster_nodes.is_empty() {
-            self.connect_single(&url).await?
+        if !(1..=64).contains(&self.write_connections) {
+            return Err(ConnectError::Config {
+                field: "replica_wait_connections",
+                reason: "must be 1 to 64",
+            });
+        }
+        Ok(())
+    }
+
+    /// One connection (to the server, or to the cluster) whose commands may take
+    /// `response_timeout`.
+    async fn open(&self, url: &str, response_timeout: Duration) -> Result<Conn, ConnectError> {
+        if self.cluster_nodes.is_empty() {
+            self.connect_single(url, response_timeout).await
         } else {
-            self.connect_cluster(&url).await?
-        };
-        // A connection is not a usable server: a PING fails on missing or wrong credentials.
-        let mut ping = conn.clone();
-        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut ping).await;
-        pong.map_err(|source| ConnectError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-        self.finish(conn, url).await
+            self.connect_cluster(url, response_timeout).await
+        }
     }
 
     /// A single server's multiplexed connection, reconnecting by itself.
-    async fn connect_single(&self, url: &str) -> Result<Conn, ConnectError> {
+    async fn connect_single(
+        &self,
+        url: &str,
+        response_timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
         #[cfg(feature = "tls")]
         let client = match self.tls_root.clone() {
             Some(root) => redis::Client::build_with_tls(
@@ -339,7 +387,7 @@ impl RedisStoreBuilder {
             source,
         })?;
         let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
+            .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(self.connection_timeout))
             .set_number_of_retries(self.reconnect_retries)
             .set_max_delay(Duration::from_millis(500));
@@ -361,7 +409,11 @@ impl RedisStoreBuilder {
 
     /// A cluster connection from the seed nodes (it learns the slot map and follows it).
     #[cfg(feature = "cluster")]
-    async fn connect_cluster(&self, url: &str) -> Result<Conn, ConnectError> {
+    async fn connect_cluster(
+        &self,
+        url: &str,
+        response_timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
         let unreachable = |source| ConnectError::Unreachable {
             url: url.to_owned(),
             source,
@@ -378,7 +430,7 @@ impl RedisStoreBuilder {
         };
         let client = builder
             .connection_timeout(self.connection_timeout)
-            .response_timeout(self.response_timeout)
+            .response_timeout(response_timeout)
             // A failover takes the cluster's node timeout and an election: follow redirections
             // and refresh the slot map that long before reporting `Unavailable`.
             .retries(
@@ -405,7 +457,11 @@ impl RedisStoreBuilder {
 
     /// Without the `cluster` feature there is no cluster builder, so no seed nodes.
     #[cfg(not(feature = "cluster"))]
-    async fn connect_cluster(&self, _url: &str) -> Result<Conn, ConnectError> {
+    async fn connect_cluster(
+        &self,
+        _url: &str,
+        _response_timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
         Err(ConnectError::Config {
             field: "cluster_builder",
             reason: "Redis Cluster needs the `cluster` feature",
@@ -413,7 +469,12 @@ impl RedisStoreBuilder {
     }
 
     /// Checks durability, moves a legacy due index, and builds the store.
-    async fn finish(self, conn: Conn, url: String) -> Result<RedisStore, ConnectError> {
+    async fn finish(
+        self,
+        conn: Conn,
+        writers: Option<std::sync::Arc<conn::WritePool>>,
+        url: String,
+    ) -> Result<RedisStore, ConnectError> {
         let durability_gaps = match self.durability_check {
             DurabilityCheck::Skip => Vec::new(),
             _ => read_durability(&conn).await,
@@ -431,6 +492,7 @@ impl RedisStoreBuilder {
         }
         let store = RedisStore {
             conn,
+            writers,
             layout: Layout::new(&self.prefix, self.shards),
             prefix: self.prefix,
             url,
@@ -505,6 +567,9 @@ async fn read_durability(conn: &Conn) -> Vec<durability::DurabilityGap> {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    /// Where writes that wait for replicas go (only with a replica wait), so that their
+    /// `WAIT` blocks no read.
+    writers: Option<std::sync::Arc<conn::WritePool>>,
     layout: Layout,
     prefix: String,
     url: String,
@@ -541,6 +606,7 @@ impl RedisStore {
             reconnect_retries: 1,
             durability_check: DurabilityCheck::default(),
             replica_wait: None,
+            write_connections: 4,
             allow_plaintext: false,
             cluster_nodes: Vec::new(),
             #[cfg(feature = "tls")]
@@ -608,18 +674,27 @@ impl RedisStore {
             Write::Command(cmd) => pipe.add_command(cmd.clone()),
         };
         pipe.cmd("WAIT").arg(wait.replicas).arg(millis);
+        // The pool exists whenever a wait is configured; the shared connection is the
+        // fallback that cannot happen.
+        let held = self.writers.as_ref().map(conn::WritePool::checkout);
+        let on = held
+            .as_ref()
+            .map_or_else(|| self.conn.clone(), conn::Checkout::conn);
+        let deadline = self.operation_timeout + wait.timeout;
         let mut sent = self
-            .run(operation, async |c| {
+            .run_on(on.clone(), deadline, operation, async |c| {
                 Ok(pipe.query_async::<(Value, u32)>(c).await)
             })
             .await?;
         if let (Write::Script(invocation), Err(e)) = (write, &sent)
             && is_noscript(e)
         {
-            self.run(operation, async |c| invocation.load_async(c).await)
-                .await?;
+            self.run_on(on.clone(), deadline, operation, async |c| {
+                invocation.load_async(c).await
+            })
+            .await?;
             sent = self
-                .run(operation, async |c| {
+                .run_on(on, deadline, operation, async |c| {
                     Ok(pipe.query_async::<(Value, u32)>(c).await)
                 })
                 .await?;
@@ -763,14 +838,25 @@ impl RedisStore {
         operation: &'static str,
         f: impl AsyncFnOnce(&mut Conn) -> Result<T, RedisError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.operation_timeout, f(&mut conn)).await {
+        self.run_on(self.conn.clone(), self.operation_timeout, operation, f)
+            .await
+    }
+
+    /// Runs `f` on `conn`, giving up after `timeout`.
+    async fn run_on<T>(
+        &self,
+        mut conn: Conn,
+        timeout: Duration,
+        operation: &'static str,
+        f: impl AsyncFnOnce(&mut Conn) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(timeout, f(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(redis_error(operation, e)),
             Err(_) => Err(StoreError::unavailable(
                 BACKEND,
                 operation,
-                RedisFault::NoAnswer(self.operation_timeout),
+                RedisFault::NoAnswer(timeout),
             )),
         }
     }

@@ -113,18 +113,8 @@ async fn with_fsync_always_a_crash_loses_nothing_acknowledged() {
     assert!(refresh_survives_a_crash(&mut server, &store).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_write_waits_for_replicas() {
-    let primary = Server::start_on(free_port(), &[]);
-    let primary_port = primary.port.to_string();
-    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
-    let store = RedisStore::builder(primary.url())
-        .durability_check(DurabilityCheck::Skip)
-        .wait_for_replicas(1, Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    // Wait until the replica has synced and acknowledges writes.
+/// A raw connection to `primary`, once its replica has synced and acknowledges writes.
+async fn synced_primary(primary: &Server) -> redis::aio::MultiplexedConnection {
     let mut raw = redis::Client::open(primary.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -149,6 +139,21 @@ async fn every_write_waits_for_replicas() {
         }
     }
     assert_eq!(acked, 1, "the replica never synced");
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_waits_for_replicas() {
+    let primary = Server::start_on(free_port(), &[]);
+    let primary_port = primary.port.to_string();
+    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
+    let store = RedisStore::builder(primary.url())
+        .durability_check(DurabilityCheck::Skip)
+        .wait_for_replicas(1, Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = synced_primary(&primary).await;
     // The server forgets its scripts (a restart, a failover to a replica, `SCRIPT FLUSH`):
     // the write and its `WAIT` travel in one pipeline, and a script the server does not know
     // is loaded and the pipeline sent again.
@@ -194,4 +199,66 @@ async fn every_write_waits_for_replicas() {
         }
         other => panic!("expected Unavailable without the replica, got {other:?}"),
     }
+}
+
+/// Review E9: `WAIT` blocks the connection it runs on. A write waiting for a replica that is
+/// gone must not hold up the process's reads: they answer while the write still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
+    let primary = Server::start_on(free_port(), &[]);
+    let primary_port = primary.port.to_string();
+    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
+    let store = RedisStore::builder(primary.url())
+        .durability_check(DurabilityCheck::Skip)
+        .wait_for_replicas(1, Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = synced_primary(&primary).await;
+    let id = InstallationId::new("waits").unwrap();
+    let created = sample_record(&id, at(0));
+    store
+        .create(&created)
+        .await
+        .expect("acknowledged by the replica");
+    drop(replica);
+    let leased = lease(&created, "h1", at(120), at(61));
+    let writer = store.clone();
+    let write = tokio::spawn(async move { writer.compare_and_swap(&leased, 1).await });
+    // The write's `WAIT` is blocked on the server (no replica will acknowledge it).
+    let mut blocked = false;
+    for _ in 0..200 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        if info.lines().any(|l| {
+            l.strip_prefix("blocked_clients:")
+                .is_some_and(|n| n.trim() != "0")
+        }) {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(blocked, "the write never waited for its replica");
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move { store.get(&id).await })
+        })
+        .collect();
+    for read in reads {
+        let read = read
+            .await
+            .unwrap()
+            .expect("a read while a write waits for replicas");
+        assert_eq!(read.map(|r| r.version()), Some(1));
+    }
+    assert!(
+        !write.is_finished(),
+        "the reads were answered only after the write's WAIT ended: they queued behind it"
+    );
+    write.abort();
 }
