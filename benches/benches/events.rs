@@ -5,14 +5,16 @@
 //!   write. (Each store's CAS beside its raw statement is in `sqlite_store`, `redis_store` and
 //!   `postgres_store`; on Redis the event is part of the script both run.)
 //! - `events_read/<backend>`: `read_events` of a 500-event page vs the raw query (SQL) or the
-//!   raw pipeline of per-shard `XRANGE` + `GET` (Redis) that it runs: the store adds decoding,
-//!   the retention check and, on Redis, the merge of 16 shards.
+//!   raw pipeline of per-shard `XRANGE` + `GET` (Redis), both as it asked before review E10
+//!   (each shard for the whole page) and as it asks now (each shard for its share): the store
+//!   adds decoding, the retention check and, on Redis, the merge of 16 shards. The bytes each
+//!   Redis read moves are printed.
 
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rusqlite::{Connection, params};
-use tokenkeeper_benches::{bump, postgres_url, redis_url, time_cas};
+use tokenkeeper_benches::{bump, postgres_url, redis_bytes_of, redis_url, time_cas};
 use tokenkeeper_core::conformance::{T0, sample_record};
 use tokenkeeper_core::{CasOutcome, EventCursor, InstallationId, TokenStore};
 use tokenkeeper_postgres::PostgresStore;
@@ -224,24 +226,46 @@ fn redis(c: &mut Criterion) {
     g.bench_function("page_500/tokenkeeper", |b| {
         b.iter(|| read_page(&rt, &store))
     });
-    g.bench_function("page_500/raw_XRANGE_pipeline", |b| {
-        b.iter(|| {
-            let mut pipe = redis::pipe();
-            for shard in 0..16 {
-                let base = format!("{prefix}:{{s{shard:02}}}");
-                pipe.cmd("XRANGE")
-                    .arg(format!("{base}:events"))
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(PAGE);
-                pipe.cmd("GET").arg(format!("{base}:events:trimmed"));
-            }
-            let replies: Vec<redis::Value> = rt.block_on(pipe.query_async(&mut raw)).unwrap();
-            assert_eq!(replies.len(), 32);
-            replies.len()
-        })
-    });
+    // The raw pipeline as the store sent it before review E10 (every shard asked for the
+    // whole page) and as it sends it now (each shard its share, `PAGE / 16 + 1`).
+    let pipeline = |count: usize| {
+        let mut pipe = redis::pipe();
+        for shard in 0..16 {
+            let base = format!("{prefix}:{{s{shard:02}}}");
+            pipe.cmd("XRANGE")
+                .arg(format!("{base}:events"))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count);
+            pipe.cmd("GET").arg(format!("{base}:events:trimmed"));
+        }
+        pipe
+    };
+    let (whole, share) = (pipeline(PAGE), pipeline(PAGE / 16 + 1));
+    let mut counted = raw.clone();
+    let (bytes, _) = rt.block_on(redis_bytes_of(
+        &mut counted,
+        store.read_events(&EventCursor::beginning(), PAGE),
+    ));
+    println!("events_read/redis: a {PAGE}-event page moved {bytes} bytes");
+    let (bytes, _) = rt.block_on(redis_bytes_of(
+        &mut counted,
+        whole.query_async::<Vec<redis::Value>>(&mut raw.clone()),
+    ));
+    println!("events_read/redis: the whole page from every shard moved {bytes} bytes");
+    for (name, pipe) in [
+        ("page_500/raw_XRANGE_whole_page_per_shard", &whole),
+        ("page_500/raw_XRANGE_share_per_shard", &share),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let replies: Vec<redis::Value> = rt.block_on(pipe.query_async(&mut raw)).unwrap();
+                assert_eq!(replies.len(), 32);
+                replies.len()
+            })
+        });
+    }
     g.finish();
 }
 

@@ -207,3 +207,27 @@ pub fn time_cas(
     }
     total
 }
+
+/// The bytes a Redis server sent while `op` ran (its `total_net_output_bytes`, less what the
+/// `INFO` calls around it cost), and `op`'s result: what a read moves over the wire.
+pub async fn redis_bytes_of<T>(
+    raw: &mut redis::aio::MultiplexedConnection,
+    op: impl Future<Output = T>,
+) -> (u64, T) {
+    async fn sent(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(raw)
+            .await
+            .expect("INFO stats");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats names total_net_output_bytes")
+    }
+    let a = sent(raw).await;
+    let b = sent(raw).await;
+    let result = op.await;
+    let c = sent(raw).await;
+    ((c - b).saturating_sub(b - a), result)
+}

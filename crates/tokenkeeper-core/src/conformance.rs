@@ -725,6 +725,57 @@ pub async fn list_by_state_pages(store: Arc<dyn TokenStore>) {
     }
 }
 
+/// `count_states` counts what `list` lists, by state, and follows writes and deletes; a
+/// cap bounds only the trait's default (the stores count exactly).
+pub async fn states_are_counted(store: Arc<dyn TokenStore>) {
+    let empty = store.count_states(u64::MAX).await.expect("count_states");
+    assert!(
+        empty.iter().all(|(_, n)| n == 0),
+        "an empty store counts {empty:?}"
+    );
+    let mut records = Vec::new();
+    for n in 0..30 {
+        let r = sample_record(&id(&format!("count-{n:02}")), at(n));
+        let r = match n % 3 {
+            0 => r,
+            1 => lease(&r, "h", at(100), at(0)),
+            _ => r.apply(Event::Revoked, at(1)).unwrap(),
+        };
+        must_create(&*store, &r).await;
+        records.push(r);
+    }
+    let counts = store.count_states(u64::MAX).await.expect("count_states");
+    assert_eq!(counts.get(StateKind::Active), 10, "{counts:?}");
+    assert_eq!(counts.get(StateKind::Refreshing), 10, "{counts:?}");
+    assert_eq!(counts.get(StateKind::Revoked), 10, "{counts:?}");
+    assert_eq!(counts.get(StateKind::Backoff), 0, "{counts:?}");
+    // A lease released, a record deleted: the counts follow.
+    let leased = &records[1];
+    let released = leased
+        .apply(
+            Event::LeaseReleased {
+                fence: fence(leased),
+                refresh_at: at(500),
+            },
+            at(2),
+        )
+        .unwrap();
+    must_swap(&*store, &released, leased.version()).await;
+    let gone = &records[0];
+    assert_eq!(
+        store
+            .delete(gone.id(), gone.version())
+            .await
+            .expect("delete"),
+        DeleteOutcome::Deleted
+    );
+    let counts = store.count_states(u64::MAX).await.expect("count_states");
+    assert_eq!(counts.get(StateKind::Active), 10, "{counts:?}");
+    assert_eq!(counts.get(StateKind::Refreshing), 9, "{counts:?}");
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 29);
+}
+
 /// Unicode ids, 200-byte ids and ids with key-syntax characters round-trip unchanged.
 pub async fn odd_ids_round_trip(store: Arc<dyn TokenStore>) {
     let long_multibyte = "é".repeat(100); // 200 bytes
@@ -1157,6 +1208,7 @@ macro_rules! conformance_tests {
             due_follows_updates_and_skips_terminal,
             due_is_per_consumer,
             list_by_state_pages,
+            states_are_counted,
             odd_ids_round_trip,
             events_follow_every_write,
             events_keep_order_per_installation

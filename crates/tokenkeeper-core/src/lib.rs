@@ -107,7 +107,8 @@ pub use state::{
 };
 pub use store::{
     BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage,
-    NotDurable, Page, PageEntry, StoreError, TokenStore, UnsavedHome, check_cas_arguments,
+    NotDurable, Page, PageEntry, StateCounts, StoreError, TokenStore, UnsavedHome,
+    check_cas_arguments,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use token::{Scopes, TokenSet};

@@ -696,6 +696,9 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
     ) -> Result<ListPage, StoreError> {
         self.inner.list(filter, after, limit).await
     }
+    async fn count_states(&self, cap: u64) -> Result<crate::StateCounts, StoreError> {
+        self.inner.count_states(cap).await
+    }
     async fn claim_flow(
         &self,
         flow: &str,

@@ -255,6 +255,37 @@ impl<T: PageEntry> Page<T> {
     }
 }
 
+/// How many installations are in each state ([`TokenStore::count_states`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    counts: [u64; StateKind::ALL.len()],
+}
+
+impl StateCounts {
+    fn slot(kind: StateKind) -> usize {
+        StateKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_default()
+    }
+
+    /// The count of `kind`.
+    pub fn get(&self, kind: StateKind) -> u64 {
+        self.counts[Self::slot(kind)]
+    }
+
+    /// Adds `n` to the count of `kind`.
+    pub fn add(&mut self, kind: StateKind, n: u64) {
+        let slot = &mut self.counts[Self::slot(kind)];
+        *slot = slot.saturating_add(n);
+    }
+
+    /// Every state with its count, in lifecycle order.
+    pub fn iter(&self) -> impl Iterator<Item = (StateKind, u64)> + '_ {
+        StateKind::ALL.into_iter().map(|k| (k, self.get(k)))
+    }
+}
+
 /// A page of [`TokenStore::due`]: entries in `(due_at, id)` order.
 pub type DuePage = Page<DueEntry>;
 
@@ -373,6 +404,33 @@ pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
         after: Option<&InstallationId>,
         limit: usize,
     ) -> Result<ListPage, StoreError>;
+
+    /// How many installations are in each state, for the state gauge. The default pages
+    /// [`TokenStore::list`] and stops counting a state at `cap`; the stores of this workspace
+    /// count in the backend instead (an SQL `GROUP BY`, a Redis `ZCARD` per index), so the
+    /// gauge over a million installations moves a few numbers, not a million ids (review
+    /// E10), and their counts are exact whatever `cap`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
+    async fn count_states(&self, cap: u64) -> Result<StateCounts, StoreError> {
+        let mut counts = StateCounts::default();
+        for state in StateKind::ALL {
+            let mut after: Option<InstallationId> = None;
+            loop {
+                let page = self
+                    .list(ListFilter::in_state(state), after.as_ref(), 1000)
+                    .await?;
+                counts.add(state, page.entries.len() as u64);
+                match page.next {
+                    Some(next) if counts.get(state) < cap => after = Some(next),
+                    _ => break,
+                }
+            }
+        }
+        Ok(counts)
+    }
 
     /// Claims an authorization flow: stores `value` under `flow` for `ttl` unless an unexpired
     /// value is already there, and returns `None` when this call claimed it, or the value that
@@ -513,6 +571,9 @@ macro_rules! forward_store {
                 limit: usize,
             ) -> Result<ListPage, StoreError> {
                 (**self).list(filter, after, limit).await
+            }
+            async fn count_states(&self, cap: u64) -> Result<StateCounts, StoreError> {
+                (**self).count_states(cap).await
             }
             async fn claim_flow(
                 &self,

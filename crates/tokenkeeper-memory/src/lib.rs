@@ -33,9 +33,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, EventRow,
-    InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StoreError, Timestamp,
-    TokenStore, check_cas_arguments, check_sequence_cursor, delete_event_payload, new_log_id,
-    sequence_event, write_event_payload,
+    InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StoreError,
+    Timestamp, TokenStore, check_cas_arguments, check_sequence_cursor, delete_event_payload,
+    new_log_id, sequence_event, write_event_payload,
 };
 
 const BACKEND: &str = "memory";
@@ -364,6 +364,14 @@ impl TokenStore for MemoryStore {
             })
             .collect();
         Ok(ListPage::from_entries(entries, limit))
+    }
+
+    async fn count_states(&self, _cap: u64) -> Result<StateCounts, StoreError> {
+        let mut counts = StateCounts::default();
+        for record in self.lock().records.values() {
+            counts.add(record.state().kind(), 1);
+        }
+        Ok(counts)
     }
 
     async fn read_events(

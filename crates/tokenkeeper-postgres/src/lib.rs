@@ -666,6 +666,13 @@ impl TokenStore for PostgresStore {
         .await
     }
 
+    async fn count_states(&self, _cap: u64) -> Result<tokenkeeper_core::StateCounts, StoreError> {
+        self.run("count_states", async |c| {
+            ops::count_states(c, &self.sql).await
+        })
+        .await
+    }
+
     async fn claim_flow(
         &self,
         flow: &str,

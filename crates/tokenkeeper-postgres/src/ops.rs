@@ -9,8 +9,8 @@
 use deadpool_postgres::Client;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRow, InstallationId,
-    ListEntry, ListFilter, ListPage, LogPosition, Record, StateKind, StoreError, Timestamp,
-    check_sequence_cursor, sequence_event,
+    ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StateKind, StoreError,
+    Timestamp, check_sequence_cursor, sequence_event,
 };
 use tokio_postgres::Row;
 
@@ -26,6 +26,7 @@ pub(crate) struct Sql {
     due: String,
     list_all: String,
     list_state: String,
+    count_states: String,
     claim: String,
     purge: String,
     settle: String,
@@ -61,6 +62,9 @@ impl Sql {
             list_state: format!(
                 "SELECT id, state FROM {s}.installations WHERE state = $1 AND id > $2
                   ORDER BY id LIMIT $3"
+            ),
+            count_states: format!(
+                "SELECT state, COUNT(*) FROM {s}.installations GROUP BY state"
             ),
             claim: format!(
                 "INSERT INTO {s}.flows (key, value, expires_at)
@@ -400,6 +404,30 @@ pub(crate) async fn list(
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(ListPage::from_entries(entries, limit))
+}
+
+/// Counts installations by state in one statement: the gauge moves five numbers, not every
+/// id (review E10).
+pub(crate) async fn count_states(client: &Client, sql: &Sql) -> Result<StateCounts, StoreError> {
+    const OP: &str = "count_states";
+    let stmt = client
+        .prepare_cached(&sql.count_states)
+        .await
+        .map_err(|e| pg_error(OP, e))?;
+    let rows = client
+        .query(&stmt, &[])
+        .await
+        .map_err(|e| pg_error(OP, e))?;
+    let mut counts = StateCounts::default();
+    for row in &rows {
+        let text: &str = index_column(OP, row, 0)?;
+        let n: i64 = index_column(OP, row, 1)?;
+        let state = text.parse::<StateKind>().map_err(|_| {
+            StoreError::backend(BACKEND, OP, RowFault::UnknownState(text.to_owned()))
+        })?;
+        counts.add(state, u64::try_from(n).unwrap_or_default());
+    }
+    Ok(counts)
 }
 
 /// A time to live in milliseconds, at most about a century (PostgreSQL's timestamps end at

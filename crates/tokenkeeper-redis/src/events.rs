@@ -7,7 +7,9 @@
 //! position (`XRANGE`), its retention mark (`GET`) and its newest entry (`XREVRANGE`): on a
 //! single server all in one `MULTI`, one snapshot; on a cluster one pipeline per shard in that
 //! order, so a trim between the reads shows as a trim (a spurious `EventsTrimmed` at worst),
-//! never as a gap. It then merges the entries by id (the server's milliseconds) and keeps the
+//! never as a gap. Each shard is asked for its share of the page; the shards that sent all
+//! they were asked for are asked for the rest, so a page is short only when the log is read
+//! to its end. It then merges the entries by id (the server's milliseconds) and keeps the
 //! first `limit`: per shard a prefix of what that shard sent, so resuming from any event's
 //! cursor skips nothing.
 
@@ -85,59 +87,10 @@ pub(crate) async fn read(
     }
     let mut positions = after_cursor.positions_for(BACKEND, log, shards.len())?;
     let beginning = after_cursor.is_beginning();
-    let count = limit.max(1);
-    let pipes: Vec<redis::Pipeline> = shards
-        .iter()
-        .zip(&positions)
-        .map(|(keys, position)| {
-            let start = if beginning {
-                "-".to_owned()
-            } else {
-                after(*position)
-            };
-            let mut pipe = redis::pipe();
-            pipe.cmd("XRANGE")
-                .arg(&keys.events)
-                .arg(start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(count);
-            push_tail(&mut pipe, keys);
-            pipe
-        })
-        .collect();
-    let replies = per_shard(store, OP, &pipes).await?;
-    if replies.len() != PER_SHARD * shards.len() {
-        return Err(unexpected_reply(OP, &Value::Array(replies)));
-    }
-    let mut entries = Vec::new();
-    for (shard, reply) in replies.chunks(PER_SHARD).enumerate() {
-        let (trimmed, newest) = (mark(&reply[1])?, newest(shard, &reply[2])?);
-        if beginning {
-            // Retained entries all lie after the mark.
-            positions[shard] = trimmed;
-        } else if positions[shard] > newest.max(trimmed) {
-            return Err(StoreError::InvalidCursor {
-                backend: BACKEND,
-                message: format!(
-                    "the cursor stands at {} in shard {shard} but that stream ends at {}: the data was restored from an older backup or wiped, so the events the cursor saw may be gone; reconcile with `list`/`explain`, then start from the event head",
-                    positions[shard],
-                    newest.max(trimmed)
-                ),
-            });
-        } else if positions[shard] < trimmed {
-            return Err(StoreError::EventsTrimmed {
-                backend: BACKEND,
-                trimmed_through: trimmed,
-            });
-        }
-        let Value::Array(items) = &reply[0] else {
-            return Err(unexpected_reply(OP, &reply[0]));
-        };
-        for item in items {
-            entries.push(parse_entry(shard, item)?);
-        }
-    }
+    let limit = limit.max(1);
+    let mut fetched = first_round(store, &mut positions, beginning, limit).await?;
+    more_rounds(store, &mut fetched, beginning, &positions, limit).await?;
+    let mut entries = fetched.entries;
     entries.sort_by_key(|e| (e.position, e.shard));
     entries.truncate(limit);
     let mut events = Vec::with_capacity(entries.len());
@@ -162,6 +115,165 @@ pub(crate) async fn read(
         None => EventCursor::from_positions(log, positions),
     };
     Ok(EventPage { events, next })
+}
+
+/// What the rounds of one read fetched: every entry, in per-shard prefixes of what each
+/// shard holds after the cursor, and per shard the last position fetched and whether the
+/// shard sent all it was asked for (so it may hold more).
+struct Fetched {
+    entries: Vec<Entry>,
+    last: Vec<Option<LogPosition>>,
+    full: Vec<bool>,
+}
+
+/// The first round: every shard asked for its share of the page (`limit / shards + 1`, not
+/// the whole page: that moved 16 times what a page returns, review E10), with its retention
+/// mark and newest entry, checked against the cursor.
+async fn first_round(
+    store: &RedisStore,
+    positions: &mut [LogPosition],
+    beginning: bool,
+    limit: usize,
+) -> Result<Fetched, StoreError> {
+    let shards = store.layout.shards();
+    let share = limit.div_ceil(shards.len()) + 1;
+    let pipes: Vec<redis::Pipeline> = shards
+        .iter()
+        .zip(positions.iter())
+        .map(|(keys, position)| {
+            let start = if beginning {
+                "-".to_owned()
+            } else {
+                after(*position)
+            };
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(&keys.events)
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(share);
+            push_tail(&mut pipe, keys);
+            pipe
+        })
+        .collect();
+    let replies = per_shard(store, OP, &pipes).await?;
+    if replies.len() != PER_SHARD * shards.len() {
+        return Err(unexpected_reply(OP, &Value::Array(replies)));
+    }
+    let mut fetched = Fetched {
+        entries: Vec::new(),
+        last: vec![None; shards.len()],
+        full: vec![false; shards.len()],
+    };
+    for (shard, reply) in replies.chunks(PER_SHARD).enumerate() {
+        let (trimmed, newest) = (mark(&reply[1])?, newest(shard, &reply[2])?);
+        if beginning {
+            // Retained entries all lie after the mark.
+            positions[shard] = trimmed;
+        } else {
+            check_position(shard, positions[shard], trimmed, newest)?;
+        }
+        let items = entries_of(shard, &reply[0])?;
+        fetched.full[shard] = items.len() == share;
+        fetched.last[shard] = items.last().map(|e| e.position);
+        fetched.entries.extend(items);
+    }
+    Ok(fetched)
+}
+
+/// Until the page is full or no shard may hold more: the shards that sent their whole share
+/// are asked for the rest of the page, divided among them, after what each sent (with its
+/// retention mark: a shard trimmed past what it sent contributes nothing more, and the next
+/// read from the page's cursor reports the trim). Each round fills the page or exhausts a
+/// shard, so there are at most as many as shards, and mostly none.
+async fn more_rounds(
+    store: &RedisStore,
+    fetched: &mut Fetched,
+    beginning: bool,
+    positions: &[LogPosition],
+    limit: usize,
+) -> Result<(), StoreError> {
+    let shards = store.layout.shards();
+    while fetched.entries.len() < limit {
+        let asked: Vec<usize> = (0..shards.len()).filter(|s| fetched.full[*s]).collect();
+        if asked.is_empty() {
+            return Ok(());
+        }
+        let share = (limit - fetched.entries.len()).div_ceil(asked.len()) + 1;
+        let pipes: Vec<redis::Pipeline> = asked
+            .iter()
+            .map(|&shard| {
+                let from = fetched.last[shard].unwrap_or(positions[shard]);
+                let start = if beginning && fetched.last[shard].is_none() {
+                    "-".to_owned()
+                } else {
+                    after(from)
+                };
+                let mut pipe = redis::pipe();
+                pipe.cmd("XRANGE")
+                    .arg(&shards[shard].events)
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(share);
+                pipe.cmd("GET").arg(&shards[shard].events_trimmed);
+                pipe
+            })
+            .collect();
+        let replies = per_shard(store, OP, &pipes).await?;
+        if replies.len() != 2 * asked.len() {
+            return Err(unexpected_reply(OP, &Value::Array(replies)));
+        }
+        for (&shard, reply) in asked.iter().zip(replies.chunks(2)) {
+            fetched.full[shard] = false;
+            let sent_through = fetched.last[shard].unwrap_or(positions[shard]);
+            if mark(&reply[1])? > sent_through {
+                continue;
+            }
+            let items = entries_of(shard, &reply[0])?;
+            fetched.full[shard] = items.len() == share;
+            if let Some(last) = items.last() {
+                fetched.last[shard] = Some(last.position);
+            }
+            fetched.entries.extend(items);
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a cursor the shard's stream cannot continue: one past its end (the data was
+/// restored or wiped) or one whose next entries retention removed.
+fn check_position(
+    shard: usize,
+    position: LogPosition,
+    trimmed: LogPosition,
+    newest: LogPosition,
+) -> Result<(), StoreError> {
+    if position > newest.max(trimmed) {
+        return Err(StoreError::InvalidCursor {
+            backend: BACKEND,
+            message: format!(
+                "the cursor stands at {position} in shard {shard} but that stream ends at {}: the data was restored from an older backup or wiped, so the events the cursor saw may be gone; reconcile with `list`/`explain`, then start from the event head",
+                newest.max(trimmed)
+            ),
+        });
+    }
+    if position < trimmed {
+        return Err(StoreError::EventsTrimmed {
+            backend: BACKEND,
+            trimmed_through: trimmed,
+        });
+    }
+    Ok(())
+}
+
+/// The entries of an `XRANGE` reply.
+fn entries_of(shard: usize, reply: &Value) -> Result<Vec<Entry>, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(unexpected_reply(OP, reply));
+    };
+    items.iter().map(|item| parse_entry(shard, item)).collect()
 }
 
 /// Runs one pipeline per shard and returns every reply in order: on a single server all of

@@ -808,11 +808,11 @@ impl RedisStore {
     /// Runs one read per shard: one pipeline on a single server; on a cluster, where the
     /// shards' keys live in different slots (a pipeline across slots is refused), each
     /// command on its own (routed to the primary of its slot), one after the other.
-    async fn fan_out(
+    async fn fan_out<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
         cmds: Vec<redis::Cmd>,
-    ) -> Result<Vec<Vec<Vec<u8>>>, StoreError> {
+    ) -> Result<Vec<T>, StoreError> {
         if !self.conn.is_cluster() {
             let mut pipe = redis::pipe();
             for cmd in cmds {
@@ -825,7 +825,7 @@ impl RedisStore {
         self.run(operation, async |c| {
             let mut pages = Vec::with_capacity(cmds.len());
             for cmd in &cmds {
-                pages.push(cmd.query_async::<Vec<Vec<u8>>>(c).await?);
+                pages.push(cmd.query_async::<T>(c).await?);
             }
             Ok(pages)
         })
@@ -1166,21 +1166,8 @@ impl TokenStore for RedisStore {
                 cmd
             })
             .collect();
-        let pages = self.fan_out("due", cmds).await?;
-        // Below the smallest last member of a full shard, every shard's entries are here.
-        let cut = pages
-            .iter()
-            .filter(|p| p.len() == share)
-            .filter_map(|p| p.last())
-            .min()
-            .cloned();
-        let mut members: Vec<Vec<u8>> = pages.into_iter().flatten().collect();
-        members.sort_unstable();
-        if let Some(cut) = &cut {
-            members.retain(|m| m <= cut);
-        }
-        let more = cut.is_some() || members.len() > limit;
-        members.truncate(limit);
+        let pages: Vec<Vec<Vec<u8>>> = self.fan_out("due", cmds).await?;
+        let (members, more) = merge_shares(pages, share, limit);
         let mut entries = Vec::with_capacity(members.len());
         for m in members {
             let due_at = m
@@ -1217,6 +1204,10 @@ impl TokenStore for RedisStore {
             .enumerate()
             .filter(|(_, k)| filter.matches(*k))
             .collect();
+        // Each (shard, state) index is asked for its share of the page, not the whole page
+        // (that moved 16 times what a page returns: review E10); the merge ends the page
+        // where every index's members are known.
+        let share = limit.div_ceil(self.layout.shards().len()) + 1;
         let mut cmds = Vec::new();
         let mut tags = Vec::new();
         for shard in self.layout.shards() {
@@ -1227,19 +1218,18 @@ impl TokenStore for RedisStore {
                     .arg("+")
                     .arg("LIMIT")
                     .arg(0)
-                    .arg(limit);
+                    .arg(share);
                 cmds.push(cmd);
                 tags.push(*kind);
             }
         }
-        let pages = self.fan_out("list", cmds).await?;
-        let mut rows: Vec<(Vec<u8>, StateKind)> = pages
+        let pages: Vec<Vec<Vec<u8>>> = self.fan_out("list", cmds).await?;
+        let pages = pages
             .into_iter()
             .zip(tags)
-            .flat_map(|(ids, kind)| ids.into_iter().map(move |id| (id, kind)))
+            .map(|(ids, kind)| ids.into_iter().map(|id| (id, kind)).collect())
             .collect();
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        rows.truncate(limit);
+        let (rows, more) = merge_shares(pages, share, limit);
         let entries = rows
             .into_iter()
             .map(|(id, state)| {
@@ -1249,8 +1239,54 @@ impl TokenStore for RedisStore {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(ListPage::from_entries(entries, limit))
+        let next = if more {
+            entries.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok(ListPage { entries, next })
     }
+
+    /// One `ZCARD` per (shard, state) index: the gauge moves numbers, not ids (review E10).
+    async fn count_states(&self, _cap: u64) -> Result<tokenkeeper_core::StateCounts, StoreError> {
+        let mut cmds = Vec::new();
+        let mut tags = Vec::new();
+        for shard in self.layout.shards() {
+            for (n, kind) in StateKind::ALL.into_iter().enumerate() {
+                let mut cmd = redis::cmd("ZCARD");
+                cmd.arg(&shard.states[n]);
+                cmds.push(cmd);
+                tags.push(kind);
+            }
+        }
+        let sizes: Vec<u64> = self.fan_out("count_states", cmds).await?;
+        let mut counts = tokenkeeper_core::StateCounts::default();
+        for (kind, n) in tags.into_iter().zip(sizes) {
+            counts.add(kind, n);
+        }
+        Ok(counts)
+    }
+}
+
+/// Merges pages read from several sorted indexes, each asked for `share` members after the
+/// same cursor. Below the smallest last member of a page that came back full, every index's
+/// members are known, so the merge ends there (and at `limit`): paging on from its last
+/// member skips nothing. Returns the members in order and whether more may follow.
+fn merge_shares<T: Ord + Clone>(pages: Vec<Vec<T>>, share: usize, limit: usize) -> (Vec<T>, bool) {
+    let cut = pages
+        .iter()
+        .filter(|p| p.len() == share)
+        .filter_map(|p| p.last())
+        .min()
+        .cloned();
+    let mut members: Vec<T> = pages.into_iter().flatten().collect();
+    members.sort_unstable();
+    if let Some(cut) = &cut {
+        members.retain(|m| m <= cut);
+    }
+    let more = cut.is_some() || members.len() > limit;
+    members.truncate(limit);
+    (members, more)
 }
 
 /// Not a public API: the stored-value decoder, for the fuzz targets (feature `__fuzz`).

@@ -9,7 +9,7 @@ use tokenkeeper_redis::{DurabilityCheck, RedisStore};
 use tokenkeeper_testkit::redis::{Server, cli, free_port, unique_prefix};
 
 /// The commands the README grants the runtime user (keep in step with README.md).
-const README_ACL: &str = "+get +set +del +exists +zadd +zrem +zrange +zrangebylex +xadd +xdel +xlen +xrange +xrevrange +time +multi +exec +evalsha +eval +script|load +wait +ping";
+const README_ACL: &str = "+get +set +del +exists +zadd +zrem +zrange +zrangebylex +zcard +xadd +xdel +xlen +xrange +xrevrange +time +multi +exec +evalsha +eval +script|load +wait +ping";
 const PASSWORD: &str = "acl-test-secret-0123456789";
 
 /// A server of this process's own with the README's user on `tk-test-acl-*`.

@@ -438,6 +438,10 @@ impl TokenStore for SqliteStore {
             .await
     }
 
+    async fn count_states(&self, _cap: u64) -> Result<tokenkeeper_core::StateCounts, StoreError> {
+        self.run("count_states", ops::count_states).await
+    }
+
     async fn claim_flow(
         &self,
         flow: &str,

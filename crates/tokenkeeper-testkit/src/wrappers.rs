@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventKind, InstallationId, ListFilter, ListPage,
-    Record, StoreError, Timestamp, TokenStore,
+    Record, StateCounts, StoreError, Timestamp, TokenStore,
 };
 use tokio::sync::{Notify, watch};
 
@@ -183,6 +183,12 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
     ) -> Result<ListPage, StoreError> {
         self.hook.before(Operation::List).await?;
         self.inner.list(filter, after, limit).await
+    }
+
+    /// A count is a listing read: it goes through the hook as [`Operation::List`].
+    async fn count_states(&self, cap: u64) -> Result<StateCounts, StoreError> {
+        self.hook.before(Operation::List).await?;
+        self.inner.count_states(cap).await
     }
 
     async fn claim_flow(

@@ -19,7 +19,7 @@
 //! | `tokenkeeper_cache_invalidations_total` | counter | | cached tokens dropped because another process ended them |
 //! | `tokenkeeper_refresher_lag_seconds` | gauge | | now minus the oldest due time, at each refresher sweep |
 //! | `tokenkeeper_authorizations_refused_total` | counter | `reason` | callbacks refused (`AuthorizationError::reason_label`: `invalid_state`, `browser_mismatch`, `malformed_code`, `exchange`, ...) |
-//! | `tokenkeeper_installations` | gauge | `state` | installations in the store by state (every consumer sharing it; no `consumer` label), counted by the refresher every `state_count_every`, at most `state_count_limit` per state |
+//! | `tokenkeeper_installations` | gauge | `state` | installations in the store by state (every consumer sharing it; no `consumer` label), counted by the refresher every `state_count_every` with `TokenStore::count_states`, at most `state_count_limit` per state |
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -35,11 +35,12 @@ pub struct RefresherConfig {
     /// Longest sleep between sweeps (default 5 s); shorter when something falls due sooner.
     pub max_idle: Duration,
     /// How often the refresher counts the store's installations by state for the
-    /// `tokenkeeper_installations` gauge (default every 60 s; `None`: never). A count pages
-    /// through `list` by state, up to [`state_count_limit`](Self::state_count_limit) each.
+    /// `tokenkeeper_installations` gauge (default every 60 s; `None`: never), with
+    /// [`TokenStore::count_states`](tokenkeeper_core::TokenStore::count_states): one
+    /// statement or a `ZCARD` per index on the stores of this workspace.
     pub state_count_every: Option<Duration>,
-    /// The most installations counted per state (default 100 000): bounds the cost of a
-    /// count; the gauge stops there.
+    /// The most installations the gauge reports per state (default 100 000); a store
+    /// without a counting of its own (the trait's default pages `list`) stops counting there.
     pub state_count_limit: u64,
 }
 
@@ -347,34 +348,17 @@ async fn next_due_in(manager: &TokenManager, max: Duration) -> Duration {
     }
 }
 
-/// Counts the store's installations by state for the metrics gauge, `limit` at most per state.
+/// Counts the store's installations by state for the metrics gauge, `limit` at most per
+/// state (the stores of this workspace count in the backend, exactly: review E10).
 async fn count_states(manager: &TokenManager, limit: u64) {
-    for state in tokenkeeper_core::StateKind::ALL {
-        let mut count = 0u64;
-        let mut after: Option<InstallationId> = None;
-        loop {
-            let page = match manager
-                .engine
-                .store
-                .list(
-                    tokenkeeper_core::ListFilter::in_state(state),
-                    after.as_ref(),
-                    1000,
-                )
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the refresher could not count installations by state");
-                    return;
-                }
-            };
-            count += page.entries.len() as u64;
-            match page.next {
-                Some(next) if count < limit => after = Some(next),
-                _ => break,
+    match manager.engine.store.count_states(limit).await {
+        Ok(counts) => {
+            for (state, count) in counts.iter() {
+                super::metrics::installations(state, count.min(limit));
             }
         }
-        super::metrics::installations(state, count.min(limit));
+        Err(e) => {
+            tracing::warn!(error = %e, "the refresher could not count installations by state");
+        }
     }
 }
