@@ -91,7 +91,9 @@ pub enum ConnectError {
         reason: String,
     },
     /// Creating or migrating the schema failed.
-    #[error("could not create or migrate the tokenkeeper schema: {0}")]
+    #[error(
+        "could not create or migrate the tokenkeeper schema: {0} (creating and upgrading it needs the schema's owner role; a runtime role only opens an up-to-date schema)"
+    )]
     Schema(#[source] tokio_postgres::Error),
     /// The schema was written by a newer tokenkeeper: refused untouched.
     #[error(
@@ -112,6 +114,19 @@ pub enum ConnectError {
     NotTokenkeeper {
         /// The schema.
         schema: String,
+    },
+    /// An outbox trigger is missing or switched off: writes through this schema would store
+    /// tokens without their lifecycle events (review N11).
+    #[error(
+        "the outbox trigger {trigger} on {schema}.installations is {how}: writes would have no lifecycle events; as the schema's owner run `ALTER TABLE {schema}.installations ENABLE TRIGGER {trigger}` (or, if it was dropped, point a process with the owner role at a fresh schema and migrate the data)"
+    )]
+    OutboxTrigger {
+        /// The schema.
+        schema: String,
+        /// The trigger.
+        trigger: &'static str,
+        /// "missing" or "disabled".
+        how: &'static str,
     },
     /// A setting is out of range.
     #[error("invalid PostgreSQL store configuration: {field}: {reason}")]
@@ -426,6 +441,7 @@ impl PostgresStoreBuilder {
                 )));
             }
         }
+        schema::check_outbox(&client, &names).await?;
         if let Some(retention) = self.event_retention {
             ops::set_retention(&client, &names, retention)
                 .await

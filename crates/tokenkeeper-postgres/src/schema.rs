@@ -104,7 +104,54 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH ROW WHEN (NEW.version IS DISTINCT FROM OLD.version)
         EXECUTE FUNCTION {s}.append_event();
 "#,
+    // 3: the outbox runs as the schema's owner with a fixed search path (review N11). The
+    // runtime role then needs no write privilege on `events` or `event_log`, so SQL run as
+    // the application (an injection elsewhere included) cannot forge or erase events, and no
+    // object it can create shadows a function the trigger calls.
+    r#"
+    ALTER FUNCTION {s}.append_event() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+    REVOKE ALL ON FUNCTION {s}.append_event() FROM PUBLIC;
+"#,
 ];
+
+/// The triggers that append every write's event, and the operations they cover.
+const OUTBOX_TRIGGERS: [&str; 2] = ["installations_created_or_deleted", "installations_written"];
+
+/// Refuses a schema whose outbox triggers are missing or switched off (`tgenabled` `D`, or
+/// `R`: firing only on replicas): its writes would have no events. Read from the catalog, so
+/// any role can check.
+pub(crate) async fn check_outbox(
+    client: &tokio_postgres::Client,
+    names: &Names,
+) -> Result<(), ConnectError> {
+    let rows = client
+        .query(
+            "SELECT t.tgname::TEXT, t.tgenabled::TEXT FROM pg_catalog.pg_trigger t
+               JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = 'installations' AND NOT t.tgisinternal",
+            &[&names.name],
+        )
+        .await
+        .map_err(ConnectError::schema)?;
+    for trigger in OUTBOX_TRIGGERS {
+        let enabled = rows.iter().find_map(|r| {
+            let name: &str = r.try_get(0).ok()?;
+            (name == trigger).then(|| r.try_get::<_, &str>(1).ok())?
+        });
+        let how = match enabled {
+            None => "missing",
+            Some("O" | "A") => continue,
+            Some(_) => "disabled",
+        };
+        return Err(ConnectError::OutboxTrigger {
+            schema: names.name.clone(),
+            trigger,
+            how,
+        });
+    }
+    Ok(())
+}
 
 /// The first key of the advisory lock migrations take ("TkKp"); the second is the schema's.
 const LOCK_CLASS: i32 = 0x546b_4b70;
