@@ -76,6 +76,7 @@
 pub mod event;
 mod id;
 pub mod keycheck;
+pub mod private_files;
 mod record;
 mod secret;
 mod state;

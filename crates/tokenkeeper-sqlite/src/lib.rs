@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool::managed::PoolError;
+use tokenkeeper_core::private_files;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,
@@ -175,21 +176,21 @@ impl SqliteStoreBuilder {
     pub async fn open(self) -> Result<SqliteStore, OpenError> {
         let (location, busy) = (self.location.clone(), self.busy_timeout);
         let loose = self.loose_permissions;
-        let setup = tokio_blocking(move || -> Result<(), OpenError> {
-            if let Location::File(path) = &location {
-                create_private(path)?;
-                make_private(path, loose)?;
-                // Check before anything writes (WAL mode does): refuse foreign/newer files.
-                let conn = rusqlite::Connection::open_with_flags(
-                    path,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
-                )?;
-                conn.busy_timeout(busy)?;
-                schema::check(&conn)?;
-            }
-            Ok(())
+        let setup = tokio_blocking(move || -> Result<Option<u32>, OpenError> {
+            let Location::File(path) = &location else {
+                return Ok(None);
+            };
+            let owner = prepare_file(path, loose)?;
+            // Check before anything writes (WAL mode does): refuse foreign/newer files.
+            let conn = rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+            )?;
+            conn.busy_timeout(busy)?;
+            schema::check(&conn)?;
+            Ok(owner)
         });
-        setup.await?;
+        let owner = setup.await?;
         let max = match self.location {
             Location::Memory => 1,
             Location::File(_) => self.max_connections,
@@ -198,6 +199,7 @@ impl SqliteStoreBuilder {
             location: self.location.clone(),
             busy_timeout: self.busy_timeout,
             synchronous: self.synchronous,
+            owner,
         };
         let pool = Pool::builder(manager)
             .max_size(max)
@@ -208,6 +210,9 @@ impl SqliteStoreBuilder {
             .map_err(|e| OpenError::Pool(e.into()))?;
         let conn = pool.get().await.map_err(|e| match e {
             PoolError::Backend(ConnectError::Sqlite(e)) => OpenError::Sqlite(e),
+            PoolError::Backend(ConnectError::NotPrivate { path, reason }) => {
+                OpenError::NotPrivate { path, reason }
+            }
             other => OpenError::Pool(other.into()),
         })?;
         conn.interact(schema::migrate)
@@ -251,52 +256,68 @@ fn create_private(path: &Path) -> Result<(), OpenError> {
     }
 }
 
-/// Refuses a database file, `-wal` or `-shm` that is a symbolic link (it could point anywhere,
-/// and a swapped link would redirect the tokens), and tightens or refuses one that its group
-/// or others may access.
-fn make_private(path: &Path, loose: LoosePermissions) -> Result<(), OpenError> {
-    let mut files = vec![path.to_owned()];
-    for suffix in ["-wal", "-shm"] {
+/// Checks where the database goes, creates it (0600) if needed and makes its files private;
+/// returns the user the process creates files as (`None` off Unix), which every later
+/// connection checks the files against again.
+fn prepare_file(path: &Path, loose: LoosePermissions) -> Result<Option<u32>, OpenError> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OpenError::Io { path, source }
+        };
+        if let Some(reason) = private_files::replaceable_by_others(&dir).map_err(io(&dir))? {
+            return Err(OpenError::NotPrivate { path: dir, reason });
+        }
+        create_private(path)?;
+        let me = private_files::creator_uid(&dir).map_err(io(&dir))?;
+        make_private(path, loose, me)?;
+        Ok(Some(me))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = loose;
+        create_private(path)?;
+        Ok(None)
+    }
+}
+
+/// The database file and its `-wal` and `-shm` files.
+pub(crate) fn database_files(path: &Path) -> [PathBuf; 3] {
+    let with = |suffix: &str| {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
-        files.push(PathBuf::from(name));
-    }
-    for file in files {
-        let meta = match std::fs::symlink_metadata(&file) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(OpenError::Io { path: file, source }),
+        PathBuf::from(name)
+    };
+    [path.to_owned(), with("-wal"), with("-shm")]
+}
+
+/// Refuses a database file, `-wal` or `-shm` that is a symbolic link (it could point anywhere,
+/// and a swapped link would redirect the tokens) or that belongs to another user than `me`
+/// (review N10), and tightens or refuses one that its group or others may access.
+#[cfg(unix)]
+fn make_private(path: &Path, loose: LoosePermissions, me: u32) -> Result<(), OpenError> {
+    use std::os::unix::fs::PermissionsExt;
+    for file in database_files(path) {
+        let io = |source| OpenError::Io {
+            path: file.clone(),
+            source,
         };
-        if meta.file_type().is_symlink() {
-            return Err(OpenError::NotPrivate {
-                path: file,
-                reason: "it is a symbolic link; point the store at the real file".into(),
-            });
+        if let Some(reason) = private_files::not_private(&file, me, false).map_err(io)? {
+            return Err(OpenError::NotPrivate { path: file, reason });
         }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                if loose == LoosePermissions::Refuse {
-                    return Err(OpenError::NotPrivate {
-                        path: file,
-                        reason: format!(
-                            "its mode is {mode:o}, so its group or others may read the tokens; chmod 600 it"
-                        ),
-                    });
-                }
-                tracing::warn!(path = %file.display(), mode = format!("{mode:o}"), "the token database was readable by others; its mode is now 600");
-                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
-                    |source| OpenError::Io {
-                        path: file.clone(),
-                        source,
-                    },
-                )?;
-            }
+        let Some(reason) = private_files::not_private(&file, me, true).map_err(io)? else {
+            continue;
+        };
+        if loose == LoosePermissions::Refuse {
+            return Err(OpenError::NotPrivate { path: file, reason });
         }
-        #[cfg(not(unix))]
-        let _ = loose;
+        tracing::warn!(path = %file.display(), "the token database was readable by others; its mode is now 600");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
     Ok(())
 }
@@ -354,6 +375,9 @@ impl SqliteStore {
     ) -> Result<R, StoreError> {
         let conn = self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(ConnectError::Sqlite(e)) => ops::sqlite_error(operation, e),
+            PoolError::Backend(e @ ConnectError::NotPrivate { .. }) => {
+                StoreError::backend(BACKEND, operation, e)
+            }
             other => StoreError::unavailable(BACKEND, operation, other),
         })?;
         conn.interact(move |c| f(c))

@@ -74,6 +74,14 @@ pub(crate) enum ConnectError {
     /// The opening task panicked.
     #[error("the task opening a SQLite connection failed: {0}")]
     Panicked(#[source] tokio::task::JoinError),
+    /// The database file changed hands since the store opened (review N10): not opened.
+    #[error("the token database file {} is not private: {reason}; it was not opened", path.display())]
+    NotPrivate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Creates configured connections.
@@ -82,6 +90,8 @@ pub(crate) struct Manager {
     pub(crate) location: Location,
     pub(crate) busy_timeout: Duration,
     pub(crate) synchronous: Synchronous,
+    /// The user the database files must belong to (checked at open), on Unix.
+    pub(crate) owner: Option<u32>,
 }
 
 /// Opens one connection with the settings every connection of the store shares.
@@ -115,10 +125,22 @@ impl managed::Manager for Manager {
     type Type = Conn;
     type Error = ConnectError;
 
+    /// Opens a connection, after checking the files again: SQLite opens by path, so a file
+    /// swapped for a link or another user's file since the store opened would be followed.
     async fn create(&self) -> Result<Self::Type, Self::Error> {
-        let (location, timeout, sync) =
-            (self.location.clone(), self.busy_timeout, self.synchronous);
-        match tokio::task::spawn_blocking(move || connect(&location, timeout, sync)).await {
+        let (location, timeout, sync, owner) = (
+            self.location.clone(),
+            self.busy_timeout,
+            self.synchronous,
+            self.owner,
+        );
+        let open = move || {
+            if let (Location::File(path), Some(me)) = (&location, owner) {
+                still_private(path, me)?;
+            }
+            connect(&location, timeout, sync).map_err(ConnectError::from)
+        };
+        match tokio::task::spawn_blocking(open).await {
             Ok(conn) => Ok(Conn(Arc::new(Mutex::new(conn?)))),
             Err(e) => Err(ConnectError::Panicked(e)),
         }
@@ -130,6 +152,22 @@ impl managed::Manager for Manager {
         }
         Ok(())
     }
+}
+
+/// Refuses the database, `-wal` or `-shm` file if it is now a link, another user's, or open
+/// to others (the store made them private when it opened).
+fn still_private(path: &std::path::Path, me: u32) -> Result<(), ConnectError> {
+    #[cfg(unix)]
+    for file in crate::database_files(path) {
+        let reason = tokenkeeper_core::private_files::not_private(&file, me, true)
+            .unwrap_or_else(|e| Some(format!("its metadata cannot be read ({e})")));
+        if let Some(reason) = reason {
+            return Err(ConnectError::NotPrivate { path: file, reason });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, me);
+    Ok(())
 }
 
 /// The pool type.

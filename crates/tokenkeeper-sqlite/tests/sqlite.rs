@@ -442,3 +442,105 @@ fn raw_backup(from: &std::path::Path, to: &std::path::Path) {
         .execute("VACUUM INTO ?1", [to.to_str().unwrap()])
         .unwrap();
 }
+
+/// Review N10: a database file that belongs to another user is refused, never written (a
+/// user who pre-creates `tokens.db` in a directory a root service writes would otherwise own
+/// a file holding every token). Needs root to hand a file to another user; skipped otherwise.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_database_file_of_another_user_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let path = common::fresh_db("foreign-owner");
+    let store = SqliteStore::open(&path).await.unwrap();
+    drop(store);
+    let me = std::fs::metadata(&path).unwrap().uid();
+    if me != 0 {
+        eprintln!("skipped: handing a file to another user needs root");
+        return;
+    }
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let refused = SqliteStore::open(&path).await.unwrap_err();
+    assert!(
+        matches!(refused, OpenError::NotPrivate { .. }) && refused.to_string().contains("65534"),
+        "{refused}"
+    );
+}
+
+/// Review N10: a database in a directory that other users may write (and that is not sticky)
+/// is refused: anyone there can rename the file away and put another, or a link, in its
+/// place. A sticky directory (like `/tmp`) keeps others from renaming or removing our files.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_database_in_a_directory_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = common::fresh_db("open-dir");
+    let dir = path.parent().unwrap().to_owned();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = SqliteStore::open(&path).await.unwrap_err();
+    assert!(
+        matches!(&refused, OpenError::NotPrivate { path: p, .. } if *p == dir)
+            && refused.to_string().contains("777"),
+        "{refused}"
+    );
+    assert!(!path.exists(), "nothing was created in it");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    SqliteStore::open(&path)
+        .await
+        .expect("a sticky directory is accepted");
+}
+
+/// Review N10: the path is checked again for every connection the pool opens later, so a
+/// database swapped for a link after start-up is not followed: no write lands in the file
+/// the link points to.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
+    let path = common::fresh_db("swapped");
+    let store = std::sync::Arc::new(
+        SqliteStore::builder(&path)
+            .max_connections(8)
+            .open()
+            .await
+            .unwrap(),
+    );
+    store
+        .create(&sample_record(&id("before"), at(1)))
+        .await
+        .unwrap();
+    // The attacker's copy, and the real path now a link to it.
+    let theirs = path.with_file_name("theirs.db");
+    let moved = path.with_file_name("moved.db");
+    raw_backup(&path, &theirs);
+    std::fs::rename(&path, &moved).unwrap();
+    std::os::unix::fs::symlink(&theirs, &path).unwrap();
+    let writes: Vec<_> = (0..32)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(&sample_record(&id(&format!("after-{n}")), at(2)))
+                    .await
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    for write in writes {
+        if let Err(e) = write.await.unwrap() {
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+            refused += 1;
+        }
+    }
+    let conn = rusqlite::Connection::open(&theirs).unwrap();
+    let landed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM installations WHERE id LIKE 'after-%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        landed, 0,
+        "writes followed the link into the attacker's file"
+    );
+    assert!(refused > 0, "no write needed a new connection");
+}

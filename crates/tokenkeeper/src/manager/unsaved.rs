@@ -296,7 +296,7 @@ fn prepare_dir(dir: &Path) -> Result<(), ConfigError> {
 fn check_private(dir: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot read it ({e})"))?;
         if !meta.is_dir() {
             return Err("it is not a directory (a symbolic link is refused)".into());
@@ -308,21 +308,8 @@ fn check_private(dir: &Path) -> Result<(), String> {
             ));
         }
         // Who this process writes as: the owner of a file it creates there.
-        let probe = dir.join(format!(
-            ".tokenkeeper-probe-{}-{}",
-            std::process::id(),
-            next_seq()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&probe)
+        let me = tokenkeeper_core::private_files::creator_uid(dir)
             .map_err(|e| format!("cannot write in it ({e})"))?;
-        let me = file.metadata().map(|m| m.uid());
-        drop(file);
-        let _ = std::fs::remove_file(&probe);
-        let me = me.map_err(|e| format!("cannot read a file written in it ({e})"))?;
         if me != meta.uid() {
             return Err(format!(
                 "it belongs to another user (uid {}), not to the user this process writes as (uid {me})",
