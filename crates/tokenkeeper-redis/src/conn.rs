@@ -69,10 +69,21 @@ impl Conn {
     }
 }
 
+/// On one server, a connection found dead (the server restarted or failed over while the
+/// connection sat idle) reconnects, and the command or pipeline is sent once more on it.
+/// Reads are idempotent, and every write recognises its own first run should that one have
+/// been applied after all (a script's conflict with its own value, a claim's own bytes), so
+/// the resend is safe; without it the first use of each idle connection after a restart
+/// fails the flight that made it. The cluster client resends by itself.
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Single(c) => Box::pin(async move {
+                match c.req_packed_command(cmd).await {
+                    Err(e) if e.is_connection_dropped() => c.req_packed_command(cmd).await,
+                    done => done,
+                }
+            }),
             #[cfg(feature = "cluster")]
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -85,7 +96,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Single(c) => Box::pin(async move {
+                match c.req_packed_commands(pipeline, offset, count).await {
+                    Err(e) if e.is_connection_dropped() => {
+                        c.req_packed_commands(pipeline, offset, count).await
+                    }
+                    done => done,
+                }
+            }),
             #[cfg(feature = "cluster")]
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }

@@ -681,24 +681,9 @@ impl RedisStore {
             .as_ref()
             .map_or_else(|| self.conn.clone(), conn::Checkout::conn);
         let deadline = self.operation_timeout + wait.timeout;
-        let mut sent = self
-            .run_on(on.clone(), deadline, operation, async |c| {
-                Ok(pipe.query_async::<(Value, u32)>(c).await)
-            })
+        let sent = self
+            .send_waiting(&on, deadline, operation, write, &pipe)
             .await?;
-        if let (Write::Script(invocation), Err(e)) = (write, &sent)
-            && is_noscript(e)
-        {
-            self.run_on(on.clone(), deadline, operation, async |c| {
-                invocation.load_async(c).await
-            })
-            .await?;
-            sent = self
-                .run_on(on, deadline, operation, async |c| {
-                    Ok(pipe.query_async::<(Value, u32)>(c).await)
-                })
-                .await?;
-        }
         let (reply, acked) = sent.map_err(|e| redis_error(operation, e))?;
         if acked < wait.replicas {
             return Err(StoreError::not_durable(
@@ -803,6 +788,35 @@ impl RedisStore {
     fn events_per_shard(&self) -> u64 {
         let shards = self.layout.shards().len().max(1) as u64;
         self.event_retention.event_limit().div_ceil(shards).max(1)
+    }
+
+    /// Sends a write and its `WAIT` on `on`; a script the server does not know (`NOSCRIPT`:
+    /// not run) is loaded and the pipeline sent once more.
+    async fn send_waiting(
+        &self,
+        on: &Conn,
+        deadline: Duration,
+        operation: &'static str,
+        write: Write<'_>,
+        pipe: &redis::Pipeline,
+    ) -> Result<Result<(Value, u32), RedisError>, StoreError> {
+        let send = async || {
+            self.run_on(on.clone(), deadline, operation, async |c| {
+                Ok(pipe.query_async::<(Value, u32)>(c).await)
+            })
+            .await
+        };
+        let sent = send().await?;
+        if let (Write::Script(invocation), Err(e)) = (write, &sent)
+            && is_noscript(e)
+        {
+            self.run_on(on.clone(), deadline, operation, async |c| {
+                invocation.load_async(c).await
+            })
+            .await?;
+            return send().await;
+        }
+        Ok(sent)
     }
 
     /// Runs one read per shard: one pipeline on a single server; on a cluster, where the

@@ -262,3 +262,41 @@ async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
     );
     write.abort();
 }
+
+/// The connections kept for writes that wait for replicas sit idle while the process only
+/// reads; when the server restarts meanwhile, the first write on a dead one is sent again
+/// once the connection is back (every write recognises its own first run), instead of
+/// failing the flight that made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_server_restarted_goes_through() {
+    let mut primary = Server::start_on(
+        free_port(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    let primary_port = primary.port.to_string();
+    let _replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
+    let store = RedisStore::builder(primary.url())
+        .durability_check(DurabilityCheck::Skip)
+        .wait_for_replicas(1, Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    drop(synced_primary(&primary).await);
+    let id = InstallationId::new("restarted").unwrap();
+    let created = sample_record(&id, at(0));
+    store
+        .create(&created)
+        .await
+        .expect("acknowledged by the replica");
+    primary.crash_and_restart();
+    drop(synced_primary(&primary).await);
+    let leased = lease(&created, "h1", at(120), at(61));
+    assert_eq!(
+        store
+            .compare_and_swap(&leased, 1)
+            .await
+            .expect("the write after the restart"),
+        CasOutcome::Swapped
+    );
+    assert_eq!(store.get(&id).await.unwrap(), Some(leased));
+}

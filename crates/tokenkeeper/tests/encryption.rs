@@ -329,23 +329,18 @@ fn keyring_validation_is_typed() {
     }
 }
 
-/// Writes `tokens` into `id`'s record in the store beneath the sealing layer, as an attacker
-/// with write access to the database or Redis would: the stored record as it is (generation
-/// included), only the token fields replaced, the version bumped.
-async fn write_beneath(
+/// Rewrites `id`'s record in the store beneath the sealing layer, as an attacker with write
+/// access to the database or Redis would: the stored record as it is (generation included),
+/// changed by `edit` on its JSON, the version bumped.
+async fn rewrite_beneath(
     inner: &Arc<tokenkeeper_memory::MemoryStore>,
     id: &InstallationId,
-    tokens: &tokenkeeper::TokenSet,
+    edit: impl FnOnce(&mut serde_json::Value),
 ) {
     let stored = inner.get(id).await.unwrap().unwrap();
     let mut json: serde_json::Value = serde_json::from_slice(&stored.encode()).unwrap();
     let record = &mut json["record"];
-    record["tokens"]["access_token"] = tokens.access_token.secret().into();
-    record["tokens"]["refresh_token"] = tokens
-        .refresh_token
-        .as_ref()
-        .map(|r| r.secret().into())
-        .unwrap_or(serde_json::Value::Null);
+    edit(record);
     record["version"] = (stored.version() + 1).into();
     if let Some(fields) = record.as_object_mut() {
         fields.remove("written_under");
@@ -358,6 +353,58 @@ async fn write_beneath(
             .unwrap(),
         tokenkeeper::core::CasOutcome::Swapped
     ));
+}
+
+/// Writes `tokens` into `id`'s record beneath the sealing layer, only the token fields
+/// replaced.
+async fn write_beneath(
+    inner: &Arc<tokenkeeper_memory::MemoryStore>,
+    id: &InstallationId,
+    tokens: &tokenkeeper::TokenSet,
+) {
+    rewrite_beneath(inner, id, |record| {
+        record["tokens"]["access_token"] = tokens.access_token.secret().into();
+        record["tokens"]["refresh_token"] = tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| r.secret().into())
+            .unwrap_or(serde_json::Value::Null);
+    })
+    .await;
+}
+
+/// Review N13: the account and the consumer a record belongs to are sealed with its tokens,
+/// so someone with write access to the store but no key cannot move an installation to
+/// their own provider account (the identity check of a re-authorization compares against
+/// it) or to another consumer: the record no longer opens.
+#[tokio::test]
+async fn the_account_and_the_consumer_are_sealed_with_the_tokens() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let edits: [(&str, fn(&mut serde_json::Value)); 3] = [
+        ("account", |r| r["account"] = "attacker-account".into()),
+        ("no account", |r| r["account"] = serde_json::Value::Null),
+        ("consumer", |r| {
+            r["consumer"] = "bitbucket/someone-else@000000000000".into()
+        }),
+    ];
+    for (what, edit) in edits {
+        let id = f.install().await;
+        let before = inner.get(&id).await.unwrap().unwrap();
+        assert!(before.account().is_some(), "installed with an account");
+        rewrite_beneath(&inner, &id, edit).await;
+        match f.store.get(&id).await {
+            Err(StoreError::Corrupt {
+                id: got, source, ..
+            }) => {
+                assert_eq!(got, id);
+                let e = source.downcast_ref::<SealError>().unwrap();
+                assert!(matches!(e, SealError::Tampered { .. }), "{what}: {e}");
+            }
+            other => panic!("a record with a rewritten {what} opened: {other:?}"),
+        }
+    }
 }
 
 /// M3: with encryption on, a plaintext token written beneath the sealing layer is refused
