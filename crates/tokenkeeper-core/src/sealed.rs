@@ -2,15 +2,20 @@
 //! customers' repositories; a leaked database file or Redis dump must not leak them.
 //!
 //! Each token is sealed on its own with XChaCha20-Poly1305 (a fresh random 192-bit nonce per
-//! write) into `tksealed1.<key id>.v2.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
+//! write) into `tksealed1.<key id>.v3.<base64url(nonce ‖ ciphertext ‖ tag)>`, with the
 //! installation id, the token's role, and the record's creation time, authorization
-//! generation and version as associated data. Every write seals the tokens afresh for the
-//! version it writes, so a sealed token copied into another record, into the other role, or
-//! from any other version of the same record (an earlier refresh of this grant, an older
-//! grant, an incarnation deleted and created again) fails to open. The rest of the record
-//! (state, times, history, account) stays readable so the backends can index it; it holds no
-//! secret. (The `v2.` after the key id makes versions of tokenkeeper that predate it refuse the
-//! value as malformed instead of taking it for a plaintext token.)
+//! generation, version, consumer and provider account as associated data. Every write seals
+//! the tokens afresh for the version it writes, so a sealed token copied into another record,
+//! into the other role, or from any other version of the same record (an earlier refresh of
+//! this grant, an older grant, an incarnation deleted and created again) fails to open, and
+//! so does a record whose consumer or account was edited in place (review N13: the account is
+//! what a re-authorization's identity check compares against). The rest of the record
+//! (state, times, history) stays readable so the backends can index it; it holds no secret.
+//! (The `v3.` after the key id makes versions of tokenkeeper that predate it refuse the value
+//! as malformed instead of taking it for a plaintext token.) Tokens of the `v2.` format, bound
+//! without the consumer and the account, still open; the record's next write, or
+//! [`Sealed::reseal`], seals them as `v3.`. Until then such a record's account is not
+//! authenticated: run `reseal` after upgrading.
 //!
 //! What this does not stop: an attacker with write access who puts back a whole older record
 //! (every field as it was, so the associated data agrees) cannot be detected without state
@@ -48,8 +53,11 @@ use crate::{
 
 /// Every sealed value starts so (what versions before the record format's marker look for).
 const PREFIX: &str = "tksealed1.";
-/// After the key id, marks a record token bound to its record's version (see the module).
-const RECORD_MARKER: &str = "v2.";
+/// After the key id, marks a record token bound to its record's version, consumer and
+/// account (see the module).
+const RECORD_MARKER: &str = "v3.";
+/// The record format before the consumer and the account were bound (still opened).
+const V2_MARKER: &str = "v2.";
 const NONCE_LEN: usize = 24;
 
 /// Why a key or a sealed token is unusable.
@@ -232,11 +240,24 @@ impl Keyring {
     fn aad(installation: &InstallationId, field: &str, binding: Option<&RecordBinding>) -> Vec<u8> {
         match binding {
             None => format!("tokenkeeper/sealed/v1/{field}/{}", installation.as_str()),
-            Some(b) => format!(
+            Some(b) if b.format == BindingFormat::V2 => format!(
                 "tokenkeeper/sealed/v2/{field}/{}/{}/{}/{}",
                 b.created_at,
                 b.generation,
                 b.version,
+                installation.as_str()
+            ),
+            // Length-prefixed, so no consumer or account can be read as another split.
+            Some(b) => format!(
+                "tokenkeeper/sealed/v3/{field}/{}/{}/{}/{}:{}/{}/{}",
+                b.created_at,
+                b.generation,
+                b.version,
+                b.consumer.len(),
+                b.consumer,
+                b.account
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |a| format!("+{}:{a}", a.len())),
                 installation.as_str()
             ),
         }
@@ -300,6 +321,28 @@ impl Keyring {
             .is_some_and(|(_, body)| body.starts_with(RECORD_MARKER))
     }
 
+    /// A record token's body and the binding it was sealed with: the current format, or the
+    /// one before the consumer and the account were bound (opened as it was sealed; the
+    /// next write of the record seals it anew). `None` for anything else.
+    fn record_body<'v>(
+        value: &'v str,
+        binding: &RecordBinding,
+    ) -> Option<(&'v str, &'v str, RecordBinding)> {
+        let (key_id, body) = value.strip_prefix(PREFIX)?.split_once('.')?;
+        if let Some(body) = body.strip_prefix(RECORD_MARKER) {
+            return Some((key_id, body, binding.clone()));
+        }
+        let body = body.strip_prefix(V2_MARKER)?;
+        Some((
+            key_id,
+            body,
+            RecordBinding {
+                format: BindingFormat::V2,
+                ..binding.clone()
+            },
+        ))
+    }
+
     /// Opens one value [`seal`](Self::seal) made.
     ///
     /// # Errors
@@ -316,7 +359,7 @@ impl Keyring {
             .strip_prefix(PREFIX)
             .ok_or(SealError::Plaintext { field })?;
         let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
-        if body.starts_with(RECORD_MARKER) {
+        if body.starts_with(RECORD_MARKER) || body.starts_with(V2_MARKER) {
             // A record token opens only with its record.
             return Err(SealError::Malformed { field });
         }
@@ -332,14 +375,12 @@ impl Keyring {
         binding: &RecordBinding,
         stored: &str,
     ) -> Result<String, SealError> {
-        let rest = stored
-            .strip_prefix(PREFIX)
-            .ok_or(SealError::Plaintext { field })?;
-        let (key_id, body) = rest.split_once('.').ok_or(SealError::Malformed { field })?;
-        let body = body
-            .strip_prefix(RECORD_MARKER)
-            .ok_or(SealError::Plaintext { field })?;
-        self.open_body(installation, field, Some(binding), key_id, body)
+        if !stored.starts_with(PREFIX) {
+            return Err(SealError::Plaintext { field });
+        }
+        let (key_id, body, binding) =
+            Self::record_body(stored, binding).ok_or(SealError::Plaintext { field })?;
+        self.open_body(installation, field, Some(&binding), key_id, body)
     }
 
     /// Opens a first-format value (only while migrating).
@@ -466,18 +507,38 @@ pub struct ResealReport {
 }
 
 /// What a record token is bound to besides its installation and role.
+#[derive(Clone)]
 struct RecordBinding {
+    format: BindingFormat,
     created_at: i64,
     generation: u64,
     version: u64,
+    /// The consumer and the provider account the record belongs to (review N13: someone
+    /// who can write the store but holds no key must not move an installation to their own
+    /// account, which a re-authorization's identity check compares against, or to another
+    /// consumer).
+    consumer: String,
+    account: Option<String>,
+}
+
+/// Which record binding a sealed token carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BindingFormat {
+    /// Creation time, generation and version (`v2.`).
+    V2,
+    /// Those, the consumer and the account (`v3.`, what every write seals).
+    V3,
 }
 
 impl RecordBinding {
     fn of(record: &Record) -> Self {
         Self {
+            format: BindingFormat::V3,
             created_at: record.created_at().unix_nanos(),
             generation: record.generation(),
             version: record.version(),
+            consumer: record.consumer().to_owned(),
+            account: record.account().map(str::to_owned),
         }
     }
 }
@@ -732,5 +793,77 @@ impl<S: TokenStore> TokenStore for Sealed<S> {
 
     async fn event_head(&self) -> Result<crate::EventCursor, StoreError> {
         self.inner.event_head().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{T0, sample_record};
+
+    fn keyring() -> Keyring {
+        let key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+        Keyring::new("k1", &key).unwrap()
+    }
+
+    /// `record` with its tokens sealed in the `v2.` format (what the release before the
+    /// consumer and account binding wrote).
+    fn sealed_as_v2(keyring: &Keyring, record: &Record) -> Record {
+        let binding = RecordBinding {
+            format: BindingFormat::V2,
+            ..RecordBinding::of(record)
+        };
+        let mut sealed = record.clone();
+        let v2 = |field, plain: &str| {
+            keyring
+                .seal_as(record.id(), field, Some(&binding), plain)
+                .unwrap()
+                .replacen(RECORD_MARKER, V2_MARKER, 1)
+        };
+        sealed.tokens.access_token =
+            AccessToken::new(v2("access", record.tokens().access_token.secret()));
+        if let Some(r) = record.tokens().refresh_token.as_ref() {
+            sealed.tokens.refresh_token = Some(RefreshToken::new(v2("refresh", r.secret())));
+        }
+        sealed
+    }
+
+    #[test]
+    fn a_v2_record_still_opens_and_is_not_current() {
+        let keyring = keyring();
+        let id = InstallationId::new("v2").unwrap();
+        let record = sample_record(&id, T0).with_account(Some("acct".into()));
+        let old = sealed_as_v2(&keyring, &record);
+        assert!(!keyring.is_current(&old), "reseal upgrades it");
+        assert_eq!(keyring.open_record(&old).unwrap(), record);
+        let new = keyring.seal_record(&record).unwrap();
+        assert!(keyring.is_current(&new));
+        assert!(new.tokens().access_token.secret().contains(".v3."));
+        assert_eq!(keyring.open_record(&new).unwrap(), record);
+    }
+
+    #[test]
+    fn the_account_and_the_consumer_are_bound_and_unambiguous() {
+        let keyring = keyring();
+        let id = InstallationId::new("bound").unwrap();
+        let record = sample_record(&id, T0).with_account(Some("a/b".into()));
+        let sealed = keyring.seal_record(&record).unwrap();
+        for other in [
+            sealed.clone().with_account(None),
+            sealed.clone().with_account(Some("a".into())),
+            sealed.clone().with_account(Some("a/b/".into())),
+        ] {
+            assert!(matches!(
+                keyring.open_record(&other),
+                Err(SealError::Tampered { .. })
+            ));
+        }
+        // An account of `None` and one spelled "-" do not share associated data.
+        let dash = sample_record(&id, T0).with_account(Some("-".into()));
+        let sealed = keyring.seal_record(&dash).unwrap();
+        assert!(matches!(
+            keyring.open_record(&sealed.with_account(None)),
+            Err(SealError::Tampered { .. })
+        ));
     }
 }

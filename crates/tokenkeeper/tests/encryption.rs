@@ -107,7 +107,7 @@ async fn the_sqlite_file_holds_no_token() {
         raw.extend(wal);
     }
     assert!(
-        String::from_utf8_lossy(&raw).contains("tksealed1.k1.v2."),
+        String::from_utf8_lossy(&raw).contains("tksealed1.k1.v3."),
         "tokens are stored sealed"
     );
     assert_absent(&raw, &tokens, "the SQLite file");
@@ -374,26 +374,54 @@ async fn write_beneath(
 }
 
 /// Review N13: the account and the consumer a record belongs to are sealed with its tokens,
-/// so someone with write access to the store but no key cannot move an installation to
+/// so someone with write access to the database but no key cannot move an installation to
 /// their own provider account (the identity check of a re-authorization compares against
-/// it) or to another consumer: the record no longer opens.
+/// it) or to another consumer: edited in place (same version, as an `UPDATE` by hand does),
+/// the record no longer opens.
 #[tokio::test]
 async fn the_account_and_the_consumer_are_sealed_with_the_tokens() {
-    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
-    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let dir = sqlite_dir("bound");
+    let db = dir.join("tokens.db");
+    let sqlite = tokenkeeper_sqlite::SqliteStore::open(&db).await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(sqlite, keyring()));
     let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
-    let edits: [(&str, fn(&mut serde_json::Value)); 3] = [
-        ("account", |r| r["account"] = "attacker-account".into()),
-        ("no account", |r| r["account"] = serde_json::Value::Null),
-        ("consumer", |r| {
-            r["consumer"] = "bitbucket/someone-else@000000000000".into()
-        }),
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    let other_consumer = "bitbucket/someone-else@000000000000";
+    let edits = [
+        (
+            "account",
+            "json_set(CAST(record AS TEXT), '$.record.account', 'attacker-account')",
+            None,
+        ),
+        (
+            "no account",
+            "json_set(CAST(record AS TEXT), '$.record.account', json('null'))",
+            None,
+        ),
+        (
+            "consumer",
+            "json_set(CAST(record AS TEXT), '$.record.consumer', ?2)",
+            Some(other_consumer),
+        ),
     ];
-    for (what, edit) in edits {
+    for (what, edit, consumer) in edits {
         let id = f.install().await;
-        let before = inner.get(&id).await.unwrap().unwrap();
+        let before = f.store.get(&id).await.unwrap().unwrap();
         assert!(before.account().is_some(), "installed with an account");
-        rewrite_beneath(&inner, &id, edit).await;
+        let changed = match consumer {
+            None => raw.execute(
+                &format!("UPDATE installations SET record = CAST({edit} AS BLOB) WHERE id = ?1"),
+                [id.as_str()],
+            ),
+            Some(c) => raw.execute(
+                &format!(
+                    "UPDATE installations SET consumer = ?2, record = CAST({edit} AS BLOB) WHERE id = ?1"
+                ),
+                [id.as_str(), c],
+            ),
+        }
+        .unwrap();
+        assert_eq!(changed, 1);
         match f.store.get(&id).await {
             Err(StoreError::Corrupt {
                 id: got, source, ..
