@@ -789,3 +789,41 @@ async fn a_callback_from_another_issuer_is_refused() {
         .await
         .expect("the right issuer completes the flow");
 }
+
+/// Review N12: the `state` travels in the authorization URL (the provider's logs, browser
+/// history, proxies, `Referer`), so it must not show the installation id an application chose
+/// ("acme-corp", an e-mail address): its body is encrypted, not only signed. The flow still
+/// completes from it.
+#[tokio::test]
+async fn the_state_does_not_show_the_installation_id() {
+    use base64::Engine as _;
+    let mock = mock().await;
+    let store: Arc<dyn TokenStore> = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let manager = manager_on(&mock, store);
+    let id = InstallationId::new("acme-corp/billing@example.com").unwrap();
+    let begun = manager.begin_installation(id.clone()).unwrap();
+    let state = begun.state.as_str();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(state)
+        .expect("the state is base64url");
+    let shows = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !shows(id.as_str().as_bytes()),
+        "the state carries the id in clear"
+    );
+    assert!(
+        !shows(b"acme-corp"),
+        "the state carries part of the id in clear"
+    );
+    assert!(!begun.url.as_str().contains("acme-corp"), "{}", begun.url);
+    let (code, state) = browser(&begun.url).await;
+    let done = manager
+        .complete_authorization(
+            AuthorizationCode::new(code),
+            &tokenkeeper::AuthorizationState::new(state),
+            &begun.binding,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.installation, id);
+}

@@ -20,13 +20,24 @@
 //! incarnation, authorization generation and whether it was revoked), so a flow begun before
 //! a revocation, a deletion or another re-authorization cannot undo it (review N3).
 //!
-//! Layout before base64url: `version (1) | key id (1) | expires_at unix nanos (8, big endian)
-//! | nonce (16) | purpose (1) | binding hash (32) | expect (1: 0 unknown, 1 absent, 2 present)
-//! [| created unix nanos (8) | generation (8) | revoked (1), when present] | id length (1) | id
-//! | mac (32)`. Versions 2 and 3 have no expect byte.
+//! The body is encrypted, not only authenticated (review N12): the state travels in the
+//! authorization URL, into the provider's logs, browser history, proxies and `Referer`
+//! headers, and an installation id an application chose ("acme-corp", an e-mail address)
+//! must not travel with it. XChaCha20-Poly1305 under a key derived from the state key, with
+//! the consumer's tag, the version and the key id as associated data; the 24-byte nonce is
+//! derived from the flow's random nonce (so a state decodes and re-encodes to the same text).
+//!
+//! Layout before base64url: `version 5 (1) | key id (1) | AEAD nonce (24) | encrypted body |
+//! tag (16)`, the body being `expires_at unix nanos (8, big endian) | nonce (16) | purpose (1)
+//! | binding hash (32) | expect (1: 0 unknown, 1 absent, 2 present) [| created unix nanos (8)
+//! | generation (8) | revoked (1), when present] | id length (1) | id`. Version 4 (still
+//! verified during a rolling deploy, never issued) carried that body in clear followed by an
+//! HMAC-SHA256 (32); versions 2 and 3 also had no expect byte.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokenkeeper_core::{InstallationId, Timestamp};
@@ -35,9 +46,11 @@ use crate::oauth::keys::StateKey;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const STATE_VERSION: u8 = 4;
-/// The format before states carried an [`Expect`]: still verified (not issued), so flows
+const STATE_VERSION: u8 = 5;
+/// The signed format before the body was encrypted: still verified (not issued), so flows
 /// begun by a process of the previous release complete during a rolling deploy.
+const V4: u8 = 4;
+/// The format before states carried an [`Expect`]: still verified, likewise.
 const V3: u8 = 3;
 /// The format before states were bound to their consumer: still verified, likewise.
 const PREVIOUS_VERSION: u8 = 2;
@@ -47,6 +60,10 @@ pub(crate) const CONSUMER_TAG_LEN: usize = 32;
 pub(crate) const NONCE_LEN: usize = 16;
 const HASH_LEN: usize = 32;
 const MAC_LEN: usize = 32;
+const AEAD_NONCE_LEN: usize = 24;
+const AEAD_TAG_LEN: usize = 16;
+/// The shortest body: no expectation details, an id of one byte.
+const MIN_BODY_LEN: usize = 8 + NONCE_LEN + 1 + HASH_LEN + 1 + 1 + 1;
 /// Bytes before the installation id in versions 2 and 3 (version 4 adds the expectation).
 const HEAD_LEN: usize = 1 + 1 + 8 + NONCE_LEN + 1 + HASH_LEN + 1;
 
@@ -113,17 +130,10 @@ fn previous_mac(key: &StateKey) -> HmacSha256 {
     m
 }
 
-/// Signs `claims` with `key` for the consumer whose tag is `consumer` into a URL-safe state
-/// string.
-pub(crate) fn encode(
-    key: &StateKey,
-    consumer: &[u8; CONSUMER_TAG_LEN],
-    claims: &StateClaims,
-) -> String {
+/// The claims as the body every format since version 4 carries (after version and key id).
+fn body(claims: &StateClaims) -> Vec<u8> {
     let id = claims.installation.as_str().as_bytes();
-    let mut bytes = Vec::with_capacity(HEAD_LEN + id.len() + MAC_LEN);
-    bytes.push(STATE_VERSION);
-    bytes.push(key.id());
+    let mut bytes = Vec::with_capacity(MIN_BODY_LEN + 17 + id.len());
     bytes.extend_from_slice(&claims.expires_at.unix_nanos().to_be_bytes());
     bytes.extend_from_slice(&claims.nonce);
     bytes.push(match claims.purpose {
@@ -148,36 +158,139 @@ pub(crate) fn encode(
     // Installation ids are at most 200 bytes (`MAX_ID_BYTES`), so the length fits a byte.
     bytes.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
     bytes.extend_from_slice(id);
+    bytes
+}
+
+/// An HMAC-SHA256 under the state key over a label and `parts`: the derivations below.
+fn derive(key: &StateKey, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts keys of any length: this cannot fail.
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(label);
+    for part in parts {
+        m.update(part);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// The cipher of version 5: its key derived from the state key, never the state key itself.
+fn cipher(key: &StateKey) -> XChaCha20Poly1305 {
+    let k = derive(key, b"tokenkeeper/state/v5/encryption", &[]);
+    XChaCha20Poly1305::new((&k).into())
+}
+
+/// The AEAD nonce of a state: derived from its flow's random nonce, so each state has its
+/// own and encoding is deterministic.
+fn aead_nonce(key: &StateKey, flow_nonce: &[u8]) -> [u8; AEAD_NONCE_LEN] {
+    let d = derive(key, b"tokenkeeper/state/v5/nonce", &[flow_nonce]);
+    let mut n = [0u8; AEAD_NONCE_LEN];
+    n.copy_from_slice(&d[..AEAD_NONCE_LEN]);
+    n
+}
+
+/// The associated data of version 5: the consumer, the version and the key id.
+fn aad(consumer: &[u8; CONSUMER_TAG_LEN], key_id: u8) -> Vec<u8> {
+    let mut a = b"tokenkeeper/state/v5/".to_vec();
+    a.extend_from_slice(consumer);
+    a.extend_from_slice(&[STATE_VERSION, key_id]);
+    a
+}
+
+/// Encrypts `claims` with `key` for the consumer whose tag is `consumer` into a URL-safe
+/// state string.
+pub(crate) fn encode(
+    key: &StateKey,
+    consumer: &[u8; CONSUMER_TAG_LEN],
+    claims: &StateClaims,
+) -> String {
+    let body = body(claims);
+    let nonce = aead_nonce(key, &claims.nonce);
+    let aad = aad(consumer, key.id());
+    // Encryption fails only on a message longer than the cipher allows (gigabytes).
+    let sealed = cipher(key)
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &body,
+                aad: &aad,
+            },
+        )
+        .unwrap_or_default();
+    let mut bytes = Vec::with_capacity(2 + AEAD_NONCE_LEN + sealed.len());
+    bytes.extend_from_slice(&[STATE_VERSION, key.id()]);
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&sealed);
+    URL_SAFE_NO_PAD.encode(&bytes)
+}
+
+/// The signed, unencrypted version 4 (verified, not issued; for tests and the fuzz target).
+fn encode_v4(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN], claims: &StateClaims) -> String {
+    let mut bytes = vec![V4, key.id()];
+    bytes.extend_from_slice(&body(claims));
     let mut m = mac(key, consumer);
     m.update(&bytes);
     bytes.extend_from_slice(&m.finalize().into_bytes());
     URL_SAFE_NO_PAD.encode(&bytes)
 }
 
-/// Checks the signature of `state` under the key its id names (among `keys`), for the
-/// consumer whose tag is `consumer`, and reads its claims. Expiry and binding are the
-/// caller's to judge.
+/// Checks `state` under the key its id names (among `keys`), for the consumer whose tag is
+/// `consumer`, and reads its claims. Expiry and binding are the caller's to judge.
 pub(crate) fn decode(
     keys: &[StateKey],
     consumer: &[u8; CONSUMER_TAG_LEN],
     state: &str,
 ) -> Result<StateClaims, Forged> {
     let bytes = URL_SAFE_NO_PAD.decode(state.trim()).map_err(|_| Forged)?;
-    if bytes.len() < HEAD_LEN + 1 + MAC_LEN
-        || !matches!(bytes[0], STATE_VERSION | V3 | PREVIOUS_VERSION)
-    {
+    let (&version, rest) = bytes.split_first().ok_or(Forged)?;
+    let (&key_id, rest) = rest.split_first().ok_or(Forged)?;
+    let key = keys.iter().find(|k| k.id() == key_id).ok_or(Forged)?;
+    if version == STATE_VERSION {
+        return decrypt(key, consumer, rest);
+    }
+    if bytes.len() < HEAD_LEN + 1 + MAC_LEN || !matches!(version, V4 | V3 | PREVIOUS_VERSION) {
         return Err(Forged);
     }
-    let key = keys.iter().find(|k| k.id() == bytes[1]).ok_or(Forged)?;
-    let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-    let mut m = match bytes[0] {
+    let (signed, tag) = bytes.split_at(bytes.len() - MAC_LEN);
+    let mut m = match version {
         PREVIOUS_VERSION => previous_mac(key),
-        STATE_VERSION => mac(key, consumer),
+        V4 => mac(key, consumer),
         _ => mac_v3(key, consumer),
     };
-    m.update(body);
+    m.update(signed);
     m.verify_slice(tag).map_err(|_| Forged)?;
-    let mut at = 2;
+    parse(&signed[2..], version == V4)
+}
+
+/// Opens a version 5 state's `nonce | ciphertext | tag` and reads its body. The nonce must be
+/// the one its claims derive, so every accepted state is the one `encode` makes.
+fn decrypt(
+    key: &StateKey,
+    consumer: &[u8; CONSUMER_TAG_LEN],
+    sealed: &[u8],
+) -> Result<StateClaims, Forged> {
+    if sealed.len() < AEAD_NONCE_LEN + MIN_BODY_LEN + AEAD_TAG_LEN {
+        return Err(Forged);
+    }
+    let (nonce, ciphertext) = sealed.split_at(AEAD_NONCE_LEN);
+    let aad = aad(consumer, key.id());
+    let body = cipher(key)
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| Forged)?;
+    let claims = parse(&body, true)?;
+    if aead_nonce(key, &claims.nonce) != nonce {
+        return Err(Forged);
+    }
+    Ok(claims)
+}
+
+/// Reads the claims from a body (with the expectation byte from version 4 on).
+fn parse(body: &[u8], with_expect: bool) -> Result<StateClaims, Forged> {
+    let mut at = 0;
     let mut take = |n: usize| {
         let part = body.get(at..at + n).ok_or(Forged)?;
         at += n;
@@ -191,7 +304,7 @@ pub(crate) fn decode(
         _ => return Err(Forged),
     };
     let binding_hash: [u8; HASH_LEN] = take(HASH_LEN)?.try_into().map_err(|_| Forged)?;
-    let expect = if bytes[0] == STATE_VERSION {
+    let expect = if with_expect {
         match take(1)?[0] {
             0 => Expect::Unknown,
             1 => Expect::Absent,
@@ -233,9 +346,10 @@ pub(crate) fn same_hash(a: &[u8; HASH_LEN], b: &[u8; HASH_LEN]) -> bool {
 }
 
 /// The state parser's properties on arbitrary input (the fuzz target's body): `data` is
-/// taken as a state string, and also as the body of a state signed with a fixed key, so
-/// the parser past the MAC check is reached too. Never panics unless a property breaks:
-/// whatever decodes re-encodes to the same text.
+/// taken as a state string, and also as the body of a version 4 state signed with a fixed
+/// key and of a version 5 state encrypted with it, so the parser past the MAC and AEAD checks
+/// is reached too. Never panics unless a property breaks: whatever decodes re-encodes to the
+/// same text in its format.
 pub fn fuzz_decode(data: &[u8]) {
     let Ok(key) = StateKey::new(
         7,
@@ -248,14 +362,18 @@ pub fn fuzz_decode(data: &[u8]) {
     let keys = std::slice::from_ref(&key);
     let consumer = [3u8; CONSUMER_TAG_LEN];
     let text = String::from_utf8_lossy(data);
+    let version = URL_SAFE_NO_PAD
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.first().copied());
     if let Ok(claims) = decode(keys, &consumer, &text) {
-        assert_eq!(
-            encode(&key, &consumer, &claims),
-            text.trim(),
-            "decoded state re-encodes"
-        );
+        match version {
+            Some(STATE_VERSION) => assert_eq!(encode(&key, &consumer, &claims), text.trim()),
+            Some(V4) => assert_eq!(encode_v4(&key, &consumer, &claims), text.trim()),
+            _ => {}
+        }
     }
-    let mut signed = vec![STATE_VERSION, key.id()];
+    let mut signed = vec![V4, key.id()];
     signed.extend_from_slice(data);
     let mut m = mac(&key, &consumer);
     m.update(&signed);
@@ -263,9 +381,31 @@ pub fn fuzz_decode(data: &[u8]) {
     let text = URL_SAFE_NO_PAD.encode(&signed);
     if let Ok(claims) = decode(keys, &consumer, &text) {
         assert_eq!(
-            encode(&key, &consumer, &claims),
+            encode_v4(&key, &consumer, &claims),
             text,
             "a signed state round-trips"
+        );
+    }
+    let flow_nonce = data.get(8..8 + NONCE_LEN).unwrap_or_default();
+    let nonce = aead_nonce(&key, flow_nonce);
+    let Ok(sealed) = cipher(&key).encrypt(
+        XNonce::from_slice(&nonce),
+        Payload {
+            msg: data,
+            aad: &aad(&consumer, key.id()),
+        },
+    ) else {
+        return;
+    };
+    let mut bytes = vec![STATE_VERSION, key.id()];
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&sealed);
+    let text = URL_SAFE_NO_PAD.encode(&bytes);
+    if let Ok(claims) = decode(keys, &consumer, &text) {
+        assert_eq!(
+            encode(&key, &consumer, &claims),
+            text,
+            "an encrypted state round-trips"
         );
     }
 }
@@ -324,7 +464,7 @@ mod tests {
             expect: Expect::Unknown,
             ..claims()
         };
-        let mut bytes = URL_SAFE_NO_PAD.decode(encode(&k, &A, &c)).unwrap();
+        let mut bytes = URL_SAFE_NO_PAD.decode(encode_v4(&k, &A, &c)).unwrap();
         bytes.truncate(bytes.len() - MAC_LEN);
         bytes.remove(HEAD_LEN - 1); // the expect byte (0) sits where v3's id length was
         bytes[0] = V3;
@@ -395,7 +535,7 @@ mod tests {
             expect: Expect::Unknown,
             ..claims()
         };
-        let text = encode(&k, &A, &c);
+        let text = encode_v4(&k, &A, &c);
         let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
         bytes.truncate(bytes.len() - MAC_LEN);
         bytes.remove(HEAD_LEN - 1);
@@ -408,6 +548,65 @@ mod tests {
         assert_eq!(
             decode(std::slice::from_ref(&k), &[2; CONSUMER_TAG_LEN], &old),
             Ok(c)
+        );
+    }
+
+    /// Review N12: the issued state hides its body (the id most of all), a version 4 state of
+    /// the previous release (signed, in clear) still verifies, and the encrypted one is bound
+    /// to its consumer and key like the signed one was.
+    #[test]
+    fn the_body_is_encrypted_and_version_4_still_verifies() {
+        let k = key(1);
+        let c = StateClaims {
+            installation: InstallationId::new("acme-corp").unwrap(),
+            ..claims()
+        };
+        let text = encode(&k, &A, &c);
+        let raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        assert_eq!(raw[0], STATE_VERSION);
+        assert!(!raw.windows(9).any(|w| w == b"acme-corp"));
+        assert!(
+            !raw.windows(NONCE_LEN).any(|w| w == c.nonce),
+            "the flow nonce is hidden"
+        );
+        assert_eq!(encode(&k, &A, &c), text, "encoding is deterministic");
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &text), Ok(c.clone()));
+        let v4 = encode_v4(&k, &A, &c);
+        assert!(
+            URL_SAFE_NO_PAD
+                .decode(&v4)
+                .unwrap()
+                .windows(9)
+                .any(|w| w == b"acme-corp")
+        );
+        assert_eq!(decode(std::slice::from_ref(&k), &A, &v4), Ok(c.clone()));
+        assert_eq!(
+            decode(std::slice::from_ref(&k), &[2; CONSUMER_TAG_LEN], &v4),
+            Err(Forged)
+        );
+        // Another nonce for the same body (a state not made by `encode`) is refused.
+        let mut other = raw.clone();
+        let forged_nonce = aead_nonce(&k, &[0; NONCE_LEN]);
+        other[2..2 + AEAD_NONCE_LEN].copy_from_slice(&forged_nonce);
+        let body = body(&c);
+        let sealed = cipher(&k)
+            .encrypt(
+                XNonce::from_slice(&forged_nonce),
+                Payload {
+                    msg: &body,
+                    aad: &aad(&A, k.id()),
+                },
+            )
+            .unwrap();
+        other.truncate(2 + AEAD_NONCE_LEN);
+        other.extend_from_slice(&sealed);
+        assert_eq!(
+            decode(
+                std::slice::from_ref(&k),
+                &A,
+                &URL_SAFE_NO_PAD.encode(&other)
+            ),
+            Err(Forged)
         );
     }
 
