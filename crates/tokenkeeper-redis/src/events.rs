@@ -90,8 +90,7 @@ pub(crate) async fn read(
     let limit = limit.max(1);
     let mut fetched = first_round(store, &mut positions, beginning, limit).await?;
     more_rounds(store, &mut fetched, beginning, &positions, limit).await?;
-    let mut entries = fetched.entries;
-    entries.sort_by_key(|e| (e.position, e.shard));
+    let mut entries = fetched.known();
     entries.truncate(limit);
     let mut events = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -101,8 +100,8 @@ pub(crate) async fn read(
             entry.shard as u32,
             entry.position,
             EventRow {
-                installation: entry.id,
-                consumer: entry.consumer,
+                installation: entry.id.clone(),
+                consumer: entry.consumer.clone(),
                 version: entry.version,
                 at: Timestamp::from_unix_nanos(entry.at_ms.saturating_mul(1_000_000)),
                 body: &entry.body,
@@ -124,6 +123,7 @@ struct Fetched {
     entries: Vec<Entry>,
     last: Vec<Option<LogPosition>>,
     full: Vec<bool>,
+    trimmed: Vec<bool>,
 }
 
 /// The first round: every shard asked for its share of the page (`limit / shards + 1`, not
@@ -165,6 +165,7 @@ async fn first_round(
         entries: Vec::new(),
         last: vec![None; shards.len()],
         full: vec![false; shards.len()],
+        trimmed: vec![false; shards.len()],
     };
     for (shard, reply) in replies.chunks(PER_SHARD).enumerate() {
         let (trimmed, newest) = (mark(&reply[1])?, newest(shard, &reply[2])?);
@@ -182,11 +183,12 @@ async fn first_round(
     Ok(fetched)
 }
 
-/// Until the page is full or no shard may hold more: the shards that sent their whole share
-/// are asked for the rest of the page, divided among them, after what each sent (with its
-/// retention mark: a shard trimmed past what it sent contributes nothing more, and the next
-/// read from the page's cursor reports the trim). Each round fills the page or exhausts a
-/// shard, so there are at most as many as shards, and mostly none.
+/// Until every shard's entries are known up to the page's end: the shards that sent their
+/// whole share (they may hold more) are asked for more after what each sent, with their
+/// retention marks (a shard trimmed past what it sent is asked nothing more; its entries
+/// still bound the page, and the next read from the page's cursor reports the trim). Twice
+/// for a share of what is missing, divided among them; then, if still short, each for all
+/// that is missing, which makes the page whole. So at most three rounds, and mostly none.
 async fn more_rounds(
     store: &RedisStore,
     fetched: &mut Fetched,
@@ -195,20 +197,25 @@ async fn more_rounds(
     limit: usize,
 ) -> Result<(), StoreError> {
     let shards = store.layout.shards();
-    while fetched.entries.len() < limit {
+    for round in 0.. {
+        let known = fetched.known().len();
         let asked: Vec<usize> = (0..shards.len()).filter(|s| fetched.full[*s]).collect();
-        if asked.is_empty() {
+        if known >= limit || asked.is_empty() {
             return Ok(());
         }
-        let share = (limit - fetched.entries.len()).div_ceil(asked.len()) + 1;
+        let missing = limit - known;
+        let share = if round < 2 {
+            missing.div_ceil(asked.len()) + 1
+        } else {
+            missing
+        };
         let pipes: Vec<redis::Pipeline> = asked
             .iter()
             .map(|&shard| {
-                let from = fetched.last[shard].unwrap_or(positions[shard]);
-                let start = if beginning && fetched.last[shard].is_none() {
-                    "-".to_owned()
-                } else {
-                    after(from)
+                let start = match fetched.last[shard] {
+                    Some(last) => after(last),
+                    None if beginning => "-".to_owned(),
+                    None => after(positions[shard]),
                 };
                 let mut pipe = redis::pipe();
                 pipe.cmd("XRANGE")
@@ -229,6 +236,7 @@ async fn more_rounds(
             fetched.full[shard] = false;
             let sent_through = fetched.last[shard].unwrap_or(positions[shard]);
             if mark(&reply[1])? > sent_through {
+                fetched.trimmed[shard] = true;
                 continue;
             }
             let items = entries_of(shard, &reply[0])?;
@@ -240,6 +248,31 @@ async fn more_rounds(
         }
     }
     Ok(())
+}
+
+impl Fetched {
+    /// Where every shard's entries are known up to: the smallest last entry fetched from a
+    /// shard that may hold more (it sent all it was asked for, or was trimmed mid-read).
+    /// `None` when every shard was read to its end.
+    fn cut(&self) -> Option<(LogPosition, usize)> {
+        (0..self.last.len())
+            .filter(|&s| self.full[s] || self.trimmed[s])
+            .filter_map(|s| self.last[s].map(|p| (p, s)))
+            .min()
+    }
+
+    /// The entries at or below the cut, in log order: the page is the first `limit` of them,
+    /// the same whatever page size read them (a page of 7 and seven pages of 1 agree).
+    fn known(&self) -> Vec<&Entry> {
+        let cut = self.cut();
+        let mut known: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| cut.is_none_or(|c| (e.position, e.shard) <= c))
+            .collect();
+        known.sort_by_key(|e| (e.position, e.shard));
+        known
+    }
 }
 
 /// Refuses a cursor the shard's stream cannot continue: one past its end (the data was

@@ -173,7 +173,7 @@ async fn events_crowded_into_one_shard_still_fill_pages() {
     let mut crowded = 0;
     for n in 0.. {
         let id = InstallationId::new(format!("busy-{n:05}")).unwrap();
-        if !store.record_key(&id).contains("{s03}") {
+        if !store.record_key(&id).starts_with("tokenkeeper:{s03}:") {
             continue;
         }
         store.create(&sample_record(&id, T0)).await.unwrap();
@@ -211,4 +211,53 @@ async fn events_crowded_into_one_shard_still_fill_pages() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), crowded, "every crowded event once");
+}
+
+/// A page is the log's next events in order, whatever its size: events of two shards
+/// interleaved unevenly (three of one to one of the other) read as pages of 7 and as pages
+/// of 1 give the same sequence, so resuming from any event's cursor continues it exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_any_size_read_the_same_sequence() {
+    let server = Server::start_on(free_port(), &[]);
+    let store = RedisStore::builder(server.url())
+        .durability_check(DurabilityCheck::Skip)
+        .connect()
+        .await
+        .unwrap();
+    let on = |name: &'static str, shard: &'static str| {
+        let store = store.clone();
+        (0..)
+            .map(move |n| InstallationId::new(format!("{name}-{n:05}")).unwrap())
+            .filter(move |id| {
+                store
+                    .record_key(id)
+                    .starts_with(&format!("tokenkeeper:{shard}:"))
+            })
+    };
+    let (mut busy, mut quiet) = (on("busy", "{s03}"), on("quiet", "{s05}"));
+    for n in 0..80 {
+        let id = if n % 4 == 3 {
+            quiet.next()
+        } else {
+            busy.next()
+        }
+        .unwrap();
+        store.create(&sample_record(&id, T0)).await.unwrap();
+    }
+    let drain = async |limit: usize| {
+        let mut cursor = EventCursor::beginning();
+        let mut seen = Vec::new();
+        loop {
+            let page = store.read_events(&cursor, limit).await.unwrap();
+            if page.events.is_empty() {
+                return seen;
+            }
+            seen.extend(page.events.iter().map(|e| e.installation.clone()));
+            cursor = page.next;
+        }
+    };
+    let sevens = drain(7).await;
+    let ones = drain(1).await;
+    assert_eq!(sevens.len(), 80);
+    assert_eq!(sevens, ones);
 }
