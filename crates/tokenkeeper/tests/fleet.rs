@@ -248,6 +248,9 @@ fn child_process_entry() {
     let skew_ms: i64 = std::env::var("TK_FLEET_SKEW_MS").map_or(0, |s| s.parse().unwrap());
     let margin: u64 = std::env::var("TK_FLEET_MARGIN_S").map_or(1, |s| s.parse().unwrap());
     let flaky = std::env::var("TK_FLEET_FLAKY").is_ok();
+    let failover_ms: Option<u64> = std::env::var("TK_FLEET_FAILOVER_ON_TERM")
+        .ok()
+        .map(|ms| ms.parse().unwrap());
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
@@ -275,6 +278,14 @@ fn child_process_entry() {
                 });
                 store = Arc::new(flaky);
             }
+            // A store that fails over when SIGTERM comes: every operation `Unavailable` for
+            // `failover_ms`, then healed (the drain must ride it out).
+            let mut failover = None;
+            if failover_ms.is_some() {
+                let (flaky, switch) = tokenkeeper_testkit::wrappers::FlakyStore::flaky(store);
+                store = Arc::new(flaky);
+                failover = Some(switch);
+            }
             let (store, swaps) = tokenkeeper_testkit::wrappers::CountingStore::counting(store);
             let store: Arc<dyn TokenStore> = Arc::new(store);
             let manager = if short {
@@ -291,7 +302,22 @@ fn child_process_entry() {
                         .unwrap();
                 tokio::spawn(async move {
                     term.recv().await;
-                    m.shutdown().await;
+                    if let (Some(switch), Some(ms)) = (failover, failover_ms) {
+                        switch.fail(
+                            tokenkeeper_testkit::wrappers::FaultTarget::Everything,
+                            tokenkeeper_testkit::wrappers::FaultKind::Unavailable,
+                        );
+                        let healer = switch.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            healer.heal();
+                        });
+                        m.shutdown().await;
+                        // What the outage refused during the drain, for the test to check.
+                        println!("refused {}", switch.injected());
+                    } else {
+                        m.shutdown().await;
+                    }
                     std::process::exit(0);
                 });
             }
@@ -825,12 +851,20 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
 /// commits each rotation and answers 200 ms later. Returns (installations lost, rotations the
 /// provider committed during the run, rejected refreshes).
 async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
+    let (lost, committed, rejected, _) = run_sigterm_with(graceful, None).await;
+    (lost, committed, rejected)
+}
+
+/// [`run_sigterm`], with the store failing over (every operation `Unavailable`) for
+/// `failover_ms` from the moment each worker gets SIGTERM; also returns the store operations
+/// the outage refused during the drains.
+async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usize, u64, u64, u64) {
     const COUNT: usize = 60;
     const WORKERS: usize = 3;
-    let tag = if graceful {
-        "sigterm"
-    } else {
-        "sigterm-abrupt"
+    let tag = match (graceful, failover_ms) {
+        (true, Some(_)) => "sigterm-failover",
+        (true, None) => "sigterm",
+        (false, _) => "sigterm-abrupt",
     };
     let StopFixture {
         mock,
@@ -848,6 +882,9 @@ async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
     ];
     if graceful {
         env.push(("TK_FLEET_GRACEFUL", "1".to_owned()));
+    }
+    if let Some(ms) = failover_ms {
+        env.push(("TK_FLEET_FAILOVER_ON_TERM", ms.to_string()));
     }
     mock.advance(cycle);
     let offset = cycle.as_secs() as i64;
@@ -867,7 +904,18 @@ async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
             .unwrap();
         assert!(status.success());
     }
+    let mut refused = 0;
     for w in &mut workers {
+        if failover_ms.is_some() {
+            let mut line = String::new();
+            while w.stdout.read_line(&mut line).unwrap() > 0 {
+                // The harness may print its own text before the child's on the line.
+                if let Some(at) = line.find("refused ") {
+                    refused += line[at + 8..].trim().parse::<u64>().unwrap();
+                }
+                line.clear();
+            }
+        }
         let status = w.child.wait().unwrap();
         if graceful {
             assert!(status.success(), "a worker did not exit cleanly: {status}");
@@ -892,7 +940,12 @@ async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
         .unwrap()
         .entries
         .len();
-    (lost, committed, mock.counters().totals.rejected_refreshes)
+    (
+        lost,
+        committed,
+        mock.counters().totals.rejected_refreshes,
+        refused,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -906,6 +959,24 @@ async fn sigterm_mid_refresh_loses_nothing() {
     );
     eprintln!(
         "SIGTERM to 3 workers mid-sweep (provider answers 200 ms after committing): {committed} rotations committed, 0 installations lost"
+    );
+}
+
+/// Review E3: the store fails over (every operation `Unavailable` for 1.5 s, within the
+/// 5 s shutdown grace) just as the workers get SIGTERM; the drain retries the results of the
+/// rotations in flight through the outage and loses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_store_failover_loses_nothing() {
+    let (lost, committed, rejected, refused) = run_sigterm_with(true, Some(1500)).await;
+    assert!(committed > 0, "SIGTERM came before any refresh");
+    assert!(refused > 0, "the outage refused nothing during the drains");
+    assert_eq!(
+        (lost, rejected),
+        (0, 0),
+        "a graceful stop rides out a store failover within its grace"
+    );
+    eprintln!(
+        "SIGTERM to 3 workers mid-sweep with the store failing over for 1.5 s: {committed} rotations committed, {refused} store operations refused during the drains, 0 installations lost"
     );
 }
 
