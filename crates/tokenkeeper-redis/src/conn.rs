@@ -10,8 +10,10 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A connection to one server or to a cluster.
 #[derive(Clone)]
@@ -69,18 +71,20 @@ impl Conn {
     }
 }
 
-/// On one server, a connection found dead (the server restarted or failed over while the
-/// connection sat idle) reconnects, and the command or pipeline is sent once more on it.
-/// Reads are idempotent, and every write recognises its own first run should that one have
-/// been applied after all (a script's conflict with its own value, a claim's own bytes), so
-/// the resend is safe; without it the first use of each idle connection after a restart
-/// fails the flight that made it. The cluster client resends by itself.
+/// On one server, a read that finds its connection dead (the server restarted or failed over
+/// while the connection sat idle) is sent once more on the reconnected connection: reads are
+/// idempotent. A write is never resent here: its first run may have been applied with only
+/// the reply lost, and the engine tells that apart itself (it reads the record back), which a
+/// resend would hide (a `WAIT` resent with a no-op write would even count replicas that never
+/// saw it). The cluster client follows its own redirections and retries.
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => Box::pin(async move {
                 match c.req_packed_command(cmd).await {
-                    Err(e) if e.is_connection_dropped() => c.req_packed_command(cmd).await,
+                    Err(e) if e.is_connection_dropped() && is_read(cmd) => {
+                        c.req_packed_command(cmd).await
+                    }
                     done => done,
                 }
             }),
@@ -98,7 +102,7 @@ impl ConnectionLike for Conn {
         match self {
             Self::Single(c) => Box::pin(async move {
                 match c.req_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_dropped() => {
+                    Err(e) if e.is_connection_dropped() && pipeline.cmd_iter().all(is_read) => {
                         c.req_packed_commands(pipeline, offset, count).await
                     }
                     done => done,
@@ -118,64 +122,163 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Whether `cmd` only reads (so sending it twice is harmless): the commands the store reads
+/// with, and the brackets of a read-only transaction.
+fn is_read(cmd: &Cmd) -> bool {
+    const READS: [&[u8]; 13] = [
+        b"GET",
+        b"PING",
+        b"ZRANGEBYLEX",
+        b"ZRANGE",
+        b"ZCARD",
+        b"XRANGE",
+        b"XREVRANGE",
+        b"XLEN",
+        b"EXISTS",
+        b"INFO",
+        b"MULTI",
+        b"EXEC",
+        b"CLUSTER",
+    ];
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => READS.iter().any(|r| r.eq_ignore_ascii_case(name)),
+        _ => false,
+    }
+}
+
 /// The connections writes that wait for replicas go on, apart from everything else (review
 /// E9). `WAIT` blocks the client connection it runs on until the replicas answer or its
 /// timeout ends, and a multiplexed connection answers in order: on the store's one shared
 /// connection, every read of the process (flights' `get`s, `due`, the event watcher) would
 /// queue behind each write's replica round trip, and behind the whole timeout while a replica
-/// is down. Each write takes the least busy connection of the pool, so up to its size of
-/// writes wait for replicas at once and no read ever does.
+/// is down. Each write holds a connection of its own until its reply: a write is sent only
+/// when a connection is free, so its deadline counts from when it was sent and a write that
+/// found none free in time was never sent (a clean `Unavailable`, not one the server may still
+/// apply).
 pub(crate) struct WritePool {
-    conns: Vec<(Conn, AtomicUsize)>,
+    slots: Vec<Slot>,
+    free: Mutex<Vec<usize>>,
+    permits: Arc<Semaphore>,
+}
+
+/// One pool connection and when a write last finished on it.
+struct Slot {
+    conn: Conn,
+    last_used: Mutex<Instant>,
 }
 
 impl WritePool {
     /// A pool of the given connections (at least one).
     pub(crate) fn new(conns: Vec<Conn>) -> Self {
+        let n = conns.len();
         Self {
-            conns: conns
+            slots: conns
                 .into_iter()
-                .map(|c| (c, AtomicUsize::new(0)))
+                .map(|conn| Slot {
+                    conn,
+                    last_used: Mutex::new(Instant::now()),
+                })
                 .collect(),
+            free: Mutex::new((0..n).collect()),
+            permits: Arc::new(Semaphore::new(n)),
         }
     }
 
-    /// The least busy connection, counted busy until the returned guard is dropped.
-    pub(crate) fn checkout(self: &Arc<Self>) -> Checkout {
+    /// How many connections the pool has.
+    pub(crate) fn size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// A connection no other write is using, waiting at most `wait` for one; `None` when
+    /// none came free in time.
+    pub(crate) async fn checkout(self: &Arc<Self>, wait: Duration) -> Option<Checkout> {
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
         let index = self
-            .conns
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (_, busy))| busy.load(Ordering::Relaxed))
-            .map_or(0, |(i, _)| i);
-        if let Some((_, busy)) = self.conns.get(index) {
-            busy.fetch_add(1, Ordering::Relaxed);
-        }
-        Checkout {
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()?;
+        Some(Checkout {
             pool: Arc::clone(self),
             index,
-        }
+            _permit: permit,
+        })
     }
 }
 
-/// One write's hold on a pool connection; releases it when dropped (also when the write's
+/// One write's hold on a pool connection; gives it back when dropped (also when the write's
 /// future is cancelled).
 pub(crate) struct Checkout {
     pool: Arc<WritePool>,
     index: usize,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Checkout {
     /// The connection to send on (a cheap clone of the multiplexed handle).
     pub(crate) fn conn(&self) -> Conn {
-        self.pool.conns[self.index].0.clone()
+        self.pool.slots[self.index].conn.clone()
+    }
+
+    /// How long the connection sat unused before this write: one idle a while may have died
+    /// with a server restart or failover, which only its next command finds out.
+    pub(crate) fn idle_for(&self) -> Duration {
+        self.pool.slots[self.index]
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
     }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if let Some((_, busy)) = self.pool.conns.get(self.index) {
-            busy.fetch_sub(1, Ordering::Relaxed);
+        let slot = &self.pool.slots[self.index];
+        *slot
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        // Back in the free list before the permit (a field, dropped after this) lets the next
+        // write in.
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only reads are sent twice after a dropped connection: a write's first run may have
+    /// been applied (review of the resend: a resent lease write came back as a conflict with
+    /// itself, and a resent `WAIT` counted replicas that never saw the write).
+    #[test]
+    fn only_reads_are_resent() {
+        for read in [
+            "GET",
+            "get",
+            "PING",
+            "ZRANGEBYLEX",
+            "ZCARD",
+            "XRANGE",
+            "XREVRANGE",
+        ] {
+            assert!(is_read(&redis::cmd(read)), "{read}");
         }
+        for write in [
+            "EVALSHA", "EVAL", "WAIT", "SET", "DEL", "ZADD", "XADD", "SCRIPT",
+        ] {
+            assert!(!is_read(&redis::cmd(write)), "{write}");
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA").arg("x").arg(0);
+        pipe.cmd("WAIT").arg(1).arg(100);
+        assert!(!pipe.cmd_iter().all(is_read));
     }
 }

@@ -219,7 +219,9 @@ impl RedisStoreBuilder {
     }
 
     /// How many connections the writes that wait for replicas share (default 4, 1 to 64):
-    /// up to this many of them wait for their replicas at once; more queue. Unused without
+    /// up to this many of them wait for their replicas at once, each on a connection of its
+    /// own; more wait for a free one, at most the operation timeout, then fail as
+    /// `Unavailable` without having been sent. Unused without
     /// [`RedisStoreBuilder::wait_for_replicas`].
     pub fn replica_wait_connections(mut self, connections: usize) -> Self {
         self.write_connections = connections;
@@ -676,13 +678,33 @@ impl RedisStore {
         pipe.cmd("WAIT").arg(wait.replicas).arg(millis);
         // The pool exists whenever a wait is configured; the shared connection is the
         // fallback that cannot happen.
-        let held = self.writers.as_ref().map(conn::WritePool::checkout);
+        let held = match &self.writers {
+            Some(pool) => Some(pool.checkout(self.operation_timeout).await.ok_or_else(|| {
+                StoreError::unavailable(
+                    BACKEND,
+                    operation,
+                    RedisFault::WritersBusy {
+                        connections: pool.size(),
+                        waited: self.operation_timeout,
+                    },
+                )
+            })?),
+            None => None,
+        };
         let on = held
             .as_ref()
             .map_or_else(|| self.conn.clone(), conn::Checkout::conn);
-        let deadline = self.operation_timeout + wait.timeout;
+        if held.as_ref().is_some_and(|h| h.idle_for() >= IDLE_CHECK) {
+            // A read first: one that finds the connection dead is sent again once it has
+            // reconnected, so the write is not the one to find out.
+            self.run_on(on.clone(), self.operation_timeout, operation, async |c| {
+                redis::cmd("PING").query_async::<()>(c).await
+            })
+            .await?;
+        }
+        let until = tokio::time::Instant::now() + self.operation_timeout + wait.timeout;
         let sent = self
-            .send_waiting(&on, deadline, operation, write, &pipe)
+            .send_waiting(&on, until, operation, write, &pipe)
             .await?;
         let (reply, acked) = sent.map_err(|e| redis_error(operation, e))?;
         if acked < wait.replicas {
@@ -790,18 +812,19 @@ impl RedisStore {
         self.event_retention.event_limit().div_ceil(shards).max(1)
     }
 
-    /// Sends a write and its `WAIT` on `on`; a script the server does not know (`NOSCRIPT`:
-    /// not run) is loaded and the pipeline sent once more.
+    /// Sends a write and its `WAIT` on `on`, all of it by `until`; a script the server does
+    /// not know (`NOSCRIPT`: not run) is loaded and the pipeline sent once more.
     async fn send_waiting(
         &self,
         on: &Conn,
-        deadline: Duration,
+        until: tokio::time::Instant,
         operation: &'static str,
         write: Write<'_>,
         pipe: &redis::Pipeline,
     ) -> Result<Result<(Value, u32), RedisError>, StoreError> {
+        let left = || until.saturating_duration_since(tokio::time::Instant::now());
         let send = async || {
-            self.run_on(on.clone(), deadline, operation, async |c| {
+            self.run_on(on.clone(), left(), operation, async |c| {
                 Ok(pipe.query_async::<(Value, u32)>(c).await)
             })
             .await
@@ -810,7 +833,7 @@ impl RedisStore {
         if let (Write::Script(invocation), Err(e)) = (write, &sent)
             && is_noscript(e)
         {
-            self.run_on(on.clone(), deadline, operation, async |c| {
+            self.run_on(on.clone(), left(), operation, async |c| {
                 invocation.load_async(c).await
             })
             .await?;
@@ -881,6 +904,13 @@ impl RedisStore {
 enum RedisFault {
     #[error("Redis did not answer within {0:?}")]
     NoAnswer(Duration),
+    #[error(
+        "all {connections} connections for writes that wait for replicas stayed busy for {waited:?} (replicas slow or gone); the write was not sent"
+    )]
+    WritersBusy {
+        connections: usize,
+        waited: Duration,
+    },
     #[error(
         "the write is on the primary but only {acked} of {wanted} replicas acknowledged it in time; it may not survive a failover"
     )]
@@ -962,6 +992,10 @@ fn is_loopback(host: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
+
+/// A pool connection unused this long is pinged before a write goes on it (a round trip
+/// without the `WAIT`, paid only after a pause).
+const IDLE_CHECK: Duration = Duration::from_millis(250);
 
 /// One write for [`RedisStore::write`].
 #[derive(Clone, Copy)]

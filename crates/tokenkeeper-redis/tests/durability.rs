@@ -201,6 +201,25 @@ async fn every_write_waits_for_replicas() {
     }
 }
 
+/// Waits until the server holds a client blocked (a `WAIT` no replica will answer).
+async fn until_a_client_blocks(raw: &mut redis::aio::MultiplexedConnection) {
+    for _ in 0..200 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(raw)
+            .await
+            .unwrap();
+        if info.lines().any(|l| {
+            l.strip_prefix("blocked_clients:")
+                .is_some_and(|n| n.trim() != "0")
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the write never waited for its replica");
+}
+
 /// Review E9: `WAIT` blocks the connection it runs on. A write waiting for a replica that is
 /// gone must not hold up the process's reads: they answer while the write still waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,23 +245,7 @@ async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
     let writer = store.clone();
     let write = tokio::spawn(async move { writer.compare_and_swap(&leased, 1).await });
     // The write's `WAIT` is blocked on the server (no replica will acknowledge it).
-    let mut blocked = false;
-    for _ in 0..200 {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        if info.lines().any(|l| {
-            l.strip_prefix("blocked_clients:")
-                .is_some_and(|n| n.trim() != "0")
-        }) {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(blocked, "the write never waited for its replica");
+    until_a_client_blocks(&mut raw).await;
     let reads: Vec<_> = (0..20)
         .map(|_| {
             let (store, id) = (store.clone(), id.clone());
@@ -264,9 +267,9 @@ async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
 }
 
 /// The connections kept for writes that wait for replicas sit idle while the process only
-/// reads; when the server restarts meanwhile, the first write on a dead one is sent again
-/// once the connection is back (every write recognises its own first run), instead of
-/// failing the flight that made it.
+/// reads; when the server restarts meanwhile, the write after it still goes through: a
+/// connection idle a while is pinged first (a read, sent again once the connection is back),
+/// so the write is not the one that finds it dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_server_restarted_goes_through() {
     let mut primary = Server::start_on(
@@ -290,6 +293,8 @@ async fn a_write_after_the_server_restarted_goes_through() {
         .expect("acknowledged by the replica");
     primary.crash_and_restart();
     drop(synced_primary(&primary).await);
+    // Idle past the store's check (250 ms), as the pool's connections are after a pause.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let leased = lease(&created, "h1", at(120), at(61));
     assert_eq!(
         store
@@ -299,4 +304,47 @@ async fn a_write_after_the_server_restarted_goes_through() {
         CasOutcome::Swapped
     );
     assert_eq!(store.get(&id).await.unwrap(), Some(leased));
+}
+
+/// A write that finds every connection for replica-waiting writes busy waits at most the
+/// operation timeout for one and then fails unsent: `Unavailable`, and the store does not
+/// hold it (so the engine's read-back tells the truth: not applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_finds_no_free_connection_is_not_sent() {
+    let primary = Server::start_on(free_port(), &[]);
+    let primary_port = primary.port.to_string();
+    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
+    let store = RedisStore::builder(primary.url())
+        .durability_check(DurabilityCheck::Skip)
+        .wait_for_replicas(1, Duration::from_secs(30))
+        .replica_wait_connections(1)
+        .operation_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = synced_primary(&primary).await;
+    let (a, b) = (
+        InstallationId::new("first").unwrap(),
+        InstallationId::new("second").unwrap(),
+    );
+    store.create(&sample_record(&a, at(0))).await.unwrap();
+    store.create(&sample_record(&b, at(0))).await.unwrap();
+    drop(replica);
+    let first = lease(&sample_record(&a, at(0)), "h1", at(120), at(61));
+    let writer = store.clone();
+    let blocked = tokio::spawn(async move { writer.compare_and_swap(&first, 1).await });
+    until_a_client_blocks(&mut raw).await;
+    let second = lease(&sample_record(&b, at(0)), "h1", at(120), at(61));
+    match store.compare_and_swap(&second, 1).await {
+        Err(e @ StoreError::Unavailable { .. }) => {
+            assert!(e.to_string().contains("not sent"), "{e}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(
+        store.get(&b).await.unwrap().unwrap().version(),
+        1,
+        "it was not sent"
+    );
+    blocked.abort();
 }
