@@ -197,10 +197,13 @@ async fn more_rounds(
     limit: usize,
 ) -> Result<(), StoreError> {
     let shards = store.layout.shards();
-    for round in 0.. {
+    for round in 0..3 {
         let known = fetched.known().len();
         let asked: Vec<usize> = (0..shards.len()).filter(|s| fetched.full[*s]).collect();
-        if known >= limit || asked.is_empty() {
+        // A shard trimmed mid-read bounds the page where its entries stop; asking the others
+        // for more cannot lengthen it (the next read reports the trim).
+        let bounded_by_trim = fetched.cut().is_some_and(|(_, s)| fetched.trimmed[s]);
+        if known >= limit || asked.is_empty() || bounded_by_trim {
             return Ok(());
         }
         let missing = limit - known;

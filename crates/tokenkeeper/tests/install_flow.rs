@@ -827,3 +827,74 @@ async fn the_state_does_not_show_the_installation_id() {
         .unwrap();
     assert_eq!(done.installation, id);
 }
+
+/// Fails the second flow operation the store sees (a duplicate callback's claim), and lets
+/// everything else through.
+#[derive(Debug, Default)]
+struct SecondFlowOpFails(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for SecondFlowOpFails {
+    async fn before(
+        &self,
+        operation: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), tokenkeeper::StoreError> {
+        if matches!(operation, tokenkeeper_testkit::wrappers::Operation::Flow)
+            && self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1
+        {
+            return Err(tokenkeeper::StoreError::unavailable(
+                "hooked",
+                "claim_flow",
+                "injected: the claim did not reach the store",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Review N8: a duplicate callback whose claim failed in the store must not overwrite the
+/// live claimant's record with its own failure. Before, it wrote `Failed` over the
+/// claimant's `Exchanging`, and a third duplicate was told the flow "failed before the code
+/// was sent" while the claimant was completing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_whose_claim_failed_leaves_the_claimant_alone() {
+    let mock = mock().await;
+    mock.set_faults(vec![FaultRule::next(
+        Endpoint::Token,
+        1,
+        Fault::Latency {
+            min_ms: 600,
+            max_ms: 600,
+        },
+    )]);
+    let (hooked, _) = tokenkeeper_testkit::wrappers::Hooked::new(
+        tokenkeeper_memory::MemoryStore::new(),
+        SecondFlowOpFails::default(),
+    );
+    let manager = manager_on(&mock, Arc::new(hooked));
+    let begun = Arc::new(manager.begin_authorization(None).unwrap());
+    let code = approve(&mock, &begun, "victim");
+    let complete = |delay_ms: u64| {
+        let (manager, begun, code) = (manager.clone(), begun.clone(), code.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            manager
+                .complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+                .await
+        })
+    };
+    // The claimant, a duplicate whose claim fails, then a duplicate that follows the claim.
+    let (a, b, c) = (complete(0), complete(100), complete(250));
+    let a = a.await.unwrap().expect("the claimant completes");
+    assert!(!a.replayed);
+    assert!(
+        matches!(b.await.unwrap(), Err(AuthorizationError::Store { .. })),
+        "the duplicate whose claim failed says so"
+    );
+    let c = c
+        .await
+        .unwrap()
+        .expect("the third callback follows the claimant's outcome");
+    assert!(c.replayed, "{c:?}");
+    assert_eq!(mock.counters().totals.code_exchanges, 1);
+}
