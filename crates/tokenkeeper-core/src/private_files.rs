@@ -18,33 +18,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub fn creator_uid(dir: &Path) -> std::io::Result<u32> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let probe = dir.join(format!(
-        ".tokenkeeper-probe-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&probe)?;
-    let uid = file.metadata().map(|m| m.uid());
-    drop(file);
-    let _ = std::fs::remove_file(&probe);
-    uid
+    // The name is hard to guess (a name another user created first in a shared directory
+    // would only make `create_new` fail: then another name is tried).
+    let mut last = None;
+    for _ in 0..8 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let probe = dir.join(format!(
+            ".tokenkeeper-probe-{}-{}-{nanos:x}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+        {
+            Ok(file) => {
+                let uid = file.metadata().map(|m| m.uid());
+                drop(file);
+                let _ = std::fs::remove_file(&probe);
+                return uid;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no probe name was free")))
 }
 
-/// Why `dir` lets other users replace what it holds, if it does: group or others may write
-/// it and it is not sticky (in a sticky directory, such as `/tmp`, only a file's owner may
-/// rename or remove it).
+/// Why `dir` lets other users replace what it holds, if it does: it belongs to another user
+/// than `me` or root (its owner can rename anything in it), or group or others may write it
+/// and it is not sticky (in a sticky directory, such as `/tmp`, only a file's owner may rename
+/// or remove it).
 ///
 /// # Errors
 ///
 /// The directory's metadata cannot be read.
 #[cfg(unix)]
-pub fn replaceable_by_others(dir: &Path) -> std::io::Result<Option<String>> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
+pub fn replaceable_by_others(dir: &Path, me: u32) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() != me && meta.uid() != 0 {
+        return Ok(Some(format!(
+            "it belongs to uid {}, who can rename or replace the files in it; use a directory of this user (uid {me}) or root",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode();
     let sticky = mode & 0o1000 != 0;
     Ok((mode & 0o022 != 0 && !sticky).then(|| {
         format!(
@@ -121,15 +144,41 @@ mod tests {
     #[test]
     fn shared_directories_unless_sticky() {
         let d = dir("shared");
+        let me = creator_uid(&d).unwrap();
         let set = |mode| std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode));
         set(0o755).unwrap();
-        assert!(replaceable_by_others(&d).unwrap().is_none());
+        assert!(replaceable_by_others(&d, me).unwrap().is_none());
         set(0o775).unwrap();
-        assert!(replaceable_by_others(&d).unwrap().is_some());
+        assert!(replaceable_by_others(&d, me).unwrap().is_some());
         set(0o777).unwrap();
-        assert!(replaceable_by_others(&d).unwrap().unwrap().contains("777"));
+        assert!(
+            replaceable_by_others(&d, me)
+                .unwrap()
+                .unwrap()
+                .contains("777")
+        );
         set(0o1777).unwrap();
-        assert!(replaceable_by_others(&d).unwrap().is_none());
+        assert!(replaceable_by_others(&d, me).unwrap().is_none());
+        set(0o755).unwrap();
+        if me != 0 {
+            // Another user's directory (here: as seen by a process of another uid).
+            assert!(
+                replaceable_by_others(&d, me + 1)
+                    .unwrap()
+                    .unwrap()
+                    .contains("belongs to uid")
+            );
+        } else {
+            // Root's directories are trusted (root can do anything anyway); another
+            // user's are not.
+            std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+            assert!(
+                replaceable_by_others(&d, 0)
+                    .unwrap()
+                    .unwrap()
+                    .contains("65534")
+            );
+        }
     }
 
     #[test]

@@ -270,11 +270,11 @@ fn prepare_file(path: &Path, loose: LoosePermissions) -> Result<Option<u32>, Ope
             let path = path.to_owned();
             move |source| OpenError::Io { path, source }
         };
-        if let Some(reason) = private_files::replaceable_by_others(&dir).map_err(io(&dir))? {
+        let me = private_files::creator_uid(&dir).map_err(io(&dir))?;
+        if let Some(reason) = private_files::replaceable_by_others(&dir, me).map_err(io(&dir))? {
             return Err(OpenError::NotPrivate { path: dir, reason });
         }
         create_private(path)?;
-        let me = private_files::creator_uid(&dir).map_err(io(&dir))?;
         make_private(path, loose, me)?;
         Ok(Some(me))
     }

@@ -100,9 +100,9 @@ pub(crate) fn connect(
     busy_timeout: Duration,
     synchronous: Synchronous,
 ) -> rusqlite::Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // The store created the file when it opened; a connection never creates it (a database
+    // renamed away since must not come back as whatever file is at the path then).
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = match location {
         Location::File(path) => Connection::open_with_flags(path, flags)?,
         Location::Memory => Connection::open_in_memory()?,

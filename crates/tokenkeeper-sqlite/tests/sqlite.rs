@@ -544,3 +544,41 @@ async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
     );
     assert!(refused > 0, "no write needed a new connection");
 }
+
+/// Review N10 (second review): a connection the pool opens later never creates the database:
+/// one renamed away since the store opened is not re-created at the path (where another user
+/// could then slip in a file of their own between the check and the open).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_renamed_away_is_not_created_again() {
+    let path = common::fresh_db("renamed");
+    let store = std::sync::Arc::new(
+        SqliteStore::builder(&path)
+            .max_connections(8)
+            .open()
+            .await
+            .unwrap(),
+    );
+    store
+        .create(&sample_record(&id("before"), at(1)))
+        .await
+        .unwrap();
+    std::fs::rename(&path, path.with_file_name("moved.db")).unwrap();
+    let writes: Vec<_> = (0..32)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(&sample_record(&id(&format!("after-{n}")), at(2)))
+                    .await
+            })
+        })
+        .collect();
+    for write in writes {
+        let _ = write.await.unwrap();
+    }
+    assert!(
+        !path.exists(),
+        "a new connection created the database again"
+    );
+}
