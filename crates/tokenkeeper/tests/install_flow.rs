@@ -888,7 +888,7 @@ async fn a_duplicate_whose_claim_failed_leaves_the_claimant_alone() {
     let a = a.await.unwrap().expect("the claimant completes");
     assert!(!a.replayed);
     assert!(
-        matches!(b.await.unwrap(), Err(AuthorizationError::Store { .. })),
+        matches!(b.await.unwrap(), Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::Store { .. })),
         "the duplicate whose claim failed says so"
     );
     let c = c
