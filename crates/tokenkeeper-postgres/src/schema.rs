@@ -112,10 +112,32 @@ const MIGRATIONS: &[&str] = &[
     ALTER FUNCTION {s}.append_event() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
     REVOKE ALL ON FUNCTION {s}.append_event() FROM PUBLIC;
 "#,
+    // 4: every update of an installation raises its version (second review of N11). The
+    // outbox fires on a version change, so an `UPDATE` by hand that kept the version would
+    // change tokens, state or account with no event, unseen by every process's cache.
+    r#"
+    CREATE FUNCTION {s}.refuse_silent_update() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    BEGIN
+        IF NEW.version <= OLD.version THEN
+            RAISE EXCEPTION 'installation % was updated without raising its version (% to %): such a write has no lifecycle event; write through tokenkeeper',
+                OLD.id, OLD.version, NEW.version USING ERRCODE = '42501';
+        END IF;
+        RETURN NEW;
+    END
+    $fn$;
+    REVOKE ALL ON FUNCTION {s}.refuse_silent_update() FROM PUBLIC;
+    CREATE TRIGGER installations_versioned BEFORE UPDATE ON {s}.installations
+        FOR EACH ROW EXECUTE FUNCTION {s}.refuse_silent_update();
+"#,
 ];
 
 /// The triggers that append every write's event, and the operations they cover.
-const OUTBOX_TRIGGERS: [&str; 2] = ["installations_created_or_deleted", "installations_written"];
+const OUTBOX_TRIGGERS: [&str; 3] = [
+    "installations_created_or_deleted",
+    "installations_written",
+    "installations_versioned",
+];
 
 /// Refuses a schema whose outbox triggers are missing or switched off (`tgenabled` `D`, or
 /// `R`: firing only on replicas): its writes would have no events. Read from the catalog, so

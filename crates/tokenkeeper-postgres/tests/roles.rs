@@ -94,6 +94,7 @@ async fn the_runtime_role_cannot_forge_erase_or_switch_off_events() {
         format!("DELETE FROM {schema}.events"),
         format!("UPDATE {schema}.event_log SET last_seq = 0"),
         format!("ALTER TABLE {schema}.installations DISABLE TRIGGER installations_written"),
+        format!("ALTER TABLE {schema}.installations DISABLE TRIGGER installations_versioned"),
         format!("DROP TRIGGER installations_written ON {schema}.installations"),
         format!("DROP FUNCTION {schema}.append_event() CASCADE"),
         format!(
@@ -107,6 +108,50 @@ async fn the_runtime_role_cannot_forge_erase_or_switch_off_events() {
             "`{attempt}` was not refused for lack of privilege: {refused:?}"
         );
     }
+}
+
+/// Second review of N11: an `UPDATE` by hand that keeps the version (tokens, state or account
+/// changed with no event, unseen by every cache) is refused, by the owner too; a write through
+/// the store still goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_keeps_the_version_is_refused() {
+    let (store, schema, owner, runtime) = runtime_store("silent").await;
+    let id = tokenkeeper_core::InstallationId::new("silent").unwrap();
+    let record =
+        tokenkeeper_core::conformance::sample_record(&id, tokenkeeper_core::conformance::T0);
+    tokenkeeper_core::TokenStore::create(&store, &record)
+        .await
+        .unwrap();
+    for role in [&runtime, &owner] {
+        let (client, conn) =
+            tokio_postgres::connect(&as_user(&common::url(), role), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let refused = client
+            .batch_execute(&format!(
+                "UPDATE {schema}.installations SET state = 'revoked' WHERE id = 'silent'"
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("without raising its version")
+                || format!("{refused:?}").contains("without raising its version"),
+            "{role}: {refused:?}"
+        );
+    }
+    let leased = tokenkeeper_core::conformance::lease(
+        &record,
+        "h",
+        tokenkeeper_core::conformance::T0,
+        tokenkeeper_core::conformance::T0,
+    );
+    assert_eq!(
+        tokenkeeper_core::TokenStore::compare_and_swap(&store, &leased, 1)
+            .await
+            .unwrap(),
+        tokenkeeper_core::CasOutcome::Swapped
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,6 +221,8 @@ async fn the_owner_upgrades_a_version_2_schema() {
     client
         .batch_execute(&format!(
             "ALTER FUNCTION {schema}.append_event() SECURITY INVOKER RESET search_path;
+             DROP TRIGGER installations_versioned ON {schema}.installations;
+             DROP FUNCTION {schema}.refuse_silent_update();
              UPDATE {schema}.tokenkeeper_schema SET version = 2;"
         ))
         .await
