@@ -17,24 +17,38 @@ use tokenkeeper_core::{InstallationId, ListFilter, TokenStore};
 use tokenkeeper_redis::RedisStore;
 use tokenkeeper_redis::bench_support::{cas_args, cas_script, script_keys};
 
-fn redis_ops(c: &mut Criterion) {
+/// A one-worker runtime, a store under a prefix of this process (returned), and a raw
+/// connection to the same server.
+fn setup(
+    tag: &str,
+) -> (
+    tokio::runtime::Runtime,
+    RedisStore,
+    redis::aio::MultiplexedConnection,
+    String,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let url = redis_url();
-    let prefix = format!("bench-{}", std::process::id());
+    let prefix = format!("{tag}-{}", std::process::id());
     let store = rt
         .block_on(RedisStore::builder(&url).prefix(&prefix).connect())
         .unwrap();
-    let mut raw = rt
+    let raw = rt
         .block_on(
             redis::Client::open(url.as_str())
                 .unwrap()
                 .get_multiplexed_async_connection(),
         )
         .unwrap();
+    (rt, store, raw, prefix)
+}
+
+fn redis_ops(c: &mut Criterion) {
+    let (rt, store, mut raw, _) = setup("bench");
     let n = 1_000;
     let ids: Vec<InstallationId> = (0..n)
         .map(|i| InstallationId::new(format!("inst-{i:05}")).unwrap())
@@ -100,23 +114,7 @@ fn redis_ops(c: &mut Criterion) {
 }
 
 fn redis_scans(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = redis_url();
-    let prefix = format!("bench-scans-{}", std::process::id());
-    let store = rt
-        .block_on(RedisStore::builder(&url).prefix(&prefix).connect())
-        .unwrap();
-    let mut raw = rt
-        .block_on(
-            redis::Client::open(url.as_str())
-                .unwrap()
-                .get_multiplexed_async_connection(),
-        )
-        .unwrap();
+    let (rt, store, mut raw, prefix) = setup("bench-scans");
     let n = 4_000;
     rt.block_on(tokenkeeper_benches::fan_out(n, 16, {
         let store = store.clone();

@@ -27,6 +27,24 @@ fn runtime_grants(schema: &str, role: &str) -> String {
     )
 }
 
+/// A raw connection as `role`.
+async fn client_as(role: &str) -> tokio_postgres::Client {
+    let (client, conn) =
+        tokio_postgres::connect(&as_user(&common::url(), role), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// A store on `schema` connected as `role`.
+async fn store_as(role: &str, schema: &str) -> Result<PostgresStore, ConnectError> {
+    PostgresStore::builder(as_user(&common::url(), role))
+        .schema(schema)
+        .connect()
+        .await
+}
+
 async fn superuser() -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls)
         .await
@@ -54,24 +72,16 @@ async fn runtime_store(tag: &str) -> (PostgresStore, String, String, String) {
         ))
         .await
         .unwrap();
-    let owned = PostgresStore::builder(as_user(&common::url(), &owner))
-        .schema(&schema)
-        .connect()
+    let owned = store_as(&owner, &schema)
         .await
         .unwrap_or_else(|e| panic!("the owner migrates: {e}"));
     drop(owned);
-    let (client, conn) =
-        tokio_postgres::connect(&as_user(&common::url(), &owner), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let client = client_as(&owner).await;
     client
         .batch_execute(&runtime_grants(&schema, &runtime))
         .await
         .unwrap();
-    let store = PostgresStore::builder(as_user(&common::url(), &runtime))
-        .schema(&schema)
-        .connect()
+    let store = store_as(&runtime, &schema)
         .await
         .unwrap_or_else(|e| panic!("the runtime role connects: {e}"));
     (store, schema, owner, runtime)
@@ -84,11 +94,7 @@ mod as_runtime_role {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runtime_role_cannot_forge_erase_or_switch_off_events() {
     let (_store, schema, _owner, runtime) = runtime_store("forge").await;
-    let (client, conn) =
-        tokio_postgres::connect(&as_user(&common::url(), &runtime), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let client = client_as(&runtime).await;
     for attempt in [
         format!("INSERT INTO {schema}.events VALUES (999, 'x', 'c', 1, 0, '{{}}')"),
         format!("DELETE FROM {schema}.events"),
@@ -123,11 +129,7 @@ async fn an_update_that_keeps_the_version_is_refused() {
         .await
         .unwrap();
     for role in [&runtime, &owner] {
-        let (client, conn) =
-            tokio_postgres::connect(&as_user(&common::url(), role), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let client = client_as(role).await;
         let refused = client
             .batch_execute(&format!(
                 "UPDATE {schema}.installations SET state = 'revoked' WHERE id = 'silent'"
@@ -157,11 +159,7 @@ async fn an_update_that_keeps_the_version_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switched_off_outbox_trigger_is_refused_at_connect() {
     let (_store, schema, owner, _runtime) = runtime_store("switched_off").await;
-    let (client, conn) =
-        tokio_postgres::connect(&as_user(&common::url(), &owner), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let client = client_as(&owner).await;
     for trigger in ["installations_written", "installations_created_or_deleted"] {
         client
             .batch_execute(&format!(
@@ -169,9 +167,7 @@ async fn a_switched_off_outbox_trigger_is_refused_at_connect() {
             ))
             .await
             .unwrap();
-        let refused = PostgresStore::builder(as_user(&common::url(), &owner))
-            .schema(&schema)
-            .connect()
+        let refused = store_as(&owner, &schema)
             .await
             .expect_err("a store whose writes would have no events");
         assert!(
@@ -196,9 +192,7 @@ async fn a_switched_off_outbox_trigger_is_refused_at_connect() {
         ))
         .await
         .unwrap();
-    let refused = PostgresStore::builder(as_user(&common::url(), &owner))
-        .schema(&schema)
-        .connect()
+    let refused = store_as(&owner, &schema)
         .await
         .expect_err("a store whose updates would have no events");
     assert!(
@@ -213,11 +207,7 @@ async fn a_switched_off_outbox_trigger_is_refused_at_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_upgrades_a_version_2_schema() {
     let (_store, schema, owner, runtime) = runtime_store("upgrade").await;
-    let (client, conn) =
-        tokio_postgres::connect(&as_user(&common::url(), &owner), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let client = client_as(&owner).await;
     client
         .batch_execute(&format!(
             "ALTER FUNCTION {schema}.append_event() SECURITY INVOKER RESET search_path;
@@ -227,18 +217,11 @@ async fn the_owner_upgrades_a_version_2_schema() {
         ))
         .await
         .unwrap();
-    let runtime_url = as_user(&common::url(), &runtime);
-    let before = PostgresStore::builder(&runtime_url)
-        .schema(&schema)
-        .connect()
+    let before = store_as(&runtime, &schema)
         .await
         .expect_err("the runtime role cannot migrate");
     assert!(matches!(before, ConnectError::Schema(_)), "{before:?}");
-    PostgresStore::builder(as_user(&common::url(), &owner))
-        .schema(&schema)
-        .connect()
-        .await
-        .expect("the owner migrates");
+    store_as(&owner, &schema).await.expect("the owner migrates");
     let row = client
         .query_one(
             "SELECT p.prosecdef, p.proconfig::TEXT FROM pg_catalog.pg_proc p
@@ -254,9 +237,7 @@ async fn the_owner_upgrades_a_version_2_schema() {
         config.contains("search_path=pg_catalog, pg_temp"),
         "{config}"
     );
-    let store = PostgresStore::builder(&runtime_url)
-        .schema(&schema)
-        .connect()
+    let store = store_as(&runtime, &schema)
         .await
         .expect("the runtime role opens the upgraded schema");
     tokenkeeper_core::conformance::events_follow_every_write(std::sync::Arc::new(store)).await;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokenkeeper_core::conformance::{T0, lease, sample_record};
 use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, TokenStore};
-use tokenkeeper_redis::{ConnectError, DurabilityCheck, DurabilityGap, RedisStore};
+use tokenkeeper_redis::{
+    ConnectError, DurabilityCheck, DurabilityGap, RedisStore, RedisStoreBuilder,
+};
 use tokenkeeper_testkit::redis::{Server, free_port};
 
 fn at(secs: u64) -> tokenkeeper_core::Timestamp {
@@ -142,18 +144,34 @@ async fn synced_primary(primary: &Server) -> redis::aio::MultiplexedConnection {
     raw
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_write_waits_for_replicas() {
-    let primary = Server::start_on(free_port(), &[]);
+/// A primary started with `args`, a replica of it, a store on the primary whose writes wait
+/// `wait` for that replica (`tune` sets the rest), and a raw connection to the primary once
+/// the replica has synced.
+async fn replicated(
+    args: &[&str],
+    wait: Duration,
+    tune: impl FnOnce(RedisStoreBuilder) -> RedisStoreBuilder,
+) -> (
+    Server,
+    Server,
+    RedisStore,
+    redis::aio::MultiplexedConnection,
+) {
+    let primary = Server::start_on(free_port(), args);
     let primary_port = primary.port.to_string();
     let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
-    let store = RedisStore::builder(primary.url())
+    let builder = RedisStore::builder(primary.url())
         .durability_check(DurabilityCheck::Skip)
-        .wait_for_replicas(1, Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = synced_primary(&primary).await;
+        .wait_for_replicas(1, wait);
+    let store = tune(builder).connect().await.unwrap();
+    let raw = synced_primary(&primary).await;
+    (primary, replica, store, raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_waits_for_replicas() {
+    let (_primary, replica, store, mut raw) =
+        replicated(&[], Duration::from_millis(500), |b| b).await;
     // The server forgets its scripts (a restart, a failover to a replica, `SCRIPT FLUSH`):
     // the write and its `WAIT` travel in one pipeline, and a script the server does not know
     // is loaded and the pipeline sent again.
@@ -224,16 +242,7 @@ async fn until_a_client_blocks(raw: &mut redis::aio::MultiplexedConnection) {
 /// gone must not hold up the process's reads: they answer while the write still waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
-    let primary = Server::start_on(free_port(), &[]);
-    let primary_port = primary.port.to_string();
-    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
-    let store = RedisStore::builder(primary.url())
-        .durability_check(DurabilityCheck::Skip)
-        .wait_for_replicas(1, Duration::from_secs(30))
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = synced_primary(&primary).await;
+    let (_primary, replica, store, mut raw) = replicated(&[], Duration::from_secs(30), |b| b).await;
     let id = InstallationId::new("waits").unwrap();
     let created = sample_record(&id, at(0));
     store
@@ -272,19 +281,12 @@ async fn reads_do_not_queue_behind_a_write_waiting_for_replicas() {
 /// so the write is not the one that finds it dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_server_restarted_goes_through() {
-    let mut primary = Server::start_on(
-        free_port(),
+    let (mut primary, _replica, store, _) = replicated(
         &["--appendonly", "yes", "--appendfsync", "always"],
-    );
-    let primary_port = primary.port.to_string();
-    let _replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
-    let store = RedisStore::builder(primary.url())
-        .durability_check(DurabilityCheck::Skip)
-        .wait_for_replicas(1, Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
-    drop(synced_primary(&primary).await);
+        Duration::from_secs(5),
+        |b| b,
+    )
+    .await;
     let id = InstallationId::new("restarted").unwrap();
     let created = sample_record(&id, at(0));
     store
@@ -311,18 +313,11 @@ async fn a_write_after_the_server_restarted_goes_through() {
 /// hold it (so the engine's read-back tells the truth: not applied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_finds_no_free_connection_is_not_sent() {
-    let primary = Server::start_on(free_port(), &[]);
-    let primary_port = primary.port.to_string();
-    let replica = Server::start_on(free_port(), &["--replicaof", "127.0.0.1", &primary_port]);
-    let store = RedisStore::builder(primary.url())
-        .durability_check(DurabilityCheck::Skip)
-        .wait_for_replicas(1, Duration::from_secs(30))
-        .replica_wait_connections(1)
-        .operation_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = synced_primary(&primary).await;
+    let (_primary, replica, store, mut raw) = replicated(&[], Duration::from_secs(30), |b| {
+        b.replica_wait_connections(1)
+            .operation_timeout(Duration::from_secs(1))
+    })
+    .await;
     let (a, b) = (
         InstallationId::new("first").unwrap(),
         InstallationId::new("second").unwrap(),

@@ -37,13 +37,19 @@ async fn bytes_of<T>(
     (c - b - info, result)
 }
 
-async fn filled() -> (Server, RedisStore, redis::aio::MultiplexedConnection) {
+/// A redis-server of the test's own and a store on it.
+async fn fresh() -> (Server, RedisStore) {
     let server = Server::start_on(free_port(), &[]);
     let store = RedisStore::builder(server.url())
         .durability_check(DurabilityCheck::Skip)
         .connect()
         .await
         .unwrap();
+    (server, store)
+}
+
+async fn filled() -> (Server, RedisStore, redis::aio::MultiplexedConnection) {
+    let (server, store) = fresh().await;
     for i in 0..RECORDS {
         let id = InstallationId::new(format!("inst-{i:05}")).unwrap();
         store.create(&sample_record(&id, T0)).await.unwrap();
@@ -218,12 +224,7 @@ async fn events_crowded_into_one_shard_still_fill_pages() {
 /// of 1 give the same sequence, so resuming from any event's cursor continues it exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_of_any_size_read_the_same_sequence() {
-    let server = Server::start_on(free_port(), &[]);
-    let store = RedisStore::builder(server.url())
-        .durability_check(DurabilityCheck::Skip)
-        .connect()
-        .await
-        .unwrap();
+    let (_server, store) = fresh().await;
     let on = |name: &'static str, shard: &'static str| {
         let store = store.clone();
         (0..)

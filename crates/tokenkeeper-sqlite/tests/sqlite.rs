@@ -489,30 +489,24 @@ async fn a_database_in_a_directory_others_may_write_is_refused() {
         .expect("a sticky directory is accepted");
 }
 
-/// Review N10: the path is checked again for every connection the pool opens later, so a
-/// database swapped for a link after start-up is not followed: no write lands in the file
-/// the link points to.
+/// A store of up to 8 connections at `path` holding one installation, "before".
 #[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
-    let path = common::fresh_db("swapped");
-    let store = std::sync::Arc::new(
-        SqliteStore::builder(&path)
-            .max_connections(8)
-            .open()
-            .await
-            .unwrap(),
-    );
+async fn pooled_store(path: &std::path::Path) -> std::sync::Arc<SqliteStore> {
+    let store = SqliteStore::builder(path)
+        .max_connections(8)
+        .open()
+        .await
+        .unwrap();
     store
         .create(&sample_record(&id("before"), at(1)))
         .await
         .unwrap();
-    // The attacker's copy, and the real path now a link to it.
-    let theirs = path.with_file_name("theirs.db");
-    let moved = path.with_file_name("moved.db");
-    raw_backup(&path, &theirs);
-    std::fs::rename(&path, &moved).unwrap();
-    std::os::unix::fs::symlink(&theirs, &path).unwrap();
+    std::sync::Arc::new(store)
+}
+
+/// 32 creates at once (so the pool opens new connections), with their outcomes.
+#[cfg(unix)]
+async fn many_writes(store: &std::sync::Arc<SqliteStore>) -> Vec<Result<(), StoreError>> {
     let writes: Vec<_> = (0..32)
         .map(|n| {
             let store = store.clone();
@@ -523,9 +517,30 @@ async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
             })
         })
         .collect();
-    let mut refused = 0;
+    let mut outcomes = Vec::new();
     for write in writes {
-        if let Err(e) = write.await.unwrap() {
+        outcomes.push(write.await.unwrap());
+    }
+    outcomes
+}
+
+/// Review N10: the path is checked again for every connection the pool opens later, so a
+/// database swapped for a link after start-up is not followed: no write lands in the file
+/// the link points to.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
+    let path = common::fresh_db("swapped");
+    let store = pooled_store(&path).await;
+    // The attacker's copy, and the real path now a link to it.
+    let theirs = path.with_file_name("theirs.db");
+    let moved = path.with_file_name("moved.db");
+    raw_backup(&path, &theirs);
+    std::fs::rename(&path, &moved).unwrap();
+    std::os::unix::fs::symlink(&theirs, &path).unwrap();
+    let mut refused = 0;
+    for outcome in many_writes(&store).await {
+        if let Err(e) = outcome {
             assert!(e.to_string().contains("symbolic link"), "{e}");
             refused += 1;
         }
@@ -552,31 +567,9 @@ async fn a_database_swapped_for_a_link_after_start_is_not_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_renamed_away_is_not_created_again() {
     let path = common::fresh_db("renamed");
-    let store = std::sync::Arc::new(
-        SqliteStore::builder(&path)
-            .max_connections(8)
-            .open()
-            .await
-            .unwrap(),
-    );
-    store
-        .create(&sample_record(&id("before"), at(1)))
-        .await
-        .unwrap();
+    let store = pooled_store(&path).await;
     std::fs::rename(&path, path.with_file_name("moved.db")).unwrap();
-    let writes: Vec<_> = (0..32)
-        .map(|n| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .create(&sample_record(&id(&format!("after-{n}")), at(2)))
-                    .await
-            })
-        })
-        .collect();
-    for write in writes {
-        let _ = write.await.unwrap();
-    }
+    many_writes(&store).await;
     assert!(
         !path.exists(),
         "a new connection created the database again"
