@@ -17,14 +17,19 @@
 //! finds it in the request's `Cookie` header and hands it to `complete_authorization` with
 //! the query's `code` and `state`; a callback URL replayed from another browser finds no
 //! cookie of that flow, and is refused.
+//!
+//! Every callback with a valid state and its cookie costs a store write and a request to the
+//! provider under the application's client id, and anyone can get both from `/install`: so
+//! the callback is rate limited per client address (review N8; here 10 a minute, answered
+//! `429 Too Many Requests` beyond). Behind a proxy, key it on the address the proxy reports.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -42,11 +47,31 @@ type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 /// Where the provider sends the browser back.
 const CALLBACK: &str = "/callback";
 
+/// Callbacks allowed per client address and minute.
+const CALLBACKS_PER_MINUTE: u32 = 10;
+
 #[derive(Clone)]
 struct App {
     manager: TokenManager,
     mock: Arc<MockProvider>,
     clock: ManualClock,
+    callbacks: Arc<Mutex<HashMap<IpAddr, (Instant, u32)>>>,
+}
+
+impl App {
+    /// Counts a callback from `ip` in its current minute; false once over the limit.
+    fn allow_callback(&self, ip: IpAddr) -> bool {
+        let mut seen = self
+            .callbacks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        // Forget minutes that ended, so the table stays as small as the live clients.
+        seen.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
+        let (_, count) = seen.entry(ip).or_insert((now, 0));
+        *count += 1;
+        *count <= CALLBACKS_PER_MINUTE
+    }
 }
 
 /// The running app: its address, the provider and the manager behind it.
@@ -150,9 +175,18 @@ fn refused(message: &str) -> Response {
 
 async fn callback(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if !app.allow_callback(peer.ip()) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "60")],
+            "too many callbacks from this address; try again in a minute",
+        )
+            .into_response();
+    }
     if let Some(error) = q.get("error") {
         return refused(&format!("the provider says: {error}"));
     }
@@ -255,6 +289,7 @@ pub async fn start() -> Fallible<WebApp> {
         manager: manager.clone(),
         mock: mock.clone(),
         clock,
+        callbacks: Arc::default(),
     };
     let router = Router::new()
         .route("/", get(index))
@@ -264,7 +299,8 @@ pub async fn start() -> Fallible<WebApp> {
         .route("/scopes", post(change_scopes))
         .with_state(app);
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let _ = axum::serve(listener, service).await;
     });
     Ok(WebApp {
         base,
@@ -344,6 +380,19 @@ async fn self_test(app: &WebApp) -> Fallible<()> {
     if app.mock.counters().totals.code_exchanges != exchanges {
         return Err("a replayed callback reached the provider".into());
     }
+    // A script hammering the callback (4 callbacks so far this minute): refused with 429
+    // past the limit, and none of it reaches the provider.
+    let mut limited = 0;
+    for n in 0..CALLBACKS_PER_MINUTE {
+        let junk = http
+            .get(format!("{}{CALLBACK}?code=junk{n}&state=junk", app.base))
+            .send()
+            .await?;
+        limited += usize::from(junk.status() == StatusCode::TOO_MANY_REQUESTS);
+    }
+    if limited != 4 || app.mock.counters().totals.code_exchanges != exchanges {
+        return Err(format!("the callback was not rate limited: {limited} of 10 refused").into());
+    }
     http.post(format!("{}/scopes", app.base)).send().await?;
     let page = http
         .post(format!("{}/time", app.base))
@@ -353,7 +402,7 @@ async fn self_test(app: &WebApp) -> Fallible<()> {
         .await?;
     let needing = page.matches("reauthorization_required").count();
     println!(
-        "self-test: 3 installs through the cookie-bound flow, a replayed callback refused, {needing} need re-authorization after the scope change"
+        "self-test: 3 installs through the cookie-bound flow, a replayed callback refused, callbacks past {CALLBACKS_PER_MINUTE} a minute refused with 429, {needing} need re-authorization after the scope change"
     );
     if needing != 3 {
         return Err(page.into());
