@@ -340,6 +340,21 @@ impl PostgresStoreBuilder {
     pub async fn connect(self) -> Result<PostgresStore, ConnectError> {
         let shown = redact(&self.url);
         let names = Names::new(&self.schema)?;
+        self.validate()?;
+        let (config, tls) = self.transport(&shown)?;
+        let pool = self.pool(config, tls, &shown)?;
+        self.prepare(&pool, &names, &shown).await?;
+        Ok(PostgresStore {
+            sql: ops::Sql::new(&names),
+            pool,
+            names,
+            operation_timeout: self.operation_timeout,
+            url: shown,
+        })
+    }
+
+    /// Refuses settings that cannot work, before anything connects.
+    fn validate(&self) -> Result<(), ConnectError> {
         if self.pool_size == 0 {
             return Err(ConnectError::Config {
                 field: "pool_size",
@@ -352,8 +367,17 @@ impl PostgresStoreBuilder {
                 reason: "timeouts must be greater than zero",
             });
         }
+        Ok(())
+    }
+
+    /// The driver's configuration from the URL, and TLS unless the server is on this machine
+    /// (or plaintext was allowed).
+    fn transport(
+        &self,
+        shown: &str,
+    ) -> Result<(tokio_postgres::Config, Option<tls::Connector>), ConnectError> {
         let mut config = parse_url(&self.url).map_err(|reason| ConnectError::InvalidUrl {
-            url: shown.clone(),
+            url: shown.to_owned(),
             reason,
         })?;
         config.connect_timeout(self.connect_timeout);
@@ -382,7 +406,9 @@ impl PostgresStoreBuilder {
                 .all(|ip| ip.to_canonical().is_loopback());
         let tls = match config.get_ssl_mode() {
             SslMode::Disable if !local && !self.allow_plaintext => {
-                return Err(ConnectError::Plaintext { url: shown });
+                return Err(ConnectError::Plaintext {
+                    url: shown.to_owned(),
+                });
             }
             SslMode::Disable => None,
             // A Unix socket never leaves the machine (and TLS there has no host name to
@@ -402,6 +428,16 @@ impl PostgresStoreBuilder {
         if tls.is_none() {
             config.ssl_mode(SslMode::Disable);
         }
+        Ok((config, tls))
+    }
+
+    /// The connection pool (it connects lazily).
+    fn pool(
+        &self,
+        config: tokio_postgres::Config,
+        tls: Option<tls::Connector>,
+        shown: &str,
+    ) -> Result<Pool, ConnectError> {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -409,7 +445,7 @@ impl PostgresStoreBuilder {
             Some(tls) => Manager::from_config(config, tls, manager_config),
             None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
         };
-        let pool = Pool::builder(manager)
+        Pool::builder(manager)
             .max_size(self.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(self.operation_timeout))
@@ -417,11 +453,16 @@ impl PostgresStoreBuilder {
             .recycle_timeout(Some(self.connect_timeout))
             .build()
             .map_err(|e| ConnectError::Unreachable {
-                url: shown.clone(),
+                url: shown.to_owned(),
                 reason: e.to_string(),
-            })?;
+            })
+    }
+
+    /// Connects once: creates or migrates the schema (bounded in time), checks its outbox
+    /// triggers, and stores the retention when one was set.
+    async fn prepare(&self, pool: &Pool, names: &Names, shown: &str) -> Result<(), ConnectError> {
         let unreachable = |reason: String| ConnectError::Unreachable {
-            url: shown.clone(),
+            url: shown.to_owned(),
             reason,
         };
         let mut client = tokio::time::timeout(self.connect_timeout, pool.get())
@@ -431,7 +472,7 @@ impl PostgresStoreBuilder {
         // A migrator that died holding the lock, or a table lock held by someone else, makes
         // connecting fail in time instead of waiting forever.
         let budget = self.connect_timeout.saturating_add(self.operation_timeout);
-        match tokio::time::timeout(budget, schema::migrate(&mut client, &names, budget)).await {
+        match tokio::time::timeout(budget, schema::migrate(&mut client, names, budget)).await {
             Ok(result) => result?,
             Err(_) => {
                 // The connection may be mid-statement: never hand it to anyone else.
@@ -441,20 +482,13 @@ impl PostgresStoreBuilder {
                 )));
             }
         }
-        schema::check_outbox(&client, &names).await?;
+        schema::check_outbox(&client, names).await?;
         if let Some(retention) = self.event_retention {
-            ops::set_retention(&client, &names, retention)
+            ops::set_retention(&client, names, retention)
                 .await
                 .map_err(ConnectError::schema)?;
         }
-        drop(client);
-        Ok(PostgresStore {
-            sql: ops::Sql::new(&names),
-            pool,
-            names,
-            operation_timeout: self.operation_timeout,
-            url: shown,
-        })
+        Ok(())
     }
 }
 

@@ -204,6 +204,42 @@ async fn current_version(
     }
 }
 
+/// The version recorded in the schema (inside the migration's transaction): 0 for a schema
+/// with nothing in it yet; a schema that holds an `installations` table tokenkeeper did not
+/// create is refused.
+async fn found_version(
+    tx: &tokio_postgres::Transaction<'_>,
+    names: &Names,
+) -> Result<i32, ConnectError> {
+    let s = &names.quoted;
+    let found: Option<i32> = tx
+        .query_opt(&format!("SELECT version FROM {s}.tokenkeeper_schema"), &[])
+        .await
+        .map_err(ConnectError::schema)?
+        .map(|row| row.try_get(0))
+        .transpose()
+        .map_err(ConnectError::schema)?;
+    if let Some(v) = found {
+        return Ok(v);
+    }
+    let foreign: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.tables
+              WHERE table_schema = $1 AND table_name = 'installations')",
+            &[&names.name],
+        )
+        .await
+        .map_err(ConnectError::schema)?
+        .try_get(0)
+        .map_err(ConnectError::schema)?;
+    if foreign {
+        return Err(ConnectError::NotTokenkeeper {
+            schema: names.name.clone(),
+        });
+    }
+    Ok(0)
+}
+
 /// Brings the schema up to [`SCHEMA_VERSION`], or refuses it. An up-to-date schema is only
 /// read; otherwise one transaction takes the schema's advisory lock (waiting at most
 /// `lock_wait` for it and for table locks), creates or migrates, and records the version.
@@ -249,34 +285,7 @@ pub(crate) async fn migrate(
     ))
     .await
     .map_err(ConnectError::schema)?;
-    let found: Option<i32> = tx
-        .query_opt(&format!("SELECT version FROM {s}.tokenkeeper_schema"), &[])
-        .await
-        .map_err(ConnectError::schema)?
-        .map(|row| row.try_get(0))
-        .transpose()
-        .map_err(ConnectError::schema)?;
-    let version = match found {
-        Some(v) => v,
-        None => {
-            let foreign: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables
-                      WHERE table_schema = $1 AND table_name = 'installations')",
-                    &[&names.name],
-                )
-                .await
-                .map_err(ConnectError::schema)?
-                .try_get(0)
-                .map_err(ConnectError::schema)?;
-            if foreign {
-                return Err(ConnectError::NotTokenkeeper {
-                    schema: names.name.clone(),
-                });
-            }
-            0
-        }
-    };
+    let version = found_version(&tx, names).await?;
     if version > SCHEMA_VERSION {
         return Err(future(version));
     }

@@ -9,8 +9,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::ConnectError;
 
+/// The TLS connector the pool connects with.
+pub(crate) type Connector = MakeRustlsConnect;
+
 /// The connector: `ca` (PEM) as the only root when given, otherwise the platform's roots.
-pub(crate) fn connector(ca: Option<&[u8]>) -> Result<MakeRustlsConnect, ConnectError> {
+pub(crate) fn connector(ca: Option<&[u8]>) -> Result<Connector, ConnectError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     // The provider is named, never taken from the process default (which panics when more than
     // one provider is compiled in).

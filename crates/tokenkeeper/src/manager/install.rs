@@ -232,23 +232,7 @@ impl TokenManager {
         let claimed = match engine.store.claim_flow(&key, &mine.encode(), ttl).await {
             Ok(claimed) => claimed,
             Err(source) => {
-                // The claim may have been stored even so (its acknowledgement lost): then say
-                // that nothing was exchanged, so a retry of this callback does not wait for an
-                // exchange that never ran. Anything else there (another callback's live claim)
-                // is left alone (review N8: overwriting it told later duplicates the flow had
-                // failed while its claimant was completing it).
-                let ours = mine.encode();
-                if matches!(engine.store.get_flow(&key).await, Ok(Some(stored)) if stored == ours) {
-                    let failed = FlowClaim {
-                        code: mine.code.clone(),
-                        by: mine.by.clone(),
-                        phase: Phase::Failed {
-                            reason: "the flow could not be claimed in the store".into(),
-                            code_sent: false,
-                        },
-                    };
-                    let _ = engine.store.settle_flow(&key, &failed.encode(), ttl).await;
-                }
+                self.settle_own_failed_claim(&key, &mine, ttl).await;
                 return Err(AuthorizationError::Store {
                     installation: installation.clone(),
                     source,
@@ -288,6 +272,28 @@ impl TokenManager {
 
     /// A duplicate callback: the flow was claimed already. The same code gets the claimant's
     /// outcome (waiting for it while the exchange runs); another code is refused.
+    /// After a claim the store reported as failed: it may have been stored even so (its
+    /// acknowledgement lost); then say that nothing was exchanged, so a retry of this callback
+    /// does not wait for an exchange that never ran. Anything else there (another callback's
+    /// live claim) is left alone (review N8: overwriting it told later duplicates the flow had
+    /// failed while its claimant was completing it).
+    async fn settle_own_failed_claim(&self, key: &str, mine: &FlowClaim, ttl: Duration) {
+        let store = &self.engine.store;
+        let ours = mine.encode();
+        if !matches!(store.get_flow(key).await, Ok(Some(stored)) if stored == ours) {
+            return;
+        }
+        let failed = FlowClaim {
+            code: mine.code.clone(),
+            by: mine.by.clone(),
+            phase: Phase::Failed {
+                reason: "the flow could not be claimed in the store".into(),
+                code_sent: false,
+            },
+        };
+        let _ = store.settle_flow(key, &failed.encode(), ttl).await;
+    }
+
     async fn follow_claim(
         &self,
         key: &str,
