@@ -306,7 +306,10 @@ impl RedisStoreBuilder {
                 for _ in 0..self.write_connections {
                     conns.push(self.open(&url, timeout).await?);
                 }
-                Some(std::sync::Arc::new(conn::WritePool::new(conns)))
+                Some(ReplicaWrites {
+                    wait,
+                    pool: std::sync::Arc::new(conn::WritePool::new(conns)),
+                })
             }
             None => None,
         };
@@ -474,7 +477,7 @@ impl RedisStoreBuilder {
     async fn finish(
         self,
         conn: Conn,
-        writers: Option<std::sync::Arc<conn::WritePool>>,
+        writers: Option<ReplicaWrites>,
         url: String,
     ) -> Result<RedisStore, ConnectError> {
         let durability_gaps = match self.durability_check {
@@ -494,12 +497,11 @@ impl RedisStoreBuilder {
         }
         let store = RedisStore {
             conn,
-            writers,
+            replica_writes: writers,
             layout: Layout::new(&self.prefix, self.shards),
             prefix: self.prefix,
             url,
             operation_timeout: self.operation_timeout,
-            replica_wait: self.replica_wait,
             event_retention: self.event_retention,
             log_id: std::sync::Arc::default(),
             durability_gaps,
@@ -569,14 +571,13 @@ async fn read_durability(conn: &Conn) -> Vec<durability::DurabilityGap> {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
-    /// Where writes that wait for replicas go (only with a replica wait), so that their
-    /// `WAIT` blocks no read.
-    writers: Option<std::sync::Arc<conn::WritePool>>,
+    /// With `wait_for_replicas`: what each write waits for, and the connections such writes
+    /// go on, so that their `WAIT` blocks no read.
+    replica_writes: Option<ReplicaWrites>,
     layout: Layout,
     prefix: String,
     url: String,
     operation_timeout: Duration,
-    replica_wait: Option<ReplicaWait>,
     event_retention: EventRetention,
     /// The event log's id (`{prefix}:events:log`, created by the first store to connect;
     /// read again when a cursor names another, in case the key was lost and drawn anew).
@@ -655,7 +656,7 @@ impl RedisStore {
     /// resends both. A script the server does not know (`NOSCRIPT`: not run) is loaded and
     /// the pipeline sent once more.
     async fn write(&self, operation: &'static str, write: Write<'_>) -> Result<Value, StoreError> {
-        let Some(wait) = self.replica_wait else {
+        let Some(ReplicaWrites { wait, pool }) = &self.replica_writes else {
             return match write {
                 Write::Script(invocation) => {
                     self.run(operation, async |c| invocation.invoke_async(c).await)
@@ -676,25 +677,18 @@ impl RedisStore {
             Write::Command(cmd) => pipe.add_command(cmd.clone()),
         };
         pipe.cmd("WAIT").arg(wait.replicas).arg(millis);
-        // The pool exists whenever a wait is configured; the shared connection is the
-        // fallback that cannot happen.
-        let held = match &self.writers {
-            Some(pool) => Some(pool.checkout(self.operation_timeout).await.ok_or_else(|| {
-                StoreError::unavailable(
-                    BACKEND,
-                    operation,
-                    RedisFault::WritersBusy {
-                        connections: pool.size(),
-                        waited: self.operation_timeout,
-                    },
-                )
-            })?),
-            None => None,
-        };
-        let on = held
-            .as_ref()
-            .map_or_else(|| self.conn.clone(), conn::Checkout::conn);
-        if held.as_ref().is_some_and(|h| h.idle_for() >= IDLE_CHECK) {
+        let held = pool.checkout(self.operation_timeout).await.ok_or_else(|| {
+            StoreError::unavailable(
+                BACKEND,
+                operation,
+                RedisFault::WritersBusy {
+                    connections: pool.size(),
+                    waited: self.operation_timeout,
+                },
+            )
+        })?;
+        let on = held.conn();
+        if held.idle_for() >= IDLE_CHECK {
             // A read first: one that finds the connection dead is sent again once it has
             // reconnected, so the write is not the one to find out.
             self.run_on(on.clone(), self.operation_timeout, operation, async |c| {
@@ -991,6 +985,14 @@ fn is_loopback(host: &str) -> bool {
         || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// What writes wait for with `wait_for_replicas`, and the connections they go on: one
+/// option, so that neither exists without the other.
+#[derive(Clone)]
+struct ReplicaWrites {
+    wait: ReplicaWait,
+    pool: std::sync::Arc<conn::WritePool>,
 }
 
 /// A pool connection unused this long is pinged before a write goes on it (a round trip
