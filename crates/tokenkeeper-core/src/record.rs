@@ -115,11 +115,18 @@ pub struct FailureStreak {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_error_since: Option<Timestamp>,
     /// When a late result revived the record after a peer's verdict on the refresh token it
-    /// rotated away: that peer may have presented the retired token, and a provider with reuse
-    /// detection may then have revoked the whole grant. Until the next success, a refusal is
+    /// rotated away, after a peer's attempt with that token the provider may have committed
+    /// (a lost reply, a 5xx), or over a peer's lease: that peer presented (or may present)
+    /// the retired token, and a provider with reuse detection may then have revoked the whole
+    /// grant. Until the next success, a refusal is
     /// explained as a lost rotation, not as a revocation by the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revived_after_verdict: Option<Timestamp>,
+    /// Until when a peer may still present the retired token (the end of the peer's lease
+    /// the late result landed over): a success before then does not clear
+    /// `revived_after_verdict`, since reuse detection may revoke the grant after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doubt_until: Option<Timestamp>,
     /// How many times the mass-rejection guard held a refusal of this installation's refresh
     /// token in this streak: each retry of a hold comes twice as late as the one before, so a
     /// day's hold presents the refused token a handful of times, not every window.
@@ -339,6 +346,44 @@ impl Record {
     pub fn with_account(mut self, account: Option<String>) -> Self {
         self.account = account;
         self
+    }
+
+    /// When the current lease was taken (by its holder's clock), if a lease is held and its
+    /// history entry is kept: a request under it was sent no earlier.
+    pub fn lease_entry_at(&self) -> Option<Timestamp> {
+        let fence = self.state().lease()?.fence;
+        self.history
+            .iter()
+            .rev()
+            .find(|e| e.version == fence)
+            .map(|e| e.at)
+    }
+
+    /// The earliest a request under the current lease may have been sent, if a lease is held
+    /// and its history is kept: when it was taken (by its holder's clock), or, when it took a
+    /// silent holder's lease over, when that one was taken (and so on down a chain of
+    /// takeovers): that holder may have sent from then.
+    pub fn lease_taken_at(&self) -> Option<Timestamp> {
+        let fence = self.state().lease()?.fence;
+        let mut earliest = None;
+        let mut in_chain = false;
+        for entry in self.history.iter().rev() {
+            if entry.version == fence {
+                in_chain = true;
+            }
+            let acquired = matches!(
+                entry.event,
+                EventKind::LeaseAcquired | EventKind::LeaseTakenOver
+            );
+            if !in_chain || !acquired {
+                continue;
+            }
+            earliest = Some(entry.at);
+            if entry.from != StateKind::Refreshing {
+                break;
+            }
+        }
+        earliest
     }
 
     /// The installation.

@@ -96,6 +96,10 @@ pub enum Event {
         tokens: TokenSet,
         /// When the next refresh is due.
         refresh_at: Timestamp,
+        /// The lease the result was obtained under (`None` when unknown). A stored record
+        /// under any other lease was taken over by a peer that may have presented the retired
+        /// token: the revival then remembers it (see `FailureStreak::revived_after_verdict`).
+        obtained_under: Option<LeaseHolder>,
     },
     /// The refresh failed but the tokens are not condemned; try again at `retry_at`.
     RefreshDeferred {
@@ -360,6 +364,7 @@ pub fn transition(
             presented,
             tokens,
             refresh_at,
+            obtained_under,
         } => {
             // Every condemnation is a verdict about the refresh token this result rotated
             // away (refused, expired, a budget spent on it): none says anything about the
@@ -379,23 +384,24 @@ pub fn transition(
             next.state = State::Active;
             next.due_at = Some(refresh_at);
             // A revival after a peer's verdict (reached by presenting the retired token, unless
-            // there was none to present) remembers it until the next success.
-            next.failures = match &record.state {
-                State::ReauthorizationRequired { reason, .. }
-                    if *reason != ReauthReason::NoRefreshToken =>
-                {
-                    Some(FailureStreak {
-                        consecutive: 0,
-                        first_at: now,
-                        last_at: now,
-                        possibly_committed_since: None,
-                        server_error_since: None,
-                        revived_after_verdict: Some(now),
-                        held_refusals: 0,
-                    })
-                }
-                _ => None,
-            };
+            // there was none to present), after a peer's attempt with the retired token that
+            // the provider may have committed, or over a peer's lease (which may have presented
+            // it): reuse detection may have revoked the grant then, so the revival remembers
+            // it until the next success.
+            let peer_attempt_in_doubt = record.failures.as_ref().is_some_and(|f| {
+                f.possibly_committed_since.is_some() || f.server_error_since.is_some()
+            });
+            let peer_lease = record
+                .state
+                .lease()
+                .filter(|l| Some(&l.holder) != obtained_under.as_ref())
+                .map(|l| l.until);
+            let verdict = matches!(
+                &record.state,
+                State::ReauthorizationRequired { reason, .. } if *reason != ReauthReason::NoRefreshToken
+            );
+            next.failures = (verdict || peer_attempt_in_doubt || peer_lease.is_some())
+                .then(|| doubt_streak(now, peer_lease));
             next.refresh_token_last_used = now;
         }
         Event::Refreshed {
@@ -408,7 +414,16 @@ pub fn transition(
             next.tokens = tokens.merged_onto(&record.tokens);
             next.state = State::Active;
             next.due_at = Some(refresh_at);
-            next.failures = None;
+            // A success clears the streak, but not a revival's doubt unless this refresh was
+            // sent after the peer it came from could still present the retired token (its
+            // lease taken after that peer's lease ended: the provider was alive then).
+            let sent_after = record.lease_entry_at().unwrap_or(now);
+            next.failures = record
+                .failures
+                .as_ref()
+                .and_then(|f| f.doubt_until)
+                .filter(|until| sent_after < *until)
+                .map(|until| doubt_streak(now, Some(until)));
             next.refresh_token_last_used = now;
         }
         Event::RefreshDeferred {
@@ -423,7 +438,16 @@ pub fn transition(
                 cause,
             };
             next.due_at = Some(retry_at);
-            next.failures = Some(next_streak(record.failures.as_ref(), cause, commit, now));
+            // The attempt may have been committed from the moment it was sent, which came
+            // after the lease was taken (the recording may come much later: a request's
+            // deadline, a pause): evidence of a commit counts from the lease.
+            let sent_after = record.lease_taken_at().map_or(now, |at| at.min(now));
+            next.failures = Some(next_streak(
+                record.failures.as_ref(),
+                cause,
+                (commit, sent_after),
+                now,
+            ));
             next.last_error = Some(detail.clone());
             error = Some(detail);
         }
@@ -488,17 +512,18 @@ impl Record {
 /// The failure streak after one more failed attempt. Only transient failures count against
 /// the failure budget: a refused consumer credential or a configuration error is no fault of
 /// the installation, so it restarts the count (and the budget's clock). Evidence that an
-/// attempt may have rotated the token is kept whatever follows, until a success or a new grant.
+/// attempt may have rotated the token is kept whatever follows, until a success or a new grant;
+/// it counts from `sent_after`, the earliest the attempt can have been sent.
 fn next_streak(
     previous: Option<&FailureStreak>,
     cause: BackoffCause,
-    commit: CommitEvidence,
+    (commit, sent_after): (CommitEvidence, Timestamp),
     now: Timestamp,
 ) -> FailureStreak {
     let transient = cause == BackoffCause::Transient;
     let held = u32::from(cause == BackoffCause::MassRejection);
-    let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(now);
-    let server_error = (commit == CommitEvidence::ServerError).then_some(now);
+    let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(sent_after);
+    let server_error = (commit == CommitEvidence::ServerError).then_some(sent_after);
     let (consecutive, first_at) = match previous {
         Some(streak) if transient && streak.consecutive > 0 => {
             (streak.consecutive.saturating_add(1), streak.first_at)
@@ -517,7 +542,23 @@ fn next_streak(
             .or(lost_reply),
         server_error_since: previous.and_then(|s| s.server_error_since).or(server_error),
         revived_after_verdict: previous.and_then(|s| s.revived_after_verdict),
+        doubt_until: previous.and_then(|s| s.doubt_until),
         held_refusals: previous.map_or(0, |s| s.held_refusals).saturating_add(held),
+    }
+}
+
+/// The streak a revival leaves: no failure, but the doubt that a peer presented (or, until
+/// `until`, may still present) the retired token.
+fn doubt_streak(now: Timestamp, until: Option<Timestamp>) -> FailureStreak {
+    FailureStreak {
+        consecutive: 0,
+        first_at: now,
+        last_at: now,
+        possibly_committed_since: None,
+        server_error_since: None,
+        revived_after_verdict: Some(now),
+        doubt_until: until,
+        held_refusals: 0,
     }
 }
 
@@ -526,7 +567,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{AccessToken, InstallationId};
+    use crate::{AccessToken, FailureClass, InstallationId};
 
     const T0: Timestamp = Timestamp::from_unix_secs(1_800_000_000);
 
@@ -554,6 +595,7 @@ mod tests {
             presented: RefreshToken::new(presented),
             tokens: reply,
             refresh_at: T0,
+            obtained_under: Some(LeaseHolder::new("late:1")),
         }
     }
 
@@ -617,6 +659,184 @@ mod tests {
                 Some(RefreshToken::new("r1"))
             );
         }
+    }
+
+    /// Found by the model checker: a peer presented the retired token and its attempt may
+    /// have been committed (a 5xx or a lost reply after sending): a provider with reuse
+    /// detection may then have revoked the grant, so the revival remembers it and a later
+    /// refusal is explained as a lost rotation. An attempt the provider surely did not
+    /// commit (a 429, a connection refused) leaves no such doubt.
+    #[test]
+    fn a_late_result_over_a_peer_attempt_in_doubt_remembers_it() {
+        for (commit, doubt) in [
+            (CommitEvidence::ServerError, true),
+            (CommitEvidence::ReplyLost, true),
+            (CommitEvidence::None, false),
+        ] {
+            let holder = LeaseHolder::new("peer:1");
+            let until = T0.saturating_add(Duration::from_secs(30));
+            let leased = record("r0")
+                .apply(Event::LeaseAcquired { holder, until }, T0)
+                .unwrap();
+            let deferred = leased
+                .apply(
+                    Event::RefreshDeferred {
+                        fence: leased.version(),
+                        retry_at: T0,
+                        cause: BackoffCause::Transient,
+                        error: ErrorDetail::new(FailureClass::Transient),
+                        commit,
+                    },
+                    T0,
+                )
+                .unwrap();
+            let revived = deferred
+                .apply(late("r0", tokens("a1", Some("r1"))), T0)
+                .unwrap();
+            assert_eq!(
+                revived
+                    .failures()
+                    .is_some_and(|f| f.revived_after_verdict.is_some()),
+                doubt,
+                "{commit:?}"
+            );
+        }
+    }
+
+    /// Found by the model checker: a peer took the lease over (it may have presented the
+    /// retired token, and a provider with reuse detection revoked the grant) and crashed; the
+    /// result, put back from the unsaved-tokens place, lands over that lease and remembers
+    /// the doubt. Over the result's own lease there is none.
+    #[test]
+    fn a_late_result_over_a_peer_lease_remembers_it() {
+        for (holder, doubt) in [("peer:1", true), ("late:1", false)] {
+            let until = T0.saturating_add(Duration::from_secs(30));
+            let holder = LeaseHolder::new(holder);
+            let leased = record("r0")
+                .apply(Event::LeaseAcquired { holder, until }, T0)
+                .unwrap();
+            let revived = leased
+                .apply(late("r0", tokens("a1", Some("r1"))), T0)
+                .unwrap();
+            assert_eq!(
+                revived
+                    .failures()
+                    .is_some_and(|f| f.revived_after_verdict.is_some()),
+                doubt
+            );
+        }
+    }
+
+    /// Found by the model checker: the peer whose lease a late result landed over may still
+    /// be presenting the retired token (its request is in flight until its lease ends), so a
+    /// success before then does not clear the doubt: reuse detection may revoke the grant
+    /// after it. A success after that lease's end does.
+    #[test]
+    fn a_success_during_the_peer_lease_keeps_the_doubt() {
+        let until = T0.saturating_add(Duration::from_secs(30));
+        let holder = LeaseHolder::new("peer:1");
+        let leased = record("r0")
+            .apply(Event::LeaseAcquired { holder, until }, T0)
+            .unwrap();
+        let revived = leased
+            .apply(late("r0", tokens("a1", Some("r1"))), T0)
+            .unwrap();
+        let refresh = |at: Timestamp| {
+            let holder = LeaseHolder::new("own:2");
+            let until = at.saturating_add(Duration::from_secs(30));
+            let own = revived
+                .apply(Event::LeaseAcquired { holder, until }, at)
+                .unwrap();
+            let fence = own.version();
+            let event = Event::Refreshed {
+                fence,
+                tokens: tokens("a2", Some("r2")),
+                refresh_at: at,
+                anomaly: None,
+            };
+            own.apply(event, at).unwrap()
+        };
+        let doubt = |r: &Record| {
+            r.failures()
+                .is_some_and(|f| f.revived_after_verdict.is_some())
+        };
+        assert!(doubt(&refresh(T0.saturating_add(Duration::from_secs(10)))));
+        assert!(!doubt(&refresh(T0.saturating_add(Duration::from_secs(31)))));
+    }
+
+    /// Found by the model checker: a holder that lost its reply records the failure when it
+    /// gets to it (after the request's deadline, or after a pause), but the provider may have
+    /// committed the request from the moment it was sent, which came after the lease was
+    /// taken: the reuse leeway is counted from the lease, not from the recording.
+    #[test]
+    fn a_possible_commit_counts_from_the_lease_not_from_the_recording() {
+        let holder = LeaseHolder::new("h:1");
+        let until = T0.saturating_add(Duration::from_secs(30));
+        let leased = record("r0")
+            .apply(Event::LeaseAcquired { holder, until }, T0)
+            .unwrap();
+        let later = T0.saturating_add(Duration::from_secs(20));
+        for commit in [CommitEvidence::ReplyLost, CommitEvidence::ServerError] {
+            let deferred = leased
+                .apply(
+                    Event::RefreshDeferred {
+                        fence: leased.version(),
+                        retry_at: later,
+                        cause: BackoffCause::Transient,
+                        error: ErrorDetail::new(FailureClass::Transient),
+                        commit,
+                    },
+                    later,
+                )
+                .unwrap();
+            let streak = deferred.failures().unwrap();
+            let since = streak
+                .possibly_committed_since
+                .or(streak.server_error_since);
+            assert_eq!(since, Some(T0), "{commit:?}");
+        }
+    }
+
+    /// A lease that took over a silent holder's: that holder may have sent from when it took
+    /// its own lease, so a possible commit counts from then.
+    #[test]
+    fn a_possible_commit_after_a_takeover_counts_from_the_lapsed_lease() {
+        let until = T0.saturating_add(Duration::from_secs(30));
+        let lapsed = record("r0")
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new("silent:1"),
+                    until,
+                },
+                T0,
+            )
+            .unwrap();
+        let later = T0.saturating_add(Duration::from_secs(40));
+        let mine = lapsed
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new("me:1"),
+                    until: later.saturating_add(Duration::from_secs(30)),
+                },
+                later,
+            )
+            .unwrap();
+        let deferred = mine
+            .apply(
+                Event::RefreshDeferred {
+                    fence: mine.version(),
+                    retry_at: later,
+                    cause: BackoffCause::Transient,
+                    error: ErrorDetail::new(FailureClass::Transient),
+                    commit: CommitEvidence::ReplyLost,
+                },
+                later,
+            )
+            .unwrap();
+        assert_eq!(
+            deferred.failures().unwrap().possibly_committed_since,
+            Some(T0)
+        );
     }
 
     #[test]

@@ -212,6 +212,7 @@ fn event_for(op: &Op, r: &Record, now: Timestamp, n: usize) -> Event {
             },
             tokens: tokens(n, now, true),
             refresh_at: secs(5000),
+            obtained_under: None,
         },
     }
 }
@@ -262,12 +263,20 @@ proptest! {
                         next.written_under(),
                         if leased_event { rec.state().lease().map(|l| &l.holder) } else { None }
                     );
-                    // A revival after a peer's verdict is remembered (until the next success).
-                    if kind == EventKind::LateRefreshed
-                        && matches!(rec.state(), State::ReauthorizationRequired { reason, .. }
-                            if *reason != ReauthReason::NoRefreshToken)
-                    {
-                        prop_assert!(next.failures().is_some_and(|f| f.revived_after_verdict.is_some()));
+                    // A revival after a peer's verdict, a peer's attempt the provider may have
+                    // committed, or over a peer's lease (these results' lease is unknown) is
+                    // remembered until the next success; any other is a plain success.
+                    if kind == EventKind::LateRefreshed {
+                        let doubt = matches!(rec.state(), State::ReauthorizationRequired { reason, .. }
+                                if *reason != ReauthReason::NoRefreshToken)
+                            || rec.state().lease().is_some()
+                            || rec.failures().is_some_and(|f| {
+                                f.possibly_committed_since.is_some() || f.server_error_since.is_some()
+                            });
+                        prop_assert_eq!(
+                            next.failures().is_some_and(|f| f.revived_after_verdict.is_some()),
+                            doubt
+                        );
                     }
                     // A possibly committed attempt is remembered until a success or a new grant.
                     let success = matches!(kind, EventKind::Refreshed | EventKind::LateRefreshed | EventKind::Authorized);

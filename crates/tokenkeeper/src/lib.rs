@@ -63,12 +63,15 @@ pub mod oauth;
 
 pub use error::Error;
 
-/// Not a stable API: the refresh protocol's pure steps (the decision step and the choice of a
-/// rejection's reason), exported so the model checker in `tokenkeeper-model` runs the very
-/// code the engine runs.
+/// Not a stable API: the refresh protocol's pure steps (the decision step, the failure plan
+/// and the choice of a rejection's reason), exported so the model checker in
+/// `tokenkeeper-model` runs the very code the engine runs.
 #[doc(hidden)]
 pub mod __protocol {
-    pub use crate::manager::{DecideContext as Context, Decision, Mode, decide, rejection_reason};
+    pub use crate::manager::{
+        DecideContext as Context, Decision, Failure, Mode, Plan, Rules, decide, is_own_write,
+        plan_failure, refresh_token_deadline, rejection_reason, retired_past_leeway, unpresentable,
+    };
 }
 /// Not a stable API: entry points for the fuzz targets (`fuzz/`) into parsers that are not
 /// public, each checking its own properties and panicking when one breaks.

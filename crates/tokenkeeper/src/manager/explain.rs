@@ -226,7 +226,7 @@ impl Explanation {
         };
         let summary = match record.failures().and_then(|f| f.revived_after_verdict) {
             Some(at) if matches!(record.state(), State::Active) => format!(
-                "{summary} At {at} a late result revived it after another process had condemned the refresh token it rotated away; if that process presented the retired token, a provider with reuse detection may have revoked the grant, and the next refresh would then be refused (explained as a lost rotation)."
+                "{summary} At {at} a late result revived it after another process had condemned, tried or taken the lease of the refresh token it rotated away; if that process presented the retired token, a provider with reuse detection may have revoked the grant, and the next refresh would then be refused (explained as a lost rotation)."
             ),
             _ => summary,
         };

@@ -593,7 +593,9 @@ impl TokenManager {
                 Ok(CasOutcome::Swapped) => return Ok((false, next)),
                 // Our own write, applied by an attempt whose reply was lost and resent (a
                 // Redis Cluster retry): the grant is stored, not superseded by "another flow".
-                Ok(CasOutcome::Conflict(stored)) if *stored == next => return Ok((false, next)),
+                Ok(CasOutcome::Conflict(stored)) if super::retry::is_own_write(&stored, &next) => {
+                    return Ok((false, next));
+                }
                 Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
                 Ok(CasOutcome::Missing) => current = None,
                 // Applied, its acknowledgement lost: the grant is stored.

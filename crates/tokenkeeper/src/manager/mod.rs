@@ -28,6 +28,7 @@ mod guard;
 mod install;
 mod lease;
 mod metrics;
+mod plan;
 mod policy;
 mod refresh;
 mod refresher;
@@ -46,13 +47,18 @@ use tokio::sync::broadcast;
 
 /// The refresh protocol's pure decision steps, for the model checker (`tokenkeeper-model`).
 #[doc(hidden)]
-pub use decide::{Context as DecideContext, Decision, Mode, decide, rejection_reason};
+pub use decide::{
+    Context as DecideContext, Decision, Mode, decide, refresh_token_deadline, rejection_reason,
+    unpresentable,
+};
 pub use events::{LocalEvent, LocalEventKind};
 pub use explain::{Explanation, Health};
 pub use fleet::{EventStream, EventsError};
 pub use guard::MassRejectionGuard;
+pub use plan::{Failure, Plan, Rules, plan_failure, retired_past_leeway};
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
+pub use retry::is_own_write;
 pub use unsaved::{UnsavedFileError, UnsavedRestore, UnsavedTokens};
 
 use cache::Cache;

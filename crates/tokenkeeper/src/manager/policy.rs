@@ -315,12 +315,26 @@ impl RefreshPolicy {
         streak: Option<&FailureStreak>,
         retry_after: Option<Duration>,
     ) -> Timestamp {
+        self.retry_at_with_jitter(now, streak, retry_after, fastrand::f64())
+    }
+
+    /// [`retry_at`](Self::retry_at) with the jitter given: `jitter` in `[0, 1)` places the
+    /// retry in the backoff window (pure, for the failure plan and the model).
+    pub fn retry_at_with_jitter(
+        &self,
+        now: Timestamp,
+        streak: Option<&FailureStreak>,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Timestamp {
         let n = streak.map_or(0, |s| s.consecutive).min(20);
         let cap = self
             .backoff_base
             .saturating_mul(1u32 << n.min(16))
             .min(self.backoff_max);
-        let delay = cap.mul_f64(fastrand::f64()).max(self.backoff_base / 2);
+        let delay = cap
+            .mul_f64(jitter.clamp(0.0, 1.0))
+            .max(self.backoff_base / 2);
         now.saturating_add(delay.max(retry_after.unwrap_or(Duration::ZERO)))
     }
 

@@ -13,23 +13,22 @@
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, EventKind, FailureClass,
-    InstallationId, LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp,
-    TokenSet,
+    BackoffCause, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId,
+    LeaseHolder, ReauthReason, Record, RefreshToken, StoreError, Timestamp, TokenSet,
 };
 use tracing::{Instrument, field};
 
 use super::Engine;
 use super::cache::Insert;
 use super::decide::{
-    Context, Decision, Mode, backoff_error, decide, refresh_token_deadline, rejection_reason,
-    unpresentable,
+    Context, Decision, Mode, backoff_error, decide, refresh_token_deadline, unpresentable,
 };
 use super::events::LocalEventKind;
 use super::flight::Outcome;
 use super::guard::{self, Verdict};
 use super::lease::{HeldLease, Renewal, Watch};
-use super::retry::applied;
+use super::plan::{Failure, Plan, Rules, plan_failure, retired_past_leeway};
+use super::retry::{applied, is_own_write};
 use super::unsaved::UnsavedTokens;
 use crate::error::Error;
 use crate::oauth::error::OAuthError;
@@ -362,7 +361,12 @@ async fn exchange(
     takeover: bool,
     serve_valid: bool,
 ) -> Step {
-    if let Some(since) = retired_past_leeway(engine, held.record(), engine.clock.now()) {
+    let profile = engine.client.consumer().profile();
+    let rules = Rules {
+        profile,
+        policy: &engine.policy,
+    };
+    if let Some(since) = retired_past_leeway(held.record(), rules, engine.clock.now()) {
         // Presenting the previous token now would only trip the provider's reuse detection,
         // which revokes the whole grant: record the loss instead.
         let detail = ErrorDetail {
@@ -386,7 +390,6 @@ async fn exchange(
     // nothing is presented. While the access token is valid (and the API has not refused it)
     // it is served and the installation falls due at its expiry; then the truthful reason is
     // recorded.
-    let profile = engine.client.consumer().profile();
     let now = engine.clock.now();
     if let Some((reason, detail, deadline)) = unpresentable(held.record(), profile, mode, now) {
         let tokens = held.record().tokens().clone();
@@ -452,12 +455,7 @@ async fn exchange(
             if e.commit_evidence() != CommitEvidence::None {
                 held.mark_doubt();
             }
-            match e.class() {
-                FailureClass::RefreshTokenRejected | FailureClass::ScopeRejected => {
-                    on_rejected(engine, id, &mut held, &e, takeover, now).await
-                }
-                _ => on_deferred(engine, id, &mut held, &e, serve_valid, now).await,
-            }
+            on_failed(engine, id, &mut held, &e, (takeover, serve_valid), now).await
         }
     }
 }
@@ -586,10 +584,12 @@ async fn land(
         refresh_at,
         anomaly,
     };
+    let under = held.record().state().lease().map(|l| l.holder.clone());
     let late = Event::LateRefreshed {
         presented: presented.clone(),
         tokens: tokens.clone(),
         refresh_at,
+        obtained_under: under.clone(),
     };
     // What to write, and over which version; `None` until computed from the held lease.
     let mut pending: Option<(Record, u64)> = None;
@@ -614,10 +614,10 @@ async fn land(
             Ok(CasOutcome::Missing) => return Landed::Superseded,
             // Our own write is there: the store applied it but reported a failure (e.g.
             // replicas did not confirm it in time).
-            Ok(CasOutcome::Conflict(stored)) if *stored == next => {
+            Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => {
                 if not_durable && tokens.rotated_from(&presented) {
                     let why = "written, but without the store's configured durability at first";
-                    sink(engine, id, presented, tokens, why.to_owned()).await;
+                    sink(engine, id, (presented, under), tokens, why.to_owned()).await;
                 }
                 return Landed::Written(Box::new(next));
             }
@@ -633,7 +633,9 @@ async fn land(
                         pending = Some((revived, stored.version()));
                         lease_lost = true;
                     }
-                    Err(_) => return obsolete(engine, id, &stored, presented, tokens).await,
+                    Err(_) => {
+                        return obsolete(engine, id, &stored, (presented, under), tokens).await;
+                    }
                 }
             }
             Err(e) => {
@@ -653,7 +655,14 @@ async fn land(
     }
     if tokens.rotated_from(&presented) {
         tracing::error!(error = %last_error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
-        sink(engine, id, presented, tokens, last_error.to_string()).await;
+        sink(
+            engine,
+            id,
+            (presented, under),
+            tokens,
+            last_error.to_string(),
+        )
+        .await;
     } else {
         // Nothing rotated: the stored refresh token still works; nothing to keep.
         tracing::warn!(error = %last_error, "the store did not take the refreshed access token; the stored refresh token still works");
@@ -669,34 +678,36 @@ async fn obsolete(
     engine: &Engine,
     id: &InstallationId,
     stored: &Record,
-    presented: RefreshToken,
+    obtained: (RefreshToken, Option<LeaseHolder>),
     tokens: TokenSet,
 ) -> Landed {
     if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
         revoke_orphan(engine, id, &tokens).await;
-    } else if tokens.rotated_from(&presented) {
+    } else if tokens.rotated_from(&obtained.0) {
         tracing::warn!(
             stored = %stored.state().kind(),
             "the stored record holds another refresh token; this result's rotated tokens go to the unsaved-tokens sink"
         );
         let why =
             "the stored record holds another refresh token (a new grant, or a peer's rotation)";
-        sink(engine, id, presented, tokens, why.to_owned()).await;
+        sink(engine, id, obtained, tokens, why.to_owned()).await;
     }
     Landed::Superseded
 }
 
-/// Hands rotated tokens that could not be stored to the unsaved-tokens place.
+/// Hands rotated tokens that could not be stored to the unsaved-tokens place, with the
+/// refresh token presented and the lease they were obtained under.
 async fn sink(
     engine: &Engine,
     id: &InstallationId,
-    presented: RefreshToken,
+    (presented, obtained_under): (RefreshToken, Option<LeaseHolder>),
     tokens: TokenSet,
     error: String,
 ) {
     let unsaved = UnsavedTokens {
         installation: id.clone(),
         presented,
+        obtained_under,
         tokens,
         at: engine.clock.now(),
         error,
@@ -715,73 +726,64 @@ async fn revoke_orphan(engine: &Engine, id: &InstallationId, tokens: &TokenSet) 
     }
 }
 
-/// The provider refused the grant. A peer may have rotated the token while this flight was
-/// not looking, so re-read before condemning: only a record still at this flight's fence is
-/// condemned, with the reason the evidence supports.
-async fn on_rejected(
+/// The attempt failed: plan the response ([`plan_failure`], pure) and carry it out. A refusal
+/// of the grant is planned only after a re-read: a peer may have rotated the token while this
+/// flight was not looking, and only a record still at this flight's fence is condemned.
+async fn on_failed(
     engine: &Engine,
     id: &InstallationId,
     held: &mut HeldLease,
     error: &OAuthError,
-    takeover: bool,
+    (takeover, serve_valid): (bool, bool),
     now: Timestamp,
 ) -> Step {
-    match engine.load(id).await {
-        Ok(current)
-            if current.version() != held.record().version() && !held.adopt_if_ours(&current) =>
-        {
-            return Step::Reread;
+    let class = error.class();
+    if matches!(
+        class,
+        FailureClass::RefreshTokenRejected | FailureClass::ScopeRejected
+    ) {
+        match engine.load(id).await {
+            Ok(current)
+                if current.version() != held.record().version()
+                    && !held.adopt_if_ours(&current) =>
+            {
+                return Step::Reread;
+            }
+            Ok(_) => {}
+            Err(e) => return Step::Done(Err(e)),
         }
-        Ok(_) => {}
-        Err(e) => return Step::Done(Err(e)),
     }
-    let profile = engine.client.consumer().profile();
-    let scope_rejected = error.class() == FailureClass::ScopeRejected;
-    // Refused at (or within the clock-skew margin of) the refresh token's known expiry: it
-    // expired, which is not what a revocation would mean.
-    let expired = refresh_token_deadline(held.record(), profile)
-        .is_some_and(|(deadline, _)| now >= deadline.saturating_sub(profile.timing.skew));
-    // Another flight may have rotated the token (this one took a silent holder's lease over,
-    // or its own lease was in doubt), unless the provider's reuse leeway still covers the
-    // earliest moment that holder could have sent: a retired token inside its leeway is
-    // accepted, so its refusal is no lost rotation.
-    let leeway_covers = takeover
-        && profile
-            .rotation
-            .reuse_leeway()
-            .zip(lapsed_lease_taken_at(held.record()))
-            .is_some_and(|(leeway, taken)| now < taken.saturating_add(leeway));
-    let another_flight = (takeover || held.in_doubt()) && !leeway_covers;
-    let reason = if expired && !scope_rejected {
-        ReauthReason::RefreshTokenExpired
-    } else {
-        rejection_reason(
-            scope_rejected,
-            profile.rotation.rotates(),
-            another_flight,
-            held.record(),
-            now,
-            profile.rotation.reuse_leeway(),
-        )
+    let failure = Failure {
+        class,
+        commit: error.commit_evidence(),
+        retry_after: error.retry_after(),
+        takeover,
+        in_doubt: held.in_doubt(),
+        jitter: fastrand::f64(),
     };
-    judge(engine, id, held, reason, error.to_detail(), now).await
-}
-
-/// When the lease this flight took over was taken (the earliest its silent holder could have
-/// sent a request), from the record's history: the lease entry before this flight's takeover.
-fn lapsed_lease_taken_at(record: &Record) -> Option<Timestamp> {
-    let leases: Vec<Timestamp> = record
-        .history()
-        .filter(|e| {
-            matches!(
-                e.event,
-                EventKind::LeaseAcquired | EventKind::LeaseTakenOver
+    let rules = Rules {
+        profile: engine.client.consumer().profile(),
+        policy: &engine.policy,
+    };
+    let detail = error.to_detail();
+    match plan_failure(held.record(), &failure, rules, now) {
+        Plan::Condemn(reason) => judge(engine, id, held, reason, detail, now).await,
+        Plan::Defer { retry_at, commit } => {
+            on_deferred(
+                engine,
+                id,
+                held,
+                detail,
+                (retry_at, commit),
+                serve_valid,
+                now,
             )
-        })
-        .map(|e| e.at)
-        .collect();
-    // The last is this flight's own takeover; the one before, the lease it took over.
-    leases.len().checked_sub(2).map(|i| leases[i])
+            .await
+        }
+        Plan::ProcessLocal { cause, until } => {
+            on_process_local(engine, id, held, (cause, until), detail, serve_valid, now).await
+        }
+    }
 }
 
 /// Condemns for `reason`, unless the mass-rejection guard says many installations were
@@ -921,35 +923,19 @@ async fn serve_until_expiry(engine: &Engine, held: &mut HeldLease, tokens: &Toke
     Step::Done(Ok(tokens.access_token.clone()))
 }
 
-/// Any other failure: keep the tokens and schedule the next attempt. Transient failures
-/// count against the failure budget (and condemn once it is spent); a refusal of this
-/// process's own configuration (credentials, a malformed request) stays in the process
-/// ([`on_consumer_failure`]).
+/// A transient failure: keep the tokens, record the failure under the lease with the
+/// planned retry time, and serve the still-valid access token when the flight may.
 async fn on_deferred(
     engine: &Engine,
     id: &InstallationId,
     held: &mut HeldLease,
-    error: &OAuthError,
+    detail: ErrorDetail,
+    (retry_at, commit): (Timestamp, CommitEvidence),
     serve_valid: bool,
     now: Timestamp,
 ) -> Step {
-    let detail = error.to_detail();
-    let class = error.class();
-    if matches!(
-        class,
-        FailureClass::ConsumerCredentialsInvalid | FailureClass::Configuration
-    ) {
-        return on_consumer_failure(engine, id, held, error, serve_valid, now).await;
-    }
-    if class == FailureClass::Transient && engine.policy.budget_exhausted(held.record(), now) {
-        let reason = ReauthReason::FailureBudgetExhausted;
-        return judge(engine, id, held, reason, detail, now).await;
-    }
     let leased = held.record().clone();
-    let leased = &leased;
     let cause = BackoffCause::Transient;
-    let commit = error.commit_evidence();
-    let retry_at = transient_retry_at(engine, leased, error, now);
     let event = Event::RefreshDeferred {
         fence: held.fence(),
         retry_at,
@@ -961,19 +947,16 @@ async fn on_deferred(
         // Not recorded: the lease lapses and the next flight retries. Nothing to announce.
         tracing::warn!(error = %e, "could not record the failed refresh");
         note_quiet(engine, held);
-        if serve_valid && now < leased.tokens().expires_at {
-            return Step::Done(Ok(leased.tokens().access_token.clone()));
-        }
-        return Step::Done(Err(backoff_error(id, cause, retry_at, detail)));
+    } else {
+        engine.emit(
+            id,
+            LocalEventKind::Backoff {
+                until: retry_at,
+                cause,
+                error: detail.clone(),
+            },
+        );
     }
-    engine.emit(
-        id,
-        LocalEventKind::Backoff {
-            until: retry_at,
-            cause,
-            error: detail.clone(),
-        },
-    );
     if serve_valid && now < leased.tokens().expires_at {
         return Step::Done(Ok(leased.tokens().access_token.clone()));
     }
@@ -982,29 +965,19 @@ async fn on_deferred(
 
 /// The provider refused this process's own configuration (its client credentials, or the
 /// form of its request), which says nothing about the installation. It stays in this process:
-/// its consumer breaker fails its next refreshes fast for `consumer_breaker` (credentials), or
-/// this installation alone is held back here for `backoff_max` (a malformed request). Nothing is written into the shared record, where
-/// it would stop healthy processes from refreshing (review finding E11): the lease is given
-/// back, due at once, for a healthy process to take.
-async fn on_consumer_failure(
+/// its consumer breaker fails its next refreshes fast (credentials), or this installation
+/// alone is held back here (a malformed request). Nothing is written into the shared record,
+/// where it would stop healthy processes from refreshing (review finding E11): the lease is
+/// given back, due at once, for a healthy process to take.
+async fn on_process_local(
     engine: &Engine,
     id: &InstallationId,
     held: &mut HeldLease,
-    error: &OAuthError,
+    (cause, until): (BackoffCause, Timestamp),
+    detail: ErrorDetail,
     serve_valid: bool,
     now: Timestamp,
 ) -> Step {
-    let detail = error.to_detail();
-    let (cause, until) = match error.class() {
-        FailureClass::ConsumerCredentialsInvalid => (
-            BackoffCause::ConsumerCredentialsInvalid,
-            now.saturating_add(engine.policy.consumer_breaker),
-        ),
-        _ => (
-            BackoffCause::Configuration,
-            now.saturating_add(engine.policy.backoff_max),
-        ),
-    };
     match cause {
         // Credentials are the consumer's: every refresh of this process would be refused.
         BackoffCause::ConsumerCredentialsInvalid => engine.trip_breaker(until, detail.clone()),
@@ -1046,76 +1019,6 @@ fn note_quiet(engine: &Engine, held: &HeldLease) {
     {
         engine.quiet_leases.note(&lease.holder);
     }
-}
-
-/// When to retry after a transient failure of `leased`'s refresh: the policy's backoff
-/// (honouring `Retry-After`), except that after an attempt that may have rotated the token (a
-/// lost reply, or a 5xx after sending) a provider with a reuse leeway is retried inside it
-/// while it lasts, whatever the backoff or `Retry-After` say: past it, the previous token is
-/// worthless if the rotation happened.
-fn transient_retry_at(
-    engine: &Engine,
-    leased: &Record,
-    error: &OAuthError,
-    now: Timestamp,
-) -> Timestamp {
-    let retry_at = engine
-        .policy
-        .retry_at(now, leased.failures(), error.retry_after());
-    let Some(leeway) = reuse_leeway(engine) else {
-        return retry_at;
-    };
-    let streak = leased.failures();
-    // Each kind of evidence has its window; this attempt's own opens one too (an older
-    // window may have passed).
-    let this_attempt = (error.commit_evidence() != CommitEvidence::None).then_some(now);
-    [
-        streak.and_then(|s| s.possibly_committed_since),
-        streak.and_then(|s| s.server_error_since),
-        this_attempt,
-    ]
-    .into_iter()
-    .flatten()
-    .fold(retry_at, |at, since| {
-        at.min(inside_leeway(
-            since,
-            leeway,
-            now,
-            engine.policy.backoff_base,
-        ))
-    })
-}
-
-/// The latest retry that still presents the refresh token inside the reuse leeway that began
-/// at `since` (when an attempt may have rotated it): half the leeway after `since`, then half
-/// of what remains each time (at least `floor` apart), so retries thin out instead of
-/// hammering a provider in trouble. Past the leeway there is nothing to protect:
-/// `Timestamp::MAX`.
-fn inside_leeway(since: Timestamp, leeway: Duration, now: Timestamp, floor: Duration) -> Timestamp {
-    let end = since.saturating_add(leeway);
-    if now >= end {
-        return Timestamp::MAX;
-    }
-    let half = since.saturating_add(leeway / 2);
-    let target = if now < half {
-        half
-    } else {
-        now.saturating_add(end.duration_since(now) / 2)
-    };
-    target.max(now.saturating_add(floor))
-}
-
-/// The provider's reuse leeway, for a rotating profile that has one.
-fn reuse_leeway(engine: &Engine) -> Option<Duration> {
-    engine.client.consumer().profile().rotation.reuse_leeway()
-}
-
-/// When an attempt that may have rotated `record`'s refresh token failed, if the provider's
-/// reuse leeway has passed since then (so presenting the token again is pointless).
-fn retired_past_leeway(engine: &Engine, record: &Record, now: Timestamp) -> Option<Timestamp> {
-    let since = record.failures()?.possibly_committed_since?;
-    let leeway = reuse_leeway(engine)?;
-    (now >= since.saturating_add(leeway)).then_some(since)
 }
 
 /// Ends the installation's life until a new authorization: records the rejection with the
@@ -1178,7 +1081,7 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
         match engine.store.compare_and_swap(&next, expected).await {
             Ok(CasOutcome::Swapped) => return Ok(()),
             Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
-            Ok(CasOutcome::Conflict(stored)) if *stored == next => return Ok(()),
+            Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => return Ok(()),
             // One of our renewals landed unacknowledged: still our lease; recompute.
             Ok(CasOutcome::Conflict(stored)) if held.adopt_if_ours(&stored) => {}
             Ok(CasOutcome::Conflict(_)) => {

@@ -74,5 +74,13 @@ fn after(at: Instant, d: Duration) -> Instant {
 /// let a peer present the same refresh token.
 pub(crate) async fn applied(engine: &Engine, written: &Record, error: &StoreError) -> bool {
     !error.is_not_durable()
-        && matches!(engine.store.get(written.id()).await, Ok(Some(stored)) if stored == *written)
+        && matches!(engine.store.get(written.id()).await, Ok(Some(stored)) if is_own_write(&stored, written))
+}
+
+/// Whether `stored` (read after a write whose outcome was in doubt: an error, or a conflict)
+/// is this flight's own `written` record, applied: the same version with the same content.
+/// Versions only grow and every write is computed from the record it replaces, so no other
+/// writer can have produced it. The model checker calls this very function.
+pub fn is_own_write(stored: &Record, written: &Record) -> bool {
+    stored == written
 }

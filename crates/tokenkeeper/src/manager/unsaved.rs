@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokenkeeper_core::{InstallationId, RefreshToken, Timestamp, TokenSet, UnsavedHome};
+use tokenkeeper_core::{
+    InstallationId, LeaseHolder, RefreshToken, Timestamp, TokenSet, UnsavedHome,
+};
 use tokio::sync::Notify;
 
 use crate::oauth::config::ConfigError;
@@ -29,6 +31,11 @@ pub struct UnsavedTokens {
     /// The refresh token the flight presented (what the store still holds, unless a peer
     /// changed it since): restoring needs it to prove no peer rotated in between.
     pub presented: RefreshToken,
+    /// The lease the flight held when it obtained them (`None` in files written before it
+    /// was recorded): restoring over a peer's lease remembers that the peer may have
+    /// presented the retired token.
+    #[serde(default)]
+    pub obtained_under: Option<LeaseHolder>,
     /// The tokens the provider issued.
     pub tokens: TokenSet,
     /// When the flight gave up writing them.
