@@ -58,8 +58,12 @@ pub struct Flight {
     pub held: Rec,
     /// The tick of the write that last confirmed the lease.
     pub confirmed: u8,
-    /// The lease was taken over from a peer.
+    /// The flight took the lease over from a peer (evidence that something may have rotated
+    /// under it, as the engine's `takeover_evidence` judges it).
     pub takeover: bool,
+    /// Something may have rotated under this lease (a takeover, or an attempt of its own
+    /// whose reply was lost or was a 5xx): the engine's `HeldLease::in_doubt`.
+    pub doubt: bool,
     /// When the lease was taken, the token it holds had already been rotated by a flight that
     /// crashed, lost its reply or was paused past its lease: presenting it again is inside the
     /// inherent window, not a protocol failure.
@@ -75,4 +79,23 @@ pub struct Process {
     pub watch: Option<(u64, u8)>,
     /// It has finished: the decision step told it to stop (a terminal record).
     pub done: bool,
+    /// Its own last lease (holder `p{p}`) had nothing sent under it as far as it knows (it
+    /// stalled before sending, or could not learn whether its lease write was applied):
+    /// the engine's `unsent` and `quiet_leases`. Retaking it is evidence of a lost rotation
+    /// only if that lease was itself a takeover.
+    pub quiet: Option<Quiet>,
+    /// Results in its unsaved-tokens place, `(presented, new)`: rotated tokens the store did
+    /// not take. They are put back before the process takes any lease (the engine's
+    /// `restore_waiting`), and its flights present nothing while one cannot land.
+    pub unsaved: Vec<(u8, u8)>,
+}
+
+/// What a process knows of its own last lease under which it sent nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quiet {
+    /// That lease was itself a takeover (its doubt carries over).
+    pub was_takeover: bool,
+    /// The flight stalled under it before sending (the engine's `unsent`): it takes the lease
+    /// back at once instead of watching it for a TTL.
+    pub unsent: bool,
 }
