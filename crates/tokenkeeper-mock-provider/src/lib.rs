@@ -77,6 +77,7 @@ pub struct MockProviderBuilder {
     access_ttl: Option<Duration>,
     refresh_inactivity: Option<Option<Duration>>,
     leeway: Option<Option<Duration>>,
+    retired_revocation: Option<bool>,
     time: provider::TimeSource,
     insecure_public: bool,
     consent_page: bool,
@@ -92,6 +93,7 @@ impl Default for MockProviderBuilder {
             access_ttl: None,
             refresh_inactivity: None,
             leeway: None,
+            retired_revocation: None,
             time: provider::TimeSource::default(),
             insecure_public: false,
             consent_page: false,
@@ -143,9 +145,19 @@ impl MockProviderBuilder {
         self
     }
 
+    /// Whether revoking a retired refresh token revokes its grant (default true); `false`
+    /// plays a provider for which a retired token is merely invalid.
+    pub fn retired_revocation_revokes_grant(mut self, revokes: bool) -> Self {
+        self.retired_revocation = Some(revokes);
+        self
+    }
+
     /// The rules the provider will play, with overrides applied.
     pub fn rules(&self) -> Rules {
         let mut rules = self.profile.rules();
+        if let Some(revokes) = self.retired_revocation {
+            rules.retired_revocation_revokes_grant = revokes;
+        }
         if let Some(ttl) = self.access_ttl {
             rules.access_ttl = ttl;
         }

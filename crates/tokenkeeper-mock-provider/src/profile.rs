@@ -77,6 +77,7 @@ impl MockProfile {
                 grant_type_in_state: true,
                 token_type: "bearer",
                 refresh_expires_in_field: false,
+                retired_revocation_revokes_grant: true,
                 errors: bitbucket_errors,
             },
             Self::Bitbucket => Rules {
@@ -94,6 +95,7 @@ impl MockProfile {
                 grant_type_in_state: true,
                 token_type: "bearer",
                 refresh_expires_in_field: false,
+                retired_revocation_revokes_grant: true,
                 errors: Errors {
                     // Unknown or retired tokens are refused as before; a token that expired
                     // unused comes back as `invalid_grant`.
@@ -116,6 +118,7 @@ impl MockProfile {
                 grant_type_in_state: false,
                 token_type: "Bearer",
                 refresh_expires_in_field: false,
+                retired_revocation_revokes_grant: true,
                 errors: Errors {
                     invalid_refresh: ErrorBody::new(
                         403,
@@ -153,6 +156,7 @@ impl MockProfile {
                 grant_type_in_state: false,
                 token_type: "bearer",
                 refresh_expires_in_field: true,
+                retired_revocation_revokes_grant: true,
                 errors: Errors {
                     // GitHub answers token errors with HTTP 200 and an `error` body.
                     invalid_refresh: ErrorBody::new(
@@ -198,6 +202,7 @@ impl MockProfile {
                 grant_type_in_state: false,
                 token_type: "Bearer",
                 refresh_expires_in_field: false,
+                retired_revocation_revokes_grant: true,
                 errors: Errors {
                     invalid_refresh: ErrorBody::new(
                         400,
@@ -332,6 +337,10 @@ pub struct Rules {
     pub token_type: &'static str,
     /// Whether `refresh_token_expires_in` is sent (GitHub).
     pub refresh_expires_in_field: bool,
+    /// Whether revoking a retired refresh token (RFC 7009) revokes its grant. A provider that
+    /// treats a retired token as invalid answers 200 and revokes nothing (RFC 7009 section
+    /// 2.2: invalid tokens cause no error), leaving the grant's live token live.
+    pub retired_revocation_revokes_grant: bool,
     /// The error replies.
     pub errors: Errors,
 }

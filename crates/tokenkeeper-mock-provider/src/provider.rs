@@ -822,8 +822,12 @@ impl Provider {
         let Some(token) = params.get("token") else {
             return Ok(());
         };
-        if let Some(grant) = self.refresh.get(token).map(|r| r.grant) {
-            self.revoke_grant(grant, RevokedBy::Client);
+        if let Some(info) = self.refresh.get(token) {
+            let retired = matches!(info.status, RefreshStatus::Retired { .. });
+            let grant = info.grant;
+            if !retired || self.rules.retired_revocation_revokes_grant {
+                self.revoke_grant(grant, RevokedBy::Client);
+            }
         } else if let Some(a) = self.access.get_mut(token) {
             a.dead = true;
         }

@@ -395,3 +395,51 @@ async fn a_held_result_the_store_refuses_blocks_its_retired_token() {
     let c = mock.counters().totals;
     assert_eq!((c.rotations, c.reuse_detections), (2, 0), "{c:?}");
 }
+
+/// A held result of an installation the application revoked meanwhile can never land; its
+/// rotated tokens are live at a provider for which the retired token the application revoked
+/// was merely invalid (RFC 7009 section 2.2), so the restore revokes them too, as a late
+/// result meeting a revoked record does: nothing of a revoked installation stays live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_result_of_a_revoked_installation_is_revoked_at_the_provider() {
+    let mock = MockProvider::builder()
+        .profile(MockProfile::Bitbucket)
+        .retired_revocation_revokes_grant(false)
+        .start()
+        .await
+        .unwrap();
+    let clock = now_clock();
+    let (store, switch) = network_store();
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-revoked").join("kept");
+    let manager = builder(&mock, store, &clock)
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    switch.heal();
+    // The application revokes the installation: the store's (retired) token is revoked,
+    // which this provider ignores, so the grant lives on in the held result.
+    manager.revoke(&id).await.unwrap();
+    let live = |mock: &MockProvider| {
+        mock.counters()
+            .grants
+            .values()
+            .filter(|g| g.revoked.is_none())
+            .count()
+    };
+    assert_eq!(live(&mock), 1, "the held result's grant is still live");
+    let report = manager.restore_unsaved_files().await.unwrap();
+    assert_eq!((report.restored, report.obsolete), (0, 1), "{report:?}");
+    assert_eq!(
+        live(&mock),
+        0,
+        "the held tokens were revoked at the provider"
+    );
+}

@@ -48,6 +48,7 @@ impl Engine {
                     presented: unsaved.presented.clone(),
                     tokens: unsaved.tokens.clone(),
                     refresh_at,
+                    obtained_under: unsaved.obtained_under.clone(),
                 };
                 current
                     .apply(event, now)
@@ -62,6 +63,23 @@ impl Engine {
             },
         );
         Ok(())
+    }
+
+    /// An obsolete held result of an installation the application revoked: its tokens are
+    /// live at a provider for which the retired token revoked with the installation was merely
+    /// invalid, so they are revoked too (best effort), as a late result meeting a revoked
+    /// record is.
+    async fn revoke_if_revoked(&self, unsaved: &UnsavedTokens) {
+        let id = &unsaved.installation;
+        let Ok(Some(record)) = self.store.get(id).await else {
+            return;
+        };
+        if !matches!(record.state(), tokenkeeper_core::State::Revoked { .. }) {
+            return;
+        }
+        if let Err(e) = self.client.revoke_tokens(Some(id), &unsaved.tokens).await {
+            tracing::warn!(installation = %id, error = %e, "could not revoke the held tokens of a revoked installation");
+        }
     }
 
     /// Notes that the place holds something new to put back.
@@ -172,6 +190,7 @@ impl Engine {
         for (file, read) in obsolete {
             if let Ok(unsaved) = read {
                 tracing::warn!(installation = %unsaved.installation, "unsaved tokens are obsolete (the installation holds other tokens, or was authorized again or revoked); set aside");
+                self.revoke_if_revoked(&unsaved).await;
             }
             report.obsolete += 1;
             place.set_aside(file).await;
