@@ -696,21 +696,28 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
                 managers[host] = boot(&world, host, &profile, &clocks[host], seed);
             }
             1 => {
-                // Freeze: a pause past the lease (15 s) if long enough.
+                // Freeze: a pause past the lease (15 s) if long enough. What it holds is
+                // counted once (a later fault of the same host does not count it again).
+                let past_lease = length >= Duration::from_secs(15);
                 let in_flight = world.with_host(host, |h| {
                     h.frozen_until = Some(Instant::now() + length);
-                    [h.in_flight.clone(), h.holding.clone()].concat()
+                    if !past_lease {
+                        return Vec::new();
+                    }
+                    let mut all = std::mem::take(&mut h.in_flight);
+                    all.append(&mut h.holding);
+                    all
                 });
-                if length >= Duration::from_secs(15) {
-                    world.inherent(in_flight);
-                }
+                world.inherent(in_flight);
             }
             2 => {
                 // Cut from the store: results it holds may not be written before peers take
                 // its leases over (the holder cut off from the store; see the README's limits).
                 let holding = world.with_host(host, |h| {
                     h.store_cut = true;
-                    [h.in_flight.clone(), h.holding.clone()].concat()
+                    let mut all = std::mem::take(&mut h.in_flight);
+                    all.append(&mut h.holding);
+                    all
                 });
                 world.inherent(holding);
                 tokio::time::sleep(length).await;
