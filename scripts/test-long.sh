@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long runs that do not fit the default suite (scripts/test.sh): thousands of
-# simulation seeds in an optimised build. Run it before a release, or after touching the
-# refresh engine.
+# simulation seeds in an optimised build, and the protocol model with every fault at once.
+# Run it before a release, or after touching the refresh engine.
 #   TK_SIM_SEEDS=20000 (default) seeds of the fault simulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,17 @@ cd "$(dirname "$0")/.."
 seeds=${TK_SIM_SEEDS:-20000}
 printf '\n==> %s\n' "fault simulation, $seeds seeds (release build)"
 TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --test simulation -- --nocapture
+
+# The suite checks each fault family alone; these combine them (minutes each, up to ~6 GB).
+for bounds in \
+    "crashes=1 losses=1 store_faults=0 revoke=1" \
+    "crashes=1 losses=0 store_faults=1 revoke=1" \
+    "leeway=4 crashes=1 losses=1 store_faults=0 revoke=1" \
+    "leeway=3 ticks=6 crashes=1 losses=1 store_faults=0 revoke=1" \
+    "crashes=0 losses=1 store_faults=1 revoke=1 budget=2 expiry=4" \
+    "processes=3 ticks=3 crashes=1 losses=1 store_faults=0 revoke=1"; do
+    printf '\n==> %s\n' "protocol model: $bounds"
+    cargo run --quiet --release -p tokenkeeper-model --example check -- $bounds
+done
 
 printf '\n==> %s\n' "long runs passed"
