@@ -225,10 +225,12 @@ pub fn retired_past_leeway(record: &Record, rules: Rules<'_>, now: Timestamp) ->
 impl Rules<'_> {
     /// The provider's reuse leeway as every clock of the fleet agrees on it: less the clock
     /// skew tolerated (`lease_margin`), since a possible commit was recorded by one process's
-    /// clock and is judged by another's. `None` without a leeway (or rotation).
+    /// clock and is judged by another's. `None` without a leeway (or rotation), or when the
+    /// skew eats it whole: nothing can be known to be inside it, so the provider is treated
+    /// as one without a leeway.
     pub fn leeway(&self) -> Option<Duration> {
         let leeway = self.profile.rotation.reuse_leeway()?;
-        Some(leeway.saturating_sub(self.policy.lease_margin))
+        Some(leeway.saturating_sub(self.policy.lease_margin)).filter(|l| !l.is_zero())
     }
 }
 
@@ -438,6 +440,32 @@ mod tests {
             plan_failure(&record, &f, rules, almost),
             Plan::Condemn(ReauthReason::RotatedTokenLost)
         );
+    }
+
+    #[test]
+    fn a_leeway_the_clock_skew_eats_whole_counts_as_none() {
+        let mut profile = profiles::atlassian_3lo();
+        profile.rotation = crate::oauth::Rotation::Rotates {
+            reuse_leeway: Some(Duration::from_secs(20)),
+        };
+        let consumer = ConsumerConfig::builder(profile.clone())
+            .client_id("k")
+            .client_secret("s")
+            .redirect_uri("https://app.example/cb")
+            .build()
+            .unwrap();
+        let mut policy = RefreshPolicy::for_consumer(&consumer);
+        let rules = |policy: &RefreshPolicy| {
+            Rules {
+                profile: &profile,
+                policy,
+            }
+            .leeway()
+        };
+        policy.lease_margin = Duration::from_secs(30);
+        assert_eq!(rules(&policy), None);
+        policy.lease_margin = Duration::from_secs(5);
+        assert_eq!(rules(&policy), Some(Duration::from_secs(15)));
     }
 
     #[test]
