@@ -383,25 +383,7 @@ pub fn transition(
             next.tokens = tokens.merged_onto(&record.tokens);
             next.state = State::Active;
             next.due_at = Some(refresh_at);
-            // A revival after a peer's verdict (reached by presenting the retired token, unless
-            // there was none to present), after a peer's attempt with the retired token that
-            // the provider may have committed, or over a peer's lease (which may have presented
-            // it): reuse detection may have revoked the grant then, so the revival remembers
-            // it until the next success.
-            let peer_attempt_in_doubt = record.failures.as_ref().is_some_and(|f| {
-                f.possibly_committed_since.is_some() || f.server_error_since.is_some()
-            });
-            let peer_lease = record
-                .state
-                .lease()
-                .filter(|l| Some(&l.holder) != obtained_under.as_ref())
-                .map(|l| l.until);
-            let verdict = matches!(
-                &record.state,
-                State::ReauthorizationRequired { reason, .. } if *reason != ReauthReason::NoRefreshToken
-            );
-            next.failures = (verdict || peer_attempt_in_doubt || peer_lease.is_some())
-                .then(|| doubt_streak(now, peer_lease));
+            next.failures = revival_doubt(record, obtained_under.as_ref(), now);
             next.refresh_token_last_used = now;
         }
         Event::Refreshed {
@@ -545,6 +527,34 @@ fn next_streak(
         doubt_until: previous.and_then(|s| s.doubt_until),
         held_refusals: previous.map_or(0, |s| s.held_refusals).saturating_add(held),
     }
+}
+
+/// What a late result landing on `record` leaves in the failure streak. A revival after a
+/// peer's verdict (reached by presenting the retired token, unless there was none to
+/// present), after a peer's attempt with the retired token that the provider may have
+/// committed, or over a peer's lease (which may present it): reuse detection may have
+/// revoked the grant then, so the revival remembers it until a success that proves
+/// otherwise. Any other revival is a plain success.
+fn revival_doubt(
+    record: &Record,
+    obtained_under: Option<&LeaseHolder>,
+    now: Timestamp,
+) -> Option<FailureStreak> {
+    let peer_attempt_in_doubt = record
+        .failures
+        .as_ref()
+        .is_some_and(|f| f.possibly_committed_since.is_some() || f.server_error_since.is_some());
+    let peer_lease = record
+        .state
+        .lease()
+        .filter(|l| Some(&l.holder) != obtained_under)
+        .map(|l| l.until);
+    let verdict = matches!(
+        &record.state,
+        State::ReauthorizationRequired { reason, .. } if *reason != ReauthReason::NoRefreshToken
+    );
+    (verdict || peer_attempt_in_doubt || peer_lease.is_some())
+        .then(|| doubt_streak(now, peer_lease))
 }
 
 /// The streak a revival leaves: no failure, but the doubt that a peer presented (or, until
