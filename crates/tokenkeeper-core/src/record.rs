@@ -348,6 +348,24 @@ impl Record {
         self
     }
 
+    /// From when evidence `commit` of an attempt under the current lease, recorded at `now`,
+    /// says the provider may have committed: a lost reply from when this lease was taken (its
+    /// own request was sent no earlier, and its own reuse leeway counts from then); a server
+    /// error, which is also how a takeover's doubt is recorded (the silent holder may have
+    /// committed), from the start of the chain of leases it took over. `None` for no evidence.
+    pub fn possible_commit_since(
+        &self,
+        commit: CommitEvidence,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let since = match commit {
+            CommitEvidence::None => return None,
+            CommitEvidence::ReplyLost => self.lease_entry_at(),
+            CommitEvidence::ServerError => self.lease_taken_at(),
+        };
+        Some(since.map_or(now, |at| at.min(now)))
+    }
+
     /// When the current lease was taken (by its holder's clock), if a lease is held and its
     /// history entry is kept: a request under it was sent no earlier.
     pub fn lease_entry_at(&self) -> Option<Timestamp> {

@@ -423,11 +423,11 @@ pub fn transition(
             // The attempt may have been committed from the moment it was sent, which came
             // after the lease was taken (the recording may come much later: a request's
             // deadline, a pause): evidence of a commit counts from the lease.
-            let sent_after = record.lease_taken_at().map_or(now, |at| at.min(now));
+            let since = record.possible_commit_since(commit, now);
             next.failures = Some(next_streak(
                 record.failures.as_ref(),
                 cause,
-                (commit, sent_after),
+                (commit, since),
                 now,
             ));
             next.last_error = Some(detail.clone());
@@ -495,17 +495,17 @@ impl Record {
 /// the failure budget: a refused consumer credential or a configuration error is no fault of
 /// the installation, so it restarts the count (and the budget's clock). Evidence that an
 /// attempt may have rotated the token is kept whatever follows, until a success or a new grant;
-/// it counts from `sent_after`, the earliest the attempt can have been sent.
+/// it counts from `since` ([`Record::possible_commit_since`]).
 fn next_streak(
     previous: Option<&FailureStreak>,
     cause: BackoffCause,
-    (commit, sent_after): (CommitEvidence, Timestamp),
+    (commit, since): (CommitEvidence, Option<Timestamp>),
     now: Timestamp,
 ) -> FailureStreak {
     let transient = cause == BackoffCause::Transient;
     let held = u32::from(cause == BackoffCause::MassRejection);
-    let lost_reply = (commit == CommitEvidence::ReplyLost).then_some(sent_after);
-    let server_error = (commit == CommitEvidence::ServerError).then_some(sent_after);
+    let lost_reply = since.filter(|_| commit == CommitEvidence::ReplyLost);
+    let server_error = since.filter(|_| commit == CommitEvidence::ServerError);
     let (consecutive, first_at) = match previous {
         Some(streak) if transient && streak.consecutive > 0 => {
             (streak.consecutive.saturating_add(1), streak.first_at)
@@ -808,7 +808,8 @@ mod tests {
     }
 
     /// A lease that took over a silent holder's: that holder may have sent from when it took
-    /// its own lease, so a possible commit counts from then.
+    /// its own lease, so a server error (how a takeover's doubt is recorded) counts from then;
+    /// the flight's own lost reply counts from its own lease (review of the model's fixes).
     #[test]
     fn a_possible_commit_after_a_takeover_counts_from_the_lapsed_lease() {
         let until = T0.saturating_add(Duration::from_secs(30));
@@ -838,14 +839,28 @@ mod tests {
                     retry_at: later,
                     cause: BackoffCause::Transient,
                     error: ErrorDetail::new(FailureClass::Transient),
+                    commit: CommitEvidence::ServerError,
+                },
+                later,
+            )
+            .unwrap();
+        assert_eq!(deferred.failures().unwrap().server_error_since, Some(T0));
+        // Its own lost reply counts from its own lease (its own leeway is still to use).
+        let lost = mine
+            .apply(
+                Event::RefreshDeferred {
+                    fence: mine.version(),
+                    retry_at: later,
+                    cause: BackoffCause::Transient,
+                    error: ErrorDetail::new(FailureClass::Transient),
                     commit: CommitEvidence::ReplyLost,
                 },
                 later,
             )
             .unwrap();
         assert_eq!(
-            deferred.failures().unwrap().possibly_committed_since,
-            Some(T0)
+            lost.failures().unwrap().possibly_committed_since,
+            Some(later)
         );
     }
 

@@ -71,7 +71,8 @@ pub struct Config {
     /// At most this many processes crash.
     pub max_crashes: u8,
     /// At most this many replies go wrong: lost on the way back, a 5xx after the provider
-    /// committed, or a request handled after the client gave up on it.
+    /// committed, a 429 without processing, or a request handled after the client gave up on
+    /// it.
     pub max_losses: u8,
     /// At most this many store writes fail or are applied but reported failed.
     pub max_store_faults: u8,
@@ -190,6 +191,8 @@ pub enum Action {
     Handle(usize),
     /// The provider commits process `p`'s request and answers 5xx.
     ServerError(usize),
+    /// The provider refuses process `p`'s request unprocessed (429).
+    Throttle(usize),
     /// Process `p`'s reply is lost.
     Lose(usize),
     /// Process `p` crashes.
@@ -292,6 +295,7 @@ impl ProtocolModel {
             }
             Action::Handle(p) => self.handle(s, p, false),
             Action::ServerError(p) => self.handle(s, p, true),
+            Action::Throttle(p) => self.throttle(s, p),
             Action::Lose(p) => self.lose(s, p),
             Action::Crash(p) => self.crash(s, p),
             Action::HandleStray(i) => self.handle_stray(s, i),
@@ -451,6 +455,7 @@ impl Model for ProtocolModel {
             actions.push(Action::Handle(p));
             if s.losses < self.config.max_losses {
                 actions.push(Action::ServerError(p));
+                actions.push(Action::Throttle(p));
                 actions.push(Action::Lose(p));
             }
             if s.crashes < self.config.max_crashes {

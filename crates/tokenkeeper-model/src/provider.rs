@@ -51,6 +51,8 @@ pub enum Answer {
     Rejected,
     /// A 5xx, after the provider committed the request (it may have rotated the token).
     ServerError,
+    /// A 429 (or a refused connection): the provider did not process the request.
+    Throttled,
 }
 
 /// What handling one request did.

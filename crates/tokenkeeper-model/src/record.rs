@@ -1,7 +1,8 @@
 //! The stored record as a model state: the engine's real `Record`, compared and hashed by
-//! what the protocol reads (version, state, lease, refresh token, failure streak, due time,
-//! the lease a version was written under), not by its history and timestamps of bookkeeping,
-//! so equivalent states are explored once.
+//! what the protocol reads (version, state, lease, refresh token, failure streak with its
+//! evidence and doubt, due time, the lease a version was written under, when the current and
+//! the lapsed leases were taken), not by the rest of its history and timestamps of
+//! bookkeeping, so equivalent states are explored once.
 
 use std::hash::{Hash, Hasher};
 
@@ -29,6 +30,22 @@ pub(crate) fn token_index(record: &Record) -> u8 {
         .unwrap_or(u8::MAX)
 }
 
+/// When each lease of the history was taken, newest first.
+fn lease_times(r: &Record) -> impl Iterator<Item = tokenkeeper_core::Timestamp> + '_ {
+    let all: Vec<_> = r
+        .history()
+        .filter(|e| {
+            matches!(
+                e.event,
+                tokenkeeper_core::EventKind::LeaseAcquired
+                    | tokenkeeper_core::EventKind::LeaseTakenOver
+            )
+        })
+        .map(|e| e.at)
+        .collect();
+    all.into_iter().rev()
+}
+
 /// What the protocol reads from a record.
 fn projection(r: &Record) -> impl Hash + PartialEq + '_ {
     let lease = r.state().lease().map(|l| (&l.holder, l.until, l.fence));
@@ -44,9 +61,23 @@ fn projection(r: &Record) -> impl Hash + PartialEq + '_ {
         (r.version(), r.state().kind(), lease, backoff, reason),
         token_index(r),
         r.due_at(),
-        r.failures()
-            .map(|f| (f.consecutive, f.possibly_committed_since)),
+        r.failures().map(|f| {
+            (
+                f.consecutive,
+                f.possibly_committed_since,
+                f.server_error_since,
+                f.revived_after_verdict.is_some(),
+                f.doubt_until,
+            )
+        }),
         r.written_under(),
+        // What the engine reads from the history: when the lease and the leases it took
+        // over were taken.
+        (
+            r.lease_entry_at(),
+            r.lease_taken_at(),
+            lease_times(r).nth(1),
+        ),
     )
 }
 

@@ -329,6 +329,10 @@ impl ProtocolModel {
                 let commit = CommitEvidence::ServerError;
                 self.fail(s, p, flight, FailureClass::Transient, commit);
             }
+            Some(Answer::Throttled) => {
+                let none = CommitEvidence::None;
+                self.fail(s, p, flight, FailureClass::Transient, none);
+            }
             Some(Answer::Rejected) => {
                 let none = CommitEvidence::None;
                 self.fail(s, p, flight, FailureClass::RefreshTokenRejected, none);
@@ -583,6 +587,22 @@ impl ProtocolModel {
         s.procs[p].phase = Phase::Replied {
             flight,
             answer: Some(answer),
+        };
+        Some(())
+    }
+
+    /// The provider refuses process `p`'s request without processing it (a 429).
+    pub(crate) fn throttle(&self, s: &mut State, p: usize) -> Option<()> {
+        let Phase::Sent { flight, deadline } = s.procs[p].phase.clone() else {
+            return None;
+        };
+        if s.tick > deadline || s.losses >= self.config.max_losses {
+            return None;
+        }
+        s.losses += 1;
+        s.procs[p].phase = Phase::Replied {
+            flight,
+            answer: Some(Answer::Throttled),
         };
         Some(())
     }

@@ -437,9 +437,13 @@ async fn a_held_result_of_a_revoked_installation_is_revoked_at_the_provider() {
     assert_eq!(live(&mock), 1, "the held result's grant is still live");
     let report = manager.restore_unsaved_files().await.unwrap();
     assert_eq!((report.restored, report.obsolete), (0, 1), "{report:?}");
-    assert_eq!(
-        live(&mock),
-        0,
-        "the held tokens were revoked at the provider"
-    );
+    // Revoked in the background (no restore waits on the provider).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while live(&mock) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held tokens were never revoked at the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -44,7 +44,7 @@ pub struct Failure {
     /// been committed, or the lease was in doubt).
     pub in_doubt: bool,
     /// Where in the backoff window the retry falls, in `[0, 1)` (the engine draws it at
-    /// random; the model explores its ends).
+    /// random; the model passes 0, the earliest).
     pub jitter: f64,
 }
 
@@ -95,11 +95,16 @@ pub fn plan_failure(record: &Record, failure: &Failure, rules: Rules<'_>, now: T
 }
 
 /// The evidence of a possible rotation a deferral records: the attempt's own, or, after a
-/// takeover on a rotating provider, a possible commit by the silent holder (which no later
-/// flight could know otherwise).
+/// takeover on a rotating provider, the silent holder's possible commit (which no later
+/// flight could know otherwise), as a server error dated from the lapsed lease.
 fn recorded_evidence(failure: &Failure, rules: Rules<'_>) -> CommitEvidence {
-    if failure.takeover && rules.profile.rotation.rotates() {
-        CommitEvidence::ReplyLost
+    // Recorded as a server error: it explains a later refusal and keeps retries inside the
+    // leeway, but never withholds the token (a lost reply of its own would).
+    if failure.takeover
+        && failure.commit == CommitEvidence::None
+        && rules.profile.rotation.rotates()
+    {
+        CommitEvidence::ServerError
     } else {
         failure.commit
     }
@@ -173,14 +178,14 @@ fn transient_retry_at(
         rules
             .policy
             .retry_at_with_jitter(now, streak, failure.retry_after, failure.jitter);
-    let Some(leeway) = rules.leeway() else {
+    // Retries are scheduled inside the provider's whole leeway (whether it has passed is
+    // judged net of clock skew, but a retry inside it is never wrong).
+    let Some(leeway) = rules.profile.rotation.reuse_leeway() else {
         return retry_at;
     };
     // Each kind of evidence has its window; this attempt's own opens one too (an older
-    // window may have passed).
-    // (It may have been committed from when it was sent, after the lease was taken.)
-    let sent_after = record.lease_taken_at().map_or(now, |at| at.min(now));
-    let this_attempt = (failure.commit != CommitEvidence::None).then_some(sent_after);
+    // window may have passed), from when it may have been committed.
+    let this_attempt = record.possible_commit_since(recorded_evidence(failure, rules), now);
     [
         streak.and_then(|s| s.possibly_committed_since),
         streak.and_then(|s| s.server_error_since),
@@ -376,9 +381,10 @@ mod tests {
 
     /// Found by the model checker: a flight that took a silent holder's lease over and then
     /// failed transiently must not forget that the holder may have rotated the token: its
-    /// deferral records a possible commit, so the next flight (no takeover) still knows.
+    /// deferral records it (as a server error, which never withholds the token: review), so
+    /// the next flight (no takeover) still knows.
     #[test]
-    fn a_takeover_that_fails_transiently_records_a_possible_commit() {
+    fn a_takeover_that_fails_transiently_records_its_doubt() {
         let profile = profiles::bitbucket();
         let now = at(100);
         let mut f = failure(FailureClass::Transient, CommitEvidence::ServerError);
@@ -387,12 +393,20 @@ mod tests {
         let Plan::Defer { commit, .. } = plan(&profile, &leased(now), &f, now) else {
             panic!("a transient failure defers");
         };
-        assert_eq!(commit, CommitEvidence::ReplyLost);
-        f.takeover = false;
+        assert_eq!(commit, CommitEvidence::ServerError);
+        // Without an answer that may have committed (a 429), it is still recorded, as a
+        // server error: it explains a later refusal but never withholds the token.
+        f.commit = CommitEvidence::None;
         let Plan::Defer { commit, .. } = plan(&profile, &leased(now), &f, now) else {
             panic!("a transient failure defers");
         };
         assert_eq!(commit, CommitEvidence::ServerError);
+        // No takeover: only the attempt's own evidence.
+        f.takeover = false;
+        let Plan::Defer { commit, .. } = plan(&profile, &leased(now), &f, now) else {
+            panic!("a transient failure defers");
+        };
+        assert_eq!(commit, CommitEvidence::None);
     }
 
     /// Found by the model checker: a possible commit recorded by a clock ahead of this one

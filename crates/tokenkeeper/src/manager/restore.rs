@@ -40,9 +40,12 @@ impl Engine {
     /// token it was obtained with).
     pub(crate) async fn restore_one(&self, unsaved: UnsavedTokens) -> Result<(), Error> {
         let id = unsaved.installation.clone();
+        let revoked = std::sync::atomic::AtomicBool::new(false);
         let written = self
             .update(&id, |current, now| {
                 self.owns(current)?;
+                let is_revoked = matches!(current.state(), tokenkeeper_core::State::Revoked { .. });
+                revoked.store(is_revoked, Ordering::Relaxed);
                 let refresh_at = self.policy.refresh_at(&unsaved.tokens, now);
                 let event = Event::LateRefreshed {
                     presented: unsaved.presented.clone(),
@@ -54,7 +57,16 @@ impl Engine {
                     .apply(event, now)
                     .map_err(|e| Error::transition(&id, e))
             })
-            .await?;
+            .await;
+        let written = match written {
+            Ok(written) => written,
+            Err(e) => {
+                if revoked.load(Ordering::Relaxed) {
+                    self.revoke_held(&unsaved);
+                }
+                return Err(e);
+            }
+        };
         self.cache.forget(&id, Some(&written));
         self.emit(
             &id,
@@ -65,21 +77,19 @@ impl Engine {
         Ok(())
     }
 
-    /// An obsolete held result of an installation the application revoked: its tokens are
-    /// live at a provider for which the retired token revoked with the installation was merely
-    /// invalid, so they are revoked too (best effort), as a late result meeting a revoked
-    /// record is.
-    async fn revoke_if_revoked(&self, unsaved: &UnsavedTokens) {
-        let id = &unsaved.installation;
-        let Ok(Some(record)) = self.store.get(id).await else {
-            return;
-        };
-        if !matches!(record.state(), tokenkeeper_core::State::Revoked { .. }) {
-            return;
-        }
-        if let Err(e) = self.client.revoke_tokens(Some(id), &unsaved.tokens).await {
-            tracing::warn!(installation = %id, error = %e, "could not revoke the held tokens of a revoked installation");
-        }
+    /// A held result of an installation the application revoked can never land, and its
+    /// tokens are live at a provider for which the retired token revoked with the
+    /// installation was merely invalid: they are revoked too (best effort, in the background
+    /// so no restore waits on the provider), as a late result meeting a revoked record is.
+    fn revoke_held(&self, unsaved: &UnsavedTokens) {
+        let client = self.client.clone();
+        let id = unsaved.installation.clone();
+        let tokens = unsaved.tokens.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.revoke_tokens(Some(&id), &tokens).await {
+                tracing::warn!(installation = %id, error = %e, "could not revoke the held tokens of a revoked installation");
+            }
+        });
     }
 
     /// Notes that the place holds something new to put back.
@@ -190,7 +200,6 @@ impl Engine {
         for (file, read) in obsolete {
             if let Ok(unsaved) = read {
                 tracing::warn!(installation = %unsaved.installation, "unsaved tokens are obsolete (the installation holds other tokens, or was authorized again or revoked); set aside");
-                self.revoke_if_revoked(&unsaved).await;
             }
             report.obsolete += 1;
             place.set_aside(file).await;
