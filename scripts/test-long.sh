@@ -10,8 +10,12 @@ seeds=${TK_SIM_SEEDS:-20000}
 printf '\n==> %s\n' "fault simulation, $seeds seeds (release build)"
 TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --test simulation -- --nocapture
 
-# The suite checks each fault family alone; these combine them (minutes each, up to ~6 GB).
+# The suite checks each fault family alone to 4 ticks; these run them to 5 ticks, then
+# combined (seconds to minutes each, up to ~6 GB).
 for bounds in \
+    "crashes=1 losses=0 store_faults=0 revoke=1" \
+    "crashes=0 losses=1 store_faults=0 revoke=1" \
+    "crashes=0 losses=0 store_faults=1 revoke=1" \
     "crashes=1 losses=1 store_faults=0 revoke=1" \
     "crashes=1 losses=0 store_faults=1 revoke=1" \
     "leeway=4 crashes=1 losses=1 store_faults=0 revoke=1" \
