@@ -145,7 +145,11 @@ struct Stranded {
 }
 
 async fn stranded(tag: &str) -> Stranded {
-    let mock = bitbucket().await;
+    stranded_at(tag, bitbucket().await).await
+}
+
+/// [`stranded`] against `mock`.
+async fn stranded_at(tag: &str, mock: MockProvider) -> Stranded {
     let clock = now_clock();
     let (store, switch) = network_store();
     let dir = tokenkeeper_testkit::dirs::fresh_dir(tag).join("kept");
@@ -408,21 +412,13 @@ async fn a_held_result_of_a_revoked_installation_is_revoked_at_the_provider() {
         .start()
         .await
         .unwrap();
-    let clock = now_clock();
-    let (store, switch) = network_store();
-    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-revoked").join("kept");
-    let manager = builder(&mock, store, &clock)
-        .unsaved_tokens_dir(&dir)
-        .build()
-        .unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
-    assert!(manager.access_token(&id).await.is_err());
+    let Stranded {
+        mock,
+        switch,
+        manager,
+        id,
+        ..
+    } = stranded_at("unsaved-revoked", mock).await;
     switch.heal();
     // The application revokes the installation: the store's (retired) token is revoked,
     // which this provider ignores, so the grant lives on in the held result.

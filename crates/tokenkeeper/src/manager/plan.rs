@@ -280,14 +280,19 @@ mod tests {
         }
     }
 
-    fn plan(profile: &ProviderProfile, record: &Record, f: &Failure, now: Timestamp) -> Plan {
-        let consumer = ConsumerConfig::builder(profile.clone())
+    /// The default policy of a consumer of `profile`.
+    fn policy_for(profile: ProviderProfile) -> RefreshPolicy {
+        let consumer = ConsumerConfig::builder(profile)
             .client_id("k")
             .client_secret("s")
             .redirect_uri("https://app.example/cb")
             .build()
             .unwrap();
-        let policy = RefreshPolicy::for_consumer(&consumer);
+        RefreshPolicy::for_consumer(&consumer)
+    }
+
+    fn plan(profile: &ProviderProfile, record: &Record, f: &Failure, now: Timestamp) -> Plan {
+        let policy = policy_for(profile.clone());
         plan_failure(
             record,
             f,
@@ -415,13 +420,7 @@ mod tests {
     #[test]
     fn the_leeway_is_judged_net_of_clock_skew() {
         let profile = profiles::atlassian_3lo();
-        let consumer = ConsumerConfig::builder(profile.clone())
-            .client_id("k")
-            .client_secret("s")
-            .redirect_uri("https://app.example/cb")
-            .build()
-            .unwrap();
-        let policy = RefreshPolicy::for_consumer(&consumer);
+        let policy = policy_for(profile.clone());
         let rules = Rules {
             profile: &profile,
             policy: &policy,
@@ -462,13 +461,7 @@ mod tests {
         profile.rotation = crate::oauth::Rotation::Rotates {
             reuse_leeway: Some(Duration::from_secs(20)),
         };
-        let consumer = ConsumerConfig::builder(profile.clone())
-            .client_id("k")
-            .client_secret("s")
-            .redirect_uri("https://app.example/cb")
-            .build()
-            .unwrap();
-        let mut policy = RefreshPolicy::for_consumer(&consumer);
+        let mut policy = policy_for(profile.clone());
         let rules = |policy: &RefreshPolicy| {
             Rules {
                 profile: &profile,
