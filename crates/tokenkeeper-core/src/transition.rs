@@ -609,6 +609,27 @@ mod tests {
         }
     }
 
+    /// `record` leased by `holder` at `at` for 30 s.
+    fn leased_by(record: &Record, holder: &str, at: Timestamp) -> Record {
+        let holder = LeaseHolder::new(holder);
+        let until = at.saturating_add(Duration::from_secs(30));
+        record
+            .apply(Event::LeaseAcquired { holder, until }, at)
+            .unwrap()
+    }
+
+    /// `leased`'s attempt failed transiently with `commit`, recorded at `at`.
+    fn deferred(leased: &Record, commit: CommitEvidence, at: Timestamp) -> Record {
+        let event = Event::RefreshDeferred {
+            fence: leased.version(),
+            retry_at: at,
+            cause: BackoffCause::Transient,
+            error: ErrorDetail::new(FailureClass::Transient),
+            commit,
+        };
+        leased.apply(event, at).unwrap()
+    }
+
     #[test]
     fn a_late_rotation_lands_on_the_presented_token_only() {
         let r = record("r0");
@@ -645,11 +666,7 @@ mod tests {
             ReauthReason::RotatedTokenLost,
             ReauthReason::FailureBudgetExhausted,
         ] {
-            let holder = LeaseHolder::new("peer:1");
-            let until = T0.saturating_add(Duration::from_secs(30));
-            let leased = record("r0")
-                .apply(Event::LeaseAcquired { holder, until }, T0)
-                .unwrap();
+            let leased = leased_by(&record("r0"), "peer:1", T0);
             let condemned = leased
                 .apply(
                     Event::RefreshRejected {
@@ -683,24 +700,8 @@ mod tests {
             (CommitEvidence::ReplyLost, true),
             (CommitEvidence::None, false),
         ] {
-            let holder = LeaseHolder::new("peer:1");
-            let until = T0.saturating_add(Duration::from_secs(30));
-            let leased = record("r0")
-                .apply(Event::LeaseAcquired { holder, until }, T0)
-                .unwrap();
-            let deferred = leased
-                .apply(
-                    Event::RefreshDeferred {
-                        fence: leased.version(),
-                        retry_at: T0,
-                        cause: BackoffCause::Transient,
-                        error: ErrorDetail::new(FailureClass::Transient),
-                        commit,
-                    },
-                    T0,
-                )
-                .unwrap();
-            let revived = deferred
+            let leased = leased_by(&record("r0"), "peer:1", T0);
+            let revived = deferred(&leased, commit, T0)
                 .apply(late("r0", tokens("a1", Some("r1"))), T0)
                 .unwrap();
             assert_eq!(
@@ -720,11 +721,7 @@ mod tests {
     #[test]
     fn a_late_result_over_a_peer_lease_remembers_it() {
         for (holder, doubt) in [("peer:1", true), ("late:1", false)] {
-            let until = T0.saturating_add(Duration::from_secs(30));
-            let holder = LeaseHolder::new(holder);
-            let leased = record("r0")
-                .apply(Event::LeaseAcquired { holder, until }, T0)
-                .unwrap();
+            let leased = leased_by(&record("r0"), holder, T0);
             let revived = leased
                 .apply(late("r0", tokens("a1", Some("r1"))), T0)
                 .unwrap();
@@ -743,11 +740,7 @@ mod tests {
     /// after it. A success after that lease's end does.
     #[test]
     fn a_success_during_the_peer_lease_keeps_the_doubt() {
-        let until = T0.saturating_add(Duration::from_secs(30));
-        let holder = LeaseHolder::new("peer:1");
-        let leased = record("r0")
-            .apply(Event::LeaseAcquired { holder, until }, T0)
-            .unwrap();
+        let leased = leased_by(&record("r0"), "peer:1", T0);
         let revived = leased
             .apply(late("r0", tokens("a1", Some("r1"))), T0)
             .unwrap();
@@ -780,26 +773,13 @@ mod tests {
     /// taken: the reuse leeway is counted from the lease, not from the recording.
     #[test]
     fn a_possible_commit_counts_from_the_lease_not_from_the_recording() {
-        let holder = LeaseHolder::new("h:1");
-        let until = T0.saturating_add(Duration::from_secs(30));
-        let leased = record("r0")
-            .apply(Event::LeaseAcquired { holder, until }, T0)
-            .unwrap();
+        let leased = leased_by(&record("r0"), "h:1", T0);
         let later = T0.saturating_add(Duration::from_secs(20));
         for commit in [CommitEvidence::ReplyLost, CommitEvidence::ServerError] {
-            let deferred = leased
-                .apply(
-                    Event::RefreshDeferred {
-                        fence: leased.version(),
-                        retry_at: later,
-                        cause: BackoffCause::Transient,
-                        error: ErrorDetail::new(FailureClass::Transient),
-                        commit,
-                    },
-                    later,
-                )
+            let streak = deferred(&leased, commit, later)
+                .failures()
+                .cloned()
                 .unwrap();
-            let streak = deferred.failures().unwrap();
             let since = streak
                 .possibly_committed_since
                 .or(streak.server_error_since);
@@ -812,52 +792,17 @@ mod tests {
     /// the flight's own lost reply counts from its own lease (review of the model's fixes).
     #[test]
     fn a_possible_commit_after_a_takeover_counts_from_the_lapsed_lease() {
-        let until = T0.saturating_add(Duration::from_secs(30));
-        let lapsed = record("r0")
-            .apply(
-                Event::LeaseAcquired {
-                    holder: LeaseHolder::new("silent:1"),
-                    until,
-                },
-                T0,
-            )
-            .unwrap();
+        // The silent holder's lease (30 s) lapsed; this flight takes it 40 s later.
+        let lapsed = leased_by(&record("r0"), "silent:1", T0);
         let later = T0.saturating_add(Duration::from_secs(40));
-        let mine = lapsed
-            .apply(
-                Event::LeaseAcquired {
-                    holder: LeaseHolder::new("me:1"),
-                    until: later.saturating_add(Duration::from_secs(30)),
-                },
-                later,
-            )
-            .unwrap();
-        let deferred = mine
-            .apply(
-                Event::RefreshDeferred {
-                    fence: mine.version(),
-                    retry_at: later,
-                    cause: BackoffCause::Transient,
-                    error: ErrorDetail::new(FailureClass::Transient),
-                    commit: CommitEvidence::ServerError,
-                },
-                later,
-            )
-            .unwrap();
-        assert_eq!(deferred.failures().unwrap().server_error_since, Some(T0));
+        let mine = leased_by(&lapsed, "me:1", later);
+        let server_error = deferred(&mine, CommitEvidence::ServerError, later);
+        assert_eq!(
+            server_error.failures().unwrap().server_error_since,
+            Some(T0)
+        );
         // Its own lost reply counts from its own lease (its own leeway is still to use).
-        let lost = mine
-            .apply(
-                Event::RefreshDeferred {
-                    fence: mine.version(),
-                    retry_at: later,
-                    cause: BackoffCause::Transient,
-                    error: ErrorDetail::new(FailureClass::Transient),
-                    commit: CommitEvidence::ReplyLost,
-                },
-                later,
-            )
-            .unwrap();
+        let lost = deferred(&mine, CommitEvidence::ReplyLost, later);
         assert_eq!(
             lost.failures().unwrap().possibly_committed_since,
             Some(later)

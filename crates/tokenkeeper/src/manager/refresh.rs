@@ -4,9 +4,10 @@
 //!
 //! Re-read the record; use it if fresh; wait (bounded) for another process's live lease; take
 //! the lease by compare-and-swap; call the token endpoint; **write the new tokens before
-//! anyone uses them** ([`on_refreshed`]); on a rejection re-read before condemning and choose
-//! the reason ([`on_rejected`]); on any other failure keep the tokens, back off and keep
-//! serving the still-valid access token ([`on_deferred`]). Every step is a transition of the
+//! anyone uses them** ([`on_refreshed`]); on a failure carry out the pure plan of
+//! [`super::plan`] ([`on_failed`]): re-read before condemning a rejection, with the reason the
+//! plan chose; on a transient failure keep the tokens, back off and keep serving the
+//! still-valid access token ([`on_deferred`]). Every step is a transition of the
 //! pure state machine written with the store's compare-and-swap, so a writer that lost its
 //! lease fails its write whatever its clock says.
 
