@@ -114,6 +114,34 @@ async fn a_directory_others_can_enter_or_own_is_refused() {
     }
 }
 
+/// The check of the directory and each write into it are two steps: whoever may rename
+/// entries of its parent could swap the checked directory for their own in between. So the
+/// parent must be writable by this user (or root) alone, or sticky (as `/tmp` is).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_directory_whose_parent_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = bitbucket().await;
+    let (store, _) = network_store();
+    let parent = tokenkeeper_testkit::dirs::fresh_dir("unsaved-parent");
+    let dir = parent.join("kept");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let reason = out_of_range(
+        builder(&mock, store.clone(), &now_clock())
+            .unsaved_tokens_dir(&dir)
+            .build(),
+    );
+    assert!(reason.contains("rename or replace"), "{reason}");
+    // Sticky, as /tmp is: others may not rename what this user owns there.
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    builder(&mock, store, &now_clock())
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .expect("a sticky parent");
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn sqlite_keeps_unsaved_tokens_beside_its_database() {

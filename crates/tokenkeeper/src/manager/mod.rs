@@ -310,7 +310,8 @@ impl TokenManagerBuilder {
     /// each (created owner-only, files 0600, sealed with the [`encryption`](Self::encryption)
     /// keyring when there is one). It must survive restarts (a persistent volume, not `/tmp`)
     /// and be this user's alone: `build` refuses a symbolic link, a directory other users can
-    /// enter, or one another user owns. A manager restores what it finds there when it starts
+    /// enter, one another user owns, or one in a parent other users may rename entries of
+    /// (group/world writable without the sticky bit). A manager restores what it finds there when it starts
     /// ([`TokenManager::restore_unsaved_files`]).
     ///
     /// Without it (and without [`on_unsaved_tokens`](Self::on_unsaved_tokens)) the store

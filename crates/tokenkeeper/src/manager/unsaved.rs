@@ -297,7 +297,8 @@ fn prepare_dir(dir: &Path) -> Result<(), ConfigError> {
 }
 
 /// The directory must be this user's alone: a real directory (not a symbolic link), that no
-/// other user can enter, owned by the user this process writes as. Another user able to enter
+/// other user can enter, owned by the user this process writes as, in a parent no other user
+/// may rename entries of (owned by this user or root, not group/world writable unless sticky). Another user able to enter
 /// it could read or delete the only copy of a token, and one who owns it could swap it; such
 /// a directory is refused, never repaired.
 fn check_private(dir: &Path) -> Result<(), String> {
@@ -322,6 +323,17 @@ fn check_private(dir: &Path) -> Result<(), String> {
                 "it belongs to another user (uid {}), not to the user this process writes as (uid {me})",
                 meta.uid()
             ));
+        }
+        // The check and each write are two steps: whoever may rename entries of the parent
+        // could swap this directory for their own in between.
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        if let Some(reason) = tokenkeeper_core::private_files::replaceable_by_others(parent, me)
+            .map_err(|e| format!("cannot read its parent ({e})"))?
+        {
+            return Err(format!("its parent {}: {reason}", parent.display()));
         }
     }
     Ok(())
