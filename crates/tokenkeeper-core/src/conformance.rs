@@ -774,6 +774,23 @@ pub async fn states_are_counted(store: Arc<dyn TokenStore>) {
     assert_eq!(counts.get(StateKind::Refreshing), 9, "{counts:?}");
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     assert_eq!(total, 29);
+    // The trait's default, paging by 4, counts the same; capped at 5 it stops a state at the
+    // first page that reaches the cap.
+    let listed = crate::store::count_by_listing(&*store, u64::MAX, 4)
+        .await
+        .expect("count by listing");
+    assert_eq!(listed, counts, "the default and the store disagree");
+    let capped = crate::store::count_by_listing(&*store, 5, 4)
+        .await
+        .expect("count by listing");
+    for (state, n) in capped.iter() {
+        let exact = counts.get(state);
+        let floor = exact.min(5);
+        assert!(
+            (floor..=exact.min(8)).contains(&n),
+            "{state:?}: {n} counted with cap 5 in pages of 4 (exactly {exact})"
+        );
+    }
 }
 
 /// Unicode ids, 200-byte ids and ids with key-syntax characters round-trip unchanged.

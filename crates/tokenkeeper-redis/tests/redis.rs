@@ -246,6 +246,38 @@ async fn prefixes_isolate_applications() {
     ));
 }
 
+/// Builder values out of range are refused by name before any connection is opened.
+#[tokio::test]
+async fn out_of_range_settings_are_refused_by_name() {
+    let refused = |result: Result<RedisStore, ConnectError>| match result {
+        Err(ConnectError::Config { field, .. }) => field,
+        other => panic!(
+            "expected a configuration error, got {:?}",
+            other.map(|_| ())
+        ),
+    };
+    for connections in [0, 65] {
+        let result = RedisStore::builder(common::url())
+            .replica_wait_connections(connections)
+            .connect()
+            .await;
+        assert_eq!(refused(result), "replica_wait_connections", "{connections}");
+    }
+    for shards in [0, 257] {
+        let result = RedisStore::builder(common::url())
+            .index_shards(shards)
+            .connect()
+            .await;
+        assert_eq!(refused(result), "index_shards", "{shards}");
+    }
+    RedisStore::builder(common::url())
+        .replica_wait_connections(64)
+        .index_shards(256)
+        .connect()
+        .await
+        .expect("the largest values in range");
+}
+
 #[tokio::test]
 async fn auth_with_password_and_acl_user() {
     let server = tokenkeeper_testkit::redis::Server::start_on(
