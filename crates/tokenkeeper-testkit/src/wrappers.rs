@@ -89,6 +89,12 @@ pub trait Hook: Send + Sync + std::fmt::Debug + 'static {
     /// Runs after a `get` returned, before its caller hears the answer; a pending future
     /// holds the caller (a process paused between reading a record and using it).
     async fn got(&self) {}
+
+    /// Runs after a `claim_flow` stored its claim, before its caller hears so; an error is
+    /// returned instead (the claim's acknowledgement lost on the way back).
+    async fn flow_claimed(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A store that asks its hook before every operation.
@@ -198,7 +204,11 @@ impl<S: TokenStore, H: Hook> TokenStore for Hooked<S, H> {
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         self.hook.before(Operation::Flow).await?;
-        self.inner.claim_flow(flow, value, ttl).await
+        let claimed = self.inner.claim_flow(flow, value, ttl).await?;
+        if claimed.is_none() {
+            self.hook.flow_claimed().await?;
+        }
+        Ok(claimed)
     }
 
     async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {

@@ -852,6 +852,73 @@ impl tokenkeeper_testkit::wrappers::Hook for SecondFlowOpFails {
     }
 }
 
+/// Stores the first flow claim, then reports it failed (its acknowledgement lost).
+#[derive(Debug, Default)]
+struct FirstClaimAckLost(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for FirstClaimAckLost {
+    async fn before(
+        &self,
+        _: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), tokenkeeper::StoreError> {
+        Ok(())
+    }
+
+    async fn flow_claimed(&self) -> Result<(), tokenkeeper::StoreError> {
+        if self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(tokenkeeper::StoreError::unavailable(
+            "hooked",
+            "claim_flow",
+            "injected: the claim was stored, its acknowledgement lost",
+        ))
+    }
+}
+
+/// A callback whose claim was stored but reported failed never sent the code: the claim it
+/// left is settled as failed before the code was sent, so the browser's retry hears that at
+/// once (and starts over) instead of waiting out a claimant that never ran and being told
+/// the code "may be spent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_acknowledgement_was_lost_is_settled_as_never_sent() {
+    let mock = mock().await;
+    let (hooked, _) = tokenkeeper_testkit::wrappers::Hooked::new(
+        tokenkeeper_memory::MemoryStore::new(),
+        FirstClaimAckLost::default(),
+    );
+    let manager = manager_on(&mock, Arc::new(hooked));
+    let begun = manager.begin_authorization(None).unwrap();
+    let code = approve(&mock, &begun, "ack-lost");
+    let complete = || {
+        manager.complete_authorization(
+            AuthorizationCode::new(code.clone()),
+            &begun.state,
+            &begun.binding,
+        )
+    };
+    assert!(
+        matches!(complete().await, Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::Store { .. })),
+        "the failed claim is reported"
+    );
+    match complete().await {
+        Err(Error::Authorization(e)) => match &*e {
+            AuthorizationError::DuplicateCallback { outcome, .. } => assert!(
+                outcome.contains("before the code was sent"),
+                "the retry is told the code was never sent: {outcome}"
+            ),
+            other => panic!("expected the duplicate's outcome, got {other:?}"),
+        },
+        other => panic!("expected the duplicate's outcome, got {other:?}"),
+    }
+    assert_eq!(
+        mock.counters().totals.code_exchanges,
+        0,
+        "the code was never sent"
+    );
+}
+
 /// Review N8: a duplicate callback whose claim failed in the store must not overwrite the
 /// live claimant's record with its own failure. Before, it wrote `Failed` over the
 /// claimant's `Exchanging`, and a third duplicate was told the flow "failed before the code
