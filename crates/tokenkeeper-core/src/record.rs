@@ -111,7 +111,9 @@ pub struct FailureStreak {
     /// rotation. Retries stay inside the provider's reuse leeway while it lasts, and a refusal
     /// afterwards is a lost rotation rather than a revocation; past the leeway the token is
     /// still presented (a 5xx rarely follows a commit, and not presenting would condemn every
-    /// installation a provider outage touched).
+    /// installation a provider outage touched). Also set, from the start of the chain of
+    /// leases, when an attempt under a lease that took a silent holder's over lost its reply:
+    /// the holder may have committed before this attempt's own window opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_error_since: Option<Timestamp>,
     /// When a late result revived the record after a peer's verdict on the refresh token it

@@ -423,11 +423,10 @@ pub fn transition(
             // The attempt may have been committed from the moment it was sent, which came
             // after the lease was taken (the recording may come much later: a request's
             // deadline, a pause): evidence of a commit counts from the lease.
-            let since = record.possible_commit_since(commit, now);
             next.failures = Some(next_streak(
                 record.failures.as_ref(),
                 cause,
-                (commit, since),
+                commit_windows(record, commit, now),
                 now,
             ));
             next.last_error = Some(detail.clone());
@@ -499,13 +498,11 @@ impl Record {
 fn next_streak(
     previous: Option<&FailureStreak>,
     cause: BackoffCause,
-    (commit, since): (CommitEvidence, Option<Timestamp>),
+    (lost_reply, server_error): (Option<Timestamp>, Option<Timestamp>),
     now: Timestamp,
 ) -> FailureStreak {
     let transient = cause == BackoffCause::Transient;
     let held = u32::from(cause == BackoffCause::MassRejection);
-    let lost_reply = since.filter(|_| commit == CommitEvidence::ReplyLost);
-    let server_error = since.filter(|_| commit == CommitEvidence::ServerError);
     let (consecutive, first_at) = match previous {
         Some(streak) if transient && streak.consecutive > 0 => {
             (streak.consecutive.saturating_add(1), streak.first_at)
@@ -526,6 +523,30 @@ fn next_streak(
         revived_after_verdict: previous.and_then(|s| s.revived_after_verdict),
         doubt_until: previous.and_then(|s| s.doubt_until),
         held_refusals: previous.map_or(0, |s| s.held_refusals).saturating_add(held),
+    }
+}
+
+/// The windows evidence `commit` of an attempt under `record`'s lease opens: a lost reply's
+/// (which withholds the token past the leeway) and a server error's (which explains a later
+/// refusal). A lost reply under a lease that took a silent holder's over opens both: its own
+/// from this lease, and the holder's, which may have committed earlier still, from the start
+/// of the chain (a double fault: otherwise a refusal past the holder's leeway but inside this
+/// lease's would be explained as a revocation).
+fn commit_windows(
+    record: &Record,
+    commit: CommitEvidence,
+    now: Timestamp,
+) -> (Option<Timestamp>, Option<Timestamp>) {
+    let since = record.possible_commit_since(commit, now);
+    match commit {
+        CommitEvidence::None => (None, None),
+        CommitEvidence::ServerError => (None, since),
+        CommitEvidence::ReplyLost => {
+            let chain = record
+                .possible_commit_since(CommitEvidence::ServerError, now)
+                .filter(|start| since.is_some_and(|own| *start < own));
+            (since, chain)
+        }
     }
 }
 

@@ -184,12 +184,17 @@ fn transient_retry_at(
         return retry_at;
     };
     // Each kind of evidence has its window; this attempt's own opens one too (an older
-    // window may have passed), from when it may have been committed.
+    // window may have passed), from when it may have been committed, and so does a silent
+    // holder this attempt took over from (from when that one's lease was taken).
     let this_attempt = record.possible_commit_since(recorded_evidence(failure, rules), now);
+    let taken_over = (failure.takeover && rules.profile.rotation.rotates())
+        .then(|| record.possible_commit_since(CommitEvidence::ServerError, now))
+        .flatten();
     [
         streak.and_then(|s| s.possibly_committed_since),
         streak.and_then(|s| s.server_error_since),
         this_attempt,
+        taken_over,
     ]
     .into_iter()
     .flatten()
@@ -412,6 +417,75 @@ mod tests {
             panic!("a transient failure defers");
         };
         assert_eq!(commit, CommitEvidence::None);
+    }
+
+    /// The double fault the model's bounds did not reach: a flight takes a silent holder's
+    /// lease over and its own reply is lost too. Its own lost reply withholds the token from
+    /// its own leeway on, but the holder may have committed earlier: a refusal past the
+    /// holder's leeway (inside this flight's own) is a lost rotation, not a revocation.
+    #[test]
+    fn a_takeover_whose_own_reply_is_lost_remembers_the_holders_earlier_commit() {
+        let profile = profiles::atlassian_3lo();
+        let policy = policy_for(profile.clone());
+        let rules = Rules {
+            profile: &profile,
+            policy: &policy,
+        };
+        let leeway = rules.leeway().unwrap();
+        let taken = at(100);
+        let over = taken.saturating_add(leeway / 2);
+        let mine = leased(taken)
+            .apply(
+                Event::LeaseTakenOver {
+                    holder: LeaseHolder::new("me"),
+                    until: over.saturating_add(Duration::from_secs(30)),
+                    watched: leased(taken).version(),
+                },
+                over,
+            )
+            .unwrap();
+        let mut f = failure(FailureClass::Transient, CommitEvidence::ReplyLost);
+        f.takeover = true;
+        f.in_doubt = true;
+        let Plan::Defer { retry_at, commit } = plan_failure(&mine, &f, rules, over) else {
+            panic!("a transient failure defers");
+        };
+        assert!(
+            retry_at < taken.saturating_add(leeway),
+            "the retry stays inside the holder's leeway: {retry_at}"
+        );
+        let deferred = mine
+            .apply(
+                Event::RefreshDeferred {
+                    fence: mine.version(),
+                    retry_at,
+                    cause: tokenkeeper_core::BackoffCause::Transient,
+                    error: ErrorDetail::new(FailureClass::Transient),
+                    commit,
+                },
+                over,
+            )
+            .unwrap();
+        // Its next flight, past the holder's leeway but inside its own, is refused.
+        let now = taken
+            .saturating_add(leeway)
+            .saturating_add(Duration::from_secs(5));
+        let next = deferred
+            .apply(
+                Event::LeaseAcquired {
+                    holder: LeaseHolder::new("me"),
+                    until: now.saturating_add(Duration::from_secs(30)),
+                },
+                now,
+            )
+            .unwrap();
+        let refused = failure(FailureClass::RefreshTokenRejected, CommitEvidence::None);
+        assert_eq!(
+            plan_failure(&next, &refused, rules, now),
+            Plan::Condemn(ReauthReason::RotatedTokenLost)
+        );
+        // And its own lost reply still withholds the token only from its own leeway on.
+        assert_eq!(retired_past_leeway(&next, rules, now), None);
     }
 
     /// Found by the model checker: a possible commit recorded by a clock ahead of this one
