@@ -5,6 +5,10 @@
 //! exactly one, keeps the due time in step with the state, merges refresh responses by the
 //! RFC 6749 rules and appends to the bounded history. Property tests drive it with random event
 //! sequences (`tests/transition_props.rs`).
+//!
+//! Read it top-down: [`transition`] checks the event's fence, then `Step::apply` is the
+//! dispatch table, one rule per event, whose rules follow grouped by family (installation,
+//! lease, result, failure events), each in a function of its own.
 
 use std::fmt;
 
@@ -277,197 +281,301 @@ pub fn transition(
         event: kind,
         why,
     };
-    let version = record.version.saturating_add(1);
+    check_fence(record, event.fence()).map_err(refuse)?;
+    let mut step = Step::new(record, event.fence().is_some(), now);
+    let error = step.apply(event).map_err(refuse)?;
+    Ok(step.finish(kind, from, error))
+}
 
-    // Leased events must name the current lease.
-    if let Some(given) = event.fence() {
-        match &record.state {
-            State::Refreshing { lease } if lease.fence == given => {}
-            State::Refreshing { lease } => {
-                return Err(refuse(Refusal::FenceMismatch {
-                    current: lease.fence,
-                    given,
-                }));
-            }
-            s if s.is_terminal() => return Err(refuse(Refusal::Terminal)),
-            _ => return Err(refuse(Refusal::NotLeased)),
-        }
-    }
-
-    let mut next = record.clone();
-    // A leased event is written under its lease; anything else under none.
-    next.written_under = match (&record.state, event.fence()) {
-        (State::Refreshing { lease }, Some(_)) => Some(lease.holder.clone()),
-        _ => None,
+/// Leased events must name the current lease.
+fn check_fence(record: &Record, fence: Option<u64>) -> Result<(), Refusal> {
+    let Some(given) = fence else {
+        return Ok(());
     };
-    let mut error = None;
-    match event {
-        // Writes are ordered by versions and fences, never by comparing wall clocks: two
-        // machines' clocks disagree, and a refusal here would discard rotated tokens.
-        Event::Authorized {
-            tokens,
-            refresh_at,
-            account,
-        } => {
-            next.tokens = tokens;
-            next.account = account;
-            next.generation = record.generation.saturating_add(1);
-            next.state = State::Active;
-            next.due_at = Some(refresh_at);
-            next.failures = None;
-            next.refresh_token_last_used = now;
-            next.authorized_at = now;
+    match &record.state {
+        State::Refreshing { lease } if lease.fence == given => Ok(()),
+        State::Refreshing { lease } => Err(Refusal::FenceMismatch {
+            current: lease.fence,
+            given,
+        }),
+        s if s.is_terminal() => Err(Refusal::Terminal),
+        _ => Err(Refusal::NotLeased),
+    }
+}
+
+/// What one event's rule returns: the error to record in the history entry, or why the event
+/// cannot apply.
+type Applied = Result<Option<ErrorDetail>, Refusal>;
+
+/// One transition under way: the record as read, the record to write, the version it is
+/// written at, and the time.
+struct Step<'a> {
+    record: &'a Record,
+    next: Record,
+    version: u64,
+    now: Timestamp,
+}
+
+impl<'a> Step<'a> {
+    /// Starts from a copy of `record`. A leased event is written under its lease; anything
+    /// else under none.
+    fn new(record: &'a Record, leased: bool, now: Timestamp) -> Self {
+        let mut next = record.clone();
+        next.written_under = match &record.state {
+            State::Refreshing { lease } if leased => Some(lease.holder.clone()),
+            _ => None,
+        };
+        Self {
+            record,
+            next,
+            version: record.version.saturating_add(1),
+            now,
         }
-        Event::LeaseTakenOver {
-            holder,
-            until,
-            watched,
-        } => {
-            match &record.state {
-                State::Refreshing { .. } if record.version == watched => {}
-                State::Refreshing { .. } => {
-                    return Err(refuse(Refusal::NotSilent {
-                        watched,
-                        current: record.version,
-                    }));
-                }
-                s if s.is_terminal() => return Err(refuse(Refusal::Terminal)),
-                _ => return Err(refuse(Refusal::NotLeased)),
-            }
-            next.take_lease(holder, until, version);
-        }
-        Event::LeaseAcquired { holder, until } => {
-            match &record.state {
-                State::Active | State::Backoff { .. } => {}
-                State::Refreshing { lease } if lease.until <= now => {}
-                State::Refreshing { lease } => {
-                    return Err(refuse(Refusal::LeaseHeld {
-                        holder: lease.holder.clone(),
-                        until: lease.until,
-                    }));
-                }
-                _ => return Err(refuse(Refusal::Terminal)),
-            }
-            next.take_lease(holder, until, version);
-        }
-        Event::LeaseRenewed { until, .. } => {
-            if let State::Refreshing { lease } = &mut next.state {
-                lease.until = until;
-            }
-            next.due_at = Some(until);
-        }
-        Event::LeaseReleased { refresh_at, .. } => {
-            next.state = State::Active;
-            next.due_at = Some(refresh_at);
-        }
-        Event::LateRefreshed {
-            presented,
-            tokens,
-            refresh_at,
-            obtained_under,
-        } => {
-            // Every condemnation is a verdict about the refresh token this result rotated
-            // away (refused, expired, a budget spent on it): none says anything about the
-            // rotated one, so each is revived. Only a revocation (the application's word)
-            // and a new grant (another refresh token) make the result obsolete.
-            let revivable = !matches!(record.state, State::Revoked { .. });
-            // Only a rotation needs saving: a reply that kept the presented refresh token
-            // (or sent none) left it valid at the provider, and whatever is stored now is at
-            // least as new as this result.
-            if !revivable
-                || !tokens.rotated_from(&presented)
-                || record.tokens.refresh_token.as_ref() != Some(&presented)
-            {
-                return Err(refuse(Refusal::Superseded));
-            }
-            next.tokens = tokens.merged_onto(&record.tokens);
-            next.state = State::Active;
-            next.due_at = Some(refresh_at);
-            next.failures = revival_doubt(record, obtained_under.as_ref(), now);
-            next.refresh_token_last_used = now;
-        }
-        Event::Refreshed {
-            tokens,
-            refresh_at,
-            anomaly,
-            ..
-        } => {
-            error = anomaly;
-            next.tokens = tokens.merged_onto(&record.tokens);
-            next.state = State::Active;
-            next.due_at = Some(refresh_at);
-            // A success clears the streak, but not a revival's doubt unless this refresh was
-            // sent after the peer it came from could still present the retired token (its
-            // lease taken after that peer's lease ended: the provider was alive then).
-            let sent_after = record.lease_entry_at().unwrap_or(now);
-            next.failures = record
-                .failures
-                .as_ref()
-                .and_then(|f| f.doubt_until)
-                .filter(|until| sent_after < *until)
-                .map(|until| doubt_streak(now, Some(until)));
-            next.refresh_token_last_used = now;
-        }
-        Event::RefreshDeferred {
-            retry_at,
-            cause,
-            error: detail,
-            commit,
-            ..
-        } => {
-            next.state = State::Backoff {
-                until: retry_at,
-                cause,
-            };
-            next.due_at = Some(retry_at);
-            // The attempt may have been committed from the moment it was sent, which came
-            // after the lease was taken (the recording may come much later: a request's
-            // deadline, a pause): evidence of a commit counts from the lease.
-            next.failures = Some(next_streak(
-                record.failures.as_ref(),
-                cause,
-                commit_windows(record, commit, now),
-                now,
-            ));
-            next.last_error = Some(detail.clone());
-            error = Some(detail);
-        }
-        Event::RefreshRejected {
-            reason,
-            error: detail,
-            ..
-        } => {
-            next.state = State::ReauthorizationRequired { reason, since: now };
-            next.due_at = None;
-            if detail.is_some() {
-                next.last_error.clone_from(&detail);
-            }
-            error = detail;
-        }
-        Event::Revoked => {
-            if matches!(record.state, State::Revoked { .. }) {
-                return Err(refuse(Refusal::AlreadyRevoked));
-            }
-            next.state = State::Revoked { at: now };
-            next.due_at = None;
-        }
-        Event::Resealed => {}
     }
 
-    next.version = version;
-    next.updated_at = now;
-    if next.history.len() >= HISTORY_LEN {
-        next.history.pop_front();
+    /// The dispatch table, read top-down: one rule per event, grouped by family (installation,
+    /// lease, result, failure) in the `impl` blocks below.
+    ///
+    /// Writes are ordered by versions and fences, never by comparing wall clocks: two
+    /// machines' clocks disagree, and a refusal here would discard rotated tokens.
+    fn apply(&mut self, event: Event) -> Applied {
+        match event {
+            Event::Authorized {
+                tokens,
+                refresh_at,
+                account,
+            } => self.authorize(tokens, refresh_at, account),
+            Event::LeaseTakenOver {
+                holder,
+                until,
+                watched,
+            } => self.take_over_lease(holder, until, watched),
+            Event::LeaseAcquired { holder, until } => self.acquire_lease(holder, until),
+            Event::LeaseRenewed { until, .. } => self.renew_lease(until),
+            Event::LeaseReleased { refresh_at, .. } => self.release_lease(refresh_at),
+            Event::LateRefreshed {
+                presented,
+                tokens,
+                refresh_at,
+                obtained_under,
+            } => self.land_late_result(&presented, tokens, refresh_at, obtained_under.as_ref()),
+            Event::Refreshed {
+                tokens,
+                refresh_at,
+                anomaly,
+                ..
+            } => self.land_result(tokens, refresh_at, anomaly),
+            Event::RefreshDeferred {
+                retry_at,
+                cause,
+                error,
+                commit,
+                ..
+            } => self.defer(retry_at, cause, error, commit),
+            Event::RefreshRejected { reason, error, .. } => self.reject(reason, error),
+            Event::Revoked => self.revoke(),
+            Event::Resealed => Ok(None),
+        }
     }
-    next.history.push_back(HistoryEntry {
-        at: now,
-        event: kind,
-        from,
-        to: next.state.kind(),
-        error,
-        version,
-    });
-    Ok(next)
+
+    /// Stamps the new version and time and appends the history entry.
+    fn finish(mut self, event: EventKind, from: StateKind, error: Option<ErrorDetail>) -> Record {
+        let (next, version, now) = (&mut self.next, self.version, self.now);
+        next.version = version;
+        next.updated_at = now;
+        if next.history.len() >= HISTORY_LEN {
+            next.history.pop_front();
+        }
+        next.history.push_back(HistoryEntry {
+            at: now,
+            event,
+            from,
+            to: next.state.kind(),
+            error,
+            version,
+        });
+        self.next
+    }
+}
+
+/// Installation events: a new grant, a revocation, a reseal.
+impl Step<'_> {
+    fn authorize(
+        &mut self,
+        tokens: TokenSet,
+        refresh_at: Timestamp,
+        account: Option<String>,
+    ) -> Applied {
+        let next = &mut self.next;
+        next.tokens = tokens;
+        next.account = account;
+        next.generation = self.record.generation.saturating_add(1);
+        next.state = State::Active;
+        next.due_at = Some(refresh_at);
+        next.failures = None;
+        next.refresh_token_last_used = self.now;
+        next.authorized_at = self.now;
+        Ok(None)
+    }
+
+    fn revoke(&mut self) -> Applied {
+        if matches!(self.record.state, State::Revoked { .. }) {
+            return Err(Refusal::AlreadyRevoked);
+        }
+        self.next.state = State::Revoked { at: self.now };
+        self.next.due_at = None;
+        Ok(None)
+    }
+}
+
+/// Lease events: take over a silent lease, acquire, renew, release.
+impl Step<'_> {
+    fn take_over_lease(&mut self, holder: LeaseHolder, until: Timestamp, watched: u64) -> Applied {
+        match &self.record.state {
+            State::Refreshing { .. } if self.record.version == watched => {}
+            State::Refreshing { .. } => {
+                return Err(Refusal::NotSilent {
+                    watched,
+                    current: self.record.version,
+                });
+            }
+            s if s.is_terminal() => return Err(Refusal::Terminal),
+            _ => return Err(Refusal::NotLeased),
+        }
+        self.next.take_lease(holder, until, self.version);
+        Ok(None)
+    }
+
+    fn acquire_lease(&mut self, holder: LeaseHolder, until: Timestamp) -> Applied {
+        match &self.record.state {
+            State::Active | State::Backoff { .. } => {}
+            State::Refreshing { lease } if lease.until <= self.now => {}
+            State::Refreshing { lease } => {
+                return Err(Refusal::LeaseHeld {
+                    holder: lease.holder.clone(),
+                    until: lease.until,
+                });
+            }
+            _ => return Err(Refusal::Terminal),
+        }
+        self.next.take_lease(holder, until, self.version);
+        Ok(None)
+    }
+
+    fn renew_lease(&mut self, until: Timestamp) -> Applied {
+        if let State::Refreshing { lease } = &mut self.next.state {
+            lease.until = until;
+        }
+        self.next.due_at = Some(until);
+        Ok(None)
+    }
+
+    fn release_lease(&mut self, refresh_at: Timestamp) -> Applied {
+        self.next.state = State::Active;
+        self.next.due_at = Some(refresh_at);
+        Ok(None)
+    }
+}
+
+/// Result events: a refresh's new tokens, under the lease or late.
+impl Step<'_> {
+    fn land_late_result(
+        &mut self,
+        presented: &RefreshToken,
+        tokens: TokenSet,
+        refresh_at: Timestamp,
+        obtained_under: Option<&LeaseHolder>,
+    ) -> Applied {
+        let record = self.record;
+        // Every condemnation is a verdict about the refresh token this result rotated
+        // away (refused, expired, a budget spent on it): none says anything about the
+        // rotated one, so each is revived. Only a revocation (the application's word)
+        // and a new grant (another refresh token) make the result obsolete.
+        let revivable = !matches!(record.state, State::Revoked { .. });
+        // Only a rotation needs saving: a reply that kept the presented refresh token
+        // (or sent none) left it valid at the provider, and whatever is stored now is at
+        // least as new as this result.
+        if !revivable
+            || !tokens.rotated_from(presented)
+            || record.tokens.refresh_token.as_ref() != Some(presented)
+        {
+            return Err(Refusal::Superseded);
+        }
+        let next = &mut self.next;
+        next.tokens = tokens.merged_onto(&record.tokens);
+        next.state = State::Active;
+        next.due_at = Some(refresh_at);
+        next.failures = revival_doubt(record, obtained_under, self.now);
+        next.refresh_token_last_used = self.now;
+        Ok(None)
+    }
+
+    fn land_result(
+        &mut self,
+        tokens: TokenSet,
+        refresh_at: Timestamp,
+        anomaly: Option<ErrorDetail>,
+    ) -> Applied {
+        let (record, now) = (self.record, self.now);
+        let next = &mut self.next;
+        next.tokens = tokens.merged_onto(&record.tokens);
+        next.state = State::Active;
+        next.due_at = Some(refresh_at);
+        // A success clears the streak, but not a revival's doubt unless this refresh was
+        // sent after the peer it came from could still present the retired token (its
+        // lease taken after that peer's lease ended: the provider was alive then).
+        let sent_after = record.lease_entry_at().unwrap_or(now);
+        next.failures = record
+            .failures
+            .as_ref()
+            .and_then(|f| f.doubt_until)
+            .filter(|until| sent_after < *until)
+            .map(|until| doubt_streak(now, Some(until)));
+        next.refresh_token_last_used = now;
+        Ok(anomaly)
+    }
+}
+
+/// Failure events: a refresh deferred to a later try, or rejected for good.
+impl Step<'_> {
+    fn defer(
+        &mut self,
+        retry_at: Timestamp,
+        cause: BackoffCause,
+        detail: ErrorDetail,
+        commit: CommitEvidence,
+    ) -> Applied {
+        let (record, now) = (self.record, self.now);
+        let next = &mut self.next;
+        next.state = State::Backoff {
+            until: retry_at,
+            cause,
+        };
+        next.due_at = Some(retry_at);
+        // The attempt may have been committed from the moment it was sent, which came
+        // after the lease was taken (the recording may come much later: a request's
+        // deadline, a pause): evidence of a commit counts from the lease.
+        next.failures = Some(next_streak(
+            record.failures.as_ref(),
+            cause,
+            commit_windows(record, commit, now),
+            now,
+        ));
+        next.last_error = Some(detail.clone());
+        Ok(Some(detail))
+    }
+
+    fn reject(&mut self, reason: ReauthReason, detail: Option<ErrorDetail>) -> Applied {
+        self.next.state = State::ReauthorizationRequired {
+            reason,
+            since: self.now,
+        };
+        self.next.due_at = None;
+        if detail.is_some() {
+            self.next.last_error.clone_from(&detail);
+        }
+        Ok(detail)
+    }
 }
 
 impl Record {
