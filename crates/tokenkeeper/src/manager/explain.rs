@@ -8,7 +8,7 @@ use tokenkeeper_core::{
     ReauthReason, Record, State, StateKind, Timestamp,
 };
 
-use super::decide::refresh_token_deadline;
+use super::flight::decide::refresh_token_deadline;
 use super::policy::RefreshPolicy;
 use crate::oauth::ProviderProfile;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 
-use super::guard::MassRejectionGuard;
+use super::flight::guard::MassRejectionGuard;
 use crate::oauth::config::{ConfigError, ConsumerConfig};
 use crate::oauth::profile::Timing;
 

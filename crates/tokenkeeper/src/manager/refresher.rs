@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::TokenManager;
-use super::decide::Mode;
+use super::flight::decide::Mode;
 
 /// How the refresher paces itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -315,7 +315,7 @@ fn rest(
 /// why.
 async fn actionable(manager: &TokenManager, id: &InstallationId) -> bool {
     match manager.engine.store.get(id).await {
-        Ok(Some(record)) => super::refresh::would_take_lease(&manager.engine, &record),
+        Ok(Some(record)) => super::flight::would_take_lease(&manager.engine, &record),
         Ok(None) => false,
         Err(StoreError::Corrupt { .. }) => {
             tracing::warn!(installation = %id, "a due installation's record is unreadable; the refresher passes over it");

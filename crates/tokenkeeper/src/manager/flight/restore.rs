@@ -13,10 +13,10 @@ use std::time::Duration;
 use tokenkeeper_core::{Event, InstallationId, StoreError};
 use tokio::time::Instant;
 
-use super::Engine;
-use super::events::LocalEventKind;
-use super::unsaved::{UnsavedRestore, UnsavedTokens};
 use crate::error::Error;
+use crate::manager::Engine;
+use crate::manager::events::LocalEventKind;
+use crate::manager::unsaved::{UnsavedRestore, UnsavedTokens};
 
 /// How long results a restore could not land wait before another restore tries them (a
 /// flight of their own installation is refused meanwhile; others go on).

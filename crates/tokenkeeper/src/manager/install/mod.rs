@@ -4,6 +4,7 @@
 //! the import of token pairs obtained elsewhere. Both choose the first due time through the
 //! [`RefreshPolicy`](super::RefreshPolicy), like every other write.
 
+mod claim;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,16 +12,16 @@ use tokenkeeper_core::{
     CasOutcome, Event, InstallationId, Record, StateKind, StoreError, TokenSet,
 };
 
-use super::TokenManager;
-use super::claim::{self, FlowClaim, Phase};
-use super::events::LocalEventKind;
 use crate::error::Error;
+use crate::manager::TokenManager;
+use crate::manager::events::LocalEventKind;
 use crate::oauth::authorize::{
     AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
     VerifiedState, consumer_name,
 };
 use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 use crate::oauth::state::{Expect, Purpose};
+use claim::{FlowClaim, Phase};
 
 impl TokenManager {
     /// Begins an authorization: a new installation, or `Some(id)` to re-authorize one (the
@@ -184,7 +185,10 @@ impl TokenManager {
         iss: Option<&str>,
     ) -> Result<Completed, Error> {
         let refused = |e: AuthorizationError| {
-            super::metrics::authorization_refused(&self.engine.consumer_label, e.reason_label());
+            crate::manager::metrics::authorization_refused(
+                &self.engine.consumer_label,
+                e.reason_label(),
+            );
             Error::Authorization(Arc::new(e))
         };
         crate::oauth::authorize::check_issuer(self.engine.client.consumer().profile(), iss)
@@ -538,7 +542,7 @@ impl TokenManager {
                 let ours = match &outcome {
                     Err(
                         e @ (StoreError::AlreadyExists { .. } | StoreError::Unavailable { .. }),
-                    ) => super::retry::applied(engine, &record, e).await,
+                    ) => crate::manager::flight::retry::applied(engine, &record, e).await,
                     _ => false,
                 };
                 return match outcome {
@@ -593,13 +597,15 @@ impl TokenManager {
                 Ok(CasOutcome::Swapped) => return Ok((false, next)),
                 // Our own write, applied by an attempt whose reply was lost and resent (a
                 // Redis Cluster retry): the grant is stored, not superseded by "another flow".
-                Ok(CasOutcome::Conflict(stored)) if super::retry::is_own_write(&stored, &next) => {
+                Ok(CasOutcome::Conflict(stored))
+                    if crate::manager::flight::retry::is_own_write(&stored, &next) =>
+                {
                     return Ok((false, next));
                 }
                 Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
                 Ok(CasOutcome::Missing) => current = None,
                 // Applied, its acknowledgement lost: the grant is stored.
-                Err(e) if super::retry::applied(engine, &next, &e).await => {
+                Err(e) if crate::manager::flight::retry::applied(engine, &next, &e).await => {
                     return Ok((false, next));
                 }
                 Err(e) => return Err(store_err(e)),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokenkeeper_core::{EventCursor, LifecycleEvent, LogPosition, StoreError, TokenStore};
 
-use super::{Engine, TokenManager};
+use crate::manager::{Engine, TokenManager};
 
 /// How many events one read of the log asks for.
 const PAGE: usize = 500;
@@ -284,7 +284,7 @@ async fn watch(engine: Weak<Engine>, mut cursor: Option<EventCursor>, poll: Dura
                                 engine.flights.in_progress(&e.installation),
                             )
                         {
-                            super::metrics::cache_invalidation(&engine.consumer_label);
+                            crate::manager::metrics::cache_invalidation(&engine.consumer_label);
                             tracing::debug!(
                                 installation = %e.installation,
                                 event = %e.kind,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokenkeeper_core::{Record, StoreError};
 use tokio::time::Instant;
 
-use super::Engine;
+use crate::manager::Engine;
 
 /// The retry budget of one write.
 pub(crate) struct Patience<'a> {

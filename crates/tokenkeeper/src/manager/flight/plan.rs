@@ -17,7 +17,7 @@ use tokenkeeper_core::{
 };
 
 use super::decide::{refresh_token_deadline, rejection_reason};
-use super::policy::RefreshPolicy;
+use crate::manager::policy::RefreshPolicy;
 use crate::oauth::ProviderProfile;
 
 /// The rules a plan follows: the provider's rotation, leeway and limits, and the policy.

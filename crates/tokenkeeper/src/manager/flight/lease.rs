@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokenkeeper_core::{CasOutcome, Event, LeaseHolder, Record, StoreError};
 use tokio::time::Instant;
 
-use super::Engine;
+use crate::manager::Engine;
 
 /// A lease this flight holds: the record as last written under it, and when the write that
 /// last confirmed it started (a peer cannot have begun watching that version earlier).
@@ -84,7 +84,7 @@ impl HeldLease {
     /// bytes reach the provider) before any peer could take the lease over: a whole TTL
     /// after the last confirmation.
     pub(crate) fn may_send(&self, bound: Duration) -> bool {
-        Instant::now() + bound + super::policy::TRANSIT <= self.confirmed + self.ttl
+        Instant::now() + bound + crate::manager::policy::TRANSIT <= self.confirmed + self.ttl
     }
 
     /// `stored` (read after a conflict) holds this very lease, moved on by one of our own

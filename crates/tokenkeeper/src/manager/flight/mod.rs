@@ -1,0 +1,476 @@
+//! The refresh protocol (see [the design document](crate::_documentation::design), "The refresh protocol"), run by one flight
+//! per installation: a driver loop around the pure [`decide`] step, and one named handler per
+//! way the provider can answer.
+//!
+//! Re-read the record; use it if fresh; wait (bounded) for another process's live lease; take
+//! the lease by compare-and-swap; call the token endpoint; **write the new tokens before
+//! anyone uses them** ([`on_refreshed`]); on a failure carry out the pure plan of
+//! [`super::plan`] ([`on_failed`]): re-read before condemning a rejection, with the reason the
+//! plan chose; on a transient failure keep the tokens, back off and keep serving the
+//! still-valid access token ([`on_deferred`]). Every step is a transition of the
+//! pure state machine written with the store's compare-and-swap, so a writer that lost its
+//! lease fails its write whatever its clock says.
+//!
+//! The room reads in this order: [`decide`] (the pure step) and [`plan`] (the pure failure
+//! plan), this file (the driver: lease, exchange), `success.rs` (the result written before
+//! use), `failure.rs` (condemn, hold, defer), then the pieces they use: `lease.rs` (the held
+//! lease and its renewals), `single.rs` (one flight per installation in this process),
+//! `guard.rs` (the mass-rejection guard), `retry.rs` (own writes after a lost
+//! acknowledgement) and `restore.rs` (held results put back before a lease).
+
+pub(crate) mod decide;
+mod failure;
+pub(crate) mod guard;
+pub(crate) mod lease;
+pub(crate) mod plan;
+pub(crate) mod restore;
+pub(crate) mod retry;
+pub(crate) mod single;
+mod success;
+
+use std::time::Duration;
+
+use tokenkeeper_core::{
+    CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder,
+    ReauthReason, Record, Timestamp,
+};
+use tracing::{Instrument, field};
+
+use crate::error::Error;
+use crate::manager::Engine;
+use crate::manager::cache::Insert;
+use crate::oauth::error::OAuthError;
+use decide::{Context, Decision, Mode, decide, refresh_token_deadline, unpresentable};
+use failure::{condemn, judge, on_failed, serve_until_expiry};
+use lease::{HeldLease, Renewal, Watch};
+use plan::{Rules, retired_past_leeway};
+use retry::applied;
+use single::Outcome;
+use success::on_refreshed;
+
+/// What a handler tells the driver.
+enum Step {
+    Done(Outcome),
+    /// Re-read the record and decide again.
+    Reread,
+    /// The flight stalled under its lease and could not confirm it again, so it sent
+    /// nothing: re-read, and if the lease is still this one, take it back at once.
+    Unsent(LeaseHolder),
+}
+
+/// Runs one flight to completion, inside a `tokenkeeper.refresh` span.
+pub(crate) async fn run(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
+    let span = tracing::info_span!(
+        "tokenkeeper.refresh",
+        installation = %id,
+        mode = mode.name(),
+        attempt = field::Empty,
+        outcome = field::Empty,
+    );
+    async {
+        let outcome = drive(engine, id, mode).await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(Error::ReauthorizationRequired { .. }) => "reauthorization_required",
+            Err(Error::Revoked { .. }) => "revoked",
+            Err(Error::TemporarilyUnavailable { .. }) => "temporarily_unavailable",
+            Err(_) => "error",
+        };
+        tracing::Span::current().record("outcome", label);
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+/// The driver: read, decide, act, until a decision ends the flight.
+async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
+    let wait_deadline = tokio::time::Instant::now() + engine.policy.peer_wait;
+    let mut poll = Duration::from_millis(10);
+    let mut watch = Watch::default();
+    // A lease of this flight under which nothing was sent: not a peer's, no need to watch it
+    // (and whether that lease was itself a takeover, whose doubt carries over).
+    let mut unsent: Option<(LeaseHolder, bool)> = None;
+    // Leases this drive wrote that the store did not make durable in time.
+    let mut unconfirmed = 0u32;
+    // This flight's place among the rotating refreshes in flight, once it has one.
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    for attempt in 1u32.. {
+        tracing::Span::current().record("attempt", attempt);
+        // The cache bound counts from when the read started, not from when it returned, and
+        // the cache orders the read against its own changes by generation.
+        let read = (engine.clock.now(), engine.cache.generation());
+        let record = engine.load(id).await?;
+        let now = engine.clock.now();
+        let stale_at = engine.policy.stale_at(record.tokens());
+        let breaker = engine.breaker_open(id, now);
+        let silent = match record.state().lease() {
+            Some(lease) if unsent.as_ref().is_some_and(|(h, _)| *h == lease.holder) => {
+                Some(record.version())
+            }
+            _ => watch.silent_for(&record, engine.policy.lease_ttl),
+        };
+        match decide(
+            &record,
+            context(engine, &record, mode, now, &breaker, silent),
+        ) {
+            Decision::Fresh(token) => {
+                engine
+                    .cache
+                    .put(&record, stale_at, read, cache_insert(mode));
+                return Ok(token);
+            }
+            Decision::ServeValid(token) => return Ok(token),
+            Decision::Fail(err) => {
+                engine.cache.forget(id, Some(&record));
+                return Err(err);
+            }
+            Decision::WaitForPeer { holder } => {
+                permit = None;
+                if tokio::time::Instant::now() >= wait_deadline {
+                    return Err(Error::Busy {
+                        id: id.clone(),
+                        holder: holder.to_string(),
+                        waited: engine.policy.peer_wait,
+                    });
+                }
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(Duration::from_millis(250));
+            }
+            Decision::TakeLease {
+                takeover,
+                watched,
+                serve_valid,
+            } => {
+                engine.restore_done().await;
+                // Held results land before anything is presented (read again after a
+                // restore); a result of this installation the store still refuses keeps its
+                // retired refresh token from being presented.
+                if engine.restore_waiting(id).await? {
+                    continue;
+                }
+                if permit.is_none() && !rotation_permit(engine, &mut permit).await {
+                    continue; // waited for a place: read again (a peer may have refreshed)
+                }
+                // Counted until its last write, so shutdown() can wait for it.
+                let Some(_in_flight) = engine.in_flight.enter() else {
+                    return Err(Error::ShuttingDown { id: id.clone() });
+                };
+                let lapsed = record.state().lease().map(|l| l.holder.clone());
+                let takeover = takeover_evidence(engine, lapsed.as_ref(), unsent.take(), takeover);
+                let mut held = match take_lease(engine, &record, now, watched).await {
+                    Ok(Taken::Held(held)) => *held,
+                    Ok(Taken::Lost) => continue,
+                    // Applied without the store's durability (a replica did not confirm it in
+                    // time): not acted on, but not a failure either. The next read finds it
+                    // this drive's own unsent lease and takes it over by a write that must be
+                    // confirmed in its turn (or finds the failover undid it).
+                    Err(e) if e.is_not_durable() && unconfirmed < MAX_UNCONFIRMED => {
+                        unconfirmed += 1;
+                        if let Some(holder) = e.holder {
+                            unsent = Some((holder, takeover));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.error),
+                };
+                if let Some(l) = &lapsed {
+                    engine.quiet_leases.forget(l);
+                }
+                if takeover {
+                    held.mark_doubt();
+                    tracing::warn!(
+                        silent_for_a_ttl = watched.is_some(),
+                        "took over a peer's refresh lease: its holder died or stalled mid-refresh"
+                    );
+                }
+                match exchange(engine, id, mode, held, takeover, serve_valid).await {
+                    Step::Done(outcome) => return outcome,
+                    Step::Reread => continue,
+                    Step::Unsent(holder) => unsent = Some((holder, takeover)),
+                }
+            }
+        }
+    }
+    unreachable!("the attempt counter is unbounded")
+}
+
+/// Takes a place among this process's rotating refreshes in flight
+/// (`RefreshPolicy::max_rotations_in_flight`) into `permit`: true when one was free at once
+/// (or no bound applies); false after waiting for one, without a lease, so the caller reads
+/// the record again.
+async fn rotation_permit(
+    engine: &Engine,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> bool {
+    let Some(places) = &engine.rotations else {
+        return true;
+    };
+    if let Ok(p) = places.clone().try_acquire_owned() {
+        *permit = Some(p);
+        return true;
+    }
+    tracing::debug!("at the bound of rotating refreshes in flight: waiting without a lease");
+    *permit = places.clone().acquire_owned().await.ok();
+    false
+}
+
+/// Whether taking the `lapsed` lease over is evidence that something may have rotated under
+/// it. A lapsed lease of this process's own under which nothing rotated (this drive's
+/// `unsent` one, or one noted quiet) is not; one that was itself a takeover still is.
+fn takeover_evidence(
+    engine: &Engine,
+    lapsed: Option<&LeaseHolder>,
+    unsent: Option<(LeaseHolder, bool)>,
+    takeover: bool,
+) -> bool {
+    match (unsent, lapsed) {
+        (Some((h, was_takeover)), Some(l)) if h == *l => was_takeover,
+        (_, Some(l)) if engine.quiet_leases.contains(l) => false,
+        _ => takeover,
+    }
+}
+
+/// Callers' flights cache what they get; the background refresher only updates tokens that
+/// callers already use, so it never fills the cache with installations nobody asked for.
+fn cache_insert(mode: &Mode) -> Insert {
+    match mode {
+        Mode::Proactive => Insert::OnlyUpdate,
+        Mode::OnDemand | Mode::Forced { .. } => Insert::Yes,
+    }
+}
+
+/// What `decide` needs besides the record, at `now`, with the breaker as read.
+fn context<'a>(
+    engine: &'a Engine,
+    record: &Record,
+    mode: &'a Mode,
+    now: Timestamp,
+    breaker: &'a Option<(Timestamp, ErrorDetail)>,
+    silent: Option<u64>,
+) -> Context<'a> {
+    Context {
+        mode,
+        now,
+        stale_at: engine.policy.stale_at(record.tokens()),
+        breaker: breaker.as_ref().map(|(until, detail)| (*until, detail)),
+        consumer: &engine.consumer,
+        silent,
+        forced_min_interval: engine.policy.forced_refresh_min_interval,
+        refresh_deadline: refresh_token_deadline(record, engine.client.consumer().profile())
+            .map(|(at, _)| at),
+        min_refresh_interval: engine.policy.min_refresh_interval,
+        lifts_holds_before: engine
+            .guard
+            .last_success()
+            .map(|ok| ok.saturating_sub(engine.policy.lease_ttl + engine.policy.lease_margin)),
+    }
+}
+
+/// Whether a proactive flight over `record` would take its lease now (the refresher's look
+/// before it spends a rate slot): the very decision the flight will make, not a copy of it.
+pub(super) fn would_take_lease(engine: &Engine, record: &Record) -> bool {
+    let now = engine.clock.now();
+    let breaker = engine.breaker_open(record.id(), now);
+    let cx = context(engine, record, &Mode::Proactive, now, &breaker, None);
+    matches!(decide(record, cx), Decision::TakeLease { .. })
+}
+
+/// How many leases a drive writes that the store does not confirm durable before it gives up.
+const MAX_UNCONFIRMED: u32 = 3;
+
+/// How taking a lease went.
+enum Taken {
+    Held(Box<HeldLease>),
+    /// Somebody wrote first: re-read.
+    Lost,
+}
+
+/// A lease write that failed, with this flight's holder when the store may hold it.
+struct LeaseError {
+    error: Error,
+    holder: Option<LeaseHolder>,
+}
+
+impl LeaseError {
+    fn is_not_durable(&self) -> bool {
+        matches!(&self.error, Error::Store { source, .. } if source.is_not_durable())
+    }
+}
+
+/// Takes the refresh lease by compare-and-swap (over a silent peer's lease when `watched`
+/// names the version this flight watched).
+async fn take_lease(
+    engine: &Engine,
+    record: &Record,
+    now: Timestamp,
+    watched: Option<u64>,
+) -> Result<Taken, LeaseError> {
+    let fail = |error, holder| LeaseError { error, holder };
+    let id = record.id();
+    let holder = LeaseHolder::new(format!(
+        "{}:{}",
+        engine.process_tag,
+        engine
+            .flight_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let quiet = holder.clone();
+    let until = engine.policy.lease_until(now);
+    let event = match watched {
+        Some(watched) => Event::LeaseTakenOver {
+            holder,
+            until,
+            watched,
+        },
+        None => Event::LeaseAcquired { holder, until },
+    };
+    let Ok(leased) = record.apply(event, now) else {
+        return Ok(Taken::Lost);
+    };
+    let started = tokio::time::Instant::now();
+    match engine
+        .store
+        .compare_and_swap(&leased, record.version())
+        .await
+    {
+        Ok(CasOutcome::Swapped) => {
+            if record.state().lease().is_some() {
+                crate::manager::metrics::takeover(&engine.consumer_label);
+            }
+            Ok(Taken::Held(Box::new(HeldLease::new(
+                leased,
+                started,
+                engine.policy.lease_ttl,
+            ))))
+        }
+        Ok(CasOutcome::Conflict(_)) => {
+            crate::manager::metrics::conflict(&engine.consumer_label, "lease");
+            Ok(Taken::Lost)
+        }
+        Ok(CasOutcome::Missing) => Err(fail(Error::NotFound { id: id.clone() }, None)),
+        // Applied, but the acknowledgement was lost: the lease is ours, confirmed no later
+        // than when the write started.
+        Err(e) if applied(engine, &leased, &e).await => {
+            tracing::warn!(error = %e, "the store reported an error but holds this flight's lease");
+            Ok(Taken::Held(Box::new(HeldLease::new(
+                leased,
+                started,
+                engine.policy.lease_ttl,
+            ))))
+        }
+        Err(e) => {
+            // Perhaps applied all the same: nothing will be sent under it, whoever finds it.
+            engine.quiet_leases.note(&quiet);
+            Err(fail(Error::store(id, e), Some(quiet)))
+        }
+    }
+}
+
+/// Calls the provider under the lease and hands its answer to the matching handler.
+async fn exchange(
+    engine: &Engine,
+    id: &InstallationId,
+    mode: &Mode,
+    mut held: HeldLease,
+    takeover: bool,
+    serve_valid: bool,
+) -> Step {
+    let profile = engine.client.consumer().profile();
+    let rules = Rules {
+        profile,
+        policy: &engine.policy,
+    };
+    if let Some(since) = retired_past_leeway(held.record(), rules, engine.clock.now()) {
+        // Presenting the previous token now would only trip the provider's reuse detection,
+        // which revokes the whole grant: record the loss instead.
+        let detail = ErrorDetail {
+            description: Some(format!(
+                "an attempt at {since} may have rotated the refresh token and lost the reply; the provider's reuse leeway has passed since, so the previous token was not presented"
+            )),
+            ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
+        };
+        let now = engine.clock.now();
+        return judge(
+            engine,
+            id,
+            &mut held,
+            ReauthReason::RotatedTokenLost,
+            detail,
+            now,
+        )
+        .await;
+    }
+    // No refresh token, or one past its expiry: the provider would only refuse it, so
+    // nothing is presented. While the access token is valid (and the API has not refused it)
+    // it is served and the installation falls due at its expiry; then the truthful reason is
+    // recorded.
+    let now = engine.clock.now();
+    if let Some((reason, detail, deadline)) = unpresentable(held.record(), profile, mode, now) {
+        let tokens = held.record().tokens().clone();
+        let refused_by_api = matches!(
+            mode,
+            Mode::Forced {
+                unauthorized: true,
+                ..
+            }
+        );
+        if refused_by_api {
+            // The API refused the token itself: nothing to hold, nothing to serve.
+            return condemn(engine, id, &mut held, reason, detail, now).await;
+        }
+        if now < tokens.expires_at {
+            return serve_until_expiry(engine, &mut held, &tokens).await;
+        }
+        // Judged at its due time, an expiry is ordinary. Long overdue by this clock (a host
+        // whose clock jumped ahead, a fleet back after months), it counts against the
+        // mass-rejection guard like a refusal.
+        let overdue = engine
+            .policy
+            .mass_rejection
+            .as_ref()
+            .is_some_and(|g| now.duration_since(deadline) > g.window);
+        if overdue {
+            return judge(engine, id, &mut held, reason, detail, now).await;
+        }
+        return condemn(engine, id, &mut held, reason, detail, now).await;
+    }
+    // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
+    // about to take it over, so confirm it again before presenting the refresh token.
+    let bound = crate::manager::policy::request_bound(engine.client.consumer());
+    if !held.may_send(bound) {
+        match held.renew(engine).await {
+            Ok(Renewal::Renewed) if held.may_send(bound) => {}
+            _ => {
+                tracing::warn!(
+                    "stalled after taking the refresh lease and could not confirm it again; the refresh token is not presented"
+                );
+                return match held.record().state().lease() {
+                    Some(lease) => Step::Unsent(lease.holder.clone()),
+                    None => Step::Reread,
+                };
+            }
+        }
+    }
+    let current = held.record().tokens().clone();
+    let sent = std::time::Instant::now();
+    let result = held
+        .while_working(engine, engine.client.refresh(id, &current))
+        .await;
+    crate::manager::metrics::refresh(
+        &engine.consumer_label,
+        result.as_ref().err().map(OAuthError::class),
+        sent.elapsed(),
+    );
+    let now = engine.clock.now();
+    match result {
+        Ok(tokens) => on_refreshed(engine, id, mode, &mut held, tokens, now).await,
+        Err(e) => {
+            tracing::warn!(class = %e.class(), error = %e, "refresh failed");
+            if e.commit_evidence() != CommitEvidence::None {
+                held.mark_doubt();
+            }
+            on_failed(engine, id, &mut held, &e, (takeover, serve_valid), now).await
+        }
+    }
+}

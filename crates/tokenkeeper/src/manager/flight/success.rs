@@ -1,0 +1,284 @@
+//! The success path of a flight: the provider rotated the tokens, and they are written to
+//! the store before anyone uses them (the rotated refresh token exists nowhere else). A result
+//! the lease can no longer write lands as `LateRefreshed` on whatever is stored, or goes to the
+//! unsaved-tokens place; it is never dropped.
+
+use tokenkeeper_core::{
+    CasOutcome, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder, Record,
+    RefreshToken, Timestamp, TokenSet,
+};
+
+use super::decide::Mode;
+use super::lease::HeldLease;
+use super::retry::{self, applied, is_own_write};
+use super::{Step, cache_insert};
+use crate::error::Error;
+use crate::manager::Engine;
+use crate::manager::events::LocalEventKind;
+use crate::manager::unsaved::UnsavedTokens;
+
+/// The provider rotated the tokens: write them before anyone uses them (the rotated refresh
+/// token exists nowhere else), then cache, announce and serve them.
+pub(super) async fn on_refreshed(
+    engine: &Engine,
+    id: &InstallationId,
+    mode: &Mode,
+    held: &mut HeldLease,
+    tokens: TokenSet,
+    now: Timestamp,
+) -> Step {
+    let Some(presented) = held.record().tokens().refresh_token.clone() else {
+        // Unreachable: the client refuses to refresh without a refresh token.
+        return Step::Done(Err(Error::Internal {
+            id: id.clone(),
+            reason: "refreshed without a refresh token".into(),
+        }));
+    };
+    let refresh_at = engine.policy.refresh_at(&tokens, now);
+    let anomaly = reply_anomaly(engine, &presented, &tokens);
+    // What the write lands is newer than anything this cache saw before it.
+    let written = (now, engine.cache.generation());
+    if let Some(anomaly) = &anomaly {
+        tracing::error!(anomaly = %anomaly, "the provider's refresh reply is irregular; it is kept and the anomaly recorded");
+    }
+    match land(engine, held, presented, tokens, refresh_at, anomaly).await {
+        Landed::Written(next) if next.tokens().access_token.secret().is_empty() => {
+            // The rotated refresh token is stored; there is just no access token to serve.
+            Step::Done(Err(Error::TemporarilyUnavailable {
+                id: id.clone(),
+                retry_at: now,
+                detail: ErrorDetail {
+                    description: Some(
+                        "the provider rotated the refresh token but sent no access token; the new refresh token is stored and the next call refreshes again".into(),
+                    ),
+                    ..ErrorDetail::new(FailureClass::Transient)
+                },
+            }))
+        }
+        Landed::Written(next) => {
+            engine.guard.succeeded(now);
+            let stale_at = engine.policy.stale_at(next.tokens());
+            engine
+                .cache
+                .put(&next, stale_at, written, cache_insert(mode));
+            engine.emit(
+                id,
+                LocalEventKind::Refreshed {
+                    expires_at: next.tokens().expires_at,
+                },
+            );
+            tracing::info!(expires_at = %next.tokens().expires_at, "refreshed");
+            Step::Done(Ok(next.tokens().access_token.clone()))
+        }
+        Landed::Superseded => {
+            tracing::warn!(
+                "a peer stored newer tokens while this refresh was in flight; its result is discarded"
+            );
+            Step::Reread
+        }
+        Landed::Failed(e) => Step::Done(Err(e)),
+    }
+}
+
+/// What is irregular about a refresh reply that is kept anyway (the reply has already been
+/// merged onto the previous tokens, so a missing refresh token shows as an unrotated one).
+fn reply_anomaly(
+    engine: &Engine,
+    presented: &RefreshToken,
+    tokens: &TokenSet,
+) -> Option<ErrorDetail> {
+    let mut notes = Vec::new();
+    if engine.client.consumer().profile().rotation.rotates() && !tokens.rotated_from(presented) {
+        notes.push(
+            "the reply carried no new refresh token although this provider rotates them; the previous one is kept but the provider has likely retired it, so the next refresh may be refused",
+        );
+    }
+    if tokens.access_token.secret().is_empty() {
+        notes.push("the reply carried no access token");
+    }
+    if !tokens.token_type.eq_ignore_ascii_case("bearer") {
+        notes.push("the reply's token type is not bearer");
+    }
+    (!notes.is_empty()).then(|| ErrorDetail {
+        description: Some(notes.join("; ")),
+        ..ErrorDetail::new(FailureClass::Configuration)
+    })
+}
+
+/// How writing a refresh result ended.
+enum Landed {
+    /// Stored (under the lease, or on top of a peer's record as a late result).
+    Written(Box<Record>),
+    /// A peer holds newer tokens (or the installation was re-authorized, revoked or deleted):
+    /// this result is obsolete.
+    Superseded,
+    /// Not written: the store refused for longer than `result_write_patience` (the tokens
+    /// went to the unsaved-tokens sink), or the state machine refused the write.
+    Failed(Error),
+}
+
+/// Writes a refresh result; never drops it while the stored record still holds the refresh
+/// token this flight presented. Under the lease it is a `Refreshed` write; once the lease is
+/// lost (a conflict), it is a `LateRefreshed` write on top of whatever is stored, which the
+/// state machine accepts only while that record still holds `presented`. Store errors are
+/// retried for `result_write_patience` (a short grace while shutting down), renewing the
+/// lease meanwhile (so no peer takes it over and presents the rotated-away token); after that
+/// the tokens go to the unsaved-tokens sink, as do rotated tokens that can no longer land (a
+/// new grant is stored): they are live at the provider and exist nowhere else.
+async fn land(
+    engine: &Engine,
+    held: &mut HeldLease,
+    presented: RefreshToken,
+    tokens: TokenSet,
+    refresh_at: Timestamp,
+    anomaly: Option<ErrorDetail>,
+) -> Landed {
+    let id = held.record().id().clone();
+    let id = &id;
+    let event = Event::Refreshed {
+        fence: held.fence(),
+        tokens: tokens.clone(),
+        refresh_at,
+        anomaly,
+    };
+    let under = held.record().state().lease().map(|l| l.holder.clone());
+    let late = Event::LateRefreshed {
+        presented: presented.clone(),
+        tokens: tokens.clone(),
+        refresh_at,
+        obtained_under: under.clone(),
+    };
+    // What to write, and over which version; `None` until computed from the held lease.
+    let mut pending: Option<(Record, u64)> = None;
+    // Once the lease is lost, the result is a late one: no more renewals.
+    let mut lease_lost = false;
+    let mut retry = retry::Patience::new(engine, engine.policy.result_write_patience);
+    // A write the store applied without its configured durability (a Redis `WAIT` shortfall)
+    // may vanish in a failover even once we see it stored: then a copy goes to the unsaved
+    // place as well (a restore sets it aside as obsolete if the write survived).
+    let mut not_durable = false;
+    let (last_error, last) = loop {
+        let (next, expected) = match pending.take() {
+            Some(p) if lease_lost || p.1 == held.record().version() => p,
+            // First try, or the held record moved on (a renewal, or one of ours adopted).
+            _ => match held.record().apply(event.clone(), engine.clock.now()) {
+                Ok(next) => (next, held.record().version()),
+                Err(e) => return Landed::Failed(Error::transition(id, e)),
+            },
+        };
+        match engine.store.compare_and_swap(&next, expected).await {
+            Ok(CasOutcome::Swapped) => return Landed::Written(Box::new(next)),
+            Ok(CasOutcome::Missing) => return Landed::Superseded,
+            // Our own write is there: the store applied it but reported a failure (e.g.
+            // replicas did not confirm it in time).
+            Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => {
+                if not_durable && tokens.rotated_from(&presented) {
+                    let why = "written, but without the store's configured durability at first";
+                    sink(engine, id, (presented, under), tokens, why.to_owned()).await;
+                }
+                return Landed::Written(Box::new(next));
+            }
+            // One of our renewals landed unacknowledged: still our lease; recompute.
+            Ok(CasOutcome::Conflict(stored)) if !lease_lost && held.adopt_if_ours(&stored) => {}
+            Ok(CasOutcome::Conflict(stored)) => {
+                match stored.apply(late.clone(), engine.clock.now()) {
+                    Ok(revived) => {
+                        tracing::warn!(
+                            stored = %stored.state().kind(),
+                            "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
+                        );
+                        pending = Some((revived, stored.version()));
+                        lease_lost = true;
+                    }
+                    Err(_) => {
+                        return obsolete(engine, id, &stored, (presented, under), tokens).await;
+                    }
+                }
+            }
+            Err(e) => {
+                not_durable |= e.is_not_durable();
+                if !retry.wait(&e).await {
+                    break (e, next);
+                }
+                pending = Some((next, expected));
+                if !lease_lost {
+                    held.renew_if_due(engine).await;
+                }
+            }
+        }
+    };
+    if applied(engine, &last, &last_error).await {
+        return Landed::Written(Box::new(last));
+    }
+    if tokens.rotated_from(&presented) {
+        tracing::error!(error = %last_error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
+        sink(
+            engine,
+            id,
+            (presented, under),
+            tokens,
+            last_error.to_string(),
+        )
+        .await;
+    } else {
+        // Nothing rotated: the stored refresh token still works; nothing to keep.
+        tracing::warn!(error = %last_error, "the store did not take the refreshed access token; the stored refresh token still works");
+    }
+    Landed::Failed(Error::store(id, last_error))
+}
+
+/// A result the stored record refuses: revoked (its live tokens are revoked at the provider
+/// too), or holding another refresh token (a peer rotated inside a reuse leeway, or a new
+/// grant was stored). A rotated result is still live at the provider and stored nowhere
+/// else, so it goes to the unsaved-tokens sink rather than vanishing.
+async fn obsolete(
+    engine: &Engine,
+    id: &InstallationId,
+    stored: &Record,
+    obtained: (RefreshToken, Option<LeaseHolder>),
+    tokens: TokenSet,
+) -> Landed {
+    if matches!(stored.state(), tokenkeeper_core::State::Revoked { .. }) {
+        revoke_orphan(engine, id, &tokens).await;
+    } else if tokens.rotated_from(&obtained.0) {
+        tracing::warn!(
+            stored = %stored.state().kind(),
+            "the stored record holds another refresh token; this result's rotated tokens go to the unsaved-tokens sink"
+        );
+        let why =
+            "the stored record holds another refresh token (a new grant, or a peer's rotation)";
+        sink(engine, id, obtained, tokens, why.to_owned()).await;
+    }
+    Landed::Superseded
+}
+
+/// Hands rotated tokens that could not be stored to the unsaved-tokens place, with the
+/// refresh token presented and the lease they were obtained under.
+async fn sink(
+    engine: &Engine,
+    id: &InstallationId,
+    (presented, obtained_under): (RefreshToken, Option<LeaseHolder>),
+    tokens: TokenSet,
+    error: String,
+) {
+    let unsaved = UnsavedTokens {
+        installation: id.clone(),
+        presented,
+        obtained_under,
+        tokens,
+        at: engine.clock.now(),
+        error,
+    };
+    engine.unsaved.keep(&engine.seal, unsaved).await;
+    // The next flight puts it back before presenting anything (`restore.rs`).
+    engine.unsaved_held();
+}
+
+/// The application revoked the installation while this flight's refresh was on its way: the
+/// provider's new tokens are live but nowhere stored. Revoke them at the provider too (best
+/// effort), or the grant would survive the revocation.
+async fn revoke_orphan(engine: &Engine, id: &InstallationId, tokens: &TokenSet) {
+    if let Err(e) = engine.client.revoke_tokens(Some(id), tokens).await {
+        tracing::warn!(error = %e, "could not revoke the tokens of a refresh that raced the revocation");
+    }
+}
