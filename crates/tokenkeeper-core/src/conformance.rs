@@ -931,11 +931,29 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
     let start = EventCursor::beginning();
     let (none, _) = drain_events(&*store, &start, 10).await;
     assert!(none.is_empty(), "a fresh store has events: {none:?}");
-    let i = id("evented");
-    let r1 = sample_record(&i, at(10));
-    must_create(&*store, &r1).await;
+    let (r1, r2, words) = create_lease_and_reject(&*store).await;
+    attempt_failing_writes(&*store, &r1, &r2).await;
+    assert_eq!(
+        store.delete(r1.id(), 3).await.unwrap(),
+        DeleteOutcome::Deleted
+    );
+
+    let (events, end) = drain_events(&*store, &start, 100).await;
+    assert_events_match_the_writes(&events);
+    assert_events_carry_the_details(&events, &words);
+    page_by_one_through_persisted_cursors(&*store, start, &events, &end).await;
+    read_after_the_end_and_the_head(&*store, &r1, &end).await;
+    foreign_cursors_are_typed_errors(&*store, &end).await;
+    delivery_ids_are_stable_and_unique(&*store, &events).await;
+}
+
+/// The writes `events_follow_every_write` checks: a record created (version 1), leased (2)
+/// and rejected with the provider's words (3). Returns the first two versions and the words.
+async fn create_lease_and_reject(store: &dyn TokenStore) -> (Record, Record, ErrorDetail) {
+    let r1 = sample_record(&id("evented"), at(10));
+    must_create(store, &r1).await;
     let r2 = lease(&r1, "h", at(20), at(1));
-    must_swap(&*store, &r2, 1).await;
+    must_swap(store, &r2, 1).await;
     let words = ErrorDetail {
         class: FailureClass::RefreshTokenRejected,
         status: Some(400),
@@ -952,27 +970,33 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
             at(2),
         )
         .unwrap();
-    must_swap(&*store, &r3, 2).await;
-    // Failures append nothing.
+    must_swap(store, &r3, 2).await;
+    (r1, r2, words)
+}
+
+/// Failures append nothing: a create over an existing id, a stale swap, a stale delete and
+/// a delete of a missing id.
+async fn attempt_failing_writes(store: &dyn TokenStore, r1: &Record, r2: &Record) {
     assert!(
-        store.create(&r1).await.is_err(),
+        store.create(r1).await.is_err(),
         "create over an existing id"
     );
     assert!(matches!(
-        store.compare_and_swap(&r2, 1).await.unwrap(),
+        store.compare_and_swap(r2, 1).await.unwrap(),
         CasOutcome::Conflict(_)
     ));
     assert!(matches!(
-        store.delete(&i, 1).await.unwrap(),
+        store.delete(r1.id(), 1).await.unwrap(),
         DeleteOutcome::Conflict(_)
     ));
     assert_eq!(
         store.delete(&id("nobody"), 1).await.unwrap(),
         DeleteOutcome::Missing
     );
-    assert_eq!(store.delete(&i, 3).await.unwrap(), DeleteOutcome::Deleted);
+}
 
-    let (events, end) = drain_events(&*store, &start, 100).await;
+/// One event per successful write, naming the installation, the states and the version.
+fn assert_events_match_the_writes(events: &[LifecycleEvent]) {
     let seen: Vec<_> = events
         .iter()
         .map(|e| (e.installation.as_str(), e.kind, e.from, e.to, e.version))
@@ -1011,17 +1035,18 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         ],
         "the event log does not match the writes"
     );
+}
+
+/// The events carry the consumer, the times, the provider's words and the reason, and never
+/// a token.
+fn assert_events_carry_the_details(events: &[LifecycleEvent], words: &ErrorDetail) {
     assert!(
         events.iter().all(|e| e.consumer == CONSUMER),
         "consumer lost"
     );
     assert_eq!(events[0].at, T0);
     assert_eq!(events[2].at, at(2));
-    assert_eq!(
-        events[2].error.as_ref(),
-        Some(&words),
-        "provider words lost"
-    );
+    assert_eq!(events[2].error.as_ref(), Some(words), "provider words lost");
     assert_eq!(
         events[2].reauthorization_reason(),
         Some(ReauthReason::ScopesChanged)
@@ -1032,7 +1057,16 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         !shown.contains("access-") && !shown.contains("refresh-evented"),
         "an event shows a token: {shown}"
     );
-    // Page by page, persisting the cursor as text in between.
+}
+
+/// Page by page, persisting the cursor as text in between, gives the same events and ends
+/// at the same cursor; nothing follows the end.
+async fn page_by_one_through_persisted_cursors(
+    store: &dyn TokenStore,
+    start: EventCursor,
+    events: &[LifecycleEvent],
+    end: &EventCursor,
+) {
     let mut cursor = start;
     for (n, expected) in events.iter().enumerate() {
         let text = cursor.to_string();
@@ -1045,9 +1079,12 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
         );
         cursor = page.next;
     }
-    assert_eq!(cursor, end);
-    assert!(store.read_events(&end, 10).await.unwrap().events.is_empty());
-    // Writes after the end, or after the head, are read from there.
+    assert_eq!(&cursor, end);
+    assert!(store.read_events(end, 10).await.unwrap().events.is_empty());
+}
+
+/// Writes after the end, or after the head, are read from there (`r1` is created again).
+async fn read_after_the_end_and_the_head(store: &dyn TokenStore, r1: &Record, end: &EventCursor) {
     let head = store.event_head().await.expect("event_head");
     assert!(
         store
@@ -1058,14 +1095,17 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
             .is_empty(),
         "events after the head"
     );
-    must_create(&*store, &r1).await;
-    for from in [&end, &head] {
-        let (again, _) = drain_events(&*store, from, 10).await;
+    must_create(store, r1).await;
+    for from in [end, &head] {
+        let (again, _) = drain_events(store, from, 10).await;
         assert_eq!(again.len(), 1, "after {from}");
         assert_eq!((again[0].kind, again[0].version), (EventKind::Created, 1));
     }
-    // A cursor of another log, or ahead of this one (a store restored from an older backup),
-    // is a typed error, not a wrong read.
+}
+
+/// A cursor of another log, or ahead of this one (a store restored from an older backup),
+/// is a typed error, not a wrong read.
+async fn foreign_cursors_are_typed_errors(store: &dyn TokenStore, end: &EventCursor) {
     let log = end.log().expect("a store's cursor names its log");
     let ahead: Vec<LogPosition> = end
         .positions()
@@ -1091,11 +1131,14 @@ pub async fn events_follow_every_write(store: Arc<dyn TokenStore>) {
             other => panic!("{what} cursor was accepted: {other:?}"),
         }
     }
-    // Every event names its record's incarnation, and is identified the same way whatever
-    // cursor it was read from.
+}
+
+/// Every event names its record's incarnation, and is identified the same way whatever
+/// cursor it was read from.
+async fn delivery_ids_are_stable_and_unique(store: &dyn TokenStore, events: &[LifecycleEvent]) {
     assert!(events.iter().all(|e| e.incarnation == T0), "incarnation");
     let ids: Vec<String> = events.iter().map(LifecycleEvent::delivery_id).collect();
-    let (later, _) = drain_events(&*store, &events[1].cursor, 100).await;
+    let (later, _) = drain_events(store, &events[1].cursor, 100).await;
     let later_ids: Vec<String> = later.iter().map(LifecycleEvent::delivery_id).collect();
     assert_eq!(
         later_ids[..2],
