@@ -31,8 +31,8 @@ mod success;
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder,
-    ReauthReason, Record, Timestamp,
+    AccessToken, CasOutcome, CommitEvidence, ErrorDetail, Event, FailureClass, InstallationId,
+    LeaseHolder, ReauthReason, Record, Timestamp,
 };
 use tracing::{Instrument, field};
 
@@ -85,114 +85,195 @@ pub(crate) async fn run(engine: &Engine, id: &InstallationId, mode: &Mode) -> Ou
 
 /// The driver: read, decide, act, until a decision ends the flight.
 async fn drive(engine: &Engine, id: &InstallationId, mode: &Mode) -> Outcome {
-    let wait_deadline = tokio::time::Instant::now() + engine.policy.peer_wait;
-    let mut poll = Duration::from_millis(10);
-    let mut watch = Watch::default();
-    // A lease of this flight under which nothing was sent: not a peer's, no need to watch it
-    // (and whether that lease was itself a takeover, whose doubt carries over).
-    let mut unsent: Option<(LeaseHolder, bool)> = None;
-    // Leases this drive wrote that the store did not make durable in time.
-    let mut unconfirmed = 0u32;
-    // This flight's place among the rotating refreshes in flight, once it has one.
-    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut driver = Driver::new(engine, id, mode);
     for attempt in 1u32.. {
         tracing::Span::current().record("attempt", attempt);
+        if let Some(token) = driver.pass().await? {
+            return Ok(token);
+        }
+    }
+    unreachable!("the attempt counter is unbounded")
+}
+
+/// What the driver keeps from one pass to the next.
+struct Driver<'a> {
+    engine: &'a Engine,
+    id: &'a InstallationId,
+    mode: &'a Mode,
+    wait_deadline: tokio::time::Instant,
+    poll: Duration,
+    watch: Watch,
+    /// A lease of this flight under which nothing was sent: not a peer's, no need to watch
+    /// it (and whether that lease was itself a takeover, whose doubt carries over).
+    unsent: Option<(LeaseHolder, bool)>,
+    /// Leases this drive wrote that the store did not make durable in time.
+    unconfirmed: u32,
+    /// This flight's place among the rotating refreshes in flight, once it has one.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<'a> Driver<'a> {
+    fn new(engine: &'a Engine, id: &'a InstallationId, mode: &'a Mode) -> Self {
+        Self {
+            engine,
+            id,
+            mode,
+            wait_deadline: tokio::time::Instant::now() + engine.policy.peer_wait,
+            poll: Duration::from_millis(10),
+            watch: Watch::default(),
+            unsent: None,
+            unconfirmed: 0,
+            permit: None,
+        }
+    }
+
+    /// One read and decision, and what it calls for: a token (the flight ends), or `None`
+    /// (read again).
+    async fn pass(&mut self) -> Result<Option<AccessToken>, Error> {
+        let engine = self.engine;
         // The cache bound counts from when the read started, not from when it returned, and
         // the cache orders the read against its own changes by generation.
         let read = (engine.clock.now(), engine.cache.generation());
-        let record = engine.load(id).await?;
+        let record = engine.load(self.id).await?;
         let now = engine.clock.now();
-        let stale_at = engine.policy.stale_at(record.tokens());
-        let breaker = engine.breaker_open(id, now);
+        let breaker = engine.breaker_open(self.id, now);
         let silent = match record.state().lease() {
-            Some(lease) if unsent.as_ref().is_some_and(|(h, _)| *h == lease.holder) => {
+            Some(lease)
+                if self
+                    .unsent
+                    .as_ref()
+                    .is_some_and(|(h, _)| *h == lease.holder) =>
+            {
                 Some(record.version())
             }
-            _ => watch.silent_for(&record, engine.policy.lease_ttl),
+            _ => self.watch.silent_for(&record, engine.policy.lease_ttl),
         };
-        match decide(
-            &record,
-            context(engine, &record, mode, now, &breaker, silent),
-        ) {
+        let cx = context(engine, &record, self.mode, now, &breaker, silent);
+        match decide(&record, cx) {
             Decision::Fresh(token) => {
-                engine
-                    .cache
-                    .put(&record, stale_at, read, cache_insert(mode));
-                return Ok(token);
+                let stale_at = engine.policy.stale_at(record.tokens());
+                let insert = cache_insert(self.mode);
+                engine.cache.put(&record, stale_at, read, insert);
+                Ok(Some(token))
             }
-            Decision::ServeValid(token) => return Ok(token),
+            Decision::ServeValid(token) => Ok(Some(token)),
             Decision::Fail(err) => {
-                engine.cache.forget(id, Some(&record));
-                return Err(err);
+                engine.cache.forget(self.id, Some(&record));
+                Err(err)
             }
-            Decision::WaitForPeer { holder } => {
-                permit = None;
-                if tokio::time::Instant::now() >= wait_deadline {
-                    return Err(Error::Busy {
-                        id: id.clone(),
-                        holder: holder.to_string(),
-                        waited: engine.policy.peer_wait,
-                    });
-                }
-                tokio::time::sleep(poll).await;
-                poll = (poll * 2).min(Duration::from_millis(250));
-            }
+            Decision::WaitForPeer { holder } => self.wait_for_peer(holder).await,
             Decision::TakeLease {
                 takeover,
                 watched,
                 serve_valid,
             } => {
-                engine.restore_done().await;
-                // Held results land before anything is presented (read again after a
-                // restore); a result of this installation the store still refuses keeps its
-                // retired refresh token from being presented.
-                if engine.restore_waiting(id).await? {
-                    continue;
-                }
-                if permit.is_none() && !rotation_permit(engine, &mut permit).await {
-                    continue; // waited for a place: read again (a peer may have refreshed)
-                }
-                // Counted until its last write, so shutdown() can wait for it.
-                let Some(_in_flight) = engine.in_flight.enter() else {
-                    return Err(Error::ShuttingDown { id: id.clone() });
+                let lease = Lease {
+                    takeover,
+                    watched,
+                    serve_valid,
                 };
-                let lapsed = record.state().lease().map(|l| l.holder.clone());
-                let takeover = takeover_evidence(engine, lapsed.as_ref(), unsent.take(), takeover);
-                let mut held = match take_lease(engine, &record, now, watched).await {
-                    Ok(Taken::Held(held)) => *held,
-                    Ok(Taken::Lost) => continue,
-                    // Applied without the store's durability (a replica did not confirm it in
-                    // time): not acted on, but not a failure either. The next read finds it
-                    // this drive's own unsent lease and takes it over by a write that must be
-                    // confirmed in its turn (or finds the failover undid it).
-                    Err(e) if e.is_not_durable() && unconfirmed < MAX_UNCONFIRMED => {
-                        unconfirmed += 1;
-                        if let Some(holder) = e.holder {
-                            unsent = Some((holder, takeover));
-                        }
-                        continue;
-                    }
-                    Err(e) => return Err(e.error),
-                };
-                if let Some(l) = &lapsed {
-                    engine.quiet_leases.forget(l);
-                }
-                if takeover {
-                    held.mark_doubt();
-                    tracing::warn!(
-                        silent_for_a_ttl = watched.is_some(),
-                        "took over a peer's refresh lease: its holder died or stalled mid-refresh"
-                    );
-                }
-                match exchange(engine, id, mode, held, takeover, serve_valid).await {
-                    Step::Done(outcome) => return outcome,
-                    Step::Reread => continue,
-                    Step::Unsent(holder) => unsent = Some((holder, takeover)),
-                }
+                self.fly(&record, now, lease).await
             }
         }
     }
-    unreachable!("the attempt counter is unbounded")
+
+    /// A live peer holds the lease: wait a little (backing off), within `peer_wait`.
+    async fn wait_for_peer(&mut self, holder: LeaseHolder) -> Result<Option<AccessToken>, Error> {
+        self.permit = None;
+        if tokio::time::Instant::now() >= self.wait_deadline {
+            return Err(Error::Busy {
+                id: self.id.clone(),
+                holder: holder.to_string(),
+                waited: self.engine.policy.peer_wait,
+            });
+        }
+        tokio::time::sleep(self.poll).await;
+        self.poll = (self.poll * 2).min(Duration::from_millis(250));
+        Ok(None)
+    }
+
+    /// Takes the lease and exchanges the refresh token, once held results are put back and
+    /// this flight has its place among the rotating refreshes in flight.
+    async fn fly(
+        &mut self,
+        record: &Record,
+        now: Timestamp,
+        lease: Lease,
+    ) -> Result<Option<AccessToken>, Error> {
+        let (engine, id) = (self.engine, self.id);
+        engine.restore_done().await;
+        // Held results land before anything is presented (read again after a restore); a
+        // result of this installation the store still refuses keeps its retired refresh
+        // token from being presented.
+        if engine.restore_waiting(id).await? {
+            return Ok(None);
+        }
+        if self.permit.is_none() && !rotation_permit(engine, &mut self.permit).await {
+            return Ok(None); // waited for a place: read again (a peer may have refreshed)
+        }
+        // Counted until its last write, so shutdown() can wait for it.
+        let Some(_in_flight) = engine.in_flight.enter() else {
+            return Err(Error::ShuttingDown { id: id.clone() });
+        };
+        let lapsed = record.state().lease().map(|l| l.holder.clone());
+        let takeover =
+            takeover_evidence(engine, lapsed.as_ref(), self.unsent.take(), lease.takeover);
+        let Some(mut held) = self.hold(record, now, lease.watched, takeover).await? else {
+            return Ok(None);
+        };
+        if let Some(l) = &lapsed {
+            engine.quiet_leases.forget(l);
+        }
+        if takeover {
+            held.mark_doubt();
+            tracing::warn!(
+                silent_for_a_ttl = lease.watched.is_some(),
+                "took over a peer's refresh lease: its holder died or stalled mid-refresh"
+            );
+        }
+        match exchange(engine, id, self.mode, held, takeover, lease.serve_valid).await {
+            Step::Done(outcome) => outcome.map(Some),
+            Step::Reread => Ok(None),
+            Step::Unsent(holder) => {
+                self.unsent = Some((holder, takeover));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes the lease: held, or `None` to read again (somebody wrote first, or the store
+    /// did not make it durable in time).
+    async fn hold(
+        &mut self,
+        record: &Record,
+        now: Timestamp,
+        watched: Option<u64>,
+        takeover: bool,
+    ) -> Result<Option<HeldLease>, Error> {
+        match take_lease(self.engine, record, now, watched).await {
+            Ok(Taken::Held(held)) => Ok(Some(*held)),
+            Ok(Taken::Lost) => Ok(None),
+            // Applied without the store's durability (a replica did not confirm it in time):
+            // not acted on, but not a failure either. The next read finds it this drive's own
+            // unsent lease and takes it over by a write that must be confirmed in its turn (or
+            // finds the failover undid it).
+            Err(e) if e.is_not_durable() && self.unconfirmed < MAX_UNCONFIRMED => {
+                self.unconfirmed += 1;
+                if let Some(holder) = e.holder {
+                    self.unsent = Some((holder, takeover));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e.error),
+        }
+    }
+}
+
+/// What `decide` said about the lease to take.
+struct Lease {
+    takeover: bool,
+    watched: Option<u64>,
+    serve_valid: bool,
 }
 
 /// Takes a place among this process's rotating refreshes in flight
