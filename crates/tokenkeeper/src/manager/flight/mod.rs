@@ -457,81 +457,11 @@ async fn exchange(
     takeover: bool,
     serve_valid: bool,
 ) -> Step {
-    let profile = engine.client.consumer().profile();
-    let rules = Rules {
-        profile,
-        policy: &engine.policy,
-    };
-    if let Some(since) = retired_past_leeway(held.record(), rules, engine.clock.now()) {
-        // Presenting the previous token now would only trip the provider's reuse detection,
-        // which revokes the whole grant: record the loss instead.
-        let detail = ErrorDetail {
-            description: Some(format!(
-                "an attempt at {since} may have rotated the refresh token and lost the reply; the provider's reuse leeway has passed since, so the previous token was not presented"
-            )),
-            ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
-        };
-        let now = engine.clock.now();
-        return judge(
-            engine,
-            id,
-            &mut held,
-            ReauthReason::RotatedTokenLost,
-            detail,
-            now,
-        )
-        .await;
+    if let Some(step) = withhold(engine, id, mode, &mut held).await {
+        return step;
     }
-    // No refresh token, or one past its expiry: the provider would only refuse it, so
-    // nothing is presented. While the access token is valid (and the API has not refused it)
-    // it is served and the installation falls due at its expiry; then the truthful reason is
-    // recorded.
-    let now = engine.clock.now();
-    if let Some((reason, detail, deadline)) = unpresentable(held.record(), profile, mode, now) {
-        let tokens = held.record().tokens().clone();
-        let refused_by_api = matches!(
-            mode,
-            Mode::Forced {
-                unauthorized: true,
-                ..
-            }
-        );
-        if refused_by_api {
-            // The API refused the token itself: nothing to hold, nothing to serve.
-            return condemn(engine, id, &mut held, reason, detail, now).await;
-        }
-        if now < tokens.expires_at {
-            return serve_until_expiry(engine, &mut held, &tokens).await;
-        }
-        // Judged at its due time, an expiry is ordinary. Long overdue by this clock (a host
-        // whose clock jumped ahead, a fleet back after months), it counts against the
-        // mass-rejection guard like a refusal.
-        let overdue = engine
-            .policy
-            .mass_rejection
-            .as_ref()
-            .is_some_and(|g| now.duration_since(deadline) > g.window);
-        if overdue {
-            return judge(engine, id, &mut held, reason, detail, now).await;
-        }
-        return condemn(engine, id, &mut held, reason, detail, now).await;
-    }
-    // Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
-    // about to take it over, so confirm it again before presenting the refresh token.
-    let bound = crate::manager::policy::request_bound(engine.client.consumer());
-    if !held.may_send(bound) {
-        match held.renew(engine).await {
-            Ok(Renewal::Renewed) if held.may_send(bound) => {}
-            _ => {
-                tracing::warn!(
-                    "stalled after taking the refresh lease and could not confirm it again; the refresh token is not presented"
-                );
-                return match held.record().state().lease() {
-                    Some(lease) => Step::Unsent(lease.holder.clone()),
-                    None => Step::Reread,
-                };
-            }
-        }
+    if let Some(step) = confirm_before_sending(engine, &mut held).await {
+        return step;
     }
     let current = held.record().tokens().clone();
     let sent = std::time::Instant::now();
@@ -554,4 +484,95 @@ async fn exchange(
             on_failed(engine, id, &mut held, &e, (takeover, serve_valid), now).await
         }
     }
+}
+
+/// What the flight does instead of presenting the refresh token when presenting it could
+/// only fail or harm: `None` when it may be presented.
+async fn withhold(
+    engine: &Engine,
+    id: &InstallationId,
+    mode: &Mode,
+    held: &mut HeldLease,
+) -> Option<Step> {
+    let profile = engine.client.consumer().profile();
+    let rules = Rules {
+        profile,
+        policy: &engine.policy,
+    };
+    let now = engine.clock.now();
+    if let Some(since) = retired_past_leeway(held.record(), rules, now) {
+        // Presenting the previous token now would only trip the provider's reuse detection,
+        // which revokes the whole grant: record the loss instead.
+        let detail = ErrorDetail {
+            description: Some(format!(
+                "an attempt at {since} may have rotated the refresh token and lost the reply; the provider's reuse leeway has passed since, so the previous token was not presented"
+            )),
+            ..ErrorDetail::new(FailureClass::RefreshTokenRejected)
+        };
+        let reason = ReauthReason::RotatedTokenLost;
+        return Some(judge(engine, id, held, reason, detail, now).await);
+    }
+    let unpresentable = unpresentable(held.record(), profile, mode, now)?;
+    Some(on_unpresentable(engine, id, mode, held, unpresentable, now).await)
+}
+
+/// No refresh token, or one past its expiry: the provider would only refuse it, so nothing
+/// is presented. While the access token is valid (and the API has not refused it) it is
+/// served and the installation falls due at its expiry; then the truthful reason is
+/// recorded.
+async fn on_unpresentable(
+    engine: &Engine,
+    id: &InstallationId,
+    mode: &Mode,
+    held: &mut HeldLease,
+    (reason, detail, deadline): (ReauthReason, ErrorDetail, Timestamp),
+    now: Timestamp,
+) -> Step {
+    let tokens = held.record().tokens().clone();
+    let refused_by_api = matches!(
+        mode,
+        Mode::Forced {
+            unauthorized: true,
+            ..
+        }
+    );
+    if refused_by_api {
+        // The API refused the token itself: nothing to hold, nothing to serve.
+        return condemn(engine, id, held, reason, detail, now).await;
+    }
+    if now < tokens.expires_at {
+        return serve_until_expiry(engine, held, &tokens).await;
+    }
+    // Judged at its due time, an expiry is ordinary. Long overdue by this clock (a host whose
+    // clock jumped ahead, a fleet back after months), it counts against the mass-rejection
+    // guard like a refusal.
+    let overdue = engine
+        .policy
+        .mass_rejection
+        .as_ref()
+        .is_some_and(|g| now.duration_since(deadline) > g.window);
+    if overdue {
+        return judge(engine, id, held, reason, detail, now).await;
+    }
+    condemn(engine, id, held, reason, detail, now).await
+}
+
+/// Stalled since the lease was confirmed (a paused process, a slow store): a peer may be
+/// about to take it over, so the lease is confirmed again before the refresh token is
+/// presented; `Some` when it cannot be, and nothing is sent.
+async fn confirm_before_sending(engine: &Engine, held: &mut HeldLease) -> Option<Step> {
+    let bound = crate::manager::policy::request_bound(engine.client.consumer());
+    if held.may_send(bound) {
+        return None;
+    }
+    if matches!(held.renew(engine).await, Ok(Renewal::Renewed)) && held.may_send(bound) {
+        return None;
+    }
+    tracing::warn!(
+        "stalled after taking the refresh lease and could not confirm it again; the refresh token is not presented"
+    );
+    Some(match held.record().state().lease() {
+        Some(lease) => Step::Unsent(lease.holder.clone()),
+        None => Step::Reread,
+    })
 }

@@ -5,7 +5,7 @@
 
 use tokenkeeper_core::{
     CasOutcome, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder, Record,
-    RefreshToken, Timestamp, TokenSet,
+    RefreshToken, StoreError, Timestamp, TokenSet,
 };
 
 use super::decide::Mode;
@@ -134,97 +134,165 @@ async fn land(
     anomaly: Option<ErrorDetail>,
 ) -> Landed {
     let id = held.record().id().clone();
-    let id = &id;
-    let event = Event::Refreshed {
-        fence: held.fence(),
-        tokens: tokens.clone(),
-        refresh_at,
-        anomaly,
-    };
-    let under = held.record().state().lease().map(|l| l.holder.clone());
-    let late = Event::LateRefreshed {
-        presented: presented.clone(),
-        tokens: tokens.clone(),
-        refresh_at,
-        obtained_under: under.clone(),
-    };
-    // What to write, and over which version; `None` until computed from the held lease.
-    let mut pending: Option<(Record, u64)> = None;
-    // Once the lease is lost, the result is a late one: no more renewals.
-    let mut lease_lost = false;
+    let mut landing = Landing::new(held, presented, tokens, refresh_at, anomaly);
     let mut retry = retry::Patience::new(engine, engine.policy.result_write_patience);
-    // A write the store applied without its configured durability (a Redis `WAIT` shortfall)
-    // may vanish in a failover even once we see it stored: then a copy goes to the unsaved
-    // place as well (a restore sets it aside as obsolete if the write survived).
-    let mut not_durable = false;
     let (last_error, last) = loop {
-        let (next, expected) = match pending.take() {
-            Some(p) if lease_lost || p.1 == held.record().version() => p,
-            // First try, or the held record moved on (a renewal, or one of ours adopted).
-            _ => match held.record().apply(event.clone(), engine.clock.now()) {
-                Ok(next) => (next, held.record().version()),
-                Err(e) => return Landed::Failed(Error::transition(id, e)),
-            },
+        let (next, expected) = match landing.next_write(engine, held) {
+            Ok(write) => write,
+            Err(e) => return Landed::Failed(Error::transition(&id, e)),
         };
         match engine.store.compare_and_swap(&next, expected).await {
             Ok(CasOutcome::Swapped) => return Landed::Written(Box::new(next)),
             Ok(CasOutcome::Missing) => return Landed::Superseded,
-            // Our own write is there: the store applied it but reported a failure (e.g.
-            // replicas did not confirm it in time).
-            Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => {
-                if not_durable && tokens.rotated_from(&presented) {
-                    let why = "written, but without the store's configured durability at first";
-                    sink(engine, id, (presented, under), tokens, why.to_owned()).await;
-                }
-                return Landed::Written(Box::new(next));
-            }
-            // One of our renewals landed unacknowledged: still our lease; recompute.
-            Ok(CasOutcome::Conflict(stored)) if !lease_lost && held.adopt_if_ours(&stored) => {}
             Ok(CasOutcome::Conflict(stored)) => {
-                match stored.apply(late.clone(), engine.clock.now()) {
-                    Ok(revived) => {
-                        tracing::warn!(
-                            stored = %stored.state().kind(),
-                            "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
-                        );
-                        pending = Some((revived, stored.version()));
-                        lease_lost = true;
-                    }
-                    Err(_) => {
-                        return obsolete(engine, id, &stored, (presented, under), tokens).await;
-                    }
+                if let Some(landed) = landing.on_conflict(engine, held, &stored, next).await {
+                    return landed;
                 }
             }
             Err(e) => {
-                not_durable |= e.is_not_durable();
+                landing.not_durable |= e.is_not_durable();
                 if !retry.wait(&e).await {
                     break (e, next);
                 }
-                pending = Some((next, expected));
-                if !lease_lost {
+                landing.pending = Some((next, expected));
+                if !landing.lease_lost {
                     held.renew_if_due(engine).await;
                 }
             }
         }
     };
-    if applied(engine, &last, &last_error).await {
-        return Landed::Written(Box::new(last));
-    }
-    if tokens.rotated_from(&presented) {
-        tracing::error!(error = %last_error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
-        sink(
-            engine,
-            id,
-            (presented, under),
+    landing.unwritten(engine, last, last_error).await
+}
+
+/// One result on its way to the store, across the write attempts of [`land`].
+struct Landing {
+    id: InstallationId,
+    presented: RefreshToken,
+    /// The lease the result was obtained under.
+    under: Option<LeaseHolder>,
+    tokens: TokenSet,
+    /// The write under the lease.
+    event: Event,
+    /// The write on top of whatever is stored, once the lease is lost.
+    late: Event,
+    /// What to write, and over which version; `None` until computed from the held lease.
+    pending: Option<(Record, u64)>,
+    /// Once the lease is lost, the result is a late one: no more renewals.
+    lease_lost: bool,
+    /// A write the store applied without its configured durability (a Redis `WAIT`
+    /// shortfall) may vanish in a failover even once we see it stored: then a copy goes to
+    /// the unsaved place as well (a restore sets it aside as obsolete if the write survived).
+    not_durable: bool,
+}
+
+impl Landing {
+    fn new(
+        held: &HeldLease,
+        presented: RefreshToken,
+        tokens: TokenSet,
+        refresh_at: Timestamp,
+        anomaly: Option<ErrorDetail>,
+    ) -> Self {
+        let under = held.record().state().lease().map(|l| l.holder.clone());
+        Self {
+            id: held.record().id().clone(),
+            event: Event::Refreshed {
+                fence: held.fence(),
+                tokens: tokens.clone(),
+                refresh_at,
+                anomaly,
+            },
+            late: Event::LateRefreshed {
+                presented: presented.clone(),
+                tokens: tokens.clone(),
+                refresh_at,
+                obtained_under: under.clone(),
+            },
+            presented,
+            under,
             tokens,
-            last_error.to_string(),
-        )
-        .await;
-    } else {
-        // Nothing rotated: the stored refresh token still works; nothing to keep.
-        tracing::warn!(error = %last_error, "the store did not take the refreshed access token; the stored refresh token still works");
+            pending: None,
+            lease_lost: false,
+            not_durable: false,
+        }
     }
-    Landed::Failed(Error::store(id, last_error))
+
+    /// The record to write and the version it replaces: the pending one, or (first try, or
+    /// the held record moved on: a renewal, or one of ours adopted) the result applied to
+    /// the held record.
+    fn next_write(
+        &mut self,
+        engine: &Engine,
+        held: &HeldLease,
+    ) -> Result<(Record, u64), tokenkeeper_core::IllegalTransition> {
+        match self.pending.take() {
+            Some(p) if self.lease_lost || p.1 == held.record().version() => Ok(p),
+            _ => {
+                let next = held
+                    .record()
+                    .apply(self.event.clone(), engine.clock.now())?;
+                Ok((next, held.record().version()))
+            }
+        }
+    }
+
+    /// Another version is stored: ours after all (applied, reported failed), a renewal of
+    /// ours, or a peer's, on which the result lands late while it still holds the presented
+    /// token. `Some` ends the landing.
+    async fn on_conflict(
+        &mut self,
+        engine: &Engine,
+        held: &mut HeldLease,
+        stored: &Record,
+        next: Record,
+    ) -> Option<Landed> {
+        // Our own write is there: the store applied it but reported a failure (e.g. replicas
+        // did not confirm it in time).
+        if is_own_write(stored, &next) {
+            if self.not_durable && self.tokens.rotated_from(&self.presented) {
+                let why = "written, but without the store's configured durability at first";
+                self.sink(engine, why.to_owned()).await;
+            }
+            return Some(Landed::Written(Box::new(next)));
+        }
+        // One of our renewals landed unacknowledged: still our lease; recompute.
+        if !self.lease_lost && held.adopt_if_ours(stored) {
+            return None;
+        }
+        let Ok(revived) = stored.apply(self.late.clone(), engine.clock.now()) else {
+            let held_by = (self.presented.clone(), self.under.clone());
+            let tokens = self.tokens.clone();
+            return Some(obsolete(engine, &self.id, stored, held_by, tokens).await);
+        };
+        tracing::warn!(
+            stored = %stored.state().kind(),
+            "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
+        );
+        self.pending = Some((revived, stored.version()));
+        self.lease_lost = true;
+        None
+    }
+
+    /// The store would not take the result within the patience: applied after all, or to
+    /// the unsaved-tokens sink if it rotated the refresh token.
+    async fn unwritten(self, engine: &Engine, last: Record, error: StoreError) -> Landed {
+        if applied(engine, &last, &error).await {
+            return Landed::Written(Box::new(last));
+        }
+        if self.tokens.rotated_from(&self.presented) {
+            tracing::error!(error = %error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
+            self.sink(engine, error.to_string()).await;
+        } else {
+            // Nothing rotated: the stored refresh token still works; nothing to keep.
+            tracing::warn!(error = %error, "the store did not take the refreshed access token; the stored refresh token still works");
+        }
+        Landed::Failed(Error::store(&self.id, error))
+    }
+
+    async fn sink(&self, engine: &Engine, why: String) {
+        let held_by = (self.presented.clone(), self.under.clone());
+        sink(engine, &self.id, held_by, self.tokens.clone(), why).await;
+    }
 }
 
 /// A result the stored record refuses: revoked (its live tokens are revoked at the provider
