@@ -124,85 +124,108 @@ fn error_response(e: &ErrorBody) -> Response {
 /// Picks the fault for this call and plays the ones that replace the reply. Returns the fault
 /// that still has to act after the provider logic ran (missing fields, commit-then-drop).
 async fn prelude(shared: &Shared, endpoint: Endpoint) -> Result<Option<Fault>, Response> {
-    let (fault, delay) = {
-        let mut p = shared.lock();
-        let provider = &mut *p;
-        let fault = provider.faults.pick(endpoint, &mut provider.rng);
-        if fault.is_some() {
-            provider.totals.faults_injected += 1;
-        }
-        let delay = match &fault {
-            Some(Fault::Latency { min_ms, max_ms }) => {
-                let (lo, hi) = ((*min_ms).min(*max_ms), (*min_ms).max(*max_ms));
-                Some(Duration::from_millis(provider.rng.u64(lo..=hi)))
-            }
-            _ => None,
-        };
-        (fault, delay)
-    };
+    let (fault, delay) = pick_fault(shared, endpoint);
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
         return Ok(None);
     }
-    match fault {
-        Some(Fault::ServerError { status, html: true }) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let page = format!(
-                "<html><head><title>{status}</title></head><body><h1>{status}</h1><p>The server encountered a temporary error.</p></body></html>"
-            );
-            Err((status, [(header::CONTENT_TYPE, "text/html")], page).into_response())
+    let Some(fault) = fault else {
+        return Ok(None);
+    };
+    match replacement_reply(&fault) {
+        Some(reply) => Err(reply),
+        None => Ok(Some(fault)),
+    }
+}
+
+/// The fault planned for this call on `endpoint` (counted when there is one), and the delay
+/// it adds when it is a latency fault.
+fn pick_fault(shared: &Shared, endpoint: Endpoint) -> (Option<Fault>, Option<Duration>) {
+    let mut p = shared.lock();
+    let provider = &mut *p;
+    let fault = provider.faults.pick(endpoint, &mut provider.rng);
+    if fault.is_some() {
+        provider.totals.faults_injected += 1;
+    }
+    let delay = match &fault {
+        Some(Fault::Latency { min_ms, max_ms }) => {
+            let (lo, hi) = ((*min_ms).min(*max_ms), (*min_ms).max(*max_ms));
+            Some(Duration::from_millis(provider.rng.u64(lo..=hi)))
         }
-        Some(Fault::ServerError {
+        _ => None,
+    };
+    (fault, delay)
+}
+
+/// The reply `fault` puts in place of the provider's; `None` when it acts after the provider
+/// logic ran.
+fn replacement_reply(fault: &Fault) -> Option<Response> {
+    let reply = match *fault {
+        Fault::ServerError { status, html: true } => html_error_page(status),
+        Fault::ServerError {
             status,
             html: false,
-        }) => Err(json_response(
+        } => json_response(
             status,
             json!({"type": "error", "error": {"message": "Something went wrong"}}),
-        )),
-        Some(Fault::TooManyRequests { retry_after_secs }) => {
+        ),
+        Fault::TooManyRequests { retry_after_secs } => {
             let mut r = json_response(
                 429,
                 json!({"type": "error", "error": {"message": "Rate limit for this resource has been exceeded"}}),
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-            Err(r)
+            r
         }
-        Some(Fault::ConnectionReset) => Err(dropped_connection()),
-        Some(Fault::MalformedJson) => Err((
+        Fault::ConnectionReset => dropped_connection(),
+        Fault::MalformedJson => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
             "{\"access_token\": \"trunc",
         )
-            .into_response()),
-        Some(Fault::ErrorIn200) => Err(json_response(
+            .into_response(),
+        Fault::ErrorIn200 => json_response(
             200,
             json!({"error": "temporarily_unavailable", "error_description": "The service is temporarily unavailable, try again later."}),
-        )),
-        Some(Fault::ErrorReply {
+        ),
+        Fault::ErrorReply {
             status,
-            error,
-            description,
-        }) => Err(json_response(
+            ref error,
+            ref description,
+        } => json_response(
             status,
             json!({"error": error, "error_description": description}),
-        )),
-        Some(Fault::OversizedBody { bytes }) => {
-            let mut body = String::with_capacity(bytes + 64);
-            body.push_str("{\"access_token\":\"x\",\"padding\":\"");
-            while body.len() + 2 < bytes {
-                body.push('a');
-            }
-            body.push_str("\"}");
-            Err((
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response())
-        }
-        other => Ok(other),
+        ),
+        Fault::OversizedBody { bytes } => oversized_body(bytes),
+        _ => return None,
+    };
+    Some(reply)
+}
+
+/// A proxy's HTML error page with `status`.
+fn html_error_page(status: u16) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let page = format!(
+        "<html><head><title>{status}</title></head><body><h1>{status}</h1><p>The server encountered a temporary error.</p></body></html>"
+    );
+    (status, [(header::CONTENT_TYPE, "text/html")], page).into_response()
+}
+
+/// A 200 JSON body of about `bytes` bytes.
+fn oversized_body(bytes: usize) -> Response {
+    let mut body = String::with_capacity(bytes + 64);
+    body.push_str("{\"access_token\":\"x\",\"padding\":\"");
+    while body.len() + 2 < bytes {
+        body.push('a');
     }
+    body.push_str("\"}");
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// Client credentials from `Authorization: Basic`.
