@@ -299,6 +299,51 @@ fn is_pkce_text(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
+/// The redirect URI an authorization answers to: the requested one when the consumer's
+/// callback URL (`prefix`) allows it, the callback URL when none is requested.
+fn checked_redirect(requested: Option<&str>, prefix: &str) -> Result<String, AuthorizeError> {
+    match requested {
+        Some(uri) if redirect_allowed(uri, prefix) => Ok(uri.to_owned()),
+        Some(uri) => Err(authorize_error(
+            "invalid_request",
+            format!("redirect_uri {uri:?} does not match the consumer's callback URL"),
+        )),
+        None => Ok(prefix.to_owned()),
+    }
+}
+
+/// The PKCE challenge and its method (`plain` when unnamed) an authorization request
+/// carries, if any; a method without a challenge, an unknown method or a malformed challenge
+/// is an error.
+fn checked_challenge(
+    challenge: Option<&str>,
+    method: Option<&str>,
+) -> Result<Option<(String, String)>, AuthorizeError> {
+    let Some(challenge) = challenge else {
+        return match method {
+            None => Ok(None),
+            Some(_) => Err(authorize_error(
+                "invalid_request",
+                "code_challenge is missing",
+            )),
+        };
+    };
+    let method = method.unwrap_or("plain");
+    if !matches!(method, "S256" | "plain") {
+        return Err(authorize_error(
+            "invalid_request",
+            format!("code_challenge_method {method:?} is not supported"),
+        ));
+    }
+    if !is_pkce_text(challenge) {
+        return Err(authorize_error(
+            "invalid_request",
+            "code_challenge is malformed",
+        ));
+    }
+    Ok(Some((challenge.to_owned(), method.to_owned())))
+}
+
 /// `BASE64URL(SHA256(verifier))` without padding (RFC 7636 §4.2).
 pub fn s256_challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
@@ -451,16 +496,7 @@ impl Provider {
         let consumer = self.consumers.get(client_id).ok_or_else(|| {
             authorize_error("invalid_client", format!("unknown client_id {client_id:?}"))
         })?;
-        let redirect = match &req.redirect_uri {
-            Some(uri) if redirect_allowed(uri, &consumer.redirect_prefix) => uri.clone(),
-            Some(uri) => {
-                return Err(authorize_error(
-                    "invalid_request",
-                    format!("redirect_uri {uri:?} does not match the consumer's callback URL"),
-                ));
-            }
-            None => consumer.redirect_prefix.clone(),
-        };
+        let redirect = checked_redirect(req.redirect_uri.as_deref(), &consumer.redirect_prefix)?;
         if req.response_type.as_deref() != Some("code") {
             return Err(authorize_error(
                 "unsupported_response_type",
@@ -472,31 +508,10 @@ impl Provider {
         {
             return Err(authorize_error("invalid_request", "state is malformed"));
         }
-        let challenge = match (&req.code_challenge, req.code_challenge_method.as_deref()) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(authorize_error(
-                    "invalid_request",
-                    "code_challenge is missing",
-                ));
-            }
-            (Some(c), method) => {
-                let method = method.unwrap_or("plain");
-                if !matches!(method, "S256" | "plain") {
-                    return Err(authorize_error(
-                        "invalid_request",
-                        format!("code_challenge_method {method:?} is not supported"),
-                    ));
-                }
-                if !is_pkce_text(c) {
-                    return Err(authorize_error(
-                        "invalid_request",
-                        "code_challenge is malformed",
-                    ));
-                }
-                Some((c.clone(), method.to_owned()))
-            }
-        };
+        let challenge = checked_challenge(
+            req.code_challenge.as_deref(),
+            req.code_challenge_method.as_deref(),
+        )?;
         let code = self.token("code_");
         let expires = self.now() + CODE_TTL;
         self.codes.insert(
@@ -721,6 +736,26 @@ impl Provider {
     ) -> Result<Map<String, Value>, ErrorBody> {
         self.totals.refresh_calls += 1;
         let now = self.now();
+        let (token, grant_id, old_access) = self.accept_refresh_token(consumer, params, now)?;
+        let grant = &mut self.grants[grant_id as usize];
+        grant.counters.refreshes += 1;
+        self.totals.refreshes += 1;
+        let scopes = grant.scopes.clone();
+        let access = self.issue_access(Some(grant_id), consumer);
+        let reply_refresh = self.roll_refresh_token(&token, grant_id, &old_access, &access, now);
+        Ok(self.success(&access, reply_refresh.as_deref(), &scopes, "refresh_token"))
+    }
+
+    /// The refresh token `params` present, with its grant and the access token issued
+    /// beside it, when `consumer` may refresh with it at `now`: it is known, of this
+    /// consumer's live grant, live (or retired within the leeway) and not expired. Counts the
+    /// call against the grant, and each rejection.
+    fn accept_refresh_token(
+        &mut self,
+        consumer: &str,
+        params: &HashMap<String, String>,
+        now: Duration,
+    ) -> Result<(String, u64, String), ErrorBody> {
         let invalid = self.rules.errors.invalid_refresh.clone();
         let expired = self.rules.errors.expired_refresh.clone();
         let Some(token) = params.get("refresh_token").cloned() else {
@@ -733,81 +768,108 @@ impl Provider {
         };
         let (grant_id, status, last_used, old_access) =
             (info.grant, info.status, info.last_used, info.access.clone());
-        let rules = self.rules.clone();
         let grant = &mut self.grants[grant_id as usize];
         grant.counters.refresh_calls += 1;
-        let reject = |grant: &mut Grant, totals: &mut Totals, body: ErrorBody| {
-            grant.counters.rejected += 1;
-            totals.rejected_refreshes += 1;
-            Err(body)
-        };
         if grant.counters.consumer != consumer || grant.counters.revoked.is_some() {
-            return reject(grant, &mut self.totals, invalid);
+            return Err(self.reject_refresh(grant_id, invalid));
         }
         if let RefreshStatus::Retired { at } = status {
-            let leeway = match rules.rotation {
-                RotationRule::Rotate { leeway, .. } => leeway,
-                RotationRule::None => None,
-            };
-            if leeway.is_some_and(|l| now.saturating_sub(at) <= l) {
-                grant.counters.leeway_reuses += 1;
-                self.totals.leeway_reuses += 1;
-            } else {
-                grant.counters.reuse_detections += 1;
-                self.totals.reuse_detections += 1;
-                let revoke = matches!(
-                    rules.rotation,
-                    RotationRule::Rotate {
-                        reuse_revokes_family: true,
-                        ..
-                    }
-                );
-                let out = reject(grant, &mut self.totals, invalid);
-                if revoke {
-                    self.revoke_grant(grant_id, RevokedBy::ReuseDetected);
-                }
-                return out;
-            }
+            self.check_reuse(grant_id, at, now, invalid)?;
         }
-        if rules
+        let created = self.grants[grant_id as usize].created;
+        if self
+            .rules
             .refresh_inactivity
             .is_some_and(|limit| now.saturating_sub(last_used) > limit)
-            || rules
+            || self
+                .rules
                 .refresh_absolute
-                .is_some_and(|limit| now.saturating_sub(grant.created) > limit)
+                .is_some_and(|limit| now.saturating_sub(created) > limit)
         {
-            return reject(grant, &mut self.totals, expired);
+            return Err(self.reject_refresh(grant_id, expired));
         }
-        grant.counters.refreshes += 1;
-        self.totals.refreshes += 1;
-        let scopes = grant.scopes.clone();
-        let access = self.issue_access(Some(grant_id), consumer);
-        let reply_refresh = match rules.rotation {
+        Ok((token, grant_id, old_access))
+    }
+
+    /// Counts a rejected refresh against `grant_id` and the totals, and returns `body`.
+    fn reject_refresh(&mut self, grant_id: u64, body: ErrorBody) -> ErrorBody {
+        self.grants[grant_id as usize].counters.rejected += 1;
+        self.totals.rejected_refreshes += 1;
+        body
+    }
+
+    /// A refresh token retired at `at` presented again at `now`: within the rotation's
+    /// leeway a counted reuse; after it a reuse detection, rejected with `invalid` (and the
+    /// grant's whole family revoked when the profile says so).
+    fn check_reuse(
+        &mut self,
+        grant_id: u64,
+        at: Duration,
+        now: Duration,
+        invalid: ErrorBody,
+    ) -> Result<(), ErrorBody> {
+        let (leeway, revoke) = match self.rules.rotation {
+            RotationRule::Rotate {
+                leeway,
+                reuse_revokes_family,
+                ..
+            } => (leeway, reuse_revokes_family),
+            RotationRule::None => (None, false),
+        };
+        let grant = &mut self.grants[grant_id as usize];
+        if leeway.is_some_and(|l| now.saturating_sub(at) <= l) {
+            grant.counters.leeway_reuses += 1;
+            self.totals.leeway_reuses += 1;
+            return Ok(());
+        }
+        grant.counters.reuse_detections += 1;
+        self.totals.reuse_detections += 1;
+        let out = self.reject_refresh(grant_id, invalid);
+        if revoke {
+            self.revoke_grant(grant_id, RevokedBy::ReuseDetected);
+        }
+        Err(out)
+    }
+
+    /// The refresh token a successful refresh replies with, after the profile's rotation
+    /// rule ran on the presented `token` (whose grant's new access token is `access`): kept
+    /// (returned again if the profile does) or retired for a new one (the old access token
+    /// dying with it if the profile says so).
+    fn roll_refresh_token(
+        &mut self,
+        token: &str,
+        grant_id: u64,
+        old_access: &str,
+        access: &str,
+        now: Duration,
+    ) -> Option<String> {
+        match self.rules.rotation {
             RotationRule::None => {
-                if let Some(info) = self.refresh.get_mut(&token) {
+                if let Some(info) = self.refresh.get_mut(token) {
                     info.last_used = now;
-                    info.access = access.clone();
+                    info.access = access.to_owned();
                 }
-                rules.refresh_reply_has_refresh_token.then(|| token.clone())
+                self.rules
+                    .refresh_reply_has_refresh_token
+                    .then(|| token.to_owned())
             }
             RotationRule::Rotate {
                 old_access_dies, ..
             } => {
-                if let Some(info) = self.refresh.get_mut(&token)
+                if let Some(info) = self.refresh.get_mut(token)
                     && matches!(info.status, RefreshStatus::Live)
                 {
                     info.status = RefreshStatus::Retired { at: now };
                 }
-                if old_access_dies && let Some(a) = self.access.get_mut(&old_access) {
+                if old_access_dies && let Some(a) = self.access.get_mut(old_access) {
                     a.dead = true;
                 }
                 let g = &mut self.grants[grant_id as usize];
                 g.counters.rotations += 1;
                 self.totals.rotations += 1;
-                Some(self.issue_refresh(grant_id, &access))
+                Some(self.issue_refresh(grant_id, access))
             }
-        };
-        Ok(self.success(&access, reply_refresh.as_deref(), &scopes, "refresh_token"))
+        }
     }
 
     /// RFC 7009: revoking a refresh token revokes its grant; an access token only itself.
