@@ -53,178 +53,207 @@ impl MockProfile {
 
     /// The behaviour this profile plays.
     pub fn rules(self) -> Rules {
-        let bitbucket_errors = Errors {
-            invalid_refresh: ErrorBody::new(400, "invalid_request", "Invalid refresh_token"),
-            expired_refresh: ErrorBody::new(400, "invalid_request", "Invalid refresh_token"),
-            bad_client: ErrorBody::new(
-                400,
-                "unauthorized_client",
-                "Invalid OAuth client credentials",
-            ),
-            bad_code: ErrorBody::new(400, "invalid_grant", "The specified code is not valid."),
-            bad_verifier: ErrorBody::new(400, "invalid_grant", "Invalid code_verifier."),
-            unsupported_grant: ErrorBody::new(400, "invalid_grant", "Unsupported grant type: None"),
-        };
         match self {
-            Self::BitbucketLegacy => Rules {
-                access_ttl: Duration::from_secs(7200),
-                rotation: RotationRule::None,
-                refresh_inactivity: None,
-                refresh_absolute: None,
-                accepts_json: false,
-                scope_field: ScopeField::Scopes,
-                refresh_reply_has_refresh_token: true,
-                grant_type_in_state: true,
-                token_type: "bearer",
-                refresh_expires_in_field: false,
-                retired_revocation_revokes_grant: true,
-                errors: bitbucket_errors,
-            },
-            Self::Bitbucket => Rules {
-                access_ttl: Duration::from_secs(7200),
-                rotation: RotationRule::Rotate {
-                    leeway: None,
-                    reuse_revokes_family: false,
-                    old_access_dies: false,
-                },
-                refresh_inactivity: Some(Duration::from_secs(90 * DAY)),
-                refresh_absolute: None,
-                accepts_json: false,
-                scope_field: ScopeField::Scope,
-                refresh_reply_has_refresh_token: true,
-                grant_type_in_state: true,
-                token_type: "bearer",
-                refresh_expires_in_field: false,
-                retired_revocation_revokes_grant: true,
-                errors: Errors {
-                    // Unknown or retired tokens are refused as before; a token that expired
-                    // unused comes back as `invalid_grant`.
-                    expired_refresh: ErrorBody::new(400, "invalid_grant", "Invalid refresh_token"),
-                    ..bitbucket_errors
-                },
-            },
-            Self::Atlassian3lo => Rules {
-                access_ttl: Duration::from_secs(3600),
-                rotation: RotationRule::Rotate {
-                    leeway: Some(Duration::from_secs(600)),
-                    reuse_revokes_family: true,
-                    old_access_dies: false,
-                },
-                refresh_inactivity: Some(Duration::from_secs(90 * DAY)),
-                refresh_absolute: Some(Duration::from_secs(365 * DAY)),
-                accepts_json: true,
-                scope_field: ScopeField::Scope,
-                refresh_reply_has_refresh_token: true,
-                grant_type_in_state: false,
-                token_type: "Bearer",
-                refresh_expires_in_field: false,
-                retired_revocation_revokes_grant: true,
-                errors: Errors {
-                    invalid_refresh: ErrorBody::new(
-                        403,
-                        "invalid_grant",
-                        "Unknown or invalid refresh token.",
-                    ),
-                    expired_refresh: ErrorBody::new(
-                        403,
-                        "invalid_grant",
-                        "Unknown or invalid refresh token.",
-                    ),
-                    bad_client: ErrorBody::new(401, "access_denied", "Unauthorized"),
-                    bad_code: ErrorBody::new(403, "invalid_grant", "Invalid authorization code"),
-                    bad_verifier: ErrorBody::new(403, "invalid_grant", "Invalid code verifier"),
-                    unsupported_grant: ErrorBody::new(
-                        400,
-                        "unsupported_grant_type",
-                        "Unsupported grant type",
-                    ),
-                },
-            },
-            Self::GithubApp => Rules {
-                access_ttl: Duration::from_secs(28_800),
-                rotation: RotationRule::Rotate {
-                    leeway: None,
-                    reuse_revokes_family: false,
-                    old_access_dies: true,
-                },
-                // Each refresh token is valid 6 months from its issue.
-                refresh_inactivity: Some(Duration::from_secs(15_897_600)),
-                refresh_absolute: None,
-                accepts_json: true,
-                scope_field: ScopeField::Scope,
-                refresh_reply_has_refresh_token: true,
-                grant_type_in_state: false,
-                token_type: "bearer",
-                refresh_expires_in_field: true,
-                retired_revocation_revokes_grant: true,
-                errors: Errors {
-                    // GitHub answers token errors with HTTP 200 and an `error` body.
-                    invalid_refresh: ErrorBody::new(
-                        200,
-                        "bad_refresh_token",
-                        "The refresh token passed is incorrect or expired.",
-                    ),
-                    expired_refresh: ErrorBody::new(
-                        200,
-                        "bad_refresh_token",
-                        "The refresh token passed is incorrect or expired.",
-                    ),
-                    bad_client: ErrorBody::new(
-                        200,
-                        "incorrect_client_credentials",
-                        "The client_id and/or client_secret passed are incorrect.",
-                    ),
-                    bad_code: ErrorBody::new(
-                        200,
-                        "bad_verification_code",
-                        "The code passed is incorrect or expired.",
-                    ),
-                    bad_verifier: ErrorBody::new(
-                        200,
-                        "bad_verification_code",
-                        "The code_verifier does not match the code_challenge.",
-                    ),
-                    unsupported_grant: ErrorBody::new(
-                        200,
-                        "unsupported_grant_type",
-                        "The grant type is not supported.",
-                    ),
-                },
-            },
-            Self::Google => Rules {
-                access_ttl: Duration::from_secs(3599),
-                rotation: RotationRule::None,
-                refresh_inactivity: Some(Duration::from_secs(180 * DAY)),
-                refresh_absolute: None,
-                accepts_json: true,
-                scope_field: ScopeField::Scope,
-                refresh_reply_has_refresh_token: false,
-                grant_type_in_state: false,
-                token_type: "Bearer",
-                refresh_expires_in_field: false,
-                retired_revocation_revokes_grant: true,
-                errors: Errors {
-                    invalid_refresh: ErrorBody::new(
-                        400,
-                        "invalid_grant",
-                        "Token has been expired or revoked.",
-                    ),
-                    expired_refresh: ErrorBody::new(
-                        400,
-                        "invalid_grant",
-                        "Token has been expired or revoked.",
-                    ),
-                    bad_client: ErrorBody::new(401, "invalid_client", "Unauthorized"),
-                    bad_code: ErrorBody::new(400, "invalid_grant", "Malformed auth code."),
-                    bad_verifier: ErrorBody::new(400, "invalid_grant", "Invalid code verifier."),
-                    unsupported_grant: ErrorBody::new(
-                        400,
-                        "unsupported_grant_type",
-                        "Invalid grant_type: ",
-                    ),
-                },
-            },
+            Self::BitbucketLegacy => bitbucket_legacy(),
+            Self::Bitbucket => bitbucket(),
+            Self::Atlassian3lo => atlassian_3lo(),
+            Self::GithubApp => github_app(),
+            Self::Google => google(),
         }
+    }
+}
+
+/// [`MockProfile::BitbucketLegacy`]: Bitbucket Cloud before 2026-05-04.
+fn bitbucket_legacy() -> Rules {
+    Rules {
+        access_ttl: Duration::from_secs(7200),
+        rotation: RotationRule::None,
+        refresh_inactivity: None,
+        refresh_absolute: None,
+        accepts_json: false,
+        scope_field: ScopeField::Scopes,
+        refresh_reply_has_refresh_token: true,
+        grant_type_in_state: true,
+        token_type: "bearer",
+        refresh_expires_in_field: false,
+        retired_revocation_revokes_grant: true,
+        errors: bitbucket_errors(),
+    }
+}
+
+/// [`MockProfile::Bitbucket`]: Bitbucket Cloud since 2026-05-04.
+fn bitbucket() -> Rules {
+    Rules {
+        access_ttl: Duration::from_secs(7200),
+        rotation: RotationRule::Rotate {
+            leeway: None,
+            reuse_revokes_family: false,
+            old_access_dies: false,
+        },
+        refresh_inactivity: Some(Duration::from_secs(90 * DAY)),
+        refresh_absolute: None,
+        accepts_json: false,
+        scope_field: ScopeField::Scope,
+        refresh_reply_has_refresh_token: true,
+        grant_type_in_state: true,
+        token_type: "bearer",
+        refresh_expires_in_field: false,
+        retired_revocation_revokes_grant: true,
+        errors: Errors {
+            // Unknown or retired tokens are refused as before; a token that expired
+            // unused comes back as `invalid_grant`.
+            expired_refresh: ErrorBody::new(400, "invalid_grant", "Invalid refresh_token"),
+            ..bitbucket_errors()
+        },
+    }
+}
+
+/// [`MockProfile::Atlassian3lo`]: Atlassian 3LO.
+fn atlassian_3lo() -> Rules {
+    Rules {
+        access_ttl: Duration::from_secs(3600),
+        rotation: RotationRule::Rotate {
+            leeway: Some(Duration::from_secs(600)),
+            reuse_revokes_family: true,
+            old_access_dies: false,
+        },
+        refresh_inactivity: Some(Duration::from_secs(90 * DAY)),
+        refresh_absolute: Some(Duration::from_secs(365 * DAY)),
+        accepts_json: true,
+        scope_field: ScopeField::Scope,
+        refresh_reply_has_refresh_token: true,
+        grant_type_in_state: false,
+        token_type: "Bearer",
+        refresh_expires_in_field: false,
+        retired_revocation_revokes_grant: true,
+        errors: Errors {
+            invalid_refresh: ErrorBody::new(
+                403,
+                "invalid_grant",
+                "Unknown or invalid refresh token.",
+            ),
+            expired_refresh: ErrorBody::new(
+                403,
+                "invalid_grant",
+                "Unknown or invalid refresh token.",
+            ),
+            bad_client: ErrorBody::new(401, "access_denied", "Unauthorized"),
+            bad_code: ErrorBody::new(403, "invalid_grant", "Invalid authorization code"),
+            bad_verifier: ErrorBody::new(403, "invalid_grant", "Invalid code verifier"),
+            unsupported_grant: ErrorBody::new(
+                400,
+                "unsupported_grant_type",
+                "Unsupported grant type",
+            ),
+        },
+    }
+}
+
+/// [`MockProfile::GithubApp`]: GitHub App user tokens.
+fn github_app() -> Rules {
+    Rules {
+        access_ttl: Duration::from_secs(28_800),
+        rotation: RotationRule::Rotate {
+            leeway: None,
+            reuse_revokes_family: false,
+            old_access_dies: true,
+        },
+        // Each refresh token is valid 6 months from its issue.
+        refresh_inactivity: Some(Duration::from_secs(15_897_600)),
+        refresh_absolute: None,
+        accepts_json: true,
+        scope_field: ScopeField::Scope,
+        refresh_reply_has_refresh_token: true,
+        grant_type_in_state: false,
+        token_type: "bearer",
+        refresh_expires_in_field: true,
+        retired_revocation_revokes_grant: true,
+        errors: Errors {
+            // GitHub answers token errors with HTTP 200 and an `error` body.
+            invalid_refresh: ErrorBody::new(
+                200,
+                "bad_refresh_token",
+                "The refresh token passed is incorrect or expired.",
+            ),
+            expired_refresh: ErrorBody::new(
+                200,
+                "bad_refresh_token",
+                "The refresh token passed is incorrect or expired.",
+            ),
+            bad_client: ErrorBody::new(
+                200,
+                "incorrect_client_credentials",
+                "The client_id and/or client_secret passed are incorrect.",
+            ),
+            bad_code: ErrorBody::new(
+                200,
+                "bad_verification_code",
+                "The code passed is incorrect or expired.",
+            ),
+            bad_verifier: ErrorBody::new(
+                200,
+                "bad_verification_code",
+                "The code_verifier does not match the code_challenge.",
+            ),
+            unsupported_grant: ErrorBody::new(
+                200,
+                "unsupported_grant_type",
+                "The grant type is not supported.",
+            ),
+        },
+    }
+}
+
+/// [`MockProfile::Google`]: Google.
+fn google() -> Rules {
+    Rules {
+        access_ttl: Duration::from_secs(3599),
+        rotation: RotationRule::None,
+        refresh_inactivity: Some(Duration::from_secs(180 * DAY)),
+        refresh_absolute: None,
+        accepts_json: true,
+        scope_field: ScopeField::Scope,
+        refresh_reply_has_refresh_token: false,
+        grant_type_in_state: false,
+        token_type: "Bearer",
+        refresh_expires_in_field: false,
+        retired_revocation_revokes_grant: true,
+        errors: Errors {
+            invalid_refresh: ErrorBody::new(
+                400,
+                "invalid_grant",
+                "Token has been expired or revoked.",
+            ),
+            expired_refresh: ErrorBody::new(
+                400,
+                "invalid_grant",
+                "Token has been expired or revoked.",
+            ),
+            bad_client: ErrorBody::new(401, "invalid_client", "Unauthorized"),
+            bad_code: ErrorBody::new(400, "invalid_grant", "Malformed auth code."),
+            bad_verifier: ErrorBody::new(400, "invalid_grant", "Invalid code verifier."),
+            unsupported_grant: ErrorBody::new(
+                400,
+                "unsupported_grant_type",
+                "Invalid grant_type: ",
+            ),
+        },
+    }
+}
+
+/// The error bodies both Bitbucket profiles share.
+fn bitbucket_errors() -> Errors {
+    Errors {
+        invalid_refresh: ErrorBody::new(400, "invalid_request", "Invalid refresh_token"),
+        expired_refresh: ErrorBody::new(400, "invalid_request", "Invalid refresh_token"),
+        bad_client: ErrorBody::new(
+            400,
+            "unauthorized_client",
+            "Invalid OAuth client credentials",
+        ),
+        bad_code: ErrorBody::new(400, "invalid_grant", "The specified code is not valid."),
+        bad_verifier: ErrorBody::new(400, "invalid_grant", "Invalid code_verifier."),
+        unsupported_grant: ErrorBody::new(400, "invalid_grant", "Unsupported grant type: None"),
     }
 }
 
