@@ -119,193 +119,272 @@ impl RefresherHandle {
 }
 
 pub(crate) fn spawn(manager: TokenManager, config: RefresherConfig) -> RefresherHandle {
-    let (stop, mut stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(false);
     let stats = Arc::new(RefresherStats::default());
-    let task_stats = stats.clone();
-    let task = tokio::spawn(async move {
-        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        let pace = config
-            .rate_per_second
-            .filter(|r| *r > 0)
-            .map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
-        let mut next_slot = tokio::time::Instant::now();
-        let mut running = JoinSet::new();
-        // Installations whose refresh is still running: a slow one is left to finish while
-        // the next sweeps go on with everything else (no sweep waits for its slowest refresh).
-        let in_flight: Arc<Mutex<HashSet<InstallationId>>> = Arc::default();
-        // Entries that just had a flight or could not be acted on rest until then.
-        let resting: Arc<Mutex<HashMap<InstallationId, tokio::time::Instant>>> = Arc::default();
-        // Whether the handle is still there to stop us: once it is dropped, its channel closes
-        // and `changed()` would return at once forever (a busy loop), so stop listening.
-        let mut listening = true;
-        // The state count pages through the whole store: its own task, so it never delays a
-        // sweep; it ends with the refresher.
-        let counting = config.state_count_every.map(|every| {
-            let (manager, limit, mut stop) =
-                (manager.clone(), config.state_count_limit, stopped.clone());
-            tokio::spawn(async move {
-                loop {
-                    count_states(&manager, limit).await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = stop.changed() => return,
-                    }
-                    if manager.engine.in_flight.is_closing() {
-                        return;
-                    }
-                }
-            })
-        });
-        'sweeps: loop {
-            if manager.engine.in_flight.is_closing() {
-                // TokenManager::shutdown was called: no refresh can start any more.
-                break;
-            }
-            task_stats.sweeps.fetch_add(1, Ordering::Relaxed);
-            let mut dispatched = 0usize;
-            let now = manager.engine.clock.now();
-            let mut cursor: Option<DueEntry> = None;
-            loop {
-                let page = match manager
-                    .engine
-                    .store
-                    .due(
-                        &manager.engine.consumer,
-                        now,
-                        cursor.as_ref(),
-                        config.page_size.max(1),
-                    )
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the refresher could not read the due index");
-                        break;
-                    }
-                };
-                let next = page.next;
-                let mut entries = page.entries;
-                if cursor.is_none() {
-                    // The first page starts at the oldest due entry.
-                    let lag = entries
-                        .first()
-                        .map_or(Duration::ZERO, |e| now.duration_since(e.due_at));
-                    super::metrics::refresher_lag(&manager.engine.consumer_label, lag);
-                }
-                fastrand::shuffle(&mut entries);
-                for entry in entries {
-                    if *stopped.borrow() {
-                        break 'sweeps;
-                    }
-                    if rests(&resting, &entry.id) {
-                        continue;
-                    }
-                    if in_flight
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .contains(&entry.id)
-                    {
-                        continue;
-                    }
-                    // Wait for a rate slot and a permit first, then look again: a peer may
-                    // have taken the entry meanwhile, and a skipped entry costs no slot.
-                    if pace.is_some() {
-                        tokio::time::sleep_until(next_slot).await;
-                    }
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        break 'sweeps;
-                    };
-                    if !actionable(&manager, &entry.id).await {
-                        task_stats.skipped.fetch_add(1, Ordering::Relaxed);
-                        rest(&resting, &entry.id, config.max_idle);
-                        continue;
-                    }
-                    if let Some(pace) = pace {
-                        next_slot = next_slot.max(tokio::time::Instant::now()) + pace;
-                    }
-                    in_flight
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(entry.id.clone());
-                    dispatched += 1;
-                    let (m, s, flying) = (manager.clone(), task_stats.clone(), in_flight.clone());
-                    let (resting, idle) = (resting.clone(), config.max_idle);
-                    s.attempted.fetch_add(1, Ordering::Relaxed);
-                    running.spawn(async move {
-                        let outcome = m.refresh(&entry.id, Mode::Proactive).await;
-                        match outcome {
-                            Ok(_) => s.succeeded.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => s.failed.fetch_add(1, Ordering::Relaxed),
-                        };
-                        // Whatever happened, the entry's due time has moved or it cannot be
-                        // acted on yet: it rests before this refresher looks at it again.
-                        rest(&resting, &entry.id, idle);
-                        flying
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&entry.id);
-                        drop(permit);
-                    });
-                    while running.try_join_next().is_some() {}
-                }
-                match next {
-                    Some(next) => cursor = Some(next),
-                    None => break,
-                }
-            }
-            // Nothing new to start (every due entry is running or resting): wait for a refresh
-            // to end or for `max_idle`, rather than spinning over them.
-            let idle = if dispatched == 0 {
-                config.max_idle
-            } else {
-                next_due_in(&manager, config.max_idle).await
-            };
-            tokio::select! {
-                biased;
-                _ = tokio::time::sleep(idle) => {}
-                _ = running.join_next(), if !running.is_empty() => {}
-                changed = stopped.changed(), if listening => listening = changed.is_ok(),
-            }
-            if *stopped.borrow() {
-                break;
-            }
-        }
-        while running.join_next().await.is_some() {}
-        if let Some(counting) = counting {
-            counting.abort();
-        }
-    });
+    let sweeper = Sweeper::new(manager, config, stats.clone(), stopped);
+    let task = tokio::spawn(sweeper.run());
     RefresherHandle { stop, task, stats }
 }
 
-/// Whether `id` is resting, forgetting rests that are over.
-fn rests(
-    resting: &Mutex<HashMap<InstallationId, tokio::time::Instant>>,
-    id: &InstallationId,
-) -> bool {
-    let mut resting = resting.lock().unwrap_or_else(PoisonError::into_inner);
-    match resting.get(id) {
-        Some(until) if *until > tokio::time::Instant::now() => true,
-        Some(_) => {
-            resting.remove(id);
-            false
+/// The refresher's task: sweeps over the due index, each followed by an idle wait, until
+/// stopped; then it waits for the refreshes it started.
+struct Sweeper {
+    manager: TokenManager,
+    config: RefresherConfig,
+    stats: Arc<RefresherStats>,
+    stopped: watch::Receiver<bool>,
+    /// Whether the handle is still there to stop us: once it is dropped, its channel closes
+    /// and `changed()` would return at once forever (a busy loop), so stop listening.
+    listening: bool,
+    permits: Arc<Semaphore>,
+    /// The least time between two refreshes started (`rate_per_second`), and when the next
+    /// may start.
+    pace: Option<Duration>,
+    next_slot: tokio::time::Instant,
+    running: JoinSet<()>,
+    /// Installations whose refresh is still running: a slow one is left to finish while the
+    /// next sweeps go on with everything else (no sweep waits for its slowest refresh).
+    in_flight: Arc<Mutex<HashSet<InstallationId>>>,
+    /// Entries that just had a flight or could not be acted on rest until then.
+    resting: Arc<Resting>,
+}
+
+/// How a sweep ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Swept {
+    /// It went through the due index, starting this many refreshes.
+    Dispatched(usize),
+    /// It was told to stop.
+    Stopped,
+}
+
+/// What became of one due entry.
+#[derive(Debug, PartialEq, Eq)]
+enum Considered {
+    Dispatched,
+    Passed,
+    Stop,
+}
+
+impl Sweeper {
+    fn new(
+        manager: TokenManager,
+        config: RefresherConfig,
+        stats: Arc<RefresherStats>,
+        stopped: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            pace: config
+                .rate_per_second
+                .filter(|r| *r > 0)
+                .map(|r| Duration::from_secs_f64(1.0 / f64::from(r))),
+            next_slot: tokio::time::Instant::now(),
+            running: JoinSet::new(),
+            in_flight: Arc::default(),
+            resting: Arc::default(),
+            listening: true,
+            manager,
+            config,
+            stats,
+            stopped,
         }
-        None => false,
+    }
+
+    async fn run(mut self) {
+        let counting = self.spawn_counting();
+        // TokenManager::shutdown stops the refresher too: no refresh can start any more.
+        while !self.manager.engine.in_flight.is_closing() {
+            let Swept::Dispatched(dispatched) = self.sweep().await else {
+                break;
+            };
+            if !self.idle(dispatched).await {
+                break;
+            }
+        }
+        while self.running.join_next().await.is_some() {}
+        if let Some(counting) = counting {
+            counting.abort();
+        }
+    }
+
+    /// The state count pages through the whole store: its own task, so it never delays a
+    /// sweep; it ends with the refresher.
+    fn spawn_counting(&self) -> Option<JoinHandle<()>> {
+        let every = self.config.state_count_every?;
+        let (manager, limit) = (self.manager.clone(), self.config.state_count_limit);
+        let mut stop = self.stopped.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                count_states(&manager, limit).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                if manager.engine.in_flight.is_closing() {
+                    return;
+                }
+            }
+        }))
+    }
+
+    /// One pass over the consumer's due entries, page by page, each page in random order.
+    async fn sweep(&mut self) -> Swept {
+        self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+        let engine = &self.manager.engine;
+        let (now, page_size) = (engine.clock.now(), self.config.page_size.max(1));
+        let mut dispatched = 0usize;
+        let mut cursor: Option<DueEntry> = None;
+        loop {
+            let engine = &self.manager.engine;
+            let due = engine
+                .store
+                .due(&engine.consumer, now, cursor.as_ref(), page_size);
+            let page = match due.await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the refresher could not read the due index");
+                    break;
+                }
+            };
+            let mut entries = page.entries;
+            if cursor.is_none() {
+                // The first page starts at the oldest due entry.
+                let lag = entries
+                    .first()
+                    .map_or(Duration::ZERO, |e| now.duration_since(e.due_at));
+                super::metrics::refresher_lag(&engine.consumer_label, lag);
+            }
+            fastrand::shuffle(&mut entries);
+            for entry in entries {
+                match self.consider(entry).await {
+                    Considered::Dispatched => dispatched += 1,
+                    Considered::Passed => {}
+                    Considered::Stop => return Swept::Stopped,
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        Swept::Dispatched(dispatched)
+    }
+
+    /// One due entry: passed over while it rests or runs; otherwise, after a rate slot and a
+    /// permit, looked at again (a peer may have taken it meanwhile, and a skipped entry costs
+    /// no slot) and refreshed if still worth a flight.
+    async fn consider(&mut self, entry: DueEntry) -> Considered {
+        if *self.stopped.borrow() {
+            return Considered::Stop;
+        }
+        let running = |id| {
+            self.in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(id)
+        };
+        if self.resting.rests(&entry.id) || running(&entry.id) {
+            return Considered::Passed;
+        }
+        if self.pace.is_some() {
+            tokio::time::sleep_until(self.next_slot).await;
+        }
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return Considered::Stop;
+        };
+        if !actionable(&self.manager, &entry.id).await {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.resting.rest(&entry.id, self.config.max_idle);
+            return Considered::Passed;
+        }
+        if let Some(pace) = self.pace {
+            self.next_slot = self.next_slot.max(tokio::time::Instant::now()) + pace;
+        }
+        self.dispatch(entry.id, permit);
+        Considered::Dispatched
+    }
+
+    /// Starts a proactive refresh of `id`, holding `permit` until it ends.
+    fn dispatch(&mut self, id: InstallationId, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone());
+        self.stats.attempted.fetch_add(1, Ordering::Relaxed);
+        let (manager, stats, flying) = (
+            self.manager.clone(),
+            self.stats.clone(),
+            self.in_flight.clone(),
+        );
+        let (resting, idle) = (self.resting.clone(), self.config.max_idle);
+        self.running.spawn(async move {
+            match manager.refresh(&id, Mode::Proactive).await {
+                Ok(_) => stats.succeeded.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.failed.fetch_add(1, Ordering::Relaxed),
+            };
+            // Whatever happened, the entry's due time has moved or it cannot be acted on
+            // yet: it rests before this refresher looks at it again.
+            resting.rest(&id, idle);
+            flying
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            drop(permit);
+        });
+        while self.running.try_join_next().is_some() {}
+    }
+
+    /// Waits before the next sweep: until something falls due (at most `max_idle`), or, when
+    /// nothing new could start (every due entry is running or resting), until a refresh ends
+    /// or `max_idle` passes, rather than spinning over them. False when told to stop.
+    async fn idle(&mut self, dispatched: usize) -> bool {
+        let max_idle = self.config.max_idle;
+        let idle = if dispatched == 0 {
+            max_idle
+        } else {
+            next_due_in(&self.manager, max_idle).await
+        };
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep(idle) => {}
+            _ = self.running.join_next(), if !self.running.is_empty() => {}
+            changed = self.stopped.changed(), if self.listening => {
+                self.listening = changed.is_ok();
+            }
+        }
+        !*self.stopped.borrow()
     }
 }
 
-fn rest(
-    resting: &Mutex<HashMap<InstallationId, tokio::time::Instant>>,
-    id: &InstallationId,
-    time: Duration,
-) {
-    let mut resting = resting.lock().unwrap_or_else(PoisonError::into_inner);
-    let now = tokio::time::Instant::now();
-    // Bounded by the due entries seen within `time`; drop the expired ones now and then.
-    if resting.len() > 10_000 {
-        resting.retain(|_, until| *until > now);
+/// Entries resting until an instant, after a flight or when they could not be acted on.
+#[derive(Debug, Default)]
+struct Resting(Mutex<HashMap<InstallationId, tokio::time::Instant>>);
+
+impl Resting {
+    /// Whether `id` is resting, forgetting rests that are over.
+    fn rests(&self, id: &InstallationId) -> bool {
+        let mut resting = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match resting.get(id) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                resting.remove(id);
+                false
+            }
+            None => false,
+        }
     }
-    resting.insert(id.clone(), now + time);
+
+    /// `id` rests for `time`.
+    fn rest(&self, id: &InstallationId, time: Duration) {
+        let mut resting = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        // Bounded by the due entries seen within `time`; drop the expired ones now and then.
+        if resting.len() > 10_000 {
+            resting.retain(|_, until| *until > now);
+        }
+        resting.insert(id.clone(), now + time);
+    }
 }
 
 /// Re-reads a due entry before spending a rate slot on it: it is worth a flight only if the
@@ -360,5 +439,135 @@ async fn count_states(manager: &TokenManager, limit: u64) {
         Err(e) => {
             tracing::warn!(error = %e, "the refresher could not count installations by state");
         }
+    }
+}
+
+/// The sweeper's steps, each on paused Tokio time over a memory store and a manual clock;
+/// the provider is an unreachable local port, so a dispatched flight fails.
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::oauth::{ConsumerConfig, ProviderProfile};
+    use tokenkeeper_core::{AccessToken, ManualClock, Record, RefreshToken, Timestamp, TokenSet};
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_unix_secs(1_800_000_000 + secs)
+    }
+
+    fn manager(clock: &ManualClock) -> TokenManager {
+        let url = |path: &str| reqwest::Url::parse(&format!("http://127.0.0.1:9/{path}")).unwrap();
+        let profile = ProviderProfile {
+            identity: crate::oauth::IdentityCheck::Disabled,
+            ..ProviderProfile::generic("local", url("authorize"), url("token"))
+        };
+        let consumer = ConsumerConfig::builder(profile)
+            .client_id("k")
+            .client_secret("s")
+            .redirect_uri("http://127.0.0.1/cb")
+            .build()
+            .unwrap();
+        let store = tokenkeeper_memory::MemoryStore::new();
+        TokenManager::builder(consumer, store)
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    }
+
+    fn sweeper(manager: &TokenManager) -> (Sweeper, watch::Sender<bool>) {
+        let (stop, stopped) = watch::channel(false);
+        let config = RefresherConfig {
+            rate_per_second: None,
+            state_count_every: None,
+            ..RefresherConfig::default()
+        };
+        let stats = Arc::new(RefresherStats::default());
+        (Sweeper::new(manager.clone(), config, stats, stopped), stop)
+    }
+
+    /// An installation of `manager`'s consumer whose access token expired: due now.
+    async fn due(manager: &TokenManager, id: &str) -> InstallationId {
+        let id = InstallationId::new(id).unwrap();
+        let tokens = TokenSet::bearer(
+            AccessToken::new("a"),
+            Some(RefreshToken::new("r")),
+            at(-7200),
+            at(-60),
+        );
+        let consumer = manager.engine.consumer.clone();
+        let record = Record::new(id.clone(), consumer, tokens, at(-120), at(-7200));
+        manager.store().create(&record).await.unwrap();
+        id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rest_lasts_its_time() {
+        let resting = Resting::default();
+        let id = InstallationId::new("i").unwrap();
+        assert!(!resting.rests(&id));
+        resting.rest(&id, Duration::from_secs(5));
+        assert!(resting.rests(&id));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!resting.rests(&id), "over at its end");
+        assert!(resting.0.lock().unwrap().is_empty(), "and forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_sweep_starts_nothing_and_idles_for_max_idle() {
+        let clock = ManualClock::new(at(0));
+        let manager = manager(&clock);
+        let (mut sweeper, _stop) = sweeper(&manager);
+        assert_eq!(sweeper.sweep().await, Swept::Dispatched(0));
+        assert_eq!(sweeper.stats.snapshot().sweeps, 1);
+        let before = tokio::time::Instant::now();
+        assert!(sweeper.idle(0).await, "not stopped");
+        assert_eq!(before.elapsed(), sweeper.config.max_idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_whose_record_is_gone_is_skipped_and_rests() {
+        let clock = ManualClock::new(at(0));
+        let manager = manager(&clock);
+        let (mut sweeper, _stop) = sweeper(&manager);
+        let id = InstallationId::new("ghost").unwrap();
+        let entry = DueEntry {
+            due_at: at(-1),
+            id: id.clone(),
+        };
+        assert_eq!(sweeper.consider(entry).await, Considered::Passed);
+        assert_eq!(sweeper.stats.snapshot().skipped, 1);
+        assert!(sweeper.resting.rests(&id));
+        assert_eq!(
+            sweeper.permits.available_permits(),
+            16,
+            "its permit is back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_installation_is_refreshed_once_then_rests() {
+        let clock = ManualClock::new(at(0));
+        let manager = manager(&clock);
+        let id = due(&manager, "due").await;
+        let (mut sweeper, _stop) = sweeper(&manager);
+        assert_eq!(sweeper.sweep().await, Swept::Dispatched(1));
+        // While its flight runs (or once it rests) a second sweep passes it over.
+        assert_eq!(sweeper.sweep().await, Swept::Dispatched(0));
+        while sweeper.running.join_next().await.is_some() {}
+        let counts = sweeper.stats.snapshot();
+        assert_eq!((counts.attempted, counts.failed), (1, 1), "{counts:?}");
+        assert!(sweeper.resting.rests(&id));
+        assert_eq!(sweeper.permits.available_permits(), 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_the_sweep_and_the_idle_wait() {
+        let clock = ManualClock::new(at(0));
+        let manager = manager(&clock);
+        due(&manager, "due").await;
+        let (mut sweeper, stop) = sweeper(&manager);
+        stop.send(true).unwrap();
+        assert_eq!(sweeper.sweep().await, Swept::Stopped);
+        assert_eq!(sweeper.stats.snapshot().attempted, 0);
+        assert!(!sweeper.idle(0).await);
     }
 }
