@@ -47,6 +47,42 @@ pub(crate) enum Phase {
 }
 
 impl FlowClaim {
+    /// A new claim for `code`, by a random claimant, exchanging.
+    pub(crate) fn exchanging(
+        code: &crate::oauth::binding::AuthorizationCode,
+    ) -> Result<Self, crate::oauth::authorize::AuthorizationError> {
+        let mut by = [0u8; 16];
+        getrandom::fill(&mut by)
+            .map_err(|e| crate::oauth::authorize::AuthorizationError::Random(e.to_string()))?;
+        Ok(Self {
+            code: code.fingerprint(),
+            by: by.iter().map(|b| format!("{b:02x}")).collect(),
+            phase: Phase::Exchanging,
+        })
+    }
+
+    /// This claim settled with the claimant's `outcome` (`code_sent`: whether the code went
+    /// to the provider).
+    pub(crate) fn settled<T>(
+        self,
+        outcome: &Result<
+            (crate::oauth::authorize::Completed, T),
+            crate::oauth::authorize::AuthorizationError,
+        >,
+        code_sent: bool,
+    ) -> Self {
+        let phase = match outcome {
+            Ok((done, _)) => Phase::Completed {
+                created: done.created,
+            },
+            Err(e) => Phase::Failed {
+                reason: e.to_string(),
+                code_sent,
+            },
+        };
+        Self { phase, ..self }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         // Plain data to a Vec: cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

@@ -5,23 +5,20 @@
 //! [`RefreshPolicy`](super::RefreshPolicy), like every other write.
 
 mod claim;
-use std::sync::Arc;
-use std::time::Duration;
+mod follow;
+mod grant;
 
-use tokenkeeper_core::{
-    CasOutcome, Event, InstallationId, Record, StateKind, StoreError, TokenSet,
-};
+use std::sync::Arc;
+
+use tokenkeeper_core::{InstallationId, Record, StateKind, TokenSet};
 
 use crate::error::Error;
 use crate::manager::TokenManager;
 use crate::manager::events::LocalEventKind;
-use crate::oauth::authorize::{
-    AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
-    VerifiedState, consumer_name,
-};
+use crate::oauth::authorize::{AuthorizationError, AuthorizationRequest, Completed, consumer_name};
 use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 use crate::oauth::state::{Expect, Purpose};
-use claim::{FlowClaim, Phase};
+use claim::FlowClaim;
 
 impl TokenManager {
     /// Begins an authorization: a new installation, or `Some(id)` to re-authorize one (the
@@ -217,28 +214,20 @@ impl TokenManager {
         let installation = verified.installation.clone();
         // A code that cannot be one costs neither a claim nor a token request (review N8).
         if !crate::oauth::authorize::plausible_code(code.secret()) {
-            return Err(AuthorizationError::MalformedCode {
-                installation: installation.clone(),
-            });
+            return Err(AuthorizationError::MalformedCode { installation });
         }
         let key = claim::flow_key(&engine.consumer, &verified.flow);
         let ttl = verified
             .expires_at
             .duration_since(engine.clock.now())
             .saturating_add(claim::CLAIM_SKEW_MARGIN);
-        let mut by = [0u8; 16];
-        getrandom::fill(&mut by).map_err(|e| AuthorizationError::Random(e.to_string()))?;
-        let mine = FlowClaim {
-            code: code.fingerprint(),
-            by: by.iter().map(|b| format!("{b:02x}")).collect(),
-            phase: Phase::Exchanging,
-        };
+        let mine = FlowClaim::exchanging(code)?;
         let claimed = match engine.store.claim_flow(&key, &mine.encode(), ttl).await {
             Ok(claimed) => claimed,
             Err(source) => {
                 self.settle_own_failed_claim(&key, &mine, ttl).await;
                 return Err(AuthorizationError::Store {
-                    installation: installation.clone(),
+                    installation,
                     source,
                 });
             }
@@ -253,364 +242,12 @@ impl TokenManager {
         let outcome = self
             .exchange_and_record(code, &verified, &mut code_sent)
             .await;
-        let phase = match &outcome {
-            Ok((done, _)) => Phase::Completed {
-                created: done.created,
-            },
-            Err(e) => Phase::Failed {
-                reason: e.to_string(),
-                code_sent,
-            },
-        };
-        let settled = FlowClaim {
-            code: mine.code,
-            by: mine.by,
-            phase,
-        };
+        let settled = mine.settled(&outcome, code_sent);
         if let Err(e) = engine.store.settle_flow(&key, &settled.encode(), ttl).await {
             // The outcome stands; a duplicate callback waiting for it times out instead.
             tracing::warn!(installation = %installation, error = %e, "the outcome of an authorization could not be written to its flow claim");
         }
         outcome
-    }
-
-    /// A duplicate callback: the flow was claimed already. The same code gets the claimant's
-    /// outcome (waiting for it while the exchange runs); another code is refused.
-    /// After a claim the store reported as failed: it may have been stored even so (its
-    /// acknowledgement lost); then say that nothing was exchanged, so a retry of this callback
-    /// does not wait for an exchange that never ran. Anything else there (another callback's
-    /// live claim) is left alone (review N8: overwriting it told later duplicates the flow had
-    /// failed while its claimant was completing it).
-    async fn settle_own_failed_claim(&self, key: &str, mine: &FlowClaim, ttl: Duration) {
-        let store = &self.engine.store;
-        let ours = mine.encode();
-        if !matches!(store.get_flow(key).await, Ok(Some(stored)) if stored == ours) {
-            return;
-        }
-        let failed = FlowClaim {
-            code: mine.code.clone(),
-            by: mine.by.clone(),
-            phase: Phase::Failed {
-                reason: "the flow could not be claimed in the store".into(),
-                code_sent: false,
-            },
-        };
-        let _ = store.settle_flow(key, &failed.encode(), ttl).await;
-    }
-
-    async fn follow_claim(
-        &self,
-        key: &str,
-        mut current: Vec<u8>,
-        code: &str,
-        installation: &InstallationId,
-    ) -> Result<Completed, AuthorizationError> {
-        let engine = &self.engine;
-        let duplicate = |outcome: &str| AuthorizationError::DuplicateCallback {
-            installation: installation.clone(),
-            outcome: outcome.to_owned(),
-        };
-        // The claimant's exchange and account check each take at most the HTTP timeout; its
-        // store reads and writes, a few seconds more.
-        let patience = engine
-            .client
-            .consumer()
-            .http_timeout()
-            .saturating_mul(3)
-            .saturating_add(Duration::from_secs(5));
-        // Checked: an `http_timeout` near `Duration::MAX` must not panic here (review I2).
-        let now = tokio::time::Instant::now();
-        let give_up = now
-            .checked_add(patience)
-            .unwrap_or_else(|| now + Duration::from_secs(24 * 3600));
-        loop {
-            let claim = FlowClaim::decode(&current).filter(|c| {
-                // Constant-time enough: both are fixed-length hex fingerprints.
-                c.code.len() == code.len()
-                    && c.code
-                        .bytes()
-                        .zip(code.bytes())
-                        .fold(0u8, |a, (x, y)| a | (x ^ y))
-                        == 0
-            });
-            let Some(claim) = claim else {
-                return Err(AuthorizationError::AlreadyUsed {
-                    installation: installation.clone(),
-                });
-            };
-            match claim.phase {
-                Phase::Completed { created } => {
-                    return Ok(Completed {
-                        installation: installation.clone(),
-                        created,
-                        replayed: true,
-                        account: None,
-                        id_token: None,
-                        warnings: Vec::new(),
-                    });
-                }
-                Phase::Failed {
-                    reason,
-                    code_sent: false,
-                } => {
-                    return Err(duplicate(&format!(
-                        "failed before the code was sent to the provider ({reason})"
-                    )));
-                }
-                Phase::Failed { reason, .. } => {
-                    return Err(duplicate(&format!("failed; the code is spent ({reason})")));
-                }
-                Phase::Exchanging => {}
-            }
-            if tokio::time::Instant::now() >= give_up {
-                return Err(duplicate(
-                    "did not finish in time (it may have stopped; the code may be spent)",
-                ));
-            }
-            tokio::time::sleep(claim::POLL_INTERVAL).await;
-            current = match engine.store.get_flow(key).await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => return Err(duplicate("expired without an outcome")),
-                Err(source) => {
-                    return Err(AuthorizationError::Store {
-                        installation: installation.clone(),
-                        source,
-                    });
-                }
-            };
-        }
-    }
-
-    /// The claimant's part: exchange the code, read the account, record the grant.
-    /// `code_sent` becomes true once the code went to the provider.
-    async fn exchange_and_record(
-        &self,
-        code: &AuthorizationCode,
-        verified: &VerifiedState,
-        code_sent: &mut bool,
-    ) -> Result<(Completed, Option<Record>), AuthorizationError> {
-        let engine = &self.engine;
-        let installation = &verified.installation;
-        let store_err = |source| AuthorizationError::Store {
-            installation: installation.clone(),
-            source,
-        };
-        // What can be refused without the provider is refused before the code is spent.
-        let before = engine.store.get(installation).await.map_err(store_err)?;
-        if verified.purpose == Purpose::Reauthorize
-            && let Some(what) = superseded(verified.expect, before.as_ref())
-        {
-            return Err(AuthorizationError::Superseded {
-                installation: installation.clone(),
-                what,
-            });
-        }
-        if let Some(existing) = &before {
-            if verified.purpose == Purpose::Install {
-                return Err(AuthorizationError::AlreadyInstalled {
-                    installation: installation.clone(),
-                });
-            }
-            if existing.consumer() != engine.consumer {
-                return Err(AuthorizationError::ForeignConsumer {
-                    installation: installation.clone(),
-                    owner: existing.consumer().to_owned(),
-                });
-            }
-        }
-        *code_sent = true;
-        let exchanged = engine
-            .client
-            .exchange_code(code, verified.pkce_verifier.as_deref())
-            .await
-            .map_err(|source| AuthorizationError::Exchange {
-                installation: installation.clone(),
-                source,
-            })?;
-        // A grant that is not stored is not revoked either: at providers that revoke per user
-        // and client, that would end the account's other grants (a sibling installation, or
-        // this one's stored tokens).
-        let account = engine
-            .client
-            .account_of(&exchanged)
-            .await
-            .map_err(|reason| AuthorizationError::Identity {
-                installation: installation.clone(),
-                reason,
-            })?;
-        let unverified = before
-            .as_ref()
-            .is_some_and(|r| r.account().is_none() && account.is_some());
-        let grant = Grant {
-            installation: installation.clone(),
-            tokens: exchanged.tokens,
-            id_token: exchanged.id_token,
-        };
-        let (created, written) = self
-            .store_grant(before, &grant, account.clone(), verified)
-            .await?;
-        let tokens = written.tokens();
-        let mut warnings = Vec::new();
-        if engine.client.consumer().profile().expects_refresh_token
-            && tokens.refresh_token.is_none()
-            && tokens.expires()
-        {
-            tracing::warn!(installation = %grant.installation, "the provider issued no refresh token; the installation needs a new authorization once its access token expires");
-            warnings.push(AuthorizationWarning::NoRefreshToken {
-                installation: grant.installation.clone(),
-                expires_at: tokens.expires_at,
-            });
-        }
-        // A reply that states its scopes is compared with the request (no statement: no word).
-        let missing: Vec<String> = engine
-            .client
-            .consumer()
-            .scopes()
-            .iter()
-            .filter(|s| !tokens.scopes.is_empty() && !tokens.scopes.contains(s))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            warnings.push(AuthorizationWarning::ScopesNotGranted {
-                installation: grant.installation.clone(),
-                missing,
-            });
-        }
-        if let (true, Some(account)) = (unverified, &account) {
-            warnings.push(AuthorizationWarning::AccountNotVerified {
-                installation: grant.installation.clone(),
-                account: account.clone(),
-            });
-        }
-        let done = Completed {
-            installation: grant.installation,
-            created,
-            replayed: false,
-            account,
-            id_token: grant.id_token,
-            warnings,
-        };
-        Ok((done, Some(written)))
-    }
-
-    /// Records a grant: a new record, or the `Authorized` transition over an existing one
-    /// (compare-and-swap, retried on conflicts: a new grant wins over anything in flight), if
-    /// the existing one belongs to the same provider account. Returns whether a new
-    /// installation was created, and the record written.
-    async fn store_grant(
-        &self,
-        mut current: Option<Record>,
-        grant: &Grant,
-        account: Option<String>,
-        verified: &VerifiedState,
-    ) -> Result<(bool, Record), AuthorizationError> {
-        let engine = &self.engine;
-        let purpose = verified.purpose;
-        let store_err = |source| AuthorizationError::Store {
-            installation: grant.installation.clone(),
-            source,
-        };
-        loop {
-            // Each attempt sees the record as stored now: a revocation or another flow's
-            // grant that raced this one is not undone (review N3).
-            if purpose == Purpose::Reauthorize
-                && let Some(what) = superseded(verified.expect, current.as_ref())
-            {
-                return Err(AuthorizationError::Superseded {
-                    installation: grant.installation.clone(),
-                    what,
-                });
-            }
-            let now = engine.clock.now();
-            let refresh_at = engine.policy.refresh_at(&grant.tokens, now);
-            let Some(existing) = current else {
-                let record = Record::new(
-                    grant.installation.clone(),
-                    consumer_name(&engine.client),
-                    grant.tokens.clone(),
-                    refresh_at,
-                    now,
-                )
-                .with_account(account.clone());
-                // The code is spent: retry a store hiccup once before giving up on the tokens.
-                let mut outcome = engine.store.create(&record).await;
-                if matches!(outcome, Err(StoreError::Unavailable { .. })) {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    outcome = engine.store.create(&record).await;
-                }
-                // A create retried after `Unavailable` may find the row its first try wrote.
-                let ours = match &outcome {
-                    Err(
-                        e @ (StoreError::AlreadyExists { .. } | StoreError::Unavailable { .. }),
-                    ) => crate::manager::flight::retry::applied(engine, &record, e).await,
-                    _ => false,
-                };
-                return match outcome {
-                    Ok(()) => Ok((true, record)),
-                    _ if ours => Ok((true, record)),
-                    Err(StoreError::AlreadyExists { .. }) if purpose == Purpose::Install => {
-                        Err(AuthorizationError::AlreadyInstalled {
-                            installation: grant.installation.clone(),
-                        })
-                    }
-                    Err(StoreError::AlreadyExists { .. }) => {
-                        current = engine
-                            .store
-                            .get(&grant.installation)
-                            .await
-                            .map_err(store_err)?;
-                        continue;
-                    }
-                    Err(e) => Err(store_err(e)),
-                };
-            };
-            if existing.consumer() != engine.consumer {
-                return Err(AuthorizationError::ForeignConsumer {
-                    installation: grant.installation.clone(),
-                    owner: existing.consumer().to_owned(),
-                });
-            }
-            // A record without an account (imported, or older than the check) takes the new
-            // grant's; one with an account takes only a grant of the same account.
-            if let (Some(stored), Some(new)) = (existing.account(), account.as_deref())
-                && stored != new
-            {
-                return Err(AuthorizationError::DifferentAccount {
-                    installation: grant.installation.clone(),
-                });
-            }
-            let event = Event::Authorized {
-                tokens: grant.tokens.clone(),
-                refresh_at,
-                account: account
-                    .clone()
-                    .or_else(|| existing.account().map(str::to_owned)),
-            };
-            let next = existing
-                .apply(event, now)
-                .map_err(AuthorizationError::Refused)?;
-            match engine
-                .store
-                .compare_and_swap(&next, existing.version())
-                .await
-            {
-                Ok(CasOutcome::Swapped) => return Ok((false, next)),
-                // Our own write, applied by an attempt whose reply was lost and resent (a
-                // Redis Cluster retry): the grant is stored, not superseded by "another flow".
-                Ok(CasOutcome::Conflict(stored))
-                    if crate::manager::flight::retry::is_own_write(&stored, &next) =>
-                {
-                    return Ok((false, next));
-                }
-                Ok(CasOutcome::Conflict(stored)) => current = Some(*stored),
-                Ok(CasOutcome::Missing) => current = None,
-                // Applied, its acknowledgement lost: the grant is stored.
-                Err(e) if crate::manager::flight::retry::applied(engine, &next, &e).await => {
-                    return Ok((false, next));
-                }
-                Err(e) => return Err(store_err(e)),
-            }
-        }
     }
 
     /// Adopts a token pair obtained elsewhere (migrating existing installations), without a
