@@ -79,44 +79,65 @@ async fn main() -> Fallible<()> {
 
 async fn run(dir: &std::path::Path) -> Fallible<()> {
     println!("tokenkeeper quickstart: one Bitbucket consumer, installed three times\n");
-    let mock = MockProvider::builder()
-        .profile(MockProfile::Bitbucket)
-        .start()
-        .await?;
-    let url = |s: String| reqwest::Url::parse(&s);
-    let profile = profiles::bitbucket()
-        .with_endpoints(
-            url(mock.authorize_url())?,
-            url(mock.token_url())?,
-            Some(url(mock.revoke_url())?),
-        )
-        .with_identity_endpoint(url(mock.resource_url())?);
-    let consumer = ConsumerConfig::builder(profile)
-        .client_id(DEFAULT_CLIENT_ID)
-        .client_secret(DEFAULT_CLIENT_SECRET)
-        .redirect_uri("http://127.0.0.1/callback")
-        // One process here; a fleet loads one shared key: StateKey::from_base64(1, &secret).
-        .state_key(tokenkeeper::StateKey::generate(1)?)
-        .build()?;
-    let store = SqliteStore::open(dir.join("tokens.db")).await?;
-    let clock = ManualClock::new(SystemClock.now());
-    let manager = TokenManager::builder(consumer, store)
-        .clock(clock.clone())
-        .build()?;
-    let world = World {
-        mock,
-        clock,
-        manager,
-    };
+    let world = World::start(dir).await?;
+    let ids = install_three_times(&world).await?;
+    expire_then_call_concurrently(&world, &ids).await?;
+    refresh_transparently(&world, &ids).await?;
+    refresh_one_leaving_the_others_valid(&world, &ids).await?;
+    change_scopes_requiring_reauthorization(&world, &ids).await?;
+    // A graceful stop: every refresh in flight records its result before the process exits.
+    world.manager.shutdown().await;
     println!(
-        "  mock provider (Bitbucket, rotating refresh tokens) at {}",
-        world.mock.base_url()
+        "\nDone: every installation's lifecycle was explicit, concurrency-safe and explained."
     );
-    println!(
-        "  token store: SQLite file {}\n",
-        dir.join("tokens.db").display()
-    );
+    Ok(())
+}
 
+impl World {
+    /// Starts the mock provider and a manager over a SQLite file in `dir`.
+    async fn start(dir: &std::path::Path) -> Fallible<World> {
+        let mock = MockProvider::builder()
+            .profile(MockProfile::Bitbucket)
+            .start()
+            .await?;
+        let url = |s: String| reqwest::Url::parse(&s);
+        let profile = profiles::bitbucket()
+            .with_endpoints(
+                url(mock.authorize_url())?,
+                url(mock.token_url())?,
+                Some(url(mock.revoke_url())?),
+            )
+            .with_identity_endpoint(url(mock.resource_url())?);
+        let consumer = ConsumerConfig::builder(profile)
+            .client_id(DEFAULT_CLIENT_ID)
+            .client_secret(DEFAULT_CLIENT_SECRET)
+            .redirect_uri("http://127.0.0.1/callback")
+            // One process here; a fleet loads one shared key: StateKey::from_base64(1, &secret).
+            .state_key(tokenkeeper::StateKey::generate(1)?)
+            .build()?;
+        let store = SqliteStore::open(dir.join("tokens.db")).await?;
+        let clock = ManualClock::new(SystemClock.now());
+        let manager = TokenManager::builder(consumer, store)
+            .clock(clock.clone())
+            .build()?;
+        println!(
+            "  mock provider (Bitbucket, rotating refresh tokens) at {}",
+            mock.base_url()
+        );
+        println!(
+            "  token store: SQLite file {}\n",
+            dir.join("tokens.db").display()
+        );
+        Ok(World {
+            mock,
+            clock,
+            manager,
+        })
+    }
+}
+
+/// Step 1: three installations, each with its own token pair.
+async fn install_three_times(world: &World) -> Fallible<Vec<InstallationId>> {
     println!("1. The consumer is installed three times in the same account:");
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -124,11 +145,16 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
         println!("   installation {id}: its own access/refresh token pair");
         ids.push(id);
     }
+    Ok(ids)
+}
 
+/// Step 2: after the access tokens expire, 300 concurrent calls cause one refresh per
+/// installation.
+async fn expire_then_call_concurrently(world: &World, ids: &[InstallationId]) -> Fallible<()> {
     println!("\n2. Two hours pass (access tokens expire), then 300 concurrent access_token calls:");
     world.pass(2);
     let mut calls = tokio::task::JoinSet::new();
-    for id in &ids {
+    for id in ids {
         for _ in 0..100 {
             let (m, id) = (world.manager.clone(), id.clone());
             calls.spawn(async move { m.access_token(&id).await });
@@ -143,12 +169,16 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
         "   {ok} calls answered; refreshes at the provider: {} (one per installation)",
         world.refreshes()
     );
+    Ok(())
+}
 
+/// Step 3: later refreshes happen inside `access_token`, the rotated refresh token stored.
+async fn refresh_transparently(world: &World, ids: &[InstallationId]) -> Fallible<()> {
     println!(
         "\n3. Two more hours pass: tokens refresh transparently, rotated refresh tokens are persisted first:"
     );
     world.pass(2);
-    for id in &ids {
+    for id in ids {
         let before = world.manager.store().get(id).await?.ok_or("missing")?;
         world.manager.access_token(id).await?;
         let after = world.manager.store().get(id).await?.ok_or("missing")?;
@@ -160,13 +190,28 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
         );
     }
     println!("   refreshes at the provider so far: {}", world.refreshes());
+    Ok(())
+}
 
+/// Step 4: each installation's grant is its own token family.
+async fn refresh_one_leaving_the_others_valid(
+    world: &World,
+    ids: &[InstallationId],
+) -> Fallible<()> {
     println!("\n4. Refreshing one installation leaves the other two valid:");
     world.manager.force_refresh(&ids[0]).await?;
     for id in &ids[1..] {
         println!("   {id}: API answers {}", world.api_status(id).await?);
     }
+    Ok(())
+}
 
+/// Step 5: a scope change revokes every token; the next call asks for a new authorization,
+/// and `explain` says why.
+async fn change_scopes_requiring_reauthorization(
+    world: &World,
+    ids: &[InstallationId],
+) -> Fallible<()> {
     println!(
         "\n5. The consumer's scopes change at the provider (this revokes every token it issued):"
     );
@@ -184,10 +229,5 @@ async fn run(dir: &std::path::Path) -> Fallible<()> {
     for line in world.manager.explain(&ids[1]).await?.to_string().lines() {
         println!("   {line}");
     }
-    // A graceful stop: every refresh in flight records its result before the process exits.
-    world.manager.shutdown().await;
-    println!(
-        "\nDone: every installation's lifecycle was explicit, concurrency-safe and explained."
-    );
     Ok(())
 }
