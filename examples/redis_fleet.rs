@@ -84,6 +84,17 @@ async fn main() -> Fallible<()> {
         .start()
         .await?;
     let admin = manager(&redis, &prefix, &mock.base_url()).await?;
+    authorize_all(&admin, &mock).await?;
+    println!(
+        "{INSTALLATIONS} installations in Redis (prefix {prefix}); starting {WORKERS} worker processes for {RUN_FOR:?}"
+    );
+    run_workers(&redis, &prefix, &mock.base_url())?;
+    check_no_retired_token_was_used(&mock)?;
+    delete_all(&admin).await
+}
+
+/// Authorizes every installation (the user's approval is automatic at the mock).
+async fn authorize_all(admin: &TokenManager, mock: &MockProvider) -> Fallible<()> {
     for id in ids() {
         let begun = admin.begin_authorization(Some(id))?;
         let q: std::collections::HashMap<_, _> = begun.url.query_pairs().into_owned().collect();
@@ -101,15 +112,17 @@ async fn main() -> Fallible<()> {
             )
             .await?;
     }
-    println!(
-        "{INSTALLATIONS} installations in Redis (prefix {prefix}); starting {WORKERS} worker processes for {RUN_FOR:?}"
-    );
+    Ok(())
+}
+
+/// Runs the worker processes (this program, re-invoked) and waits for each to succeed.
+fn run_workers(redis: &str, prefix: &str, mock_base: &str) -> Fallible<()> {
     let me = std::env::current_exe()?;
     let mut children = Vec::new();
     for _ in 0..WORKERS {
         children.push(
             Command::new(&me)
-                .args(["--worker", &redis, &prefix, &mock.base_url()])
+                .args(["--worker", redis, prefix, mock_base])
                 .stdout(Stdio::inherit())
                 .spawn()?,
         );
@@ -119,6 +132,12 @@ async fn main() -> Fallible<()> {
             return Err("a worker failed".into());
         }
     }
+    Ok(())
+}
+
+/// Prints the provider's counters, and fails if any refresh reused a retired token or was
+/// rejected.
+fn check_no_retired_token_was_used(mock: &MockProvider) -> Fallible<()> {
     let c = mock.counters();
     let per_installation: Vec<u64> = c.grants.values().map(|g| g.refreshes).collect();
     println!(
@@ -132,6 +151,11 @@ async fn main() -> Fallible<()> {
     if c.totals.reuse_detections != 0 || c.totals.rejected_refreshes != 0 {
         return Err("a retired refresh token was used".into());
     }
+    Ok(())
+}
+
+/// Removes the example's installations from Redis.
+async fn delete_all(admin: &TokenManager) -> Fallible<()> {
     for id in ids() {
         admin
             .store()
