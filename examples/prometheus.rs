@@ -273,6 +273,31 @@ async fn run(dir: &Path, url: &str, self_test: bool, csv: Option<&Path>) -> Fall
     }
     let http = reqwest::Client::new();
     let started = Instant::now();
+    let mut samples = scrape_through_the_script(&fleet, &http, url, started).await?;
+    fleet.stop.store(true, Ordering::Relaxed);
+    while callers.join_next().await.is_some() {}
+    refresher.shutdown().await;
+    fleet.manager.shutdown().await;
+    // One more sweep's worth of counting happened before the shutdown; read the final state.
+    let text = http.get(url).send().await?.text().await?;
+    let last = sample(&text, started.elapsed().as_secs_f64());
+    samples.push(last.clone());
+    if let Some(csv) = csv {
+        write_csv(csv, &samples)?;
+    }
+    check(&fleet, &text, &last)?;
+    report(&fleet, &text, &last, samples.len());
+    Ok(())
+}
+
+/// Scrapes `url` every half second for 20 s while the script plays: grants revoked at 6 s,
+/// a burst of 503s from the token endpoint from 11 s to 14 s.
+async fn scrape_through_the_script(
+    fleet: &Fleet,
+    http: &reqwest::Client,
+    url: &str,
+    started: Instant,
+) -> Fallible<Vec<Sample>> {
     let mut samples = Vec::new();
     let (mut revoked, mut faulty, mut healed) = (false, false, false);
     while started.elapsed() < Duration::from_secs(20) {
@@ -306,30 +331,23 @@ async fn run(dir: &Path, url: &str, self_test: bool, csv: Option<&Path>) -> Fall
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    fleet.stop.store(true, Ordering::Relaxed);
-    while callers.join_next().await.is_some() {}
-    refresher.shutdown().await;
-    fleet.manager.shutdown().await;
-    // One more sweep's worth of counting happened before the shutdown; read the final state.
-    let text = http.get(url).send().await?.text().await?;
-    let last = sample(&text, started.elapsed().as_secs_f64());
-    samples.push(last.clone());
-    if let Some(csv) = csv {
-        write_csv(csv, &samples)?;
-    }
-    check(&fleet, &text, &last)?;
+    Ok(samples)
+}
+
+/// The self-test's one-line summary.
+fn report(fleet: &Fleet, text: &str, last: &Sample, scrapes: usize) {
     let rate = last.refreshed / last.at;
     println!(
         "prometheus self-test: {} scrapes; {} refreshes ({rate:.1}/s) and {} refused match the mock provider; {} failed transiently during the 503 burst; {} cache hits + {} misses = {} calls; installations by state add up to {INSTALLATIONS}",
-        samples.len(),
+        scrapes,
         last.refreshed,
         sum(
-            &text,
+            text,
             "tokenkeeper_refreshes_total",
             &[("class", "refresh_token_rejected")]
         ),
         sum(
-            &text,
+            text,
             "tokenkeeper_refreshes_total",
             &[("class", "transient")]
         ),
@@ -337,7 +355,6 @@ async fn run(dir: &Path, url: &str, self_test: bool, csv: Option<&Path>) -> Fall
         last.misses,
         fleet.calls.load(Ordering::Relaxed),
     );
-    Ok(())
 }
 
 /// The scraped counters against the mock provider's and the callers' own counts.
