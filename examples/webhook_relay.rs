@@ -426,9 +426,39 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
 
     // Everything the store holds must arrive.
     let (stored, _) = all_events(&*store).await?;
-    // Re-sent events count twice in `accepted`: wait for every distinct one.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let missing = loop {
+    let missing = wait_for_every_event(&seen, &stored, Duration::from_secs(60)).await;
+    relay.kill()?;
+    relay.wait()?;
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} stored events never arrived (first: {:?})",
+            missing.len(),
+            missing.first()
+        )
+        .into());
+    }
+    let (duplicates, retried, installations) = check_deliveries(&seen.lock().unwrap(), &stored)?;
+    replays_are_refused(&hook, secret.as_bytes(), &seen).await?;
+    unsafe_settings_are_refused()?;
+    println!(
+        "webhook_relay self-test: {} events of {} installations delivered in order per installation across a SIGKILL after {before_kill} and a restart; {duplicates} re-sent at least once, {retried} attempts retried after a 503, every signature verified; a re-timestamped replay refused, a repeat acknowledged and not acted on twice, a replay past {}s refused",
+        stored.len(),
+        installations,
+        TOLERANCE.as_secs(),
+    );
+    Ok(())
+}
+
+/// Waits up to `within` for every one of the `stored` events to arrive, and returns the
+/// delivery ids of those that did not. Re-sent events count twice in `accepted`: this waits
+/// for every distinct one.
+async fn wait_for_every_event(
+    seen: &Arc<Mutex<Received>>,
+    stored: &[LifecycleEvent],
+    within: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
         let got: HashSet<String> = seen
             .lock()
             .unwrap()
@@ -442,73 +472,57 @@ async fn run_self_test(dir: &Path) -> Fallible<()> {
             .filter(|c| !got.contains(c))
             .collect();
         if missing.is_empty() || Instant::now() > deadline {
-            break missing;
+            return missing;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    relay.kill()?;
-    relay.wait()?;
-    if !missing.is_empty() {
+    }
+}
+
+/// Checks what the endpoint received against the `stored` events: every delivery id is the
+/// event's own, first deliveries follow the store's versions exactly per installation, every
+/// signature verified and some attempts were retried after a 503. Returns how many deliveries
+/// were repeats, how many attempts were retried, and how many installations there were.
+fn check_deliveries(seen: &Received, stored: &[LifecycleEvent]) -> Fallible<(usize, u64, usize)> {
+    // In order per installation: first deliveries follow the store's versions exactly.
+    let mut first = HashSet::new();
+    let mut per_installation: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (delivery, event) in &seen.accepted {
+        if event.delivery_id() != *delivery {
+            return Err(format!("delivery id {delivery} differs from the event's own").into());
+        }
+        if first.insert(delivery.clone()) {
+            per_installation
+                .entry(event.installation.to_string())
+                .or_default()
+                .push(event.version);
+        }
+    }
+    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in stored {
+        expected
+            .entry(e.installation.to_string())
+            .or_default()
+            .push(e.version);
+    }
+    if per_installation != expected {
+        return Err("an installation's events arrived out of order or incomplete".into());
+    }
+    if seen.bad_signatures > 0 || seen.refused_503 == 0 {
         return Err(format!(
-            "{} stored events never arrived (first: {:?})",
-            missing.len(),
-            missing.first()
+            "{} bad signatures, {} retried attempts",
+            seen.bad_signatures, seen.refused_503
         )
         .into());
     }
-    let shared = seen.clone();
-    let (duplicates, retried, installations) = {
-        let seen = seen.lock().unwrap();
-        // In order per installation: first deliveries follow the store's versions exactly.
-        let mut first = HashSet::new();
-        let mut per_installation: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for (delivery, event) in &seen.accepted {
-            if event.delivery_id() != *delivery {
-                return Err(format!("delivery id {delivery} differs from the event's own").into());
-            }
-            if first.insert(delivery.clone()) {
-                per_installation
-                    .entry(event.installation.to_string())
-                    .or_default()
-                    .push(event.version);
-            }
-        }
-        let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for e in &stored {
-            expected
-                .entry(e.installation.to_string())
-                .or_default()
-                .push(e.version);
-        }
-        if per_installation != expected {
-            return Err("an installation's events arrived out of order or incomplete".into());
-        }
-        if seen.bad_signatures > 0 || seen.refused_503 == 0 {
-            return Err(format!(
-                "{} bad signatures, {} retried attempts",
-                seen.bad_signatures, seen.refused_503
-            )
-            .into());
-        }
-        (
-            seen.accepted.len() - first.len(),
-            seen.refused_503,
-            expected.len(),
-        )
-    };
-    replays_are_refused(&hook, secret.as_bytes(), &shared).await?;
-    println!(
-        "webhook_relay self-test: {} events of {} installations delivered in order per installation across a SIGKILL after {before_kill} and a restart; {duplicates} re-sent at least once, {retried} attempts retried after a 503, every signature verified; a re-timestamped replay refused, a repeat acknowledged and not acted on twice, a replay past {}s refused",
-        stored.len(),
-        installations,
-        TOLERANCE.as_secs(),
-    );
-    Ok(())
+    Ok((
+        seen.accepted.len() - first.len(),
+        seen.refused_503,
+        expected.len(),
+    ))
 }
 
 /// A captured delivery replayed: with a new timestamp (the signature no longer matches), as
 /// is (acknowledged, nothing acted on again), and judged later than the window (refused).
-/// Also the relay's own refusals: a short secret, a remote plain-http endpoint.
 async fn replays_are_refused(
     hook: &str,
     secret: &[u8],
@@ -545,7 +559,7 @@ async fn replays_are_refused(
     let after = seen.lock().unwrap().acted.len();
     let late = unix_now() + TOLERANCE.as_secs() + 1;
     let signed = (timestamp.as_str(), delivery.as_str());
-    let checks = [
+    first_failure(&[
         (
             forged.status() == 401,
             "a re-timestamped replay was accepted",
@@ -567,6 +581,12 @@ async fn replays_are_refused(
             !verify(secret, signed, &body, &sig, late),
             "a replay past the window verifies",
         ),
+    ])
+}
+
+/// The relay's own refusals: a short secret, a remote plain-http endpoint.
+fn unsafe_settings_are_refused() -> Fallible<()> {
+    first_failure(&[
         (
             checked_secret("short".into()).is_err(),
             "a short secret was accepted",
@@ -579,7 +599,11 @@ async fn replays_are_refused(
             checked_endpoint("https://hooks.example/tk").is_ok(),
             "https refused",
         ),
-    ];
+    ])
+}
+
+/// The first failed check's message as the error, if any check failed.
+fn first_failure(checks: &[(bool, &str)]) -> Fallible<()> {
     match checks.iter().find(|(ok, _)| !ok) {
         Some((_, why)) => Err((*why).into()),
         None => Ok(()),
