@@ -172,15 +172,21 @@ impl RefreshPolicy {
     /// waits and jitter must be in range; keep-alive must come before the refresh token's
     /// inactivity expiry.
     pub fn validate(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
-        let out_of_range = |field, reason: String| Err(ConfigError::OutOfRange { field, reason });
+        self.validate_lease(consumer)?;
+        self.validate_retries(consumer)?;
+        self.validate_bounds()
+    }
+
+    /// The lease outlasts its token request, covers clock skew, and callers wait it out.
+    fn validate_lease(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
         if self.lease_margin.is_zero() {
-            return out_of_range(
+            return out_of_range_err(
                 "lease_margin",
                 "must be positive: it covers clock skew between machines".into(),
             );
         }
         if self.lease_ttl < request_bound(consumer) + TRANSIT + HEADROOM {
-            return out_of_range(
+            return out_of_range_err(
                 "lease_ttl",
                 format!(
                     "{:?} must exceed the HTTP timeout ({:?}) plus the 250 ms reply grace by at least {:?}; otherwise a token request could outlive its lease and race another process, or never find time to be sent",
@@ -191,7 +197,7 @@ impl RefreshPolicy {
             );
         }
         if self.peer_wait < self.lease_ttl + HEADROOM {
-            return out_of_range(
+            return out_of_range_err(
                 "peer_wait",
                 format!(
                     "{:?} is not at least a second longer than the lease TTL ({:?}): callers would give up (Busy) before they have watched a dead holder's lease fall silent and could take it over",
@@ -199,15 +205,20 @@ impl RefreshPolicy {
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// Backoff, the failure budget, keep-alive and the waits are in range.
+    fn validate_retries(&self, consumer: &ConsumerConfig) -> Result<(), ConfigError> {
         if self.failure_budget_attempts == 0 {
-            return out_of_range("failure_budget_attempts", "must be at least 1".into());
+            return out_of_range_err("failure_budget_attempts", "must be at least 1".into());
         }
         if let (Some(keep_alive), Some(expiry)) = (
             self.keep_alive,
             consumer.profile().refresh_inactivity_expiry,
         ) && keep_alive >= expiry
         {
-            return out_of_range(
+            return out_of_range_err(
                 "keep_alive",
                 format!(
                     "{keep_alive:?} is not before the refresh token's inactivity expiry ({expiry:?}): idle installations would expire before being kept alive"
@@ -233,23 +244,28 @@ impl RefreshPolicy {
                     .into(),
             });
         }
+        Ok(())
+    }
+
+    /// The guard, the rotation bound, the cache and the jitter are in range.
+    fn validate_bounds(&self) -> Result<(), ConfigError> {
         if let Some(guard) = &self.mass_rejection
             && (guard.threshold == 0 || guard.window.is_zero() || guard.hold.is_zero())
         {
-            return out_of_range(
+            return out_of_range_err(
                 "mass_rejection",
                 "threshold, window and hold must all be positive (or turn the guard off with None)"
                     .into(),
             );
         }
         if self.max_rotations_in_flight == Some(0) {
-            return out_of_range(
+            return out_of_range_err(
                 "max_rotations_in_flight",
                 "must be at least 1 (None lifts the bound)".into(),
             );
         }
         if self.cache_capacity == 0 {
-            return out_of_range(
+            return out_of_range_err(
                 "cache_capacity",
                 "must be at least 1 (use cache_revalidate = 0 to read the store on every call)"
                     .into(),
@@ -345,6 +361,11 @@ impl RefreshPolicy {
                 && now.duration_since(s.first_at) >= self.failure_budget
         })
     }
+}
+
+/// A validation failure of `field`.
+fn out_of_range_err(field: &'static str, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::OutOfRange { field, reason })
 }
 
 #[cfg(test)]
