@@ -368,96 +368,17 @@ impl OAuthClient {
         operation: Operation,
         installation: Option<&InstallationId>,
         url: reqwest::Url,
-        mut params: Vec<(&'static str, String)>,
+        params: Vec<(&'static str, String)>,
     ) -> Result<(RawResponse, tokenkeeper_core::Timestamp), OAuthError> {
-        let consumer = &self.inner.consumer;
-        let profile = consumer.profile();
-        let mut request = self
-            .inner
-            .token_http
-            .post(url)
-            .header(ACCEPT, "application/json");
-        match profile.client_auth {
-            ClientAuth::Basic => {
-                request = request.basic_auth(
-                    consumer.client_id(),
-                    Some(consumer.client_secret().expose()),
-                );
-            }
-            ClientAuth::RequestBody => {
-                params.push(("client_id", consumer.client_id().to_owned()));
-                params.push((
-                    "client_secret",
-                    consumer.client_secret().expose().to_owned(),
-                ));
-            }
-        }
-        request = match profile.body_encoding {
-            BodyEncoding::Form => request.form(&params),
-            BodyEncoding::Json => {
-                let map: serde_json::Map<String, serde_json::Value> = params
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-                    .collect();
-                request.json(&map)
-            }
-        };
-        // reqwest errors name the URL (dropped), never the body or headers that hold secrets.
-        let transport =
-            |e: reqwest::Error| OAuthError::transport(operation, e).for_installation(installation);
+        let request = self.build_request(url, params);
         let sent_at = self.inner.clock.now();
         // The deadline that keeps a token request inside the lease it runs under. It is ours,
         // not reqwest's, so that a reply already received is never thrown away: a process
         // frozen past the deadline (SIGSTOP, a VM pause, CPU starvation) wakes with the
         // reply in its socket and the timer expired at once, so the read gets a short grace
         // before the timer's verdict counts. Throwing that reply away would lose a rotation.
-        let deadline = consumer.http_timeout();
-        let read = async {
-            if let Some(simulated) = &self.inner.transport {
-                let built = request.build().map_err(transport)?;
-                let reply = simulated.send(built).await.map_err(|f| {
-                    OAuthError::transport_failure(operation, f.reached_provider)
-                        .for_installation(installation)
-                })?;
-                let limit = consumer.max_response_bytes();
-                if reply.body.len() > limit {
-                    return Err(OAuthError::too_large(operation, reply.status, limit)
-                        .for_installation(installation));
-                }
-                return Ok((reply.status, reply.retry_after, reply.body));
-            }
-            let mut response = request.send().await.map_err(transport)?;
-            let status = response.status().as_u16();
-            // An HTTP date is read against this client's clock, like every other time here.
-            let now = self
-                .inner
-                .clock
-                .now()
-                .to_system_time()
-                .unwrap_or_else(SystemTime::now);
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, now));
-            let limit = consumer.max_response_bytes();
-            let too_large =
-                || OAuthError::too_large(operation, status, limit).for_installation(installation);
-            if response
-                .content_length()
-                .is_some_and(|len| len > limit as u64)
-            {
-                return Err(too_large());
-            }
-            let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok((status, retry_after, body))
-        };
+        let deadline = self.inner.consumer.http_timeout();
+        let read = self.read_reply(request, operation, installation);
         tokio::pin!(read);
         let outcome = match tokio::time::timeout(deadline, &mut read).await {
             Ok(outcome) => outcome,
@@ -467,14 +388,107 @@ impl OAuthClient {
                     OAuthError::deadline(operation, deadline).for_installation(installation)
                 })?,
         };
-        let (status, retry_after, body) = outcome?;
-        Ok((
-            RawResponse {
-                status,
-                retry_after,
-                body,
-            },
-            sent_at,
-        ))
+        Ok((outcome?, sent_at))
+    }
+
+    /// The token endpoint request: the client's authentication (HTTP Basic or in the body)
+    /// and the parameters, form-encoded or as JSON as the profile says.
+    fn build_request(
+        &self,
+        url: reqwest::Url,
+        mut params: Vec<(&'static str, String)>,
+    ) -> reqwest::RequestBuilder {
+        let consumer = &self.inner.consumer;
+        let profile = consumer.profile();
+        let mut request = self
+            .inner
+            .token_http
+            .post(url)
+            .header(ACCEPT, "application/json");
+        match profile.client_auth {
+            ClientAuth::Basic => {
+                let secret = Some(consumer.client_secret().expose());
+                request = request.basic_auth(consumer.client_id(), secret);
+            }
+            ClientAuth::RequestBody => {
+                params.push(("client_id", consumer.client_id().to_owned()));
+                let secret = consumer.client_secret().expose().to_owned();
+                params.push(("client_secret", secret));
+            }
+        }
+        match profile.body_encoding {
+            BodyEncoding::Form => request.form(&params),
+            BodyEncoding::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = params
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                    .collect();
+                request.json(&map)
+            }
+        }
+    }
+
+    /// Sends `request` (through the simulated transport when one is set) and reads the
+    /// status, `Retry-After` and the body, refusing a body over `max_response_bytes`.
+    async fn read_reply(
+        &self,
+        request: reqwest::RequestBuilder,
+        operation: Operation,
+        installation: Option<&InstallationId>,
+    ) -> Result<RawResponse, OAuthError> {
+        // reqwest errors name the URL (dropped), never the body or headers that hold secrets.
+        let transport =
+            |e: reqwest::Error| OAuthError::transport(operation, e).for_installation(installation);
+        let limit = self.inner.consumer.max_response_bytes();
+        if let Some(simulated) = &self.inner.transport {
+            let built = request.build().map_err(transport)?;
+            let reply = simulated.send(built).await.map_err(|f| {
+                OAuthError::transport_failure(operation, f.reached_provider)
+                    .for_installation(installation)
+            })?;
+            if reply.body.len() > limit {
+                return Err(OAuthError::too_large(operation, reply.status, limit)
+                    .for_installation(installation));
+            }
+            return Ok(RawResponse {
+                status: reply.status,
+                retry_after: reply.retry_after,
+                body: reply.body,
+            });
+        }
+        let mut response = request.send().await.map_err(transport)?;
+        let status = response.status().as_u16();
+        // An HTTP date is read against this client's clock, like every other time here.
+        let now = self
+            .inner
+            .clock
+            .now()
+            .to_system_time()
+            .unwrap_or_else(SystemTime::now);
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now));
+        let too_large =
+            || OAuthError::too_large(operation, status, limit).for_installation(installation);
+        if response
+            .content_length()
+            .is_some_and(|len| len > limit as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(RawResponse {
+            status,
+            retry_after,
+            body,
+        })
     }
 }

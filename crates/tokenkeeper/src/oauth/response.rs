@@ -159,31 +159,11 @@ pub fn parse_token_response(
     sent_at: Timestamp,
     previous: Option<&TokenSet>,
 ) -> Result<TokenSet, OAuthError> {
-    let parsed: Result<Map<String, Value>, _> = serde_json::from_slice(&raw.body);
-    let success = (200..300).contains(&raw.status);
-    let map = match parsed {
-        Ok(map) => map,
-        Err(_) if success => return Err(invalid(operation, raw, "the reply is not a JSON object")),
-        Err(_) => {
-            // An error page (HTML from a proxy, plain text): class by status alone.
-            let class = match raw.status {
-                401 => FailureClass::ConsumerCredentialsInvalid,
-                _ => FailureClass::Transient,
-            };
-            return Err(OAuthError::provider(
-                operation,
-                class,
-                raw.status,
-                ProviderWords::default(),
-                raw.retry_after,
-                Some("the error reply is not JSON"),
-            ));
-        }
-    };
+    let map = json_object(operation, raw)?;
     // A 2xx reply carrying a refresh token is a rotation that happened at the provider: the
     // new refresh token exists nowhere else, so no anomaly in the rest of the reply (an extra
     // `error`, an odd `token_type`, no usable access token) may throw it away.
-    let rotated = success && str_field(&map, "refresh_token").is_some();
+    let rotated = (200..300).contains(&raw.status) && str_field(&map, "refresh_token").is_some();
     if let Some(e) = provider_error(profile, operation, raw, &map) {
         if !rotated {
             return Err(e);
@@ -191,52 +171,15 @@ pub fn parse_token_response(
         // The class only: the provider's words are logged once its echoed secrets are scrubbed.
         tracing::warn!(class = %e.class(), "the provider's success reply carries an `error` next to a new refresh token; the tokens are kept");
     }
-    if !success {
+    if !(200..300).contains(&raw.status) {
         return Err(invalid(
             operation,
             raw,
             "an error reply without an `error` field",
         ));
     }
-    let access = match str_field(&map, "access_token") {
-        Some(access) if access.is_empty() || sendable(access) => access,
-        Some(_) if rotated => {
-            tracing::warn!(
-                "the provider's reply rotated the refresh token but its access token holds characters no header can carry; the refresh token is kept and the access token counts as expired"
-            );
-            ""
-        }
-        Some(_) => {
-            return Err(invalid(
-                operation,
-                raw,
-                "the access token holds characters a bearer header cannot carry (space, control characters or non-ASCII)",
-            ));
-        }
-        None if rotated => {
-            tracing::warn!(
-                "the provider's reply rotated the refresh token but carries no access token; the refresh token is kept and the access token counts as expired"
-            );
-            ""
-        }
-        None => return Err(invalid(operation, raw, "the reply has no access_token")),
-    };
-    let token_type = str_field(&map, "token_type").unwrap_or("bearer");
-    if !token_type.eq_ignore_ascii_case("bearer") {
-        if !rotated {
-            return Err(OAuthError::invalid_response(
-                operation,
-                FailureClass::Configuration,
-                Some(raw.status),
-                raw.retry_after,
-                "the token type is not bearer",
-            ));
-        }
-        tracing::warn!(
-            token_type,
-            "the provider's reply rotated the refresh token with a non-bearer token type; the tokens are kept"
-        );
-    }
+    let access = access_token(operation, raw, &map, rotated)?;
+    let token_type = token_type(operation, raw, &map, rotated)?;
     let refresh = str_field(&map, "refresh_token").map(RefreshToken::new);
     // A token without `expires_in` and without any refresh token (none in the reply, none
     // held before) is permanent where the profile says so (GitHub OAuth apps).
@@ -275,6 +218,91 @@ pub fn parse_token_response(
         Some(p) => tokens.merged_onto(p),
         None => tokens,
     })
+}
+
+/// The reply's JSON object. A success that is not one is an invalid reply; an error page
+/// that is not one (HTML from a proxy, plain text) is classed by its status alone.
+fn json_object(operation: Operation, raw: &RawResponse) -> Result<Map<String, Value>, OAuthError> {
+    let parsed: Result<Map<String, Value>, _> = serde_json::from_slice(&raw.body);
+    match parsed {
+        Ok(map) => Ok(map),
+        Err(_) if (200..300).contains(&raw.status) => {
+            Err(invalid(operation, raw, "the reply is not a JSON object"))
+        }
+        Err(_) => {
+            let class = match raw.status {
+                401 => FailureClass::ConsumerCredentialsInvalid,
+                _ => FailureClass::Transient,
+            };
+            Err(OAuthError::provider(
+                operation,
+                class,
+                raw.status,
+                ProviderWords::default(),
+                raw.retry_after,
+                Some("the error reply is not JSON"),
+            ))
+        }
+    }
+}
+
+/// The access token a bearer header can carry. A reply that rotated the refresh token keeps
+/// it even without a usable access token (which then counts as expired: empty).
+fn access_token<'m>(
+    operation: Operation,
+    raw: &RawResponse,
+    map: &'m Map<String, Value>,
+    rotated: bool,
+) -> Result<&'m str, OAuthError> {
+    match str_field(map, "access_token") {
+        Some(access) if access.is_empty() || sendable(access) => Ok(access),
+        Some(_) if rotated => {
+            tracing::warn!(
+                "the provider's reply rotated the refresh token but its access token holds characters no header can carry; the refresh token is kept and the access token counts as expired"
+            );
+            Ok("")
+        }
+        Some(_) => Err(invalid(
+            operation,
+            raw,
+            "the access token holds characters a bearer header cannot carry (space, control characters or non-ASCII)",
+        )),
+        None if rotated => {
+            tracing::warn!(
+                "the provider's reply rotated the refresh token but carries no access token; the refresh token is kept and the access token counts as expired"
+            );
+            Ok("")
+        }
+        None => Err(invalid(operation, raw, "the reply has no access_token")),
+    }
+}
+
+/// The token type, bearer unless said otherwise; another type is refused unless the reply
+/// rotated the refresh token (then the tokens are kept).
+fn token_type<'m>(
+    operation: Operation,
+    raw: &RawResponse,
+    map: &'m Map<String, Value>,
+    rotated: bool,
+) -> Result<&'m str, OAuthError> {
+    let token_type = str_field(map, "token_type").unwrap_or("bearer");
+    if token_type.eq_ignore_ascii_case("bearer") {
+        return Ok(token_type);
+    }
+    if !rotated {
+        return Err(OAuthError::invalid_response(
+            operation,
+            FailureClass::Configuration,
+            Some(raw.status),
+            raw.retry_after,
+            "the token type is not bearer",
+        ));
+    }
+    tracing::warn!(
+        token_type,
+        "the provider's reply rotated the refresh token with a non-bearer token type; the tokens are kept"
+    );
+    Ok(token_type)
 }
 
 /// The OpenID Connect `id_token` of a successful code exchange reply, if it carries one.
