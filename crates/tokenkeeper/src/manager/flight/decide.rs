@@ -103,7 +103,10 @@ pub struct Context<'a> {
     pub lifts_holds_before: Option<Timestamp>,
 }
 
-/// Decides the next step for `record`.
+/// Decides the next step for `record`: fail for another consumer's or a terminal record;
+/// serve a token that needs no refresh; otherwise serve the still-valid token or say why not
+/// while nothing may be presented (unrenewable, backing off, breaker open, a peer's live
+/// lease, too soon since the last refresh), and else take the lease.
 pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     // Another consumer's record: its refresh token means nothing to our token endpoint (and
     // must not be sent there), so nothing is leased, refreshed or condemned.
@@ -117,14 +120,35 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
     if let Some(err) = terminal_error(record) {
         return Decision::Fail(err);
     }
-    let now = cx.now;
     let tokens = record.tokens();
+    if !refresh_needed(record, &cx) {
+        return Decision::Fresh(tokens.access_token.clone());
+    }
+    let still_valid = cx.now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
+    let held = unrenewable(record, &cx)
+        .or_else(|| backing_off(record, &cx, still_valid))
+        .or_else(|| peer_refreshing(record, &cx, still_valid))
+        .or_else(|| refreshed_too_soon(record, &cx, still_valid));
+    if let Some(decision) = held {
+        return decision;
+    }
+    Decision::TakeLease {
+        takeover: matches!(record.state(), State::Refreshing { .. }),
+        watched: None,
+        serve_valid: still_valid,
+    }
+}
+
+/// Whether the mode calls for a refresh now: on demand when the token is no longer served,
+/// proactively also when due; forced when the API refused this very token, unless it was
+/// obtained moments ago (an API that refuses fresh tokens for other reasons must not rotate
+/// on every call).
+fn refresh_needed(record: &Record, cx: &Context<'_>) -> bool {
+    let (now, tokens) = (cx.now, record.tokens());
     let usable = now < cx.stale_at;
-    let needed = match cx.mode {
+    match cx.mode {
         Mode::OnDemand => !usable,
         Mode::Proactive => !usable || record.due_at().is_some_and(|d| d <= now),
-        // The API refused this very token: refresh, unless it was obtained moments ago (an
-        // API that refuses fresh tokens for other reasons must not rotate on every call).
         Mode::Forced {
             rejected,
             unauthorized,
@@ -134,17 +158,16 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
                     && (!unauthorized
                         || now >= tokens.obtained_at.saturating_add(cx.forced_min_interval)))
         }
-    };
-    if !needed {
-        return Decision::Fresh(tokens.access_token.clone());
     }
-    let still_valid = now < tokens.expires_at && !matches!(cx.mode, Mode::Forced { .. });
-    let valid = || Decision::ServeValid(tokens.access_token.clone());
-    // Nothing can renew a token without a refresh token, or with one past its deadline:
-    // serve it until it expires (a permanent one forever), even to an explicit
-    // `force_refresh`; the flight condemns it only after that, or once the API refused it. A
-    // record due before that (written by an older version, or not yet moved) is leased once
-    // by the refresher only to move its due time to the expiry, so it stops coming due.
+}
+
+/// Nothing can renew a token without a refresh token, or with one past its deadline: serve it
+/// until it expires (a permanent one forever), even to an explicit `force_refresh`; the
+/// flight condemns it only after that, or once the API refused it. A record due before that
+/// (written by an older version, or not yet moved) is leased once by the refresher only to
+/// move its due time to the expiry, so it stops coming due.
+fn unrenewable(record: &Record, cx: &Context<'_>) -> Option<Decision> {
+    let (now, tokens) = (cx.now, record.tokens());
     let unrenewable = tokens.refresh_token.is_none()
         || cx.refresh_deadline.is_some_and(|deadline| now >= deadline);
     let refused_by_api = matches!(
@@ -154,23 +177,26 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
             ..
         }
     );
-    if unrenewable && now < tokens.expires_at && !refused_by_api {
-        let lapsed = |lease: &tokenkeeper_core::Lease| lease.until <= now;
-        let misdue = matches!(cx.mode, Mode::Proactive)
-            && match record.state() {
-                State::Active | State::Backoff { .. } => true,
-                State::Refreshing { lease } => lapsed(lease),
-                _ => false,
-            }
-            && record.due_at().is_some_and(|d| d < tokens.expires_at);
-        if !misdue {
-            return valid();
-        }
+    if !unrenewable || now >= tokens.expires_at || refused_by_api {
+        return None;
     }
+    let lapsed = |lease: &tokenkeeper_core::Lease| lease.until <= now;
+    let misdue = matches!(cx.mode, Mode::Proactive)
+        && match record.state() {
+            State::Active | State::Backoff { .. } => true,
+            State::Refreshing { lease } => lapsed(lease),
+            _ => false,
+        }
+        && record.due_at().is_some_and(|d| d < tokens.expires_at);
+    (!misdue).then(|| Decision::ServeValid(tokens.access_token.clone()))
+}
 
-    // Backing off: serve the still-valid token, otherwise say when the next try is.
-    // A mass-rejection hold ends when the provider is seen working again (a success in this
-    // process a lease span after the hold was written), not only when its backoff runs out.
+/// Backing off, or the consumer's credentials refused moments ago (the breaker): serve the
+/// still-valid token, otherwise say when the next try is. A mass-rejection hold ends when the
+/// provider is seen working again (a success in this process a lease span after the hold
+/// was written), not only when its backoff runs out.
+fn backing_off(record: &Record, cx: &Context<'_>, still_valid: bool) -> Option<Decision> {
+    let valid = || Decision::ServeValid(record.tokens().access_token.clone());
     let hold_lifted = |cause: &BackoffCause| {
         *cause == BackoffCause::MassRejection
             && record
@@ -179,62 +205,73 @@ pub fn decide(record: &Record, cx: Context<'_>) -> Decision {
                 .is_some_and(|(f, before)| before >= f.last_at)
     };
     if let State::Backoff { until, cause } = record.state()
-        && now < *until
+        && cx.now < *until
         && !hold_lifted(cause)
     {
         if still_valid {
-            return valid();
+            return Some(valid());
         }
-        return Decision::Fail(deferred_error(record.id(), *cause, *until, record));
+        return Some(Decision::Fail(deferred_error(
+            record.id(),
+            *cause,
+            *until,
+            record,
+        )));
     }
-    // The consumer's credentials were refused moments ago: fail fast, touch nothing.
-    if let Some((until, detail)) = cx.breaker {
-        if still_valid {
-            return valid();
-        }
-        let cause = match detail.class {
-            FailureClass::Configuration => BackoffCause::Configuration,
-            _ => BackoffCause::ConsumerCredentialsInvalid,
-        };
-        return Decision::Fail(backoff_error(record.id(), cause, until, detail.clone()));
+    let (until, detail) = cx.breaker?;
+    if still_valid {
+        return Some(valid());
     }
-    // Another process is refreshing: use the valid token or wait for its result.
-    if let State::Refreshing { lease } = record.state()
-        && lease.until > now
-    {
-        // Even the refresher waits rather than hand back an expired token: callers may have
-        // joined its flight.
-        if still_valid {
-            return valid();
-        }
-        if cx.silent == Some(record.version()) {
-            return Decision::TakeLease {
-                takeover: true,
-                watched: cx.silent,
-                serve_valid: false,
-            };
-        }
-        return Decision::WaitForPeer {
-            holder: lease.holder.clone(),
-        };
+    let cause = match detail.class {
+        FailureClass::Configuration => BackoffCause::Configuration,
+        _ => BackoffCause::ConsumerCredentialsInvalid,
+    };
+    Some(Decision::Fail(backoff_error(
+        record.id(),
+        cause,
+        until,
+        detail.clone(),
+    )))
+}
+
+/// Another process is refreshing: use the valid token or wait for its result (even the
+/// refresher waits rather than hand back an expired token: callers may have joined its
+/// flight), or take over a lease watched silent for a whole TTL.
+fn peer_refreshing(record: &Record, cx: &Context<'_>, still_valid: bool) -> Option<Decision> {
+    let State::Refreshing { lease } = record.state() else {
+        return None;
+    };
+    if lease.until <= cx.now {
+        return None;
     }
-    // Refreshed less than the minimum interval ago: serve the still-valid token, otherwise
-    // say when the next refresh is allowed.
-    if let Some(retry_at) = too_soon(record, &cx) {
-        if still_valid {
-            return valid();
-        }
-        return Decision::Fail(Error::RefreshTooSoon {
-            id: record.id().clone(),
-            expires_at: tokens.expires_at,
-            retry_at,
+    if still_valid {
+        return Some(Decision::ServeValid(record.tokens().access_token.clone()));
+    }
+    if cx.silent == Some(record.version()) {
+        return Some(Decision::TakeLease {
+            takeover: true,
+            watched: cx.silent,
+            serve_valid: false,
         });
     }
-    Decision::TakeLease {
-        takeover: matches!(record.state(), State::Refreshing { .. }),
-        watched: None,
-        serve_valid: still_valid,
+    Some(Decision::WaitForPeer {
+        holder: lease.holder.clone(),
+    })
+}
+
+/// Refreshed less than the minimum interval ago: serve the still-valid token, otherwise say
+/// when the next refresh is allowed.
+fn refreshed_too_soon(record: &Record, cx: &Context<'_>, still_valid: bool) -> Option<Decision> {
+    let retry_at = too_soon(record, cx)?;
+    let tokens = record.tokens();
+    if still_valid {
+        return Some(Decision::ServeValid(tokens.access_token.clone()));
     }
+    Some(Decision::Fail(Error::RefreshTooSoon {
+        id: record.id().clone(),
+        expires_at: tokens.expires_at,
+        retry_at,
+    }))
 }
 
 /// When the next refresh of `record` is allowed, if not now: one minimum interval after its
