@@ -142,110 +142,13 @@ impl Explanation {
     ) -> Self {
         let tokens = record.tokens();
         let refresh_token_expires = refresh_token_deadline(record, profile);
-        let provider = |e: Option<&ErrorDetail>| match e {
-            Some(e) if from_provider(e) => format!(" The provider said: {e}."),
-            Some(e) => format!(
-                " Nothing was asked of the provider: {}.",
-                e.description
-                    .as_deref()
-                    .unwrap_or("tokenkeeper's own verdict")
-            ),
-            None => String::new(),
-        };
-        let summary = match record.state() {
-            State::Active if !tokens.expires() && tokens.refresh_token.is_none() => "Healthy: the access token does not expire (the provider gave it no expiry and no refresh token); it is served until the API refuses it, then the user must authorize the app again.".to_owned(),
-            State::Active if tokens.refresh_token.is_none() && now < tokens.expires_at => format!(
-                "Healthy until {}: the access token is valid until then, but the provider issued no refresh token, so the user must authorize the app again after that.",
-                tokens.expires_at
-            ),
-            State::Active
-                if refresh_token_expires.is_some_and(|(at, _)| now >= at) =>
-            {
-                let (at, why) = refresh_token_expires.unwrap_or((now, ""));
-                format!(
-                    "Expiring: the refresh token expired at {at} by {why}; the next refresh records RefreshTokenExpired. Authorize the app again for installation {}.",
-                    record.id()
-                )
-            }
-            State::Active if now < tokens.expires_at => format!(
-                "Healthy: the access token is valid until {}; the next refresh is due at {}.",
-                tokens.expires_at,
-                record
-                    .due_at()
-                    .map_or_else(|| "-".into(), |d| d.to_string())
-            ),
-            State::Active => format!(
-                "Healthy but idle: the access token expired at {}; it is refreshed on the next use or by the background refresher.",
-                tokens.expires_at
-            ),
-            State::Refreshing { lease } => format!(
-                "A refresh is in progress by {} (lease until {}). If that process died, another takes over when the lease lapses.",
-                lease.holder, lease.until
-            ),
-            State::Backoff { until, cause } => {
-                let streak = record
-                    .failures()
-                    .filter(|f| f.consecutive > 0)
-                    .map(|f| {
-                        format!(
-                            " {} attempt(s) in a row have failed since {}.",
-                            f.consecutive, f.first_at
-                        )
-                    })
-                    .unwrap_or_default();
-                match cause {
-                    BackoffCause::ConsumerCredentialsInvalid => format!(
-                        "The provider refused the consumer's client credentials.{}{streak} Fix the client id/secret; this installation's tokens are kept and refreshing resumes at {until}.",
-                        provider(record.last_error())
-                    ),
-                    BackoffCause::MassRejection => format!(
-                        "The provider refused the refresh token, but it had refused those of many other installations since this process's last successful refresh, so the refusal is not believed yet.{} Check the token URL and the provider's status; if the consumer's scopes were changed on purpose, every installation must be authorized again. Tokens are kept; the next attempt is at {until}.",
-                        provider(record.last_error())
-                    ),
-                    BackoffCause::Configuration => format!(
-                        "The provider refused the refresh request as malformed.{} Check the provider profile; tokens are kept; next attempt at {until}.",
-                        provider(record.last_error())
-                    ),
-                    _ => format!(
-                        "The last refresh failed temporarily.{}{streak} Tokens are kept; the next attempt is at {until}; the current access token is served until {}.",
-                        provider(record.last_error()),
-                        tokens.expires_at
-                    ),
-                }
-            }
-            State::ReauthorizationRequired { reason, since } => format!(
-                "Needs the user to authorize the app again: {} (since {since}).{} Start a new authorization for installation {} and complete it; nothing else can repair it.",
-                reason.describe(),
-                provider(record.last_error()),
-                record.id()
-            ),
-            State::Revoked { at } => {
-                format!("Revoked by the application at {at}. Authorize it again to use it.")
-            }
-            _ => "Unknown state.".to_owned(),
-        };
-        let summary = match record.failures().and_then(|f| f.revived_after_verdict) {
-            Some(at) if matches!(record.state(), State::Active) => format!(
-                "{summary} At {at} a late result revived it after another process had condemned, tried or taken the lease of the refresh token it rotated away; if that process presented the retired token, a provider with reuse detection may have revoked the grant, and the next refresh would then be refused (explained as a lost rotation)."
-            ),
-            _ => summary,
-        };
-        let summary = match short_lived(record, policy) {
-            Some(note) => format!("{summary} {note}"),
-            None => summary,
-        };
         let refresh_anomaly = record
             .history()
             .filter(|h| matches!(h.event, EventKind::Refreshed | EventKind::LateRefreshed))
             .last()
             .and_then(|h| h.error.clone());
-        let summary = match &refresh_anomaly {
-            Some(a) => format!(
-                "{summary} The latest refresh reply was irregular ({}); if refreshes start failing, authorize again and check the provider profile.",
-                a.description.as_deref().unwrap_or("see the history")
-            ),
-            None => summary,
-        };
+        let summary = state_summary(record, now, refresh_token_expires);
+        let summary = with_notes(summary, record, policy, refresh_anomaly.as_ref());
         Self {
             installation: record.id().clone(),
             consumer: record.consumer().to_owned(),
@@ -267,6 +170,139 @@ impl Explanation {
             summary,
         }
     }
+}
+
+/// What the provider said about the latest failure, or that it was not asked.
+fn provider_words(e: Option<&ErrorDetail>) -> String {
+    match e {
+        Some(e) if from_provider(e) => format!(" The provider said: {e}."),
+        Some(e) => format!(
+            " Nothing was asked of the provider: {}.",
+            e.description
+                .as_deref()
+                .unwrap_or("tokenkeeper's own verdict")
+        ),
+        None => String::new(),
+    }
+}
+
+/// The summary of the record's state, and what to do about it.
+fn state_summary(
+    record: &Record,
+    now: Timestamp,
+    refresh_token_expires: Option<(Timestamp, &'static str)>,
+) -> String {
+    match record.state() {
+        State::Active => active_summary(record, now, refresh_token_expires),
+        State::Refreshing { lease } => format!(
+            "A refresh is in progress by {} (lease until {}). If that process died, another takes over when the lease lapses.",
+            lease.holder, lease.until
+        ),
+        State::Backoff { until, cause } => backoff_summary(record, *until, *cause),
+        State::ReauthorizationRequired { reason, since } => format!(
+            "Needs the user to authorize the app again: {} (since {since}).{} Start a new authorization for installation {} and complete it; nothing else can repair it.",
+            reason.describe(),
+            provider_words(record.last_error()),
+            record.id()
+        ),
+        State::Revoked { at } => {
+            format!("Revoked by the application at {at}. Authorize it again to use it.")
+        }
+        _ => "Unknown state.".to_owned(),
+    }
+}
+
+fn active_summary(
+    record: &Record,
+    now: Timestamp,
+    refresh_token_expires: Option<(Timestamp, &'static str)>,
+) -> String {
+    let tokens = record.tokens();
+    if !tokens.expires() && tokens.refresh_token.is_none() {
+        return "Healthy: the access token does not expire (the provider gave it no expiry and no refresh token); it is served until the API refuses it, then the user must authorize the app again.".to_owned();
+    }
+    if tokens.refresh_token.is_none() && now < tokens.expires_at {
+        return format!(
+            "Healthy until {}: the access token is valid until then, but the provider issued no refresh token, so the user must authorize the app again after that.",
+            tokens.expires_at
+        );
+    }
+    if let Some((at, why)) = refresh_token_expires.filter(|(at, _)| now >= *at) {
+        return format!(
+            "Expiring: the refresh token expired at {at} by {why}; the next refresh records RefreshTokenExpired. Authorize the app again for installation {}.",
+            record.id()
+        );
+    }
+    if now < tokens.expires_at {
+        return format!(
+            "Healthy: the access token is valid until {}; the next refresh is due at {}.",
+            tokens.expires_at,
+            record
+                .due_at()
+                .map_or_else(|| "-".into(), |d| d.to_string())
+        );
+    }
+    format!(
+        "Healthy but idle: the access token expired at {}; it is refreshed on the next use or by the background refresher.",
+        tokens.expires_at
+    )
+}
+
+fn backoff_summary(record: &Record, until: Timestamp, cause: BackoffCause) -> String {
+    let streak = record
+        .failures()
+        .filter(|f| f.consecutive > 0)
+        .map(|f| {
+            format!(
+                " {} attempt(s) in a row have failed since {}.",
+                f.consecutive, f.first_at
+            )
+        })
+        .unwrap_or_default();
+    let said = provider_words(record.last_error());
+    match cause {
+        BackoffCause::ConsumerCredentialsInvalid => format!(
+            "The provider refused the consumer's client credentials.{said}{streak} Fix the client id/secret; this installation's tokens are kept and refreshing resumes at {until}."
+        ),
+        BackoffCause::MassRejection => format!(
+            "The provider refused the refresh token, but it had refused those of many other installations since this process's last successful refresh, so the refusal is not believed yet.{said} Check the token URL and the provider's status; if the consumer's scopes were changed on purpose, every installation must be authorized again. Tokens are kept; the next attempt is at {until}."
+        ),
+        BackoffCause::Configuration => format!(
+            "The provider refused the refresh request as malformed.{said} Check the provider profile; tokens are kept; next attempt at {until}."
+        ),
+        _ => format!(
+            "The last refresh failed temporarily.{said}{streak} Tokens are kept; the next attempt is at {until}; the current access token is served until {}.",
+            record.tokens().expires_at
+        ),
+    }
+}
+
+/// The summary with what else the record says: a revival in doubt, tokens shorter-lived than
+/// the refresh interval, an irregular last refresh reply.
+fn with_notes(
+    summary: String,
+    record: &Record,
+    policy: &RefreshPolicy,
+    refresh_anomaly: Option<&ErrorDetail>,
+) -> String {
+    let mut summary = summary;
+    if let Some(at) = record.failures().and_then(|f| f.revived_after_verdict)
+        && matches!(record.state(), State::Active)
+    {
+        summary = format!(
+            "{summary} At {at} a late result revived it after another process had condemned, tried or taken the lease of the refresh token it rotated away; if that process presented the retired token, a provider with reuse detection may have revoked the grant, and the next refresh would then be refused (explained as a lost rotation)."
+        );
+    }
+    if let Some(note) = short_lived(record, policy) {
+        summary = format!("{summary} {note}");
+    }
+    if let Some(a) = refresh_anomaly {
+        summary = format!(
+            "{summary} The latest refresh reply was irregular ({}); if refreshes start failing, authorize again and check the provider profile.",
+            a.description.as_deref().unwrap_or("see the history")
+        );
+    }
+    summary
 }
 
 /// Whether `detail` is about a request to the provider (its words: an HTTP status or an
