@@ -71,6 +71,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+// Production code keeps every function under 70 lines (clippy.toml sets the threshold);
+// tests under `tests/` may be longer.
+#![warn(clippy::too_many_lines)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod event;

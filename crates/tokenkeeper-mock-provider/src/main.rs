@@ -1,6 +1,10 @@
 //! `tokenkeeper-mock-provider`: serves the mock OAuth provider for people's own integration
 //! tests. Requests are logged without secrets (method, path, status).
 
+// Production code keeps every function under 70 lines (clippy.toml sets the threshold);
+// tests under `tests/` may be longer.
+#![warn(clippy::too_many_lines)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 

@@ -7,6 +7,10 @@
 //! private certificate authorities for the TLS tests ([`tls`]). Production crates never depend
 //! on it; their tests and the benches do, as a path-only dev-dependency.
 
+// Production code keeps every function under 70 lines (clippy.toml sets the threshold);
+// tests under `tests/` may be longer.
+#![warn(clippy::too_many_lines)]
+
 pub mod dirs;
 pub mod ports;
 pub mod postgres;

@@ -55,6 +55,9 @@
 //! `memory` (default), `sqlite`, `redis`, `redis-tls`, and `encryption` (at-rest sealing of
 //! tokens in any store, `Sealed`).
 
+// Production code keeps every function under 70 lines (clippy.toml sets the threshold);
+// tests under `tests/` may be longer.
+#![warn(clippy::too_many_lines)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;

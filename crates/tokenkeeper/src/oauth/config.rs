@@ -535,6 +535,8 @@ mod tests {
             .redirect_uri("https://app.example/cb")
     }
 
+    // A table of refused settings, read top-down: longer than 70 lines on purpose.
+    #[allow(clippy::too_many_lines)]
     #[test]
     fn validation_names_the_problem() {
         assert!(base().build().is_ok());
