@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokenkeeper::stores::SqliteStore;
 use tokenkeeper::{
-    Clock, InstallationId, ManualClock, RefresherConfig, SystemClock, TokenManager, TokenStore,
+    InstallationId, TokenManager, core::Clock, core::ManualClock, core::SystemClock,
+    core::TokenStore, refresher::RefresherConfig,
 };
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokenkeeper::stores::SqliteStore;
 use tokenkeeper::{
-    Clock, ConsumerConfig, Error, InstallationId, ManualClock, SystemClock, TokenManager,
-    TokenStore, profiles,
+    ConsumerConfig, Error, InstallationId, TokenManager, core::Clock, core::ManualClock,
+    core::SystemClock, core::TokenStore, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenkeeper::stores::RedisStore;
-use tokenkeeper::{ConsumerConfig, InstallationId, TokenManager, TokenStore, profiles};
+use tokenkeeper::{ConsumerConfig, InstallationId, TokenManager, core::TokenStore, profiles};
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };

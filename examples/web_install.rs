@@ -35,8 +35,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use tokenkeeper::stores::MemoryStore;
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationState, BrowserBinding, Clock, ConsumerConfig, ListFilter,
-    ManualClock, StateKey, SystemClock, TokenManager, profiles,
+    AuthorizationCode, AuthorizationState, BrowserBinding, ConsumerConfig, StateKey, TokenManager,
+    core::Clock, core::ListFilter, core::ManualClock, core::SystemClock, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,

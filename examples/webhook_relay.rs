@@ -39,7 +39,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokenkeeper::core::{EventCursor, LifecycleEvent};
 use tokenkeeper::stores::SqliteStore;
-use tokenkeeper::{EventStream, TokenManager, TokenStore};
+use tokenkeeper::{TokenManager, core::TokenStore, events::EventStream};
 use tokenkeeper_mock_provider::{MockProfile, MockProvider};
 
 #[path = "support.rs"]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tokenkeeper::{Clock, SystemClock};
+use tokenkeeper::{core::Clock, core::SystemClock};
 use tokenkeeper_benches::fleet::*;
 use tokenkeeper_benches::{RatioTable, fan_out, grants, quick_mode, raw_refresh};
 use tokenkeeper_mock_provider::MockProvider;
@@ -66,7 +66,8 @@ fn concurrent_refresh(c: &mut Criterion) {
             (mock, tokens)
         });
         let client =
-            tokenkeeper::OAuthClient::new(consumer(&own_mock), Arc::new(SystemClock)).unwrap();
+            tokenkeeper::oauth::OAuthClient::new(consumer(&own_mock), Arc::new(SystemClock))
+                .unwrap();
         let sets = Arc::new(Mutex::new(own_tokens));
         g.bench_with_input(BenchmarkId::new("oauth_client_only", n), &n, |b, &n| {
             b.iter_custom(|iters| {

@@ -3,7 +3,7 @@
 //! token cache needs (1,000 lookups per iteration).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tokenkeeper::{Clock, SystemClock};
+use tokenkeeper::{core::Clock, core::SystemClock};
 use tokenkeeper_benches::fleet::*;
 use tokenkeeper_benches::quick_mode;
 use tokenkeeper_mock_provider::MockProvider;
@@ -11,7 +11,9 @@ use tokenkeeper_mock_provider::MockProvider;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use tokenkeeper::{AccessToken, InstallationId, RefreshToken, Timestamp, TokenManager, TokenSet};
+use tokenkeeper::{
+    AccessToken, InstallationId, TokenManager, core::RefreshToken, core::Timestamp, core::TokenSet,
+};
 
 fn hot_path(c: &mut Criterion) {
     let rt = runtime();

@@ -27,7 +27,7 @@ fn mock_provider(c: &mut Criterion) {
             .expect("mock")
     });
     let tokens = Arc::new(Mutex::new(
-        rt.block_on(grants(&mock, GRANTS, tokenkeeper::Timestamp::EPOCH))
+        rt.block_on(grants(&mock, GRANTS, tokenkeeper::core::Timestamp::EPOCH))
             .into_iter()
             .map(|t| t.refresh_token.expect("refresh token").secret().to_owned())
             .collect::<Vec<_>>(),

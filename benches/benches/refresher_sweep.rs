@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tokenkeeper::{RefresherConfig, RefresherHandle};
+use tokenkeeper::{refresher::RefresherConfig, refresher::RefresherHandle};
 use tokenkeeper_benches::fleet::*;
 use tokenkeeper_benches::quick_mode;
 

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tokenkeeper::{Clock, SystemClock};
+use tokenkeeper::{core::Clock, core::SystemClock};
 use tokenkeeper_benches::fleet::*;
 use tokenkeeper_benches::{grants, raw_refresh};
 use tokenkeeper_mock_provider::MockProvider;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenkeeper::{
-    Clock, ConsumerConfig, InstallationId, ManualClock, SystemClock, TokenManager, TokenStore,
-    profiles,
+    ConsumerConfig, InstallationId, TokenManager, core::Clock, core::ManualClock,
+    core::SystemClock, core::TokenStore, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,

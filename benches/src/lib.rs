@@ -71,8 +71,8 @@ pub async fn raw_refresh(client: &reqwest::Client, token_url: &str, refresh_toke
 pub async fn grants(
     mock: &MockProvider,
     n: usize,
-    now: tokenkeeper::Timestamp,
-) -> Vec<tokenkeeper::TokenSet> {
+    now: tokenkeeper::core::Timestamp,
+) -> Vec<tokenkeeper::core::TokenSet> {
     let http = reqwest::Client::new();
     let codes: Arc<Vec<String>> = Arc::new(
         (0..n)
@@ -100,9 +100,9 @@ pub async fn grants(
                 .json()
                 .await
                 .expect("exchange body");
-            tokenkeeper::TokenSet::bearer(
+            tokenkeeper::core::TokenSet::bearer(
                 tokenkeeper::AccessToken::new(body["access_token"].as_str().expect("access token")),
-                Some(tokenkeeper::RefreshToken::new(
+                Some(tokenkeeper::core::RefreshToken::new(
                     body["refresh_token"].as_str().expect("refresh token"),
                 )),
                 now,

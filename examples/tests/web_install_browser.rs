@@ -281,7 +281,7 @@ async fn install_in_chromium_then_an_attacker_replays_the_callback() -> Fallible
     let page = app
         .manager
         .store()
-        .list(tokenkeeper::ListFilter::all(), None, 10)
+        .list(tokenkeeper::core::ListFilter::all(), None, 10)
         .await?;
     assert_eq!(page.entries.len(), 1, "one installation");
     let id = page.entries[0].id.clone();

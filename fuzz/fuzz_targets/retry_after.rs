@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let text = String::from_utf8_lossy(data);
     for at in [now, UNIX_EPOCH, SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into())] {
-        if let Some(wait) = tokenkeeper::parse_retry_after(&text, at) {
+        if let Some(wait) = tokenkeeper::oauth::parse_retry_after(&text, at) {
             assert!(wait <= Duration::from_secs(24 * 3600), "{wait:?}");
         }
     }

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokenkeeper::{Operation, RawResponse, Timestamp, parse_token_response, profiles};
+use tokenkeeper::{oauth::Operation, oauth::RawResponse, core::Timestamp, oauth::parse_token_response, profiles};
 
 fuzz_target!(|data: &[u8]| {
     let (status, body) = match data.split_first() {
@@ -12,9 +12,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let profile = profiles::bitbucket();
     let t0 = Timestamp::from_unix_secs(1_700_000_000);
-    let previous = tokenkeeper::TokenSet::bearer(
+    let previous = tokenkeeper::core::TokenSet::bearer(
         tokenkeeper::AccessToken::new("a0"),
-        Some(tokenkeeper::RefreshToken::new("r0")),
+        Some(tokenkeeper::core::RefreshToken::new("r0")),
         t0,
         t0,
     );

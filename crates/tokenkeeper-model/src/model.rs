@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use stateright::{Model, Property};
-use tokenkeeper::RefreshPolicy;
-use tokenkeeper::oauth::{ConsumerConfig, IdentityCheck, ProviderProfile, Rotation};
+use tokenkeeper::policy::RefreshPolicy;
+use tokenkeeper::{ConsumerConfig, ProviderProfile, oauth::IdentityCheck, oauth::Rotation};
 use tokenkeeper_core::{
     AccessToken, InstallationId, ReauthReason, Record, RefreshToken, State as RecordState,
     Timestamp, TokenSet,

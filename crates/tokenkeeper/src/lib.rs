@@ -39,21 +39,28 @@
 //!
 //! ## Where things are
 //!
-//! - [`TokenManager`] and its companions ([`RefreshPolicy`], [`Explanation`], [`Error`],
-//!   lifecycle events, the background refresher): the lifecycle engine.
-//! - [`oauth`]: the provider side: [`ProviderProfile`]s and `profiles::*`, [`ConsumerConfig`],
-//!   [`OAuthClient`] (token endpoint), the authorization flow. It never stores anything.
+//! The root holds the happy path: [`TokenManager`] and its builder, [`ConsumerConfig`],
+//! [`ProviderProfile`] and the [`profiles`], [`StateKey`], the callback's values
+//! ([`AuthorizationCode`], [`AuthorizationState`], [`BrowserBinding`]), [`InstallationId`],
+//! [`AccessToken`], [`Explanation`] and [`Error`]. Everything else has one path:
+//!
+//! - [`oauth`]: the provider side: the token endpoint client ([`oauth::OAuthClient`]), the
+//!   authorization flow's results and errors, profile details. It never stores anything.
+//! - [`policy`]: how the engine refreshes ([`policy::RefreshPolicy`]).
+//! - [`events`]: this process's events and the fleet's event log.
+//! - [`refresher`]: the background refresher.
+//! - [`unsaved`]: rotated tokens the store would not take.
 //! - [`stores`]: the storage backends compiled in by cargo feature: `memory` (default),
 //!   `sqlite`, `redis` (and `redis-tls` for `rediss://`, `redis-cluster` for Redis Cluster),
 //!   `postgres`.
-//! - [`core`]: the model, the pure state machine and the `TokenStore` trait, for writing
-//!   your own store.
+//! - [`core`]: the model (records, states, tokens, time), the pure state machine and the
+//!   `TokenStore` trait, for writing your own store; `core::sealed` for at-rest encryption.
 //! - [`_documentation::design`]: how it all works and why.
 //!
 //! ## Features
 //!
-//! `memory` (default), `sqlite`, `redis`, `redis-tls`, and `encryption` (at-rest sealing of
-//! tokens in any store, `Sealed`).
+//! `memory` (default), `sqlite`, `redis`, `redis-tls`, `redis-cluster`, `postgres`, and
+//! `encryption` (at-rest sealing of tokens in any store, `core::sealed::Sealed`).
 
 // Production code keeps every function under 70 lines (clippy.toml sets the threshold);
 // tests under `tests/` may be longer.
@@ -66,10 +73,52 @@ pub mod oauth;
 
 pub use error::Error;
 
+// The happy path: what an application names to build a manager, run the authorization flow
+// and get tokens. Everything else has one path, in the modules below.
+pub use manager::{Explanation, Health, TokenManager, TokenManagerBuilder};
+pub use oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
+pub use oauth::config::{ConsumerConfig, ConsumerConfigBuilder};
+pub use oauth::keys::StateKey;
+pub use oauth::profile::ProviderProfile;
+pub use tokenkeeper_core::{AccessToken, InstallationId};
+
+/// The HTTP client the facade is built on: `TokenManagerBuilder::http_client` and
+/// `TokenManager::send_authorized` take its types (and `reqwest::Url` is the URL type the
+/// API takes).
+pub use reqwest;
+
+/// The core crate: the model (records, states, tokens, time), the pure state machine and the
+/// `TokenStore` contract, for writing your own store; `core::sealed` holds at-rest
+/// encryption (feature `encryption`).
+pub use tokenkeeper_core as core;
+
+/// What the engine tells the application: events of this process, and the fleet's event log.
+pub mod events {
+    pub use crate::manager::{EventStream, EventsError, LocalEvent, LocalEventKind};
+}
+
+/// The background refresher ([`TokenManager::spawn_refresher`](crate::TokenManager::spawn_refresher)).
+pub mod refresher {
+    pub use crate::manager::{RefresherConfig, RefresherCounts, RefresherHandle};
+}
+
+/// How the engine refreshes: timing, leases, backoff, budgets and guards
+/// ([`TokenManagerBuilder::tune`](crate::TokenManagerBuilder::tune)).
+pub mod policy {
+    pub use crate::manager::{MassRejectionGuard, RefreshPolicy};
+}
+
+/// Rotated tokens the store would not take, and their restore
+/// ([`TokenManagerBuilder::on_unsaved_tokens`](crate::TokenManagerBuilder::on_unsaved_tokens)).
+pub mod unsaved {
+    pub use crate::manager::{UnsavedFileError, UnsavedRestore, UnsavedTokens};
+}
+
 /// Not a stable API: the refresh protocol's pure steps (the decision step, the failure plan
 /// and the choice of a rejection's reason), exported so the model checker in
-/// `tokenkeeper-model` runs the very code the engine runs.
+/// `tokenkeeper-model` runs the very code the engine runs (feature `__model`).
 #[doc(hidden)]
+#[cfg(feature = "__model")]
 pub mod __protocol {
     pub use crate::manager::{
         DecideContext as Context, Decision, Failure, Mode, Plan, Rules, decide, is_own_write,
@@ -77,45 +126,12 @@ pub mod __protocol {
     };
 }
 /// Not a stable API: entry points for the fuzz targets (`fuzz/`) into parsers that are not
-/// public, each checking its own properties and panicking when one breaks.
+/// public, each checking its own properties and panicking when one breaks (feature `__fuzz`).
 #[doc(hidden)]
+#[cfg(feature = "__fuzz")]
 pub mod __fuzz {
     pub use crate::oauth::state::fuzz_decode as state;
 }
-pub use manager::{
-    EventStream, EventsError, Explanation, Health, LocalEvent, LocalEventKind, MassRejectionGuard,
-    RefreshPolicy, RefresherConfig, RefresherCounts, RefresherHandle, TokenManager,
-    TokenManagerBuilder, UnsavedFileError, UnsavedRestore, UnsavedTokens,
-};
-pub use oauth::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, AuthorizationState,
-    AuthorizationWarning, BodyEncoding, BrowserBinding, ClientAuth, ClientSecret, CodeGrant,
-    Completed, ConfigError, ConsumerConfig, ConsumerConfigBuilder, ErrorKind, ErrorMap, ErrorRule,
-    Grant, IdentityCheck, MAX_LIFETIME, MIN_STATE_KEY_BYTES, OAuthClient, OAuthError, Operation,
-    ProviderProfile, RawResponse, Revocation, Rotation, StateKey, Timing, parse_retry_after,
-    parse_token_response,
-};
-
-/// The HTTP client the facade is built on: `TokenManagerBuilder::http_client` and
-/// `TokenManager::send_authorized` take its types.
-pub use reqwest;
-/// The URL type the API takes (`reqwest`'s, re-exported so you need not depend on it).
-pub use reqwest::Url;
-
-pub use tokenkeeper_core::{
-    AccessToken, BackoffCause, Clock, ErrorDetail, EventKind, FailureClass, HistoryEntry, IdToken,
-    InstallationId, ListEntry, ListFilter, ManualClock, ReauthReason, Record, RefreshToken, Scopes,
-    State, StateKind, StoreError, SystemClock, Timestamp, TokenSet, TokenStore,
-};
-
-/// The core crate: the model, the pure state machine and the `TokenStore` contract, for
-/// writing your own store.
-pub use tokenkeeper_core as core;
-
-/// At-rest encryption (feature `encryption`): seal tokens in any store.
-#[cfg(feature = "encryption")]
-#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
-pub use tokenkeeper_core::sealed::{KeyId, Keyring, ResealReport, SealError, Sealed};
 
 /// Provider presets.
 pub mod profiles {

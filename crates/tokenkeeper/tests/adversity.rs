@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::EventKind;
-use tokenkeeper::{Error, InstallationId, LocalEventKind, ReauthReason, StateKind, profiles};
+use tokenkeeper::{
+    Error, InstallationId, core::ReauthReason, core::StateKind, events::LocalEventKind, profiles,
+};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
@@ -153,8 +155,8 @@ async fn a_paused_holders_late_result_revives_the_installation() {
 async fn a_peer_with_a_clock_ahead_does_not_make_newer_tokens_look_stale() {
     let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
     let id = f.install().await;
-    let ahead = tokenkeeper::ManualClock::new(
-        tokenkeeper::Clock::now(&f.clock).saturating_add(Duration::from_secs(120)),
+    let ahead = tokenkeeper::core::ManualClock::new(
+        tokenkeeper::core::Clock::now(&f.clock).saturating_add(Duration::from_secs(120)),
     );
     let peer = f.peer_with_clock(profiles::github_app(), ahead);
     let first = peer.force_refresh(&id).await.unwrap();
@@ -231,13 +233,13 @@ async fn a_condemnation_the_store_refused_is_not_announced() {
 /// moved two hours on, so the next `access_token` refreshes.
 struct Own {
     mock: tokenkeeper_mock_provider::MockProvider,
-    clock: tokenkeeper::ManualClock,
+    clock: tokenkeeper::core::ManualClock,
     manager: tokenkeeper::TokenManager,
     id: InstallationId,
 }
 
 async fn own_manager(
-    store: impl tokenkeeper::TokenStore,
+    store: impl tokenkeeper::core::TokenStore,
     configure: impl FnOnce(tokenkeeper::TokenManagerBuilder) -> tokenkeeper::TokenManagerBuilder,
 ) -> Own {
     let mock = tokenkeeper_mock_provider::MockProvider::builder()
@@ -278,7 +280,7 @@ async fn own_manager(
 /// in all, no retired token presented.
 async fn refreshes_again_cleanly(
     mock: &tokenkeeper_mock_provider::MockProvider,
-    clock: &tokenkeeper::ManualClock,
+    clock: &tokenkeeper::core::ManualClock,
     manager: &tokenkeeper::TokenManager,
     id: &InstallationId,
 ) {
@@ -396,8 +398,8 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
         }
     });
     let profile = pointed_at(profiles::bitbucket(), &mock).with_endpoints(
-        tokenkeeper::Url::parse(&mock.authorize_url()).unwrap(),
-        tokenkeeper::Url::parse(&redirector).unwrap(),
+        tokenkeeper::reqwest::Url::parse(&mock.authorize_url()).unwrap(),
+        tokenkeeper::reqwest::Url::parse(&redirector).unwrap(),
         None,
     );
     let follows = reqwest::Client::builder()
@@ -405,7 +407,7 @@ async fn a_redirecting_user_client_never_resends_a_refresh() {
         .build()
         .unwrap();
     let clock = now_clock();
-    let store: Arc<dyn tokenkeeper::TokenStore> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn tokenkeeper::core::TokenStore> = Arc::new(MemoryStore::new());
     // Install through a plain manager (the code exchange goes to the mock directly).
     let installer = manager_builder(
         consumer_for(
@@ -488,13 +490,13 @@ async fn a_leeway_provider_is_retried_inside_its_leeway_whatever_retry_after_say
     f.advance(Duration::from_secs(3600));
     lose_a_rotation_then_get_rate_limited(&f, &id, 3600).await;
     let due = f.record(&id).await.due_at().unwrap();
-    let first = tokenkeeper::Clock::now(&f.clock).saturating_sub(Duration::from_secs(5));
+    let first = tokenkeeper::core::Clock::now(&f.clock).saturating_sub(Duration::from_secs(5));
     assert!(
         due <= first.saturating_add(Duration::from_secs(5 * 60)),
         "the retry is scheduled within half the leeway, not after Retry-After: due {due}"
     );
     // The refresher (or a caller) retries when due: inside the leeway, it recovers.
-    f.advance(due.duration_since(tokenkeeper::Clock::now(&f.clock)));
+    f.advance(due.duration_since(tokenkeeper::core::Clock::now(&f.clock)));
     f.manager
         .access_token(&id)
         .await
@@ -649,10 +651,10 @@ async fn a_stuck_refresh_does_not_stall_the_refresher() {
     let y = f.install().await;
     let refresher = f
         .manager
-        .spawn_refresher_with(tokenkeeper::RefresherConfig {
+        .spawn_refresher_with(tokenkeeper::refresher::RefresherConfig {
             rate_per_second: None,
             max_idle: Duration::from_millis(100),
-            ..tokenkeeper::RefresherConfig::default()
+            ..tokenkeeper::refresher::RefresherConfig::default()
         });
     gate.held().await;
     let x_before = f.record(&x).await.tokens().refresh_token.clone();
@@ -701,7 +703,7 @@ async fn unsaved_tokens_reach_a_file(sealed: bool) {
         #[cfg(feature = "encryption")]
         if sealed {
             b = b.encryption(
-                tokenkeeper::Keyring::new(
+                tokenkeeper::core::sealed::Keyring::new(
                     "k1",
                     &std::array::from_fn::<u8, 32, _>(|i| (i as u8).wrapping_mul(37) ^ 0x5a),
                 )

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{
-    Error, ErrorKind, FailureClass, InstallationId, Operation, RawResponse, StoreError, Timestamp,
-    TokenStore, parse_token_response, profiles,
+    Error, InstallationId, core::FailureClass, core::StoreError, core::Timestamp, core::TokenStore,
+    oauth::ErrorKind, oauth::Operation, oauth::RawResponse, oauth::parse_token_response, profiles,
 };
 use tokenkeeper_core::InvalidInstallationId;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
@@ -202,13 +202,13 @@ fn bad_provider_replies_are_classified_never_panics() {
             "expires_in huge",
             200,
             br#"{"access_token":"a","expires_in":1e308}"#.to_vec(),
-            Ok(tokenkeeper::MAX_LIFETIME.as_secs()),
+            Ok(tokenkeeper::oauth::MAX_LIFETIME.as_secs()),
         ),
         (
             "expires_in u64 max",
             200,
             br#"{"access_token":"a","expires_in":18446744073709551615}"#.to_vec(),
-            Ok(tokenkeeper::MAX_LIFETIME.as_secs()),
+            Ok(tokenkeeper::oauth::MAX_LIFETIME.as_secs()),
         ),
         (
             "scope a number",

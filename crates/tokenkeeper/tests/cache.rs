@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, consumer_for};
-use tokenkeeper::{Error, ManualClock, SystemClock, TokenManager, TokenStore, profiles};
+use tokenkeeper::{
+    Error, TokenManager, core::ManualClock, core::SystemClock, core::TokenStore, profiles,
+};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::{ReadCounter, ReadStore};
 
@@ -342,7 +344,7 @@ async fn a_clock_stepped_back_does_not_stretch_the_bound() {
     let (f, at) = fixture_on("sqlite").await;
     let id = f.install().await;
     let bound = Duration::from_millis(300);
-    let clock = ManualClock::new(tokenkeeper::Clock::now(&f.clock));
+    let clock = ManualClock::new(tokenkeeper::core::Clock::now(&f.clock));
     let a = common::manager_builder(
         consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
         common::open_store("sqlite", &at).await,
@@ -356,7 +358,7 @@ async fn a_clock_stepped_back_does_not_stretch_the_bound() {
     .unwrap();
     a.access_token(&id).await.unwrap();
     f.manager.revoke(&id).await.unwrap();
-    clock.set(tokenkeeper::Clock::now(&clock).saturating_sub(Duration::from_secs(3600)));
+    clock.set(tokenkeeper::core::Clock::now(&clock).saturating_sub(Duration::from_secs(3600)));
     tokio::time::sleep(bound + Duration::from_millis(100)).await;
     match a.access_token(&id).await {
         Err(Error::Revoked { .. }) => {}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::{Error, StateKind, TokenStore, profiles};
+use tokenkeeper::{Error, core::StateKind, core::TokenStore, profiles};
 use tokenkeeper_mock_provider::{
     ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
@@ -94,15 +94,15 @@ async fn two_consumers_on(store: Arc<dyn TokenStore>) {
         }
         other => panic!("expected ForeignConsumer, got {other:?}"),
     }
-    let elsewhere = other_provider.spawn_refresher_with(tokenkeeper::RefresherConfig {
+    let elsewhere = other_provider.spawn_refresher_with(tokenkeeper::refresher::RefresherConfig {
         rate_per_second: None,
         max_idle: Duration::from_millis(50),
-        ..tokenkeeper::RefresherConfig::default()
+        ..tokenkeeper::refresher::RefresherConfig::default()
     });
-    let refresher = theirs.spawn_refresher_with(tokenkeeper::RefresherConfig {
+    let refresher = theirs.spawn_refresher_with(tokenkeeper::refresher::RefresherConfig {
         rate_per_second: None,
         max_idle: Duration::from_millis(50),
-        ..tokenkeeper::RefresherConfig::default()
+        ..tokenkeeper::refresher::RefresherConfig::default()
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
     let counts = refresher.shutdown().await;
@@ -224,10 +224,10 @@ async fn a_process_pointed_at_another_server_touches_nothing() {
         misconfigured.explain(&ids[0]).await,
         Err(Error::ForeignConsumer { .. })
     ));
-    let refresher = misconfigured.spawn_refresher_with(tokenkeeper::RefresherConfig {
+    let refresher = misconfigured.spawn_refresher_with(tokenkeeper::refresher::RefresherConfig {
         rate_per_second: None,
         max_idle: Duration::from_millis(50),
-        ..tokenkeeper::RefresherConfig::default()
+        ..tokenkeeper::refresher::RefresherConfig::default()
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
     let counts = refresher.shutdown().await;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{
-    Clock, Error, InstallationId, Keyring, ListFilter, SealError, Sealed, StoreError, TokenStore,
-    profiles,
+    Error, InstallationId, core::Clock, core::ListFilter, core::StoreError, core::TokenStore,
+    core::sealed::Keyring, core::sealed::SealError, core::sealed::Sealed, profiles,
 };
 use tokenkeeper_mock_provider::MockProfile;
 
@@ -201,7 +201,7 @@ async fn tampering_and_copying_are_typed_errors_for_that_installation_only() {
         .collect();
     let at = chars.len() - 5;
     chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
-    tokens.refresh_token = Some(tokenkeeper::RefreshToken::new(
+    tokens.refresh_token = Some(tokenkeeper::core::RefreshToken::new(
         chars.into_iter().collect::<String>(),
     ));
     write_beneath(&inner, &a, &tokens).await;
@@ -345,7 +345,8 @@ async fn rewrite_beneath(
     if let Some(fields) = record.as_object_mut() {
         fields.remove("written_under");
     }
-    let forged = tokenkeeper::Record::decode(id, &serde_json::to_vec(&json).unwrap()).unwrap();
+    let forged =
+        tokenkeeper::core::Record::decode(id, &serde_json::to_vec(&json).unwrap()).unwrap();
     assert!(matches!(
         inner
             .compare_and_swap(&forged, stored.version())
@@ -360,7 +361,7 @@ async fn rewrite_beneath(
 async fn write_beneath(
     inner: &Arc<tokenkeeper_memory::MemoryStore>,
     id: &InstallationId,
-    tokens: &tokenkeeper::TokenSet,
+    tokens: &tokenkeeper::core::TokenSet,
 ) {
     rewrite_beneath(inner, id, |record| {
         record["tokens"]["access_token"] = tokens.access_token.secret().into();
@@ -445,7 +446,9 @@ async fn a_plaintext_token_written_into_a_sealed_store_is_refused() {
     let id = f.install().await;
     let mut tokens = f.store.get(&id).await.unwrap().unwrap().tokens().clone();
     tokens.access_token = tokenkeeper::AccessToken::new("attacker-chosen-access-token");
-    tokens.refresh_token = Some(tokenkeeper::RefreshToken::new("attacker-chosen-refresh"));
+    tokens.refresh_token = Some(tokenkeeper::core::RefreshToken::new(
+        "attacker-chosen-refresh",
+    ));
     write_beneath(&inner, &id, &tokens).await;
     match f.store.get(&id).await {
         Err(StoreError::Corrupt {
@@ -540,7 +543,7 @@ async fn a_token_of_the_first_sealed_format_is_refused_unless_migrating() {
     let mut legacy = open.clone();
     legacy.access_token =
         tokenkeeper::AccessToken::new(k.seal(&id, "access", open.access_token.secret()).unwrap());
-    legacy.refresh_token = Some(tokenkeeper::RefreshToken::new(
+    legacy.refresh_token = Some(tokenkeeper::core::RefreshToken::new(
         k.seal(
             &id,
             "refresh",

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::{AccessToken, InstallationId, StateKind, TokenSet, profiles};
+use tokenkeeper::{AccessToken, InstallationId, core::StateKind, core::TokenSet, profiles};
 use tokenkeeper_mock_provider::MockProfile;
 
 /// An imported token without a refresh token expires: the installation needs a new
@@ -16,7 +16,7 @@ use tokenkeeper_mock_provider::MockProfile;
 async fn a_verdict_reached_without_the_provider_quotes_no_provider() {
     let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
     let id = InstallationId::new("imported-without-refresh").unwrap();
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let tokens = TokenSet::bearer(
         AccessToken::new("gho_imported"),
         None,

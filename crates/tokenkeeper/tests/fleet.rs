@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokenkeeper::{
-    Clock, ConsumerConfig, InstallationId, ListFilter, ProviderProfile, StateKind, SystemClock,
-    Timestamp, TokenManager, TokenStore, profiles,
+    ConsumerConfig, InstallationId, ProviderProfile, TokenManager, core::Clock, core::ListFilter,
+    core::StateKind, core::SystemClock, core::Timestamp, core::TokenStore, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
@@ -1053,7 +1053,7 @@ async fn run_chaos(profile_name: &str) -> Chaos {
         let mut leased_by_victim = std::collections::HashSet::new();
         for id in ids_n(COUNT) {
             let record = store.get(&id).await.unwrap().unwrap();
-            if let tokenkeeper::State::Refreshing { lease } = record.state()
+            if let tokenkeeper::core::State::Refreshing { lease } = record.state()
                 && lease.holder.to_string().starts_with(&format!("{pid}-"))
             {
                 leased_by_victim.insert(id);
@@ -1071,7 +1071,7 @@ async fn run_chaos(profile_name: &str) -> Chaos {
                     matches!(
                         e,
                         tokenkeeper::Error::ReauthorizationRequired {
-                            reason: tokenkeeper::ReauthReason::RotatedTokenLost,
+                            reason: tokenkeeper::core::ReauthReason::RotatedTokenLost,
                             ..
                         }
                     ),
@@ -1170,7 +1170,7 @@ async fn a_sigkill_during_a_burst_costs_at_most_the_rotations_in_flight() {
     let committed = mock.counters().totals.rotations;
     let mut in_flight = 0;
     for id in ids_n(COUNT) {
-        if let tokenkeeper::State::Refreshing { lease } =
+        if let tokenkeeper::core::State::Refreshing { lease } =
             store.get(&id).await.unwrap().unwrap().state()
             && lease.holder.to_string().starts_with(&format!("{pid}-"))
         {

@@ -19,7 +19,7 @@ use common::{
     sqlite_location,
 };
 use tokenkeeper::core::{EventCursor, EventKind, LifecycleEvent, StateKind};
-use tokenkeeper::{Error, InstallationId, TokenManager, TokenStore, profiles};
+use tokenkeeper::{Error, InstallationId, TokenManager, core::TokenStore, profiles};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
 
 fn manager(store: Arc<dyn TokenStore>, base: &str, watch: bool) -> TokenManager {
@@ -117,7 +117,7 @@ async fn dropped_within(manager: &TokenManager, id: &InstallationId) -> Duration
     since.elapsed()
 }
 
-async fn next_event(stream: &mut tokenkeeper::EventStream) -> LifecycleEvent {
+async fn next_event(stream: &mut tokenkeeper::events::EventStream) -> LifecycleEvent {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("an event within 10 s")

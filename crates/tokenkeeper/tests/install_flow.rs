@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use common::*;
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, ConsumerConfig, Error,
-    InstallationId, StateKey, TokenManager, TokenStore, profiles,
+    AuthorizationCode, ConsumerConfig, Error, InstallationId, StateKey, TokenManager,
+    core::TokenStore, oauth::AuthorizationError, oauth::AuthorizationRequest, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile,
@@ -442,7 +442,7 @@ async fn a_record_without_an_account_is_flagged_then_enforced() {
         .unwrap();
     assert!(matches!(
         done.warnings.as_slice(),
-        [tokenkeeper::AuthorizationWarning::AccountNotVerified { account, .. }] if account == "{alice}"
+        [tokenkeeper::oauth::AuthorizationWarning::AccountNotVerified { account, .. }] if account == "{alice}"
     ));
     let next = manager.begin_authorization(Some(id.clone())).unwrap();
     let code = approve(&mock, &next, "mallory");
@@ -516,7 +516,7 @@ async fn an_endless_identity_reply_is_cut_off_at_the_cap() {
         }
     });
     let profile = pointed_at(profiles::bitbucket(), &mock)
-        .with_identity_endpoint(tokenkeeper::Url::parse(&endless).unwrap());
+        .with_identity_endpoint(tokenkeeper::reqwest::Url::parse(&endless).unwrap());
     let consumer = ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)
@@ -579,7 +579,7 @@ async fn a_flow_begun_before_a_revocation_does_not_undo_it() {
             .unwrap()
             .state()
             .kind(),
-        tokenkeeper::StateKind::Revoked
+        tokenkeeper::core::StateKind::Revoked
     );
     assert_eq!(
         mock.counters().totals.code_exchanges,
@@ -653,7 +653,7 @@ async fn a_grant_without_a_requested_scope_is_flagged() {
         .await
         .unwrap();
     match done.warnings.as_slice() {
-        [w @ tokenkeeper::AuthorizationWarning::ScopesNotGranted { missing, .. }] => {
+        [w @ tokenkeeper::oauth::AuthorizationWarning::ScopesNotGranted { missing, .. }] => {
             assert_eq!(missing, &["pullrequest:write"]);
             assert!(w.to_string().contains("authorize again"), "{w}");
         }
@@ -677,7 +677,7 @@ async fn a_cookie_name_padded_with_unicode_space_is_not_the_binding() {
         assert!(
             matches!(
                 tokenkeeper::BrowserBinding::from_cookie_header(&planted, &begun.state),
-                Err(tokenkeeper::AuthorizationError::MissingBinding)
+                Err(tokenkeeper::oauth::AuthorizationError::MissingBinding)
             ),
             "padded with {pad:?}"
         );
@@ -775,7 +775,7 @@ async fn a_callback_from_another_issuer_is_refused() {
             .client_secret("secret")
             .redirect_uri("https://app.example/callback")
             .build(),
-        Err(tokenkeeper::ConfigError::OutOfRange {
+        Err(tokenkeeper::oauth::ConfigError::OutOfRange {
             field: "issuer",
             ..
         })
@@ -838,11 +838,11 @@ impl tokenkeeper_testkit::wrappers::Hook for SecondFlowOpFails {
     async fn before(
         &self,
         operation: tokenkeeper_testkit::wrappers::Operation<'_>,
-    ) -> Result<(), tokenkeeper::StoreError> {
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         if matches!(operation, tokenkeeper_testkit::wrappers::Operation::Flow)
             && self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1
         {
-            return Err(tokenkeeper::StoreError::unavailable(
+            return Err(tokenkeeper::core::StoreError::unavailable(
                 "hooked",
                 "claim_flow",
                 "injected: the claim did not reach the store",
@@ -861,15 +861,15 @@ impl tokenkeeper_testkit::wrappers::Hook for FirstClaimAckLost {
     async fn before(
         &self,
         _: tokenkeeper_testkit::wrappers::Operation<'_>,
-    ) -> Result<(), tokenkeeper::StoreError> {
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         Ok(())
     }
 
-    async fn flow_claimed(&self) -> Result<(), tokenkeeper::StoreError> {
+    async fn flow_claimed(&self) -> Result<(), tokenkeeper::core::StoreError> {
         if self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
-        Err(tokenkeeper::StoreError::unavailable(
+        Err(tokenkeeper::core::StoreError::unavailable(
             "hooked",
             "claim_flow",
             "injected: the claim was stored, its acknowledgement lost",

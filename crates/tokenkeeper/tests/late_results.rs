@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::EventKind;
-use tokenkeeper::{Error, ReauthReason, RefreshPolicy, StateKind, profiles};
+use tokenkeeper::{Error, core::ReauthReason, core::StateKind, policy::RefreshPolicy, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::GatedStore;
@@ -109,7 +109,7 @@ async fn a_late_result_that_cannot_land_reaches_the_sink() {
         .await
         .unwrap();
     let kept = Arc::new(Mutex::new(Vec::new()));
-    let store: Arc<dyn tokenkeeper::TokenStore> = Arc::new(store);
+    let store: Arc<dyn tokenkeeper::core::TokenStore> = Arc::new(store);
     let clock = now_clock();
     let manager = tokenkeeper::TokenManager::builder_shared(
         consumer_for(
@@ -196,9 +196,9 @@ async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_after_a_takeover_is_not_presented_again() {
     fn trips_at_once(p: &mut RefreshPolicy) {
-        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+        p.mass_rejection = Some(tokenkeeper::policy::MassRejectionGuard {
             threshold: 1,
-            ..tokenkeeper::MassRejectionGuard::default()
+            ..tokenkeeper::policy::MassRejectionGuard::default()
         });
     }
     let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokenkeeper::core::EventKind;
 use tokenkeeper::core::{CasOutcome, Event, LeaseHolder};
-use tokenkeeper::{InstallationId, RefreshPolicy, StateKind, profiles};
+use tokenkeeper::{InstallationId, core::StateKind, policy::RefreshPolicy, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::MockProfile;
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultTarget, FlakyStore, GatedStore};
@@ -31,7 +31,7 @@ fn short_lease(p: &mut RefreshPolicy) {
 }
 
 /// A Bitbucket fixture with short leases over `store`.
-async fn bitbucket_on(store: impl tokenkeeper::TokenStore) -> Fixture {
+async fn bitbucket_on(store: impl tokenkeeper::core::TokenStore) -> Fixture {
     Fixture::tuned(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
@@ -49,7 +49,7 @@ fn spawn_access_token(
     tokio::spawn(async move { m.access_token(&id).await })
 }
 
-fn events(record: &tokenkeeper::Record) -> Vec<EventKind> {
+fn events(record: &tokenkeeper::core::Record) -> Vec<EventKind> {
     record.history().map(|h| h.event).collect()
 }
 
@@ -63,7 +63,7 @@ async fn a_dead_holder_is_taken_over_after_one_lease_ttl_of_silence() {
     f.advance(TWO_HOURS);
     // The dead holder's lease, as it wrote it.
     let record = f.record(&id).await;
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let policy = f.manager.policy().clone();
     let leased = record
         .apply(
@@ -254,7 +254,7 @@ struct LostRenewalThenFailedResult {
     result_failed: std::sync::atomic::AtomicBool,
 }
 
-fn written_by(record: &tokenkeeper::Record, kind: EventKind) -> bool {
+fn written_by(record: &tokenkeeper::core::Record, kind: EventKind) -> bool {
     record.history().last().map(|h| h.event) == Some(kind)
 }
 
@@ -263,13 +263,13 @@ impl tokenkeeper_testkit::wrappers::Hook for LostRenewalThenFailedResult {
     async fn before(
         &self,
         operation: tokenkeeper_testkit::wrappers::Operation<'_>,
-    ) -> Result<(), tokenkeeper::StoreError> {
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if let tokenkeeper_testkit::wrappers::Operation::CompareAndSwap(r) = operation
             && written_by(r, EventKind::Refreshed)
             && !self.result_failed.swap(true, SeqCst)
         {
-            return Err(tokenkeeper::StoreError::unavailable(
+            return Err(tokenkeeper::core::StoreError::unavailable(
                 "hook",
                 "compare_and_swap",
                 "injected before the result write",
@@ -278,10 +278,13 @@ impl tokenkeeper_testkit::wrappers::Hook for LostRenewalThenFailedResult {
         Ok(())
     }
 
-    async fn written(&self, r: &tokenkeeper::Record) -> Result<(), tokenkeeper::StoreError> {
+    async fn written(
+        &self,
+        r: &tokenkeeper::core::Record,
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if written_by(r, EventKind::LeaseRenewed) && !self.renewal_lost.swap(true, SeqCst) {
-            return Err(tokenkeeper::StoreError::unavailable(
+            return Err(tokenkeeper::core::StoreError::unavailable(
                 "hook",
                 "compare_and_swap",
                 "injected: the renewal was applied, its acknowledgement lost",

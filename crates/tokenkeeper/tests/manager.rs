@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{
-    Error, FailureClass, LocalEventKind, RefresherConfig, State, StateKind, TokenStore, profiles,
+    Error, core::FailureClass, core::State, core::StateKind, core::TokenStore,
+    events::LocalEventKind, profiles, refresher::RefresherConfig,
 };
 use tokenkeeper_core::{BackoffCause, ReauthReason};
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
@@ -495,12 +496,12 @@ async fn the_background_refresher_brings_due_installations_current() {
 }
 
 trait ClockNow {
-    fn clock_now(&self) -> tokenkeeper::Timestamp;
+    fn clock_now(&self) -> tokenkeeper::core::Timestamp;
 }
 
 impl ClockNow for Fixture {
-    fn clock_now(&self) -> tokenkeeper::Timestamp {
-        tokenkeeper::Clock::now(&self.clock)
+    fn clock_now(&self) -> tokenkeeper::core::Timestamp {
+        tokenkeeper::core::Clock::now(&self.clock)
     }
 }
 

@@ -84,7 +84,7 @@ async fn the_state_gauge_follows_the_installations() {
     for _ in 0..3 {
         ids.push(f.install().await);
     }
-    let refresher = manager.spawn_refresher_with(tokenkeeper::RefresherConfig {
+    let refresher = manager.spawn_refresher_with(tokenkeeper::refresher::RefresherConfig {
         state_count_every: Some(Duration::from_millis(20)),
         ..fast_refresher()
     });

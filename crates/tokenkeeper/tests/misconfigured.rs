@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::{Error, StateKind, profiles};
+use tokenkeeper::{Error, core::StateKind, profiles};
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);

@@ -10,8 +10,8 @@ use common::*;
 use std::sync::Arc;
 
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationError, AuthorizationState, ErrorKind, FailureClass,
-    OAuthClient, Revocation, TokenStore, profiles,
+    AuthorizationCode, AuthorizationState, core::FailureClass, core::TokenStore,
+    oauth::AuthorizationError, oauth::ErrorKind, oauth::OAuthClient, oauth::Revocation, profiles,
 };
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile, MockProvider};
@@ -290,7 +290,7 @@ async fn a_wrong_client_secret_is_consumer_wide_and_leaves_installations_untouch
         let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
         let bad = OAuthClient::new(
             consumer_for(profile.clone(), &mock, "the-wrong-secret"),
-            std::sync::Arc::new(tokenkeeper::SystemClock),
+            std::sync::Arc::new(tokenkeeper::core::SystemClock),
         )
         .unwrap();
         let e = bad.refresh(&id, &tokens).await.unwrap_err();
@@ -316,7 +316,7 @@ async fn a_json_body_sent_to_bitbucket_is_a_configuration_error() {
     let id = install(&client, store.clone()).await.installation;
     let tokens = store.get(&id).await.unwrap().unwrap().tokens().clone();
     let mut wrong = profiles::bitbucket();
-    wrong.body_encoding = tokenkeeper::BodyEncoding::Json;
+    wrong.body_encoding = tokenkeeper::oauth::BodyEncoding::Json;
     let e = client_for(wrong, &mock)
         .refresh(&id, &tokens)
         .await
@@ -458,7 +458,7 @@ async fn client_credentials_and_rfc7009_revocation() {
             .redirect_uri(REDIRECT)
             .build()
             .unwrap(),
-        std::sync::Arc::new(tokenkeeper::SystemClock),
+        std::sync::Arc::new(tokenkeeper::core::SystemClock),
     )
     .unwrap();
     assert_eq!(
@@ -502,11 +502,11 @@ async fn expires_at_counts_from_when_the_request_was_sent() {
 }
 
 trait NowForTest {
-    fn now_for_test(&self) -> tokenkeeper::Timestamp;
+    fn now_for_test(&self) -> tokenkeeper::core::Timestamp;
 }
 
-impl NowForTest for tokenkeeper::ManualClock {
-    fn now_for_test(&self) -> tokenkeeper::Timestamp {
-        tokenkeeper::Clock::now(self)
+impl NowForTest for tokenkeeper::core::ManualClock {
+    fn now_for_test(&self) -> tokenkeeper::core::Timestamp {
+        tokenkeeper::core::Clock::now(self)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use tokenkeeper::stores::MemoryStore;
-use tokenkeeper::{ConsumerConfig, ProviderProfile, TokenManager, Url};
+use tokenkeeper::{ConsumerConfig, ProviderProfile, TokenManager, reqwest::Url};
 use tokenkeeper_mock_provider::{
     ConsumerSpec, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
@@ -37,7 +37,7 @@ async fn the_generic_profile_completes_an_openid_authorization_and_refreshes() {
     );
     profile.required_scopes = vec!["openid".into(), "offline_access".into()];
     // The account is the ID token's subject.
-    profile.identity = tokenkeeper::IdentityCheck::IdTokenSubject;
+    profile.identity = tokenkeeper::oauth::IdentityCheck::IdTokenSubject;
     profile
         .extra_authorize_params
         .push(("prompt".into(), "consent".into()));
@@ -125,7 +125,7 @@ async fn openid_manager(
         Url::parse(&mock.token_url()).unwrap(),
     );
     profile.required_scopes = vec!["openid".into(), "offline_access".into()];
-    profile.identity = tokenkeeper::IdentityCheck::IdTokenSubject;
+    profile.identity = tokenkeeper::oauth::IdentityCheck::IdTokenSubject;
     profile.issuer = issuer(&mock);
     let consumer = ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
@@ -141,7 +141,9 @@ async fn openid_manager(
     (mock, manager)
 }
 
-async fn install(manager: &TokenManager) -> Result<tokenkeeper::Completed, tokenkeeper::Error> {
+async fn install(
+    manager: &TokenManager,
+) -> Result<tokenkeeper::oauth::Completed, tokenkeeper::Error> {
     let begun = manager.begin_authorization(None).unwrap();
     let (code, _) = common::browser(&begun.url).await;
     manager

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::EventKind;
-use tokenkeeper::{Error, LocalEventKind, ReauthReason, StateKind, profiles};
+use tokenkeeper::{Error, core::ReauthReason, core::StateKind, events::LocalEventKind, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultSwitch, FaultTarget, FlakyStore};
@@ -184,14 +184,17 @@ impl tokenkeeper_testkit::wrappers::Hook for FirstLeaseNotDurable {
     async fn before(
         &self,
         _: tokenkeeper_testkit::wrappers::Operation<'_>,
-    ) -> Result<(), tokenkeeper::StoreError> {
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         Ok(())
     }
 
-    async fn written(&self, r: &tokenkeeper::Record) -> Result<(), tokenkeeper::StoreError> {
+    async fn written(
+        &self,
+        r: &tokenkeeper::core::Record,
+    ) -> Result<(), tokenkeeper::core::StoreError> {
         let lease = r.history().last().map(|h| h.event) == Some(EventKind::LeaseAcquired);
         if lease && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err(tokenkeeper::StoreError::not_durable(
+            return Err(tokenkeeper::core::StoreError::not_durable(
                 "hook",
                 "compare_and_swap",
                 "0 of 1 replicas acknowledged it in time",

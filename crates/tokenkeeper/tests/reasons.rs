@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::Fixture;
 use tokenkeeper::{
-    AccessToken, BackoffCause, Error, InstallationId, StateKind, TokenSet, profiles,
+    AccessToken, Error, InstallationId, core::BackoffCause, core::StateKind, core::TokenSet,
+    profiles,
 };
 use tokenkeeper_core::{ReauthReason, State};
 use tokenkeeper_mock_provider::{
@@ -169,7 +170,7 @@ async fn failure_budget_exhausted_after_days_of_transient_failures() {
 async fn no_refresh_token_is_served_until_it_expires() {
     let f = Fixture::new(profiles::github_app(), MockProfile::GithubApp).await;
     let id = InstallationId::new("imported-without-refresh").unwrap();
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let tokens = TokenSet::bearer(
         AccessToken::new("gho_imported"),
         None,
@@ -431,7 +432,7 @@ async fn a_credential_outage_never_spends_the_failure_budget() {
 async fn mass_rejection_is_held_until_a_success_or_the_hold_ends() {
     let hold = Duration::from_secs(24 * 3600);
     let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
-        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+        p.mass_rejection = Some(tokenkeeper::policy::MassRejectionGuard {
             threshold: 3,
             window: Duration::from_secs(600),
             hold,
@@ -556,9 +557,9 @@ async fn an_expired_refresh_token_still_serves_its_valid_access_token() {
 async fn expiries_by_timer_count_against_the_mass_rejection_guard() {
     let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
         p.keep_alive = None;
-        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+        p.mass_rejection = Some(tokenkeeper::policy::MassRejectionGuard {
             threshold: 3,
-            ..tokenkeeper::MassRejectionGuard::default()
+            ..tokenkeeper::policy::MassRejectionGuard::default()
         });
     })
     .await;
@@ -593,7 +594,7 @@ async fn expiries_by_timer_count_against_the_mass_rejection_guard() {
 #[tokio::test]
 async fn ordinary_expiries_do_not_trip_the_mass_rejection_guard() {
     let f = Fixture::new(profiles::google(), MockProfile::Google).await;
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let mut ids = Vec::new();
     for n in 0..12 {
         let id = InstallationId::new(format!("no-refresh-{n}")).unwrap();
@@ -663,7 +664,7 @@ async fn a_401_on_a_token_without_refresh_token_condemns_it() {
 }
 
 /// One authorization through the manager, the browser leg done at the mock in process.
-async fn authorize(f: &Fixture) -> tokenkeeper::Completed {
+async fn authorize(f: &Fixture) -> tokenkeeper::oauth::Completed {
     common::authorize_with(&f.manager, &f.mock, None).await
 }
 
@@ -682,7 +683,7 @@ async fn an_authorization_without_refresh_token_is_flagged_at_once() {
     )]);
     let done = authorize(&f).await;
     match done.warnings.as_slice() {
-        [w @ tokenkeeper::AuthorizationWarning::NoRefreshToken { .. }] => {
+        [w @ tokenkeeper::oauth::AuthorizationWarning::NoRefreshToken { .. }] => {
             assert!(w.to_string().contains("offline_access"), "{w}")
         }
         other => panic!("{other:?}"),
@@ -703,7 +704,7 @@ async fn an_authorization_without_refresh_token_is_flagged_at_once() {
 /// change refuses three installations: two are condemned, the third is held.
 async fn one_held_installation() -> (Fixture, InstallationId) {
     let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
-        p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+        p.mass_rejection = Some(tokenkeeper::policy::MassRejectionGuard {
             threshold: 2,
             window: Duration::from_secs(600),
             hold: Duration::from_secs(DAY),
@@ -817,12 +818,12 @@ async fn a_hold_whose_log_position_is_unknown_is_not_believed() {
         async fn before(
             &self,
             operation: tokenkeeper_testkit::wrappers::Operation<'_>,
-        ) -> Result<(), tokenkeeper::StoreError> {
+        ) -> Result<(), tokenkeeper::core::StoreError> {
             match operation {
                 tokenkeeper_testkit::wrappers::Operation::Events
                     if self.0.load(std::sync::atomic::Ordering::SeqCst) =>
                 {
-                    Err(tokenkeeper::StoreError::unavailable(
+                    Err(tokenkeeper::core::StoreError::unavailable(
                         "test", "events", "down",
                     ))
                 }
@@ -840,7 +841,7 @@ async fn a_hold_whose_log_position_is_unknown_is_not_believed() {
         MockProfile::Bitbucket,
         Arc::new(store),
         |p| {
-            p.mass_rejection = Some(tokenkeeper::MassRejectionGuard {
+            p.mass_rejection = Some(tokenkeeper::policy::MassRejectionGuard {
                 threshold: 1,
                 window: Duration::from_secs(600),
                 hold: Duration::from_secs(DAY),

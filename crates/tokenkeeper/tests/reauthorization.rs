@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use common::*;
 use tokenkeeper::{
-    AuthorizationCode, AuthorizationError, AuthorizationRequest, Error, InstallationId, StateKind,
-    TokenManager, TokenStore, profiles,
+    AuthorizationCode, Error, InstallationId, TokenManager, core::StateKind, core::TokenStore,
+    oauth::AuthorizationError, oauth::AuthorizationRequest, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
@@ -47,7 +47,7 @@ async fn complete(
     manager: &TokenManager,
     mock: &MockProvider,
     begun: &AuthorizationRequest,
-) -> Result<tokenkeeper::Completed, Error> {
+) -> Result<tokenkeeper::oauth::Completed, Error> {
     manager
         .complete_authorization(approve(mock, begun), &begun.state, &begun.binding)
         .await

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, consumer_for, manager_builder};
-use tokenkeeper::{RefresherConfig, TokenStore, profiles};
+use tokenkeeper::{core::TokenStore, profiles, refresher::RefresherConfig};
 use tokenkeeper_core::conformance::sample_tokens;
 use tokenkeeper_core::{InstallationId, Record, Timestamp};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile};
@@ -157,7 +157,7 @@ async fn a_caller_joining_a_refresher_flight_never_gets_an_expired_token() {
     let refresher = f.manager.spawn_refresher_with(common::fast_refresher());
     reads.held().await;
     // Meanwhile another process takes the lease (and will never write again).
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let record = f.record(&id).await;
     let leased = tokenkeeper_core::conformance::lease(
         &record,
@@ -199,7 +199,7 @@ async fn the_first_due_time_follows_the_policy() {
         Some(r.refresh_token_last_used().saturating_add(keep_alive))
     );
     let imported = InstallationId::new("imported").unwrap();
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     let mut tokens = sample_tokens("imported", now);
     tokens.expires_at = now.saturating_add(Duration::from_secs(7200));
     f.manager

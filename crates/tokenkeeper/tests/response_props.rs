@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 use tokenkeeper::{
-    AccessToken, Operation, RawResponse, RefreshToken, Timestamp, TokenSet, parse_token_response,
-    profiles,
+    AccessToken, core::RefreshToken, core::Timestamp, core::TokenSet, oauth::Operation,
+    oauth::RawResponse, oauth::parse_token_response, profiles,
 };
 
 const REAL: &[u8] = br#"{"access_token":"acc","scopes":"repository account","expires_in":7200,"token_type":"bearer","state":"refresh_token","refresh_token":"ref"}"#;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Fixture;
-use tokenkeeper::{ListFilter, RefresherConfig, TokenStore, profiles};
+use tokenkeeper::{core::ListFilter, core::TokenStore, profiles, refresher::RefresherConfig};
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 #[derive(Clone, Default)]
@@ -193,7 +193,7 @@ async fn provider_error_text_is_scrubbed_of_sent_secrets_and_control_characters(
 #[test]
 fn debug_of_raw_replies_and_flow_values_holds_no_secret() {
     let body = br#"{"access_token":"at-0123456789","refresh_token":"rt-0123456789"}"#;
-    let raw = tokenkeeper::RawResponse {
+    let raw = tokenkeeper::oauth::RawResponse {
         status: 200,
         retry_after: None,
         body: body.to_vec(),

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokenkeeper::{Clock, Error, ReauthReason, StateKind, profiles};
+use tokenkeeper::{Error, core::Clock, core::ReauthReason, core::StateKind, profiles};
 use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
 
 fn commit_then_503(retry_after_secs: u64) -> Vec<FaultRule> {

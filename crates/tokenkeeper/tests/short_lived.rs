@@ -48,7 +48,7 @@ async fn five_second_tokens_are_never_served_after_they_expire() {
     f.advance(Duration::from_secs(6));
     let third = f.manager.access_token(&id).await.unwrap();
     assert_ne!(second, third, "an expired token is never served");
-    let now = tokenkeeper::Clock::now(&f.clock);
+    let now = tokenkeeper::core::Clock::now(&f.clock);
     assert!(f.record(&id).await.tokens().expires_at > now);
     assert_eq!(f.mock.counters().totals.refreshes, 2);
 }
@@ -76,7 +76,7 @@ async fn tokens_shorter_than_the_refresh_interval_are_refreshed_once_per_interva
     for _ in 0..5 {
         match f.manager.access_token(&id).await {
             Err(Error::RefreshTooSoon { retry_at, .. }) => {
-                assert!(retry_at > tokenkeeper::Clock::now(&f.clock));
+                assert!(retry_at > tokenkeeper::core::Clock::now(&f.clock));
             }
             other => panic!("expected RefreshTooSoon, got {other:?}"),
         }

@@ -44,11 +44,11 @@ use async_trait::async_trait;
 use tokenkeeper::core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, ListFilter, ListPage, Record, StoreError,
 };
-use tokenkeeper::oauth::{TokenTransport, TransportFailure, TransportReply};
 use tokenkeeper::{
-    Clock, ConsumerConfig, Error, InstallationId, ProviderProfile, ReauthReason, Timestamp,
-    TokenManager, TokenStore, profiles,
+    ConsumerConfig, Error, InstallationId, ProviderProfile, TokenManager, core::Clock,
+    core::ReauthReason, core::Timestamp, core::TokenStore, profiles,
 };
+use tokenkeeper::{oauth::TokenTransport, oauth::TransportFailure, oauth::TransportReply};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
@@ -501,7 +501,7 @@ fn consumer(profile: ProviderProfile) -> ConsumerConfig {
         None,
     );
     // The simulated network carries token requests only.
-    profile.identity = tokenkeeper::IdentityCheck::Disabled;
+    profile.identity = tokenkeeper::oauth::IdentityCheck::Disabled;
     ConsumerConfig::builder(profile)
         .client_id(DEFAULT_CLIENT_ID)
         .client_secret(DEFAULT_CLIENT_SECRET)

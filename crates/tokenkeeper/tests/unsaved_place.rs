@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use tokenkeeper::core::{EventKind, UnsavedHome};
-use tokenkeeper::{ConfigError, TokenStore, profiles};
+use tokenkeeper::{core::TokenStore, oauth::ConfigError, profiles};
 use tokenkeeper_memory::MemoryStore;
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
 use tokenkeeper_testkit::wrappers::{FaultKind, FaultSwitch, FaultTarget, FlakyStore};
@@ -29,7 +29,7 @@ async fn bitbucket() -> MockProvider {
 fn builder(
     mock: &MockProvider,
     store: Arc<dyn TokenStore>,
-    clock: &tokenkeeper::ManualClock,
+    clock: &tokenkeeper::core::ManualClock,
 ) -> tokenkeeper::TokenManagerBuilder {
     tokenkeeper::TokenManager::builder_shared(
         consumer_for(profiles::bitbucket(), mock, DEFAULT_CLIENT_SECRET),
@@ -164,7 +164,7 @@ async fn sqlite_keeps_unsaved_tokens_beside_its_database() {
 /// rotated tokens are in the directory.
 struct Stranded {
     mock: MockProvider,
-    clock: tokenkeeper::ManualClock,
+    clock: tokenkeeper::core::ManualClock,
     store: Arc<dyn TokenStore>,
     switch: Arc<FaultSwitch>,
     dir: std::path::PathBuf,

@@ -10,7 +10,7 @@ use tokenkeeper_core::{
 
 use super::flight::decide::refresh_token_deadline;
 use super::policy::RefreshPolicy;
-use crate::oauth::ProviderProfile;
+use crate::ProviderProfile;
 
 /// An installation's health, for code that acts on it (dashboards, alerts, emails).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -321,7 +321,7 @@ impl TokenManager {
     /// # -> Result<(), tokenkeeper::Error> {
     /// // The customer uninstalled the app.
     /// match manager.revoke(&id).await? {
-    ///     tokenkeeper::Revocation::Revoked => println!("revoked here and at the provider"),
+    ///     tokenkeeper::oauth::Revocation::Revoked => println!("revoked here and at the provider"),
     ///     _ => println!("revoked here; the provider has no revocation endpoint"),
     /// }
     /// # Ok(()) }
@@ -417,7 +417,7 @@ impl TokenManager {
     /// ```
     /// use std::sync::{Arc, Mutex};
     /// # fn build(consumer: tokenkeeper::ConsumerConfig, store: tokenkeeper::stores::MemoryStore)
-    /// # -> Result<(), tokenkeeper::ConfigError> {
+    /// # -> Result<(), tokenkeeper::oauth::ConfigError> {
     /// let kept = Arc::new(Mutex::new(Vec::new()));
     /// let manager = tokenkeeper::TokenManager::builder(consumer, store)
     ///     .on_unsaved_tokens({
@@ -426,7 +426,7 @@ impl TokenManager {
     ///     })
     ///     .build()?;
     /// // Later, once the store works again:
-    /// # async fn later(manager: tokenkeeper::TokenManager, kept: Arc<Mutex<Vec<tokenkeeper::UnsavedTokens>>>) {
+    /// # async fn later(manager: tokenkeeper::TokenManager, kept: Arc<Mutex<Vec<tokenkeeper::unsaved::UnsavedTokens>>>) {
     /// for unsaved in kept.lock().unwrap().drain(..).collect::<Vec<_>>() {
     ///     if let Err(e) = manager.restore_unsaved(unsaved).await {
     ///         eprintln!("{e}");

@@ -447,7 +447,7 @@ async fn count_states(manager: &TokenManager, limit: u64) {
 #[cfg(all(test, feature = "memory"))]
 mod tests {
     use super::*;
-    use crate::oauth::{ConsumerConfig, ProviderProfile};
+    use crate::{ConsumerConfig, ProviderProfile};
     use tokenkeeper_core::{AccessToken, ManualClock, Record, RefreshToken, Timestamp, TokenSet};
 
     fn at(secs: i64) -> Timestamp {

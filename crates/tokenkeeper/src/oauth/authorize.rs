@@ -542,7 +542,7 @@ impl OAuthClient {
 /// Checks a callback's `iss` (RFC 9207) against the profile: equal to its issuer when both
 /// are known; present when the provider always sends it.
 pub(crate) fn check_issuer(
-    profile: &crate::oauth::ProviderProfile,
+    profile: &crate::ProviderProfile,
     received: Option<&str>,
 ) -> Result<(), AuthorizationError> {
     match (received, profile.issuer.as_deref()) {

@@ -25,7 +25,7 @@ const BINDING_LEN: usize = 32;
 /// The secret that binds an authorization flow to one browser. `Debug` prints `[redacted]`.
 ///
 /// When the flow begins, answer with `Set-Cookie: ` +
-/// [`AuthorizationRequest::set_cookie_header`](crate::AuthorizationRequest::set_cookie_header),
+/// [`AuthorizationRequest::set_cookie_header`](crate::oauth::AuthorizationRequest::set_cookie_header),
 /// which is
 ///
 /// ```text
@@ -56,7 +56,7 @@ const BINDING_LEN: usize = 32;
 /// let back = BrowserBinding::from_cookie_header(&cookie, &state)?;
 /// assert!(state.clear_cookie_header().ends_with("Max-Age=0"));
 /// # let _ = back;
-/// # Ok::<(), tokenkeeper::AuthorizationError>(())
+/// # Ok::<(), tokenkeeper::oauth::AuthorizationError>(())
 /// ```
 pub struct BrowserBinding(SecretBox<[u8; BINDING_LEN]>);
 

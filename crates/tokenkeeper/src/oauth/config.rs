@@ -306,7 +306,7 @@ impl ConsumerConfigBuilder {
     /// The key that signs authorization `state` values: a dedicated random secret of at least
     /// 32 bytes, shared by every process that begins or completes authorizations (never
     /// derived from the client secret). Without one, `begin_authorization` fails with
-    /// [`AuthorizationError::NoStateKey`](crate::AuthorizationError::NoStateKey).
+    /// [`AuthorizationError::NoStateKey`](crate::oauth::AuthorizationError::NoStateKey).
     ///
     /// To rotate: give every process the new key as `state_key` and the old one as
     /// [`previous_state_key`](Self::previous_state_key); once `authorization_ttl` has passed

@@ -29,7 +29,7 @@ pub const MIN_STATE_KEY_BYTES: usize = 32;
 /// let key = StateKey::from_base64(1, "q8Cq0dTnqzM4o3d0m2v6y5cX6Lw0lR9dF2g1hJk3nQs=")?;
 /// assert_eq!(key.id(), 1);
 /// assert!(StateKey::from_base64(2, "cGFzc3dvcmQ=").is_err()); // "password": too short
-/// # Ok::<(), tokenkeeper::ConfigError>(())
+/// # Ok::<(), tokenkeeper::oauth::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct StateKey {

@@ -1,6 +1,6 @@
 //! The OAuth half of the facade: everything that speaks to the provider and nothing that
-//! stores. Provider profiles ([`ProviderProfile`], `profiles::*`), the validated consumer
-//! configuration ([`ConsumerConfig`]), the token endpoint client ([`OAuthClient`]), parsing of
+//! stores. Provider profiles ([`ProviderProfile`](crate::ProviderProfile), `profiles::*`), the validated consumer
+//! configuration ([`ConsumerConfig`](crate::ConsumerConfig)), the token endpoint client ([`OAuthClient`]), parsing of
 //! the provider's replies, the signed `state` codec and the authorization flow.
 //!
 //! The client hands tokens back; it never writes a record. Persisting them is the lifecycle
@@ -22,14 +22,14 @@ pub(crate) mod transport;
 pub use authorize::{
     AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
 };
-pub use binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
+// At the crate root only (the happy path): the consumer, the state key, the profile and the
+// callback's three values.
 pub use client::{CodeGrant, OAuthClient, Revocation};
-pub use config::{ClientSecret, ConfigError, ConsumerConfig, ConsumerConfigBuilder};
+pub use config::ClientSecret;
+pub use config::ConfigError;
 pub use error::{ErrorKind, OAuthError, Operation};
-pub use keys::{MIN_STATE_KEY_BYTES, StateKey};
-pub use profile::{
-    BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, ProviderProfile, Rotation, Timing,
-};
+pub use keys::MIN_STATE_KEY_BYTES;
+pub use profile::{BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, Rotation, Timing};
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
 #[doc(hidden)]
 pub use transport::{TokenTransport, TransportFailure, TransportReply};

@@ -475,7 +475,7 @@ mod tests {
         let e = parse(503, "<html>down</html>", None).unwrap_err();
         assert!(e.is_transient());
         let e = parse(200, r#"{"access_token": "trunc"#, None).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::InvalidResponse);
+        assert_eq!(e.kind(), crate::oauth::ErrorKind::InvalidResponse);
         let e = parse(200, r#"{"token_type":"bearer"}"#, None).unwrap_err();
         assert!(e.to_string().contains("no access_token"), "{e}");
         let e = parse(200, r#"{"access_token":"a","token_type":"mac"}"#, None).unwrap_err();

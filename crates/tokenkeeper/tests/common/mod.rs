@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use tokenkeeper::{
-    Clock, Completed, ConsumerConfig, ManualClock, OAuthClient, ProviderProfile, SystemClock,
-    Timestamp, TokenStore, profiles,
+    ConsumerConfig, ProviderProfile, core::Clock, core::ManualClock, core::SystemClock,
+    core::Timestamp, core::TokenStore, oauth::Completed, oauth::OAuthClient, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
@@ -15,13 +15,13 @@ use tokenkeeper_mock_provider::{
 pub const REDIRECT: &str = "http://127.0.0.1/callback";
 
 /// A refresher that sweeps every 20 ms without a rate limit.
-pub fn fast_refresher() -> tokenkeeper::RefresherConfig {
-    tokenkeeper::RefresherConfig {
+pub fn fast_refresher() -> tokenkeeper::refresher::RefresherConfig {
+    tokenkeeper::refresher::RefresherConfig {
         concurrency: 8,
         rate_per_second: None,
         page_size: 30,
         max_idle: std::time::Duration::from_millis(20),
-        ..tokenkeeper::RefresherConfig::default()
+        ..tokenkeeper::refresher::RefresherConfig::default()
     }
 }
 
@@ -183,7 +183,7 @@ impl Fixture {
         profile: ProviderProfile,
         kind: MockProfile,
         store: Arc<dyn TokenStore>,
-        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+        tune: impl FnOnce(&mut tokenkeeper::policy::RefreshPolicy),
     ) -> Fixture {
         let mock = MockProvider::builder().profile(kind).start().await.unwrap();
         Self::with_mock(mock, profile, store, tune)
@@ -193,7 +193,7 @@ impl Fixture {
     pub async fn tuned_in_memory(
         profile: ProviderProfile,
         kind: MockProfile,
-        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+        tune: impl FnOnce(&mut tokenkeeper::policy::RefreshPolicy),
     ) -> Fixture {
         Self::tuned(
             profile,
@@ -209,7 +209,7 @@ impl Fixture {
         mock: MockProvider,
         profile: ProviderProfile,
         store: Arc<dyn TokenStore>,
-        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+        tune: impl FnOnce(&mut tokenkeeper::policy::RefreshPolicy),
     ) -> Fixture {
         let clock = now_clock();
         let manager = manager_builder(
@@ -248,7 +248,7 @@ impl Fixture {
     pub fn peer_tuned(
         &self,
         profile: ProviderProfile,
-        tune: impl FnOnce(&mut tokenkeeper::RefreshPolicy),
+        tune: impl FnOnce(&mut tokenkeeper::policy::RefreshPolicy),
     ) -> tokenkeeper::TokenManager {
         manager_builder(
             consumer_for(profile, &self.mock, DEFAULT_CLIENT_SECRET),
@@ -291,7 +291,7 @@ impl Fixture {
             .installation
     }
 
-    pub async fn record(&self, id: &tokenkeeper::InstallationId) -> tokenkeeper::Record {
+    pub async fn record(&self, id: &tokenkeeper::InstallationId) -> tokenkeeper::core::Record {
         self.store.get(id).await.unwrap().unwrap()
     }
 }

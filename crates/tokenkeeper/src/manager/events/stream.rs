@@ -9,7 +9,7 @@
 //!   saved; its cursor, installation and version identify it);
 //! - this process's token cache: a watcher started with the first refresh drops cached tokens
 //!   another process ended (revoked, condemned, deleted, replaced by a new grant) within about
-//!   [`RefreshPolicy::event_poll`](crate::RefreshPolicy::event_poll), instead of serving them
+//!   [`RefreshPolicy::event_poll`](crate::policy::RefreshPolicy::event_poll), instead of serving them
 //!   until `cache_revalidate`.
 
 use std::collections::VecDeque;

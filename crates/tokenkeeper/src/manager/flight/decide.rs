@@ -10,8 +10,8 @@ use tokenkeeper_core::{
     ReauthReason, Record, State, Timestamp,
 };
 
+use crate::ProviderProfile;
 use crate::error::Error;
-use crate::oauth::ProviderProfile;
 
 /// Why a flight runs.
 #[derive(Debug, Clone)]

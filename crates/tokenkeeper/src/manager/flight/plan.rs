@@ -17,8 +17,8 @@ use tokenkeeper_core::{
 };
 
 use super::decide::{refresh_token_deadline, rejection_reason};
+use crate::ProviderProfile;
 use crate::manager::policy::RefreshPolicy;
-use crate::oauth::ProviderProfile;
 
 /// The rules a plan follows: the provider's rotation, leeway and limits, and the policy.
 #[derive(Debug, Clone, Copy)]
@@ -251,7 +251,7 @@ mod tests {
         AccessToken, ErrorDetail, Event, InstallationId, LeaseHolder, RefreshToken, TokenSet,
     };
 
-    use crate::oauth::ConsumerConfig;
+    use crate::ConsumerConfig;
     use crate::profiles;
 
     fn at(secs: u64) -> Timestamp {

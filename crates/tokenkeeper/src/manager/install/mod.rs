@@ -262,7 +262,7 @@ impl TokenManager {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tokenkeeper::{AccessToken, InstallationId, RefreshToken, Scopes, SystemClock, Clock, TokenSet};
+    /// use tokenkeeper::{AccessToken, InstallationId, core::RefreshToken, core::Scopes, core::SystemClock, core::Clock, core::TokenSet};
     ///
     /// # async fn demo(manager: tokenkeeper::TokenManager) -> Result<(), Box<dyn std::error::Error>> {
     /// let now = SystemClock.now();
