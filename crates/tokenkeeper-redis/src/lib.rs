@@ -37,6 +37,7 @@ mod error;
 mod events;
 mod exec;
 mod keys;
+mod migrate;
 mod scripts;
 mod value;
 
@@ -673,63 +674,6 @@ impl RedisStore {
             .iter()
             .flat_map(|s| std::iter::once(s.due(consumer)).chain(s.states.iter().cloned()))
             .collect()
-    }
-
-    /// Moves the members of the shared due sets that stores before the per-consumer index
-    /// kept (`{prefix}:{sNN}:due`) into their records' consumers' sets, dropping members
-    /// whose record is gone or no longer indexes them. Idempotent and resumable: each member
-    /// moves in one script; run by `connect`. Stop processes of older versions first (they
-    /// would go on writing the shared sets).
-    async fn migrate_legacy_due(&self) -> Result<u64, StoreError> {
-        let mut moved = 0;
-        for shard in self.layout.shards() {
-            loop {
-                let members: Vec<Vec<u8>> = self
-                    .run("migrate", async |c| {
-                        redis::cmd("ZRANGE")
-                            .arg(&shard.legacy_due)
-                            .arg(0)
-                            .arg(99)
-                            .query_async(c)
-                            .await
-                    })
-                    .await?;
-                if members.is_empty() {
-                    break;
-                }
-                for member in members {
-                    let id = member
-                        .get(16..)
-                        .and_then(|b| InstallationId::from_bytes(b).ok());
-                    let consumer = match &id {
-                        Some(id) => match self.get(id).await {
-                            Ok(Some(record)) => Some(record.consumer().to_owned()),
-                            Ok(None) => None,
-                            Err(StoreError::Corrupt { .. }) => None,
-                            Err(e) => return Err(e),
-                        },
-                        None => None,
-                    };
-                    let (due, record) = match (&id, &consumer) {
-                        (Some(id), Some(consumer)) => (shard.due(consumer), self.record_key(id)),
-                        // Gone or unreadable: the member is only dropped.
-                        _ => (shard.due(""), format!("{}:rec:", shard.legacy_due)),
-                    };
-                    let keys = [shard.legacy_due.clone(), due, record];
-                    let n: i64 = self
-                        .run("migrate", async |c| {
-                            scripts::MIGRATE_DUE
-                                .key(&keys)
-                                .arg(&member)
-                                .invoke_async(c)
-                                .await
-                        })
-                        .await?;
-                    moved += u64::try_from(n).unwrap_or(0);
-                }
-            }
-        }
-        Ok(moved)
     }
 
     /// The event arguments of a write of `record`: consumer, version, body, retention.
