@@ -21,7 +21,9 @@ use tokenkeeper_core::{
     decode_event,
 };
 
-use crate::{BACKEND, RedisStore, parse_id, unexpected_reply};
+use crate::error::unexpected_reply;
+use crate::store::parse_id;
+use crate::{BACKEND, RedisStore};
 
 const OP: &str = "read_events";
 
