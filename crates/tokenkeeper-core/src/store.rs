@@ -328,6 +328,12 @@ pub struct ListEntry {
 
 /// A versioned compare-and-swap store of installation records.
 ///
+/// The methods come in three groups: records (`get`, `create`, `compare_and_swap`,
+/// `delete`, and the `due` and `list` indexes with `count_states`), authorization flows
+/// (`claim_flow`, `settle_flow`, `get_flow`) and the event log (`read_events`,
+/// `event_head`). A new store instantiates the conformance suite
+/// ([`conformance_tests!`](crate::conformance_tests), feature `conformance`).
+///
 /// Contract (checked by the conformance suite):
 /// - `create` writes only if the id is absent, else [`StoreError::AlreadyExists`].
 /// - `compare_and_swap(record, expected)` writes `record` only if the stored version equals
@@ -336,7 +342,8 @@ pub struct ListEntry {
 ///   from the same version, exactly one succeeds. A record written under a lease
 ///   ([`Record::written_under`]) is written only over a stored record holding that lease
 ///   ([`Record::lease_matches`]); otherwise the outcome is `Conflict`.
-/// - `due(before, after, limit)` returns up to `limit` entries with `due_at < before`, in
+/// - `due(consumer, before, after, limit)` returns up to `limit` entries of `consumer` with
+///   `due_at < before`, in
 ///   `(due_at, id)` order, strictly after the cursor `after`; terminal records never appear.
 /// - `list(filter, after, limit)` returns up to `limit` entries in id order after `after`.
 /// - A record that cannot be decoded is [`StoreError::Corrupt`] naming the id; never a panic.
@@ -355,20 +362,50 @@ pub struct ListEntry {
 ///   [`StoreError::EventsTrimmed`].
 #[async_trait]
 pub trait TokenStore: Send + Sync + fmt::Debug + 'static {
-    /// The record of `id`, if any.
+    // Records: read, create, compare-and-swap, delete, and the two indexes (due, by state).
+
+    /// The record of `id`, if any. A read sees every write acknowledged before it started,
+    /// by any handle of the store.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`]; data that cannot be decoded is
+    /// [`StoreError::Corrupt`] naming the installation.
     async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError>;
 
-    /// Stores a new record; fails with [`StoreError::AlreadyExists`] if the id is taken.
+    /// Stores a new record, with its due entry and a `Created` event in the event log, in one
+    /// atomic write.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AlreadyExists`] if the id is taken; [`StoreError::InvalidArgument`] for
+    /// a record the contract forbids; [`StoreError::Unavailable`] (the outcome unknown: read
+    /// again before retrying) or [`StoreError::Backend`].
     async fn create(&self, record: &Record) -> Result<(), StoreError>;
 
-    /// Replaces the stored record if its version is still `expected_version`.
+    /// Replaces the stored record if its version is still `expected_version` (and, for a
+    /// record written under a lease, the stored record holds that lease), with its due entry
+    /// and the event of its newest history entry, in one atomic write. The one way records
+    /// change: every writer's fencing rests on it. A conflict returns the stored record.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidArgument`] when `record.version()` is not greater than
+    /// `expected_version` or the ids differ; [`StoreError::Unavailable`] (the outcome unknown:
+    /// the write may have been applied; read again, and recognise your own write) or
+    /// [`StoreError::Backend`].
     async fn compare_and_swap(
         &self,
         record: &Record,
         expected_version: u64,
     ) -> Result<CasOutcome, StoreError>;
 
-    /// Deletes the record if its version is still `expected_version`.
+    /// Deletes the record, with its due entry, if its version is still `expected_version`, and
+    /// writes a `Deleted` event.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] (the outcome unknown) or [`StoreError::Backend`].
     async fn delete(
         &self,
         id: &InstallationId,
