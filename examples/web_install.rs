@@ -75,6 +75,7 @@ impl App {
 }
 
 /// The running app: its address, the provider and the manager behind it.
+#[derive(Debug)]
 pub struct WebApp {
     /// `http://127.0.0.1:port`.
     pub base: String,
