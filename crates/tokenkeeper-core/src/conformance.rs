@@ -1242,6 +1242,14 @@ pub async fn events_respect_retention(store: Arc<dyn TokenStore>) {
 /// [`conformance_tests!`]: crate::conformance_tests
 pub const CASES: &[&str] = crate::conformance_tests!(@list names);
 
+/// A keyring for running the suite over [`Sealed`](crate::sealed::Sealed) stores (feature
+/// `encryption`): at-rest encryption must keep every promise of the store it wraps.
+#[cfg(feature = "encryption")]
+pub fn test_keyring() -> crate::sealed::Keyring {
+    let key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    crate::sealed::Keyring::new("conformance", &key).expect("a key that looks random")
+}
+
 /// Expands to one `#[tokio::test]` per conformance case. `$make` is a closure returning a
 /// future of a fresh, empty store.
 #[macro_export]

@@ -1,4 +1,5 @@
-//! The whole TokenStore conformance suite against `MemoryStore`.
+//! The whole TokenStore conformance suite against `MemoryStore`, and against
+//! `Sealed<MemoryStore>` (at-rest encryption must keep every promise of the store it wraps).
 
 use tokenkeeper_memory::MemoryStore;
 
@@ -9,4 +10,12 @@ async fn events_respect_retention() {
     let store =
         MemoryStore::with_event_retention(tokenkeeper_core::EventRetention::new().max_events(5));
     tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
+}
+
+mod sealed {
+    use tokenkeeper_core::conformance::test_keyring as keyring;
+    use tokenkeeper_core::sealed::Sealed;
+    use tokenkeeper_memory::MemoryStore;
+
+    tokenkeeper_core::conformance_tests!(|| async { Sealed::new(MemoryStore::new(), keyring()) });
 }

@@ -1,4 +1,6 @@
-//! The whole TokenStore conformance suite against `SqliteStore` on a real on-disk database.
+//! The whole TokenStore conformance suite against `SqliteStore` on a real on-disk database,
+//! in memory, and wrapped in `Sealed` (at-rest encryption must keep every promise of the store
+//! it wraps).
 
 mod common;
 
@@ -15,6 +17,19 @@ mod in_memory {
 
     tokenkeeper_core::conformance_tests!(|| async {
         SqliteStore::in_memory().await.expect("open in memory")
+    });
+}
+
+mod sealed {
+    use tokenkeeper_core::conformance::test_keyring as keyring;
+    use tokenkeeper_core::sealed::Sealed;
+    use tokenkeeper_sqlite::SqliteStore;
+
+    tokenkeeper_core::conformance_tests!(|| async {
+        let store = SqliteStore::open(super::common::fresh_db("sealed-conformance"))
+            .await
+            .expect("open a fresh database");
+        Sealed::new(store, keyring())
     });
 }
 
