@@ -188,6 +188,51 @@ async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
     }
 }
 
+/// Review E7: the late result of the holder above is over a grant the provider already
+/// revoked (the peer's presentation of the retired token tripped reuse detection). Before it
+/// revives the peer's verdict, the manager asks the provider once (the profile's identity
+/// endpoint, with the result's access token): refused, the verdict stands and the holder is
+/// told so, instead of being handed a dead token announced as healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_over_a_grant_the_provider_revoked_is_not_announced_healthy() {
+    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
+    let f = Fixture::with_store(
+        profiles::atlassian_3lo(),
+        MockProfile::Atlassian3lo,
+        Arc::new(store),
+    )
+    .await;
+    let id = f.install().await;
+    let mut events = f.manager.subscribe();
+    f.advance(Duration::from_secs(3600));
+    let holder = {
+        let (m, id) = (f.manager.clone(), id.clone());
+        tokio::spawn(async move { m.access_token(&id).await })
+    };
+    gate.held().await;
+    f.advance(Duration::from_secs(11 * 60));
+    let peer = f.peer(profiles::atlassian_3lo());
+    assert!(peer.access_token(&id).await.is_err());
+    assert_eq!(f.mock.counters().totals.reuse_detections, 1);
+    gate.release();
+    match holder.await.unwrap() {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("the holder must hear the verdict, got {other:?}"),
+    }
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::ReauthorizationRequired);
+    let revived = std::iter::from_fn(|| events.try_recv().ok()).any(|e| {
+        matches!(
+            e.kind,
+            tokenkeeper::events::LocalEventKind::Refreshed { .. }
+        )
+    });
+    assert!(!revived, "a dead grant is not announced as refreshed");
+}
+
 /// The contention fleet's eleventh reuse detection (one run in eight under the full suite):
 /// a refusal right after taking over a silent holder's lease is held by the mass-rejection
 /// guard, and a peer whose own success came right after lifted the hold and presented the

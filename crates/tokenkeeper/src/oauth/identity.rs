@@ -88,6 +88,41 @@ impl OAuthClient {
     }
 }
 
+/// What one authenticated call with an access token says of its grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// The provider accepted the token.
+    Accepted,
+    /// The provider refused it (HTTP 401 or 403): the grant is revoked, or the token is.
+    Refused(u16),
+    /// No answer that says either (no identity endpoint in the profile, a timeout, another
+    /// status).
+    Unknown,
+}
+
+impl OAuthClient {
+    /// Asks the profile's identity endpoint whether `access` still works: one harmless
+    /// authenticated `GET`, its body not read. `Unknown` without such an endpoint.
+    pub(crate) async fn probe(&self, access: &tokenkeeper_core::AccessToken) -> Probe {
+        let IdentityCheck::Endpoint { url, .. } = &self.consumer().profile().identity else {
+            return Probe::Unknown;
+        };
+        let sent = self
+            .http()
+            .get(url.clone())
+            .bearer_auth(access.secret())
+            .header(ACCEPT, "application/json")
+            .timeout(self.consumer().http_timeout())
+            .send()
+            .await;
+        match sent.map(|r| r.status().as_u16()) {
+            Ok(status @ (401 | 403)) => Probe::Refused(status),
+            Ok(status) if (200..300).contains(&status) => Probe::Accepted,
+            _ => Probe::Unknown,
+        }
+    }
+}
+
 /// The account id at `pointer`: a non-empty string or an integer.
 fn account_at(json: &serde_json::Value, pointer: &str) -> Result<String, String> {
     let id = match json.pointer(pointer) {

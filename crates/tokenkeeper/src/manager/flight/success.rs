@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::manager::Engine;
 use crate::manager::events::LocalEventKind;
 use crate::manager::unsaved::UnsavedTokens;
+use crate::oauth::identity::Probe;
 
 /// The provider rotated the tokens: write them before anyone uses them (the rotated refresh
 /// token exists nowhere else), then cache, announce and serve them.
@@ -259,6 +260,9 @@ impl Landing {
         if !self.lease_lost && held.adopt_if_ours(stored) {
             return None;
         }
+        if self.grant_revoked_under_verdict(engine, stored).await {
+            return Some(Landed::Superseded);
+        }
         let Ok(revived) = stored.apply(self.late.clone(), engine.clock.now()) else {
             let held_by = (self.presented.clone(), self.under.clone());
             let tokens = self.tokens.clone();
@@ -271,6 +275,32 @@ impl Landing {
         self.pending = Some((revived, stored.version()));
         self.lease_lost = true;
         None
+    }
+
+    /// Whether a peer's verdict on the presented token is to stand although this result could
+    /// revive it (review E7): on a rotating provider the verdict may have come from presenting
+    /// the retired token, and reuse detection then revoked the whole grant, this result's
+    /// tokens with it. One harmless call with the result's access token (the profile's
+    /// identity endpoint) tells: refused, the verdict stands and the dead tokens are dropped;
+    /// accepted or no answer, the result lands (in doubt, as the revival records).
+    async fn grant_revoked_under_verdict(&self, engine: &Engine, stored: &Record) -> bool {
+        let verdict = matches!(
+            stored.state(),
+            tokenkeeper_core::State::ReauthorizationRequired { .. }
+        );
+        let holds_presented = stored.tokens().refresh_token.as_ref() == Some(&self.presented);
+        if !verdict || !holds_presented || !engine.client.consumer().profile().rotation.rotates() {
+            return false;
+        }
+        let probe = engine.client.probe(&self.tokens.access_token).await;
+        let Probe::Refused(status) = probe else {
+            return false;
+        };
+        tracing::warn!(
+            status,
+            "a late result would revive a condemned installation, but the provider refuses its access token: the grant was revoked (reuse detection), so the verdict stands"
+        );
+        true
     }
 
     /// The store would not take the result within the patience: applied after all, or to
