@@ -18,6 +18,10 @@ use crate::exec::ReplicaWrites;
 use crate::keys::Layout;
 use crate::{RedisStore, events};
 
+/// How many index shards a store has unless [`RedisStoreBuilder::index_shards`] says
+/// otherwise.
+pub(crate) const DEFAULT_INDEX_SHARDS: u16 = 16;
+
 /// Why a store could not be connected.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -174,7 +178,7 @@ impl RedisStoreBuilder {
         Self {
             url,
             prefix: "tokenkeeper".to_owned(),
-            shards: 16,
+            shards: DEFAULT_INDEX_SHARDS,
             event_retention: EventRetention::default(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),

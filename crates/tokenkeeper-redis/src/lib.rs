@@ -171,10 +171,11 @@ pub fn __fuzz_encode(record: &tokenkeeper_core::Record) -> Vec<u8> {
 #[cfg(feature = "__bench")]
 #[doc(hidden)]
 pub mod bench_support {
-    use tokenkeeper_core::{InstallationId, Record};
+    use tokenkeeper_core::{EventRetention, InstallationId, Record};
 
     use crate::RedisStore;
-    use crate::keys::due_member;
+    use crate::builder::DEFAULT_INDEX_SHARDS;
+    use crate::store::{EventBounds, cas_argv};
 
     /// The compare-and-swap script.
     pub fn cas_script() -> &'static redis::Script {
@@ -186,28 +187,15 @@ pub mod bench_support {
         store.layout.script_keys(id, consumer)
     }
 
-    /// The ARGV of a compare-and-swap of `record` from `expected`.
+    /// The ARGV of a compare-and-swap of `record` from `expected`, as a store with the
+    /// default index shards and event retention sends it (the benchmarks connect such a
+    /// store): the store's own [`cas_argv`](crate::store::cas_argv), so the raw `EVALSHA`
+    /// runs the script on the arguments the store would send.
     pub fn cas_args(record: &Record, expected: u64) -> Vec<Vec<u8>> {
-        vec![
-            expected.to_string().into_bytes(),
-            crate::value::encode(record),
-            record.state().kind().as_str().as_bytes().to_vec(),
-            due_member(record.id(), record.due_at()).into_bytes(),
-            record.id().as_str().as_bytes().to_vec(),
-            record
-                .written_under()
-                .map_or_else(Vec::new, |h| h.to_string().into_bytes()),
-            record.consumer().as_bytes().to_vec(),
-            record.version().to_string().into_bytes(),
-            tokenkeeper_core::write_event_payload(record),
-            tokenkeeper_core::EventRetention::default()
-                .event_limit()
-                .to_string()
-                .into_bytes(),
-            tokenkeeper_core::EventRetention::default()
-                .age_limit_millis()
-                .to_string()
-                .into_bytes(),
-        ]
+        let events = EventBounds::new(
+            usize::from(DEFAULT_INDEX_SHARDS),
+            &EventRetention::default(),
+        );
+        cas_argv(record, expected, events)
     }
 }

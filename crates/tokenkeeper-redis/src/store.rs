@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, InstallationId,
-    ListEntry, ListFilter, ListPage, Record, StateKind, StoreError, Timestamp, TokenStore,
-    check_cas_arguments, write_event_payload,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
+    InstallationId, ListEntry, ListFilter, ListPage, Record, StateKind, StoreError, Timestamp,
+    TokenStore, check_cas_arguments, write_event_payload,
 };
 
 use crate::error::{RedisFault, unexpected_reply};
@@ -20,21 +20,89 @@ use crate::keys::{due_hex, due_member, parse_due_hex};
 use crate::{BACKEND, RedisStore, events, scripts, value};
 
 impl RedisStore {
-    /// The event arguments of a write of `record`: consumer, version, body, retention.
-    fn event_args(&self, invocation: &mut redis::ScriptInvocation<'_>, record: &Record) {
+    /// The compare-and-swap script with its KEYS and ARGV for writing `record` over version
+    /// `expected`: what [`TokenStore::compare_and_swap`] sends. The ARGV comes from
+    /// [`cas_argv`], which the benchmarks' raw `EVALSHA` uses too.
+    pub(crate) fn cas_invocation(
+        &self,
+        record: &Record,
+        expected: u64,
+    ) -> redis::ScriptInvocation<'static> {
+        // A record's consumer never changes, so its due set is the one the stored version
+        // indexes itself in.
+        let keys = self.layout.script_keys(record.id(), record.consumer());
+        let mut invocation = scripts::CAS.key(&keys);
+        for arg in cas_argv(record, expected, self.event_bounds()) {
+            invocation.arg(arg);
+        }
         invocation
-            .arg(record.consumer())
-            .arg(record.version())
-            .arg(write_event_payload(record))
-            .arg(self.events_per_shard())
-            .arg(self.event_retention.age_limit_millis());
     }
 
-    /// The retention's event bound split among the shards (rounded up, at least 1).
-    fn events_per_shard(&self) -> u64 {
-        let shards = self.layout.shards().len().max(1) as u64;
-        self.event_retention.event_limit().div_ceil(shards).max(1)
+    /// The event arguments of a write of `record`: consumer, version, body, retention.
+    fn event_args(&self, invocation: &mut redis::ScriptInvocation<'_>, record: &Record) {
+        for arg in event_argv(record, self.event_bounds()) {
+            invocation.arg(arg);
+        }
     }
+
+    /// This store's event bounds: its retention over its index shards.
+    fn event_bounds(&self) -> EventBounds {
+        EventBounds::new(self.layout.shards().len(), &self.event_retention)
+    }
+}
+
+/// What every write script is told about the event streams: how many events each shard's
+/// stream keeps, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventBounds {
+    /// The retention's event bound split among the shards (rounded up, at least 1).
+    per_shard: u64,
+    /// The retention's age limit, in milliseconds.
+    age_millis: u64,
+}
+
+impl EventBounds {
+    /// `retention` over `shards` index shards.
+    pub(crate) fn new(shards: usize, retention: &EventRetention) -> Self {
+        let shards = shards.max(1) as u64;
+        Self {
+            per_shard: retention.event_limit().div_ceil(shards).max(1),
+            age_millis: retention.age_limit_millis(),
+        }
+    }
+}
+
+/// The compare-and-swap script's ARGV for writing `record` over version `expected`: the
+/// expected version, the value, the state and due index entries, the id, the lease it was
+/// written under (empty for none), then the event arguments. The store sends it
+/// ([`RedisStore::cas_invocation`]) and so do the benchmarks beside it, so both run the
+/// script on the same arguments.
+pub(crate) fn cas_argv(record: &Record, expected: u64, events: EventBounds) -> Vec<Vec<u8>> {
+    let written_under = record
+        .written_under()
+        .map_or_else(String::new, ToString::to_string);
+    let mut argv = vec![
+        expected.to_string().into_bytes(),
+        value::encode(record),
+        record.state().kind().as_str().as_bytes().to_vec(),
+        due_member(record.id(), record.due_at()).into_bytes(),
+        record.id().as_str().as_bytes().to_vec(),
+        written_under.into_bytes(),
+    ];
+    argv.extend(event_argv(record, events));
+    argv
+}
+
+/// The arguments every write script of `record` ends with: consumer, version, event body,
+/// then the event bounds.
+fn event_argv(record: &Record, events: EventBounds) -> [Vec<u8>; 5] {
+    [
+        record.consumer().as_bytes().to_vec(),
+        record.version().to_string().into_bytes(),
+        write_event_payload(record),
+        events.per_shard.to_string().into_bytes(),
+        events.age_millis.to_string().into_bytes(),
+    ]
 }
 
 fn ttl_millis(ttl: Duration) -> u64 {
@@ -91,22 +159,7 @@ impl TokenStore for RedisStore {
         expected_version: u64,
     ) -> Result<CasOutcome, StoreError> {
         check_cas_arguments(BACKEND, record, expected_version)?;
-        let written_under = record
-            .written_under()
-            .map_or_else(String::new, ToString::to_string);
-        // A record's consumer never changes, so its due set is the one the stored version
-        // indexes itself in.
-        let keys = self.layout.script_keys(record.id(), record.consumer());
-        let value = value::encode(record);
-        let mut invocation = scripts::CAS.key(&keys);
-        invocation
-            .arg(expected_version.to_string())
-            .arg(&value)
-            .arg(record.state().kind().as_str())
-            .arg(due_member(record.id(), record.due_at()))
-            .arg(record.id().as_str())
-            .arg(written_under.as_str());
-        self.event_args(&mut invocation, record);
+        let invocation = self.cas_invocation(record, expected_version);
         match self
             .write("compare_and_swap", Write::Script(&invocation))
             .await?
@@ -140,14 +193,15 @@ impl TokenStore for RedisStore {
             Err(e) => return Err(e),
         };
         let keys = self.layout.script_keys(id, &consumer);
+        let events = self.event_bounds();
         let mut invocation = scripts::DELETE.key(&keys);
         invocation
             .arg(expected_version.to_string())
             .arg(id.as_str())
             .arg(consumer.as_str())
             .arg(expected_version.saturating_add(1))
-            .arg(self.events_per_shard())
-            .arg(self.event_retention.age_limit_millis());
+            .arg(events.per_shard)
+            .arg(events.age_millis);
         match self.write("delete", Write::Script(&invocation)).await? {
             Value::Int(1) => Ok(DeleteOutcome::Deleted),
             Value::Int(0) => Ok(DeleteOutcome::Missing),
@@ -360,4 +414,61 @@ fn merge_shares<T: Ord + Clone>(pages: Vec<Vec<T>>, share: usize, limit: usize) 
     let more = cut.is_some() || members.len() > limit;
     members.truncate(limit);
     (members, more)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenkeeper_core::conformance::{T0, sample_record};
+    use tokenkeeper_core::{EventRetention, InstallationId, Record, write_event_payload};
+
+    use super::{EventBounds, cas_argv};
+    use crate::keys::due_member;
+    use crate::{scripts, value};
+
+    /// The script command as sent, byte for byte.
+    fn packed(invocation: &redis::ScriptInvocation<'_>) -> Vec<u8> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation);
+        pipe.get_packed_pipeline()
+    }
+
+    /// The compare-and-swap as `compare_and_swap` built it before `cas_argv` existed: one
+    /// `arg` per value, in the script's order.
+    fn chained(record: &Record, expected: u64, per_shard: u64, age: u64) -> Vec<u8> {
+        let written_under = record
+            .written_under()
+            .map_or_else(String::new, ToString::to_string);
+        let mut invocation = scripts::CAS.key(&["k1", "k2"]);
+        invocation
+            .arg(expected.to_string())
+            .arg(value::encode(record))
+            .arg(record.state().kind().as_str())
+            .arg(due_member(record.id(), record.due_at()))
+            .arg(record.id().as_str())
+            .arg(written_under.as_str())
+            .arg(record.consumer())
+            .arg(record.version())
+            .arg(write_event_payload(record))
+            .arg(per_shard)
+            .arg(age);
+        packed(&invocation)
+    }
+
+    #[test]
+    fn cas_argv_sends_what_the_chained_arguments_sent() {
+        let record = sample_record(&InstallationId::new("inst-argv").unwrap(), T0);
+        let retention = EventRetention::default();
+        let events = EventBounds::new(16, &retention);
+        // The event bound is split among the shards, as every write script is told.
+        let per_shard = retention.event_limit().div_ceil(16).max(1);
+        assert_eq!(events.per_shard, per_shard);
+        let mut invocation = scripts::CAS.key(&["k1", "k2"]);
+        for arg in cas_argv(&record, 3, events) {
+            invocation.arg(arg);
+        }
+        assert_eq!(
+            packed(&invocation),
+            chained(&record, 3, per_shard, retention.age_limit_millis())
+        );
+    }
 }
