@@ -55,7 +55,7 @@ async fn admitted(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if token.is_empty() || presented != Some(token.as_str()) {
+    if token.is_empty() || !presented.is_some_and(|p| same_secret(p, &token)) {
         return (
             StatusCode::UNAUTHORIZED,
             "admin endpoints need the admin token the mock printed at start-up (Authorization: Bearer ...)",
@@ -63,6 +63,17 @@ async fn admitted(
             .into_response();
     }
     next.run(req).await
+}
+
+/// Compares two secrets in time that depends on their lengths only (review I1): the admin
+/// token must not be guessable byte by byte from response times.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a
+            .bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[derive(Deserialize)]
@@ -157,4 +168,17 @@ async fn counters(State(shared): State<Shared>) -> Json<Counters> {
 async fn reset_counters(State(shared): State<Shared>) -> StatusCode {
     shared.lock().reset_counters();
     StatusCode::NO_CONTENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_match_only_whole() {
+        assert!(same_secret("s3cret-token", "s3cret-token"));
+        assert!(!same_secret("s3cret-token", "s3cret-tokeN"));
+        assert!(!same_secret("s3cret-token", "s3cret-toke"));
+        assert!(!same_secret("", "s3cret-token"));
+    }
 }
