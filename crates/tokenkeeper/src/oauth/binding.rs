@@ -32,10 +32,14 @@ const BINDING_LEN: usize = 32;
 /// __Host-tkflow-<16 hex digits of the state's hash>=<binding>; HttpOnly; Secure; SameSite=Lax; Path=/; Max-Age=<authorization_ttl>
 /// ```
 ///
-/// - `HttpOnly`: no script reads it; `Secure`: sent over https only (browsers treat
-///   `http://localhost` and `127.0.0.1` as secure for development);
-/// - `SameSite=Lax`, not `Strict`: the callback is a top-level navigation from the provider's
-///   site, which `Lax` cookies accompany and `Strict` ones do not;
+/// - `HttpOnly`: no script reads it; `Secure`: sent over https only. Chromium (which the
+///   test suite drives) also accepts it from `http://127.0.0.1` and `http://localhost`
+///   during development; other browsers may not (Safari is not verified here): develop over
+///   https, or with Chromium;
+/// - `SameSite=Lax`, not `Strict`: the callback is a top-level navigation (a `GET`) from the
+///   provider's site, which `Lax` cookies accompany and `Strict` ones do not. A callback by
+///   `response_mode=form_post` is a cross-site `POST`, which no `Lax` cookie accompanies:
+///   the flow uses the default query response mode, and `form_post` is not supported;
 /// - the `__Host-` prefix makes browsers refuse the cookie unless it is `Secure`, has
 ///   `Path=/` and no `Domain`, so a sibling subdomain or a plain-http attacker cannot plant a
 ///   binding of theirs;

@@ -298,7 +298,7 @@ impl ConsumerConfigBuilder {
         self.settings.max_response_bytes = bytes;
         self
     }
-    /// How long a begun authorization stays valid (default 10 minutes).
+    /// How long a begun authorization stays valid (default 10 minutes, at most a day).
     pub fn authorization_ttl(mut self, ttl: Duration) -> Self {
         self.settings.authorization_ttl = ttl;
         self
@@ -442,6 +442,9 @@ fn validate_issuer(profile: &ProviderProfile) -> Result<(), ConfigError> {
     }
 }
 
+/// The longest a begun authorization may stay valid (review I2).
+const MAX_AUTHORIZATION_TTL: Duration = Duration::from_secs(24 * 3600);
+
 fn validate_limits(settings: &Settings) -> Result<(), ConfigError> {
     let out_of_range = |field, reason: String| Err(ConfigError::OutOfRange { field, reason });
     for (field, d) in [
@@ -452,6 +455,15 @@ fn validate_limits(settings: &Settings) -> Result<(), ConfigError> {
         if d.is_zero() {
             return out_of_range(field, "must be greater than zero".into());
         }
+    }
+    if settings.authorization_ttl > MAX_AUTHORIZATION_TTL {
+        return out_of_range(
+            "authorization_ttl",
+            format!(
+                "{:?} is longer than a day: a begun authorization (its cookie, its claim in the store) must not outlive the visit it belongs to",
+                settings.authorization_ttl
+            ),
+        );
     }
     if settings.connect_timeout > settings.http_timeout {
         return out_of_range(
@@ -533,6 +545,19 @@ mod tests {
             .client_id("k")
             .client_secret("s")
             .redirect_uri("https://app.example/cb")
+    }
+
+    /// Review I2: a begun authorization lives at most a day (its cookie's `Max-Age`, its
+    /// claim in the store, and the state's own expiry all follow it).
+    #[test]
+    fn an_authorization_lives_at_most_a_day() {
+        let day = Duration::from_secs(24 * 3600);
+        assert!(base().authorization_ttl(day).build().is_ok());
+        match base().authorization_ttl(day + Duration::from_secs(1)).build() {
+            Err(ConfigError::OutOfRange { field, .. }) => assert_eq!(field, "authorization_ttl"),
+            other => panic!("expected authorization_ttl out of range, got {other:?}"),
+        }
+        assert!(base().authorization_ttl(Duration::MAX).build().is_err());
     }
 
     // A table of refused settings, read top-down: longer than 70 lines on purpose.
