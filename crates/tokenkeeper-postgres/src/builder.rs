@@ -1,65 +1,20 @@
-//! # tokenkeeper-postgres
-//!
-//! [`PostgresStore`]: a [`TokenStore`] on PostgreSQL, where most applications that install into
-//! many accounts already keep their data. Any number of processes on any number of machines
-//! share it.
-//!
-//! - **One statement per write.** Compare-and-swap is one conditional
-//!   `UPDATE ... WHERE id = $1 AND version = $2` that also checks the lease the record was
-//!   written under (the `lease_holder` column), with the index columns in the same row.
-//! - **Index-backed reads.** `due` reads the `(consumer, due_at, id)` index with a row-wise
-//!   cursor; `list` reads the primary key or `(state, id)`. Ids use the `C` collation, so they
-//!   sort byte-wise like every other store.
-//! - **Versioned schema** in a schema of your choice (default `tokenkeeper`): a version table,
-//!   migrations under an advisory lock, a newer schema refused untouched.
-//! - **A pool that outlives the server** (deadpool-postgres): while the server is down every
-//!   operation is [`StoreError::Unavailable`] within the operation timeout; once it is back,
-//!   broken connections are replaced and operations succeed again.
-//! - **TLS with rustls** and the platform's root certificates (or a private CA).
-//!
-//! URLs are `postgres://` or `postgresql://` with user, password, host, port, dbname and
-//! `sslmode`:
-//! - `disable`: plaintext, allowed only to this machine (loopback or a Unix socket) unless
-//!   [`PostgresStoreBuilder::allow_plaintext`];
-//! - `prefer` (the default) to this machine: TLS if the server offers it;
-//! - `prefer` to another host, `require`, `verify-ca`, `verify-full`: TLS, with the
-//!   certificate verified and the host name checked (rustls verifies fully in every mode).
-//!
-//! ```no_run
-//! use tokenkeeper_postgres::PostgresStore;
-//!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = PostgresStore::builder("postgres://app:secret@db.internal/app?sslmode=require")
-//!     .schema("tokenkeeper")
-//!     .connect()
-//!     .await?;
-//! # let _ = store;
-//! # Ok(()) }
-//! ```
-
-// Production code keeps every function under 70 lines (clippy.toml sets the threshold);
-// tests under `tests/` may be longer.
-#![warn(clippy::too_many_lines)]
-
-mod ops;
-mod schema;
-mod tls;
+//! How a [`PostgresStore`] comes to be: [`PostgresStoreBuilder`] and its settings, the URL
+//! (parsed by `parse_url`, shown with its password replaced by `***` by `redact`), the
+//! transport (TLS unless the server is on this machine, no plaintext to another host), the
+//! pool, and `prepare`, which creates or migrates the schema and checks its outbox
+//! triggers. [`ConnectError`] says why connecting failed, and `Names` is the validated,
+//! quoted schema name the statements are built with. Everything here runs once per store,
+//! before the first operation; the operations are in `store` and `ops`.
 
 use std::fmt;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
-    InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,
-    check_cas_arguments,
-};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokenkeeper_core::EventRetention;
 use tokio_postgres::config::{Host, SslMode};
 
-pub use schema::SCHEMA_VERSION;
-
-pub(crate) const BACKEND: &str = "postgres";
+use crate::error::pool_error_text;
+use crate::{PostgresStore, ops, schema, tls};
 
 /// Why a [`PostgresStore`] could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +98,8 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    fn schema(e: tokio_postgres::Error) -> Self {
+    /// A failed schema statement (`map_err(ConnectError::schema)`).
+    pub(crate) fn schema(e: tokio_postgres::Error) -> Self {
         Self::Schema(e)
     }
 }
@@ -158,7 +114,7 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    fn new(schema: &str) -> Result<Self, ConnectError> {
+    pub(crate) fn new(schema: &str) -> Result<Self, ConnectError> {
         let ok = (1..=63).contains(&schema.len())
             && !schema.starts_with("pg_")
             && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -208,55 +164,13 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// A driver error as text: the server's own message and SQLSTATE for a database error
-/// (`tokio_postgres::Error`'s `Display` says only "db error").
-fn error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
-/// Maps a driver error: a lost or refused connection (closed, or an I/O error), a server
-/// shutting down or short of resources, a transaction it had to abort, lock contention or a
-/// cancelled statement is "unavailable" (retry later); anything else, our own conversion
-/// errors included, is a backend failure that retrying would not fix.
-pub(crate) fn pg_error(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
-    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-    let transient = e.is_closed()
-        || io
-        || e.code().is_some_and(|code| {
-            let c = code.code();
-            c.starts_with("08") // connection exception
-                || c.starts_with("53") // insufficient resources
-                || c.starts_with("57P") // shutdown, crash recovery, cannot connect now
-                || c == "57014" // statement cancelled (a timeout)
-                || c == "55P03" // lock not available
-                || c == "40001" // serialization failure
-                || c == "40P01" // deadlock
-                || c == "25006" // read-only transaction (a standby after failover)
-        });
-    if transient {
-        StoreError::unavailable(BACKEND, operation, DriverError(e))
-    } else {
-        StoreError::backend(BACKEND, operation, DriverError(e))
-    }
-}
-
-/// A driver error whose text carries the server's message (see [`error_text`]).
-#[derive(Debug)]
-struct DriverError(tokio_postgres::Error);
-
-impl fmt::Display for DriverError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&error_text(&self.0))
-    }
-}
-
-impl std::error::Error for DriverError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
-    }
+/// Whether `host` is this machine: `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Configures and connects a [`PostgresStore`].
@@ -286,6 +200,20 @@ impl fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
+    /// A builder for `url` with the defaults.
+    pub(crate) fn new(url: String) -> Self {
+        Self {
+            url,
+            schema: "tokenkeeper".to_owned(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(5),
+            allow_plaintext: false,
+            ca_certificate: None,
+            event_retention: None,
+        }
+    }
+
     /// How long the schema keeps lifecycle events (see [`EventRetention`]). The setting is
     /// stored in the schema and applies to every process writing it; without this call,
     /// connecting leaves the stored setting as it is (the defaults for a new schema).
@@ -314,7 +242,8 @@ impl PostgresStoreBuilder {
     }
 
     /// The longest any operation takes, waiting for a pooled connection included (default
-    /// 5 s): while the server is down, callers get [`StoreError::Unavailable`] after at most
+    /// 5 s): while the server is down, callers get
+    /// [`StoreError::Unavailable`](tokenkeeper_core::StoreError::Unavailable) after at most
     /// this long.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
@@ -496,13 +425,6 @@ impl PostgresStoreBuilder {
     }
 }
 
-fn pool_error_text(e: &PoolError) -> String {
-    match e {
-        PoolError::Backend(e) => error_text(e),
-        other => other.to_string(),
-    }
-}
-
 /// Parses a `postgres://` or `postgresql://` URL; `verify-ca` and `verify-full` mean TLS with
 /// full verification, which is what rustls does in every mode.
 fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
@@ -522,252 +444,6 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     normalized
         .parse::<tokio_postgres::Config>()
         .map_err(|e| e.to_string().replace(url, &redact(url)))
-}
-
-/// Whether `host` is this machine: `localhost` or a loopback address.
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
-}
-
-/// A [`TokenStore`] on PostgreSQL.
-pub struct PostgresStore {
-    pool: Pool,
-    sql: ops::Sql,
-    names: Names,
-    operation_timeout: Duration,
-    url: String,
-}
-
-impl fmt::Debug for PostgresStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("url", &self.url)
-            .field("schema", &self.names.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PostgresStore {
-    /// A builder for `url` with the defaults.
-    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
-        PostgresStoreBuilder {
-            url: url.into(),
-            schema: "tokenkeeper".to_owned(),
-            pool_size: 16,
-            connect_timeout: Duration::from_secs(5),
-            operation_timeout: Duration::from_secs(5),
-            allow_plaintext: false,
-            ca_certificate: None,
-            event_retention: None,
-        }
-    }
-
-    /// Connects to `url` with the defaults.
-    ///
-    /// # Errors
-    ///
-    /// See [`PostgresStoreBuilder::connect`].
-    pub async fn connect(url: impl Into<String>) -> Result<Self, ConnectError> {
-        Self::builder(url).connect().await
-    }
-
-    /// The schema holding the tables.
-    pub fn schema(&self) -> &str {
-        &self.names.name
-    }
-
-    /// The plan PostgreSQL chooses for one page of `due` (`EXPLAIN`), to check it is served
-    /// by the index.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Unavailable`] or [`StoreError::Backend`].
-    pub async fn explain_due(&self, consumer: &str) -> Result<String, StoreError> {
-        let sql = format!("EXPLAIN {}", self.sql.due_sql());
-        self.run("explain", async |c| {
-            let rows = c
-                .query(&sql, &[&consumer, &i64::MAX, &i64::MIN, &"", &100_i64])
-                .await
-                .map_err(|e| pg_error("explain", e))?;
-            Ok(rows
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n"))
-        })
-        .await
-    }
-
-    /// Runs `f` on a pooled connection within the operation timeout.
-    async fn run<T>(
-        &self,
-        operation: &'static str,
-        f: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.operation_timeout;
-        let timed_out = || {
-            StoreError::unavailable(
-                BACKEND,
-                operation,
-                format!(
-                    "no answer within {:?} (PostgreSQL at {})",
-                    self.operation_timeout, self.url
-                ),
-            )
-        };
-        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(PoolError::Backend(e))) => return Err(pg_error(operation, e)),
-            Ok(Err(other)) => return Err(StoreError::unavailable(BACKEND, operation, other)),
-            Err(_) => return Err(timed_out()),
-        };
-        match tokio::time::timeout_at(deadline, f(&client)).await {
-            Ok(result) => result,
-            Err(_) => {
-                // The statement may still be running on this connection: it leaves the pool
-                // instead of queueing the next borrower's statements behind it.
-                let _ = deadpool_postgres::Object::take(client);
-                Err(timed_out())
-            }
-        }
-    }
-}
-
-/// What the benchmarks need to run the raw statements the store wraps on the same pool.
-/// Not a public API: compiled only with the `__bench` feature the benchmarks turn on.
-#[cfg(feature = "__bench")]
-#[doc(hidden)]
-pub mod bench_support {
-    use crate::PostgresStore;
-
-    /// The store's pool.
-    pub fn pool(store: &PostgresStore) -> &deadpool_postgres::Pool {
-        &store.pool
-    }
-
-    /// The `get` statement.
-    pub fn get_sql(store: &PostgresStore) -> &str {
-        store.sql.get_sql()
-    }
-
-    /// The compare-and-swap statement.
-    pub fn cas_sql(store: &PostgresStore) -> &str {
-        store.sql.cas_sql()
-    }
-}
-
-#[async_trait]
-impl TokenStore for PostgresStore {
-    async fn get(&self, id: &InstallationId) -> Result<Option<Record>, StoreError> {
-        self.run("get", async |c| ops::get(c, &self.sql, id).await)
-            .await
-    }
-
-    async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        self.run("create", async |c| ops::create(c, &self.sql, record).await)
-            .await
-    }
-
-    async fn compare_and_swap(
-        &self,
-        record: &Record,
-        expected_version: u64,
-    ) -> Result<CasOutcome, StoreError> {
-        check_cas_arguments(BACKEND, record, expected_version)?;
-        self.run("compare_and_swap", async |c| {
-            ops::compare_and_swap(c, &self.sql, record, expected_version).await
-        })
-        .await
-    }
-
-    async fn delete(
-        &self,
-        id: &InstallationId,
-        expected_version: u64,
-    ) -> Result<DeleteOutcome, StoreError> {
-        self.run("delete", async |c| {
-            ops::delete(c, &self.sql, id, expected_version).await
-        })
-        .await
-    }
-
-    async fn due(
-        &self,
-        consumer: &str,
-        before: Timestamp,
-        after: Option<&DueEntry>,
-        limit: usize,
-    ) -> Result<DuePage, StoreError> {
-        self.run("due", async |c| {
-            ops::due(c, &self.sql, consumer, before, after, limit).await
-        })
-        .await
-    }
-
-    async fn list(
-        &self,
-        filter: ListFilter,
-        after: Option<&InstallationId>,
-        limit: usize,
-    ) -> Result<ListPage, StoreError> {
-        self.run("list", async |c| {
-            ops::list(c, &self.sql, filter, after, limit).await
-        })
-        .await
-    }
-
-    async fn count_states(&self, _cap: u64) -> Result<tokenkeeper_core::StateCounts, StoreError> {
-        self.run("count_states", async |c| {
-            ops::count_states(c, &self.sql).await
-        })
-        .await
-    }
-
-    async fn claim_flow(
-        &self,
-        flow: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.run("claim_flow", async |c| {
-            ops::claim_flow(c, &self.sql, flow, value, ttl).await
-        })
-        .await
-    }
-
-    async fn settle_flow(&self, flow: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
-        self.run("settle_flow", async |c| {
-            ops::settle_flow(c, &self.sql, flow, value, ttl).await
-        })
-        .await
-    }
-
-    async fn get_flow(&self, flow: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.run("get_flow", async |c| {
-            ops::get_flow(c, &self.sql, flow).await
-        })
-        .await
-    }
-
-    async fn read_events(
-        &self,
-        after: &EventCursor,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.run("read_events", async |c| {
-            ops::read_events(c, &self.sql, after, limit).await
-        })
-        .await
-    }
-
-    async fn event_head(&self) -> Result<EventCursor, StoreError> {
-        self.run("event_head", async |c| ops::event_head(c, &self.sql).await)
-            .await
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use tokenkeeper_core::{
 };
 use tokio_postgres::Row;
 
-use crate::{BACKEND, Names, pg_error};
+use crate::BACKEND;
+use crate::builder::Names;
+use crate::error::pg_error;
 
 /// The statements, with the schema's name in them.
 #[derive(Debug)]

@@ -11,7 +11,8 @@
 //! the database's default collation. Times are unix nanoseconds in `BIGINT` (the same
 //! `Timestamp` every backend orders by).
 
-use crate::{ConnectError, Names};
+use crate::ConnectError;
+use crate::builder::Names;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
