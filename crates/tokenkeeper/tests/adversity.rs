@@ -749,12 +749,64 @@ async fn unsaved_tokens_are_sealed_with_the_managers_keyring() {
     unsaved_tokens_reach_a_file(true).await;
 }
 
+/// Review E3/N5: a manager with a keyring restores only sealed files. An unsealed file in its
+/// directory (left by a process without the keyring, or planted by someone who may write
+/// there) is refused and kept, never landed: its tokens would replace the installation's.
+#[cfg(feature = "encryption")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsealed_file_is_refused_by_a_manager_with_a_keyring() {
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let dir = tokenkeeper_testkit::dirs::fresh_dir("unsaved-unsealed").join("kept");
+    let Own {
+        manager, id, mock, ..
+    } = own_manager(store, |b| {
+        b.tune(|p| p.result_write_patience = Duration::from_millis(300))
+            .unsaved_tokens_dir(&dir)
+    })
+    .await;
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    assert!(manager.access_token(&id).await.is_err());
+    assert_eq!(mock.counters().totals.rotations, 1, "the provider rotated");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // A manager with the keyring over another directory, into which that file is put.
+    switch.heal();
+    let other = tokenkeeper_testkit::dirs::fresh_dir("unsaved-sealed").join("kept");
+    let key = std::array::from_fn::<u8, 32, _>(|i| (i as u8).wrapping_mul(37) ^ 0x5a);
+    let sealed = tokenkeeper::TokenManager::builder_shared(
+        manager.client().consumer().clone(),
+        manager.store().clone(),
+    )
+    .encryption(tokenkeeper::core::sealed::Keyring::new("k1", &key).unwrap())
+    .unsaved_tokens_dir(&other)
+    .build()
+    .unwrap();
+    let planted = other.join(file.file_name().unwrap());
+    std::fs::copy(&file, &planted).unwrap();
+    match sealed.restore_unsaved_file(&planted).await {
+        Err(tokenkeeper::Error::UnsavedFile(e)) => {
+            assert!(e.to_string().contains("not sealed"), "{e}");
+        }
+        other => panic!("an unsealed file must be refused, got {other:?}"),
+    }
+    let report = sealed.restore_unsaved_files().await.unwrap();
+    assert_eq!((report.restored, report.kept), (0, 1), "{report:?}");
+    assert!(planted.exists(), "the refused file is left in place");
+}
+
 /// Review A3, corrected by review E3: shutting down while the store refuses the rotated
 /// tokens does not wait out `result_write_patience` (the orchestrator would kill the process
 /// first), but it does not give up at the first error either: it retries for
 /// `shutdown_grace` (a store failover takes seconds), then hands the tokens to the sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_with_the_store_down_hands_tokens_to_the_sink_at_once() {
+async fn shutdown_with_the_store_down_retries_for_its_grace_then_sinks() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
     let Own {
