@@ -3,7 +3,10 @@
 //! dropped after commit) and then behaves as if the acknowledgement had arrived: the lease is
 //! used, the failure is recorded and announced, the new installation is reported created
 //! (review findings E5, E6, E8 and E12). The store applies each write and reports
-//! `Unavailable` ([`FaultKind::LostAck`]) for one event kind at a time.
+//! `Unavailable` ([`FaultKind::LostAck`]) for one event kind at a time: the lease
+//! (`LeaseAcquired`, `LeaseTakenOver`), the result (`Refreshed`), the failure
+//! (`RefreshRejected`, `RefreshDeferred`), the install (`Created`, `Authorized`) and the
+//! application's revocation (`Revoked`); the result, takeover and revocation on SQLite too.
 
 mod common;
 
@@ -231,4 +234,151 @@ async fn a_lease_applied_without_durability_is_confirmed_before_it_is_used() {
     assert_eq!((c.rotations, c.rejected_refreshes), (1, 0), "{c:?}");
     let events: Vec<_> = f.record(&id).await.history().map(|h| h.event).collect();
     assert!(events.contains(&EventKind::LeaseTakenOver), "{events:?}");
+}
+
+/// Which store a lost acknowledgement is injected in front of.
+#[derive(Debug, Clone, Copy)]
+enum Under {
+    Memory,
+    Sqlite,
+}
+
+/// A bitbucket fixture on a flaky `under` store, with one installation due.
+async fn due_on(under: Under) -> (Fixture, Arc<FaultSwitch>, tokenkeeper::InstallationId) {
+    due_on_tuned(under, |_| {}).await
+}
+
+/// [`due_on`] with the policy tuned.
+async fn due_on_tuned(
+    under: Under,
+    tune: fn(&mut tokenkeeper::policy::RefreshPolicy),
+) -> (Fixture, Arc<FaultSwitch>, tokenkeeper::InstallationId) {
+    let (store, switch): (Arc<dyn tokenkeeper::core::TokenStore>, _) = match under {
+        Under::Memory => {
+            let (s, switch) = FlakyStore::flaky(MemoryStore::new());
+            (Arc::new(s), switch)
+        }
+        Under::Sqlite => {
+            let path = tokenkeeper_testkit::dirs::fresh_db("own-writes");
+            let sqlite = tokenkeeper_sqlite::SqliteStore::open(&path).await.unwrap();
+            let (s, switch) = FlakyStore::flaky(sqlite);
+            (Arc::new(s), switch)
+        }
+    };
+    let f = Fixture::tuned(profiles::bitbucket(), MockProfile::Bitbucket, store, tune).await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    (f, switch, id)
+}
+
+/// The result write (`Refreshed`) applied, its acknowledgement lost: the flight finds its own
+/// result stored and serves it; nothing goes to the unsaved place, and the next refresh
+/// presents the new refresh token (no reuse).
+async fn a_result_whose_acknowledgement_was_lost_is_served(under: Under) {
+    let (f, switch, id) = due_on(under).await;
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::LostAck,
+    );
+    let token = f.manager.access_token(&id).await.expect("its own result");
+    assert!(switch.injected() >= 1, "the fault was injected");
+    switch.heal();
+    let record = f.record(&id).await;
+    assert_eq!(record.state().kind(), StateKind::Active);
+    assert_eq!(record.tokens().access_token, token);
+    f.advance(TWO_HOURS);
+    f.manager.access_token(&id).await.expect("the next refresh");
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        (c.rotations, c.reuse_detections, c.rejected_refreshes),
+        (2, 0, 0),
+        "{c:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_acknowledgement_was_lost_is_served_on_memory() {
+    a_result_whose_acknowledgement_was_lost_is_served(Under::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_acknowledgement_was_lost_is_served_on_sqlite() {
+    a_result_whose_acknowledgement_was_lost_is_served(Under::Sqlite).await;
+}
+
+/// The takeover write (`LeaseTakenOver`) over a holder's lease that is live by its written
+/// expiry but was watched silent for a whole TTL (the holder froze) applied, its
+/// acknowledgement lost: the flight recognises its own lease and refreshes.
+async fn a_takeover_whose_acknowledgement_was_lost_is_used(under: Under) {
+    fn short_lease(p: &mut tokenkeeper::policy::RefreshPolicy) {
+        p.lease_ttl = Duration::from_secs(4);
+        p.peer_wait = Duration::from_secs(10);
+    }
+    let (f, switch, id) = due_on_tuned(under, short_lease).await;
+    let record = f.record(&id).await;
+    let now = tokenkeeper::core::Clock::now(&f.clock);
+    let frozen = record
+        .apply(
+            tokenkeeper::core::Event::LeaseAcquired {
+                holder: tokenkeeper::core::LeaseHolder::new("frozen-process:1"),
+                until: now.saturating_add(Duration::from_secs(3600)),
+            },
+            now,
+        )
+        .unwrap();
+    f.store
+        .compare_and_swap(&frozen, record.version())
+        .await
+        .unwrap();
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::LeaseTakenOver),
+        FaultKind::LostAck,
+    );
+    let token = f.manager.access_token(&id).await.expect("its own takeover");
+    assert!(switch.injected() >= 1, "the fault was injected");
+    switch.heal();
+    assert_eq!(f.record(&id).await.tokens().access_token, token);
+    assert_eq!(f.mock.counters().totals.rotations, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_whose_acknowledgement_was_lost_is_used_on_memory() {
+    a_takeover_whose_acknowledgement_was_lost_is_used(Under::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_whose_acknowledgement_was_lost_is_used_on_sqlite() {
+    a_takeover_whose_acknowledgement_was_lost_is_used(Under::Sqlite).await;
+}
+
+/// The application's revocation (`Revoked`) applied, its acknowledgement lost: the manager
+/// recognises its own write, reports the revocation and revokes the tokens at the provider
+/// (they would otherwise stay live behind a record that says revoked).
+async fn a_revocation_whose_acknowledgement_was_lost_is_completed(under: Under) {
+    let (f, switch, id) = due_on(under).await;
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Revoked),
+        FaultKind::LostAck,
+    );
+    f.manager
+        .revoke(&id)
+        .await
+        .expect("the revocation was applied");
+    assert!(switch.injected() >= 1, "the fault was injected");
+    switch.heal();
+    assert_eq!(f.record(&id).await.state().kind(), StateKind::Revoked);
+    assert!(
+        f.mock.counters().totals.revocations >= 1,
+        "the tokens were revoked at the provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_whose_acknowledgement_was_lost_is_completed_on_memory() {
+    a_revocation_whose_acknowledgement_was_lost_is_completed(Under::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_whose_acknowledgement_was_lost_is_completed_on_sqlite() {
+    a_revocation_whose_acknowledgement_was_lost_is_completed(Under::Sqlite).await;
 }

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 
 use super::cache::Cache;
 use super::events::{LocalEvent, LocalEventKind};
+use super::flight::retry::{applied, is_own_write};
 use super::flight::single::Flights;
 use super::{RefreshPolicy, flight, metrics, unsaved};
 use crate::error::Error;
@@ -203,7 +204,9 @@ impl Engine {
 
     /// Applies `change` to the stored record by compare-and-swap, re-reading and re-applying
     /// on conflicts, and returns the written record. `change` may end the loop with an error
-    /// (e.g. the record is already in the target state).
+    /// (e.g. the record is already in the target state). A write whose acknowledgement was
+    /// lost and that the store holds is taken as written (the application's revocation then
+    /// goes on to revoke the tokens at the provider).
     pub(crate) async fn update(
         &self,
         id: &InstallationId,
@@ -214,8 +217,14 @@ impl Engine {
             let next = change(&current, self.clock.now())?;
             match self.store.compare_and_swap(&next, current.version()).await {
                 Ok(CasOutcome::Swapped) => return Ok(next),
+                // Our own write, applied by an attempt whose reply was lost and resent.
+                Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => {
+                    return Ok(next);
+                }
                 Ok(CasOutcome::Conflict(stored)) => current = *stored,
                 Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
+                // Applied, its acknowledgement lost: as good as acknowledged.
+                Err(e) if applied(self, &next, &e).await => return Ok(next),
                 Err(e) => return Err(Error::store(id, e)),
             }
         }
