@@ -189,8 +189,8 @@ pub mod bench_support {
 
     /// The ARGV of a compare-and-swap of `record` from `expected`, as a store with the
     /// default index shards and event retention sends it (the benchmarks connect such a
-    /// store): the store's own [`cas_argv`](crate::store::cas_argv), so the raw `EVALSHA`
-    /// runs the script on the arguments the store would send.
+    /// store): the store's own `cas_argv`, so the raw `EVALSHA` runs the script on the
+    /// arguments the store would send.
     pub fn cas_args(record: &Record, expected: u64) -> Vec<Vec<u8>> {
         let events = EventBounds::new(
             usize::from(DEFAULT_INDEX_SHARDS),
