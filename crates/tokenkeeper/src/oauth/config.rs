@@ -553,7 +553,10 @@ mod tests {
     fn an_authorization_lives_at_most_a_day() {
         let day = Duration::from_secs(24 * 3600);
         assert!(base().authorization_ttl(day).build().is_ok());
-        match base().authorization_ttl(day + Duration::from_secs(1)).build() {
+        match base()
+            .authorization_ttl(day + Duration::from_secs(1))
+            .build()
+        {
             Err(ConfigError::OutOfRange { field, .. }) => assert_eq!(field, "authorization_ttl"),
             other => panic!("expected authorization_ttl out of range, got {other:?}"),
         }
