@@ -1,0 +1,107 @@
+//! A burst of due installations on one process is spread over the fleet (issue 25, "one crash
+//! can cost many installations"): on a rotating provider without a reuse leeway a process holds
+//! at most `max_rotations_in_flight` refresh leases at once, and the flights over the bound
+//! wait without a lease, so its peers take the next installations instead of waiting behind
+//! it. One crash then costs at most that bound.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokenkeeper::core::{ListFilter, StateKind, TokenStore};
+use tokenkeeper::refresher::RefresherConfig;
+use tokenkeeper::{InstallationId, profiles};
+use tokenkeeper_mock_provider::{Endpoint, Fault, FaultRule, MockProfile};
+
+const TWO_HOURS: Duration = Duration::from_secs(2 * 3600);
+
+/// The most refresh leases each process (a lease holder's tag, before its `:`) held at once,
+/// sampled every few milliseconds until `done`.
+async fn sample_leases(
+    store: Arc<dyn TokenStore>,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> HashMap<String, usize> {
+    let mut most: HashMap<String, usize> = HashMap::new();
+    while !*done.borrow() {
+        let page = store
+            .list(ListFilter::in_state(StateKind::Refreshing), None, 1000)
+            .await
+            .unwrap();
+        let mut now: HashMap<String, usize> = HashMap::new();
+        for entry in page.entries {
+            let Ok(Some(record)) = store.get(&entry.id).await else {
+                continue;
+            };
+            if let Some(lease) = record.state().lease() {
+                let holder = lease.holder.to_string();
+                let tag = holder.split(':').next().unwrap_or_default().to_owned();
+                *now.entry(tag).or_default() += 1;
+            }
+        }
+        for (tag, n) in now {
+            let m = most.entry(tag).or_default();
+            *m = (*m).max(n);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_on_one_process_is_shared_with_its_peers() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let mut ids: Vec<InstallationId> = Vec::new();
+    for _ in 0..40 {
+        ids.push(f.install().await);
+    }
+    f.advance(TWO_HOURS);
+    f.mock.set_faults(vec![FaultRule::probability(
+        Endpoint::Token,
+        1.0,
+        Fault::SlowReply { ms: 300 },
+    )]);
+    let bound = f.manager.policy().max_rotations_in_flight.unwrap();
+    let (done, watching) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(sample_leases(f.store.clone(), watching));
+    // Every installation's callers arrive at one process at once.
+    let burst: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (m, id) = (f.manager.clone(), id.clone());
+            tokio::spawn(async move { m.access_token(&id).await })
+        })
+        .collect();
+    // A peer's refresher sweeps the same due index meanwhile.
+    let peer = f.peer(profiles::bitbucket());
+    let refresher = peer.spawn_refresher_with(RefresherConfig {
+        rate_per_second: None,
+        max_idle: Duration::from_millis(50),
+        state_count_every: None,
+        ..RefresherConfig::default()
+    });
+    for call in burst {
+        call.await.unwrap().expect("every caller gets a token");
+    }
+    let peer_counts = refresher.shutdown().await;
+    done.send(true).unwrap();
+    let most = sampler.await.unwrap();
+    let c = f.mock.counters().totals;
+    assert_eq!((c.rotations, c.reuse_detections), (40, 0), "{c:?}");
+    assert!(
+        most.values().all(|n| *n <= bound),
+        "a process held more than {bound} leases at once: {most:?}"
+    );
+    let holders: HashSet<_> = most.keys().collect();
+    assert!(
+        holders.len() >= 2 && peer_counts.succeeded > 0,
+        "the peer took none of the burst: {most:?}, {peer_counts:?}"
+    );
+    println!(
+        "a burst of 40 due installations on one process: at most {:?} leases per process at once; the peer refreshed {}",
+        most.values().max(),
+        peer_counts.succeeded
+    );
+}
