@@ -294,6 +294,93 @@ impl tokenkeeper_testkit::wrappers::Hook for LostRenewalThenFailedResult {
     }
 }
 
+/// Fails the first failure write (`RefreshDeferred`) after holding it long enough for the
+/// lease to fall due for renewal, and loses the acknowledgement of the first renewal.
+#[derive(Debug, Default)]
+struct SlowFailedDeferralThenLostRenewal {
+    deferral_failed: std::sync::atomic::AtomicBool,
+    renewal_lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for SlowFailedDeferralThenLostRenewal {
+    async fn before(
+        &self,
+        operation: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), tokenkeeper::core::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let tokenkeeper_testkit::wrappers::Operation::CompareAndSwap(r) = operation
+            && written_by(r, EventKind::RefreshDeferred)
+            && !self.deferral_failed.swap(true, SeqCst)
+        {
+            tokio::time::sleep(LEASE * 2 / 5).await;
+            return Err(tokenkeeper::core::StoreError::unavailable(
+                "hook",
+                "compare_and_swap",
+                "injected before the failure write",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn written(
+        &self,
+        r: &tokenkeeper::core::Record,
+    ) -> Result<(), tokenkeeper::core::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if written_by(r, EventKind::LeaseRenewed) && !self.renewal_lost.swap(true, SeqCst) {
+            return Err(tokenkeeper::core::StoreError::unavailable(
+                "hook",
+                "compare_and_swap",
+                "injected: the renewal was applied, its acknowledgement lost",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Review E8, the failure path: while a failure write (`RefreshDeferred`) is retried, a
+/// renewal lands unacknowledged and is adopted; the failure is then written from the adopted
+/// record, not given up as a lost lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_retried_after_a_renewal_was_adopted_is_recorded() {
+    let (store, hook) = tokenkeeper_testkit::wrappers::Hooked::new(
+        MemoryStore::new(),
+        SlowFailedDeferralThenLostRenewal::default(),
+    );
+    let f = Fixture::tuned(
+        profiles::google(),
+        MockProfile::Google,
+        Arc::new(store),
+        short_lease,
+    )
+    .await;
+    let id = f.install().await;
+    f.advance(TWO_HOURS);
+    f.mock
+        .set_faults(vec![tokenkeeper_mock_provider::FaultRule::next(
+            tokenkeeper_mock_provider::Endpoint::Token,
+            1,
+            tokenkeeper_mock_provider::Fault::ServerError {
+                status: 503,
+                html: false,
+            },
+        )]);
+    match f.manager.access_token(&id).await {
+        Err(tokenkeeper::Error::LeaseLost { .. }) => panic!("the failure was given up"),
+        Err(_) => {}
+        Ok(_) => panic!("the provider failed"),
+    }
+    let renewal_lost = hook.renewal_lost.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(renewal_lost, "a renewal's acknowledgement was lost");
+    let record = f.record(&id).await;
+    assert_eq!(
+        record.state().kind(),
+        StateKind::Backoff,
+        "the failure is recorded"
+    );
+}
+
 /// Review E8: a renewal whose acknowledgement was lost is adopted by a later renewal attempt
 /// while the result write is being retried. The result write must go on from the adopted
 /// record (not take its own lease for a peer's, drop the result of a non-rotating provider
