@@ -53,7 +53,7 @@ fn rounds(
 fn refresher_sweep(c: &mut Criterion) {
     let rt = runtime();
     let n = if quick_mode() { 500 } else { 10_000 };
-    let fleet = rt.block_on(async { Fleet::new(store_for("memory").await, n).await });
+    let fleet = rt.block_on(async { Fleet::new(Backend::Memory.open().await, n).await });
     let mut g = c.benchmark_group("refresher_sweep");
     g.sample_size(10);
     g.throughput(Throughput::Elements(n as u64));
@@ -81,18 +81,17 @@ fn refresher_processes(c: &mut Criterion) {
     let mut g = c.benchmark_group("refresher_processes");
     g.sample_size(10);
     g.throughput(Throughput::Elements(n as u64));
-    for backend in ["sqlite", "redis"] {
-        let location = fresh_location(backend);
-        let fleet = rt.block_on(async { Fleet::new(store_at(backend, &location).await, n).await });
+    for backend in [fresh_sqlite(Synchronous::Full), fresh_redis()] {
+        let fleet = rt.block_on(async { Fleet::new(backend.open().await, n).await });
         for processes in [1usize, 2, 4] {
             let members: Vec<_> = rt.block_on(async {
                 let mut members = Vec::new();
                 for _ in 0..processes {
-                    members.push(fleet.member(store_at(backend, &location).await));
+                    members.push(fleet.member(backend.open().await));
                 }
                 members
             });
-            let id = BenchmarkId::new(format!("{backend}_100_per_s_each"), processes);
+            let id = BenchmarkId::new(format!("{}_100_per_s_each", backend.name()), processes);
             g.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     rounds(&rt, &fleet, iters, || {

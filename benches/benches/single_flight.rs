@@ -12,7 +12,7 @@ use tokenkeeper_mock_provider::MockProvider;
 
 fn single_flight(c: &mut Criterion) {
     let rt = runtime();
-    let fleet = rt.block_on(async { Fleet::new(store_for("memory").await, 1).await });
+    let fleet = rt.block_on(async { Fleet::new(Backend::Memory.open().await, 1).await });
     let raw_mock = rt.block_on(async { MockProvider::builder().start().await.unwrap() });
     let raw_token = rt.block_on(grants(&raw_mock, 1, SystemClock.now()));
     let raw_current = Mutex::new(

@@ -34,7 +34,6 @@ pub fn ids(n: usize) -> Vec<InstallationId> {
         .collect()
 }
 
-/// A consumer on the mock.
 /// A Bitbucket consumer pointed at the mock.
 pub fn consumer(mock: &MockProvider) -> ConsumerConfig {
     let url = |s: String| reqwest::Url::parse(&s).unwrap();
@@ -114,73 +113,45 @@ impl Fleet {
     }
 }
 
-/// A fresh store: memory, sqlite (sqlite_normal, sqlite_full), redis or postgres.
-pub async fn store_for(backend: &str) -> Arc<dyn TokenStore> {
-    store_at(backend, &fresh_location(backend)).await
-}
+/// The typed choice of a store; [`Backend::open`] gives a handle of its own, as another
+/// process would open it.
+pub use tokenkeeper_testkit::backend::{Backend, Synchronous};
 
-/// Where a fresh store of `backend` lives: a new SQLite file, a new Redis prefix or a new
-/// PostgreSQL schema.
-pub fn fresh_location(backend: &str) -> String {
-    match backend {
-        "sqlite" | "sqlite_normal" | "sqlite_full" => {
-            let dir = data_dir().join(format!(
-                "refresh-{}-{}",
-                std::process::id(),
-                fastrand_suffix()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            dir.join("tokens.db").to_string_lossy().into_owned()
-        }
-        "postgres" => tokenkeeper_testkit::postgres::unique_schema("bench"),
-        _ => format!("bench-refresh-{}-{}", std::process::id(), fastrand_suffix()),
+/// A fresh SQLite file under the bench data dir (on disk, not in a temporary file system:
+/// synchronous `Full` pays its fsync here).
+pub fn fresh_sqlite(synchronous: Synchronous) -> Backend {
+    // (pid, a counter, the time: two made in one instant are two files.)
+    let dir = data_dir().join(format!(
+        "refresh-{}",
+        tokenkeeper_testkit::dirs::unique_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    Backend::Sqlite {
+        path: dir.join("tokens.db"),
+        synchronous,
     }
 }
 
-/// A handle to the store of `backend` at `location` (as [`fresh_location`] named it); every
-/// call opens a handle of its own, as another process would.
-pub async fn store_at(backend: &str, location: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        "memory" => Arc::new(tokenkeeper::stores::MemoryStore::new()),
-        // `sqlite_normal`: synchronous = NORMAL (no fsync per commit); `sqlite`, `sqlite_full`:
-        // the default FULL.
-        "sqlite" | "sqlite_normal" | "sqlite_full" => Arc::new(
-            tokenkeeper::stores::SqliteStore::builder(location)
-                .synchronous(if backend == "sqlite_normal" {
-                    tokenkeeper_sqlite::Synchronous::Normal
-                } else {
-                    tokenkeeper_sqlite::Synchronous::Full
-                })
-                .open()
-                .await
-                .unwrap(),
+/// A fresh key prefix on the benchmarks' redis-server.
+pub fn fresh_redis() -> Backend {
+    Backend::Redis {
+        url: redis_url(),
+        prefix: format!(
+            "bench-refresh-{}",
+            tokenkeeper_testkit::dirs::unique_suffix()
         ),
-        "postgres" => Arc::new(
-            tokenkeeper::stores::PostgresStore::builder(postgres_url())
-                .schema(location)
-                .connect()
-                .await
-                .unwrap(),
-        ),
-        _ => Arc::new(
-            tokenkeeper::stores::RedisStore::builder(redis_url())
-                .prefix(location)
-                .connect()
-                .await
-                .unwrap(),
-        ),
+        wait_for_replica: false,
     }
 }
 
-fn fastrand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+/// A fresh schema on the benchmarks' PostgreSQL server.
+pub fn fresh_postgres() -> Backend {
+    Backend::Postgres {
+        url: postgres_url(),
+        schema: tokenkeeper_testkit::postgres::unique_schema("bench"),
+    }
 }
 
-/// Refreshes every expired installation with `callers` concurrent calls each (futures of one
-/// task, like the raw side's requests), 64 installations at a time.
 /// Refreshes every expired installation with `callers` concurrent calls each (futures of one
 /// task, like the raw side's requests), 64 installations at a time.
 pub async fn refresh_all(fleet: &Fleet, callers: usize) {

@@ -169,7 +169,7 @@ pub async fn race_child(store: &dyn TokenStore) {
 }
 
 /// Re-runs the current test binary `n` times as its `child_process_entry` test with `env` set
-/// (which makes that test run [`race_child`]), waits for all of them and returns their
+/// ([`crate::child::spawn_self`]; `env` makes that test run [`race_child`]), waits for all of them and returns their
 /// reports. Panics, with the child's output, when a child fails.
 pub fn run_race_children(n: usize, env: &[(&str, &str)]) -> Vec<RaceReport> {
     collect_reports(spawn_race_children(n, env))
@@ -203,21 +203,5 @@ fn collect_reports(children: Vec<std::process::Child>) -> Vec<RaceReport> {
 }
 
 fn spawn_race_children(n: usize, env: &[(&str, &str)]) -> Vec<std::process::Child> {
-    use std::process::{Command, Stdio};
-    (0..n)
-        .map(|_| {
-            let mut c = Command::new(std::env::current_exe().expect("the test binary"));
-            c.args([
-                "--exact",
-                "child_process_entry",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .stdout(Stdio::piped());
-            for (k, v) in env {
-                c.env(k, v);
-            }
-            c.spawn().expect("spawn a child process")
-        })
-        .collect()
+    (0..n).map(|_| crate::child::spawn_self(env)).collect()
 }

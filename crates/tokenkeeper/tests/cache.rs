@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Fixture, consumer_for};
+use common::{Backend, Fixture, consumer_for};
 use tokenkeeper::{
     Error, TokenManager, core::ManualClock, core::SystemClock, core::TokenStore, profiles,
 };
@@ -19,24 +19,15 @@ use tokenkeeper_testkit::wrappers::{ReadCounter, ReadStore};
 
 const BOUND: Duration = Duration::from_secs(30);
 
-fn location(backend: &str) -> String {
-    match backend {
-        "sqlite" => common::sqlite_location("cache"),
-        _ => common::redis_location("cache"),
-    }
-}
-
-/// A Bitbucket fixture on a fresh store of `backend`, and where that store is.
-async fn fixture_on(backend: &str) -> (Fixture, String) {
-    let at = location(backend);
-    let store = common::open_store(backend, &at).await;
+/// A Bitbucket fixture on the store of `backend` (a fresh one).
+async fn fixture_on(backend: &Backend) -> Fixture {
+    let store = backend.open().await;
     // The event watcher off: these tests pin the `cache_revalidate` bound, the one that
     // holds when the event log cannot be read (`fleet_events.rs` tests the watcher).
-    let f = Fixture::tuned(profiles::bitbucket(), MockProfile::Bitbucket, store, |p| {
+    Fixture::tuned(profiles::bitbucket(), MockProfile::Bitbucket, store, |p| {
         p.event_poll = Duration::ZERO;
     })
-    .await;
-    (f, at)
+    .await
 }
 
 /// A second process: its own store handle, the fixture's mock, consumer and clock.
@@ -52,9 +43,10 @@ fn other_process(f: &Fixture, store: Arc<dyn TokenStore>, clock: ManualClock) ->
 
 /// Process A caches a token; process B revokes, re-authorizes or condemns the installation.
 /// A serves its cached token until the bound (exactly: at +29.999 s) and never after it.
-async fn another_process_is_seen_within_the_bound(backend: &str) {
-    let (f, at) = fixture_on(backend).await;
-    let b = other_process(&f, common::open_store(backend, &at).await, f.clock.clone());
+async fn another_process_is_seen_within_the_bound(backend: Backend) {
+    let f = fixture_on(&backend).await;
+    let b = other_process(&f, backend.open().await, f.clock.clone());
+    let backend = backend.name();
 
     // Revocation.
     let id = f.install().await;
@@ -114,18 +106,18 @@ async fn another_process_is_seen_within_the_bound(backend: &str) {
 
 #[tokio::test]
 async fn sqlite_another_process_is_seen_within_the_bound() {
-    another_process_is_seen_within_the_bound("sqlite").await;
+    another_process_is_seen_within_the_bound(Backend::fresh_sqlite("cache")).await;
 }
 
 #[tokio::test]
 async fn redis_another_process_is_seen_within_the_bound() {
-    another_process_is_seen_within_the_bound("redis").await;
+    another_process_is_seen_within_the_bound(Backend::fresh_redis("cache")).await;
 }
 
 /// The same bound on real time: process B revokes while process A's callers keep asking
 /// every 5 ms; A's last served token is at most one bound (here 400 ms) after the revocation.
-async fn staleness_measured_on_real_time(backend: &str) -> Duration {
-    let (f, at) = fixture_on(backend).await;
+async fn staleness_measured_on_real_time(backend: Backend) -> Duration {
+    let f = fixture_on(&backend).await;
     let id = f.install().await;
     let bound = Duration::from_millis(400);
     let real = |store| {
@@ -138,10 +130,8 @@ async fn staleness_measured_on_real_time(backend: &str) -> Duration {
         .build()
         .unwrap()
     };
-    let (a, b) = (
-        real(common::open_store(backend, &at).await),
-        real(common::open_store(backend, &at).await),
-    );
+    let (a, b) = (real(backend.open().await), real(backend.open().await));
+    let backend = backend.name();
     a.access_token(&id).await.unwrap();
     b.revoke(&id).await.unwrap();
     let revoked = Instant::now();
@@ -171,12 +161,12 @@ async fn staleness_measured_on_real_time(backend: &str) -> Duration {
 
 #[tokio::test]
 async fn sqlite_staleness_measured_on_real_time() {
-    staleness_measured_on_real_time("sqlite").await;
+    staleness_measured_on_real_time(Backend::fresh_sqlite("cache")).await;
 }
 
 #[tokio::test]
 async fn redis_staleness_measured_on_real_time() {
-    staleness_measured_on_real_time("redis").await;
+    staleness_measured_on_real_time(Backend::fresh_redis("cache")).await;
 }
 
 async fn counted() -> (Fixture, Arc<ReadCounter>) {
@@ -341,13 +331,14 @@ async fn after_invalidate_one_read_puts_the_token_back_in_the_cache() {
 /// process's revocation went unseen for an hour and 30 s.
 #[tokio::test]
 async fn a_clock_stepped_back_does_not_stretch_the_bound() {
-    let (f, at) = fixture_on("sqlite").await;
+    let backend = Backend::fresh_sqlite("cache");
+    let f = fixture_on(&backend).await;
     let id = f.install().await;
     let bound = Duration::from_millis(300);
     let clock = ManualClock::new(tokenkeeper::core::Clock::now(&f.clock));
     let a = common::manager_builder(
         consumer_for(profiles::bitbucket(), &f.mock, DEFAULT_CLIENT_SECRET),
-        common::open_store("sqlite", &at).await,
+        backend.open().await,
     )
     .clock(clock.clone())
     .tune(|p| {

@@ -3,17 +3,16 @@
 //! rotating `bitbucket` profile and `atlassian-3lo` (reuse detection). Exactly one refresh per
 //! installation per cycle, zero reuse detections, zero installations lost.
 //!
-//! Children are this test binary re-invoked with `TK_FLEET_CHILD` set; they run
-//! `child_process_entry` and take `cycle OFFSET` commands on stdin, answering `done ERRORS`.
+//! Children are this test binary re-invoked with `TK_FLEET_CHILD` set to the store's
+//! [`Backend`] as text (`tokenkeeper_testkit::child`); they run `child_process_entry` and take
+//! `cycle OFFSET` commands on stdin, answering `done ERRORS`.
 
 mod common;
 
-use common::{
-    open_store, postgres_location, redis_cluster_location, redis_location, sqlite_location,
-};
+use common::Backend;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -65,11 +64,12 @@ fn profile(name: &str) -> (ProviderProfile, MockProfile, Duration) {
             MockProfile::Bitbucket,
             Duration::from_secs(7200),
         ),
-        _ => (
+        "atlassian-3lo" => (
             profiles::atlassian_3lo(),
             MockProfile::Atlassian3lo,
             Duration::from_secs(3600),
         ),
+        other => panic!("no fleet profile {other:?}"),
     }
 }
 
@@ -232,10 +232,10 @@ async fn burst(manager: &TokenManager, member: usize, count: usize) -> usize {
 /// Not a test on its own: the body of the fleet's child processes.
 #[test]
 fn child_process_entry() {
-    let Ok(backend) = std::env::var("TK_FLEET_CHILD") else {
+    let Some(backend) = tokenkeeper_testkit::child::is_child("TK_FLEET_CHILD") else {
         return;
     };
-    let location = std::env::var("TK_FLEET_STORE").unwrap();
+    let backend: Backend = backend.parse().unwrap();
     let base = std::env::var("TK_FLEET_MOCK").unwrap();
     let member: usize = std::env::var("TK_FLEET_MEMBER").unwrap().parse().unwrap();
     let (profile, _, _) = profile(&std::env::var("TK_FLEET_PROFILE").unwrap());
@@ -255,7 +255,7 @@ fn child_process_entry() {
         .unwrap()
         .block_on(async move {
             let clock = OffsetClock::skewed(skew_ms);
-            let mut store = open_store(&backend, &location).await;
+            let mut store = backend.open().await;
             let injected = Arc::new(std::sync::atomic::AtomicU64::new(0));
             if flaky {
                 // The store refuses every result write 70 % of the time, in 1 s cycles: a
@@ -361,35 +361,26 @@ struct Member {
     stdout: BufReader<ChildStdout>,
 }
 
-fn spawn_member(backend: &str, location: &str, base: &str, profile: &str, member: usize) -> Member {
-    spawn_member_with(backend, location, base, profile, member, &[])
+fn spawn_member(backend: &Backend, base: &str, profile: &str, member: usize) -> Member {
+    spawn_member_with(backend, base, profile, member, &[])
 }
 
 fn spawn_member_with(
-    backend: &str,
-    location: &str,
+    backend: &Backend,
     base: &str,
     profile: &str,
     member: usize,
     extra_env: &[(&str, String)],
 ) -> Member {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("TK_FLEET_CHILD", backend)
-        .env("TK_FLEET_STORE", location)
-        .env("TK_FLEET_MOCK", base)
-        .env("TK_FLEET_PROFILE", profile)
-        .env("TK_FLEET_MEMBER", member.to_string())
-        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (backend, member) = (backend.to_string(), member.to_string());
+    let mut env = vec![
+        ("TK_FLEET_CHILD", backend.as_str()),
+        ("TK_FLEET_MOCK", base),
+        ("TK_FLEET_PROFILE", profile),
+        ("TK_FLEET_MEMBER", member.as_str()),
+    ];
+    env.extend(extra_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let mut child = tokenkeeper_testkit::child::spawn_self(&env);
     Member {
         stdin: child.stdin.take().unwrap(),
         stdout: BufReader::new(child.stdout.take().unwrap()),
@@ -453,21 +444,22 @@ async fn authorize_all(admin: &TokenManager, mock: &MockProvider, count: usize) 
     mock.reset_counters();
 }
 
-async fn run_fleet(backend: &str, location: &str, profile_name: &str) {
+async fn run_fleet(backend: &Backend, profile_name: &str) {
+    let name = backend.name();
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store(backend, location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = manager(store.clone(), profile.clone(), &base, &clock);
     authorize_all(&admin, &mock, INSTALLATIONS).await;
 
-    let in_process = backend == "memory";
+    let in_process = matches!(backend, Backend::Memory);
     let mut members: Vec<Member> = if in_process {
         Vec::new()
     } else {
         (0..PROCESSES)
-            .map(|n| spawn_member(backend, location, &base, profile_name, n))
+            .map(|n| spawn_member(backend, &base, profile_name, n))
             .collect()
     };
     let peers: Vec<(TokenManager, OffsetClock)> = if in_process {
@@ -503,19 +495,19 @@ async fn run_fleet(backend: &str, location: &str, profile_name: &str) {
             }
             members.iter_mut().map(read_done).sum()
         };
-        assert_eq!(errors, 0, "{backend}/{profile_name}: cycle {n} had errors");
+        assert_eq!(errors, 0, "{name}/{profile_name}: cycle {n} had errors");
         let c = mock.counters();
         assert_eq!(
             c.totals.refreshes,
             (INSTALLATIONS * n) as u64,
-            "{backend}/{profile_name}: cycle {n}: exactly one refresh per installation"
+            "{name}/{profile_name}: cycle {n}: exactly one refresh per installation"
         );
     }
     stop_members(members);
     let c = mock.counters();
     assert_eq!(
         c.totals.reuse_detections, 0,
-        "{backend}/{profile_name}: reuse detected"
+        "{name}/{profile_name}: reuse detected"
     );
     assert_eq!(c.totals.rejected_refreshes, 0);
     assert!(c.grants.values().all(|g| g.refreshes == CYCLES as u64));
@@ -529,10 +521,10 @@ async fn run_fleet(backend: &str, location: &str, profile_name: &str) {
         .unwrap();
     assert!(
         lost.entries.is_empty(),
-        "{backend}/{profile_name}: installations lost: {lost:?}"
+        "{name}/{profile_name}: installations lost: {lost:?}"
     );
     eprintln!(
-        "{backend}/{profile_name}: {PROCESSES} members x {INSTALLATIONS} installations x {CYCLES} cycles: {} refreshes, 0 reuse detections",
+        "{name}/{profile_name}: {PROCESSES} members x {INSTALLATIONS} installations x {CYCLES} cycles: {} refreshes, 0 reuse detections",
         c.totals.refreshes
     );
 }
@@ -540,40 +532,40 @@ async fn run_fleet(backend: &str, location: &str, profile_name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_fleet_of_tasks() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_fleet("memory", "", profile).await;
+        run_fleet(&Backend::Memory, profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_fleet("sqlite", &sqlite_location("fleet"), profile).await;
+        run_fleet(&Backend::fresh_sqlite("fleet"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_fleet("redis", &redis_location("fleet"), profile).await;
+        run_fleet(&Backend::fresh_redis("fleet"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_fleet("redis", &redis_cluster_location("fleet"), profile).await;
+        run_fleet(&Backend::fresh_redis_cluster("fleet"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_redis_cluster() {
-    run_contention("redis", &redis_cluster_location("contention"), "bitbucket").await;
+    run_contention(&Backend::fresh_redis_cluster("contention"), "bitbucket").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_fleet_of_processes() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_fleet("postgres", &postgres_location("fleet"), profile).await;
+        run_fleet(&Backend::fresh_postgres("fleet"), profile).await;
     }
 }
 
@@ -582,7 +574,7 @@ async fn postgres_fleet_of_processes() {
 struct StopFixture {
     mock: MockProvider,
     base: String,
-    location: String,
+    backend: Backend,
     store: Arc<dyn TokenStore>,
     clock: OffsetClock,
     survivor: TokenManager,
@@ -593,15 +585,15 @@ async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFixtur
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let location = sqlite_location(tag);
-    let store = open_store("sqlite", &location).await;
+    let backend = Backend::fresh_sqlite(tag);
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let survivor = short_lease_manager(store.clone(), profile, &base, &clock, 1);
     authorize_all(&survivor, &mock, count).await;
     StopFixture {
         mock,
         base,
-        location,
+        backend,
         store,
         clock,
         survivor,
@@ -625,7 +617,8 @@ fn slow_replies(mock: &MockProvider, ms: u64) {
 /// cycle, no reuse detection and no installation lost; each member writes at most two
 /// compare-and-swaps per installation per unpaused cycle (one lease, one result: in-process
 /// single flight).
-async fn run_contention(backend: &str, location: &str, profile_name: &str) {
+async fn run_contention(backend: &Backend, profile_name: &str) {
+    let name = backend.name();
     const COUNT: usize = 50;
     const ROUNDS: usize = 5;
     const PAUSED_ROUND: usize = 3;
@@ -634,7 +627,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store(backend, location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock, MARGIN_S);
     authorize_all(&admin, &mock, COUNT).await;
@@ -649,7 +642,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
                 ("TK_FLEET_SKEW_MS", SKEWS_MS[n].to_string()),
                 ("TK_FLEET_MARGIN_S", MARGIN_S.to_string()),
             ];
-            spawn_member_with(backend, location, &base, profile_name, n, &env)
+            spawn_member_with(backend, &base, profile_name, n, &env)
         })
         .collect();
     let mut offset = 0i64;
@@ -692,14 +685,11 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
         if round == PAUSED_ROUND {
             pause_errors = errors;
         } else {
-            assert_eq!(
-                errors, 0,
-                "{backend}/{profile_name}: round {round} had errors"
-            );
+            assert_eq!(errors, 0, "{name}/{profile_name}: round {round} had errors");
             for (member, (_, swaps)) in reports.iter().enumerate() {
                 assert!(
                     *swaps <= 2 * COUNT as u64,
-                    "{backend}/{profile_name}: member {member} wrote {swaps} times for {COUNT} installations in round {round}: more than one flight per installation"
+                    "{name}/{profile_name}: member {member} wrote {swaps} times for {COUNT} installations in round {round}: more than one flight per installation"
                 );
             }
         }
@@ -712,7 +702,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
             assert_eq!(
                 c.refreshes - extra_refreshes,
                 (COUNT * round) as u64,
-                "{backend}/{profile_name}: round {round}: exactly one refresh per installation"
+                "{name}/{profile_name}: round {round}: exactly one refresh per installation"
             );
         }
         if round == PAUSED_ROUND {
@@ -738,7 +728,7 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
         .entries;
     assert!(
         lost.is_empty(),
-        "{backend}/{profile_name}: installations lost: {lost:?}"
+        "{name}/{profile_name}: installations lost: {lost:?}"
     );
     if profile_name == "bitbucket" {
         // No reuse leeway: a peer that took over a frozen holder's lapsed lease presented
@@ -754,13 +744,13 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
             .collect();
         assert!(
             c.reuse_detections <= 10,
-            "{backend}/{profile_name}: {c:?}; detections per grant: {per_grant:?}"
+            "{name}/{profile_name}: {c:?}; detections per grant: {per_grant:?}"
         );
     } else {
-        assert_eq!(c.reuse_detections, 0, "{backend}/{profile_name}: {c:?}");
+        assert_eq!(c.reuse_detections, 0, "{name}/{profile_name}: {c:?}");
     }
     eprintln!(
-        "contention {backend}/{profile_name}: {PROCESSES} processes x {CALLERS} callers x {COUNT} installations x {ROUNDS} rounds, clocks up to 60 s apart, one member SIGSTOPped past its leases: {} refreshes ({extra_refreshes} extra during the pause), {} retired tokens presented and {} reuse detections (during the pause), {pause_errors} caller errors during the pause, 0 installations lost",
+        "contention {name}/{profile_name}: {PROCESSES} processes x {CALLERS} callers x {COUNT} installations x {ROUNDS} rounds, clocks up to 60 s apart, one member SIGSTOPped past its leases: {} refreshes ({extra_refreshes} extra during the pause), {} retired tokens presented and {} reuse detections (during the pause), {pause_errors} caller errors during the pause, 0 installations lost",
         c.refreshes, c.rejected_refreshes, c.reuse_detections
     );
 }
@@ -768,21 +758,21 @@ async fn run_contention(backend: &str, location: &str, profile_name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_sqlite() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_contention("sqlite", &sqlite_location("contention"), profile).await;
+        run_contention(&Backend::fresh_sqlite("contention"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_redis() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_contention("redis", &redis_location("contention"), profile).await;
+        run_contention(&Backend::fresh_redis("contention"), profile).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_fleet_on_postgres() {
     for profile in ["bitbucket", "atlassian-3lo"] {
-        run_contention("postgres", &postgres_location("contention"), profile).await;
+        run_contention(&Backend::fresh_postgres("contention"), profile).await;
     }
 }
 
@@ -799,12 +789,15 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
         tokenkeeper_testkit::redis::free_port(),
         &["--appendonly", "yes", "--appendfsync", "always"],
     );
-    let prefix = tokenkeeper_testkit::redis::unique_prefix("restart");
-    let location = format!("{}|{prefix}", server.url());
+    let backend = Backend::Redis {
+        url: server.url(),
+        prefix: tokenkeeper_testkit::redis::unique_prefix("restart"),
+        wait_for_replica: false,
+    };
     let (profile, kind, cycle) = profile("bitbucket");
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store("redis", &location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile.clone(), &base, &clock, 1);
     authorize_all(&admin, &mock, COUNT).await;
@@ -815,7 +808,7 @@ async fn redis_crash_and_restart_mid_sweep_loses_nothing() {
                 ("TK_FLEET_COUNT", COUNT.to_string()),
                 ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
             ];
-            spawn_member_with("redis", &location, &base, "bitbucket", n, &env)
+            spawn_member_with(&backend, &base, "bitbucket", n, &env)
         })
         .collect();
     let mut offset = 0i64;
@@ -869,7 +862,7 @@ async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usize, u
     let StopFixture {
         mock,
         base,
-        location,
+        backend,
         store,
         clock,
         survivor,
@@ -889,7 +882,7 @@ async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usize, u
     mock.advance(cycle);
     let offset = cycle.as_secs() as i64;
     let mut workers: Vec<Member> = (0..WORKERS)
-        .map(|n| spawn_member_with("sqlite", &location, &base, "bitbucket", n, &env))
+        .map(|n| spawn_member_with(&backend, &base, "bitbucket", n, &env))
         .collect();
     for w in &mut workers {
         writeln!(w.stdin, "cycle {offset}").unwrap();
@@ -1010,7 +1003,7 @@ async fn run_chaos(profile_name: &str) -> Chaos {
     let StopFixture {
         mock,
         base,
-        location,
+        backend,
         store,
         clock,
         survivor,
@@ -1033,14 +1026,7 @@ async fn run_chaos(profile_name: &str) -> Chaos {
         mock.advance(cycle);
         offset += cycle.as_secs() as i64;
         slow();
-        let mut victim = spawn_member_with(
-            "sqlite",
-            &location,
-            &base,
-            profile_name,
-            round as usize,
-            &env,
-        );
+        let mut victim = spawn_member_with(&backend, &base, profile_name, round as usize, &env);
         let pid = victim.child.id();
         writeln!(victim.stdin, "cycle {offset}").unwrap();
         victim.stdin.flush().unwrap();
@@ -1140,7 +1126,7 @@ async fn a_sigkill_during_a_burst_costs_at_most_the_rotations_in_flight() {
     let StopFixture {
         mock,
         base,
-        location,
+        backend,
         store,
         clock,
         survivor,
@@ -1158,7 +1144,7 @@ async fn a_sigkill_during_a_burst_costs_at_most_the_rotations_in_flight() {
         ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
         ("TK_FLEET_BURST", "1".to_owned()),
     ];
-    let mut victim = spawn_member_with("sqlite", &location, &base, "bitbucket", 0, &env);
+    let mut victim = spawn_member_with(&backend, &base, "bitbucket", 0, &env);
     let pid = victim.child.id();
     writeln!(victim.stdin, "cycle {offset}").unwrap();
     victim.stdin.flush().unwrap();
@@ -1222,13 +1208,14 @@ async fn lost_installations(store: &Arc<dyn TokenStore>) -> Vec<tokenkeeper::cor
 /// committing each rotation 100 ms before answering. Flights keep retrying their writes under
 /// renewed leases: exactly one refresh per installation per round, no caller error, no reuse
 /// detection, nothing lost.
-async fn run_flaky_fleet(backend: &str, location: &str) {
+async fn run_flaky_fleet(backend: &Backend) {
+    let name = backend.name();
     const COUNT: usize = 50;
     const ROUNDS: usize = 4;
     let (profile, kind, cycle) = profile("bitbucket");
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store(backend, location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
     authorize_all(&admin, &mock, COUNT).await;
@@ -1239,7 +1226,7 @@ async fn run_flaky_fleet(backend: &str, location: &str) {
         ("TK_FLEET_FLAKY", "1".to_owned()),
     ];
     let mut members: Vec<Member> = (0..PROCESSES)
-        .map(|n| spawn_member_with(backend, location, &base, "bitbucket", n, &env))
+        .map(|n| spawn_member_with(backend, &base, "bitbucket", n, &env))
         .collect();
     let mut offset = 0i64;
     let mut injected = 0;
@@ -1249,32 +1236,32 @@ async fn run_flaky_fleet(backend: &str, location: &str) {
         let reports = fleet_round(&mut members, offset);
         let errors: usize = reports.iter().map(|r| r.0).sum();
         injected = reports.iter().map(|r| r.3).sum();
-        assert_eq!(errors, 0, "{backend}: round {round} had errors");
-        assert_exact_refreshes(&mock, COUNT * round, &format!("{backend}: round {round}"));
+        assert_eq!(errors, 0, "{name}: round {round} had errors");
+        assert_exact_refreshes(&mock, COUNT * round, &format!("{name}: round {round}"));
     }
     stop_members(members);
     let lost = lost_installations(&store).await;
-    assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
-    assert!(injected > 0, "{backend}: no result write was refused");
+    assert!(lost.is_empty(), "{name}: installations lost: {lost:?}");
+    assert!(injected > 0, "{name}: no result write was refused");
     eprintln!(
-        "flaky store {backend}: {PROCESSES} processes x {COUNT} installations x {ROUNDS} rounds, result writes refused 70 % of the time ({injected} refusals): {} refreshes, 0 caller errors, 0 reuse detections, 0 installations lost",
+        "flaky store {name}: {PROCESSES} processes x {COUNT} installations x {ROUNDS} rounds, result writes refused 70 % of the time ({injected} refusals): {} refreshes, 0 caller errors, 0 reuse detections, 0 installations lost",
         mock.counters().totals.refreshes
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_store_fleet_on_sqlite() {
-    run_flaky_fleet("sqlite", &sqlite_location("flaky")).await;
+    run_flaky_fleet(&Backend::fresh_sqlite("flaky")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_store_fleet_on_redis() {
-    run_flaky_fleet("redis", &redis_location("flaky")).await;
+    run_flaky_fleet(&Backend::fresh_redis("flaky")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_store_fleet_on_postgres() {
-    run_flaky_fleet("postgres", &postgres_location("flaky")).await;
+    run_flaky_fleet(&Backend::fresh_postgres("flaky")).await;
 }
 
 /// Two consumers on one store: two workers run the consumer that authorized the
@@ -1282,7 +1269,8 @@ async fn flaky_store_fleet_on_postgres() {
 /// with the wrong client id) and call the same installations. The second consumer's workers
 /// get `ForeignConsumer` for every call and never reach the token endpoint; the first
 /// consumer's refresh exactly once per installation per round; nothing is condemned.
-async fn run_two_consumers(backend: &str, location: &str) {
+async fn run_two_consumers(backend: &Backend) {
+    let name = backend.name();
     const COUNT: usize = 40;
     const ROUNDS: usize = 3;
     let (profile, kind, cycle) = profile("bitbucket");
@@ -1300,7 +1288,7 @@ async fn run_two_consumers(backend: &str, location: &str) {
         .await
         .unwrap();
     let base = mock.base_url();
-    let store = open_store(backend, location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = manager(store.clone(), profile, &base, &clock);
     authorize_all(&admin, &mock, COUNT).await;
@@ -1310,7 +1298,7 @@ async fn run_two_consumers(backend: &str, location: &str) {
             if n >= PROCESSES / 2 {
                 env.push(("TK_FLEET_OTHER_CLIENT", "1".to_owned()));
             }
-            spawn_member_with(backend, location, &base, "bitbucket", n, &env)
+            spawn_member_with(backend, &base, "bitbucket", n, &env)
         })
         .collect();
     let mut offset = 0i64;
@@ -1320,27 +1308,24 @@ async fn run_two_consumers(backend: &str, location: &str) {
         let reports = fleet_round(&mut members, offset);
         for (member, (errors, _, foreign, _)) in reports.iter().enumerate() {
             if member < PROCESSES / 2 {
-                assert_eq!(
-                    *errors, 0,
-                    "{backend}: owner member {member}, round {round}"
-                );
+                assert_eq!(*errors, 0, "{name}: owner member {member}, round {round}");
             } else {
                 assert_eq!(
                     (*errors, *foreign),
                     (COUNT, COUNT),
-                    "{backend}: foreign member {member}, round {round}: every call is refused as another consumer's"
+                    "{name}: foreign member {member}, round {round}: every call is refused as another consumer's"
                 );
             }
         }
         assert_exact_refreshes(
             &mock,
             COUNT * round,
-            &format!("{backend}: round {round}: only the owner refreshes"),
+            &format!("{name}: round {round}: only the owner refreshes"),
         );
     }
     stop_members(members);
     let lost = lost_installations(&store).await;
-    assert!(lost.is_empty(), "{backend}: installations lost: {lost:?}");
+    assert!(lost.is_empty(), "{name}: installations lost: {lost:?}");
     let owner = admin.client().consumer().name();
     for id in ids_n(COUNT) {
         let record = store.get(&id).await.unwrap().unwrap();
@@ -1351,7 +1336,7 @@ async fn run_two_consumers(backend: &str, location: &str) {
         );
     }
     eprintln!(
-        "two consumers {backend}: 2 owner + 2 foreign processes x {COUNT} installations x {ROUNDS} rounds: {} refreshes, {} foreign calls refused without a provider call, 0 lost",
+        "two consumers {name}: 2 owner + 2 foreign processes x {COUNT} installations x {ROUNDS} rounds: {} refreshes, {} foreign calls refused without a provider call, 0 lost",
         mock.counters().totals.refreshes,
         2 * COUNT * ROUNDS
     );
@@ -1359,17 +1344,17 @@ async fn run_two_consumers(backend: &str, location: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_fleet_on_sqlite() {
-    run_two_consumers("sqlite", &sqlite_location("consumers")).await;
+    run_two_consumers(&Backend::fresh_sqlite("consumers")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_fleet_on_redis() {
-    run_two_consumers("redis", &redis_location("consumers")).await;
+    run_two_consumers(&Backend::fresh_redis("consumers")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_fleet_on_postgres() {
-    run_two_consumers("postgres", &postgres_location("consumers")).await;
+    run_two_consumers(&Backend::fresh_postgres("consumers")).await;
 }
 
 /// A Redis primary with one replica behind a failover address (a forwarder the workers
@@ -1396,12 +1381,15 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
         ],
     );
     let proxy = tokenkeeper_testkit::proxy::Proxy::start(primary.port).await;
-    let prefix = tokenkeeper_testkit::redis::unique_prefix("failover");
-    let location = format!("{}|{prefix}|wait", proxy.redis_url());
+    let backend = Backend::Redis {
+        url: proxy.redis_url(),
+        prefix: tokenkeeper_testkit::redis::unique_prefix("failover"),
+        wait_for_replica: true,
+    };
     let (profile, kind, cycle) = profile("bitbucket");
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store("redis", &location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
     // The replica must be in sync before the run (every write waits for it).
@@ -1413,7 +1401,7 @@ async fn redis_replica_promoted_mid_sweep_loses_nothing() {
         ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
     ];
     let mut members: Vec<Member> = (0..PROCESSES)
-        .map(|n| spawn_member_with("redis", &location, &base, "bitbucket", n, &env))
+        .map(|n| spawn_member_with(&backend, &base, "bitbucket", n, &env))
         .collect();
     let mut offset = 0i64;
     let mut primary = Some(primary);
@@ -1490,12 +1478,15 @@ async fn redis_cluster_primary_killed_mid_sweep_loses_nothing() {
     // (`wait_failover` waits for the promotion: restarting a killed primary before it, even
     // with its append-only file, could make it a primary again with writes the replica took.)
     let mut cluster = Cluster::start(3, 1);
-    let prefix = tokenkeeper_testkit::redis::unique_prefix("cluster-failover");
-    let location = format!("{}|{prefix}|wait", cluster.urls().join(","));
+    let backend = Backend::RedisCluster {
+        nodes: cluster.urls(),
+        prefix: tokenkeeper_testkit::redis::unique_prefix("cluster-failover"),
+        wait_for_replica: true,
+    };
     let (profile, kind, cycle) = profile("bitbucket");
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let store = open_store("redis", &location).await;
+    let store = backend.open().await;
     let clock = OffsetClock::default();
     let admin = short_lease_manager(store.clone(), profile, &base, &clock, 1);
     authorize_all(&admin, &mock, COUNT).await;
@@ -1505,7 +1496,7 @@ async fn redis_cluster_primary_killed_mid_sweep_loses_nothing() {
         ("TK_FLEET_SHORT_LEASE", "1".to_owned()),
     ];
     let mut members: Vec<Member> = (0..PROCESSES)
-        .map(|n| spawn_member_with("redis", &location, &base, "bitbucket", n, &env))
+        .map(|n| spawn_member_with(&backend, &base, "bitbucket", n, &env))
         .collect();
     let mut offset = 0i64;
     let mut outage_errors = 0;

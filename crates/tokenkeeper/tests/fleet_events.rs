@@ -5,19 +5,16 @@
 //! with the watcher off keeps serving the old token (the control), and `events()` delivers
 //! the other process's transitions.
 //!
-//! Children are this test binary re-invoked with `TK_EVT_CHILD` set; they run
-//! `child_process_entry`, do one action and exit.
+//! Children are this test binary re-invoked with `TK_EVT_CHILD` set to the store's
+//! [`Backend`] as text (`tokenkeeper_testkit::child`); they run `child_process_entry`, do one
+//! action and exit.
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    manager_builder, open_store, postgres_location, redis_cluster_location, redis_location,
-    sqlite_location,
-};
+use common::{Backend, manager_builder};
 use tokenkeeper::core::{EventCursor, EventKind, LifecycleEvent, StateKind};
 use tokenkeeper::{Error, InstallationId, TokenManager, core::TokenStore, profiles};
 use tokenkeeper_mock_provider::{DEFAULT_CLIENT_SECRET, MockProfile, MockProvider};
@@ -40,20 +37,17 @@ fn manager(store: Arc<dyn TokenStore>, base: &str, watch: bool) -> TokenManager 
 /// Not a test on its own: the body of the child processes.
 #[test]
 fn child_process_entry() {
-    let Ok(backend) = std::env::var("TK_EVT_CHILD") else {
+    let Some(backend) = tokenkeeper_testkit::child::is_child("TK_EVT_CHILD") else {
         return;
     };
+    let backend: Backend = backend.parse().unwrap();
     let var = |k: &str| std::env::var(k).unwrap();
-    let (location, base, action) = (
-        var("TK_EVT_STORE"),
-        var("TK_EVT_MOCK"),
-        var("TK_EVT_ACTION"),
-    );
+    let (base, action) = (var("TK_EVT_MOCK"), var("TK_EVT_ACTION"));
     let id = InstallationId::new(var("TK_EVT_ID")).unwrap();
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
-            let other = manager(open_store(&backend, &location).await, &base, true);
+            let other = manager(backend.open().await, &base, true);
             match action.as_str() {
                 "revoke" => {
                     other.revoke(&id).await.unwrap();
@@ -80,21 +74,15 @@ fn child_process_entry() {
         });
 }
 
-fn in_other_process(backend: &str, location: &str, base: &str, action: &str, id: &InstallationId) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("TK_EVT_CHILD", backend)
-        .env("TK_EVT_STORE", location)
-        .env("TK_EVT_MOCK", base)
-        .env("TK_EVT_ACTION", action)
-        .env("TK_EVT_ID", id.as_str())
-        .output()
-        .unwrap();
+fn in_other_process(backend: &Backend, base: &str, action: &str, id: &InstallationId) {
+    let out = tokenkeeper_testkit::child::self_command(&[
+        ("TK_EVT_CHILD", &backend.to_string()),
+        ("TK_EVT_MOCK", base),
+        ("TK_EVT_ACTION", action),
+        ("TK_EVT_ID", id.as_str()),
+    ])
+    .output()
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("DONE"),
@@ -125,14 +113,14 @@ async fn next_event(stream: &mut tokenkeeper::events::EventStream) -> LifecycleE
         .expect("no stream error")
 }
 
-async fn run(backend: &str, location: &str) {
+async fn run(backend: Backend) {
     let mock = MockProvider::builder()
         .profile(MockProfile::Bitbucket)
         .start()
         .await
         .unwrap();
     let base = mock.base_url();
-    let store = open_store(backend, location).await;
+    let store = backend.open().await;
     let watching = manager(store.clone(), &base, true);
     let blind = manager(store.clone(), &base, false);
     let head = watching.event_head().await.unwrap();
@@ -152,7 +140,7 @@ async fn run(backend: &str, location: &str) {
 
     let mut took = Vec::new();
     for (id, action) in ids.iter().zip(["revoke", "condemn", "reauthorize"]) {
-        in_other_process(backend, location, &base, action, id);
+        in_other_process(&backend, &base, action, id);
         took.push(dropped_within(&watching, id).await);
         assert!(
             blind.cached_token(id).is_some(),
@@ -192,8 +180,11 @@ async fn run(backend: &str, location: &str) {
         .and_then(|(_, _, to)| *to);
     assert_eq!(revoked_to, Some(StateKind::Revoked));
     eprintln!(
-        "{backend}: another process's revoke, condemnation and re-authorization stopped this process serving the old token after {:?}, {:?}, {:?}",
-        took[0], took[1], took[2]
+        "{}: another process's revoke, condemnation and re-authorization stopped this process serving the old token after {:?}, {:?}, {:?}",
+        backend.name(),
+        took[0],
+        took[1],
+        took[2]
     );
     // Resuming from a persisted cursor's text reads nothing twice.
     let saved: EventCursor = stream.cursor().to_string().parse().unwrap();
@@ -206,22 +197,22 @@ async fn run(backend: &str, location: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_ends_tokens_on_sqlite() {
-    run("sqlite", &sqlite_location("events")).await;
+    run(Backend::fresh_sqlite("events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_ends_tokens_on_redis() {
-    run("redis", &redis_location("events")).await;
+    run(Backend::fresh_redis("events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_ends_tokens_on_redis_cluster() {
-    run("redis", &redis_cluster_location("events")).await;
+    run(Backend::fresh_redis_cluster("events")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_ends_tokens_on_postgres() {
-    run("postgres", &postgres_location("events")).await;
+    run(Backend::fresh_postgres("events")).await;
 }
 
 /// The cache's watcher dies with the runtime that started it (a first call made from a

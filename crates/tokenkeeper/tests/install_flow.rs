@@ -153,7 +153,7 @@ async fn a_state_replayed_with_another_code_is_refused() {
 /// exchange the code exactly once. The mock revokes a grant whose code is presented twice
 /// (RFC 6749 §4.1.2, as OpenID servers do), so a second exchange would leave an installation
 /// that reads healthy with dead tokens.
-async fn duplicate_callbacks_exchange_once(backend: &str, location: &str) {
+async fn duplicate_callbacks_exchange_once(backend: Backend) {
     let mock = mock().await;
     // The exchange takes a while, so the duplicates arrive while it runs.
     mock.set_faults(vec![FaultRule::next(
@@ -164,8 +164,9 @@ async fn duplicate_callbacks_exchange_once(backend: &str, location: &str) {
             max_ms: 300,
         },
     )]);
-    let a = manager_on(&mock, open_store(backend, location).await);
-    let b = manager_on(&mock, open_store(backend, location).await);
+    let a = manager_on(&mock, backend.open().await);
+    let b = manager_on(&mock, backend.open().await);
+    let backend = backend.name();
     let begun = a.begin_authorization(None).unwrap();
     let code = approve(&mock, &begun, "victim");
     let begun = Arc::new(begun);
@@ -236,12 +237,12 @@ async fn duplicate_callbacks_exchange_once_on_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicate_callbacks_exchange_once_on_sqlite() {
-    duplicate_callbacks_exchange_once("sqlite", &sqlite_location("dup-callbacks")).await;
+    duplicate_callbacks_exchange_once(Backend::fresh_sqlite("dup-callbacks")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicate_callbacks_exchange_once_on_redis() {
-    duplicate_callbacks_exchange_once("redis", &redis_location("dup-callbacks")).await;
+    duplicate_callbacks_exchange_once(Backend::fresh_redis("dup-callbacks")).await;
 }
 
 /// The mock does what the OpenID server did: a second exchange of one code revokes

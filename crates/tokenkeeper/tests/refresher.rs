@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Fixture, consumer_for, manager_builder};
+use common::{Backend, Fixture, consumer_for, manager_builder};
 use tokenkeeper::{core::TokenStore, profiles, refresher::RefresherConfig};
 use tokenkeeper_core::conformance::sample_tokens;
 use tokenkeeper_core::{InstallationId, Record, Timestamp};
@@ -58,15 +58,11 @@ async fn a_corrupt_due_record_does_not_make_the_refresher_spin() {
 /// Review finding 16b: each refresher walks the due index in its own order and skips what a
 /// peer has just leased or refreshed, so two rate-limited processes each do a share of the
 /// work; between them every installation is refreshed exactly once.
-async fn two_processes_share_the_due_work(backend: &str) {
-    let location = match backend {
-        "sqlite" => common::sqlite_location("share"),
-        _ => common::redis_location("share"),
-    };
+async fn two_processes_share_the_due_work(backend: Backend) {
     let f = Fixture::with_store(
         profiles::bitbucket(),
         MockProfile::Bitbucket,
-        common::open_store(backend, &location).await,
+        backend.open().await,
     )
     .await;
     const N: u64 = 60;
@@ -82,10 +78,8 @@ async fn two_processes_share_the_due_work(backend: &str) {
         .build()
         .unwrap()
     };
-    let (a, b) = (
-        process(common::open_store(backend, &location).await),
-        process(common::open_store(backend, &location).await),
-    );
+    let (a, b) = (process(backend.open().await), process(backend.open().await));
+    let backend = backend.name();
     f.advance(Duration::from_secs(7200));
     f.mock.reset_counters();
     let config = RefresherConfig {
@@ -129,12 +123,12 @@ async fn two_processes_share_the_due_work(backend: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_two_processes_share_the_due_work() {
-    two_processes_share_the_due_work("sqlite").await;
+    two_processes_share_the_due_work(Backend::fresh_sqlite("share")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_two_processes_share_the_due_work() {
-    two_processes_share_the_due_work("redis").await;
+    two_processes_share_the_due_work(Backend::fresh_redis("share")).await;
 }
 
 /// Review finding 10: a caller that joins a flight the refresher leads, while another

@@ -12,6 +12,11 @@ use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
 };
 
+/// The typed choice of a store: `Backend::fresh_sqlite(tag)`, `Backend::fresh_redis(tag)`, …,
+/// and `backend.open()` for a handle of its own, as another process would open it.
+#[allow(unused_imports)] // (each test binary compiles this module; not all pick a store)
+pub use tokenkeeper_testkit::backend::Backend;
+
 pub const REDIRECT: &str = "http://127.0.0.1/callback";
 
 /// A refresher that sweeps every 20 ms without a rate limit.
@@ -318,71 +323,4 @@ pub async fn authorize_with(
         )
         .await
         .unwrap()
-}
-
-/// A handle of its own on the store of `backend` at `location` (from [`sqlite_location`] or
-/// [`redis_location`]), as another process would open it.
-pub async fn open_store(backend: &str, location: &str) -> Arc<dyn TokenStore> {
-    match backend {
-        "sqlite" => Arc::new(
-            tokenkeeper_sqlite::SqliteStore::open(location)
-                .await
-                .unwrap(),
-        ),
-        "redis" => {
-            // `URL|PREFIX`, or `URL|PREFIX|wait` to make token writes wait for a replica.
-            let mut parts = location.split('|');
-            let (url, prefix) = (parts.next().unwrap(), parts.next().unwrap());
-            let mut builder = tokenkeeper_redis::RedisStore::builder(url).prefix(prefix);
-            if url.contains(',') {
-                // `NODE,NODE,…|PREFIX`: a Redis Cluster.
-                builder =
-                    tokenkeeper_redis::RedisStore::cluster_builder(url.split(',')).prefix(prefix);
-            }
-            if parts.next() == Some("wait") {
-                builder = builder.wait_for_replicas(1, std::time::Duration::from_millis(500));
-            }
-            Arc::new(builder.connect().await.unwrap())
-        }
-        "postgres" => {
-            // `URL|SCHEMA`
-            let (url, schema) = location.split_once('|').unwrap();
-            Arc::new(
-                tokenkeeper_postgres::PostgresStore::builder(url)
-                    .schema(schema)
-                    .connect()
-                    .await
-                    .unwrap(),
-            )
-        }
-        _ => Arc::new(tokenkeeper_memory::MemoryStore::new()),
-    }
-}
-
-/// A fresh SQLite database path for one fleet run (`open_store("sqlite", ..)`).
-pub fn sqlite_location(tag: &str) -> String {
-    let path = tokenkeeper_testkit::dirs::fresh_db(tag);
-    path.to_str().unwrap().to_owned()
-}
-
-/// The shared test Redis Cluster (three primaries) with a prefix of its own
-/// (`open_store("redis", ..)` sees the comma-separated nodes).
-pub fn redis_cluster_location(tag: &str) -> String {
-    let nodes = tokenkeeper_testkit::redis::cluster_urls().join(",");
-    format!("{nodes}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
-}
-
-/// The shared test PostgreSQL server with a schema of its own (`open_store("postgres", ..)`).
-pub fn postgres_location(tag: &str) -> String {
-    let url = tokenkeeper_testkit::postgres::server_url();
-    format!(
-        "{url}|{}",
-        tokenkeeper_testkit::postgres::unique_schema(tag)
-    )
-}
-
-/// The shared test redis-server with a prefix of its own (`open_store("redis", ..)`).
-pub fn redis_location(tag: &str) -> String {
-    let url = tokenkeeper_testkit::redis::server_url();
-    format!("{url}|{}", tokenkeeper_testkit::redis::unique_prefix(tag))
 }
