@@ -76,6 +76,7 @@
 #![warn(clippy::too_many_lines)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backend;
 pub mod event;
 mod id;
 pub mod keycheck;
@@ -96,9 +97,7 @@ pub mod conformance;
 pub mod sealed;
 
 pub use event::{
-    EventCursor, EventPage, EventRetention, EventRow, InvalidCursor, LifecycleEvent, LogPosition,
-    check_sequence_cursor, decode_event, delete_event_payload, new_log_id, sequence_event,
-    write_event_payload,
+    EventCursor, EventPage, EventRetention, InvalidCursor, LifecycleEvent, LogPosition,
 };
 pub use id::{InstallationId, InvalidInstallationId, MAX_ID_BYTES};
 pub use record::{
@@ -110,9 +109,8 @@ pub use state::{
     BackoffCause, Lease, LeaseHolder, ReauthReason, State, StateKind, UnknownStateKind,
 };
 pub use store::{
-    BoxError, CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage,
-    NotDurable, Page, PageEntry, StateCounts, StoreError, TokenStore, UnsavedHome,
-    check_cas_arguments,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, ListEntry, ListFilter, ListPage, NotDurable,
+    Page, StateCounts, StoreError, TokenStore, UnsavedHome,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use token::{Scopes, TokenSet};

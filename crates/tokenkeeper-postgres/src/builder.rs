@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::time::Duration;
+use tokenkeeper_core::backend::url::is_loopback;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokenkeeper_core::EventRetention;
@@ -137,40 +138,8 @@ impl Names {
 /// Replaces the password of a URL with `***`: in the user info and in a `password=` query
 /// parameter. Anything that is not a `postgres://` URL is not shown at all.
 fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return "<a connection string that is not a postgres:// URL>".to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    // The last `@` ends the user info: a password may hold `/`, `?` or `#` unencoded.
-    let shown = match rest.rfind('@') {
-        Some(at) if rest[..at].contains(':') => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
-        }
-        _ => url.to_owned(),
-    };
-    match shown.split_once('?') {
-        Some((base, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", query.join("&"))
-        }
-        None => shown,
-    }
-}
-
-/// Whether `host` is this machine: `localhost` or a loopback address.
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    tokenkeeper_core::backend::url::redact(url, &["password"])
+        .unwrap_or_else(|| "<a connection string that is not a postgres:// URL>".to_owned())
 }
 
 /// Configures and connects a [`PostgresStore`].

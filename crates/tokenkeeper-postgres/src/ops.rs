@@ -8,9 +8,9 @@
 
 use deadpool_postgres::Client;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRow, InstallationId,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, InstallationId,
     ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StateKind, StoreError,
-    Timestamp, check_sequence_cursor, sequence_event,
+    Timestamp, backend::EventRow, backend::check_sequence_cursor, backend::sequence_event,
 };
 use tokio_postgres::Row;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, InstallationId,
-    ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore, check_cas_arguments,
+    ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore, backend::check_cas_arguments,
 };
 
 use crate::{BACKEND, PostgresStore, ops};

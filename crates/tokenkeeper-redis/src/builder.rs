@@ -7,6 +7,7 @@
 //! operation; the operations themselves are in `store` and `exec`.
 
 use std::time::Duration;
+use tokenkeeper_core::backend::url::is_loopback;
 
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -93,40 +94,8 @@ pub enum ConnectError {
 /// Redis URLs carry none in their path), and a `pass`/`password` query parameter
 /// (`redis+unix://...?pass=...`) is blanked too.
 fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let redacted = match rest.rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
-        }
-        None => url.to_owned(),
-    };
-    match redacted.split_once('?') {
-        Some((base, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", query.join("&"))
-        }
-        None => redacted,
-    }
-}
-
-/// Whether `host` is this machine: `localhost` or a loopback address.
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    tokenkeeper_core::backend::url::redact(url, &["pass", "password"])
+        .unwrap_or_else(|| "<a Redis URL that is not a redis:// URL>".to_owned())
 }
 
 /// Configures and connects a [`RedisStore`]. `Debug` shows the URL with its password

@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 
 use redis::Value;
 use tokenkeeper_core::{
-    EventCursor, EventPage, EventRow, InstallationId, LogPosition, StoreError, Timestamp,
-    decode_event,
+    EventCursor, EventPage, InstallationId, LogPosition, StoreError, Timestamp, backend::EventRow,
+    backend::decode_event,
 };
 
 use crate::error::unexpected_reply;
@@ -51,7 +51,7 @@ pub(crate) async fn refresh_log_id(store: &RedisStore) -> Result<u64, StoreError
 /// The log id: created once per prefix (`SET NX`), then read.
 async fn log_id(store: &RedisStore) -> Result<u64, StoreError> {
     let key = format!("{}:events:log", store.prefix);
-    let fresh = tokenkeeper_core::new_log_id() & (i64::MAX as u64);
+    let fresh = tokenkeeper_core::backend::new_log_id() & (i64::MAX as u64);
     let id: String = store
         .run("event_log_id", async |c| {
             redis::cmd("SET")

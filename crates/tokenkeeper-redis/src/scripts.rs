@@ -112,7 +112,7 @@ return 1
 /// ARGV: expected version, id, consumer, the event's version (expected + 1), retention (2).
 /// Returns 1 when deleted, 0 when missing, or the current value on a version conflict. The
 /// event's body names the deleted state and the record's creation time, copied as digits
-/// (`tokenkeeper_core::delete_event_payload`'s JSON; Lua numbers would round nanoseconds).
+/// (`tokenkeeper_core::backend::delete_event_payload`'s JSON; Lua numbers would round nanoseconds).
 pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{PRELUDE}

@@ -11,7 +11,7 @@ use redis::Value;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListEntry, ListFilter, ListPage, Record, StateKind, StoreError, Timestamp,
-    TokenStore, check_cas_arguments, write_event_payload,
+    TokenStore, backend::check_cas_arguments, backend::write_event_payload,
 };
 
 use crate::error::{RedisFault, unexpected_reply};
@@ -419,7 +419,7 @@ fn merge_shares<T: Ord + Clone>(pages: Vec<Vec<T>>, share: usize, limit: usize) 
 #[cfg(test)]
 mod tests {
     use tokenkeeper_core::conformance::{T0, sample_record};
-    use tokenkeeper_core::{EventRetention, InstallationId, Record, write_event_payload};
+    use tokenkeeper_core::{EventRetention, InstallationId, Record, backend::write_event_payload};
 
     use super::{EventBounds, cas_argv};
     use crate::keys::due_member;

@@ -49,7 +49,7 @@ use tokenkeeper_core::private_files;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,
-    check_cas_arguments,
+    backend::check_cas_arguments,
 };
 
 pub use pool::Synchronous;
@@ -105,7 +105,7 @@ pub enum OpenError {
     },
     /// The connection pool could not be built, or its first connection's task failed.
     #[error("cannot set up the SQLite connection pool: {0}")]
-    Pool(#[source] tokenkeeper_core::BoxError),
+    Pool(#[source] tokenkeeper_core::backend::BoxError),
 }
 
 /// What to do with an existing database file (or its `-wal`/`-shm` file) that its group or

@@ -7,9 +7,9 @@
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, EventRow,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, backend::EventRow,
     InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StateKind,
-    StoreError, Timestamp, check_sequence_cursor, sequence_event,
+    StoreError, Timestamp, backend::check_sequence_cursor, backend::sequence_event,
 };
 
 pub(crate) const BACKEND: &str = "sqlite";

@@ -48,7 +48,7 @@ const MIGRATIONS: &[&str] = &[
     // 4: the lifecycle event outbox (`TokenStore::read_events`). Triggers append an event in
     // the statement that writes the record, so no write (by any tokenkeeper version or by hand)
     // exists without its event; the body is the record's last history entry and its state,
-    // the JSON `tokenkeeper_core::write_event_payload` writes. An `UPDATE` that keeps the
+    // the JSON `tokenkeeper_core::backend::write_event_payload` writes. An `UPDATE` that keeps the
     // version (the consumer adoption below) is not a write of the record and appends nothing.
     // Retention trims at most two of the oldest events per append; `trimmed_through` is the
     // newest trimmed sequence number, what tells a reader it fell behind. `log_id` names this

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokenkeeper_core::{BoxError, CommitEvidence, ErrorDetail, FailureClass, InstallationId};
+use tokenkeeper_core::{backend::BoxError, CommitEvidence, ErrorDetail, FailureClass, InstallationId};
 
 /// Which exchange with the provider failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
