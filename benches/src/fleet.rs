@@ -50,6 +50,7 @@ pub fn consumer(mock: &MockProvider) -> ConsumerConfig {
 }
 
 /// A manager over `store` with `n` imported installations on a fresh mock.
+#[derive(Debug)]
 pub struct Fleet {
     /// The provider.
     pub mock: MockProvider,

@@ -131,6 +131,7 @@ fn wait_for(port: u16) {
 }
 
 /// A PostgreSQL server of its own, stopped and removed when dropped.
+#[derive(Debug)]
 pub struct Server {
     /// Its port.
     pub port: u16,

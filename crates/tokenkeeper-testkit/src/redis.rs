@@ -44,6 +44,7 @@ fn wait_for_port(port: u16, mut child: Option<&mut Child>) {
 
 /// A redis-server child (no persistence unless `extra` turns it on, its own temp dir) that is
 /// killed when dropped.
+#[derive(Debug)]
 pub struct Server {
     /// Its port.
     pub port: u16,
@@ -226,6 +227,7 @@ pub fn wait_cluster_ok(ports: &[u16]) {
 }
 
 /// A Redis Cluster of its own on free loopback ports (no persistence), stopped when dropped.
+#[derive(Debug)]
 pub struct Cluster {
     /// Its nodes, primaries first as created.
     pub nodes: Vec<Server>,

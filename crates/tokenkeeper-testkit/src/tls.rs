@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Files of a private CA in a directory of their own (removed on drop).
+#[derive(Debug)]
 pub struct PrivateCa {
     /// The directory holding `ca.crt`, `server.crt` and `server.key`.
     pub dir: PathBuf,
