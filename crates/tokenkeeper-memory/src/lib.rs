@@ -36,10 +36,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, backend::EventRow,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StoreError,
-    Timestamp, TokenStore, backend::check_cas_arguments, backend::check_sequence_cursor, backend::delete_event_payload,
-    backend::new_log_id, backend::sequence_event, backend::write_event_payload,
+    Timestamp, TokenStore, backend::EventRow, backend::check_cas_arguments,
+    backend::check_sequence_cursor, backend::delete_event_payload, backend::new_log_id,
+    backend::sequence_event, backend::write_event_payload,
 };
 
 const BACKEND: &str = "memory";

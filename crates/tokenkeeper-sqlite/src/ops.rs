@@ -7,9 +7,10 @@
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokenkeeper_core::{
-    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention, backend::EventRow,
+    CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListEntry, ListFilter, ListPage, LogPosition, Record, StateCounts, StateKind,
-    StoreError, Timestamp, backend::check_sequence_cursor, backend::sequence_event,
+    StoreError, Timestamp, backend::EventRow, backend::check_sequence_cursor,
+    backend::sequence_event,
 };
 
 pub(crate) const BACKEND: &str = "sqlite";

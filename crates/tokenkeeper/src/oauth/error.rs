@@ -5,7 +5,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokenkeeper_core::{backend::BoxError, CommitEvidence, ErrorDetail, FailureClass, InstallationId};
+use tokenkeeper_core::{
+    CommitEvidence, ErrorDetail, FailureClass, InstallationId, backend::BoxError,
+};
 
 /// Which exchange with the provider failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
