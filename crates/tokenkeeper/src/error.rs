@@ -178,9 +178,15 @@ pub enum Error {
         #[source]
         source: Arc<OAuthError>,
     },
-    /// The authorization flow failed.
+    /// The authorization flow failed on the provider's side: the callback's issuer, state,
+    /// binding or code, the code exchange, or the provider account.
     #[error(transparent)]
     Authorization(Arc<AuthorizationError>),
+    /// The manager refused to record an authorization: a replayed or duplicate callback, an
+    /// installation that exists, moved on, belongs to another account or consumer, or the
+    /// store failed. Nothing was recorded.
+    #[error(transparent)]
+    Install(Arc<crate::manager::InstallError>),
     /// An unsaved-tokens file could not be read back.
     #[error(transparent)]
     UnsavedFile(Arc<crate::manager::UnsavedFileError>),
@@ -257,6 +263,7 @@ impl Error {
             | Self::ForeignConsumer { id, .. }
             | Self::ShuttingDown { id }
             | Self::Internal { id, .. } => Some(id),
+            Self::Install(e) => e.installation(),
             Self::Authorization(_) | Self::UnsavedFile(_) => None,
         }
     }

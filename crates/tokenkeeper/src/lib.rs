@@ -75,7 +75,7 @@ pub use error::Error;
 
 // The happy path: what an application names to build a manager, run the authorization flow
 // and get tokens. Everything else has one path, in the modules below.
-pub use manager::{Explanation, Health, TokenManager, TokenManagerBuilder};
+pub use manager::{Explanation, Health, InstallError, TokenManager, TokenManagerBuilder};
 pub use oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 pub use oauth::config::{ConsumerConfig, ConsumerConfigBuilder};
 pub use oauth::keys::StateKey;

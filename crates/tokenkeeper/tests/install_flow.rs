@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 use tokenkeeper::{
-    AuthorizationCode, ConsumerConfig, Error, InstallationId, StateKey, TokenManager,
+    AuthorizationCode, ConsumerConfig, Error, InstallError, InstallationId, StateKey, TokenManager,
     core::TokenStore, oauth::AuthorizationError, oauth::AuthorizationRequest, profiles,
 };
 use tokenkeeper_mock_provider::{
@@ -47,6 +47,13 @@ fn authorization_error(e: Error) -> Arc<AuthorizationError> {
     match e {
         Error::Authorization(inner) => inner,
         other => panic!("expected an authorization error, got {other}"),
+    }
+}
+
+fn install_error(e: Error) -> Arc<InstallError> {
+    match e {
+        Error::Install(inner) => inner,
+        other => panic!("expected the manager's refusal, got {other}"),
     }
 }
 
@@ -131,8 +138,8 @@ async fn a_state_replayed_with_another_code_is_refused() {
             .complete_authorization(AuthorizationCode::new(other), &begun.state, &begun.binding)
             .await
             .unwrap_err();
-        let e = authorization_error(e);
-        assert!(matches!(&*e, AuthorizationError::AlreadyUsed { .. }), "{e}");
+        let e = install_error(e);
+        assert!(matches!(&*e, InstallError::AlreadyUsed { .. }), "{e}");
     }
     let again = manager
         .complete_authorization(AuthorizationCode::new(&code), &begun.state, &begun.binding)
@@ -297,11 +304,8 @@ async fn reauthorizing_with_another_account_is_refused() {
         .complete_authorization(AuthorizationCode::new(code), &again.state, &again.binding)
         .await
         .unwrap_err();
-    let e = authorization_error(e);
-    assert!(
-        matches!(&*e, AuthorizationError::DifferentAccount { .. }),
-        "{e}"
-    );
+    let e = install_error(e);
+    assert!(matches!(&*e, InstallError::DifferentAccount { .. }), "{e}");
     assert!(e.to_string().contains("another provider account"), "{e}");
     assert_eq!(manager.store().get(&id).await.unwrap().unwrap(), installed);
     // Mallory's grant is not stored and not revoked (revoking could end her other grants).
@@ -452,8 +456,8 @@ async fn a_record_without_an_account_is_flagged_then_enforced() {
         .await
         .unwrap_err();
     assert!(matches!(
-        &*authorization_error(e),
-        AuthorizationError::DifferentAccount { .. }
+        &*install_error(e),
+        InstallError::DifferentAccount { .. }
     ));
 }
 
@@ -481,8 +485,8 @@ async fn an_import_with_its_account_refuses_another_account() {
         .await
         .unwrap_err();
     assert!(matches!(
-        &*authorization_error(e),
-        AuthorizationError::DifferentAccount { .. }
+        &*install_error(e),
+        InstallError::DifferentAccount { .. }
     ));
     let again = manager.begin_authorization(Some(id.clone())).unwrap();
     let code = approve(&mock, &again, "alice");
@@ -900,12 +904,12 @@ async fn a_claim_whose_acknowledgement_was_lost_is_settled_as_never_sent() {
         )
     };
     assert!(
-        matches!(complete().await, Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::Store { .. })),
+        matches!(complete().await, Err(Error::Install(e)) if matches!(*e, InstallError::Store { .. })),
         "the failed claim is reported"
     );
     match complete().await {
-        Err(Error::Authorization(e)) => match &*e {
-            AuthorizationError::DuplicateCallback { outcome, .. } => assert!(
+        Err(Error::Install(e)) => match &*e {
+            InstallError::DuplicateCallback { outcome, .. } => assert!(
                 outcome.contains("before the code was sent"),
                 "the retry is told the code was never sent: {outcome}"
             ),
@@ -956,7 +960,7 @@ async fn a_duplicate_whose_claim_failed_leaves_the_claimant_alone() {
     let a = a.await.unwrap().expect("the claimant completes");
     assert!(!a.replayed);
     assert!(
-        matches!(b.await.unwrap(), Err(Error::Authorization(e)) if matches!(*e, AuthorizationError::Store { .. })),
+        matches!(b.await.unwrap(), Err(Error::Install(e)) if matches!(*e, InstallError::Store { .. })),
         "the duplicate whose claim failed says so"
     );
     let c = c

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use common::*;
 use tokenkeeper::{
-    AuthorizationCode, Error, InstallationId, TokenManager, core::StateKind, core::TokenStore,
-    oauth::AuthorizationError, oauth::AuthorizationRequest, profiles,
+    AuthorizationCode, Error, InstallError, InstallationId, TokenManager, core::StateKind,
+    core::TokenStore, oauth::AuthorizationRequest, profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, MockProfile, MockProvider,
@@ -60,8 +60,8 @@ async fn installed(manager: &TokenManager, mock: &MockProvider) -> InstallationI
 
 fn superseded(e: Error) -> &'static str {
     match e {
-        Error::Authorization(a) => match &*a {
-            AuthorizationError::Superseded { what, .. } => what,
+        Error::Install(a) => match &*a {
+            InstallError::Superseded { what, .. } => what,
             other => panic!("expected Superseded, got {other}"),
         },
         other => panic!("expected Superseded, got {other}"),
@@ -132,11 +132,8 @@ async fn a_chosen_id_for_a_new_installation_never_replaces_one() {
     assert!(done.created);
     assert_eq!(done.installation, id);
     match complete(&manager, &mock, &second).await {
-        Err(Error::Authorization(a)) => {
-            assert!(
-                matches!(&*a, AuthorizationError::AlreadyInstalled { .. }),
-                "{a}"
-            )
+        Err(Error::Install(a)) => {
+            assert!(matches!(&*a, InstallError::AlreadyInstalled { .. }), "{a}")
         }
         other => panic!("a second user's flow replaced the installation: {other:?}"),
     }

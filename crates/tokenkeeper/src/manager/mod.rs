@@ -46,6 +46,7 @@ pub use flight::decide::{
 pub use flight::guard::MassRejectionGuard;
 pub use flight::plan::{Failure, Plan, Rules, plan_failure, retired_past_leeway};
 pub use flight::retry::is_own_write;
+pub use install::InstallError;
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};
 pub use unsaved::{UnsavedFileError, UnsavedRestore, UnsavedTokens};

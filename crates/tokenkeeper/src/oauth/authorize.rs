@@ -14,16 +14,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::Url;
 use sha2::{Digest, Sha256};
-use tokenkeeper_core::{
-    IdToken, IllegalTransition, InstallationId, StoreError, Timestamp, TokenSet,
-};
+use tokenkeeper_core::{IdToken, InstallationId, Timestamp, TokenSet};
 
 use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
 use crate::oauth::client::OAuthClient;
 use crate::oauth::error::OAuthError;
 use crate::oauth::state::{self, Expect, NONCE_LEN, Purpose, StateClaims};
 
-/// Why an authorization could not begin or complete.
+/// Why an authorization could not begin or complete on the provider's side: the callback's
+/// issuer, state, binding or code, the code exchange, or the provider account. What the
+/// manager refuses when it records the grant (a replayed flow, another account, the store)
+/// is [`InstallError`](crate::InstallError).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthorizationError {
@@ -74,58 +75,6 @@ pub enum AuthorizationError {
         /// The installation the flow was for.
         installation: InstallationId,
     },
-    /// This flow was already completed, or is being completed, with another code: a replayed
-    /// or forged callback. Nothing was exchanged.
-    #[error(
-        "the authorization for installation {installation} was already used with another code; this callback was refused and nothing changed: start the authorization again"
-    )]
-    AlreadyUsed {
-        /// The installation the flow was for.
-        installation: InstallationId,
-    },
-    /// A flow begun for a new installation found the id taken.
-    #[error(
-        "installation {installation} already exists; a flow for a new installation cannot replace it: begin a re-authorization with its id"
-    )]
-    AlreadyInstalled {
-        /// The installation the flow was for.
-        installation: InstallationId,
-    },
-    /// The installation changed since this re-authorization began (review N3): it was
-    /// revoked, deleted, created again or authorized by another flow, and a flow begun before
-    /// that does not undo it. Nothing was recorded (and, when seen before the exchange, the
-    /// code was not spent).
-    #[error(
-        "installation {installation} {what}; nothing was recorded: begin a new authorization if it should still be connected"
-    )]
-    Superseded {
-        /// The installation the flow was for.
-        installation: InstallationId,
-        /// What happened to it (`was revoked since this flow began`, ...).
-        what: &'static str,
-    },
-    /// A duplicate of this callback (same code) is being completed elsewhere and did not
-    /// finish in time, or failed: its outcome is the one that counts.
-    #[error(
-        "the first callback of this authorization for installation {installation} {outcome}; start the authorization again"
-    )]
-    DuplicateCallback {
-        /// The installation the flow was for.
-        installation: InstallationId,
-        /// What became of the first callback.
-        outcome: String,
-    },
-    /// The new grant belongs to another provider account than the installation's: its
-    /// stored tokens were left untouched. The new grant is not stored and not revoked
-    /// (revoking it could end that account's other grants at providers that revoke per user
-    /// and client); it expires at the provider.
-    #[error(
-        "the new authorization of installation {installation} belongs to another provider account than the one it was installed with; its tokens were left untouched: the user must authorize with the original account, or install anew"
-    )]
-    DifferentAccount {
-        /// The installation the flow was for.
-        installation: InstallationId,
-    },
     /// The provider account of the new grant could not be read, so it could not be checked.
     #[error(
         "the provider account of the new authorization of installation {installation} could not be read ({reason}); nothing was stored: start the authorization again, or check ProviderProfile::identity"
@@ -170,31 +119,6 @@ pub enum AuthorizationError {
         #[source]
         source: OAuthError,
     },
-    /// The store failed while recording the new installation.
-    #[error(
-        "completing the authorization for installation {installation} failed in the store: {source}"
-    )]
-    Store {
-        /// The installation the flow was for.
-        installation: InstallationId,
-        /// The store's error.
-        #[source]
-        source: StoreError,
-    },
-    /// The installation id belongs to another OAuth consumer sharing the store; its record
-    /// was left untouched (the new grant's tokens are not stored).
-    #[error(
-        "installation {installation} belongs to consumer {owner}; this authorization was not recorded: choose another installation id, or give each consumer its own store namespace"
-    )]
-    ForeignConsumer {
-        /// The installation the flow was for.
-        installation: InstallationId,
-        /// The consumer its record belongs to.
-        owner: String,
-    },
-    /// The stored record refused the new grant (a state machine rule).
-    #[error("recording the authorization failed: {0}")]
-    Refused(#[source] IllegalTransition),
     /// The system random generator failed.
     #[error("the system random number generator failed: {0}")]
     Random(String),
@@ -327,19 +251,11 @@ impl AuthorizationError {
             Self::MissingBinding => "missing_binding",
             Self::InvalidBinding => "invalid_binding",
             Self::BrowserMismatch { .. } => "browser_mismatch",
-            Self::AlreadyUsed { .. } => "already_used",
-            Self::AlreadyInstalled { .. } => "already_installed",
-            Self::Superseded { .. } => "superseded",
-            Self::DuplicateCallback { .. } => "duplicate_callback",
-            Self::DifferentAccount { .. } => "different_account",
             Self::Identity { .. } => "identity",
             Self::InvalidState => "invalid_state",
             Self::MalformedCode { .. } => "malformed_code",
             Self::ExpiredState { .. } => "expired_state",
             Self::Exchange { .. } => "exchange",
-            Self::Store { .. } => "store",
-            Self::ForeignConsumer { .. } => "foreign_consumer",
-            Self::Refused(_) => "refused",
             Self::Random(_) => "random",
         }
     }

@@ -63,12 +63,9 @@ impl FlowClaim {
 
     /// This claim settled with the claimant's `outcome` (`code_sent`: whether the code went
     /// to the provider).
-    pub(crate) fn settled<T>(
+    pub(crate) fn settled<T, E: std::fmt::Display>(
         self,
-        outcome: &Result<
-            (crate::oauth::authorize::Completed, T),
-            crate::oauth::authorize::AuthorizationError,
-        >,
+        outcome: &Result<(crate::oauth::authorize::Completed, T), E>,
         code_sent: bool,
     ) -> Self {
         let phase = match outcome {

@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokenkeeper_core::InstallationId;
 
 use super::claim::{self, FlowClaim, Phase};
+use super::error::{InstallError, Refusal};
 use crate::manager::TokenManager;
-use crate::oauth::authorize::{AuthorizationError, Completed};
+use crate::oauth::authorize::Completed;
 
 impl TokenManager {
     /// After a claim the store reported as failed: it may have been stored even so (its
@@ -41,7 +42,7 @@ impl TokenManager {
         mut current: Vec<u8>,
         code: &str,
         installation: &InstallationId,
-    ) -> Result<Completed, AuthorizationError> {
+    ) -> Result<Completed, Refusal> {
         let engine = &self.engine;
         let give_up = give_up_at(engine.client.consumer().http_timeout());
         loop {
@@ -52,17 +53,21 @@ impl TokenManager {
                 return Err(duplicate(
                     installation,
                     "did not finish in time (it may have stopped; the code may be spent)",
-                ));
+                )
+                .into());
             }
             tokio::time::sleep(claim::POLL_INTERVAL).await;
             current = match engine.store.get_flow(key).await {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) => return Err(duplicate(installation, "expired without an outcome")),
+                Ok(None) => {
+                    return Err(duplicate(installation, "expired without an outcome").into());
+                }
                 Err(source) => {
-                    return Err(AuthorizationError::Store {
+                    return Err(InstallError::Store {
                         installation: installation.clone(),
                         source,
-                    });
+                    }
+                    .into());
                 }
             };
         }
@@ -87,7 +92,7 @@ fn claimant_outcome(
     current: &[u8],
     code: &str,
     installation: &InstallationId,
-) -> Option<Result<Completed, AuthorizationError>> {
+) -> Option<Result<Completed, Refusal>> {
     let claim = FlowClaim::decode(current).filter(|c| {
         // Constant-time enough: both are fixed-length hex fingerprints.
         c.code.len() == code.len()
@@ -98,9 +103,10 @@ fn claimant_outcome(
                 == 0
     });
     let Some(claim) = claim else {
-        return Some(Err(AuthorizationError::AlreadyUsed {
+        return Some(Err(InstallError::AlreadyUsed {
             installation: installation.clone(),
-        }));
+        }
+        .into()));
     };
     match claim.phase {
         Phase::Completed { created } => Some(Ok(Completed {
@@ -117,17 +123,19 @@ fn claimant_outcome(
         } => Some(Err(duplicate(
             installation,
             &format!("failed before the code was sent to the provider ({reason})"),
-        ))),
+        )
+        .into())),
         Phase::Failed { reason, .. } => Some(Err(duplicate(
             installation,
             &format!("failed; the code is spent ({reason})"),
-        ))),
+        )
+        .into())),
         Phase::Exchanging => None,
     }
 }
 
-fn duplicate(installation: &InstallationId, outcome: &str) -> AuthorizationError {
-    AuthorizationError::DuplicateCallback {
+fn duplicate(installation: &InstallationId, outcome: &str) -> InstallError {
+    InstallError::DuplicateCallback {
         installation: installation.clone(),
         outcome: outcome.to_owned(),
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, TokenSet};
 
+use super::error::{InstallError, Refusal};
 use super::superseded;
 use crate::manager::TokenManager;
 use crate::oauth::authorize::{
@@ -22,7 +23,7 @@ impl TokenManager {
         code: &AuthorizationCode,
         verified: &VerifiedState,
         code_sent: &mut bool,
-    ) -> Result<(Completed, Option<Record>), AuthorizationError> {
+    ) -> Result<(Completed, Option<Record>), Refusal> {
         let engine = &self.engine;
         let installation = &verified.installation;
         // What can be refused without the provider is refused before the code is spent.
@@ -126,7 +127,7 @@ impl TokenManager {
         grant: &Grant,
         account: Option<String>,
         verified: &VerifiedState,
-    ) -> Result<(bool, Record), AuthorizationError> {
+    ) -> Result<(bool, Record), Refusal> {
         let engine = &self.engine;
         loop {
             // Each attempt sees the record as stored now: a revocation or another flow's
@@ -134,10 +135,11 @@ impl TokenManager {
             if verified.purpose == Purpose::Reauthorize
                 && let Some(what) = superseded(verified.expect, current.as_ref())
             {
-                return Err(AuthorizationError::Superseded {
+                return Err(InstallError::Superseded {
                     installation: grant.installation.clone(),
                     what,
-                });
+                }
+                .into());
             }
             let now = engine.clock.now();
             let refresh_at = engine.policy.refresh_at(&grant.tokens, now);
@@ -168,11 +170,7 @@ impl TokenManager {
     /// Creates the installation's record. The code is spent: a store hiccup is retried once
     /// before the tokens are given up, and a create retried after `Unavailable` may find the
     /// row its first try wrote.
-    async fn create_grant(
-        &self,
-        record: Record,
-        purpose: Purpose,
-    ) -> Result<Attempt, AuthorizationError> {
+    async fn create_grant(&self, record: Record, purpose: Purpose) -> Result<Attempt, Refusal> {
         let engine = &self.engine;
         let id = record.id().clone();
         let mut outcome = engine.store.create(&record).await;
@@ -190,7 +188,7 @@ impl TokenManager {
             Ok(()) => Ok(Attempt::created(record)),
             _ if ours => Ok(Attempt::created(record)),
             Err(StoreError::AlreadyExists { .. }) if purpose == Purpose::Install => {
-                Err(AuthorizationError::AlreadyInstalled { installation: id })
+                Err(InstallError::AlreadyInstalled { installation: id }.into())
             }
             Err(StoreError::AlreadyExists { .. }) => {
                 let stored = engine.store.get(&id).await;
@@ -198,7 +196,7 @@ impl TokenManager {
                     stored.map_err(|source| store_error(&id, source))?,
                 ))
             }
-            Err(e) => Err(store_error(&id, e)),
+            Err(e) => Err(store_error(&id, e).into()),
         }
     }
 
@@ -211,16 +209,17 @@ impl TokenManager {
         grant: &Grant,
         account: Option<String>,
         refresh_at: tokenkeeper_core::Timestamp,
-    ) -> Result<Attempt, AuthorizationError> {
+    ) -> Result<Attempt, Refusal> {
         let engine = &self.engine;
         let installation = &grant.installation;
         refuse_foreign(&existing, &engine.consumer)?;
         if let (Some(stored), Some(new)) = (existing.account(), account.as_deref())
             && stored != new
         {
-            return Err(AuthorizationError::DifferentAccount {
+            return Err(InstallError::DifferentAccount {
                 installation: installation.clone(),
-            });
+            }
+            .into());
         }
         let event = Event::Authorized {
             tokens: grant.tokens.clone(),
@@ -229,7 +228,7 @@ impl TokenManager {
         };
         let next = existing
             .apply(event, engine.clock.now())
-            .map_err(AuthorizationError::Refused)?;
+            .map_err(InstallError::Refused)?;
         let stored = |record| {
             Ok(Attempt::Stored {
                 created: false,
@@ -255,7 +254,7 @@ impl TokenManager {
             Err(e) if crate::manager::flight::retry::applied(engine, &next, &e).await => {
                 stored(next)
             }
-            Err(e) => Err(store_error(installation, e)),
+            Err(e) => Err(store_error(installation, e).into()),
         }
     }
 }
@@ -283,39 +282,42 @@ fn refuse_before_exchange(
     verified: &VerifiedState,
     before: Option<&Record>,
     consumer: &str,
-) -> Result<(), AuthorizationError> {
+) -> Result<(), Refusal> {
     let installation = &verified.installation;
     if verified.purpose == Purpose::Reauthorize
         && let Some(what) = superseded(verified.expect, before)
     {
-        return Err(AuthorizationError::Superseded {
+        return Err(InstallError::Superseded {
             installation: installation.clone(),
             what,
-        });
+        }
+        .into());
     }
     let Some(existing) = before else {
         return Ok(());
     };
     if verified.purpose == Purpose::Install {
-        return Err(AuthorizationError::AlreadyInstalled {
+        return Err(InstallError::AlreadyInstalled {
             installation: installation.clone(),
-        });
+        }
+        .into());
     }
     refuse_foreign(existing, consumer)
 }
 
-fn refuse_foreign(existing: &Record, consumer: &str) -> Result<(), AuthorizationError> {
+fn refuse_foreign(existing: &Record, consumer: &str) -> Result<(), Refusal> {
     if existing.consumer() == consumer {
         return Ok(());
     }
-    Err(AuthorizationError::ForeignConsumer {
+    Err(InstallError::ForeignConsumer {
         installation: existing.id().clone(),
         owner: existing.consumer().to_owned(),
-    })
+    }
+    .into())
 }
 
-fn store_error(installation: &InstallationId, source: StoreError) -> AuthorizationError {
-    AuthorizationError::Store {
+fn store_error(installation: &InstallationId, source: StoreError) -> InstallError {
+    InstallError::Store {
         installation: installation.clone(),
         source,
     }

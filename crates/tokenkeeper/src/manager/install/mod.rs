@@ -5,8 +5,12 @@
 //! [`RefreshPolicy`](super::RefreshPolicy), like every other write.
 
 mod claim;
+mod error;
 mod follow;
 mod grant;
+
+pub use error::InstallError;
+use error::Refusal;
 
 use std::sync::Arc;
 
@@ -60,7 +64,7 @@ impl TokenManager {
     /// stays as it is now (review N3): the state carries whether its record exists and, if
     /// it does, its incarnation, authorization generation and whether it is revoked. A
     /// callback after the installation was revoked, deleted, created again or authorized by
-    /// another flow is refused with `AuthorizationError::Superseded` (before the code is
+    /// another flow is refused with `InstallError::Superseded` (before the code is
     /// spent, when seen then). Re-authorizing a revoked installation takes a flow begun after
     /// the revocation, through this method.
     ///
@@ -123,10 +127,12 @@ impl TokenManager {
     ///
     /// # Errors
     ///
-    /// [`Error::Authorization`] wrapping an [`AuthorizationError`]: `InvalidState`,
-    /// `ExpiredState`, `BrowserMismatch` (another browser's binding), `AlreadyUsed` (this flow
-    /// was completed with another code), `DuplicateCallback`, `AlreadyInstalled`,
-    /// `DifferentAccount`, `Identity`, `Exchange` (the provider refused the code),
+    /// [`Error::Authorization`] wrapping an [`AuthorizationError`] (the provider's side):
+    /// `InvalidState`, `ExpiredState`, `BrowserMismatch` (another browser's binding),
+    /// `MalformedCode`, `Identity` or `Exchange` (the provider refused the code);
+    /// [`Error::Install`] wrapping an [`InstallError`](crate::InstallError) (the store's
+    /// side): `AlreadyUsed` (this flow was completed with another code),
+    /// `DuplicateCallback`, `AlreadyInstalled`, `Superseded`, `DifferentAccount`,
     /// `ForeignConsumer` or `Store`.
     ///
     /// # Examples
@@ -181,15 +187,15 @@ impl TokenManager {
         binding: &BrowserBinding,
         iss: Option<&str>,
     ) -> Result<Completed, Error> {
-        let refused = |e: AuthorizationError| {
+        let refused = |e: Refusal| {
             crate::manager::metrics::authorization_refused(
                 &self.engine.consumer_label,
                 e.reason_label(),
             );
-            Error::Authorization(Arc::new(e))
+            Error::from(e)
         };
         crate::oauth::authorize::check_issuer(self.engine.client.consumer().profile(), iss)
-            .map_err(refused)?;
+            .map_err(|e| refused(e.into()))?;
         let (done, written) = self
             .record_authorization(&code, state, binding)
             .await
@@ -208,13 +214,13 @@ impl TokenManager {
         code: &AuthorizationCode,
         state: &AuthorizationState,
         binding: &BrowserBinding,
-    ) -> Result<(Completed, Option<Record>), AuthorizationError> {
+    ) -> Result<(Completed, Option<Record>), Refusal> {
         let engine = &self.engine;
         let verified = engine.client.verify_state(state, binding)?;
         let installation = verified.installation.clone();
         // A code that cannot be one costs neither a claim nor a token request (review N8).
         if !crate::oauth::authorize::plausible_code(code.secret()) {
-            return Err(AuthorizationError::MalformedCode { installation });
+            return Err(AuthorizationError::MalformedCode { installation }.into());
         }
         let key = claim::flow_key(&engine.consumer, &verified.flow);
         let ttl = verified
@@ -226,10 +232,11 @@ impl TokenManager {
             Ok(claimed) => claimed,
             Err(source) => {
                 self.settle_own_failed_claim(&key, &mine, ttl).await;
-                return Err(AuthorizationError::Store {
+                return Err(InstallError::Store {
                     installation,
                     source,
-                });
+                }
+                .into());
             }
         };
         if let Some(existing) = claimed {
