@@ -10,8 +10,8 @@ use tokenkeeper_core::{
     ErrorDetail, IllegalTransition, InstallationId, ReauthReason, StoreError, Timestamp,
 };
 
-use crate::oauth::authorize::AuthorizationError;
-use crate::oauth::error::OAuthError;
+use crate::oauth::AuthorizationError;
+use crate::oauth::OAuthError;
 
 fn provider_said(detail: &Option<ErrorDetail>) -> String {
     match detail {

@@ -8,8 +8,8 @@ use tokenkeeper_core::{Clock, SystemClock, TokenStore};
 use super::engine::{Engine, EngineParts};
 use super::unsaved::{self, UnsavedRestore, UnsavedTokens};
 use super::{RefreshPolicy, TokenManager};
-use crate::oauth::client::OAuthClient;
-use crate::oauth::config::{ConfigError, ConsumerConfig};
+use crate::oauth::OAuthClient;
+use crate::oauth::{ConfigError, ConsumerConfig};
 
 /// Configures a [`TokenManager`].
 pub struct TokenManagerBuilder {

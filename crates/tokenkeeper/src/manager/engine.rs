@@ -17,7 +17,7 @@ use super::flight::retry::{applied, is_own_write};
 use super::flight::single::Flights;
 use super::{RefreshPolicy, flight, metrics, unsaved};
 use crate::error::Error;
-use crate::oauth::client::OAuthClient;
+use crate::oauth::OAuthClient;
 
 /// The engine every clone of a [`TokenManager`] shares: the OAuth client, the store, the
 /// clock, the policy, the cache, the flights in progress and the consumer breaker.
@@ -81,7 +81,7 @@ impl Engine {
             seal,
             event_capacity,
         } = parts;
-        let consumer = crate::oauth::authorize::consumer_name(&client);
+        let consumer = crate::oauth::consumer_name(&client);
         let (events, _) = broadcast::channel(event_capacity);
         let cache = Cache::new(policy.cache_capacity, policy.cache_revalidate);
         let rotation = client.consumer().profile().rotation;

@@ -56,8 +56,8 @@ pub(crate) use engine::Engine;
 use flight::single;
 
 use crate::error::Error;
-use crate::oauth::client::{OAuthClient, Revocation};
-use crate::oauth::config::ConsumerConfig;
+use crate::oauth::ConsumerConfig;
+use crate::oauth::{OAuthClient, Revocation};
 
 /// Keeps every installation of one consumer supplied with valid tokens. Cheap to clone.
 ///

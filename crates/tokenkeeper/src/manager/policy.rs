@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokenkeeper_core::{FailureStreak, Record, Timestamp, TokenSet};
 
 use super::flight::guard::MassRejectionGuard;
-use crate::oauth::config::{ConfigError, ConsumerConfig};
-use crate::oauth::profile::Timing;
+use crate::oauth::Timing;
+use crate::oauth::{ConfigError, ConsumerConfig};
 
 /// How long after a token request's deadline its last bytes may still reach the provider
 /// (network transit; monotonic clocks drifting apart). A request is sent only if its bound
@@ -21,7 +21,7 @@ pub(crate) const HEADROOM: Duration = Duration::from_secs(1);
 /// The longest a token request can take from sending to giving up: the HTTP timeout plus
 /// the grace to read a reply that arrived.
 pub(crate) fn request_bound(consumer: &ConsumerConfig) -> Duration {
-    consumer.http_timeout() + crate::oauth::client::DEADLINE_GRACE
+    consumer.http_timeout() + crate::oauth::DEADLINE_GRACE
 }
 
 /// Refresh timing, leases, backoff and the failure budget.

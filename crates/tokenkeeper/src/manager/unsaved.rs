@@ -20,7 +20,7 @@ use tokenkeeper_core::{
 };
 use tokio::sync::Notify;
 
-use crate::oauth::config::ConfigError;
+use crate::oauth::ConfigError;
 
 /// Rotated tokens the store would not take: the only copy of an installation's new refresh
 /// token. `Debug` shows no secret; keep the value itself as carefully as the store.

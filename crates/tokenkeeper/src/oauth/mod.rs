@@ -1,23 +1,23 @@
 //! The OAuth half of the facade: everything that speaks to the provider and nothing that
 //! stores. Provider profiles ([`ProviderProfile`](crate::ProviderProfile), `profiles::*`), the validated consumer
-//! configuration ([`ConsumerConfig`](crate::ConsumerConfig)), the token endpoint client ([`OAuthClient`]), parsing of
+//! configuration ([`ConsumerConfig`]), the token endpoint client ([`OAuthClient`]), parsing of
 //! the provider's replies, the signed `state` codec and the authorization flow.
 //!
 //! The client hands tokens back; it never writes a record. Persisting them is the lifecycle
 //! engine's job ([`crate::TokenManager`]), so there is one place that knows the state machine
 //! and the store.
 
-pub(crate) mod authorize;
+mod authorize;
 pub(crate) mod binding;
-pub(crate) mod client;
+mod client;
 pub(crate) mod config;
-pub(crate) mod error;
-pub(crate) mod identity;
+mod error;
+mod identity;
 pub(crate) mod keys;
 pub(crate) mod profile;
-pub(crate) mod response;
+mod response;
 pub(crate) mod state;
-pub(crate) mod transport;
+mod transport;
 
 pub use authorize::{
     AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
@@ -33,3 +33,13 @@ pub use profile::{BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, 
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
 #[doc(hidden)]
 pub use transport::{TokenTransport, TransportFailure, TransportReply};
+
+// What the manager uses beyond the public surface above: it reaches the OAuth half through
+// this list only, never through its files. (The root re-exports its happy-path types from
+// `binding`, `config`, `keys` and `profile`, which stay crate-visible for that alone.)
+pub(crate) use authorize::{VerifiedState, check_issuer, consumer_name, plausible_code};
+pub(crate) use binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
+pub(crate) use client::DEADLINE_GRACE;
+pub(crate) use config::ConsumerConfig;
+pub(crate) use identity::Probe;
+pub(crate) use state::{Expect, Purpose};

@@ -17,7 +17,7 @@ use super::retry::{self, applied, is_own_write};
 use crate::error::Error;
 use crate::manager::Engine;
 use crate::manager::events::LocalEventKind;
-use crate::oauth::error::OAuthError;
+use crate::oauth::OAuthError;
 
 /// The attempt failed: plan the response ([`plan_failure`], pure) and carry it out. A refusal
 /// of the grant is planned only after a re-read: a peer may have rotated the token while this

@@ -39,7 +39,7 @@ use tracing::{Instrument, field};
 use crate::error::Error;
 use crate::manager::Engine;
 use crate::manager::cache::Insert;
-use crate::oauth::error::OAuthError;
+use crate::oauth::OAuthError;
 use decide::{Context, Decision, Mode, decide, refresh_token_deadline, unpresentable};
 use failure::{condemn, judge, on_failed, serve_until_expiry};
 use lease::{HeldLease, Renewal, Watch};

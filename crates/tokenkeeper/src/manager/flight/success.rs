@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::manager::Engine;
 use crate::manager::events::LocalEventKind;
 use crate::manager::unsaved::UnsavedTokens;
-use crate::oauth::identity::Probe;
+use crate::oauth::Probe;
 
 /// The provider rotated the tokens: write them before anyone uses them (the rotated refresh
 /// token exists nowhere else), then cache, announce and serve them.

@@ -49,11 +49,11 @@ pub(crate) enum Phase {
 impl FlowClaim {
     /// A new claim for `code`, by a random claimant, exchanging.
     pub(crate) fn exchanging(
-        code: &crate::oauth::binding::AuthorizationCode,
-    ) -> Result<Self, crate::oauth::authorize::AuthorizationError> {
+        code: &crate::oauth::AuthorizationCode,
+    ) -> Result<Self, crate::oauth::AuthorizationError> {
         let mut by = [0u8; 16];
         getrandom::fill(&mut by)
-            .map_err(|e| crate::oauth::authorize::AuthorizationError::Random(e.to_string()))?;
+            .map_err(|e| crate::oauth::AuthorizationError::Random(e.to_string()))?;
         Ok(Self {
             code: code.fingerprint(),
             by: by.iter().map(|b| format!("{b:02x}")).collect(),
@@ -65,7 +65,7 @@ impl FlowClaim {
     /// to the provider).
     pub(crate) fn settled<T, E: std::fmt::Display>(
         self,
-        outcome: &Result<(crate::oauth::authorize::Completed, T), E>,
+        outcome: &Result<(crate::oauth::Completed, T), E>,
         code_sent: bool,
     ) -> Self {
         let phase = match outcome {

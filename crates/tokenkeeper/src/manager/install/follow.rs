@@ -9,7 +9,7 @@ use tokenkeeper_core::InstallationId;
 use super::claim::{self, FlowClaim, Phase};
 use super::error::{InstallError, Refusal};
 use crate::manager::TokenManager;
-use crate::oauth::authorize::Completed;
+use crate::oauth::Completed;
 
 impl TokenManager {
     /// After a claim the store reported as failed: it may have been stored even so (its

@@ -9,11 +9,11 @@ use tokenkeeper_core::{CasOutcome, Event, InstallationId, Record, StoreError, To
 use super::error::{InstallError, Refusal};
 use super::superseded;
 use crate::manager::TokenManager;
-use crate::oauth::authorize::{
+use crate::oauth::AuthorizationCode;
+use crate::oauth::Purpose;
+use crate::oauth::{
     AuthorizationError, AuthorizationWarning, Completed, Grant, VerifiedState, consumer_name,
 };
-use crate::oauth::binding::AuthorizationCode;
-use crate::oauth::state::Purpose;
 
 impl TokenManager {
     /// The claimant's part: exchange the code, read the account, record the grant.

@@ -19,9 +19,9 @@ use tokenkeeper_core::{InstallationId, Record, StateKind, TokenSet};
 use crate::error::Error;
 use crate::manager::TokenManager;
 use crate::manager::events::LocalEventKind;
-use crate::oauth::authorize::{AuthorizationError, AuthorizationRequest, Completed, consumer_name};
-use crate::oauth::binding::{AuthorizationCode, AuthorizationState, BrowserBinding};
-use crate::oauth::state::{Expect, Purpose};
+use crate::oauth::{AuthorizationCode, AuthorizationState, BrowserBinding};
+use crate::oauth::{AuthorizationError, AuthorizationRequest, Completed, consumer_name};
+use crate::oauth::{Expect, Purpose};
 use claim::FlowClaim;
 
 impl TokenManager {
@@ -194,7 +194,7 @@ impl TokenManager {
             );
             Error::from(e)
         };
-        crate::oauth::authorize::check_issuer(self.engine.client.consumer().profile(), iss)
+        crate::oauth::check_issuer(self.engine.client.consumer().profile(), iss)
             .map_err(|e| refused(e.into()))?;
         let (done, written) = self
             .record_authorization(&code, state, binding)
@@ -219,7 +219,7 @@ impl TokenManager {
         let verified = engine.client.verify_state(state, binding)?;
         let installation = verified.installation.clone();
         // A code that cannot be one costs neither a claim nor a token request (review N8).
-        if !crate::oauth::authorize::plausible_code(code.secret()) {
+        if !crate::oauth::plausible_code(code.secret()) {
             return Err(AuthorizationError::MalformedCode { installation }.into());
         }
         let key = claim::flow_key(&engine.consumer, &verified.flow);
