@@ -256,6 +256,14 @@ impl RedisStoreBuilder {
     }
 
     /// Connects (and checks the server answers).
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError::Config`] for a setting out of range (named), before anything connects;
+    /// [`ConnectError::Plaintext`] for a plaintext URL to another host; an invalid URL, a
+    /// server that does not answer, a durability check the server fails, or a migration of
+    /// the due index that fails, each as its own [`ConnectError`] variant naming the URL
+    /// without its password.
     pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         self.validate()?;
         let url = redact(&self.url);

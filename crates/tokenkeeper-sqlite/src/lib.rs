@@ -177,6 +177,13 @@ impl SqliteStoreBuilder {
     /// Opens (creating with mode 0600 if needed) and migrates the database. The file and its
     /// `-wal` and `-shm` files must not be symbolic links; existing ones that others may read
     /// are tightened to 0600 or refused ([`loose_permissions`](Self::loose_permissions)).
+    ///
+    /// # Errors
+    ///
+    /// [`OpenError::NotPrivate`] for a link, another user's file or a directory others may
+    /// write; [`OpenError::FutureSchema`] for a database of a newer version;
+    /// [`OpenError::NotTokenkeeper`] for a database that is not tokenkeeper's;
+    /// [`OpenError::Io`] or [`OpenError::Sqlite`] when the file cannot be opened or migrated.
     pub async fn open(self) -> Result<SqliteStore, OpenError> {
         let (location, busy) = (self.location.clone(), self.busy_timeout);
         let loose = self.loose_permissions;

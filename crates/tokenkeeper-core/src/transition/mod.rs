@@ -249,6 +249,12 @@ impl fmt::Display for Refusal {
 
 /// Applies `event` to `record` at `now`, returning the record to write (version + 1).
 ///
+/// # Errors
+///
+/// [`IllegalTransition`] when the state machine refuses the event in the record's state (a
+/// lease that has not lapsed, a fence of another lease, a late result over other tokens,
+/// ...), saying which rule refused it ([`Refusal`]).
+///
 /// ```
 /// use std::time::Duration;
 /// use tokenkeeper_core::*;
