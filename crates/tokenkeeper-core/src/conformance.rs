@@ -1294,6 +1294,15 @@ macro_rules! conformance_tests {
             }
         )*
     };
+    // `events_respect_retention` on a store that keeps `max_events` events (per shard of the
+    // log: the case's installation lives in one): `$make` takes that bound.
+    (retention: $make:expr) => {
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn events_respect_retention() {
+            let store = ($make)(5).await;
+            $crate::conformance::events_respect_retention(::std::sync::Arc::new(store)).await;
+        }
+    };
     ($make:expr) => {
         $crate::conformance_tests!(@list cases $make);
     };

@@ -5,12 +5,9 @@ use tokenkeeper_memory::MemoryStore;
 
 tokenkeeper_core::conformance_tests!(|| async { MemoryStore::new() });
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_respect_retention() {
-    let store =
-        MemoryStore::with_event_retention(tokenkeeper_core::EventRetention::new().max_events(5));
-    tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
-}
+tokenkeeper_core::conformance_tests!(retention: |max_events: u64| async move {
+    MemoryStore::with_event_retention(tokenkeeper_core::EventRetention::new().max_events(max_events))
+});
 
 mod sealed {
     use tokenkeeper_core::conformance::test_keyring as keyring;

@@ -19,15 +19,13 @@ mod one_shard {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_respect_retention() {
-    let store = tokenkeeper_redis::RedisStore::builder(common::url())
+tokenkeeper_core::conformance_tests!(retention: |max_events: u64| async move {
+    tokenkeeper_redis::RedisStore::builder(common::url())
         .prefix(common::unique_prefix("retention"))
-        // The bound is split among the 16 shards: 5 per shard, as the case expects of the one
-        // shard its installation lives in.
-        .event_retention(tokenkeeper_core::EventRetention::new().max_events(5 * 16))
+        // The bound is split among the 16 shards: `max_events` per shard, as the case expects
+        // of the one shard its installation lives in.
+        .event_retention(tokenkeeper_core::EventRetention::new().max_events(max_events * 16))
         .connect()
         .await
-        .unwrap_or_else(|e| panic!("{e}: {}", common::INSTALL_HINT));
-    tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
-}
+        .unwrap_or_else(|e| panic!("{e}: {}", common::INSTALL_HINT))
+});

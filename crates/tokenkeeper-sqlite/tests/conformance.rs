@@ -33,12 +33,10 @@ mod sealed {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_respect_retention() {
-    let store = SqliteStore::builder(common::fresh_db("retention"))
-        .event_retention(tokenkeeper_core::EventRetention::new().max_events(5))
+tokenkeeper_core::conformance_tests!(retention: |max_events: u64| async move {
+    SqliteStore::builder(common::fresh_db("retention"))
+        .event_retention(tokenkeeper_core::EventRetention::new().max_events(max_events))
         .open()
         .await
-        .expect("open a fresh database");
-    tokenkeeper_core::conformance::events_respect_retention(std::sync::Arc::new(store)).await;
-}
+        .expect("open a fresh database")
+});

@@ -205,3 +205,60 @@ fn collect_reports(children: Vec<std::process::Child>) -> Vec<RaceReport> {
 fn spawn_race_children(n: usize, env: &[(&str, &str)]) -> Vec<std::process::Child> {
     (0..n).map(|_| crate::child::spawn_self(env)).collect()
 }
+
+/// The multi-process race for a store a child process reaches by one `String` (its
+/// location): `fresh` makes a new location for a tag, `open` opens the store at a location (an
+/// async closure taking the `String`). Expands to the children's `child_process_entry` (set
+/// `child_env` in the environment to make a test binary one) and two tests: four processes
+/// race without a lost update, and a racer SIGKILLed mid-write leaves events and records in
+/// step. Each store crate's `tests/processes.rs` is one call of it.
+#[macro_export]
+macro_rules! process_race_tests {
+    (child_env: $env:literal, fresh: $fresh:expr, open: $open:expr $(,)?) => {
+        /// Not a test on its own: the body of the child processes the race spawns.
+        #[test]
+        fn child_process_entry() {
+            let Ok(location) = ::std::env::var($env) else {
+                return;
+            };
+            ::tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async move {
+                    let store = ($open)(location).await;
+                    $crate::race::race_child(&store).await;
+                });
+        }
+
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn four_processes_race_cas_without_lost_updates() {
+            let location: String = ($fresh)("race");
+            let store = ($open)(location.clone()).await;
+            let ids = $crate::race::race_ids(100);
+            $crate::race::seed_race(&store, &ids).await;
+            let reports = $crate::race::run_race_children(4, &[($env, location.as_str())]);
+            $crate::race::verify_race(&store, &ids, &reports).await;
+        }
+
+        /// A racer SIGKILLed mid-race (mid-write as likely as not) leaves no write without
+        /// its event and no event without its write.
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_racer_killed_mid_write_leaves_events_and_records_in_step() {
+            let location: String = ($fresh)("killed");
+            let store = ($open)(location.clone()).await;
+            let ids = $crate::race::race_ids(100);
+            $crate::race::seed_race(&store, &ids).await;
+            let survivors = $crate::race::run_race_children_killing_one(
+                3,
+                &[($env, location.as_str())],
+                ::std::time::Duration::from_millis(1500),
+            );
+            let checked = $crate::race::verify_events(&store, &ids).await;
+            let swaps: u64 = survivors.iter().map(|r| r.swaps).sum();
+            assert!(
+                checked as u64 >= ids.len() as u64 + swaps,
+                "fewer events than the survivors' swaps"
+            );
+            eprintln!("{checked} events match the records after a SIGKILL mid-race");
+        }
+    };
+}
