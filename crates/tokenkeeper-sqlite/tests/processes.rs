@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use tokenkeeper_core::conformance::{T0, sample_record};
@@ -26,15 +26,8 @@ const RECORDS: usize = 100;
 const CHILDREN: usize = 4;
 
 fn spawn_child(mode: &str, db: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, mode)
-        .env("TK_SQLITE_DB", db)
+    let db = db.to_str().expect("a UTF-8 test path");
+    tokenkeeper_testkit::child::self_command(&[(CHILD_ENV, mode), ("TK_SQLITE_DB", db)])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
