@@ -17,7 +17,7 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::oauth::authorize::AuthorizationError;
+use crate::oauth::error::AuthorizationError;
 
 /// Bytes of a browser binding.
 const BINDING_LEN: usize = 32;

@@ -1,12 +1,13 @@
-//! `OAuthError`: a failed exchange with the provider, classified (see [the design document](crate::_documentation::design),
-//! "Error classification"), carrying the
-//! provider's own words and never a token.
+//! The OAuth half's errors: `OAuthError`, a failed exchange with the provider, classified
+//! (see [the design document](crate::_documentation::design), "Error classification"),
+//! carrying the provider's own words and never a token; and `AuthorizationError`, the
+//! provider's side of a refused authorization callback. Neither knows a store.
 
 use std::fmt;
 use std::time::Duration;
 
 use tokenkeeper_core::{
-    CommitEvidence, ErrorDetail, FailureClass, InstallationId, backend::BoxError,
+    CommitEvidence, ErrorDetail, FailureClass, InstallationId, Timestamp, backend::BoxError,
 };
 
 /// Which exchange with the provider failed.
@@ -365,6 +366,131 @@ impl std::error::Error for OAuthError {
             .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Why an authorization could not begin or complete on the provider's side: the callback's
+/// issuer, state, binding or code, the code exchange, or the provider account. What the
+/// manager refuses when it records the grant (a replayed flow, another account, the store)
+/// is [`InstallError`](crate::InstallError).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorizationError {
+    /// The callback's `iss` (RFC 9207) names another authorization server than this
+    /// consumer's: a mix-up attack, or a callback routed to the wrong consumer.
+    #[error(
+        "the authorization response comes from issuer {received:?}, not this consumer's ({expected}); nothing was exchanged: route each provider's callback to its own consumer"
+    )]
+    IssuerMismatch {
+        /// The consumer's issuer.
+        expected: String,
+        /// What the callback said (control characters and white space removed, at most 100
+        /// characters).
+        received: String,
+    },
+    /// The profile names its issuer, so the callback's `iss` (or its absence) must be passed
+    /// on: `complete_authorization` cannot tell which it was.
+    #[error(
+        "this consumer names its issuer: complete the flow with complete_authorization_with_issuer, passing the callback's `iss` parameter (None when the callback had none)"
+    )]
+    IssuerNotPassed,
+    /// The provider sends `iss` with every authorization response, and this one had none.
+    #[error(
+        "the authorization response carries no `iss`, which this provider always sends (RFC 9207); nothing was exchanged: pass the callback's `iss` to complete_authorization_with_issuer"
+    )]
+    MissingIssuer,
+    /// No state key is configured, so no flow can begin or complete.
+    #[error(
+        "no state key is configured: set ConsumerConfigBuilder::state_key to 32 random bytes shared by every process (StateKey::from_base64 of `openssl rand -base64 32`)"
+    )]
+    NoStateKey,
+    /// The callback request carries no cookie of this flow.
+    #[error(
+        "this browser holds no cookie of this authorization (another browser, cookies blocked, or a replayed callback); nothing was exchanged: start the installation again from this browser"
+    )]
+    MissingBinding,
+    /// The browser-binding cookie's value is not one this library made.
+    #[error(
+        "the browser-binding cookie is missing or malformed; the user must start the authorization again from this browser"
+    )]
+    InvalidBinding,
+    /// The callback came with another browser's binding: the state was issued to a different
+    /// browser. A replayed or injected callback, or a planted cookie.
+    #[error(
+        "the callback for installation {installation} did not come from the browser that began the authorization (its binding cookie does not match); nothing was exchanged: the user must start the authorization again from this browser"
+    )]
+    BrowserMismatch {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// The provider account of the new grant could not be read, so it could not be checked.
+    #[error(
+        "the provider account of the new authorization of installation {installation} could not be read ({reason}); nothing was stored: start the authorization again, or check ProviderProfile::identity"
+    )]
+    Identity {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// What went wrong (never a token).
+        reason: String,
+    },
+    /// The `state` was not issued by this consumer (tampered, garbled, or another consumer's).
+    #[error(
+        "the authorization state is not one this consumer issued (tampered, truncated, or from another consumer or key); start the authorization again"
+    )]
+    InvalidState,
+    /// The callback's `code` cannot be an authorization code: empty, longer than
+    /// 2,048 bytes, or with characters outside RFC 6749's VSCHAR (printable ASCII,
+    /// Appendix A.11). Refused before anything is claimed or sent (review N8).
+    #[error(
+        "the callback's authorization code for installation {installation} is empty, too long or not printable ASCII; nothing was sent: start the authorization again"
+    )]
+    MalformedCode {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
+    /// The `state` expired before the callback arrived.
+    #[error(
+        "the authorization for installation {installation} expired at {expired_at}; start the authorization again"
+    )]
+    ExpiredState {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// When the flow stopped being accepted.
+        expired_at: Timestamp,
+    },
+    /// The provider refused the code exchange.
+    #[error("completing the authorization for installation {installation} failed: {source}")]
+    Exchange {
+        /// The installation the flow was for.
+        installation: InstallationId,
+        /// The provider's answer, classified.
+        #[source]
+        source: OAuthError,
+    },
+    /// The system random generator failed.
+    #[error("the system random number generator failed: {0}")]
+    Random(String),
+}
+
+impl AuthorizationError {
+    /// A short, stable name of the kind of refusal: the `reason` label of
+    /// `tokenkeeper_authorizations_refused_total` (review I3), one of a fixed set.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Self::IssuerMismatch { .. } => "issuer_mismatch",
+            Self::IssuerNotPassed => "issuer_not_passed",
+            Self::MissingIssuer => "missing_issuer",
+            Self::NoStateKey => "no_state_key",
+            Self::MissingBinding => "missing_binding",
+            Self::InvalidBinding => "invalid_binding",
+            Self::BrowserMismatch { .. } => "browser_mismatch",
+            Self::Identity { .. } => "identity",
+            Self::InvalidState => "invalid_state",
+            Self::MalformedCode { .. } => "malformed_code",
+            Self::ExpiredState { .. } => "expired_state",
+            Self::Exchange { .. } => "exchange",
+            Self::Random(_) => "random",
+        }
     }
 }
 

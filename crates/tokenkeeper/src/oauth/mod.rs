@@ -19,15 +19,13 @@ mod response;
 pub(crate) mod state;
 mod transport;
 
-pub use authorize::{
-    AuthorizationError, AuthorizationRequest, AuthorizationWarning, Completed, Grant,
-};
+pub use authorize::{AuthorizationRequest, AuthorizationWarning, Completed, Grant};
 // At the crate root only (the happy path): the consumer, the state key, the profile and the
 // callback's three values.
 pub use client::{CodeGrant, OAuthClient, Revocation};
 pub use config::ClientSecret;
 pub use config::ConfigError;
-pub use error::{ErrorKind, OAuthError, Operation};
+pub use error::{AuthorizationError, ErrorKind, OAuthError, Operation};
 pub use keys::MIN_STATE_KEY_BYTES;
 pub use profile::{BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, Rotation, Timing};
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
