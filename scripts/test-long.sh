@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 seeds=${TK_SIM_SEEDS:-20000}
 printf '\n==> %s\n' "fault simulation, $seeds seeds (release build)"
-TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --test simulation -- --nocapture
+TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture
 
 # The suite checks each fault family alone to 4 ticks; these run them to 5 ticks, then
 # combined (seconds to minutes each, up to ~6 GB).

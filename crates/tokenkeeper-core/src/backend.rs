@@ -9,6 +9,17 @@ pub use crate::event::{
 };
 pub use crate::store::{BoxError, PageEntry, check_cas_arguments};
 
+/// Whether key material looks random (the state keys, the keyring).
+pub mod keycheck {
+    pub use crate::keycheck::weakness;
+}
+
+/// Files only this user may read or replace (SQLite's database, the unsaved-tokens
+/// directory).
+pub mod private_files {
+    pub use crate::private_files::*;
+}
+
 /// Connection URLs of network stores: what may be shown of them, and where they point.
 pub mod url {
     /// `url` with its password replaced by `***`: the user info's password (after the first

@@ -8,7 +8,7 @@
 /// entropy by its byte frequencies.
 ///
 /// ```
-/// use tokenkeeper_core::keycheck::weakness;
+/// use tokenkeeper_core::backend::keycheck::weakness;
 /// assert!(weakness(&[0u8; 32], 32).is_some());
 /// assert!(weakness(b"correct horse battery staple!!!!", 32).is_some());
 /// let random: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();

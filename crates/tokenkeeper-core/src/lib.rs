@@ -77,10 +77,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
-pub mod event;
+mod event;
 mod id;
-pub mod keycheck;
-pub mod private_files;
+mod keycheck;
+mod private_files;
 mod record;
 mod secret;
 mod state;

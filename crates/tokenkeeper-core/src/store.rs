@@ -354,7 +354,7 @@ pub struct ListEntry {
 ///   the backend's own clock.
 /// - Every `create`, `compare_and_swap` and `delete` that is applied appends exactly one
 ///   [`LifecycleEvent`](crate::LifecycleEvent) in the same atomic write (see
-///   [`crate::event`]'s module docs): both or neither, also when the caller got an error
+///   the event log's contract in `docs/design.md`): both or neither, also when the caller got an error
 ///   after the store applied it ([`StoreError::Unavailable`]). One that is refused
 ///   (`AlreadyExists`, `Conflict`, `Missing`) appends none.
 ///   `read_events(after, limit)` returns up to `limit` events after the cursor, each

@@ -17,7 +17,7 @@
 //! inside a reuse leeway) and the recognition of the engine's own applied writes are the
 //! engine's real pure functions ([`tokenkeeper::__protocol::plan_failure`] and its
 //! neighbours). What the model adds is the I/O around them: the store, the provider, time,
-//! and the lease-timing rules of `manager/lease.rs` (send only while the lease outlasts the
+//! and the lease-timing rules of `manager/flight/lease.rs` (send only while the lease outlasts the
 //! request; renew every third of the TTL; take over after a TTL of watched silence).
 //!
 //! [`Mutation`]s remove one safeguard (the fence check, the lease, write-before-use, the

@@ -2,7 +2,7 @@
 //! decides: [`decide`] for the next step, [`retired_past_leeway`] and [`unpresentable`]
 //! before presenting, [`plan_failure`] after a failure (the refusal's reason, the failure
 //! budget, the retry inside a reuse leeway), the real transitions for every write. What the
-//! model writes itself is the I/O around them and the lease timing of `manager/lease.rs`,
+//! model writes itself is the I/O around them and the lease timing of `manager/flight/lease.rs`,
 //! with the engine's recognition of its own writes (`store.rs`).
 
 use std::time::Duration;

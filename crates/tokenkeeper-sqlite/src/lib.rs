@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool::managed::PoolError;
-use tokenkeeper_core::private_files;
+use tokenkeeper_core::backend::private_files;
 use tokenkeeper_core::{
     CasOutcome, DeleteOutcome, DueEntry, DuePage, EventCursor, EventPage, EventRetention,
     InstallationId, ListFilter, ListPage, Record, StoreError, Timestamp, TokenStore,

@@ -159,7 +159,7 @@ impl managed::Manager for Manager {
 fn still_private(path: &std::path::Path, me: u32) -> Result<(), ConnectError> {
     #[cfg(unix)]
     for file in crate::database_files(path) {
-        let reason = tokenkeeper_core::private_files::not_private(&file, me, true)
+        let reason = tokenkeeper_core::backend::private_files::not_private(&file, me, true)
             .unwrap_or_else(|e| Some(format!("its metadata cannot be read ({e})")));
         if let Some(reason) = reason {
             return Err(ConnectError::NotPrivate { path: file, reason });

@@ -22,6 +22,7 @@ pub struct TokenManagerBuilder {
     unsaved: Option<unsaved::UnsavedSink>,
     unsaved_dir: Option<std::path::PathBuf>,
     seal: unsaved::Seal,
+    #[cfg(feature = "__sim")]
     transport: Option<Arc<dyn crate::oauth::TokenTransport>>,
 }
 
@@ -52,6 +53,7 @@ impl TokenManagerBuilder {
             unsaved: None,
             unsaved_dir: None,
             seal: unsaved::Seal::None,
+            #[cfg(feature = "__sim")]
             transport: None,
         }
     }
@@ -111,8 +113,9 @@ impl TokenManagerBuilder {
     }
 
     /// Not a stable API: token requests go through `transport` instead of the network (the
-    /// deterministic simulator in `tests/simulation`).
+    /// deterministic simulator in `tests/simulation`; feature `__sim`).
     #[doc(hidden)]
+    #[cfg(feature = "__sim")]
     pub fn token_transport(mut self, transport: Arc<dyn crate::oauth::TokenTransport>) -> Self {
         self.transport = Some(transport);
         self
@@ -173,10 +176,12 @@ impl TokenManagerBuilder {
             self.unsaved_dir,
             self.store.unsaved_tokens_home(),
         )?;
+        #[cfg_attr(not(feature = "__sim"), allow(unused_mut))]
         let mut client = match self.http {
             Some(http) => OAuthClient::with_http_client(self.consumer, self.clock.clone(), http)?,
             None => OAuthClient::new(self.consumer, self.clock.clone())?,
         };
+        #[cfg(feature = "__sim")]
         if let Some(transport) = self.transport {
             client = client.with_token_transport(transport);
         }

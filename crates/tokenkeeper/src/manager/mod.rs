@@ -37,14 +37,18 @@ use tokio::sync::broadcast;
 pub use events::{EventStream, EventsError};
 pub use events::{LocalEvent, LocalEventKind};
 pub use explain::{Explanation, Health};
-/// The refresh protocol's pure decision steps, for the model checker (`tokenkeeper-model`).
-#[doc(hidden)]
+pub use flight::decide::Mode;
+/// The refresh protocol's pure decision steps, for the model checker (`tokenkeeper-model`,
+/// feature `__model`).
+#[cfg(feature = "__model")]
 pub use flight::decide::{
-    Context as DecideContext, Decision, Mode, decide, refresh_token_deadline, rejection_reason,
+    Context as DecideContext, Decision, decide, refresh_token_deadline, rejection_reason,
     unpresentable,
 };
 pub use flight::guard::MassRejectionGuard;
+#[cfg(feature = "__model")]
 pub use flight::plan::{Failure, Plan, Rules, plan_failure, retired_past_leeway};
+#[cfg(feature = "__model")]
 pub use flight::retry::is_own_write;
 pub use install::InstallError;
 pub use policy::RefreshPolicy;

@@ -316,7 +316,7 @@ fn check_private(dir: &Path) -> Result<(), String> {
             ));
         }
         // Who this process writes as: the owner of a file it creates there.
-        let me = tokenkeeper_core::private_files::creator_uid(dir)
+        let me = tokenkeeper_core::backend::private_files::creator_uid(dir)
             .map_err(|e| format!("cannot write in it ({e})"))?;
         if me != meta.uid() {
             return Err(format!(
@@ -330,8 +330,9 @@ fn check_private(dir: &Path) -> Result<(), String> {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("."));
-        if let Some(reason) = tokenkeeper_core::private_files::replaceable_by_others(parent, me)
-            .map_err(|e| format!("cannot read its parent ({e})"))?
+        if let Some(reason) =
+            tokenkeeper_core::backend::private_files::replaceable_by_others(parent, me)
+                .map_err(|e| format!("cannot read its parent ({e})"))?
         {
             return Err(format!("its parent {}: {reason}", parent.display()));
         }

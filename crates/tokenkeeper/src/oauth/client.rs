@@ -123,9 +123,10 @@ impl OAuthClient {
     }
 
     /// Not a stable API: token requests go through `transport` instead of the network (the
-    /// deterministic simulator).
+    /// deterministic simulator; feature `__sim`).
     #[doc(hidden)]
     #[must_use]
+    #[cfg(feature = "__sim")]
     pub fn with_token_transport(self, transport: Arc<dyn TokenTransport>) -> Self {
         let mut parts = (*self.inner).clone();
         parts.transport = Some(transport);

@@ -111,7 +111,7 @@ impl fmt::Debug for StateKey {
 
 /// Why `key` is not acceptable as a signing key, if it is not.
 fn weakness(key: &[u8]) -> Option<String> {
-    tokenkeeper_core::keycheck::weakness(key, MIN_STATE_KEY_BYTES)
+    tokenkeeper_core::backend::keycheck::weakness(key, MIN_STATE_KEY_BYTES)
 }
 
 #[cfg(test)]

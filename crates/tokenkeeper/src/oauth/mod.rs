@@ -29,7 +29,11 @@ pub use error::{AuthorizationError, ErrorKind, OAuthError, Operation};
 pub use keys::MIN_STATE_KEY_BYTES;
 pub use profile::{BodyEncoding, ClientAuth, ErrorMap, ErrorRule, IdentityCheck, Rotation, Timing};
 pub use response::{MAX_LIFETIME, RawResponse, parse_retry_after, parse_token_response};
+#[cfg(not(feature = "__sim"))]
+#[allow(unused_imports)] // named by the builder's field only with `__sim`
+pub(crate) use transport::TokenTransport;
 #[doc(hidden)]
+#[cfg(feature = "__sim")]
 pub use transport::{TokenTransport, TransportFailure, TransportReply};
 
 // What the manager uses beyond the public surface above: it reaches the OAuth half through

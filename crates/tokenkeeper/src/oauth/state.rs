@@ -223,6 +223,7 @@ pub(crate) fn encode(
 }
 
 /// The signed, unencrypted version 4 (verified, not issued; for tests and the fuzz target).
+#[cfg(any(test, feature = "__fuzz"))]
 fn encode_v4(key: &StateKey, consumer: &[u8; CONSUMER_TAG_LEN], claims: &StateClaims) -> String {
     let mut bytes = vec![V4, key.id()];
     bytes.extend_from_slice(&body(claims));
@@ -350,6 +351,7 @@ pub(crate) fn same_hash(a: &[u8; HASH_LEN], b: &[u8; HASH_LEN]) -> bool {
 /// key and of a version 5 state encrypted with it, so the parser past the MAC and AEAD checks
 /// is reached too. Never panics unless a property breaks: whatever decodes re-encodes to the
 /// same text in its format.
+#[cfg(feature = "__fuzz")]
 pub fn fuzz_decode(data: &[u8]) {
     let Ok(key) = StateKey::new(
         7,
