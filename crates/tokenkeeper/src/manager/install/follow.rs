@@ -140,3 +140,19 @@ fn duplicate(installation: &InstallationId, outcome: &str) -> InstallError {
         outcome: outcome.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review I2: an `http_timeout` near `Duration::MAX` gives a far deadline, not a panic
+    /// (`Instant + Duration` overflows).
+    #[tokio::test]
+    async fn a_huge_http_timeout_does_not_overflow_the_deadline() {
+        let now = tokio::time::Instant::now();
+        let far = give_up_at(Duration::MAX);
+        assert!(far >= now + Duration::from_secs(3600), "{:?}", far - now);
+        let near = give_up_at(Duration::from_secs(2));
+        assert_eq!(near.duration_since(now).as_secs(), 11);
+    }
+}
