@@ -147,52 +147,11 @@ async fn a_late_result_that_cannot_land_reaches_the_sink() {
 
 /// Review E7: on a provider with reuse detection, a peer that took a stalled holder's lease
 /// over after the leeway presented the retired token, and the provider revoked the whole
-/// grant. The holder's late result still lands (it is the only copy if the grant lives),
-/// but the record remembers that a peer presented the retired token: the next refusal is
-/// explained as the lost rotation it is, not as "the user revoked the app".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revival_after_a_reused_token_explains_the_next_refusal_truthfully() {
-    let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
-    let f = Fixture::with_store(
-        profiles::atlassian_3lo(),
-        MockProfile::Atlassian3lo,
-        Arc::new(store),
-    )
-    .await;
-    let id = f.install().await;
-    f.advance(Duration::from_secs(3600));
-    let holder = {
-        let (m, id) = (f.manager.clone(), id.clone());
-        tokio::spawn(async move { m.access_token(&id).await })
-    };
-    gate.held().await;
-    f.advance(Duration::from_secs(11 * 60));
-    let peer = f.peer(profiles::atlassian_3lo());
-    assert!(matches!(
-        peer.access_token(&id).await,
-        Err(Error::ReauthorizationRequired {
-            reason: ReauthReason::RotatedTokenLost,
-            ..
-        })
-    ));
-    assert_eq!(f.mock.counters().totals.reuse_detections, 1);
-    gate.release();
-    let _ = holder.await.unwrap();
-    f.advance(Duration::from_secs(3600));
-    match f.manager.access_token(&id).await {
-        Err(Error::ReauthorizationRequired {
-            reason: ReauthReason::RotatedTokenLost,
-            ..
-        }) => {}
-        other => panic!("expected RotatedTokenLost, got {other:?}"),
-    }
-}
-
-/// Review E7: the late result of the holder above is over a grant the provider already
-/// revoked (the peer's presentation of the retired token tripped reuse detection). Before it
-/// revives the peer's verdict, the manager asks the provider once (the profile's identity
-/// endpoint, with the result's access token): refused, the verdict stands and the holder is
-/// told so, instead of being handed a dead token announced as healthy.
+/// grant, the holder's rotated tokens with it. Before the holder's late result revives the
+/// peer's verdict, the manager asks the provider once (the profile's identity endpoint, with
+/// the result's access token): refused, the verdict stands, the holder is told so instead of
+/// being handed a dead token announced as healthy, and later calls hear the lost rotation,
+/// not "the user revoked the app".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_result_over_a_grant_the_provider_revoked_is_not_announced_healthy() {
     let (store, gate) = GatedStore::gated(MemoryStore::new(), EventKind::Refreshed);
@@ -231,6 +190,14 @@ async fn a_late_result_over_a_grant_the_provider_revoked_is_not_announced_health
         )
     });
     assert!(!revived, "a dead grant is not announced as refreshed");
+    f.advance(Duration::from_secs(3600));
+    match f.manager.access_token(&id).await {
+        Err(Error::ReauthorizationRequired {
+            reason: ReauthReason::RotatedTokenLost,
+            ..
+        }) => {}
+        other => panic!("expected RotatedTokenLost, got {other:?}"),
+    }
 }
 
 /// The contention fleet's eleventh reuse detection (one run in eight under the full suite):
