@@ -16,13 +16,16 @@
 //! token, the response to every failure (the refusal's reason, the failure budget, the retry
 //! inside a reuse leeway) and the recognition of the engine's own applied writes are the
 //! engine's real pure functions ([`tokenkeeper::__protocol::plan_failure`] and its
-//! neighbours). What the model adds is the I/O around them: the store, the provider, time,
-//! and the lease-timing rules of `manager/flight/lease.rs` (send only while the lease outlasts the
-//! request; renew every third of the TTL; take over after a TTL of watched silence).
+//! neighbours); the write sequences are the engine's (`ResultWrite` for a result, with its
+//! late landing; `settle_next` and `settle_conflict` for a failure), and so is the lease
+//! timing (`may_send`, the send window; `silent`, the takeover threshold). What the model adds
+//! is the I/O around them: the store, the provider and time.
 //!
-//! [`Mutation`]s remove one safeguard (the fence check, the lease, write-before-use, the
-//! recognition of one's own write, the presented-token check of a late result, the send
-//! window, the silence threshold), and the checker must then find a counterexample.
+//! [`Mutation`]s remove one safeguard, and the checker must then find a counterexample. The
+//! engine's own safeguards (the recognition of one's own write, the presented-token check of a
+//! late result, the send window, the silence threshold) are switched off inside the engine's
+//! code (`tokenkeeper::__protocol::switch_off`, feature `__model` only), so what is shown to
+//! matter is that code; the fence, the lease and write-before-use are removed around it.
 
 // Production code keeps every function under 70 lines (clippy.toml sets the threshold);
 // tests under `tests/` may be longer.

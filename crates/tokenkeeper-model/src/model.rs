@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use stateright::{Model, Property};
+use tokenkeeper::__protocol::{Safeguard, switch_off};
 use tokenkeeper::policy::RefreshPolicy;
 use tokenkeeper::{ConsumerConfig, ProviderProfile, oauth::IdentityCheck, oauth::Rotation};
 use tokenkeeper_core::{
@@ -55,6 +56,22 @@ pub enum Mutation {
     NoSendWindow,
     /// A watched lease is taken over one tick before a whole TTL of silence.
     EarlyTakeover,
+}
+
+impl Mutation {
+    /// The engine safeguard this mutation switches off in the engine's own code, if it is one
+    /// (the others change what the model does around the engine's code).
+    fn safeguard(self) -> Option<Safeguard> {
+        match self {
+            Mutation::NoOwnWrite => Some(Safeguard::OwnWrite),
+            Mutation::NoPresentedCheck => Some(Safeguard::PresentedCheck),
+            Mutation::NoSendWindow => Some(Safeguard::SendWindow),
+            Mutation::EarlyTakeover => Some(Safeguard::SilenceThreshold),
+            Mutation::None | Mutation::NoFence | Mutation::NoLease | Mutation::UseBeforeWrite => {
+                None
+            }
+        }
+    }
 }
 
 /// What the checker explores.
@@ -265,6 +282,13 @@ impl ProtocolModel {
     }
 
     /// Process `p`'s wall clock.
+    /// Switches this model's mutation, if it is an engine safeguard, off in the engine's code
+    /// on the calling thread (the checker may explore on several threads: every entry point
+    /// arms its own).
+    pub(crate) fn arm(&self) {
+        switch_off(self.config.mutation.safeguard());
+    }
+
     pub(crate) fn wall(&self, s: &State, p: usize) -> Timestamp {
         secs(i64::from(s.tick) + i64::from(self.config.skews[p]))
     }
@@ -436,6 +460,7 @@ impl Model for ProtocolModel {
     }
 
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
+        self.arm();
         for p in 0..s.procs.len() {
             if s.procs[p].phase == Phase::Crashed {
                 continue;
@@ -474,6 +499,7 @@ impl Model for ProtocolModel {
     }
 
     fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        self.arm();
         let mut s = last.clone();
         self.apply(&mut s, action)?;
         if let Action::Step(_, Some(_)) | Action::Renew(_, Some(_)) = action {

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use tokenkeeper::__protocol::{
-    Context, Decision, Failure, Mode, Plan, Rules, decide, plan_failure, refresh_token_deadline,
-    retired_past_leeway, unpresentable,
+    Context, Decision, Failure, Mode, Plan, ResultConflict, ResultWrite, Rules, SettleConflict,
+    decide, holds_own_lease, may_send, plan_failure, refresh_token_deadline, retired_past_leeway,
+    settle_conflict, settle_next, silent, unpresentable,
 };
 use tokenkeeper_core::{
     BackoffCause, CommitEvidence, ErrorDetail, Event, FailureClass, LeaseHolder, ReauthReason,
@@ -30,17 +31,9 @@ fn fence(held: &Record) -> u64 {
     held.state().lease().map_or(0, |l| l.fence)
 }
 
-/// `stored` holds `held`'s very lease, moved on by one of its holder's own writes: the
-/// engine's `HeldLease::adopt_if_ours`.
-fn ours(held: &Record, stored: &Record) -> bool {
-    match (stored.state().lease(), held.state().lease()) {
-        (Some(theirs), Some(mine)) => {
-            theirs.holder == mine.holder
-                && theirs.fence == mine.fence
-                && stored.version() > held.version()
-        }
-        _ => false,
-    }
+/// `t` ticks as time.
+fn ticks(t: u8) -> Duration {
+    Duration::from_secs(u64::from(t))
 }
 
 impl ProtocolModel {
@@ -54,10 +47,6 @@ impl ProtocolModel {
     /// The real decision step for process `p` over the stored record.
     fn decide(&self, s: &State, p: usize) -> Decision {
         let record = &s.store.0;
-        let threshold = match self.config.mutation {
-            Mutation::EarlyTakeover => TTL - 1,
-            _ => TTL,
-        };
         let own_unsent = record
             .state()
             .lease()
@@ -65,7 +54,12 @@ impl ProtocolModel {
             && s.procs[p].quiet.is_some_and(|q| q.unsent);
         let silent = match s.procs[p].watch {
             _ if own_unsent => Some(record.version()),
-            Some((v, since)) if v == record.version() && s.tick >= since + threshold => Some(v),
+            Some((v, since))
+                if v == record.version()
+                    && silent(ticks(s.tick.saturating_sub(since)), ticks(TTL)) =>
+            {
+                Some(v)
+            }
             _ => None,
         };
         let mode = Mode::OnDemand;
@@ -297,8 +291,8 @@ impl ProtocolModel {
             s.procs[p].phase = Phase::Idle;
             return self.condemn(s, p, &flight, reason);
         }
-        let in_window = s.tick + BOUND < flight.confirmed + TTL;
-        if in_window || self.config.mutation == Mutation::NoSendWindow {
+        let since = ticks(s.tick.saturating_sub(flight.confirmed));
+        if may_send(since, ticks(BOUND), ticks(TTL)) {
             s.procs[p].phase = Phase::Sent {
                 flight,
                 deadline: s.tick + BOUND,
@@ -351,32 +345,19 @@ impl ProtocolModel {
         }
     }
 
-    /// The engine's `land`: a `Refreshed` write under the lease; after a conflict with
-    /// another's write, a `LateRefreshed` write on top of it; a result the stored record
-    /// refuses, or the store does not take, goes to the sink. Returns whether it was stored.
+    /// The engine's `land`, driving its very [`ResultWrite`]: a `Refreshed` write under the
+    /// lease; after a conflict with another's write, a `LateRefreshed` write on top of it; a
+    /// result the stored record refuses, or the store does not take, goes to the sink.
+    /// Returns whether it was stored.
     pub(crate) fn land(&self, s: &mut State, p: usize, held: Rec, new: u8) -> bool {
         let now = self.wall(s, p);
         let presented_k = held.token();
         let presented = RefreshToken::new(format!("r{presented_k}"));
         let mut held = held.0;
-        let mut lease_lost = false;
-        let mut next = None;
+        let mut write = ResultWrite::new(&held, presented, tokens(new, now), now, None);
         for _ in 0..4 {
-            let (candidate, expected) = match next.take() {
-                Some(pending) => pending,
-                None => {
-                    let event = Event::Refreshed {
-                        fence: fence(&held),
-                        tokens: tokens(new, now),
-                        refresh_at: now,
-                        anomaly: None,
-                    };
-                    let Ok(c) = held.apply(event, now) else {
-                        return false;
-                    };
-                    let v = held.version();
-                    (c, v)
-                }
+            let Ok((candidate, expected)) = write.next_write(&held, now) else {
+                return false;
             };
             match self.write(s, &candidate, expected) {
                 Wrote::Ok => return true,
@@ -388,23 +369,15 @@ impl ProtocolModel {
                     s.procs[p].unsaved.push((presented_k, new));
                     return false;
                 }
-                Wrote::Conflict(stored) if !lease_lost && ours(&held, &stored) => held = *stored,
                 Wrote::Conflict(stored) => {
-                    let shown = match self.config.mutation {
-                        Mutation::NoPresentedCheck => stored.tokens().refresh_token.clone(),
-                        _ => Some(presented.clone()),
-                    };
-                    let late = Event::LateRefreshed {
-                        presented: shown.unwrap_or_else(|| presented.clone()),
-                        tokens: tokens(new, now),
-                        refresh_at: now,
-                        obtained_under: Some(holder(p)),
-                    };
-                    match stored.apply(late, now) {
-                        Ok(revived) => next = Some((revived, stored.version())),
-                        Err(_) => return self.obsolete(s, &stored, &presented),
+                    match write.on_conflict(&held, &stored, &candidate, now) {
+                        ResultConflict::Written => return true,
+                        ResultConflict::Adopt => held = *stored,
+                        ResultConflict::Late => {}
+                        ResultConflict::Obsolete => {
+                            return self.obsolete(s, &stored, write.presented());
+                        }
                     }
-                    lease_lost = true;
                 }
             }
         }
@@ -439,7 +412,7 @@ impl ProtocolModel {
         if class == FailureClass::RefreshTokenRejected {
             let stored = &s.store.0;
             if stored.version() != flight.held.0.version() {
-                if !ours(&flight.held.0, stored) {
+                if !holds_own_lease(&flight.held.0, stored) {
                     return; // someone else wrote: re-read
                 }
                 flight.held = Rec(stored.clone());
@@ -475,17 +448,22 @@ impl ProtocolModel {
         }
     }
 
-    /// Writes `event` under the lease held as `held` (the engine's `settle`): adopts its own
-    /// unacknowledged writes; `None` when not known to be recorded.
+    /// Writes `event` under the lease held as `held` (the engine's `settle`, with its
+    /// [`settle_next`] and [`settle_conflict`]): adopts its own unacknowledged writes; `None`
+    /// when not known to be recorded.
     fn settle(&self, s: &mut State, p: usize, held: &Record, event: Event) -> Option<Record> {
         let now = self.wall(s, p);
         let mut held = held.clone();
         for _ in 0..3 {
-            let next = held.apply(event.clone(), now).ok()?;
+            let next = settle_next(&held, &event, None, now).ok()?;
             match self.write(s, &next, held.version()) {
                 Wrote::Ok => return Some(next),
-                Wrote::Conflict(stored) if ours(&held, &stored) => held = *stored,
-                Wrote::Conflict(_) | Wrote::Failed => return None,
+                Wrote::Conflict(stored) => match settle_conflict(&held, &next, &stored) {
+                    SettleConflict::Written => return Some(next),
+                    SettleConflict::Adopt => held = *stored,
+                    SettleConflict::Lost => return None,
+                },
+                Wrote::Failed => return None,
             }
         }
         None

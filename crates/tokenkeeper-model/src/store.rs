@@ -2,7 +2,8 @@
 //! lease a version was written under) that can fail a write, or apply it and report a
 //! failure all the same (a lost acknowledgement, a timeout after commit). After a failure the
 //! engine reads the record once and recognises its own applied write with the engine's real
-//! [`is_own_write`]; the `NoOwnWrite` mutation removes that recognition.
+//! [`is_own_write`]; the `NoOwnWrite` mutation switches that recognition off in the engine's
+//! code itself.
 
 use tokenkeeper::__protocol::is_own_write;
 use tokenkeeper_core::Record;
@@ -56,9 +57,10 @@ impl ProtocolModel {
         }
     }
 
-    /// The engine's recognition of its own write in `stored`.
+    /// The engine's recognition of its own write in `stored` (switched off on this thread
+    /// by the `NoOwnWrite` mutation: see [`ProtocolModel::arm`]).
     pub(crate) fn recognises(&self, stored: &Record, written: &Record) -> bool {
-        self.config.mutation != Mutation::NoOwnWrite && is_own_write(stored, written)
+        is_own_write(stored, written)
     }
 
     /// Replaces the stored record, noting landed tokens and regressions.

@@ -121,8 +121,10 @@ pub mod unsaved {
 #[cfg(feature = "__model")]
 pub mod __protocol {
     pub use crate::manager::{
-        DecideContext as Context, Decision, Failure, Mode, Plan, Rules, decide, is_own_write,
-        plan_failure, refresh_token_deadline, rejection_reason, retired_past_leeway, unpresentable,
+        DecideContext as Context, Decision, Failure, Mode, Plan, ResultConflict, ResultWrite,
+        Rules, Safeguard, SettleConflict, decide, holds_own_lease, is_own_write, may_send,
+        plan_failure, refresh_token_deadline, rejection_reason, retired_past_leeway,
+        settle_conflict, settle_next, silent, switch_off, unpresentable,
     };
 }
 /// Not a stable API: entry points for the fuzz targets (`fuzz/`) into parsers that are not

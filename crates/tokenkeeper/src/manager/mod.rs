@@ -50,6 +50,11 @@ pub use flight::guard::MassRejectionGuard;
 pub use flight::plan::{Failure, Plan, Rules, plan_failure, retired_past_leeway};
 #[cfg(feature = "__model")]
 pub use flight::retry::is_own_write;
+#[cfg(feature = "__model")]
+pub use flight::writes::{
+    ResultConflict, ResultWrite, Safeguard, SettleConflict, holds_own_lease, may_send,
+    settle_conflict, settle_next, silent, switch_off,
+};
 pub use install::InstallError;
 pub use policy::RefreshPolicy;
 pub use refresher::{RefresherConfig, RefresherCounts, RefresherHandle};

@@ -13,7 +13,8 @@ use super::decide::backoff_error;
 use super::guard::{self, Verdict};
 use super::lease::HeldLease;
 use super::plan::{Failure, Plan, Rules, plan_failure};
-use super::retry::{self, applied, is_own_write};
+use super::retry::{self, applied};
+use super::writes::{SettleConflict, settle_conflict, settle_next};
 use crate::error::Error;
 use crate::manager::Engine;
 use crate::manager::events::LocalEventKind;
@@ -368,22 +369,23 @@ async fn settle(engine: &Engine, held: &mut HeldLease, event: Event) -> Result<(
     let mut sent: Option<Record> = None;
     loop {
         let expected = held.record().version();
-        let next = match sent.take() {
-            Some(next) if next.version() == expected.saturating_add(1) => next,
-            _ => held
-                .record()
-                .apply(event.clone(), engine.clock.now())
-                .map_err(|e| Error::transition(id, e))?,
-        };
+        let next = settle_next(held.record(), &event, sent.take(), engine.clock.now())
+            .map_err(|e| Error::transition(id, e))?;
         match engine.store.compare_and_swap(&next, expected).await {
             Ok(CasOutcome::Swapped) => return Ok(()),
             Ok(CasOutcome::Missing) => return Err(Error::NotFound { id: id.clone() }),
-            Ok(CasOutcome::Conflict(stored)) if is_own_write(&stored, &next) => return Ok(()),
-            // One of our renewals landed unacknowledged: still our lease; recompute.
-            Ok(CasOutcome::Conflict(stored)) if held.adopt_if_ours(&stored) => {}
-            Ok(CasOutcome::Conflict(_)) => {
-                crate::manager::metrics::conflict(&engine.consumer_label, "result");
-                return Err(Error::LeaseLost { id: id.clone() });
+            Ok(CasOutcome::Conflict(stored)) => {
+                match settle_conflict(held.record(), &next, &stored) {
+                    SettleConflict::Written => return Ok(()),
+                    // One of our renewals landed unacknowledged: still our lease; recompute.
+                    SettleConflict::Adopt => {
+                        held.adopt_if_ours(&stored);
+                    }
+                    SettleConflict::Lost => {
+                        crate::manager::metrics::conflict(&engine.consumer_label, "result");
+                        return Err(Error::LeaseLost { id: id.clone() });
+                    }
+                }
             }
             Err(e @ StoreError::Unavailable { .. }) if retry.wait(&e).await => {
                 sent = Some(next);

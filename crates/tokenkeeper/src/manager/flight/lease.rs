@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokenkeeper_core::{CasOutcome, Event, LeaseHolder, Record, StoreError};
 use tokio::time::Instant;
 
+use super::writes;
 use crate::manager::Engine;
 
 /// A lease this flight holds: the record as last written under it, and when the write that
@@ -84,7 +85,8 @@ impl HeldLease {
     /// bytes reach the provider) before any peer could take the lease over: a whole TTL
     /// after the last confirmation.
     pub(crate) fn may_send(&self, bound: Duration) -> bool {
-        Instant::now() + bound + crate::manager::policy::TRANSIT <= self.confirmed + self.ttl
+        let since = Instant::now().saturating_duration_since(self.confirmed);
+        writes::may_send(since, bound, self.ttl)
     }
 
     /// `stored` (read after a conflict) holds this very lease, moved on by one of our own
@@ -92,13 +94,7 @@ impl HeldLease {
     /// adopt it as the record under the lease. `false` when the lease is another's (or
     /// `stored` is not newer than what we hold).
     pub(crate) fn adopt_if_ours(&mut self, stored: &Record) -> bool {
-        let ours = match (stored.state().lease(), self.record.state().lease()) {
-            (Some(theirs), Some(mine)) => {
-                theirs.holder == mine.holder && theirs.fence == mine.fence
-            }
-            _ => false,
-        };
-        if ours && stored.version() > self.record.version() {
+        if writes::holds_own_lease(&self.record, stored) {
             self.record = stored.clone();
             return true;
         }
@@ -216,7 +212,8 @@ impl Watch {
         let version = record.version();
         match self.0 {
             Some((seen, since)) if seen == version => {
-                (Instant::now() >= since + ttl).then_some(version)
+                writes::silent(Instant::now().saturating_duration_since(since), ttl)
+                    .then_some(version)
             }
             _ => {
                 self.0 = Some((version, Instant::now()));

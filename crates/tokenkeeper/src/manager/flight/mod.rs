@@ -16,7 +16,9 @@
 //! use), `failure.rs` (condemn, hold, defer), then the pieces they use: `lease.rs` (the held
 //! lease and its renewals), `single.rs` (one flight per installation in this process),
 //! `guard.rs` (the mass-rejection guard), `retry.rs` (own writes after a lost
-//! acknowledgement) and `restore.rs` (held results put back before a lease).
+//! acknowledgement), `restore.rs` (held results put back before a lease) and `writes.rs`
+//! (what each write sequence does after the store answered, and the lease timing: pure, and
+//! shared with the model checker).
 
 pub(crate) mod decide;
 mod failure;
@@ -27,6 +29,7 @@ pub(crate) mod restore;
 pub(crate) mod retry;
 pub(crate) mod single;
 mod success;
+pub(crate) mod writes;
 
 use std::time::Duration;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokenkeeper_core::{Record, StoreError};
 use tokio::time::Instant;
 
+use super::writes::Safeguard;
 use crate::manager::Engine;
 
 /// The retry budget of one write.
@@ -80,7 +81,8 @@ pub(crate) async fn applied(engine: &Engine, written: &Record, error: &StoreErro
 /// Whether `stored` (read after a write whose outcome was in doubt: an error, or a conflict)
 /// is this flight's own `written` record, applied: the same version with the same content.
 /// Versions only grow and every write is computed from the record it replaces, so no other
-/// writer can have produced it. The model checker calls this very function.
+/// writer can have produced it. The model checker calls this very function (and may switch
+/// it off, [`Safeguard::OwnWrite`], to show the recognition matters).
 pub fn is_own_write(stored: &Record, written: &Record) -> bool {
-    stored == written
+    !super::writes::off(Safeguard::OwnWrite) && stored == written
 }

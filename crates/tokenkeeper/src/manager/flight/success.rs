@@ -4,13 +4,14 @@
 //! unsaved-tokens place; it is never dropped.
 
 use tokenkeeper_core::{
-    CasOutcome, ErrorDetail, Event, FailureClass, InstallationId, LeaseHolder, Record,
-    RefreshToken, StoreError, Timestamp, TokenSet,
+    CasOutcome, ErrorDetail, FailureClass, InstallationId, LeaseHolder, Record, RefreshToken,
+    StoreError, Timestamp, TokenSet,
 };
 
 use super::decide::Mode;
 use super::lease::HeldLease;
-use super::retry::{self, applied, is_own_write};
+use super::retry::{self, applied};
+use super::writes::{ResultConflict, ResultWrite};
 use super::{Step, cache_insert};
 use crate::error::Error;
 use crate::manager::Engine;
@@ -138,7 +139,7 @@ async fn land(
     let mut landing = Landing::new(held, presented, tokens, refresh_at, anomaly);
     let mut retry = retry::Patience::new(engine, engine.policy.result_write_patience);
     let (last_error, last) = loop {
-        let (next, expected) = match landing.next_write(engine, held) {
+        let (next, expected) = match landing.write.next_write(held.record(), engine.clock.now()) {
             Ok(write) => write,
             Err(e) => return Landed::Failed(Error::transition(&id, e)),
         };
@@ -155,8 +156,8 @@ async fn land(
                 if !retry.wait(&e).await {
                     break (e, next);
                 }
-                landing.pending = Some((next, expected));
-                if !landing.lease_lost {
+                landing.write.retry(next, expected);
+                if !landing.write.lease_lost() {
                     held.renew_if_due(engine).await;
                 }
             }
@@ -165,21 +166,15 @@ async fn land(
     landing.unwritten(engine, last, last_error).await
 }
 
-/// One result on its way to the store, across the write attempts of [`land`].
+/// One result on its way to the store, across the write attempts of [`land`]: the pure
+/// sequence ([`ResultWrite`], which the model checker drives too) and what the engine adds
+/// around it (the sink, the provider check of review E7).
 struct Landing {
     id: InstallationId,
-    presented: RefreshToken,
     /// The lease the result was obtained under.
     under: Option<LeaseHolder>,
     tokens: TokenSet,
-    /// The write under the lease.
-    event: Event,
-    /// The write on top of whatever is stored, once the lease is lost.
-    late: Event,
-    /// What to write, and over which version; `None` until computed from the held lease.
-    pending: Option<(Record, u64)>,
-    /// Once the lease is lost, the result is a late one: no more renewals.
-    lease_lost: bool,
+    write: ResultWrite,
     /// A write the store applied without its configured durability (a Redis `WAIT`
     /// shortfall) may vanish in a failover even once we see it stored: then a copy goes to
     /// the unsaved place as well (a restore sets it aside as obsolete if the write survived).
@@ -194,47 +189,18 @@ impl Landing {
         refresh_at: Timestamp,
         anomaly: Option<ErrorDetail>,
     ) -> Self {
-        let under = held.record().state().lease().map(|l| l.holder.clone());
+        let record = held.record();
         Self {
-            id: held.record().id().clone(),
-            event: Event::Refreshed {
-                fence: held.fence(),
-                tokens: tokens.clone(),
-                refresh_at,
-                anomaly,
-            },
-            late: Event::LateRefreshed {
-                presented: presented.clone(),
-                tokens: tokens.clone(),
-                refresh_at,
-                obtained_under: under.clone(),
-            },
-            presented,
-            under,
+            id: record.id().clone(),
+            under: record.state().lease().map(|l| l.holder.clone()),
+            write: ResultWrite::new(record, presented, tokens.clone(), refresh_at, anomaly),
             tokens,
-            pending: None,
-            lease_lost: false,
             not_durable: false,
         }
     }
 
-    /// The record to write and the version it replaces: the pending one, or (first try, or
-    /// the held record moved on: a renewal, or one of ours adopted) the result applied to
-    /// the held record.
-    fn next_write(
-        &mut self,
-        engine: &Engine,
-        held: &HeldLease,
-    ) -> Result<(Record, u64), tokenkeeper_core::IllegalTransition> {
-        match self.pending.take() {
-            Some(p) if self.lease_lost || p.1 == held.record().version() => Ok(p),
-            _ => {
-                let next = held
-                    .record()
-                    .apply(self.event.clone(), engine.clock.now())?;
-                Ok((next, held.record().version()))
-            }
-        }
+    fn presented(&self) -> &RefreshToken {
+        self.write.presented()
     }
 
     /// Another version is stored: ours after all (applied, reported failed), a renewal of
@@ -247,34 +213,38 @@ impl Landing {
         stored: &Record,
         next: Record,
     ) -> Option<Landed> {
-        // Our own write is there: the store applied it but reported a failure (e.g. replicas
-        // did not confirm it in time).
-        if is_own_write(stored, &next) {
-            if self.not_durable && self.tokens.rotated_from(&self.presented) {
-                let why = "written, but without the store's configured durability at first";
-                self.sink(engine, why.to_owned()).await;
+        let now = engine.clock.now();
+        match self.write.on_conflict(held.record(), stored, &next, now) {
+            // Our own write is there: the store applied it but reported a failure (e.g.
+            // replicas did not confirm it in time).
+            ResultConflict::Written => {
+                if self.not_durable && self.tokens.rotated_from(self.presented()) {
+                    let why = "written, but without the store's configured durability at first";
+                    self.sink(engine, why.to_owned()).await;
+                }
+                Some(Landed::Written(Box::new(next)))
             }
-            return Some(Landed::Written(Box::new(next)));
+            // One of our renewals landed unacknowledged: still our lease; recompute.
+            ResultConflict::Adopt => {
+                held.adopt_if_ours(stored);
+                None
+            }
+            ResultConflict::Late if self.grant_revoked_under_verdict(engine, stored).await => {
+                Some(Landed::Superseded)
+            }
+            ResultConflict::Late => {
+                tracing::warn!(
+                    stored = %stored.state().kind(),
+                    "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
+                );
+                None
+            }
+            ResultConflict::Obsolete => {
+                let held_by = (self.presented().clone(), self.under.clone());
+                let tokens = self.tokens.clone();
+                Some(obsolete(engine, &self.id, stored, held_by, tokens).await)
+            }
         }
-        // One of our renewals landed unacknowledged: still our lease; recompute.
-        if !self.lease_lost && held.adopt_if_ours(stored) {
-            return None;
-        }
-        if self.grant_revoked_under_verdict(engine, stored).await {
-            return Some(Landed::Superseded);
-        }
-        let Ok(revived) = stored.apply(self.late.clone(), engine.clock.now()) else {
-            let held_by = (self.presented.clone(), self.under.clone());
-            let tokens = self.tokens.clone();
-            return Some(obsolete(engine, &self.id, stored, held_by, tokens).await);
-        };
-        tracing::warn!(
-            stored = %stored.state().kind(),
-            "the lease was lost before the result was written; the stored record still holds the presented refresh token, so the result lands on top of it"
-        );
-        self.pending = Some((revived, stored.version()));
-        self.lease_lost = true;
-        None
     }
 
     /// Whether a peer's verdict on the presented token is to stand although this result could
@@ -288,7 +258,7 @@ impl Landing {
             stored.state(),
             tokenkeeper_core::State::ReauthorizationRequired { .. }
         );
-        let holds_presented = stored.tokens().refresh_token.as_ref() == Some(&self.presented);
+        let holds_presented = stored.tokens().refresh_token.as_ref() == Some(self.presented());
         if !verdict || !holds_presented || !engine.client.consumer().profile().rotation.rotates() {
             return false;
         }
@@ -309,7 +279,7 @@ impl Landing {
         if applied(engine, &last, &error).await {
             return Landed::Written(Box::new(last));
         }
-        if self.tokens.rotated_from(&self.presented) {
+        if self.tokens.rotated_from(self.presented()) {
             tracing::error!(error = %error, "the store did not take the rotated tokens; handing them to the unsaved-tokens sink");
             self.sink(engine, error.to_string()).await;
         } else {
@@ -320,7 +290,7 @@ impl Landing {
     }
 
     async fn sink(&self, engine: &Engine, why: String) {
-        let held_by = (self.presented.clone(), self.under.clone());
+        let held_by = (self.presented().clone(), self.under.clone());
         sink(engine, &self.id, held_by, self.tokens.clone(), why).await;
     }
 }
