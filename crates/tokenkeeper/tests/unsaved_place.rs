@@ -471,3 +471,56 @@ async fn a_held_result_of_a_revoked_installation_is_revoked_at_the_provider() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Review E14: the sink's work runs off the async workers. A sink callback that blocks until
+/// a task of the same single-threaded runtime answers completes: were it called on the
+/// runtime's one worker, that task could never run and the callback would time out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_blocking_sink_does_not_stall_the_runtime() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mock = bitbucket().await;
+    let clock = now_clock();
+    let (store, switch) = FlakyStore::flaky(MemoryStore::new());
+    let entered = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(Mutex::new(None));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let rx = Mutex::new(rx);
+    let manager = builder(&mock, Arc::new(store), &clock)
+        .on_unsaved_tokens({
+            let (entered, answered) = (entered.clone(), answered.clone());
+            move |_| {
+                entered.store(true, Ordering::SeqCst);
+                let got = rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
+                *answered.lock().unwrap() = Some(got.is_ok());
+            }
+        })
+        .build()
+        .unwrap();
+    let id = authorize_with(&manager, &mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    // Answers the callback once it has started, from the runtime's own thread.
+    let answer = tokio::spawn({
+        let entered = entered.clone();
+        async move {
+            while !entered.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tx.send(()).unwrap();
+        }
+    });
+    assert!(
+        manager.access_token(&id).await.is_err(),
+        "the store refused"
+    );
+    answer.await.unwrap();
+    assert_eq!(
+        *answered.lock().unwrap(),
+        Some(true),
+        "the sink ran while the runtime kept working"
+    );
+}
