@@ -86,6 +86,7 @@ per_backend! {
 
     // Redis servers of their own, lost mid-sweep.
     outages::redis_crash_and_restart_mid_sweep_loses_nothing();
+    outages::sigterm_during_a_redis_kill_loses_nothing();
     outages::redis_replica_promoted_mid_sweep_loses_nothing();
     outages::redis_cluster_primary_killed_mid_sweep_loses_nothing();
 }

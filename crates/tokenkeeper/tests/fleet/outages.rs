@@ -30,10 +30,14 @@ pub struct StopFixture {
 }
 
 pub async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFixture {
+    stop_fixture_on(Backend::fresh_sqlite(tag), profile_name, count).await
+}
+
+/// [`stop_fixture`] on `backend`.
+pub async fn stop_fixture_on(backend: Backend, profile_name: &str, count: usize) -> StopFixture {
     let (profile, kind, cycle) = profile(profile_name);
     let mock = MockProvider::builder().profile(kind).start().await.unwrap();
     let base = mock.base_url();
-    let backend = Backend::fresh_sqlite(tag);
     let store = backend.open().await;
     let clock = OffsetClock::default();
     let survivor = short_lease_manager(store.clone(), profile, &base, &clock, 1);
@@ -49,24 +53,58 @@ pub async fn stop_fixture(tag: &str, profile_name: &str, count: usize) -> StopFi
     }
 }
 
+/// What fails while the stopped workers drain.
+pub enum DrainOutage {
+    /// Nothing.
+    None,
+    /// On SQLite: every store operation of each worker `Unavailable` for this many
+    /// milliseconds from its SIGTERM (a fault switch inside the worker).
+    Switched(u64),
+    /// On a redis-server of the test's own (`appendfsync always`): the server is killed
+    /// (SIGKILL) as the workers get SIGTERM and started again this many milliseconds later.
+    RedisKilled(u64),
+}
+
 /// Sends SIGTERM to every worker while refreshes are in flight against a provider that
 /// commits each rotation and answers 200 ms later. Returns (installations lost, rotations the
 /// provider committed during the run, rejected refreshes).
 pub async fn run_sigterm(graceful: bool) -> (usize, u64, u64) {
-    let (lost, committed, rejected, _) = run_sigterm_with(graceful, None).await;
+    let (lost, committed, rejected, _) = run_sigterm_with(graceful, DrainOutage::None).await;
     (lost, committed, rejected)
 }
 
-/// [`run_sigterm`], with the store failing over (every operation `Unavailable`) for
-/// `failover_ms` from the moment each worker gets SIGTERM; also returns the store operations
-/// the outage refused during the drains.
-pub async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usize, u64, u64, u64) {
+/// [`run_sigterm`], with the store failing during the drain (`outage`); also returns, for a
+/// switched outage, the store operations it refused during the drains, and for a killed Redis,
+/// the milliseconds from SIGTERM until the last worker exited.
+pub async fn run_sigterm_with(graceful: bool, outage: DrainOutage) -> (usize, u64, u64, u64) {
     const COUNT: usize = 60;
     const WORKERS: usize = 3;
-    let tag = match (graceful, failover_ms) {
-        (true, Some(_)) => "sigterm-failover",
-        (true, None) => "sigterm",
+    let tag = match (graceful, &outage) {
+        (true, DrainOutage::Switched(_)) => "sigterm-failover",
+        (true, _) => "sigterm",
         (false, _) => "sigterm-abrupt",
+    };
+    let failover_ms = match outage {
+        DrainOutage::Switched(ms) => Some(ms),
+        _ => None,
+    };
+    let mut redis = None;
+    let backend = match outage {
+        DrainOutage::RedisKilled(_) => {
+            use tokenkeeper_testkit::redis::{Server, free_port, unique_prefix};
+            let server = Server::start_on(
+                free_port(),
+                &["--appendonly", "yes", "--appendfsync", "always"],
+            );
+            let backend = Backend::Redis {
+                url: server.url(),
+                prefix: unique_prefix("sigterm-redis"),
+                wait_for_replica: false,
+            };
+            redis = Some(server);
+            backend
+        }
+        _ => Backend::fresh_sqlite(tag),
     };
     let StopFixture {
         mock,
@@ -76,7 +114,7 @@ pub async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usiz
         clock,
         survivor,
         cycle,
-    } = stop_fixture(tag, "bitbucket", COUNT).await;
+    } = stop_fixture_on(backend, "bitbucket", COUNT).await;
     slow_replies(&mock, 200);
     let mut env = vec![
         ("TK_FLEET_COUNT", COUNT.to_string()),
@@ -99,6 +137,7 @@ pub async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usiz
     }
     // Mid-sweep: rotations are committed at the provider, their replies 200 ms away.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let termed = std::time::Instant::now();
     for w in &workers {
         let status = Command::new("kill")
             .args(["-TERM", &w.child.id().to_string()])
@@ -106,6 +145,17 @@ pub async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usiz
             .unwrap();
         assert!(status.success());
     }
+    let restarted = redis.take().map(|mut server| {
+        server.kill();
+        let DrainOutage::RedisKilled(ms) = outage else {
+            unreachable!("a server only for a killed Redis")
+        };
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            server.start_again();
+            server
+        })
+    });
     let mut refused = 0;
     for w in &mut workers {
         if failover_ms.is_some() {
@@ -122,6 +172,12 @@ pub async fn run_sigterm_with(graceful: bool, failover_ms: Option<u64>) -> (usiz
         if graceful {
             assert!(status.success(), "a worker did not exit cleanly: {status}");
         }
+    }
+    let drained_ms = termed.elapsed().as_millis() as u64;
+    // Kept alive (and killed on drop) until the survivor has checked every installation.
+    let _server = restarted.map(|t| t.join().unwrap());
+    if _server.is_some() {
+        refused = drained_ms;
     }
     let committed = mock.counters().totals.rotations;
     mock.set_faults(Vec::new());
@@ -167,7 +223,8 @@ pub async fn sigterm_mid_refresh_loses_nothing() {
 /// 5 s shutdown grace) just as the workers get SIGTERM; the drain retries the results of the
 /// rotations in flight through the outage and loses none.
 pub async fn sigterm_during_a_store_failover_loses_nothing() {
-    let (lost, committed, rejected, refused) = run_sigterm_with(true, Some(1500)).await;
+    let (lost, committed, rejected, refused) =
+        run_sigterm_with(true, DrainOutage::Switched(1500)).await;
     assert!(committed > 0, "SIGTERM came before any refresh");
     assert!(refused > 0, "the outage refused nothing during the drains");
     assert_eq!(
@@ -177,6 +234,30 @@ pub async fn sigterm_during_a_store_failover_loses_nothing() {
     );
     eprintln!(
         "SIGTERM to 3 workers mid-sweep with the store failing over for 1.5 s: {committed} rotations committed, {refused} store operations refused during the drains, 0 installations lost"
+    );
+}
+
+/// Review E3 on a real failover: the workers' redis-server is killed (SIGKILL) as they get
+/// SIGTERM and comes back 1.5 s later from its append-only file (`appendfsync always`, so
+/// every acknowledged write survives). The drains retry the results in flight through the
+/// outage (the 5 s default shutdown grace) and lose none; that they drained for at least the
+/// outage shows the results were in flight when the server died.
+pub async fn sigterm_during_a_redis_kill_loses_nothing() {
+    const OUTAGE_MS: u64 = 1500;
+    let (lost, committed, rejected, drained_ms) =
+        run_sigterm_with(true, DrainOutage::RedisKilled(OUTAGE_MS)).await;
+    assert!(committed > 0, "SIGTERM came before any refresh");
+    assert!(
+        drained_ms >= OUTAGE_MS,
+        "the workers exited {drained_ms} ms after SIGTERM: nothing was in flight when the server died"
+    );
+    assert_eq!(
+        (lost, rejected),
+        (0, 0),
+        "a graceful stop rides out a killed and restarted Redis within its grace"
+    );
+    eprintln!(
+        "SIGTERM to 3 workers mid-sweep with their redis-server killed for {OUTAGE_MS} ms: {committed} rotations committed, drained in {drained_ms} ms, 0 installations lost"
     );
 }
 
