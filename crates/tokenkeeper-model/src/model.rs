@@ -191,7 +191,8 @@ pub struct State {
     /// A condemnation was stored but its writer took it as not recorded (never announced).
     pub unannounced: bool,
     /// A result was set aside as obsolete although the stored record held the refresh token it
-    /// presented and was not revoked (it should have landed).
+    /// presented and was not revoked (it should have landed), or held the result itself (its
+    /// writer did not recognise its own write).
     pub sunk_landable: bool,
 }
 
@@ -281,7 +282,6 @@ impl ProtocolModel {
         }
     }
 
-    /// Process `p`'s wall clock.
     /// Switches this model's mutation, if it is an engine safeguard, off in the engine's code
     /// on the calling thread (the checker may explore on several threads: every entry point
     /// arms its own).
@@ -289,6 +289,7 @@ impl ProtocolModel {
         switch_off(self.config.mutation.safeguard());
     }
 
+    /// Process `p`'s wall clock.
     pub(crate) fn wall(&self, s: &State, p: usize) -> Timestamp {
         secs(i64::from(s.tick) + i64::from(self.config.skews[p]))
     }
@@ -531,7 +532,7 @@ impl Model for ProtocolModel {
                 |_: &Self, s: &State| !s.unannounced,
             ),
             Property::always(
-                "a result that can land is not set aside",
+                "a result that can land, or landed, is not set aside",
                 |_: &Self, s: &State| !s.sunk_landable,
             ),
             Property::always("a used token is stored first", |m: &Self, s: &State| {

@@ -1,9 +1,10 @@
 //! The processes' steps in the model, each calling the engine's real code for what it
 //! decides: [`decide`] for the next step, [`retired_past_leeway`] and [`unpresentable`]
 //! before presenting, [`plan_failure`] after a failure (the refusal's reason, the failure
-//! budget, the retry inside a reuse leeway), the real transitions for every write. What the
-//! model writes itself is the I/O around them and the lease timing of `manager/flight/lease.rs`,
-//! with the engine's recognition of its own writes (`store.rs`).
+//! budget, the retry inside a reuse leeway), the real transitions for every write, the
+//! engine's write sequences ([`ResultWrite`], [`settle_next`], [`settle_conflict`], retries
+//! included) and its lease timing ([`may_send`], [`silent`]). What the model writes itself is
+//! the I/O around them (`store.rs`).
 
 use std::time::Duration;
 
@@ -30,6 +31,10 @@ fn holder(p: usize) -> LeaseHolder {
 fn fence(held: &Record) -> u64 {
     held.state().lease().map_or(0, |l| l.fence)
 }
+
+/// How long the engine pauses before retrying a store write that errored (its
+/// `retry::Patience` starts at 50 ms): the retry's record, if recomputed, carries a later time.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// `t` ticks as time.
 fn ticks(t: u8) -> Duration {
@@ -179,7 +184,8 @@ impl ProtocolModel {
             };
             match self.write(s, &revived, stored.version()) {
                 Wrote::Ok => changed = true,
-                Wrote::Conflict(_) | Wrote::Failed => kept.push((presented, new)),
+                Wrote::Errored if self.applied(s, &revived) => changed = true,
+                Wrote::Conflict(_) | Wrote::Errored | Wrote::Failed => kept.push((presented, new)),
             }
         }
         s.procs[p].unsaved = kept;
@@ -227,8 +233,9 @@ impl ProtocolModel {
         s.retired_leased |= s.provider.was_spent(token_index(&record));
         match self.write(s, &leased, record.version()) {
             Wrote::Ok => {}
+            Wrote::Errored if self.applied(s, &leased) => {}
             Wrote::Conflict(_) => return Some(()),
-            Wrote::Failed => {
+            Wrote::Errored | Wrote::Failed => {
                 // Perhaps applied all the same: nothing will be sent under it (the engine
                 // notes it quiet); a peer cannot know that.
                 if s.store.0 == leased {
@@ -355,12 +362,19 @@ impl ProtocolModel {
         let presented = RefreshToken::new(format!("r{presented_k}"));
         let mut held = held.0;
         let mut write = ResultWrite::new(&held, presented, tokens(new, now), now, None);
-        for _ in 0..4 {
+        let mut now = now;
+        for _ in 0..6 {
             let Ok((candidate, expected)) = write.next_write(&held, now) else {
                 return false;
             };
             match self.write(s, &candidate, expected) {
                 Wrote::Ok => return true,
+                // The engine pauses and writes the same record again (and, had the held
+                // record moved meanwhile, a new one at a later time).
+                Wrote::Errored => {
+                    write.retry(candidate, expected);
+                    now = now.saturating_add(RETRY_PAUSE);
+                }
                 // Not taken within the patience (the holder cut off from the store): to the
                 // sink, put back before this process's next lease. Its peers cannot know: to
                 // them the rotation is lost, as if the holder had crashed.
@@ -375,24 +389,29 @@ impl ProtocolModel {
                         ResultConflict::Adopt => held = *stored,
                         ResultConflict::Late => {}
                         ResultConflict::Obsolete => {
-                            return self.obsolete(s, &stored, write.presented());
+                            return self.obsolete(s, &stored, write.presented(), new);
                         }
                     }
                 }
             }
         }
-        unreachable!("a write conflicts at most with one late result and one adoption")
+        unreachable!(
+            "a write errs once, and conflicts at most with one late result and one adoption"
+        )
     }
 
     /// A result the stored record refused: to the sink unless the installation was revoked
     /// (its tokens are then revoked at the provider). Judged: it should have landed if the
-    /// record holds the token it presented and is not revoked.
-    fn obsolete(&self, s: &mut State, stored: &Record, presented: &RefreshToken) -> bool {
+    /// record holds the token it presented and is not revoked, and it did land if the record
+    /// holds the token it carries (the write was applied and not recognised).
+    fn obsolete(&self, s: &mut State, stored: &Record, presented: &RefreshToken, new: u8) -> bool {
         let revoked = matches!(stored.state(), RecordState::Revoked { .. });
         if !revoked {
             // Set aside: the stored record holds another refresh token, so this one can never
             // land (the engine keeps the file among the obsolete ones).
-            if stored.tokens().refresh_token.as_ref() == Some(presented) {
+            if stored.tokens().refresh_token.as_ref() == Some(presented)
+                || token_index(stored) == new
+            {
                 s.sunk_landable = true;
             }
         }
@@ -452,10 +471,11 @@ impl ProtocolModel {
     /// [`settle_next`] and [`settle_conflict`]): adopts its own unacknowledged writes; `None`
     /// when not known to be recorded.
     fn settle(&self, s: &mut State, p: usize, held: &Record, event: Event) -> Option<Record> {
-        let now = self.wall(s, p);
+        let mut now = self.wall(s, p);
         let mut held = held.clone();
-        for _ in 0..3 {
-            let next = settle_next(&held, &event, None, now).ok()?;
+        let mut sent = None;
+        for _ in 0..4 {
+            let next = settle_next(&held, &event, sent.take(), now).ok()?;
             match self.write(s, &next, held.version()) {
                 Wrote::Ok => return Some(next),
                 Wrote::Conflict(stored) => match settle_conflict(&held, &next, &stored) {
@@ -463,6 +483,11 @@ impl ProtocolModel {
                     SettleConflict::Adopt => held = *stored,
                     SettleConflict::Lost => return None,
                 },
+                // The engine pauses and writes what it sent again.
+                Wrote::Errored => {
+                    sent = Some(next);
+                    now = now.saturating_add(RETRY_PAUSE);
+                }
                 Wrote::Failed => return None,
             }
         }
@@ -623,8 +648,9 @@ impl ProtocolModel {
         let next = held.apply(event, self.wall(s, p)).ok()?;
         match self.write(s, &next, held.version()) {
             Wrote::Ok => {}
-            // Not renewed (or not known to be): the flight goes on under the lease it has.
-            Wrote::Failed => return Some(()),
+            // Not renewed (or not known to be): the flight goes on under the lease it has; a
+            // renewal applied unacknowledged is adopted by its next write.
+            Wrote::Errored | Wrote::Failed => return Some(()),
             Wrote::Conflict(_) => return None,
         }
         let tick = s.tick;

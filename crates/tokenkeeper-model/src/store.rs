@@ -1,8 +1,10 @@
 //! The store in the model: one record behind an atomic compare-and-swap (the version and the
 //! lease a version was written under) that can fail a write, or apply it and report a
-//! failure all the same (a lost acknowledgement, a timeout after commit). After a failure the
-//! engine reads the record once and recognises its own applied write with the engine's real
-//! [`is_own_write`]; the `NoOwnWrite` mutation switches that recognition off in the engine's
+//! failure all the same (a lost acknowledgement, a timeout after commit). The writer then
+//! does what the engine does: a result or failure write is retried with the record it sent
+//! and the engine's `on_conflict` / `settle_conflict` recognise it in the conflict that
+//! follows; a lease write is checked with one read ([`is_own_write`], the engine's
+//! `retry::applied`). The `NoOwnWrite` mutation switches that recognition off in the engine's
 //! code itself.
 
 use tokenkeeper::__protocol::is_own_write;
@@ -20,14 +22,18 @@ pub enum Fault {
     AppliedLost,
 }
 
-/// How a write ended, as the engine sees it after its recognition step.
+/// How a write ended, as the store reported it.
 #[derive(Debug)]
 pub enum Wrote {
-    /// Stored (acknowledged, or recognised as its own after an error or a conflict).
+    /// Stored and acknowledged.
     Ok,
     /// Another write came first: the stored record.
     Conflict(Box<Record>),
-    /// Not known to be stored (it may be, when the recognition is mutated away).
+    /// The store reported an error; the write may have been applied. The engine retries it
+    /// (with the record it sent) and recognises its own write in the conflict that follows,
+    /// or checks with one read ([`ProtocolModel::applied`]) where it does not retry.
+    Errored,
+    /// Not taken within the writer's patience (the store out for all of it).
     Failed,
 }
 
@@ -38,29 +44,30 @@ impl ProtocolModel {
         let stored = &s.store.0;
         let fenced = self.config.mutation != Mutation::NoFence;
         if fenced && (stored.version() != expected || !next.lease_matches(stored)) {
-            let stored = Box::new(stored.clone());
             return match fault {
-                _ if self.recognises(&stored, next) => Wrote::Ok,
-                // The writer got an error, not the conflict.
-                Some(_) => Wrote::Failed,
-                None => Wrote::Conflict(stored),
+                // The writer gets an error, not the conflict.
+                Some(Fault::Refused) => Wrote::Failed,
+                Some(Fault::AppliedLost) => Wrote::Errored,
+                None => Wrote::Conflict(Box::new(stored.clone())),
             };
         }
-        if fault == Some(Fault::Refused) {
-            return Wrote::Failed;
-        }
-        self.store_record(s, next.clone());
         match fault {
-            Some(Fault::AppliedLost) if self.recognises(&s.store.0, next) => Wrote::Ok,
-            Some(_) => Wrote::Failed,
-            None => Wrote::Ok,
+            Some(Fault::Refused) => Wrote::Failed,
+            Some(Fault::AppliedLost) => {
+                self.store_record(s, next.clone());
+                Wrote::Errored
+            }
+            None => {
+                self.store_record(s, next.clone());
+                Wrote::Ok
+            }
         }
     }
 
-    /// The engine's recognition of its own write in `stored` (switched off on this thread
-    /// by the `NoOwnWrite` mutation: see [`ProtocolModel::arm`]).
-    pub(crate) fn recognises(&self, stored: &Record, written: &Record) -> bool {
-        is_own_write(stored, written)
+    /// The engine's one read after a write that errored where it does not retry (its
+    /// `retry::applied`): whether the store holds exactly `written`.
+    pub(crate) fn applied(&self, s: &State, written: &Record) -> bool {
+        is_own_write(&s.store.0, written)
     }
 
     /// Replaces the stored record, noting landed tokens and regressions.

@@ -260,11 +260,24 @@ pub enum FaultKind {
     LostAck,
 }
 
+/// What runs after each lost acknowledgement (see [`FaultSwitch::after_lost_ack`]).
+type AfterLostAck = Arc<dyn Fn() + Send + Sync>;
+
 /// The switch of a [`FlakyStore`], shared with the test.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct FaultSwitch {
     rule: Mutex<Option<(FaultTarget, FaultKind)>>,
     injected: AtomicU64,
+    after_lost_ack: Mutex<Option<AfterLostAck>>,
+}
+
+impl std::fmt::Debug for FaultSwitch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultSwitch")
+            .field("rule", &self.rule)
+            .field("injected", &self.injected)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FaultSwitch {
@@ -276,6 +289,16 @@ impl FaultSwitch {
     /// Stop failing.
     pub fn heal(&self) {
         *self.rule.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Runs `then` after each lost acknowledgement, before the writer hears the error: a
+    /// test moves its manual clock on by the time a real timeout takes, so a writer that
+    /// recomputed its record instead of resending it would write a different one.
+    pub fn after_lost_ack(&self, then: impl Fn() + Send + Sync + 'static) {
+        *self
+            .after_lost_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(then));
     }
 
     /// How many operations were failed so far.
@@ -304,6 +327,14 @@ impl Hook for FaultSwitch {
             return Ok(());
         }
         self.injected.fetch_add(1, Ordering::SeqCst);
+        let then = self
+            .after_lost_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(then) = then {
+            then();
+        }
         Err(StoreError::unavailable(
             "flaky",
             "compare_and_swap",

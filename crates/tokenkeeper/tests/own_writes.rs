@@ -76,7 +76,16 @@ async fn due_on_tuned(
     .await;
     let id = f.install().await;
     f.advance(TWO_HOURS);
+    moves_time_on_lost_acks(&f, &switch);
     (f, switch, id)
+}
+
+/// Every lost acknowledgement takes a second of the fixture's clock, as a real timeout takes
+/// time: a writer that recomputed its record for the retry (instead of resending what it
+/// sent) would then write a different record and not recognise its own.
+fn moves_time_on_lost_acks(f: &Fixture, switch: &FaultSwitch) {
+    let clock = f.clock.clone();
+    switch.after_lost_ack(move || clock.advance(Duration::from_secs(1)));
 }
 
 /// E6: the lease write was applied but its acknowledgement lost. The flight recognises its
@@ -320,6 +329,7 @@ async fn a_late_result_whose_acknowledgement_was_lost_is_served(backend: Backend
         Arc::new(store),
     )
     .await;
+    moves_time_on_lost_acks(&f, &switch);
     let id = f.install().await;
     f.advance(TWO_HOURS);
     let holder = {
