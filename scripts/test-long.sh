@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The long runs that do not fit the default suite (scripts/test.sh): thousands of
-# simulation seeds in an optimised build, and the protocol model with every fault at once.
+# simulation seeds in an optimised build, the fleets at five times their length, and the
+# protocol model with every fault at once.
 # Run it before a release, or after touching the refresh engine.
 #   TK_SIM_SEEDS=20000 (default) seeds of the fault simulation.
 set -euo pipefail
@@ -9,6 +10,11 @@ cd "$(dirname "$0")/.."
 seeds=${TK_SIM_SEEDS:-20000}
 printf '\n==> %s\n' "fault simulation, $seeds seeds (release build)"
 TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture
+
+# The fleets of processes at five times the suite's length (40 expiry cycles, 8,000 refreshes
+# per store and profile).
+printf '\n==> %s\n' "fleets of processes, 40 expiry cycles"
+TK_FLEET_CYCLES=40 cargo nextest run --release -p tokenkeeper --test fleet fleet_of
 
 # The suite checks each fault family alone to 4 ticks; these run them to 5 ticks, then
 # combined (seconds to minutes each, up to ~6 GB).

@@ -167,15 +167,18 @@ fi
 # The fuzz targets live outside the workspace: make sure they still compile (running them
 # takes cargo-fuzz and minutes each: see README, "Fuzzing").
 log "fuzz targets compile (cargo check in fuzz/)"
-cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
+# The workspace's target directory: the dependencies clippy already checked are reused.
+CARGO_TARGET_DIR="$PWD/target" cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
 
 log "the README's commands: the quickstart, the examples, the mock provider binary"
+# The quickstart exactly as the README gives it (default features); the other examples with
+# the features the tests were built with, so the library is not compiled again for them.
 cargo run -q --example quickstart
-cargo run -q --example web_install -- --self-test
-cargo run -q --example webhook_relay -- --self-test
-cargo run -q --example prometheus -- --self-test
-cargo run -q --example redis_fleet -- "$TOKENKEEPER_REDIS_URL"
-cargo run -q -p tokenkeeper-mock-provider -- --help >/dev/null
+cargo run -q --all-features --example web_install -- --self-test
+cargo run -q --all-features --example webhook_relay -- --self-test
+cargo run -q --all-features --example prometheus -- --self-test
+cargo run -q --all-features --example redis_fleet -- "$TOKENKEEPER_REDIS_URL"
+cargo run -q --all-features -p tokenkeeper-mock-provider -- --help >/dev/null
 
 # Each benchmark runs once (criterion's --test mode), built like the tests (the dev
 # profile, so nothing is compiled twice): this checks that they work. Figures come from

@@ -28,9 +28,9 @@
 //!   event, and every lost installation is explained as such;
 //! - no installation is stuck: each one gives a token or a re-authorization reason.
 //!
-//! The default run takes `TK_SIM_SEEDS` (default 40, about a minute in a debug build) seeds;
+//! The default run takes `TK_SIM_SEEDS` (default 24, under a minute in a debug build) seeds;
 //! `scripts/test-long.sh` runs 20,000 in a release build. By hand:
-//! `TK_SIM_SEEDS=20000 cargo test --release -p tokenkeeper --test simulation -- --nocapture`;
+//! `TK_SIM_SEEDS=20000 cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture`;
 //! one seed: `TK_SIM_SEED=N` with the same command. A failing seed prints that command.
 
 mod common;
@@ -832,7 +832,7 @@ async fn simulate(seed: u64) -> Result<Outcome, String> {
 
 fn replay_command(seed: u64) -> String {
     format!(
-        "TK_SIM_SEED={seed} cargo test --release -p tokenkeeper --test simulation -- --nocapture"
+        "TK_SIM_SEED={seed} cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture"
     )
 }
 
@@ -841,7 +841,7 @@ fn seeds_of_faults_keep_every_promise() {
     let seeds: Vec<u64> = match std::env::var("TK_SIM_SEED") {
         Ok(seed) => vec![seed.parse().unwrap()],
         Err(_) => {
-            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(40, |n| n.parse().unwrap());
+            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(24, |n| n.parse().unwrap());
             (1..=n).collect()
         }
     };

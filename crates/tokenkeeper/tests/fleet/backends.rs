@@ -39,8 +39,8 @@ macro_rules! per_backend {
 }
 
 per_backend! {
-    // 4 members (managers as tasks on memory, processes elsewhere), 200 installations, 20
-    // expiry cycles, on both rotating profiles.
+    // 4 members (managers as tasks on memory, processes elsewhere), 200 installations, 8
+    // expiry cycles (TK_FLEET_CYCLES), on both rotating profiles.
     memory_fleet_of_tasks:
         scenarios::run_fleet(|_| Backend::Memory, "fleet") for ["bitbucket", "atlassian-3lo"];
     sqlite_fleet_of_processes:

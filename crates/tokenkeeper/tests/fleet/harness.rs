@@ -19,8 +19,11 @@ use crate::common::{self, Backend};
 
 /// Installations in the fleet scenario.
 pub const INSTALLATIONS: usize = 200;
-/// Expiry cycles in the fleet scenario.
-pub const CYCLES: usize = 20;
+/// Expiry cycles in the fleet scenario: `TK_FLEET_CYCLES`, default 8 (`scripts/test-long.sh`
+/// runs 40).
+pub fn cycles() -> usize {
+    std::env::var("TK_FLEET_CYCLES").map_or(8, |c| c.parse().expect("TK_FLEET_CYCLES: a number"))
+}
 /// Members (processes, or tasks on memory) in a fleet.
 pub const PROCESSES: usize = 4;
 

@@ -1,5 +1,6 @@
 //! A fleet sharing one store: 4 OS processes (SQLite, Redis) or 4 managers as tasks (memory)
-//! call `access_token` on the same 200 installations across 20 expiry cycles, against the
+//! call `access_token` on the same 200 installations across 8 expiry cycles (40 in
+//! `scripts/test-long.sh`, `TK_FLEET_CYCLES`), against the
 //! rotating `bitbucket` profile and `atlassian-3lo` (reuse detection). Exactly one refresh per
 //! installation per cycle, zero reuse detections, zero installations lost.
 //!

@@ -42,7 +42,8 @@ pub async fn run_fleet(backend: &Backend, profile_name: &str) {
         Vec::new()
     };
     let mut offset = 0i64;
-    for n in 1..=CYCLES {
+    let cycles = cycles();
+    for n in 1..=cycles {
         mock.advance(cycle);
         offset += cycle.as_secs() as i64;
         let errors: usize = if in_process {
@@ -79,7 +80,7 @@ pub async fn run_fleet(backend: &Backend, profile_name: &str) {
         "{name}/{profile_name}: reuse detected"
     );
     assert_eq!(c.totals.rejected_refreshes, 0);
-    assert!(c.grants.values().all(|g| g.refreshes == CYCLES as u64));
+    assert!(c.grants.values().all(|g| g.refreshes == cycles as u64));
     let lost = store
         .list(
             ListFilter::in_state(StateKind::ReauthorizationRequired),
@@ -93,7 +94,7 @@ pub async fn run_fleet(backend: &Backend, profile_name: &str) {
         "{name}/{profile_name}: installations lost: {lost:?}"
     );
     eprintln!(
-        "{name}/{profile_name}: {PROCESSES} members x {INSTALLATIONS} installations x {CYCLES} cycles: {} refreshes, 0 reuse detections",
+        "{name}/{profile_name}: {PROCESSES} members x {INSTALLATIONS} installations x {cycles} cycles: {} refreshes, 0 reuse detections",
         c.totals.refreshes
     );
 }
