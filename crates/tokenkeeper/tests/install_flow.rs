@@ -7,11 +7,13 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use tokenkeeper::{
     AuthorizationCode, ConsumerConfig, Error, InstallError, InstallationId, StateKey, TokenManager,
-    core::TokenStore, oauth::AuthorizationError, oauth::AuthorizationRequest, profiles,
+    core::StateKind, core::TokenStore, oauth::AuthorizationError, oauth::AuthorizationRequest,
+    profiles,
 };
 use tokenkeeper_mock_provider::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Endpoint, Fault, FaultRule, MockProfile,
@@ -969,4 +971,72 @@ async fn a_duplicate_whose_claim_failed_leaves_the_claimant_alone() {
         .expect("the third callback follows the claimant's outcome");
     assert!(c.replayed, "{c:?}");
     assert_eq!(mock.counters().totals.code_exchanges, 1);
+}
+
+/// Review SU5: `shutdown()` waits for a callback that is exchanging its code, so a deploy
+/// does not orphan a fresh grant between the provider's reply and the store; a callback that
+/// arrives once shutdown began claims and exchanges nothing (its code stays unspent) and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_callback_in_progress_and_refuses_new_ones() {
+    let f = Fixture::new(profiles::bitbucket(), MockProfile::Bitbucket).await;
+    let begun = f.manager.begin_authorization(None).unwrap();
+    let (code, _) = browser(&begun.url).await;
+    let late = f.manager.begin_authorization(None).unwrap();
+    let (late_code, _) = browser(&late.url).await;
+    f.mock.set_faults(vec![FaultRule::probability(
+        Endpoint::Token,
+        1.0,
+        Fault::SlowReply { ms: 500 },
+    )]);
+    let completing = {
+        let m = f.manager.clone();
+        tokio::spawn(async move {
+            m.complete_authorization(AuthorizationCode::new(code), &begun.state, &begun.binding)
+                .await
+        })
+    };
+    while f.mock.counters().totals.token_calls == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.manager.shutdown().await;
+    // When shutdown returns, the grant the callback was exchanging is stored.
+    let stored = f
+        .store
+        .list(
+            tokenkeeper::core::ListFilter::in_state(StateKind::Active),
+            None,
+            10,
+        )
+        .await
+        .unwrap()
+        .entries;
+    assert_eq!(
+        stored.len(),
+        1,
+        "shutdown returned before the callback in progress recorded its grant"
+    );
+    let done = completing
+        .await
+        .unwrap()
+        .expect("the callback in progress completes");
+    assert_eq!(stored[0].id, done.installation);
+    let calls = f.mock.counters().totals.token_calls;
+    match f
+        .manager
+        .complete_authorization(
+            AuthorizationCode::new(late_code),
+            &late.state,
+            &late.binding,
+        )
+        .await
+    {
+        Err(Error::Install(e)) if matches!(*e, InstallError::ShuttingDown { .. }) => {}
+        other => panic!("a callback after shutdown is refused as such: {other:?}"),
+    }
+    assert_eq!(
+        f.mock.counters().totals.token_calls,
+        calls,
+        "nothing exchanged"
+    );
 }

@@ -487,7 +487,9 @@ impl TokenManager {
     }
 
     /// Stops starting refreshes and waits for every refresh in progress to record its result,
-    /// so a deploy never abandons rotated tokens between the provider's reply and the store.
+    /// so a deploy never abandons rotated tokens between the provider's reply and the store;
+    /// likewise for authorization callbacks exchanging their code (one that arrives later is
+    /// refused with `InstallError::ShuttingDown`, its code unspent).
     /// A store write that fails meanwhile is retried for `RefreshPolicy::shutdown_grace`
     /// (default 5 s, a store failover) before the tokens go to the unsaved-tokens place.
     /// Call it before the runtime stops (after `RefresherHandle::shutdown`). Afterwards,

@@ -90,6 +90,16 @@ pub enum InstallError {
         /// The consumer its record belongs to.
         owner: String,
     },
+    /// The manager is shutting down (`TokenManager::shutdown`): this callback claimed and
+    /// exchanged nothing, so its code is unspent; the browser can be sent to the callback of
+    /// a running process (review SU5: callbacks already exchanging are waited for).
+    #[error(
+        "the authorization for installation {installation} was not completed: the token manager is shutting down; nothing was exchanged, so the callback can be retried on a running process"
+    )]
+    ShuttingDown {
+        /// The installation the flow was for.
+        installation: InstallationId,
+    },
     /// The stored record refused the new grant (a state machine rule).
     #[error("recording the authorization failed: {0}")]
     Refused(#[source] IllegalTransition),
@@ -105,7 +115,8 @@ impl InstallError {
             | Self::DuplicateCallback { installation, .. }
             | Self::DifferentAccount { installation }
             | Self::Store { installation, .. }
-            | Self::ForeignConsumer { installation, .. } => Some(installation),
+            | Self::ForeignConsumer { installation, .. }
+            | Self::ShuttingDown { installation } => Some(installation),
             Self::Refused(_) => None,
         }
     }
@@ -120,6 +131,7 @@ impl InstallError {
             Self::DifferentAccount { .. } => "different_account",
             Self::Store { .. } => "store",
             Self::ForeignConsumer { .. } => "foreign_consumer",
+            Self::ShuttingDown { .. } => "shutting_down",
             Self::Refused(_) => "refused",
         }
     }

@@ -222,6 +222,11 @@ impl TokenManager {
         if !crate::oauth::plausible_code(code.secret()) {
             return Err(AuthorizationError::MalformedCode { installation }.into());
         }
+        // A deploy's `shutdown()` waits for this callback to record what it exchanges (review
+        // SU5); one arriving after shutdown began claims and exchanges nothing.
+        let Some(_in_flight) = engine.in_flight.enter() else {
+            return Err(InstallError::ShuttingDown { installation }.into());
+        };
         let key = claim::flow_key(&engine.consumer, &verified.flow);
         let ttl = verified
             .expires_at
