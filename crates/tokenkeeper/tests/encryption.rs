@@ -565,3 +565,69 @@ async fn a_token_of_the_first_sealed_format_is_refused_unless_migrating() {
     assert_eq!(migrating.plaintext_reads(), 4, "two reads of two tokens");
     assert_eq!(f.store.get(&id).await.unwrap().unwrap().tokens(), &open);
 }
+
+/// A process still sealing with the old key writes the record `reseal` is about to write.
+#[derive(Debug)]
+struct OldKeyWriterFirst {
+    old: Sealed<Arc<tokenkeeper_memory::MemoryStore>>,
+    now: tokenkeeper::core::Timestamp,
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tokenkeeper_testkit::wrappers::Hook for OldKeyWriterFirst {
+    async fn before(
+        &self,
+        operation: tokenkeeper_testkit::wrappers::Operation<'_>,
+    ) -> Result<(), StoreError> {
+        if let tokenkeeper_testkit::wrappers::Operation::CompareAndSwap(record) = operation
+            && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let current = self.old.get(record.id()).await?.unwrap();
+            let next = current
+                .apply(tokenkeeper::core::Event::Resealed, self.now)
+                .unwrap();
+            self.old.compare_and_swap(&next, current.version()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Review SU6: a reseal whose write loses to a process still sealing with the old key does
+/// not count that record as current (it is not); the report says to run the pass again, and
+/// the next pass reseals it.
+#[tokio::test]
+async fn a_reseal_that_loses_to_an_old_key_writer_says_so() {
+    let inner = Arc::new(tokenkeeper_memory::MemoryStore::new());
+    let store: Arc<dyn TokenStore> = Arc::new(Sealed::new(inner.clone(), keyring()));
+    let f = Fixture::with_store(profiles::bitbucket(), MockProfile::Bitbucket, store).await;
+    let id = f.install().await;
+    let (hooked, _) = tokenkeeper_testkit::wrappers::Hooked::new(
+        inner.clone(),
+        OldKeyWriterFirst {
+            old: Sealed::new(inner.clone(), keyring()),
+            now: f.clock.now(),
+            done: std::sync::atomic::AtomicBool::new(false),
+        },
+    );
+    let rotated = Sealed::new(
+        hooked,
+        Keyring::new("k2", &K2)
+            .unwrap()
+            .with_previous("k1", &K1)
+            .unwrap(),
+    );
+    let report = rotated.reseal(f.clock.now()).await.unwrap();
+    assert_eq!(
+        (report.resealed, report.current, report.raced),
+        (0, 0, 1),
+        "{report:?}"
+    );
+    let only_old = Sealed::new(inner.clone(), keyring());
+    assert!(
+        only_old.get(&id).await.is_ok(),
+        "the record is still sealed with k1"
+    );
+    let again = rotated.reseal(f.clock.now()).await.unwrap();
+    assert_eq!((again.resealed, again.current, again.raced), (1, 0, 0));
+}

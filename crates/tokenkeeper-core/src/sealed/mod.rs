@@ -60,6 +60,10 @@ pub struct ResealReport {
     pub current: u64,
     /// Records skipped because a refresh lease was live (run the pass again later).
     pub skipped_leased: u64,
+    /// Records another process wrote while the pass was resealing them, still sealed under
+    /// an older key (a process not yet given the new key): run the pass again once every
+    /// process has it (review SU6).
+    pub raced: u64,
     /// Records that could not be opened (listed with the reason).
     pub failed: Vec<(InstallationId, String)>,
 }
@@ -157,7 +161,7 @@ impl<S: TokenStore> Sealed<S> {
 
     /// Re-encrypts every record not sealed under the current key (after adding a new key),
     /// as a `Resealed` transition. Records under a live refresh lease are skipped, not
-    /// disturbed: run the pass again until `skipped_leased` is 0.
+    /// disturbed: run the pass again until `skipped_leased` and `raced` are 0.
     pub async fn reseal(&self, now: Timestamp) -> Result<ResealReport, StoreError> {
         let mut report = ResealReport::default();
         let mut after: Option<InstallationId> = None;
@@ -204,8 +208,13 @@ impl<S: TokenStore> Sealed<S> {
                     .await?
                 {
                     CasOutcome::Swapped => report.resealed += 1,
-                    // Someone wrote meanwhile: their write used the current key already.
-                    CasOutcome::Conflict(_) | CasOutcome::Missing => report.current += 1,
+                    // Someone wrote meanwhile: current only if their write used the current key.
+                    CasOutcome::Conflict(theirs) if self.keyring.is_current(&theirs) => {
+                        report.current += 1;
+                    }
+                    CasOutcome::Conflict(_) => report.raced += 1,
+                    // Deleted meanwhile: nothing left to reseal.
+                    CasOutcome::Missing => {}
                 }
             }
             match page.next {
