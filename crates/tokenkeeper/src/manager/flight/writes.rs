@@ -68,7 +68,8 @@ pub fn holds_own_lease(held: &Record, stored: &Record) -> bool {
 
 /// Whether a token request that may take `bound` to end, sent `since_confirmed` after the
 /// lease was last confirmed by the store, ends (and its last bytes reach the provider, within
-/// [`TRANSIT`]) before a peer that watched the lease for a whole `ttl` could take it over.
+/// `TRANSIT`, half a second) before a peer that watched the lease for a whole `ttl` could
+/// take it over.
 pub fn may_send(since_confirmed: Duration, bound: Duration, ttl: Duration) -> bool {
     off(Safeguard::SendWindow) || since_confirmed + bound + TRANSIT <= ttl
 }
