@@ -524,3 +524,92 @@ async fn a_blocking_sink_does_not_stall_the_runtime() {
         "the sink ran while the runtime kept working"
     );
 }
+
+/// Review E1, restore side: while the rotated tokens waited in the unsaved place, a peer
+/// spent the failure budget on the retired refresh token and condemned the installation. The
+/// verdict was about the retired token, not the rotated one: the restore lands the file on
+/// the condemned record (it still holds the refresh token the file presented), revives the
+/// installation, and the rotated refresh token keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsaved_file_is_restored_onto_a_verdict_about_the_retired_token() {
+    use tokenkeeper::core::{Clock, Event, LeaseHolder, ReauthReason, StateKind};
+    let Stranded {
+        mock,
+        clock,
+        store,
+        switch,
+        dir,
+        manager: first,
+        id,
+    } = stranded("unsaved-verdict").await;
+    switch.heal();
+    drop(first);
+    // The stranded flight's lease lapses; a peer's lease, then its condemnation after a spent
+    // failure budget.
+    clock.advance(Duration::from_secs(60));
+    mock.advance(Duration::from_secs(60));
+    let record = store.get(&id).await.unwrap().unwrap();
+    let now = clock.now();
+    let leased = record
+        .apply(
+            Event::LeaseAcquired {
+                holder: LeaseHolder::new("peer:1"),
+                until: now.saturating_add(Duration::from_secs(30)),
+            },
+            now,
+        )
+        .unwrap();
+    store
+        .compare_and_swap(&leased, record.version())
+        .await
+        .unwrap();
+    let fence = leased.state().lease().unwrap().fence;
+    let condemned = leased
+        .apply(
+            Event::RefreshRejected {
+                fence,
+                reason: ReauthReason::FailureBudgetExhausted,
+                error: None,
+            },
+            now,
+        )
+        .unwrap();
+    store
+        .compare_and_swap(&condemned, leased.version())
+        .await
+        .unwrap();
+    let second = builder(&mock, store.clone(), &clock)
+        .unsaved_tokens_dir(&dir)
+        .build()
+        .unwrap();
+    // The manager restores what it finds when it starts.
+    let waiting = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().is_file())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while waiting() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never restored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let set_aside = std::fs::read_dir(dir.join("obsolete")).map_or(0, |d| d.count());
+    assert_eq!(
+        set_aside, 0,
+        "the file landed, it was not set aside as obsolete"
+    );
+    assert_eq!(
+        store.get(&id).await.unwrap().unwrap().state().kind(),
+        StateKind::Active
+    );
+    second
+        .access_token(&id)
+        .await
+        .expect("the restored tokens are served");
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    second.access_token(&id).await.expect("and refreshed");
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
