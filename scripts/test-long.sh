@@ -11,10 +11,10 @@ seeds=${TK_SIM_SEEDS:-20000}
 printf '\n==> %s\n' "fault simulation, $seeds seeds (release build)"
 TK_SIM_SEEDS=$seeds cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture
 
-# The fleets of processes at five times the suite's length (40 expiry cycles, 8,000 refreshes
-# per store and profile).
-printf '\n==> %s\n' "fleets of processes, 40 expiry cycles"
-TK_FLEET_CYCLES=40 cargo nextest run --release -p tokenkeeper --test fleet fleet_of
+# The fleets at five times the suite's length (40 expiry cycles, 8,000 refreshes per store and
+# profile), and every fleet on each profile it lists (the suite runs the first, bitbucket).
+printf '\n==> %s\n' "fleets: 40 expiry cycles, every profile"
+TK_FLEET_CYCLES=40 TK_FLEET_ALL_PROFILES=1 cargo nextest run --release -p tokenkeeper --all-features --test fleet
 
 # The suite checks each fault family alone to 4 ticks; these run them to 5 ticks, then
 # combined (seconds to minutes each, up to ~6 GB).

@@ -28,7 +28,7 @@
 //!   event, and every lost installation is explained as such;
 //! - no installation is stuck: each one gives a token or a re-authorization reason.
 //!
-//! The default run takes `TK_SIM_SEEDS` (default 24, under a minute in a debug build) seeds;
+//! The default run takes `TK_SIM_SEEDS` (default 12, about half a minute in a debug build) seeds;
 //! `scripts/test-long.sh` runs 20,000 in a release build. By hand:
 //! `TK_SIM_SEEDS=20000 cargo test --release -p tokenkeeper --features __sim --test simulation -- --nocapture`;
 //! one seed: `TK_SIM_SEED=N` with the same command. A failing seed prints that command.
@@ -841,7 +841,7 @@ fn seeds_of_faults_keep_every_promise() {
     let seeds: Vec<u64> = match std::env::var("TK_SIM_SEED") {
         Ok(seed) => vec![seed.parse().unwrap()],
         Err(_) => {
-            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(24, |n| n.parse().unwrap());
+            let n: u64 = std::env::var("TK_SIM_SEEDS").map_or(12, |n| n.parse().unwrap());
             (1..=n).collect()
         }
     };

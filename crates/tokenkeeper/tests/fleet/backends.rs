@@ -7,7 +7,8 @@ use crate::common::Backend;
 /// One `#[tokio::test]` (multi-threaded, 2 workers) per line:
 ///
 /// - `name: scenarios::run(fresh, "tag") for ["profile", …];` runs `run(&fresh("tag"),
-///   profile)` for each profile in turn, each on a fresh place;
+///   profile)` for the first profile, and for each of the others in turn when
+///   `TK_FLEET_ALL_PROFILES` is set (`scripts/test-long.sh`), each on a fresh place;
 /// - `name: scenarios::run(fresh, "tag");` runs `run(&fresh("tag"))`;
 /// - `outages::name();` runs the outage `name` as the test `name`.
 macro_rules! per_backend {
@@ -18,7 +19,12 @@ macro_rules! per_backend {
     ) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            $(crate::scenarios::$run(&($fresh)($tag), $profile).await;)+
+            let profiles = [$($profile),+];
+            for (i, profile) in profiles.into_iter().enumerate() {
+                if i == 0 || crate::harness::all_profiles() {
+                    crate::scenarios::$run(&($fresh)($tag), profile).await;
+                }
+            }
         }
         per_backend!($($rest)*);
     };

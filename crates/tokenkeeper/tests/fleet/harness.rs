@@ -24,6 +24,13 @@ pub const INSTALLATIONS: usize = 200;
 pub fn cycles() -> usize {
     std::env::var("TK_FLEET_CYCLES").map_or(8, |c| c.parse().expect("TK_FLEET_CYCLES: a number"))
 }
+/// Whether the fleets run on every profile they list (`TK_FLEET_ALL_PROFILES`, set by
+/// `scripts/test-long.sh`), or on the first only: `bitbucket`, whose provider refuses any
+/// second use of a refresh token at once, so a race shows on the first reuse.
+pub fn all_profiles() -> bool {
+    std::env::var_os("TK_FLEET_ALL_PROFILES").is_some()
+}
+
 /// Members (processes, or tasks on memory) in a fleet.
 pub const PROCESSES: usize = 4;
 
