@@ -32,4 +32,8 @@ for bounds in \
     cargo run --quiet --release -p tokenkeeper-model --example check -- $bounds
 done
 
+# The fuzz target binaries compile (running them: scripts/fuzz.sh).
+printf '\n==> %s\n' "fuzz targets compile (cargo check in fuzz/)"
+CARGO_TARGET_DIR="$PWD/target" cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
+
 printf '\n==> %s\n' "long runs passed"
