@@ -282,6 +282,32 @@ async fn a_lease_applied_without_durability_is_confirmed_before_it_is_used() {
     assert!(events.contains(&EventKind::LeaseTakenOver), "{events:?}");
 }
 
+/// The result was stored, so nothing went to the unsaved place.
+async fn nothing_went_to_the_unsaved_place(f: &Fixture) {
+    let unsaved = f.manager.restore_unsaved_files().await.unwrap();
+    assert_eq!(
+        (unsaved.restored, unsaved.obsolete, unsaved.kept),
+        (0, 0, 0),
+        "nothing went to the unsaved place"
+    );
+}
+
+/// Two hours on, the next refresh presents the rotated refresh token: two rotations in all,
+/// no reuse, no refusal.
+async fn the_next_refresh_presents_the_rotated_token(
+    f: &Fixture,
+    id: &tokenkeeper::InstallationId,
+) {
+    f.advance(TWO_HOURS);
+    f.manager.access_token(id).await.expect("the next refresh");
+    let c = f.mock.counters().totals;
+    assert_eq!(
+        (c.rotations, c.reuse_detections, c.rejected_refreshes),
+        (2, 0, 0),
+        "{c:?}"
+    );
+}
+
 /// The result write (`Refreshed`) applied, its acknowledgement lost: the flight finds its own
 /// result stored and serves it; nothing goes to the unsaved place, and the next refresh
 /// presents the new refresh token (no reuse).
@@ -294,23 +320,11 @@ async fn a_result_whose_acknowledgement_was_lost_is_served(backend: Backend) {
     let token = f.manager.access_token(&id).await.expect("its own result");
     assert!(switch.injected() >= 1, "the fault was injected");
     switch.heal();
-    let unsaved = f.manager.restore_unsaved_files().await.unwrap();
-    assert_eq!(
-        (unsaved.restored, unsaved.obsolete, unsaved.kept),
-        (0, 0, 0),
-        "nothing went to the unsaved place"
-    );
+    nothing_went_to_the_unsaved_place(&f).await;
     let record = f.record(&id).await;
     assert_eq!(record.state().kind(), StateKind::Active);
     assert_eq!(record.tokens().access_token, token);
-    f.advance(TWO_HOURS);
-    f.manager.access_token(&id).await.expect("the next refresh");
-    let c = f.mock.counters().totals;
-    assert_eq!(
-        (c.rotations, c.reuse_detections, c.rejected_refreshes),
-        (2, 0, 0),
-        "{c:?}"
-    );
+    the_next_refresh_presents_the_rotated_token(&f, &id).await;
 }
 
 on_every_store!(a_result_whose_acknowledgement_was_lost_is_served);
@@ -371,20 +385,8 @@ async fn a_late_result_whose_acknowledgement_was_lost_is_served(backend: Backend
     assert_eq!(record.tokens().access_token, token);
     let events: Vec<_> = record.history().map(|h| h.event).collect();
     assert_eq!(events.last(), Some(&EventKind::LateRefreshed), "{events:?}");
-    let unsaved = f.manager.restore_unsaved_files().await.unwrap();
-    assert_eq!(
-        (unsaved.restored, unsaved.obsolete, unsaved.kept),
-        (0, 0, 0),
-        "nothing went to the unsaved place"
-    );
-    f.advance(TWO_HOURS);
-    f.manager.access_token(&id).await.expect("the next refresh");
-    let c = f.mock.counters().totals;
-    assert_eq!(
-        (c.rotations, c.reuse_detections, c.rejected_refreshes),
-        (2, 0, 0),
-        "{c:?}"
-    );
+    nothing_went_to_the_unsaved_place(&f).await;
+    the_next_refresh_presents_the_rotated_token(&f, &id).await;
 }
 on_every_store!(a_late_result_whose_acknowledgement_was_lost_is_served);
 

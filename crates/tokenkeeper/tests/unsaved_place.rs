@@ -204,6 +204,25 @@ async fn stranded_at(tag: &str, mock: MockProvider) -> Stranded {
     }
 }
 
+/// The restored tokens are served, and two hours on refreshed with the rotated refresh token
+/// they brought back: two rotations in all, no refusal.
+async fn served_then_refreshed(
+    manager: &tokenkeeper::TokenManager,
+    clock: &tokenkeeper::core::ManualClock,
+    mock: &MockProvider,
+    id: &tokenkeeper::InstallationId,
+) {
+    manager
+        .access_token(id)
+        .await
+        .expect("the restored tokens are served");
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    manager.access_token(id).await.expect("and refreshed");
+    let c = mock.counters().totals;
+    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+}
+
 /// A process could not store rotated tokens and wrote them to its directory; the next
 /// manager started on that directory puts them back by itself and deletes the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,15 +256,7 @@ async fn unsaved_files_are_restored_when_a_manager_starts() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    second
-        .access_token(&id)
-        .await
-        .expect("the restored tokens are served");
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    second.access_token(&id).await.expect("and refreshed");
-    let c = mock.counters().totals;
-    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+    served_then_refreshed(&second, &clock, &mock, &id).await;
 }
 
 /// The memory store keeps nothing past the process, so the manager holds what it could not
@@ -603,13 +614,5 @@ async fn an_unsaved_file_is_restored_onto_a_verdict_about_the_retired_token() {
         store.get(&id).await.unwrap().unwrap().state().kind(),
         StateKind::Active
     );
-    second
-        .access_token(&id)
-        .await
-        .expect("the restored tokens are served");
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    second.access_token(&id).await.expect("and refreshed");
-    let c = mock.counters().totals;
-    assert_eq!((c.rotations, c.rejected_refreshes), (2, 0), "{c:?}");
+    served_then_refreshed(&second, &clock, &mock, &id).await;
 }
