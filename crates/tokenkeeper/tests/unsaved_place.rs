@@ -176,6 +176,23 @@ async fn stranded(tag: &str) -> Stranded {
     stranded_at(tag, bitbucket().await).await
 }
 
+/// Installs one installation, makes it due, and has the store refuse every result write.
+async fn due_with_results_refused(
+    manager: &tokenkeeper::TokenManager,
+    mock: &MockProvider,
+    clock: &tokenkeeper::core::ManualClock,
+    switch: &FaultSwitch,
+) -> tokenkeeper::InstallationId {
+    let id = authorize_with(manager, mock, None).await.installation;
+    clock.advance(TWO_HOURS);
+    mock.advance(TWO_HOURS);
+    switch.fail(
+        FaultTarget::WritesOf(EventKind::Refreshed),
+        FaultKind::Backend,
+    );
+    id
+}
+
 /// [`stranded`] against `mock`.
 async fn stranded_at(tag: &str, mock: MockProvider) -> Stranded {
     let clock = now_clock();
@@ -185,13 +202,7 @@ async fn stranded_at(tag: &str, mock: MockProvider) -> Stranded {
         .unsaved_tokens_dir(&dir)
         .build()
         .unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
+    let id = due_with_results_refused(&manager, &mock, &clock, &switch).await;
     assert!(manager.access_token(&id).await.is_err());
     Stranded {
         mock,
@@ -268,13 +279,7 @@ async fn an_ephemeral_store_holds_unsaved_tokens_in_memory_until_restored() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let store: Arc<dyn TokenStore> = Arc::new(store);
     let manager = builder(&mock, store, &clock).build().unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
+    let id = due_with_results_refused(&manager, &mock, &clock, &switch).await;
     assert!(manager.access_token(&id).await.is_err());
     switch.fail(FaultTarget::Writes, FaultKind::Unavailable);
     let waiting = manager.restore_unsaved_files().await.unwrap();
@@ -372,13 +377,7 @@ async fn held_results_are_restored_before_the_next_flight_presents() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let store: Arc<dyn TokenStore> = Arc::new(store);
     let manager = builder(&mock, store.clone(), &clock).build().unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
+    let id = due_with_results_refused(&manager, &mock, &clock, &switch).await;
     assert!(manager.access_token(&id).await.is_err());
     switch.heal();
     // The store works again; the access token the provider issued has expired meanwhile.
@@ -407,13 +406,7 @@ async fn a_held_result_the_store_refuses_blocks_its_retired_token() {
     let (store, switch) = FlakyStore::flaky(MemoryStore::new());
     let store: Arc<dyn TokenStore> = Arc::new(store);
     let manager = builder(&mock, store.clone(), &clock).build().unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
+    let id = due_with_results_refused(&manager, &mock, &clock, &switch).await;
     assert!(manager.access_token(&id).await.is_err());
     // The store takes leases again but still refuses the held result.
     switch.fail(
@@ -507,13 +500,7 @@ async fn a_blocking_sink_does_not_stall_the_runtime() {
         })
         .build()
         .unwrap();
-    let id = authorize_with(&manager, &mock, None).await.installation;
-    clock.advance(TWO_HOURS);
-    mock.advance(TWO_HOURS);
-    switch.fail(
-        FaultTarget::WritesOf(EventKind::Refreshed),
-        FaultKind::Backend,
-    );
+    let id = due_with_results_refused(&manager, &mock, &clock, &switch).await;
     // Answers the callback once it has started, from the runtime's own thread.
     let answer = tokio::spawn({
         let entered = entered.clone();
