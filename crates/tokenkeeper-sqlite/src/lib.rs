@@ -39,6 +39,7 @@
 mod ops;
 mod pool;
 mod schema;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -235,10 +236,33 @@ impl SqliteStoreBuilder {
                 .map_err(|e| OpenError::Pool(e.into()))??;
         }
         drop(conn);
+        let writer = match &self.location {
+            Location::Memory => None,
+            Location::File(_) => Some(self.start_writer(owner).await?),
+        };
         Ok(SqliteStore {
             pool,
             location: self.location,
+            writer,
         })
+    }
+}
+
+impl SqliteStoreBuilder {
+    /// Opens the writer's connection (checked as every pooled one) and starts its thread.
+    async fn start_writer(&self, owner: Option<u32>) -> Result<writer::Writer, OpenError> {
+        let manager = Manager {
+            location: self.location.clone(),
+            busy_timeout: self.busy_timeout,
+            synchronous: self.synchronous,
+            owner,
+        };
+        let conn = manager.open_connection().await.map_err(|e| match e {
+            ConnectError::Sqlite(e) => OpenError::Sqlite(e),
+            ConnectError::NotPrivate { path, reason } => OpenError::NotPrivate { path, reason },
+            other => OpenError::Pool(other.into()),
+        })?;
+        writer::Writer::start(conn).map_err(|e| OpenError::Pool(e.into()))
     }
 }
 
@@ -339,6 +363,9 @@ fn make_private(path: &Path, loose: LoosePermissions, me: u32) -> Result<(), Ope
 pub struct SqliteStore {
     pool: Pool,
     location: Location,
+    /// The group-commit writer of a file store (every write goes through it); an in-memory
+    /// database has one connection, so its writes go through the pool.
+    writer: Option<writer::Writer>,
 }
 
 impl SqliteStore {
@@ -375,6 +402,19 @@ impl SqliteStore {
         match &self.location {
             Location::File(p) => Some(p),
             Location::Memory => None,
+        }
+    }
+
+    /// Runs the write `f` in the writer's next batch (group commit), or on a pooled
+    /// connection for an in-memory database.
+    async fn write<R: Send + 'static>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        match &self.writer {
+            Some(writer) => writer.write(operation, f).await,
+            None => self.run(operation, f).await,
         }
     }
 
@@ -420,7 +460,7 @@ impl TokenStore for SqliteStore {
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
         let bytes = record.encode();
         let record = record.clone();
-        self.run("create", move |c| ops::create(c, &record, &bytes))
+        self.write("create", move |c| ops::create(c, &record, &bytes))
             .await
     }
 
@@ -432,7 +472,7 @@ impl TokenStore for SqliteStore {
         check_cas_arguments(BACKEND, record, expected_version)?;
         let bytes = record.encode();
         let record = record.clone();
-        self.run("compare_and_swap", move |c| {
+        self.write("compare_and_swap", move |c| {
             ops::compare_and_swap(c, &record, &bytes, expected_version)
         })
         .await
@@ -444,7 +484,7 @@ impl TokenStore for SqliteStore {
         expected_version: u64,
     ) -> Result<DeleteOutcome, StoreError> {
         let id = id.clone();
-        self.run("delete", move |c| ops::delete(c, &id, expected_version))
+        self.write("delete", move |c| ops::delete(c, &id, expected_version))
             .await
     }
 
@@ -484,7 +524,7 @@ impl TokenStore for SqliteStore {
         ttl: std::time::Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let (flow, value) = (flow.to_owned(), value.to_vec());
-        self.run("claim_flow", move |c| {
+        self.write("claim_flow", move |c| {
             ops::claim_flow(c, &flow, &value, ttl)
         })
         .await
@@ -497,7 +537,7 @@ impl TokenStore for SqliteStore {
         ttl: std::time::Duration,
     ) -> Result<(), StoreError> {
         let (flow, value) = (flow.to_owned(), value.to_vec());
-        self.run("settle_flow", move |c| {
+        self.write("settle_flow", move |c| {
             ops::settle_flow(c, &flow, &value, ttl)
         })
         .await

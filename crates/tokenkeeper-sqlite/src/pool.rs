@@ -121,13 +121,10 @@ pub(crate) fn connect(
     Ok(conn)
 }
 
-impl managed::Manager for Manager {
-    type Type = Conn;
-    type Error = ConnectError;
-
+impl Manager {
     /// Opens a connection, after checking the files again: SQLite opens by path, so a file
     /// swapped for a link or another user's file since the store opened would be followed.
-    async fn create(&self) -> Result<Self::Type, Self::Error> {
+    pub(crate) async fn open_connection(&self) -> Result<Connection, ConnectError> {
         let (location, timeout, sync, owner) = (
             self.location.clone(),
             self.busy_timeout,
@@ -141,9 +138,19 @@ impl managed::Manager for Manager {
             connect(&location, timeout, sync).map_err(ConnectError::from)
         };
         match tokio::task::spawn_blocking(open).await {
-            Ok(conn) => Ok(Conn(Arc::new(Mutex::new(conn?)))),
+            Ok(conn) => conn,
             Err(e) => Err(ConnectError::Panicked(e)),
         }
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = ConnectError;
+
+    /// A checked connection ([`Manager::open_connection`]) for the pool.
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        Ok(Conn(Arc::new(Mutex::new(self.open_connection().await?))))
     }
 
     async fn recycle(&self, conn: &mut Self::Type, _: &Metrics) -> RecycleResult<Self::Error> {
