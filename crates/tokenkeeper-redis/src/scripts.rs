@@ -1,8 +1,9 @@
 //! The Lua scripts that make each write atomic with its index entries.
 //!
-//! A stored value starts with a header line `version \t state \t due-member \n` that the
-//! scripts read to compare versions and to find the index entries to remove; the record
-//! (JSON, with the tokens) follows and is never parsed by Redis. `redis::Script` sends
+//! A stored value starts with a header line `version \t state \t due-member \t holder-hex \n`
+//! that the scripts read to compare versions and lease holders and to find the index entries
+//! to remove; the record (JSON, with the tokens) follows. Redis parses it only for a value
+//! written before the header named the holder (three fields), to find the holder there. `redis::Script` sends
 //! `EVALSHA` and reloads the script on `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 //!
 //! KEYS for every script: record, due, the five state sets in `StateKind::ALL` order, then the
@@ -18,8 +19,20 @@ use redis::Script;
 
 const PRELUDE: &str = r#"
 local STATES = {active = 3, refreshing = 4, backoff = 5, reauthorization_required = 6, revoked = 7}
+-- version, state, due member, then the tab before the holder ('' in a value written before
+-- the header named it) and the holder in hex.
 local function header(value)
-  return string.match(value, '^(%d+)\t([%w_]+)\t([^\n]*)\n')
+  return string.match(value, '^(%d+)\t([%w_]+)\t([^\t\n]*)(\t?)(%x*)\n')
+end
+-- The lease holder of a value whose header does not name it: decoded from the record.
+local function holder_in_record(value)
+  local nl = string.find(value, '\n', 1, true)
+  local ok, rec = pcall(cjson.decode, string.sub(value, nl + 1))
+  local st = ok and type(rec) == 'table' and type(rec.record) == 'table' and rec.record.state
+  local holder = type(st) == 'table' and type(st.Refreshing) == 'table'
+    and type(st.Refreshing.lease) == 'table' and st.Refreshing.lease.holder
+  if type(holder) ~= 'string' then return nil end
+  return (string.gsub(holder, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
 -- Appends an event to KEYS[8] and trims at most two of the oldest entries retention no longer
 -- keeps (never the new one), recording the newest trimmed id in KEYS[9].
@@ -59,7 +72,7 @@ return 1
 });
 
 /// ARGV: expected version, value, state, due member, id, the lease holder the value was
-/// written under (empty for none), consumer, version, event body, retention (2). Returns 1 when swapped, 0 when missing, or the current
+/// written under (hex, empty for none), consumer, version, event body, retention (2). Returns 1 when swapped, 0 when missing, or the current
 /// value on a conflict: another version, an unreadable header, or this version under another
 /// lease (versions can repeat after a store lost an acknowledged write; lease holders cannot).
 pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
@@ -67,15 +80,11 @@ pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
         r#"{PRELUDE}
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
-local v, s, d = header(cur)
+local v, s, d, tab, h = header(cur)
 if v ~= ARGV[1] then return cur end
 if ARGV[6] ~= '' then
-  local nl = string.find(cur, '\n', 1, true)
-  local ok, rec = pcall(cjson.decode, string.sub(cur, nl + 1))
-  local st = ok and type(rec) == 'table' and type(rec.record) == 'table' and rec.record.state
-  local holder = type(st) == 'table' and type(st.Refreshing) == 'table'
-    and type(st.Refreshing.lease) == 'table' and st.Refreshing.lease.holder
-  if holder ~= ARGV[6] then return cur end
+  if tab == '' then h = holder_in_record(cur) end
+  if h ~= ARGV[6] then return cur end
 end
 append_event(ARGV[5], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 redis.call('SET', KEYS[1], ARGV[2])

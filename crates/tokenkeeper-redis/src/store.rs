@@ -78,9 +78,7 @@ impl EventBounds {
 /// ([`RedisStore::cas_invocation`]) and so do the benchmarks beside it, so both run the
 /// script on the same arguments.
 pub(crate) fn cas_argv(record: &Record, expected: u64, events: EventBounds) -> Vec<Vec<u8>> {
-    let written_under = record
-        .written_under()
-        .map_or_else(String::new, ToString::to_string);
+    let written_under = value::holder_hex(record.written_under().map(|h| h.as_str()));
     let mut argv = vec![
         expected.to_string().into_bytes(),
         value::encode(record),
@@ -435,9 +433,7 @@ mod tests {
     /// The compare-and-swap as `compare_and_swap` built it before `cas_argv` existed: one
     /// `arg` per value, in the script's order.
     fn chained(record: &Record, expected: u64, per_shard: u64, age: u64) -> Vec<u8> {
-        let written_under = record
-            .written_under()
-            .map_or_else(String::new, ToString::to_string);
+        let written_under = value::holder_hex(record.written_under().map(|h| h.as_str()));
         let mut invocation = scripts::CAS.key(&["k1", "k2"]);
         invocation
             .arg(expected.to_string())

@@ -197,6 +197,70 @@ async fn corrupt_values_are_typed_errors_for_that_installation_only() {
     );
 }
 
+/// A leased value as a store before 2026-12-08 wrote it: a header of three fields, the lease
+/// holder only inside the record. Its holder is still checked, read from the record.
+#[tokio::test]
+async fn a_value_whose_header_does_not_name_the_holder_is_still_fenced() {
+    let store = common::fresh_store("old-header").await;
+    let mut conn = raw(&common::url()).await;
+    let r = sample_record(&id("old"), at(0));
+    store.create(&r).await.unwrap();
+    let leased = lease(&r, "holder\twith a tab", at(9), at(0));
+    assert_eq!(
+        store.compare_and_swap(&leased, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    let key = store.record_key(&id("old"));
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (header, body) = stored.split_at(stored.iter().position(|b| *b == b'\n').unwrap());
+    let fields: Vec<&[u8]> = header.split(|b| *b == b'\t').collect();
+    assert_eq!(fields.len(), 4, "a new value's header names the holder");
+    let old = [fields[..3].join(&b'\t'), body.to_vec()].concat();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(old)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.get(&id("old")).await.unwrap().unwrap(), leased);
+    let result = |holder: &str| {
+        let mut tokens = tokenkeeper_core::conformance::sample_tokens("next", at(1));
+        tokens.scopes = leased.tokens().scopes.clone();
+        let mut under = leased.clone();
+        if holder != "holder\twith a tab" {
+            under = lease(&r, holder, at(9), at(0));
+        }
+        under
+            .apply(
+                tokenkeeper_core::Event::Refreshed {
+                    fence: under.state().lease().unwrap().fence,
+                    tokens,
+                    refresh_at: at(100),
+                    anomaly: None,
+                },
+                at(1),
+            )
+            .unwrap()
+    };
+    // Written under another lease of the same version: refused, the stored value returned.
+    assert!(matches!(
+        store.compare_and_swap(&result("someone else"), 2).await.unwrap(),
+        CasOutcome::Conflict(current) if *current == leased
+    ));
+    // Written under the stored lease: lands.
+    assert_eq!(
+        store
+            .compare_and_swap(&result("holder\twith a tab"), 2)
+            .await
+            .unwrap(),
+        CasOutcome::Swapped
+    );
+}
+
 #[tokio::test]
 async fn scripts_are_reloaded_after_script_flush() {
     let store = common::fresh_store("noscript").await;
