@@ -108,6 +108,21 @@ impl Fleet {
             .unwrap()
     }
 
+    /// Another manager on the fleet's own store with the bound on rotating refreshes in flight
+    /// lifted (`max_rotations_in_flight = None`): as many refreshes in flight as its callers
+    /// ask for, the concurrency of the raw rows.
+    pub fn unbounded(&self) -> TokenManager {
+        TokenManager::builder_shared(consumer(&self.mock), self.manager.store().clone())
+            .unsaved_tokens_dir(tokenkeeper_testkit::dirs::fresh_dir("bench-unsaved").join("kept"))
+            .clock(self.clock.clone())
+            .tune(|p| {
+                p.jitter_percent = 0;
+                p.max_rotations_in_flight = None;
+            })
+            .build()
+            .unwrap()
+    }
+
     /// Successful refreshes the mock has seen.
     pub fn refreshes(&self) -> u64 {
         self.mock.counters().totals.refreshes
@@ -156,7 +171,12 @@ pub fn fresh_postgres() -> Backend {
 /// Refreshes every expired installation with `callers` concurrent calls each (futures of one
 /// task, like the raw side's requests), 64 installations at a time.
 pub async fn refresh_all(fleet: &Fleet, callers: usize) {
-    let manager = fleet.manager.clone();
+    refresh_all_with(&fleet.manager, fleet, callers).await;
+}
+
+/// [`refresh_all`] through `manager` (one of the fleet's, e.g. [`Fleet::unbounded`]).
+pub async fn refresh_all_with(manager: &TokenManager, fleet: &Fleet, callers: usize) {
+    let manager = manager.clone();
     let ids = Arc::new(fleet.ids.clone());
     fan_out(ids.len(), IN_FLIGHT, move |i| {
         let (manager, ids) = (manager.clone(), ids.clone());

@@ -137,37 +137,95 @@ pub fn postgres_url() -> String {
     tokenkeeper_testkit::postgres::server_url()
 }
 
+pub mod composite;
 pub mod fleet;
 
+/// The global allocator of a bench that counts allocations (`stats_alloc`'s instrumented
+/// system allocator): a bench installs it with
+/// `#[global_allocator] static A: &CountingAlloc = &COUNTING;` and reads [`allocations`]. The
+/// count is process-wide (the mock provider runs in the bench's process too), so a figure is
+/// read beside its raw primitive's, counted the same way.
+pub type CountingAlloc = stats_alloc::StatsAlloc<std::alloc::System>;
+
+/// The instance to install.
+pub static COUNTING: CountingAlloc = stats_alloc::StatsAlloc::system();
+
+/// Allocations (and reallocations) so far in this process, if [`COUNTING`] is the global
+/// allocator (0 otherwise).
+pub fn allocations() -> u64 {
+    let s = COUNTING.stats();
+    (s.allocations + s.reallocations) as u64
+}
+
+/// One row of a [`RatioTable`]: time and allocations over all recorded runs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Row {
+    total: std::time::Duration,
+    iters: u64,
+    allocations: u64,
+}
+
 /// Mean times of the runs of one bench, printed at its end as a table of throughput ratios
-/// against a baseline measured in the same run.
+/// against a baseline measured in the same run and, where a row names one, against its own
+/// floor (the raw composite of its store), with allocations per element.
 #[derive(Debug, Default)]
 pub struct RatioTable {
-    rows: std::sync::Mutex<std::collections::BTreeMap<(String, usize), (std::time::Duration, u64)>>,
+    rows: std::sync::Mutex<std::collections::BTreeMap<(String, usize), Row>>,
 }
 
 impl RatioTable {
     /// Adds `iters` runs of `label` at size `n` that took `total`.
     pub fn record(&self, label: &str, n: usize, total: std::time::Duration, iters: u64) {
-        let mut rows = self.rows.lock().expect("table lock");
-        let row = rows.entry((label.to_owned(), n)).or_default();
-        row.0 += total;
-        row.1 += iters;
+        self.record_allocs(label, n, total, iters, 0);
     }
 
-    /// Prints `| figure | N | mean | throughput vs baseline |` for every row.
-    pub fn print(&self, baseline: &str) {
+    /// [`record`](Self::record), with the allocations the runs made.
+    pub fn record_allocs(
+        &self,
+        label: &str,
+        n: usize,
+        total: std::time::Duration,
+        iters: u64,
+        allocations: u64,
+    ) {
+        let mut rows = self.rows.lock().expect("table lock");
+        let row = rows.entry((label.to_owned(), n)).or_default();
+        row.total += total;
+        row.iters += iters;
+        row.allocations += allocations;
+    }
+
+    /// Prints `| figure | N | mean | throughput vs baseline | vs floor | allocations |` for
+    /// every row; `floor_of(label)` names the row a row is also compared with, if any.
+    pub fn print_with_floors(&self, baseline: &str, floor_of: impl Fn(&str) -> Option<String>) {
         let rows = self.rows.lock().expect("table lock");
-        let mean = |d: std::time::Duration, n: u64| d.as_secs_f64() / n.max(1) as f64;
-        println!("\n| figure | N | mean time | throughput vs {baseline} |\n|---|---|---|---|");
-        for ((label, n), (total, iters)) in rows.iter() {
-            let ours = mean(*total, *iters);
-            let ratio = rows
-                .get(&(baseline.to_owned(), *n))
-                .map(|(t, i)| format!("{:.2}", mean(*t, *i) / ours))
-                .unwrap_or_else(|| "-".into());
-            println!("| {label} | {n} | {:.2} ms | {ratio} |", ours * 1000.0);
+        let mean = |r: &Row| r.total.as_secs_f64() / r.iters.max(1) as f64;
+        let ratio = |of: &Row, to: Option<&Row>| {
+            to.map(|t| format!("{:.2}", mean(t) / mean(of)))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "\n| figure | N | mean time | throughput vs {baseline} | throughput vs its floor | allocations per element |\n|---|---|---|---|---|---|"
+        );
+        for ((label, n), row) in rows.iter() {
+            let base = rows.get(&(baseline.to_owned(), *n));
+            let floor = floor_of(label).and_then(|f| rows.get(&(f, *n)));
+            let allocs = match row.allocations {
+                0 => "-".to_owned(),
+                a => format!("{:.0}", a as f64 / (row.iters.max(1) as f64 * *n as f64)),
+            };
+            println!(
+                "| {label} | {n} | {:.2} ms | {} | {} | {allocs} |",
+                mean(row) * 1000.0,
+                ratio(row, base),
+                ratio(row, floor),
+            );
         }
+    }
+
+    /// Prints `| figure | N | mean time | throughput vs baseline |` for every row.
+    pub fn print(&self, baseline: &str) {
+        self.print_with_floors(baseline, |_| None);
     }
 }
 
