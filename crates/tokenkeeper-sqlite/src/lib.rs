@@ -10,8 +10,10 @@
 //! - **Safe across processes**: every write is one conditional statement
 //!   (`UPDATE ... WHERE id = ? AND version = ?`), and lock contention waits out a busy timeout
 //!   instead of failing.
-//! - **Off the async workers**: each call runs on tokio's blocking pool through a deadpool pool
-//!   of connections.
+//! - **Group commit**: every write of a file store goes to one writer connection on its own
+//!   thread, which commits the writes waiting for it in one transaction (one fsync) and answers
+//!   each caller with its own outcome only after the commit; reads run on tokio's blocking
+//!   pool through a deadpool pool of connections, off the async workers.
 //! - **Versioned schema**: migrations keyed by `PRAGMA user_version`; a database from a newer
 //!   tokenkeeper is refused untouched ([`OpenError::FutureSchema`]).
 //! - **Indexed**: `due` and `list` are range scans of indexes (tested with
