@@ -157,7 +157,8 @@ cargo deny check licenses bans sources
 # Advisories need the RustSec database, which these machines cannot download: checked
 # offline from a copy when one is there, and said plainly when not.
 advisory_dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
-if [ -n "$(ls -A "$advisory_dbs" 2>/dev/null)" ]; then
+# (A database is a directory there; a lock file left by an attempt to download one is not.)
+if [ -n "$(find "$advisory_dbs" -mindepth 2 -maxdepth 2 -name crates -type d 2>/dev/null)" ]; then
     log "cargo deny check advisories (offline, from the database in $advisory_dbs)"
     cargo deny --offline check advisories
 else

@@ -11,16 +11,21 @@
 //!
 //! What must hold, and how:
 //! - **No caller hears `Ok` for a write that did not commit.** Outcomes are kept until the
-//!   batch's `COMMIT` returns; a failed commit (or a statement whose failure ended the
-//!   transaction: SQLite rolls back the whole transaction on some errors, such as a full
-//!   disk) answers every write of the batch with that error, as unavailable (nothing of the
-//!   batch is in the database; the engine retries).
+//!   batch's `COMMIT` returns; a batch that did not commit answers its writes `Unavailable`
+//!   (outcome unknown to the caller, which reads again before acting, as after any lost
+//!   acknowledgement; a failed fsync after the commit frame may still let WAL recovery replay
+//!   the batch).
 //! - **Each write is judged alone.** A write's own failure that SQLite confines to its
-//!   statement (a constraint) is that caller's error; the others commit.
-//! - **A panicking write fails its batch**, not the thread: the transaction is rolled back
-//!   and every caller of the batch hears a backend error.
+//!   statement (a constraint) is that caller's error; the others commit. A write whose failure
+//!   ended the whole transaction (SQLite does that on I/O errors, and on a full disk without a
+//!   statement journal) hears its own error; the rest of its batch hears `Unavailable`.
+//! - **A panicking write fails its batch**, not the thread: the transaction is rolled back,
+//!   the panicking write hears a backend error, the rest `Unavailable`. A connection that
+//!   cannot leave its transaction ends the thread (closing it releases SQLite's write lock);
+//!   writes then fail with "the writer has ended".
 //! - **Other processes** are serialised by SQLite's write lock, as before: `BEGIN IMMEDIATE`
-//!   waits out the busy timeout.
+//!   waits out the busy timeout, and when it gives up every write waiting at that moment
+//!   hears `Unavailable`, so no write waits much longer than the busy timeout.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
@@ -39,24 +44,47 @@ const MAX_BATCH: usize = 256;
 trait Job: Send {
     /// Runs the write on the batch's connection; its outcome is kept for [`Job::answer`].
     fn run(&mut self, conn: &Connection);
-    /// Answers the caller: its own outcome if the batch committed, else `failed`.
-    fn answer(self: Box<Self>, failed: Option<&BatchFailure>);
+    /// Answers the caller according to its batch's fate.
+    fn answer(self: Box<Self>, fate: Fate<'_>);
+}
+
+/// What became of a write's batch, as far as that write is concerned.
+#[derive(Debug, Clone, Copy)]
+enum Fate<'a> {
+    /// Committed: the write's own outcome stands.
+    Committed,
+    /// Not committed because of another write (or the commit itself).
+    NotCommitted(&'a BatchFailure),
+    /// Not committed because of this write: its own error, if it has one, else the failure.
+    Culprit(&'a BatchFailure),
 }
 
 /// Why a batch did not commit, told to each of its callers.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{what}; none of the writes of its batch were committed")]
+#[error("{what}; the writes of its batch were not committed")]
 pub(crate) struct BatchFailure {
     what: String,
-    retryable: bool,
+    /// The write that caused it, by its place in the batch.
+    culprit: Option<usize>,
 }
 
 impl BatchFailure {
+    /// What a write that did not cause the failure hears: send it again.
     fn store_error(&self, operation: &'static str) -> StoreError {
-        if self.retryable {
-            StoreError::unavailable(BACKEND, operation, self.clone())
+        StoreError::unavailable(BACKEND, operation, self.clone())
+    }
+
+    /// What the write that caused it hears when it has no error of its own (it panicked, or
+    /// ended the transaction and reported success): a retry would do the same.
+    fn culprit_error(&self, operation: &'static str) -> StoreError {
+        StoreError::backend(BACKEND, operation, self.clone())
+    }
+
+    fn fate(&self, place: usize) -> Fate<'_> {
+        if self.culprit == Some(place) {
+            Fate::Culprit(self)
         } else {
-            StoreError::backend(BACKEND, operation, self.clone())
+            Fate::NotCommitted(self)
         }
     }
 }
@@ -79,16 +107,18 @@ where
         }
     }
 
-    fn answer(self: Box<Self>, failed: Option<&BatchFailure>) {
-        let outcome = match (failed, self.outcome) {
-            (Some(f), _) => Err(f.store_error(self.operation)),
-            (None, Some(outcome)) => outcome,
-            (None, None) => Err(StoreError::backend(
+    fn answer(self: Box<Self>, fate: Fate<'_>) {
+        let outcome = match (fate, self.outcome) {
+            (Fate::Culprit(_), Some(Err(own))) => Err(own),
+            (Fate::Culprit(f), _) => Err(f.culprit_error(self.operation)),
+            (Fate::NotCommitted(f), _) => Err(f.store_error(self.operation)),
+            (Fate::Committed, Some(outcome)) => outcome,
+            (Fate::Committed, None) => Err(StoreError::backend(
                 BACKEND,
                 self.operation,
                 BatchFailure {
                     what: "the write was not run".into(),
-                    retryable: true,
+                    culprit: None,
                 },
             )),
         };
@@ -133,7 +163,7 @@ impl Writer {
                 operation,
                 BatchFailure {
                     what: "the SQLite writer thread has ended".into(),
-                    retryable: false,
+                    culprit: None,
                 },
             )
         };
@@ -153,8 +183,19 @@ fn write_batches(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>) {
             }
         }
         let failed = commit_batch(conn, &mut batch).err();
-        for job in batch {
-            job.answer(failed.as_ref());
+        if let Some(f) = &failed
+            && f.culprit.is_none()
+        {
+            // BEGIN gave up on another process's lock (or COMMIT failed): everything waiting
+            // now hears it too, rather than queueing behind another busy timeout.
+            batch.extend(jobs.try_iter());
+        }
+        for (place, job) in batch.into_iter().enumerate() {
+            job.answer(failed.as_ref().map_or(Fate::Committed, |f| f.fate(place)));
+        }
+        if !conn.is_autocommit() {
+            tracing::error!("the SQLite writer cannot leave its transaction; it stops");
+            return;
         }
     }
 }
@@ -162,26 +203,25 @@ fn write_batches(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>) {
 /// Runs `batch` in one immediate transaction and commits it; `Err` when nothing of it was
 /// committed.
 fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), BatchFailure> {
-    // Nothing of the batch is in the database: every write may be sent again.
     let failure = |e: rusqlite::Error| BatchFailure {
         what: sqlite_error("commit", e).to_string(),
-        retryable: true,
+        culprit: None,
     };
     conn.execute_batch("BEGIN IMMEDIATE").map_err(failure)?;
-    for job in batch.iter_mut() {
+    for (place, job) in batch.iter_mut().enumerate() {
         if catch_unwind(AssertUnwindSafe(|| job.run(conn))).is_err() {
             rollback(conn);
             return Err(BatchFailure {
                 what: "a write panicked".into(),
-                retryable: false,
+                culprit: Some(place),
             });
         }
         if conn.is_autocommit() {
-            // The statement's failure ended the transaction: the batch's earlier writes are
-            // gone with it.
+            // The write's failure ended the transaction: the batch's earlier writes are gone
+            // with it.
             return Err(BatchFailure {
                 what: "a write's failure rolled the transaction back".into(),
-                retryable: true,
+                culprit: Some(place),
             });
         }
     }
@@ -203,12 +243,11 @@ mod tests {
     use crate::pool::{Location, Synchronous, connect};
 
     fn writer(path: &std::path::Path) -> Writer {
-        let conn = connect(
-            &Location::File(path.to_owned()),
-            std::time::Duration::from_secs(5),
-            Synchronous::Normal,
-        )
-        .unwrap();
+        writer_waiting(path, std::time::Duration::from_secs(5))
+    }
+
+    fn writer_waiting(path: &std::path::Path, busy: std::time::Duration) -> Writer {
+        let conn = connect(&Location::File(path.to_owned()), busy, Synchronous::Normal).unwrap();
         conn.execute_batch("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)")
             .unwrap();
         Writer::start(conn).unwrap()
@@ -313,13 +352,63 @@ mod tests {
         }
         assert!(ender.await.unwrap().is_err());
         assert_eq!(rows(&path), 1, "only the slow write's batch committed");
-        // A panicking write fails its batch and the writer goes on.
-        let panicked = w
-            .write("panic", |_: &Connection| -> Result<(), StoreError> {
-                panic!("a bug in a write")
+        // A panicking write fails its batch (its neighbours may send again, it may not) and
+        // the writer goes on.
+        let slow = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.write("slow", |c: &Connection| {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    insert(1_001)(c)
+                })
+                .await
             })
-            .await;
-        assert!(panicked.is_err());
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let panicking = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.write("panic", |_: &Connection| -> Result<usize, StoreError> {
+                    panic!("a bug in a write")
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let neighbour = {
+            let w = w.clone();
+            tokio::spawn(async move { w.write("insert", insert(8)).await })
+        };
+        slow.await.unwrap().unwrap();
+        let e = panicking.await.unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Backend { .. }), "{e}");
+        let e = neighbour.await.unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
+        assert_eq!(w.write("insert", insert(7)).await.unwrap(), 1);
+        assert_eq!(rows(&path), 3);
+    }
+
+    /// Another process holds the write lock past the busy timeout: every write waiting then
+    /// hears `Unavailable` (300 writes, more than one batch's worth), and the writer goes on
+    /// once the lock is released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_held_elsewhere_fails_every_waiting_write_then_passes() {
+        let path = db();
+        let w = std::sync::Arc::new(writer_waiting(&path, std::time::Duration::from_millis(300)));
+        w.write("insert", insert(-1)).await.unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let calls: Vec<_> = (0..300)
+            .map(|k| {
+                let w = w.clone();
+                tokio::spawn(async move { w.write("insert", insert(k)).await })
+            })
+            .collect();
+        for call in calls {
+            let e = call.await.unwrap().expect_err("the lock is held elsewhere");
+            assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
+        }
+        other.execute_batch("COMMIT").unwrap();
         assert_eq!(w.write("insert", insert(7)).await.unwrap(), 1);
         assert_eq!(rows(&path), 2);
     }
