@@ -1,7 +1,9 @@
 //! Secret newtypes for the bearer credentials of an installation (and the OpenID ID token).
 //!
 //! Tokens are credentials to customers' repositories. They are wrapped in [`secrecy`] boxes so
-//! that `Debug` prints `[redacted]`, there is no `Display`, and the memory is zeroed on drop.
+//! that `Debug` prints `[redacted]`, there is no `Display`, and the memory is zeroed on drop
+//! (of the last clone). The box is shared (`Arc`): a clone, which every cache hit hands out, is
+//! a reference count, not an allocation and a copy of the secret.
 //! Reading the value takes an explicit `.secret()` call, which makes every use easy to audit.
 //!
 //! Serialization *does* write the value: it is the storage encoding used by the backends (and
@@ -16,12 +18,12 @@ macro_rules! secret_newtype {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
         #[derive(Clone)]
-        pub struct $name(SecretString);
+        pub struct $name(std::sync::Arc<SecretString>);
 
         impl $name {
             /// Wraps a token value.
             pub fn new(value: impl Into<String>) -> Self {
-                Self(SecretString::from(value.into()))
+                Self(std::sync::Arc::new(SecretString::from(value.into())))
             }
 
             /// The token value. Every call site is a place a secret leaves its box: keep them few.

@@ -35,6 +35,8 @@ pub(crate) struct Engine {
     pub(crate) consumer: String,
     /// `consumer` as the metrics label (shared, so recording allocates nothing).
     pub(crate) consumer_label: Arc<str>,
+    /// The cache's hit and miss counters of this consumer (keys built once).
+    pub(crate) cache_counters: super::metrics::CacheCounters,
     pub(crate) in_flight: unsaved::InFlight,
     pub(crate) unsaved: unsaved::Place,
     pub(crate) seal: unsaved::Seal,
@@ -99,6 +101,7 @@ impl Engine {
             events,
             process_tag: process_tag(),
             flight_seq: AtomicU64::new(0),
+            cache_counters: super::metrics::CacheCounters::new(&Arc::from(consumer.as_str())),
             consumer_label: Arc::from(consumer.as_str()),
             consumer,
             in_flight: unsaved::InFlight::default(),

@@ -156,10 +156,10 @@ impl TokenManager {
     /// ```
     pub async fn access_token(&self, id: &InstallationId) -> Result<AccessToken, Error> {
         if let Some(token) = self.cached_token(id) {
-            metrics::cache(&self.engine.consumer_label, true);
+            self.engine.cache_counters.count(true);
             return Ok(token);
         }
-        metrics::cache(&self.engine.consumer_label, false);
+        self.engine.cache_counters.count(false);
         self.refresh(id, Mode::OnDemand).await
     }
 
