@@ -209,7 +209,9 @@ fn hot_path(c: &mut Criterion) {
         n,
         "every installation stays cached"
     );
-    println!("\nTime ratios: read the 'throughput vs' column as raw time / this row's time.");
+    println!(
+        "\nFloor of each row: the RwLock<HashMap> lookup with the same expiry check, same tasks."
+    );
     table.print_with_floors("-", |label| {
         let tasks = label.rsplit_once("_x1000").map_or("", |(_, t)| t);
         (!label.starts_with("raw_rwlock_hashmap_lookup_with"))
