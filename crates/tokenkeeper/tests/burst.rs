@@ -105,3 +105,37 @@ async fn a_burst_on_one_process_is_shared_with_its_peers() {
         peer_counts.succeeded
     );
 }
+
+/// A flight that waited for its place among the rotating refreshes decides again on the read
+/// it made before waiting (issue 27: one store read per refresh): the lease's compare-and-swap
+/// catches anything a peer wrote meanwhile. Ten installations due at once with one place: ten
+/// reads, not one plus two per waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_that_waited_for_its_place_does_not_read_again() {
+    let (store, reads) =
+        tokenkeeper_testkit::wrappers::ReadStore::reading(tokenkeeper_memory::MemoryStore::new());
+    let f = Fixture::tuned(
+        profiles::bitbucket(),
+        MockProfile::Bitbucket,
+        Arc::new(store),
+        |p| p.max_rotations_in_flight = Some(1),
+    )
+    .await;
+    let mut ids: Vec<InstallationId> = Vec::new();
+    for _ in 0..10 {
+        ids.push(f.install().await);
+    }
+    f.advance(TWO_HOURS);
+    let before = reads.reads();
+    let refreshes = f.mock.counters().totals.refreshes;
+    let mut calls = tokio::task::JoinSet::new();
+    for id in ids {
+        let manager = f.manager.clone();
+        calls.spawn(async move { manager.access_token(&id).await });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.unwrap().unwrap();
+    }
+    assert_eq!(f.mock.counters().totals.refreshes - refreshes, 10);
+    assert_eq!(reads.reads() - before, 10, "store reads for ten refreshes");
+}

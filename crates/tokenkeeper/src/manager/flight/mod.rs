@@ -113,6 +113,9 @@ struct Driver<'a> {
     unconfirmed: u32,
     /// This flight's place among the rotating refreshes in flight, once it has one.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A read to decide on again instead of reading anew (with when it started and the
+    /// cache's generation then): the one this flight made before it waited for its place.
+    reuse: Option<(Record, (Timestamp, u64))>,
 }
 
 impl<'a> Driver<'a> {
@@ -127,6 +130,7 @@ impl<'a> Driver<'a> {
             unsent: None,
             unconfirmed: 0,
             permit: None,
+            reuse: None,
         }
     }
 
@@ -136,8 +140,13 @@ impl<'a> Driver<'a> {
         let engine = self.engine;
         // The cache bound counts from when the read started, not from when it returned, and
         // the cache orders the read against its own changes by generation.
-        let read = (engine.clock.now(), engine.cache.generation());
-        let record = engine.load(self.id).await?;
+        let (record, read) = match self.reuse.take() {
+            Some(kept) => kept,
+            None => {
+                let read = (engine.clock.now(), engine.cache.generation());
+                (engine.load(self.id).await?, read)
+            }
+        };
         let now = engine.clock.now();
         let breaker = engine.breaker_open(self.id, now);
         let silent = match record.state().lease() {
@@ -175,7 +184,7 @@ impl<'a> Driver<'a> {
                     watched,
                     serve_valid,
                 };
-                self.fly(&record, now, lease).await
+                self.fly(&record, read, now, lease).await
             }
         }
     }
@@ -200,6 +209,7 @@ impl<'a> Driver<'a> {
     async fn fly(
         &mut self,
         record: &Record,
+        read: (Timestamp, u64),
         now: Timestamp,
         lease: Lease,
     ) -> Result<Option<AccessToken>, Error> {
@@ -212,7 +222,11 @@ impl<'a> Driver<'a> {
             return Ok(None);
         }
         if self.permit.is_none() && !rotation_permit(engine, &mut self.permit).await {
-            return Ok(None); // waited for a place: read again (a peer may have refreshed)
+            // Waited for a place: decide again (the time has moved) on the same read. No
+            // second read: the lease is a compare-and-swap on this version, so what a peer
+            // wrote meanwhile (a refresh, its own lease) makes it a conflict, read then.
+            self.reuse = Some((record.clone(), read));
+            return Ok(None);
         }
         // Counted until its last write, so shutdown() can wait for it.
         let Some(_in_flight) = engine.in_flight.enter() else {
