@@ -139,3 +139,56 @@ async fn a_flight_that_waited_for_its_place_does_not_read_again() {
     assert_eq!(f.mock.counters().totals.refreshes - refreshes, 10);
     assert_eq!(reads.reads() - before, 10, "store reads for ten refreshes");
 }
+
+/// Review of the change above: a decision that writes nothing (serve the still-valid token,
+/// fail) is never made on the read from before the wait. Three installations due at once with
+/// one place: B's refresh is slow and holds the place, A's is refused `invalid_client` (the
+/// consumer breaker opens), X waits behind both; meanwhile a peer revokes X. X's caller is told
+/// `Revoked`, not served X's old access token from the read before the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_that_waited_serves_nothing_from_its_first_read() {
+    let f = Fixture::tuned_in_memory(profiles::bitbucket(), MockProfile::Bitbucket, |p| {
+        p.max_rotations_in_flight = Some(1)
+    })
+    .await;
+    let (b, a, x) = (f.install().await, f.install().await, f.install().await);
+    // Stale in the cache, still valid at the provider for two more seconds.
+    f.advance(TWO_HOURS - Duration::from_secs(2));
+    f.mock.set_faults(vec![
+        FaultRule::next(
+            Endpoint::Token,
+            1,
+            Fault::Latency {
+                min_ms: 600,
+                max_ms: 600,
+            },
+        ),
+        FaultRule::next(
+            Endpoint::Token,
+            1,
+            Fault::ErrorReply {
+                status: 401,
+                error: "invalid_client".into(),
+                description: "the client secret was rotated".into(),
+            },
+        ),
+    ]);
+    let call = |id: InstallationId| {
+        let manager = f.manager.clone();
+        tokio::spawn(async move { manager.access_token(&id).await })
+    };
+    let on_b = call(b);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let on_a = call(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let on_x = call(x.clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.peer(profiles::bitbucket()).revoke(&x).await.unwrap();
+    assert!(on_b.await.unwrap().is_ok());
+    // A's refresh was refused; its still-valid token is served while the breaker is open.
+    assert!(on_a.await.unwrap().is_ok());
+    match on_x.await.unwrap() {
+        Err(tokenkeeper::Error::Revoked { .. }) => {}
+        other => panic!("X, revoked while its flight waited, answered {other:?}"),
+    }
+}

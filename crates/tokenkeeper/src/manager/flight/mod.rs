@@ -140,6 +140,7 @@ impl<'a> Driver<'a> {
         let engine = self.engine;
         // The cache bound counts from when the read started, not from when it returned, and
         // the cache orders the read against its own changes by generation.
+        let reused = self.reuse.is_some();
         let (record, read) = match self.reuse.take() {
             Some(kept) => kept,
             None => {
@@ -161,7 +162,14 @@ impl<'a> Driver<'a> {
             _ => self.watch.silent_for(&record, engine.policy.lease_ttl),
         };
         let cx = context(engine, &record, self.mode, now, &breaker, silent);
-        match decide(&record, cx) {
+        let decision = decide(&record, cx);
+        if reused && !matches!(decision, Decision::TakeLease { .. }) {
+            // Only a lease (a compare-and-swap on that read's version) may act on the read
+            // from before the wait: serving, caching or failing waits for a fresh one (the
+            // breaker may have opened meanwhile while a peer revoked the installation).
+            return Ok(None);
+        }
+        match decision {
             Decision::Fresh(token) => {
                 let stale_at = engine.policy.stale_at(record.tokens());
                 let insert = cache_insert(self.mode);
