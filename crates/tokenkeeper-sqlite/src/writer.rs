@@ -309,6 +309,22 @@ mod tests {
         assert_eq!(rows(&path), 180, "every write answered Ok is committed");
     }
 
+    /// A write of `key` that holds the writer for 200 ms, so the writes sent meanwhile queue
+    /// into the next batch.
+    fn slow_insert(
+        w: &std::sync::Arc<Writer>,
+        key: i64,
+    ) -> tokio::task::JoinHandle<Result<usize, StoreError>> {
+        let w = w.clone();
+        tokio::spawn(async move {
+            w.write("slow", move |c: &Connection| {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                insert(key)(c)
+            })
+            .await
+        })
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_write_is_answered_ok_when_its_batch_did_not_commit() {
         let path = db();
@@ -316,16 +332,7 @@ mod tests {
         // Hold the writer on a slow write so that the next ones queue into one batch; one of
         // them ends the transaction (as a full disk would), another panics in the batch
         // after.
-        let slow = {
-            let w = w.clone();
-            tokio::spawn(async move {
-                w.write("slow", |c: &Connection| {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    insert(1_000)(c)
-                })
-                .await
-            })
-        };
+        let slow = slow_insert(&w, 1_000);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut batch = Vec::new();
         for k in 0..5 {
@@ -354,16 +361,7 @@ mod tests {
         assert_eq!(rows(&path), 1, "only the slow write's batch committed");
         // A panicking write fails its batch (its neighbours may send again, it may not) and
         // the writer goes on.
-        let slow = {
-            let w = w.clone();
-            tokio::spawn(async move {
-                w.write("slow", |c: &Connection| {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    insert(1_001)(c)
-                })
-                .await
-            })
-        };
+        let slow = slow_insert(&w, 1_001);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let panicking = {
             let w = w.clone();

@@ -67,23 +67,36 @@ fn child_process_entry() {
                 writeln!(out, "{}", report.to_line()).unwrap();
             }
             "crash-writer" => {
+                let out = std::sync::Mutex::new(out);
                 for n in 0.. {
-                    let id = InstallationId::new(format!("w-{n:06}")).unwrap();
-                    let r = sample_record(&id, T0);
-                    store.create(&r).await.unwrap();
-                    let next = bump(&r, &me);
-                    assert_eq!(
-                        store.compare_and_swap(&next, 1).await.unwrap(),
-                        CasOutcome::Swapped
-                    );
-                    writeln!(out, "COMMITTED {id} {}", next.version()).unwrap();
-                    out.flush().unwrap();
+                    create_swap_report(&store, &format!("w-{n:06}"), &me, &out).await;
                 }
             }
             "crash-batch-writer" => crash_batch_writer(std::sync::Arc::new(store), me).await,
             other => panic!("unknown child mode {other}"),
         }
     });
+}
+
+/// Creates installation `name`, swaps it once, and reports the swap on `out` once it was
+/// acknowledged (a line the parent reads before it kills this process).
+async fn create_swap_report(
+    store: &SqliteStore,
+    name: &str,
+    me: &str,
+    out: &std::sync::Mutex<std::io::Stdout>,
+) {
+    let id = InstallationId::new(name).unwrap();
+    let r = sample_record(&id, T0);
+    store.create(&r).await.unwrap();
+    let next = bump(&r, me);
+    assert_eq!(
+        store.compare_and_swap(&next, 1).await.unwrap(),
+        CasOutcome::Swapped
+    );
+    let mut out = out.lock().unwrap();
+    writeln!(out, "COMMITTED {id} {}", next.version()).unwrap();
+    out.flush().unwrap();
 }
 
 /// 32 writers at once (so the writer commits them in batches), each creating and swapping
@@ -95,17 +108,7 @@ async fn crash_batch_writer(store: std::sync::Arc<SqliteStore>, me: String) {
         let (store, me, out) = (store.clone(), me.clone(), out.clone());
         writers.push(tokio::spawn(async move {
             for n in 0.. {
-                let id = InstallationId::new(format!("b{w:02}-{n:06}")).unwrap();
-                let r = sample_record(&id, T0);
-                store.create(&r).await.unwrap();
-                let next = bump(&r, &me);
-                assert_eq!(
-                    store.compare_and_swap(&next, 1).await.unwrap(),
-                    CasOutcome::Swapped
-                );
-                let mut out = out.lock().unwrap();
-                writeln!(out, "COMMITTED {id} {}", next.version()).unwrap();
-                out.flush().unwrap();
+                create_swap_report(&store, &format!("b{w:02}-{n:06}"), &me, &out).await;
             }
         }));
     }
