@@ -72,21 +72,33 @@ fn fresh_grants(rt: &tokio::runtime::Runtime, n: usize) -> (MockProvider, Arc<Mu
     })
 }
 
+/// One timed round over rotating credentials: `round` refreshes all of `current` (what the
+/// last round left) and returns their successors, which replace them; the time of `round`.
+fn rotate<T: Clone, F: std::future::Future<Output = Vec<T>>>(
+    rt: &tokio::runtime::Runtime,
+    current: &Mutex<Vec<T>>,
+    round: impl FnOnce(Arc<Vec<T>>) -> F,
+) -> Duration {
+    let these = Arc::new(current.lock().unwrap().clone());
+    let started = Instant::now();
+    let next = rt.block_on(round(these));
+    let took = started.elapsed();
+    *current.lock().unwrap() = next;
+    took
+}
+
 /// The raw POST floor: `n` refresh POSTs, 64 in flight.
 fn raw_posts(rows: &Rows<'_>, g: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
     let (mock, current) = fresh_grants(rows.rt, n);
     let http = reqwest::Client::new();
     rows.row(g, "raw_reqwest_post", n, |rt| {
-        let these = Arc::new(current.lock().unwrap().clone());
         let (http, url) = (http.clone(), mock.token_url());
-        let started = Instant::now();
-        let next = rt.block_on(fan_out(n, IN_FLIGHT, move |i| {
-            let (http, url, these) = (http.clone(), url.clone(), these.clone());
-            async move { raw_refresh(&http, &url, &these[i]).await }
-        }));
-        let took = started.elapsed();
-        *current.lock().unwrap() = next;
-        took
+        rotate(rt, &current, |these| {
+            fan_out(n, IN_FLIGHT, move |i| {
+                let (http, url, these) = (http.clone(), url.clone(), these.clone());
+                async move { raw_refresh(&http, &url, &these[i]).await }
+            })
+        })
     });
 }
 
@@ -102,16 +114,13 @@ fn client_only(rows: &Rows<'_>, g: &mut BenchmarkGroup<'_, WallTime>, n: usize) 
     let sets = Arc::new(Mutex::new(tokens));
     let ids = Arc::new(ids(n));
     rows.row(g, "oauth_client_only", n, |rt| {
-        let these = Arc::new(sets.lock().unwrap().clone());
         let (client, ids) = (client.clone(), ids.clone());
-        let started = Instant::now();
-        let next = rt.block_on(fan_out(n, IN_FLIGHT, move |i| {
-            let (client, these, ids) = (client.clone(), these.clone(), ids.clone());
-            async move { client.refresh(&ids[i], &these[i]).await.unwrap() }
-        }));
-        let took = started.elapsed();
-        *sets.lock().unwrap() = next;
-        took
+        rotate(rt, &sets, |these| {
+            fan_out(n, IN_FLIGHT, move |i| {
+                let (client, these, ids) = (client.clone(), these.clone(), ids.clone());
+                async move { client.refresh(&ids[i], &these[i]).await.unwrap() }
+            })
+        })
     });
 }
 
@@ -136,14 +145,11 @@ fn composite(rows: &Rows<'_>, g: &mut BenchmarkGroup<'_, WallTime>, backend: &Ba
         _ => return,
     };
     let (mock, current) = fresh_grants(rows.rt, n);
-    let http = reqwest::Client::new();
+    let (http, url) = (reqwest::Client::new(), mock.token_url());
     rows.row(g, &format!("{}_composite", label(backend)), n, |rt| {
-        let these = Arc::new(current.lock().unwrap().clone());
-        let started = Instant::now();
-        let next = rt.block_on(store.refresh_all(&http, &mock.token_url(), these, IN_FLIGHT));
-        let took = started.elapsed();
-        *current.lock().unwrap() = next;
-        took
+        rotate(rt, &current, |these| {
+            store.refresh_all(&http, &url, these, IN_FLIGHT)
+        })
     });
 }
 

@@ -20,7 +20,7 @@ pub(crate) fn encode(record: &Record) -> Vec<u8> {
         record.version(),
         record.state().kind().as_str(),
         due_member(record.id(), record.due_at()),
-        holder_hex(record.state().lease().map(|l| l.holder.as_str()))
+        leased_by(record)
     );
     let mut out = Vec::with_capacity(header.len() + body.len());
     out.extend_from_slice(header.as_bytes());
@@ -38,6 +38,11 @@ pub(crate) fn holder_hex(holder: Option<&str>) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+/// The holder of `record`'s lease as the header carries it.
+fn leased_by(record: &Record) -> String {
+    holder_hex(record.state().lease().map(|l| l.holder.as_str()))
 }
 
 /// What can be wrong with a stored value.
@@ -96,9 +101,7 @@ fn header_mismatch(header: &str, record: &Record) -> Option<&'static str> {
         Some("state")
     } else if due != due_member(record.id(), record.due_at()) {
         Some("due")
-    } else if holder
-        .is_some_and(|h| h != holder_hex(record.state().lease().map(|l| l.holder.as_str())))
-    {
+    } else if holder.is_some_and(|h| h != leased_by(record)) {
         Some("holder")
     } else {
         None

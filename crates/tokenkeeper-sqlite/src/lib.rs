@@ -215,6 +215,12 @@ impl SqliteStoreBuilder {
             synchronous: self.synchronous,
             owner,
         };
+        // The group-commit writer's connection, checked as every pooled one (an in-memory
+        // database has one connection: its writes go through the pool).
+        let writer_conn = match self.location {
+            Location::Memory => None,
+            Location::File(_) => Some(manager.open_connection().await.map_err(open_error)?),
+        };
         let pool = Pool::builder(manager)
             .max_size(max)
             .runtime(deadpool::Runtime::Tokio1)
@@ -223,10 +229,7 @@ impl SqliteStoreBuilder {
             .build()
             .map_err(|e| OpenError::Pool(e.into()))?;
         let conn = pool.get().await.map_err(|e| match e {
-            PoolError::Backend(ConnectError::Sqlite(e)) => OpenError::Sqlite(e),
-            PoolError::Backend(ConnectError::NotPrivate { path, reason }) => {
-                OpenError::NotPrivate { path, reason }
-            }
+            PoolError::Backend(e) => open_error(e),
             other => OpenError::Pool(other.into()),
         })?;
         conn.interact(schema::migrate)
@@ -238,10 +241,10 @@ impl SqliteStoreBuilder {
                 .map_err(|e| OpenError::Pool(e.into()))??;
         }
         drop(conn);
-        let writer = match &self.location {
-            Location::Memory => None,
-            Location::File(_) => Some(self.start_writer(owner).await?),
-        };
+        let writer = writer_conn
+            .map(writer::Writer::start)
+            .transpose()
+            .map_err(|e| OpenError::Pool(e.into()))?;
         Ok(SqliteStore {
             pool,
             location: self.location,
@@ -250,21 +253,12 @@ impl SqliteStoreBuilder {
     }
 }
 
-impl SqliteStoreBuilder {
-    /// Opens the writer's connection (checked as every pooled one) and starts its thread.
-    async fn start_writer(&self, owner: Option<u32>) -> Result<writer::Writer, OpenError> {
-        let manager = Manager {
-            location: self.location.clone(),
-            busy_timeout: self.busy_timeout,
-            synchronous: self.synchronous,
-            owner,
-        };
-        let conn = manager.open_connection().await.map_err(|e| match e {
-            ConnectError::Sqlite(e) => OpenError::Sqlite(e),
-            ConnectError::NotPrivate { path, reason } => OpenError::NotPrivate { path, reason },
-            other => OpenError::Pool(other.into()),
-        })?;
-        writer::Writer::start(conn).map_err(|e| OpenError::Pool(e.into()))
+/// What a connection that could not be opened means for `open`.
+fn open_error(e: ConnectError) -> OpenError {
+    match e {
+        ConnectError::Sqlite(e) => OpenError::Sqlite(e),
+        ConnectError::NotPrivate { path, reason } => OpenError::NotPrivate { path, reason },
+        other => OpenError::Pool(other.into()),
     }
 }
 

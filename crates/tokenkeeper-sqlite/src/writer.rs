@@ -203,11 +203,14 @@ fn write_batches(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>) {
 /// Runs `batch` in one immediate transaction and commits it; `Err` when nothing of it was
 /// committed.
 fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), BatchFailure> {
-    let failure = |e: rusqlite::Error| BatchFailure {
-        what: sqlite_error("commit", e).to_string(),
-        culprit: None,
+    let failure = |step: &'static str| {
+        move |e: rusqlite::Error| BatchFailure {
+            what: sqlite_error(step, e).to_string(),
+            culprit: None,
+        }
     };
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(failure)?;
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(failure("begin"))?;
     for (place, job) in batch.iter_mut().enumerate() {
         if catch_unwind(AssertUnwindSafe(|| job.run(conn))).is_err() {
             rollback(conn);
@@ -227,7 +230,7 @@ fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), Bat
     }
     conn.execute_batch("COMMIT").map_err(|e| {
         rollback(conn);
-        failure(e)
+        failure("commit")(e)
     })
 }
 

@@ -84,6 +84,7 @@ impl Engine {
             event_capacity,
         } = parts;
         let consumer = crate::oauth::consumer_name(&client);
+        let consumer_label: Arc<str> = Arc::from(consumer.as_str());
         let (events, _) = broadcast::channel(event_capacity);
         let cache = Cache::new(policy.cache_capacity, policy.cache_revalidate);
         let rotation = client.consumer().profile().rotation;
@@ -101,8 +102,8 @@ impl Engine {
             events,
             process_tag: process_tag(),
             flight_seq: AtomicU64::new(0),
-            cache_counters: super::metrics::CacheCounters::new(&Arc::from(consumer.as_str())),
-            consumer_label: Arc::from(consumer.as_str()),
+            cache_counters: super::metrics::CacheCounters::new(&consumer_label),
+            consumer_label,
             consumer,
             in_flight: unsaved::InFlight::default(),
             unsaved,
